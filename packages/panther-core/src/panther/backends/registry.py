@@ -1,0 +1,226 @@
+"""Backend discovery, selection and per-call dispatch.
+
+Discovery: every entry point of the group ``panther.backends`` is loaded on first use, once, under a
+lock. An entry point names a :class:`~panther.backends.base.Backend` subclass (or a factory returning an
+instance). A plugin that fails to import or construct is recorded with its error and skipped; asking for
+it by name later raises that error.
+
+Selection, most specific first: :func:`use_backend` (context-local), :func:`set_backend` (process
+default), the environment variable ``PANTHER_BACKEND``, then ``"auto"``: for each call, the available
+backend of highest priority that accepts the inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import os
+import threading
+import traceback
+from importlib import metadata
+from typing import Dict, Iterator, List, Optional
+
+from panther.backends.base import Backend
+
+ENTRY_POINT_GROUP = "panther.backends"
+ENV_VAR = "PANTHER_BACKEND"
+AUTO = "auto"
+
+
+class BackendError(RuntimeError):
+    """A backend was asked for that is unknown, failed to load, cannot run here or cannot take the inputs."""
+
+
+@dataclasses.dataclass
+class BackendInfo:
+    """What discovery found under one entry-point name."""
+
+    name: str
+    entry_point: str
+    distribution: Optional[str]
+    version: Optional[str]
+    backend: Optional[Backend] = None
+    load_error: Optional[str] = None  # "ExcType: message" when the plugin failed to load
+    load_traceback: Optional[str] = None
+
+    @property
+    def unavailable_reason(self) -> Optional[str]:
+        if self.backend is None:
+            return f"failed to load: {self.load_error}"
+        return self.backend.unavailable_reason()
+
+    @property
+    def available(self) -> bool:
+        return self.unavailable_reason is None
+
+
+_lock = threading.Lock()
+_registry: Optional[Dict[str, BackendInfo]] = None
+_default: Optional[str] = None  # set_backend()
+_context: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("panther_backend", default=None)
+
+
+def _load(ep: metadata.EntryPoint) -> BackendInfo:
+    dist = getattr(ep, "dist", None)
+    info = BackendInfo(
+        name=ep.name,
+        entry_point=ep.value,
+        distribution=dist.metadata["Name"] if dist is not None else None,
+        version=dist.version if dist is not None else None,
+    )
+    try:
+        obj = ep.load()
+        backend = obj() if callable(obj) and not isinstance(obj, Backend) else obj
+        if not isinstance(backend, Backend):
+            raise TypeError(f"entry point {ep.value!r} gave {type(backend).__name__}, not a panther Backend")
+        if backend.name != ep.name:
+            raise ValueError(f"entry point is named {ep.name!r} but the backend calls itself {backend.name!r}")
+        info.backend = backend
+        info.version = info.version or backend.version
+    except Exception as exc:  # a broken plugin must never break panther
+        info.load_error = f"{type(exc).__name__}: {exc}"
+        info.load_traceback = traceback.format_exc()
+    return info
+
+
+def _discover() -> Dict[str, BackendInfo]:
+    global _registry
+    if _registry is not None:
+        return _registry
+    with _lock:
+        if _registry is None:
+            found: Dict[str, BackendInfo] = {}
+            for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+                if ep.name not in found:  # the first distribution to claim a name keeps it
+                    found[ep.name] = _load(ep)
+            _registry = found
+    return _registry
+
+
+def refresh() -> None:
+    """Forget discovered backends; the next use discovers them again (after installing a plugin)."""
+    global _registry
+    with _lock:
+        _registry = None
+
+
+def backend_infos() -> List[BackendInfo]:
+    """Every backend found, loaded or not, by descending priority then name."""
+    infos = list(_discover().values())
+    return sorted(infos, key=lambda i: (-(i.backend.priority if i.backend else -(10**9)), i.name))
+
+
+def available_backends() -> List[str]:
+    """Names of the backends that can run on this machine, highest priority first."""
+    return [i.name for i in backend_infos() if i.available]
+
+
+def _summary() -> str:
+    parts = []
+    for i in backend_infos():
+        reason = i.unavailable_reason
+        parts.append(f"{i.name} (available)" if reason is None else f"{i.name} (unavailable: {reason})")
+    return "; ".join(parts) if parts else "none"
+
+
+def _install_hint(name: str) -> str:
+    return (
+        f"install it with `pip install -e packages/panther-{name}` from a checkout "
+        f"(or the `[{name}]` extra of panther-randnla-nn)"
+    )
+
+
+def load_backend(name: str, *, source: str = "requested") -> Backend:
+    """The backend object called ``name``; raises :class:`BackendError` if it is unknown or cannot run."""
+    infos = _discover()
+    if name not in infos:
+        raise BackendError(
+            f"Panther backend {name!r} ({source}) is not installed: {_install_hint(name)}. "
+            f"Available backends: {', '.join(available_backends()) or 'none'}. Found: {_summary()}."
+        )
+    info = infos[name]
+    reason = info.unavailable_reason
+    if reason is not None:
+        raise BackendError(
+            f"Panther backend {name!r} ({source}) cannot run: {reason}. "
+            f"Available backends: {', '.join(available_backends()) or 'none'}."
+        )
+    return info.backend
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"backend name must be a non-empty str, got {name!r}")
+    if name != AUTO:
+        load_backend(name)
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide default backend (``"auto"`` restores per-call selection).
+
+    Raises :class:`BackendError` at once if ``name`` is unknown or cannot run here.
+    """
+    global _default
+    _default = _check_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager selecting a backend for the current thread / asyncio context only."""
+    token = _context.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+def get_backend() -> str:
+    """The backend selection in force here: a backend name or ``"auto"``."""
+    return _selection()[0]
+
+
+def _selection():
+    name = _context.get()
+    if name is not None:
+        return name, "selected by panther.use_backend"
+    if _default is not None:
+        return _default, "selected by panther.set_backend"
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return env, f"from the environment variable {ENV_VAR}"
+    return AUTO, "auto"
+
+
+def select(op: str, *args, backend: Optional[str] = None, **kwargs) -> Backend:
+    """The backend that will run ``op`` on these inputs under the current selection.
+
+    An explicit name (``backend=`` or the selection in force) is honoured or refused loudly; ``auto``
+    takes the available backend of highest priority that accepts the inputs.
+    """
+    if backend is not None:
+        name, source = backend, "requested by this layer"
+    else:
+        name, source = _selection()
+    if name != AUTO:
+        be = load_backend(name, source=source)
+        reasons = be.reasons_cannot_run(op, *args, **kwargs)
+        if reasons:
+            raise BackendError(f"Panther backend {name!r} ({source}) cannot run {op} on these inputs: {'; '.join(reasons)}.")
+        return be
+    rejected = []
+    for info in backend_infos():
+        if not info.available:
+            rejected.append(f"{info.name}: {info.unavailable_reason}")
+            continue
+        reasons = info.backend.reasons_cannot_run(op, *args, **kwargs)
+        if not reasons:
+            return info.backend
+        rejected.append(f"{info.name}: {'; '.join(reasons)}")
+    raise BackendError(f"No Panther backend can run {op} on these inputs. " + " | ".join(rejected))
+
+
+def dispatch(op: str, *args, backend: Optional[str] = None, **kwargs):
+    """Run ``op`` on the backend :func:`select` picks."""
+    return getattr(select(op, *args, backend=backend, **kwargs), op)(*args, **kwargs)

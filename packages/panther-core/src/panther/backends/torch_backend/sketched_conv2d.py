@@ -1,0 +1,65 @@
+"""Reference sketched conv2d op in plain PyTorch (custom autograd).
+
+Math (x: (N, C, H, W), 2L terms of rank k, S1s: (2L, k, C, kh, kw), U1s: (2L, k, O)):
+    Z = conv2d(x, S)            S = S1s viewed as (2Lk, C, kh, kw)        Z: (N, 2Lk, H', W')
+    y = Uᵀ Z / (2L) + b         U = U1s viewed as (2Lk, O), a 1x1 projection     y: (N, O, H', W')
+Backward (g = dL/dy):
+    dZ = U g / (2L);  dx = conv2d_input(dZ, S);  dS = conv2d_weight(x, dZ);  db = Σ g
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+
+class SketchedConv2dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, S1s, U1s, bias, stride, padding, dilation):
+        terms, k, C, kh, kw = S1s.shape
+        O = U1s.shape[-1]
+        S = S1s.reshape(terms * k, C, kh, kw)
+        P = U1s.reshape(terms * k, O).t().reshape(O, terms * k, 1, 1)  # 1x1 projection weight
+        Z = F.conv2d(x, S, None, stride, padding, dilation)
+        y = F.conv2d(Z, P, None) * (1.0 / terms)
+        if bias is not None:
+            y = y + bias.view(1, O, 1, 1)
+        ctx.save_for_backward(x, S, P, Z if ctx.needs_input_grad[2] else None)
+        ctx.conf = (stride, padding, dilation, S1s.shape, bias is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, S, P, Z = ctx.saved_tensors
+        stride, padding, dilation, s_shape, has_bias = ctx.conf
+        terms = s_shape[0]
+        O = P.shape[0]
+        dx = dS = dU = db = None
+        need_x, need_S, need_U, need_b = ctx.needs_input_grad[:4]
+        if need_x or need_S:
+            dZ = F.conv2d(g, P.transpose(0, 1)) * (1.0 / terms)  # (N, 2Lk, H', W')
+            if need_x:
+                dx = conv2d_input(x.shape, S, dZ, stride, padding, dilation)
+            if need_S:
+                dS = conv2d_weight(x, S.shape, dZ, stride, padding, dilation).view(s_shape)
+        if need_U:
+            dU = torch.einsum("nchw,nohw->co", Z, g).mul_(1.0 / terms).reshape(terms, -1, O)
+        if need_b and has_bias:
+            db = g.sum((0, 2, 3))
+        return dx, dS, dU, db, None, None, None
+
+
+def sketched_conv2d(
+    x: torch.Tensor,
+    S1s: torch.Tensor,
+    U1s: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: Tuple[int, int] = (1, 1),
+    padding: Tuple[int, int] = (0, 0),
+    dilation: Tuple[int, int] = (1, 1),
+) -> torch.Tensor:
+    """y = 1/(2L) Σ_i U1_iᵀ conv(x, S1_i) + b; padding is explicit (ints), see :func:`panther.ops.sketched_conv2d`."""
+    return SketchedConv2dFunction.apply(x, S1s, U1s, bias, tuple(stride), tuple(padding), tuple(dilation))

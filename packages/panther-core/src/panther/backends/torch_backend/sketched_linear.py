@@ -1,0 +1,90 @@
+"""Reference sketched linear op in plain PyTorch (concatenated form, custom autograd).
+
+Math (x: (T, I), L terms of rank k):
+    A = [S1_1 .. S1_L | U2_1 .. U2_L]      (I, 2Lk)
+    B = [U1_1; ..; U1_L; S2_1; ..; S2_L]    (2Lk, O)
+    H = x A                                 (T, 2Lk)
+    y = H B / (2L) + b                      (T, O)
+Backward (g = dL/dy):
+    dH = g Bᵀ / (2L);  dx = dH Aᵀ;  dS1 = xᵀ dH[:, :Lk];  dS2 = H[:, Lk:]ᵀ g / (2L);  db = Σ_T g
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def concat_left(S1s: torch.Tensor, U2s: torch.Tensor) -> torch.Tensor:
+    """A = [S1_1 .. S1_L | U2_1 .. U2_L], (I, 2Lk), from S1s and U2s of shape (L, I, k)."""
+    L, I, k = S1s.shape
+    return torch.cat([S1s.permute(1, 0, 2).reshape(I, L * k), U2s.permute(1, 0, 2).reshape(I, L * k)], dim=1)
+
+
+def concat_right(U1s: torch.Tensor, S2s: torch.Tensor) -> torch.Tensor:
+    """B = [U1_1; ..; U1_L; S2_1; ..; S2_L], (2Lk, O), from U1s and S2s of shape (L, k, O)."""
+    L, k, O = S2s.shape
+    return torch.cat([U1s.reshape(L * k, O), S2s.reshape(L * k, O)], dim=0)
+
+
+def _split_left(dA: torch.Tensor, L: int, k: int):
+    """Inverse of concat_left for gradients: (I, 2Lk) -> two (L, I, k)."""
+    I = dA.shape[0]
+    halves = dA.view(I, 2, L, k)
+    return halves[:, 0].permute(1, 0, 2), halves[:, 1].permute(1, 0, 2)
+
+
+class SketchedLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, S1s, S2s, U1s, U2s, bias):
+        L, I, k = S1s.shape
+        O = S2s.shape[-1]
+        x2 = x.reshape(-1, I)
+        A = concat_left(S1s, U2s)
+        B = concat_right(U1s, S2s)
+        H = x2 @ A
+        scale = 1.0 / (2 * L)
+        if bias is None:
+            y = torch.mm(H, B).mul_(scale)
+        else:
+            y = torch.addmm(bias, H, B, alpha=scale)
+        ctx.save_for_backward(x2, A, B, H)
+        ctx.dims = (L, I, k, O, x.shape, bias is not None)
+        return y.view(*x.shape[:-1], O)
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, A, B, H = ctx.saved_tensors
+        L, I, k, O, x_shape, has_bias = ctx.dims
+        Lk = L * k
+        scale = 1.0 / (2 * L)
+        g2 = g.reshape(-1, O)
+        dx = dS1 = dS2 = dU1 = dU2 = db = None
+        need_x, need_S1, need_S2, need_U1, need_U2, need_b = ctx.needs_input_grad
+        if need_x or need_S1 or need_U2:
+            dH = torch.mm(g2, B.t()).mul_(scale)  # (T, 2Lk)
+            if need_x:
+                dx = torch.mm(dH, A.t()).view(x_shape)
+            if need_S1 or need_U2:
+                dA = torch.mm(x2.t(), dH)  # (I, 2Lk)
+                dS1, dU2 = _split_left(dA, L, k)
+        if need_S2:
+            dS2 = torch.mm(H[:, Lk:].t(), g2).mul_(scale).view(L, k, O)
+        if need_U1:
+            dU1 = torch.mm(H[:, :Lk].t(), g2).mul_(scale).view(L, k, O)
+        if need_b and has_bias:
+            db = g2.sum(0)
+        return dx, dS1, dS2, dU1, dU2, db
+
+
+def sketched_linear(
+    x: torch.Tensor,
+    S1s: torch.Tensor,
+    S2s: torch.Tensor,
+    U1s: torch.Tensor,
+    U2s: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """y = 1/(2L) Σ_i [(x S1_i) U1_i + (x U2_i) S2_i] + b, for x of shape (..., I)."""
+    return SketchedLinearFunction.apply(x, S1s, S2s, U1s, U2s, bias)

@@ -1,0 +1,52 @@
+"""The sketched linear op: checks the arguments, then runs on the backend the registry selects.
+
+    y = 1/(2L) Σ_{i<L} [ (x S1_i) U1_i + (x U2_i) S2_i ] + b
+with S1s, U2s of shape (L, I, k), S2s, U1s of shape (L, k, O), x of shape (..., I). Reference:
+:mod:`panther.backends.torch_backend.sketched_linear`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from panther.backends.registry import dispatch
+from panther.ops._checks import check_floating, check_same, check_shape, check_tensor
+
+
+def sketched_linear(
+    x: torch.Tensor,
+    S1s: torch.Tensor,
+    S2s: torch.Tensor,
+    U1s: torch.Tensor,
+    U2s: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Sketched linear map of ``x`` (..., in_features) -> (..., out_features).
+
+    Args:
+        x: input of shape ``(..., I)``.
+        S1s, U2s: ``(L, I, k)``. S2s, U1s: ``(L, k, O)``. bias: ``(O,)`` or ``None``.
+        backend: run on this backend instead of the selection in force.
+    """
+    check_tensor("S1s", S1s, ndim=3)
+    L, I, k = S1s.shape
+    check_tensor("S2s", S2s, ndim=3)
+    O = S2s.shape[-1]
+    check_shape("S2s", S2s, (L, k, O))
+    check_tensor("U1s", U1s)
+    check_shape("U1s", U1s, (L, k, O))
+    check_tensor("U2s", U2s)
+    check_shape("U2s", U2s, (L, I, k))
+    check_tensor("x", x, min_ndim=1)
+    if x.shape[-1] != I:
+        raise ValueError(f"x must have in_features={I} as its last dimension, got input of shape {tuple(x.shape)}")
+    check_floating("x", x)
+    if bias is not None:
+        check_tensor("bias", bias)
+        check_shape("bias", bias, (O,))
+    check_same("x", x, [("S1s", S1s), ("S2s", S2s), ("U1s", U1s), ("U2s", U2s), ("bias", bias)])
+    return dispatch("sketched_linear", x, S1s, S2s, U1s, U2s, bias, backend=backend)

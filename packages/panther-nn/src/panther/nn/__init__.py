@@ -1,0 +1,1 @@
+"""Sketched layers (filled in by the layers work)."""
