@@ -21,6 +21,8 @@ import traceback
 from importlib import metadata
 from typing import Dict, Iterator, List, Optional
 
+import torch
+
 from panther.backends.base import Backend
 
 ENTRY_POINT_GROUP = "panther.backends"
@@ -181,6 +183,7 @@ def get_backend() -> str:
     return _selection()[0]
 
 
+@torch.compiler.assume_constant_result  # compiled code bakes in the selection in force when it was traced
 def _selection():
     name = _context.get()
     if name is not None:

@@ -44,6 +44,8 @@ class SketchOperator:
     kind: ClassVar[str] = ""
     # Names of the tensor attributes that hold the draws; .to() moves them (and casts floating ones).
     _tensor_attrs: ClassVar[Tuple[str, ...]] = ()
+    # Where _apply expects the sketched axis: -1 (last) or 0 (first).
+    _axis: ClassVar[int] = -1
 
     def __init__(
         self,
@@ -74,7 +76,8 @@ class SketchOperator:
         raise NotImplementedError
 
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the operator along the last axis of ``x`` (already checked): ``(..., n) -> (..., k)``."""
+        """Apply the operator along axis ``_axis`` of the checked ``x``: ``(..., n) -> (..., k)`` for the
+        last axis, ``(n, ...) -> (k, ...)`` for the first."""
         raise NotImplementedError
 
     def to_dense(self) -> torch.Tensor:
@@ -112,8 +115,8 @@ class SketchOperator:
             Tensor: ``x`` with axis ``dim`` of size ``sketch_dim``.
         """
         dim = check_input(x, dim, self.input_dim, self.dtype, self.device)
-        y = self._apply(torch.movedim(x, dim, -1))
-        return torch.movedim(y, -1, dim)
+        y = self._apply(torch.movedim(x, dim, self._axis))
+        return torch.movedim(y, self._axis, dim)
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
         """``S @ x`` with matmul semantics: along dim 0 of a 1-D ``x``, else along dim ``-2``."""

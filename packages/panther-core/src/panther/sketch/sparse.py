@@ -26,6 +26,7 @@ class SparseSignSketch(SketchOperator):
     """
 
     _tensor_attrs: ClassVar[Tuple[str, ...]] = ("values", "rows")
+    _axis: ClassVar[int] = 0  # scatter whole rows (n, M) -> (k, M)
     nnz_per_column: int
     rows: torch.Tensor
     values: torch.Tensor
@@ -39,13 +40,13 @@ class SparseSignSketch(SketchOperator):
 
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.input_dim, self.sketch_dim
-        lead = x.shape[:-1]
-        cols = x.reshape(-1, n).mT  # (n, M): one contiguous-ish row per input coordinate
+        rest = x.shape[1:]
+        cols = x.reshape(n, x.numel() // n)  # (n, M): row j holds every x[..., j, ...]
         out = cols.new_zeros(k, cols.shape[1])
         for t in range(self.nnz_per_column):
-            # out[rows[j, t], :] += values[j, t] * x[j, :]
+            # out[rows[j, t], :] += values[j, t] * cols[j, :]
             out.index_add_(0, self.rows[:, t], cols * self.values[:, t].unsqueeze(1))
-        return out.mT.reshape(*lead, k)
+        return out.view(k, *rest)
 
     def to_dense(self) -> torch.Tensor:
         dense = torch.zeros(self.sketch_dim, self.input_dim, dtype=self.dtype, device=self.rows.device)
