@@ -60,7 +60,7 @@ def tensor_reasons(
             continue
         if t.device.type not in devices:
             reasons.append(f"device {t.device} is not supported (supported: {', '.join(devices)})")
-        if t.is_floating_point() and t.dtype not in dtypes:
+        if (t.is_floating_point() or t.is_complex()) and t.dtype not in dtypes:  # masks are bool/int
             names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
             reasons.append(f"dtype {t.dtype} is not supported (supported: {names})")
     return sorted(set(reasons))

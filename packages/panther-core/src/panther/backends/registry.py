@@ -97,7 +97,19 @@ def _discover() -> Dict[str, BackendInfo]:
                 if ep.name not in found:  # the first distribution to claim a name keeps it
                     found[ep.name] = _load(ep)
             _registry = found
+            _make_selection_traceable()
     return _registry
+
+
+def _make_selection_traceable() -> None:
+    """Let torch.compile trace dispatch: compiled code bakes in the selection in force when traced.
+
+    Done at discovery (first use) rather than at import, since it imports torch._dynamo (seconds).
+    """
+    global _selection
+    if not getattr(_selection, "_panther_traceable", False):
+        _selection = torch.compiler.assume_constant_result(_selection)
+        _selection._panther_traceable = True
 
 
 def refresh() -> None:
@@ -183,7 +195,6 @@ def get_backend() -> str:
     return _selection()[0]
 
 
-@torch.compiler.assume_constant_result  # compiled code bakes in the selection in force when it was traced
 def _selection():
     name = _context.get()
     if name is not None:
