@@ -1,0 +1,287 @@
+"""Sketched linear layers: :class:`SKLinear` and its Triton-pinned twin :class:`SKLinear_triton`."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from panther import backends
+from panther.nn._init import (
+    check_input,
+    check_int,
+    check_weight,
+    kaiming_weight,
+    make_generator,
+    rademacher,
+    uniform,
+    warn_if_no_savings,
+    work_dtype,
+)
+from panther.ops import sketched_linear
+
+__all__ = ["SKLinear", "SKLinear_triton"]
+
+
+class SKLinear(nn.Module):
+    r"""Applies a sketched linear transformation to the incoming data.
+
+    The dense weight of :class:`torch.nn.Linear` is replaced by a sum of :math:`2L` randomized rank-:math:`k`
+    terms (:math:`L` = ``num_terms``, :math:`k` = ``low_rank``):
+
+    .. math::
+
+        y = \frac{1}{2L} \sum_{i=1}^{L} \left[ (x S_{1,i}) U_{1,i} + (x U_{2,i}) S_{2,i} \right] + b
+
+    where :math:`S_{1,i}` and :math:`S_{2,i}` are learned and :math:`U_{1,i}`, :math:`U_{2,i}` are fixed
+    Rademacher sketches with entries :math:`\pm 1/\sqrt{k}`. The layer is initialised from a dense weight
+    :math:`W_0` of shape ``(out_features, in_features)`` as :math:`S_{1,i} = W_0^\top U_{1,i}^\top` and
+    :math:`S_{2,i} = U_{2,i}^\top W_0^\top`, so that, over the draw of the sketches, the expected output is
+    the dense layer's, :math:`\mathbb{E}[y] = x W_0^\top + b`.
+
+    It stores :math:`2Lk\,(\text{in} + \text{out})` values (half of them parameters, half buffers) instead
+    of :math:`\text{in} \times \text{out}`; a :class:`UserWarning` is raised when that is not fewer.
+    Every forward runs :func:`panther.ops.sketched_linear` on the backend selected by
+    :func:`panther.set_backend` / :func:`panther.use_backend` at call time.
+
+    Args:
+        in_features (int): size of each input sample.
+        out_features (int): size of each output sample.
+        num_terms (int): :math:`L`, number of pairs of sketched terms. Must be at least 1.
+        low_rank (int): :math:`k`, rank of each term. Must be at least 1.
+        W_init (Tensor, optional): dense weight :math:`W_0` of shape ``(out_features, in_features)`` to
+            start from (e.g. a trained ``nn.Linear``'s ``weight``); the bias then starts at zero. Default:
+            ``None``, a weight drawn like :class:`torch.nn.Linear`'s (kaiming-uniform) and a bias like its bias.
+        bias (bool): if ``False``, the layer does not learn an additive bias. Default: ``True``.
+        dtype (torch.dtype, optional): dtype of the parameters and buffers. Default: the default dtype.
+        device (torch.device, optional): device of the parameters and buffers. Default: the default device.
+        seed (int, optional): seed of the layer's own random generator, which draws the sketches and the
+            initial weight. Default: ``None``, seeded from one draw of the global RNG (so
+            :func:`torch.manual_seed` makes construction reproducible).
+        generator (torch.Generator, optional): a generator to draw from instead (advanced in place). At
+            most one of ``seed`` and ``generator`` may be given.
+
+    Shape:
+        - Input: :math:`(*, H_{in})` where :math:`*` means any number of dimensions (none included) and
+          :math:`H_{in} = \text{in\_features}`.
+        - Output: :math:`(*, H_{out})`, all but the last dimension as the input, and
+          :math:`H_{out} = \text{out\_features}`.
+
+    Attributes:
+        S1s: the learnable left factors, of shape ``(num_terms, in_features, low_rank)``.
+        S2s: the learnable right factors, of shape ``(num_terms, low_rank, out_features)``.
+        U1s: the fixed sketches (buffer) of shape ``(num_terms, low_rank, out_features)``.
+        U2s: the fixed sketches (buffer) of shape ``(num_terms, in_features, low_rank)``.
+        bias: the learnable bias of shape ``(out_features,)``, or ``None``.
+        seed: the seed of the layer's generator, or ``None`` when a ``generator`` was given.
+
+    Examples:
+        >>> import torch
+        >>> from panther.nn import SKLinear
+        >>> m = SKLinear(20, 30, num_terms=1, low_rank=4, seed=0)
+        >>> m
+        SKLinear(in_features=20, out_features=30, num_terms=1, low_rank=4, bias=True)
+        >>> input = torch.randn(128, 20)
+        >>> output = m(input)
+        >>> print(output.size())
+        torch.Size([128, 30])
+        >>> [name for name, _ in m.named_parameters()]
+        ['S1s', 'S2s', 'bias']
+        >>> m2 = SKLinear.from_linear(torch.nn.Linear(20, 30), num_terms=1, low_rank=4, seed=0)
+        >>> m2(torch.randn(5, 7, 20)).shape
+        torch.Size([5, 7, 30])
+    """
+
+    __constants__ = ["in_features", "out_features", "num_terms", "low_rank"]
+    in_features: int
+    out_features: int
+    num_terms: int
+    low_rank: int
+    seed: Optional[int]
+    S1s: Tensor
+    S2s: Tensor
+    U1s: Tensor
+    U2s: Tensor
+    bias: Optional[Tensor]
+
+    _backend: Optional[str] = None  # None: the selection in force at call time
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_terms: int,
+        low_rank: int,
+        W_init: Optional[Tensor] = None,
+        bias: bool = True,
+        dtype: Optional[torch.dtype] = None,
+        device=None,
+        *,
+        seed: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.in_features = check_int("in_features", in_features)
+        self.out_features = check_int("out_features", out_features)
+        self.num_terms = check_int("num_terms", num_terms)
+        self.low_rank = check_int("low_rank", low_rank)
+        if W_init is not None:
+            check_weight("W_init", W_init, (self.out_features, self.in_features))
+        self._generator, self.seed = make_generator(seed, generator)
+        # Backend discovery happens here, outside any traced region (torch.compile cannot run it).
+        backends.available_backends()
+        warn_if_no_savings(type(self).__name__, self.num_terms, self.low_rank, self.in_features, self.out_features)
+
+        L, k, I, O = self.num_terms, self.low_rank, self.in_features, self.out_features
+        self.S1s = nn.Parameter(torch.empty((L, I, k), **factory_kwargs))
+        self.S2s = nn.Parameter(torch.empty((L, k, O), **factory_kwargs))
+        self.register_buffer("U1s", torch.empty((L, k, O), **factory_kwargs))
+        self.register_buffer("U2s", torch.empty((L, I, k), **factory_kwargs))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(O, **factory_kwargs))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters(W_init)
+
+    def reset_parameters(self, W_init: Optional[Tensor] = None) -> None:
+        r"""Draw new sketches from the layer's generator and initialise the factors from a dense weight.
+
+        Args:
+            W_init (Tensor, optional): the dense weight :math:`W_0` ``(out_features, in_features)``; the
+                bias is then zeroed. Default: ``None``, a weight and bias drawn like :class:`torch.nn.Linear`'s.
+        """
+        L, k, I, O = self.num_terms, self.low_rank, self.in_features, self.out_features
+        if W_init is not None:
+            check_weight("W_init", W_init, (O, I))
+        if self.S1s.is_meta:  # nothing to fill; after to_empty(), reset_parameters() draws what a real build would
+            return
+        gen = self._generator
+        wd = work_dtype(self.S1s.dtype)
+        dev = self.S1s.device
+        U1 = rademacher((L, k, O), k, gen, wd).to(dev)
+        U2 = rademacher((L, I, k), k, gen, wd).to(dev)
+        if W_init is None:
+            W0 = kaiming_weight((O, I), I, gen, wd).to(dev)
+            b = uniform((O,), 1.0 / math.sqrt(I), gen, wd) if self.bias is not None else None
+        else:
+            W0 = W_init.detach().to(device=dev, dtype=wd)
+            b = torch.zeros(O, dtype=wd)
+        with torch.no_grad():
+            self.U1s.copy_(U1)
+            self.U2s.copy_(U2)
+            self.S1s.copy_(torch.einsum("oi,lko->lik", W0, U1))  # S1_i = W0ᵀ U1_iᵀ   (I, k)
+            self.S2s.copy_(torch.einsum("lik,oi->lko", U2, W0))  # S2_i = U2_iᵀ W0ᵀ   (k, O)
+            if self.bias is not None:
+                self.bias.copy_(b)
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Apply the layer to ``input`` of shape ``(*, in_features)``; returns ``(*, out_features)``."""
+        check_input("input", input, self.S1s, type(self).__name__)
+        if input.dim() < 1 or input.shape[-1] != self.in_features:
+            raise ValueError(
+                f"input must have in_features={self.in_features} as its last dimension, "
+                f"got input of shape {tuple(input.shape)}"
+            )
+        return sketched_linear(input, self.S1s, self.S2s, self.U1s, self.U2s, self.bias, backend=self._backend)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, num_terms={self.num_terms}, "
+            f"low_rank={self.low_rank}, bias={self.bias is not None}"
+        )
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        num_terms: int,
+        low_rank: int,
+        *,
+        seed: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> "SKLinear":
+        r"""A sketched layer initialised from a (trained) :class:`torch.nn.Linear`.
+
+        The factors are built from ``linear.weight`` (so the expected output is ``linear``'s), the bias is
+        copied, and the new layer has ``linear``'s dtype and device. ``linear`` is left unchanged.
+
+        Args:
+            linear (torch.nn.Linear): the dense layer to replace.
+            num_terms (int): :math:`L`, number of pairs of sketched terms.
+            low_rank (int): :math:`k`, rank of each term.
+            seed (int, optional): seed of the new layer's generator.
+            generator (torch.Generator, optional): a generator to draw from instead.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            num_terms,
+            low_rank,
+            W_init=weight,
+            bias=linear.bias is not None,
+            dtype=weight.dtype,
+            device=weight.device,
+            seed=seed,
+            generator=generator,
+        )
+        if linear.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias)
+        return layer
+
+
+class SKLinear_triton(SKLinear):
+    r""":class:`SKLinear` whose forward always runs on the ``triton`` backend (package panther-randnla-triton).
+
+    The math, parameters, initialisation and state dict are :class:`SKLinear`'s; only the dispatch
+    differs: every call asks for the ``triton`` backend by name, so it runs the Triton kernels or raises
+    :class:`panther.BackendError` saying why not (it never falls back to another backend). Construction
+    raises :class:`panther.BackendError` at once when the ``triton`` backend is not installed or cannot
+    run on this machine (it needs a CUDA GPU, or ``TRITON_INTERPRET=1`` for Triton's CPU interpreter).
+    Use :class:`SKLinear` to let :func:`panther.set_backend` or ``auto`` dispatch choose.
+
+    Args:
+        in_features (int): size of each input sample.
+        out_features (int): size of each output sample.
+        num_terms (int): :math:`L`, number of pairs of sketched terms.
+        low_rank (int): :math:`k`, rank of each term.
+        W_init (Tensor, optional): dense weight ``(out_features, in_features)`` to start from.
+        bias (bool): if ``False``, no additive bias. Default: ``True``.
+        dtype (torch.dtype, optional): dtype of the parameters and buffers.
+        device (torch.device, optional): device of the parameters and buffers.
+        seed (int, optional): seed of the layer's generator.
+        generator (torch.Generator, optional): a generator to draw from instead.
+
+    Shape:
+        - Input: :math:`(*, H_{in})`.
+        - Output: :math:`(*, H_{out})`.
+    """
+
+    _backend = "triton"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_terms: int,
+        low_rank: int,
+        W_init: Optional[Tensor] = None,
+        bias: bool = True,
+        dtype: Optional[torch.dtype] = None,
+        device=None,
+        *,
+        seed: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
+        backends.load_backend(self._backend, source=f"required by {type(self).__name__}")
+        super().__init__(
+            in_features, out_features, num_terms, low_rank, W_init, bias, dtype, device,
+            seed=seed, generator=generator,
+        )
+

@@ -1,0 +1,319 @@
+"""Every bad argument raises the documented exception type with a message that names the argument."""
+
+import pytest
+import torch
+
+from panther.nn import RandMultiHeadAttention, SKConv2d, SKLinear
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*not fewer than the:UserWarning")
+
+
+def lin(**kw):
+    return SKLinear(6, 4, 1, 1, seed=0, **kw)
+
+
+def conv(*args, **kw):
+    kw.setdefault("seed", 0)
+    return SKConv2d(*(args or (3, 4, 3)), **kw)
+
+
+def attn(**kw):
+    return RandMultiHeadAttention(16, 2, 8, seed=0, **kw)
+
+
+X16 = torch.randn(5, 2, 16)
+
+CASES = {
+    # --- SKLinear construction
+    "in_features<1": (lambda: SKLinear(0, 4, 1, 1), ValueError, r"in_features must be >= 1, got 0"),
+    "out_features<1": (lambda: SKLinear(4, -2, 1, 1), ValueError, r"out_features must be >= 1, got -2"),
+    "num_terms<1": (lambda: SKLinear(4, 4, 0, 1), ValueError, r"num_terms must be >= 1, got 0"),
+    "low_rank<1": (lambda: SKLinear(4, 4, 1, 0), ValueError, r"low_rank must be >= 1, got 0"),
+    "in_features float": (lambda: SKLinear(4.0, 4, 1, 1), TypeError, r"in_features must be an int, got 4\.0"),
+    "low_rank bool": (lambda: SKLinear(4, 4, 1, True), TypeError, r"low_rank must be an int, got True"),
+    "W_init shape": (
+        lambda: lin(W_init=torch.randn(6, 4)),
+        ValueError,
+        r"W_init must have shape \(4, 6\), got \(6, 4\)",
+    ),
+    "W_init type": (lambda: lin(W_init=[[0.0] * 6] * 4), TypeError, r"W_init must be a torch.Tensor, got list"),
+    "W_init dtype": (
+        lambda: lin(W_init=torch.zeros(4, 6, dtype=torch.long)),
+        TypeError,
+        r"W_init must be a floating-point",
+    ),
+    "seed and generator": (
+        lambda: SKLinear(6, 4, 1, 1, seed=0, generator=torch.Generator()),
+        ValueError,
+        r"at most one of seed and generator",
+    ),
+    "generator type": (
+        lambda: SKLinear(6, 4, 1, 1, generator=0),
+        TypeError,
+        r"generator must be a torch.Generator, got int",
+    ),
+    "seed type": (lambda: SKLinear(6, 4, 1, 1, seed="1"), TypeError, r"seed must be an int, got '1'"),
+    "seed negative": (
+        lambda: SKLinear(6, 4, 1, 1, seed=-1),
+        ValueError,
+        r"seed must be in \[0, 2\*\*64\), got -1",
+    ),
+    "from_linear type": (
+        lambda: SKLinear.from_linear(torch.nn.Conv1d(2, 2, 1), 1, 1),
+        TypeError,
+        r"linear must be a torch.nn.Linear, got Conv1d",
+    ),
+    "from_linear num_terms": (
+        lambda: SKLinear.from_linear(torch.nn.Linear(6, 4), 0, 1),
+        ValueError,
+        r"num_terms must be >= 1",
+    ),
+    # --- SKLinear forward
+    "input last dim": (
+        lambda: lin()(torch.randn(3, 5)),
+        ValueError,
+        r"input must have in_features=6 as its last dimension, got input of shape \(3, 5\)",
+    ),
+    "input 0-d": (lambda: lin()(torch.tensor(1.0)), ValueError, r"input must have in_features=6.*shape \(\)"),
+    "input dtype": (
+        lambda: lin()(torch.randn(3, 6, dtype=torch.float64)),
+        TypeError,
+        r"input has dtype torch.float64 but the SKLinear parameters have dtype torch.float32",
+    ),
+    "input integer": (
+        lambda: lin()(torch.ones(3, 6, dtype=torch.long)),
+        TypeError,
+        r"input has dtype torch.int64",
+    ),
+    "input type": (lambda: lin()([1.0] * 6), TypeError, r"input must be a torch.Tensor, got list"),
+    "input device": (
+        lambda: lin()(torch.empty(3, 6, device="meta")),
+        RuntimeError,
+        r"input is on meta but the SKLinear parameters are on cpu",
+    ),
+    # --- SKConv2d construction
+    "in_channels<1": (lambda: conv(0, 4, 3), ValueError, r"in_channels must be >= 1, got 0"),
+    "out_channels<1": (lambda: conv(3, 0, 3), ValueError, r"out_channels must be >= 1, got 0"),
+    "kernel_size 0": (
+        lambda: conv(3, 4, 0),
+        ValueError,
+        r"kernel_size must be an int or a pair of ints >= 1, got 0",
+    ),
+    "kernel_size triple": (lambda: conv(3, 4, (3, 3, 3)), ValueError, r"kernel_size must be an int or a pair"),
+    "stride 0": (lambda: conv(stride=0), ValueError, r"stride must be an int or a pair of ints >= 1, got 0"),
+    "dilation 0": (
+        lambda: conv(dilation=(1, 0)),
+        ValueError,
+        r"dilation must be an int or a pair of ints >= 1, got \(1, 0\)",
+    ),
+    "padding negative": (
+        lambda: conv(padding=-1),
+        ValueError,
+        r"padding must be an int or a pair of ints >= 0, got -1",
+    ),
+    "padding string": (
+        lambda: conv(padding="full"),
+        ValueError,
+        r"padding must be 'valid', 'same', an int or a pair of ints, got 'full'",
+    ),
+    "padding same strided": (
+        lambda: conv(padding="same", stride=2),
+        ValueError,
+        r"padding='same' is not supported for strided convolutions, got stride=2",
+    ),
+    "conv num_terms": (lambda: conv(num_terms=0), ValueError, r"num_terms must be >= 1, got 0"),
+    "conv low_rank": (lambda: conv(low_rank=-3), ValueError, r"low_rank must be >= 1, got -3"),
+    "conv W_init shape": (
+        lambda: conv(W_init=torch.randn(4, 3, 3)),
+        ValueError,
+        r"W_init must have shape \(4, 3, 3, 3\), got \(4, 3, 3\)",
+    ),
+    "conv seed and generator": (lambda: conv(generator=torch.Generator()), ValueError, r"seed and generator"),
+    "from_conv2d type": (
+        lambda: SKConv2d.from_conv2d(torch.nn.Linear(3, 3), 1, 1),
+        TypeError,
+        r"conv must be a torch.nn.Conv2d, got Linear",
+    ),
+    "from_conv2d groups": (
+        lambda: SKConv2d.from_conv2d(torch.nn.Conv2d(4, 4, 3, groups=2), 1, 1),
+        ValueError,
+        r"conv.groups must be 1, got 2",
+    ),
+    "from_conv2d padding_mode": (
+        lambda: SKConv2d.from_conv2d(torch.nn.Conv2d(4, 4, 3, padding_mode="reflect"), 1, 1), ValueError,
+        r"conv.padding_mode must be 'zeros', got 'reflect'",
+    ),
+    # --- SKConv2d forward
+    "conv input channels": (
+        lambda: conv()(torch.randn(2, 5, 8, 8)),
+        ValueError,
+        r"input must be \(N, C, H, W\) or \(C, H, W\) with C = in_channels = 3, got input of shape \(2, 5, 8, 8\)",
+    ),
+    "conv input 2-D": (lambda: conv()(torch.randn(8, 8)), ValueError, r"input must be \(N, C, H, W\)"),
+    "conv input 5-D": (lambda: conv()(torch.randn(1, 2, 3, 8, 8)), ValueError, r"input must be \(N, C, H, W\)"),
+    "conv input dtype": (
+        lambda: conv()(torch.randn(2, 3, 8, 8, dtype=torch.float64)),
+        TypeError,
+        r"input has dtype torch.float64 but the SKConv2d parameters",
+    ),
+    "conv input device": (
+        lambda: conv()(torch.empty(2, 3, 8, 8, device="meta")),
+        RuntimeError,
+        r"input is on meta but the SKConv2d parameters are on cpu",
+    ),
+    "conv input too small": (
+        lambda: conv(3, 4, 5, dilation=2)(torch.randn(1, 3, 8, 20)),
+        ValueError,
+        r"input of shape \(1, 3, 8, 20\) is smaller than the dilated kernel: 8 after padding along dimension -2, "
+        r"but the kernel spans 9",
+    ),
+    # --- RandMultiHeadAttention construction
+    "embed_dim<1": (lambda: RandMultiHeadAttention(0, 1, 4), ValueError, r"embed_dim must be >= 1, got 0"),
+    "num_heads<1": (lambda: RandMultiHeadAttention(8, 0, 4), ValueError, r"num_heads must be >= 1, got 0"),
+    "not divisible": (
+        lambda: RandMultiHeadAttention(10, 3, 4),
+        ValueError,
+        r"embed_dim must be divisible by num_heads, got embed_dim=10 and num_heads=3",
+    ),
+    "sketch_dim<1": (lambda: RandMultiHeadAttention(8, 2, 0), ValueError, r"sketch_dim must be >= 1, got 0"),
+    "kernel": (
+        lambda: attn(kernel="gelu"),
+        ValueError,
+        r"kernel must be one of \('softmax', 'relu'\), got 'gelu'",
+    ),
+    "dropout": (lambda: attn(dropout=1.5), ValueError, r"dropout must be a probability in \[0, 1\], got 1.5"),
+    "kdim": (lambda: attn(kdim=0), ValueError, r"kdim must be >= 1, got 0"),
+    "vdim": (lambda: attn(vdim=2.5), TypeError, r"vdim must be an int, got 2.5"),
+    "attn seed and generator": (
+        lambda: RandMultiHeadAttention(8, 2, 4, seed=1, generator=torch.Generator()),
+        ValueError,
+        r"seed and generator",
+    ),
+    "from_mha type": (
+        lambda: RandMultiHeadAttention.from_multihead_attention(torch.nn.Linear(2, 2), 4),
+        TypeError,
+        r"mha must be a torch.nn.MultiheadAttention, got Linear",
+    ),
+    "from_mha add_bias_kv": (
+        lambda: RandMultiHeadAttention.from_multihead_attention(torch.nn.MultiheadAttention(8, 2, add_bias_kv=True), 4),
+        ValueError,
+        r"add_bias_kv=True",
+    ),
+    "from_mha add_zero_attn": (
+        lambda: RandMultiHeadAttention.from_multihead_attention(
+            torch.nn.MultiheadAttention(8, 2, add_zero_attn=True), 4
+        ),
+        ValueError,
+        r"add_zero_attn=True",
+    ),
+    "from_mha sketch_dim": (
+        lambda: RandMultiHeadAttention.from_multihead_attention(torch.nn.MultiheadAttention(8, 2), 0),
+        ValueError,
+        r"sketch_dim must be >= 1",
+    ),
+    # --- RandMultiHeadAttention forward
+    "query embed": (
+        lambda: attn()(torch.randn(5, 2, 12), X16, X16),
+        ValueError,
+        r"query must have embed_dim=16 features \(last dimension\), got shape \(5, 2, 12\)",
+    ),
+    "key kdim": (lambda: attn(kdim=6)(X16, X16, X16), ValueError, r"key must have kdim=6 features"),
+    "value vdim": (lambda: attn(vdim=6)(X16, X16, X16), ValueError, r"value must have vdim=6 features"),
+    "query 4-D": (
+        lambda: attn()(torch.randn(1, 5, 2, 16), X16, X16),
+        ValueError,
+        r"query must be \(L, E\) unbatched or 3-D batched",
+    ),
+    "key dims": (
+        lambda: attn()(X16, X16[:, 0], X16),
+        ValueError,
+        r"key must have as many dimensions as query \(3\)",
+    ),
+    "query dtype": (
+        lambda: attn()(X16.double(), X16, X16),
+        TypeError,
+        r"query has dtype torch.float64 but the RandMultiHeadAttention parameters have dtype torch.float32",
+    ),
+    "value device": (
+        lambda: attn()(X16, X16, torch.empty(5, 2, 16, device="meta")),
+        RuntimeError,
+        r"value is on meta but the RandMultiHeadAttention parameters are on cpu",
+    ),
+    "batch mismatch": (
+        lambda: attn()(X16, torch.randn(2, 5, 16), torch.randn(2, 5, 16)),
+        ValueError,
+        r"share the batch size.*batch_first=False.*\(seq, N, E\).*is batch_first=True what was meant",
+    ),
+    "key/value length": (
+        lambda: attn()(X16, X16, torch.randn(6, 2, 16)),
+        ValueError,
+        r"key and value the sequence length.*key \(5, 2, 16\) and value \(6, 2, 16\)",
+    ),
+    "kpm shape": (
+        lambda: attn()(X16, X16, X16, key_padding_mask=torch.zeros(5, 2, dtype=torch.bool)),
+        ValueError,
+        r"key_padding_mask must have shape \(N=2, S=5\), got \(5, 2\)",
+    ),
+    "kpm dtype": (
+        lambda: attn()(X16, X16, X16, key_padding_mask=torch.zeros(2, 5, dtype=torch.long)),
+        TypeError,
+        r"key_padding_mask must be a bool tensor.*got dtype torch.int64",
+    ),
+    "kpm float values": (
+        lambda: attn()(X16, X16, X16, key_padding_mask=torch.full((2, 5), 0.5)),
+        ValueError,
+        r"a float key_padding_mask may only hold 0 \(attend\) and -inf \(ignore\)",
+    ),
+    "kpm type": (
+        lambda: attn()(X16, X16, X16, key_padding_mask=[[True] * 5] * 2),
+        TypeError,
+        r"key_padding_mask must be a torch.Tensor or None, got list",
+    ),
+    "kpm unbatched shape": (
+        lambda: attn()(X16[:, 0], X16[:, 0], X16[:, 0], key_padding_mask=torch.zeros(4, dtype=torch.bool)),
+        ValueError,
+        r"key_padding_mask must have shape \(5,\) or \(1, 5\), got \(1, 4\)",
+    ),
+    "attn_mask not causal (bool)": (
+        lambda: attn()(X16, X16, X16, attn_mask=torch.ones(5, 5, dtype=torch.bool).tril(-1)), ValueError,
+        r"can apply a causal mask .* and a key_padding_mask, and no other attn_mask; "
+        r"got an attn_mask that is not the causal mask",
+    ),
+    "attn_mask not causal (float)": (
+        lambda: attn()(X16, X16, X16, attn_mask=torch.randn(5, 5)), ValueError, r"linear-time.*not the causal mask",
+    ),
+    "attn_mask not causal (rectangular)": (
+        lambda: attn()(X16, X16[:4], X16[:4], attn_mask=torch.ones(5, 4, dtype=torch.bool).triu(1)),
+        ValueError,
+        r"attn_mask that is not the causal mask",
+    ),
+    "attn_mask shape": (
+        lambda: attn()(X16, X16, X16, attn_mask=torch.zeros(4, 4, dtype=torch.bool)),
+        ValueError,
+        r"attn_mask must have shape \(L, S\) = \(5, 5\) or \(N \* num_heads, L, S\) = \(4, 5, 5\), got \(4, 4\)",
+    ),
+    "attn_mask dtype": (
+        lambda: attn()(X16, X16, X16, attn_mask=torch.zeros(5, 5, dtype=torch.long)),
+        TypeError,
+        r"attn_mask must be a bool or float tensor, got dtype torch.int64",
+    ),
+    "attn_mask type": (
+        lambda: attn()(X16, X16, X16, attn_mask="causal"),
+        TypeError,
+        r"attn_mask must be a torch.Tensor or None, got str",
+    ),
+    "is_causal lengths": (
+        lambda: attn()(X16, X16[:4], X16[:4], is_causal=True),
+        ValueError,
+        r"causal attention \(is_causal=True or a causal attn_mask\) needs as many queries as keys, "
+        r"got L=5 queries and S=4 keys",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_argument(name):
+    make, exc, pattern = CASES[name]
+    with pytest.raises(exc, match=pattern):
+        make()
+
