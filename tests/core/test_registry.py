@@ -144,8 +144,16 @@ def test_unknown_name_is_refused_at_once():
     with pytest.raises(panther.BackendError, match="'nope'.*not installed.*Available backends"):
         panther.set_backend("nope")
     with pytest.raises(TypeError, match="backend name"):
-        panther.set_backend(None)
+        panther.set_backend(3)
     assert panther.get_backend() == "auto"
+
+
+def test_set_backend_none_gives_the_environment_back(monkeypatch):
+    monkeypatch.setenv("PANTHER_BACKEND", "healthy")
+    panther.set_backend("auto")
+    assert panther.get_backend() == "auto"
+    panther.set_backend(None)
+    assert panther.get_backend() == "healthy"
 
 
 def test_use_backend_is_local_to_the_thread():

@@ -171,13 +171,16 @@ def _check_name(name: str) -> str:
     return name
 
 
-def set_backend(name: str) -> None:
-    """Set the process-wide default backend (``"auto"`` restores per-call selection).
+def set_backend(name: Optional[str]) -> None:
+    """Set the process-wide default backend.
 
-    Raises :class:`BackendError` at once if ``name`` is unknown or cannot run here.
+    ``"auto"`` makes per-call selection the default (it overrides ``PANTHER_BACKEND``); ``None`` clears
+    the default, so that ``PANTHER_BACKEND`` (or ``auto``) applies again. Raises :class:`BackendError` at
+    once if ``name`` is unknown or cannot run here. Code compiled by ``torch.compile`` keeps the
+    selection that was in force when it was traced.
     """
     global _default
-    _default = _check_name(name)
+    _default = None if name is None else _check_name(name)
 
 
 @contextlib.contextmanager
