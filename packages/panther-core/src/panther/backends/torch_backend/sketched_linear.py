@@ -28,11 +28,9 @@ def concat_right(U1s: torch.Tensor, S2s: torch.Tensor) -> torch.Tensor:
     return torch.cat([U1s.reshape(L * k, O), S2s.reshape(L * k, O)], dim=0)
 
 
-def _split_left(dA: torch.Tensor, L: int, k: int):
-    """Inverse of concat_left for gradients: (I, 2Lk) -> two (L, I, k)."""
-    I = dA.shape[0]
-    halves = dA.view(I, 2, L, k)
-    return halves[:, 0].permute(1, 0, 2), halves[:, 1].permute(1, 0, 2)
+def _to_terms(d: torch.Tensor, L: int, k: int) -> torch.Tensor:
+    """(I, Lk) gradient of one half of A -> (L, I, k), the layout of S1s / U2s."""
+    return d.view(d.shape[0], L, k).permute(1, 0, 2).contiguous()
 
 
 class SketchedLinearFunction(torch.autograd.Function):
@@ -66,9 +64,10 @@ class SketchedLinearFunction(torch.autograd.Function):
             dH = torch.mm(g2, B.t()).mul_(scale)  # (T, 2Lk)
             if need_x:
                 dx = torch.mm(dH, A.t()).view(x_shape)
-            if need_S1 or need_U2:
-                dA = torch.mm(x2.t(), dH)  # (I, 2Lk)
-                dS1, dU2 = _split_left(dA, L, k)
+            if need_S1:  # only the halves that are needed: U2s is normally a buffer
+                dS1 = _to_terms(torch.mm(x2.t(), dH[:, :Lk]), L, k)
+            if need_U2:
+                dU2 = _to_terms(torch.mm(x2.t(), dH[:, Lk:]), L, k)
         if need_S2:
             dS2 = torch.mm(H[:, Lk:].t(), g2).mul_(scale).view(L, k, O)
         if need_U1:

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One device call on the lent H200: install the packages, `panther info`, the GPU tests, then the
+# gpu-quick benchmarks, each under its own `timeout` so that later steps still run and logs come back.
+#
+#   run from the repository root, with OUT set to an empty folder:
+#     PANTHER_COMMIT=<short sha> bash benchmarks/gpu_runner.sh
+#
+# $OUT receives at most 6 files: runner.log (everything), junit.xml (tests), and the benchmark's
+# <date>_<device>_<commit>.json with one PNG per op. Worst case 60+30+180+290 s, under the 10-minute call.
+set -u
+: "${OUT:?set OUT to an empty folder}"
+export PYTHONUNBUFFERED=1
+export PANTHER_COMMIT="${PANTHER_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+INSTALL_S=${INSTALL_S:-60} INFO_S=${INFO_S:-30} TESTS_S=${TESTS_S:-180} BENCH_S=${BENCH_S:-290}  # TESTS_S=0: no tests
+BENCH_ARGS=${BENCH_ARGS:---preset gpu-quick}  # e.g. "--preset gpu --filter rfa_attention --max-minutes 7"
+shopt -s nullglob
+
+step() { echo; echo "=== $* [$(date -u +%H:%M:%S) UTC]"; }
+
+{
+  step "machine (commit $PANTHER_COMMIT)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv
+  python3 -c 'import sys, torch, triton; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
+
+  step "install (limit ${INSTALL_S}s)"
+  pkgs=(-e packages/panther-core -e packages/panther-nn)
+  for p in panther-triton panther-cuda; do
+    if [ -d "packages/$p" ]; then pkgs+=(-e "packages/$p"); else echo "packages/$p absent: not installed"; fi
+  done
+  timeout -k 5 "$INSTALL_S" python3 -m pip install -q --no-deps --no-build-isolation "${pkgs[@]}"
+  echo "install rc=$?"
+
+  step "python3 -m panther info (limit ${INFO_S}s)"
+  timeout -k 5 "$INFO_S" python3 -m panther info -v
+  echo "info rc=$?"
+
+  if [ "$TESTS_S" -gt 0 ]; then
+    step "GPU tests (limit ${TESTS_S}s)"
+    test_dirs=(tests packages/*/tests)
+    PANTHER_REQUIRE_GPU=1 timeout -k 10 "$TESTS_S" python3 -m pytest -q -m gpu --import-mode=importlib \
+      -p no:cacheprovider --junitxml="$OUT/junit.xml" "${test_dirs[@]}"
+    echo "tests rc=$? (5: no test collected; 124: timed out)"
+  fi
+
+  step "benchmarks ${BENCH_ARGS} (limit ${BENCH_S}s)"
+  # shellcheck disable=SC2086  # BENCH_ARGS is word-split on purpose
+  timeout -k 10 "$BENCH_S" python3 benchmarks/run.py $BENCH_ARGS --out "$OUT"
+  echo "bench rc=$? (124: timed out; the JSON holds every case finished before)"
+
+  step "done"
+  ls -l "$OUT"
+} 2>&1 | tee "$OUT/runner.log"

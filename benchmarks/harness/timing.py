@@ -1,0 +1,162 @@
+"""The one timing mechanism behind every figure: warm up, then the median of many timed calls.
+
+GPU: CUDA events around each call; before each call the L2 is flushed by writing a 256 MiB buffer
+(outside the events), so repeated calls do not time the cache. CPU: time.perf_counter around each call
+(ops on CPU tensors return when done). Also here: CUDA-graph capture of a call, and its peak memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Callable, Dict, Hashable, Optional, Tuple, Union
+
+import torch
+
+FLUSH_BYTES = 256 * 2**20  # > 4x the H200's 60 MB L2
+Call = Tuple[Callable[[], object], Optional[Callable[[], None]]]  # (fn, before)
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """How long to spend on one measurement."""
+
+    warmup_calls: int  # at least this many untimed calls ...
+    warmup_s: float  # ... and at least this long
+    run_s: float  # timed calls: about this long in all, within [min_reps, max_reps] calls
+    min_reps: int
+    max_reps: int
+
+
+class Clock:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=device) if self.cuda else None
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def measure(self, calls: Dict[Hashable, Call], budget: Budget) -> Dict[Hashable, Union[dict, Exception]]:
+        """Median time in ms of each call ``(fn, before)``; ``before()`` runs untimed before each ``fn()``.
+
+        The calls are warmed up one after the other, then timed interleaved: each next timed call goes to
+        the one furthest behind its number of repetitions, so that load from other processes, which comes
+        and goes, falls on all of them alike. A call that raises gets its exception instead of a timing.
+        """
+        results: Dict[Hashable, Union[dict, Exception]] = {}
+        target = {}
+        for key, (fn, before) in calls.items():
+            try:
+                fastest = self._warm_up(fn, before, budget)
+            except Exception as exc:  # noqa: BLE001 - recorded per call, the others go on
+                results[key] = exc
+                continue
+            target[key] = max(budget.min_reps, min(budget.max_reps, int(budget.run_s / max(fastest, 1e-6))))
+        stamps = {key: [] for key in target}
+        pending = set(target)
+        while pending:
+            key = min(pending, key=lambda k: (len(stamps[k]) / target[k], str(k)))
+            fn, before = calls[key]
+            try:
+                stamps[key].append(self._time_one(fn, before))
+            except Exception as exc:  # noqa: BLE001
+                results[key] = exc
+                pending.discard(key)
+                continue
+            if len(stamps[key]) == target[key]:
+                pending.discard(key)
+        self.sync()
+        for key, st in stamps.items():
+            if key in results:
+                continue
+            times = [s.elapsed_time(e) for s, e in st] if self.cuda else st
+            q = statistics.quantiles(times, n=5)  # 20th, 40th, 60th, 80th percentiles
+            results[key] = {"median_ms": statistics.median(times), "q20_ms": q[0], "q80_ms": q[3], "reps": len(times)}
+        return results
+
+    def _warm_up(self, fn, before, budget: Budget) -> float:
+        """Untimed calls (compilation, autotuning, allocator); returns the fastest one's seconds."""
+        fastest, spent, calls = float("inf"), 0.0, 0
+        while calls < budget.warmup_calls or (spent < budget.warmup_s and calls < 100):
+            if before:
+                before()
+            t0 = time.perf_counter()
+            fn()
+            self.sync()
+            dt = time.perf_counter() - t0
+            fastest, spent, calls = min(fastest, dt), spent + dt, calls + 1
+        return fastest
+
+    def _time_one(self, fn, before):
+        """CPU: the call's milliseconds. GPU: its (start, end) events, read once all calls are queued."""
+        if before:
+            before()
+        if not self.cuda:
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        self._flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        return start, end
+
+    def measure_one(self, fn: Callable[[], object], budget: Budget, before=None) -> dict:
+        """:meth:`measure` of a single call; raises what the call raises."""
+        got = self.measure({0: (fn, before)}, budget)[0]
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    def peak_bytes(self, fn: Callable[[], object], before: Optional[Callable[[], None]] = None) -> Optional[int]:
+        """Bytes the call allocates at its peak beyond what was allocated before it (GPU only, else None)."""
+        if not self.cuda:
+            return None
+        if before:
+            before()
+        self.sync()
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        fn()
+        self.sync()
+        return torch.cuda.max_memory_allocated(self.device) - base
+
+    def capture(self, fn: Callable[[], object], before: Optional[Callable[[], None]] = None) -> "torch.cuda.CUDAGraph":
+        """``fn`` captured in a CUDA graph (warm-up on a side stream first, as capture requires)."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                if before:
+                    before()
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if before:
+            before()  # grads set to None here are allocated inside the graph, and each replay rewrites them
+        with torch.cuda.graph(graph):
+            fn()
+        return graph
+
+
+def cpu_snapshot() -> Optional[Tuple[int, int, int]]:
+    """(busy, total, own) clock ticks so far: all CPUs' busy and total time, and this process's (Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+        return sum(v) - v[3] - v[4], sum(v), int(own[11]) + int(own[12])  # utime + stime, all threads
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def foreign_cpu(before, after) -> Optional[float]:
+    """Share of all CPUs' time that other processes used between two snapshots; None where unknown."""
+    if not before or not after or after[1] == before[1]:
+        return None
+    return max(0.0, ((after[0] - before[0]) - (after[2] - before[2])) / (after[1] - before[1]))
