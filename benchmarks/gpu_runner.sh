@@ -23,7 +23,7 @@ step() { echo; echo "=== $* [$(date -u +%H:%M:%S) UTC]"; }
   python3 -c 'import sys, torch, triton; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
 
   step "install (limit ${INSTALL_S}s)"
-  pkgs=(-e packages/panther-core -e packages/panther-nn)
+  pkgs=(-e packages/panther-core -e packages/panther-nn -e tests/plugins/healthy -e tests/plugins/broken)
   for p in panther-triton panther-cuda; do
     if [ -d "packages/$p" ]; then pkgs+=(-e "packages/$p"); else echo "packages/$p absent: not installed"; fi
   done
