@@ -45,7 +45,13 @@ class Case:
     x_key: ClassVar[str]  # case field on the x axis of the plots
 
     def impls(self, backends) -> Dict[str, Impl]:
-        found = {name: Impl(name, "backend", "sketch", self.sketch_args, self.backend_fn(name)) for name in backends}
+        from panther.backends import load_backend
+
+        found = {
+            name: Impl(name, "backend", "sketch", self.sketch_args, self.backend_fn(name))
+            for name in backends
+            if load_backend(name).implements(self.op)  # e.g. triton has no conv2d or attention kernels
+        }
         found.update(self.baselines())
         return found
 
