@@ -1,0 +1,77 @@
+"""Where the kernels run (a CUDA GPU or Triton's CPU interpreter) and the autotune configs for each.
+
+Nothing here imports triton at module import: the backend module imports this file, and importing a
+backend must stay cheap. Kernel modules call :func:`autotune_configs` when they are first imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+_TRUE = ("1", "true", "yes", "on", "y")
+
+
+def interpreting() -> bool:
+    """True when ``TRITON_INTERPRET`` selects Triton's CPU interpreter (parsed as Triton parses it)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+
+
+_capabilities: Optional[Tuple[Tuple[int, int], ...]] = None
+
+
+def cuda_capabilities() -> Tuple[Tuple[int, int], ...]:
+    """Compute capability of every visible CUDA device (empty without CUDA); the first call inits CUDA.
+
+    Cached in a module global, not functools.lru_cache: torch.compile traces the availability checks
+    that call this, and it warns on (and looks through) lru_cache wrappers."""
+    global _capabilities
+    if _capabilities is None:
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        _capabilities = tuple(torch.cuda.get_device_capability(i) for i in range(n))
+    return _capabilities
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessors(device_index: int) -> int:
+    """Streaming multiprocessors of a CUDA device (what the launch planner fills)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def autotune_configs(gpu: Iterable[Tuple[Dict[str, int], int, int]], interpreter: Dict[str, int]) -> List:
+    """``triton.Config`` list: the GPU candidates ``(meta, num_warps, num_stages)``, or exactly one small
+    config under the interpreter (it would otherwise benchmark every config on the CPU)."""
+    import triton
+
+    if interpreting():
+        return [triton.Config(dict(interpreter), num_warps=4, num_stages=1)]
+    return [triton.Config(dict(meta), num_warps=w, num_stages=s) for meta, w, s in gpu]
+
+
+def cdiv(a, b):
+    """Ceiling division of sizes (plain ints or torch.compile's symbolic sizes; triton.cdiv is a JIT
+    function whose Python call costs ~15 us)."""
+    return -(-a // b)
+
+
+def size_hint(n) -> int:
+    """A plain int for a size. Under torch.compile with dynamic shapes a size may be symbolic: take its
+    example value without adding a guard (sizes only steer launch plans and autotune keys, and every
+    plan is correct for every size), so a new batch size does not recompile."""
+    if type(n) is int:
+        return n
+    hint = getattr(getattr(n, "node", None), "hint", None)
+    return int(hint) if hint is not None else int(n)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def tune_bucket(n: int) -> int:
+    """Autotune key for a row count: its power-of-two bucket (>= 16), so that a new batch size reuses
+    the config tuned for its bucket instead of benchmarking again."""
+    return max(16, min(next_power_of_2(size_hint(n)), 1 << 20))

@@ -1,0 +1,127 @@
+"""GPU tests (marker `gpu`): real sizes in every dtype, TF32 on and off, Inductor, auto selection.
+
+Skipped without CUDA; with PANTHER_REQUIRE_GPU=1 they fail instead (conftest.py). The kernel tests in
+the other files also run on the GPU when TRITON_INTERPRET is unset (ragged shapes, every plan).
+"""
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+import panther
+import panther_triton
+from panther.backends import backend_infos, load_backend, select
+from triton_test_utils import TOL, TOL_TF32, make_inputs, rel_err, run_and_compare
+
+pytestmark = pytest.mark.gpu
+
+# T = 4096 rows, I = O = 8192 features, L k = 64 split as L = 1..8 terms: the issue's largest shape.
+BIG = [(4096, 8192, 8192, L, 64 // L) for L in (1, 2, 4, 8)]
+TRAINED = (0, 1, 2, 5)
+
+
+@pytest.fixture
+def fp32_precision():
+    prev = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(prev)
+
+
+def test_priority_and_auto_selection_on_cuda():
+    be = {i.name: i.backend for i in backend_infos()}["triton"]
+    assert be.unavailable_reason() is None
+    assert be.priority == 10 > load_backend("torch").priority
+    inputs = make_inputs(64, 96, 80, 2, 8, torch.bfloat16, device="cuda")
+    assert select("sketched_linear", *inputs).name == "triton"
+    with panther.use_backend("auto"):
+        y = panther.ops.sketched_linear(*inputs)
+    assert y.device.type == "cuda" and y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("shape", BIG, ids=lambda s: f"L{s[3]}_k{s[4]}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_large_16bit(shape, dtype):
+    run_and_compare(panther_triton.sketched_linear, make_inputs(*shape, dtype, device="cuda"), TRAINED, TOL[dtype])
+
+
+@pytest.mark.parametrize("shape", BIG[:2], ids=lambda s: f"L{s[3]}_k{s[4]}")
+@pytest.mark.parametrize("tf32", [True, False], ids=["tf32", "ieee"])
+def test_large_float32(shape, tf32, fp32_precision):
+    fp32_precision("high" if tf32 else "highest")
+    inputs = make_inputs(*shape, torch.float32, device="cuda")
+    run_and_compare(panther_triton.sketched_linear, inputs, TRAINED, TOL_TF32 if tf32 else TOL[torch.float32])
+
+
+def test_tf32_is_really_used_when_allowed(fp32_precision):
+    """Same inputs: the TF32 result carries TF32-sized error, the IEEE one float32-sized error."""
+    inputs = make_inputs(512, 2048, 1024, 1, 64, torch.float32, device="cuda")
+    errs = {}
+    for mode in ("high", "highest"):
+        fp32_precision(mode)
+        y = panther_triton.sketched_linear(*inputs)
+        y_ref = panther.backends.torch_backend.sketched_linear(*(t.double() for t in inputs))
+        errs[mode] = rel_err(y, y_ref)
+    assert errs["highest"] <= TOL[torch.float32]
+    assert errs["high"] > 10 * errs["highest"]
+
+
+@pytest.mark.parametrize("shape", [(128, 1024, 1024, 1, 64), (4096, 2048, 2048, 2, 32), (300, 1000, 3000, 3, 50)],
+                         ids=["T128", "T4096", "R300"])
+def test_matches_the_torch_backend_on_cuda(shape):
+    """Triton and the reference backend on the same bf16 CUDA tensors agree to bf16 accuracy."""
+    inputs = make_inputs(*shape, torch.bfloat16, device="cuda")
+    y_t = panther.ops.sketched_linear(*inputs, backend="triton")
+    y_r = panther.ops.sketched_linear(*inputs, backend="torch")
+    assert rel_err(y_t, y_r.double()) <= 2 * TOL[torch.bfloat16]
+
+
+def test_inductor_fullgraph_zero_breaks_bf16():
+    from test_compile import SketchedMLP
+
+    torch._dynamo.reset()
+    panther.backends.backend_infos()
+    model = SketchedMLP((1024, 2048, 512), L=2, k=32, dtype=torch.bfloat16).cuda()
+    x = make_inputs(512, 1024, 1, 1, 1, torch.bfloat16, device="cuda", lead=(2,))[0]
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    counters.clear()
+    compiled = torch.compile(model, fullgraph=True)
+    xc = x.clone().requires_grad_()
+    y_c = compiled(xc)
+    y_c.float().square().sum().backward()
+    g_c = [xc.grad] + [p.grad.clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = None
+    xe = x.clone().requires_grad_()
+    y_e = model(xe)
+    y_e.float().square().sum().backward()
+    g_e = [xe.grad] + [p.grad for p in model.parameters()]
+    assert sum(counters["graph_break"].values()) == 0
+    assert rel_err(y_c, y_e.double()) <= TOL[torch.bfloat16]
+    for a, b in zip(g_c, g_e):
+        assert rel_err(a, b.double()) <= TOL[torch.bfloat16]
+
+
+def test_launches_on_the_device():
+    """Forward: 1-2 kernels; backward: at most 3 (profiler count of our kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    OURS = {"_sketch_in_kernel", "_sketch_out_kernel", "_grad_from_g_kernel", "_grad_from_x_kernel",
+            "_sum_partials_kernel"}
+
+    for shape in [(4096, 8192, 8192, 1, 64), (128, 1024, 1024, 2, 32), (4096, 1024, 1024, 1, 64)]:
+        leaves = [t.requires_grad_(i in TRAINED) for i, t in enumerate(make_inputs(*shape, torch.bfloat16, device="cuda"))]
+        y = panther_triton.sketched_linear(*leaves)  # warm-up: autotuning launches many times
+        y.backward(torch.ones_like(y))
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            y = panther_triton.sketched_linear(*leaves)
+            torch.cuda.synchronize()
+        fwd = [e.name for e in prof.events() if e.name in OURS]
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            y.backward(torch.ones_like(y))
+            torch.cuda.synchronize()
+        bwd = [e.name for e in prof.events() if e.name in OURS]
+        assert 1 <= len(fwd) <= 2, fwd
+        assert 2 <= len(bwd) <= 3, bwd
