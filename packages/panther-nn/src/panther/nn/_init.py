@@ -32,18 +32,6 @@ def check_int(name: str, value, minimum: int = 1) -> int:
     return value
 
 
-def check_int_pair(name: str, value, minimum: int) -> Tuple[int, int]:
-    """An int or a pair of ints, each at least ``minimum``, as a pair (``nn.Conv2d``'s convention)."""
-    v = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
-    if (
-        not isinstance(v, (tuple, list))
-        or len(v) != 2
-        or not all(isinstance(e, int) and not isinstance(e, bool) and e >= minimum for e in v)
-    ):
-        raise ValueError(f"{name} must be an int or a pair of ints >= {minimum}, got {value!r}")
-    return (int(v[0]), int(v[1]))
-
-
 def make_generator(seed, generator) -> Tuple[torch.Generator, Optional[int]]:
     """The generator a layer draws from, and its seed when the layer seeded it.
 

@@ -13,7 +13,6 @@ from panther.nn._init import (
     check_input,
     check_int,
     check_weight,
-    check_int_pair,
     kaiming_weight,
     make_generator,
     rademacher,
@@ -22,6 +21,7 @@ from panther.nn._init import (
     work_dtype,
 )
 from panther.ops import resolve_padding, sketched_conv2d
+from panther.ops.sketched_conv2d import pair
 
 __all__ = ["SKConv2d"]
 
@@ -134,9 +134,9 @@ class SKConv2d(nn.Module):
         super().__init__()
         self.in_channels = check_int("in_channels", in_channels)
         self.out_channels = check_int("out_channels", out_channels)
-        self.kernel_size = check_int_pair("kernel_size", kernel_size, 1)
-        self.stride = check_int_pair("stride", stride, 1)
-        self.dilation = check_int_pair("dilation", dilation, 1)
+        self.kernel_size = pair("kernel_size", kernel_size, 1)
+        self.stride = pair("stride", stride, 1)
+        self.dilation = pair("dilation", dilation, 1)
         if isinstance(padding, str):
             if padding not in ("same", "valid"):
                 raise ValueError(f"padding must be 'valid', 'same', an int or a pair of ints, got {padding!r}")
@@ -146,7 +146,7 @@ class SKConv2d(nn.Module):
                 )
             self.padding = padding
         else:
-            self.padding = check_int_pair("padding", padding, 0)
+            self.padding = pair("padding", padding, 0)
         resolve_padding(self.padding, self.kernel_size, self.stride, self.dilation)  # the op's own rules
         self.num_terms = check_int("num_terms", num_terms)
         self.low_rank = check_int("low_rank", low_rank)

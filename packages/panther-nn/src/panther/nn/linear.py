@@ -131,8 +131,11 @@ class SKLinear(nn.Module):
         if W_init is not None:
             check_weight("W_init", W_init, (self.out_features, self.in_features))
         self._generator, self.seed = make_generator(seed, generator)
-        # Backend discovery happens here, outside any traced region (torch.compile cannot run it).
+        # Backend discovery happens here, outside any traced region (torch.compile cannot run it);
+        # a layer pinned to a backend refuses to be built where that backend cannot run.
         backends.available_backends()
+        if self._backend is not None:
+            backends.load_backend(self._backend, source=f"required by {type(self).__name__}")
         warn_if_no_savings(type(self).__name__, self.num_terms, self.low_rank, self.in_features, self.out_features)
 
         L, k, I, O = self.num_terms, self.low_rank, self.in_features, self.out_features
@@ -264,24 +267,4 @@ class SKLinear_triton(SKLinear):
     """
 
     _backend = "triton"
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        num_terms: int,
-        low_rank: int,
-        W_init: Optional[Tensor] = None,
-        bias: bool = True,
-        dtype: Optional[torch.dtype] = None,
-        device=None,
-        *,
-        seed: Optional[int] = None,
-        generator: Optional[torch.Generator] = None,
-    ) -> None:
-        backends.load_backend(self._backend, source=f"required by {type(self).__name__}")
-        super().__init__(
-            in_features, out_features, num_terms, low_rank, W_init, bias, dtype, device,
-            seed=seed, generator=generator,
-        )
 
