@@ -145,16 +145,16 @@ def test_torch_compile_fullgraph_attention_inference():
         torch.testing.assert_close(compiled(x, x, x, is_causal=True)[0], attn(x, x, x, is_causal=True)[0])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="panther-core: the torch backend's rfa_attention backward recomputes with torch.autograd.grad, "
-    "which dynamo cannot trace (torch._dynamo.config.trace_autograd_ops); remove this mark once fixed",
-)
 def test_torch_compile_fullgraph_attention_training():
     torch._dynamo.reset()
-    attn = RandMultiHeadAttention(16, 2, 8, seed=0)
-    x = torch.randn(5, 2, 16)
-    torch.compile(attn, fullgraph=True, backend="aot_eager")(x, x, x)[0].sum().backward()
+    attn = RandMultiHeadAttention(16, 2, 8, seed=0).eval()  # eval: no dropout, so both runs are equal
+    x = torch.randn(5, 2, 16, requires_grad=True)
+    y_ref = attn(x, x, x, is_causal=True)[0]
+    (gx_ref,) = torch.autograd.grad(y_ref.sum(), x)
+    y = torch.compile(attn, fullgraph=True, backend="aot_eager")(x, x, x, is_causal=True)[0]
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(gx, gx_ref)
 
 
 def test_torch_compile_attention_training_with_graph_breaks_matches_eager():
