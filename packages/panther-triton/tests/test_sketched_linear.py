@@ -13,7 +13,6 @@ import panther_triton
 from panther_triton import BackwardPlan, ForwardPlan, use_plans
 from panther_triton.ops.sketched_linear import sketched_linear_backward, sketched_linear_forward
 from panther_triton.ops.sketched_linear.common import allow_tf32, dot_precision
-from panther_triton.ops.sketched_linear.naive import sketched_linear_naive
 from triton_test_utils import DEVICE, TOL, make_inputs, needs_kernels, reference, rel_err, run_and_compare
 
 pytestmark = needs_kernels
@@ -166,11 +165,3 @@ def test_precision_follows_torch():
         assert not allow_tf32()
     finally:
         torch.set_float32_matmul_precision(prev)
-
-
-def test_naive_is_the_core_reference():
-    """naive.py (the definition, term by term) agrees with panther's reference torch backend."""
-    from panther.backends.torch_backend import sketched_linear as core_reference
-
-    inputs = make_inputs(11, 23, 17, 3, 4, torch.float64, device="cpu")
-    assert torch.allclose(sketched_linear_naive(*inputs), core_reference(*inputs), rtol=1e-12, atol=1e-12)

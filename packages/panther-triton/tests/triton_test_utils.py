@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from panther_triton._runtime import interpreting
-from panther_triton.ops.sketched_linear.naive import sketched_linear_naive
+from panther.testing.naive import sketched_linear as sketched_linear_naive
 
 # Kernel tests run where the kernels can: on CPU tensors under the interpreter (TRITON_INTERPRET=1);
 # otherwise on CUDA tensors, and then they are GPU tests (marker `gpu`: `-m gpu` runs them on the GPU

@@ -2,11 +2,10 @@
 
 from panther_triton.ops.sketched_linear.backward import sketched_linear_backward
 from panther_triton.ops.sketched_linear.forward import sketched_linear_forward
-from panther_triton.ops.sketched_linear.naive import sketched_linear_naive
 from panther_triton.ops.sketched_linear.op import SketchedLinearFunction, sketched_linear
 from panther_triton.ops.sketched_linear.plan import BackwardPlan, ForwardPlan, use_plans
 
 __all__ = [
-    "sketched_linear", "sketched_linear_forward", "sketched_linear_backward", "sketched_linear_naive",
+    "sketched_linear", "sketched_linear_forward", "sketched_linear_backward",
     "SketchedLinearFunction", "ForwardPlan", "BackwardPlan", "use_plans",
 ]
