@@ -1,5 +1,6 @@
 """Speedup over the op's baseline against size: one PNG per op, a row of subplots per implementation
-(each backend, and the plain-PyTorch math), a column per dtype mode; fwd+bwd solid, fwd dashed."""
+(each backend, and the plain-PyTorch math), a column per dtype mode; eager fwd+bwd solid, eager fwd
+dashed, and fwd+bwd replayed from a CUDA graph dotted (where it was measured)."""
 
 from __future__ import annotations
 
@@ -31,13 +32,16 @@ def plot_speedups(records: List[dict], stem: Path) -> List[str]:
                 for r in recs:
                     if r["impl"] == impl and r["mode"] == mode:
                         lines[(r["series"], r["pass"])].append((r["x"], r["speedup"]["base"]))
+                        graph = (r.get("speedup_graph") or {}).get("base")
+                        if r["pass"] == "fwd+bwd" and graph is not None:
+                            lines[(r["series"], "graph")].append((r["x"], graph))
+                styles = {"fwd+bwd": "o-", "fwd": "x--", "graph": "s:"}
                 colors = {}
-                for (series, pass_), pts in sorted(lines.items(), key=lambda kv: (kv[0][0], kv[0][1] != "fwd+bwd")):
+                for (series, pass_), pts in sorted(lines.items(), key=lambda kv: (kv[0][0], list(styles).index(kv[0][1]))):
                     pts.sort()
                     labelled = series in colors
                     color = colors.setdefault(series, f"C{len(colors) % 10}")
-                    ax.plot(*zip(*pts), "o-" if pass_ == "fwd+bwd" else "x--", color=color,
-                            label=None if labelled else series, ms=4)
+                    ax.plot(*zip(*pts), styles[pass_], color=color, label=None if labelled else series, ms=4)
                 ax.axhline(1.0, color="gray", lw=0.8)
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
@@ -48,7 +52,7 @@ def plot_speedups(records: List[dict], stem: Path) -> List[str]:
                 ax.set_ylabel(f"speedup vs {recs[0]['base']}")
                 ax.grid(True, which="both", alpha=0.3)
                 if lines:
-                    ax.legend(fontsize=6, title="solid fwd+bwd, dashed fwd", title_fontsize=6)
+                    ax.legend(fontsize=6, title="fwd+bwd: solid eager, dotted CUDA graph; fwd: dashed", title_fontsize=6)
         fig.tight_layout()
         path = stem.parent / f"{stem.name}_{op}.png"
         fig.savefig(path, dpi=90)
