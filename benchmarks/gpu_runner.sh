@@ -11,7 +11,7 @@ set -u
 : "${OUT:?set OUT to an empty folder}"
 export PYTHONUNBUFFERED=1
 export PANTHER_COMMIT="${PANTHER_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
-INSTALL_S=${INSTALL_S:-60} INFO_S=${INFO_S:-30} TESTS_S=${TESTS_S:-180} BENCH_S=${BENCH_S:-290}  # TESTS_S=0: no tests
+INSTALL_S=${INSTALL_S:-60} INFO_S=${INFO_S:-30} TESTS_S=${TESTS_S:-180} BENCH_S=${BENCH_S:-290}  # TESTS_S=0: no tests; BENCH_S=0: no benchmarks
 BENCH_ARGS=${BENCH_ARGS:---preset gpu-quick}  # e.g. "--preset gpu --filter rfa_attention --max-minutes 7"
 shopt -s nullglob
 
@@ -42,10 +42,12 @@ step() { echo; echo "=== $* [$(date -u +%H:%M:%S) UTC]"; }
     echo "tests rc=$? (5: no test collected; 124: timed out)"
   fi
 
-  step "benchmarks ${BENCH_ARGS} (limit ${BENCH_S}s)"
-  # shellcheck disable=SC2086  # BENCH_ARGS is word-split on purpose
-  timeout -k 10 "$BENCH_S" python3 benchmarks/run.py $BENCH_ARGS --out "$OUT"
-  echo "bench rc=$? (124: timed out; the JSON holds every case finished before)"
+  if [ "$BENCH_S" -gt 0 ]; then
+    step "benchmarks ${BENCH_ARGS} (limit ${BENCH_S}s)"
+    # shellcheck disable=SC2086  # BENCH_ARGS is word-split on purpose
+    timeout -k 10 "$BENCH_S" python3 benchmarks/run.py $BENCH_ARGS --out "$OUT"
+    echo "bench rc=$? (124: timed out; the JSON holds every case finished before)"
+  fi
 
   step "done"
   ls -l "$OUT"
