@@ -53,10 +53,10 @@ CASES = {
         r"generator must be a torch.Generator, got int",
     ),
     "seed type": (lambda: SKLinear(6, 4, 1, 1, seed="1"), TypeError, r"seed must be an int, got '1'"),
-    "seed negative": (
-        lambda: SKLinear(6, 4, 1, 1, seed=-1),
+    "seed too large": (
+        lambda: SKLinear(6, 4, 1, 1, seed=2**64),
         ValueError,
-        r"seed must be in \[0, 2\*\*64\), got -1",
+        r"seed must fit in 64 bits \(-2\*\*63 <= seed < 2\*\*64\), got 18446744073709551616",
     ),
     "from_linear type": (
         lambda: SKLinear.from_linear(torch.nn.Conv1d(2, 2, 1), 1, 1),

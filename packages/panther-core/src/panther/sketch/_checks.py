@@ -7,19 +7,6 @@ import operator
 import torch
 
 
-def check_positive_int(name: str, value) -> int:
-    """Return ``value`` as an ``int`` if it is an integer >= 1, else raise naming ``name``."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, got {value!r} (bool)")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})") from None
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer (>= 1), got {value}")
-    return value
-
-
 def check_floating_dtype(name: str, dtype) -> torch.dtype:
     """Return ``dtype`` if it is a real floating-point ``torch.dtype``, else raise naming ``name``."""
     if not isinstance(dtype, torch.dtype):

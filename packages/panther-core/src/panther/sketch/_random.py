@@ -2,41 +2,7 @@
 
 from __future__ import annotations
 
-import operator
-from typing import Optional, Tuple
-
 import torch
-
-
-def resolve_generator(seed, generator) -> Tuple[torch.Generator, Optional[int]]:
-    """Return ``(generator, seed)`` to draw an operator from.
-
-    - ``seed`` given: a fresh CPU generator seeded with it; returns the seed.
-    - ``generator`` given: that generator, used (and advanced) in place; returns ``None`` as the seed.
-    - neither: a fresh CPU generator seeded from the OS entropy source; returns that seed, so that the
-      operator can be reproduced. The global RNG is neither read nor reseeded in any case.
-    """
-    if seed is not None and generator is not None:
-        raise ValueError(
-            f"give at most one of seed and generator, got seed={seed!r} and generator={generator!r}"
-        )
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        return generator, None
-    gen = torch.Generator(device="cpu")
-    if seed is None:
-        return gen, gen.seed()  # nondeterministic, from std::random_device
-    if isinstance(seed, bool):
-        raise TypeError(f"seed must be an integer, got {seed!r} (bool)")
-    try:
-        seed = operator.index(seed)
-    except TypeError:
-        raise TypeError(f"seed must be an integer, got {seed!r} ({type(seed).__name__})") from None
-    if not -(2**63) <= seed < 2**64:
-        raise ValueError(f"seed must fit in 64 bits (-2**63 <= seed < 2**64), got {seed}")
-    gen.manual_seed(seed)
-    return gen, seed
 
 
 def random_signs(n: int, generator: torch.Generator) -> torch.Tensor:

@@ -7,8 +7,9 @@ from typing import ClassVar, Optional, Tuple, Union
 
 import torch
 
-from panther.sketch._checks import check_floating_dtype, check_input, check_positive_int
-from panther.sketch._random import resolve_generator
+from panther._args import check_int
+from panther.sketch._checks import check_floating_dtype, check_input
+from panther._args import resolve_generator
 
 DeviceLike = Union[torch.device, str, int, None]
 
@@ -57,8 +58,8 @@ class SketchOperator:
         device: DeviceLike = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        self.sketch_dim = check_positive_int("sketch_dim", sketch_dim)
-        self.input_dim = check_positive_int("input_dim", input_dim)
+        self.sketch_dim = check_int("sketch_dim", sketch_dim)
+        self.input_dim = check_int("input_dim", input_dim)
         self.dtype = check_floating_dtype("dtype", dtype)
         target = torch.device("cpu") if device is None else torch.device(device)
         self._check_dims()

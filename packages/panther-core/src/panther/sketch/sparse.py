@@ -7,7 +7,7 @@ from typing import ClassVar, Optional, Tuple
 
 import torch
 
-from panther.sketch._checks import check_positive_int
+from panther._args import check_int
 from panther.sketch._random import random_signs, sample_distinct_rows
 from panther.sketch.base import DeviceLike, SketchOperator
 
@@ -99,11 +99,11 @@ class SJLTSketch(SparseSignSketch):
         device: DeviceLike = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        k = check_positive_int("sketch_dim", sketch_dim)
+        k = check_int("sketch_dim", sketch_dim)
         if nnz_per_column is None:
             nnz_per_column = min(8, k)
         else:
-            nnz_per_column = check_positive_int("nnz_per_column", nnz_per_column)
+            nnz_per_column = check_int("nnz_per_column", nnz_per_column)
             if nnz_per_column > k:
                 raise ValueError(
                     f"nnz_per_column must be between 1 and sketch_dim={k} (nonzeros sit at distinct rows), "

@@ -8,7 +8,6 @@ makes layer construction reproducible as it does for ``torch.nn`` layers).
 from __future__ import annotations
 
 import math
-import operator
 import os
 import sys
 import warnings
@@ -16,49 +15,20 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from panther._args import check_int, resolve_generator
+
 _HALF = (torch.float16, torch.bfloat16)
-
-
-def check_int(name: str, value, minimum: int = 1) -> int:
-    """``value`` as an int, refusing bools, non-integers and values below ``minimum``."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {value!r} (bool)")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def make_generator(seed, generator) -> Tuple[torch.Generator, Optional[int]]:
     """The generator a layer draws from, and its seed when the layer seeded it.
 
-    - ``seed``: a fresh CPU generator seeded with it.
-    - ``generator``: that generator, used and advanced in place (seed ``None``).
-    - neither: a fresh CPU generator seeded from one draw of the global RNG.
+    As :func:`panther._args.resolve_generator`, except that with neither ``seed`` nor ``generator`` the
+    seed is one draw of the global RNG, so that ``torch.manual_seed`` makes construction reproducible.
     """
-    if seed is not None and generator is not None:
-        raise ValueError(f"give at most one of seed and generator, got seed={seed!r} and generator={generator!r}")
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        return generator, None
-    if seed is None:
+    if seed is None and generator is None:
         seed = int(torch.randint(0, 2**62, ()).item())
-    else:
-        if isinstance(seed, bool):
-            raise TypeError(f"seed must be an int, got {seed!r} (bool)")
-        try:
-            seed = operator.index(seed)
-        except TypeError:
-            raise TypeError(f"seed must be an int, got {seed!r} ({type(seed).__name__})") from None
-        if not 0 <= seed < 2**64:
-            raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(seed)
-    return gen, seed
+    return resolve_generator(seed, generator)
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
