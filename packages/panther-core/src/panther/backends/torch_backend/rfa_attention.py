@@ -64,7 +64,9 @@ def _causal_numden(qf, kf, v):
     kc = kf.view(B, H, n, C, m)
     vc = v1.view(B, H, n, C, Dv + 1)
     kv = torch.matmul(kc.transpose(-1, -2), vc)  # (B, H, n, m, Dv+1) per-chunk sums
-    state = torch.cumsum(kv, dim=2) - kv  # exclusive prefix over chunks
+    # exclusive prefix over chunks by shifting the inclusive one: `cumsum(kv) - kv` would cancel
+    # catastrophically (forward and backward) when one chunk's sums dwarf the others
+    state = torch.cat([torch.zeros_like(kv[:, :, :1]), torch.cumsum(kv[:, :, :-1], dim=2)], dim=2)
     inter = torch.matmul(qc, state)
     scores = torch.matmul(qc, kc.transpose(-1, -2))  # (B, H, n, C, C)
     tril = torch.ones(C, C, dtype=torch.bool, device=qf.device).tril()
