@@ -28,6 +28,16 @@ def _bench(fn, rep=200):
     return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1e3  # us
 
 
+def _bench_graph(fn):
+    """GPU time of fn alone: median replay of a CUDA graph of it (host overhead excluded), in us."""
+    import triton.testing
+
+    for _ in range(2):  # tuning and compilation happen outside the capture
+        fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e3
+
+
 def _inputs(T, I, O, L, k, dtype, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
 
@@ -69,7 +79,7 @@ def _floor_us(T, I, O, L, k, es=2, backward=False):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--plans", action="store_true", help="also time the alternative launch plans")
-    ap.add_argument("--quick", action="store_true", help="T=4096 and (L, k) = (1, 64) only")
+    ap.add_argument("--quick", action="store_true", help="(L, k) = (1, 64) only")
     ap.add_argument("--json", help="write the figures here (benchmarks/results/... keeps them traceable)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -100,7 +110,7 @@ def main(argv=None) -> int:
     be = {i.name: i for i in panther.backends.backend_infos()}
     assert be["triton"].available, be["triton"].unavailable_reason
     ok = True
-    Ts = (4096,) if args.quick else (128, 4096)
+    Ts = (128, 4096)
     Lks = ((1, 64),) if args.quick else ((1, 64), (2, 32))
     hdr = (f"{'T':>5} {'I=O':>5} {'L,k':>5} | {'fwd us: linear':>14} {'torch':>7} {'triton':>7} {'floor':>6} | "
            f"{'f+b us: linear':>14} {'torch':>7} {'triton':>7} {'floor':>6} | {'xLin f+b':>8} {'xTorch':>6}  err")
@@ -137,18 +147,27 @@ def main(argv=None) -> int:
                     alts = {}
                     fplans = [ForwardPlan(True, 1, g_) for g_ in (1, 2, 4)] + [
                         ForwardPlan(False, s, g_) for s in (1, 2, 4, 8) for g_ in (1, 4, 16)]
+                    detached = [t.detach() for t in leaves]
                     for fp in fplans:
                         with use_plans(forward=fp):
-                            alts[str(fp)] = _bench(lambda: panther_triton.sketched_linear(*(t.detach() for t in leaves)))
+                            alts[str(fp)] = _bench_graph(lambda: panther_triton.sketched_linear_forward(*detached))
                     with torch.no_grad():
                         y, h = panther_triton.sketched_linear_forward(*(t.detach() for t in leaves))
                     for bp in [BackwardPlan(so, st) for so in (1, 2, 4) for st in (1, 2, 4, 8)]:
-                        alts[str(bp)] = _bench(lambda: panther_triton.sketched_linear_backward(
+                        alts[str(bp)] = _bench_graph(lambda: panther_triton.sketched_linear_backward(
                             g, x.detach(), h, *(t.detach() for t in leaves[1:5]),
                             (True, True, True, False, False, True), plan=bp))
-                    best = sorted(alts.items(), key=lambda kv: kv[1])
+                    chosen = (
+                        _bench_graph(lambda: panther_triton.sketched_linear_forward(*detached)),
+                        _bench_graph(lambda: panther_triton.sketched_linear_backward(
+                            g, x.detach(), h, *detached[1:5], (True, True, True, False, False, True))),
+                    )
+                    row["chosen_plans_us"] = chosen
+                    print(f"      CUDA graph: chosen forward {chosen[0]:.1f}us, backward {chosen[1]:.1f}us")
                     row["plans_us"] = alts
-                    print("      fastest plans:", ", ".join(f"{p} {t:.1f}us" for p, t in best[:4]))
+                    for kind in ("Forward", "Backward"):
+                        best = sorted(((p, t) for p, t in alts.items() if p.startswith(kind)), key=lambda kv: kv[1])
+                        print(f"      fastest {kind.lower()} plans:", ", ".join(f"{p[len(kind) + 4:]} {t:.1f}us" for p, t in best[:5]))
                 results.append(row)
                 del leaves, x, S1s, S2s, U1s, U2s, b, lin, xl, g, y_t, y_r
                 torch.cuda.empty_cache()

@@ -51,6 +51,16 @@ def autotune_configs(gpu: Iterable[Tuple[Dict[str, int], int, int]], interpreter
     return [triton.Config(dict(meta), num_warps=w, num_stages=s) for meta, w, s in gpu]
 
 
+def tuning_bench(fn, quantiles=None):
+    """Timing of one autotune candidate: triton.testing.do_bench with a short budget (10 ms warm-up,
+    40 ms of runs instead of 25 and 100): a first call per shape tunes every config, and the default
+    budget made that a second per kernel and shape, while these kernels' configs differ by far more
+    than the noise of 40 ms of runs."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=10, rep=40, quantiles=quantiles)
+
+
 def cdiv(a, b):
     """Ceiling division of sizes (plain ints or torch.compile's symbolic sizes; triton.cdiv is a JIT
     function whose Python call costs ~15 us)."""

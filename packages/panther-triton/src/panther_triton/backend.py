@@ -73,9 +73,9 @@ class TritonBackend(Backend):
         reasons = super().reasons_cannot_run(op)
         if reasons:
             return reasons
-        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
-        devices = {t.device for t in tensors}
-        dtypes = {t.dtype for t in tensors}
+        kinds = {(t.device, t.dtype) for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)}
+        devices = {d for d, _ in kinds}
+        dtypes = {dt for _, dt in kinds}
         interp = interpreting()
         for dev in devices:
             if interp and dev.type != "cpu":

@@ -54,13 +54,12 @@ def tensor_reasons(
     dtypes=(torch.float64, torch.float32, torch.bfloat16, torch.float16),
 ) -> List[str]:
     """Common device/dtype capability reasons for the tensors of one call (``None`` entries skipped)."""
-    reasons = []
-    for t in tensors:
-        if t is None or not isinstance(t, torch.Tensor):
-            continue
-        if t.device.type not in devices:
-            reasons.append(f"device {t.device} is not supported (supported: {', '.join(devices)})")
-        if (t.is_floating_point() or t.is_complex()) and t.dtype not in dtypes:  # masks are bool/int
+    kinds = {(t.device.type, t.dtype) for t in tensors if isinstance(t, torch.Tensor)}
+    reasons = set()
+    for device_type, dtype in kinds:
+        if device_type not in devices:
+            reasons.add(f"device {device_type} is not supported (supported: {', '.join(devices)})")
+        if (dtype.is_floating_point or dtype.is_complex) and dtype not in dtypes:  # masks are bool/int
             names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-            reasons.append(f"dtype {t.dtype} is not supported (supported: {names})")
-    return sorted(set(reasons))
+            reasons.add(f"dtype {dtype} is not supported (supported: {names})")
+    return sorted(reasons)

@@ -119,10 +119,22 @@ def refresh() -> None:
         _registry = None
 
 
+_ranking: tuple = (None, ())  # (the registry it was made from, its infos by descending priority then name)
+
+
+def _ranked() -> tuple:
+    """backend_infos() as a tuple, sorted once per discovery (auto selection walks it on every call)."""
+    global _ranking
+    found = _discover()
+    if _ranking[0] is not found:
+        ranked = sorted(found.values(), key=lambda i: (-(i.backend.priority if i.backend else -(10**9)), i.name))
+        _ranking = (found, tuple(ranked))
+    return _ranking[1]
+
+
 def backend_infos() -> List[BackendInfo]:
     """Every backend found, loaded or not, by descending priority then name."""
-    infos = list(_discover().values())
-    return sorted(infos, key=lambda i: (-(i.backend.priority if i.backend else -(10**9)), i.name))
+    return list(_ranked())
 
 
 def available_backends() -> List[str]:
@@ -227,9 +239,10 @@ def select(op: str, *args, backend: Optional[str] = None, **kwargs) -> Backend:
             raise BackendError(f"Panther backend {name!r} ({source}) cannot run {op} on these inputs: {'; '.join(reasons)}.")
         return be
     rejected = []
-    for info in backend_infos():
-        if not info.available:
-            rejected.append(f"{info.name}: {info.unavailable_reason}")
+    for info in _ranked():
+        unavailable = info.unavailable_reason
+        if unavailable is not None:
+            rejected.append(f"{info.name}: {unavailable}")
             continue
         reasons = info.backend.reasons_cannot_run(op, *args, **kwargs)
         if not reasons:

@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from panther_triton._runtime import autotune_configs, cdiv, tune_bucket
+from panther_triton._launch import eager
+from panther_triton._runtime import autotune_configs, cdiv, tune_bucket, tuning_bench
 from panther_triton.ops.sketched_linear.common import dot_precision, lk_offsets, lko_offsets, mma, store_grad, sum_splits
 from panther_triton.ops.sketched_linear.plan import BackwardPlan, column_chunk, plan_backward
 
@@ -49,7 +50,8 @@ _G_CONFIGS = autotune_configs(
 
 @triton.autotune(
     configs=_G_CONFIGS,
-    key=["T_BUCKET", "O", "Lk", "K", "BLK", "NEED_DH", "NEED_DS2", "NEED_DU1", "NEED_DB", "split_o", "split_t"],
+    key=["T_BUCKET", "O", "Lk", "BLK", "NEED_DH", "NEED_DS2", "NEED_DU1", "NEED_DB", "split_o", "split_t"],
+    do_bench=tuning_bench,
 )
 @triton.jit
 def _grad_from_g_kernel(
@@ -68,7 +70,7 @@ def _grad_from_g_kernel(
     stride_u1l, stride_u1k, stride_u1o,
     stride_s2l, stride_s2k, stride_s2o,
     stride_dhs, stride_dht,
-    K: tl.constexpr, BLK: tl.constexpr, PREC: tl.constexpr,
+    K, BLK: tl.constexpr, PREC: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_DS2: tl.constexpr, NEED_DU1: tl.constexpr, NEED_DB: tl.constexpr,
     SPLIT_T: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr,
 ):
@@ -167,7 +169,8 @@ _X_CONFIGS = autotune_configs(
 
 @triton.autotune(
     configs=_X_CONFIGS,
-    key=["T_BUCKET", "I", "Lk", "K", "BLK", "ONE_CHUNK", "NEED_DX", "NEED_DS1", "NEED_DU2", "split_o", "split_t"],
+    key=["T_BUCKET", "I", "Lk", "BLK", "ONE_CHUNK", "NEED_DX", "NEED_DS1", "NEED_DU2", "split_o", "split_t"],
+    do_bench=tuning_bench,
 )
 @triton.jit
 def _grad_from_x_kernel(
@@ -185,7 +188,7 @@ def _grad_from_x_kernel(
     stride_s1l, stride_s1i, stride_s1k,
     stride_u2l, stride_u2i, stride_u2k,
     stride_dxt, stride_dxi,
-    K: tl.constexpr, BLK: tl.constexpr, PREC: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    K, BLK: tl.constexpr, PREC: tl.constexpr, ONE_CHUNK: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DS1: tl.constexpr, NEED_DU2: tl.constexpr,
     LOAD_DH1: tl.constexpr, LOAD_DH2: tl.constexpr, SPLIT_T: tl.constexpr,
     BT: tl.constexpr, BI: tl.constexpr,
@@ -270,7 +273,7 @@ def _grad_from_x_kernel(
 _SUM_CONFIGS = autotune_configs(gpu=[({"BLOCK": 1024}, 4, 1)], interpreter={"BLOCK": 256})
 
 
-@triton.autotune(configs=_SUM_CONFIGS, key=["N_OUT"])
+@triton.autotune(configs=_SUM_CONFIGS, key=["N_OUT"], do_bench=tuning_bench)
 @triton.jit
 def _sum_partials_kernel(
     ws,  # [split_t, n_total] fp32: the partial gradients, segments back to back
@@ -297,10 +300,6 @@ def _sum_partials_kernel(
                     tl.store(out4 + (offs - e3), acc, mask=(offs >= e3) & (offs < n_total))
 
 
-def _direct(kernel):
-    return kernel
-
-
 Grads = Tuple[Optional[torch.Tensor], ...]
 
 
@@ -315,7 +314,7 @@ def sketched_linear_backward(
     needs: Sequence[bool] = (True, True, True, False, False, True),
     allow_tf32: bool = True,
     plan: Optional[BackwardPlan] = None,
-    wrap_triton: Callable = _direct,
+    wrap_triton: Callable = eager,
 ) -> Grads:
     """Launch the backward kernels for dL/dy = g (..., O).
 

@@ -39,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from panther_triton._runtime import autotune_configs, cdiv, tune_bucket
+from panther_triton._launch import eager
+from panther_triton._runtime import autotune_configs, cdiv, tune_bucket, tuning_bench
 from panther_triton.ops.sketched_linear.common import dot_precision, lk_offsets, lko_offsets, mma, sum_splits
 from panther_triton.ops.sketched_linear.plan import ForwardPlan, column_chunk, plan_forward
 
@@ -57,7 +58,7 @@ def _x_times_a(
     stride_xt, stride_xi,
     stride_s1l, stride_s1i, stride_s1k,
     stride_u2l, stride_u2i, stride_u2k,
-    K: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, BLK: tl.constexpr, PREC: tl.constexpr,
+    K, BT: tl.constexpr, BI: tl.constexpr, BLK: tl.constexpr, PREC: tl.constexpr,
 ):
     """(x S1[:, cols], x U2[:, cols]) for `rows`, summed over i in [i_start, i_end): two [BT, BLK] fp32."""
     ks = tl.arange(0, BI)
@@ -91,7 +92,7 @@ _IN_CONFIGS = autotune_configs(
 )
 
 
-@triton.autotune(configs=_IN_CONFIGS, key=["T_BUCKET", "I", "Lk", "K", "BLK"])
+@triton.autotune(configs=_IN_CONFIGS, key=["T_BUCKET", "I", "Lk", "BLK"], do_bench=tuning_bench)
 @triton.jit
 def _sketch_in_kernel(
     x,  # [T, I]
@@ -103,7 +104,7 @@ def _sketch_in_kernel(
     stride_s1l, stride_s1i, stride_s1k,
     stride_u2l, stride_u2i, stride_u2k,
     stride_hs, stride_ht,
-    K: tl.constexpr, BLK: tl.constexpr, PREC: tl.constexpr,
+    K, BLK: tl.constexpr, PREC: tl.constexpr,
     BT: tl.constexpr, BI: tl.constexpr,
 ):
     # grid (row tiles, column chunks, I splits): row tiles vary fastest so neighbours share A's slice in L2
@@ -155,7 +156,9 @@ _OUT_CONFIGS = autotune_configs(
 
 
 @triton.autotune(
-    configs=_OUT_CONFIGS, key=["T_BUCKET", "I", "O", "Lk", "K", "BLK", "ONE_CHUNK", "FUSED", "n_splits", "o_groups"]
+    configs=_OUT_CONFIGS,
+    key=["T_BUCKET", "I", "O", "Lk", "BLK", "ONE_CHUNK", "FUSED", "n_splits", "o_groups"],
+    do_bench=tuning_bench,
 )
 @triton.jit
 def _sketch_out_kernel(
@@ -176,7 +179,7 @@ def _sketch_out_kernel(
     stride_u1l, stride_u1k, stride_u1o,
     stride_s2l, stride_s2k, stride_s2o,
     stride_b, stride_yt, stride_yo,
-    K: tl.constexpr, BLK: tl.constexpr, PREC: tl.constexpr,
+    K, BLK: tl.constexpr, PREC: tl.constexpr,
     ONE_CHUNK: tl.constexpr, FUSED: tl.constexpr, STORE_H: tl.constexpr, HAS_BIAS: tl.constexpr,
     BT: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr,
 ):
@@ -248,10 +251,6 @@ def _sketch_out_kernel(
             _store_y(acc, y, bias, rows, mask_t, offs_o, mask_o, scale, stride_b, stride_yt, stride_yo, HAS_BIAS)
 
 
-def _direct(kernel):
-    return kernel
-
-
 def sketched_linear_forward(
     x: torch.Tensor,
     S1s: torch.Tensor,
@@ -261,14 +260,15 @@ def sketched_linear_forward(
     bias: Optional[torch.Tensor] = None,
     allow_tf32: bool = True,
     plan: Optional[ForwardPlan] = None,
-    wrap_triton: Callable = _direct,
+    wrap_triton: Callable = eager,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernels: returns y (..., O) and H (T, 2Lk) for the backward.
 
     x may have any leading dims and strides (it is reshaped to (T, I), a view when strides allow).
     `plan` forces a launch plan (default: plan.py's choice for the shape). `wrap_triton` is applied to
-    each kernel before its launch: torch.library.wrap_triton inside a triton_op, the identity for a direct
-    launch (the name is what lets torch find the kernels of the op when it hashes them for its caches).
+    each kernel before its launch: torch.library.wrap_triton inside a triton_op (the name is what lets torch
+    find the kernels of the op when it hashes them for its caches), else the cached eager launcher of
+    :mod:`panther_triton._launch`.
     """
     L, I, K = S1s.shape
     O = S2s.shape[-1]

@@ -27,6 +27,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from panther_triton._launch import eager
 from panther_triton._runtime import interpreting
 from panther_triton.ops.sketched_linear.backward import sketched_linear_backward
 from panther_triton.ops.sketched_linear.common import allow_tf32 as _allow_tf32
@@ -67,14 +68,11 @@ def _bwd_impl(g, x, h, S1s, S2s, U1s, U2s, needs, allow_tf32, wrap):
 
 
 if INTERPRETED:
-    def _direct(kernel):
-        return kernel
-
     @torch.library.custom_op(FWD, mutates_args=())
     def sketched_linear_fwd(
         x: Tensor, S1s: Tensor, S2s: Tensor, U1s: Tensor, U2s: Tensor, bias: Optional[Tensor], allow_tf32: bool
     ) -> Tuple[Tensor, Tensor]:
-        return _fwd_impl(x, S1s, S2s, U1s, U2s, bias, allow_tf32, _direct)
+        return _fwd_impl(x, S1s, S2s, U1s, U2s, bias, allow_tf32, eager)
 
     @sketched_linear_fwd.register_fake
     def _(x, S1s, S2s, U1s, U2s, bias, allow_tf32):
@@ -86,7 +84,7 @@ if INTERPRETED:
         need_x: bool, need_s1: bool, need_s2: bool, need_u1: bool, need_u2: bool, need_b: bool, allow_tf32: bool,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         needs = (need_x, need_s1, need_s2, need_u1, need_u2, need_b)
-        return _bwd_impl(g, x, h, S1s, S2s, U1s, U2s, needs, allow_tf32, _direct)
+        return _bwd_impl(g, x, h, S1s, S2s, U1s, U2s, needs, allow_tf32, eager)
 
     @sketched_linear_bwd.register_fake
     def _(g, x, h, S1s, S2s, U1s, U2s, need_x, need_s1, need_s2, need_u1, need_u2, need_b, allow_tf32):

@@ -1,0 +1,117 @@
+"""Eager kernel launches without Triton's per-call Python.
+
+A launch through ``triton.autotune`` costs Python on every call: the autotuner builds a dict of the
+arguments and a key from them, then ``JITFunction.run`` binds and specialises every argument, hashes
+the specialisation and looks the compiled kernel up. At the sizes where a sketched layer's GPU work
+takes microseconds that is most of a step (benchmarks/results/*host-overhead.log). An eager launch
+therefore goes through a :class:`Launcher`: the first call with a given key runs the autotuned kernel
+the normal way (tuning and compiling it), and the launcher keeps the compiled kernel, its grid and its
+constexpr arguments; later calls with that key hand the arguments straight to the compiled kernel.
+
+The key holds everything a compiled kernel and its grid depend on: the value of every non-tensor
+argument (sizes, strides, scales: Triton specialises integers on their value and fixes the grid from
+them), every tensor's dtype, device and whether its address is 16-byte aligned (Triton specialises
+pointers on that), and the constexpr values. So a cached launch is the launch Triton would have made.
+
+Kernels traced by torch.compile go through ``torch.library.wrap_triton`` instead (Inductor launches
+them); under Triton's CPU interpreter there is no compiled kernel, and the launcher calls the kernel
+as usual.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Dict, Tuple
+
+import torch
+
+from panther_triton._runtime import interpreting
+
+_MAX_ENTRIES = 4096  # per kernel; many distinct batch sizes start the cache over rather than grow it
+
+
+def _key(args: Tuple[Any, ...], constexprs: Dict[str, Any]) -> tuple:
+    parts = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            parts.append((a.dtype, a.get_device(), a.data_ptr() % 16 == 0))
+        else:
+            parts.append(a)
+    parts.extend(constexprs.items())
+    return tuple(parts)
+
+
+class Launcher:
+    """``launcher[grid](*args, **constexprs)`` launches ``kernel`` (a triton.autotune'd JIT function)
+    like ``kernel[grid](*args, **constexprs)``, from a cache of compiled kernels after the first call.
+
+    ``grid`` is a function of the meta-parameters (the autotuned config and the constexprs), as for
+    Triton. Tensor arguments must be passed positionally; constexprs by name.
+    """
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        fn = kernel
+        while not hasattr(fn, "arg_names"):  # Autotuner and Heuristics wrap the JITFunction
+            fn = fn.fn
+        self.arg_names = list(fn.arg_names)
+        self.cache: Dict[tuple, Tuple[Callable, tuple]] = {}
+        self.fast = _enabled and not interpreting()  # decided once, like the kernels themselves
+        self._lock = threading.Lock()  # the autotuner's best_config is per kernel, read right after its launch
+
+    def __getitem__(self, grid: Callable[[dict], tuple]):
+        return lambda *args, **constexprs: self.launch(grid, args, constexprs)
+
+    def launch(self, grid, args: tuple, constexprs: Dict[str, Any]) -> None:
+        if not self.fast:
+            self.kernel[grid](*args, **constexprs)
+            return
+        key = _key(args, constexprs)
+        hit = self.cache.get(key)
+        if hit is not None:
+            runner, tail = hit
+            runner(*args, *tail)
+            return
+        with self._lock:
+            compiled = self.kernel[grid](*args, **constexprs)
+            self._remember(key, compiled, grid, args, constexprs)
+
+    def _remember(self, key, compiled, grid, args, constexprs) -> None:
+        """Keep the compiled kernel of this launch, or nothing where its shape is not the expected one
+        (a Triton whose launch returns something else keeps working, only without the cache)."""
+        if compiled is None or not hasattr(compiled, "__getitem__") or not hasattr(compiled, "run"):
+            return
+        config = getattr(self.kernel, "best_config", None)
+        meta = dict(constexprs)
+        if config is not None:
+            meta.update(config.kwargs)
+        names = self.arg_names[len(args):]
+        if any(n not in meta for n in names):
+            return
+        g = tuple(grid(meta))
+        g = g + (1,) * (3 - len(g))
+        if len(self.cache) >= _MAX_ENTRIES:
+            self.cache.clear()
+        self.cache[key] = (compiled[g], tuple(meta[n] for n in names))
+
+
+_launchers: Dict[int, Launcher] = {}
+_enabled = True
+
+
+def use_cache(enabled: bool) -> None:
+    """Turn the cached launches on or off (off: every launch goes through Triton's own path), for
+    the launchers made so far and later ones. For measuring what the cache saves (tools/host_overhead.py)."""
+    global _enabled
+    _enabled = bool(enabled)
+    for launcher in _launchers.values():
+        launcher.fast = _enabled and not interpreting()
+        launcher.cache.clear()
+
+
+def eager(kernel) -> Launcher:
+    """The launcher of ``kernel`` (one per kernel, made on first use)."""
+    launcher = _launchers.get(id(kernel))
+    if launcher is None:
+        launcher = _launchers[id(kernel)] = Launcher(kernel)
+    return launcher

@@ -1,0 +1,106 @@
+"""The eager launcher's cache (panther_triton._launch) against a stand-in for an autotuned kernel.
+
+What it must get right without a GPU: a first launch per key goes through the kernel (and so through
+Triton's autotuning and compilation), later ones straight to the compiled kernel with the constexprs
+appended in signature order and the grid of the tuned config; anything Triton specialises on (int
+values, dtypes, 16-byte alignment of tensors, constexprs) makes a new key. The GPU tests check the
+real thing against the float64 reference (test_gpu.py::test_cached_launches_respecialise).
+"""
+
+import torch
+
+from panther_triton._launch import Launcher
+
+
+class FakeConfig:
+    kwargs = {"BT": 32}
+
+
+class FakeCompiled:
+    def __init__(self, log):
+        self.log = log
+
+    def __getitem__(self, grid):
+        return lambda *args: self.log.append(("cached", grid, args))
+
+    def run(self, *args):  # present on Triton's compiled kernels
+        raise AssertionError("the launcher goes through compiled[grid]")
+
+
+class FakeKernel:
+    """Like triton.autotune(...)(jit_fn): [grid](*args, **kw) launches and returns the compiled kernel."""
+
+    def __init__(self):
+        self.fn = type("JIT", (), {"arg_names": ["x", "T", "K", "FLAG", "BT"]})()
+        self.best_config = FakeConfig()
+        self.log = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **constexprs):
+            self.log.append(("tuned", grid({**constexprs, **self.best_config.kwargs}), args))
+            return FakeCompiled(self.log)
+
+        return launch
+
+
+def grid(meta):
+    return (100 // meta["BT"], 2)
+
+
+def make():
+    kernel = FakeKernel()
+    launcher = Launcher(kernel)
+    launcher.fast = True  # as on a GPU (the interpreter launches plainly)
+    return kernel, launcher
+
+
+def test_second_launch_is_cached_with_constexprs_in_signature_order():
+    kernel, launcher = make()
+    x = torch.zeros(8)
+    launcher[grid](x, 100, K=3, FLAG=True)
+    launcher[grid](x, 100, K=3, FLAG=True)
+    assert [e[0] for e in kernel.log] == ["tuned", "cached"]
+    assert kernel.log[0][1] == (3, 2)
+    _, g, args = kernel.log[1]
+    assert g == (3, 2, 1)
+    assert args[0] is x and args[1:] == (100, 3, True, 32)
+
+
+def test_everything_triton_specialises_on_makes_a_new_key():
+    kernel, launcher = make()
+    buf = torch.zeros(64)
+    aligned, misaligned = buf[:8], buf[1:9]  # 4-byte offset: not 16-byte aligned
+    calls = [
+        ((aligned, 100), dict(K=3, FLAG=True)),
+        ((aligned, 101), dict(K=3, FLAG=True)),  # another int value
+        ((aligned, 100), dict(K=4, FLAG=True)),  # another constexpr
+        ((aligned, 100), dict(K=3, FLAG=False)),
+        ((misaligned, 100), dict(K=3, FLAG=True)),  # alignment
+        ((aligned.double(), 100), dict(K=3, FLAG=True)),  # dtype
+    ]
+    for args, kw in calls:
+        launcher[grid](*args, **kw)
+    assert [e[0] for e in kernel.log] == ["tuned"] * len(calls)
+    for args, kw in calls:
+        launcher[grid](*args, **kw)
+    assert [e[0] for e in kernel.log[len(calls):]] == ["cached"] * len(calls)
+
+
+def test_without_the_fast_path_every_launch_goes_through_the_kernel():
+    kernel, launcher = make()
+    launcher.fast = False
+    x = torch.zeros(8)
+    for _ in range(3):
+        launcher[grid](x, 100, K=3, FLAG=True)
+    assert [e[0] for e in kernel.log] == ["tuned"] * 3
+
+
+def test_a_launch_that_returns_no_compiled_kernel_is_not_cached():
+    kernel, launcher = make()
+    kernel.__class__ = type("NoReturn", (FakeKernel,), {
+        "__getitem__": lambda self, g: (lambda *a, **kw: self.log.append(("tuned", None, a)))
+    })
+    x = torch.zeros(8)
+    launcher[grid](x, 100, K=3, FLAG=True)
+    launcher[grid](x, 100, K=3, FLAG=True)
+    assert [e[0] for e in kernel.log] == ["tuned", "tuned"]
