@@ -7,6 +7,7 @@ values, dtypes, 16-byte alignment of tensors, constexprs) makes a new key. The G
 real thing against the float64 reference (test_gpu.py::test_cached_launches_respecialise).
 """
 
+import pytest
 import torch
 
 from panther_triton._launch import Launcher
@@ -104,3 +105,20 @@ def test_a_launch_that_returns_no_compiled_kernel_is_not_cached():
     launcher[grid](x, 100, K=3, FLAG=True)
     launcher[grid](x, 100, K=3, FLAG=True)
     assert [e[0] for e in kernel.log] == ["tuned", "tuned"]
+
+
+def test_a_compiled_kernel_that_refuses_the_arguments_turns_the_cache_off():
+    kernel, launcher = make()
+
+    def refuse(*args):
+        raise TypeError("function takes exactly 9 arguments")
+
+    x = torch.zeros(8)
+    launcher[grid](x, 100, K=3, FLAG=True)
+    key = next(iter(launcher.cache))
+    launcher.cache[key] = (refuse, launcher.cache[key][1])
+    with pytest.warns(RuntimeWarning, match="cached launches"):
+        launcher[grid](x, 100, K=3, FLAG=True)
+    assert not launcher.fast and not launcher.cache
+    launcher[grid](x, 100, K=3, FLAG=True)
+    assert [e[0] for e in kernel.log] == ["tuned", "tuned", "tuned"]

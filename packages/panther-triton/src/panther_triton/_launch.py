@@ -70,11 +70,28 @@ class Launcher:
         hit = self.cache.get(key)
         if hit is not None:
             runner, tail = hit
-            runner(*args, *tail)
-            return
+            try:
+                runner(*args, *tail)
+                return
+            except TypeError as exc:  # a Triton whose compiled kernels take other arguments: its argument
+                self._give_up(exc)  # parsing refuses them before anything is launched; use Triton's path
+                self.kernel[grid](*args, **constexprs)
+                return
         with self._lock:
             compiled = self.kernel[grid](*args, **constexprs)
             self._remember(key, compiled, grid, args, constexprs)
+
+    def _give_up(self, exc: Exception) -> None:
+        import warnings
+
+        self.fast = False
+        self.cache.clear()
+        warnings.warn(
+            f"panther_triton: cached launches of {getattr(self.kernel, '__name__', self.kernel)} failed ({exc}); "
+            "launching through triton.autotune from now on (correct, with more host overhead per call)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def _remember(self, key, compiled, grid, args, constexprs) -> None:
         """Keep the compiled kernel of this launch, or nothing where its shape is not the expected one
