@@ -41,6 +41,14 @@ def multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# Integer arguments Triton must not specialise the kernels on. By default it compiles a variant per
+# divisibility by 16 (and per value 1) of every integer argument; for these (row counts, ranks, the
+# autotune bucket) that buys nothing, since they only bound loops and masks, and a new batch size or rank
+# would compile (and tune) every config again. Strides and feature sizes stay specialised: their
+# divisibility lets loads vectorise.
+SIZES_NOT_SPECIALISED = ["T", "T_BUCKET", "Lk", "K"]
+
+
 def autotune_configs(gpu: Iterable[Tuple[Dict[str, int], int, int]], interpreter: Dict[str, int]) -> List:
     """``triton.Config`` list: the GPU candidates ``(meta, num_warps, num_stages)``, or exactly one small
     config under the interpreter (it would otherwise benchmark every config on the CPU)."""
