@@ -5,13 +5,15 @@
 #   run from the repository root, with OUT set to an empty folder:
 #     PANTHER_COMMIT=<short sha> bash benchmarks/gpu_runner.sh
 #
-# $OUT receives at most 6 files: runner.log (everything), junit.xml (tests), and the benchmark's
-# <date>_<device>_<commit>.json with one PNG per op. Worst case 60+30+180+290 s, under the 10-minute call.
+# $OUT receives runner.log (everything), junit.xml (tests), and the benchmark's <date>_<device>_<commit>.json
+# with one PNG per op (with TOOLS_S > 0 also the tools' profile and plan timings).
+# Worst case 60+30+180+290 s, under the 10-minute call.
 set -u
 : "${OUT:?set OUT to an empty folder}"
 export PYTHONUNBUFFERED=1
 export PANTHER_COMMIT="${PANTHER_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 INSTALL_S=${INSTALL_S:-60} INFO_S=${INFO_S:-30} TESTS_S=${TESTS_S:-180} BENCH_S=${BENCH_S:-290}  # TESTS_S=0: no tests; BENCH_S=0: no benchmarks
+TOOLS_S=${TOOLS_S:-0}  # > 0: also the triton tools (host overhead per call, launch plans timed from CUDA graphs)
 BENCH_ARGS=${BENCH_ARGS:---preset gpu-quick}  # e.g. "--preset gpu --filter rfa_attention --max-minutes 7"
 shopt -s nullglob
 
@@ -40,6 +42,15 @@ step() { echo; echo "=== $* [$(date -u +%H:%M:%S) UTC]"; }
     PANTHER_REQUIRE_GPU=1 timeout -k 10 "$TESTS_S" python3 -m pytest -q -m gpu --import-mode=importlib \
       -p no:cacheprovider --junitxml="$OUT/junit.xml" "${test_dirs[@]}"
     echo "tests rc=$? (5: no test collected; 124: timed out)"
+  fi
+
+  if [ "$TOOLS_S" -gt 0 ] && [ -d packages/panther-triton ]; then
+    step "triton tools (limit ${TOOLS_S}s)"
+    tools=packages/panther-triton/tools
+    timeout -k 5 "$TOOLS_S" bash -c "python3 $tools/host_overhead.py --T 128 --features 1024 --profile '$OUT/host-overhead-profile.txt' &&
+      python3 $tools/host_overhead.py --T 4096 --features 8192 &&
+      python3 $tools/check_gpu.py --plans --quick --json '$OUT/triton-plans.json'"
+    echo "tools rc=$? (124: timed out)"
   fi
 
   if [ "$BENCH_S" -gt 0 ]; then
