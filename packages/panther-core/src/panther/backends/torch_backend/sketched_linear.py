@@ -28,6 +28,12 @@ def concat_right(U1s: torch.Tensor, S2s: torch.Tensor) -> torch.Tensor:
     return torch.cat([U1s.reshape(L * k, O), S2s.reshape(L * k, O)], dim=0)
 
 
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale · (a @ b), scaled before the one rounding to the dtype (``mm(a, b).mul_(scale)`` rounds twice,
+    which in bfloat16 shows next to the other backends' fp32 epilogues)."""
+    return torch.addmm(a.new_zeros(()), a, b, beta=0, alpha=scale)
+
+
 def _to_terms(d: torch.Tensor, L: int, k: int) -> torch.Tensor:
     """(I, Lk) gradient of one half of A -> (L, I, k), the layout of S1s / U2s."""
     return d.view(d.shape[0], L, k).permute(1, 0, 2).contiguous()
@@ -44,7 +50,7 @@ class SketchedLinearFunction(torch.autograd.Function):
         H = x2 @ A
         scale = 1.0 / (2 * L)
         if bias is None:
-            y = torch.mm(H, B).mul_(scale)
+            y = _scaled_mm(H, B, scale)
         else:
             y = torch.addmm(bias, H, B, alpha=scale)
         ctx.save_for_backward(x2, A, B, H)
@@ -61,7 +67,7 @@ class SketchedLinearFunction(torch.autograd.Function):
         dx = dS1 = dS2 = dU1 = dU2 = db = None
         need_x, need_S1, need_S2, need_U1, need_U2, need_b = ctx.needs_input_grad
         if need_x or need_S1 or need_U2:
-            dH = torch.mm(g2, B.t()).mul_(scale)  # (T, 2Lk)
+            dH = _scaled_mm(g2, B.t(), scale)  # (T, 2Lk)
             if need_x:
                 dx = torch.mm(dH, A.t()).view(x_shape)
             if need_S1:  # only the halves that are needed: U2s is normally a buffer
@@ -69,9 +75,9 @@ class SketchedLinearFunction(torch.autograd.Function):
             if need_U2:
                 dU2 = _to_terms(torch.mm(x2.t(), dH[:, Lk:]), L, k)
         if need_S2:
-            dS2 = torch.mm(H[:, Lk:].t(), g2).mul_(scale).view(L, k, O)
+            dS2 = _scaled_mm(H[:, Lk:].t(), g2, scale).view(L, k, O)
         if need_U1:
-            dU1 = torch.mm(H[:, :Lk].t(), g2).mul_(scale).view(L, k, O)
+            dU1 = _scaled_mm(H[:, :Lk].t(), g2, scale).view(L, k, O)
         if need_b and has_bias:
             db = g2.sum(0)
         return dx, dS1, dS2, dU1, dU2, db

@@ -1,0 +1,79 @@
+"""The conformance suite fails backends that compute something else.
+
+The tolerances of panther.testing.conformance admit rounding (more of it where terms cancel); these
+tests make sure they admit nothing more: a backend that drops a term, scales wrongly, mixes up two
+weights, ignores the causal mask, or rounds an intermediate to a coarser dtype is caught, in every dtype
+the reference backend is tested in.
+"""
+
+import pytest
+import torch
+
+from panther.backends import load_backend
+from panther.backends.torch_backend import rfa_attention as good_attention
+from panther.backends.torch_backend import sketched_linear as good_linear
+from panther.testing import naive
+from panther.testing.conformance import _compare, _generator, _linear_case, _randn
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def drop_last_term(x, S1s, S2s, U1s, U2s, bias):
+    L = S1s.shape[0]
+    y = good_linear(x, S1s[:-1], S2s[:-1], U1s[:-1], U2s[:-1], bias)
+    return bias + (y - bias) * (L - 1) / L if bias is not None else y * (L - 1) / L
+
+
+def scale_by_one_over_l(x, S1s, S2s, U1s, U2s, bias):
+    return good_linear(x, S1s, S2s, U1s, U2s, None) * 2 + (bias if bias is not None else 0)
+
+
+def swap_s1_and_u2(x, S1s, S2s, U1s, U2s, bias):
+    return good_linear(x, U2s, S2s, U1s, S1s, bias)
+
+
+def intermediate_in_fp8(x, S1s, S2s, U1s, U2s, bias):
+    h = torch.einsum("...i,lik->...lk", x, torch.cat([S1s, U2s], -1)).to(torch.float8_e4m3fn).to(x.dtype)
+    L, _, k = S1s.shape
+    y = (torch.einsum("...lk,lko->...o", h[..., :k], U1s) + torch.einsum("...lk,lko->...o", h[..., k:], S2s)) / (2 * L)
+    return y + bias if bias is not None else y
+
+
+@pytest.fixture
+def torch_backend_doing(monkeypatch):
+    backend = load_backend("torch")
+
+    def use(op, fn):
+        monkeypatch.setattr(backend, op, fn)
+
+    return use
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("wrong", [drop_last_term, scale_by_one_over_l, swap_s1_and_u2, intermediate_in_fp8],
+                         ids=lambda f: f.__name__)
+def test_wrong_linear_is_caught(torch_backend_doing, wrong, dtype):
+    torch_backend_doing("sketched_linear", wrong)
+    inputs = _linear_case(3, (2, 9), 70, 45, 3, 6, True)
+    with pytest.raises(AssertionError):
+        _compare("sketched_linear", inputs, {}, naive.sketched_linear, "torch", dtype, "cpu",
+                 ["x", "S1s", "S2s", "bias"], multilinear=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_causal_attention_without_the_mask_is_caught(torch_backend_doing, dtype):
+    torch_backend_doing("rfa_attention", lambda q, k, v, omega, causal, kernel, kpm: good_attention(
+        q, k, v, omega, False, kernel, kpm))
+    gen = _generator(4)
+    inputs = dict(q=_randn(gen, 2, 2, 33, 8), k=_randn(gen, 2, 2, 33, 8), v=_randn(gen, 2, 2, 33, 5),
+                  omega=_randn(gen, 16, 8))
+    with pytest.raises(AssertionError):
+        _compare("rfa_attention", inputs, dict(causal=True, kernel="softmax", key_padding_mask=None),
+                 naive.rfa_attention, "torch", dtype, "cpu", ["q", "k", "v"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_reference_itself_passes_the_same_cases(dtype):
+    inputs = _linear_case(3, (2, 9), 70, 45, 3, 6, True)
+    _compare("sketched_linear", inputs, {}, naive.sketched_linear, "torch", dtype, "cpu",
+             ["x", "S1s", "S2s", "bias"], multilinear=True)
