@@ -63,8 +63,18 @@ def test_second_launch_is_cached_with_constexprs_in_signature_order():
     assert [e[0] for e in kernel.log] == ["tuned", "cached"]
     assert kernel.log[0][1] == (3, 2)
     _, g, args = kernel.log[1]
-    assert g == (3, 2, 1)
+    assert g == (3, 2, 1)  # the grid function's (BT, 2) completed to three axes
     assert args[0] is x and args[1:] == (100, 3, True, 32)
+
+
+def test_the_grid_is_recomputed_for_every_cached_launch():
+    """A grid may depend on more than the arguments (e.g. a split count the caller chose): never cached."""
+    kernel, launcher = make()
+    x = torch.zeros(8)
+    for splits in (1, 4, 2):
+        launcher[lambda meta: (100 // meta["BT"], splits)](x, 100, K=3, FLAG=True)
+    assert [e[0] for e in kernel.log] == ["tuned", "cached", "cached"]
+    assert [e[1] for e in kernel.log] == [(3, 1), (3, 4, 1), (3, 2, 1)]
 
 
 def test_everything_triton_specialises_on_makes_a_new_key():
@@ -116,7 +126,9 @@ def test_a_compiled_kernel_that_refuses_the_arguments_turns_the_cache_off():
     x = torch.zeros(8)
     launcher[grid](x, 100, K=3, FLAG=True)
     key = next(iter(launcher.cache))
-    launcher.cache[key] = (refuse, launcher.cache[key][1])
+    compiled, tail, meta = launcher.cache[key]
+    refusing = type("Refusing", (), {"__getitem__": lambda self, g: refuse})()
+    launcher.cache[key] = (refusing, tail, meta)
     with pytest.warns(RuntimeWarning, match="cached launches"):
         launcher[grid](x, 100, K=3, FLAG=True)
     assert not launcher.fast and not launcher.cache

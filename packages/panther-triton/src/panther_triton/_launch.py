@@ -8,10 +8,11 @@ therefore goes through a :class:`Launcher`: the first call with a given key runs
 the normal way (tuning and compiling it), and the launcher keeps the compiled kernel, its grid and its
 constexpr arguments; later calls with that key hand the arguments straight to the compiled kernel.
 
-The key holds everything a compiled kernel and its grid depend on: the value of every non-tensor
-argument (sizes, strides, scales: Triton specialises integers on their value and fixes the grid from
-them), every tensor's dtype, device and whether its address is 16-byte aligned (Triton specialises
-pointers on that), and the constexpr values. So a cached launch is the launch Triton would have made.
+The key holds everything the compiled kernel depends on: the value of every non-tensor argument (sizes,
+strides, scales: Triton specialises integers on their value, and the autotune key is made of them),
+every tensor's dtype, device and whether its address is 16-byte aligned (Triton specialises pointers on
+that), and the constexpr values. The grid is computed for every launch from the caller's grid function
+and the tuned config. So a cached launch is the launch Triton would have made.
 
 Kernels traced by torch.compile go through ``torch.library.wrap_triton`` instead (Inductor launches
 them); under Triton's CPU interpreter there is no compiled kernel, and the launcher calls the kernel
@@ -69,9 +70,10 @@ class Launcher:
         key = _key(args, constexprs)
         hit = self.cache.get(key)
         if hit is not None:
-            runner, tail = hit
+            compiled, tail, meta = hit
+            g = grid(meta)  # from the caller's grid function each time: it may depend on more than the key
             try:
-                runner(*args, *tail)
+                compiled[(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1)](*args, *tail)
                 return
             except TypeError as exc:  # a Triton whose compiled kernels take other arguments: its argument
                 self._give_up(exc)  # parsing refuses them before anything is launched; use Triton's path
@@ -105,11 +107,9 @@ class Launcher:
         names = self.arg_names[len(args):]
         if any(n not in meta for n in names):
             return
-        g = tuple(grid(meta))
-        g = g + (1,) * (3 - len(g))
         if len(self.cache) >= _MAX_ENTRIES:
             self.cache.clear()
-        self.cache[key] = (compiled[g], tuple(meta[n] for n in names))
+        self.cache[key] = (compiled, tuple(meta[n] for n in names), meta)
 
 
 _launchers: Dict[int, Launcher] = {}
