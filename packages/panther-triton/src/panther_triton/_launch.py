@@ -31,15 +31,18 @@ from panther_triton._runtime import interpreting
 _MAX_ENTRIES = 4096  # per kernel; many distinct batch sizes start the cache over rather than grow it
 
 
+_PLAIN = frozenset((int, float, bool, type(None)))  # arguments that are their own key; the others are tensors
+
+
 def _key(args: Tuple[Any, ...], constexprs: Dict[str, Any]) -> tuple:
-    parts = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            parts.append((a.dtype, a.get_device(), a.data_ptr() % 16 == 0))
-        else:
-            parts.append(a)
-    parts.extend(constexprs.items())
-    return tuple(parts)
+    # a tensor contributes its dtype and its address modulo 16 (Triton specialises pointers on 16-byte
+    # alignment); the device of the launch is the first tensor's (the callers put all on one device)
+    device = next((a for a in args if type(a) not in _PLAIN), None)
+    return (
+        -1 if device is None else device.get_device(),
+        tuple([a if type(a) in _PLAIN else (a.dtype, a.data_ptr() & 15) for a in args]),
+        tuple(constexprs.items()),
+    )
 
 
 class Launcher:
