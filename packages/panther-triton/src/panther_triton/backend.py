@@ -108,9 +108,11 @@ class TritonBackend(Backend):
             for name, w in zip(("S1s", "S2s"), args[1:3]):
                 if isinstance(w, torch.Tensor) and 0 in w.shape:
                     reasons.append(f"{name} of shape {tuple(w.shape)} has an empty dimension (L, k and features >= 1)")
-            if any(isinstance(w, torch.Tensor) and w.numel() >= 2**31 for w in args[1:5]):
-                reasons.append("weights of 2**31 or more elements are not supported (32-bit weight offsets)")
-        return sorted(set(reasons))
+            for w in args[1:5]:
+                if isinstance(w, torch.Tensor) and w.numel() >= 2**31:
+                    reasons.append("weights of 2**31 or more elements are not supported (32-bit weight offsets)")
+                    break
+        return sorted(set(reasons)) if reasons else reasons
 
     def sketched_linear(self, x, S1s, S2s, U1s, U2s, bias=None):
         """y = 1/(2L) Σ_i [(x S1_i) U1_i + (x U2_i) S2_i] + b; see :func:`panther_triton.sketched_linear`."""

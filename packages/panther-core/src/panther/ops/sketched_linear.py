@@ -32,6 +32,32 @@ def sketched_linear(
         S1s, U2s: ``(L, I, k)``. S2s, U1s: ``(L, k, O)``. bias: ``(O,)`` or ``None``.
         backend: run on this backend instead of the selection in force.
     """
+    if not _well_formed(x, S1s, S2s, U1s, U2s, bias):  # the checks below say what is wrong
+        _check(x, S1s, S2s, U1s, U2s, bias)
+    return dispatch("sketched_linear", x, S1s, S2s, U1s, U2s, bias, backend=backend)
+
+
+def _well_formed(x, S1s, S2s, U1s, U2s, bias) -> bool:
+    """All that :func:`_check` checks, in one cheap expression (the common case: it holds)."""
+    T = torch.Tensor
+    if not (isinstance(x, T) and isinstance(S1s, T) and isinstance(S2s, T) and isinstance(U1s, T)
+            and isinstance(U2s, T) and (bias is None or isinstance(bias, T))):
+        return False
+    if S1s.dim() != 3 or S2s.dim() != 3 or x.dim() < 1:
+        return False
+    L, I, k = S1s.shape
+    O = S2s.shape[2]
+    dt, dev = x.dtype, x.device
+    return (
+        S2s.shape[:2] == (L, k) and U1s.shape == (L, k, O) and U2s.shape == (L, I, k) and x.shape[-1] == I
+        and (bias is None or (bias.shape == (O,) and bias.dtype == dt and bias.device == dev))
+        and x.is_floating_point()
+        and S1s.dtype == dt and S2s.dtype == dt and U1s.dtype == dt and U2s.dtype == dt
+        and S1s.device == dev and S2s.device == dev and U1s.device == dev and U2s.device == dev
+    )
+
+
+def _check(x, S1s, S2s, U1s, U2s, bias) -> None:
     check_tensor("S1s", S1s, ndim=3)
     L, I, k = S1s.shape
     check_tensor("S2s", S2s, ndim=3)
@@ -49,4 +75,3 @@ def sketched_linear(
         check_tensor("bias", bias)
         check_shape("bias", bias, (O,))
     check_same("x", x, [("S1s", S1s), ("S2s", S2s), ("U1s", U1s), ("U2s", U2s), ("bias", bias)])
-    return dispatch("sketched_linear", x, S1s, S2s, U1s, U2s, bias, backend=backend)
