@@ -72,6 +72,11 @@ def test_cached_launches_respecialise(dtype):
     for name, x in xs.items():
         for _ in range(2):  # the second call is a cached launch
             run_and_compare(panther_triton.sketched_linear, (x, *base[1:]), TRAINED, tol)
+    # and the cache is really in use (this Triton's launches return compiled kernels it can call)
+    from panther_triton._launch import _launchers
+
+    used = [launcher for launcher in _launchers.values() if launcher.cache]
+    assert used and all(launcher.fast for launcher in _launchers.values())
 
 
 def test_tf32_is_really_used_when_allowed(fp32_precision):
