@@ -5,13 +5,13 @@ arguments and a key from them, then ``JITFunction.run`` binds and specialises ev
 the specialisation and looks the compiled kernel up. At the sizes where a sketched layer's GPU work
 takes microseconds that is most of a step (benchmarks/results/*host-overhead.log). An eager launch
 therefore goes through a :class:`Launcher`: the first call with a given key runs the autotuned kernel
-the normal way (tuning and compiling it), and the launcher keeps the compiled kernel, its grid and its
-constexpr arguments; later calls with that key hand the arguments straight to the compiled kernel.
+the normal way (tuning and compiling it), and the launcher keeps the compiled kernel, the tuned config and
+the constexpr arguments; later calls with that key hand the arguments straight to the compiled kernel.
 
 The key holds everything the compiled kernel depends on: the value of every non-tensor argument (sizes,
 strides, scales: Triton specialises integers on their value, and the autotune key is made of them),
-every tensor's dtype, device and whether its address is 16-byte aligned (Triton specialises pointers on
-that), and the constexpr values. The grid is computed for every launch from the caller's grid function
+every tensor's dtype and its address modulo 16 (Triton specialises pointers on 16-byte alignment), the
+device, and the constexpr values. The grid is computed for every launch from the caller's grid function
 and the tuned config. So a cached launch is the launch Triton would have made.
 
 Kernels traced by torch.compile go through ``torch.library.wrap_triton`` instead (Inductor launches
@@ -29,8 +29,6 @@ import torch
 from panther_triton._runtime import interpreting
 
 _MAX_ENTRIES = 4096  # per kernel; many distinct batch sizes start the cache over rather than grow it
-
-
 _PLAIN = frozenset((int, float, bool, type(None)))  # arguments that are their own key; the others are tensors
 
 
@@ -59,7 +57,7 @@ class Launcher:
         while not hasattr(fn, "arg_names"):  # Autotuner and Heuristics wrap the JITFunction
             fn = fn.fn
         self.arg_names = list(fn.arg_names)
-        self.cache: Dict[tuple, Tuple[Callable, tuple]] = {}
+        self.cache: Dict[tuple, Tuple[Any, tuple, dict]] = {}  # key -> (compiled kernel, constexpr args, meta)
         self.fast = _enabled and not interpreting()  # decided once, like the kernels themselves
         self._lock = threading.Lock()  # the autotuner's best_config is per kernel, read right after its launch
 
