@@ -12,7 +12,11 @@ The key holds everything the compiled kernel depends on: the value of every non-
 strides, scales: Triton specialises integers on their value, and the autotune key is made of them),
 every tensor's dtype and its address modulo 16 (Triton specialises pointers on 16-byte alignment), the
 device, and the constexpr values. The grid is computed for every launch from the caller's grid function
-and the tuned config. So a cached launch is the launch Triton would have made.
+and the tuned config. So a cached launch is the launch Triton would have made, given what the launcher
+assumes of its callers and kernels: each argument position gets one Python type on every call (the key
+compares values, and ``1 == 1.0 == True``), the launches run with the tensors' device current
+(``_runtime.device_guard``), and the kernels use no config pre-hooks and no ``TRITON_DEBUG`` switches
+(which a cached launch skips).
 
 Kernels traced by torch.compile go through ``torch.library.wrap_triton`` instead (Inductor launches
 them); under Triton's CPU interpreter there is no compiled kernel, and the launcher calls the kernel

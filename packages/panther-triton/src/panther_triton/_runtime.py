@@ -6,6 +6,7 @@ backend must stay cheap. Kernel modules call :func:`autotune_configs` when they 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -42,11 +43,12 @@ def multiprocessors(device_index: int) -> int:
 
 
 # Integer arguments Triton must not specialise the kernels on. By default it compiles a variant per
-# divisibility by 16 (and per value 1) of every integer argument; for these (row counts, ranks, the
-# autotune bucket) that buys nothing, since they only bound loops and masks, and a new batch size or rank
-# would compile (and tune) every config again. Strides and feature sizes stay specialised: their
-# divisibility lets loads vectorise.
-SIZES_NOT_SPECIALISED = ["T", "T_BUCKET", "Lk", "K"]
+# divisibility by 16 (and per value 1) of every integer argument; for these (the row count, the rank k of
+# one term, the autotune bucket) that buys nothing: they bound loops and masks and index rows of the
+# weights through strides, never a pointer offset of their own, so a new batch size or k compiles nothing
+# new. Strides, feature sizes and Lk (the offset of H's second half) stay specialised: their
+# divisibility lets loads and stores vectorise.
+SIZES_NOT_SPECIALISED = ["T", "T_BUCKET", "K"]
 
 
 def autotune_configs(gpu: Iterable[Tuple[Dict[str, int], int, int]], interpreter: Dict[str, int]) -> List:
@@ -67,6 +69,14 @@ def tuning_bench(fn, quantiles=None):
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=10, rep=40, quantiles=quantiles)
+
+
+def device_guard(t: torch.Tensor):
+    """Make ``t``'s CUDA device the current one for the launches that follow (Triton launches on the
+    current device): a no-op where it already is, or on the CPU."""
+    if t.is_cuda and t.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def cdiv(a, b):

@@ -111,12 +111,16 @@ def _run(fn, inputs, kwargs, grad_names, g, device, dtype):
 
 
 def _compare(
-    op, inputs64: Dict[str, torch.Tensor], kwargs, reference, backend, dtype, device, grad_names, multilinear=False
+    op, inputs64: Dict[str, torch.Tensor], kwargs, reference, backend, dtype, device, grad_names,
+    multilinear: Optional[Dict[str, float]] = None,
 ):
     """Run ``op`` on ``backend`` in ``dtype``; compare output and grads with the float64 reference.
 
-    ``multilinear``: every output and gradient element is a sum of products of input (and output
-    gradient) elements, so the reference run on squared inputs gives each one's sum of squared terms.
+    ``multilinear``: given for ops whose every output and gradient element is a sum of terms, each a
+    product of input (and output gradient) elements times a constant: the reference run on squared
+    inputs then gives each element's sum of squared terms, provided the constant is squared too. The dict
+    says which input carries it into every term it scales ({"U1s": 1/(2L), ...}); the reference applies
+    it once, the squared run multiplies that input by it once more.
     """
     import panther.ops
 
@@ -134,8 +138,8 @@ def _compare(
         lp_out, lp_grads = _run(reference, inputs64, kwargs, grad_names, g, device, dtype)
         base_out = max_error(lp_out, ref_out)
         base_grads = [max_error(a, b) for a, b in zip(lp_grads, ref_grads)]
-    if multilinear:
-        squares = {n: t * t if t.is_floating_point() else t for n, t in inputs64.items()}
+    if multilinear is not None:
+        squares = {n: t * t * multilinear.get(n, 1.0) if t.is_floating_point() else t for n, t in inputs64.items()}
         sq_out, sq_grads = _run(reference, squares, kwargs, grad_names, g * g, "cpu", torch.float64)
         mag_out, mag_grads = _largest(sq_out) ** 0.5, [_largest(t) ** 0.5 for t in sq_grads]
     else:
@@ -213,7 +217,8 @@ def make_conformance_suite(
         def test_sketched_linear(self, dtype, seed, lead, I, O, L, k, bias):
             inputs = _linear_case(seed, lead, I, O, L, k, bias)
             grads = ["x", "S1s", "S2s"] + (["bias"] if bias else [])
-            _compare("sketched_linear", inputs, {}, naive.sketched_linear, backend, dtype, device, grads, multilinear=True)
+            scale = {"U1s": 1 / (2 * L), "U2s": 1 / (2 * L)}  # every term has one of them: y = Σ .../(2L) + b
+            _compare("sketched_linear", inputs, {}, naive.sketched_linear, backend, dtype, device, grads, scale)
 
         def test_sketched_linear_errors(self):
             import panther.ops
@@ -263,8 +268,8 @@ def make_conformance_suite(
             )
             kwargs = dict(stride=stride, padding=padding, dilation=dilation)
             grads = ["x", "S1s"] + (["bias"] if bias else [])
-            _compare("sketched_conv2d", inputs, kwargs, naive.sketched_conv2d, backend, dtype, device, grads,
-                     multilinear=True)
+            scale = {"U1s": 1 / (2 * terms)}  # y = Σ_i U1_iᵀ conv(x, S1_i) / (2 terms) + b
+            _compare("sketched_conv2d", inputs, kwargs, naive.sketched_conv2d, backend, dtype, device, grads, scale)
 
         def test_sketched_conv2d_errors(self):
             import panther.ops

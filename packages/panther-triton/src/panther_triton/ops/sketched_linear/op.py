@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from panther_triton._launch import eager
-from panther_triton._runtime import interpreting
+from panther_triton._runtime import device_guard, interpreting
 from panther_triton.ops.sketched_linear.backward import sketched_linear_backward
 from panther_triton.ops.sketched_linear.common import allow_tf32 as _allow_tf32
 from panther_triton.ops.sketched_linear.forward import sketched_linear_forward
@@ -131,7 +131,8 @@ class SketchedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, S1s, S2s, U1s, U2s, bias, allow_tf32):
-        y, h = sketched_linear_forward(x, S1s, S2s, U1s, U2s, bias, allow_tf32)
+        with device_guard(x):
+            y, h = sketched_linear_forward(x, S1s, S2s, U1s, U2s, bias, allow_tf32)
         ctx.save_for_backward(x, h, S1s, S2s, U1s, U2s)
         ctx.has_bias = bias is not None
         ctx.allow_tf32 = allow_tf32
@@ -141,7 +142,8 @@ class SketchedLinearFunction(torch.autograd.Function):
     def backward(ctx, g):
         x, h, S1s, S2s, U1s, U2s = ctx.saved_tensors
         needs = ctx.needs_input_grad[:5] + (ctx.needs_input_grad[5] and ctx.has_bias,)
-        grads = sketched_linear_backward(g, x, h, S1s, S2s, U1s, U2s, needs, ctx.allow_tf32)
+        with device_guard(x):
+            grads = sketched_linear_backward(g, x, h, S1s, S2s, U1s, U2s, needs, ctx.allow_tf32)
         return (*grads, None)
 
 
@@ -168,4 +170,5 @@ def sketched_linear(
         t is not None and t.requires_grad for t in (x, S1s, S2s, U1s, U2s, bias)
     ):
         return SketchedLinearFunction.apply(x, S1s, S2s, U1s, U2s, bias, tf32)
-    return sketched_linear_forward(x, S1s, S2s, U1s, U2s, bias, tf32)[0]
+    with device_guard(x):
+        return sketched_linear_forward(x, S1s, S2s, U1s, U2s, bias, tf32)[0]
