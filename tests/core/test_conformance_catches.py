@@ -11,6 +11,7 @@ import torch
 
 from panther.backends import load_backend
 from panther.backends.torch_backend import rfa_attention as good_attention
+from panther.backends.torch_backend import sketched_conv2d as good_conv2d
 from panther.backends.torch_backend import sketched_linear as good_linear
 from panther.testing import naive
 from panther.testing.conformance import _compare, _generator, _linear_case, _randn
@@ -61,16 +62,47 @@ def test_wrong_linear_is_caught(torch_backend_doing, wrong, dtype):
                  ["x", "S1s", "S2s", "bias"], LINEAR_SCALE)
 
 
+def conv_drop_last_term(x, S1s, U1s, bias, stride, padding, dilation):
+    n = S1s.shape[0]
+    y = good_conv2d(x, S1s[:-1], U1s[:-1], None, stride, padding, dilation) * ((n - 1) / n)
+    return y + bias.view(1, -1, 1, 1) if bias is not None else y
+
+
+def conv_transposed_filters(x, S1s, U1s, bias, stride, padding, dilation):
+    return good_conv2d(x, S1s.transpose(-1, -2).contiguous(), U1s, bias, stride, padding, dilation)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("wrong", [conv_drop_last_term, conv_transposed_filters], ids=lambda f: f.__name__)
+def test_wrong_conv2d_is_caught(torch_backend_doing, wrong, dtype):
+    torch_backend_doing("sketched_conv2d", wrong)
+    with pytest.raises(AssertionError):
+        compare_conv(dtype)
+
+
+def compare_conv(dtype):
+    gen = _generator(5)
+    terms, k, C, O = 3, 4, 5, 6  # 2 terms = 6 filter banks
+    inputs = dict(x=_randn(gen, 2, C, 9, 11), S1s=_randn(gen, 2 * terms, k, C, 3, 3, scale=(9 * C) ** -0.5),
+                  U1s=_randn(gen, 2 * terms, k, O, scale=k**-0.5), bias=_randn(gen, O))
+    _compare("sketched_conv2d", inputs, dict(stride=1, padding=1, dilation=1), naive.sketched_conv2d, "torch",
+             dtype, "cpu", ["x", "S1s", "bias"], {"U1s": 1 / (2 * terms)})
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_causal_attention_without_the_mask_is_caught(torch_backend_doing, dtype):
     torch_backend_doing("rfa_attention", lambda q, k, v, omega, causal, kernel, kpm: good_attention(
         q, k, v, omega, False, kernel, kpm))
+    with pytest.raises(AssertionError):
+        compare_causal_attention(dtype)
+
+
+def compare_causal_attention(dtype):
     gen = _generator(4)
     inputs = dict(q=_randn(gen, 2, 2, 33, 8), k=_randn(gen, 2, 2, 33, 8), v=_randn(gen, 2, 2, 33, 5),
                   omega=_randn(gen, 16, 8))
-    with pytest.raises(AssertionError):
-        _compare("rfa_attention", inputs, dict(causal=True, kernel="softmax", key_padding_mask=None),
-                 naive.rfa_attention, "torch", dtype, "cpu", ["q", "k", "v"])
+    _compare("rfa_attention", inputs, dict(causal=True, kernel="softmax", key_padding_mask=None),
+             naive.rfa_attention, "torch", dtype, "cpu", ["q", "k", "v"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -78,3 +110,5 @@ def test_the_reference_itself_passes_the_same_cases(dtype):
     inputs = _linear_case(3, (2, 9), 70, 45, 3, 6, True)
     _compare("sketched_linear", inputs, {}, naive.sketched_linear, "torch", dtype, "cpu",
              ["x", "S1s", "S2s", "bias"], LINEAR_SCALE)
+    compare_conv(dtype)
+    compare_causal_attention(dtype)
