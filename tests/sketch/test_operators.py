@@ -247,6 +247,7 @@ def _apply_errors(op):
         (lambda: op.apply(x, dim=2), IndexError, ["dim", "2"]),
         (lambda: op.apply(x, dim=-3), IndexError, ["dim", "-3"]),
         (lambda: op.apply(x, dim=1.0), TypeError, ["dim", "1.0"]),
+        (lambda: op.apply(x, dim=True), TypeError, ["dim", "True", "bool"]),
         (lambda: op.apply(torch.ones(3, 10, dtype=torch.long)), TypeError, ["x", "torch.int64"]),
         (lambda: op.apply(x.double()), TypeError, ["x", "dtype", "torch.float64", "torch.float32"]),
         (lambda: op.apply(torch.tensor(1.0)), ValueError, ["x", "0-dimensional"]),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import operator
+import sys
 
 import torch
+
+from panther._args import check_int
 
 
 def check_floating_dtype(name: str, dtype) -> torch.dtype:
@@ -29,12 +31,7 @@ def check_input(x, dim, input_dim: int, dtype: torch.dtype, device: torch.device
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() == 0:
         raise ValueError("x must have at least 1 dimension, got a 0-dimensional tensor")
-    if isinstance(dim, bool):
-        raise TypeError(f"dim must be an integer, got {dim!r} (bool)")
-    try:
-        dim = operator.index(dim)
-    except TypeError:
-        raise TypeError(f"dim must be an integer, got {dim!r} ({type(dim).__name__})") from None
+    dim = check_int("dim", dim, minimum=-sys.maxsize)  # the range is checked against x below
     ndim = x.dim()
     if not -ndim <= dim < ndim:
         raise IndexError(
