@@ -93,6 +93,22 @@ def test_auto_takes_highest_priority_backend_that_accepts_the_inputs():
     assert HealthyBackend.calls == before_healthy
 
 
+def test_auto_follows_each_backends_bid_for_the_inputs(monkeypatch):
+    """A backend that accepts inputs may bid lower for them (auto_priority): auto then takes the best bid,
+    the walk still stops early, and an explicit selection still runs the lower bidder."""
+    x7 = _linear_inputs(I=7)
+    monkeypatch.setattr(PickyBackend, "auto_priority", lambda self, op, *a, **k: -7, raising=False)
+    assert registry.select("sketched_linear", *x7).name == "torch"  # picky bids -7: torch, at its priority 0, wins
+    monkeypatch.setattr(HealthyBackend, "auto_priority", lambda self, op, *a, **k: -5, raising=False)
+    monkeypatch.setattr("panther.backends.torch_backend.TorchBackend.auto_priority",
+                        lambda self, op, *a, **k: -9, raising=False)
+    assert registry.select("sketched_linear", *x7).name == "healthy"  # bids: picky -7, torch -9, healthy -5
+    monkeypatch.setattr(PickyBackend, "auto_priority", lambda self, op, *a, **k: 3, raising=False)
+    assert registry.select("sketched_linear", *x7).name == "picky"  # 3 beats every static priority below it
+    monkeypatch.setattr(PickyBackend, "auto_priority", lambda self, op, *a, **k: -20, raising=False)
+    assert registry.select("sketched_linear", *x7, backend="picky").name == "picky"
+
+
 def test_explicit_choice_is_honoured_or_refused_with_reasons():
     with pytest.raises(panther.BackendError, match="'picky'.*cannot run sketched_linear.*in_features == 7, got 8"):
         with panther.use_backend("picky"):

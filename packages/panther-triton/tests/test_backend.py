@@ -73,6 +73,15 @@ def test_priority_without_cuda_stays_below_torch():
     assert be.priority == -10 < load_backend("torch").priority
 
 
+def test_auto_bid_is_below_torch_for_float32_only(monkeypatch):
+    monkeypatch.setattr(TritonBackend, "priority", 10)  # as on a CUDA machine
+    be, torch_priority = TritonBackend(), load_backend("torch").priority
+    args = make_inputs(4, 8, 6, 1, 2, torch.float32, device="cpu")
+    assert be.auto_priority("sketched_linear", *args) < torch_priority
+    for dt in (torch.bfloat16, torch.float16):
+        assert be.auto_priority("sketched_linear", *[t.to(dt) for t in args]) == 10 > torch_priority
+
+
 def test_reasons_cannot_run():
     be = TritonBackend()
     args = make_inputs(4, 8, 6, 1, 2, torch.float32, device="cpu")

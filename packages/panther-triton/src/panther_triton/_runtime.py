@@ -43,12 +43,14 @@ def multiprocessors(device_index: int) -> int:
 
 
 # Integer arguments Triton must not specialise the kernels on. By default it compiles a variant per
-# divisibility by 16 (and per value 1) of every integer argument; for these (the row count, the rank k of
-# one term, the autotune bucket) that buys nothing: they bound loops and masks and index rows of the
-# weights through strides, never a pointer offset of their own, so a new batch size or k compiles nothing
-# new. Strides, feature sizes and Lk (the offset of H's second half) stay specialised: their
-# divisibility lets loads and stores vectorise.
-SIZES_NOT_SPECIALISED = ["T", "T_BUCKET", "K"]
+# divisibility by 16 (and per value 1) of every integer argument; for these (the row count and the
+# autotune bucket) that buys nothing: they bound masks and never offset a pointer, so a new batch size
+# compiles nothing new. Strides, feature sizes and Lk (the offset of H's second half) stay specialised:
+# their divisibility lets loads and stores vectorise. The rank k of one term is a constexpr: the column
+# maps c // k, c % k of the (L, ., k) operands become shifts and masks, and the compiler sees that a
+# term's k columns are contiguous (as a runtime value it made every weight load a scalar gather with an
+# integer division: 3-6x slower kernels on the H200, benchmarks/results/2026-11-28_nvidia-h200_d73e30a.json).
+SIZES_NOT_SPECIALISED = ["T", "T_BUCKET"]
 
 
 def autotune_configs(gpu: Iterable[Tuple[Dict[str, int], int, int]], interpreter: Dict[str, int]) -> List:

@@ -37,8 +37,8 @@ def _triton_import_error() -> Optional[str]:
 class TritonBackend(Backend):
     """Sketched ops as Triton kernels on CUDA GPUs of compute capability >= 8.0.
 
-    Priority 10 where a CUDA device is present, so that ``auto`` prefers it to ``torch`` (0) for CUDA
-    tensors; -10 elsewhere, so that ``auto`` keeps CPU tensors on ``torch`` even under the interpreter
+    Priority 10 where a CUDA device is present, so that ``auto`` prefers it to ``torch`` (0) for 16-bit
+    CUDA tensors (float32 bids below torch: :meth:`auto_priority`); -10 elsewhere, so that ``auto`` keeps CPU tensors on ``torch`` even under the interpreter
     (which is for explicit selection and tests).
     """
 
@@ -113,6 +113,16 @@ class TritonBackend(Backend):
                     reasons.append("weights of 2**31 or more elements are not supported (32-bit weight offsets)")
                     break
         return sorted(set(reasons)) if reasons else reasons
+
+    def auto_priority(self, op: str, *args, **kwargs) -> int:
+        """Below ``torch`` for float32 inputs: cuBLAS's float32 and TF32 GEMMs run the op faster than
+        these kernels on the H200 (benchmarks/results/2026-11-28_nvidia-h200_*.json, e.g. 4096 rows,
+        4096 features: TF32 0.25 ms on torch against 0.75 ms here), so ``auto`` sends float32 to ``torch``
+        and 16-bit inputs here; ``backend="triton"`` still runs float32 on these kernels."""
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
+            return -10
+        return self.priority
 
     def sketched_linear(self, x, S1s, S2s, U1s, U2s, bias=None):
         """y = 1/(2L) Σ_i [(x S1_i) U1_i + (x U2_i) S2_i] + b; see :func:`panther_triton.sketched_linear`."""

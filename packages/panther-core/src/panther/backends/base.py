@@ -44,6 +44,14 @@ class Backend:
             return [f"{self.name} does not implement {op}"]
         return []
 
+    def auto_priority(self, op: str, *args, **kwargs) -> int:
+        """Priority in ``auto`` dispatch for these inputs, which it can run; at most :attr:`priority`.
+
+        Lower it for inputs the backend runs correctly but slower than another backend would (an
+        explicit selection still runs them here). Called only after :meth:`reasons_cannot_run` found none.
+        """
+        return self.priority
+
     def __repr__(self) -> str:
         return f"<panther backend {self.name!r} v{self.version} priority={self.priority}>"
 

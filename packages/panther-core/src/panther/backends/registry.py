@@ -226,7 +226,8 @@ def select(op: str, *args, backend: Optional[str] = None, **kwargs) -> Backend:
     """The backend that will run ``op`` on these inputs under the current selection.
 
     An explicit name (``backend=`` or the selection in force) is honoured or refused loudly; ``auto``
-    takes the available backend of highest priority that accepts the inputs.
+    takes, among the available backends that accept the inputs, the one of highest
+    :meth:`~panther.backends.base.Backend.auto_priority` for them.
     """
     if backend is not None:
         name, source = backend, "requested by this layer"
@@ -238,16 +239,29 @@ def select(op: str, *args, backend: Optional[str] = None, **kwargs) -> Backend:
         if reasons:
             raise BackendError(f"Panther backend {name!r} ({source}) cannot run {op} on these inputs: {'; '.join(reasons)}.")
         return be
-    rejected = []
+    # Backends in descending static priority; each one that accepts the inputs bids its auto_priority for
+    # them (at most its static priority), so the walk stops at the first backend whose static priority
+    # cannot beat the best bid so far. Ties go to the earlier (higher static priority, then name).
+    rejected, best, best_bid = [], None, None
     for info in _ranked():
+        if best is not None and info.backend is not None and info.backend.priority <= best_bid:
+            break
         unavailable = info.unavailable_reason
         if unavailable is not None:
             rejected.append(f"{info.name}: {unavailable}")
             continue
-        reasons = info.backend.reasons_cannot_run(op, *args, **kwargs)
-        if not reasons:
-            return info.backend
-        rejected.append(f"{info.name}: {'; '.join(reasons)}")
+        be = info.backend
+        reasons = be.reasons_cannot_run(op, *args, **kwargs)
+        if reasons:
+            rejected.append(f"{info.name}: {'; '.join(reasons)}")
+            continue
+        bid = be.auto_priority(op, *args, **kwargs)
+        if bid >= be.priority:
+            return be  # nothing ranked below can bid more
+        if best is None or bid > best_bid:
+            best, best_bid = be, bid
+    if best is not None:
+        return best
     raise BackendError(f"No Panther backend can run {op} on these inputs. " + " | ".join(rejected))
 
 

@@ -50,7 +50,7 @@ _G_CONFIGS = autotune_configs(
 
 @triton.autotune(
     configs=_G_CONFIGS,
-    key=["T_BUCKET", "O", "Lk", "BLK", "NEED_DH", "NEED_DS2", "NEED_DU1", "NEED_DB", "split_o", "split_t"],
+    key=["T_BUCKET", "O", "Lk", "K", "BLK", "PREC", "NEED_DH", "NEED_DS2", "NEED_DU1", "NEED_DB", "split_o", "split_t"],
     do_bench=tuning_bench,
 )
 @triton.jit(do_not_specialize=SIZES_NOT_SPECIALISED)
@@ -70,7 +70,7 @@ def _grad_from_g_kernel(
     stride_u1l, stride_u1k, stride_u1o,
     stride_s2l, stride_s2k, stride_s2o,
     stride_dhs, stride_dht,
-    K, BLK: tl.constexpr, PREC: tl.constexpr,
+    K: tl.constexpr, BLK: tl.constexpr, PREC: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_DS2: tl.constexpr, NEED_DU1: tl.constexpr, NEED_DB: tl.constexpr,
     SPLIT_T: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr,
 ):
@@ -169,7 +169,7 @@ _X_CONFIGS = autotune_configs(
 
 @triton.autotune(
     configs=_X_CONFIGS,
-    key=["T_BUCKET", "I", "Lk", "BLK", "ONE_CHUNK", "NEED_DX", "NEED_DS1", "NEED_DU2", "split_o", "split_t"],
+    key=["T_BUCKET", "I", "Lk", "K", "BLK", "PREC", "ONE_CHUNK", "NEED_DX", "NEED_DS1", "NEED_DU2", "split_o", "split_t"],
     do_bench=tuning_bench,
 )
 @triton.jit(do_not_specialize=SIZES_NOT_SPECIALISED)
@@ -188,7 +188,7 @@ def _grad_from_x_kernel(
     stride_s1l, stride_s1i, stride_s1k,
     stride_u2l, stride_u2i, stride_u2k,
     stride_dxt, stride_dxi,
-    K, BLK: tl.constexpr, PREC: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    K: tl.constexpr, BLK: tl.constexpr, PREC: tl.constexpr, ONE_CHUNK: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DS1: tl.constexpr, NEED_DU2: tl.constexpr,
     LOAD_DH1: tl.constexpr, LOAD_DH2: tl.constexpr, SPLIT_T: tl.constexpr,
     BT: tl.constexpr, BI: tl.constexpr,

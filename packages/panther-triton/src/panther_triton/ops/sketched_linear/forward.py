@@ -58,7 +58,7 @@ def _x_times_a(
     stride_xt, stride_xi,
     stride_s1l, stride_s1i, stride_s1k,
     stride_u2l, stride_u2i, stride_u2k,
-    K, BT: tl.constexpr, BI: tl.constexpr, BLK: tl.constexpr, PREC: tl.constexpr,
+    K: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, BLK: tl.constexpr, PREC: tl.constexpr,
 ):
     """(x S1[:, cols], x U2[:, cols]) for `rows`, summed over i in [i_start, i_end): two [BT, BLK] fp32."""
     ks = tl.arange(0, BI)
@@ -92,7 +92,7 @@ _IN_CONFIGS = autotune_configs(
 )
 
 
-@triton.autotune(configs=_IN_CONFIGS, key=["T_BUCKET", "I", "Lk", "BLK"], do_bench=tuning_bench)
+@triton.autotune(configs=_IN_CONFIGS, key=["T_BUCKET", "I", "Lk", "K", "BLK", "PREC"], do_bench=tuning_bench)
 @triton.jit(do_not_specialize=SIZES_NOT_SPECIALISED)
 def _sketch_in_kernel(
     x,  # [T, I]
@@ -104,7 +104,7 @@ def _sketch_in_kernel(
     stride_s1l, stride_s1i, stride_s1k,
     stride_u2l, stride_u2i, stride_u2k,
     stride_hs, stride_ht,
-    K, BLK: tl.constexpr, PREC: tl.constexpr,
+    K: tl.constexpr, BLK: tl.constexpr, PREC: tl.constexpr,
     BT: tl.constexpr, BI: tl.constexpr,
 ):
     # grid (row tiles, column chunks, I splits): row tiles vary fastest so neighbours share A's slice in L2
@@ -157,7 +157,7 @@ _OUT_CONFIGS = autotune_configs(
 
 @triton.autotune(
     configs=_OUT_CONFIGS,
-    key=["T_BUCKET", "I", "O", "Lk", "BLK", "ONE_CHUNK", "FUSED", "n_splits", "o_groups"],
+    key=["T_BUCKET", "I", "O", "Lk", "K", "BLK", "PREC", "ONE_CHUNK", "FUSED", "n_splits", "o_groups"],
     do_bench=tuning_bench,
 )
 @triton.jit(do_not_specialize=SIZES_NOT_SPECIALISED)
@@ -179,7 +179,7 @@ def _sketch_out_kernel(
     stride_u1l, stride_u1k, stride_u1o,
     stride_s2l, stride_s2k, stride_s2o,
     stride_b, stride_yt, stride_yo,
-    K, BLK: tl.constexpr, PREC: tl.constexpr,
+    K: tl.constexpr, BLK: tl.constexpr, PREC: tl.constexpr,
     ONE_CHUNK: tl.constexpr, FUSED: tl.constexpr, STORE_H: tl.constexpr, HAS_BIAS: tl.constexpr,
     BT: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr,
 ):
