@@ -34,14 +34,17 @@ def _version(dist: str) -> Optional[str]:
 
 
 def commit() -> dict:
-    """Short commit from git, else $PANTHER_COMMIT, else "unknown"; and whether the tree had changes."""
+    """$PANTHER_COMMIT where set (a copied tree, as on the lent GPU, may carry a stale .git), else the short
+    commit from git and whether the tree had changes, else "unknown"."""
+    env = os.environ.get("PANTHER_COMMIT")
+    if env:
+        return {"commit": env, "dirty": None, "source": "PANTHER_COMMIT"}
     here = Path(__file__).resolve().parents[2]
     short = _run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"])
     if short:
         dirty = _run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"])
         return {"commit": short, "dirty": bool(dirty), "source": "git"}
-    env = os.environ.get("PANTHER_COMMIT")
-    return {"commit": env or "unknown", "dirty": None, "source": "PANTHER_COMMIT" if env else "none"}
+    return {"commit": "unknown", "dirty": None, "source": "none"}
 
 
 def cpu_name() -> str:

@@ -134,3 +134,22 @@ def test_a_compiled_kernel_that_refuses_the_arguments_turns_the_cache_off():
     assert not launcher.fast and not launcher.cache
     launcher[grid](x, 100, K=3, FLAG=True)
     assert [e[0] for e in kernel.log] == ["tuned", "tuned", "tuned"]
+
+
+def test_ieee_float32_tunes_only_the_smallest_config():
+    """The matmul kernels' early_config_prune: every config for tensor-core precisions, the one with the
+    fewest warps and smallest tiles for float32 without TF32 (CUDA-core FMAs, where big tiles spill)."""
+    import triton
+
+    from panther_triton._runtime import prune_for_precision
+
+    configs = [
+        triton.Config({"BT": 128, "BI": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BT": 64, "BI": 128}, num_warps=4, num_stages=4),
+        triton.Config({"BT": 64, "BI": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BT": 128, "BI": 64}, num_warps=4, num_stages=4),
+    ]
+    assert prune_for_precision(configs, {"T": 5}, PREC="tf32") == configs
+    assert prune_for_precision(configs, {"PREC": "tf32"}) == configs
+    assert prune_for_precision(configs, {}, PREC="ieee") == [configs[2]]
+    assert prune_for_precision(configs, {"PREC": "ieee"}) == [configs[2]]

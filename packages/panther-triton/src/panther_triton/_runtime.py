@@ -63,6 +63,27 @@ def autotune_configs(gpu: Iterable[Tuple[Dict[str, int], int, int]], interpreter
     return [triton.Config(dict(meta), num_warps=w, num_stages=s) for meta, w, s in gpu]
 
 
+def prune_for_precision(configs, named_args, **kwargs):
+    """``early_config_prune`` of the matmul kernels: float32 without TF32 (``PREC == "ieee"``) multiplies
+    on the CUDA cores, where the tensor-core tiles only spill registers and take long to compile, and
+    ``auto`` sends float32 to ``torch`` anyway (TritonBackend.auto_priority): tune only the smallest
+    config (fewest warps, then smallest tiles) there; every config elsewhere."""
+    prec = kwargs.get("PREC", named_args.get("PREC"))
+    if prec != "ieee" or len(configs) <= 1:
+        return configs
+
+    def size(c):
+        area = 1
+        for v in c.kwargs.values():
+            area *= v
+        return (c.num_warps, area)
+
+    return [min(configs, key=size)]
+
+
+PRUNE = {"early_config_prune": prune_for_precision}
+
+
 def tuning_bench(fn, quantiles=None):
     """Timing of one autotune candidate: triton.testing.do_bench with a short budget (10 ms warm-up,
     40 ms of runs instead of 25 and 100): a first call per shape tunes every config, and the default

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from panther_triton._launch import eager
-from panther_triton._runtime import SIZES_NOT_SPECIALISED, autotune_configs, cdiv, tune_bucket, tuning_bench
+from panther_triton._runtime import PRUNE, SIZES_NOT_SPECIALISED, autotune_configs, cdiv, tune_bucket, tuning_bench
 from panther_triton.ops.sketched_linear.common import dot_precision, lk_offsets, lko_offsets, mma, store_grad, sum_splits
 from panther_triton.ops.sketched_linear.plan import BackwardPlan, column_chunk, plan_backward
 
@@ -52,6 +52,7 @@ _G_CONFIGS = autotune_configs(
     configs=_G_CONFIGS,
     key=["T_BUCKET", "O", "Lk", "K", "BLK", "PREC", "NEED_DH", "NEED_DS2", "NEED_DU1", "NEED_DB", "split_o", "split_t"],
     do_bench=tuning_bench,
+    prune_configs_by=PRUNE,
 )
 @triton.jit(do_not_specialize=SIZES_NOT_SPECIALISED)
 def _grad_from_g_kernel(
@@ -171,6 +172,7 @@ _X_CONFIGS = autotune_configs(
     configs=_X_CONFIGS,
     key=["T_BUCKET", "I", "Lk", "K", "BLK", "PREC", "ONE_CHUNK", "NEED_DX", "NEED_DS1", "NEED_DU2", "split_o", "split_t"],
     do_bench=tuning_bench,
+    prune_configs_by=PRUNE,
 )
 @triton.jit(do_not_specialize=SIZES_NOT_SPECIALISED)
 def _grad_from_x_kernel(

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from panther_triton._launch import eager
-from panther_triton._runtime import SIZES_NOT_SPECIALISED, autotune_configs, cdiv, tune_bucket, tuning_bench
+from panther_triton._runtime import PRUNE, SIZES_NOT_SPECIALISED, autotune_configs, cdiv, tune_bucket, tuning_bench
 from panther_triton.ops.sketched_linear.common import dot_precision, lk_offsets, lko_offsets, mma, sum_splits
 from panther_triton.ops.sketched_linear.plan import ForwardPlan, column_chunk, plan_forward
 
@@ -92,7 +92,9 @@ _IN_CONFIGS = autotune_configs(
 )
 
 
-@triton.autotune(configs=_IN_CONFIGS, key=["T_BUCKET", "I", "Lk", "K", "BLK", "PREC"], do_bench=tuning_bench)
+@triton.autotune(
+    configs=_IN_CONFIGS, key=["T_BUCKET", "I", "Lk", "K", "BLK", "PREC"], do_bench=tuning_bench, prune_configs_by=PRUNE
+)
 @triton.jit(do_not_specialize=SIZES_NOT_SPECIALISED)
 def _sketch_in_kernel(
     x,  # [T, I]
@@ -159,6 +161,7 @@ _OUT_CONFIGS = autotune_configs(
     configs=_OUT_CONFIGS,
     key=["T_BUCKET", "I", "O", "Lk", "K", "BLK", "PREC", "ONE_CHUNK", "FUSED", "n_splits", "o_groups"],
     do_bench=tuning_bench,
+    prune_configs_by=PRUNE,
 )
 @triton.jit(do_not_specialize=SIZES_NOT_SPECIALISED)
 def _sketch_out_kernel(
