@@ -1,7 +1,9 @@
 """The one timing mechanism behind every figure: warm up, then the median of many timed calls.
 
-GPU: CUDA events around each call; before each call the L2 is flushed by writing a 256 MiB buffer
-(outside the events), so repeated calls do not time the cache. CPU: time.perf_counter around each call
+GPU: CUDA events around each call; before each call the device is synchronised and the L2 flushed by
+writing a 256 MiB buffer (outside the events), so repeated calls do not time the cache and no call
+hides its host-side work behind the queue of an earlier one (the flush, ~60 us of GPU work, is the same
+head start for every implementation). CPU: time.perf_counter around each call
 (ops on CPU tensors return when done). Also here: CUDA-graph capture of a call, and its peak memory.
 """
 
@@ -98,6 +100,9 @@ class Clock:
             t0 = time.perf_counter()
             fn()
             return (time.perf_counter() - t0) * 1e3
+        # Each timed call starts from an idle GPU: calls are interleaved across implementations, and without
+        # this a call queued behind a slow neighbour's kernels would have its host-side work hidden.
+        self.sync()
         self._flush.zero_()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
