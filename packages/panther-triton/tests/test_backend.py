@@ -73,13 +73,15 @@ def test_priority_without_cuda_stays_below_torch():
     assert be.priority == -10 < load_backend("torch").priority
 
 
-def test_auto_bid_is_below_torch_for_float32_only(monkeypatch):
+def test_auto_bid_is_below_torch_where_torch_measured_faster(monkeypatch):
+    """float32 and 2 L k > 256 (past the fused kernel) bid below torch; 16-bit up to 2 L k = 256 keeps 10."""
     monkeypatch.setattr(TritonBackend, "priority", 10)  # as on a CUDA machine
     be, torch_priority = TritonBackend(), load_backend("torch").priority
-    args = make_inputs(4, 8, 6, 1, 2, torch.float32, device="cpu")
-    assert be.auto_priority("sketched_linear", *args) < torch_priority
+    bid = lambda T, L, k, dt: be.auto_priority("sketched_linear", *make_inputs(T, 8, 6, L, k, dt, device="cpu"))  # noqa: E731
+    assert bid(4, 1, 2, torch.float32) < torch_priority
     for dt in (torch.bfloat16, torch.float16):
-        assert be.auto_priority("sketched_linear", *[t.to(dt) for t in args]) == 10 > torch_priority
+        assert bid(4, 1, 2, dt) == bid(1, 2, 64, dt) == bid(3, 4, 32, dt) == 10 > torch_priority  # 2Lk <= 256
+        assert bid(4, 1, 129, dt) < torch_priority and bid(4, 8, 64, dt) < torch_priority
 
 
 def test_reasons_cannot_run():

@@ -3,7 +3,7 @@
 A launch through ``triton.autotune`` costs Python on every call: the autotuner builds a dict of the
 arguments and a key from them, then ``JITFunction.run`` binds and specialises every argument, hashes
 the specialisation and looks the compiled kernel up. At the sizes where a sketched layer's GPU work
-takes microseconds that is most of a step (benchmarks/results/*host-overhead.log). An eager launch
+takes microseconds that is most of a step (tools/host_overhead.py measures it). An eager launch
 therefore goes through a :class:`Launcher`: the first call with a given key runs the autotuned kernel
 the normal way (tuning and compiling it), and the launcher keeps the compiled kernel, the tuned config and
 the constexpr arguments; later calls with that key hand the arguments straight to the compiled kernel.

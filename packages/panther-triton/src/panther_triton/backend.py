@@ -37,8 +37,9 @@ def _triton_import_error() -> Optional[str]:
 class TritonBackend(Backend):
     """Sketched ops as Triton kernels on CUDA GPUs of compute capability >= 8.0.
 
-    Priority 10 where a CUDA device is present, so that ``auto`` prefers it to ``torch`` (0) for 16-bit
-    CUDA tensors (float32 bids below torch: :meth:`auto_priority`); -10 elsewhere, so that ``auto`` keeps CPU tensors on ``torch`` even under the interpreter
+    Priority 10 where a CUDA device is present, so that ``auto`` prefers it to ``torch`` (0) for CUDA
+    tensors (except where torch measured faster: :meth:`auto_priority`); -10 elsewhere, so that ``auto``
+    keeps CPU tensors on ``torch`` even under the interpreter
     (which is for explicit selection and tests).
     """
 
@@ -115,13 +116,22 @@ class TritonBackend(Backend):
         return sorted(set(reasons)) if reasons else reasons
 
     def auto_priority(self, op: str, *args, **kwargs) -> int:
-        """Below ``torch`` for float32 inputs: cuBLAS's float32 and TF32 GEMMs run the op faster than
-        these kernels on the H200 (benchmarks/results/2026-11-28_nvidia-h200_*.json, e.g. 4096 rows,
-        4096 features: TF32 0.25 ms on torch against 0.75 ms here), so ``auto`` sends float32 to ``torch``
-        and 16-bit inputs here; ``backend="triton"`` still runs float32 on these kernels."""
-        x = args[0] if args else None
-        if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
-            return -10
+        """Below ``torch`` where these kernels measured slower than the torch backend on the H200
+        (benchmarks/results/2026-11-28_nvidia-h200_e754d4c.json and _39843e7.json, CUDA-graph times):
+
+        * float32, with or without TF32: cuBLAS's GEMMs win (4096 rows, 4096 features: TF32 0.25 ms on
+          torch against 0.75 ms here, float32 0.59 against 2.96 ms; _a1ce6e8.json);
+        * 2·num_terms·low_rank > 256, past the fused kernel (L=8, k=64, 8192 features: 0.55 ms on torch
+          against 1.51 ms here at 4096 rows, 0.12 against 0.17 ms at 128 rows).
+
+        Elsewhere (16-bit, 2Lk <= 256) the kernels were faster at every measured shape, and keep their
+        priority. ``backend="triton"`` runs any accepted input here regardless."""
+        if op == "sketched_linear" and len(args) >= 2:
+            x, S1s = args[0], args[1]
+            if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
+                return -10
+            if isinstance(S1s, torch.Tensor) and S1s.dim() == 3 and 2 * S1s.shape[0] * S1s.shape[2] > 256:
+                return -10
         return self.priority
 
     def sketched_linear(self, x, S1s, S2s, U1s, U2s, bias=None):

@@ -6,8 +6,9 @@ instance). A plugin that fails to import or construct is recorded with its error
 it by name later raises that error.
 
 Selection, most specific first: :func:`use_backend` (context-local), :func:`set_backend` (process
-default), the environment variable ``PANTHER_BACKEND``, then ``"auto"``: for each call, the available
-backend of highest priority that accepts the inputs.
+default), the environment variable ``PANTHER_BACKEND``, then ``"auto"``: for each call, among the
+available backends that accept the inputs, the one whose ``auto_priority`` for them is highest (by default
+its ``priority``; a backend bids lower for inputs it runs slower than another would).
 """
 
 from __future__ import annotations
