@@ -13,7 +13,8 @@
 set -u
 : "${OUT:?set OUT to an empty folder}"
 export PYTHONUNBUFFERED=1
-export PANTHER_COMMIT="${PANTHER_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+# PANTHER_COMMIT, where given, names the tree in every result (the device's copy may carry a stale .git);
+# unset, the benchmark reads git (and records whether the tree had changes)
 INSTALL_S=${INSTALL_S:-45} INFO_S=${INFO_S:-20} TESTS_S=${TESTS_S:-250} BENCH_S=${BENCH_S:-250}  # TESTS_S=0: no tests; BENCH_S=0: no benchmarks
 TOOLS_S=${TOOLS_S:-0}  # > 0: also the triton tools (host overhead per call, launch plans timed from CUDA graphs)
 BENCH_ARGS=${BENCH_ARGS:---preset gpu-quick --max-minutes 3.5}  # last case starts by 210 s  # e.g. "--preset gpu --filter rfa_attention --max-minutes 7"
@@ -22,7 +23,7 @@ shopt -s nullglob
 step() { echo; echo "=== $* [$(date -u +%H:%M:%S) UTC]"; }
 
 {
-  step "machine (commit $PANTHER_COMMIT)"
+  step "machine (commit ${PANTHER_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown) from git})"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv
   python3 -c 'import sys, torch, triton; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
 

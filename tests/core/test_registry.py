@@ -104,7 +104,14 @@ def test_auto_follows_each_backends_bid_for_the_inputs(monkeypatch):
                         lambda self, op, *a, **k: -9, raising=False)
     assert registry.select("sketched_linear", *x7).name == "healthy"  # bids: picky -7, torch -9, healthy -5
     monkeypatch.setattr(PickyBackend, "auto_priority", lambda self, op, *a, **k: 3, raising=False)
+    asked = []
+    monkeypatch.setattr("panther.backends.torch_backend.TorchBackend.reasons_cannot_run",
+                        lambda self, op, *a, **k: asked.append(op) or [], raising=False)
     assert registry.select("sketched_linear", *x7).name == "picky"  # 3 beats every static priority below it
+    assert asked == []  # so the walk stopped before torch (0) and healthy (-5)
+    monkeypatch.setattr(PickyBackend, "auto_priority", lambda self, op, *a, **k: -1, raising=False)
+    assert registry.select("sketched_linear", *x7).name == "picky"  # -1 beats torch's -9 and healthy's -5 ...
+    assert asked == ["sketched_linear"]  # ... but only once they were asked
     monkeypatch.setattr(PickyBackend, "auto_priority", lambda self, op, *a, **k: -20, raising=False)
     assert registry.select("sketched_linear", *x7, backend="picky").name == "picky"
 

@@ -120,17 +120,23 @@ def refresh() -> None:
         _registry = None
 
 
-_ranking: tuple = (None, ())  # (the registry it was made from, its infos by descending priority then name)
+# (the registry it was made from, its infos by descending priority then name, ((info, priority), ...))
+_ranking: tuple = (None, (), ())
+
+
+def _rank() -> tuple:
+    global _ranking
+    found = _discover()
+    if _ranking[0] is not found:
+        prio = {name: i.backend.priority if i.backend else -(10**9) for name, i in found.items()}
+        ranked = tuple(sorted(found.values(), key=lambda i: (-prio[i.name], i.name)))
+        _ranking = (found, ranked, tuple((i, prio[i.name]) for i in ranked))
+    return _ranking
 
 
 def _ranked() -> tuple:
     """backend_infos() as a tuple, sorted once per discovery (auto selection walks it on every call)."""
-    global _ranking
-    found = _discover()
-    if _ranking[0] is not found:
-        ranked = sorted(found.values(), key=lambda i: (-(i.backend.priority if i.backend else -(10**9)), i.name))
-        _ranking = (found, tuple(ranked))
-    return _ranking[1]
+    return _rank()[1]
 
 
 def backend_infos() -> List[BackendInfo]:
@@ -243,9 +249,10 @@ def select(op: str, *args, backend: Optional[str] = None, **kwargs) -> Backend:
     # Backends in descending static priority; each one that accepts the inputs bids its auto_priority for
     # them (at most its static priority), so the walk stops at the first backend whose static priority
     # cannot beat the best bid so far. Ties go to the earlier (higher static priority, then name).
+    # The static priorities are those read once per discovery (the ranking's).
     rejected, best, best_bid = [], None, None
-    for info in _ranked():
-        if best is not None and info.backend is not None and info.backend.priority <= best_bid:
+    for info, priority in _rank()[2]:
+        if best is not None and priority <= best_bid:
             break
         unavailable = info.unavailable_reason
         if unavailable is not None:
@@ -257,7 +264,7 @@ def select(op: str, *args, backend: Optional[str] = None, **kwargs) -> Backend:
             rejected.append(f"{info.name}: {'; '.join(reasons)}")
             continue
         bid = be.auto_priority(op, *args, **kwargs)
-        if bid >= be.priority:
+        if bid >= priority:
             return be  # nothing ranked below can bid more
         if best is None or bid > best_bid:
             best, best_bid = be, bid
