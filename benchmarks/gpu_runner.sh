@@ -16,6 +16,7 @@ export PYTHONUNBUFFERED=1
 # PANTHER_COMMIT, where given, names the tree in every result (the device's copy may carry a stale .git);
 # unset, the benchmark reads git (and records whether the tree had changes)
 INSTALL_S=${INSTALL_S:-45} INFO_S=${INFO_S:-20} TESTS_S=${TESTS_S:-250} BENCH_S=${BENCH_S:-250}  # TESTS_S=0: no tests; BENCH_S=0: no benchmarks
+TEST_WORKERS=${TEST_WORKERS:-4}  # pytest-xdist processes for the GPU tests, where xdist is installed (1: none)
 TOOLS_S=${TOOLS_S:-0}  # > 0: also the triton tools (host overhead per call, launch plans timed from CUDA graphs)
 BENCH_ARGS=${BENCH_ARGS:---preset gpu-quick --max-minutes 3.5}  # last case starts by 210 s  # e.g. "--preset gpu --filter rfa_attention --max-minutes 7"
 shopt -s nullglob
@@ -49,7 +50,11 @@ step() { echo; echo "=== $* [$(date -u +%H:%M:%S) UTC]"; }
     export PANTHER_CONFORMANCE_EXAMPLES=${PANTHER_CONFORMANCE_EXAMPLES:-10} PANTHER_REQUIRE_GPU=1
     gpu_only=(packages/*/tests/test_gpu.py tests/nn/test_gpu.py)
     ignore=(); for f in "${gpu_only[@]}"; do ignore+=(--ignore "$f"); done
-    pytest_gpu=(python3 -m pytest -v -m gpu --import-mode=importlib -p no:cacheprovider --durations=10)
+    # First-use tuning and compilation, most of the slot, is CPU work: with pytest-xdist present, TEST_WORKERS
+    # processes share the GPU (the timings autotuning sees get noisier; the results checked do not change).
+    xdist=()
+    if [ "$TEST_WORKERS" -gt 1 ] && python3 -c "import xdist" 2>/dev/null; then xdist=(-n "$TEST_WORKERS"); fi
+    pytest_gpu=(python3 -m pytest -v -m gpu --import-mode=importlib -p no:cacheprovider --durations=10 "${xdist[@]}")
     t0=$(date +%s)
     timeout -k 10 "$TESTS_S" "${pytest_gpu[@]}" --junitxml="$OUT/junit-gpu-only.xml" "${gpu_only[@]}"
     echo "tests (GPU-only files) rc=$? (124: timed out)"
