@@ -64,10 +64,11 @@ def autotune_configs(gpu: Iterable[Tuple[Dict[str, int], int, int]], interpreter
 
 
 def prune_for_precision(configs, named_args, **kwargs):
-    """``early_config_prune`` of the matmul kernels: float32 without TF32 (``PREC == "ieee"``) multiplies
-    on the CUDA cores, where the tensor-core tiles only spill registers and take long to compile, and
-    ``auto`` sends float32 to ``torch`` anyway (TritonBackend.auto_priority): tune only the smallest
-    config (fewest warps, then smallest tiles) there; every config elsewhere."""
+    """``early_config_prune`` of the matmul kernels: for float32 without TF32 (``PREC == "ieee"``, products
+    on the CUDA cores) tune only the smallest config (fewest warps, then smallest tiles); every config
+    elsewhere. Tuning them all there made the first float32 call at 8192 features outlast the H200 test
+    slot (benchmarks/results/2026-11-28_nvidia-h200_f8bc639_runner.log; with one config it passes,
+    _39843e7_runner.log), and ``auto`` sends float32 to ``torch`` anyway (TritonBackend.auto_priority)."""
     prec = kwargs.get("PREC", named_args.get("PREC"))
     if prec != "ieee" or len(configs) <= 1:
         return configs

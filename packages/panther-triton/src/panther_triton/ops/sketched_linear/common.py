@@ -26,13 +26,13 @@ def allow_tf32() -> bool:
 
 
 @triton.jit
-def lk_offsets(cols, stride_l, stride_k, K):
+def lk_offsets(cols, stride_l, stride_k, K: tl.constexpr):
     # column c = l K + j of a concatenated operand -> offset of [l, ., j] in an (L, ., K) tensor
     return (cols // K) * stride_l + (cols % K) * stride_k
 
 
 @triton.jit
-def lko_offsets(rows, stride_l, stride_k, K):
+def lko_offsets(rows, stride_l, stride_k, K: tl.constexpr):
     # row r = l K + j of a stacked operand -> offset of [l, j, .] in an (L, K, .) tensor
     return (rows // K) * stride_l + (rows % K) * stride_k
 
