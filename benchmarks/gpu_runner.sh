@@ -70,7 +70,7 @@ step() { echo; echo "=== $* [$(date -u +%H:%M:%S) UTC]"; }
   if [ "$TOOLS_S" -gt 0 ] && [ -d packages/panther-triton ]; then
     step "triton tools (limit ${TOOLS_S}s)"
     tools=packages/panther-triton/tools
-    timeout -k 5 "$TOOLS_S" bash -c "python3 $tools/host_overhead.py --T 128 --features 1024 --profile '$OUT/host-overhead-profile.txt' &&
+    timeout -k 5 "$TOOLS_S" bash -c "python3 $tools/host_overhead.py --T 128 --features 1024 --profile '$OUT/host-overhead-profile.txt' --trace '$OUT/host-trace' &&
       python3 $tools/host_overhead.py --T 4096 --features 8192 &&
       python3 $tools/check_gpu.py --plans --quick --json '$OUT/triton-plans.json'"
     echo "tools rc=$? (124: timed out)"

@@ -2,7 +2,9 @@
 
 GPU work at small sizes takes microseconds; in eager mode the Python on the way to the launches can
 dominate. Each row is timed with the cached eager launches of panther_triton._launch on and off.
-Run on a CUDA machine: python3 tools/host_overhead.py [--T 128] [--features 1024] [--profile FILE]
+Run on a CUDA machine: python3 tools/host_overhead.py [--T 128] [--features 1024] [--profile FILE] [--trace PREFIX]
+(--trace writes PREFIX_<row>.json, torch.profiler Chrome traces with Python frames of every thread, the
+autograd engine's device thread included, which cProfile does not see).
 """
 
 import argparse
@@ -32,6 +34,7 @@ def main():
     ap.add_argument("--profile", default=None)
     ap.add_argument("--T", type=int, default=128)
     ap.add_argument("--features", type=int, default=1024)
+    ap.add_argument("--trace", default=None, help="prefix of Chrome traces of a few fwd+bwd calls")
     args = ap.parse_args()
     import panther_triton
     from panther_triton import _launch
@@ -83,6 +86,19 @@ def main():
                 prof.disable()
                 f.write(f"=== {name}, 200 calls\n")
                 pstats.Stats(prof, stream=f).sort_stats("tottime").print_stats(25)
+    if args.trace:
+        from torch.profiler import ProfilerActivity, profile
+
+        for name in ("F.linear fwd+bwd", "ops fwd+bwd (triton)", "panther_triton fwd+bwd"):
+            fn = rows[name]
+            per_call_us(fn)
+            with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+                for _ in range(10):
+                    fn()
+                torch.cuda.synchronize()
+            slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+            prof.export_chrome_trace(f"{args.trace}_{slug}.json")
+            print("wrote", f"{args.trace}_{slug}.json")
 
 
 if __name__ == "__main__":
