@@ -1,8 +1,8 @@
 """Check the triton backend on a CUDA GPU: agreement with the torch backend, then timings.
 
-    python packages/panther-triton/tools/check_gpu.py [--plans] [--quick] [--json out.json]
+    python packages/panther-triton/tools/check_gpu.py [--plans] [--quick] [--rows T ...] [--sizes N ...] [--json out.json]
 
-For T in {128, 4096}, I = O in {1024, 2048, 4096, 8192}, (L, k) in {(1, 64), (2, 32)}, bfloat16:
+For T in {128, 4096} and I = O in {1024, 2048, 4096, 8192} (or --rows, --sizes), (L, k) in {(1, 64), (2, 32)}, bfloat16:
 forward and forward+backward times (triton.testing.do_bench: median, warm-up excluded, CUDA events)
 of nn.Linear, the torch backend and the triton backend, their ratios, the roofline floor of the
 sketched op (max(FLOPs / 990 TFLOP/s, bytes / 4.8 TB/s), H200 datasheet), and the launch plans the
@@ -81,6 +81,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--plans", action="store_true", help="also time the alternative launch plans")
     ap.add_argument("--quick", action="store_true", help="(L, k) = (1, 64) only")
+    ap.add_argument("--rows", type=int, nargs="+", default=[128, 4096], help="row counts T (default 128 4096)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="features I = O")
     ap.add_argument("--json", help="write the figures here (benchmarks/results/... keeps them traceable)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -113,13 +115,13 @@ def main(argv=None) -> int:
     be = {i.name: i for i in panther.backends.backend_infos()}
     assert be["triton"].available, be["triton"].unavailable_reason
     ok = True
-    Ts = (128, 4096)
+    Ts = tuple(args.rows)
     Lks = ((1, 64),) if args.quick else ((1, 64), (2, 32))
     hdr = (f"{'T':>5} {'I=O':>5} {'L,k':>5} | {'fwd us: linear':>14} {'torch':>7} {'triton':>7} {'floor':>6} | "
            f"{'f+b us: linear':>14} {'torch':>7} {'triton':>7} {'floor':>6} | {'xLin f+b':>8} {'xTorch':>6}  err")
     print(hdr)
     for T in Ts:
-        for n in (1024, 2048, 4096, 8192):
+        for n in args.sizes:
             for L, k in Lks:
                 I = O = n
                 leaves = _inputs(T, I, O, L, k, dtype)
