@@ -136,6 +136,40 @@ def test_a_compiled_kernel_that_refuses_the_arguments_turns_the_cache_off():
     assert [e[0] for e in kernel.log] == ["tuned", "tuned", "tuned"]
 
 
+def test_launch_as_looks_up_by_the_callers_key_and_keeps_the_grid():
+    kernel, launcher = make()
+    calls = []
+
+    def counting_grid(meta):
+        calls.append(meta["BT"])
+        return grid(meta)
+
+    x = torch.zeros(8)
+    for _ in range(3):
+        launcher.launch_as(("layout", 1), counting_grid, (x, 100), dict(K=3, FLAG=True))
+    assert [e[0] for e in kernel.log] == ["tuned", "cached", "cached"]
+    assert kernel.log[2][1] == (3, 2, 1) and kernel.log[2][2][1:] == (100, 3, True, 32)
+    assert len(calls) == 2  # the tuned launch's own grid, then once for the caller's key; never again
+    launcher.launch_as(("layout", 2), counting_grid, (x, 101), dict(K=3, FLAG=True))  # another key: tuned
+    assert kernel.log[-1][0] == "tuned"
+
+
+def test_launch_as_under_the_interpreter_checks_that_the_callers_key_implies_the_full_key(monkeypatch):
+    import panther_triton._launch as launch_module
+
+    kernel, launcher = make()
+    launcher.fast = False
+    monkeypatch.setattr(launch_module, "interpreting", lambda: True)
+    buf = torch.zeros(64)
+    launcher.launch_as("k", grid, (buf[:8], 100), dict(K=3, FLAG=True))
+    launcher.launch_as("k", grid, (buf[4:12], 100), dict(K=3, FLAG=True))  # 16-byte offset: same full key
+    with pytest.raises(AssertionError, match="misses an argument"):
+        launcher.launch_as("k", grid, (buf[1:9], 100), dict(K=3, FLAG=True))  # alignment left out of "k"
+    with pytest.raises(AssertionError, match="misses an argument"):
+        launcher.launch_as("k", grid, (buf[:8], 101), dict(K=3, FLAG=True))
+    assert [e[0] for e in kernel.log] == ["tuned", "tuned"]
+
+
 def test_ieee_float32_tunes_only_the_smallest_config():
     """The matmul kernels' early_config_prune: every config for tensor-core precisions, the one with the
     fewest warps and smallest tiles for float32 without TF32 (CUDA-core FMAs, where big tiles spill)."""

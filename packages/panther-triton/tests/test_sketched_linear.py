@@ -68,6 +68,23 @@ def test_three_dim_input_and_unbatched():
     run_and_compare(panther_triton.sketched_linear, (x[0, 0, 0], *w), TRAINED, TOL[torch.float32])
 
 
+def test_inputs_of_one_shape_in_other_layouts():
+    """Eager launches are prepared once per layout of the inputs (forward.py's _layout_key): the same
+    shapes with other strides or another 16-byte alignment are each right (and, under the interpreter,
+    each launch checks that the layout key implies every argument the kernel is specialised on)."""
+    x, *w = make_inputs(21, 40, 24, 2, 8, torch.float32)
+    buf = torch.zeros(21 * 40 + 1, dtype=x.dtype, device=x.device)
+    shifted = buf[1:].view(21, 40)  # 4 bytes past the allocation: not 16-byte aligned
+    shifted.copy_(x)
+    S1s = w[0]
+    sbuf = torch.zeros(S1s.numel() + 2, dtype=S1s.dtype, device=S1s.device)
+    s1_shifted = sbuf[2:].view(S1s.shape)
+    s1_shifted.copy_(S1s)
+    for xs, s1 in ((x, S1s), (shifted, S1s), (x.t().contiguous().t(), S1s), (x, s1_shifted), (x, S1s)):
+        assert torch.equal(xs, x) and torch.equal(s1, S1s)
+        run_and_compare(panther_triton.sketched_linear, (xs, s1, *w[1:]), TRAINED, TOL[torch.float32])
+
+
 def test_noncontiguous_input():
     x, *w = make_inputs(45, 33, 20, 2, 6, torch.float32)
     wide = torch.zeros(45, 3 * 33, dtype=x.dtype, device=x.device)

@@ -18,6 +18,14 @@ compares values, and ``1 == 1.0 == True``), the launches run with the tensors' d
 (``_runtime.device_guard``), and the kernels use no config pre-hooks and no ``TRITON_DEBUG`` switches
 (which a cached launch skips).
 
+An op that launches the same kernels call after call can go one step further: :meth:`Launcher.launch_as`
+takes a key of the caller's, made from the op's inputs (their shapes, strides, dtype, device, 16-byte
+alignment, and the op's options), that determines every argument but the tensors' addresses. Its first
+call launches as above and keeps the compiled kernel, the constexpr arguments and the grid under that
+key; later calls skip the per-argument key and the grid function too. Under Triton's CPU interpreter,
+where nothing is cached, each such call checks that its key still implies the full key above (an
+assertion error names the kernel otherwise), so the CPU test suite checks what the callers' keys leave out.
+
 Kernels traced by torch.compile go through ``torch.library.wrap_triton`` instead (Inductor launches
 them); under Triton's CPU interpreter there is no compiled kernel, and the launcher calls the kernel
 as usual.
@@ -61,7 +69,10 @@ class Launcher:
         while not hasattr(fn, "arg_names"):  # Autotuner and Heuristics wrap the JITFunction
             fn = fn.fn
         self.arg_names = list(fn.arg_names)
+        self.name = getattr(fn, "__name__", repr(kernel))
         self.cache: Dict[tuple, Tuple[Any, tuple, dict]] = {}  # key -> (compiled kernel, constexpr args, meta)
+        self.by_caller: Dict[Any, Tuple[Any, tuple, tuple]] = {}  # caller's key -> (compiled, constexpr args, grid)
+        self.checked: Dict[Any, tuple] = {}  # interpreter: caller's key -> the full key it implied
         self.fast = _enabled and not interpreting()  # decided once, like the kernels themselves
         self._lock = threading.Lock()  # the autotuner's best_config is per kernel, read right after its launch
 
@@ -88,13 +99,48 @@ class Launcher:
             compiled = self.kernel[grid](*args, **constexprs)
             self._remember(key, compiled, grid, args, constexprs)
 
+    def launch_as(self, caller_key, grid, args: tuple, constexprs: Dict[str, Any]) -> None:
+        """:meth:`launch` for a caller whose ``caller_key`` determines every argument but the tensors'
+        addresses (and their alignment modulo 16, which it must include): the grid and the compiled
+        kernel are looked up by that key alone."""
+        if not self.fast:
+            if interpreting():
+                full = _key(args, constexprs)
+                seen = self.checked.setdefault(caller_key, full)
+                if seen != full:
+                    raise AssertionError(
+                        f"launch key of {self.name} misses an argument: "
+                        f"{caller_key!r} implied {seen!r}, now {full!r}"
+                    )
+            self.kernel[grid](*args, **constexprs)
+            return
+        hit = self.by_caller.get(caller_key)
+        if hit is not None:
+            compiled, tail, g = hit
+            try:
+                compiled[g](*args, *tail)
+                return
+            except TypeError as exc:  # as in launch()
+                self._give_up(exc)
+                self.kernel[grid](*args, **constexprs)
+                return
+        self.launch(grid, args, constexprs)
+        entry = self.cache.get(_key(args, constexprs))
+        if entry is not None:
+            compiled, tail, meta = entry
+            g = tuple(grid(meta))
+            if len(self.by_caller) >= _MAX_ENTRIES:
+                self.by_caller.clear()
+            self.by_caller[caller_key] = (compiled, tail, (g + (1, 1))[:3])
+
     def _give_up(self, exc: Exception) -> None:
         import warnings
 
         self.fast = False
         self.cache.clear()
+        self.by_caller.clear()
         warnings.warn(
-            f"panther_triton: cached launches of {getattr(self.kernel, '__name__', self.kernel)} failed ({exc}); "
+            f"panther_triton: cached launches of {self.name} failed ({exc}); "
             "launching through triton.autotune from now on (correct, with more host overhead per call)",
             RuntimeWarning,
             stacklevel=3,
@@ -129,6 +175,7 @@ def use_cache(enabled: bool) -> None:
     for launcher in _launchers.values():
         launcher.fast = _enabled and not interpreting()
         launcher.cache.clear()
+        launcher.by_caller.clear()
 
 
 def eager(kernel) -> Launcher:

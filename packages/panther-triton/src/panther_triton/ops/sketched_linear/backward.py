@@ -25,6 +25,8 @@ costs T R elements to keep, where recomputing it would re-read all of x in launc
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
@@ -34,7 +36,7 @@ import triton.language as tl
 from panther_triton._launch import eager
 from panther_triton._runtime import PRUNE, SIZES_NOT_SPECIALISED, autotune_configs, cdiv, tune_bucket, tuning_bench
 from panther_triton.ops.sketched_linear.common import dot_precision, lk_offsets, lko_offsets, mma, store_grad, sum_splits
-from panther_triton.ops.sketched_linear.plan import BackwardPlan, column_chunk, plan_backward
+from panther_triton.ops.sketched_linear.plan import BackwardPlan, column_chunk, forced_backward_plan, plan_backward
 
 _G_CONFIGS = autotune_configs(
     gpu=[
@@ -305,6 +307,95 @@ def _sum_partials_kernel(
 Grads = Tuple[Optional[torch.Tensor], ...]
 
 
+class _BackwardRecipe:
+    """What a backward call launches, made from its inputs' layout (no tensor data): sizes, the plan,
+    the workspace layout, and each launch's grid, scalar arguments and constexprs."""
+
+    __slots__ = ("T", "needs", "need_dh", "need_gb", "split", "split_o", "ws_shape", "dhp_shape", "dhp_fp32",
+                 "order", "g_grid", "g_scalars", "g_const", "x_grid", "x_scalars", "x_const",
+                 "sum_grid", "sum_scalars", "sum_const")
+
+    def __init__(self, g2, x2, h, S1s, S2s, U1s, U2s, needs, allow_tf32, plan):
+        L, I, K = S1s.shape
+        O = S2s.shape[-1]
+        Lk = L * K
+        T = g2.shape[0]
+        self.T = T
+        self.needs = need_x, need_s1, need_s2, need_u1, need_u2, need_b = tuple(bool(n) for n in needs)
+        self.need_dh = need_dh = need_x or need_s1 or need_u2
+        self.need_gb = need_gb = need_s2 or need_u1 or need_b
+        # the weight grads in workspace order, with their sizes: (index in the result, shape)
+        shapes = ((1, (L, I, K)), (4, (L, I, K)), (2, (L, K, O)), (3, (L, K, O)), (5, (O,)))
+        self.order = tuple((i, shape) for i, shape in shapes if self.needs[i])
+        sizes = [math.prod(shape) for _, shape in self.order]
+        offsets = dict(zip((i for i, _ in self.order), itertools.accumulate([0] + sizes)))
+        if plan is None:
+            plan = plan_backward(T, I, O, Lk, x2.element_size(), x2.device, need_u1)
+        self.split_o = split_o = plan.split_o if need_dh else 1
+        split_t = plan.split_t if self.order else 1
+        self.split = split = split_t > 1
+        BLK = column_chunk(Lk)
+        n_chunks = cdiv(Lk, BLK)
+        one_chunk = n_chunks == 1
+        prec = dot_precision(x2.dtype, allow_tf32)
+        bucket = tune_bucket(T)
+        n_total = sum(sizes)
+        self.ws_shape = (split_t, n_total) if split else None
+        stride_ws = n_total if split else 0
+        # dH: (T, 2 Lk) in the input dtype, or fp32 partials (split_o, T, 2 Lk); without role A, a (1, 2 Lk)
+        # placeholder that is no input of ours (an op must not seem to write its inputs)
+        self.dhp_shape = (T, 2 * Lk) if (split_o == 1 or not need_dh) else (split_o, T, 2 * Lk)
+        self.dhp_fp32 = need_dh and split_o > 1
+        self.dhp_shape = (1, 2 * Lk) if not need_dh else self.dhp_shape
+        stride_dhs = T * 2 * Lk if self.dhp_fp32 else 0
+
+        self.g_grid = lambda META: (
+            (cdiv(T, META["BT"]) * n_chunks * split_o if need_dh else 0)
+            + (cdiv(O, META["BO"]) * n_chunks * split_t if need_gb else 0),
+        )
+        self.g_scalars = (
+            T, O, Lk, bucket, n_chunks, split_o, split_t, 1.0 / (2 * L),
+            offsets.get(2, 0), offsets.get(3, 0), offsets.get(5, 0), stride_ws,
+            *g2.stride(), h.stride(0),
+            *U1s.stride(), *S2s.stride(),
+            stride_dhs, 2 * Lk,
+        )
+        self.g_const = dict(
+            K=K, BLK=BLK, PREC=prec,
+            NEED_DH=need_dh, NEED_DS2=need_s2, NEED_DU1=need_u1, NEED_DB=need_b, SPLIT_T=split,
+        )
+        self.x_grid = lambda META: (cdiv(I, META["BI"]) * n_chunks * split_t,)
+        self.x_scalars = (
+            T, I, Lk, bucket, n_chunks, split_o, split_t,
+            offsets.get(1, 0), offsets.get(4, 0), stride_ws,
+            *x2.stride(), stride_dhs, 2 * Lk,
+            *S1s.stride(), *U2s.stride(),
+            *((I, 1) if need_x else (0, 0)),  # dx: contiguous (T, I)
+        )
+        self.x_const = dict(
+            K=K, BLK=BLK, PREC=prec, ONE_CHUNK=one_chunk,
+            NEED_DX=need_x, NEED_DS1=need_s1, NEED_DU2=need_u2,
+            LOAD_DH1=need_s1 or (need_x and one_chunk), LOAD_DH2=need_u2 or (need_x and one_chunk), SPLIT_T=split,
+        )
+        ns = (sizes + [0] * 5)[:4]
+        self.sum_grid = lambda META: (cdiv(n_total, META["BLOCK"]),)
+        self.sum_scalars = (*ns, split_t, n_total)
+        self.sum_const = dict(N_OUT=len(self.order))
+
+
+_recipes: dict = {}  # eager calls: layout key -> _BackwardRecipe
+
+
+def _layout_key(g, g2, x2, h, S1s, S2s, U1s, U2s, needs, allow_tf32, plan) -> tuple:
+    """As forward.py's: everything a backward recipe and its launches depend on but the tensors' addresses."""
+    return (
+        g.shape, g2.stride(), g2.data_ptr() & 15, x2.stride(), x2.data_ptr() & 15, h.stride(), h.data_ptr() & 15,
+        S1s.shape, S2s.shape, g.dtype, x2.dtype, g.device, tuple(needs), allow_tf32, plan, forced_backward_plan(),
+        S1s.stride(), U2s.stride(), U1s.stride(), S2s.stride(),
+        S1s.data_ptr() & 15, U2s.data_ptr() & 15, U1s.data_ptr() & 15, S2s.data_ptr() & 15,
+    )
+
+
 def sketched_linear_backward(
     g: torch.Tensor,
     x: torch.Tensor,
@@ -322,108 +413,63 @@ def sketched_linear_backward(
 
     `needs` says which of (x, S1s, S2s, U1s, U2s, bias) want a gradient (pass False for the bias when
     there is none); the result is (dx, dS1, dS2, dU1, dU2, db) with None for those not wanted.
-    `h` is the H returned by the forward; `plan` and `wrap_triton` as in :func:`sketched_linear_forward`.
+    `h` is the H returned by the forward; `plan` and `wrap_triton` as in :func:`sketched_linear_forward`
+    (eager calls make a :class:`_BackwardRecipe` once per layout of the inputs).
     """
-    L, I, K = S1s.shape
     O = S2s.shape[-1]
-    Lk = L * K
-    need_x, need_s1, need_s2, need_u1, need_u2, need_b = (bool(n) for n in needs)
     g2 = g.reshape(-1, O)
-    x2 = x.reshape(-1, I)
-    T = g2.shape[0]
-    dev, dt = g.device, x.dtype
-    dx = torch.empty((T, I), device=dev, dtype=dt) if need_x else None
-    dS1 = torch.empty((L, I, K), device=dev, dtype=dt) if need_s1 else None
-    dU2 = torch.empty((L, I, K), device=dev, dtype=dt) if need_u2 else None
-    dS2 = torch.empty((L, K, O), device=dev, dtype=dt) if need_s2 else None
-    dU1 = torch.empty((L, K, O), device=dev, dtype=dt) if need_u1 else None
-    db = torch.empty((O,), device=dev, dtype=dt) if need_b else None
-    weight_grads = [t for t in (dS1, dU2, dS2, dU1, db) if t is not None]
-    if T == 0:
-        for t in weight_grads:
-            t.zero_()
-        return (dx.view(x.shape) if need_x else None), dS1, dS2, dU1, dU2, db
-    need_dh = need_x or need_s1 or need_u2
-    need_gb = need_s2 or need_u1 or need_b
-    if not (need_dh or need_gb):
-        return None, None, None, None, None, None
-    if plan is None:
-        plan = plan_backward(T, I, O, Lk, x.element_size(), dev, need_u1)
-    split_o = plan.split_o if need_dh else 1
-    split_t = plan.split_t if weight_grads else 1
-    BLK = column_chunk(Lk)
-    n_chunks = cdiv(Lk, BLK)
-    one_chunk = n_chunks == 1
-    prec = dot_precision(dt, allow_tf32)
-    bucket = tune_bucket(T)
-    scale = 1.0 / (2 * L)
-
-    # the T-reduced grads go straight into the grads, or as fp32 partial sums into one workspace
-    sizes = [t.numel() for t in weight_grads]
-    split = split_t > 1
-    offsets = {}
-    if split:
-        ws = torch.empty((split_t, sum(sizes)), device=dev, dtype=torch.float32)
-        acc = 0
-        for t, n in zip(weight_grads, sizes):
-            offsets[id(t)] = acc
-            acc += n
+    x2 = x.reshape(-1, S1s.shape[1])
+    if wrap_triton is eager:
+        key = _layout_key(g, g2, x2, h, S1s, S2s, U1s, U2s, needs, allow_tf32, plan)
+        r = _recipes.get(key)
+        if r is None:
+            if len(_recipes) >= 4096:  # many distinct layouts (batch sizes): start over rather than grow
+                _recipes.clear()
+            r = _recipes[key] = _BackwardRecipe(g2, x2, h, S1s, S2s, U1s, U2s, needs, allow_tf32, plan)
     else:
-        ws = None
+        key, r = None, _BackwardRecipe(g2, x2, h, S1s, S2s, U1s, U2s, needs, allow_tf32, plan)
+    dev, dt = g.device, x.dtype
+    grads = [None] * 6
+    if r.needs[0]:
+        grads[0] = torch.empty(x2.shape, device=dev, dtype=dt)
+    for i, shape in r.order:
+        grads[i] = torch.empty(shape, device=dev, dtype=dt)
+    if r.T == 0:
+        for i, _ in r.order:
+            grads[i].zero_()
+    elif r.need_dh or r.need_gb:
+        _launch_backward(r, key, wrap_triton, g2, x2, h, S1s, S2s, U1s, U2s, grads, dev, dt)
+    if grads[0] is not None:
+        grads[0] = grads[0].view(x.shape)
+    return tuple(grads)
 
-    if need_dh:
-        dhp = (
-            torch.empty((T, 2 * Lk), device=dev, dtype=dt)
-            if split_o == 1
-            else torch.empty((split_o, T, 2 * Lk), device=dev, dtype=torch.float32)
-        )
-    else:  # no role-A programs: a placeholder that is no input of ours (an op must not seem to write its inputs)
-        dhp = torch.empty((1, 2 * Lk), device=dev, dtype=dt)
-    stride_dhs = dhp.stride(0) if (need_dh and split_o > 1) else 0
+
+def _launch_backward(r, key, wrap_triton, g2, x2, h, S1s, S2s, U1s, U2s, grads, dev, dt) -> None:
+    dx, dS1, dS2, dU1, dU2, db = grads
+    ws = torch.empty(r.ws_shape, device=dev, dtype=torch.float32) if r.split else None
+    dhp = torch.empty(r.dhp_shape, device=dev, dtype=torch.float32 if r.dhp_fp32 else dt)
 
     # placeholders for what a kernel does not write (constexpr flags: no store is even emitted, so
     # torch.compile sees them untouched): read-only inputs of the kernel
     def out(t, fallback):
-        return fallback if (t is None or split) else t
+        return fallback if (t is None or r.split) else t
 
-    def off(t):
-        return offsets.get(id(t), 0)
-
-    stride_ws = ws.stride(0) if split else 0
-    wrap_triton(_grad_from_g_kernel)[
-        lambda META: (
-            (cdiv(T, META["BT"]) * n_chunks * split_o if need_dh else 0)
-            + (cdiv(O, META["BO"]) * n_chunks * split_t if need_gb else 0),
-        )
-    ](
-        g2, h, U1s, S2s, dhp, out(dS2, h), out(dU1, h), out(db, h), ws if split else h,
-        T, O, Lk, bucket, n_chunks, split_o, split_t, scale,
-        off(dS2), off(dU1), off(db), stride_ws,
-        *g2.stride(), h.stride(0),
-        *U1s.stride(), *S2s.stride(),
-        stride_dhs, dhp.stride(-2),
-        K=K, BLK=BLK, PREC=prec,
-        NEED_DH=need_dh, NEED_DS2=need_s2, NEED_DU1=need_u1, NEED_DB=need_b, SPLIT_T=split,
-    )
-
-    if need_dh:
-        wrap_triton(_grad_from_x_kernel)[lambda META: (cdiv(I, META["BI"]) * n_chunks * split_t,)](
-            x2, dhp, S1s, U2s, dx if need_x else x2, out(dS1, x2), out(dU2, x2), ws if split else x2,
-            T, I, Lk, bucket, n_chunks, split_o, split_t,
-            off(dS1), off(dU2), stride_ws,
-            *x2.stride(), stride_dhs, dhp.stride(-2),
-            *S1s.stride(), *U2s.stride(),
-            *(dx.stride() if need_x else (0, 0)),
-            K=K, BLK=BLK, PREC=prec, ONE_CHUNK=one_chunk,
-            NEED_DX=need_x, NEED_DS1=need_s1, NEED_DU2=need_u2,
-            LOAD_DH1=need_s1 or (need_x and one_chunk), LOAD_DH2=need_u2 or (need_x and one_chunk), SPLIT_T=split,
-        )
-
-    if split:
-        outs = weight_grads + [ws] * (5 - len(weight_grads))  # placeholders, never stored to
-        ns = (sizes + [0] * 5)[:4]
-        n_total = sum(sizes)
-        wrap_triton(_sum_partials_kernel)[lambda META: (cdiv(n_total, META["BLOCK"]),)](
-            ws, *outs, *ns, split_t, n_total, N_OUT=len(weight_grads),
-        )
-    return (dx.view(x.shape) if need_x else None), dS1, dS2, dU1, dU2, db
+    args = (g2, h, U1s, S2s, dhp, out(dS2, h), out(dU1, h), out(db, h), ws if r.split else h, *r.g_scalars)
+    if key is None:
+        wrap_triton(_grad_from_g_kernel)[r.g_grid](*args, **r.g_const)
+    else:
+        eager(_grad_from_g_kernel).launch_as(key, r.g_grid, args, r.g_const)
+    if r.need_dh:
+        args = (x2, dhp, S1s, U2s, dx if dx is not None else x2, out(dS1, x2), out(dU2, x2), ws if r.split else x2,
+                *r.x_scalars)
+        if key is None:
+            wrap_triton(_grad_from_x_kernel)[r.x_grid](*args, **r.x_const)
+        else:
+            eager(_grad_from_x_kernel).launch_as(key, r.x_grid, args, r.x_const)
+    if r.split:
+        outs = [grads[i] for i, _ in r.order]
+        args = (ws, *outs, *[ws] * (5 - len(outs)), *r.sum_scalars)  # ws: placeholders, never stored to
+        if key is None:
+            wrap_triton(_sum_partials_kernel)[r.sum_grid](*args, **r.sum_const)
+        else:
+            eager(_sum_partials_kernel).launch_as(key, r.sum_grid, args, r.sum_const)

@@ -42,7 +42,7 @@ import triton.language as tl
 from panther_triton._launch import eager
 from panther_triton._runtime import PRUNE, SIZES_NOT_SPECIALISED, autotune_configs, cdiv, tune_bucket, tuning_bench
 from panther_triton.ops.sketched_linear.common import dot_precision, lk_offsets, lko_offsets, mma, sum_splits
-from panther_triton.ops.sketched_linear.plan import ForwardPlan, column_chunk, plan_forward
+from panther_triton.ops.sketched_linear.plan import ForwardPlan, column_chunk, forced_forward_plan, plan_forward
 
 
 @triton.jit
@@ -254,6 +254,65 @@ def _sketch_out_kernel(
             _store_y(acc, y, bias, rows, mask_t, offs_o, mask_o, scale, stride_b, stride_yt, stride_yo, HAS_BIAS)
 
 
+class _ForwardRecipe:
+    """What a forward call launches, made from its inputs' layout (no tensor data): sizes, the plan,
+    and each launch's grid, scalar arguments and constexprs (the tensors come first in every kernel)."""
+
+    __slots__ = ("T", "y_shape", "h_shape", "lead", "fused", "split_i", "in_grid", "in_scalars", "out_grid",
+                 "out_scalars", "in_const", "out_const")
+
+    def __init__(self, x, x2, S1s, S2s, U1s, U2s, bias, allow_tf32, plan):
+        L, I, K = S1s.shape
+        O = S2s.shape[-1]
+        T = x2.shape[0]
+        Lk = L * K
+        self.T, self.lead = T, x.shape[:-1]
+        self.y_shape, self.h_shape = (T, O), (T, 2 * Lk)
+        if plan is None:
+            plan = plan_forward(T, I, O, Lk, x.element_size(), x.device)
+        BLK = column_chunk(Lk)
+        n_chunks = cdiv(Lk, BLK)
+        one_chunk = n_chunks == 1
+        self.fused = fused = plan.fused and one_chunk
+        self.split_i = split_i = 1 if (fused or not one_chunk) else plan.split_i
+        o_groups = plan.o_groups
+        prec = dot_precision(x.dtype, allow_tf32)
+        bucket = tune_bucket(T)
+        weight_strides = (*S1s.stride(), *U2s.stride())
+        hp_stride = T * 2 * Lk if split_i > 1 else 0  # hp: h itself, or fp32 partials (split_i, T, 2 Lk)
+        self.in_grid = lambda META: (cdiv(T, META["BT"]), n_chunks, split_i)
+        self.in_scalars = (T, I, Lk, bucket, *x2.stride(), *weight_strides, hp_stride, 2 * Lk)
+        self.in_const = dict(K=K, BLK=BLK, PREC=prec)
+        self.out_grid = lambda META: (cdiv(T, META["BT"]) * o_groups,)
+        self.out_scalars = (
+            T, I, O, Lk, bucket, split_i, o_groups, 1.0 / (2 * L),
+            *x2.stride(), *weight_strides,
+            hp_stride, 2 * Lk,  # hp (when read) and h share the row stride 2 Lk
+            *U1s.stride(), *S2s.stride(),
+            bias.stride(0) if bias is not None else 0, O, 1,  # y: contiguous (T, O)
+        )
+        self.out_const = dict(
+            K=K, BLK=BLK, PREC=prec,
+            ONE_CHUNK=one_chunk, FUSED=fused, STORE_H=fused or split_i > 1, HAS_BIAS=bias is not None,
+        )
+
+
+_recipes: dict = {}  # eager calls: layout key -> _ForwardRecipe
+
+
+def _layout_key(x, x2, S1s, S2s, U1s, U2s, bias, allow_tf32, plan) -> tuple:
+    """Everything a forward recipe and its launches depend on but the tensors' addresses: shapes, strides,
+    dtype, device, each input's address modulo 16 (Triton specialises pointers on 16-byte alignment; the
+    outputs are fresh allocations, aligned), the options and the plan forced, if any."""
+    return (
+        x.shape, x2.stride(), x2.data_ptr() & 15, S1s.shape, S2s.shape, x.dtype, x.device, allow_tf32,
+        plan, forced_forward_plan(),
+        S1s.stride(), U2s.stride(), U1s.stride(), S2s.stride(),
+        S1s.data_ptr() & 15, U2s.data_ptr() & 15, U1s.data_ptr() & 15, S2s.data_ptr() & 15,
+        None if bias is None else (bias.stride(0), bias.data_ptr() & 15),
+    )
+
+
 def sketched_linear_forward(
     x: torch.Tensor,
     S1s: torch.Tensor,
@@ -270,49 +329,38 @@ def sketched_linear_forward(
     x may have any leading dims and strides (it is reshaped to (T, I), a view when strides allow).
     `plan` forces a launch plan (default: plan.py's choice for the shape). `wrap_triton` is applied to
     each kernel before its launch: torch.library.wrap_triton inside a triton_op (the name is what lets torch
-    find the kernels of the op when it hashes them for its caches), else the cached eager launcher of
-    :mod:`panther_triton._launch`.
+    find the kernels of the op when it hashes them for its caches). Left at its default (eager calls), the
+    launches go through :mod:`panther_triton._launch`, and what they need besides the tensors is made once
+    per layout of the inputs (:class:`_ForwardRecipe`, keyed by :func:`_layout_key`), the host-side work
+    that dominates a call at small sizes.
     """
-    L, I, K = S1s.shape
-    O = S2s.shape[-1]
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, I)
-    T = x2.shape[0]
-    Lk = L * K
-    y = torch.empty((T, O), device=x.device, dtype=x.dtype)
-    h = torch.empty((T, 2 * Lk), device=x.device, dtype=x.dtype)
-    if T == 0:
-        return y.view(*lead, O), h
-    if plan is None:
-        plan = plan_forward(T, I, O, Lk, x.element_size(), x.device)
-    BLK = column_chunk(Lk)
-    n_chunks = cdiv(Lk, BLK)
-    one_chunk = n_chunks == 1
-    fused = plan.fused and one_chunk
-    split_i = 1 if (fused or not one_chunk) else plan.split_i
-    o_groups = plan.o_groups
-    prec = dot_precision(x.dtype, allow_tf32)
-    bucket = tune_bucket(T)
-    weight_strides = (*S1s.stride(), *U2s.stride())
-    if fused:
+    x2 = x.reshape(-1, S1s.shape[1])
+    if wrap_triton is eager:
+        key = _layout_key(x, x2, S1s, S2s, U1s, U2s, bias, allow_tf32, plan)
+        r = _recipes.get(key)
+        if r is None:
+            if len(_recipes) >= 4096:  # many distinct layouts (batch sizes): start over rather than grow
+                _recipes.clear()
+            r = _recipes[key] = _ForwardRecipe(x, x2, S1s, S2s, U1s, U2s, bias, allow_tf32, plan)
+    else:
+        key, r = None, _ForwardRecipe(x, x2, S1s, S2s, U1s, U2s, bias, allow_tf32, plan)
+    y = torch.empty(r.y_shape, device=x.device, dtype=x.dtype)
+    h = torch.empty(r.h_shape, device=x.device, dtype=x.dtype)
+    if r.T == 0:
+        return y.view(*r.lead, r.y_shape[1]), h
+    if r.fused:
         hp = x2  # placeholder, not read when FUSED (an input: torch.compile then sees h as the only H written)
     else:
-        hp = h if split_i == 1 else torch.empty((split_i, T, 2 * Lk), device=x.device, dtype=torch.float32)
-        wrap_triton(_sketch_in_kernel)[lambda META: (cdiv(T, META["BT"]), n_chunks, split_i)](
-            x2, S1s, U2s, hp,
-            T, I, Lk, bucket,
-            *x2.stride(), *weight_strides,
-            hp.stride(0) if split_i > 1 else 0, hp.stride(-2),
-            K=K, BLK=BLK, PREC=prec,
-        )
-    wrap_triton(_sketch_out_kernel)[lambda META: (cdiv(T, META["BT"]) * o_groups,)](
-        x2, S1s, U2s, hp, h, U1s, S2s, bias if bias is not None else x2, y,  # x2: placeholder, never read
-        T, I, O, Lk, bucket, split_i, o_groups, 1.0 / (2 * L),
-        *x2.stride(), *weight_strides,
-        hp.stride(0) if split_i > 1 else 0, h.stride(0),  # hp (when read) and h share the row stride 2 Lk
-        *U1s.stride(), *S2s.stride(),
-        bias.stride(0) if bias is not None else 0, *y.stride(),
-        K=K, BLK=BLK, PREC=prec,
-        ONE_CHUNK=one_chunk, FUSED=fused, STORE_H=fused or split_i > 1, HAS_BIAS=bias is not None,
-    )
-    return y.view(*lead, O), h
+        hp = h if r.split_i == 1 else torch.empty((r.split_i, *r.h_shape), device=x.device, dtype=torch.float32)
+        args = (x2, S1s, U2s, hp, *r.in_scalars)
+        if key is None:
+            wrap_triton(_sketch_in_kernel)[r.in_grid](*args, **r.in_const)
+        else:
+            eager(_sketch_in_kernel).launch_as(key, r.in_grid, args, r.in_const)
+    # x2 for an absent bias: a placeholder, never read
+    args = (x2, S1s, U2s, hp, h, U1s, S2s, bias if bias is not None else x2, y, *r.out_scalars)
+    if key is None:
+        wrap_triton(_sketch_out_kernel)[r.out_grid](*args, **r.out_const)
+    else:
+        eager(_sketch_out_kernel).launch_as(key, r.out_grid, args, r.out_const)
+    return y.view(*r.lead, r.y_shape[1]), h

@@ -190,6 +190,16 @@ def use_plans(forward: Optional[ForwardPlan] = None, backward: Optional[Backward
         _forced_backward.reset(tb)
 
 
+def forced_forward_plan() -> Optional[ForwardPlan]:
+    """The forward plan forced by :func:`use_plans` here, or None."""
+    return _forced_forward.get()
+
+
+def forced_backward_plan() -> Optional[BackwardPlan]:
+    """The backward plan forced by :func:`use_plans` here, or None."""
+    return _forced_backward.get()
+
+
 _plans: dict = {}  # (direction, sizes, device) -> plan: a dict lookup on the eager hot path
 
 
