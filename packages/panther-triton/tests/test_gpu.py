@@ -60,6 +60,16 @@ def test_large_float32(shape, tf32, fp32_precision):
     run_and_compare(panther_triton.sketched_linear, inputs, TRAINED, TOL_TF32 if tf32 else TOL[torch.float32])
 
 
+@pytest.mark.parametrize("shape", [(300, 1000, 700, 2, 64), (300, 1000, 700, 3, 50)], ids=["Lk128", "Lk150"])
+@pytest.mark.parametrize("tf32", [True, False], ids=["tf32", "ieee"])
+def test_float32_at_the_widest_column_chunk(shape, tf32, fp32_precision):
+    """float32 tiles at BLK = 128 need the float32-only autotune candidates: the 16-bit ones run out of
+    shared memory there (the dH kernel's smallest asked for 240 KiB of the H200's 227)."""
+    fp32_precision("high" if tf32 else "highest")
+    inputs = make_inputs(*shape, torch.float32, device="cuda")
+    run_and_compare(panther_triton.sketched_linear, inputs, range(6), TOL_TF32 if tf32 else TOL[torch.float32])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_cached_launches_respecialise(dtype):
     """Eager launches come from panther_triton._launch's cache after the first: a batch size, a

@@ -170,20 +170,23 @@ def test_launch_as_under_the_interpreter_checks_that_the_callers_key_implies_the
     assert [e[0] for e in kernel.log] == ["tuned", "tuned"]
 
 
-def test_ieee_float32_tunes_only_the_smallest_config():
-    """The matmul kernels' early_config_prune: every config for tensor-core precisions, the one with the
-    fewest warps and smallest tiles for float32 without TF32 (CUDA-core FMAs, where big tiles spill)."""
+def test_configs_are_pruned_by_dtype_and_precision():
+    """The matmul kernels' early_config_prune: 16-bit operands drop the float32-only candidates, float32
+    with TF32 keeps every candidate, float32 without TF32 keeps only the smallest float32-only one."""
     import triton
 
-    from panther_triton._runtime import prune_for_precision
+    from panther_triton._runtime import prune_configs
 
     configs = [
         triton.Config({"BT": 128, "BI": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BT": 64, "BI": 128}, num_warps=4, num_stages=4),
         triton.Config({"BT": 64, "BI": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BT": 128, "BI": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BT": 64, "BI": 32}, num_warps=4, num_stages=1),
+        triton.Config({"BT": 32, "BI": 32}, num_warps=4, num_stages=1),
     ]
-    assert prune_for_precision(configs, {"T": 5}, PREC="tf32") == configs
-    assert prune_for_precision(configs, {"PREC": "tf32"}) == configs
-    assert prune_for_precision(configs, {}, PREC="ieee") == [configs[2]]
-    assert prune_for_precision(configs, {"PREC": "ieee"}) == [configs[2]]
+    for c in configs[2:]:
+        c.panther_float32_only = True
+    x16, x32 = torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2)
+    assert prune_configs(configs, {"x": x16, "T": 5}, PREC="tf32") == configs[:2]
+    assert prune_configs(configs, {"x": x32, "PREC": "tf32"}) == configs
+    assert prune_configs(configs, {"x": x32}, PREC="ieee") == [configs[3]]
+    assert prune_configs(configs, {"x": x32, "PREC": "ieee"}) == [configs[3]]

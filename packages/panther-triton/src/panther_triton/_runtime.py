@@ -53,22 +53,50 @@ def multiprocessors(device_index: int) -> int:
 SIZES_NOT_SPECIALISED = ["T", "T_BUCKET"]
 
 
-def autotune_configs(gpu: Iterable[Tuple[Dict[str, int], int, int]], interpreter: Dict[str, int]) -> List:
+def autotune_configs(
+    gpu: Iterable[Tuple[Dict[str, int], int, int]],
+    interpreter: Dict[str, int],
+    gpu_float32: Iterable[Tuple[Dict[str, int], int, int]] = (),
+) -> List:
     """``triton.Config`` list: the GPU candidates ``(meta, num_warps, num_stages)``, or exactly one small
-    config under the interpreter (it would otherwise benchmark every config on the CPU)."""
+    config under the interpreter (it would otherwise benchmark every config on the CPU).
+
+    ``gpu_float32`` are candidates for float32 operands only (:func:`prune_configs` drops them for 16-bit
+    ones): small tiles in one stage, whose shared memory fits at the widest column chunk (BLK = 128),
+    where float32 tiles of the 16-bit candidates do not (the smallest of them needs 240 KiB in the dH
+    kernel, over the H200's 227 KiB)."""
     import triton
 
     if interpreting():
         return [triton.Config(dict(interpreter), num_warps=4, num_stages=1)]
-    return [triton.Config(dict(meta), num_warps=w, num_stages=s) for meta, w, s in gpu]
+    configs = [triton.Config(dict(meta), num_warps=w, num_stages=s) for meta, w, s in gpu]
+    for meta, w, s in gpu_float32:
+        config = triton.Config(dict(meta), num_warps=w, num_stages=s)
+        config.panther_float32_only = True
+        configs.append(config)
+    return configs
 
 
-def prune_for_precision(configs, named_args, **kwargs):
-    """``early_config_prune`` of the matmul kernels: for float32 without TF32 (``PREC == "ieee"``, products
-    on the CUDA cores) tune only the smallest config (fewest warps, then smallest tiles); every config
-    elsewhere. Tuning them all there made the first float32 call at 8192 features outlast the H200 test
-    slot (benchmarks/results/2026-11-28_nvidia-h200_f8bc639_runner.log; with one config it passes,
-    _39843e7_runner.log), and ``auto`` sends float32 to ``torch`` anyway (TritonBackend.auto_priority)."""
+def _float32_only(config) -> bool:
+    return getattr(config, "panther_float32_only", False)
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """``early_config_prune`` of the matmul kernels, by the operands' dtype (the first tensor argument's)
+    and the dot precision ``PREC``:
+
+    * 16-bit operands: every candidate but the float32-only ones;
+    * float32 with TF32: every candidate (the autotuner skips those that run out of shared memory; the
+      float32-only ones always fit);
+    * float32 without TF32 (``PREC == "ieee"``, products on the CUDA cores): only the smallest float32-only
+      candidate. With one candidate Triton does not benchmark (so nothing would skip a config that does
+      not fit), and tuning them all made the first float32 call at 8192 features outlast the H200 test
+      slot (benchmarks/results/2026-11-28_nvidia-h200_f8bc639_runner.log); ``auto`` sends float32 to
+      ``torch`` anyway (TritonBackend.auto_priority)."""
+    dtype = next((v.dtype for v in named_args.values() if isinstance(v, torch.Tensor)), None)
+    if dtype != torch.float32:
+        kept = [c for c in configs if not _float32_only(c)]
+        return kept or configs
     prec = kwargs.get("PREC", named_args.get("PREC"))
     if prec != "ieee" or len(configs) <= 1:
         return configs
@@ -77,12 +105,12 @@ def prune_for_precision(configs, named_args, **kwargs):
         area = 1
         for v in c.kwargs.values():
             area *= v
-        return (c.num_warps, area)
+        return (not _float32_only(c), c.num_warps, area, c.num_stages)
 
     return [min(configs, key=size)]
 
 
-PRUNE = {"early_config_prune": prune_for_precision}
+PRUNE = {"early_config_prune": prune_configs}
 
 
 def tuning_bench(fn, quantiles=None):

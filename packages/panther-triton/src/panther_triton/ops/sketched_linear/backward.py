@@ -46,6 +46,7 @@ _G_CONFIGS = autotune_configs(
         ({"BT": 128, "BO": 128}, 8, 3),
         ({"BT": 32, "BO": 128}, 4, 4),
     ],
+    gpu_float32=[({"BT": 64, "BO": 32}, 4, 1)],
     interpreter={"BT": 32, "BO": 32},
 )
 
@@ -166,6 +167,7 @@ _X_CONFIGS = autotune_configs(
         ({"BT": 128, "BI": 128}, 8, 2),
         ({"BT": 32, "BI": 64}, 4, 4),
     ],
+    gpu_float32=[({"BT": 32, "BI": 32}, 4, 1)],
     interpreter={"BT": 32, "BI": 32},
 )
 

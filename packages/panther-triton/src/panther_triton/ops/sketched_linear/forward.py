@@ -88,6 +88,7 @@ _IN_CONFIGS = autotune_configs(
         ({"BT": 64, "BI": 64}, 4, 4),
         ({"BT": 128, "BI": 64}, 4, 4),
     ],
+    gpu_float32=[({"BT": 64, "BI": 32}, 4, 1)],
     interpreter={"BT": 32, "BI": 32},
 )
 
@@ -153,6 +154,7 @@ _OUT_CONFIGS = autotune_configs(
         ({"BT": 128, "BI": 128, "BO": 64}, 8, 2),
         ({"BT": 64, "BI": 64, "BO": 64}, 4, 2),  # the one that fits float32 (TF32) at R = 128
     ],
+    gpu_float32=[({"BT": 64, "BI": 32, "BO": 64}, 4, 1)],
     interpreter={"BT": 32, "BI": 32, "BO": 32},
 )
 
