@@ -121,18 +121,19 @@ class TritonBackend(Backend):
 
     def auto_priority(self, op: str, *args, **kwargs) -> int:
         """Below ``torch`` where these kernels measured slower than the torch backend on the H200
-        (benchmarks/results/2026-11-28_nvidia-h200_e754d4c.json and _39843e7.json, CUDA-graph times):
+        (benchmarks/results/2026-11-29_nvidia-h200_fdab836.json and 2026-11-28_nvidia-h200_e754d4c.json,
+        CUDA-graph times):
 
-        * float32, with or without TF32: cuBLAS's GEMMs win (4096 rows, 4096 features: TF32 0.25 ms on
-          torch against 0.75 ms here, float32 0.59 against 2.96 ms; _a1ce6e8.json);
+        * float32, with or without TF32: cuBLAS's GEMMs win (4096 rows, 4096 features: TF32 0.24 ms on
+          torch against 0.41 ms here, float32 0.59 against 1.75 ms; fdab836);
         * 2·num_terms·low_rank > 256, past the fused kernel (L=8, k=64, 8192 features: 0.55 ms on torch
-          against 1.51 ms here at 4096 rows, 0.12 against 0.17 ms at 128 rows).
+          against 1.51 ms here at 4096 rows, 0.12 against 0.17 ms at 128 rows; e754d4c).
 
         Elsewhere (16-bit, 2Lk <= 256) the kernels were faster for forward+backward at every measured
-        shape, and keep their priority. Forward alone is not decided by the inputs: at 4096 rows cuBLAS
-        beat the fused forward on GPU time (e.g. 0.025 against 0.040 ms at 2048 features), while in eager
-        calls (host-bound) the fused launch was faster at 6 of the 8 headline shapes. ``backend="triton"`` runs any
-        accepted input here regardless."""
+        shape, eager and captured, and keep their priority. Forward alone is not decided by the inputs: at
+        4096 rows cuBLAS beat the fused forward on GPU time from 2048 features up (0.025 against 0.040 ms
+        at 2048), while in eager calls (host-bound) the fused launch was faster at all 8 headline shapes
+        (fdab836). ``backend="triton"`` runs any accepted input here regardless."""
         if op == "sketched_linear" and len(args) >= 2:
             x, S1s = args[0], args[1]
             if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
