@@ -7,6 +7,8 @@ values, dtypes, 16-byte alignment of tensors, constexprs) makes a new key. The G
 real thing against the float64 reference (test_gpu.py::test_cached_launches_respecialise).
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -175,18 +177,20 @@ def test_configs_are_pruned_by_dtype_and_precision():
     with TF32 keeps every candidate, float32 without TF32 keeps only the smallest float32-only one."""
     import triton
 
-    from panther_triton._runtime import prune_configs
+    from panther_triton._runtime import float32_only, prune_configs
 
     configs = [
         triton.Config({"BT": 128, "BI": 64}, num_warps=8, num_stages=3),
         triton.Config({"BT": 64, "BI": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BT": 64, "BI": 32}, num_warps=4, num_stages=1),
-        triton.Config({"BT": 32, "BI": 32}, num_warps=4, num_stages=1),
+        float32_only(triton.Config({"BT": 64, "BI": 32}, num_warps=4, num_stages=1)),
+        float32_only(triton.Config({"BT": 32, "BI": 32}, num_warps=4, num_stages=1)),
     ]
-    for c in configs[2:]:
-        c.panther_float32_only = True
     x16, x32 = torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2)
     assert prune_configs(configs, {"x": x16, "T": 5}, PREC="tf32") == configs[:2]
     assert prune_configs(configs, {"x": x32, "PREC": "tf32"}) == configs
     assert prune_configs(configs, {"x": x32}, PREC="ieee") == [configs[3]]
-    assert prune_configs(configs, {"x": x32, "PREC": "ieee"}) == [configs[3]]
+    assert prune_configs(configs, {"PREC": "ieee"}) == [configs[3]]  # ieee is float32 whatever the arguments
+    assert prune_configs(configs, {"T": 5}, PREC="tf32") == configs  # dtype unknown: every candidate
+    # the marking is by value: a copy of a float32-only config (as Triton's caches make them) is one too
+    copied = [copy.deepcopy(c) for c in configs]
+    assert prune_configs(copied, {"x": x16}, PREC="tf32") == copied[:2]

@@ -70,44 +70,60 @@ def autotune_configs(
     if interpreting():
         return [triton.Config(dict(interpreter), num_warps=4, num_stages=1)]
     configs = [triton.Config(dict(meta), num_warps=w, num_stages=s) for meta, w, s in gpu]
-    for meta, w, s in gpu_float32:
-        config = triton.Config(dict(meta), num_warps=w, num_stages=s)
-        config.panther_float32_only = True
-        configs.append(config)
+    configs += [float32_only(triton.Config(dict(meta), num_warps=w, num_stages=s)) for meta, w, s in gpu_float32]
     return configs
 
 
+# The float32-only candidates, by value: an attribute on the Config object would not survive the copies
+# Triton and torch make of configs (deepcopy, pickling, Triton's on-disk autotune cache rebuilds them from
+# their fields). They have one stage and the 16-bit candidates two or more, so no signature is in both.
+_FLOAT32_ONLY: set = set()
+
+
+def _signature(config) -> tuple:
+    return (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages)
+
+
+def float32_only(config):
+    """Mark ``config`` (a ``triton.Config``) as a candidate for float32 operands only; returns it."""
+    _FLOAT32_ONLY.add(_signature(config))
+    return config
+
+
 def _float32_only(config) -> bool:
-    return getattr(config, "panther_float32_only", False)
+    return _signature(config) in _FLOAT32_ONLY
 
 
 def prune_configs(configs, named_args, **kwargs):
-    """``early_config_prune`` of the matmul kernels, by the operands' dtype (the first tensor argument's)
-    and the dot precision ``PREC``:
+    """``early_config_prune`` of the matmul kernels, by the dot precision ``PREC`` and the operands' dtype
+    (the first tensor argument's):
 
-    * 16-bit operands: every candidate but the float32-only ones;
+    * float32 without TF32 (``PREC == "ieee"``, products on the CUDA cores): only the smallest float32-only
+      candidate. Tuning them all made the first float32 call at 8192 features outlast the H200 test slot
+      (benchmarks/results/2026-11-28_nvidia-h200_f8bc639_runner.log), and with one candidate left Triton may
+      run it without benchmarking (3.6 and 3.9 do), so it must fit; ``auto`` sends float32 to ``torch``
+      anyway (TritonBackend.auto_priority);
     * float32 with TF32: every candidate (the autotuner skips those that run out of shared memory; the
       float32-only ones always fit);
-    * float32 without TF32 (``PREC == "ieee"``, products on the CUDA cores): only the smallest float32-only
-      candidate. With one candidate Triton does not benchmark (so nothing would skip a config that does
-      not fit), and tuning them all made the first float32 call at 8192 features outlast the H200 test
-      slot (benchmarks/results/2026-11-28_nvidia-h200_f8bc639_runner.log); ``auto`` sends float32 to
-      ``torch`` anyway (TritonBackend.auto_priority)."""
-    dtype = next((v.dtype for v in named_args.values() if isinstance(v, torch.Tensor)), None)
-    if dtype != torch.float32:
-        kept = [c for c in configs if not _float32_only(c)]
-        return kept or configs
+    * 16-bit operands: every candidate but the float32-only ones;
+    * no tensor among the arguments (dtype unknown): every candidate."""
     prec = kwargs.get("PREC", named_args.get("PREC"))
-    if prec != "ieee" or len(configs) <= 1:
+    if prec == "ieee":
+        if len(configs) <= 1:
+            return configs
+
+        def size(c):
+            area = 1
+            for v in c.kwargs.values():
+                area *= v
+            return (not _float32_only(c), c.num_warps, area, c.num_stages)
+
+        return [min(configs, key=size)]
+    dtype = next((v.dtype for v in named_args.values() if isinstance(v, torch.Tensor)), None)
+    if dtype is None or dtype == torch.float32:
         return configs
-
-    def size(c):
-        area = 1
-        for v in c.kwargs.values():
-            area *= v
-        return (not _float32_only(c), c.num_warps, area, c.num_stages)
-
-    return [min(configs, key=size)]
+    kept = [c for c in configs if not _float32_only(c)]
+    return kept or configs
 
 
 PRUNE = {"early_config_prune": prune_configs}

@@ -330,12 +330,14 @@ class _BackwardRecipe:
         shapes = ((1, (L, I, K)), (4, (L, I, K)), (2, (L, K, O)), (3, (L, K, O)), (5, (O,)))
         self.order = tuple((i, shape) for i, shape in shapes if self.needs[i])
         sizes = [math.prod(shape) for _, shape in self.order]
-        offsets = dict(zip((i for i, _ in self.order), itertools.accumulate([0] + sizes)))
+        offsets = {}  # into the workspace of partial sums (read by the kernels only when split over T)
         if plan is None:
             plan = plan_backward(T, I, O, Lk, x2.element_size(), x2.device, need_u1)
         self.split_o = split_o = plan.split_o if need_dh else 1
         split_t = plan.split_t if self.order else 1
         self.split = split = split_t > 1
+        if split:
+            offsets = dict(zip((i for i, _ in self.order), itertools.accumulate([0] + sizes)))
         BLK = column_chunk(Lk)
         n_chunks = cdiv(Lk, BLK)
         one_chunk = n_chunks == 1
@@ -346,9 +348,8 @@ class _BackwardRecipe:
         stride_ws = n_total if split else 0
         # dH: (T, 2 Lk) in the input dtype, or fp32 partials (split_o, T, 2 Lk); without role A, a (1, 2 Lk)
         # placeholder that is no input of ours (an op must not seem to write its inputs)
-        self.dhp_shape = (T, 2 * Lk) if (split_o == 1 or not need_dh) else (split_o, T, 2 * Lk)
         self.dhp_fp32 = need_dh and split_o > 1
-        self.dhp_shape = (1, 2 * Lk) if not need_dh else self.dhp_shape
+        self.dhp_shape = (split_o, T, 2 * Lk) if self.dhp_fp32 else (T, 2 * Lk) if need_dh else (1, 2 * Lk)
         stride_dhs = T * 2 * Lk if self.dhp_fp32 else 0
 
         self.g_grid = lambda META: (
@@ -395,6 +396,7 @@ def _layout_key(g, g2, x2, h, S1s, S2s, U1s, U2s, needs, allow_tf32, plan) -> tu
         S1s.shape, S2s.shape, g.dtype, x2.dtype, g.device, tuple(needs), allow_tf32, plan, forced_backward_plan(),
         S1s.stride(), U2s.stride(), U1s.stride(), S2s.stride(),
         S1s.data_ptr() & 15, U2s.data_ptr() & 15, U1s.data_ptr() & 15, S2s.data_ptr() & 15,
+        h.dtype, S1s.dtype, U2s.dtype, U1s.dtype, S2s.dtype,
     )
 
 

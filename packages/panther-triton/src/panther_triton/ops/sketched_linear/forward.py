@@ -304,14 +304,15 @@ _recipes: dict = {}  # eager calls: layout key -> _ForwardRecipe
 
 def _layout_key(x, x2, S1s, S2s, U1s, U2s, bias, allow_tf32, plan) -> tuple:
     """Everything a forward recipe and its launches depend on but the tensors' addresses: shapes, strides,
-    dtype, device, each input's address modulo 16 (Triton specialises pointers on 16-byte alignment; the
+    dtypes, device, each input's address modulo 16 (Triton specialises pointers on 16-byte alignment; the
     outputs are fresh allocations, aligned), the options and the plan forced, if any."""
     return (
         x.shape, x2.stride(), x2.data_ptr() & 15, S1s.shape, S2s.shape, x.dtype, x.device, allow_tf32,
         plan, forced_forward_plan(),
         S1s.stride(), U2s.stride(), U1s.stride(), S2s.stride(),
         S1s.data_ptr() & 15, U2s.data_ptr() & 15, U1s.data_ptr() & 15, S2s.data_ptr() & 15,
-        None if bias is None else (bias.stride(0), bias.data_ptr() & 15),
+        S1s.dtype, U2s.dtype, U1s.dtype, S2s.dtype,  # one dtype for all is the callers' contract, not checked here
+        None if bias is None else (bias.stride(0), bias.data_ptr() & 15, bias.dtype),
     )
 
 
