@@ -194,3 +194,17 @@ def test_configs_are_pruned_by_dtype_and_precision():
     # the marking is by value: a copy of a float32-only config (as Triton's caches make them) is one too
     copied = [copy.deepcopy(c) for c in configs]
     assert prune_configs(copied, {"x": x16}, PREC="tf32") == copied[:2]
+
+
+def test_host_caches_start_over_at_their_bound(monkeypatch):
+    """Plans, launch recipes and compiled-kernel lookups share one bounded store: many distinct batch
+    sizes start it over instead of growing it."""
+    import panther_triton._runtime as runtime
+
+    monkeypatch.setattr(runtime, "CACHE_ENTRIES", 3)
+    cache = {}
+    for i in range(3):
+        assert runtime.remember(cache, i, str(i)) == str(i)
+    assert cache == {0: "0", 1: "1", 2: "2"}
+    runtime.remember(cache, 3, "3")
+    assert cache == {3: "3"}

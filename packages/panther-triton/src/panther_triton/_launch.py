@@ -38,9 +38,8 @@ from typing import Any, Callable, Dict, Tuple
 
 import torch
 
-from panther_triton._runtime import interpreting
+from panther_triton._runtime import interpreting, remember
 
-_MAX_ENTRIES = 4096  # per kernel; many distinct batch sizes start the cache over rather than grow it
 _PLAIN = frozenset((int, float, bool, type(None)))  # arguments that are their own key; the others are tensors
 
 
@@ -129,9 +128,7 @@ class Launcher:
         if entry is not None:
             compiled, tail, meta = entry
             g = tuple(grid(meta))
-            if len(self.by_caller) >= _MAX_ENTRIES:
-                self.by_caller.clear()
-            self.by_caller[caller_key] = (compiled, tail, (g + (1, 1))[:3])
+            remember(self.by_caller, caller_key, (compiled, tail, (g + (1, 1))[:3]))
 
     def _give_up(self, exc: Exception) -> None:
         import warnings
@@ -158,9 +155,7 @@ class Launcher:
         names = self.arg_names[len(args):]
         if any(n not in meta for n in names):
             return
-        if len(self.cache) >= _MAX_ENTRIES:
-            self.cache.clear()
-        self.cache[key] = (compiled, tuple(meta[n] for n in names), meta)
+        remember(self.cache, key, (compiled, tuple(meta[n] for n in names), meta))
 
 
 _launchers: Dict[int, Launcher] = {}

@@ -147,6 +147,18 @@ def device_guard(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
+CACHE_ENTRIES = 4096  # bound of the host-side caches (plans, launch recipes, compiled-kernel lookups)
+
+
+def remember(cache: dict, key, value):
+    """``cache[key] = value``, starting the cache over once it holds CACHE_ENTRIES entries (many distinct
+    batch sizes or layouts), rather than growing without bound; returns value."""
+    if len(cache) >= CACHE_ENTRIES:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 def cdiv(a, b):
     """Ceiling division of sizes (plain ints or torch.compile's symbolic sizes; triton.cdiv is a JIT
     function whose Python call costs ~15 us)."""

@@ -34,7 +34,9 @@ import triton
 import triton.language as tl
 
 from panther_triton._launch import eager
-from panther_triton._runtime import PRUNE, SIZES_NOT_SPECIALISED, autotune_configs, cdiv, tune_bucket, tuning_bench
+from panther_triton._runtime import (
+    PRUNE, SIZES_NOT_SPECIALISED, autotune_configs, cdiv, remember, tune_bucket, tuning_bench,
+)
 from panther_triton.ops.sketched_linear.common import dot_precision, lk_offsets, lko_offsets, mma, store_grad, sum_splits
 from panther_triton.ops.sketched_linear.plan import BackwardPlan, column_chunk, forced_backward_plan, plan_backward
 
@@ -427,9 +429,7 @@ def sketched_linear_backward(
         key = _layout_key(g, g2, x2, h, S1s, S2s, U1s, U2s, needs, allow_tf32, plan)
         r = _recipes.get(key)
         if r is None:
-            if len(_recipes) >= 4096:  # many distinct layouts (batch sizes): start over rather than grow
-                _recipes.clear()
-            r = _recipes[key] = _BackwardRecipe(g2, x2, h, S1s, S2s, U1s, U2s, needs, allow_tf32, plan)
+            r = remember(_recipes, key, _BackwardRecipe(g2, x2, h, S1s, S2s, U1s, U2s, needs, allow_tf32, plan))
     else:
         key, r = None, _BackwardRecipe(g2, x2, h, S1s, S2s, U1s, U2s, needs, allow_tf32, plan)
     dev, dt = g.device, x.dtype

@@ -40,7 +40,9 @@ import triton
 import triton.language as tl
 
 from panther_triton._launch import eager
-from panther_triton._runtime import PRUNE, SIZES_NOT_SPECIALISED, autotune_configs, cdiv, tune_bucket, tuning_bench
+from panther_triton._runtime import (
+    PRUNE, SIZES_NOT_SPECIALISED, autotune_configs, cdiv, remember, tune_bucket, tuning_bench,
+)
 from panther_triton.ops.sketched_linear.common import dot_precision, lk_offsets, lko_offsets, mma, sum_splits
 from panther_triton.ops.sketched_linear.plan import ForwardPlan, column_chunk, forced_forward_plan, plan_forward
 
@@ -342,9 +344,7 @@ def sketched_linear_forward(
         key = _layout_key(x, x2, S1s, S2s, U1s, U2s, bias, allow_tf32, plan)
         r = _recipes.get(key)
         if r is None:
-            if len(_recipes) >= 4096:  # many distinct layouts (batch sizes): start over rather than grow
-                _recipes.clear()
-            r = _recipes[key] = _ForwardRecipe(x, x2, S1s, S2s, U1s, U2s, bias, allow_tf32, plan)
+            r = remember(_recipes, key, _ForwardRecipe(x, x2, S1s, S2s, U1s, U2s, bias, allow_tf32, plan))
     else:
         key, r = None, _ForwardRecipe(x, x2, S1s, S2s, U1s, U2s, bias, allow_tf32, plan)
     y = torch.empty(r.y_shape, device=x.device, dtype=x.dtype)

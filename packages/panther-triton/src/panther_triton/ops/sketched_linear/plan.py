@@ -16,7 +16,8 @@ the GPU idle. A plan says which long reductions are split into partial sums over
 The planner picks the cheapest plan under a roofline model of the device: per launch,
 max(waves × per-program time, device-wide memory time) + a launch cost, where a program's time is the
 larger of its MMA time and its bytes through L2 at one SM's share of the bandwidth. The constants below
-are for an H100/H200-class GPU (datasheet peaks derated); the SM count is read off the device.
+are for an H100/H200-class GPU, fitted to plan timings measured on an H200 (see _gpu_model); the SM count
+is read off the device.
 ``tools/check_gpu.py --plans`` times the alternatives so that the model can be checked against the chip.
 """
 
@@ -30,7 +31,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from panther_triton._runtime import interpreting, multiprocessors, size_hint
+from panther_triton._runtime import interpreting, multiprocessors, remember, size_hint
 
 BLK_MAX = 128  # widest column chunk of H's halves held on chip (two halves: R <= 256 in one chunk)
 
@@ -211,7 +212,7 @@ def plan_forward(T: int, I: int, O: int, Lk: int, es: int, device) -> ForwardPla
     key = ("f", T, I, O, Lk, es, device.type, device.index)
     plan = _plans.get(key)
     if plan is None:
-        plan = _remember(key, _best_forward(T, I, O, Lk, es, device_model(device)))
+        plan = remember(_plans, key, _best_forward(T, I, O, Lk, es, device_model(device)))
     return plan
 
 
@@ -223,14 +224,7 @@ def plan_backward(T: int, I: int, O: int, Lk: int, es: int, device, need_u1: boo
     key = ("b", T, I, O, Lk, es, device.type, device.index, need_u1)
     plan = _plans.get(key)
     if plan is None:
-        plan = _remember(key, _best_backward(T, I, O, Lk, es, device_model(device), need_u1))
-    return plan
-
-
-def _remember(key, plan):
-    if len(_plans) > 4096:  # many distinct batch sizes: start over rather than grow without bound
-        _plans.clear()
-    _plans[key] = plan
+        plan = remember(_plans, key, _best_backward(T, I, O, Lk, es, device_model(device), need_u1))
     return plan
 
 
