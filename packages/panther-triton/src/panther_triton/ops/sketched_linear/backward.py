@@ -165,7 +165,9 @@ _X_CONFIGS = autotune_configs(
     gpu=[
         ({"BT": 64, "BI": 64}, 4, 3),
         ({"BT": 128, "BI": 64}, 8, 3),
+        ({"BT": 128, "BI": 64}, 4, 4),
         ({"BT": 64, "BI": 128}, 8, 3),
+        ({"BT": 64, "BI": 128}, 4, 3),
         ({"BT": 128, "BI": 128}, 8, 2),
         ({"BT": 32, "BI": 64}, 4, 4),
     ],
@@ -220,6 +222,7 @@ def _grad_from_x_kernel(
     x_ptrs = x + rows[:, None] * stride_xt + offs_i.to(tl.int64)[None, :] * stride_xi
     dh_ptrs = dhp + rows[:, None] * stride_dht + cols[None, :]
     dx_ptrs = dx + rows[:, None] * stride_dxt + offs_i.to(tl.int64)[None, :] * stride_dxi
+    dxt_ptrs = dx + offs_i.to(tl.int64)[:, None] * stride_dxi + rows[None, :] * stride_dxt  # the same, transposed
     mask_a = mask_i[:, None] & mask_c[None, :]
     if ONE_CHUNK:
         if NEED_DX:  # this program's tile of A, loaded once for all its row tiles
@@ -248,9 +251,11 @@ def _grad_from_x_kernel(
                 acc_u2 = mma(tl.trans(xt), dh2, acc_u2, PREC)
         if NEED_DX:
             if ONE_CHUNK:
-                acc_x = mma(dh1, tl.trans(a1), tl.zeros((BT, BI), dtype=tl.float32), PREC)
-                acc_x = mma(dh2, tl.trans(a2), acc_x, PREC)
-                tl.store(dx_ptrs, acc_x, mask=mask_x)
+                # dxᵀ = A dHᵀ: A's tile, loaded once, is the register operand; as the shared-memory one
+                # (dx = dH Aᵀ) it was copied into shared memory again on every row tile
+                acc_xt = mma(a1, tl.trans(dh1), tl.zeros((BI, BT), dtype=tl.float32), PREC)
+                acc_xt = mma(a2, tl.trans(dh2), acc_xt, PREC)
+                tl.store(dxt_ptrs, acc_xt, mask=tl.trans(mask_x))
             else:
                 if pid_c == 0:  # R > 2 BLK: the first chunk's programs sum dx over every chunk
                     acc_x = tl.zeros((BT, BI), dtype=tl.float32)
@@ -271,6 +276,7 @@ def _grad_from_x_kernel(
         x_ptrs += BT * stride_xt
         dh_ptrs += BT * stride_dht
         dx_ptrs += BT * stride_dxt
+        dxt_ptrs += BT * stride_dxt
     out = offs_i[:, None] * K + lk_offsets(cols, I * K, 1, K)[None, :]  # [l, i, j] of a contiguous (L, I, K)
     if NEED_DS1:
         store_grad(ds1, ws, off_ds1, stride_ws, pid_s, out, acc_s1, mask_a, SPLIT_T)
