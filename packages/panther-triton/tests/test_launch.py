@@ -174,7 +174,8 @@ def test_launch_as_under_the_interpreter_checks_that_the_callers_key_implies_the
 
 def test_configs_are_pruned_by_dtype_and_precision():
     """The matmul kernels' early_config_prune: 16-bit operands drop the float32-only candidates, float32
-    with TF32 keeps every candidate, float32 without TF32 keeps only the smallest float32-only one."""
+    with TF32 keeps every candidate but at the widest column chunk (then only the float32-only ones),
+    float32 without TF32 keeps only the smallest float32-only one."""
     import triton
 
     from panther_triton._runtime import float32_only, prune_configs
@@ -188,6 +189,9 @@ def test_configs_are_pruned_by_dtype_and_precision():
     x16, x32 = torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2)
     assert prune_configs(configs, {"x": x16, "T": 5}, PREC="tf32") == configs[:2]
     assert prune_configs(configs, {"x": x32, "PREC": "tf32"}) == configs
+    assert prune_configs(configs, {"x": x32, "PREC": "tf32"}, BLK=64) == configs
+    assert prune_configs(configs, {"x": x32, "PREC": "tf32"}, BLK=128) == configs[2:]
+    assert prune_configs(configs, {"x": x16, "PREC": "tf32"}, BLK=128) == configs[:2]
     assert prune_configs(configs, {"x": x32}, PREC="ieee") == [configs[3]]
     assert prune_configs(configs, {"PREC": "ieee"}) == [configs[3]]  # ieee is float32 whatever the arguments
     assert prune_configs(configs, {"T": 5}, PREC="tf32") == configs  # dtype unknown: every candidate

@@ -103,8 +103,13 @@ def prune_configs(configs, named_args, **kwargs):
       (benchmarks/results/2026-11-28_nvidia-h200_f8bc639_runner.log), and with one candidate left Triton may
       run it without benchmarking (3.6 and 3.9 do), so it must fit; ``auto`` sends float32 to ``torch``
       anyway (TritonBackend.auto_priority);
-    * float32 with TF32: every candidate (the autotuner skips those that run out of shared memory; the
-      float32-only ones always fit);
+    * float32 with TF32 at the widest column chunk (``BLK`` = 128): the float32-only candidates. The others'
+      float32 tiles ask for more shared memory than an H200 block may have in all but two of them
+      (tools/compile_check.py), and the autotuner learns that only after compiling each: minutes at a new
+      shape (the GPU test of float32 at Lk = 150 outlasted a 240 s slot,
+      benchmarks/results/2026-11-29_nvidia-h200_807e467_runner.log);
+    * float32 with TF32 at narrower chunks: every candidate (the autotuner skips those that run out of
+      shared memory; the float32-only ones always fit);
     * 16-bit operands: every candidate but the float32-only ones;
     * no tensor among the arguments (dtype unknown): every candidate."""
     prec = kwargs.get("PREC", named_args.get("PREC"))
@@ -120,11 +125,17 @@ def prune_configs(configs, named_args, **kwargs):
 
         return [min(configs, key=size)]
     dtype = next((v.dtype for v in named_args.values() if isinstance(v, torch.Tensor)), None)
-    if dtype is None or dtype == torch.float32:
+    if dtype is None:
+        return configs
+    if dtype == torch.float32:
+        if kwargs.get("BLK", named_args.get("BLK", 0)) >= WIDEST_CHUNK:
+            return [c for c in configs if _float32_only(c)] or configs
         return configs
     kept = [c for c in configs if not _float32_only(c)]
     return kept or configs
 
+
+WIDEST_CHUNK = 128  # the widest column chunk BLK of the kernels (plan.BLK_MAX)
 
 PRUNE = {"early_config_prune": prune_configs}
 

@@ -31,9 +31,9 @@ from typing import Iterator, Optional
 
 import torch
 
-from panther_triton._runtime import interpreting, multiprocessors, remember, size_hint
+from panther_triton._runtime import WIDEST_CHUNK, interpreting, multiprocessors, remember, size_hint
 
-BLK_MAX = 128  # widest column chunk of H's halves held on chip (two halves: R <= 256 in one chunk)
+BLK_MAX = WIDEST_CHUNK  # widest column chunk of H's halves held on chip (two halves: R <= 256 in one chunk)
 
 
 @dataclasses.dataclass(frozen=True)
