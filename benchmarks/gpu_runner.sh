@@ -79,7 +79,8 @@ step() { echo; echo "=== $* [$(date -u +%H:%M:%S) UTC]"; }
   if [ "$BENCH_S" -gt 0 ]; then
     step "benchmarks ${BENCH_ARGS} (limit ${BENCH_S}s)"
     # shellcheck disable=SC2086  # BENCH_ARGS is word-split on purpose
-    timeout -k 10 "$BENCH_S" python3 benchmarks/run.py $BENCH_ARGS --out "$OUT"
+    read -r -a bench_args <<< "$BENCH_ARGS"  # split on spaces, no globbing (nullglob would drop a --filter regex)
+    timeout -k 10 "$BENCH_S" python3 benchmarks/run.py "${bench_args[@]}" --out "$OUT"
     rc=$?
     echo "bench rc=$rc (124: timed out; the JSON holds every case finished before)"
     if [ "$rc" -ne 0 ]; then  # the plots are drawn at the end of a run: draw them from what the JSON holds

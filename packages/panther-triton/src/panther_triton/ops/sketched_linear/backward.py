@@ -15,7 +15,8 @@ different axes: one program doing both would have to add its dS2 share into memo
 every O tile; a second read of g costs T O elements of streaming instead, and one launch holds both.
 Launch 2, ``_grad_from_x_kernel``, reads x: each program owns BI columns of x (and of dx) and loops
 over T, computing its dx tiles (dH Aᵀ, K = R) and accumulating dS1 = xᵀ dH1 for its BI rows on chip:
-x is read once, dx written once, and A's tile stays in registers.
+x is read once, dx written once, and A's tile stays on chip. Past one chunk (R > 2 BLK) each chunk has
+its programs, which read x for their chunk of dS1 and take the row tiles of dx in turn.
 Launch 3, only when the plan splits T (small I or O leave too few programs otherwise): the T-split
 partial sums of the weight grads (fp32) are added up and cast. dH itself may be split over O
 (small T), its partials summed by launch 2 as it loads them.
@@ -257,15 +258,20 @@ def _grad_from_x_kernel(
                 acc_xt = mma(a2, tl.trans(dh2), acc_xt, PREC)
                 tl.store(dxt_ptrs, acc_xt, mask=tl.trans(mask_x))
             else:
-                if pid_c == 0:  # R > 2 BLK: the first chunk's programs sum dx over every chunk
+                # R > 2 BLK: a row tile's dx sums over every chunk; the n_chunks programs of this column tile
+                # take the row tiles in turn (each reads all rows anyway, for its chunk of dS1), so that dx,
+                # a GEMM with K = R, runs on all of them (one program of n_chunks doing it all made it the
+                # backward's bottleneck)
+                if (t // BT) % n_chunks == pid_c:
                     acc_x = tl.zeros((BT, BI), dtype=tl.float32)
+                    dh_rows = dh_ptrs - pid_c * BLK  # column 0 of this row tile's dH
                     for c in range(0, Lk, BLK):
                         cc = c + ar_c
                         mask_cc = cc < Lk
                         mask_hc = mask_t[:, None] & mask_cc[None, :]
                         mask_ac = mask_i[:, None] & mask_cc[None, :]
-                        e1 = sum_splits(dh_ptrs + c, stride_dhs, split_o, mask_hc).to(x.dtype.element_ty)
-                        e2 = sum_splits(dh_ptrs + c + Lk, stride_dhs, split_o, mask_hc).to(x.dtype.element_ty)
+                        e1 = sum_splits(dh_rows + c, stride_dhs, split_o, mask_hc).to(x.dtype.element_ty)
+                        e2 = sum_splits(dh_rows + c + Lk, stride_dhs, split_o, mask_hc).to(x.dtype.element_ty)
                         b1 = tl.load(S1 + offs_i[:, None] * stride_s1i
                                      + lk_offsets(cc, stride_s1l, stride_s1k, K)[None, :], mask=mask_ac, other=0.0)
                         b2 = tl.load(U2 + offs_i[:, None] * stride_u2i
