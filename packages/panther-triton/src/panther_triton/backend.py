@@ -121,13 +121,13 @@ class TritonBackend(Backend):
 
     def auto_priority(self, op: str, *args, **kwargs) -> int:
         """Below ``torch`` where these kernels measured slower than the torch backend on the H200
-        (benchmarks/results/2026-11-29_nvidia-h200_fdab836.json and 2026-11-28_nvidia-h200_e754d4c.json,
+        (benchmarks/results/2026-11-29_nvidia-h200_fdab836.json and 2026-11-29_nvidia-h200_4eb5fa2_wide-rank.json,
         CUDA-graph times):
 
         * float32, with or without TF32: cuBLAS's GEMMs win (4096 rows, 4096 features: TF32 0.24 ms on
           torch against 0.41 ms here, float32 0.59 against 1.75 ms; fdab836);
-        * 2·num_terms·low_rank > 256, past the fused kernel (L=8, k=64, 8192 features: 0.55 ms on torch
-          against 1.51 ms here at 4096 rows, 0.12 against 0.17 ms at 128 rows; e754d4c).
+        * 2·num_terms·low_rank > 256, past the fused kernel (L=8, k=64, 4096 rows: 0.12 ms on torch
+          against 0.23 ms here at 1024 features, 0.17 against 0.42 ms at 2048; 4eb5fa2).
 
         Elsewhere (16-bit, 2Lk <= 256) the kernels were faster for forward+backward at every measured
         shape, eager and captured, and keep their priority. Forward alone is not decided by the inputs: at
