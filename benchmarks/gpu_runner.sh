@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call on the lent H200: install the packages, `panther info`, the GPU tests, then the
+# One run on an H200 machine, within a 10-minute job: install the packages, `panther info`, the GPU tests, then the
 # gpu-quick benchmarks, each under its own `timeout` so that later steps still run and logs come back.
 #
 #   run from the repository root, with OUT set to an empty folder:
@@ -78,7 +78,6 @@ step() { echo; echo "=== $* [$(date -u +%H:%M:%S) UTC]"; }
 
   if [ "$BENCH_S" -gt 0 ]; then
     step "benchmarks ${BENCH_ARGS} (limit ${BENCH_S}s)"
-    # shellcheck disable=SC2086  # BENCH_ARGS is word-split on purpose
     read -r -a bench_args <<< "$BENCH_ARGS"  # split on spaces, no globbing (nullglob would drop a --filter regex)
     timeout -k 10 "$BENCH_S" python3 benchmarks/run.py "${bench_args[@]}" --out "$OUT"
     rc=$?

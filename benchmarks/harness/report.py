@@ -34,7 +34,7 @@ def _version(dist: str) -> Optional[str]:
 
 
 def commit() -> dict:
-    """$PANTHER_COMMIT where set (a copied tree, as on the lent GPU, may carry a stale .git), else the short
+    """$PANTHER_COMMIT where set (a copied tree may carry a stale .git), else the short
     commit from git and whether the tree had changes, else "unknown"."""
     env = os.environ.get("PANTHER_COMMIT")
     if env:

@@ -94,19 +94,22 @@ def _float32_only(config) -> bool:
     return _signature(config) in _FLOAT32_ONLY
 
 
+WIDEST_CHUNK = 128  # the widest column chunk BLK of the kernels (plan.BLK_MAX)
+
+
 def prune_configs(configs, named_args, **kwargs):
     """``early_config_prune`` of the matmul kernels, by the dot precision ``PREC`` and the operands' dtype
     (the first tensor argument's):
 
     * float32 without TF32 (``PREC == "ieee"``, products on the CUDA cores): only the smallest float32-only
-      candidate. Tuning them all made the first float32 call at 8192 features outlast the H200 test slot
+      candidate. Tuning them all made the first float32 call at 8192 features outlast the GPU runner's test time limit
       (benchmarks/results/2026-11-28_nvidia-h200_f8bc639_runner.log), and with one candidate left Triton may
       run it without benchmarking (3.6 and 3.9 do), so it must fit; ``auto`` sends float32 to ``torch``
       anyway (TritonBackend.auto_priority);
     * float32 with TF32 at the widest column chunk (``BLK`` = 128): the float32-only candidates. The others'
       float32 tiles ask for more shared memory than an H200 block may have in all but two of them
       (tools/compile_check.py), and the autotuner learns that only after compiling each: minutes at a new
-      shape (the GPU test of float32 at Lk = 150 outlasted a 240 s slot,
+      shape (the GPU test of float32 at Lk = 150 ran past the runner's 240 s test limit,
       benchmarks/results/2026-11-29_nvidia-h200_807e467_runner.log);
     * float32 with TF32 at narrower chunks: every candidate (the autotuner skips those that run out of
       shared memory; the float32-only ones always fit);
@@ -134,8 +137,6 @@ def prune_configs(configs, named_args, **kwargs):
     kept = [c for c in configs if not _float32_only(c)]
     return kept or configs
 
-
-WIDEST_CHUNK = 128  # the widest column chunk BLK of the kernels (plan.BLK_MAX)
 
 PRUNE = {"early_config_prune": prune_configs}
 

@@ -252,8 +252,8 @@ def _grad_from_x_kernel(
                 acc_u2 = mma(tl.trans(xt), dh2, acc_u2, PREC)
         if NEED_DX:
             if ONE_CHUNK:
-                # dxᵀ = A dHᵀ: A's tile, loaded once, is the register operand; as the shared-memory one
-                # (dx = dH Aᵀ) it was copied into shared memory again on every row tile
+                # dxᵀ = A dHᵀ: A's tile, loaded once, is the first operand and goes to shared memory once;
+                # as the second (dx = dH Aᵀ), Triton copied it into shared memory again on every row tile
                 acc_xt = mma(a1, tl.trans(dh1), tl.zeros((BI, BT), dtype=tl.float32), PREC)
                 acc_xt = mma(a2, tl.trans(dh2), acc_xt, PREC)
                 tl.store(dxt_ptrs, acc_xt, mask=tl.trans(mask_x))
