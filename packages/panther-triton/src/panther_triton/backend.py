@@ -12,7 +12,7 @@ import torch
 
 from panther.backends.base import Backend
 from panther_triton import __version__
-from panther_triton._runtime import cuda_capabilities, interpreting
+from panther_triton._runtime import WIDEST_CHUNK, cuda_capabilities, interpreting
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRETER_HINT = "set TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter (slow; for tests)"
@@ -138,8 +138,8 @@ class TritonBackend(Backend):
             x, S1s = args[0], args[1]
             if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
                 return -10
-            if isinstance(S1s, torch.Tensor) and S1s.dim() == 3 and 2 * S1s.shape[0] * S1s.shape[2] > 256:
-                return -10
+            if isinstance(S1s, torch.Tensor) and S1s.dim() == 3 and S1s.shape[0] * S1s.shape[2] > WIDEST_CHUNK:
+                return -10  # 2 L k > 2 WIDEST_CHUNK: past the fused kernel
         return self.priority
 
     def sketched_linear(self, x, S1s, S2s, U1s, U2s, bias=None):
