@@ -1,8 +1,10 @@
 """Check the triton backend on a CUDA GPU: agreement with the torch backend, then timings.
 
-    python packages/panther-triton/tools/check_gpu.py [--plans] [--quick] [--rows T ...] [--sizes N ...] [--json out.json]
+    python packages/panther-triton/tools/check_gpu.py [--plans] [--quick] [--rows T ...] [--sizes N ...]
+        [--terms LxK ...] [--json out.json]
 
-For T in {128, 4096} and I = O in {1024, 2048, 4096, 8192} (or --rows, --sizes), (L, k) in {(1, 64), (2, 32)}, bfloat16:
+For T in {128, 4096} and I = O in {1024, 2048, 4096, 8192} (or --rows, --sizes), (L, k) in {(1, 64), (2, 32)}
+(or --terms, e.g. 4x32), bfloat16:
 forward and forward+backward times (triton.testing.do_bench: median, warm-up excluded, CUDA events)
 of nn.Linear, the torch backend and the triton backend, their ratios, the roofline floor of the
 sketched op (max(FLOPs / 990 TFLOP/s, bytes / 4.8 TB/s), H200 datasheet), and the launch plans the
@@ -77,10 +79,18 @@ def _floor_us(T, I, O, L, k, es=2, backward=False):
     return max(flops / 990e12, nbytes / 4.8e12) * 1e6
 
 
+def _terms(text: str):
+    L, sep, k = text.partition("x")
+    if not sep or not L.isdigit() or not k.isdigit() or int(L) < 1 or int(k) < 1:
+        raise argparse.ArgumentTypeError(f"--terms wants LxK with positive integers (e.g. 4x32), got {text!r}")
+    return int(L), int(k)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--plans", action="store_true", help="also time the alternative launch plans")
     ap.add_argument("--quick", action="store_true", help="(L, k) = (1, 64) only")
+    ap.add_argument("--terms", nargs="+", type=_terms, help="(num_terms, low_rank) pairs as LxK (default 1x64 2x32)")
     ap.add_argument("--rows", type=int, nargs="+", default=[128, 4096], help="row counts T (default 128 4096)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="features I = O")
     ap.add_argument("--json", help="write the figures here (benchmarks/results/... keeps them traceable)")
@@ -116,7 +126,7 @@ def main(argv=None) -> int:
     assert be["triton"].available, be["triton"].unavailable_reason
     ok = True
     Ts = tuple(args.rows)
-    Lks = ((1, 64),) if args.quick else ((1, 64), (2, 32))
+    Lks = tuple(args.terms) if args.terms else ((1, 64),) if args.quick else ((1, 64), (2, 32))
     hdr = (f"{'T':>5} {'I=O':>5} {'L,k':>5} | {'fwd us: linear':>14} {'torch':>7} {'triton':>7} {'floor':>6} | "
            f"{'f+b us: linear':>14} {'torch':>7} {'triton':>7} {'floor':>6} | {'xLin f+b':>8} {'xTorch':>6}  err")
     print(hdr)
