@@ -172,32 +172,45 @@ def test_launch_as_under_the_interpreter_checks_that_the_callers_key_implies_the
     assert [e[0] for e in kernel.log] == ["tuned", "tuned"]
 
 
-def test_configs_are_pruned_by_dtype_and_precision():
-    """The matmul kernels' early_config_prune: 16-bit operands drop the float32-only candidates, float32
-    with TF32 keeps every candidate but at the widest column chunk (then only the float32-only ones),
-    float32 without TF32 keeps only the smallest float32-only one."""
-    import triton
+def test_configs_are_pruned_by_dtype_precision_and_chunk(monkeypatch):
+    """The matmul kernels' early_config_prune: 16-bit operands get the narrow-chunk candidates below the
+    widest column chunk and the wide-chunk ones at it; float32 with TF32 gets the narrow-chunk and the
+    float32-only candidates, and only the float32-only ones at the widest chunk; float32 without TF32 only
+    the smallest float32-only one."""
+    from panther_triton import _runtime
 
-    from panther_triton._runtime import float32_only, prune_configs
-
-    configs = [
-        triton.Config({"BT": 128, "BI": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BT": 64, "BI": 64}, num_warps=4, num_stages=4),
-        float32_only(triton.Config({"BT": 64, "BI": 32}, num_warps=4, num_stages=1)),
-        float32_only(triton.Config({"BT": 32, "BI": 32}, num_warps=4, num_stages=1)),
-    ]
+    monkeypatch.setattr(_runtime, "interpreting", lambda: False)  # the GPU lists, as on a GPU
+    cands = _runtime.Candidates(
+        gpu=[({"BT": 128, "BI": 64}, 8, 3), ({"BT": 64, "BI": 64}, 4, 4)],
+        gpu_wide=[({"BT": 64, "BI": 64}, 4, 4), ({"BT": 64, "BI": 64}, 8, 2)],
+        gpu_float32=[({"BT": 64, "BI": 32}, 4, 1), ({"BT": 32, "BI": 32}, 4, 1)],
+        interpreter={"BT": 32, "BI": 32},
+    )
+    configs = cands.configs
+    assert [(c.kwargs["BT"], c.num_warps, c.num_stages) for c in configs] == [
+        (128, 8, 3), (64, 4, 4), (64, 8, 2), (64, 4, 1), (32, 4, 1)]  # one entry for a candidate in two lists
+    prune = cands.prune_configs_by["early_config_prune"]
     x16, x32 = torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2)
-    assert prune_configs(configs, {"x": x16, "T": 5}, PREC="tf32") == configs[:2]
-    assert prune_configs(configs, {"x": x32, "PREC": "tf32"}) == configs
-    assert prune_configs(configs, {"x": x32, "PREC": "tf32"}, BLK=64) == configs
-    assert prune_configs(configs, {"x": x32, "PREC": "tf32"}, BLK=128) == configs[2:]
-    assert prune_configs(configs, {"x": x16, "PREC": "tf32"}, BLK=128) == configs[:2]
-    assert prune_configs(configs, {"x": x32}, PREC="ieee") == [configs[3]]
-    assert prune_configs(configs, {"PREC": "ieee"}) == [configs[3]]  # ieee is float32 whatever the arguments
-    assert prune_configs(configs, {"T": 5}, PREC="tf32") == configs  # dtype unknown: every candidate
-    # the marking is by value: a copy of a float32-only config (as Triton's caches make them) is one too
+    assert prune(configs, {"x": x16, "T": 5}, PREC="tf32") == configs[:2]
+    assert prune(configs, {"x": x16, "PREC": "tf32"}, BLK=64) == configs[:2]
+    assert prune(configs, {"x": x16, "PREC": "tf32", "BLK": 128}) == configs[1:3]
+    assert prune(configs, {"x": x32, "PREC": "tf32"}) == configs[:2] + configs[3:]
+    assert prune(configs, {"x": x32, "PREC": "tf32"}, BLK=64) == configs[:2] + configs[3:]
+    assert prune(configs, {"x": x32, "PREC": "tf32"}, BLK=128) == configs[3:]
+    assert prune(configs, {"x": x32}, PREC="ieee") == [configs[4]]
+    assert prune(configs, {"PREC": "ieee"}) == [configs[4]]  # ieee is float32 whatever the arguments
+    assert prune(configs, {"T": 5}, PREC="tf32") == configs  # dtype unknown: every candidate
+    # the lists are kept by value: copies of the configs (as Triton's caches make them) are pruned alike
     copied = [copy.deepcopy(c) for c in configs]
-    assert prune_configs(copied, {"x": x16}, PREC="tf32") == copied[:2]
+    assert prune(copied, {"x": x16}, PREC="tf32", BLK=128) == copied[1:3]
+    # a kernel without a wide-chunk list tunes its one 16-bit list at every chunk
+    plain = _runtime.Candidates(gpu=[({"BT": 64}, 4, 3)], gpu_float32=[({"BT": 32}, 4, 1)], interpreter={"BT": 32})
+    assert plain.prune(plain.configs, {"x": x16}, BLK=128) == plain.configs[:1]
+    # under the interpreter: the one small config, whatever the operands
+    monkeypatch.setattr(_runtime, "interpreting", lambda: True)
+    one = _runtime.Candidates(gpu=[({"BT": 64}, 4, 3)], interpreter={"BT": 32})
+    assert [c.kwargs for c in one.configs] == [{"BT": 32}]
+    assert one.prune(one.configs, {"x": x32}, BLK=128) == one.configs
 
 
 def test_host_caches_start_over_at_their_bound(monkeypatch):

@@ -7,7 +7,8 @@ the older ``mma.sync`` path).
         [--extra] [--json out.json]
 
 --extra adds candidate configs beyond the shipped ones (larger tiles, other warp and stage counts) to
-every kernel before it is first tuned, to see whether the candidate lists leave speed behind.
+every kernel before it is first tuned, at every column chunk, to see whether the candidate lists leave
+speed behind.
 bfloat16, L = 1, k = 64 unless --L/--k say otherwise; each shape runs the planner's chosen plans once
 (tuning them), then reports. The timings are the autotuner's (triton.testing.do_bench with the short
 budget of _runtime.tuning_bench: median of the runs, L2 flushed between them).
@@ -112,13 +113,14 @@ def main(argv=None) -> int:
     import triton
 
     import panther_triton
-    from panther_triton._runtime import autotune_configs
     from panther_triton.ops.sketched_linear.plan import describe
 
     kernels = _kernels()
     if args.extra:
         for name, tuner in kernels.items():
-            tuner.configs = list(tuner.configs) + autotune_configs(gpu=EXTRA[name], interpreter={})
+            candidates = tuner.early_config_prune.__self__  # the kernel's _runtime.Candidates
+            candidates.extend(gpu=EXTRA[name], gpu_wide=EXTRA[name])
+            tuner.configs = list(candidates.configs)
     dtype = torch.bfloat16
     print({"device": torch.cuda.get_device_name(), "triton": triton.__version__, "torch": torch.__version__,
            "commit": os.environ.get("PANTHER_COMMIT", ""), "extra": args.extra})

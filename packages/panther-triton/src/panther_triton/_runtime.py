@@ -1,7 +1,7 @@
 """Where the kernels run (a CUDA GPU or Triton's CPU interpreter) and the autotune configs for each.
 
 Nothing here imports triton at module import: the backend module imports this file, and importing a
-backend must stay cheap. Kernel modules call :func:`autotune_configs` when they are first imported.
+backend must stay cheap. Kernel modules make their :class:`Candidates` when they are first imported.
 """
 
 from __future__ import annotations
@@ -53,92 +53,110 @@ def multiprocessors(device_index: int) -> int:
 SIZES_NOT_SPECIALISED = ["T", "T_BUCKET"]
 
 
-def autotune_configs(
-    gpu: Iterable[Tuple[Dict[str, int], int, int]],
-    interpreter: Dict[str, int],
-    gpu_float32: Iterable[Tuple[Dict[str, int], int, int]] = (),
-) -> List:
-    """``triton.Config`` list: the GPU candidates ``(meta, num_warps, num_stages)``, or exactly one small
-    config under the interpreter (it would otherwise benchmark every config on the CPU).
+WIDEST_CHUNK = 128  # the widest column chunk BLK of the kernels (plan.BLK_MAX)
 
-    ``gpu_float32`` are candidates for float32 operands only (:func:`prune_configs` drops them for 16-bit
-    ones): small tiles in one stage, whose shared memory fits at the widest column chunk (BLK = 128),
-    where float32 tiles of the 16-bit candidates do not (the smallest of them needs 240 KiB in the dH
-    kernel, over the H200's 227 KiB)."""
-    import triton
-
-    if interpreting():
-        return [triton.Config(dict(interpreter), num_warps=4, num_stages=1)]
-    configs = [triton.Config(dict(meta), num_warps=w, num_stages=s) for meta, w, s in gpu]
-    configs += [float32_only(triton.Config(dict(meta), num_warps=w, num_stages=s)) for meta, w, s in gpu_float32]
-    return configs
-
-
-# The float32-only candidates, by value: an attribute on the Config object would not survive the copies
-# Triton and torch make of configs (deepcopy, pickling, Triton's on-disk autotune cache rebuilds them from
-# their fields). They have one stage and the 16-bit candidates two or more, so no signature is in both.
-_FLOAT32_ONLY: set = set()
+Candidate = Tuple[Dict[str, int], int, int]  # (meta-parameters, num_warps, num_stages)
 
 
 def _signature(config) -> tuple:
     return (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages)
 
 
-def float32_only(config):
-    """Mark ``config`` (a ``triton.Config``) as a candidate for float32 operands only; returns it."""
-    _FLOAT32_ONLY.add(_signature(config))
-    return config
+class Candidates:
+    """A kernel's autotune candidates, and the rule that picks the ones tuned for a launch.
 
+    ``configs`` (the ``triton.Config`` list for ``triton.autotune``) is made of three lists of
+    ``(meta, num_warps, num_stages)``; a candidate in several is listed once:
 
-def _float32_only(config) -> bool:
-    return _signature(config) in _FLOAT32_ONLY
+    * ``gpu``: for 16-bit operands at column chunks BLK below the widest;
+    * ``gpu_wide``: for 16-bit operands at the widest chunk (BLK = ``WIDEST_CHUNK``), where twice the
+      columns of H, A and B are on chip, so fewer stages or narrower tiles fit in shared memory
+      (``tools/compile_check.py`` reports each candidate's). Without it, ``gpu`` serves every chunk;
+    * ``gpu_float32``: for float32 operands only: small tiles in one stage, whose shared memory fits at
+      the widest chunk, where float32 tiles of the 16-bit candidates do not (the smallest of them needs
+      240 KiB in the dH kernel, over the H200's 227 KiB).
 
+    Under the interpreter ``configs`` is exactly one small config (``interpreter``): it would otherwise
+    benchmark every config on the CPU. ``prune_configs_by`` is for ``triton.autotune``; its
+    ``early_config_prune`` is :meth:`prune`. The lists are kept by value (meta, warps, stages), not as
+    attributes of the Config objects, which would not survive the copies Triton and torch make of them
+    (deepcopy, pickling, Triton's on-disk autotune cache rebuilds them from their fields).
+    """
 
-WIDEST_CHUNK = 128  # the widest column chunk BLK of the kernels (plan.BLK_MAX)
+    def __init__(
+        self,
+        gpu: Iterable[Candidate],
+        interpreter: Dict[str, int],
+        gpu_wide: Iterable[Candidate] = (),
+        gpu_float32: Iterable[Candidate] = (),
+    ):
+        import triton
 
+        self.roles: Dict[tuple, set] = {}
+        self.configs: List = []
+        self.prune_configs_by = {"early_config_prune": self.prune}
+        if interpreting():
+            self.configs.append(triton.Config(dict(interpreter), num_warps=4, num_stages=1))
+        else:
+            self.extend(gpu=gpu, gpu_wide=gpu_wide, gpu_float32=gpu_float32)
 
-def prune_configs(configs, named_args, **kwargs):
-    """``early_config_prune`` of the matmul kernels, by the dot precision ``PREC`` and the operands' dtype
-    (the first tensor argument's):
+    def extend(self, gpu: Iterable[Candidate] = (), gpu_wide: Iterable[Candidate] = (),
+               gpu_float32: Iterable[Candidate] = ()) -> None:
+        """Add candidates to the lists (tools/kernel_report.py --extra)."""
+        import triton
 
-    * float32 without TF32 (``PREC == "ieee"``, products on the CUDA cores): only the smallest float32-only
-      candidate. Tuning them all made the first float32 call at 8192 features outlast the GPU runner's test time limit
-      (benchmarks/results/2026-11-28_nvidia-h200_f8bc639_runner.log), and with one candidate left Triton may
-      run it without benchmarking (3.6 and 3.9 do), so it must fit; ``auto`` sends float32 to ``torch``
-      anyway (TritonBackend.auto_priority);
-    * float32 with TF32 at the widest column chunk (``BLK`` = 128): the float32-only candidates. The others'
-      float32 tiles ask for more shared memory than an H200 block may have in all but two of them
-      (tools/compile_check.py), and the autotuner learns that only after compiling each: minutes at a new
-      shape (the GPU test of float32 at Lk = 150 ran past the runner's 240 s test limit,
-      benchmarks/results/2026-11-29_nvidia-h200_807e467_runner.log);
-    * float32 with TF32 at narrower chunks: every candidate (the autotuner skips those that run out of
-      shared memory; the float32-only ones always fit);
-    * 16-bit operands: every candidate but the float32-only ones;
-    * no tensor among the arguments (dtype unknown): every candidate."""
-    prec = kwargs.get("PREC", named_args.get("PREC"))
-    if prec == "ieee":
-        if len(configs) <= 1:
-            return configs
+        for role, entries in (("narrow", gpu), ("wide", gpu_wide), ("float32", gpu_float32)):
+            for meta, warps, stages in entries:
+                config = triton.Config(dict(meta), num_warps=warps, num_stages=stages)
+                sig = _signature(config)
+                if sig not in self.roles:
+                    self.roles[sig] = set()
+                    self.configs.append(config)
+                self.roles[sig].add(role)
 
-        def size(c):
-            area = 1
-            for v in c.kwargs.values():
-                area *= v
-            return (not _float32_only(c), c.num_warps, area, c.num_stages)
+    def _in(self, configs, *roles) -> list:
+        """The configs in any of these lists, or all of them where none is (the interpreter's one)."""
+        kept = [c for c in configs if self.roles.get(_signature(c), set()).intersection(roles)]
+        return kept or list(configs)
 
-        return [min(configs, key=size)]
-    dtype = next((v.dtype for v in named_args.values() if isinstance(v, torch.Tensor)), None)
-    if dtype is None:
-        return configs
-    if dtype == torch.float32:
-        if kwargs.get("BLK", named_args.get("BLK", 0)) >= WIDEST_CHUNK:
-            return [c for c in configs if _float32_only(c)] or configs
-        return configs
-    kept = [c for c in configs if not _float32_only(c)]
-    return kept or configs
+    def prune(self, configs, named_args, **kwargs) -> list:
+        """``early_config_prune``: the candidates tuned for a launch, by the dot precision ``PREC``, the
+        operands' dtype (the first tensor argument's) and the column chunk ``BLK``:
 
+        * float32 without TF32 (``PREC == "ieee"``, products on the CUDA cores): only the smallest float32-only
+          candidate. Tuning them all made the first float32 call at 8192 features outlast the GPU runner's test
+          time limit (benchmarks/results/2026-11-28_nvidia-h200_f8bc639_runner.log), and with one candidate left
+          Triton may run it without benchmarking (3.6 and 3.9 do), so it must fit; ``auto`` sends float32 to
+          ``torch`` anyway (TritonBackend.auto_priority);
+        * float32 with TF32 at the widest chunk: the float32-only candidates. The others' float32 tiles ask
+          for more shared memory than an H200 block may have in all but two of them (tools/compile_check.py),
+          and the autotuner learns that only after compiling each: minutes at a new shape (the GPU test of
+          float32 at Lk = 150 ran past the runner's 240 s test limit,
+          benchmarks/results/2026-11-29_nvidia-h200_807e467_runner.log);
+        * float32 with TF32 at narrower chunks: the 16-bit narrow-chunk candidates and the float32-only ones
+          (the autotuner skips those that run out of shared memory; the float32-only ones always fit);
+        * 16-bit operands: ``gpu_wide`` at the widest chunk (where the kernel has that list), ``gpu`` below;
+        * no tensor among the arguments (dtype unknown): every candidate."""
+        prec = kwargs.get("PREC", named_args.get("PREC"))
+        if prec == "ieee":
+            if len(configs) <= 1:
+                return list(configs)
 
-PRUNE = {"early_config_prune": prune_configs}
+            def size(c):
+                area = 1
+                for v in c.kwargs.values():
+                    area *= v
+                return ("float32" not in self.roles.get(_signature(c), ()), c.num_warps, area, c.num_stages)
+
+            return [min(configs, key=size)]
+        dtype = next((v.dtype for v in named_args.values() if isinstance(v, torch.Tensor)), None)
+        if dtype is None:
+            return list(configs)
+        widest = kwargs.get("BLK", named_args.get("BLK", 0)) >= WIDEST_CHUNK
+        if dtype == torch.float32:
+            return self._in(configs, "float32") if widest else self._in(configs, "narrow", "float32")
+        has_wide = any("wide" in r for r in self.roles.values())
+        return self._in(configs, "wide" if widest and has_wide else "narrow")
 
 
 def tuning_bench(fn, quantiles=None):

@@ -36,12 +36,12 @@ import triton.language as tl
 
 from panther_triton._launch import eager
 from panther_triton._runtime import (
-    PRUNE, SIZES_NOT_SPECIALISED, autotune_configs, cdiv, remember, tune_bucket, tuning_bench,
+    SIZES_NOT_SPECIALISED, Candidates, cdiv, remember, tune_bucket, tuning_bench,
 )
 from panther_triton.ops.sketched_linear.common import dot_precision, lk_offsets, lko_offsets, mma, store_grad, sum_splits
 from panther_triton.ops.sketched_linear.plan import BackwardPlan, column_chunk, forced_backward_plan, plan_backward
 
-_G_CONFIGS = autotune_configs(
+_G = Candidates(
     gpu=[
         ({"BT": 64, "BO": 128}, 4, 3),
         ({"BT": 64, "BO": 64}, 4, 4),
@@ -49,16 +49,24 @@ _G_CONFIGS = autotune_configs(
         ({"BT": 128, "BO": 128}, 8, 3),
         ({"BT": 32, "BO": 128}, 4, 4),
     ],
+    gpu_wide=[
+        ({"BT": 64, "BO": 128}, 8, 2),
+        ({"BT": 64, "BO": 64}, 4, 3),
+        ({"BT": 64, "BO": 64}, 4, 4),
+        ({"BT": 128, "BO": 64}, 8, 3),
+        ({"BT": 128, "BO": 128}, 8, 2),
+        ({"BT": 64, "BO": 64}, 8, 4),
+    ],
     gpu_float32=[({"BT": 64, "BO": 32}, 4, 1)],
     interpreter={"BT": 32, "BO": 32},
 )
 
 
 @triton.autotune(
-    configs=_G_CONFIGS,
+    configs=_G.configs,
     key=["T_BUCKET", "O", "Lk", "K", "BLK", "PREC", "NEED_DH", "NEED_DS2", "NEED_DU1", "NEED_DB", "split_o", "split_t"],
     do_bench=tuning_bench,
-    prune_configs_by=PRUNE,
+    prune_configs_by=_G.prune_configs_by,
 )
 @triton.jit(do_not_specialize=SIZES_NOT_SPECIALISED)
 def _grad_from_g_kernel(
@@ -162,7 +170,7 @@ def _grad_from_g_kernel(
                 store_grad(db, ws, off_db, stride_ws, pid_s, offs_o, tl.sum(acc_b, axis=0), mask_o, SPLIT_T)
 
 
-_X_CONFIGS = autotune_configs(
+_X = Candidates(
     gpu=[
         ({"BT": 64, "BI": 64}, 4, 3),
         ({"BT": 128, "BI": 64}, 8, 3),
@@ -172,16 +180,24 @@ _X_CONFIGS = autotune_configs(
         ({"BT": 128, "BI": 128}, 8, 2),
         ({"BT": 32, "BI": 64}, 4, 4),
     ],
+    gpu_wide=[
+        ({"BT": 64, "BI": 64}, 4, 3),
+        ({"BT": 128, "BI": 64}, 8, 2),
+        ({"BT": 64, "BI": 64}, 8, 3),
+        ({"BT": 64, "BI": 128}, 8, 2),
+        ({"BT": 64, "BI": 128}, 8, 3),
+        ({"BT": 32, "BI": 64}, 4, 4),
+    ],
     gpu_float32=[({"BT": 32, "BI": 32}, 4, 1)],
     interpreter={"BT": 32, "BI": 32},
 )
 
 
 @triton.autotune(
-    configs=_X_CONFIGS,
+    configs=_X.configs,
     key=["T_BUCKET", "I", "Lk", "K", "BLK", "PREC", "ONE_CHUNK", "NEED_DX", "NEED_DS1", "NEED_DU2", "split_o", "split_t"],
     do_bench=tuning_bench,
-    prune_configs_by=PRUNE,
+    prune_configs_by=_X.prune_configs_by,
 )
 @triton.jit(do_not_specialize=SIZES_NOT_SPECIALISED)
 def _grad_from_x_kernel(
@@ -290,10 +306,10 @@ def _grad_from_x_kernel(
         store_grad(du2, ws, off_du2, stride_ws, pid_s, out, acc_u2, mask_a, SPLIT_T)
 
 
-_SUM_CONFIGS = autotune_configs(gpu=[({"BLOCK": 1024}, 4, 1)], interpreter={"BLOCK": 256})
+_SUM = Candidates(gpu=[({"BLOCK": 1024}, 4, 1)], interpreter={"BLOCK": 256})
 
 
-@triton.autotune(configs=_SUM_CONFIGS, key=["N_OUT"], do_bench=tuning_bench)
+@triton.autotune(configs=_SUM.configs, key=["N_OUT"], do_bench=tuning_bench)
 @triton.jit
 def _sum_partials_kernel(
     ws,  # [split_t, n_total] fp32: the partial gradients, segments back to back

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from panther_triton._launch import eager
 from panther_triton._runtime import (
-    PRUNE, SIZES_NOT_SPECIALISED, autotune_configs, cdiv, remember, tune_bucket, tuning_bench,
+    SIZES_NOT_SPECIALISED, Candidates, cdiv, remember, tune_bucket, tuning_bench,
 )
 from panther_triton.ops.sketched_linear.common import dot_precision, lk_offsets, lko_offsets, mma, sum_splits
 from panther_triton.ops.sketched_linear.plan import ForwardPlan, column_chunk, forced_forward_plan, plan_forward
@@ -82,7 +82,7 @@ def _x_times_a(
     return acc1, acc2
 
 
-_IN_CONFIGS = autotune_configs(
+_IN = Candidates(
     gpu=[
         ({"BT": 128, "BI": 64}, 8, 3),
         ({"BT": 128, "BI": 128}, 8, 3),
@@ -90,13 +90,20 @@ _IN_CONFIGS = autotune_configs(
         ({"BT": 64, "BI": 64}, 4, 4),
         ({"BT": 128, "BI": 64}, 4, 4),
     ],
+    gpu_wide=[
+        ({"BT": 128, "BI": 64}, 8, 3),
+        ({"BT": 128, "BI": 64}, 8, 4),
+        ({"BT": 64, "BI": 64}, 8, 4),
+        ({"BT": 128, "BI": 32}, 8, 4),
+    ],
     gpu_float32=[({"BT": 64, "BI": 32}, 4, 1)],
     interpreter={"BT": 32, "BI": 32},
 )
 
 
 @triton.autotune(
-    configs=_IN_CONFIGS, key=["T_BUCKET", "I", "Lk", "K", "BLK", "PREC"], do_bench=tuning_bench, prune_configs_by=PRUNE
+    configs=_IN.configs, key=["T_BUCKET", "I", "Lk", "K", "BLK", "PREC"], do_bench=tuning_bench,
+    prune_configs_by=_IN.prune_configs_by,
 )
 @triton.jit(do_not_specialize=SIZES_NOT_SPECIALISED)
 def _sketch_in_kernel(
@@ -147,7 +154,7 @@ def _store_y(
     tl.store(y_ptrs, out, mask=mask_t[:, None] & mask_o[None, :])  # the one cast to the output dtype
 
 
-_OUT_CONFIGS = autotune_configs(
+_OUT = Candidates(
     gpu=[
         ({"BT": 64, "BI": 64, "BO": 128}, 4, 3),
         ({"BT": 64, "BI": 128, "BO": 128}, 4, 3),
@@ -157,16 +164,24 @@ _OUT_CONFIGS = autotune_configs(
         ({"BT": 128, "BI": 128, "BO": 64}, 8, 2),
         ({"BT": 64, "BI": 64, "BO": 64}, 4, 2),  # the one that fits float32 (TF32) at R = 128
     ],
+    gpu_wide=[
+        ({"BT": 128, "BI": 64, "BO": 128}, 8, 2),
+        ({"BT": 64, "BI": 64, "BO": 128}, 8, 2),
+        ({"BT": 128, "BI": 64, "BO": 64}, 8, 3),
+        ({"BT": 128, "BI": 64, "BO": 64}, 8, 2),
+        ({"BT": 128, "BI": 128, "BO": 64}, 8, 2),
+        ({"BT": 64, "BI": 64, "BO": 64}, 4, 2),
+    ],
     gpu_float32=[({"BT": 64, "BI": 32, "BO": 64}, 4, 1)],
     interpreter={"BT": 32, "BI": 32, "BO": 32},
 )
 
 
 @triton.autotune(
-    configs=_OUT_CONFIGS,
+    configs=_OUT.configs,
     key=["T_BUCKET", "I", "O", "Lk", "K", "BLK", "PREC", "ONE_CHUNK", "FUSED", "n_splits", "o_groups"],
     do_bench=tuning_bench,
-    prune_configs_by=PRUNE,
+    prune_configs_by=_OUT.prune_configs_by,
 )
 @triton.jit(do_not_specialize=SIZES_NOT_SPECIALISED)
 def _sketch_out_kernel(
