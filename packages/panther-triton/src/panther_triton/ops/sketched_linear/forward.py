@@ -90,9 +90,8 @@ _IN = Candidates(
         ({"BT": 64, "BI": 64}, 4, 4),
         ({"BT": 128, "BI": 64}, 4, 4),
     ],
-    gpu_wide=[  # each of the others that fits at 2Lk = 256 unspilled (kernel_report.py), and smaller ones
+    gpu_wide=[
         ({"BT": 128, "BI": 64}, 8, 3),
-        ({"BT": 64, "BI": 64}, 4, 4),
         ({"BT": 128, "BI": 64}, 8, 4),
         ({"BT": 64, "BI": 64}, 8, 4),
         ({"BT": 128, "BI": 32}, 8, 4),
@@ -165,7 +164,7 @@ _OUT = Candidates(
         ({"BT": 128, "BI": 128, "BO": 64}, 8, 2),
         ({"BT": 64, "BI": 64, "BO": 64}, 4, 2),  # the one that fits float32 (TF32) at R = 128
     ],
-    gpu_wide=[  # as for _IN
+    gpu_wide=[
         ({"BT": 128, "BI": 64, "BO": 128}, 8, 2),
         ({"BT": 64, "BI": 64, "BO": 128}, 8, 2),
         ({"BT": 128, "BI": 64, "BO": 64}, 8, 3),
