@@ -181,28 +181,30 @@ def test_configs_are_pruned_by_dtype_precision_and_chunk(monkeypatch):
 
     monkeypatch.setattr(_runtime, "interpreting", lambda: False)  # the GPU lists, as on a GPU
     cands = _runtime.Candidates(
-        gpu=[({"BT": 128, "BI": 64}, 8, 3), ({"BT": 64, "BI": 64}, 4, 4)],
+        gpu=[({"BT": 128, "BI": 64}, 8, 3), ({"BT": 64, "BI": 64}, 4, 4), ({"BT": 16, "BI": 16}, 2, 2)],
         gpu_wide=[({"BT": 64, "BI": 64}, 4, 4), ({"BT": 64, "BI": 64}, 8, 2)],
         gpu_float32=[({"BT": 64, "BI": 32}, 4, 1), ({"BT": 32, "BI": 32}, 4, 1)],
         interpreter={"BT": 32, "BI": 32},
     )
     configs = cands.configs
     assert [(c.kwargs["BT"], c.num_warps, c.num_stages) for c in configs] == [
-        (128, 8, 3), (64, 4, 4), (64, 8, 2), (64, 4, 1), (32, 4, 1)]  # one entry for a candidate in two lists
+        (128, 8, 3), (64, 4, 4), (16, 2, 2), (64, 8, 2), (64, 4, 1), (32, 4, 1)]  # a candidate in two lists: once
+    narrow, wide, f32 = configs[:3], configs[1:2] + configs[3:4], configs[4:]
     prune = cands.prune_configs_by["early_config_prune"]
     x16, x32 = torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2)
-    assert prune(configs, {"x": x16, "T": 5}, PREC="tf32") == configs[:2]
-    assert prune(configs, {"x": x16, "PREC": "tf32"}, BLK=64) == configs[:2]
-    assert prune(configs, {"x": x16, "PREC": "tf32", "BLK": 128}) == configs[1:3]
-    assert prune(configs, {"x": x32, "PREC": "tf32"}) == configs[:2] + configs[3:]
-    assert prune(configs, {"x": x32, "PREC": "tf32"}, BLK=64) == configs[:2] + configs[3:]
-    assert prune(configs, {"x": x32, "PREC": "tf32"}, BLK=128) == configs[3:]
-    assert prune(configs, {"x": x32}, PREC="ieee") == [configs[4]]
-    assert prune(configs, {"PREC": "ieee"}) == [configs[4]]  # ieee is float32 whatever the arguments
+    assert prune(configs, {"x": x16, "T": 5}, PREC="tf32") == narrow
+    assert prune(configs, {"x": x16, "PREC": "tf32"}, BLK=64) == narrow
+    assert prune(configs, {"x": x16, "PREC": "tf32", "BLK": 128}) == wide
+    assert prune(configs, {"x": x32, "PREC": "tf32"}) == narrow + f32
+    assert prune(configs, {"x": x32, "PREC": "tf32"}, BLK=64) == narrow + f32
+    assert prune(configs, {"x": x32, "PREC": "tf32"}, BLK=128) == f32
+    # ieee: the smallest float32-only candidate, though a 16-bit one (BT=BI=16, 2 warps) is smaller still
+    assert prune(configs, {"x": x32}, PREC="ieee") == [configs[5]]
+    assert prune(configs, {"PREC": "ieee"}) == [configs[5]]  # ieee is float32 whatever the arguments
     assert prune(configs, {"T": 5}, PREC="tf32") == configs  # dtype unknown: every candidate
     # the lists are kept by value: copies of the configs (as Triton's caches make them) are pruned alike
     copied = [copy.deepcopy(c) for c in configs]
-    assert prune(copied, {"x": x16}, PREC="tf32", BLK=128) == copied[1:3]
+    assert prune(copied, {"x": x16}, PREC="tf32", BLK=128) == [copied[1], copied[3]]
     # a kernel without a wide-chunk list tunes its one 16-bit list at every chunk
     plain = _runtime.Candidates(gpu=[({"BT": 64}, 4, 3)], gpu_float32=[({"BT": 32}, 4, 1)], interpreter={"BT": 32})
     assert plain.prune(plain.configs, {"x": x16}, BLK=128) == plain.configs[:1]

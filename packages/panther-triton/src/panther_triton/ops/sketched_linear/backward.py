@@ -49,7 +49,7 @@ _G = Candidates(
         ({"BT": 128, "BO": 128}, 8, 3),
         ({"BT": 32, "BO": 128}, 4, 4),
     ],
-    gpu_wide=[
+    gpu_wide=[  # each fits at 2Lk = 256 without spilling (H200 kernel report, compile_check.py)
         ({"BT": 64, "BO": 128}, 8, 2),
         ({"BT": 64, "BO": 64}, 4, 3),
         ({"BT": 64, "BO": 64}, 4, 4),
@@ -180,7 +180,7 @@ _X = Candidates(
         ({"BT": 128, "BI": 128}, 8, 2),
         ({"BT": 32, "BI": 64}, 4, 4),
     ],
-    gpu_wide=[
+    gpu_wide=[  # as for _G
         ({"BT": 64, "BI": 64}, 4, 3),
         ({"BT": 128, "BI": 64}, 8, 2),
         ({"BT": 64, "BI": 64}, 8, 3),

@@ -90,7 +90,7 @@ _IN = Candidates(
         ({"BT": 64, "BI": 64}, 4, 4),
         ({"BT": 128, "BI": 64}, 4, 4),
     ],
-    gpu_wide=[
+    gpu_wide=[  # each fits at 2Lk = 256 without spilling (H200 kernel report, compile_check.py)
         ({"BT": 128, "BI": 64}, 8, 3),
         ({"BT": 128, "BI": 64}, 8, 4),
         ({"BT": 64, "BI": 64}, 8, 4),
@@ -164,7 +164,7 @@ _OUT = Candidates(
         ({"BT": 128, "BI": 128, "BO": 64}, 8, 2),
         ({"BT": 64, "BI": 64, "BO": 64}, 4, 2),  # the one that fits float32 (TF32) at R = 128
     ],
-    gpu_wide=[
+    gpu_wide=[  # as for _IN
         ({"BT": 128, "BI": 64, "BO": 128}, 8, 2),
         ({"BT": 64, "BI": 64, "BO": 128}, 8, 2),
         ({"BT": 128, "BI": 64, "BO": 64}, 8, 3),
