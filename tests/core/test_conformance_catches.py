@@ -4,8 +4,11 @@ The tolerances of panther.testing.conformance admit rounding (more of it where t
 tests make sure they admit nothing more: a backend that drops a term, scales wrongly, mixes up two
 weights, ignores the causal or the padding mask, or rounds an intermediate to a coarser dtype is caught,
 in every dtype the reference backend is tested in. Every case goes through the suite's table: the row's
-input generator, reference, gradients and tolerance model, as ``make_conformance_suite`` uses them.
+input generator, reference, gradients and tolerance model, as ``make_conformance_suite`` uses them; the
+suite's own tests (drawn and named cases) fail such backends too.
 """
+
+import dataclasses
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ from panther.backends import load_backend
 from panther.backends.torch_backend import rfa_attention as good_attention
 from panther.backends.torch_backend import sketched_conv2d as good_conv2d
 from panther.backends.torch_backend import sketched_linear as good_linear
-from panther.testing import SPECS, check_case, make_conformance_suite
+from panther.testing import SPECS, NamedCase, check_case, make_conformance_suite
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
@@ -114,3 +117,35 @@ def test_the_reference_itself_passes_the_same_cases(op, params, dtype):
 def test_the_suite_refuses_an_op_without_a_row():
     with pytest.raises(ValueError, match=r"ops \['sketched_matmul'\] have no conformance spec; known ops"):
         make_conformance_suite("torch", ops=("sketched_linear", "sketched_matmul"))
+
+
+# wrong backends that run on every shape the suite draws (and fail on the values only)
+WRONG_EVERYWHERE = [("sketched_linear", scale_by_one_over_l), ("sketched_conv2d", conv_drop_last_term),
+                    ("rfa_attention", attention_without_causal_mask)]
+
+
+@pytest.mark.parametrize("op, wrong", WRONG_EVERYWHERE, ids=[w.__name__ for _, w in WRONG_EVERYWHERE])
+def test_the_suite_built_from_the_table_catches_it(torch_backend_doing, op, wrong):
+    suite = make_conformance_suite("torch", ops=(op,), dtypes=(torch.float32,), max_dim=64, max_examples=5)
+    torch_backend_doing(op, wrong)
+    with pytest.raises(AssertionError):
+        getattr(suite(), f"test_{op}")(dtype=torch.float32)
+
+
+def test_named_cases_become_tests_of_their_dtypes(monkeypatch, torch_backend_doing):
+    spec = SPECS["sketched_linear"]
+    cases = (NamedCase("one-row", lambda: spec.make_case(**LINEAR)),
+             NamedCase("float64-only", lambda: spec.make_case(**{**LINEAR, "lead": (1,)}), dtypes=(torch.float64,)))
+    monkeypatch.setitem(SPECS, "sketched_linear", dataclasses.replace(spec, cases=cases))
+    suite = make_conformance_suite("torch", ops=("sketched_linear",), dtypes=(torch.float64, torch.float32))
+    test = suite.test_sketched_linear_case
+    runs = next(m for m in test.pytestmark if m.name == "parametrize").args[1]
+    assert [r.id for r in runs] == ["one-row-torch.float64", "one-row-torch.float32", "float64-only-torch.float64"]
+    for r in runs:
+        test(suite(), *r.values)
+    torch_backend_doing("sketched_linear", drop_last_term)
+    for r in runs:
+        with pytest.raises(AssertionError):
+            test(suite(), *r.values)
+    # a row without named cases gets no such test (a parametrization over nothing would only be skipped)
+    assert not hasattr(make_conformance_suite("torch", ops=("sketched_conv2d",)), "test_sketched_conv2d_case")

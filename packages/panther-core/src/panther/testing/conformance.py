@@ -45,8 +45,9 @@ Writing a backend
    example: a backend that computes every op with the float64 references.
 
 Adding an op: write its naive reference, then one module under :mod:`panther.testing.specs` that builds
-its :class:`OpSpec` and calls :func:`register_spec`; every backend that lists the op in ``ops`` is then
-tested on it.
+its :class:`OpSpec` and calls :func:`register_spec` (imported by ``specs/__init__.py``); every backend that
+lists the op in ``ops`` is then tested on it. A special case of an existing op is one :class:`NamedCase`
+in its row's ``cases``.
 """
 
 from __future__ import annotations
@@ -85,8 +86,9 @@ ROUNDINGS = 4.0
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One call of an op: float64 tensor inputs by argument name (``None``: an optional input left out) and
-    the non-tensor keyword arguments (masks and flags; tensors among them are moved to the device)."""
+    """One call of an op: the float64 inputs by argument name (cast to the dtype under test; ``None``: an
+    optional input left out) and the keyword arguments passed as they are (flags, sizes, bool masks;
+    tensors among them are moved to the device)."""
 
     inputs: Mapping[str, Optional[torch.Tensor]]
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -109,8 +111,8 @@ class NamedCase:
 class Limits:
     """What a backend under test declares it does not cover; each row reads the limits that apply to it.
 
-    ``max_dim``: the largest feature/sequence size drawn (e.g. 256 under the Triton interpreter, where a
-    large case costs minutes). Rows document which of their sizes it caps.
+    ``max_dim``: the largest feature/sequence size drawn (e.g. 256 under the Triton interpreter, where
+    large cases are slow). Rows document which of their sizes it caps.
     """
 
     max_dim: int = 256
@@ -218,7 +220,8 @@ def assert_close_to_reference(
         baseline_error = 0.0
     scale = max(_largest(ref), 0.05)  # inputs are O(1)
     unit = UNIT_ROUNDOFF[dtype] if unit_roundoff is None else unit_roundoff
-    bound = max(tolerance.slack * baseline_error, tolerance.floor[dtype] * scale, tolerance.roundings * unit * magnitude)
+    t = tolerance
+    bound = max(t.slack * baseline_error, t.floor[dtype] * scale, t.roundings * unit * magnitude)
     assert err <= bound, (
         f"{name} ({dtype}): max abs error {err:.3e} > {bound:.3e} "
         f"(naive math in {dtype}: {baseline_error:.3e}, max|ref| {scale:.3e}, rss of terms {magnitude:.3e})"
