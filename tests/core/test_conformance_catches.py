@@ -2,9 +2,13 @@
 
 The tolerances of panther.testing.conformance admit rounding (more of it where terms cancel); these
 tests make sure they admit nothing more: a backend that drops a term, scales wrongly, mixes up two
-weights, ignores the causal mask, or rounds an intermediate to a coarser dtype is caught, in every dtype
-the reference backend is tested in.
+weights, ignores the causal or the padding mask, or rounds an intermediate to a coarser dtype is caught,
+in every dtype the reference backend is tested in. Every case goes through the suite's table: the row's
+input generator, reference, gradients and tolerance model, as ``make_conformance_suite`` uses them; the
+suite's own tests (drawn and named cases) fail such backends too.
 """
+
+import dataclasses
 
 import pytest
 import torch
@@ -13,11 +17,22 @@ from panther.backends import load_backend
 from panther.backends.torch_backend import rfa_attention as good_attention
 from panther.backends.torch_backend import sketched_conv2d as good_conv2d
 from panther.backends.torch_backend import sketched_linear as good_linear
-from panther.testing import naive
-from panther.testing.conformance import _compare, _generator, _linear_case, _randn
+from panther.testing import SPECS, NamedCase, check_case, make_conformance_suite
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-LINEAR_SCALE = {"U1s": 1 / 6, "U2s": 1 / 6}  # the cases below have L = 3 terms
+
+# One case per row, drawn by the row's own generator.
+LINEAR = dict(seed=3, lead=(2, 9), I=70, O=45, L=3, k=6, bias=True)
+CONV = dict(seed=5, N=2, C=5, O=6, HW=(9, 11), ks=(3, 3), stride=1, padding=1, dilation=1, terms=3, k=4, bias=True)
+CAUSAL_ATTENTION = dict(seed=4, B=2, H=2, T=33, D=8, m=16, causal=True, kernel="softmax", per_head=False, masked=False)
+MASKED_ATTENTION = dict(seed=6, B=3, H=2, T=21, D=8, m=16, causal=False, kernel="softmax", per_head=True, masked=True)
+CASES = [("sketched_linear", LINEAR), ("sketched_conv2d", CONV), ("rfa_attention", CAUSAL_ATTENTION),
+         ("rfa_attention", MASKED_ATTENTION)]
+
+
+def check(op, params, dtype):
+    spec = SPECS[op]
+    check_case(spec, spec.make_case(**params), "torch", dtype, "cpu")
 
 
 def drop_last_term(x, S1s, S2s, U1s, U2s, bias):
@@ -41,27 +56,6 @@ def intermediate_in_fp8(x, S1s, S2s, U1s, U2s, bias):
     return y + bias if bias is not None else y
 
 
-@pytest.fixture
-def torch_backend_doing(monkeypatch):
-    backend = load_backend("torch")
-
-    def use(op, fn):
-        monkeypatch.setattr(backend, op, fn)
-
-    return use
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("wrong", [drop_last_term, scale_by_one_over_l, swap_s1_and_u2, intermediate_in_fp8],
-                         ids=lambda f: f.__name__)
-def test_wrong_linear_is_caught(torch_backend_doing, wrong, dtype):
-    torch_backend_doing("sketched_linear", wrong)
-    inputs = _linear_case(3, (2, 9), 70, 45, 3, 6, True)
-    with pytest.raises(AssertionError):
-        _compare("sketched_linear", inputs, {}, naive.sketched_linear, "torch", dtype, "cpu",
-                 ["x", "S1s", "S2s", "bias"], LINEAR_SCALE)
-
-
 def conv_drop_last_term(x, S1s, U1s, bias, stride, padding, dilation):
     n = S1s.shape[0]
     y = good_conv2d(x, S1s[:-1], U1s[:-1], None, stride, padding, dilation) * ((n - 1) / n)
@@ -72,43 +66,86 @@ def conv_transposed_filters(x, S1s, U1s, bias, stride, padding, dilation):
     return good_conv2d(x, S1s.transpose(-1, -2).contiguous(), U1s, bias, stride, padding, dilation)
 
 
+def attention_without_causal_mask(q, k, v, omega, causal, kernel, key_padding_mask):
+    return good_attention(q, k, v, omega, False, kernel, key_padding_mask)
+
+
+def attention_without_padding_mask(q, k, v, omega, causal, kernel, key_padding_mask):
+    return good_attention(q, k, v, omega, causal, kernel, None)
+
+
+WRONG = [
+    ("sketched_linear", LINEAR, drop_last_term),
+    ("sketched_linear", LINEAR, scale_by_one_over_l),
+    ("sketched_linear", LINEAR, swap_s1_and_u2),
+    ("sketched_linear", LINEAR, intermediate_in_fp8),
+    ("sketched_conv2d", CONV, conv_drop_last_term),
+    ("sketched_conv2d", CONV, conv_transposed_filters),
+    ("rfa_attention", CAUSAL_ATTENTION, attention_without_causal_mask),
+    ("rfa_attention", MASKED_ATTENTION, attention_without_padding_mask),
+]
+
+
+@pytest.fixture
+def torch_backend_doing(monkeypatch):
+    backend = load_backend("torch")
+
+    def use(op, fn):
+        monkeypatch.setattr(backend, op, fn)
+
+    return use
+
+
+def test_every_row_has_a_wrong_backend_to_catch():
+    assert {op for op, _, _ in WRONG} == set(SPECS)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("wrong", [conv_drop_last_term, conv_transposed_filters], ids=lambda f: f.__name__)
-def test_wrong_conv2d_is_caught(torch_backend_doing, wrong, dtype):
-    torch_backend_doing("sketched_conv2d", wrong)
+@pytest.mark.parametrize("op, params, wrong", WRONG, ids=[w.__name__ for _, _, w in WRONG])
+def test_wrong_backend_is_caught(torch_backend_doing, op, params, wrong, dtype):
+    torch_backend_doing(op, wrong)
     with pytest.raises(AssertionError):
-        compare_conv(dtype)
-
-
-def compare_conv(dtype):
-    gen = _generator(5)
-    terms, k, C, O = 3, 4, 5, 6  # 2 terms = 6 filter banks
-    inputs = dict(x=_randn(gen, 2, C, 9, 11), S1s=_randn(gen, 2 * terms, k, C, 3, 3, scale=(9 * C) ** -0.5),
-                  U1s=_randn(gen, 2 * terms, k, O, scale=k**-0.5), bias=_randn(gen, O))
-    _compare("sketched_conv2d", inputs, dict(stride=1, padding=1, dilation=1), naive.sketched_conv2d, "torch",
-             dtype, "cpu", ["x", "S1s", "bias"], {"U1s": 1 / (2 * terms)})
+        check(op, params, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_causal_attention_without_the_mask_is_caught(torch_backend_doing, dtype):
-    torch_backend_doing("rfa_attention", lambda q, k, v, omega, causal, kernel, kpm: good_attention(
-        q, k, v, omega, False, kernel, kpm))
+@pytest.mark.parametrize("op, params", CASES, ids=[f"{op}-{p['seed']}" for op, p in CASES])
+def test_the_reference_itself_passes_the_same_cases(op, params, dtype):
+    check(op, params, dtype)
+
+
+def test_the_suite_refuses_an_op_without_a_row():
+    with pytest.raises(ValueError, match=r"ops \['sketched_matmul'\] have no conformance spec; known ops"):
+        make_conformance_suite("torch", ops=("sketched_linear", "sketched_matmul"))
+
+
+# wrong backends that run on every shape the suite draws (and fail on the values only)
+WRONG_EVERYWHERE = [("sketched_linear", scale_by_one_over_l), ("sketched_conv2d", conv_drop_last_term),
+                    ("rfa_attention", attention_without_causal_mask)]
+
+
+@pytest.mark.parametrize("op, wrong", WRONG_EVERYWHERE, ids=[w.__name__ for _, w in WRONG_EVERYWHERE])
+def test_the_suite_built_from_the_table_catches_it(torch_backend_doing, op, wrong):
+    suite = make_conformance_suite("torch", ops=(op,), dtypes=(torch.float32,), max_dim=64, max_examples=5)
+    torch_backend_doing(op, wrong)
     with pytest.raises(AssertionError):
-        compare_causal_attention(dtype)
+        getattr(suite(), f"test_{op}")(dtype=torch.float32)
 
 
-def compare_causal_attention(dtype):
-    gen = _generator(4)
-    inputs = dict(q=_randn(gen, 2, 2, 33, 8), k=_randn(gen, 2, 2, 33, 8), v=_randn(gen, 2, 2, 33, 5),
-                  omega=_randn(gen, 16, 8))
-    _compare("rfa_attention", inputs, dict(causal=True, kernel="softmax", key_padding_mask=None),
-             naive.rfa_attention, "torch", dtype, "cpu", ["q", "k", "v"])
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_the_reference_itself_passes_the_same_cases(dtype):
-    inputs = _linear_case(3, (2, 9), 70, 45, 3, 6, True)
-    _compare("sketched_linear", inputs, {}, naive.sketched_linear, "torch", dtype, "cpu",
-             ["x", "S1s", "S2s", "bias"], LINEAR_SCALE)
-    compare_conv(dtype)
-    compare_causal_attention(dtype)
+def test_named_cases_become_tests_of_their_dtypes(monkeypatch, torch_backend_doing):
+    spec = SPECS["sketched_linear"]
+    cases = (NamedCase("one-row", lambda: spec.make_case(**LINEAR)),
+             NamedCase("float64-only", lambda: spec.make_case(**{**LINEAR, "lead": (1,)}), dtypes=(torch.float64,)))
+    monkeypatch.setitem(SPECS, "sketched_linear", dataclasses.replace(spec, cases=cases))
+    suite = make_conformance_suite("torch", ops=("sketched_linear",), dtypes=(torch.float64, torch.float32))
+    test = suite.test_sketched_linear_case
+    runs = next(m for m in test.pytestmark if m.name == "parametrize").args[1]
+    assert [r.id for r in runs] == ["one-row-torch.float64", "one-row-torch.float32", "float64-only-torch.float64"]
+    for r in runs:
+        test(suite(), *r.values)
+    torch_backend_doing("sketched_linear", drop_last_term)
+    for r in runs:
+        with pytest.raises(AssertionError):
+            test(suite(), *r.values)
+    # a row without named cases gets no such test (a parametrization over nothing would only be skipped)
+    assert not hasattr(make_conformance_suite("torch", ops=("sketched_conv2d",)), "test_sketched_conv2d_case")

@@ -1,7 +1,8 @@
 """Backend discovery, selection and dispatch, with the test-only plugin distributions of tests/plugins/.
 
 Those distributions (panther-test-healthy: backends ``healthy`` and ``picky``; panther-test-broken: a
-backend that raises on import) are installed by the test environment (tox.ini).
+backend that raises on import; panther-test-reference64: backend ``reference64``, the float64 references
+at the lowest priority) are installed by the test environment (tox.ini).
 """
 
 import os
@@ -40,10 +41,12 @@ def _linear_inputs(I=8, O=5, L=2, k=3):
 
 def test_discovery_finds_reference_and_plugins():
     infos = {i.name: i for i in registry.backend_infos()}
-    assert {"torch", "healthy", "picky", "broken"} <= set(infos)
+    assert {"torch", "healthy", "picky", "broken", "reference64"} <= set(infos)
     assert infos["torch"].distribution == "panther-randnla-core"
     assert infos["healthy"].distribution == "panther-test-healthy"
+    assert infos["reference64"].distribution == "panther-test-reference64"
     assert panther.available_backends()[:1] == ["picky"]  # highest priority first
+    assert panther.available_backends()[-1:] == ["reference64"]  # lowest: auto never picks it
     assert "torch" in panther.available_backends() and "broken" not in panther.available_backends()
 
 

@@ -6,27 +6,58 @@ A backend package runs it from one of its test modules::
     TestTritonConformance = make_conformance_suite("triton", ops=("sketched_linear",),
                                                    dtypes=(torch.float32, torch.float16), device="cpu")
 
-Each test draws shapes with hypothesis (ragged sizes, one row, 3-D inputs are always among the examples),
-draws fresh random inputs, runs the op on the backend in the given dtype, and compares the output and the
-gradients of every differentiable input with the float64 naive reference of :mod:`panther.testing.naive`.
-Example budget: ``max_examples`` per test (default 25, or the environment variable
-``PANTHER_CONFORMANCE_EXAMPLES``), no deadline.
+The suite is a table with one :class:`OpSpec` per op (the rows live in :mod:`panther.testing.specs`, one
+module per op). A row says how to test its op: the hypothesis strategies of the op's parameters and its
+explicit regression examples, the generator of float64 inputs from a seed and those parameters, the
+float64 reference of :mod:`panther.testing.naive`, which inputs get gradients, the tolerance model, which
+sizes a backend may cap (:class:`Limits`), and named special cases. For each op it is asked for, the suite
+makes two tests:
 
-Tolerance (:func:`assert_close_to_reference`): the largest of SLACK times the error of the naive math run
-in the same dtype (what plain PyTorch achieves), a per-dtype fraction of max|ref|, and, for the ops that
-are sums of products (linear, conv), a few unit roundoffs of the largest root-sum-square of the terms
-behind one element, which is what rounding costs where terms cancel.
+* ``test_<op>[dtype]`` draws parameters with hypothesis (the explicit examples always among them), builds
+  fresh random inputs, runs the op on the backend in the given dtype, and compares the output and the
+  gradients with the float64 reference (:func:`check_case`). Budget: ``max_examples`` per test (default
+  25, or the environment variable ``PANTHER_CONFORMANCE_EXAMPLES``), no deadline.
+* ``test_<op>_case[id-dtype]``, one per named special case of the row (only for rows that have some).
+
+Tolerance (:class:`Tolerance`, :func:`assert_close_to_reference`): the largest of SLACK times the error of
+the naive math run in the same dtype (what plain PyTorch achieves), a per-dtype fraction of max|ref|, and,
+for the ops that are sums of products (linear, conv), a few unit roundoffs of the largest root-sum-square
+of the terms behind one element, which is what rounding costs where terms cancel.
+
+Argument checking is not part of the suite: ``panther.ops`` checks arguments before any backend runs, so
+those tests live with the ops (tests/core/test_op_errors.py).
+
+Writing a backend
+-----------------
+1. Subclass :class:`panther.Backend`; implement any of the ops with the positional signatures of
+   :data:`panther.backends.OPS` and say in ``reasons_cannot_run`` which inputs it refuses.
+2. Register the class under the entry-point group ``panther.backends`` in the distribution's metadata::
+
+       [project.entry-points."panther.backends"]
+       mybackend = "my_package:MyBackend"
+
+3. From a test module, run the suite on the ops it implements, in the dtypes and on the device it runs::
+
+       TestMyBackend = make_conformance_suite("mybackend", ops=("sketched_linear",),
+                                              dtypes=(torch.float32,), device="cuda")
+
+   ``max_dim`` caps the sizes drawn (e.g. under a slow interpreter). tests/plugins/reference64 is a complete
+   example: a backend that computes every op with the float64 references.
+
+Adding an op: write its naive reference, then one module under :mod:`panther.testing.specs` that builds
+its :class:`OpSpec` and calls :func:`register_spec` (imported by ``specs/__init__.py``); every backend that
+lists the op in ``ops`` is then tested on it. A special case of an existing op is one :class:`NamedCase`
+in its row's ``cases``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-
-from panther.testing import naive
 
 # Floor of the tolerance on max|out - ref| relative to max|ref|, per dtype (fp32 admits TF32 inputs).
 TOLERANCES: Dict[torch.dtype, float] = {
@@ -50,6 +81,110 @@ UNIT_ROUNDOFF: Dict[torch.dtype, float] = {
 ROUNDINGS = 4.0
 
 
+# --- the table's row types ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One call of an op: the float64 inputs by argument name (cast to the dtype under test; ``None``: an
+    optional input left out) and the keyword arguments passed as they are (flags, sizes, bool masks;
+    tensors among them are moved to the device)."""
+
+    inputs: Mapping[str, Optional[torch.Tensor]]
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class NamedCase:
+    """An explicit case a row carries beside its drawn ones, tested as ``test_<op>_case[id-dtype]``.
+
+    ``build`` returns the :class:`Case`; ``dtypes``, if given, are the only dtypes of the suite it runs in
+    (e.g. a huge input scale that float16 cannot represent).
+    """
+
+    id: str
+    build: Callable[[], Case]
+    dtypes: Optional[Tuple[torch.dtype, ...]] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What a backend under test declares it does not cover; each row reads the limits that apply to it.
+
+    ``max_dim``: the largest feature/sequence size drawn (e.g. 256 under the Triton interpreter, where
+    large cases are slow). Rows document which of their sizes it caps.
+    """
+
+    max_dim: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """max|got - ref| <= max(slack · baseline, floor[dtype] · max|ref|, roundings · u · rss of terms).
+
+    ``baseline`` is the error of the naive math run in the dtype under test; ``u`` the dtype's unit
+    roundoff (TF32's for float32 on a GPU). ``term_scales`` is given for ops whose every output and
+    gradient element is a sum of terms, each a product of input (and output-gradient) elements times a
+    constant: the reference run on squared inputs then gives each element's sum of squared terms, provided
+    the constant is squared too. It maps the float64 inputs of a case to the constant each input carries
+    into every term it scales ({"U1s": 1/(2L), ...}): the reference applies it once, the squared run
+    multiplies that input by it once more. ``None``: no root-sum-square term.
+    """
+
+    slack: float = SLACK
+    floor: Mapping[torch.dtype, float] = dataclasses.field(default_factory=lambda: TOLERANCES)
+    roundings: float = ROUNDINGS
+    term_scales: Optional[Callable[[Mapping[str, torch.Tensor]], Dict[str, float]]] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    """One row of the suite: how to test the op ``panther.ops.<op>``.
+
+    Attributes:
+        op: name of the op in :mod:`panther.ops` and of the backend method.
+        params: ``params(limits)`` -> hypothesis strategies of the op's parameters, by name.
+        examples: ``examples(limits)`` -> explicit parameter dicts (``seed`` included) always tested:
+            regressions and the shapes that must never be left to chance.
+        make_case: ``make_case(seed, **params)`` -> the :class:`Case`, or ``None`` to reject the draw.
+        reference: the float64 reference, called with the case's inputs and kwargs as keywords.
+        grads: the inputs whose gradients are compared (those a case leaves out are skipped).
+        float64_only_grads: ``float64_only_grads(kwargs)`` -> those of ``grads`` compared in float64 only
+            (where the op has kinks that rounding the inputs moves them across).
+        tolerance: the :class:`Tolerance` model of the op.
+        cases: named special cases (:class:`NamedCase`), tested besides the drawn ones.
+    """
+
+    op: str
+    params: Callable[[Limits], Dict[str, Any]]
+    examples: Callable[[Limits], Sequence[Dict[str, Any]]]
+    make_case: Callable[..., Optional[Case]]
+    reference: Callable[..., torch.Tensor]
+    grads: Tuple[str, ...]
+    float64_only_grads: Callable[[Mapping[str, Any]], Tuple[str, ...]] = lambda kwargs: ()
+    tolerance: Tolerance = Tolerance()
+    cases: Tuple[NamedCase, ...] = ()
+
+    def grad_names(self, case: Case, dtype: torch.dtype) -> List[str]:
+        """The inputs of ``case`` whose gradients are compared in ``dtype``."""
+        rough = () if dtype == torch.float64 else self.float64_only_grads(case.kwargs)
+        return [n for n in self.grads if case.inputs.get(n) is not None and n not in rough]
+
+
+SPECS: Dict[str, OpSpec] = {}  # the table, by op name; filled by panther.testing.specs
+
+
+def register_spec(spec: OpSpec) -> OpSpec:
+    """Add a row to the table (an op may have one row)."""
+    if spec.op in SPECS:
+        raise ValueError(f"the conformance suite already has a spec for {spec.op!r}")
+    SPECS[spec.op] = spec
+    return spec
+
+
+# --- comparison --------------------------------------------------------------------------------------------
+
+
 def max_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     got = got.detach().to(torch.float64).cpu()
     ref = ref.detach().to(torch.float64).cpu()
@@ -64,9 +199,11 @@ def assert_close_to_reference(
     baseline_error: float = 0.0,
     magnitude: float = 0.0,
     unit_roundoff: Optional[float] = None,
+    tolerance: Tolerance = Tolerance(),
 ):
-    """max|got - ref| <= max(SLACK · baseline_error, TOLERANCES[dtype] · max|ref|,
-    ROUNDINGS · UNIT_ROUNDOFF[dtype] · magnitude).
+    """max|got - ref| <= max(slack · baseline_error, floor[dtype] · max|ref|,
+    roundings · UNIT_ROUNDOFF[dtype] · magnitude), with the constants of ``tolerance`` (by default SLACK,
+    TOLERANCES and ROUNDINGS).
 
     ``ref`` is the float64 result on the unrounded inputs; ``baseline_error`` is the error of the naive math
     computed in ``dtype`` itself (rounded inputs, low-precision products), i.e. what plain PyTorch achieves.
@@ -81,21 +218,18 @@ def assert_close_to_reference(
     err = max_error(got, ref)
     if not math.isfinite(baseline_error):  # the naive math overflowed in this dtype: no baseline
         baseline_error = 0.0
-    scale = max(ref.detach().abs().max().item() if ref.numel() else 0.0, 0.05)  # inputs are O(1)
+    scale = max(_largest(ref), 0.05)  # inputs are O(1)
     unit = UNIT_ROUNDOFF[dtype] if unit_roundoff is None else unit_roundoff
-    bound = max(SLACK * baseline_error, TOLERANCES[dtype] * scale, ROUNDINGS * unit * magnitude)
+    t = tolerance
+    bound = max(t.slack * baseline_error, t.floor[dtype] * scale, t.roundings * unit * magnitude)
     assert err <= bound, (
         f"{name} ({dtype}): max abs error {err:.3e} > {bound:.3e} "
         f"(naive math in {dtype}: {baseline_error:.3e}, max|ref| {scale:.3e}, rss of terms {magnitude:.3e})"
     )
 
 
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _randn(gen, *shape, scale=1.0):
-    return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+def _largest(t: torch.Tensor) -> float:
+    return t.detach().abs().max().item() if t.numel() else 0.0
 
 
 def _run(fn, inputs, kwargs, grad_names, g, device, dtype):
@@ -110,24 +244,17 @@ def _run(fn, inputs, kwargs, grad_names, g, device, dtype):
     return out, grads
 
 
-def _compare(
-    op, inputs64: Dict[str, torch.Tensor], kwargs, reference, backend, dtype, device, grad_names,
-    multilinear: Optional[Dict[str, float]] = None,
-):
-    """Run ``op`` on ``backend`` in ``dtype``; compare output and grads with the float64 reference.
-
-    ``multilinear``: given for ops whose every output and gradient element is a sum of terms, each a
-    product of input (and output gradient) elements times a constant: the reference run on squared
-    inputs then gives each element's sum of squared terms, provided the constant is squared too. The dict
-    says which input carries it into every term it scales ({"U1s": 1/(2L), ...}); the reference applies
-    it once, the squared run multiplies that input by it once more.
-    """
+def check_case(spec: OpSpec, case: Case, backend: str, dtype: torch.dtype, device: str = "cpu") -> None:
+    """Run ``spec.op`` on ``backend`` in ``dtype`` on ``device``; assert that its output and the gradients
+    of ``spec.grad_names`` are close to the float64 reference (:class:`Tolerance`)."""
     import panther.ops
 
-    inputs64 = {n: t for n, t in inputs64.items() if t is not None}
+    op, reference, tol = spec.op, spec.reference, spec.tolerance
+    grad_names = spec.grad_names(case, dtype)
+    inputs64 = {n: t for n, t in case.inputs.items() if t is not None}
+    kwargs = dict(case.kwargs)
     fn = getattr(panther.ops, op)
-    ref_out = reference(**inputs64, **kwargs)
-    g = _randn(_generator(1234), *ref_out.shape)
+    g = torch.randn(*reference(**inputs64, **kwargs).shape, generator=generator(1234), dtype=torch.float64)
     ref_out, ref_grads = _run(reference, inputs64, kwargs, grad_names, g, "cpu", torch.float64)
     out, got_grads = _run(lambda **a: fn(**a, backend=backend), inputs64, kwargs, grad_names, g, device, dtype)
     assert out.dtype == dtype, f"{op}: output dtype {out.dtype} != input dtype {dtype}"
@@ -138,34 +265,32 @@ def _compare(
         lp_out, lp_grads = _run(reference, inputs64, kwargs, grad_names, g, device, dtype)
         base_out = max_error(lp_out, ref_out)
         base_grads = [max_error(a, b) for a, b in zip(lp_grads, ref_grads)]
-    if multilinear is not None:
-        squares = {n: t * t * multilinear.get(n, 1.0) if t.is_floating_point() else t for n, t in inputs64.items()}
+    if tol.term_scales is not None:
+        scales = tol.term_scales(inputs64)
+        squares = {n: t * t * scales.get(n, 1.0) if t.is_floating_point() else t for n, t in inputs64.items()}
         sq_out, sq_grads = _run(reference, squares, kwargs, grad_names, g * g, "cpu", torch.float64)
         mag_out, mag_grads = _largest(sq_out) ** 0.5, [_largest(t) ** 0.5 for t in sq_grads]
     else:
         mag_out, mag_grads = 0.0, [0.0] * len(grad_names)
     unit = TF32_UNIT_ROUNDOFF if (dtype == torch.float32 and torch.device(device).type == "cuda") else None
-    assert_close_to_reference(f"{op} output", out, ref_out, dtype, base_out, mag_out, unit)
+    assert_close_to_reference(f"{op} output", out, ref_out, dtype, base_out, mag_out, unit, tol)
     for n, gg, rg, base, mag in zip(grad_names, got_grads, ref_grads, base_grads, mag_grads):
-        assert_close_to_reference(f"{op} d{n}", gg, rg, dtype, base, mag, unit)
+        assert_close_to_reference(f"{op} d{n}", gg, rg, dtype, base, mag, unit, tol)
 
 
-def _largest(t: torch.Tensor) -> float:
-    return t.detach().abs().max().item() if t.numel() else 0.0
+# --- input helpers for the rows ----------------------------------------------------------------------------
 
 
-def _linear_case(seed, lead, I, O, L, k, bias):
-    gen = _generator(seed)
-    x = _randn(gen, *lead, I)
-    inputs = dict(
-        x=x,
-        S1s=_randn(gen, L, I, k, scale=I**-0.5),
-        S2s=_randn(gen, L, k, O, scale=k**-0.5),
-        U1s=_randn(gen, L, k, O, scale=k**-0.5),
-        U2s=_randn(gen, L, I, k, scale=I**-0.5),
-        bias=_randn(gen, O) if bias else None,
-    )
-    return inputs
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(gen: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
+    """float64 N(0, scale²) from ``gen`` (on the CPU: the same draws on every machine)."""
+    return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+
+
+# --- the suite ---------------------------------------------------------------------------------------------
 
 
 def make_conformance_suite(
@@ -180,160 +305,63 @@ def make_conformance_suite(
 
     Args:
         backend: registry name of the backend under test.
-        ops: which ops the backend implements.
+        ops: which ops the backend implements (each must have a row in :data:`SPECS`).
         dtypes: dtypes to test in (the reference is always float64).
         device: device of the inputs given to the backend.
         max_dim: largest feature/sequence size drawn (keep <= 256 under the Triton interpreter).
         max_examples: hypothesis examples per test (default: env PANTHER_CONFORMANCE_EXAMPLES or 25).
     """
-    import pytest
-    from hypothesis import HealthCheck, assume, example, given, settings
-    from hypothesis import strategies as st
+    from hypothesis import HealthCheck, settings
 
+    unknown = [op for op in ops if op not in SPECS]
+    if unknown:
+        raise ValueError(f"ops {unknown} have no conformance spec; known ops: {sorted(SPECS)}")
     budget = max_examples or int(os.environ.get("PANTHER_CONFORMANCE_EXAMPLES", "25"))
     conf = settings(
         max_examples=budget, deadline=None, database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     )
-    dtypes = tuple(dtypes)
-    dims = st.integers(1, max_dim)
-    seeds = st.integers(0, 2**31 - 1)
-    lead_shapes = st.sampled_from([(1,), (7,), (33,), (2, 5), (3, 1, 4), ()])
+    dtypes, limits = tuple(dtypes), Limits(max_dim=max_dim)
 
-    class Suite:
-        pass
+    suite = type(f"Conformance_{backend}", (), {"backend": backend})
+    for op in ops:
+        spec = SPECS[op]
+        setattr(suite, f"test_{op}", _drawn_test(spec, backend, dtypes, device, limits, conf))
+        if spec.cases:
+            setattr(suite, f"test_{op}_case", _named_test(spec, backend, dtypes, device))
+    return suite
 
-    Suite.__name__ = Suite.__qualname__ = f"Conformance_{backend}"
-    Suite.backend = backend
 
-    if "sketched_linear" in ops:
+def _drawn_test(spec: OpSpec, backend, dtypes, device, limits: Limits, conf):
+    """``test_<op>[dtype]``: hypothesis draws the row's parameters (its examples first)."""
+    import pytest
+    from hypothesis import assume, example, given
+    from hypothesis import strategies as st
 
-        @pytest.mark.parametrize("dtype", dtypes, ids=str)
-        @conf
-        @given(seed=seeds, lead=lead_shapes, I=dims, O=dims, L=st.integers(1, 4), k=st.integers(1, 40), bias=st.booleans())
-        @example(seed=0, lead=(1,), I=17, O=9, L=1, k=3, bias=True)  # one row, ragged
-        @example(seed=1, lead=(2, 3), I=min(130, max_dim), O=min(70, max_dim), L=2, k=5, bias=False)  # 3-D input
-        @example(seed=51, lead=(1,), I=1, O=51, L=3, k=1, bias=False)  # dx of terms that cancel (|dx| << Σ|terms|)
-        def test_sketched_linear(self, dtype, seed, lead, I, O, L, k, bias):
-            inputs = _linear_case(seed, lead, I, O, L, k, bias)
-            grads = ["x", "S1s", "S2s"] + (["bias"] if bias else [])
-            scale = {"U1s": 1 / (2 * L), "U2s": 1 / (2 * L)}  # every term has one of them: y = Σ .../(2L) + b
-            _compare("sketched_linear", inputs, {}, naive.sketched_linear, backend, dtype, device, grads, scale)
+    def test(self, dtype, seed, **params):
+        case = spec.make_case(seed, **params)
+        assume(case is not None)
+        check_case(spec, case, backend, dtype, device)
 
-        def test_sketched_linear_errors(self):
-            import panther.ops
+    test.__name__ = f"test_{spec.op}"
+    for params in spec.examples(limits):
+        test = example(**params)(test)
+    test = given(seed=st.integers(0, 2**31 - 1), **spec.params(limits))(test)
+    return pytest.mark.parametrize("dtype", dtypes, ids=str)(conf(test))
 
-            inputs = _linear_case(0, (4,), 12, 10, 2, 3, True)
-            inputs = {n: t.to(device=device, dtype=dtypes[0]) for n, t in inputs.items()}
-            bad_x = torch.zeros(4, 13, device=device, dtype=dtypes[0])
-            with pytest.raises(ValueError, match="in_features=12"):
-                panther.ops.sketched_linear(**{**inputs, "x": bad_x}, backend=backend)
-            other = torch.float64 if dtypes[0] != torch.float64 else torch.float32
-            with pytest.raises(TypeError, match="S1s has dtype"):
-                panther.ops.sketched_linear(**{**inputs, "S1s": inputs["S1s"].to(other)}, backend=backend)
-            with pytest.raises(ValueError, match="bias must have shape"):
-                panther.ops.sketched_linear(**{**inputs, "bias": inputs["bias"][:-1]}, backend=backend)
-            with pytest.raises(ValueError, match="U2s must have shape"):
-                panther.ops.sketched_linear(**{**inputs, "U2s": inputs["U2s"][:, :-1]}, backend=backend)
 
-        Suite.test_sketched_linear = test_sketched_linear
-        Suite.test_sketched_linear_errors = test_sketched_linear_errors
+def _named_test(spec: OpSpec, backend, dtypes, device):
+    """``test_<op>_case[id-dtype]``: the row's named special cases."""
+    import pytest
 
-    if "sketched_conv2d" in ops:
-        small = st.integers(1, 9)
+    runs = [
+        pytest.param(c, dtype, id=f"{c.id}-{dtype}")
+        for c in spec.cases for dtype in dtypes if c.dtypes is None or dtype in c.dtypes
+    ]
 
-        @pytest.mark.parametrize("dtype", dtypes, ids=str)
-        @conf
-        @given(
-            seed=seeds, N=st.integers(1, 3), C=small, O=st.integers(1, 13), HW=st.tuples(st.integers(5, 17), st.integers(5, 17)),
-            ks=st.tuples(st.integers(1, 4), st.integers(1, 4)), stride=st.sampled_from([1, 2, (1, 2)]),
-            padding=st.sampled_from([0, 1, (2, 0), "valid", "same"]), dilation=st.sampled_from([1, 2, (2, 1)]),
-            terms=st.integers(1, 3), k=st.integers(1, 6), bias=st.booleans(),
-        )
-        @example(seed=0, N=1, C=3, O=5, HW=(7, 9), ks=(2, 3), stride=1, padding="same", dilation=1, terms=1, k=2, bias=True)
-        def test_sketched_conv2d(self, dtype, seed, N, C, O, HW, ks, stride, padding, dilation, terms, k, bias):
-            if padding == "same" and stride != 1:
-                stride = 1
-            d2 = (dilation, dilation) if isinstance(dilation, int) else dilation
-            p2 = {"valid": (0, 0), "same": (ks[0], ks[1])}.get(padding, padding)
-            p2 = (p2, p2) if isinstance(p2, int) else p2
-            assume(all(HW[a] + 2 * p2[a] >= d2[a] * (ks[a] - 1) + 1 for a in (0, 1)))  # the kernel fits
-            gen = _generator(seed)
-            fan_in = C * ks[0] * ks[1]
-            inputs = dict(
-                x=_randn(gen, N, C, *HW),
-                S1s=_randn(gen, 2 * terms, k, C, *ks, scale=fan_in**-0.5),
-                U1s=_randn(gen, 2 * terms, k, O, scale=k**-0.5),
-                bias=_randn(gen, O) if bias else None,
-            )
-            kwargs = dict(stride=stride, padding=padding, dilation=dilation)
-            grads = ["x", "S1s"] + (["bias"] if bias else [])
-            scale = {"U1s": 1 / (2 * terms)}  # y = Σ_i U1_iᵀ conv(x, S1_i) / (2 terms) + b
-            _compare("sketched_conv2d", inputs, kwargs, naive.sketched_conv2d, backend, dtype, device, grads, scale)
+    @pytest.mark.parametrize("named, dtype", runs)
+    def test(self, named, dtype):
+        check_case(spec, named.build(), backend, dtype, device)
 
-        def test_sketched_conv2d_errors(self):
-            import panther.ops
-
-            x = torch.zeros(1, 3, 8, 8, device=device, dtype=dtypes[0])
-            S = torch.zeros(2, 2, 3, 3, 3, device=device, dtype=dtypes[0])
-            U = torch.zeros(2, 2, 4, device=device, dtype=dtypes[0])
-            with pytest.raises(ValueError, match="padding"):
-                panther.ops.sketched_conv2d(x, S, U, padding="full", backend=backend)
-            with pytest.raises(ValueError, match="stride"):
-                panther.ops.sketched_conv2d(x, S, U, stride=0, backend=backend)
-            with pytest.raises(ValueError, match="in_channels=3"):
-                panther.ops.sketched_conv2d(x[:, :2], S, U, backend=backend)
-            with pytest.raises(ValueError, match="padding='same'"):
-                panther.ops.sketched_conv2d(x, S, U, stride=2, padding="same", backend=backend)
-
-        Suite.test_sketched_conv2d = test_sketched_conv2d
-        Suite.test_sketched_conv2d_errors = test_sketched_conv2d_errors
-
-    if "rfa_attention" in ops:
-
-        @pytest.mark.parametrize("dtype", dtypes, ids=str)
-        @conf
-        @given(
-            seed=seeds, B=st.integers(1, 3), H=st.integers(1, 3), T=st.integers(1, max_dim), D=st.integers(1, 40),
-            m=st.integers(1, 48), causal=st.booleans(), kernel=st.sampled_from(["softmax", "relu"]),
-            per_head=st.booleans(), masked=st.booleans(),
-        )
-        @example(seed=0, B=1, H=2, T=min(200, max_dim), D=16, m=24, causal=True, kernel="softmax", per_head=True, masked=True)
-        # a query row that sees no key (normaliser 0) next to ordinary rows: the chunked prefix sums must not
-        # cancel the large gradient of that row against the others
-        @example(seed=18572, B=2, H=2, T=min(209, max_dim), D=35, m=13, causal=True, kernel="relu", per_head=False, masked=False)
-        def test_rfa_attention(self, dtype, seed, B, H, T, D, m, causal, kernel, per_head, masked):
-            # relu features with few directions leave rows with a near-zero normaliser: ill-conditioned, skip
-            assume(kernel == "softmax" or (m >= 8 and D >= 4))
-            gen = _generator(seed)
-            S = T if causal else max(1, (T * 3) // 4 + 1)
-            omega = _randn(gen, *((H, m, D) if per_head else (m, D)))
-            kpm = None
-            if masked:
-                kpm = torch.rand(B, S, generator=gen) < 0.3
-                kpm[:, 0] = False  # every query keeps at least one key
-            inputs = dict(q=_randn(gen, B, H, T, D), k=_randn(gen, B, H, S, D), v=_randn(gen, B, H, S, D + 1), omega=omega)
-            kwargs = dict(causal=causal, kernel=kernel, key_padding_mask=kpm)
-            # relu is not differentiable at 0: rounding q, k moves features across it, so the gradients of
-            # q and k are compared in float64 only
-            grads = ["q", "k", "v"] if kernel == "softmax" or dtype == torch.float64 else ["v"]
-            _compare("rfa_attention", inputs, kwargs, naive.rfa_attention, backend, dtype, device, grads)
-
-        def test_rfa_attention_errors(self):
-            import panther.ops
-
-            q = torch.zeros(2, 2, 5, 4, device=device, dtype=dtypes[0])
-            om = torch.zeros(8, 4, device=device, dtype=dtypes[0])
-            with pytest.raises(ValueError, match="key_padding_mask"):
-                panther.ops.rfa_attention(q, q, q, om, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool), backend=backend)
-            with pytest.raises(ValueError, match="omega"):
-                panther.ops.rfa_attention(q, q, q, om[:, :3], backend=backend)
-            with pytest.raises(ValueError, match="kernel"):
-                panther.ops.rfa_attention(q, q, q, om, kernel="cosine", backend=backend)
-            with pytest.raises(ValueError, match="causal"):
-                panther.ops.rfa_attention(q, q[:, :, :3], q[:, :, :3], om, causal=True, backend=backend)
-
-        Suite.test_rfa_attention = test_rfa_attention
-        Suite.test_rfa_attention_errors = test_rfa_attention_errors
-
-    return Suite
+    test.__name__ = f"test_{spec.op}_case"
+    return test
