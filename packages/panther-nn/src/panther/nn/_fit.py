@@ -15,7 +15,7 @@ Conv, with the flattened filters ``W0`` ``(O, F)`` and ``U1`` ``(2Lk, O)``: ``W_
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Tuple, Union
+from typing import Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,20 @@ _F64 = torch.float64
 
 # Ridge of the calibration objective, relative to the mean input energy: ‖X E‖² + ε·mean(diag XᵀX)·‖E‖².
 CALIBRATION_DAMPING = 1e-2
+
+
+INITS = ("optimal", "unbiased")
+
+
+def check_init(init, calibration_data) -> None:
+    """``init`` is one of :data:`INITS`; calibration data go with the optimal fit only."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if init == "unbiased" and calibration_data is not None:
+        raise ValueError(
+            "calibration_data fits the factors to the data, which the unbiased init does not do; "
+            "use init='optimal' with calibration_data, or drop calibration_data"
+        )
 
 
 def _range_basis(m: Tensor, side: str) -> Tuple[Tensor, Tensor]:
@@ -188,18 +202,24 @@ def relative_error(reference: Tensor, approx: Tensor, weighting: Optional[Tensor
     return float((num / den).clamp_min(0).sqrt())
 
 
-Data = Union[Tensor, Iterable[Tensor]]
 
 
-INITS = ("optimal", "unbiased")
+@torch.no_grad()
+def init_linear(layer, weight: Tensor, bias: Optional[Tensor], moments: Optional[InputMoments] = None) -> None:
+    """Set an SKLinear's factors (and bias) to the optimum for its sketches: weight-only, or on ``moments``."""
+    S1s, S2s, shift = fit_linear(weight, layer.U1s, layer.U2s, moments, centered=bias is not None)
+    layer.S1s.copy_(S1s)
+    layer.S2s.copy_(S2s)
+    if bias is not None:
+        b = bias.detach().to(_F64)
+        layer.bias.copy_(b if shift is None else b + shift)
 
 
-def check_init(init, calibration_data) -> None:
-    """``init`` is one of :data:`INITS`; calibration data go with the optimal fit only."""
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    if init == "unbiased" and calibration_data is not None:
-        raise ValueError(
-            "calibration_data fits the factors to the data, which the unbiased init does not do; "
-            "use init='optimal' with calibration_data, or drop calibration_data"
-        )
+@torch.no_grad()
+def init_conv(layer, weight: Tensor, bias: Optional[Tensor], patch_mean: Optional[Tensor] = None) -> None:
+    """Set an SKConv2d's filters (and bias) to the optimum for its sketches; ``patch_mean`` shifts the bias."""
+    S1s, shift = fit_conv(weight, layer.U1s, patch_mean if bias is not None else None)
+    layer.S1s.copy_(S1s)
+    if bias is not None:
+        b = bias.detach().to(_F64)
+        layer.bias.copy_(b if shift is None else b + shift)

@@ -318,14 +318,11 @@ class SKConv2d(nn.Module):
             generator=generator,
             W_init=weight if init == "unbiased" else None,
         )
-        with torch.no_grad():
-            shift = None
-            if init == "optimal":
-                S1s, shift = _fit.fit_conv(weight, layer.U1s, None if patch_sum is None else patch_sum / patches)
-                layer.S1s.copy_(S1s)
-            if conv.bias is not None:
-                bias = conv.bias.detach().to(torch.float64)
-                layer.bias.copy_(bias if shift is None else bias + shift)
+        if init == "optimal":
+            _fit.init_conv(layer, weight, conv.bias, None if patch_sum is None else patch_sum / patches)
+        elif conv.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(conv.bias)
         return layer
 
     @torch.no_grad()

@@ -253,7 +253,7 @@ class SKLinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
         _fit.check_init(init, calibration_data)
-        moments, shift = None, None
+        moments = None
         if calibration_data is not None:
             moments = _fit.InputMoments(linear.in_features, linear.weight.device)
             for batch in _fit.batches("calibration_data", calibration_data):
@@ -273,14 +273,11 @@ class SKLinear(nn.Module):
             seed=seed,
             generator=generator,
         )
-        with torch.no_grad():
-            if init == "optimal":
-                S1s, S2s, shift = _fit.fit_linear(weight, layer.U1s, layer.U2s, moments, linear.bias is not None)
-                layer.S1s.copy_(S1s)
-                layer.S2s.copy_(S2s)
-            if linear.bias is not None:
-                bias = linear.bias.detach().to(torch.float64)
-                layer.bias.copy_(bias if shift is None else bias + shift)
+        if init == "optimal":
+            _fit.init_linear(layer, weight, linear.bias, moments)
+        elif linear.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias)
         return layer
 
     @torch.no_grad()
