@@ -10,7 +10,7 @@
 
 from panther.nn.attention import RandMultiHeadAttention
 from panther.nn.conv import SKConv2d
-from panther.nn.convert import ConversionReport, LayerConversion, convert, to_dense
+from panther.nn.conversion import ConversionReport, LayerConversion, convert, to_dense
 from panther.nn.linear import SKLinear, SKLinear_triton
 
 __all__ = [

@@ -69,31 +69,58 @@ def solve_factors(W: Tensor, U1: Tensor, U2: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 class InputMoments:
-    """Count, sum and (optionally) second moment ``Σ x xᵀ`` of input rows, accumulated in float64."""
+    """Moments of a layer's inputs, accumulated in float64: count, sums and ``Σ x xᵀ``.
+
+    Rows come in pairs: ``x`` as the layer sees it in the model being converted and ``x_ref`` as it sees
+    it in the dense model (the same rows when only the layer changes). The cross moment ``Σ x x_refᵀ`` is
+    kept only once a pair differs.
+    """
 
     def __init__(self, features: int, device, second: bool = True) -> None:
         self.count = 0
         self.sum = torch.zeros(features, dtype=_F64, device=device)
+        self.sum_ref = torch.zeros(features, dtype=_F64, device=device)
         self.gram = torch.zeros(features, features, dtype=_F64, device=device) if second else None
+        self.cross: Optional[Tensor] = None  # Σ x x_refᵀ, None while it equals gram
 
-    def add(self, rows: Tensor) -> None:
+    def add(self, rows: Tensor, rows_ref: Optional[Tensor] = None) -> None:
         rows = rows.detach().to(device=self.sum.device, dtype=_F64)
+        same = rows_ref is None
+        rows_ref = rows if same else rows_ref.detach().to(device=self.sum.device, dtype=_F64)
         self.count += rows.shape[0]
         self.sum += rows.sum(0)
+        self.sum_ref += rows_ref.sum(0)
         if self.gram is not None:
+            if self.cross is None and not (same or torch.equal(rows, rows_ref)):
+                self.cross = self.gram.clone()
             self.gram += rows.transpose(0, 1) @ rows
+            if self.cross is not None:
+                self.cross += rows.transpose(0, 1) @ rows_ref
 
     @property
     def mean(self) -> Tensor:
         return self.sum / self.count
 
-    def weighting(self, centered: bool) -> Tensor:
-        """The damped Gram matrix of the fit: of the centered inputs when a bias absorbs the mean."""
+    @property
+    def mean_ref(self) -> Tensor:
+        return self.sum_ref / self.count
+
+    def target(self, W: Tensor, centered: bool) -> Tuple[Tensor, Tensor]:
+        """``(G, W̃)`` of the fit ``min ‖X W_eff - X_ref W‖² + ε ‖W - W_eff‖²`` = ``min ‖R (W̃ - W_eff)‖²`` + const
+        with ``G = XᵀX + ε = RᵀR`` and ``W̃ = G⁻¹ (XᵀX_ref + ε) W`` (``W̃ = W`` when ``X = X_ref``); the
+        moments are centred when a bias absorbs the means, and ε is the damping times the mean of diag(XᵀX)."""
         g = self.gram / self.count
         if centered:
             g = g - torch.outer(self.mean, self.mean)
         ridge = CALIBRATION_DAMPING * g.diagonal().mean().clamp_min(torch.finfo(_F64).tiny)
-        return g + ridge * torch.eye(g.shape[0], dtype=_F64, device=g.device)
+        eye = torch.eye(g.shape[0], dtype=_F64, device=g.device)
+        G = g + ridge * eye
+        if self.cross is None:
+            return G, W
+        c = self.cross / self.count
+        if centered:
+            c = c - torch.outer(self.mean, self.mean_ref)
+        return G, torch.linalg.solve(G, (c + ridge * eye) @ W)
 
 
 def linear_rows(name: str, x, features: int) -> Tensor:
@@ -139,7 +166,7 @@ def fit_linear(
     """``(S1s, S2s, bias_shift)`` in float64 for SKLinear's sketches and a dense ``weight`` ``(O, I)``.
 
     Without ``moments``, the weight-error optimum; with them, the (damped) output-error optimum, and with
-    ``centered`` the bias shift ``mean(x) (W - W_eff)`` that keeps the mean output.
+    ``centered`` the bias shift ``mean(x_ref) W - mean(x) W_eff`` that keeps the mean output.
     """
     L, k, O = U1s.shape
     I = U2s.shape[1]
@@ -150,31 +177,37 @@ def fit_linear(
     if moments is None:
         A, B = solve_factors(W, U1, U2)
     else:
-        R = torch.linalg.cholesky(moments.weighting(centered), upper=True)  # G = RᵀR
-        RA, B = solve_factors(R @ W, U1, R @ U2)
+        G, target = moments.target(W, centered)
+        R = torch.linalg.cholesky(G, upper=True)  # G = RᵀR
+        RA, B = solve_factors(R @ target, U1, R @ U2)
         A = torch.linalg.solve_triangular(R, RA, upper=True)
         if centered:
-            shift = moments.mean @ (W - A @ U1 - U2 @ B)
+            shift = moments.mean_ref @ W - moments.mean @ (A @ U1 + U2 @ B)
     S1s = (2 * L * A).reshape(I, L, k).permute(1, 0, 2)
     S2s = (2 * L * B).reshape(L, k, O)
     return S1s, S2s, shift
 
 
-def fit_conv(weight: Tensor, U1s: Tensor, patch_mean: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+def fit_conv(
+    weight: Tensor, U1s: Tensor, moments: Optional[InputMoments] = None, centered: bool = False
+) -> Tuple[Tensor, Optional[Tensor]]:
     """``(S1s, bias_shift)`` in float64 for SKConv2d's sketches ``(2L, k, O)`` and dense filters ``(O, C, kh, kw)``.
 
-    The input weighting does not move the optimum (it only acts on the filters' input side), so calibration
-    data only give the bias shift ``(W0 - W_eff) mean(patch)``.
+    The input weighting does not move the optimum (it only acts on the filters' input side): the filters fit
+    ``W̃`` of :meth:`InputMoments.target` (``W`` itself when the layer's inputs are the dense model's), and
+    with ``centered`` the bias shifts by ``W mean(patch_ref) - W_eff mean(patch)``. Moments are of patches.
     """
     T, k, O = U1s.shape
-    W0 = weight.detach().to(_F64).reshape(O, -1)  # (O, F)
+    W = weight.detach().to(_F64).reshape(O, -1).transpose(0, 1)  # (F, O)
     U1 = U1s.to(_F64).reshape(T * k, O)
-    A, _ = solve_factors(W0.transpose(0, 1), U1, U1.new_zeros(W0.shape[1], 0))  # Sᵀ/(2L), (F, 2Lk)
-    S = T * A.transpose(0, 1)  # (2Lk, F)
+    target = W
+    if moments is not None and moments.gram is not None:
+        target = moments.target(W, centered)[1]
+    A, _ = solve_factors(target, U1, U1.new_zeros(W.shape[0], 0))  # Sᵀ/(2L), (F, 2Lk)
     shift = None
-    if patch_mean is not None:
-        shift = (W0 - U1.transpose(0, 1) @ S / T) @ patch_mean
-    return S.reshape(T, k, *weight.shape[1:]), shift
+    if moments is not None and centered:
+        shift = moments.mean_ref @ W - moments.mean @ (A @ U1)
+    return (T * A.transpose(0, 1)).reshape(T, k, *weight.shape[1:]), shift
 
 
 def linear_effective_weight(S1s: Tensor, S2s: Tensor, U1s: Tensor, U2s: Tensor) -> Tensor:
@@ -216,9 +249,9 @@ def init_linear(layer, weight: Tensor, bias: Optional[Tensor], moments: Optional
 
 
 @torch.no_grad()
-def init_conv(layer, weight: Tensor, bias: Optional[Tensor], patch_mean: Optional[Tensor] = None) -> None:
-    """Set an SKConv2d's filters (and bias) to the optimum for its sketches; ``patch_mean`` shifts the bias."""
-    S1s, shift = fit_conv(weight, layer.U1s, patch_mean if bias is not None else None)
+def init_conv(layer, weight: Tensor, bias: Optional[Tensor], moments: Optional[InputMoments] = None) -> None:
+    """Set an SKConv2d's filters (and bias) to the optimum for its sketches, on patch ``moments`` if given."""
+    S1s, shift = fit_conv(weight, layer.U1s, moments, centered=bias is not None)
     layer.S1s.copy_(S1s)
     if bias is not None:
         b = bias.detach().to(_F64)

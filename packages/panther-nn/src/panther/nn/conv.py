@@ -293,13 +293,12 @@ class SKConv2d(nn.Module):
                 f"SKConv2d pads with zeros only: conv.padding_mode must be 'zeros', got {conv.padding_mode!r}"
             )
         _fit.check_init(init, calibration_data)
-        patch_sum, patches = None, 0
+        moments = None
         if calibration_data is not None:
+            moments = _fit.InputMoments(conv.weight[0].numel(), conv.weight.device, second=False)  # means suffice
             for batch in _fit.batches("calibration_data", calibration_data):
-                rows = _fit.conv_patches("calibration_data", batch, conv).to(torch.float64)
-                patch_sum = rows.sum(0) if patch_sum is None else patch_sum + rows.sum(0)
-                patches += rows.shape[0]
-            if patches == 0:
+                moments.add(_fit.conv_patches("calibration_data", batch, conv))
+            if moments.count == 0:
                 raise ValueError("calibration_data holds no inputs (no batch, or only empty ones)")
         weight = conv.weight
         layer = cls(
@@ -319,7 +318,7 @@ class SKConv2d(nn.Module):
             W_init=weight if init == "unbiased" else None,
         )
         if init == "optimal":
-            _fit.init_conv(layer, weight, conv.bias, None if patch_sum is None else patch_sum / patches)
+            _fit.init_conv(layer, weight, conv.bias, moments)
         elif conv.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(conv.bias)

@@ -234,37 +234,52 @@ def _run(model: nn.Module, batch) -> None:
         )
 
 
+def _layer_rows(module: nn.Module, x) -> torch.Tensor:
+    if isinstance(module, nn.Conv2d):
+        return _fit.conv_patches("calibration_data", x, module)
+    return _fit.linear_rows("calibration_data", x, module.in_features)
+
+
 @torch.no_grad()
-def _calibrate(model: nn.Module, layers: Sequence[nn.Module], calibration_data) -> Dict[int, Any]:
-    """One pass of ``model`` over the data, accumulating each layer's input moments (float64).
+def _layer_moments(
+    name: str, model: nn.Module, layer: nn.Module, reference: Optional[nn.Module], batches: List[Any]
+) -> Optional[_fit.InputMoments]:
+    """Moments of ``layer``'s inputs in ``model`` (its earlier layers already converted), paired row by row
+    with the same layer's inputs in the dense ``reference`` (``None``: nothing before it changed)."""
+    seen: Dict[str, List[torch.Tensor]] = {"model": [], "reference": []}
 
-    Linear layers get ``Σ x``, ``Σ x xᵀ``; conv layers the sum of their input patches (which is all their
-    fit can use). Returns ``{id(layer): InputMoments}`` for the layers the data reached.
-    """
-    stats: Dict[int, _fit.InputMoments] = {}
+    def capture(key):
+        def hook(module, args, kwargs):
+            seen[key].append(_layer_rows(module, args[0] if args else kwargs.get("input")))
 
-    def hook(module, args, kwargs):
-        x = args[0] if args else kwargs.get("input")
-        if isinstance(module, nn.Conv2d):
-            rows = _fit.conv_patches("calibration_data", x, module)
-            acc = stats.setdefault(id(module), _fit.InputMoments(rows.shape[1], module.weight.device, second=False))
-        else:
-            rows = _fit.linear_rows("calibration_data", x, module.in_features)
-            acc = stats.setdefault(id(module), _fit.InputMoments(rows.shape[1], module.weight.device))
-        acc.add(rows)
+        return hook
 
-    modes = {m: m.training for m in model.modules()}
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in layers]
+    handles = [layer.register_forward_pre_hook(capture("model"), with_kwargs=True)]
+    if reference is not None:
+        handles.append(reference.get_submodule(name).register_forward_pre_hook(capture("reference"), with_kwargs=True))
+    moments = None
     try:
-        model.eval()
-        for batch in _fit.batches("calibration_data", calibration_data):
+        for batch in batches:
+            seen["model"].clear()
+            seen["reference"].clear()
             _run(model, batch)
+            if reference is not None:
+                _run(reference, batch)
+            pairs = seen["reference"] if reference is not None else seen["model"]
+            if [r.shape for r in seen["model"]] != [r.shape for r in pairs]:
+                raise RuntimeError(
+                    f"layer {name!r} received inputs of shapes {[tuple(r.shape) for r in seen['model']]} in the model "
+                    f"being converted but {[tuple(r.shape) for r in pairs]} in the dense model on the same "
+                    f"calibration batch; calibration needs a model whose calls do not depend on its outputs"
+                )
+            for rows, rows_ref in zip(seen["model"], pairs):
+                if moments is None:
+                    moments = _fit.InputMoments(rows.shape[1], rows.device)
+                moments.add(rows, None if reference is None else rows_ref)
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
-    return {key: acc for key, acc in stats.items() if acc.count > 0}
+    return moments if moments is not None and moments.count else None
 
 
 def _module_path_only(module, args):
@@ -274,7 +289,8 @@ def _module_path_only(module, args):
 
 
 def _guard_fast_paths(model: nn.Module, changed: set) -> None:
-    """torch's TransformerEncoder(Layer) fast paths read dense weights; disable them around changed layers."""
+    """torch's TransformerEncoder(Layer) fast paths read dense weights; disable them around the layers
+    about to change (before calibration passes run the model with some of them converted)."""
     for m in model.modules():
         if not any(id(sub) in changed for sub in m.modules()):
             continue
@@ -289,8 +305,8 @@ def _replace(model: nn.Module, new: Dict[int, nn.Module]) -> nn.Module:
     """Put ``new[id(old)]`` wherever ``old`` is a child in ``model`` (shared layers everywhere); returns the
     model, or its replacement when the model itself is replaced."""
     for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if id(child) in new:
+        for child_name, child in list(parent._modules.items()):  # named_children() skips repeated children
+            if child is not None and id(child) in new:
                 setattr(parent, child_name, new[id(child)])
     return new.get(id(model), model)
 
@@ -436,6 +452,7 @@ def convert(
             "model has uninitialised parameters (a lazy module such as nn.LazyLinear): run a forward pass with "
             "a batch of inputs before converting it"
         )
+    original = model
     if not inplace:
         model = copy.deepcopy(model)
     params_before, bytes_before = _count(model)
@@ -516,46 +533,48 @@ def convert(
             )
 
     chosen = [p for p in plans if not p["reason"]]
-    stats = {}
+    batches, reference, modes = None, None, {}
     if calibration_data is not None:
-        dense = [p["module"] for p in chosen if p["kind"] is not nn.MultiheadAttention]
-        stats = _calibrate(model, dense, calibration_data)
+        batches = list(_fit.batches("calibration_data", calibration_data))  # one pass per layer
+        reference = copy.deepcopy(original) if inplace else original  # the dense model, unchanged
+        modes = {m: m.training for m in [*model.modules(), *reference.modules()]}
+        model.eval()
+        reference.eval()
 
-    # build the new layers
-    new: Dict[int, nn.Module] = {}
-    for plan in chosen:
-        module, cfg = plan["module"], plan["config"]
-        layer_seed = None if seed is None else int(torch.randint(0, 2**62, (), generator=seeds))
-        if plan["kind"] is nn.MultiheadAttention:
-            layer = RandMultiHeadAttention.from_multihead_attention(
-                module, cfg["sketch_dim"], kernel=cfg["kernel"], seed=layer_seed
-            )
-        else:
-            moments = stats.get(id(module))
-            plan["init"] = init if moments is None else "calibrated"
-            if plan["kind"] is nn.Linear:
-                layer = SKLinear.from_linear(
-                    module, cfg["num_terms"], cfg["low_rank"], init=init if moments is None else "unbiased",
-                    seed=layer_seed,
+    _guard_fast_paths(model, {id(p["module"]) for p in chosen})
+    # build the new layers in model order, each calibrated on the inputs its converted predecessors give it
+    changed = False
+    try:
+        for plan in chosen:
+            module, cfg = plan["module"], plan["config"]
+            layer_seed = None if seed is None else int(torch.randint(0, 2**62, (), generator=seeds))
+            if plan["kind"] is nn.MultiheadAttention:
+                layer = RandMultiHeadAttention.from_multihead_attention(
+                    module, cfg["sketch_dim"], kernel=cfg["kernel"], seed=layer_seed
                 )
-                if moments is not None:
-                    _fit.init_linear(layer, module.weight, module.bias, moments)
-                effective = layer.to_dense().weight.detach()
             else:
-                layer = SKConv2d.from_conv2d(
+                moments = None
+                if batches is not None:
+                    moments = _layer_moments(plan["name"], model, module, reference if changed else None, batches)
+                plan["init"] = init if moments is None else "calibrated"
+                build = SKLinear.from_linear if plan["kind"] is nn.Linear else SKConv2d.from_conv2d
+                layer = build(
                     module, cfg["num_terms"], cfg["low_rank"], init=init if moments is None else "unbiased",
                     seed=layer_seed,
                 )
                 if moments is not None:
-                    _fit.init_conv(layer, module.weight, module.bias, moments.mean)
+                    fit = _fit.init_linear if plan["kind"] is nn.Linear else _fit.init_conv
+                    fit(layer, module.weight, module.bias, moments)
                 effective = layer.to_dense().weight.detach()
-            plan["weight_error"] = _fit.relative_error(module.weight.detach().double(), effective.double())
-        layer.train(module.training)
-        plan["new"] = layer
-        new[id(module)] = layer
+                plan["weight_error"] = _fit.relative_error(module.weight.detach().double(), effective.double())
+            layer.train(modes.get(module, module.training))
+            plan["new"] = layer
+            model = _replace(model, {id(module): layer})
+            changed = True
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
 
-    model = _replace(model, new)
-    _guard_fast_paths(model, {id(m) for m in new.values()})
     params_after, bytes_after = _count(model)
     layers = []
     for plan in plans:
