@@ -361,11 +361,14 @@ def convert(
 
     **Initialisation.** ``init="optimal"`` (default) fits each sketched weight to the dense one by least
     squares for its drawn sketches; ``"unbiased"`` keeps the estimator whose expectation is the dense
-    layer. With ``calibration_data``, one forward pass of the dense model over it records the inputs of each
-    linear and conv layer (moments in float64: ``in_features²`` values per linear layer), and each layer
-    is fitted to its outputs on them (see :meth:`SKLinear.from_linear`, :meth:`SKConv2d.from_conv2d`).
-    Layers the data do not reach keep the weight-only fit. Attention always reuses the trained projections;
-    its error is that of the random features (see the tutorial).
+    layer. With ``calibration_data``, the layers are converted in model order (the order they are
+    registered in), each fitted so that, on the inputs its already converted predecessors give it, its
+    outputs come closest to the dense layer's outputs on the dense model's inputs (least squares with a
+    small ridge towards the weight fit, bias correcting the mean; moments in float64, ``fan_in²`` values
+    for the layer at hand). This takes two passes over the data per layer (the model being converted and
+    the dense one, eval mode, no gradients), so the batches are held in memory; layers the data do not
+    reach keep the weight-only fit. Attention always reuses the trained projections; its error is that of
+    the random features.
 
     Converted layers sit inside torch's :class:`torch.nn.TransformerEncoderLayer` as well: its fused
     inference path, which reads dense weights directly, is turned off there (by a no-op forward pre-hook,
@@ -387,7 +390,7 @@ def convert(
         overrides (dict, optional): per-layer settings, ``{name or regex: {"low_rank": 32, ...}}``.
         init (str): ``"optimal"`` or ``"unbiased"``. Default: ``"optimal"``.
         calibration_data (optional): model inputs for calibration: a tensor (one batch), or an iterable
-            of batches, each a tensor (``model(batch)``), a tuple or list (``model(*batch)``) or a dict
+            of a few batches, each a tensor (``model(batch)``), a tuple or list (``model(*batch)``) or a dict
             (``model(**batch)``). For a loader of ``(x, y)`` pairs pass ``(x for x, _ in loader)``.
         seed (int, optional): seed from which each new layer's seed is drawn (reproducible conversion).
             Default: ``None``, drawn from the global RNG like a layer's own seed.
