@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-import panther as pr
 from panther.nn import ConversionReport, RandMultiHeadAttention, SKConv2d, SKLinear, convert, to_dense
 
 F64 = torch.float64
@@ -247,8 +246,11 @@ def test_linear_to_dense_computes_the_same_output(bias):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(), dict(stride=2, padding=1), dict(padding="same", dilation=2), dict(padding=(2, 0), bias=False)]
+    "kwargs",
+    [dict(), dict(stride=2, padding=1), dict(padding="same"), dict(padding="same", dilation=2),
+     dict(padding=(2, 0), bias=False)],
 )
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")
 def test_conv_to_dense_computes_the_same_output(kwargs):
     layer = SKConv2d(4, 6, (3, 2), num_terms=2, low_rank=2, dtype=F64, seed=0, **kwargs)
     dense = layer.to_dense()
@@ -594,3 +596,24 @@ def test_model_calibration_fits_each_layer_to_its_converted_inputs():
         target = model(x)
         err = lambda m: ((m(x) - target).norm() / target.norm()).item()  # noqa: E731
         assert err(sequential) < 0.9 * err(independent), (err(sequential), err(independent))
+
+
+class StateDependent(nn.Module):
+    """Calls ``b`` a number of times that depends on what ``a`` is: calibration cannot pair its inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(64, 64)
+        self.b = nn.Linear(64, 64)
+
+    def forward(self, x):
+        h = self.a(x)
+        for _ in range(1 if type(self.a) is nn.Linear else 2):
+            h = self.b(h)
+        return h
+
+
+def test_calibration_refuses_models_whose_calls_change_with_conversion():
+    with pytest.raises(RuntimeError, match=re.escape("layer 'b' received inputs of shapes [(8, 64), (8, 64)] in")):
+        convert(StateDependent(), low_rank=2, calibration_data=torch.randn(8, 64))
+    convert(StateDependent(), low_rank=2, calibration_data=torch.randn(8, 64), target_modules=["b"])

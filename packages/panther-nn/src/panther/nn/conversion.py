@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -459,9 +458,107 @@ def convert(
     if not inplace:
         model = copy.deepcopy(model)
     params_before, bytes_before = _count(model)
-    candidates = _candidates(model)
 
-    # 1-4: which layers, with which settings
+    plans = _plan_layers(
+        _candidates(model), modules, target_modules, exclude_modules, min_params, overrides, num_terms, low_rank,
+        sketch_dim, param_budget,
+    )
+    # 4-5: ranks from the budget, then the savings rule
+    if param_budget is not None:
+        _solve_budget(plans, _resolve_budget(param_budget, params_before), params_before)
+    for plan in plans:
+        cfg = plan["config"]
+        if plan["reason"] or plan["kind"] is nn.MultiheadAttention:
+            continue
+        if not _saves(plan["module"], cfg["num_terms"], cfg["low_rank"]):
+            fan_in, fan_out = _sizes(plan["module"])
+            plan["reason"] = (
+                f"a sketch with num_terms={cfg['num_terms']}, low_rank={cfg['low_rank']} would store "
+                f"{2 * cfg['num_terms'] * cfg['low_rank'] * (fan_in + fan_out):,} values, not fewer than the "
+                f"dense weight's {fan_in * fan_out:,}"
+            )
+
+    chosen = [p for p in plans if not p["reason"]]
+    batches, reference, modes = None, None, {}
+    if calibration_data is not None:
+        batches = list(_fit.batches("calibration_data", calibration_data))  # one pass per layer
+        reference = copy.deepcopy(original) if inplace else original  # the dense model, unchanged
+        modes = {m: m.training for m in [*model.modules(), *reference.modules()]}
+        model.eval()
+        reference.eval()
+
+    _guard_fast_paths(model, {id(p["module"]) for p in chosen})
+    try:
+        model = _build_layers(model, chosen, init, seeds, batches, reference, modes)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+    params_after, bytes_after = _count(model)
+    layers = []
+    for plan in plans:
+        kind = plan["kind"].__name__
+        converted = "new" in plan
+        after = _count(plan["new"]) if converted else (plan["params"], plan["bytes"])
+        layers.append(LayerConversion(
+            name=plan["name"],
+            kind=f"{kind} -> {type(plan['new']).__name__}" if converted else kind,
+            converted=converted,
+            reason=plan["reason"],
+            config=plan["config"] if converted else {},
+            params_before=plan["params"],
+            params_after=after[0],
+            bytes_before=plan["bytes"],
+            bytes_after=after[1],
+            init=plan.get("init", ""),
+            weight_error=plan.get("weight_error"),
+        ))
+    return model, ConversionReport(layers, params_before, params_after, bytes_before, bytes_after)
+
+
+def _fit_int(arg: str, value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{arg} for layer {name!r} must be an int >= 1, got {value!r}")
+
+
+def _build_layers(model, chosen, init, seeds, batches, reference, modes) -> nn.Module:
+    """Replace the chosen layers in model order, each calibrated (with ``batches``) on the inputs its
+    converted predecessors give it; returns the model (the new layer when the model itself is replaced)."""
+    changed = False
+    for plan in chosen:
+        module, cfg = plan["module"], plan["config"]
+        layer_seed = None if seeds is None else int(torch.randint(0, 2**62, (), generator=seeds))
+        if plan["kind"] is nn.MultiheadAttention:
+            layer = RandMultiHeadAttention.from_multihead_attention(
+                module, cfg["sketch_dim"], kernel=cfg["kernel"], seed=layer_seed
+            )
+        else:
+            moments = None
+            if batches is not None:
+                moments = _layer_moments(plan["name"], model, module, reference if changed else None, batches)
+            plan["init"] = init if moments is None else "calibrated"
+            build = SKLinear.from_linear if plan["kind"] is nn.Linear else SKConv2d.from_conv2d
+            layer = build(
+                module, cfg["num_terms"], cfg["low_rank"], init=init if moments is None else "unbiased",
+                seed=layer_seed,
+            )
+            if moments is not None:
+                fit = _fit.init_linear if plan["kind"] is nn.Linear else _fit.init_conv
+                fit(layer, module.weight, module.bias, moments)
+            effective = layer.to_dense().weight.detach()
+            plan["weight_error"] = _fit.relative_error(module.weight.detach().double(), effective.double())
+        layer.train(modes.get(module, module.training))
+        plan["new"] = layer
+        model = _replace(model, {id(module): layer})
+        changed = True
+    return model
+
+
+def _plan_layers(
+    candidates, modules, target_modules, exclude_modules, min_params, overrides, num_terms, low_rank, sketch_dim,
+    param_budget,
+) -> List[Dict[str, Any]]:
+    """Rules 1-4 of :func:`convert`: one plan per candidate, with its settings or the reason it stays dense."""
     plans: List[Dict[str, Any]] = []
     used_overrides = set()
     for name, module in candidates:
@@ -520,89 +617,7 @@ def convert(
             if missing:
                 raise ValueError(f"{arg} entries {missing} match no Linear, Conv2d or MultiheadAttention layer")
 
-    # 4-5: ranks from the budget, then the savings rule
-    if param_budget is not None:
-        _solve_budget(plans, _resolve_budget(param_budget, params_before), params_before)
-    for plan in plans:
-        cfg = plan["config"]
-        if plan["reason"] or plan["kind"] is nn.MultiheadAttention:
-            continue
-        if not _saves(plan["module"], cfg["num_terms"], cfg["low_rank"]):
-            fan_in, fan_out = _sizes(plan["module"])
-            plan["reason"] = (
-                f"a sketch with num_terms={cfg['num_terms']}, low_rank={cfg['low_rank']} would store "
-                f"{2 * cfg['num_terms'] * cfg['low_rank'] * (fan_in + fan_out):,} values, not fewer than the "
-                f"dense weight's {fan_in * fan_out:,}"
-            )
-
-    chosen = [p for p in plans if not p["reason"]]
-    batches, reference, modes = None, None, {}
-    if calibration_data is not None:
-        batches = list(_fit.batches("calibration_data", calibration_data))  # one pass per layer
-        reference = copy.deepcopy(original) if inplace else original  # the dense model, unchanged
-        modes = {m: m.training for m in [*model.modules(), *reference.modules()]}
-        model.eval()
-        reference.eval()
-
-    _guard_fast_paths(model, {id(p["module"]) for p in chosen})
-    # build the new layers in model order, each calibrated on the inputs its converted predecessors give it
-    changed = False
-    try:
-        for plan in chosen:
-            module, cfg = plan["module"], plan["config"]
-            layer_seed = None if seed is None else int(torch.randint(0, 2**62, (), generator=seeds))
-            if plan["kind"] is nn.MultiheadAttention:
-                layer = RandMultiHeadAttention.from_multihead_attention(
-                    module, cfg["sketch_dim"], kernel=cfg["kernel"], seed=layer_seed
-                )
-            else:
-                moments = None
-                if batches is not None:
-                    moments = _layer_moments(plan["name"], model, module, reference if changed else None, batches)
-                plan["init"] = init if moments is None else "calibrated"
-                build = SKLinear.from_linear if plan["kind"] is nn.Linear else SKConv2d.from_conv2d
-                layer = build(
-                    module, cfg["num_terms"], cfg["low_rank"], init=init if moments is None else "unbiased",
-                    seed=layer_seed,
-                )
-                if moments is not None:
-                    fit = _fit.init_linear if plan["kind"] is nn.Linear else _fit.init_conv
-                    fit(layer, module.weight, module.bias, moments)
-                effective = layer.to_dense().weight.detach()
-                plan["weight_error"] = _fit.relative_error(module.weight.detach().double(), effective.double())
-            layer.train(modes.get(module, module.training))
-            plan["new"] = layer
-            model = _replace(model, {id(module): layer})
-            changed = True
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-
-    params_after, bytes_after = _count(model)
-    layers = []
-    for plan in plans:
-        kind = plan["kind"].__name__
-        converted = "new" in plan
-        after = _count(plan["new"]) if converted else (plan["params"], plan["bytes"])
-        layers.append(LayerConversion(
-            name=plan["name"],
-            kind=f"{kind} -> {type(plan['new']).__name__}" if converted else kind,
-            converted=converted,
-            reason=plan["reason"],
-            config=plan["config"] if converted else {},
-            params_before=plan["params"],
-            params_after=after[0],
-            bytes_before=plan["bytes"],
-            bytes_after=after[1],
-            init=plan.get("init", ""),
-            weight_error=plan.get("weight_error"),
-        ))
-    return model, ConversionReport(layers, params_before, params_after, bytes_before, bytes_after)
-
-
-def _fit_int(arg: str, value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{arg} for layer {name!r} must be an int >= 1, got {value!r}")
+    return plans
 
 
 def _unsupported(module: nn.Module) -> str:
