@@ -186,6 +186,15 @@ def test_calibration_without_bias_fits_uncentred_inputs():
         assert calibrated.bias is None and err(calibrated) < err(optimal)
 
 
+def test_calibration_on_zero_inputs_falls_back_to_the_weight_fit():
+    lin = nn.Linear(24, 16, dtype=F64)
+    calibrated = SKLinear.from_linear(lin, 1, 3, calibration_data=torch.zeros(50, 24, dtype=F64), seed=0)
+    optimal = SKLinear.from_linear(lin, 1, 3, seed=0)
+    assert torch.isfinite(calibrated.S1s).all() and torch.isfinite(calibrated.bias).all()
+    torch.testing.assert_close(calibrated.to_dense().weight, optimal.to_dense().weight, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(calibrated.bias, lin.bias.detach())
+
+
 def test_conv_calibration_corrects_the_bias_only():
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 16, 3, padding=1, stride=2, dtype=F64)

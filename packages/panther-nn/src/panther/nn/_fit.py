@@ -6,8 +6,10 @@ Linear, with ``W = W0ᵀ`` ``(I, O)``, ``U1 = cat_i U1_i`` ``(r1, O)`` stacked b
 projectors on the row space of ``U1`` and the column space of ``U2``), so the best ``W_eff`` is
 ``W - (1 - Q) W (1 - P)``. :func:`solve_factors` returns the minimum-norm ``(A, B)`` that reaches it.
 
-With inputs ``X``, the output error ``‖X (W - W_eff)‖`` equals ``‖R (W - W_eff)‖`` for ``XᵀX = RᵀR``: the same
-problem for ``(R W, U1, R U2)``, solved for ``(R A, B)``.
+Calibration: with the layer's inputs ``X`` in the model being converted and ``X_ref`` in the dense model
+(the same when only this layer changes), ``‖X W_eff - X_ref W‖² + ε ‖W - W_eff‖²`` is, up to a constant,
+``‖R (W̃ - W_eff)‖²`` with ``G = XᵀX + ε = RᵀR`` and ``W̃ = G⁻¹ (XᵀX_ref + ε) W``: the same problem for
+``(R W̃, U1, R U2)``, solved for ``(R A, B)``.
 
 Conv, with the flattened filters ``W0`` ``(O, F)`` and ``U1`` ``(2Lk, O)``: ``W_eff = U1ᵀ S / (2L)``, best at
 ``S = 2L (U1ᵀ)⁺ W0`` (the projection of ``W0`` on ``U1``'s row space) whatever the input weighting.
@@ -21,11 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from panther.ops import resolve_padding
+
 _F64 = torch.float64
 
 # Ridge of the calibration objective, relative to the mean input energy: ‖X E‖² + ε·mean(diag XᵀX)·‖E‖².
 CALIBRATION_DAMPING = 1e-2
-
 
 INITS = ("optimal", "unbiased")
 
@@ -112,7 +115,8 @@ class InputMoments:
         g = self.gram / self.count
         if centered:
             g = g - torch.outer(self.mean, self.mean)
-        ridge = CALIBRATION_DAMPING * g.diagonal().mean().clamp_min(torch.finfo(_F64).tiny)
+        energy = g.diagonal().mean()
+        ridge = CALIBRATION_DAMPING * (energy if energy > 0 else 1.0)  # inputs all zero: the weight fit
         eye = torch.eye(g.shape[0], dtype=_F64, device=g.device)
         G = g + ridge * eye
         if self.cross is None:
@@ -134,8 +138,6 @@ def linear_rows(name: str, x, features: int) -> Tensor:
 
 def conv_patches(name: str, x, conv) -> Tensor:
     """The input patches a convolution sees, as rows ``(N * positions, C * kh * kw)`` (zero padding)."""
-    from panther.ops import resolve_padding
-
     C = conv.in_channels
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must hold torch.Tensor batches, got {type(x).__name__}")
@@ -224,17 +226,9 @@ def conv_effective_weight(S1s: Tensor, U1s: Tensor) -> Tensor:
     return torch.einsum("tko,tkchw->ochw", U1s.detach().to(_F64), S1s.detach().to(_F64)) / T
 
 
-def relative_error(reference: Tensor, approx: Tensor, weighting: Optional[Tensor] = None) -> float:
-    """``‖E‖/‖W‖`` (``E = W - approx``), or with a Gram matrix ``G`` ``(I, I)``, ``sqrt(tr(Eᵀ G E) / tr(Wᵀ G W))``
-    for weights ``(I, O)``."""
-    E = reference - approx
-    if weighting is None:
-        return float(E.norm() / reference.norm().clamp_min(torch.finfo(_F64).tiny))
-    num = (E * (weighting @ E)).sum()
-    den = (reference * (weighting @ reference)).sum().clamp_min(torch.finfo(_F64).tiny)
-    return float((num / den).clamp_min(0).sqrt())
-
-
+def relative_error(reference: Tensor, approx: Tensor) -> float:
+    """``‖reference - approx‖ / ‖reference‖``."""
+    return float((reference - approx).norm() / reference.norm().clamp_min(torch.finfo(_F64).tiny))
 
 
 @torch.no_grad()
