@@ -435,6 +435,8 @@ def test_inplace_and_copy():
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
     model, _ = convert(net, low_rank=4, inplace=True)
     assert model is net and isinstance(net.block["fc1"], SKLinear)
+    _, again = convert(net, low_rank=4)  # sketched layers are no candidates
+    assert [r.name for r in again.layers] == ["conv1", "grouped", "reflect"] and again.converted == []
     lin = nn.Linear(64, 64)
     layer, report = convert(lin, low_rank=2)  # the model itself is a layer
     assert isinstance(layer, SKLinear) and report.converted[0].name == ""
