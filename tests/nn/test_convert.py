@@ -14,18 +14,15 @@ F64 = torch.float64
 pytestmark = pytest.mark.filterwarnings("ignore:.*not fewer than the:UserWarning")
 
 
+def effective(layer):
+    """W_eff (I, O) = 1/(2L) Σ_i (S1_i U1_i + U2_i S2_i), differentiable in the layer's parameters."""
+    terms = torch.einsum("lik,lko->io", layer.S1s, layer.U1s) + torch.einsum("lik,lko->io", layer.U2s, layer.S2s)
+    return terms / (2 * layer.num_terms)
+
+
 def linear_weight_error_objective(layer, W):
     """‖W - W_eff‖² as a function of the layer's parameters (W (O, I), nn.Linear's layout)."""
-    L = layer.num_terms
-    W_eff = (torch.einsum("lik,lko->io", layer.S1s, layer.U1s) + torch.einsum("lik,lko->io", layer.U2s, layer.S2s)) / (
-        2 * L
-    )
-    return ((W.t() - W_eff) ** 2).sum()
-
-
-def projector(m):
-    """Orthogonal projector on the column space of m (computed with lstsq, independently of the fit)."""
-    return m @ torch.linalg.pinv(m)
+    return ((W.t() - effective(layer)) ** 2).sum()
 
 
 def independent_optimum(layer, W):
@@ -168,10 +165,7 @@ def test_calibration_beats_the_weight_optimum_on_the_calibration_data():
     G = G + 1e-2 * G.diagonal().mean() * torch.eye(48, dtype=F64)
     R = torch.linalg.cholesky(G, upper=True)
     W = lin.weight.detach()
-    L = 1
-    W_eff = (torch.einsum("lik,lko->io", calibrated.S1s, calibrated.U1s)
-             + torch.einsum("lik,lko->io", calibrated.U2s, calibrated.S2s)) / (2 * L)
-    objective = ((R @ (W.t() - W_eff)) ** 2).sum()
+    objective = ((R @ (W.t() - effective(calibrated))) ** 2).sum()
     g1, g2 = torch.autograd.grad(objective, [calibrated.S1s, calibrated.S2s])
     assert max(g1.norm(), g2.norm()) < 1e-9 * objective.item()
 
@@ -321,7 +315,9 @@ def test_convert_rules_types_names_sizes_and_savings():
     reasons = {r.name: r.reason for r in report.skipped}
     assert reasons["grouped"] == "groups=4: SKConv2d has no grouped convolution"
     assert reasons["reflect"] == "padding_mode='reflect': SKConv2d pads with zeros only"
-    assert reasons["conv1"].startswith("a sketch with num_terms=1, low_rank=4 would store 136 values, not fewer than the dense weight's 72")
+    assert reasons["conv1"] == (
+        "a sketch with num_terms=1, low_rank=4 would store 136 values, not fewer than the dense weight's 72"
+    )
     assert isinstance(model.conv2, SKConv2d) and isinstance(model.block["fc1"], SKLinear)
     assert type(model.conv1) is nn.Conv2d and type(net.conv2) is nn.Conv2d  # a copy by default
     model(torch.randn(2, 1, 8, 8))
@@ -339,7 +335,8 @@ def test_convert_rules_types_names_sizes_and_savings():
     _, report = convert(net, low_rank=4, min_params=10_000)
     assert converted_names(report) == ["block.fc1", "block.fc2"]
     assert {r.name: r.reason for r in report.skipped}["head"] == "1,290 parameters, fewer than min_params=10,000"
-    _, report = convert(net, num_terms=2, low_rank=4, overrides={"head": {"low_rank": 1}, r"block\.fc\d": {"low_rank": 16}})
+    overrides = {"head": {"low_rank": 1}, r"block\.fc\d": {"low_rank": 16}}
+    _, report = convert(net, num_terms=2, low_rank=4, overrides=overrides)
     config = {r.name: r.config for r in report.converted}
     assert config["head"] == {"num_terms": 2, "low_rank": 1} and config["block.fc1"] == {"num_terms": 2, "low_rank": 16}
     assert config["conv2"] == {"num_terms": 2, "low_rank": 4}
@@ -355,7 +352,8 @@ def test_convert_rules_types_names_sizes_and_savings():
         (dict(low_rank=4, target_modules="(fc"), ValueError, "target_modules is not a valid regular expression"),
         (dict(low_rank=4, target_modules=3), TypeError, "target_modules must be a regular expression (str) or"),
         (dict(low_rank=4, overrides={"fc9": {"low_rank": 2}}), ValueError, "overrides ['fc9'] match no Linear"),
-        (dict(low_rank=4, overrides={"head": {"rank": 2}}), ValueError, "overrides['head'] has unknown settings ['rank']"),
+        (dict(low_rank=4, overrides={"head": {"rank": 2}}), ValueError,
+         "overrides['head'] has unknown settings ['rank']"),
         (dict(low_rank=4, overrides={"head": {"sketch_dim": 2}}), ValueError,
          "overrides['head'] sets ['sketch_dim'] for layer 'head', a Linear, which takes ['num_terms', 'low_rank']"),
         (dict(low_rank=0), ValueError, "low_rank for layer 'conv1' must be an int >= 1, got 0"),
@@ -541,7 +539,8 @@ def test_multihead_attention_conversion():
     attn = converted.attn
     assert isinstance(attn, RandMultiHeadAttention) and attn.sketch_dim == 16
     assert isinstance(attn.out_proj, nn.Linear) and not isinstance(attn.out_proj, SKLinear)  # never inside
-    assert torch.equal(attn.in_proj_weight, mha.in_proj_weight) and torch.equal(attn.out_proj.weight, mha.out_proj.weight)
+    assert torch.equal(attn.in_proj_weight, mha.in_proj_weight)
+    assert torch.equal(attn.out_proj.weight, mha.out_proj.weight)
     r = report.converted[0]
     assert r.kind == "MultiheadAttention -> RandMultiHeadAttention" and r.params_after == r.params_before
     assert r.bytes_after == r.bytes_before + 4 * 4 * 16 * 8  # the random features

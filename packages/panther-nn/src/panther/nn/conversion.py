@@ -87,7 +87,8 @@ class ConversionReport:
     def __repr__(self) -> str:
         return (
             f"ConversionReport(converted={len(self.converted)}, skipped={len(self.skipped)}, "
-            f"params={self.params_before:,} -> {self.params_after:,} ({_ratio(self.params_after, self.params_before)}), "
+            f"params={self.params_before:,} -> {self.params_after:,} "
+            f"({_ratio(self.params_after, self.params_before)}), "
             f"bytes={self.bytes_before:,} -> {self.bytes_after:,} ({_ratio(self.bytes_after, self.bytes_before)}))"
         )
 
@@ -104,7 +105,8 @@ class ConversionReport:
                 params, size = f"{r.params_before:,}", f"{r.bytes_before:,}"
             rows.append([r.name or "(model)", r.kind, config, r.init or "-", err, params, size, r.reason or ""])
         rows.append(["total", "", "", "", "",
-                     f"{self.params_before:,} -> {self.params_after:,} ({_ratio(self.params_after, self.params_before)})",
+                     f"{self.params_before:,} -> {self.params_after:,} "
+                     f"({_ratio(self.params_after, self.params_before)})",
                      f"{self.bytes_before:,} -> {self.bytes_after:,} ({_ratio(self.bytes_after, self.bytes_before)})",
                      f"{len(self.converted)} converted, {len(self.skipped)} kept"])
         widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
@@ -186,7 +188,9 @@ def _resolve_budget(param_budget, total: int) -> int:
         raise TypeError(f"param_budget must be a fraction (float) or a parameter count (int), got {param_budget!r}")
     if isinstance(param_budget, float):
         if not 0.0 < param_budget <= 1.0:
-            raise ValueError(f"param_budget as a fraction of the model's parameters must be in (0, 1], got {param_budget}")
+            raise ValueError(
+                f"param_budget as a fraction of the model's parameters must be in (0, 1], got {param_budget}"
+            )
         return int(param_budget * total)
     if param_budget < 1:
         raise ValueError(f"param_budget as a parameter count must be >= 1, got {param_budget}")
