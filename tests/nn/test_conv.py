@@ -71,7 +71,7 @@ def test_default_init_is_conv_like():
 
 def test_from_conv2d():
     conv = torch.nn.Conv2d(4, 6, (3, 2), stride=(1, 2), padding=(1, 1), dilation=(2, 1), dtype=torch.float64)
-    layer = SKConv2d.from_conv2d(conv, num_terms=2, low_rank=3, seed=0)
+    layer = SKConv2d.from_conv2d(conv, num_terms=2, low_rank=3, init="unbiased", seed=0)
     assert (layer.kernel_size, layer.stride, layer.padding, layer.dilation) == (
         conv.kernel_size, conv.stride, conv.padding, conv.dilation,
     )

@@ -118,7 +118,7 @@ def test_reset_parameters_redraws_and_accepts_w_init():
 
 def test_from_linear_keeps_bias_dtype_device():
     lin = torch.nn.Linear(30, 20, dtype=torch.float64)
-    layer = SKLinear.from_linear(lin, num_terms=2, low_rank=3, seed=0)
+    layer = SKLinear.from_linear(lin, num_terms=2, low_rank=3, init="unbiased", seed=0)
     assert isinstance(layer, SKLinear)
     assert layer.S1s.dtype == torch.float64 and layer.U1s.dtype == torch.float64
     assert layer.S1s.device == lin.weight.device

@@ -44,7 +44,8 @@ def test_sklinear_expected_output_is_the_dense_layer():
     x = torch.randn(6, 21, dtype=torch.float64)
     expected = lin(x).detach()
     with torch.no_grad():
-        samples = torch.stack([SKLinear.from_linear(lin, num_terms=2, low_rank=3, seed=s)(x) for s in range(DRAWS)])
+        draws = [SKLinear.from_linear(lin, num_terms=2, low_rank=3, init="unbiased", seed=s) for s in range(DRAWS)]
+        samples = torch.stack([layer(x) for layer in draws])
     check_unbiased(samples, expected)
 
 
@@ -69,7 +70,8 @@ def test_skconv2d_expected_output_is_the_dense_layer():
     x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
     expected = conv(x).detach()
     with torch.no_grad():
-        samples = torch.stack([SKConv2d.from_conv2d(conv, num_terms=1, low_rank=2, seed=s)(x) for s in range(DRAWS)])
+        draws = [SKConv2d.from_conv2d(conv, num_terms=1, low_rank=2, init="unbiased", seed=s) for s in range(DRAWS)]
+        samples = torch.stack([layer(x) for layer in draws])
     check_unbiased(samples, expected)
 
 
@@ -82,7 +84,8 @@ def test_error_shrinks_with_more_terms():
 
     def mean_error(L, k):
         with torch.no_grad():
-            errs = [(SKLinear.from_linear(lin, L, k, seed=s)(x) - expected).norm() / expected.norm() for s in range(40)]
+            draws = [SKLinear.from_linear(lin, L, k, init="unbiased", seed=s) for s in range(40)]
+            errs = [(layer(x) - expected).norm() / expected.norm() for layer in draws]
         return torch.stack(errs).mean().item()
 
     small, large = mean_error(1, 2), mean_error(4, 8)

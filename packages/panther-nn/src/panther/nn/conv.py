@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from panther import backends
+from panther.nn import _fit
 from panther.nn._init import (
     check_input,
     check_int,
@@ -240,21 +241,48 @@ class SKConv2d(nn.Module):
         num_terms: int,
         low_rank: int,
         *,
+        init: str = "optimal",
+        calibration_data=None,
         seed: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
     ) -> "SKConv2d":
         r"""A sketched layer initialised from a (trained) :class:`torch.nn.Conv2d`.
 
-        The filters are built from ``conv.weight`` (so the expected output is ``conv``'s), the bias is
-        copied, and kernel size, stride, padding, dilation, dtype and device are ``conv``'s.
+        The sketches are drawn from the new layer's generator; the filters are then fitted to
+        ``conv.weight``, the bias is copied, and kernel size, stride, padding, dilation, dtype and device
+        are ``conv``'s. ``conv`` is left unchanged.
+
+        - ``init="optimal"`` (default): the filters that minimise the error of the effective filters
+          :math:`\frac{1}{2L} \sum_i U_{1,i}^\top S_{1,i}` (flattened to ``(out_channels, in_channels * kh
+          * kw)``): their projection on the row space of the stacked sketches :math:`U_{1,i}`, computed in
+          float64 (the minimum-norm such filters). With :math:`2Lk \ge` ``out_channels`` the layer is exact.
+        - ``init="unbiased"``: :math:`S_{1,i} = U_{1,i} W_0`, whose output equals ``conv``'s in expectation
+          over the sketches, with a much larger error for any one draw.
+        - ``calibration_data`` (with ``init="optimal"``): input images ``(N, C, H, W)`` or ``(C, H, W)``,
+          one tensor or an iterable of them. Weighting the error by the input patches does not change the
+          best filters (the sketches act on the output channels only), so the data correct the bias: it
+          absorbs the mean output error over the patches. Without a bias they change nothing.
 
         Args:
             conv (torch.nn.Conv2d): the dense layer to replace; ``groups`` must be 1 and ``padding_mode``
                 ``'zeros'``.
             num_terms (int): :math:`L`; the layer has :math:`2L` terms.
             low_rank (int): :math:`k`, rank of each term.
+            init (str): ``"optimal"`` or ``"unbiased"``. Default: ``"optimal"``.
+            calibration_data (Tensor or iterable of Tensors, optional): input images to correct the bias on.
             seed (int, optional): seed of the new layer's generator.
             generator (torch.Generator, optional): a generator to draw from instead.
+
+        Examples:
+            >>> import torch
+            >>> from panther.nn import SKConv2d
+            >>> dense = torch.nn.Conv2d(16, 32, 3, padding=1)
+            >>> x = torch.randn(4, 16, 10, 10)
+            >>> optimal = SKConv2d.from_conv2d(dense, 1, 4, seed=0)
+            >>> unbiased = SKConv2d.from_conv2d(dense, 1, 4, init="unbiased", seed=0)
+            >>> err = lambda m: ((m(x) - dense(x)).norm() / dense(x).norm()).item()
+            >>> err(optimal) < err(unbiased)
+            True
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}")
@@ -264,6 +292,14 @@ class SKConv2d(nn.Module):
             raise ValueError(
                 f"SKConv2d pads with zeros only: conv.padding_mode must be 'zeros', got {conv.padding_mode!r}"
             )
+        _fit.check_init(init, calibration_data)
+        moments = None
+        if calibration_data is not None:
+            moments = _fit.InputMoments(conv.weight[0].numel(), conv.weight.device, second=False)  # means suffice
+            for batch in _fit.batches("calibration_data", calibration_data):
+                moments.add(_fit.conv_patches("calibration_data", batch, conv))
+            if moments.count == 0:
+                raise ValueError("calibration_data holds no inputs (no batch, or only empty ones)")
         weight = conv.weight
         layer = cls(
             conv.in_channels,
@@ -279,10 +315,40 @@ class SKConv2d(nn.Module):
             device=weight.device,
             seed=seed,
             generator=generator,
-            W_init=weight,
+            W_init=weight if init == "unbiased" else None,
         )
-        if conv.bias is not None:
+        if init == "optimal":
+            _fit.init_conv(layer, weight, conv.bias, moments)
+        elif conv.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(conv.bias)
         return layer
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Conv2d:
+        r"""The :class:`torch.nn.Conv2d` that computes what this layer computes (for inference or export).
+
+        Its filters are the effective filters :math:`\frac{1}{2L} \sum_i U_{1,i}^\top S_{1,i}`, formed in
+        float64; bias, stride, padding, dilation, dtype, device and training mode are this layer's.
+
+        Examples:
+            >>> import torch
+            >>> from panther.nn import SKConv2d
+            >>> m = SKConv2d(16, 33, 3, padding=1, num_terms=1, low_rank=4, seed=0)
+            >>> dense = m.to_dense()
+            >>> dense
+            Conv2d(16, 33, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))
+            >>> x = torch.randn(2, 16, 9, 9)
+            >>> torch.allclose(dense(x), m(x), atol=1e-5)
+            True
+        """
+        ref = self.S1s
+        dense = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
+            dilation=self.dilation, bias=self.bias is not None, device="meta", dtype=ref.dtype,
+        ).to_empty(device=ref.device)
+        dense.weight.copy_(_fit.conv_effective_weight(self.S1s, self.U1s))
+        if self.bias is not None:
+            dense.bias.copy_(self.bias)
+        return dense.train(self.training)
 

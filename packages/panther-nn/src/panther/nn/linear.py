@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from panther import backends
+from panther.nn import _fit
 from panther.nn._init import (
     check_input,
     check_int,
@@ -203,40 +204,108 @@ class SKLinear(nn.Module):
         num_terms: int,
         low_rank: int,
         *,
+        init: str = "optimal",
+        calibration_data=None,
         seed: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
     ) -> "SKLinear":
         r"""A sketched layer initialised from a (trained) :class:`torch.nn.Linear`.
 
-        The factors are built from ``linear.weight`` (so the expected output is ``linear``'s), the bias is
-        copied, and the new layer has ``linear``'s dtype and device. ``linear`` is left unchanged.
+        The sketches are drawn from the new layer's generator; the factors are then fitted to
+        ``linear.weight`` (:math:`W = W_0^\top`), the bias is copied, and the new layer has ``linear``'s dtype
+        and device. ``linear`` is left unchanged.
+
+        - ``init="optimal"`` (default): the factors that minimise the weight error
+          :math:`\lVert W - W_\text{eff} \rVert_F` for the drawn sketches (the minimum-norm such factors,
+          computed in float64). The effective weight is then :math:`W - (1 - Q) W (1 - P)`, with :math:`P`
+          and :math:`Q` the projectors on the row space of the stacked :math:`U_{1,i}` and the column space
+          of the stacked :math:`U_{2,i}`: every part of :math:`W` that a sketch can reach is kept exactly.
+        - ``init="unbiased"``: :math:`S_{1,i} = W U_{1,i}^\top`, :math:`S_{2,i} = U_{2,i}^\top W`, whose
+          output equals ``linear``'s in expectation over the sketches, with a much larger error for any one
+          draw.
+        - ``calibration_data`` (with ``init="optimal"``): inputs of the layer, ``(*, in_features)``, one
+          tensor or an iterable of them. The factors then minimise the output error
+          :math:`\lVert X W - X W_\text{eff} \rVert_F` on these inputs (plus a ridge of 1% of the mean
+          input energy times the weight error, which keeps directions the data do not reach close to
+          the weight-error optimum), and the bias absorbs the mean of the remaining output error. The
+          moments are accumulated in float64, :math:`\text{in\_features}^2` values.
 
         Args:
             linear (torch.nn.Linear): the dense layer to replace.
             num_terms (int): :math:`L`, number of pairs of sketched terms.
             low_rank (int): :math:`k`, rank of each term.
+            init (str): ``"optimal"`` or ``"unbiased"``. Default: ``"optimal"``.
+            calibration_data (Tensor or iterable of Tensors, optional): inputs to fit the output on.
             seed (int, optional): seed of the new layer's generator.
             generator (torch.Generator, optional): a generator to draw from instead.
+
+        Examples:
+            >>> import torch
+            >>> from panther.nn import SKLinear
+            >>> dense = torch.nn.Linear(64, 48)
+            >>> x = torch.randn(512, 64)
+            >>> fitted = SKLinear.from_linear(dense, 1, 8, calibration_data=x, seed=0)
+            >>> unbiased = SKLinear.from_linear(dense, 1, 8, init="unbiased", seed=0)
+            >>> err = lambda m: ((m(x) - dense(x)).norm() / dense(x).norm()).item()
+            >>> err(fitted) < err(unbiased)
+            True
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        _fit.check_init(init, calibration_data)
+        moments = None
+        if calibration_data is not None:
+            moments = _fit.InputMoments(linear.in_features, linear.weight.device)
+            for batch in _fit.batches("calibration_data", calibration_data):
+                moments.add(_fit.linear_rows("calibration_data", batch, linear.in_features))
+            if moments.count == 0:
+                raise ValueError("calibration_data holds no inputs (no batch, or only empty ones)")
         weight = linear.weight
         layer = cls(
             linear.in_features,
             linear.out_features,
             num_terms,
             low_rank,
-            W_init=weight,
+            W_init=weight if init == "unbiased" else None,
             bias=linear.bias is not None,
             dtype=weight.dtype,
             device=weight.device,
             seed=seed,
             generator=generator,
         )
-        if linear.bias is not None:
+        if init == "optimal":
+            _fit.init_linear(layer, weight, linear.bias, moments)
+        elif linear.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(linear.bias)
         return layer
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Linear:
+        r"""The :class:`torch.nn.Linear` that computes what this layer computes (for inference or export).
+
+        Its weight is the effective weight :math:`W_\text{eff}^\top = \frac{1}{2L} \sum_i (S_{1,i} U_{1,i} +
+        U_{2,i} S_{2,i})^\top`, formed in float64; bias, dtype, device and training mode are this layer's.
+
+        Examples:
+            >>> import torch
+            >>> from panther.nn import SKLinear
+            >>> m = SKLinear(20, 30, num_terms=1, low_rank=4, seed=0)
+            >>> dense = m.to_dense()
+            >>> dense
+            Linear(in_features=20, out_features=30, bias=True)
+            >>> x = torch.randn(8, 20)
+            >>> torch.allclose(dense(x), m(x), atol=1e-5)
+            True
+        """
+        ref = self.S1s
+        dense = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device="meta", dtype=ref.dtype
+        ).to_empty(device=ref.device)
+        dense.weight.copy_(_fit.linear_effective_weight(self.S1s, self.S2s, self.U1s, self.U2s))
+        if self.bias is not None:
+            dense.bias.copy_(self.bias)
+        return dense.train(self.training)
 
 
 class SKLinear_triton(SKLinear):
