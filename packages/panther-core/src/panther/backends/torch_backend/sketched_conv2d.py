@@ -5,6 +5,8 @@ Math (x: (N, C, H, W), 2L terms of rank k, S1s: (2L, k, C, kh, kw), U1s: (2L, k,
     y = Uᵀ Z / (2L) + b         U = U1s viewed as (2Lk, O), a 1x1 projection     y: (N, O, H', W')
 Backward (g = dL/dy):
     dZ = U g / (2L);  dx = conv2d_input(dZ, S);  dS = conv2d_weight(x, dZ);  db = Σ g
+Double backward (``create_graph=True``): the same formulas in differentiable torch ops, from the saved
+inputs (Z recomputed under autograd), so that gradients of gradients are exact.
 """
 
 from __future__ import annotations
@@ -27,13 +29,16 @@ class SketchedConv2dFunction(torch.autograd.Function):
         y = F.conv2d(Z, P, None) * (1.0 / terms)
         if bias is not None:
             y = y + bias.view(1, O, 1, 1)
-        ctx.save_for_backward(x, S, P, Z if ctx.needs_input_grad[2] else None)
+        # S1s and U1s too (inputs, no extra memory): the double backward rebuilds S, P and Z from them
+        ctx.save_for_backward(x, S, P, Z if ctx.needs_input_grad[2] else None, S1s, U1s)
         ctx.conf = (stride, padding, dilation, S1s.shape, bias is not None)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        x, S, P, Z = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a backward that autograd can differentiate
+            return _differentiable_backward(ctx, g)
+        x, S, P, Z = ctx.saved_tensors[:4]
         stride, padding, dilation, s_shape, has_bias = ctx.conf
         terms = s_shape[0]
         O = P.shape[0]
@@ -50,6 +55,30 @@ class SketchedConv2dFunction(torch.autograd.Function):
         if need_b and has_bias:
             db = g.sum((0, 2, 3))
         return dx, dS, dU, db, None, None, None
+
+
+def _differentiable_backward(ctx, g):
+    """The backward above, built from the saved inputs with differentiable ops."""
+    x, S1s, U1s = ctx.saved_tensors[0], ctx.saved_tensors[4], ctx.saved_tensors[5]
+    stride, padding, dilation, s_shape, has_bias = ctx.conf
+    terms, k, C, kh, kw = s_shape
+    O = U1s.shape[-1]
+    S = S1s.reshape(terms * k, C, kh, kw)
+    U = U1s.reshape(terms * k, O)
+    dx = dS = dU = db = None
+    need_x, need_S, need_U, need_b = ctx.needs_input_grad[:4]
+    if need_x or need_S:
+        dZ = F.conv2d(g, U.reshape(terms * k, O, 1, 1)) * (1.0 / terms)  # (N, 2Lk, H', W')
+        if need_x:
+            dx = conv2d_input(x.shape, S, dZ, stride, padding, dilation)
+        if need_S:
+            dS = conv2d_weight(x, S.shape, dZ, stride, padding, dilation).reshape(s_shape)
+    if need_U:
+        Z = F.conv2d(x, S, None, stride, padding, dilation)
+        dU = (torch.einsum("nchw,nohw->co", Z, g) * (1.0 / terms)).reshape(terms, k, O)
+    if need_b and has_bias:
+        db = g.sum((0, 2, 3))
+    return dx, dS, dU, db, None, None, None
 
 
 def sketched_conv2d(

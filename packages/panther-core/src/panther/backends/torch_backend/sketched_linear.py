@@ -7,6 +7,8 @@ Math (x: (T, I), L terms of rank k):
     y = H B / (2L) + b                      (T, O)
 Backward (g = dL/dy):
     dH = g Bᵀ / (2L);  dx = dH Aᵀ;  dS1 = xᵀ dH[:, :Lk];  dS2 = H[:, Lk:]ᵀ g / (2L);  db = Σ_T g
+Double backward (``create_graph=True``): the same formulas in differentiable torch ops, from the saved
+inputs (A, B and H recomputed under autograd), so that gradients of gradients are exact.
 """
 
 from __future__ import annotations
@@ -53,13 +55,16 @@ class SketchedLinearFunction(torch.autograd.Function):
             y = _scaled_mm(H, B, scale)
         else:
             y = torch.addmm(bias, H, B, alpha=scale)
-        ctx.save_for_backward(x2, A, B, H)
+        # the inputs too (no extra memory): the double backward recomputes A, B, H from them under autograd
+        ctx.save_for_backward(x2, A, B, H, x, S1s, S2s, U1s, U2s)
         ctx.dims = (L, I, k, O, x.shape, bias is not None)
         return y.view(*x.shape[:-1], O)
 
     @staticmethod
     def backward(ctx, g):
-        x2, A, B, H = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a backward that autograd can differentiate
+            return _differentiable_backward(ctx, g)
+        x2, A, B, H = ctx.saved_tensors[:4]
         L, I, k, O, x_shape, has_bias = ctx.dims
         Lk = L * k
         scale = 1.0 / (2 * L)
@@ -81,6 +86,34 @@ class SketchedLinearFunction(torch.autograd.Function):
         if need_b and has_bias:
             db = g2.sum(0)
         return dx, dS1, dS2, dU1, dU2, db
+
+
+def _differentiable_backward(ctx, g):
+    """The backward above, built from the saved inputs with differentiable ops (no in-place, no no_grad)."""
+    x, S1s, S2s, U1s, U2s = ctx.saved_tensors[4:]
+    L, I, k, O, x_shape, has_bias = ctx.dims
+    Lk = L * k
+    scale = 1.0 / (2 * L)
+    need_x, need_S1, need_S2, need_U1, need_U2, need_b = ctx.needs_input_grad
+    x2 = x.reshape(-1, I)
+    g2 = g.reshape(-1, O)
+    dx = dS1 = dS2 = dU1 = dU2 = db = None
+    if need_x or need_S1 or need_U2:
+        A = concat_left(S1s, U2s)
+        dH = torch.mm(g2, concat_right(U1s, S2s).t()) * scale
+        if need_x:
+            dx = torch.mm(dH, A.t()).reshape(x_shape)
+        if need_S1:
+            dS1 = torch.mm(x2.t(), dH[:, :Lk]).reshape(I, L, k).permute(1, 0, 2)
+        if need_U2:
+            dU2 = torch.mm(x2.t(), dH[:, Lk:]).reshape(I, L, k).permute(1, 0, 2)
+    if need_S2:  # H[:, Lk:] = x U2
+        dS2 = (torch.mm(torch.mm(x2, U2s.permute(1, 0, 2).reshape(I, Lk)).t(), g2) * scale).reshape(L, k, O)
+    if need_U1:  # H[:, :Lk] = x S1
+        dU1 = (torch.mm(torch.mm(x2, S1s.permute(1, 0, 2).reshape(I, Lk)).t(), g2) * scale).reshape(L, k, O)
+    if need_b and has_bias:
+        db = g2.sum(0)
+    return dx, dS1, dS2, dU1, dU2, db
 
 
 def sketched_linear(
