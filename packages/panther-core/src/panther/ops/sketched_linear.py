@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from panther.backends.registry import dispatch
-from panther.ops._checks import check_floating, check_same, check_shape, check_tensor
+from panther.ops._checks import check_floating, check_nonempty, check_same, check_shape, check_tensor
 
 
 def sketched_linear(
@@ -49,7 +49,7 @@ def _well_formed(x, S1s, S2s, U1s, U2s, bias) -> bool:
     O = S2s.shape[2]
     dt, dev = x.dtype, x.device
     return (
-        S2s.shape[:2] == (L, k) and U1s.shape == (L, k, O) and U2s.shape == (L, I, k) and x.shape[-1] == I
+        L > 0 and I > 0 and S2s.shape[:2] == (L, k) and U1s.shape == (L, k, O) and U2s.shape == (L, I, k) and x.shape[-1] == I
         and (bias is None or (bias.shape == (O,) and bias.dtype == dt and bias.device == dev))
         and x.is_floating_point()
         and S1s.dtype == dt and S2s.dtype == dt and U1s.dtype == dt and U2s.dtype == dt
@@ -59,6 +59,7 @@ def _well_formed(x, S1s, S2s, U1s, U2s, bias) -> bool:
 
 def _check(x, S1s, S2s, U1s, U2s, bias) -> None:
     check_tensor("S1s", S1s, ndim=3)
+    check_nonempty("S1s", S1s, ("num_terms L", "in_features I"))
     L, I, k = S1s.shape
     check_tensor("S2s", S2s, ndim=3)
     O = S2s.shape[-1]
@@ -69,7 +70,9 @@ def _check(x, S1s, S2s, U1s, U2s, bias) -> None:
     check_shape("U2s", U2s, (L, I, k))
     check_tensor("x", x, min_ndim=1)
     if x.shape[-1] != I:
-        raise ValueError(f"x must have in_features={I} as its last dimension, got input of shape {tuple(x.shape)}")
+        raise ValueError(
+            f"x (the input) must have in_features={I} (S1s.shape[1]) as its last dimension, got shape {tuple(x.shape)}"
+        )
     check_floating("x", x)
     if bias is not None:
         check_tensor("bias", bias)

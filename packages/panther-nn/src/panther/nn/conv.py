@@ -10,9 +10,12 @@ from torch import Tensor, nn
 
 from panther import backends
 from panther.nn._init import (
-    check_input,
+    check_dtype,
     check_int,
+    check_int_pair,
+    check_not_lazy,
     check_weight,
+    factory_sizes,
     kaiming_weight,
     make_generator,
     rademacher,
@@ -21,7 +24,6 @@ from panther.nn._init import (
     work_dtype,
 )
 from panther.ops import resolve_padding, sketched_conv2d
-from panther.ops.sketched_conv2d import pair
 
 __all__ = ["SKConv2d"]
 
@@ -59,8 +61,9 @@ class SKConv2d(nn.Module):
         bias (bool): if ``False``, the layer does not learn an additive bias. Default: ``True``.
         num_terms (int): :math:`L`; the layer has :math:`2L` terms. Default: 1.
         low_rank (int): :math:`k`, rank of each term. Default: 8.
-        dtype (torch.dtype, optional): dtype of the parameters and buffers. Default: the default dtype.
         device (torch.device, optional): device of the parameters and buffers. Default: the default device.
+        dtype (torch.dtype, optional): dtype of the parameters and buffers, one of ``torch.float16``,
+            ``torch.bfloat16``, ``torch.float32`` and ``torch.float64``. Default: the default dtype.
         seed (int, optional): seed of the layer's own random generator (sketches and initial filters).
             Default: ``None``, seeded from one draw of the global RNG.
         generator (torch.Generator, optional): a generator to draw from instead. At most one of ``seed``
@@ -123,20 +126,20 @@ class SKConv2d(nn.Module):
         bias: bool = True,
         num_terms: int = 1,
         low_rank: int = 8,
-        dtype: Optional[torch.dtype] = None,
         device=None,
+        dtype: Optional[torch.dtype] = None,
         *,
         seed: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
         W_init: Optional[Tensor] = None,
     ) -> None:
-        factory_kwargs = {"device": device, "dtype": dtype}
+        factory_kwargs = {"device": device, "dtype": check_dtype("dtype", dtype)}
         super().__init__()
         self.in_channels = check_int("in_channels", in_channels)
         self.out_channels = check_int("out_channels", out_channels)
-        self.kernel_size = pair("kernel_size", kernel_size, 1)
-        self.stride = pair("stride", stride, 1)
-        self.dilation = pair("dilation", dilation, 1)
+        self.kernel_size = check_int_pair("kernel_size", kernel_size, 1)
+        self.stride = check_int_pair("stride", stride, 1)
+        self.dilation = check_int_pair("dilation", dilation, 1)
         if isinstance(padding, str):
             if padding not in ("same", "valid"):
                 raise ValueError(f"padding must be 'valid', 'same', an int or a pair of ints, got {padding!r}")
@@ -146,23 +149,28 @@ class SKConv2d(nn.Module):
                 )
             self.padding = padding
         else:
-            self.padding = pair("padding", padding, 0)
+            self.padding = check_int_pair("padding", padding, 0)
         resolve_padding(self.padding, self.kernel_size, self.stride, self.dilation)  # the op's own rules
         self.num_terms = check_int("num_terms", num_terms)
         self.low_rank = check_int("low_rank", low_rank)
         if W_init is not None:
             check_weight("W_init", W_init, (self.out_channels, self.in_channels, *self.kernel_size))
+        kh, kw = self.kernel_size
+        terms, k, C, O = 2 * self.num_terms, self.low_rank, self.in_channels, self.out_channels
+        factory_sizes(
+            type(self).__name__, device, dtype,
+            [("S1s", (terms, k, C, kh, kw)), ("U1s", (terms, k, O)), ("the dense initial filters", (O, C, kh, kw))],
+            in_channels=C, out_channels=O, kernel_size=self.kernel_size, num_terms=self.num_terms, low_rank=k,
+        )
         self._generator, self.seed = make_generator(seed, generator)
         # Backend discovery happens here, outside any traced region (torch.compile cannot run it).
         backends.available_backends()
-        kh, kw = self.kernel_size
         fan_in = self.in_channels * kh * kw
         warn_if_no_savings(
             type(self).__name__, self.num_terms, self.low_rank, fan_in, self.out_channels,
             in_name="in=in_channels*kh*kw", out_name="out=out_channels",
         )
 
-        terms, k = 2 * self.num_terms, self.low_rank
         self.S1s = nn.Parameter(torch.empty((terms, k, self.in_channels, kh, kw), **factory_kwargs))
         self.register_buffer("U1s", torch.empty((terms, k, self.out_channels), **factory_kwargs))
         if bias:
@@ -203,21 +211,6 @@ class SKConv2d(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         """Convolve ``input`` of shape ``(N, C_in, H, W)`` or ``(C_in, H, W)``."""
-        check_input("input", input, self.S1s, type(self).__name__)
-        if input.dim() not in (3, 4) or input.shape[-3] != self.in_channels:
-            raise ValueError(
-                f"input must be (N, C, H, W) or (C, H, W) with C = in_channels = {self.in_channels}, "
-                f"got input of shape {tuple(input.shape)}"
-            )
-        sym, extra = resolve_padding(self.padding, self.kernel_size, self.stride, self.dilation)
-        for axis in (0, 1):
-            size = input.shape[axis - 2] + 2 * sym[axis] + (0 if extra is None else extra[3 - 2 * axis])
-            span = self.dilation[axis] * (self.kernel_size[axis] - 1) + 1
-            if size < span:
-                raise ValueError(
-                    f"input of shape {tuple(input.shape)} is smaller than the dilated kernel: {size} after "
-                    f"padding along dimension {axis - 2}, but the kernel spans {span}"
-                )
         return sketched_conv2d(
             input, self.S1s, self.U1s, self.bias, self.stride, self.padding, self.dilation, backend=self._backend
         )
@@ -256,6 +249,7 @@ class SKConv2d(nn.Module):
             seed (int, optional): seed of the new layer's generator.
             generator (torch.Generator, optional): a generator to draw from instead.
         """
+        check_not_lazy("conv", conv)
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}")
         if conv.groups != 1:
