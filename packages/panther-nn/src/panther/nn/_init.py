@@ -16,6 +16,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from panther import backends
 from panther._args import check_dtype, check_fits, check_int, check_int_pair, resolve_generator
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -163,3 +164,13 @@ def factory_sizes(
     needs = [(name, math.prod(shape) * itemsize) for name, shape in shapes]
     call = f"{layer}({', '.join(f'{k}={v}' for k, v in args.items())})"
     check_fits(call, needs, device)
+
+
+def prepare_backends(layer: str, required: Optional[str] = None) -> None:
+    """Discover the backends at construction, outside any traced region (torch.compile cannot run discovery).
+
+    A layer pinned to a backend (``required``) refuses to be built where that backend cannot run.
+    """
+    backends.available_backends()
+    if required is not None:
+        backends.load_backend(required, source=f"required by {layer}")

@@ -8,7 +8,6 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from panther import backends
 from panther.nn._init import (
     check_dtype,
     check_int,
@@ -18,6 +17,7 @@ from panther.nn._init import (
     factory_sizes,
     kaiming_weight,
     make_generator,
+    prepare_backends,
     rademacher,
     uniform,
     warn_if_no_savings,
@@ -163,8 +163,7 @@ class SKConv2d(nn.Module):
             in_channels=C, out_channels=O, kernel_size=self.kernel_size, num_terms=self.num_terms, low_rank=k,
         )
         self._generator, self.seed = make_generator(seed, generator)
-        # Backend discovery happens here, outside any traced region (torch.compile cannot run it).
-        backends.available_backends()
+        prepare_backends(type(self).__name__)
         fan_in = self.in_channels * kh * kw
         warn_if_no_savings(
             type(self).__name__, self.num_terms, self.low_rank, fan_in, self.out_channels,

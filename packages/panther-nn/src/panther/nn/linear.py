@@ -8,7 +8,6 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from panther import backends
 from panther.nn._init import (
     check_dtype,
     check_int,
@@ -17,6 +16,7 @@ from panther.nn._init import (
     factory_sizes,
     kaiming_weight,
     make_generator,
+    prepare_backends,
     rademacher,
     uniform,
     warn_if_no_savings,
@@ -141,11 +141,7 @@ class SKLinear(nn.Module):
             in_features=I, out_features=O, num_terms=L, low_rank=k,
         )
         self._generator, self.seed = make_generator(seed, generator)
-        # Backend discovery happens here, outside any traced region (torch.compile cannot run it);
-        # a layer pinned to a backend refuses to be built where that backend cannot run.
-        backends.available_backends()
-        if self._backend is not None:
-            backends.load_backend(self._backend, source=f"required by {type(self).__name__}")
+        prepare_backends(type(self).__name__, self._backend)
         warn_if_no_savings(type(self).__name__, L, k, I, O)
 
         self.S1s = nn.Parameter(torch.empty((L, I, k), **factory_kwargs))
