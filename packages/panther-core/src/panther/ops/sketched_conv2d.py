@@ -65,7 +65,17 @@ def sketched_conv2d(
     Args:
         S1s: ``(2L, k, C, kh, kw)`` sketched filters. U1s: ``(2L, k, O)`` fixed projection.
         bias: ``(O,)`` or ``None``. stride, padding, dilation: as in :func:`torch.nn.functional.conv2d`.
-        backend: run on this backend instead of the selection in force.
+        backend: run on this backend instead of the selection in force (a name, or ``"auto"``).
+
+    Differentiable in every tensor argument. On the reference backend ``torch`` second-order gradients
+    (``create_graph=True``) are exact; the first-order backward keeps its fast path either way.
+
+    Raises:
+        TypeError: a non-tensor argument, a non-floating ``x``, mismatching dtypes, a non-str ``backend``.
+        ValueError: wrong shapes, a size of zero (terms, rank, channels or kernel), an input smaller than the
+            dilated kernel, bad ``stride`` / ``padding`` / ``dilation``, an empty ``backend``.
+        RuntimeError: tensors on different devices.
+        panther.BackendError: the backend asked for cannot run these inputs.
     """
     check_tensor("S1s", S1s, ndim=5)
     check_nonempty("S1s", S1s, ("the number of terms 2L", "low_rank k", "in_channels C", "kernel height kh", "kernel width kw"))

@@ -30,7 +30,17 @@ def sketched_linear(
     Args:
         x: input of shape ``(..., I)``.
         S1s, U2s: ``(L, I, k)``. S2s, U1s: ``(L, k, O)``. bias: ``(O,)`` or ``None``.
-        backend: run on this backend instead of the selection in force.
+        backend: run on this backend instead of the selection in force (a name, or ``"auto"``).
+
+    Differentiable in every tensor argument. On the reference backend ``torch`` second-order gradients
+    (``create_graph=True``: gradient penalties, Jacobian regularisation) are exact; the first-order
+    backward keeps its fast path either way.
+
+    Raises:
+        TypeError: a non-tensor argument, a non-floating ``x``, mismatching dtypes, a non-str ``backend``.
+        ValueError: wrong shapes, a size of zero (``L`` or ``I``), an empty ``backend``.
+        RuntimeError: tensors on different devices.
+        panther.BackendError: the backend asked for cannot run these inputs.
     """
     if not _well_formed(x, S1s, S2s, U1s, U2s, bias):  # the checks below say what is wrong
         _check(x, S1s, S2s, U1s, U2s, bias)
