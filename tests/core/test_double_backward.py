@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
+import panther
 from panther.backends.torch_backend import sketched_conv2d, sketched_linear
+from panther.nn import SKConv2d, SKLinear
 
 f64 = torch.float64
 
@@ -63,7 +65,7 @@ def test_linear_gradgradcheck(lead, I, O, L, k, bias):
 
 CONV_CASES = [
     # (N, C, (H, W), O, 2L, k, kernel, bias, stride, padding, dilation)
-    (2, 2, (5, 6), 3, 2, 2, (3, 3), True, (1, 1), (0, 0), (1, 1)),
+    (1, 2, (4, 5), 3, 2, 2, (3, 3), True, (1, 1), (0, 0), (1, 1)),
     (1, 3, (7, 6), 2, 4, 1, (3, 2), False, (2, 1), (1, 2), (1, 1)),
     (2, 1, (8, 7), 2, 2, 2, (2, 3), True, (1, 2), (1, 0), (2, 2)),
 ]
@@ -118,3 +120,21 @@ def test_first_order_backward_unchanged_by_create_graph():
     slow = torch.autograd.grad(y.sum(), args, create_graph=True)
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: SKLinear(4, 3, 1, 2, dtype=f64, seed=0), (2, 4)),
+    (lambda: SKConv2d(2, 2, 3, stride=2, padding=1, num_terms=1, low_rank=1, dtype=f64, seed=0), (1, 2, 5, 4)),
+])
+def test_layer_gradgradcheck_through_panther_ops(make, shape):
+    """Layer -> panther.ops -> torch backend: second-order gradients in the input and every parameter."""
+    with pytest.warns(UserWarning, match="not fewer than"):
+        layer = make()
+    names = [n for n, _ in layer.named_parameters()]
+    x = torch.randn(*shape, dtype=f64, requires_grad=True)
+
+    def f(x, *params):
+        return torch.func.functional_call(layer, dict(zip(names, params)), (x,))
+
+    with panther.use_backend("torch"):
+        assert gradgradcheck(f, (x, *layer.parameters()))
