@@ -88,7 +88,9 @@ CASES = {
         ValueError,
         r"x \(the input\) must have in_features=6 \(S1s.shape\[1\]\) as its last dimension, got shape \(3, 5\)",
     ),
-    "input 0-d": (lambda: lin()(torch.tensor(1.0)), ValueError, r"x must have at least 1 dimension\(s\), got shape \(\)"),
+    "input 0-d": (
+        lambda: lin()(torch.tensor(1.0)), ValueError, r"x must have at least 1 dimension\(s\), got shape \(\)"
+    ),
     "input dtype": (
         lambda: lin()(torch.randn(3, 6, dtype=torch.float64)),
         TypeError,
@@ -167,7 +169,9 @@ CASES = {
     ),
     "conv input 2-D": (lambda: conv()(torch.randn(8, 8)), ValueError, r"x \(the input\) must be \(N, C, H, W\)"),
     "conv input 5-D": (
-        lambda: conv()(torch.randn(1, 2, 3, 8, 8)), ValueError, r"x \(the input\) must be \(N, C, H, W\).*\(1, 2, 3, 8, 8\)"
+        lambda: conv()(torch.randn(1, 2, 3, 8, 8)),
+        ValueError,
+        r"x \(the input\) must be \(N, C, H, W\).*\(1, 2, 3, 8, 8\)"
     ),
     "conv input dtype": (
         lambda: conv()(torch.randn(2, 3, 8, 8, dtype=torch.float64)),
@@ -187,7 +191,9 @@ CASES = {
     ),
     # --- functional ops: empty sizes, backend names
     "op num_terms 0": (
-        lambda: lin_op(L=0), ValueError, r"num_terms L must be >= 1, got S1s.shape\[0\] = 0 \(S1s of shape \(0, 3, 2\)\)"
+        lambda: lin_op(L=0),
+        ValueError,
+        r"num_terms L must be >= 1, got S1s.shape\[0\] = 0 \(S1s of shape \(0, 3, 2\)\)"
     ),
     "op in_features 0": (
         lambda: lin_op(x_shape=(2, 0), I=0), ValueError, r"in_features I must be >= 1, got S1s.shape\[1\] = 0"
@@ -200,19 +206,39 @@ CASES = {
     "conv op kernel 0": (
         lambda: conv_op(kernel=(3, 0)), ValueError, r"kernel width kw must be >= 1, got S1s.shape\[4\] = 0"
     ),
-    "conv op out_channels 0": (lambda: conv_op(O=0), ValueError, r"out_channels O must be >= 1, got U1s.shape\[2\] = 0"),
-    "conv op stride bool": (lambda: conv_op(stride=True), ValueError, r"stride must be an int or a pair of ints >= 1, got True"),
-    "op backend empty": (lambda: lin_op(backend=""), ValueError, r"backend must be a backend name .*got an empty string"),
-    "op backend int": (lambda: lin_op(backend=123), TypeError, r"backend must be a backend name \(str\).*got 123 \(int\)"),
-    "conv op backend int": (lambda: conv_op(backend=1.5), TypeError, r"backend must be a backend name \(str\).*got 1.5"),
+    "conv op out_channels 0": (
+        lambda: conv_op(O=0), ValueError, r"out_channels O must be >= 1, got U1s.shape\[2\] = 0"
+    ),
+    "conv op stride bool": (
+        lambda: conv_op(stride=True), ValueError, r"stride must be an int or a pair of ints >= 1, got True"
+    ),
+    "op backend empty": (
+        lambda: lin_op(backend=""), ValueError, r"backend must be a backend name .*got an empty string"
+    ),
+    "op backend int": (
+        lambda: lin_op(backend=123), TypeError, r"backend must be a backend name \(str\).*got 123 \(int\)"
+    ),
+    "conv op backend int": (
+        lambda: conv_op(backend=1.5), TypeError, r"backend must be a backend name \(str\).*got 1.5"
+    ),
     "set_backend empty": (lambda: panther.set_backend(""), ValueError, r"name must be a backend name .*empty string"),
     # --- layer dtypes, lazy modules, sizes that cannot fit
-    "dtype int": (lambda: lin(dtype=torch.int64), TypeError, r"dtype must be a real floating-point dtype .* got torch.int64"),
-    "dtype bool": (lambda: lin(dtype=torch.bool), TypeError, r"dtype must be a real floating-point dtype .* got torch.bool"),
-    "dtype complex": (lambda: lin(dtype=torch.complex64), TypeError, r"dtype must be a real floating.* got torch.complex64"),
-    "dtype str": (lambda: lin(dtype="float32"), TypeError, r"dtype must be a torch.dtype or None, got 'float32' \(str\)"),
+    "dtype int": (
+        lambda: lin(dtype=torch.int64), TypeError, r"dtype must be a real floating-point dtype .* got torch.int64"
+    ),
+    "dtype bool": (
+        lambda: lin(dtype=torch.bool), TypeError, r"dtype must be a real floating-point dtype .* got torch.bool"
+    ),
+    "dtype complex": (
+        lambda: lin(dtype=torch.complex64), TypeError, r"dtype must be a real floating.* got torch.complex64"
+    ),
+    "dtype str": (
+        lambda: lin(dtype="float32"), TypeError, r"dtype must be a torch.dtype or None, got 'float32' \(str\)"
+    ),
     "conv dtype int": (lambda: conv(dtype=torch.int32), TypeError, r"dtype must be a real floating.* got torch.int32"),
-    "conv dtype complex": (lambda: conv(dtype=torch.complex128), TypeError, r"dtype must be a real floating.* got torch.complex128"),
+    "conv dtype complex": (
+        lambda: conv(dtype=torch.complex128), TypeError, r"dtype must be a real floating.* got torch.complex128"
+    ),
     "from_linear lazy": (
         lambda: SKLinear.from_linear(torch.nn.LazyLinear(4), 1, 1),
         ValueError,
@@ -240,7 +266,9 @@ CASES = {
         ValueError,
         r"would need 400.0 EB for its tensors \(400.0 EB for the dense initial weight alone\)",
     ),
-    "conv kernel_size float": (lambda: conv(3, 4, 3.0), ValueError, r"kernel_size must be an int or a pair of ints >= 1, got 3.0"),
+    "conv kernel_size float": (
+        lambda: conv(3, 4, 3.0), ValueError, r"kernel_size must be an int or a pair of ints >= 1, got 3.0"
+    ),
     "conv stride bool pair": (lambda: conv(stride=(1, True)), ValueError, r"stride must be .*got \(1, True\)"),
     # --- RandMultiHeadAttention construction
     "embed_dim<1": (lambda: RandMultiHeadAttention(0, 1, 4), ValueError, r"embed_dim must be >= 1, got 0"),

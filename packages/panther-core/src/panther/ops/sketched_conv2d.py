@@ -78,7 +78,9 @@ def sketched_conv2d(
         panther.BackendError: the backend asked for cannot run these inputs.
     """
     check_tensor("S1s", S1s, ndim=5)
-    check_nonempty("S1s", S1s, ("the number of terms 2L", "low_rank k", "in_channels C", "kernel height kh", "kernel width kw"))
+    check_nonempty(
+        "S1s", S1s, ("the number of terms 2L", "low_rank k", "in_channels C", "kernel height kh", "kernel width kw")
+    )
     terms, k, C, kh, kw = S1s.shape
     check_tensor("U1s", U1s, ndim=3)
     O = U1s.shape[-1]

@@ -59,7 +59,8 @@ def _well_formed(x, S1s, S2s, U1s, U2s, bias) -> bool:
     O = S2s.shape[2]
     dt, dev = x.dtype, x.device
     return (
-        L > 0 and I > 0 and S2s.shape[:2] == (L, k) and U1s.shape == (L, k, O) and U2s.shape == (L, I, k) and x.shape[-1] == I
+        L > 0 and I > 0
+        and S2s.shape[:2] == (L, k) and U1s.shape == (L, k, O) and U2s.shape == (L, I, k) and x.shape[-1] == I
         and (bias is None or (bias.shape == (O,) and bias.dtype == dt and bias.device == dev))
         and x.is_floating_point()
         and S1s.dtype == dt and S2s.dtype == dt and U1s.dtype == dt and U2s.dtype == dt

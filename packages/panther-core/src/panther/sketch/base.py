@@ -63,7 +63,8 @@ class SketchOperator:
         target = torch.device("cpu") if device is None else torch.device(device)
         self._check_dims()
         extra = self.extra_repr()
-        call = f"{type(self).__name__}(sketch_dim={self.sketch_dim}, input_dim={self.input_dim}{', ' + extra if extra else ''})"
+        sizes = f"sketch_dim={self.sketch_dim}, input_dim={self.input_dim}" + (f", {extra}" if extra else "")
+        call = f"{type(self).__name__}({sizes})"
         gen, self.seed = resolve_generator(seed, generator)
         check_fits(call, self._memory_needs(), gen.device)  # draws are made on the generator's device
         self._draw(gen)

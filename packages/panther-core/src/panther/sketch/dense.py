@@ -22,7 +22,8 @@ class DenseSketch(SketchOperator):
 
     def _memory_needs(self) -> List[Tuple[str, int]]:
         numel = self.sketch_dim * self.input_dim
-        return [("matrix", numel * self.dtype.itemsize), (f"the {self._draw_dtype} draws", numel * self._draw_dtype.itemsize)]
+        draws = (f"the {self._draw_dtype} draws", numel * self._draw_dtype.itemsize)
+        return [("matrix", numel * self.dtype.itemsize), draws]
 
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.matrix.mT  # (..., n) @ (n, k) -> (..., k)

@@ -47,7 +47,8 @@ class SKConv2d(nn.Module):
     :math:`\mathbb{E}[y] = \operatorname{conv}(x, W_0) + b`. ``stride``, ``padding`` and ``dilation`` mean
     what they mean for :class:`torch.nn.Conv2d`; ``groups`` and padding modes other than zeros are not
     supported. It stores :math:`2Lk\,(C_{in} k_h k_w + C_{out})` values; a :class:`UserWarning` is raised
-    when that is not fewer than the dense :math:`C_{out} C_{in} k_h k_w`. Every forward runs
+    when that is not fewer than the dense :math:`C_{out} C_{in} k_h k_w`, and a :class:`ValueError` (with the
+    size needed) before anything is allocated when it cannot fit in the memory of ``device``. Every forward runs
     :func:`panther.ops.sketched_conv2d` on the backend selected at call time.
 
     Args:

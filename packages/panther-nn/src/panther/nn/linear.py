@@ -44,7 +44,9 @@ class SKLinear(nn.Module):
     the dense layer's, :math:`\mathbb{E}[y] = x W_0^\top + b`.
 
     It stores :math:`2Lk\,(\text{in} + \text{out})` values (half of them parameters, half buffers) instead
-    of :math:`\text{in} \times \text{out}`; a :class:`UserWarning` is raised when that is not fewer.
+    of :math:`\text{in} \times \text{out}`; a :class:`UserWarning` is raised when that is not fewer, and a
+    :class:`ValueError` (with the size needed) before anything is allocated when it cannot fit in the memory
+    of ``device``.
     Every forward runs :func:`panther.ops.sketched_linear` on the backend selected by
     :func:`panther.set_backend` / :func:`panther.use_backend` at call time.
 
