@@ -1,4 +1,4 @@
-"""Second-order gradients of the reference backend's sketched linear and conv2d ops.
+"""Second-order gradients and torch.func transforms of the reference backend's sketched linear and conv2d.
 
 gradgradcheck compares the analytic double backward with finite differences of the first backward in
 float64; the penalty test compares a gradient penalty's parameter gradients with those of the same math
@@ -138,3 +138,40 @@ def test_layer_gradgradcheck_through_panther_ops(make, shape):
 
     with panther.use_backend("torch"):
         assert gradgradcheck(f, (x, *layer.parameters()))
+
+
+# -- torch.func transforms (they need setup_context-style Functions) ------------------------------
+
+
+def test_linear_under_torch_func():
+    args = [a.detach() for a in _linear_args((3,), 5, 4, 2, 3, True, seed=4)]
+
+    def loss(f):
+        return lambda *a: f(*a).pow(2).sum()
+
+    for got, want in zip(torch.func.grad(loss(sketched_linear), argnums=(0, 1, 2, 3, 4, 5))(*args),
+                         torch.func.grad(loss(_linear_dense), argnums=(0, 1, 2, 3, 4, 5))(*args)):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.func.jacrev(sketched_linear, argnums=1)(*args),
+                               torch.func.jacrev(_linear_dense, argnums=1)(*args))
+    xs = torch.randn(6, 2, 5, dtype=f64)
+    torch.testing.assert_close(torch.func.vmap(lambda x: sketched_linear(x, *args[1:]))(xs),
+                               torch.func.vmap(lambda x: _linear_dense(x, *args[1:]))(xs))
+
+
+def test_conv2d_under_torch_func():
+    args = [a.detach() for a in _conv_args(2, 3, (6, 5), 4, 2, 2, (3, 3), True, seed=5)]
+    conf = ((2, 1), (1, 1), (1, 1))
+
+    def loss(f):
+        return lambda *a: f(*a, *conf).pow(2).sum()
+
+    for got, want in zip(torch.func.grad(loss(sketched_conv2d), argnums=(0, 1, 2, 3))(*args),
+                         torch.func.grad(loss(_conv_dense), argnums=(0, 1, 2, 3))(*args)):
+        torch.testing.assert_close(got, want)
+    x, S1s, U1s, b = args
+    torch.testing.assert_close(torch.func.jacrev(lambda u: sketched_conv2d(x, S1s, u, b, *conf))(U1s),
+                               torch.func.jacrev(lambda u: _conv_dense(x, S1s, u, b, *conf))(U1s))
+    xs = torch.randn(3, 2, 3, 6, 5, dtype=f64)
+    torch.testing.assert_close(torch.func.vmap(lambda x: sketched_conv2d(x, *args[1:], *conf))(xs),
+                               torch.func.vmap(lambda x: _conv_dense(x, *args[1:], *conf))(xs))
