@@ -203,3 +203,34 @@ def test_python_m_panther_info_subprocess_env_selection():
     env = {**os.environ, "PANTHER_BACKEND": "torch"}
     out = subprocess.run([sys.executable, "-m", "panther", "info"], capture_output=True, text=True, env=env, check=True)
     assert "selection: torch" in out.stdout
+
+
+@pytest.mark.parametrize("bad, exc, words", [
+    ("", ValueError, "backend must be a backend name such as 'torch' or 'auto', got an empty string"),
+    (123, TypeError, "backend must be a backend name (str) such as 'torch' or 'auto', got 123 (int)"),
+    (b"torch", TypeError, "got b'torch' (bytes)"),
+])
+def test_op_backend_argument_is_checked(bad, exc, words):
+    with pytest.raises(exc) as err:
+        panther.ops.sketched_linear(*_linear_inputs(), backend=bad)
+    assert words in str(err.value) and "panther-" not in str(err.value)
+
+
+def test_set_backend_empty_name():
+    with pytest.raises(ValueError, match="name must be a backend name .*empty string"):
+        panther.set_backend("")
+    with pytest.raises(ValueError, match="empty string"):
+        with panther.use_backend(""):
+            pass
+
+
+@pytest.mark.parametrize("value", ["garbage", "broken"])
+def test_info_flags_an_unusable_selection_from_the_environment(value):
+    env = {**os.environ, "PANTHER_BACKEND": value}
+    out = subprocess.run([sys.executable, "-m", "panther", "info"], capture_output=True, text=True, env=env)
+    assert out.returncode == 1
+    assert f"selection: {value} (from the environment variable PANTHER_BACKEND)" in out.stdout
+    reason = "is not installed" if value == "garbage" else "cannot run: failed to load"
+    assert f"error: the selection cannot be used, every op call will fail: Panther backend '{value}'" in out.stdout
+    assert reason in out.stdout
+    assert "torch" in out.stdout  # the table of backends is still printed

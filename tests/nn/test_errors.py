@@ -1,9 +1,12 @@
 """Every bad argument raises the documented exception type with a message that names the argument."""
 
+import numpy as np
 import pytest
 import torch
 
+import panther
 from panther.nn import RandMultiHeadAttention, SKConv2d, SKLinear
+from panther.ops import sketched_conv2d, sketched_linear
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*not fewer than the:UserWarning")
 
@@ -22,6 +25,17 @@ def attn(**kw):
 
 
 X16 = torch.randn(5, 2, 16)
+
+
+def lin_op(x_shape=(2, 3), L=1, I=3, k=2, O=4, **kw):
+    r = torch.randn
+    return sketched_linear(r(*x_shape), r(L, I, k), r(L, k, O), r(L, k, O), r(L, I, k), **kw)
+
+
+def conv_op(x_shape=(1, 3, 6, 6), terms=2, k=2, C=3, kernel=(3, 3), O=4, **kw):
+    r = torch.randn
+    return sketched_conv2d(r(*x_shape), r(terms, k, C, *kernel), r(terms, k, O), **kw)
+
 
 CASES = {
     # --- SKLinear construction
@@ -72,24 +86,28 @@ CASES = {
     "input last dim": (
         lambda: lin()(torch.randn(3, 5)),
         ValueError,
-        r"input must have in_features=6 as its last dimension, got input of shape \(3, 5\)",
+        r"x \(the input\) must have in_features=6 \(S1s.shape\[1\]\) as its last dimension, got shape \(3, 5\)",
     ),
-    "input 0-d": (lambda: lin()(torch.tensor(1.0)), ValueError, r"input must have in_features=6.*shape \(\)"),
+    "input 0-d": (
+        lambda: lin()(torch.tensor(1.0)), ValueError, r"x must have at least 1 dimension\(s\), got shape \(\)"
+    ),
     "input dtype": (
         lambda: lin()(torch.randn(3, 6, dtype=torch.float64)),
         TypeError,
-        r"input has dtype torch.float64 but the SKLinear parameters have dtype torch.float32",
+        r"x has dtype torch.float64 but S1s has dtype torch.float32; they must match \(convert one: "
+        r"x.to\(torch.float32\), or a layer's parameters with layer.to\(torch.float64\)\)",
     ),
     "input integer": (
         lambda: lin()(torch.ones(3, 6, dtype=torch.long)),
         TypeError,
-        r"input has dtype torch.int64",
+        r"x must be a floating-point tensor, got dtype torch.int64",
     ),
-    "input type": (lambda: lin()([1.0] * 6), TypeError, r"input must be a torch.Tensor, got list"),
+    "input type": (lambda: lin()([1.0] * 6), TypeError, r"x must be a torch.Tensor, got list"),
     "input device": (
         lambda: lin()(torch.empty(3, 6, device="meta")),
         RuntimeError,
-        r"input is on meta but the SKLinear parameters are on cpu",
+        r"x is on meta but S1s is on cpu; they must be on one device \(move one: x.to\('cpu'\), or a layer "
+        r"with layer.to\('meta'\)\)",
     ),
     # --- SKConv2d construction
     "in_channels<1": (lambda: conv(0, 4, 3), ValueError, r"in_channels must be >= 1, got 0"),
@@ -147,26 +165,111 @@ CASES = {
     "conv input channels": (
         lambda: conv()(torch.randn(2, 5, 8, 8)),
         ValueError,
-        r"input must be \(N, C, H, W\) or \(C, H, W\) with C = in_channels = 3, got input of shape \(2, 5, 8, 8\)",
+        r"x \(the input\) must have in_channels=3 \(S1s.shape\[2\]\) channels at dim -3, got shape \(2, 5, 8, 8\)",
     ),
-    "conv input 2-D": (lambda: conv()(torch.randn(8, 8)), ValueError, r"input must be \(N, C, H, W\)"),
-    "conv input 5-D": (lambda: conv()(torch.randn(1, 2, 3, 8, 8)), ValueError, r"input must be \(N, C, H, W\)"),
+    "conv input 2-D": (lambda: conv()(torch.randn(8, 8)), ValueError, r"x \(the input\) must be \(N, C, H, W\)"),
+    "conv input 5-D": (
+        lambda: conv()(torch.randn(1, 2, 3, 8, 8)),
+        ValueError,
+        r"x \(the input\) must be \(N, C, H, W\).*\(1, 2, 3, 8, 8\)"
+    ),
     "conv input dtype": (
         lambda: conv()(torch.randn(2, 3, 8, 8, dtype=torch.float64)),
         TypeError,
-        r"input has dtype torch.float64 but the SKConv2d parameters",
+        r"x has dtype torch.float64 but S1s has dtype torch.float32",
     ),
     "conv input device": (
         lambda: conv()(torch.empty(2, 3, 8, 8, device="meta")),
         RuntimeError,
-        r"input is on meta but the SKConv2d parameters are on cpu",
+        r"x is on meta but S1s is on cpu",
     ),
     "conv input too small": (
         lambda: conv(3, 4, 5, dilation=2)(torch.randn(1, 3, 8, 20)),
         ValueError,
-        r"input of shape \(1, 3, 8, 20\) is smaller than the dilated kernel: 8 after padding along dimension -2, "
+        r"x of shape \(1, 3, 8, 20\) is smaller than the dilated kernel: 8 after padding along dimension -2, "
         r"but the kernel spans 9",
     ),
+    # --- functional ops: empty sizes, backend names
+    "op num_terms 0": (
+        lambda: lin_op(L=0),
+        ValueError,
+        r"num_terms L must be >= 1, got S1s.shape\[0\] = 0 \(S1s of shape \(0, 3, 2\)\)"
+    ),
+    "op in_features 0": (
+        lambda: lin_op(x_shape=(2, 0), I=0), ValueError, r"in_features I must be >= 1, got S1s.shape\[1\] = 0"
+    ),
+    "conv op 2L 0": (lambda: conv_op(terms=0), ValueError, r"number of terms 2L must be >= 1, got S1s.shape\[0\] = 0"),
+    "conv op k 0": (lambda: conv_op(k=0), ValueError, r"low_rank k must be >= 1, got S1s.shape\[1\] = 0"),
+    "conv op C 0": (
+        lambda: conv_op(x_shape=(1, 0, 6, 6), C=0), ValueError, r"in_channels C must be >= 1, got S1s.shape\[2\] = 0"
+    ),
+    "conv op kernel 0": (
+        lambda: conv_op(kernel=(3, 0)), ValueError, r"kernel width kw must be >= 1, got S1s.shape\[4\] = 0"
+    ),
+    "conv op out_channels 0": (
+        lambda: conv_op(O=0), ValueError, r"out_channels O must be >= 1, got U1s.shape\[2\] = 0"
+    ),
+    "conv op stride bool": (
+        lambda: conv_op(stride=True), ValueError, r"stride must be an int or a pair of ints >= 1, got True"
+    ),
+    "op backend empty": (
+        lambda: lin_op(backend=""), ValueError, r"backend must be a backend name .*got an empty string"
+    ),
+    "op backend int": (
+        lambda: lin_op(backend=123), TypeError, r"backend must be a backend name \(str\).*got 123 \(int\)"
+    ),
+    "conv op backend int": (
+        lambda: conv_op(backend=1.5), TypeError, r"backend must be a backend name \(str\).*got 1.5"
+    ),
+    "set_backend empty": (lambda: panther.set_backend(""), ValueError, r"name must be a backend name .*empty string"),
+    # --- layer dtypes, lazy modules, sizes that cannot fit
+    "dtype int": (
+        lambda: lin(dtype=torch.int64), TypeError, r"dtype must be a real floating-point dtype .* got torch.int64"
+    ),
+    "dtype bool": (
+        lambda: lin(dtype=torch.bool), TypeError, r"dtype must be a real floating-point dtype .* got torch.bool"
+    ),
+    "dtype complex": (
+        lambda: lin(dtype=torch.complex64), TypeError, r"dtype must be a real floating.* got torch.complex64"
+    ),
+    "dtype str": (
+        lambda: lin(dtype="float32"), TypeError, r"dtype must be a torch.dtype or None, got 'float32' \(str\)"
+    ),
+    "conv dtype int": (lambda: conv(dtype=torch.int32), TypeError, r"dtype must be a real floating.* got torch.int32"),
+    "conv dtype complex": (
+        lambda: conv(dtype=torch.complex128), TypeError, r"dtype must be a real floating.* got torch.complex128"
+    ),
+    "from_linear lazy": (
+        lambda: SKLinear.from_linear(torch.nn.LazyLinear(4), 1, 1),
+        ValueError,
+        r"linear is a LazyLinear whose parameters are not initialised yet",
+    ),
+    "from_conv2d lazy": (
+        lambda: SKConv2d.from_conv2d(torch.nn.LazyConv2d(4, 3), 1, 1),
+        ValueError,
+        r"conv is a LazyConv2d whose parameters are not initialised yet",
+    ),
+    "num_terms too large": (
+        lambda: SKLinear(64, 64, 10**9, 64),
+        ValueError,
+        r"SKLinear\(in_features=64, out_features=64, num_terms=1000000000, low_rank=64\) would need 65.5 TB for its "
+        r"tensors \(16.4 TB for S1s alone\), more than the .* of memory of cpu",
+    ),
+    "conv num_terms too large": (
+        lambda: SKConv2d(64, 64, 3, num_terms=10**9, low_rank=64),
+        ValueError,
+        r"SKConv2d\(in_channels=64, out_channels=64, kernel_size=\(3, 3\), num_terms=1000000000, low_rank=64\) would "
+        r"need [\d.]+ TB for its tensors \([\d.]+ TB for S1s alone\)",
+    ),
+    "in_features too large": (
+        lambda: SKLinear(10**10, 10**10, 1, 1),
+        ValueError,
+        r"would need 400.0 EB for its tensors \(400.0 EB for the dense initial weight alone\)",
+    ),
+    "conv kernel_size float": (
+        lambda: conv(3, 4, 3.0), ValueError, r"kernel_size must be an int or a pair of ints >= 1, got 3.0"
+    ),
+    "conv stride bool pair": (lambda: conv(stride=(1, True)), ValueError, r"stride must be .*got \(1, True\)"),
     # --- RandMultiHeadAttention construction
     "embed_dim<1": (lambda: RandMultiHeadAttention(0, 1, 4), ValueError, r"embed_dim must be >= 1, got 0"),
     "num_heads<1": (lambda: RandMultiHeadAttention(8, 0, 4), ValueError, r"num_heads must be >= 1, got 0"),
@@ -317,3 +420,34 @@ def test_bad_argument(name):
     with pytest.raises(exc, match=pattern):
         make()
 
+
+
+@pytest.mark.parametrize("make", [
+    lambda i: SKLinear(i(6), i(4), i(1), i(2), seed=i(0)),
+    lambda i: SKConv2d(i(3), i(4), i(3), stride=i(2), padding=(i(1), i(0)), dilation=i(1), num_terms=i(1),
+                       low_rank=i(2), seed=i(0)),
+    lambda i: SKConv2d(i(3), i(4), (i(3), 2), seed=0),
+])
+def test_numpy_integers_are_accepted_everywhere(make):
+    """Any ``operator.index``-able int works where an int does, and gives the layer that plain ints give."""
+    with pytest.warns(UserWarning, match="not fewer than"):
+        plain = make(int)
+    for i in (np.int64, np.int32, np.uint8):
+        with pytest.warns(UserWarning, match="not fewer than"):
+            layer = make(i)
+        assert repr(layer) == repr(plain)
+        for (name, a), b in zip(layer.state_dict().items(), plain.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_numpy_integers_in_the_conv_op():
+    x, S1s, U1s = torch.randn(1, 3, 7, 7), torch.randn(2, 2, 3, 3, 3), torch.randn(2, 2, 4)
+    want = sketched_conv2d(x, S1s, U1s, None, 2, 1, 1)
+    got = sketched_conv2d(x, S1s, U1s, None, np.int64(2), (np.int32(1), 1), np.int64(1))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_meta_layers_are_not_limited_by_memory():
+    """The size check looks at the memory of the device the layer is built on; meta has none to run out of."""
+    layer = SKLinear(10**5, 10**5, 64, 64, device="meta")
+    assert layer.S1s.shape == (64, 10**5, 64) and layer.S1s.is_meta

@@ -201,3 +201,24 @@ def test_params_plus_buffers_count():
     n_params = sum(p.numel() for p in layer.parameters())
     n_buffers = sum(b.numel() for b in layer.buffers())
     assert n_params == n_buffers == 2 * 5 * (100 + 60)
+
+
+@pytest.mark.parametrize("cls", ["SKLinear", "SKLinear_triton", "SKConv2d"])
+def test_device_then_dtype_as_in_torch_nn(cls):
+    """The factory arguments close the positional ones in torch.nn's order: ``..., device=None, dtype=None``."""
+    import inspect
+
+    import panther.nn
+
+    def positional(f):
+        ps = inspect.signature(f).parameters.values()
+        return [p.name for p in ps if p.kind == p.POSITIONAL_OR_KEYWORD]
+
+    assert positional(torch.nn.Linear.__init__)[-2:] == ["device", "dtype"]
+    assert positional(getattr(panther.nn, cls).__init__)[-2:] == ["device", "dtype"]
+
+
+def test_device_and_dtype_positionally():
+    with pytest.warns(UserWarning, match="not fewer than"):
+        m = SKLinear(4, 3, 1, 2, None, True, "cpu", torch.float64, seed=0)
+    assert m.S1s.dtype == torch.float64 and m.U2s.device.type == "cpu"

@@ -228,6 +228,17 @@ CONSTRUCTION_ERRORS = [
     (lambda: ps.fwht(torch.zeros(3, 6)), ValueError, ["x", "6", "dim"]),
     (lambda: ps.fwht(torch.zeros(4, dtype=torch.long)), TypeError, ["x", "torch.int64"]),
     (lambda: ps.hadamard_matrix(6), ValueError, ["n", "6"]),
+    (lambda: ps.hadamard_matrix(True), ValueError, ["n", "True"]),
+    # sizes whose tensors cannot fit are refused before anything is allocated
+    (lambda: SRHTSketch(4, 10**12), ValueError,
+     ["SRHTSketch(sketch_dim=4, input_dim=1000000000000", "would need 22.0 TB", "8.8 TB for the int64 random signs",
+      "of memory of cpu"]),
+    (lambda: SRHTSketch(4, 10**12, device="meta"), ValueError, ["would need 22.0 TB", "of memory of cpu"]),
+    (lambda: GaussianSketch(10**9, 10**4), ValueError, ["GaussianSketch(sketch_dim=1000000000", "would need 80.0 TB"]),
+    (lambda: RademacherSketch(10**7, 10**7), ValueError, ["would need 1.2 PB", "800.0 TB for the torch.int64 draws"]),
+    (lambda: SJLTSketch(8, 10**12, nnz_per_column=2), ValueError, ["nnz_per_column=2", "would need 40.0 TB"]),
+    (lambda: CountSketch(8, 10**13), ValueError, ["CountSketch(sketch_dim=8, input_dim=10000000000000)", "for rows"]),
+    (lambda: ps.hadamard_matrix(2**40), ValueError, ["hadamard_matrix(n=1099511627776) would need", "EB"]),
 ]
 
 
@@ -264,6 +275,15 @@ def test_apply_errors(kind):
             fn()
         for word in words:
             assert word in str(info.value), (word, str(info.value))
+
+
+def test_numpy_integer_sizes_are_accepted():
+    import numpy as np
+
+    for kind in SKETCH_KINDS:
+        a, b = make_sketch(kind, np.int64(8), np.int32(20), seed=3), make_sketch(kind, 8, 20, seed=3)
+        assert a.shape == (8, 20) and torch.equal(a.to_dense(), b.to_dense())
+    assert torch.equal(ps.hadamard_matrix(np.int64(4)), ps.hadamard_matrix(4))
 
 
 def test_matmul_with_non_tensor_is_not_supported():

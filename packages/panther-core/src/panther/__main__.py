@@ -9,12 +9,22 @@ def info(verbose: bool = False) -> int:
     import torch
 
     import panther
-    from panther.backends import backend_infos, get_backend
+    from panther.backends import BackendError, backend_infos, load_backend
+    from panther.backends.registry import AUTO, _selection
 
     print(f"panther {panther.__version__}  torch {torch.__version__}  python {platform.python_version()}")
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
     print(f"device: {cuda}")
-    print(f"selection: {get_backend()}")
+    name, source = _selection()
+    problem = None
+    if name != AUTO:
+        try:
+            load_backend(name, source=source)
+        except BackendError as exc:
+            problem = str(exc)
+    print(f"selection: {name}" + ("" if name == AUTO else f" ({source})"))
+    if problem is not None:
+        print(f"error: the selection cannot be used, every op call will fail: {problem}")
     infos = backend_infos()
     if not infos:
         print("no backend found (is panther-randnla-core installed?)")
@@ -27,7 +37,7 @@ def info(verbose: bool = False) -> int:
         print(f"{i.name:<10} {i.version or '?':<10} {prio:>8}  {i.distribution or '?':<26} {status}")
         if verbose and i.load_traceback:
             print(i.load_traceback)
-    return 0
+    return 0 if problem is None else 1
 
 
 def main(argv=None) -> int:

@@ -182,9 +182,19 @@ def load_backend(name: str, *, source: str = "requested") -> Backend:
     return info.backend
 
 
+def check_backend_name(argument: str, name) -> str:
+    """``name`` if it is a non-empty str (a backend name or ``"auto"``), else an error naming ``argument``."""
+    if not isinstance(name, str):
+        raise TypeError(
+            f"{argument} must be a backend name (str) such as 'torch' or 'auto', got {name!r} ({type(name).__name__})"
+        )
+    if not name:
+        raise ValueError(f"{argument} must be a backend name such as 'torch' or 'auto', got an empty string")
+    return name
+
+
 def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"backend name must be a non-empty str, got {name!r}")
+    check_backend_name("name", name)
     if name != AUTO:
         load_backend(name)
     return name
@@ -237,7 +247,7 @@ def select(op: str, *args, backend: Optional[str] = None, **kwargs) -> Backend:
     :meth:`~panther.backends.base.Backend.auto_priority` for them.
     """
     if backend is not None:
-        name, source = backend, "requested by this layer"
+        name, source = check_backend_name("backend", backend), "requested by this layer"
     else:
         name, source = _selection()
     if name != AUTO:

@@ -22,14 +22,27 @@ def check_floating(name: str, t: torch.Tensor) -> None:
 
 
 def check_same(ref_name: str, ref: torch.Tensor, others: Sequence) -> None:
-    """Every other tensor shares ref's dtype and device."""
+    """Every other tensor shares ref's dtype and device (``ref`` is the input, the others a layer's weights)."""
     for name, t in others:
         if t is None:
             continue
         if t.dtype != ref.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; they must match")
+            raise TypeError(
+                f"{ref_name} has dtype {ref.dtype} but {name} has dtype {t.dtype}; they must match (convert one: "
+                f"{ref_name}.to({t.dtype}), or a layer's parameters with layer.to({ref.dtype}))"
+            )
         if t.device != ref.device:
-            raise RuntimeError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must be on one device")
+            raise RuntimeError(
+                f"{ref_name} is on {ref.device} but {name} is on {t.device}; they must be on one device (move one: "
+                f"{ref_name}.to({str(t.device)!r}), or a layer with layer.to({str(ref.device)!r}))"
+            )
+
+
+def check_nonempty(name: str, t: torch.Tensor, sizes: Sequence[str]) -> None:
+    """``t.shape[d] >= 1`` for the sizes named in ``sizes`` (``sizes[d]`` names ``t.shape[d]``; ``""`` skips it)."""
+    for d, size in enumerate(sizes):
+        if size and t.shape[d] == 0:
+            raise ValueError(f"{size} must be >= 1, got {name}.shape[{d}] = 0 ({name} of shape {tuple(t.shape)})")
 
 
 def check_shape(name: str, t: torch.Tensor, expected: Sequence[int]) -> None:

@@ -12,22 +12,16 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from panther._args import check_int_pair
 from panther.backends.registry import dispatch
-from panther.ops._checks import check_floating, check_same, check_shape, check_tensor
+from panther.ops._checks import check_floating, check_nonempty, check_same, check_shape, check_tensor
 
 IntPair = Union[int, Tuple[int, int]]
 
 
 def pair(name: str, value: IntPair, minimum: int) -> Tuple[int, int]:
-    """An int or a pair of ints, each at least ``minimum``, as a pair."""
-    v = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
-    if (
-        not isinstance(v, (tuple, list))
-        or len(v) != 2
-        or not all(isinstance(e, int) and not isinstance(e, bool) and e >= minimum for e in v)
-    ):
-        raise ValueError(f"{name} must be an int or a pair of ints >= {minimum}, got {value!r}")
-    return (int(v[0]), int(v[1]))
+    """An int or a pair of ints (numpy integers too; not bools), each at least ``minimum``, as a pair."""
+    return check_int_pair(name, value, minimum)
 
 
 def resolve_padding(padding, kernel_size: Tuple[int, int], stride: Tuple[int, int], dilation: Tuple[int, int]):
@@ -71,18 +65,34 @@ def sketched_conv2d(
     Args:
         S1s: ``(2L, k, C, kh, kw)`` sketched filters. U1s: ``(2L, k, O)`` fixed projection.
         bias: ``(O,)`` or ``None``. stride, padding, dilation: as in :func:`torch.nn.functional.conv2d`.
-        backend: run on this backend instead of the selection in force.
+        backend: run on this backend instead of the selection in force (a name, or ``"auto"``).
+
+    Differentiable in every tensor argument. On the reference backend ``torch`` second-order gradients
+    (``create_graph=True``) are exact; the first-order backward keeps its fast path either way.
+
+    Raises:
+        TypeError: a non-tensor argument, a non-floating ``x``, mismatching dtypes, a non-str ``backend``.
+        ValueError: wrong shapes, a size of zero (terms, rank, channels or kernel), an input smaller than the
+            dilated kernel, bad ``stride`` / ``padding`` / ``dilation``, an empty ``backend``.
+        RuntimeError: tensors on different devices.
+        panther.BackendError: the backend asked for cannot run these inputs.
     """
     check_tensor("S1s", S1s, ndim=5)
+    check_nonempty(
+        "S1s", S1s, ("the number of terms 2L", "low_rank k", "in_channels C", "kernel height kh", "kernel width kw")
+    )
     terms, k, C, kh, kw = S1s.shape
     check_tensor("U1s", U1s, ndim=3)
     O = U1s.shape[-1]
     check_shape("U1s", U1s, (terms, k, O))
+    check_nonempty("U1s", U1s, ("", "", "out_channels O"))
     check_tensor("x", x)
     if x.dim() not in (3, 4):
-        raise ValueError(f"x must be (N, C, H, W) or (C, H, W), got shape {tuple(x.shape)}")
+        raise ValueError(f"x (the input) must be (N, C, H, W) or (C, H, W), got shape {tuple(x.shape)}")
     if x.shape[-3] != C:
-        raise ValueError(f"x must have in_channels={C} channels (dim -3), got input of shape {tuple(x.shape)}")
+        raise ValueError(
+            f"x (the input) must have in_channels={C} (S1s.shape[2]) channels at dim -3, got shape {tuple(x.shape)}"
+        )
     check_floating("x", x)
     if bias is not None:
         check_tensor("bias", bias)
@@ -91,17 +101,19 @@ def sketched_conv2d(
     stride = pair("stride", stride, 1)
     dilation = pair("dilation", dilation, 1)
     sym, extra = resolve_padding(padding, (kh, kw), stride, dilation)
+    for axis in (0, 1):
+        uneven = 0 if extra is None else extra[3 - 2 * axis] + extra[2 - 2 * axis]
+        size = x.shape[axis - 2] + 2 * sym[axis] + uneven
+        span = dilation[axis] * ((kh, kw)[axis] - 1) + 1
+        if size < span:
+            raise ValueError(
+                f"x of shape {tuple(x.shape)} is smaller than the dilated kernel: {size} after padding along "
+                f"dimension {axis - 2}, but the kernel spans {span}"
+            )
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
     if extra is not None:
         x = F.pad(x, extra)
-    for axis, size in ((0, x.shape[-2]), (1, x.shape[-1])):
-        span = dilation[axis] * ((kh, kw)[axis] - 1) + 1
-        if size + 2 * sym[axis] < span:
-            raise ValueError(
-                f"x of shape {tuple(x.shape)} is smaller than the dilated kernel ({span} along spatial dim {axis}) "
-                f"after padding {sym}"
-            )
     y = dispatch("sketched_conv2d", x, S1s, U1s, bias, stride, sym, dilation, backend=backend)
     return y.squeeze(0) if unbatched else y

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from panther.backends.registry import dispatch
-from panther.ops._checks import check_floating, check_same, check_shape, check_tensor
+from panther.ops._checks import check_floating, check_nonempty, check_same, check_shape, check_tensor
 
 
 def sketched_linear(
@@ -30,7 +30,17 @@ def sketched_linear(
     Args:
         x: input of shape ``(..., I)``.
         S1s, U2s: ``(L, I, k)``. S2s, U1s: ``(L, k, O)``. bias: ``(O,)`` or ``None``.
-        backend: run on this backend instead of the selection in force.
+        backend: run on this backend instead of the selection in force (a name, or ``"auto"``).
+
+    Differentiable in every tensor argument. On the reference backend ``torch`` second-order gradients
+    (``create_graph=True``: gradient penalties, Jacobian regularisation) are exact; the first-order
+    backward keeps its fast path either way.
+
+    Raises:
+        TypeError: a non-tensor argument, a non-floating ``x``, mismatching dtypes, a non-str ``backend``.
+        ValueError: wrong shapes, a size of zero (``L`` or ``I``), an empty ``backend``.
+        RuntimeError: tensors on different devices.
+        panther.BackendError: the backend asked for cannot run these inputs.
     """
     if not _well_formed(x, S1s, S2s, U1s, U2s, bias):  # the checks below say what is wrong
         _check(x, S1s, S2s, U1s, U2s, bias)
@@ -49,7 +59,8 @@ def _well_formed(x, S1s, S2s, U1s, U2s, bias) -> bool:
     O = S2s.shape[2]
     dt, dev = x.dtype, x.device
     return (
-        S2s.shape[:2] == (L, k) and U1s.shape == (L, k, O) and U2s.shape == (L, I, k) and x.shape[-1] == I
+        L > 0 and I > 0
+        and S2s.shape[:2] == (L, k) and U1s.shape == (L, k, O) and U2s.shape == (L, I, k) and x.shape[-1] == I
         and (bias is None or (bias.shape == (O,) and bias.dtype == dt and bias.device == dev))
         and x.is_floating_point()
         and S1s.dtype == dt and S2s.dtype == dt and U1s.dtype == dt and U2s.dtype == dt
@@ -59,6 +70,7 @@ def _well_formed(x, S1s, S2s, U1s, U2s, bias) -> bool:
 
 def _check(x, S1s, S2s, U1s, U2s, bias) -> None:
     check_tensor("S1s", S1s, ndim=3)
+    check_nonempty("S1s", S1s, ("num_terms L", "in_features I"))
     L, I, k = S1s.shape
     check_tensor("S2s", S2s, ndim=3)
     O = S2s.shape[-1]
@@ -69,7 +81,9 @@ def _check(x, S1s, S2s, U1s, U2s, bias) -> None:
     check_shape("U2s", U2s, (L, I, k))
     check_tensor("x", x, min_ndim=1)
     if x.shape[-1] != I:
-        raise ValueError(f"x must have in_features={I} as its last dimension, got input of shape {tuple(x.shape)}")
+        raise ValueError(
+            f"x (the input) must have in_features={I} (S1s.shape[1]) as its last dimension, got shape {tuple(x.shape)}"
+        )
     check_floating("x", x)
     if bias is not None:
         check_tensor("bias", bias)

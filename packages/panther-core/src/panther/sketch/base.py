@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-from typing import ClassVar, Optional, Tuple, Union
+from typing import ClassVar, List, Optional, Tuple, Union
 
 import torch
 
-from panther._args import check_int
+from panther._args import check_fits, check_int, resolve_generator
 from panther.sketch._checks import check_floating_dtype, check_input
-from panther._args import resolve_generator
 
 DeviceLike = Union[torch.device, str, int, None]
 
@@ -63,7 +62,11 @@ class SketchOperator:
         self.dtype = check_floating_dtype("dtype", dtype)
         target = torch.device("cpu") if device is None else torch.device(device)
         self._check_dims()
+        extra = self.extra_repr()
+        sizes = f"sketch_dim={self.sketch_dim}, input_dim={self.input_dim}" + (f", {extra}" if extra else "")
+        call = f"{type(self).__name__}({sizes})"
         gen, self.seed = resolve_generator(seed, generator)
+        check_fits(call, self._memory_needs(), gen.device)  # draws are made on the generator's device
         self._draw(gen)
         self._move(target, self.dtype)
 
@@ -71,6 +74,10 @@ class SketchOperator:
 
     def _check_dims(self) -> None:
         """Raise if ``sketch_dim``/``input_dim`` (and subclass parameters) are inconsistent."""
+
+    def _memory_needs(self) -> List[Tuple[str, int]]:
+        """``(name, bytes)`` of the tensors that :meth:`_draw` makes (the draws and what is kept)."""
+        return []
 
     def _draw(self, generator: torch.Generator) -> None:
         """Set the attributes named in ``_tensor_attrs`` from draws of ``generator`` (in ``self.dtype``)."""

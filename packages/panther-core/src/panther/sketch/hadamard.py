@@ -11,6 +11,9 @@ import operator
 
 import torch
 
+from panther._args import check_fits
+from panther.sketch._checks import check_floating_dtype
+
 
 def _is_power_of_two(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
@@ -103,7 +106,14 @@ def hadamard_matrix(n: int, *, dtype: torch.dtype = torch.float32, device=None) 
         tensor([[ 1.,  1.],
                 [ 1., -1.]])
     """
-    if isinstance(n, bool) or not isinstance(n, int) or not _is_power_of_two(n):
+    try:
+        size = None if isinstance(n, bool) else operator.index(n)
+    except TypeError:
+        size = None
+    if size is None or not _is_power_of_two(size):
         raise ValueError(f"n must be a power of two (1, 2, 4, ...), got {n!r}")
-    idx = torch.arange(n, device=device)
+    dtype = check_floating_dtype("dtype", dtype)
+    check_fits(f"hadamard_matrix(n={size})", [("the matrix", size * size * dtype.itemsize),
+                                               ("its int64 entries", size * size * 8)], device)
+    idx = torch.arange(size, device=device)
     return hadamard_entries(idx.unsqueeze(1), idx.unsqueeze(0)).to(dtype)

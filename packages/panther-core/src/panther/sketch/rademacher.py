@@ -35,6 +35,7 @@ class RademacherSketch(DenseSketch):
     """
 
     kind = "rademacher"
+    _draw_dtype = torch.int64  # random_signs
 
     def _draw(self, generator: torch.Generator) -> None:
         signs = random_signs(self.sketch_dim * self.input_dim, generator)

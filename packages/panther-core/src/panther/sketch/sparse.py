@@ -3,7 +3,7 @@ r"""Sparse sign sketches: SJLT (:math:`s` entries :math:`\pm 1/\sqrt{s}` per col
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Optional, Tuple
+from typing import ClassVar, List, Optional, Tuple
 
 import torch
 
@@ -30,6 +30,10 @@ class SparseSignSketch(SketchOperator):
     nnz_per_column: int
     rows: torch.Tensor
     values: torch.Tensor
+
+    def _memory_needs(self) -> List[Tuple[str, int]]:
+        numel = self.input_dim * self.nnz_per_column
+        return [("rows", numel * 8), ("values", numel * self.dtype.itemsize), ("the int64 random signs", numel * 8)]
 
     def _draw(self, generator: torch.Generator) -> None:
         n, s = self.input_dim, self.nnz_per_column

@@ -3,7 +3,7 @@ r"""Subsampled randomized Hadamard transform: :math:`S = \sqrt{n'/k}\, P H D`, z
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Tuple
+from typing import ClassVar, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,11 @@ class SRHTSketch(SketchOperator):
                 f"rows of the {self.padded_dim}x{self.padded_dim} Hadamard matrix (next power of two >= "
                 f"input_dim) without replacement; got sketch_dim={self.sketch_dim}"
             )
+
+    def _memory_needs(self) -> List[Tuple[str, int]]:
+        n_pad = self.padded_dim
+        return [("signs", n_pad * self.dtype.itemsize), ("the int64 random signs", n_pad * 8),
+                ("the permutation that samples rows", n_pad * 8)]
 
     def _draw(self, generator: torch.Generator) -> None:
         # Draw order (part of the seed contract): signs, then rows.

@@ -14,8 +14,10 @@ import warnings
 from typing import Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 
-from panther._args import check_int, resolve_generator
+from panther import backends
+from panther._args import check_dtype, check_fits, check_int, check_int_pair, resolve_generator
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -139,3 +141,36 @@ def check_weight(name: str, w, shape: Sequence[int]) -> None:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(w.shape)}")
     if not w.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {w.dtype}")
+
+
+def check_not_lazy(name: str, module) -> None:
+    """``module`` (a layer to convert) has materialised parameters: not a lazy module before its first call."""
+    params = module.parameters(recurse=False) if isinstance(module, nn.Module) else ()
+    if any(nn.parameter.is_lazy(p) for p in params):
+        raise ValueError(
+            f"{name} is a {type(module).__name__} whose parameters are not initialised yet (its sizes are only "
+            f"known after a first forward pass); call it once on an input, or build it with explicit sizes"
+        )
+
+
+def factory_sizes(
+    layer: str, device, dtype: Optional[torch.dtype], shapes: Sequence[Tuple[str, Sequence[int]]], **args
+) -> None:
+    """Refuse a layer whose tensors of ``shapes`` (in ``dtype``, default dtype if ``None``) cannot fit in memory.
+
+    ``args`` are the constructor arguments that set the sizes, shown in the error.
+    """
+    itemsize = (dtype or torch.get_default_dtype()).itemsize
+    needs = [(name, math.prod(shape) * itemsize) for name, shape in shapes]
+    call = f"{layer}({', '.join(f'{k}={v}' for k, v in args.items())})"
+    check_fits(call, needs, device)
+
+
+def prepare_backends(layer: str, required: Optional[str] = None) -> None:
+    """Discover the backends at construction, outside any traced region (torch.compile cannot run discovery).
+
+    A layer pinned to a backend (``required``) refuses to be built where that backend cannot run.
+    """
+    backends.available_backends()
+    if required is not None:
+        backends.load_backend(required, source=f"required by {layer}")

@@ -8,21 +8,23 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from panther import backends
 from panther.nn import _fit
 from panther.nn._init import (
-    check_input,
+    check_dtype,
     check_int,
+    check_int_pair,
+    check_not_lazy,
     check_weight,
+    factory_sizes,
     kaiming_weight,
     make_generator,
+    prepare_backends,
     rademacher,
     uniform,
     warn_if_no_savings,
     work_dtype,
 )
 from panther.ops import resolve_padding, sketched_conv2d
-from panther.ops.sketched_conv2d import pair
 
 __all__ = ["SKConv2d"]
 
@@ -46,7 +48,8 @@ class SKConv2d(nn.Module):
     :math:`\mathbb{E}[y] = \operatorname{conv}(x, W_0) + b`. ``stride``, ``padding`` and ``dilation`` mean
     what they mean for :class:`torch.nn.Conv2d`; ``groups`` and padding modes other than zeros are not
     supported. It stores :math:`2Lk\,(C_{in} k_h k_w + C_{out})` values; a :class:`UserWarning` is raised
-    when that is not fewer than the dense :math:`C_{out} C_{in} k_h k_w`. Every forward runs
+    when that is not fewer than the dense :math:`C_{out} C_{in} k_h k_w`, and a :class:`ValueError` (with the
+    size needed) before anything is allocated when it cannot fit in the memory of ``device``. Every forward runs
     :func:`panther.ops.sketched_conv2d` on the backend selected at call time.
 
     Args:
@@ -60,8 +63,9 @@ class SKConv2d(nn.Module):
         bias (bool): if ``False``, the layer does not learn an additive bias. Default: ``True``.
         num_terms (int): :math:`L`; the layer has :math:`2L` terms. Default: 1.
         low_rank (int): :math:`k`, rank of each term. Default: 8.
-        dtype (torch.dtype, optional): dtype of the parameters and buffers. Default: the default dtype.
         device (torch.device, optional): device of the parameters and buffers. Default: the default device.
+        dtype (torch.dtype, optional): dtype of the parameters and buffers, one of ``torch.float16``,
+            ``torch.bfloat16``, ``torch.float32`` and ``torch.float64``. Default: the default dtype.
         seed (int, optional): seed of the layer's own random generator (sketches and initial filters).
             Default: ``None``, seeded from one draw of the global RNG.
         generator (torch.Generator, optional): a generator to draw from instead. At most one of ``seed``
@@ -124,20 +128,20 @@ class SKConv2d(nn.Module):
         bias: bool = True,
         num_terms: int = 1,
         low_rank: int = 8,
-        dtype: Optional[torch.dtype] = None,
         device=None,
+        dtype: Optional[torch.dtype] = None,
         *,
         seed: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
         W_init: Optional[Tensor] = None,
     ) -> None:
-        factory_kwargs = {"device": device, "dtype": dtype}
+        factory_kwargs = {"device": device, "dtype": check_dtype("dtype", dtype)}
         super().__init__()
         self.in_channels = check_int("in_channels", in_channels)
         self.out_channels = check_int("out_channels", out_channels)
-        self.kernel_size = pair("kernel_size", kernel_size, 1)
-        self.stride = pair("stride", stride, 1)
-        self.dilation = pair("dilation", dilation, 1)
+        self.kernel_size = check_int_pair("kernel_size", kernel_size, 1)
+        self.stride = check_int_pair("stride", stride, 1)
+        self.dilation = check_int_pair("dilation", dilation, 1)
         if isinstance(padding, str):
             if padding not in ("same", "valid"):
                 raise ValueError(f"padding must be 'valid', 'same', an int or a pair of ints, got {padding!r}")
@@ -147,23 +151,27 @@ class SKConv2d(nn.Module):
                 )
             self.padding = padding
         else:
-            self.padding = pair("padding", padding, 0)
+            self.padding = check_int_pair("padding", padding, 0)
         resolve_padding(self.padding, self.kernel_size, self.stride, self.dilation)  # the op's own rules
         self.num_terms = check_int("num_terms", num_terms)
         self.low_rank = check_int("low_rank", low_rank)
         if W_init is not None:
             check_weight("W_init", W_init, (self.out_channels, self.in_channels, *self.kernel_size))
-        self._generator, self.seed = make_generator(seed, generator)
-        # Backend discovery happens here, outside any traced region (torch.compile cannot run it).
-        backends.available_backends()
         kh, kw = self.kernel_size
+        terms, k, C, O = 2 * self.num_terms, self.low_rank, self.in_channels, self.out_channels
+        factory_sizes(
+            type(self).__name__, device, dtype,
+            [("S1s", (terms, k, C, kh, kw)), ("U1s", (terms, k, O)), ("the dense initial filters", (O, C, kh, kw))],
+            in_channels=C, out_channels=O, kernel_size=self.kernel_size, num_terms=self.num_terms, low_rank=k,
+        )
+        self._generator, self.seed = make_generator(seed, generator)
+        prepare_backends(type(self).__name__)
         fan_in = self.in_channels * kh * kw
         warn_if_no_savings(
             type(self).__name__, self.num_terms, self.low_rank, fan_in, self.out_channels,
             in_name="in=in_channels*kh*kw", out_name="out=out_channels",
         )
 
-        terms, k = 2 * self.num_terms, self.low_rank
         self.S1s = nn.Parameter(torch.empty((terms, k, self.in_channels, kh, kw), **factory_kwargs))
         self.register_buffer("U1s", torch.empty((terms, k, self.out_channels), **factory_kwargs))
         if bias:
@@ -204,21 +212,6 @@ class SKConv2d(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         """Convolve ``input`` of shape ``(N, C_in, H, W)`` or ``(C_in, H, W)``."""
-        check_input("input", input, self.S1s, type(self).__name__)
-        if input.dim() not in (3, 4) or input.shape[-3] != self.in_channels:
-            raise ValueError(
-                f"input must be (N, C, H, W) or (C, H, W) with C = in_channels = {self.in_channels}, "
-                f"got input of shape {tuple(input.shape)}"
-            )
-        sym, extra = resolve_padding(self.padding, self.kernel_size, self.stride, self.dilation)
-        for axis in (0, 1):
-            size = input.shape[axis - 2] + 2 * sym[axis] + (0 if extra is None else extra[3 - 2 * axis])
-            span = self.dilation[axis] * (self.kernel_size[axis] - 1) + 1
-            if size < span:
-                raise ValueError(
-                    f"input of shape {tuple(input.shape)} is smaller than the dilated kernel: {size} after "
-                    f"padding along dimension {axis - 2}, but the kernel spans {span}"
-                )
         return sketched_conv2d(
             input, self.S1s, self.U1s, self.bias, self.stride, self.padding, self.dilation, backend=self._backend
         )
@@ -284,6 +277,7 @@ class SKConv2d(nn.Module):
             >>> err(optimal) < err(unbiased)
             True
         """
+        check_not_lazy("conv", conv)
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}")
         if conv.groups != 1:

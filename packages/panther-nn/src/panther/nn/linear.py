@@ -8,14 +8,16 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from panther import backends
 from panther.nn import _fit
 from panther.nn._init import (
-    check_input,
+    check_dtype,
     check_int,
+    check_not_lazy,
     check_weight,
+    factory_sizes,
     kaiming_weight,
     make_generator,
+    prepare_backends,
     rademacher,
     uniform,
     warn_if_no_savings,
@@ -43,7 +45,9 @@ class SKLinear(nn.Module):
     the dense layer's, :math:`\mathbb{E}[y] = x W_0^\top + b`.
 
     It stores :math:`2Lk\,(\text{in} + \text{out})` values (half of them parameters, half buffers) instead
-    of :math:`\text{in} \times \text{out}`; a :class:`UserWarning` is raised when that is not fewer.
+    of :math:`\text{in} \times \text{out}`; a :class:`UserWarning` is raised when that is not fewer, and a
+    :class:`ValueError` (with the size needed) before anything is allocated when it cannot fit in the memory
+    of ``device``.
     Every forward runs :func:`panther.ops.sketched_linear` on the backend selected by
     :func:`panther.set_backend` / :func:`panther.use_backend` at call time.
 
@@ -56,8 +60,9 @@ class SKLinear(nn.Module):
             start from (e.g. a trained ``nn.Linear``'s ``weight``); the bias then starts at zero. Default:
             ``None``, a weight drawn like :class:`torch.nn.Linear`'s (kaiming-uniform) and a bias like its bias.
         bias (bool): if ``False``, the layer does not learn an additive bias. Default: ``True``.
-        dtype (torch.dtype, optional): dtype of the parameters and buffers. Default: the default dtype.
         device (torch.device, optional): device of the parameters and buffers. Default: the default device.
+        dtype (torch.dtype, optional): dtype of the parameters and buffers, one of ``torch.float16``,
+            ``torch.bfloat16``, ``torch.float32`` and ``torch.float64``. Default: the default dtype.
         seed (int, optional): seed of the layer's own random generator, which draws the sketches and the
             initial weight. Default: ``None``, seeded from one draw of the global RNG (so
             :func:`torch.manual_seed` makes construction reproducible).
@@ -117,13 +122,13 @@ class SKLinear(nn.Module):
         low_rank: int,
         W_init: Optional[Tensor] = None,
         bias: bool = True,
-        dtype: Optional[torch.dtype] = None,
         device=None,
+        dtype: Optional[torch.dtype] = None,
         *,
         seed: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
     ) -> None:
-        factory_kwargs = {"device": device, "dtype": dtype}
+        factory_kwargs = {"device": device, "dtype": check_dtype("dtype", dtype)}
         super().__init__()
         self.in_features = check_int("in_features", in_features)
         self.out_features = check_int("out_features", out_features)
@@ -131,15 +136,17 @@ class SKLinear(nn.Module):
         self.low_rank = check_int("low_rank", low_rank)
         if W_init is not None:
             check_weight("W_init", W_init, (self.out_features, self.in_features))
-        self._generator, self.seed = make_generator(seed, generator)
-        # Backend discovery happens here, outside any traced region (torch.compile cannot run it);
-        # a layer pinned to a backend refuses to be built where that backend cannot run.
-        backends.available_backends()
-        if self._backend is not None:
-            backends.load_backend(self._backend, source=f"required by {type(self).__name__}")
-        warn_if_no_savings(type(self).__name__, self.num_terms, self.low_rank, self.in_features, self.out_features)
-
         L, k, I, O = self.num_terms, self.low_rank, self.in_features, self.out_features
+        factory_sizes(
+            type(self).__name__, device, dtype,
+            [("S1s", (L, I, k)), ("S2s", (L, k, O)), ("U1s", (L, k, O)), ("U2s", (L, I, k)),
+             ("the dense initial weight", (O, I))],
+            in_features=I, out_features=O, num_terms=L, low_rank=k,
+        )
+        self._generator, self.seed = make_generator(seed, generator)
+        prepare_backends(type(self).__name__, self._backend)
+        warn_if_no_savings(type(self).__name__, L, k, I, O)
+
         self.S1s = nn.Parameter(torch.empty((L, I, k), **factory_kwargs))
         self.S2s = nn.Parameter(torch.empty((L, k, O), **factory_kwargs))
         self.register_buffer("U1s", torch.empty((L, k, O), **factory_kwargs))
@@ -183,12 +190,6 @@ class SKLinear(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         """Apply the layer to ``input`` of shape ``(*, in_features)``; returns ``(*, out_features)``."""
-        check_input("input", input, self.S1s, type(self).__name__)
-        if input.dim() < 1 or input.shape[-1] != self.in_features:
-            raise ValueError(
-                f"input must have in_features={self.in_features} as its last dimension, "
-                f"got input of shape {tuple(input.shape)}"
-            )
         return sketched_linear(input, self.S1s, self.S2s, self.U1s, self.U2s, self.bias, backend=self._backend)
 
     def extra_repr(self) -> str:
@@ -250,6 +251,7 @@ class SKLinear(nn.Module):
             >>> err(fitted) < err(unbiased)
             True
         """
+        check_not_lazy("linear", linear)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
         _fit.check_init(init, calibration_data)
@@ -325,8 +327,8 @@ class SKLinear_triton(SKLinear):
         low_rank (int): :math:`k`, rank of each term.
         W_init (Tensor, optional): dense weight ``(out_features, in_features)`` to start from.
         bias (bool): if ``False``, no additive bias. Default: ``True``.
-        dtype (torch.dtype, optional): dtype of the parameters and buffers.
         device (torch.device, optional): device of the parameters and buffers.
+        dtype (torch.dtype, optional): dtype of the parameters and buffers.
         seed (int, optional): seed of the layer's generator.
         generator (torch.Generator, optional): a generator to draw from instead.
 

@@ -5,6 +5,10 @@ Math (x: (N, C, H, W), 2L terms of rank k, S1s: (2L, k, C, kh, kw), U1s: (2L, k,
     y = Uᵀ Z / (2L) + b         U = U1s viewed as (2Lk, O), a 1x1 projection     y: (N, O, H', W')
 Backward (g = dL/dy):
     dZ = U g / (2L);  dx = conv2d_input(dZ, S);  dS = conv2d_weight(x, dZ);  db = Σ g
+Double backward (``create_graph=True``): the same formulas in differentiable torch ops, from the saved
+inputs (Z recomputed under autograd), so that gradients of gradients are exact.
+Two Functions share forward, context and backward: the eager one (cheapest ``Function.apply``) and, under
+torch.func transforms (grad, vmap, jacrev), the ``setup_context`` one those transforms need.
 """
 
 from __future__ import annotations
@@ -16,41 +20,98 @@ import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 
-class SketchedConv2dFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, S1s, U1s, bias, stride, padding, dilation):
-        terms, k, C, kh, kw = S1s.shape
-        O = U1s.shape[-1]
-        S = S1s.reshape(terms * k, C, kh, kw)
-        P = U1s.reshape(terms * k, O).t().reshape(O, terms * k, 1, 1)  # 1x1 projection weight
+def _forward(x, S1s, U1s, bias, stride, padding, dilation):
+    """``(y, Z)``: Z is returned (non-differentiable) for the backward to save."""
+    terms, k, C, kh, kw = S1s.shape
+    O = U1s.shape[-1]
+    Z = F.conv2d(x, S1s.reshape(terms * k, C, kh, kw), None, stride, padding, dilation)
+    P = U1s.reshape(terms * k, O).t().reshape(O, terms * k, 1, 1)  # 1x1 projection weight
+    y = F.conv2d(Z, P, None) * (1.0 / terms)
+    if bias is not None:
+        y = y + bias.view(1, O, 1, 1)
+    return y, Z
+
+
+def _setup_context(ctx, inputs, output):
+    x, S1s, U1s, bias, stride, padding, dilation = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    # S1s and U1s are saved whole (inputs, no extra memory): the double backward differentiates through them
+    ctx.save_for_backward(x, S1s, U1s, output[1] if ctx.needs_input_grad[2] else None)
+    ctx.conf = (stride, padding, dilation, S1s.shape, bias is not None)
+
+
+def _backward(ctx, g, _Z_grad):
+    if g is None:  # only the non-differentiable Z was used
+        return None, None, None, None, None, None, None
+    if torch.is_grad_enabled():  # create_graph=True: a backward that autograd can differentiate
+        return _differentiable_backward(ctx, g)
+    x, S1s, U1s, Z = ctx.saved_tensors
+    stride, padding, dilation, s_shape, has_bias = ctx.conf
+    terms, k, C, kh, kw = s_shape
+    O = U1s.shape[-1]
+    S = S1s.reshape(terms * k, C, kh, kw)
+    P = U1s.reshape(terms * k, O).t().reshape(O, terms * k, 1, 1)
+    dx = dS = dU = db = None
+    need_x, need_S, need_U, need_b = ctx.needs_input_grad[:4]
+    if need_x or need_S:
+        dZ = F.conv2d(g, P.transpose(0, 1)) * (1.0 / terms)  # (N, 2Lk, H', W')
+        if need_x:
+            dx = conv2d_input(x.shape, S, dZ, stride, padding, dilation)
+        if need_S:
+            dS = conv2d_weight(x, S.shape, dZ, stride, padding, dilation).view(s_shape)
+    if need_U:
+        dU = torch.einsum("nchw,nohw->co", Z, g).mul_(1.0 / terms).reshape(terms, -1, O)
+    if need_b and has_bias:
+        db = g.sum((0, 2, 3))
+    return dx, dS, dU, db, None, None, None
+
+def _differentiable_backward(ctx, g):
+    """The backward of :func:`_backward`, built from the saved inputs with differentiable ops."""
+    x, S1s, U1s = ctx.saved_tensors[:3]
+    stride, padding, dilation, s_shape, has_bias = ctx.conf
+    terms, k, C, kh, kw = s_shape
+    O = U1s.shape[-1]
+    S = S1s.reshape(terms * k, C, kh, kw)
+    U = U1s.reshape(terms * k, O)
+    dx = dS = dU = db = None
+    need_x, need_S, need_U, need_b = ctx.needs_input_grad[:4]
+    if need_x or need_S:
+        dZ = F.conv2d(g, U.reshape(terms * k, O, 1, 1)) * (1.0 / terms)  # (N, 2Lk, H', W')
+        if need_x:
+            dx = conv2d_input(x.shape, S, dZ, stride, padding, dilation)
+        if need_S:
+            dS = conv2d_weight(x, S.shape, dZ, stride, padding, dilation).reshape(s_shape)
+    if need_U:
         Z = F.conv2d(x, S, None, stride, padding, dilation)
-        y = F.conv2d(Z, P, None) * (1.0 / terms)
-        if bias is not None:
-            y = y + bias.view(1, O, 1, 1)
-        ctx.save_for_backward(x, S, P, Z if ctx.needs_input_grad[2] else None)
-        ctx.conf = (stride, padding, dilation, S1s.shape, bias is not None)
-        return y
+        dU = (torch.einsum("nchw,nohw->co", Z, g) * (1.0 / terms)).reshape(terms, k, O)
+    if need_b and has_bias:
+        db = g.sum((0, 2, 3))
+    return dx, dS, dU, db, None, None, None
+
+
+
+class SketchedConv2dFunction(torch.autograd.Function):
+    """Eager autograd Function (forward takes ``ctx``, the cheapest ``Function.apply``)."""
 
     @staticmethod
-    def backward(ctx, g):
-        x, S, P, Z = ctx.saved_tensors
-        stride, padding, dilation, s_shape, has_bias = ctx.conf
-        terms = s_shape[0]
-        O = P.shape[0]
-        dx = dS = dU = db = None
-        need_x, need_S, need_U, need_b = ctx.needs_input_grad[:4]
-        if need_x or need_S:
-            dZ = F.conv2d(g, P.transpose(0, 1)) * (1.0 / terms)  # (N, 2Lk, H', W')
-            if need_x:
-                dx = conv2d_input(x.shape, S, dZ, stride, padding, dilation)
-            if need_S:
-                dS = conv2d_weight(x, S.shape, dZ, stride, padding, dilation).view(s_shape)
-        if need_U:
-            dU = torch.einsum("nchw,nohw->co", Z, g).mul_(1.0 / terms).reshape(terms, -1, O)
-        if need_b and has_bias:
-            db = g.sum((0, 2, 3))
-        return dx, dS, dU, db, None, None, None
+    def forward(ctx, *inputs):
+        output = _forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
 
+    backward = staticmethod(_backward)
+
+
+class SketchedConv2dFuncFunction(torch.autograd.Function):
+    """The same Function in the ``setup_context`` style that torch.func transforms (grad, vmap, jacrev) need;
+    taken only under them, since ``Function.apply`` binds this style's arguments through ``inspect`` on every
+    call."""
+
+    generate_vmap_rule = True
+    forward = staticmethod(_forward)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
 
 def sketched_conv2d(
     x: torch.Tensor,
@@ -62,4 +123,5 @@ def sketched_conv2d(
     dilation: Tuple[int, int] = (1, 1),
 ) -> torch.Tensor:
     """y = 1/(2L) Σ_i U1_iᵀ conv(x, S1_i) + b; padding is explicit (ints), see :func:`panther.ops.sketched_conv2d`."""
-    return SketchedConv2dFunction.apply(x, S1s, U1s, bias, tuple(stride), tuple(padding), tuple(dilation))
+    fn = SketchedConv2dFuncFunction if torch._C._are_functorch_transforms_active() else SketchedConv2dFunction
+    return fn.apply(x, S1s, U1s, bias, tuple(stride), tuple(padding), tuple(dilation))[0]

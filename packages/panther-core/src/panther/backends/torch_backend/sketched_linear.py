@@ -7,6 +7,10 @@ Math (x: (T, I), L terms of rank k):
     y = H B / (2L) + b                      (T, O)
 Backward (g = dL/dy):
     dH = g Bᵀ / (2L);  dx = dH Aᵀ;  dS1 = xᵀ dH[:, :Lk];  dS2 = H[:, Lk:]ᵀ g / (2L);  db = Σ_T g
+Double backward (``create_graph=True``): the same formulas in differentiable torch ops, from the saved
+inputs (A, B and H recomputed under autograd), so that gradients of gradients are exact.
+Two Functions share forward, context and backward: the eager one (cheapest ``Function.apply``) and, under
+torch.func transforms (grad, vmap, jacrev), the ``setup_context`` one those transforms need.
 """
 
 from __future__ import annotations
@@ -39,48 +43,111 @@ def _to_terms(d: torch.Tensor, L: int, k: int) -> torch.Tensor:
     return d.view(d.shape[0], L, k).permute(1, 0, 2).contiguous()
 
 
-class SketchedLinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, S1s, S2s, U1s, U2s, bias):
-        L, I, k = S1s.shape
-        O = S2s.shape[-1]
-        x2 = x.reshape(-1, I)
+def _forward(x, S1s, S2s, U1s, U2s, bias):
+    """``(y, A, B, H)``: the intermediates are returned (non-differentiable) for the backward to save."""
+    L, I, k = S1s.shape
+    x2 = x.reshape(-1, I)
+    A = concat_left(S1s, U2s)
+    B = concat_right(U1s, S2s)
+    H = x2 @ A
+    scale = 1.0 / (2 * L)
+    if bias is None:
+        y = _scaled_mm(H, B, scale)
+    else:
+        y = torch.addmm(bias, H, B, alpha=scale)
+    return y.view(*x.shape[:-1], B.shape[1]), A, B, H
+
+
+def _setup_context(ctx, inputs, output):
+    x, S1s, S2s, U1s, U2s, bias = inputs
+    _, A, B, H = output
+    ctx.mark_non_differentiable(A, B, H)
+    ctx.set_materialize_grads(False)
+    # the inputs too (no extra memory): the double backward recomputes A, B, H from them under autograd
+    ctx.save_for_backward(A, B, H, x, S1s, S2s, U1s, U2s)
+    L, I, k = S1s.shape
+    ctx.dims = (L, I, k, S2s.shape[-1], x.shape, bias is not None)
+
+
+def _backward(ctx, g, *_intermediates):
+    L, I, k, O, x_shape, has_bias = ctx.dims
+    if g is None:  # only the non-differentiable intermediates were used
+        return None, None, None, None, None, None
+    if torch.is_grad_enabled():  # create_graph=True: a backward that autograd can differentiate
+        return _differentiable_backward(ctx, g)
+    A, B, H, x = ctx.saved_tensors[:4]
+    x2 = x.reshape(-1, I)
+    Lk = L * k
+    scale = 1.0 / (2 * L)
+    g2 = g.reshape(-1, O)
+    dx = dS1 = dS2 = dU1 = dU2 = db = None
+    need_x, need_S1, need_S2, need_U1, need_U2, need_b = ctx.needs_input_grad
+    if need_x or need_S1 or need_U2:
+        dH = _scaled_mm(g2, B.t(), scale)  # (T, 2Lk)
+        if need_x:
+            dx = torch.mm(dH, A.t()).view(x_shape)
+        if need_S1:  # only the halves that are needed: U2s is normally a buffer
+            dS1 = _to_terms(torch.mm(x2.t(), dH[:, :Lk]), L, k)
+        if need_U2:
+            dU2 = _to_terms(torch.mm(x2.t(), dH[:, Lk:]), L, k)
+    if need_S2:
+        dS2 = _scaled_mm(H[:, Lk:].t(), g2, scale).view(L, k, O)
+    if need_U1:
+        dU1 = _scaled_mm(H[:, :Lk].t(), g2, scale).view(L, k, O)
+    if need_b and has_bias:
+        db = g2.sum(0)
+    return dx, dS1, dS2, dU1, dU2, db
+
+
+def _differentiable_backward(ctx, g):
+    """The backward of :func:`_backward`, built from the saved inputs with differentiable ops (no in-place, no no_grad)."""
+    x, S1s, S2s, U1s, U2s = ctx.saved_tensors[3:]
+    L, I, k, O, x_shape, has_bias = ctx.dims
+    Lk = L * k
+    scale = 1.0 / (2 * L)
+    need_x, need_S1, need_S2, need_U1, need_U2, need_b = ctx.needs_input_grad
+    x2 = x.reshape(-1, I)
+    g2 = g.reshape(-1, O)
+    dx = dS1 = dS2 = dU1 = dU2 = db = None
+    if need_x or need_S1 or need_U2:
         A = concat_left(S1s, U2s)
-        B = concat_right(U1s, S2s)
-        H = x2 @ A
-        scale = 1.0 / (2 * L)
-        if bias is None:
-            y = _scaled_mm(H, B, scale)
-        else:
-            y = torch.addmm(bias, H, B, alpha=scale)
-        ctx.save_for_backward(x2, A, B, H)
-        ctx.dims = (L, I, k, O, x.shape, bias is not None)
-        return y.view(*x.shape[:-1], O)
+        dH = torch.mm(g2, concat_right(U1s, S2s).t()) * scale
+        if need_x:
+            dx = torch.mm(dH, A.t()).reshape(x_shape)
+        if need_S1:
+            dS1 = torch.mm(x2.t(), dH[:, :Lk]).reshape(I, L, k).permute(1, 0, 2)
+        if need_U2:
+            dU2 = torch.mm(x2.t(), dH[:, Lk:]).reshape(I, L, k).permute(1, 0, 2)
+    if need_S2:  # H[:, Lk:] = x U2
+        dS2 = (torch.mm(torch.mm(x2, U2s.permute(1, 0, 2).reshape(I, Lk)).t(), g2) * scale).reshape(L, k, O)
+    if need_U1:  # H[:, :Lk] = x S1
+        dU1 = (torch.mm(torch.mm(x2, S1s.permute(1, 0, 2).reshape(I, Lk)).t(), g2) * scale).reshape(L, k, O)
+    if need_b and has_bias:
+        db = g2.sum(0)
+    return dx, dS1, dS2, dU1, dU2, db
+
+
+class SketchedLinearFunction(torch.autograd.Function):
+    """Eager autograd Function (forward takes ``ctx``, the cheapest ``Function.apply``)."""
 
     @staticmethod
-    def backward(ctx, g):
-        x2, A, B, H = ctx.saved_tensors
-        L, I, k, O, x_shape, has_bias = ctx.dims
-        Lk = L * k
-        scale = 1.0 / (2 * L)
-        g2 = g.reshape(-1, O)
-        dx = dS1 = dS2 = dU1 = dU2 = db = None
-        need_x, need_S1, need_S2, need_U1, need_U2, need_b = ctx.needs_input_grad
-        if need_x or need_S1 or need_U2:
-            dH = _scaled_mm(g2, B.t(), scale)  # (T, 2Lk)
-            if need_x:
-                dx = torch.mm(dH, A.t()).view(x_shape)
-            if need_S1:  # only the halves that are needed: U2s is normally a buffer
-                dS1 = _to_terms(torch.mm(x2.t(), dH[:, :Lk]), L, k)
-            if need_U2:
-                dU2 = _to_terms(torch.mm(x2.t(), dH[:, Lk:]), L, k)
-        if need_S2:
-            dS2 = _scaled_mm(H[:, Lk:].t(), g2, scale).view(L, k, O)
-        if need_U1:
-            dU1 = _scaled_mm(H[:, :Lk].t(), g2, scale).view(L, k, O)
-        if need_b and has_bias:
-            db = g2.sum(0)
-        return dx, dS1, dS2, dU1, dU2, db
+    def forward(ctx, *inputs):
+        output = _forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_backward)
+
+
+class SketchedLinearFuncFunction(torch.autograd.Function):
+    """The same Function in the ``setup_context`` style that torch.func transforms (grad, vmap, jacrev) need;
+    taken only under them, since ``Function.apply`` binds this style's arguments through ``inspect`` on every
+    call."""
+
+    generate_vmap_rule = True
+    forward = staticmethod(_forward)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
 
 
 def sketched_linear(
@@ -92,4 +159,5 @@ def sketched_linear(
     bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """y = 1/(2L) Σ_i [(x S1_i) U1_i + (x U2_i) S2_i] + b, for x of shape (..., I)."""
-    return SketchedLinearFunction.apply(x, S1s, S2s, U1s, U2s, bias)
+    fn = SketchedLinearFuncFunction if torch._C._are_functorch_transforms_active() else SketchedLinearFunction
+    return fn.apply(x, S1s, S2s, U1s, U2s, bias)[0]
