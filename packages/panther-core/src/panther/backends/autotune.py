@@ -306,13 +306,9 @@ def call_fields(op: str, args: tuple, kwargs: dict) -> tuple:
     return (("dtype", dtype),) + fields + (("grad", grads), ("autocast", autocast))
 
 
-def _tf32(fields: tuple) -> str:
-    """TF32 in float32 matrix products and convolutions, where the inputs are float32."""
-    if dict(fields).get("dtype") != "float32":
-        return "-"
-    on = [name for name, flag in (("matmul", torch.backends.cuda.matmul.allow_tf32),
-                                   ("cudnn", torch.backends.cudnn.allow_tf32)) if flag]
-    return ",".join(on) or "off"
+def _float32_math() -> str:
+    """How float32 matrix products and convolutions compute (TF32 or not): part of float32 keys."""
+    return f"{torch.get_float32_matmul_precision()},cudnn-tf32={'on' if torch.backends.cudnn.allow_tf32 else 'off'}"
 
 
 def _show(value) -> str:
@@ -322,9 +318,12 @@ def _show(value) -> str:
 
 
 def key_string(op: str, candidates: Sequence[str], fields: tuple) -> str:
-    """The key as stored and printed: op, competing backends, then the fields and TF32 (device in the file)."""
+    """The key as stored and printed: op, competing backends, the fields, and for float32 the matmul
+    precision and cuDNN's TF32 (the device is the file's)."""
     parts = [f"{name}={_show(value)}" for name, value in fields if value is not None]
-    return f"{op}[{','.join(candidates)}] " + " ".join(parts) + f" tf32={_tf32(fields)}"
+    if dict(fields).get("dtype") == "float32":
+        parts.append(f"fp32-matmul={_float32_math()}")
+    return f"{op}[{','.join(candidates)}] " + " ".join(parts)
 
 
 # --- device, fingerprint and files ------------------------------------------------------------------
@@ -485,10 +484,17 @@ _files: Dict[str, Tuple[object, dict, Path]] = {}  # device name -> (registry it
 _memo: Dict[tuple, Tuple[object, str]] = {}  # exact call signature -> (registry, winner name)
 
 
-def _registry_now():
-    from panther.backends import registry
+_registry_module = None
 
-    return registry._registry
+
+def _registry_now():
+    """The registry's table of backends as discovered now (a new object after each discovery)."""
+    global _registry_module
+    if _registry_module is None:
+        from panther.backends import registry  # registry imports this module
+
+        _registry_module = registry
+    return _registry_module._registry
 
 
 def _file_state(name: str) -> Tuple[dict, Path]:
@@ -531,15 +537,26 @@ def clear_dispatch_cache(*, disk: bool = True) -> List[Path]:
 
 
 def _exact_signature(op: str, args: tuple, kwargs: dict):
-    """Everything that makes one call's choice: exact shapes, dtypes, devices, gradients, autocast, TF32."""
-    sig = [op, torch.is_grad_enabled(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]
+    """What decides one call's choice: shapes, which inputs need gradients, dtype and device (of the first
+    tensor: backends refuse mixed ones), autocast, float32 math. A hit is still checked by the backend
+    (:func:`remembered`), so this only has to tell preferences apart; it is on the path of every call
+    that a measurement decided, hence cheap reads only.
+    """
+    sig = [op, torch.is_grad_enabled()]
+    first = None
     for a in (*args, *kwargs.values()):
         if isinstance(a, torch.Tensor):
-            sig.append((a.shape, a.dtype, a.device, a.requires_grad))
-            if len(sig) == 5 and torch.is_autocast_enabled(a.device.type):
-                sig.append(torch.get_autocast_dtype(a.device.type))
+            sig.append((a.shape, a.requires_grad))
+            if first is None:
+                first = a
+                sig.append((a.dtype, a.device))
         else:
             sig.append(a)
+    if first is not None:
+        if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(first.device.type):
+            sig.append(torch.get_autocast_dtype(first.device.type))
+        if first.dtype == torch.float32:
+            sig.append(_float32_math())
     return tuple(sig)
 
 
@@ -560,7 +577,7 @@ def remembered(op: str, args: tuple, kwargs: dict) -> Optional[Backend]:
         return None
     if hit is None or hit[0] is not _registry_now():
         return None
-    info = _registry_now().get(hit[1])
+    info = hit[0].get(hit[1])
     be = info.backend if info is not None else None
     if be is None or be.reasons_cannot_run(op, *args, **kwargs):
         return None
