@@ -503,6 +503,9 @@ def _file_state(name: str) -> Tuple[dict, Path]:
     if state is not None and state[0] is _registry_now():
         return state[1], state[2]
     with _lock:
+        if state is not None:  # backends discovered again (a plugin installed): versions may differ
+            for stale in [k for k in _table if k[0] == name]:
+                del _table[stale]
         fp = fingerprint(name)
         path = _file_for(fp)
         disk_fp, entries = read_file(path)
