@@ -426,6 +426,14 @@ def test_clear_dispatch_cache_empties_memory_and_disk(monkeypatch, tmp_path):
     assert len(m.timed) == 2
 
 
+def test_driver_version_is_read_from_either_kernel_module():
+    open_module = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  Release Build  (nixbld@)\n"
+    closed = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024\n"
+    assert autotune.nvidia_driver_version(open_module) == "580.159.04"
+    assert autotune.nvidia_driver_version(closed) == "550.54.15"
+    assert autotune.nvidia_driver_version("") is None
+
+
 def test_cache_directory_follows_the_environment(monkeypatch, tmp_path):
     assert autotune.cache_dir() == tmp_path / "cache"
     monkeypatch.delenv("PANTHER_CACHE_DIR")

@@ -342,15 +342,20 @@ def device_name(device: torch.device) -> str:
     return name
 
 
+def nvidia_driver_version(text: str) -> Optional[str]:
+    """The version in /proc/driver/nvidia/version (proprietary or open kernel module), else None."""
+    found = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9]+(?:\.[0-9]+)+)", text)
+    return found.group(1) if found else None
+
+
 def _driver_version(device_name_: str) -> Optional[str]:
     """The NVIDIA driver's version (Linux), else the CUDA driver API's version, else None."""
     if device_name_.startswith(("cpu", "meta")):
         return None
     try:
-        text = Path("/proc/driver/nvidia/version").read_text()
-        found = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9][0-9.]*)", text)
+        found = nvidia_driver_version(Path("/proc/driver/nvidia/version").read_text())
         if found:
-            return found.group(1)
+            return found
     except OSError:
         pass
     try:
