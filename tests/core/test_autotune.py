@@ -166,7 +166,8 @@ def test_inputs_needing_gradients_and_grad_mode_are_part_of_the_key(monkeypatch)
     x[0].requires_grad_(False)  # the first layer's input: another key
     chosen(*x)
     keys = sorted(k for _, k in autotune._table)
-    assert len(m.timed) == 3 and [k.split(" grad=")[1].split()[0] for k in keys] == ["S1s,S2s,bias", "none", "x,S1s,S2s,bias"]
+    assert len(m.timed) == 3
+    assert [k.split(" grad=")[1].split()[0] for k in keys] == ["S1s,S2s,bias", "none", "x,S1s,S2s,bias"]
 
 
 def test_keys_of_conv_and_attention_bucket_the_sizes_and_keep_the_rest():
@@ -347,7 +348,9 @@ def test_the_report_marks_the_current_file(monkeypatch):
     world(monkeypatch, *slow_and_fast())
     chosen(*linear_inputs())
     report = autotune.cache_report()
-    assert ": current" in report and "-> fast (fixed bid: slow)" in report
+    assert "(measuring on)" in report and ": current" in report and "-> fast (fixed bid: slow)" in report
+    monkeypatch.setenv("PANTHER_AUTOTUNE", "maybe")
+    assert "(measuring error: the environment variable PANTHER_AUTOTUNE must be" in autotune.cache_report()
 
 
 def test_a_version_change_invalidates_the_cache(monkeypatch, tmp_path):
@@ -445,6 +448,14 @@ def test_cache_directory_follows_the_environment(monkeypatch, tmp_path):
 
 
 # --- threads, results, inputs, random generators ---------------------------------------------------
+
+
+def test_inference_mode_measures_the_forward(monkeypatch):
+    m = world(monkeypatch, *slow_and_fast())
+    x = linear_inputs(grad=True)
+    with torch.inference_mode():
+        assert chosen(*x) == "fast"
+    assert len(m.timed) == 1 and "grad=none" in next(iter(autotune._table))[1]
 
 
 def test_threads_calling_at_once_measure_once(monkeypatch):

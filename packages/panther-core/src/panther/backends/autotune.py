@@ -426,8 +426,8 @@ class Entry:
     def from_json(cls, d) -> Optional["Entry"]:
         try:
             times = {str(k): float(v) for k, v in d["times_ms"].items()}
-            entry = cls(str(d["winner"]), times, str(d["fixed"]), {str(k): str(v) for k, v in d.get("errors", {}).items()},
-                        str(d.get("shapes", "")), str(d.get("utc", "")))
+            errors = {str(k): str(v) for k, v in d.get("errors", {}).items()}
+            entry = cls(str(d["winner"]), times, str(d["fixed"]), errors, str(d.get("shapes", "")), str(d.get("utc", "")))
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
         return entry if entry.winner in times else None
@@ -680,9 +680,9 @@ def _measured_choice(op, accepted, fixed, candidates, device, args, kwargs) -> T
     return fixed, entry is not None
 
 
-def _copy(a):
+def _copy(a, grad: bool):
     if isinstance(a, torch.Tensor):
-        return a.detach().clone().requires_grad_(a.requires_grad)
+        return a.detach().clone().requires_grad_(grad and a.requires_grad)
     return a
 
 
@@ -717,8 +717,8 @@ def _measure(op, accepted, fixed, device, args, kwargs) -> Entry:
     shapes = " ".join(f"{tuple(a.shape)}" for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
-        c_args = tuple(_copy(a) for a in args)
-        c_kwargs = {k: _copy(v) for k, v in kwargs.items()}
+        c_args = tuple(_copy(a, grad) for a in args)
+        c_kwargs = {k: _copy(v, grad) for k, v in kwargs.items()}
         runs = {be.name: _make_run(be, op, c_args, c_kwargs, grad) for be, _ in accepted}
         got = measurer.time(runs, device)
         del runs, c_args, c_kwargs
@@ -741,7 +741,11 @@ def cache_report() -> str:
     winner and the measured times."""
     folder = cache_dir()
     files = sorted(folder.glob(f"{_FILE_PREFIX}*.json")) if folder.is_dir() else []
-    lines = [f"dispatch cache: {folder} (measuring {'on' if autotune_enabled() else 'off'}, {ENV_VAR})"]
+    try:
+        state = "on" if autotune_enabled() else "off"
+    except ValueError as exc:
+        state = f"error: {exc}"
+    lines = [f"dispatch cache: {folder} (measuring {state})"]
     if not files:
         lines.append("  no measurements cached")
     for path in files:
