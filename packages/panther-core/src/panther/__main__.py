@@ -45,9 +45,16 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="list the backends found and whether they can run here")
     p_info.add_argument("-v", "--verbose", action="store_true", help="print tracebacks of plugins that failed")
+    p_info.add_argument("--dispatch", action="store_true",
+                        help="also print auto dispatch's cached measurements (key -> fastest backend, times)")
     args = parser.parse_args(argv)
     if args.command == "info":
-        return info(args.verbose)
+        status = info(args.verbose)
+        if args.dispatch:
+            from panther.backends.autotune import cache_report
+
+            print("\n" + cache_report())
+        return status
     return 2
 
 

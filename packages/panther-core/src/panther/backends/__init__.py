@@ -23,3 +23,8 @@ __all__ = [
     "BackendInfo", "available_backends", "backend_infos", "dispatch", "get_backend", "load_backend",
     "refresh", "select", "set_backend", "use_backend",
 ]
+
+# Measured auto dispatch (see panther.backends.autotune).
+from panther.backends.autotune import autotune_enabled, clear_dispatch_cache, set_autotune, use_autotune  # noqa: E402
+
+__all__ += ["autotune_enabled", "clear_dispatch_cache", "set_autotune", "use_autotune"]

@@ -24,6 +24,7 @@ from typing import Dict, Iterator, List, Optional
 
 import torch
 
+from panther.backends import autotune
 from panther.backends.base import Backend
 
 ENTRY_POINT_GROUP = "panther.backends"
@@ -256,13 +257,21 @@ def select(op: str, *args, backend: Optional[str] = None, **kwargs) -> Backend:
         if reasons:
             raise BackendError(f"Panther backend {name!r} ({source}) cannot run {op} on these inputs: {'; '.join(reasons)}.")
         return be
-    # Backends in descending static priority; each one that accepts the inputs bids its auto_priority for
-    # them (at most its static priority), so the walk stops at the first backend whose static priority
-    # cannot beat the best bid so far. Ties go to the earlier (higher static priority, then name).
-    # The static priorities are those read once per discovery (the ranking's).
-    rejected, best, best_bid = [], None, None
-    for info, priority in _rank()[2]:
-        if best is not None and priority <= best_bid:
+    # Where measuring applies (autotune.wanted: a GPU call, measuring on), every backend that accepts the
+    # inputs competes and autotune.choose picks the measured (or cached) fastest.
+    # Elsewhere, backends in descending static priority; each one that accepts the inputs bids its
+    # auto_priority for them (at most its static priority), so the walk stops at the first backend whose
+    # static priority cannot beat the best bid so far. Ties go to the earlier (higher static priority,
+    # then name). The static priorities are those read once per discovery (the ranking's).
+    ranking = _rank()[2]
+    tuning = autotune.wanted(op, args, kwargs)
+    if tuning:
+        known = autotune.remembered(op, args, kwargs)
+        if known is not None:
+            return known
+    rejected, accepted, best, best_bid = [], [], None, None
+    for info, priority in ranking:
+        if not tuning and best is not None and priority <= best_bid:
             break
         unavailable = info.unavailable_reason
         if unavailable is not None:
@@ -274,10 +283,13 @@ def select(op: str, *args, backend: Optional[str] = None, **kwargs) -> Backend:
             rejected.append(f"{info.name}: {'; '.join(reasons)}")
             continue
         bid = be.auto_priority(op, *args, **kwargs)
-        if bid >= priority:
+        if not tuning and bid >= priority:
             return be  # nothing ranked below can bid more
+        accepted.append((be, bid))
         if best is None or bid > best_bid:
             best, best_bid = be, bid
+    if tuning and accepted:
+        return autotune.choose(op, accepted, args, kwargs)
     if best is not None:
         return best
     raise BackendError(f"No Panther backend can run {op} on these inputs. " + " | ".join(rejected))

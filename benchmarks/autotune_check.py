@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""How close ``auto`` dispatch comes to the fastest backend, case by case.
+
+    python benchmarks/autotune_check.py --preset {cpu,gpu,gpu-quick} [--out DIR] [--filter REGEX ...] [--modes bf16]
+
+For every case and dtype mode of a preset (benchmarks/harness/cases.py), forward and forward+backward:
+auto's first call (it measures the competing backends on GPU: wall time of that one call, after clearing
+what auto had measured, with the cache in a fresh folder), then auto's steady state against each Panther
+backend forced, timed interleaved by the harness's clock (harness/timing.py, as run.py does), and auto's
+time relative to the fastest backend's. On CPU auto never measures (a single candidate there); the
+script runs anyway. Writes <out>/<YYYY-MM-DD>_<device>_<commit>_autotune.json with the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import panther  # noqa: E402
+from panther.backends import BackendError, autotune, registry  # noqa: E402
+
+from harness.cases import PASSES, PRESETS  # noqa: E402
+from harness.modes import MODES, set_tf32  # noqa: E402
+from harness.report import environment, result_stem, write_json  # noqa: E402
+from harness.timing import Clock  # noqa: E402
+from run import describe, make_call, pick_backends, release  # noqa: E402
+
+LIMIT = 1.03  # the target: auto within 3 % of the fastest backend
+
+
+@contextlib.contextmanager
+def record_selection(names):
+    """Append the name of every backend registry.select returns (dispatch looks select up at each call)."""
+    real = registry.select
+
+    def spy(*args, **kwargs):
+        be = real(*args, **kwargs)
+        names.append(be.name)
+        return be
+
+    registry.select = spy
+    try:
+        yield
+    finally:
+        registry.select = real
+
+
+def first_call(clock, call, before):
+    """Wall milliseconds of one call from an idle device, and the backend auto ran it on."""
+    names = []
+    if before:
+        before()
+    clock.sync()
+    with record_selection(names):
+        t0 = time.perf_counter()
+        call()
+        clock.sync()
+        ms = (time.perf_counter() - t0) * 1e3
+    return ms, names[-1] if names else None
+
+
+def check_case(case, mode, clock, preset, backends):
+    dtype, tf32 = MODES[mode]
+    if clock.cuda:
+        set_tf32(tf32)
+    inputs = case.build(clock.device, dtype)
+    leaves = [t for t in inputs.values() if t.requires_grad]
+
+    def reset_grads():
+        for t in leaves:
+            t.grad = None
+
+    impls = {n: i for n, i in case.impls(backends).items() if i.kind == "backend"}
+    args = [inputs[a] for a in case.sketch_args]
+    auto_fn = case.backend_fn(None)  # backend=None: the selection in force, set to auto in main()
+    records = []
+    for pass_ in PASSES:
+        before = reset_grads if pass_ != "fwd" else None
+        rec = {"op": case.op, "label": case.label, "params": case.params, "mode": mode,
+               "dtype": str(dtype).replace("torch.", ""), "tf32": tf32, "pass": pass_, "backends_ms": {}}
+        records.append(rec)
+        calls = {name: make_call(impl.fn, args, pass_, inputs["g"]) for name, impl in impls.items()}
+        auto_call = make_call(auto_fn, args, pass_, inputs["g"])
+        known = set(autotune._table)
+        try:
+            rec["auto_first_call_ms"], rec["auto_backend"] = first_call(clock, auto_call, before)
+        except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+            rec["error"] = describe(exc)
+            release(clock)
+            continue
+        rec["measurements"] = [
+            {"key": key, "winner": e.winner, "fixed": e.fixed, "times_ms": e.times_ms, "errors": e.errors}
+            for (dev, key), e in autotune._table.items() if (dev, key) not in known
+        ]
+        todo = {name: (fn, before) for name, fn in calls.items()}
+        todo["auto"] = (auto_call, before)
+        got = clock.measure(todo, preset.budget)
+        for name, res in got.items():
+            if isinstance(res, BackendError):
+                rec.setdefault("skipped", {})[name] = describe(res)
+            elif isinstance(res, Exception):
+                rec.setdefault("errors", {})[name] = describe(res)
+            elif name == "auto":
+                rec["auto_ms"] = res["median_ms"]
+                rec["auto"] = res
+            else:
+                rec["backends_ms"][name] = res["median_ms"]
+                rec.setdefault("backends", {})[name] = res
+        if rec.get("auto_ms") and rec["backends_ms"]:
+            fastest = min(rec["backends_ms"], key=rec["backends_ms"].get)
+            rec["fastest"] = fastest
+            rec["auto_over_fastest"] = rec["auto_ms"] / rec["backends_ms"][fastest]
+            rec["first_call_over_fastest"] = rec["auto_first_call_ms"] / rec["backends_ms"][fastest]
+        release(clock)
+    del inputs, leaves
+    release(clock)
+    return records
+
+
+def row(r) -> str:
+    if "error" in r:
+        return f"{r['op']:<16} {r['label']:<44} {r['mode']:<5} {r['pass']:<7} error: {r['error']}"
+    backends = " ".join(f"{n} {t:.4f}" for n, t in sorted(r["backends_ms"].items()))
+    ratio = r.get("auto_over_fastest")
+    flag = "" if ratio is None or ratio <= LIMIT else "  OVER"
+    return (f"{r['op']:<16} {r['label']:<44} {r['mode']:<5} {r['pass']:<7} auto->{r['auto_backend'] or '?':<7} "
+            f"first {r['auto_first_call_ms']:9.2f} ms  auto {r.get('auto_ms', float('nan')):.4f} ms  "
+            f"{backends}  ratio {'-' if ratio is None else f'{ratio:.3f}'}{flag}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--filter", action="append", default=[],
+                        help="keep cases where this regular expression matches 'op label tag' (repeatable)")
+    parser.add_argument("--modes", default="", help="comma-separated dtype modes to keep (fp32, tf32, bf16)")
+    parser.add_argument("--backends", default="", help="comma-separated backends to force (default: Panther's own)")
+    parser.add_argument("--max-minutes", type=float, default=None, help="start no case after this")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    started = time.time()
+    preset = PRESETS[args.preset]
+    device = torch.device(preset.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"preset {args.preset!r} needs a CUDA device and torch sees none")
+    torch.manual_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    modes = [m for m in preset.modes if not args.modes or m in args.modes.split(",")]
+    cases = [c for c in preset.cases
+             if not args.filter or any(re.search(f, f"{c.op} {c.label} {c.tag}") for f in args.filter)]
+
+    # auto must be what runs, measuring on, starting from nothing: a fresh cache folder, memory cleared
+    cache = tempfile.mkdtemp(prefix="panther-autotune-check-")
+    os.environ[autotune.CACHE_ENV_VAR] = cache
+    panther.set_backend("auto")
+    autotune.set_autotune(True)
+    autotune.clear_dispatch_cache(disk=False)
+
+    env = environment(device)
+    backends, not_timed = pick_backends(device, [b for b in args.backends.split(",") if b])
+    stem = args.out / f"{result_stem(env, device)}_autotune"
+    n = 1
+    while stem.with_suffix(".json").exists():
+        n += 1
+        stem = args.out / f"{result_stem(env, device)}_autotune_{n}"
+    json_path = stem.with_suffix(".json")
+    print(f"panther {panther.__version__} | torch {env['torch']} | triton {env['triton']} | {env['device']} | "
+          f"commit {env['commit']}{' (dirty)' if env['dirty'] else ''} | preset {args.preset}")
+    print(f"backends forced: {', '.join(backends)}; not timed here: {not_timed or 'none'}; cache {cache}")
+    clock = Clock(device)
+    doc = {
+        "schema": 1, "kind": "autotune_check", "preset": args.preset, "argv": sys.argv, "seed": args.seed,
+        "started_utc": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(),
+        "environment": env, "backends_forced": backends, "backends_not_timed": not_timed,
+        "settings": {"modes": modes, "filter": args.filter, "limit": LIMIT,
+                     "measurer": {k: getattr(autotune.measurer, k)
+                                  for k in ("warmup_calls", "min_reps", "max_reps", "budget_s")},
+                     "timing": "first call: wall time of one call from an idle device (auto measures there); "
+                               "steady state: the harness's Clock.measure, auto and each backend interleaved"},
+        "results": [], "skipped_cases": [],
+    }
+    for case in cases:
+        for mode in modes:
+            if args.max_minutes is not None and time.time() - started > 60 * args.max_minutes:
+                doc["skipped_cases"].append({"case": case.label, "op": case.op, "mode": mode, "reason": "deadline"})
+                continue
+            for r in check_case(case, mode, clock, preset, backends):
+                print(row(r), flush=True)
+                doc["results"].append(r)
+            write_json(json_path, doc)
+    ratios = [r["auto_over_fastest"] for r in doc["results"] if "auto_over_fastest" in r]
+    doc["summary"] = {
+        "cases": len(doc["results"]), "compared": len(ratios), "worst_ratio": max(ratios, default=None),
+        "over_limit": [f"{r['op']} {r['label']} {r['mode']} {r['pass']}" for r in doc["results"]
+                       if r.get("auto_over_fastest", 0) > LIMIT],
+        "errors": [f"{r['op']} {r['label']} {r['mode']} {r['pass']}" for r in doc["results"] if "error" in r],
+        "dispatch_cache": autotune.cache_report(),
+    }
+    doc["duration_s"] = time.time() - started
+    write_json(json_path, doc)
+    shutil.rmtree(cache, ignore_errors=True)
+    s = doc["summary"]
+    print(f"\nauto within {LIMIT - 1:.0%} of the fastest backend at {s['compared'] - len(s['over_limit'])} of "
+          f"{s['compared']} comparisons (worst ratio {s['worst_ratio']}); over: {s['over_limit'] or 'none'}")
+    print(f"wrote {json_path}; took {doc['duration_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

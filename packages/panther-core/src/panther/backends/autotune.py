@@ -1,0 +1,765 @@
+"""``auto`` dispatch by measurement: which backend is fastest for a call, measured once and remembered.
+
+When two or more available backends accept a call on a GPU, ``auto`` times each of them on the first call
+with a given *key*, keeps the fastest, and remembers it in memory and on disk, so that later calls and
+later processes start with the answer. Everywhere else ``auto`` keeps the fixed bids
+(:meth:`~panther.backends.base.Backend.auto_priority`).
+
+Key: the op, the device's name, the dtype, the shapes bucketed to powers of two where they vary from call
+to call and exact where they define the kernel, and the state that changes which backend is fastest:
+
+* ``sketched_linear``: rows (all leading dims of x) and in/out features as powers of two, L and k exact,
+  whether there is a bias;
+* ``sketched_conv2d``: batch, channels in/out, height and width as powers of two; kernel size, stride,
+  padding, dilation, 2L and k exact; bias;
+* ``rfa_attention``: B·H, T and S as powers of two; head dims, feature count m, causal, kernel, whether a
+  key padding mask is given;
+* for every op: which inputs need gradients (grad mode on and ``requires_grad``), the autocast dtype
+  when autocast is on, TF32 for float32 matrix products and convolutions, and the competing backends.
+
+Measurement: on copies of the call's inputs (the caller's tensors and the random number generators are
+untouched), each candidate runs a few times to warm up (compilation, autotuning of kernels), then is timed
+with CUDA events, each timed call starting from an idle device, the candidates interleaved; forward under
+``no_grad``, or forward and backward when gradients are needed. The median decides. A candidate that fails
+is left out (the failure is recorded); if all fail, the fixed bid decides. Results never change: the
+call itself then runs on the chosen backend as any call would.
+
+Never measured (the cached choice, else the fixed bid, is used): calls without a CUDA tensor, calls that
+only one backend accepts, calls under ``torch.compile`` tracing (the choice is baked into the compiled
+code, without a graph break; symbolic sizes add guards on their power-of-two bucket), under other tracing
+(``torch.jit.trace``, ``make_fx``, fake tensors, any ``TorchDispatchMode``) and during CUDA-graph
+capture. Measuring is serialised by one lock: threads never time the same key twice, nor two keys at once
+(concurrent timings on one device would distort each other).
+
+Switch: the environment variable ``PANTHER_AUTOTUNE=0`` turns measuring off (fixed bids, as before
+measurement existed); :func:`set_autotune` (process default) and :func:`use_autotune` (context-local)
+override it, most specific first, as :func:`~panther.backends.registry.set_backend` does.
+
+Disk cache: one JSON file per device and software fingerprint (device name, driver version, torch and
+CUDA versions, the version of every backend and of each installed package its distribution requires), in
+``$PANTHER_CACHE_DIR``, else ``$XDG_CACHE_HOME/panther``, else ``~/.cache/panther``; any version change
+opens a new file. Writes are atomic (a temporary file, then ``os.replace``); an unreadable or corrupt file
+is ignored (and rewritten by the next measurement); an unwritable directory keeps measurements in memory,
+with one warning. ``python -m panther info --dispatch`` prints the cache; :func:`clear_dispatch_cache`
+empties it.
+
+Seam for tests: :data:`measurer` (a :class:`Measurer`) decides which calls count as GPU calls and times
+the candidates; replace it to drive the mechanism with CPU tensors and a fake clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import platform
+import re
+import statistics
+import tempfile
+import threading
+import time
+import warnings
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from panther.backends.base import Backend
+
+ENV_VAR = "PANTHER_AUTOTUNE"
+CACHE_ENV_VAR = "PANTHER_CACHE_DIR"
+FORMAT = 1  # of the cache files; a change opens new files
+_FILE_PREFIX = "dispatch-"
+_MEMO_LIMIT = 4096  # exact call signatures remembered before the memo starts over
+
+# Names of each op's positional arguments (base.OPS), to name the inputs that need gradients in keys.
+ARG_NAMES = {
+    "sketched_linear": ("x", "S1s", "S2s", "U1s", "U2s", "bias"),
+    "sketched_conv2d": ("x", "S1s", "U1s", "bias", "stride", "padding", "dilation"),
+    "rfa_attention": ("q", "k", "v", "omega", "causal", "kernel", "key_padding_mask"),
+}
+
+
+def _constant_under_compile(fn):
+    """Mark ``fn`` as torch.compiler.assume_constant_result does, without importing torch._dynamo here.
+
+    torch.compile then calls it while tracing, with constant arguments, and bakes its result into the
+    compiled code; importing torch._dynamo costs seconds, and ``import panther`` must stay cheap.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+# --- the switch -------------------------------------------------------------------------------------
+
+_default: Optional[bool] = None  # set_autotune()
+_context: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("panther_autotune", default=None)
+_ENV_VALUES = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}
+
+
+def _check_flag(enabled) -> bool:
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    return enabled
+
+
+def set_autotune(enabled: Optional[bool]) -> None:
+    """Turn measuring in ``auto`` dispatch on or off for the process; ``None`` gives ``PANTHER_AUTOTUNE`` back.
+
+    Off, ``auto`` takes the highest fixed bid (:meth:`~panther.backends.base.Backend.auto_priority`).
+    Code compiled by ``torch.compile`` keeps the choice made when it was traced.
+    """
+    global _default
+    _default = None if enabled is None else _check_flag(enabled)
+
+
+@contextlib.contextmanager
+def use_autotune(enabled: bool) -> Iterator[None]:
+    """Context manager turning measuring on or off for the current thread / asyncio context only."""
+    token = _context.set(_check_flag(enabled))
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+def autotune_enabled() -> bool:
+    """Whether ``auto`` dispatch measures: :func:`use_autotune`, else :func:`set_autotune`, else the
+    environment variable ``PANTHER_AUTOTUNE`` (``0``/``false``/``off``/``no`` turn it off), else on."""
+    flag = _context.get()
+    if flag is not None:
+        return flag
+    if _default is not None:
+        return _default
+    env = os.environ.get(ENV_VAR)
+    if not env:
+        return True
+    value = _ENV_VALUES.get(env.strip().lower())
+    if value is None:
+        raise ValueError(
+            f"the environment variable {ENV_VAR} must be 1 or 0 (or true/false, on/off, yes/no), got {env!r}"
+        )
+    return value
+
+
+# --- the seam: which calls are measured, and how ----------------------------------------------------
+
+
+class Measurer:
+    """Decides which calls are GPU calls and times the candidates of one; :data:`measurer` is the one used.
+
+    ``time`` gets one callable per candidate (each runs the op on copies of the inputs, forward or forward
+    and backward) and returns each candidate's median milliseconds, or the exception it raised.
+    """
+
+    warmup_calls = 2  # untimed calls first: compilation and the kernels' own autotuning stay out
+    min_reps = 5
+    max_reps = 25
+    budget_s = 0.01  # timed calls per candidate: about this long, within [min_reps, max_reps]
+
+    def is_gpu_call(self, args: tuple, kwargs: dict) -> bool:
+        """Whether any tensor of the call is on a CUDA device."""
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor) and a.device.type == "cuda":
+                return True
+        return False
+
+    def time(self, runs: Dict[str, Callable[[], object]], device: torch.device) -> Dict[str, Union[float, Exception]]:
+        """CUDA events around each call, after a device synchronisation; calls interleaved across candidates."""
+        results: Dict[str, Union[float, Exception]] = {}
+        reps: Dict[str, int] = {}
+        with torch.cuda.device(device):
+            for name, run in runs.items():
+                try:
+                    fastest = float("inf")
+                    for _ in range(self.warmup_calls):
+                        t0 = time.perf_counter()
+                        run()
+                        torch.cuda.synchronize()
+                        fastest = min(fastest, time.perf_counter() - t0)
+                except Exception as exc:  # noqa: BLE001 - a failing candidate is left out, the others go on
+                    results[name] = exc
+                    continue
+                reps[name] = max(self.min_reps, min(self.max_reps, int(self.budget_s / max(fastest, 1e-6))))
+            events: Dict[str, list] = {name: [] for name in reps}
+            for i in range(max(reps.values(), default=0)):
+                for name in reps:
+                    if i >= reps[name] or name in results:
+                        continue
+                    torch.cuda.synchronize()  # each call from an idle device: its host-side time counts
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    try:
+                        start.record()
+                        runs[name]()
+                        end.record()
+                    except Exception as exc:  # noqa: BLE001
+                        results[name] = exc
+                        continue
+                    events[name].append((start, end))
+            torch.cuda.synchronize()
+        for name, ev in events.items():
+            if name not in results:
+                results[name] = statistics.median(s.elapsed_time(e) for s, e in ev)
+        return results
+
+
+measurer = Measurer()
+
+
+# --- keys -------------------------------------------------------------------------------------------
+
+
+def _pow2(n) -> int:
+    """The smallest power of two >= n (0 for 0). A loop of comparisons, so that under torch.compile a
+    symbolic size gets guards on its bucket instead of a graph break."""
+    if n <= 0:
+        return 0
+    b = 1
+    while b < n:
+        b *= 2
+    return b
+
+
+def _exact(n) -> int:
+    """n as a plain int, by comparisons: under torch.compile a symbolic size is specialised (guarded)."""
+    v, bit = 0, 1 << 48
+    while bit:
+        if n >= v + bit:
+            v += bit
+        bit >>= 1
+    return v
+
+
+def _dims(t: torch.Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+def _linear_fields(x, S1s, S2s, U1s, U2s, bias=None):
+    rows = 1
+    for d in _dims(x)[:-1]:
+        rows = rows * d
+    L, I, k = _dims(S1s)
+    return (("rows", _pow2(rows)), ("in", _pow2(I)), ("out", _pow2(S2s.shape[-1])), ("L", _exact(L)),
+            ("k", _exact(k)), ("bias", bias is not None))
+
+
+def _conv_fields(x, S1s, U1s, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
+    N, C, H, W = _dims(x)
+    terms, k, _, kh, kw = _dims(S1s)
+    return (("N", _pow2(N)), ("in", _pow2(C)), ("out", _pow2(U1s.shape[-1])), ("H", _pow2(H)), ("W", _pow2(W)),
+            ("kernel", (_exact(kh), _exact(kw))), ("stride", tuple(stride)), ("padding", tuple(padding)),
+            ("dilation", tuple(dilation)), ("terms", _exact(terms)), ("k", _exact(k)), ("bias", bias is not None))
+
+
+def _attention_fields(q, k, v, omega, causal=False, kernel="softmax", key_padding_mask=None):
+    B, H, T, D = _dims(q)
+    return (("BH", _pow2(B * H)), ("T", _pow2(T)), ("S", _pow2(k.shape[2])), ("D", _exact(D)),
+            ("Dv", _exact(v.shape[-1])), ("m", _exact(omega.shape[-2])), ("omega_per_head", omega.dim() == 3),
+            ("causal", bool(causal)), ("kernel", kernel), ("masked", key_padding_mask is not None))
+
+
+def _generic_fields(*args):
+    fields = []
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            fields.append((f"arg{i}", tuple(_pow2(d) for d in _dims(a))))
+        elif a is None or isinstance(a, (bool, int, float, str)):
+            fields.append((f"arg{i}", a))
+        elif isinstance(a, tuple) and all(isinstance(e, (bool, int, float, str)) for e in a):
+            fields.append((f"arg{i}", a))
+        else:
+            fields.append((f"arg{i}", type(a).__name__))
+    return tuple(fields)
+
+
+_FIELDS = {"sketched_linear": _linear_fields, "sketched_conv2d": _conv_fields, "rfa_attention": _attention_fields}
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a
+    return None
+
+
+def call_fields(op: str, args: tuple, kwargs: dict) -> tuple:
+    """The part of a call's key read from its inputs, as ((name, value), ...); traceable by torch.compile."""
+    build = _FIELDS.get(op)
+    fields = build(*args, **kwargs) if build is not None else _generic_fields(*args, *kwargs.values())
+    first = _first_tensor(args, kwargs)
+    dtype = str(first.dtype).replace("torch.", "") if first is not None else "none"
+    grads = "none"
+    if torch.is_grad_enabled():
+        names = ARG_NAMES.get(op, ())
+        for i, a in enumerate((*args, *kwargs.values())):
+            if isinstance(a, torch.Tensor) and a.requires_grad:
+                name = names[i] if i < len(names) else f"arg{i}"
+                grads = name if grads == "none" else grads + "," + name
+    autocast = None
+    if first is not None and torch.is_autocast_enabled(first.device.type):
+        autocast = str(torch.get_autocast_dtype(first.device.type)).replace("torch.", "")
+    return (("dtype", dtype),) + fields + (("grad", grads), ("autocast", autocast))
+
+
+def _float32_math() -> str:
+    """How float32 matrix products and convolutions compute (TF32 or not): part of float32 keys."""
+    return f"{torch.get_float32_matmul_precision()},cudnn-tf32={'on' if torch.backends.cudnn.allow_tf32 else 'off'}"
+
+
+def _show(value) -> str:
+    if isinstance(value, tuple):
+        return "x".join(map(str, value)) if value else "-"
+    return str(value)
+
+
+def key_string(op: str, candidates: Sequence[str], fields: tuple) -> str:
+    """The key as stored and printed: op, competing backends, the fields, and for float32 the matmul
+    precision and cuDNN's TF32 (the device is the file's)."""
+    parts = [f"{name}={_show(value)}" for name, value in fields if value is not None]
+    if dict(fields).get("dtype") == "float32":
+        parts.append(f"fp32-matmul={_float32_math()}")
+    return f"{op}[{','.join(candidates)}] " + " ".join(parts)
+
+
+# --- device, fingerprint and files ------------------------------------------------------------------
+
+_device_names: Dict[torch.device, str] = {}
+
+
+def device_name(device: torch.device) -> str:
+    name = _device_names.get(device)
+    if name is None:
+        if device.type == "cuda":
+            name = torch.cuda.get_device_name(device)
+        else:
+            name = f"{device.type} {platform.machine()}"
+        _device_names[device] = name
+    return name
+
+
+def nvidia_driver_version(text: str) -> Optional[str]:
+    """The version in /proc/driver/nvidia/version (proprietary or open kernel module), else None."""
+    found = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9]+(?:\.[0-9]+)+)", text)
+    return found.group(1) if found else None
+
+
+def _driver_version(device_name_: str) -> Optional[str]:
+    """The NVIDIA driver's version (Linux), else the CUDA driver API's version, else None."""
+    if device_name_.startswith(("cpu", "meta")):
+        return None
+    try:
+        found = nvidia_driver_version(Path("/proc/driver/nvidia/version").read_text())
+        if found:
+            return found
+    except OSError:
+        pass
+    try:
+        import ctypes
+
+        version = ctypes.c_int()
+        if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version)) == 0:
+            return f"cuda-driver-api {version.value}"
+    except (OSError, AttributeError):
+        pass
+    return None
+
+
+def _requirement_names(dist: Optional[str]) -> List[str]:
+    if not dist:
+        return []
+    try:
+        reqs = metadata.requires(dist) or []
+    except metadata.PackageNotFoundError:
+        return []
+    return [m.group(0) for m in (re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", r) for r in reqs) if m]
+
+
+def fingerprint(device_name_: str) -> dict:
+    """What a cache file is valid for: device, driver, torch, and every backend with what it requires."""
+    from panther.backends import registry  # registry imports this module
+
+    versions = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "torch_hip": torch.version.hip}
+    backends = {}
+    for info in registry.backend_infos():
+        backends[info.name] = info.version
+        for dep in _requirement_names(info.distribution):
+            try:
+                versions[dep.lower()] = metadata.version(dep)
+            except metadata.PackageNotFoundError:
+                pass  # an optional requirement that is not installed
+    return {"format": FORMAT, "device": device_name_, "driver": _driver_version(device_name_),
+            "versions": dict(sorted(versions.items())), "backends": dict(sorted(backends.items()))}
+
+
+def cache_dir() -> Path:
+    """``$PANTHER_CACHE_DIR``, else ``$XDG_CACHE_HOME/panther``, else ``~/.cache/panther``."""
+    if os.environ.get(CACHE_ENV_VAR):
+        return Path(os.environ[CACHE_ENV_VAR]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "panther"
+    return Path.home() / ".cache" / "panther"
+
+
+def _file_for(fp: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+    slug = re.sub(r"[^a-z0-9]+", "-", fp["device"].lower()).strip("-")
+    return cache_dir() / f"{_FILE_PREFIX}{slug}-{digest}.json"
+
+
+@dataclasses.dataclass
+class Entry:
+    """The outcome of one measurement."""
+
+    winner: str
+    times_ms: Dict[str, float]  # median per candidate that ran
+    fixed: str  # what the fixed bids would have chosen
+    errors: Dict[str, str] = dataclasses.field(default_factory=dict)  # candidates that failed
+    shapes: str = ""  # the call it was measured on
+    utc: str = ""
+
+    @classmethod
+    def from_json(cls, d) -> Optional["Entry"]:
+        try:
+            times = {str(k): float(v) for k, v in d["times_ms"].items()}
+            errors = {str(k): str(v) for k, v in d.get("errors", {}).items()}
+            entry = cls(str(d["winner"]), times, str(d["fixed"]), errors, str(d.get("shapes", "")), str(d.get("utc", "")))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+        return entry if entry.winner in times else None
+
+
+def read_file(path: Path) -> Tuple[Optional[dict], Dict[str, Entry]]:
+    """(fingerprint, entries) of a cache file; (None, {}) when it is missing, unreadable or corrupt."""
+    try:
+        doc = json.loads(path.read_text())
+        fp, raw = doc["fingerprint"], doc["entries"]
+        if not isinstance(fp, dict) or not isinstance(raw, dict):
+            return None, {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, {}
+    entries = {}
+    for key, value in raw.items():
+        entry = Entry.from_json(value)
+        if entry is not None:
+            entries[str(key)] = entry
+    return fp, entries
+
+
+_write_warned = False
+
+
+def _write_file(path: Path, fp: dict, entries: Dict[str, Entry]) -> None:
+    """Merge ``entries`` into the file (another process may have added its own) and replace it atomically."""
+    global _write_warned
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        old_fp, merged = read_file(path)
+        if old_fp != fp:
+            merged = {}
+        merged.update(entries)
+        doc = {"format": FORMAT, "fingerprint": fp,
+               "entries": {k: dataclasses.asdict(e) for k, e in sorted(merged.items())}}
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        if not _write_warned:
+            _write_warned = True
+            warnings.warn(f"panther: cannot write the dispatch cache {path} ({exc}); measurements are kept in "
+                          f"memory only (set {CACHE_ENV_VAR} to a writable directory)", RuntimeWarning, stacklevel=2)
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+# --- the tables -------------------------------------------------------------------------------------
+
+_lock = threading.RLock()  # loading files, measuring, clearing
+_table: Dict[Tuple[str, str], Entry] = {}  # (device name, key string) -> entry
+_files: Dict[str, Tuple[object, dict, Path]] = {}  # device name -> (registry it was made for, fingerprint, file)
+_memo: Dict[tuple, Tuple[object, str]] = {}  # exact call signature -> (registry, winner name)
+
+
+_registry_module = None
+
+
+def _registry_now():
+    """The registry's table of backends as discovered now (a new object after each discovery)."""
+    global _registry_module
+    if _registry_module is None:
+        from panther.backends import registry  # registry imports this module
+
+        _registry_module = registry
+    return _registry_module._registry
+
+
+def _file_state(name: str) -> Tuple[dict, Path]:
+    """The fingerprint and file of a device; loads the file's entries into memory the first time."""
+    state = _files.get(name)
+    if state is not None and state[0] is _registry_now():
+        return state[1], state[2]
+    with _lock:
+        if state is not None:  # backends discovered again (a plugin installed): versions may differ
+            for stale in [k for k in _table if k[0] == name]:
+                del _table[stale]
+        fp = fingerprint(name)
+        path = _file_for(fp)
+        disk_fp, entries = read_file(path)
+        if disk_fp == fp:
+            for key, entry in entries.items():
+                _table.setdefault((name, key), entry)
+        _files[name] = (_registry_now(), fp, path)
+        return fp, path
+
+
+def _lookup(name: str, key: str) -> Optional[Entry]:
+    _file_state(name)
+    return _table.get((name, key))
+
+
+def clear_dispatch_cache(*, disk: bool = True) -> List[Path]:
+    """Forget every measurement: in memory, and on disk unless ``disk=False``; returns the files removed."""
+    removed = []
+    with _lock:
+        _table.clear()
+        _files.clear()
+        _memo.clear()
+        if disk:
+            for path in sorted(cache_dir().glob(f"{_FILE_PREFIX}*.json")):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed.append(path)
+    return removed
+
+
+# --- choosing ---------------------------------------------------------------------------------------
+
+
+def _exact_signature(op: str, args: tuple, kwargs: dict):
+    """What decides one call's choice: shapes, which inputs need gradients, dtype and device (of the first
+    tensor: backends refuse mixed ones), autocast, float32 math. A hit is still checked by the backend
+    (:func:`remembered`), so this only has to tell preferences apart; it is on the path of every call
+    that a measurement decided, hence cheap reads only.
+    """
+    sig = [op, torch.is_grad_enabled()]
+    first = None
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            sig.append((a.shape, a.requires_grad))
+            if first is None:
+                first = a
+                sig.append((a.dtype, a.device))
+        else:
+            sig.append(a)
+    if first is not None:
+        if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(first.device.type):
+            sig.append(torch.get_autocast_dtype(first.device.type))
+        if first.dtype == torch.float32:
+            sig.append(_float32_math())
+    return tuple(sig)
+
+
+def wanted(op: str, args: tuple, kwargs: dict) -> bool:
+    """Whether every backend that accepts this call competes (measured or cached) instead of the fixed bids."""
+    if torch.compiler.is_compiling():
+        return measurer.is_gpu_call(args, kwargs)  # whether measuring is on is read in _compiled_choice
+    return autotune_enabled() and measurer.is_gpu_call(args, kwargs)
+
+
+def remembered(op: str, args: tuple, kwargs: dict) -> Optional[Backend]:
+    """The backend chosen before for a call of exactly this signature, if it still accepts the inputs."""
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        hit = _memo.get(_exact_signature(op, args, kwargs))
+    except TypeError:  # an unhashable argument
+        return None
+    if hit is None or hit[0] is not _registry_now():
+        return None
+    info = hit[0].get(hit[1])
+    be = info.backend if info is not None else None
+    if be is None or be.reasons_cannot_run(op, *args, **kwargs):
+        return None
+    return be
+
+
+def _fixed(accepted: Sequence[Tuple[Backend, int]]) -> Backend:
+    """The highest bid; ties go to the earlier (higher static priority, then name)."""
+    best, best_bid = None, None
+    for be, bid in accepted:
+        if best is None or bid > best_bid:
+            best, best_bid = be, bid
+    return best
+
+
+def _no_measuring_here(args: tuple, kwargs: dict) -> bool:
+    """Tracing of any kind, tensor subclasses (fake, functional, ...) or CUDA-graph capture."""
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+    if torch.jit.is_tracing() or is_in_torch_dispatch_mode():
+        return True
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor) and type(a) not in (torch.Tensor, torch.nn.Parameter):
+            return True
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+@_constant_under_compile
+def _compiled_choice(op: str, candidates: tuple, fields: tuple, device: torch.device) -> Optional[str]:
+    """Under torch.compile: the cached winner for this key (no measuring), else None for the fixed bid."""
+    if not autotune_enabled():
+        return None
+    entry = _lookup(device_name(device), key_string(op, candidates, fields))
+    return entry.winner if entry is not None else None
+
+
+@_constant_under_compile
+def _compiled_has_entries(op: str, candidates: tuple, device: torch.device) -> bool:
+    """Whether anything is cached for these competitors, so that tracing computes a key only then."""
+    if not autotune_enabled():
+        return False
+    name = device_name(device)
+    _file_state(name)
+    prefix = f"{op}[{','.join(candidates)}] "
+    return any(dev == name and key.startswith(prefix) for dev, key in list(_table))
+
+
+def choose(op: str, accepted: Sequence[Tuple[Backend, int]], args: tuple, kwargs: dict) -> Backend:
+    """The backend ``auto`` runs among ``accepted`` ((backend, bid), in the registry's order), every one of
+    which accepts the call: the measured fastest where measuring applies, else the highest bid."""
+    fixed = _fixed(accepted)
+    candidates = tuple(be.name for be, _ in accepted)
+    first = _first_tensor(args, kwargs)
+    if len(accepted) < 2 or first is None:
+        chosen, settled = fixed, True
+    elif torch.compiler.is_compiling():
+        if not _compiled_has_entries(op, candidates, first.device):
+            return fixed
+        name = _compiled_choice(op, candidates, call_fields(op, args, kwargs), first.device)
+        for be, _ in accepted:
+            if be.name == name:
+                return be
+        return fixed
+    else:
+        chosen, settled = _measured_choice(op, accepted, fixed, candidates, first.device, args, kwargs)
+    if settled:  # not a fallback for a call that could not be measured (tracing, capture)
+        with contextlib.suppress(TypeError):  # an unhashable argument: nothing remembered
+            if len(_memo) >= _MEMO_LIMIT:
+                _memo.clear()
+            _memo[_exact_signature(op, args, kwargs)] = (_registry_now(), chosen.name)
+    return chosen
+
+
+def _measured_choice(op, accepted, fixed, candidates, device, args, kwargs) -> Tuple[Backend, bool]:
+    """(backend, whether it was measured or cached: False for the fixed bid of a call not measured here)."""
+    name = device_name(device)
+    key = key_string(op, candidates, call_fields(op, args, kwargs))
+    entry = _lookup(name, key)
+    if entry is None and not _no_measuring_here(args, kwargs):
+        with _lock:
+            entry = _table.get((name, key))
+            if entry is None:  # not measured by another thread meanwhile
+                entry = _measure(op, accepted, fixed, device, args, kwargs)
+                _table[(name, key)] = entry
+                if not entry.errors:  # a failure (out of memory, ...) may pass: measure again next process
+                    fp, path = _file_state(name)
+                    _write_file(path, fp, {key: entry})
+    if entry is not None:
+        for be, _ in accepted:
+            if be.name == entry.winner:
+                return be, True
+    return fixed, entry is not None
+
+
+def _copy(a, grad: bool):
+    if isinstance(a, torch.Tensor):
+        return a.detach().clone().requires_grad_(grad and a.requires_grad)
+    return a
+
+
+def _tensors(out) -> List[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def _make_run(be: Backend, op: str, args: tuple, kwargs: dict, grad: bool) -> Callable[[], None]:
+    """One call of ``op`` on ``be``: forward under no_grad, or forward and backward from a gradient of ones."""
+    fn = getattr(be, op)
+    inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def run():
+        if not grad:
+            with torch.no_grad():
+                fn(*args, **kwargs)
+            return
+        outs = [o for o in _tensors(fn(*args, **kwargs)) if o.requires_grad]
+        if outs:
+            torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs], allow_unused=True)
+
+    return run
+
+
+def _measure(op, accepted, fixed, device, args, kwargs) -> Entry:
+    grad = torch.is_grad_enabled() and any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values()))
+    shapes = " ".join(f"{tuple(a.shape)}" for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        c_args = tuple(_copy(a, grad) for a in args)
+        c_kwargs = {k: _copy(v, grad) for k, v in kwargs.items()}
+        runs = {be.name: _make_run(be, op, c_args, c_kwargs, grad) for be, _ in accepted}
+        got = measurer.time(runs, device)
+        del runs, c_args, c_kwargs
+    times = {n: float(t) for n, t in got.items() if not isinstance(t, BaseException)}
+    errors = {n: f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+              for n, e in got.items() if isinstance(e, BaseException)}
+    errors.update({be.name: "not timed" for be, _ in accepted if be.name not in got})
+    order = {be.name: i for i, (be, _) in enumerate(accepted)}
+    # fastest; on a tie the higher bid (the fixed choice first, then registry order)
+    winner = min(times, key=lambda n: (times[n], n != fixed.name, order[n])) if times else fixed.name
+    return Entry(winner, times, fixed.name, errors, shapes,
+                 datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+# --- reading the cache back -------------------------------------------------------------------------
+
+
+def cache_report() -> str:
+    """The cache files for ``python -m panther info --dispatch``: each with its fingerprint, then key ->
+    winner and the measured times."""
+    folder = cache_dir()
+    files = sorted(folder.glob(f"{_FILE_PREFIX}*.json")) if folder.is_dir() else []
+    try:
+        state = "on" if autotune_enabled() else "off"
+    except ValueError as exc:
+        state = f"error: {exc}"
+    lines = [f"dispatch cache: {folder} (measuring {state})"]
+    if not files:
+        lines.append("  no measurements cached")
+    for path in files:
+        fp, entries = read_file(path)
+        if fp is None:
+            lines.append(f"{path.name}: unreadable or corrupt (ignored; rewritten by the next measurement)")
+            continue
+        current = fingerprint(str(fp.get("device")))
+        stale = [k for k in ("format", "driver", "versions", "backends") if fp.get(k) != current.get(k)]
+        state = "current" if not stale else "stale (" + ", ".join(stale) + " changed): ignored"
+        versions = ", ".join(f"{k} {v}" for k, v in {**fp.get("versions", {}), **fp.get("backends", {})}.items() if v)
+        lines.append(f"{fp.get('device')} (driver {fp.get('driver')}; {versions}): {state}")
+        for key, e in entries.items():
+            times = ", ".join(f"{n} {t:.4g} ms" for n, t in sorted(e.times_ms.items(), key=lambda kv: kv[1]))
+            note = "" if e.winner == e.fixed else f" (fixed bid: {e.fixed})"
+            lines.append(f"  {key} -> {e.winner}{note}: {times}")
+    return "\n".join(lines)

@@ -1,0 +1,141 @@
+"""auto dispatch measures on a real GPU: it avoids a slow backend that the fixed bids would pick.
+
+A test backend ``sleepy`` bids above every other and computes the reference after spinning the GPU for
+about a millisecond; auto must measure it slower (CUDA events) and run the fastest competitor instead,
+with results equal to that backend's, the caller's tensors and random generators untouched, and
+torch.compile using the measured choice. Marked ``gpu``: skipped without CUDA.
+"""
+
+import pytest
+import torch
+
+import panther
+from panther.backends import Backend, autotune, registry
+from panther.backends.torch_backend import sketched_linear as reference_linear
+from panther.nn import SKLinear
+
+pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore:.*not fewer than the:UserWarning")]
+
+SPIN_CYCLES = 2_000_000  # about 1 ms at H200 clocks: far above the op itself at these sizes
+
+
+class Sleepy(Backend):
+    """Correct but slow: the fixed bids pick it (highest priority), a measurement must not."""
+
+    name = "sleepy"
+    priority = 1000
+    version = "1"
+
+    def reasons_cannot_run(self, op, *args, **kwargs):
+        reasons = super().reasons_cannot_run(op)
+        if not reasons and any(isinstance(a, torch.Tensor) and a.device.type != "cuda" for a in args):
+            reasons.append("sleepy runs on CUDA tensors only")
+        return reasons
+
+    def sketched_linear(self, *args):
+        torch.cuda._sleep(SPIN_CYCLES)
+        return reference_linear(*args)
+
+
+@pytest.fixture
+def with_sleepy(monkeypatch, tmp_path):
+    registry._discover()
+    found = dict(registry._registry)
+    found["sleepy"] = registry.BackendInfo("sleepy", "tests", None, "1", backend=Sleepy())
+    monkeypatch.setattr(registry, "_registry", found)
+    for var in ("PANTHER_BACKEND", "PANTHER_AUTOTUNE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PANTHER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(registry, "_default", None)
+    monkeypatch.setattr(autotune, "_default", None)
+    autotune.clear_dispatch_cache(disk=False)
+    yield found["sleepy"].backend
+    autotune.clear_dispatch_cache(disk=False)
+
+
+def linear_args(dtype=torch.bfloat16, grad=False, rows=512, features=1024, L=1, k=32):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    new = lambda *s: torch.randn(*s, device="cuda", dtype=dtype, generator=g)  # noqa: E731
+    args = [new(rows, features), new(L, features, k) / 32, new(L, k, features) / 8, new(L, k, features).sign() / 8,
+            new(L, features, k).sign() / 8, new(features)]
+    for i in (0, 1, 2, 5) if grad else ():
+        args[i].requires_grad_()
+    return args
+
+
+def only_entry():
+    (entry,) = autotune._table.values()
+    return entry
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "forward+backward"])
+def test_auto_measures_and_avoids_the_slow_backend_the_fixed_bids_pick(with_sleepy, grad):
+    x = linear_args(grad=grad)
+    with panther.backends.use_autotune(False):
+        assert registry.select("sketched_linear", *x).name == "sleepy"
+    chosen = registry.select("sketched_linear", *x)
+    entry = only_entry()
+    assert "sleepy" in entry.times_ms and len(entry.times_ms) >= 2, entry
+    assert entry.fixed == "sleepy" and chosen.name == entry.winner != "sleepy"
+    assert entry.times_ms[entry.winner] == min(entry.times_ms.values())
+    assert entry.times_ms["sleepy"] > entry.times_ms[entry.winner] + 0.3  # the spin shows in CUDA events
+    assert ("grad=x,S1s,S2s,bias" in next(iter(autotune._table))[1]) == grad
+
+
+def test_results_equal_the_chosen_backends_and_inputs_and_rngs_are_untouched(with_sleepy):
+    layer = SKLinear(1024, 1024, 2, 16, device="cuda", dtype=torch.bfloat16, seed=0)
+    x = torch.randn(4, 128, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x_saved, version = x.detach().clone(), x._version
+    cpu_rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state()
+    y = layer(x)  # measured here: forward and backward on copies
+    winner = only_entry().winner
+    assert winner != "sleepy"
+    assert torch.equal(torch.get_rng_state(), cpu_rng) and torch.equal(torch.cuda.get_rng_state(), cuda_rng)
+    assert torch.equal(x.detach(), x_saved) and x._version == version and x.grad is None
+    assert all(p.grad is None for p in layer.parameters())
+    y.sum().backward()
+    grads = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    x.grad = None
+    layer.zero_grad(set_to_none=True)
+    with panther.use_backend(winner):
+        y_forced = layer(x)
+        y_forced.sum().backward()
+    torch.testing.assert_close(y, y_forced)  # the same backend (its own kernels may accumulate in any order)
+    for g, g_forced in zip(grads, [x.grad] + [p.grad for p in layer.parameters()]):
+        torch.testing.assert_close(g, g_forced)
+
+
+def test_later_calls_and_a_fresh_process_reuse_the_measurement(with_sleepy, monkeypatch):
+    x = linear_args()
+    first = registry.select("sketched_linear", *x).name
+    timed = []
+    monkeypatch.setattr(autotune.measurer, "time", lambda runs, device: timed.append(runs) or {})
+    assert registry.select("sketched_linear", *linear_args(rows=300)).name == first  # same bucket (512)
+    autotune.clear_dispatch_cache(disk=False)  # memory gone, the file stays
+    assert registry.select("sketched_linear", *x).name == first
+    assert timed == []
+
+
+def test_torch_compile_uses_the_measured_choice_without_graph_breaks(with_sleepy):
+    torch._dynamo.reset()
+    layer = SKLinear(256, 256, 1, 16, device="cuda", dtype=torch.bfloat16, seed=0).eval()
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = layer(x)  # measured
+        winner = only_entry().winner
+        calls = []
+        sleepy = registry._registry["sleepy"].backend
+        real = Sleepy.sketched_linear
+        sleepy.sketched_linear = lambda *a: calls.append(1) or real(sleepy, *a)
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), y)
+    assert winner != "sleepy" and calls == []
+
+
+def test_the_cuda_measurer_times_with_events():
+    x = torch.randn(256, 256, device="cuda")
+    times = autotune.Measurer().time(
+        {"spin": lambda: torch.cuda._sleep(SPIN_CYCLES), "matmul": lambda: x @ x,
+         "fails": lambda: (_ for _ in ()).throw(RuntimeError("no"))}, x.device)
+    assert isinstance(times["fails"], RuntimeError)
+    assert times["spin"] > 0.3 and times["matmul"] < times["spin"] / 3
