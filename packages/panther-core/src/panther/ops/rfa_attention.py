@@ -20,7 +20,7 @@ numerator and the denominator; they are constants for autograd, which keeps ever
 - a key's features relative to :math:`M_s`, the largest logit of the unmasked keys it is summed with:
   non-causal, one maximum over all unmasked keys of a batch and head; causal, the running maximum
   :math:`M_s = \max_{s' \le s,\ \text{unmasked}} \max_j l_{s'j}`, and the weight of key ``s`` for query
-  ``t \ge s`` is :math:`\phi(q_t)\cdot\tilde\phi(k_s)\,e^{M_s - M_t}` with
+  ``t >= s`` is :math:`\phi(q_t)\cdot\tilde\phi(k_s)\,e^{M_s - M_t}` with
   :math:`\tilde\phi(k_s) = \exp(l_s - M_s)/\sqrt m`. Every exponent is :math:`\le 0`, and nothing at
   position ``t`` depends on a key after ``t``. Chunked kernels keep their running state relative to the
   maximum at the chunk's end and rescale it by :math:`e^{M_\text{old} - M_\text{new}}` as they go.

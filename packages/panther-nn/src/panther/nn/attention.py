@@ -48,12 +48,26 @@ class RandMultiHeadAttention(nn.Module):
     Choromanski et al., 2021), for which :math:`\mathbb{E}[\phi(q) \cdot \phi(k)] \propto
     \exp(q \cdot k / \sqrt{d})`. ``kernel="relu"`` uses :math:`\phi(x) = \operatorname{relu}(\omega\hat{x})
     / \sqrt{m}` instead. Causal masking runs as prefix sums. Every forward runs
-    :func:`panther.ops.rfa_attention` on the backend selected at call time.
+    :func:`panther.ops.rfa_attention` on the backend selected at call time; its stabilisers and numerical
+    limits are documented in :mod:`panther.ops.rfa_attention`.
+
+    Queries that see no key: a query whose keys are all ignored (a sample fully padded by
+    ``key_padding_mask``, a causal query before its sample's first unpadded key, or an empty key sequence
+    :math:`S = 0`) gets attention 0, so its output is ``out_proj.bias`` (0 without bias), and it adds
+    nothing to the gradients; the other samples are unaffected. This follows
+    :func:`torch.nn.functional.scaled_dot_product_attention`, which returns 0 for a fully masked row (its
+    math backend; torch 2.13 on the CPU), whereas :class:`torch.nn.MultiheadAttention` returns NaN there,
+    and NaN gradients. The relu kernel's 0/0 (all features of a query, or of its keys, 0) is 0 likewise.
+    An empty query sequence (:math:`L = 0`) gives an empty output.
+
+    Autograd: gradients of every order are exact on the reference backend ``torch``, including
+    ``create_graph=True`` (gradient penalties, double backward).
 
     Args:
         embed_dim (int): total dimension of the model.
         num_heads (int): number of parallel attention heads; ``embed_dim`` must be divisible by it.
-        sketch_dim (int): :math:`m`, the number of random features per head. Must be at least 1.
+        sketch_dim (int): :math:`m`, the number of random features per head. Must be at least 1. Sizes
+            whose parameters and buffers exceed the device's memory are refused before anything is allocated.
         dropout (float): dropout probability, applied in training to whole keys (see :meth:`forward`).
             Default: ``0.0``.
         bias (bool): if ``True``, the input and output projections have biases. Default: ``True``.
@@ -64,7 +78,7 @@ class RandMultiHeadAttention(nn.Module):
         kdim (int, optional): number of features of the keys. Default: ``None`` (``embed_dim``).
         vdim (int, optional): number of features of the values. Default: ``None`` (``embed_dim``).
         device (torch.device, optional): device of the parameters and buffers.
-        dtype (torch.dtype, optional): dtype of the parameters and buffers.
+        dtype (torch.dtype, optional): dtype of the parameters and buffers, a floating-point dtype.
         seed (int, optional): seed of the layer's own random generator (initial projections and random features).
             Default: ``None``, seeded from one draw of the global RNG.
         generator (torch.Generator, optional): a generator to draw from instead. At most one of ``seed``
@@ -252,7 +266,7 @@ class RandMultiHeadAttention(nn.Module):
             materialize_weights (bool): with ``need_weights``, also form the :math:`O(L S)` matrix of normalised
                 random-feature weights :math:`\phi(q_t) \cdot \phi(k_s) / \sum_{s'} \phi(q_t) \cdot
                 \phi(k_{s'})` (masks applied, before dropout) for inspection: the weights the output is
-                computed with. Default: ``False``.
+                computed with (a row of zeros for a query that sees no key). Default: ``False``.
 
         Returns:
             ``(output, weights)``: output shaped like ``query`` (embedding ``E``); weights ``None``, or
