@@ -27,8 +27,8 @@ numerator and the denominator; they are constants for autograd, which keeps ever
 
 Limits: features are exponentials of logits of size :math:`|x|^2/\sqrt D`; the relu kernel is invariant
 to scaling q and k together; the softmax kernel's normaliser underflows when one query's logits and the
-keys' spread beyond the exponent range of the compute dtype (about 700 in float64, 87 in float32), and the
-row then returns 0.
+keys' spread beyond the exponent range of the compute dtype (about 700 in float64, 87 in float32, i.e.
+inputs of norm around 10 to 30 and more), and such a row returns NaN rather than a wrong number.
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ def feature_maps(
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """``(φ(q) (B, H, T, m), φ̃(k) (B, H, S, m), M)`` in q's dtype, masked keys' features exactly 0.
 
-    ``M`` is None except for the causal softmax kernel: there it is the keys' running maximum ``(B, H, S)``
-    (finite: ``finfo.min`` before the first unmasked key), and key ``s`` weighs ``exp(M_s - M_t)`` for query t.
+    ``M`` is the keys' stabiliser of the softmax kernel (None for relu), ``finfo.min`` where no unmasked key
+    is seen: causal, the running maximum ``(B, H, S)``, with which key ``s`` weighs ``exp(M_s - M_t)`` for
+    query ``t``; non-causal, one maximum ``(B, H, 1)``.
     """
     D = q.shape[-1]
     m = omega.shape[-2]
@@ -86,7 +87,7 @@ def feature_maps(
     if keep is not None:
         z = torch.where(keep, z, float("-inf"))  # exp(-inf) = 0 with a zero gradient, never 0 * inf
     kf = torch.exp(z)
-    return qf * m**-0.5, kf * m**-0.5, (M if causal else None)
+    return qf * m**-0.5, kf * m**-0.5, M
 
 
 def causal_decay(M: torch.Tensor) -> torch.Tensor:
@@ -96,11 +97,21 @@ def causal_decay(M: torch.Tensor) -> torch.Tensor:
     return torch.exp(torch.where(tril, M.unsqueeze(-2) - M.unsqueeze(-1), float("-inf")))
 
 
-def normalise(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """``num / den[..., None]``, and 0 with zero gradients where ``den == 0`` (a query that sees no key)."""
+def normalise(num: torch.Tensor, den: torch.Tensor, M: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``num / den[..., None]``, and 0 with zero gradients where ``den == 0`` (a query that sees no key).
+
+    With the softmax kernel's ``M`` (broadcastable to ``den``), a row that sees a key has a normal positive
+    normaliser unless it underflowed (0 or subnormal: its digits, and its gradient, are lost): such a row
+    is NaN rather than a silent wrong number, and passes no gradient.
+    """
     seen = (den > 0).unsqueeze(-1)
+    if M is not None:
+        sees_key = (M > torch.finfo(M.dtype).min).unsqueeze(-1)
+        lost = sees_key & (den < torch.finfo(den.dtype).tiny).unsqueeze(-1)
+        seen = seen & ~lost
     safe = torch.where(seen, den.unsqueeze(-1), 1.0)  # the second where keeps 0/0 out of the gradients
-    return torch.where(seen, num / safe, 0.0)
+    out = torch.where(seen, num / safe, 0.0)
+    return out if M is None else torch.where(lost, float("nan"), out)
 
 
 def attention_weights(q, k, omega, causal, kernel, key_padding_mask) -> torch.Tensor:
@@ -108,8 +119,8 @@ def attention_weights(q, k, omega, causal, kernel, key_padding_mask) -> torch.Te
     qf, kf, M = feature_maps(q, k, omega, kernel, causal, key_padding_mask)
     scores = torch.matmul(qf, kf.transpose(-1, -2))  # (B, H, T, S)
     if causal:
-        scores = scores * (causal_decay(M) if M is not None else causal_decay(scores.new_zeros(scores.shape[-1])))
-    return normalise(scores, scores.sum(-1))
+        scores = scores * causal_decay(M if M is not None else scores.new_zeros(scores.shape[-1]))
+    return normalise(scores, scores.sum(-1), M)
 
 
 # --- the public ops
@@ -194,9 +205,10 @@ def rfa_features(
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """The stabilised random features ``(φ(q), φ̃(k), M)`` that :func:`rfa_attention` is computed from.
 
-    ``φ(q)`` is ``(B, H, T, m)`` and ``φ̃(k)`` ``(B, H, S, m)`` (0 for masked keys). ``M`` is ``None``,
-    except for the causal softmax kernel: the keys' running maximum ``(B, H, S)``, with which key s weighs
-    ``φ(q_t)·φ̃(k_s)·exp(M_s - M_t)`` for query ``t >= s``. Plain PyTorch on any backend.
+    ``φ(q)`` is ``(B, H, T, m)`` and ``φ̃(k)`` ``(B, H, S, m)`` (0 for masked keys). ``M`` is ``None`` for the relu
+    kernel; for softmax, the keys' stabiliser: causal, their running maximum ``(B, H, S)``, with which key s
+    weighs ``φ(q_t)·φ̃(k_s)·exp(M_s - M_t)`` for query ``t >= s``; non-causal, one maximum ``(B, H, 1)``.
+    Plain PyTorch on any backend.
     """
     _check_attention_args(q, k, None, omega, causal, kernel, key_padding_mask)
     return feature_maps(q, k, omega, kernel, causal, key_padding_mask)

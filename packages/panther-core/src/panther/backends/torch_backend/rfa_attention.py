@@ -15,7 +15,8 @@ the normaliser):
 
   Every exponent is ``<= 0`` and nothing at position t reads a key after t.
 
-``out = num / den``, and 0 where ``den == 0``. Half-precision inputs are computed in float32 and cast back.
+``out = num / den``, 0 where ``den == 0`` (NaN where a softmax row that sees a key underflowed).
+Half-precision inputs are computed in float32 and cast back.
 The autograd Function keeps no intermediates: its backward recomputes them, and differentiates that
 recomputation with a graph when a higher-order gradient is asked for (``create_graph=True``).
 """
@@ -75,7 +76,7 @@ def _attention(q, k, v, omega, causal, kernel, key_padding_mask):
     else:
         num = torch.matmul(qf, torch.matmul(kf.transpose(-1, -2), v_))
         den = torch.matmul(qf, kf.sum(-2).unsqueeze(-1)).squeeze(-1)
-    return normalise(num, den).to(q.dtype)
+    return normalise(num, den, M).to(q.dtype)
 
 
 class RFAttentionFunction(torch.autograd.Function):
