@@ -369,7 +369,8 @@ def test_buffers_that_cannot_fit_are_refused_up_front():
     import time
 
     start = time.perf_counter()
-    with pytest.raises(ValueError, match=r"sketch_dim=1000000000\) needs about [\d,]+ bytes \([\d.]+ GiB\).* more than"):
+    pattern = r"sketch_dim=1000000000\) needs about [\d,]+ bytes \([\d.]+ GiB\).* more than"
+    with pytest.raises(ValueError, match=pattern):
         RandMultiHeadAttention(8, 2, 10**9)
     assert time.perf_counter() - start < 1.0
     assert RandMultiHeadAttention(8, 2, 10**9, device="meta").omega.shape == (2, 10**9, 4)  # nothing allocated

@@ -32,9 +32,10 @@ def sketched_conv2d(x, S1s, U1s, bias=None, stride=1, padding=0, dilation=1):
 def attention_weights(q, k, omega, causal=False, kernel="softmax", key_padding_mask: Optional[torch.Tensor] = None):
     """The (B, H, T, S) random-feature attention matrix φ(q)φ(k)ᵀ, masked and row-normalised, built explicitly.
 
-    Evaluated in the inputs' dtype (the references are run in float64). Softmax kernel: every term exp(l(q_t)_j + l(k_s)_j) of
-    row t is taken relative to the largest one among the keys that row sees (one joint maximum per query;
-    no per-key stabiliser). A row that sees no key (all masked, or a zero normaliser with relu) is 0.
+    Evaluated in the inputs' dtype (the references are run in float64). Softmax kernel: every term
+    exp(l(q_t)_j + l(k_s)_j) of row t is taken relative to the largest one among the keys that row sees (one
+    joint maximum per query; no per-key stabiliser). A row that sees no key (all masked, or a zero
+    normaliser with relu) is 0.
     """
     B, H, T, D = q.shape
     S = k.shape[2]
