@@ -91,10 +91,14 @@ def feature_maps(
 
 
 def causal_decay(M: torch.Tensor) -> torch.Tensor:
-    """``exp(M_s - M_t)`` for ``s <= t`` and 0 above the diagonal: ``(..., T, T)`` from ``M (..., T)``."""
+    """``exp(M_s - M_t)`` for ``s <= t`` and 0 above the diagonal: ``(..., T, T)`` from ``M (..., T)``.
+
+    A constant for autograd (the stabiliser cancels), built in place.
+    """
+    M = M.detach()
     T = M.shape[-1]
-    tril = torch.ones(T, T, dtype=torch.bool, device=M.device).tril()
-    return torch.exp(torch.where(tril, M.unsqueeze(-2) - M.unsqueeze(-1), float("-inf")))
+    above = torch.ones(T, T, dtype=torch.bool, device=M.device).triu(1)
+    return (M.unsqueeze(-2) - M.unsqueeze(-1)).masked_fill_(above, float("-inf")).exp_()
 
 
 def normalise(num: torch.Tensor, den: torch.Tensor, M: Optional[torch.Tensor] = None) -> torch.Tensor:
