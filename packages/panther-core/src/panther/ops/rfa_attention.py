@@ -11,7 +11,8 @@ Per batch and head, with q ``(T, D)``, k ``(S, D)``, v ``(S, Dv)`` and ``m`` ran
   ``key_padding_mask``, and in causal mode only those with :math:`s \le t`.
 - A query whose normaliser is 0 gets output 0 and zero gradients: a query that sees no key (a fully padded
   sample, a causal row before its first unmasked key, ``S = 0``), or, with the relu kernel, a query whose
-  features or whose keys' features are all 0. The gradients of every other query stay exact.
+  features or whose keys' features are all 0. The gradients of every other query stay exact. (A softmax
+  row that sees a key but whose normaliser underflowed is NaN instead: see Limits.)
 
 Stabilisers (softmax kernel). The exponentials are evaluated relative to maxima that cancel between the
 numerator and the denominator; they are constants for autograd, which keeps every order of gradient exact:
