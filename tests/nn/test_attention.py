@@ -274,3 +274,115 @@ def test_meta_device_then_materialise():
     real = RandMultiHeadAttention(16, 2, 8, seed=0)
     for name, t in real.state_dict().items():
         assert torch.equal(attn.state_dict()[name], t), name
+
+
+def test_fully_padded_sample_has_zero_attention_and_finite_gradients():
+    """Issue repro: batch of 2, sample 1 fully padded, loss on sample 0 only: every gradient finite and equal
+    to sample 0's alone; sample 1's attention is 0, so its output is out_proj.bias."""
+    attn = RandMultiHeadAttention(8, 2, 16, seed=0)
+    with torch.no_grad():
+        attn.out_proj.bias.uniform_(-1, 1)
+    x = torch.randn(5, 2, 8)
+    kpm = torch.zeros(2, 5, dtype=torch.bool)
+    kpm[1] = True
+    out, _ = attn(x, x, x, key_padding_mask=kpm)
+    torch.testing.assert_close(out[:, 1], attn.out_proj.bias.expand(5, 8))
+    out[:, 0].sum().backward()
+    grads = {n: p.grad.clone() for n, p in attn.named_parameters()}
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    attn.zero_grad()
+    attn(x[:, :1], x[:, :1], x[:, :1])[0].sum().backward()
+    for n, p in attn.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, msg=n)
+    # the whole batch's loss too: sample 1 contributes only through out_proj.bias
+    attn.zero_grad()
+    attn(x, x, x, key_padding_mask=kpm)[0].sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in attn.parameters())
+    _, w = attn(x, x, x, key_padding_mask=kpm, materialize_weights=True)
+    assert torch.equal(w[1], torch.zeros_like(w[1])) and torch.allclose(w[0].sum(-1), torch.ones(5))
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_empty_sequences(is_causal):
+    """S = 0: every query sees no key, the attention is 0 and the output out_proj.bias (as SDPA gives 0);
+    L = 0: an empty output, like torch.nn.MultiheadAttention."""
+    attn = RandMultiHeadAttention(8, 2, 4, batch_first=True, seed=0)
+    with torch.no_grad():
+        attn.out_proj.bias.uniform_(-1, 1)
+    x = torch.randn(3, 4, 8, requires_grad=True)
+    empty = torch.randn(3, 0, 8, requires_grad=True)
+    if not is_causal:
+        out, _ = attn(x, empty, empty)
+        torch.testing.assert_close(out, attn.out_proj.bias.expand(3, 4, 8))
+        out.sum().backward()
+        assert torch.equal(x.grad, torch.zeros_like(x.grad))
+        assert torch.equal(attn.in_proj_weight.grad, torch.zeros_like(attn.in_proj_weight))
+    out, w = attn(empty, x if not is_causal else empty, x if not is_causal else empty, is_causal=is_causal,
+                  materialize_weights=True)
+    assert out.shape == (3, 0, 8) and w.shape == (3, 0, 4 if not is_causal else 0)
+
+
+def test_causal_rows_before_the_first_key_are_zero():
+    attn = RandMultiHeadAttention(8, 2, 8, batch_first=True, dtype=torch.float64, seed=0)
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    kpm = torch.zeros(2, 6, dtype=torch.bool)
+    kpm[0, :2] = True
+    out, w = attn(x, x, x, key_padding_mask=kpm, is_causal=True, materialize_weights=True)
+    torch.testing.assert_close(out[0, :2], attn.out_proj.bias.expand(2, 8))
+    assert torch.equal(w[0, :2], torch.zeros(2, 6, dtype=torch.float64))
+    torch.testing.assert_close(w[0, 2:].sum(-1), torch.ones(4, dtype=torch.float64))
+
+
+def test_gradient_penalty_through_the_layer():
+    """create_graph=True through the layer: d/dW |d loss/d x|^2 against central differences."""
+    attn = RandMultiHeadAttention(4, 1, 6, dtype=torch.float64, seed=0)
+    x = torch.randn(3, 1, 4, dtype=torch.float64)
+
+    def penalty(create_graph):
+        with torch.enable_grad():
+            xr = x.clone().requires_grad_()
+            out = attn(xr, xr, xr, is_causal=True)[0]
+            (dx,) = torch.autograd.grad(out.pow(2).sum(), xr, create_graph=create_graph)
+            return dx.pow(2).sum()
+
+    (got,) = torch.autograd.grad(penalty(True), attn.in_proj_weight)
+    fd = torch.zeros_like(got)
+    with torch.no_grad():
+        for i in range(got.numel()):
+            w = attn.in_proj_weight.view(-1)
+            w[i] += 1e-6
+            up = penalty(False)
+            w[i] -= 2e-6
+            down = penalty(False)
+            w[i] += 1e-6
+            fd.view(-1)[i] = (up - down) / 2e-6
+    torch.testing.assert_close(got, fd, rtol=1e-5, atol=1e-7 * fd.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64, "float32"])
+def test_dtype_must_be_floating(dtype):
+    with pytest.raises(TypeError, match=rf"dtype must be a floating-point torch.dtype \(or None\), got {dtype!r}"):
+        RandMultiHeadAttention(8, 2, 4, dtype=dtype)
+
+
+def test_buffers_that_cannot_fit_are_refused_up_front():
+    import time
+
+    start = time.perf_counter()
+    pattern = r"sketch_dim=1000000000\) needs about [\d,]+ bytes \([\d.]+ GiB\).* more than"
+    with pytest.raises(ValueError, match=pattern):
+        RandMultiHeadAttention(8, 2, 10**9)
+    assert time.perf_counter() - start < 1.0
+    assert RandMultiHeadAttention(8, 2, 10**9, device="meta").omega.shape == (2, 10**9, 4)  # nothing allocated
+
+
+def test_layer_does_not_import_the_torch_backend():
+    import ast
+    import inspect
+
+    import panther.nn.attention as module
+
+    tree = ast.parse(inspect.getsource(module))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(m.startswith("panther.backends.") for m in imported), imported

@@ -408,8 +408,7 @@ CASES = {
     "is_causal lengths": (
         lambda: attn()(X16, X16[:4], X16[:4], is_causal=True),
         ValueError,
-        r"causal attention \(is_causal=True or a causal attn_mask\) needs as many queries as keys, "
-        r"got L=5 queries and S=4 keys",
+        r"causal attention needs as many queries as keys, got T=5 queries and S=4 keys",
     ),
 }
 

@@ -30,26 +30,40 @@ def sketched_conv2d(x, S1s, U1s, bias=None, stride=1, padding=0, dilation=1):
 
 
 def attention_weights(q, k, omega, causal=False, kernel="softmax", key_padding_mask: Optional[torch.Tensor] = None):
-    """The (B, H, T, S) random-feature attention matrix φ(q)φ(k)ᵀ, row-normalised, built explicitly."""
-    D = q.shape[-1]
+    """The (B, H, T, S) random-feature attention matrix φ(q)φ(k)ᵀ, masked and row-normalised, built explicitly.
+
+    Evaluated in the inputs' dtype (the references are run in float64). Softmax kernel: every term
+    exp(l(q_t)_j + l(k_s)_j) of row t is taken relative to the largest one among the keys that row sees (one
+    joint maximum per query; no per-key stabiliser). A row that sees no key (all masked, or a zero
+    normaliser with relu) is 0.
+    """
+    B, H, T, D = q.shape
+    S = k.shape[2]
     m = omega.shape[-2]
-    om = omega if omega.dim() == 3 else omega.unsqueeze(0)
-
-    def phi(x):
-        xs = x * D**-0.25
-        proj = torch.einsum("bhtd,hmd->bhtm", xs, om.expand(x.shape[1], -1, -1))
-        if kernel == "relu":
-            return torch.relu(proj) / m**0.5
-        return torch.exp(proj - 0.5 * (xs * xs).sum(-1, keepdim=True)) / m**0.5
-
-    scores = phi(q) @ phi(k).transpose(-1, -2)  # (B, H, T, S), positive kernel values
+    om = omega if omega.dim() == 3 else omega.unsqueeze(0).expand(H, -1, -1)  # (H, m, D)
+    qs, ks = q * D**-0.25, k * D**-0.25
+    proj_q = torch.einsum("bhtd,hmd->bhtm", qs, om)
+    proj_k = torch.einsum("bhsd,hmd->bhsm", ks, om)
+    visible = torch.ones(B, 1, T, S, dtype=torch.bool, device=q.device)
     if key_padding_mask is not None:
-        scores = scores.masked_fill(key_padding_mask[:, None, None, :], 0.0)
+        visible = visible & ~key_padding_mask[:, None, None, :]
     if causal:
-        T, S = scores.shape[-2:]
-        scores = scores.masked_fill(~torch.ones(T, S, dtype=torch.bool, device=q.device).tril(), 0.0)
+        visible = visible & torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    if kernel == "relu":
+        scores = torch.einsum("bhtm,bhsm->bhts", torch.relu(proj_q), torch.relu(proj_k)) / m
+        scores = torch.where(visible, scores, 0.0)
+    else:
+        # terms (B, H, T, S, m): l(q_t)_j + l(k_s)_j = ω_j·(q̂_t + k̂_s) - |q̂_t|²/2 - |k̂_s|²/2
+        logits = (proj_q - 0.5 * (qs * qs).sum(-1, keepdim=True)).unsqueeze(3) + (
+            proj_k - 0.5 * (ks * ks).sum(-1, keepdim=True)
+        ).unsqueeze(2)
+        seen = visible.unsqueeze(-1).expand_as(logits)
+        masked = torch.where(seen, logits.detach(), float("-inf"))
+        top = masked.amax((3, 4), keepdim=True) if S else logits.new_zeros(B, H, T, 1, 1)
+        top = torch.where(torch.isfinite(top), top, 0.0)  # the row sees no key: its terms are all dropped
+        scores = torch.where(seen, torch.exp(torch.where(seen, logits - top, 0.0)), 0.0).sum(-1) / m
     den = scores.sum(-1, keepdim=True)
-    return scores / (den.clamp_min(1e-6) if kernel == "relu" else den)  # relu rows may see no key
+    return torch.where(den > 0, scores / torch.where(den > 0, den, 1.0), 0.0)
 
 
 def rfa_attention(q, k, v, omega, causal=False, kernel="softmax", key_padding_mask=None):

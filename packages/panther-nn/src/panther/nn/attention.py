@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -9,7 +10,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from panther import backends
-from panther.backends.torch_backend import random_features
 from panther.nn._init import (
     check_input,
     check_int,
@@ -19,7 +19,7 @@ from panther.nn._init import (
     work_dtype,
     xavier_weight,
 )
-from panther.ops import rfa_attention
+from panther.ops import rfa_attention, rfa_attention_weights
 from panther.ops.rfa_attention import KERNELS
 
 __all__ = ["RandMultiHeadAttention"]
@@ -48,12 +48,26 @@ class RandMultiHeadAttention(nn.Module):
     Choromanski et al., 2021), for which :math:`\mathbb{E}[\phi(q) \cdot \phi(k)] \propto
     \exp(q \cdot k / \sqrt{d})`. ``kernel="relu"`` uses :math:`\phi(x) = \operatorname{relu}(\omega\hat{x})
     / \sqrt{m}` instead. Causal masking runs as prefix sums. Every forward runs
-    :func:`panther.ops.rfa_attention` on the backend selected at call time.
+    :func:`panther.ops.rfa_attention` on the backend selected at call time; its stabilisers and numerical
+    limits are documented in :mod:`panther.ops.rfa_attention`.
+
+    Queries that see no key: a query whose keys are all ignored (a sample fully padded by
+    ``key_padding_mask``, a causal query before its sample's first unpadded key, or an empty key sequence
+    :math:`S = 0`) gets attention 0, so its output is ``out_proj.bias`` (0 without bias), and it adds
+    nothing to the gradients; the other samples are unaffected. This follows
+    :func:`torch.nn.functional.scaled_dot_product_attention`, which returns 0 for a fully masked row (its
+    math backend; torch 2.13 on the CPU), whereas :class:`torch.nn.MultiheadAttention` returns NaN there,
+    and NaN gradients. The relu kernel's 0/0 (all features of a query, or of its keys, 0) is 0 likewise.
+    An empty query sequence (:math:`L = 0`) gives an empty output.
+
+    Autograd: gradients of every order are exact on the reference backend ``torch``, including
+    ``create_graph=True`` (gradient penalties, double backward).
 
     Args:
         embed_dim (int): total dimension of the model.
         num_heads (int): number of parallel attention heads; ``embed_dim`` must be divisible by it.
-        sketch_dim (int): :math:`m`, the number of random features per head. Must be at least 1.
+        sketch_dim (int): :math:`m`, the number of random features per head. Must be at least 1. Sizes
+            whose parameters and buffers exceed the device's memory are refused before anything is allocated.
         dropout (float): dropout probability, applied in training to whole keys (see :meth:`forward`).
             Default: ``0.0``.
         bias (bool): if ``True``, the input and output projections have biases. Default: ``True``.
@@ -64,7 +78,7 @@ class RandMultiHeadAttention(nn.Module):
         kdim (int, optional): number of features of the keys. Default: ``None`` (``embed_dim``).
         vdim (int, optional): number of features of the values. Default: ``None`` (``embed_dim``).
         device (torch.device, optional): device of the parameters and buffers.
-        dtype (torch.dtype, optional): dtype of the parameters and buffers.
+        dtype (torch.dtype, optional): dtype of the parameters and buffers, a floating-point dtype.
         seed (int, optional): seed of the layer's own random generator (initial projections and random features).
             Default: ``None``, seeded from one draw of the global RNG.
         generator (torch.Generator, optional): a generator to draw from instead. At most one of ``seed``
@@ -141,11 +155,12 @@ class RandMultiHeadAttention(nn.Module):
         super().__init__()
         self.embed_dim = check_int("embed_dim", embed_dim)
         self.num_heads = check_int("num_heads", num_heads)
-        if embed_dim % num_heads:
+        if self.embed_dim % self.num_heads:
             raise ValueError(
-                f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim} and num_heads={num_heads}"
+                f"embed_dim must be divisible by num_heads, got embed_dim={self.embed_dim} and "
+                f"num_heads={self.num_heads}"
             )
-        self.head_dim = embed_dim // num_heads
+        self.head_dim = self.embed_dim // self.num_heads
         self.sketch_dim = check_int("sketch_dim", sketch_dim)
         self.kdim = embed_dim if kdim is None else check_int("kdim", kdim)
         self.vdim = embed_dim if vdim is None else check_int("vdim", vdim)
@@ -153,9 +168,12 @@ class RandMultiHeadAttention(nn.Module):
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
             raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
         self.dropout = float(dropout)
-        if kernel not in KERNELS:
+        if not isinstance(kernel, str) or kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         self.kernel = kernel
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype (or None), got {dtype!r}")
+        _check_fits(self.embed_dim, self.kdim, self.vdim, self.num_heads, self.sketch_dim, bias, device, dtype)
         self.batch_first = bool(batch_first)
         self._generator, self.seed = make_generator(seed, generator)
         # Backend discovery happens here, outside any traced region (torch.compile cannot run it).
@@ -248,7 +266,7 @@ class RandMultiHeadAttention(nn.Module):
             materialize_weights (bool): with ``need_weights``, also form the :math:`O(L S)` matrix of normalised
                 random-feature weights :math:`\phi(q_t) \cdot \phi(k_s) / \sum_{s'} \phi(q_t) \cdot
                 \phi(k_{s'})` (masks applied, before dropout) for inspection: the weights the output is
-                computed with. Default: ``False``.
+                computed with (a row of zeros for a query that sees no key). Default: ``False``.
 
         Returns:
             ``(output, weights)``: output shaped like ``query`` (embedding ``E``); weights ``None``, or
@@ -297,17 +315,12 @@ class RandMultiHeadAttention(nn.Module):
                 f"batch_first={self.batch_first} inputs are {layout}, got query {q_shape}, key {k_shape} and "
                 f"value {v_shape}{hint}"
             )
-        key_padding_mask = _bool_key_padding_mask(key_padding_mask, N, S, query.device, unbatched)
+        key_padding_mask = _bool_key_padding_mask(key_padding_mask, N, S, unbatched)
         causal = bool(is_causal)
         if attn_mask is not None:
             if not _is_causal_mask(attn_mask, N * self.num_heads, L, S, query.device):
                 raise ValueError(f"{_MASK_HELP}; got an attn_mask that is not the causal mask")
             causal = True
-        if causal and L != S:
-            raise ValueError(
-                f"causal attention (is_causal=True or a causal attn_mask) needs as many queries as keys, got "
-                f"L={L} queries and S={S} keys"
-            )
 
         H, D = self.num_heads, self.head_dim
         w_q, w_k, w_v = self._in_proj_weights()
@@ -343,15 +356,7 @@ class RandMultiHeadAttention(nn.Module):
 
     def _weights(self, q: Tensor, k: Tensor, causal: bool, key_padding_mask: Optional[Tensor]) -> Tensor:
         """The normalised random-feature attention matrix (N, H, L, S) the output is computed with."""
-        wd = work_dtype(q.dtype)
-        omega = self.omega.to(wd)
-        qf = random_features(q.to(wd), omega, self.kernel, True)  # (N, H, L, m)
-        kf = random_features(k.to(wd), omega, self.kernel, False, key_padding_mask)  # (N, H, S, m)
-        scores = qf @ kf.transpose(-1, -2)  # (N, H, L, S)
-        if causal:
-            scores = scores.tril()
-        eps = 1e-6 if self.kernel == "relu" else torch.finfo(wd).tiny
-        return (scores / scores.sum(-1, keepdim=True).clamp_min(eps)).to(q.dtype)
+        return rfa_attention_weights(q, k, self.omega, causal, self.kernel, key_padding_mask)
 
     def extra_repr(self) -> str:
         s = f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, sketch_dim={self.sketch_dim}"
@@ -420,6 +425,31 @@ class RandMultiHeadAttention(nn.Module):
         return layer
 
 
+def _check_fits(E: int, kdim: int, vdim: int, H: int, m: int, bias: bool, device, dtype) -> None:
+    """Refuse, before allocating, hyper-parameters whose parameters and buffers exceed the device's memory."""
+    device = torch.empty(0, device=device).device if device is not None else torch.device("cpu")
+    if device.type == "meta":
+        return
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # no sysconf (e.g. Windows): no bound
+            return
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    D = E // H
+    values = E * (E + kdim + vdim) + E * E + (4 * E if bias else 0) + H * m * D
+    draw = 4 * H * -(-m // D) * D * D * 8  # float64 Gaussian blocks, their QR and the row norms
+    need = values * itemsize + draw
+    if need > total:
+        raise ValueError(
+            f"RandMultiHeadAttention(embed_dim={E}, num_heads={H}, sketch_dim={m}) needs about {need:,} bytes "
+            f"({need / 2**30:.1f} GiB) for its parameters, random features and their draw, more than the "
+            f"{total:,} bytes of {device}; lower sketch_dim or embed_dim"
+        )
+
+
 def _given_shape(t: Tensor, unbatched: bool, batch_first: bool) -> Tuple[int, ...]:
     """The shape the user passed, from the (N, seq, E) working layout."""
     if unbatched:
@@ -427,7 +457,7 @@ def _given_shape(t: Tensor, unbatched: bool, batch_first: bool) -> Tuple[int, ..
     return tuple(t.shape if batch_first else t.transpose(0, 1).shape)
 
 
-def _bool_key_padding_mask(mask, N: int, S: int, device, unbatched: bool) -> Optional[Tensor]:
+def _bool_key_padding_mask(mask, N: int, S: int, unbatched: bool) -> Optional[Tensor]:
     """key_padding_mask as a bool (N, S) tensor, True where a key is ignored."""
     if mask is None:
         return None
@@ -436,10 +466,6 @@ def _bool_key_padding_mask(mask, N: int, S: int, device, unbatched: bool) -> Opt
     expected = f"({S},) or (1, {S})" if unbatched else f"(N={N}, S={S})"
     if mask.shape != (N, S):
         raise ValueError(f"key_padding_mask must have shape {expected}, got {tuple(mask.shape)}")
-    if mask.device != device:
-        raise RuntimeError(
-            f"key_padding_mask is on {mask.device} but query is on {device}; they must be on one device"
-        )
     if mask.dtype == torch.bool:
         return mask
     if mask.is_floating_point():

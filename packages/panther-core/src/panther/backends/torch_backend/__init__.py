@@ -6,7 +6,7 @@ It is the float64 reference the other backends are tested against, and the fallb
 import torch
 
 from panther.backends.base import Backend, tensor_reasons
-from panther.backends.torch_backend.rfa_attention import rfa_attention, random_features
+from panther.backends.torch_backend.rfa_attention import rfa_attention
 from panther.backends.torch_backend.sketched_conv2d import sketched_conv2d
 from panther.backends.torch_backend.sketched_linear import sketched_linear
 
@@ -26,4 +26,4 @@ class TorchBackend(Backend):
     rfa_attention = staticmethod(rfa_attention)
 
 
-__all__ = ["TorchBackend", "sketched_linear", "sketched_conv2d", "rfa_attention", "random_features"]
+__all__ = ["TorchBackend", "sketched_linear", "sketched_conv2d", "rfa_attention"]

@@ -1,13 +1,24 @@
-"""Reference random-feature attention (FAVOR+) in plain PyTorch.
+r"""Reference random-feature attention (FAVOR+) in plain PyTorch.
 
-Math (per batch and head; q, k: (T, D), v: (T, Dv), omega: (m, D) random feature directions):
-    softmax kernel:  φ(x) = exp(ω x̂ − |x̂|²/2 − c) / √m,  x̂ = x / D^{1/4}    (E[φ(q)·φ(k)] ∝ exp(q·k/√D))
-    relu kernel:     φ(x) = relu(ω x̂) / √m
-    non-causal:      out_t = φ(q_t) (Σ_s φ(k_s)ᵀ v_s) / φ(q_t)·(Σ_s φ(k_s))
-    causal:          the sums run over s ≤ t (prefix sums, computed chunk by chunk)
-The stabiliser c is a per-query row max for queries and one max over all keys for keys; both cancel
-between numerator and denominator, so they are constants for autograd. Keys where key_padding_mask is
-True get φ(k) = 0. Half-precision inputs are computed in float32 and cast back.
+The feature maps, stabilisers and edge cases are the op's math, in :mod:`panther.ops.rfa_attention`
+(:func:`~panther.ops.rfa_attention.feature_maps`, :func:`~panther.ops.rfa_attention.normalise`). Per batch
+and head, with φ(q) ``(T, m)``, φ̃(k) ``(S, m)``, v ``(S, Dv)`` and ``v1 = [v, 1]`` (its last column gives
+the normaliser):
+
+- non-causal: ``[num, den]_t = φ(q_t) (Σ_s φ̃(k_s)ᵀ v1_s)``;
+- causal, in chunks of ``CHUNK`` queries and keys, with the keys' running maximum ``M`` (zero for relu):
+
+  * within a chunk: ``Σ_{s<=t} (φ(q_t)·φ̃(k_s)) exp(M_s - M_t) v1_s``;
+  * across chunks: a state ``Z_j = Σ_{s <= e_j} exp(M_s - M_{e_j}) φ̃(k_s)ᵀ v1_s`` (``e_j`` the last
+    position of chunk ``j``), updated as ``Z_j = exp(M_{e_{j-1}} - M_{e_j}) Z_{j-1} + (chunk j's sum)``
+    and read by query ``t`` of chunk ``j+1`` as ``(φ(q_t) exp(M_{e_j} - M_t)) Z_j``.
+
+  Every exponent is ``<= 0`` and nothing at position t reads a key after t.
+
+``out = num / den``, 0 where ``den == 0`` (NaN where a softmax row that sees a key underflowed).
+Half-precision inputs are computed in float32 and cast back.
+The autograd Function keeps no intermediates: its backward recomputes them, and differentiates that
+recomputation with a graph when a higher-order gradient is asked for (``create_graph=True``).
 """
 
 from __future__ import annotations
@@ -15,78 +26,57 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-CHUNK = 128  # causal prefix sums: the chunk length of the blockwise scan
+from panther.ops.rfa_attention import causal_decay, feature_maps, normalise
 
-
-def random_features(
-    x: torch.Tensor,
-    omega: torch.Tensor,
-    kernel: str,
-    is_query: bool,
-    key_padding_mask: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """φ(x) for x (B, H, T, D) and omega (H, m, D) or (m, D); returns (B, H, T, m)."""
-    D = x.shape[-1]
-    m = omega.shape[-2]
-    xs = x * D**-0.25
-    om = omega if omega.dim() == 2 else omega.unsqueeze(0)  # (1|H, m, D) broadcasts over batch
-    proj = torch.matmul(xs, om.transpose(-1, -2))  # (B, H, T, m)
-    mask = None if key_padding_mask is None else key_padding_mask[:, None, :, None]  # (B, 1, T, 1)
-    if kernel == "relu":
-        phi = torch.relu(proj)
-    else:
-        logits = proj - 0.5 * (xs * xs).sum(-1, keepdim=True)
-        if is_query:
-            c = logits.detach().amax(-1, keepdim=True)
-        else:
-            masked = logits.detach() if mask is None else logits.detach().masked_fill(mask, float("-inf"))
-            c = masked.amax((-2, -1), keepdim=True).clamp_min(-1e4)  # all keys masked: any finite c
-        phi = torch.exp(logits - c)
-    if mask is not None:
-        phi = phi.masked_fill(mask, 0.0)
-    return phi * m**-0.5
+CHUNK = 128  # causal mode: the chunk length of the blockwise scan
 
 
-def _causal_numden(qf, kf, v):
-    """Prefix-sum linear attention: Σ_{s≤t} (qf_t·kf_s) [v_s, 1], blockwise in chunks of CHUNK."""
+def _causal_numden(qf, kf, v, M):
+    """Causal ``(num (B, H, T, Dv), den (B, H, T))`` from stabilised features and the running max M (B, H, T)."""
     B, H, T, m = qf.shape
     Dv = v.shape[-1]
-    v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, H, T, Dv+1): last column gives the denominator
-    C = min(CHUNK, T)
-    n = (T + C - 1) // C
+    v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, H, T, Dv+1)
+    C = max(1, min(CHUNK, T))
+    n = -(-T // C)
     pad = n * C - T
-    if pad:
-        qf = torch.nn.functional.pad(qf, (0, 0, 0, pad))
-        kf = torch.nn.functional.pad(kf, (0, 0, 0, pad))
-        v1 = torch.nn.functional.pad(v1, (0, 0, 0, pad))
+    if pad:  # padded keys have zero features; M repeats its last value so that it stays nondecreasing
+        qf, kf, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (qf, kf, v1))
+        M = torch.cat([M, M[..., -1:].expand(B, H, pad)], dim=-1)
     qc = qf.view(B, H, n, C, m)
     kc = kf.view(B, H, n, C, m)
     vc = v1.view(B, H, n, C, Dv + 1)
-    kv = torch.matmul(kc.transpose(-1, -2), vc)  # (B, H, n, m, Dv+1) per-chunk sums
-    # exclusive prefix over chunks by shifting the inclusive one: `cumsum(kv) - kv` would cancel
-    # catastrophically (forward and backward) when one chunk's sums dwarf the others
-    state = torch.cat([torch.zeros_like(kv[:, :, :1]), torch.cumsum(kv[:, :, :-1], dim=2)], dim=2)
-    inter = torch.matmul(qc, state)
-    scores = torch.matmul(qc, kc.transpose(-1, -2))  # (B, H, n, C, C)
-    tril = torch.ones(C, C, dtype=torch.bool, device=qf.device).tril()
-    intra = torch.matmul(scores.masked_fill(~tril, 0.0), vc)
+    Mc = M.view(B, H, n, C)
+    intra = torch.matmul(torch.matmul(qc, kc.transpose(-1, -2)) * causal_decay(Mc), vc)  # (B, H, n, C, Dv+1)
+    end = Mc[..., -1]  # (B, H, n): the running max at each chunk's end
+    # each chunk's sum relative to the max at its end: (B, H, n, m, Dv+1)
+    sums = torch.matmul((kc * torch.exp(Mc - end.unsqueeze(-1)).unsqueeze(-1)).transpose(-1, -2), vc)
+    state = torch.zeros_like(sums[:, :, 0])  # what chunk 0's queries read
+    states = [state]
+    for j in range(n - 1):  # add chunk j: the state moves from relative to end[j-1] to relative to end[j]
+        if j:
+            state = state * torch.exp(end[:, :, j - 1] - end[:, :, j])[..., None, None]
+        state = state + sums[:, :, j]
+        states.append(state)
+    state = torch.stack(states, dim=2)  # (B, H, n, m, Dv+1)
+    before = torch.cat([Mc[:, :, :1, :1], end[:, :, :-1].unsqueeze(-1)], dim=2)  # (B, H, n, 1): max at the previous end
+    inter = torch.matmul(qc * torch.exp(before - Mc).unsqueeze(-1), state)
     out = (inter + intra).reshape(B, H, n * C, Dv + 1)[:, :, :T]
     return out[..., :Dv], out[..., Dv]
 
 
 def _attention(q, k, v, omega, causal, kernel, key_padding_mask):
+    """The forward in plain differentiable PyTorch (half precision computed in float32)."""
     work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     q_, k_, v_, om = (t.to(work) for t in (q, k, v, omega))
-    qf = random_features(q_, om, kernel, True)
-    kf = random_features(k_, om, kernel, False, key_padding_mask)
-    if causal:
-        num, den = _causal_numden(qf, kf, v_)
+    qf, kf, M = feature_maps(q_, k_, om, kernel, causal, key_padding_mask)
+    if causal and q.shape[2]:  # (T = S = 0 is the empty non-causal case)
+        num, den = _causal_numden(qf, kf, v_, M if M is not None else qf.new_zeros(qf.shape[:-1]))
     else:
         num = torch.matmul(qf, torch.matmul(kf.transpose(-1, -2), v_))
         den = torch.matmul(qf, kf.sum(-2).unsqueeze(-1)).squeeze(-1)
-    eps = 1e-6 if kernel == "relu" else torch.finfo(work).tiny
-    return (num / den.clamp_min(eps).unsqueeze(-1)).to(q.dtype)
+    return normalise(num, den, M).to(q.dtype)
 
 
 class RFAttentionFunction(torch.autograd.Function):
@@ -103,13 +93,22 @@ class RFAttentionFunction(torch.autograd.Function):
     def backward(ctx, g):
         q, k, v, omega, kpm = ctx.saved_tensors
         causal, kernel = ctx.conf
-        inputs = [t.detach().requires_grad_(need) for t, need in zip((q, k, v, omega), ctx.needs_input_grad)]
-        with torch.enable_grad():
-            out = _attention(*inputs, causal, kernel, kpm)
-        wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, g, allow_unused=True))
-        res = [next(grads) if t.requires_grad else None for t in inputs]
-        res = [torch.zeros_like(t) if r is None and t.requires_grad else r for r, t in zip(res, inputs)]
+        need = ctx.needs_input_grad[:4]
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiate a recomputation attached to the inputs' graphs, with a graph,
+            # so that the gradient is itself differentiable (gradient penalties, double backward)
+            inputs = [q, k, v, omega]
+            out = _attention(q, k, v, omega, causal, kernel, kpm)
+            create_graph = True
+        else:
+            inputs = [t.detach().requires_grad_(n) for t, n in zip((q, k, v, omega), need)]
+            with torch.enable_grad():
+                out = _attention(*inputs, causal, kernel, kpm)
+            create_graph = False
+        wanted = [t for t, n in zip(inputs, need) if n]
+        grads = iter(torch.autograd.grad(out, wanted, g, allow_unused=True, create_graph=create_graph))
+        res = [next(grads) if n else None for n in need]
+        res = [torch.zeros_like(t) if r is None and n else r for r, t, n in zip(res, inputs, need)]
         return (*res, None, None, None)
 
 
