@@ -19,7 +19,7 @@ from panther.backends.toolkit import BoundedCache, Requirements, cdiv, kernel_op
 def _reqs(interpreting=False, **kw):
     return Requirements(
         backend="demo", dtypes=(torch.float32, torch.bfloat16), interpreter=lambda: interpreting,
-        interpreter_hint="set DEMO_INTERPRET=1", dtype_advice={torch.float64: "use backend 'torch' for float64"},
+        interpreter_hint="set DEMO_INTERPRET=1", mask_dtypes=(torch.bool,), dtype_advice={torch.float64: "use backend 'torch' for float64"},
         **kw,
     )
 
@@ -40,8 +40,11 @@ def test_reasons_dtypes_one_dtype_one_device():
     assert r.reasons("op", x.half()) == ["dtype float16 is not supported (supported: float32, bfloat16)"]
     assert "the tensors must share one dtype, got bfloat16, float32" in r.reasons("op", x, x.bfloat16())
     assert any("one device" in m for m in r.reasons("op", x, torch.ones(1, device="meta")))
-    assert r.reasons("op", x, torch.ones(2, dtype=torch.bool), None, 3) == []  # masks, None, ints: not checked
-    assert r.reasons("op", x, mask=torch.ones(2, dtype=torch.int64), w=x) == []  # keyword tensors count too
+    assert r.reasons("op", x, torch.ones(2, dtype=torch.bool), None, 3) == []  # masks, None, numbers: accepted
+    assert r.reasons("op", x, index=torch.ones(2, dtype=torch.int64)) == [  # keyword tensors count too
+        "dtype int64 is not supported (supported: float32, bfloat16)",
+        "the tensors must share one dtype, got float32, int64",
+    ]
 
 
 def test_per_op_limits_are_data():

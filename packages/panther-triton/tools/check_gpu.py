@@ -152,7 +152,7 @@ def main(argv=None) -> int:
                 row = {
                     "T": T, "I": I, "O": O, "L": L, "k": k, "err_vs_torch_backend": err,
                     "linear_us": t_lin, "torch_backend_us": t_ref, "triton_us": t_tri, "floor_us": floors,
-                    "plans": describe(T, I, O, L * k, 2, x.device),
+                    "plans": describe(T, I, O, L * k, x.device),
                 }
                 print(f"{T:5d} {n:5d} {L},{k:<3d} | {t_lin[0]:14.1f} {t_ref[0]:7.1f} {t_tri[0]:7.1f} {floors[0]:6.1f} | "
                       f"{t_lin[1]:14.1f} {t_ref[1]:7.1f} {t_tri[1]:7.1f} {floors[1]:6.1f} | "

@@ -103,7 +103,8 @@ class Requirements:
 
     Args:
         backend: the backend's name, for messages.
-        dtypes: floating dtypes every op accepts (integer and bool tensors, e.g. masks, are not checked).
+        dtypes: floating dtypes every op accepts.
+        mask_dtypes: other dtypes accepted (e.g. ``torch.bool`` for masks); they need not match ``dtypes``.
         min_capability: lowest CUDA compute capability, e.g. ``(8, 0)``; ``None`` for no bound.
         device_type: the device the kernels run on (``"cuda"``).
         interpreter: a function telling whether the kernels run in a CPU interpreter now (then they take
@@ -117,6 +118,7 @@ class Requirements:
 
     backend: str
     dtypes: Tuple[torch.dtype, ...]
+    mask_dtypes: Tuple[torch.dtype, ...] = ()
     min_capability: Optional[Tuple[int, int]] = (8, 0)
     device_type: str = "cuda"
     interpreter: Optional[Callable[[], bool]] = None
@@ -157,9 +159,8 @@ class Requirements:
     def reasons(self, op: str, *args, **kwargs) -> List[str]:
         """Reasons the kernels cannot take these arguments of ``op`` (empty list: they can), sorted."""
         tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)]
-        floating = [t for t in tensors if t.dtype.is_floating_point or t.dtype.is_complex]
         devices = {t.device for t in tensors}
-        dtypes = {t.dtype for t in floating}
+        dtypes = {t.dtype for t in tensors if t.dtype not in self.mask_dtypes}
         reasons = set()
         interp = self._interpreting()
         for dev in devices:
