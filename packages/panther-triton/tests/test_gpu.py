@@ -10,6 +10,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 import panther
+import panther.backends.torch_backend  # noqa: F401  (the float64 reference of test_tf32_is_really_used_when_allowed)
 import panther_triton
 from panther.backends import backend_infos, load_backend, select
 from triton_test_utils import TOL, TOL_TF32, make_inputs, rel_err, run_and_compare
