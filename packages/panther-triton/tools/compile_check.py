@@ -146,8 +146,10 @@ def trace_check(arch: int) -> int:
     import re as _re
 
     import panther_triton.ops.sketched_linear.plan as plan_module
+    from panther_triton import _runtime
 
     plan_module.device_sms = lambda device: 132  # no device to ask
+    _runtime._device_limit = lambda tensor: SMEM_LIMIT.get(arch, 99 * 1024)  # Inductor prunes configs while tracing
     from torch._functorch.aot_autograd import aot_function
     from torch._library.triton import get_triton_kernels_for_op
     from torch._subclasses.fake_tensor import FakeTensorMode

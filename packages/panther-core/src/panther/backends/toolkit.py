@@ -54,6 +54,11 @@ def cuda_capabilities() -> Tuple[Tuple[int, int], ...]:
     return _capabilities
 
 
+# torch.compile calls it at trace time and keeps the result as a constant (tracing torch.cuda.device_count
+# graph-breaks): what torch.compiler.assume_constant_result sets, without importing torch._dynamo here
+cuda_capabilities._dynamo_marked_constant = True
+
+
 _properties: Dict[int, object] = {}
 
 
@@ -246,6 +251,20 @@ def next_power_of_2(n: int) -> int:
 # Ops from a forward and a backward implementation
 
 
+def _python_type(schema_type: str):
+    return {"Tensor": Tensor, "Tensor?": Optional[Tensor], "bool": bool, "SymInt": int, "float": float}[schema_type]
+
+
+def _with_signature(fn, params: Sequence[Tuple[str, str]], n_outputs: int):
+    """``fn`` (taking ``*args``) with the signature torch.library infers the op's schema from."""
+    fn.__signature__ = inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_python_type(t))
+         for t, name in params],
+        return_annotation=typing.Tuple[tuple([Tensor] * n_outputs)],
+    )
+    return fn
+
+
 def _schema_type(annotation) -> str:
     if annotation is Tensor:
         return "Tensor"
@@ -276,16 +295,25 @@ class KernelOp:
         self.forward_impl, self.backward_impl, self.allocate = forward, backward, allocate
         ns, base = name.split("::")
         self.name = name
-        args = ", ".join(f"{t} {n}" for t, n in zip(types, self.names))
-        fwd_schema = f"({args}) -> ({', '.join(['Tensor'] * len(self.outputs))})"
-        tensors = [f"{types[i]} {self.names[i]}" for i in self.tensor_index]
-        residuals = [f"Tensor {r}" for r in self.outputs[1:]]
-        needs = [f"bool need_{self.names[i]}" for i in self.tensor_index]
-        options = [f"{t} {n}" for t, n, is_t in zip(types, self.names, self.is_tensor) if not is_t]
-        bwd_args = ", ".join([f"Tensor grad_{self.outputs[0]}", *tensors, *residuals, *needs, *options])
-        bwd_schema = f"({bwd_args}) -> ({', '.join(['Tensor'] * len(self.tensor_index))})"
-        self.fwd_op = factory(f"{ns}::{base}_fwd", self._fwd_body, mutates_args=(), schema=fwd_schema)
-        self.bwd_op = factory(f"{ns}::{base}_bwd", self._bwd_body, mutates_args=(), schema=bwd_schema)
+        fwd_params = list(zip(types, self.names))
+        bwd_params = [
+            ("Tensor", f"grad_{self.outputs[0]}"),
+            *(fwd_params[i] for i in self.tensor_index),
+            *(("Tensor", r) for r in self.outputs[1:]),
+            *(("bool", f"need_{self.names[i]}") for i in self.tensor_index),
+            *(p for p, is_t in zip(fwd_params, self.is_tensor) if not is_t),
+        ]
+
+        def fwd_body(*args):
+            return self._fwd_body(*args)
+
+        def bwd_body(*args):
+            return self._bwd_body(*args)
+
+        fwd_body = _with_signature(fwd_body, fwd_params, len(self.outputs))
+        bwd_body = _with_signature(bwd_body, bwd_params, len(self.tensor_index))
+        self.fwd_op = factory(f"{ns}::{base}_fwd", fwd_body, mutates_args=())
+        self.bwd_op = factory(f"{ns}::{base}_bwd", bwd_body, mutates_args=())
         self.fwd_op.register_fake(allocate)
         self.bwd_op.register_fake(self._bwd_allocate)
         self.fwd_op.register_autograd(self._op_backward, setup_context=self._op_setup_context)
