@@ -121,7 +121,7 @@ def _candidates(monkeypatch, limit):
     monkeypatch.setattr(_runtime, "_device_limit", lambda tensor: limit)
     return _runtime.Candidates(
         gpu=[({"BT": 128, "BI": 64}, 8, 4), ({"BT": 64, "BI": 64}, 4, 2), ({"BT": 32, "BI": 32}, 4, 1)],
-        tiles=lambda m, blk: (m["BT"] * m["BI"], m["BI"] * blk),
+        shared=lambda m, blk, stages: stages * (m["BT"] * m["BI"] + m["BI"] * blk),
         interpreter={"BT": 16, "BI": 16},
     )
 
@@ -139,7 +139,8 @@ def test_prune_keeps_what_fits_or_the_smallest(monkeypatch):
     big, mid, small = c.configs  # bf16 at BLK=128: 128 KiB, 48 KiB, 10 KiB
     assert c.prune(c.configs, {"x": x16, "BLK": 128, "PREC": "tf32"}) == [mid, small]
     assert c.prune(c.configs, {"x": x16, "BLK": 64, "PREC": "tf32"}) == [big, mid, small]
-    assert c.prune(c.configs, {"x": x32, "BLK": 128, "PREC": "tf32"}) == [mid, small]  # float32: twice the bytes
+    # float32: twice the bytes, against half the limit (FLOAT32_MARGIN): 96 KiB, 20 KiB against 50 KiB
+    assert c.prune(c.configs, {"x": x32, "BLK": 128, "PREC": "tf32"}) == [small]
     c_tiny = _candidates(monkeypatch, 1024)
     assert c_tiny.prune(c_tiny.configs, {"x": x16, "BLK": 128, "PREC": "tf32"}) == [c_tiny.configs[2]]
     # float32 on the CUDA cores: only the smallest, wherever the others fit
@@ -150,5 +151,5 @@ def test_one_small_config_under_the_interpreter(monkeypatch):
     from panther_triton import _runtime
 
     monkeypatch.setattr(_runtime, "interpreting", lambda: True)
-    one = _runtime.Candidates(gpu=[({"BT": 64}, 4, 3)], tiles=lambda m, blk: (m["BT"],), interpreter={"BT": 32})
+    one = _runtime.Candidates(gpu=[({"BT": 64}, 4, 3)], shared=lambda m, blk, stages: m["BT"], interpreter={"BT": 32})
     assert [(c.kwargs, c.num_stages) for c in one.configs] == [({"BT": 32}, 1)]

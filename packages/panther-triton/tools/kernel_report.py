@@ -118,8 +118,8 @@ def main(argv=None) -> int:
     kernels = _kernels()
     if args.extra:
         for name, tuner in kernels.items():
-            candidates = tuner.early_config_prune.__self__  # the kernel's _runtime.Candidates
-            tuner.configs = list(tuner.configs) + [triton.Config(dict(m), num_warps=w, num_stages=st) for m, w, st in EXTRA[name]]
+            extra = [triton.Config(dict(m), num_warps=w, num_stages=st) for m, w, st in EXTRA[name]]
+            tuner.configs = list(tuner.configs) + extra  # pruned to shared memory like the others
     dtype = torch.bfloat16
     print({"device": torch.cuda.get_device_name(), "triton": triton.__version__, "torch": torch.__version__,
            "commit": os.environ.get("PANTHER_COMMIT", ""), "extra": args.extra})

@@ -8,7 +8,7 @@ backend must stay cheap. Kernel modules make their :class:`Candidates` when they
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Tuple
 
 import torch
 
@@ -29,8 +29,12 @@ SIZES_NOT_SPECIALISED = ["T", "T_BUCKET"]
 
 WIDEST_CHUNK = 128  # the widest column chunk BLK of the kernels (plan.BLK_MAX)
 
+# Margin for float32 operands: the compiler's shared memory for float32 (TF32) candidates on sm_90 ran up to
+# 2.7x the 16-bit figure of the same candidate, not 2x (tools/compile_check.py)
+FLOAT32_MARGIN = 2
+
 Candidate = Tuple[Dict[str, int], int, int]  # (meta-parameters, num_warps, num_stages)
-Tiles = Callable[[Dict[str, int], int], Sequence[int]]  # (meta, BLK) -> elements of each tile one stage loads
+SharedElements = Callable[[Dict[str, int], int, int], int]  # (meta, BLK, num_stages) -> elements in shared memory
 
 
 class Candidates:
@@ -38,9 +42,9 @@ class Candidates:
 
     Args:
         gpu: the candidates, ``(meta, num_warps, num_stages)``.
-        tiles: ``tiles(meta, BLK)`` gives the element count of every operand tile one pipeline stage of
-            the kernel's main loop holds in shared memory; a candidate's estimate is
-            ``num_stages × Σ tiles × operand bytes`` (:meth:`shared_memory`).
+        shared: ``shared(meta, BLK, num_stages)`` gives the operand elements the kernel holds in shared
+            memory: the tiles one pipeline stage of its main loop loads, times the stages, plus what is
+            staged once; times the operand's bytes it is the candidate's estimate (:meth:`shared_memory`).
         interpreter: the one config used under ``TRITON_INTERPRET=1`` (the autotuner would otherwise
             benchmark every config on the CPU).
 
@@ -48,10 +52,10 @@ class Candidates:
     pruning hook (:meth:`prune`).
     """
 
-    def __init__(self, gpu: Iterable[Candidate], tiles: Tiles, interpreter: Dict[str, int]):
+    def __init__(self, gpu: Iterable[Candidate], shared: SharedElements, interpreter: Dict[str, int]):
         import triton
 
-        self.tiles = tiles
+        self.shared = shared
         self.prune_configs_by = {"early_config_prune": self.prune}
         if interpreting():
             self.configs: List = [triton.Config(dict(interpreter), num_warps=4, num_stages=1)]
@@ -60,12 +64,14 @@ class Candidates:
 
     def shared_memory(self, config, blk: int, element_size: int) -> int:
         """Estimated bytes of shared memory of ``config`` at column chunk ``blk`` for operands of this size."""
-        return config.num_stages * sum(self.tiles(config.kwargs, blk)) * element_size
+        return self.shared(config.kwargs, blk, config.num_stages) * element_size
 
     def prune(self, configs, named_args, **kwargs) -> list:
         """``early_config_prune``: the candidates whose estimated shared memory fits the device's
         ``shared_memory_per_block_optin`` at this launch's column chunk ``BLK`` and operand dtype (the
-        first tensor argument's), or the smallest where none fits. float32 without TF32 (``PREC ==
+        first tensor argument's; float32 must fit in 1/FLOAT32_MARGIN of it), or the smallest where none
+        fits. An estimate below the compiler's figure only costs the compile of a config that then does
+        not fit (the autotuner skips it); one above it prunes a config that would have run. float32 without TF32 (``PREC ==
         "ieee"``: products on the CUDA cores) keeps only the smallest, so a first call at a new shape
         compiles and times one config."""
         if len(configs) <= 1:
@@ -78,6 +84,8 @@ class Candidates:
         if kwargs.get("PREC", named_args.get("PREC")) == "ieee":
             return [smallest]
         limit = _device_limit(tensor)
+        if es == 4:  # float32 on TF32 tensor cores: the compiler stages operands again for the conversion
+            limit //= FLOAT32_MARGIN
         kept = [c for c in configs if size[id(c)] <= limit]
         return kept or [smallest]
 

@@ -53,8 +53,7 @@ _G = Candidates(
         ({"BT": 64, "BO": 64}, 8, 4),
         ({"BT": 64, "BO": 32}, 4, 1),
     ],
-    # the larger role: A (g, [U1; S2] chunk) or B (g, H chunk)
-    tiles=lambda m, blk: (m["BT"] * m["BO"], 2 * blk * max(m["BO"], m["BT"])),
+    shared=lambda m, blk, stages: stages * (m["BT"] * m["BO"] + 2 * blk * m["BO"]),  # role A: g, [U1; S2] chunk
     interpreter={"BT": 32, "BO": 32},
 )
 
@@ -181,7 +180,7 @@ _X = Candidates(
         ({"BT": 64, "BI": 128}, 8, 2),
         ({"BT": 32, "BI": 32}, 4, 1),
     ],
-    tiles=lambda m, blk: (m["BT"] * m["BI"], 2 * m["BT"] * blk),  # x, dH chunk (A's tile is loaded once)
+    shared=lambda m, blk, stages: stages * m["BT"] * m["BI"] + 2 * m["BT"] * blk,  # x per stage, dH chunk once
     interpreter={"BT": 32, "BI": 32},
 )
 
@@ -299,7 +298,7 @@ def _grad_from_x_kernel(
         store_grad(du2, ws, off_du2, stride_ws, pid_s, out, acc_u2, mask_a, SPLIT_T)
 
 
-_SUM = Candidates(gpu=[({"BLOCK": 1024}, 4, 1)], tiles=lambda m, blk: (0,), interpreter={"BLOCK": 256})
+_SUM = Candidates(gpu=[({"BLOCK": 1024}, 4, 1)], shared=lambda m, blk, stages: 0, interpreter={"BLOCK": 256})
 
 
 @triton.autotune(configs=_SUM.configs, key=["N_OUT"], do_bench=tuning_bench)

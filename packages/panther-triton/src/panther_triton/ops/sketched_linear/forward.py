@@ -9,7 +9,7 @@ Notation (DESIGN.md): x (T, I); S1s, U2s (L, I, K); U1s, S2s (L, K, O); Lk = L K
 Each half of H is computed in column chunks of BLK <= 128 (the block of the Lk axis), so R <= 256 is
 one chunk, held on chip.
 
-Launches (plan.py picks one by a cost model of the device):
+Launches (plan.py picks one by a rule):
 * fused, R <= 256 — ONE launch, ``_sketch_out_kernel`` with FUSED: a program computes its BT rows of H
   over the whole I loop into registers, rounds them once to the input dtype, then streams y over its O
   tiles with 1/(2L) and the bias in the epilogue. ``o_groups`` programs may share a row tile, each
@@ -85,7 +85,7 @@ _IN = Candidates(
         ({"BT": 128, "BI": 32}, 8, 4),
         ({"BT": 64, "BI": 32}, 4, 1),
     ],
-    tiles=lambda m, blk: (m["BT"] * m["BI"], 2 * m["BI"] * blk),  # x, [S1 | U2] chunk
+    shared=lambda m, blk, stages: stages * (m["BT"] * m["BI"] + 2 * m["BI"] * blk),  # x, [S1 | U2] chunk
     interpreter={"BT": 32, "BI": 32},
 )
 
@@ -158,8 +158,11 @@ _OUT = Candidates(
         ({"BT": 128, "BI": 64, "BO": 64}, 8, 2),
         ({"BT": 64, "BI": 32, "BO": 64}, 4, 1),
     ],
-    # the larger of the fused x·A loop (x, [S1 | U2] chunk) and the y loop ([U1; S2] chunk), plus H on chip
-    tiles=lambda m, blk: (max(m["BT"] * m["BI"] + 2 * m["BI"] * blk, 2 * blk * m["BO"]), 2 * m["BT"] * blk),
+    # the larger of the y loop ([U1; S2] chunk per stage, and the y tile) and the fused x·A loop (x and the
+    # [S1 | U2] chunk, one stage fewer: the compiler's figures on sm_90 came out so)
+    shared=lambda m, blk, stages: max(
+        stages * 2 * blk * m["BO"] + m["BT"] * m["BO"], (stages - 1) * (m["BT"] * m["BI"] + 2 * m["BI"] * blk)
+    ),
     interpreter={"BT": 32, "BI": 32, "BO": 32},
 )
 
