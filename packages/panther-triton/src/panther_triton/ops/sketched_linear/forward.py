@@ -158,10 +158,11 @@ _OUT = Candidates(
         ({"BT": 128, "BI": 64, "BO": 64}, 8, 2),
         ({"BT": 64, "BI": 32, "BO": 64}, 4, 1),
     ],
-    # the larger of the y loop ([U1; S2] chunk per stage, and the y tile) and the fused x·A loop (x and the
-    # [S1 | U2] chunk, one stage fewer: the compiler's figures on sm_90 came out so)
+    # the larger of the y loop ([U1; S2] chunk per stage; the y tile and H's chunk once) and the fused
+    # x·A loop (x and the [S1 | U2] chunk per stage)
     shared=lambda m, blk, stages: max(
-        stages * 2 * blk * m["BO"] + m["BT"] * m["BO"], (stages - 1) * (m["BT"] * m["BI"] + 2 * m["BI"] * blk)
+        stages * 2 * blk * m["BO"] + m["BT"] * m["BO"] + 2 * m["BT"] * blk,
+        stages * (m["BT"] * m["BI"] + 2 * m["BI"] * blk),
     ),
     interpreter={"BT": 32, "BI": 32, "BO": 32},
 )
