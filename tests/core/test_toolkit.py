@@ -280,3 +280,5 @@ def test_unsupported_annotation_is_named():
 
     with pytest.raises(TypeError, match="unsupported argument annotation"):
         kernel_op("panther_toolkit_test::bad", forward=fwd, backward=_backward, allocate=_allocate)
+    with pytest.raises(ValueError, match="name must be 'namespace::op', got 'bad'"):
+        kernel_op("bad", forward=_forward, backward=_backward, allocate=_allocate)

@@ -251,30 +251,23 @@ def next_power_of_2(n: int) -> int:
 # Ops from a forward and a backward implementation
 
 
-def _python_type(schema_type: str):
-    return {"Tensor": Tensor, "Tensor?": Optional[Tensor], "bool": bool, "SymInt": int, "float": float}[schema_type]
-
-
-def _with_signature(fn, params: Sequence[Tuple[str, str]], n_outputs: int):
+def _with_signature(fn, params: Sequence[Tuple[object, str]], n_outputs: int):
     """``fn`` (taking ``*args``) with the signature torch.library infers the op's schema from."""
     fn.__signature__ = inspect.Signature(
-        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_python_type(t))
-         for t, name in params],
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=t) for t, name in params],
         return_annotation=typing.Tuple[tuple([Tensor] * n_outputs)],
     )
     return fn
 
 
-def _schema_type(annotation) -> str:
-    if annotation is Tensor:
-        return "Tensor"
+def _argument_type(annotation):
+    """The annotation as torch.library reads it: Tensor, Optional[Tensor], bool, int or float."""
+    if annotation in (Tensor, bool, int, float):
+        return annotation
     if typing.get_origin(annotation) in (typing.Union, types.UnionType) and set(typing.get_args(annotation)) == {
         Tensor, type(None)
     }:
-        return "Tensor?"
-    for py, name in ((bool, "bool"), (int, "SymInt"), (float, "float")):
-        if annotation is py:
-            return name
+        return Optional[Tensor]
     raise TypeError(f"kernel_op: unsupported argument annotation {annotation!r} (Tensor, Optional[Tensor], "
                     "bool, int, float)")
 
@@ -283,12 +276,14 @@ class KernelOp:
     """A differentiable op made by :func:`kernel_op`; calling it runs the op (see there)."""
 
     def __init__(self, name, forward, backward, allocate, outputs, factory):
+        if name.count("::") != 1:
+            raise ValueError(f"kernel_op: name must be 'namespace::op', got {name!r}")
         hints = typing.get_type_hints(forward)
         params = list(inspect.signature(forward).parameters.values())[1:]  # after `out`
         params = [p for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
         self.names = [p.name for p in params]
-        types = [_schema_type(hints[n]) for n in self.names]
-        self.is_tensor = [t.startswith("Tensor") for t in types]
+        types = [_argument_type(hints[n]) for n in self.names]
+        self.is_tensor = [t in (Tensor, Optional[Tensor]) for t in types]
         self.tensor_index = [i for i, is_t in enumerate(self.is_tensor) if is_t]
         self.n_args = len(params)
         self.outputs = tuple(outputs)
@@ -297,10 +292,10 @@ class KernelOp:
         self.name = name
         fwd_params = list(zip(types, self.names))
         bwd_params = [
-            ("Tensor", f"grad_{self.outputs[0]}"),
+            (Tensor, f"grad_{self.outputs[0]}"),
             *(fwd_params[i] for i in self.tensor_index),
-            *(("Tensor", r) for r in self.outputs[1:]),
-            *(("bool", f"need_{self.names[i]}") for i in self.tensor_index),
+            *((Tensor, r) for r in self.outputs[1:]),
+            *((bool, f"need_{self.names[i]}") for i in self.tensor_index),
             *(p for p, is_t in zip(fwd_params, self.is_tensor) if not is_t),
         ]
 
