@@ -311,6 +311,9 @@ class KernelOp:
         self.bwd_op = factory(f"{ns}::{base}_bwd", bwd_body, mutates_args=())
         self.fwd_op.register_fake(allocate)
         self.bwd_op.register_fake(self._bwd_allocate)
+        # the registered operators, as torch.compile and autograd see them (torch.ops.namespace.op_fwd.default)
+        self._fwd = getattr(getattr(torch.ops, ns), f"{base}_fwd").default
+        self._bwd = getattr(getattr(torch.ops, ns), f"{base}_bwd").default
         self.fwd_op.register_autograd(self._op_backward, setup_context=self._op_setup_context)
         self.bwd_op.register_autograd(self._refuse_second_order)
         self.function = self._make_function()
@@ -367,7 +370,7 @@ class KernelOp:
         tensors, residuals = saved[:n_t], saved[n_t:]
         needs = tuple(bool(ctx.needs_input_grad[i]) and p for i, p in zip(self.tensor_index, ctx.present))
         options = [a for a, is_t in zip(ctx.inputs, self.is_tensor) if not is_t]
-        grads = self.bwd_op(grad, *tensors, *residuals, *needs, *options)
+        grads = self._bwd(grad, *tensors, *residuals, *needs, *options)
         result = [None] * self.n_args
         for i, g, need in zip(self.tensor_index, grads, needs):
             result[i] = g if need else None
@@ -420,7 +423,7 @@ class KernelOp:
         if len(args) != self.n_args:
             raise TypeError(f"{self.name} takes {self.n_args} arguments ({', '.join(self.names)}), got {len(args)}")
         if torch.compiler.is_compiling():
-            return self.fwd_op(*args)[0]
+            return self._fwd(*args)[0]
         first = args[self.tensor_index[0]]
         if torch.is_grad_enabled() and any(
             args[i] is not None and args[i].requires_grad for i in self.tensor_index
