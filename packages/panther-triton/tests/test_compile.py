@@ -41,7 +41,7 @@ def test_opcheck():
     for needs in [(True,) * 6, (True, False, True, False, True, False)]:
         torch.library.opcheck(
             torch.ops.panther_triton.sketched_linear_bwd.default,
-            (g, x.detach(), h.detach(), *(t.detach() for t in (S1s, S2s, U1s, U2s)), *needs, False),
+            (g, x.detach(), *(t.detach() for t in (S1s, S2s, U1s, U2s, b)), h.detach(), *needs, False),
         )
 
 
@@ -50,11 +50,11 @@ def test_fake_outputs_match_real_strides():
     x = x.transpose(0, 1)  # non-contiguous (6, 2, 20)
     y, h = torch.ops.panther_triton.sketched_linear_fwd(x, S1s, S2s, U1s, U2s, b, True)
     g = torch.randn_like(y)
-    grads = torch.ops.panther_triton.sketched_linear_bwd(g, x, h, S1s, S2s, U1s, U2s, *([True] * 6), True)
+    grads = torch.ops.panther_triton.sketched_linear_bwd(g, x, S1s, S2s, U1s, U2s, b, h, *([True] * 6), True)
     with FakeTensorMode(allow_non_fake_inputs=False) as mode:
         fx, fS1, fS2, fU1, fU2, fb, fg, fh = (mode.from_tensor(t) for t in (x, S1s, S2s, U1s, U2s, b, g, h))
         fy, fhh = torch.ops.panther_triton.sketched_linear_fwd(fx, fS1, fS2, fU1, fU2, fb, True)
-        fgrads = torch.ops.panther_triton.sketched_linear_bwd(fg, fx, fh, fS1, fS2, fU1, fU2, *([True] * 6), True)
+        fgrads = torch.ops.panther_triton.sketched_linear_bwd(fg, fx, fS1, fS2, fU1, fU2, fb, fh, *([True] * 6), True)
     for real, fake in zip((y, h, *grads), (fy, fhh, *fgrads)):
         assert (real.shape, real.stride(), real.dtype) == (fake.shape, fake.stride(), fake.dtype)
 

@@ -1,18 +1,18 @@
-"""The eager launcher's cache (panther_triton._launch) against a stand-in for an autotuned kernel.
+"""The shared launch path (panther_triton._launch) against a stand-in for an autotuned kernel, and the
+shared-memory pruning of autotune candidates (panther_triton._runtime.Candidates).
 
-What it must get right without a GPU: a first launch per key goes through the kernel (and so through
-Triton's autotuning and compilation), later ones straight to the compiled kernel with the constexprs
-appended in signature order and the grid of the tuned config; anything Triton specialises on (int
-values, dtypes, 16-byte alignment of tensors, constexprs) makes a new key. The GPU tests check the
-real thing against the float64 reference (test_gpu.py::test_cached_launches_respecialise).
+What the launch path must get right without a GPU: a first eager launch per (kernel, layout) goes
+through the kernel (and so through Triton's autotuning and compilation), later ones straight to the
+compiled kernel with the constexprs appended in signature order and the grid of the tuned config; under
+the interpreter a layout that leaves out something Triton specialises on is an error. The GPU tests
+check the real thing against the float64 reference (test_gpu.py::test_cached_launches_respecialise).
 """
-
-import copy
 
 import pytest
 import torch
 
-from panther_triton._launch import Launcher
+import panther_triton._launch as launch_module
+from panther_triton._launch import layout_key
 
 
 class FakeConfig:
@@ -26,9 +26,6 @@ class FakeCompiled:
     def __getitem__(self, grid):
         return lambda *args: self.log.append(("cached", grid, args))
 
-    def run(self, *args):  # present on Triton's compiled kernels
-        raise AssertionError("the launcher goes through compiled[grid]")
-
 
 class FakeKernel:
     """Like triton.autotune(...)(jit_fn): [grid](*args, **kw) launches and returns the compiled kernel."""
@@ -39,191 +36,120 @@ class FakeKernel:
         self.log = []
 
     def __getitem__(self, grid):
-        def launch(*args, **constexprs):
+        def run(*args, **constexprs):
             self.log.append(("tuned", grid({**constexprs, **self.best_config.kwargs}), args))
             return FakeCompiled(self.log)
 
-        return launch
+        return run
 
 
 def grid(meta):
     return (100 // meta["BT"], 2)
 
 
-def make():
-    kernel = FakeKernel()
-    launcher = Launcher(kernel)
-    launcher.fast = True  # as on a GPU (the interpreter launches plainly)
-    return kernel, launcher
+@pytest.fixture
+def on_gpu(monkeypatch):
+    """The eager path as on a GPU (the interpreter launches plainly), with an empty cache."""
+    monkeypatch.setattr(launch_module, "INTERPRETED", False)
+    launch_module.use_cache(True)
+    yield
+    launch_module.use_cache(True)
 
 
-def test_second_launch_is_cached_with_constexprs_in_signature_order():
-    kernel, launcher = make()
-    x = torch.zeros(8)
-    launcher[grid](x, 100, K=3, FLAG=True)
-    launcher[grid](x, 100, K=3, FLAG=True)
-    assert [e[0] for e in kernel.log] == ["tuned", "cached"]
-    assert kernel.log[0][1] == (3, 2)
-    _, g, args = kernel.log[1]
-    assert g == (3, 2, 1)  # the grid function's (BT, 2) completed to three axes
-    assert args[0] is x and args[1:] == (100, 3, True, 32)
+def test_second_launch_is_cached_with_constexprs_in_signature_order(on_gpu):
+    kernel, x = FakeKernel(), torch.zeros(4)
+    layout = layout_key(x, 100)
+    launch_module.launch(kernel, grid, (x, 100), dict(K=3, FLAG=True), layout)
+    launch_module.launch(kernel, grid, (x, 100), dict(K=3, FLAG=True), layout)
+    assert kernel.log[0] == ("tuned", (3, 2), (x, 100))
+    assert kernel.log[1] == ("cached", (3, 2, 1), (x, 100, 3, True, 32))
+    launch_module.launch(kernel, grid, (x, 101), dict(K=3, FLAG=True), layout_key(x, 101))  # new layout: tuned
+    assert kernel.log[2][0] == "tuned"
 
 
-def test_the_grid_is_recomputed_for_every_cached_launch():
-    """A grid may depend on more than the arguments (e.g. a split count the caller chose): never cached."""
-    kernel, launcher = make()
-    x = torch.zeros(8)
-    for splits in (1, 4, 2):
-        launcher[lambda meta: (100 // meta["BT"], splits)](x, 100, K=3, FLAG=True)
-    assert [e[0] for e in kernel.log] == ["tuned", "cached", "cached"]
-    assert [e[1] for e in kernel.log] == [(3, 1), (3, 4, 1), (3, 2, 1)]
+def test_without_the_cache_every_launch_goes_through_the_kernel(on_gpu):
+    kernel, x = FakeKernel(), torch.zeros(4)
+    launch_module.use_cache(False)
+    for _ in range(2):
+        launch_module.launch(kernel, grid, (x, 100), dict(K=3, FLAG=True), layout_key(x))
+    assert [e[0] for e in kernel.log] == ["tuned", "tuned"] and launch_module.cached_launches() == 0
 
 
-def test_everything_triton_specialises_on_makes_a_new_key():
-    kernel, launcher = make()
-    buf = torch.zeros(64)
-    aligned, misaligned = buf[:8], buf[1:9]  # 4-byte offset: not 16-byte aligned
-    calls = [
-        ((aligned, 100), dict(K=3, FLAG=True)),
-        ((aligned, 101), dict(K=3, FLAG=True)),  # another int value
-        ((aligned, 100), dict(K=4, FLAG=True)),  # another constexpr
-        ((aligned, 100), dict(K=3, FLAG=False)),
-        ((misaligned, 100), dict(K=3, FLAG=True)),  # alignment
-        ((aligned.double(), 100), dict(K=3, FLAG=True)),  # dtype
-    ]
-    for args, kw in calls:
-        launcher[grid](*args, **kw)
-    assert [e[0] for e in kernel.log] == ["tuned"] * len(calls)
-    for args, kw in calls:
-        launcher[grid](*args, **kw)
-    assert [e[0] for e in kernel.log[len(calls):]] == ["cached"] * len(calls)
+def test_a_launch_that_returns_no_compiled_kernel_is_not_kept(on_gpu):
+    kernel, x = FakeKernel(), torch.zeros(4)
+    kernel.__getitem__ = None
+    plain = type("K", (), {"fn": kernel.fn, "best_config": FakeConfig(),
+                           "__getitem__": lambda self, g: (lambda *a, **k: kernel.log.append("plain"))})()
+    for _ in range(2):
+        launch_module.launch(plain, grid, (x, 100), dict(K=3, FLAG=True), layout_key(x))
+    assert kernel.log == ["plain", "plain"] and launch_module.cached_launches() == 0
 
 
-def test_without_the_fast_path_every_launch_goes_through_the_kernel():
-    kernel, launcher = make()
-    launcher.fast = False
-    x = torch.zeros(8)
-    for _ in range(3):
-        launcher[grid](x, 100, K=3, FLAG=True)
-    assert [e[0] for e in kernel.log] == ["tuned"] * 3
+def test_inside_a_library_op_the_kernel_goes_through_the_traced_hook(monkeypatch):
+    kernel, seen = FakeKernel(), []
+    monkeypatch.setattr(launch_module, "traced", lambda k: seen.append(k) or k)
+    launch_module.launch(kernel, grid, (torch.zeros(4), 100), dict(K=3, FLAG=True), None)
+    assert seen == [kernel] and kernel.log[0][0] == "tuned"
 
 
-def test_a_launch_that_returns_no_compiled_kernel_is_not_cached():
-    kernel, launcher = make()
-    kernel.__class__ = type("NoReturn", (FakeKernel,), {
-        "__getitem__": lambda self, g: (lambda *a, **kw: self.log.append(("tuned", None, a)))
-    })
-    x = torch.zeros(8)
-    launcher[grid](x, 100, K=3, FLAG=True)
-    launcher[grid](x, 100, K=3, FLAG=True)
-    assert [e[0] for e in kernel.log] == ["tuned", "tuned"]
-
-
-def test_a_compiled_kernel_that_refuses_the_arguments_turns_the_cache_off():
-    kernel, launcher = make()
-
-    def refuse(*args):
-        raise TypeError("function takes exactly 9 arguments")
-
-    x = torch.zeros(8)
-    launcher[grid](x, 100, K=3, FLAG=True)
-    key = next(iter(launcher.cache))
-    compiled, tail, meta = launcher.cache[key]
-    refusing = type("Refusing", (), {"__getitem__": lambda self, g: refuse})()
-    launcher.cache[key] = (refusing, tail, meta)
-    with pytest.warns(RuntimeWarning, match="cached launches"):
-        launcher[grid](x, 100, K=3, FLAG=True)
-    assert not launcher.fast and not launcher.cache
-    launcher[grid](x, 100, K=3, FLAG=True)
-    assert [e[0] for e in kernel.log] == ["tuned", "tuned", "tuned"]
-
-
-def test_launch_as_looks_up_by_the_callers_key_and_keeps_the_grid():
-    kernel, launcher = make()
-    calls = []
-
-    def counting_grid(meta):
-        calls.append(meta["BT"])
-        return grid(meta)
-
-    x = torch.zeros(8)
-    for _ in range(3):
-        launcher.launch_as(("layout", 1), counting_grid, (x, 100), dict(K=3, FLAG=True))
-    assert [e[0] for e in kernel.log] == ["tuned", "cached", "cached"]
-    assert kernel.log[2][1] == (3, 2, 1) and kernel.log[2][2][1:] == (100, 3, True, 32)
-    assert len(calls) == 2  # the tuned launch's own grid, then once for the caller's key; never again
-    launcher.launch_as(("layout", 2), counting_grid, (x, 101), dict(K=3, FLAG=True))  # another key: tuned
-    assert kernel.log[-1][0] == "tuned"
-
-
-def test_launch_as_under_the_interpreter_checks_that_the_callers_key_implies_the_full_key(monkeypatch):
-    import panther_triton._launch as launch_module
-
-    kernel, launcher = make()
-    launcher.fast = False
-    monkeypatch.setattr(launch_module, "interpreting", lambda: True)
-    buf = torch.zeros(64)
-    launcher.launch_as("k", grid, (buf[:8], 100), dict(K=3, FLAG=True))
-    launcher.launch_as("k", grid, (buf[4:12], 100), dict(K=3, FLAG=True))  # 16-byte offset: same full key
+def test_under_the_interpreter_a_layout_must_imply_every_specialisation(monkeypatch):
+    monkeypatch.setattr(launch_module, "INTERPRETED", True)
+    kernel, buf = FakeKernel(), torch.zeros(32)
+    launch_module.launch(kernel, grid, (buf[:8], 100), dict(K=3, FLAG=True), "k")
+    launch_module.launch(kernel, grid, (buf[4:12], 100), dict(K=3, FLAG=True), "k")  # 16-byte offset: same
     with pytest.raises(AssertionError, match="misses an argument"):
-        launcher.launch_as("k", grid, (buf[1:9], 100), dict(K=3, FLAG=True))  # alignment left out of "k"
+        launch_module.launch(kernel, grid, (buf[1:9], 100), dict(K=3, FLAG=True), "k")  # alignment left out
     with pytest.raises(AssertionError, match="misses an argument"):
-        launcher.launch_as("k", grid, (buf[:8], 101), dict(K=3, FLAG=True))
-    assert [e[0] for e in kernel.log] == ["tuned", "tuned"]
+        launch_module.launch(kernel, grid, (buf[:8], 101), dict(K=3, FLAG=True), "k")
 
 
-def test_configs_are_pruned_by_dtype_precision_and_chunk(monkeypatch):
-    """The matmul kernels' early_config_prune: 16-bit operands get the narrow-chunk candidates below the
-    widest column chunk and the wide-chunk ones at it; float32 with TF32 gets the narrow-chunk and the
-    float32-only candidates, and only the float32-only ones at the widest chunk; float32 without TF32 only
-    the smallest float32-only one."""
+def test_layout_key_tells_layouts_apart():
+    x = torch.zeros(6, 4)
+    assert layout_key(x, True) == layout_key(torch.ones(6, 4), True)
+    assert layout_key(x, True) != layout_key(x.t(), True) != layout_key(x.half(), True)
+    assert layout_key(x.view(-1)[1:].view(-1)[:20], 1) != layout_key(x.view(-1)[:20], 1)  # alignment
+    assert layout_key(x, True) != layout_key(x, False)
+
+
+# ------------------------------------------------------------------------------ candidate pruning
+
+
+def _candidates(monkeypatch, limit):
     from panther_triton import _runtime
 
-    monkeypatch.setattr(_runtime, "interpreting", lambda: False)  # the GPU lists, as on a GPU
-    cands = _runtime.Candidates(
-        gpu=[({"BT": 128, "BI": 64}, 8, 3), ({"BT": 64, "BI": 64}, 4, 4), ({"BT": 16, "BI": 16}, 2, 2)],
-        gpu_wide=[({"BT": 64, "BI": 64}, 4, 4), ({"BT": 64, "BI": 64}, 8, 2)],
-        gpu_float32=[({"BT": 64, "BI": 32}, 4, 1), ({"BT": 32, "BI": 32}, 4, 1)],
-        interpreter={"BT": 32, "BI": 32},
+    monkeypatch.setattr(_runtime, "interpreting", lambda: False)  # the GPU list, as on a GPU
+    monkeypatch.setattr(_runtime, "_device_limit", lambda tensor: limit)
+    return _runtime.Candidates(
+        gpu=[({"BT": 128, "BI": 64}, 8, 4), ({"BT": 64, "BI": 64}, 4, 2), ({"BT": 32, "BI": 32}, 4, 1)],
+        shared=lambda m, blk, stages: stages * (m["BT"] * m["BI"] + m["BI"] * blk),
+        interpreter={"BT": 16, "BI": 16},
     )
-    configs = cands.configs
-    assert [(c.kwargs["BT"], c.num_warps, c.num_stages) for c in configs] == [
-        (128, 8, 3), (64, 4, 4), (16, 2, 2), (64, 8, 2), (64, 4, 1), (32, 4, 1)]  # a candidate in two lists: once
-    narrow, wide, f32 = configs[:3], configs[1:2] + configs[3:4], configs[4:]
-    prune = cands.prune_configs_by["early_config_prune"]
+
+
+def test_shared_memory_estimate(monkeypatch):
+    c = _candidates(monkeypatch, 1 << 30)
+    big, mid, small = c.configs
+    assert c.shared_memory(big, 128, 2) == 4 * (128 * 64 + 64 * 128) * 2  # stages x tiles x bytes
+    assert c.shared_memory(small, 64, 4) == (32 * 32 + 32 * 64) * 4
+
+
+def test_prune_keeps_what_fits_or_the_smallest(monkeypatch):
     x16, x32 = torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2)
-    assert prune(configs, {"x": x16, "T": 5}, PREC="tf32") == narrow
-    assert prune(configs, {"x": x16, "PREC": "tf32"}, BLK=64) == narrow
-    assert prune(configs, {"x": x16, "PREC": "tf32", "BLK": 128}) == wide
-    assert prune(configs, {"x": x32, "PREC": "tf32"}) == narrow + f32
-    assert prune(configs, {"x": x32, "PREC": "tf32"}, BLK=64) == narrow + f32
-    assert prune(configs, {"x": x32, "PREC": "tf32"}, BLK=128) == f32
-    # ieee: the smallest float32-only candidate, though a 16-bit one (BT=BI=16, 2 warps) is smaller still
-    assert prune(configs, {"x": x32}, PREC="ieee") == [configs[5]]
-    assert prune(configs, {"PREC": "ieee"}) == [configs[5]]  # ieee is float32 whatever the arguments
-    assert prune(configs, {"T": 5}, PREC="tf32") == configs  # dtype unknown: every candidate
-    # the lists are kept by value: copies of the configs (as Triton's caches make them) are pruned alike
-    copied = [copy.deepcopy(c) for c in configs]
-    assert prune(copied, {"x": x16}, PREC="tf32", BLK=128) == [copied[1], copied[3]]
-    # a kernel without a wide-chunk list tunes its one 16-bit list at every chunk
-    plain = _runtime.Candidates(gpu=[({"BT": 64}, 4, 3)], gpu_float32=[({"BT": 32}, 4, 1)], interpreter={"BT": 32})
-    assert plain.prune(plain.configs, {"x": x16}, BLK=128) == plain.configs[:1]
-    # under the interpreter: the one small config, whatever the operands
+    c = _candidates(monkeypatch, 100 * 1024)
+    big, mid, small = c.configs  # bf16 at BLK=128: 128 KiB, 48 KiB, 10 KiB
+    assert c.prune(c.configs, {"x": x16, "BLK": 128, "PREC": "tf32"}) == [mid, small]
+    assert c.prune(c.configs, {"x": x16, "BLK": 64, "PREC": "tf32"}) == [big, mid, small]
+    # float32: twice the bytes, against half the limit (FLOAT32_MARGIN): 96 KiB, 20 KiB against 50 KiB
+    assert c.prune(c.configs, {"x": x32, "BLK": 128, "PREC": "tf32"}) == [small]
+    c_tiny = _candidates(monkeypatch, 1024)
+    assert c_tiny.prune(c_tiny.configs, {"x": x16, "BLK": 128, "PREC": "tf32"}) == [c_tiny.configs[2]]
+    # float32 on the CUDA cores: only the smallest, wherever the others fit
+    assert c.prune(c.configs, {"x": x32, "BLK": 16, "PREC": "ieee"}) == [small]
+
+
+def test_one_small_config_under_the_interpreter(monkeypatch):
+    from panther_triton import _runtime
+
     monkeypatch.setattr(_runtime, "interpreting", lambda: True)
-    one = _runtime.Candidates(gpu=[({"BT": 64}, 4, 3)], interpreter={"BT": 32})
-    assert [c.kwargs for c in one.configs] == [{"BT": 32}]
-    assert one.prune(one.configs, {"x": x32}, BLK=128) == one.configs
-
-
-def test_host_caches_start_over_at_their_bound(monkeypatch):
-    """Plans, launch recipes and compiled-kernel lookups share one bounded store: many distinct batch
-    sizes start it over instead of growing it."""
-    import panther_triton._runtime as runtime
-
-    monkeypatch.setattr(runtime, "CACHE_ENTRIES", 3)
-    cache = {}
-    for i in range(3):
-        assert runtime.remember(cache, i, str(i)) == str(i)
-    assert cache == {0: "0", 1: "1", 2: "2"}
-    runtime.remember(cache, 3, "3")
-    assert cache == {3: "3"}
+    one = _runtime.Candidates(gpu=[({"BT": 64}, 4, 3)], shared=lambda m, blk, stages: m["BT"], interpreter={"BT": 32})
+    assert [(c.kwargs, c.num_stages) for c in one.configs] == [({"BT": 32}, 1)]

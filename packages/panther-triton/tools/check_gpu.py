@@ -8,7 +8,7 @@ For T in {128, 4096} and I = O in {1024, 2048, 4096, 8192} (or --rows, --sizes),
 forward and forward+backward times (triton.testing.do_bench: median, warm-up excluded, CUDA events)
 of nn.Linear, the torch backend and the triton backend, their ratios, the roofline floor of the
 sketched op (max(FLOPs / 990 TFLOP/s, bytes / 4.8 TB/s), H200 datasheet), and the launch plans the
-cost model picked. --plans also times the alternative launch plans of each shape (to check the model).
+rule picked (plan.py). --plans also times the alternative launch plans of each shape (to check the rule).
 Targets of the issue (T=4096, fwd+bwd): >= 2.5x / 5x / 10x / 20x nn.Linear at 1024 / 2048 / 4096 / 8192;
 faster than nn.Linear at T=128 and than the torch backend everywhere.
 """
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
                 row = {
                     "T": T, "I": I, "O": O, "L": L, "k": k, "err_vs_torch_backend": err,
                     "linear_us": t_lin, "torch_backend_us": t_ref, "triton_us": t_tri, "floor_us": floors,
-                    "plans": describe(T, I, O, L * k, 2, x.device),
+                    "plans": describe(T, I, O, L * k, x.device),
                 }
                 print(f"{T:5d} {n:5d} {L},{k:<3d} | {t_lin[0]:14.1f} {t_ref[0]:7.1f} {t_tri[0]:7.1f} {floors[0]:6.1f} | "
                       f"{t_lin[1]:14.1f} {t_ref[1]:7.1f} {t_tri[1]:7.1f} {floors[1]:6.1f} | "

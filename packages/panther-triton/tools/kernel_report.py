@@ -118,9 +118,8 @@ def main(argv=None) -> int:
     kernels = _kernels()
     if args.extra:
         for name, tuner in kernels.items():
-            candidates = tuner.early_config_prune.__self__  # the kernel's _runtime.Candidates
-            candidates.extend(gpu=EXTRA[name], gpu_wide=EXTRA[name])
-            tuner.configs = list(candidates.configs)
+            extra = [triton.Config(dict(m), num_warps=w, num_stages=st) for m, w, st in EXTRA[name]]
+            tuner.configs = list(tuner.configs) + extra  # pruned to shared memory like the others
     dtype = torch.bfloat16
     print({"device": torch.cuda.get_device_name(), "triton": triton.__version__, "torch": torch.__version__,
            "commit": os.environ.get("PANTHER_COMMIT", ""), "extra": args.extra})
@@ -137,7 +136,7 @@ def main(argv=None) -> int:
             S1s, U2s = rnd(L, n, k, scale=n**-0.5), rnd(L, n, k, scale=n**-0.5)
             S2s, U1s = rnd(L, k, n, scale=k**-0.5), rnd(L, k, n, scale=k**-0.5)
             b, g = rnd(n), rnd(T, n)
-            print(f"\n== T={T} I=O={n} L={L} k={k}: {describe(T, n, n, L * k, 2, x.device)}")
+            print(f"\n== T={T} I=O={n} L={L} k={k}: {describe(T, n, n, L * k, x.device)}")
             row = {"T": T, "I": n, "O": n, "L": L, "k": k, "kernels": {}}
             tuned = {}  # kernel -> (timings, kept config) of its tuning at this shape; a kernel the plan does
             # not launch, or whose autotune key was tuned before, is not tuned here and not reported

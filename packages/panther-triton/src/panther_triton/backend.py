@@ -11,11 +11,31 @@ from typing import List, Optional
 import torch
 
 from panther.backends.base import Backend
+from panther.backends.toolkit import Requirements
 from panther_triton import __version__
-from panther_triton._runtime import WIDEST_CHUNK, cuda_capabilities, interpreting
+from panther_triton._runtime import WIDEST_CHUNK, interpreting
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_INTERPRETER_HINT = "set TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter (slow; for tests)"
+
+def _sketched_linear_limits(x, S1s=None, S2s=None, U1s=None, U2s=None, *rest, **kwargs) -> List[str]:
+    """What the sketched linear kernels cannot take beyond device and dtype: empty weights, 32-bit offsets."""
+    reasons = []
+    for name, w in (("S1s", S1s), ("S2s", S2s)):
+        if isinstance(w, torch.Tensor) and 0 in w.shape:
+            reasons.append(f"{name} of shape {tuple(w.shape)} has an empty dimension (L, k and features >= 1)")
+    if any(isinstance(w, torch.Tensor) and w.numel() >= 2**31 for w in (S1s, S2s, U1s, U2s)):
+        reasons.append("weights of 2**31 or more elements are not supported (32-bit weight offsets)")
+    return reasons
+
+
+REQUIREMENTS = Requirements(
+    backend="triton",
+    dtypes=(torch.float32, torch.float16, torch.bfloat16),
+    min_capability=(8, 0),
+    interpreter=interpreting,
+    interpreter_hint="set TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter (slow; for tests)",
+    dtype_advice={torch.float64: "the kernels run on tensor cores; use backend 'torch' for float64"},
+    op_reasons={"sketched_linear": _sketched_linear_limits},
+)
 
 
 _UNCHECKED = "unchecked"
@@ -40,8 +60,8 @@ class TritonBackend(Backend):
 
     Priority 10 where a CUDA device is present, so that ``auto`` prefers it to ``torch`` (0) for CUDA
     tensors (except where torch measured faster: :meth:`auto_priority`); -10 elsewhere, so that ``auto``
-    keeps CPU tensors on ``torch`` even under the interpreter
-    (which is for explicit selection and tests).
+    keeps CPU tensors on ``torch`` even under the interpreter (which is for explicit selection and
+    tests). Device, dtype and capability reasons come from :data:`REQUIREMENTS`.
     """
 
     name = "triton"
@@ -58,82 +78,18 @@ class TritonBackend(Backend):
         err = _triton_import_error()
         if err is not None:
             return f"triton cannot be imported ({err}); install it with `pip install triton` (Linux, CUDA)"
-        if interpreting():
-            return None
-        caps = cuda_capabilities()
-        if not caps:
-            return (
-                "no CUDA GPU is visible (torch.cuda.is_available() is False); run on a CUDA GPU of compute "
-                f"capability >= 8.0 with a CUDA build of torch, or {_INTERPRETER_HINT}"
-            )
-        if max(caps) < (8, 0):
-            found = ", ".join(f"{a}.{b}" for a, b in caps)
-            return (
-                f"the visible CUDA GPUs have compute capability {found}; the kernels need >= 8.0 (Ampere or "
-                f"newer: bfloat16 tensor cores); use a newer GPU or backend 'torch'"
-            )
-        return None
+        return REQUIREMENTS.unavailable_reason()
 
     def reasons_cannot_run(self, op: str, *args, **kwargs) -> List[str]:
-        reasons = super().reasons_cannot_run(op)
-        if reasons:
-            return reasons
-        kinds = {(t.device, t.dtype) for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)}
-        devices = {d for d, _ in kinds}
-        dtypes = {dt for _, dt in kinds}
-        interp = interpreting()
-        for dev in devices:
-            if interp and dev.type != "cpu":
-                reasons.append(
-                    f"TRITON_INTERPRET=1 runs the kernels on CPU tensors only, got a tensor on {dev} "
-                    "(unset TRITON_INTERPRET to run on the GPU)"
-                )
-            elif not interp and dev.type != "cuda":
-                reasons.append(
-                    f"tensors on {dev} are not supported: the triton backend runs on CUDA tensors "
-                    f"(move them with .cuda(), use backend 'torch', or {_INTERPRETER_HINT})"
-                )
-            elif not interp:
-                cap = cuda_capabilities()[dev.index if dev.index is not None else torch.cuda.current_device()]
-                if cap < (8, 0):
-                    reasons.append(f"{dev} has compute capability {cap[0]}.{cap[1]}; the kernels need >= 8.0")
-        for dt in dtypes:
-            if dt == torch.float64:
-                reasons.append(
-                    "dtype float64 is not supported (the kernels run on tensor cores: float32 with or without "
-                    "TF32, float16, bfloat16); use backend 'torch' for float64"
-                )
-            elif dt not in _DTYPES:
-                reasons.append(f"dtype {dt} is not supported (supported: float32, float16, bfloat16)")
-        if len(dtypes) > 1:
-            reasons.append("the tensors must share one dtype, got " + ", ".join(sorted(map(str, dtypes))))
-        if len(devices) > 1:
-            reasons.append("the tensors must be on one device, got " + ", ".join(sorted(map(str, devices))))
-        if op == "sketched_linear":
-            for name, w in zip(("S1s", "S2s"), args[1:3]):
-                if isinstance(w, torch.Tensor) and 0 in w.shape:
-                    reasons.append(f"{name} of shape {tuple(w.shape)} has an empty dimension (L, k and features >= 1)")
-            for w in args[1:5]:
-                if isinstance(w, torch.Tensor) and w.numel() >= 2**31:
-                    reasons.append("weights of 2**31 or more elements are not supported (32-bit weight offsets)")
-                    break
-        return sorted(set(reasons)) if reasons else reasons
+        return super().reasons_cannot_run(op) or REQUIREMENTS.reasons(op, *args, **kwargs)
 
     def auto_priority(self, op: str, *args, **kwargs) -> int:
-        """Below ``torch`` where these kernels measured slower than the torch backend on the H200
-        (benchmarks/results/2026-11-29_nvidia-h200_fdab836.json and 2026-11-29_nvidia-h200_4eb5fa2_wide-rank.json,
-        CUDA-graph times):
-
-        * float32, with or without TF32: cuBLAS's GEMMs win (4096 rows, 4096 features: TF32 0.24 ms on
-          torch against 0.41 ms here, float32 0.59 against 1.75 ms; fdab836);
-        * 2·num_terms·low_rank > 256, past the fused kernel (L=8, k=64, 4096 rows: 0.12 ms on torch
-          against 0.23 ms here at 1024 features, 0.17 against 0.42 ms at 2048; 4eb5fa2).
-
-        Elsewhere (16-bit, 2Lk <= 256) the kernels were faster for forward+backward at every measured
-        shape, eager and captured, and keep their priority. Forward alone is not decided by the inputs: at
-        4096 rows cuBLAS beat the fused forward on GPU time from 2048 features up (0.025 against 0.040 ms
-        at 2048), while in eager calls (host-bound) the fused launch was faster at all 8 headline shapes
-        (fdab836). ``backend="triton"`` runs any accepted input here regardless."""
+        """Below ``torch`` (priority -10) for inputs where the torch backend measured faster on the H200 in
+        CUDA-graph times (benchmarks/results/2026-11-29_nvidia-h200_fdab836.json and
+        2026-11-29_nvidia-h200_4eb5fa2_wide-rank.json): float32, with or without TF32 (cuBLAS's GEMMs
+        win), and 2·num_terms·low_rank > 256, past the fused kernel. Elsewhere (16-bit, 2Lk <= 256) the
+        kernels were faster for forward+backward at every measured shape and keep :attr:`priority`.
+        ``backend="triton"`` runs any accepted input here regardless."""
         if op == "sketched_linear" and len(args) >= 2:
             x, S1s = args[0], args[1]
             if isinstance(x, torch.Tensor) and x.dtype == torch.float32:

@@ -28,18 +28,17 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from panther_triton._launch import eager
-from panther_triton._runtime import (
-    SIZES_NOT_SPECIALISED, Candidates, cdiv, remember, tune_bucket, tuning_bench,
-)
+from panther.backends.toolkit import cdiv
+from panther_triton._launch import launch, layout_key
+from panther_triton._runtime import SIZES_NOT_SPECIALISED, Candidates, tune_bucket, tuning_bench
 from panther_triton.ops.sketched_linear.common import dot_precision, lk_offsets, lko_offsets, mma, store_grad, sum_splits
-from panther_triton.ops.sketched_linear.plan import BackwardPlan, column_chunk, forced_backward_plan, plan_backward
+from panther_triton.ops.sketched_linear.plan import BackwardPlan, column_chunk, plan_backward
 
 _G = Candidates(
     gpu=[
@@ -48,16 +47,13 @@ _G = Candidates(
         ({"BT": 128, "BO": 64}, 8, 3),
         ({"BT": 128, "BO": 128}, 8, 3),
         ({"BT": 32, "BO": 128}, 4, 4),
-    ],
-    gpu_wide=[  # each fits at 2Lk = 256 without spilling (H200 kernel report, compile_check.py)
         ({"BT": 64, "BO": 128}, 8, 2),
         ({"BT": 64, "BO": 64}, 4, 3),
-        ({"BT": 64, "BO": 64}, 4, 4),
-        ({"BT": 128, "BO": 64}, 8, 3),
         ({"BT": 128, "BO": 128}, 8, 2),
         ({"BT": 64, "BO": 64}, 8, 4),
+        ({"BT": 64, "BO": 32}, 4, 1),
     ],
-    gpu_float32=[({"BT": 64, "BO": 32}, 4, 1)],
+    shared=lambda m, blk, stages: stages * (m["BT"] * m["BO"] + 2 * blk * m["BO"]),  # role A: g, [U1; S2] chunk
     interpreter={"BT": 32, "BO": 32},
 )
 
@@ -179,16 +175,12 @@ _X = Candidates(
         ({"BT": 64, "BI": 128}, 4, 3),
         ({"BT": 128, "BI": 128}, 8, 2),
         ({"BT": 32, "BI": 64}, 4, 4),
-    ],
-    gpu_wide=[  # as for _G
-        ({"BT": 64, "BI": 64}, 4, 3),
         ({"BT": 128, "BI": 64}, 8, 2),
         ({"BT": 64, "BI": 64}, 8, 3),
         ({"BT": 64, "BI": 128}, 8, 2),
-        ({"BT": 64, "BI": 128}, 8, 3),
-        ({"BT": 32, "BI": 64}, 4, 4),
+        ({"BT": 32, "BI": 32}, 4, 1),
     ],
-    gpu_float32=[({"BT": 32, "BI": 32}, 4, 1)],
+    shared=lambda m, blk, stages: stages * m["BT"] * m["BI"] + 2 * m["BT"] * blk,  # x per stage, dH chunk once
     interpreter={"BT": 32, "BI": 32},
 )
 
@@ -306,7 +298,7 @@ def _grad_from_x_kernel(
         store_grad(du2, ws, off_du2, stride_ws, pid_s, out, acc_u2, mask_a, SPLIT_T)
 
 
-_SUM = Candidates(gpu=[({"BLOCK": 1024}, 4, 1)], interpreter={"BLOCK": 256})
+_SUM = Candidates(gpu=[({"BLOCK": 1024}, 4, 1)], shared=lambda m, blk, stages: 0, interpreter={"BLOCK": 256})
 
 
 @triton.autotune(configs=_SUM.configs, key=["N_OUT"], do_bench=tuning_bench)
@@ -339,97 +331,6 @@ def _sum_partials_kernel(
 Grads = Tuple[Optional[torch.Tensor], ...]
 
 
-class _BackwardRecipe:
-    """What a backward call launches, made from its inputs' layout (no tensor data): sizes, the plan,
-    the workspace layout, and each launch's grid, scalar arguments and constexprs."""
-
-    __slots__ = ("T", "needs", "need_dh", "need_gb", "split", "split_o", "ws_shape", "dhp_shape", "dhp_fp32",
-                 "order", "g_grid", "g_scalars", "g_const", "x_grid", "x_scalars", "x_const",
-                 "sum_grid", "sum_scalars", "sum_const")
-
-    def __init__(self, g2, x2, h, S1s, S2s, U1s, U2s, needs, allow_tf32, plan):
-        L, I, K = S1s.shape
-        O = S2s.shape[-1]
-        Lk = L * K
-        T = g2.shape[0]
-        self.T = T
-        self.needs = need_x, need_s1, need_s2, need_u1, need_u2, need_b = tuple(bool(n) for n in needs)
-        self.need_dh = need_dh = need_x or need_s1 or need_u2
-        self.need_gb = need_gb = need_s2 or need_u1 or need_b
-        # the weight grads in workspace order, with their sizes: (index in the result, shape)
-        shapes = ((1, (L, I, K)), (4, (L, I, K)), (2, (L, K, O)), (3, (L, K, O)), (5, (O,)))
-        self.order = tuple((i, shape) for i, shape in shapes if self.needs[i])
-        sizes = [math.prod(shape) for _, shape in self.order]
-        offsets = {}  # into the workspace of partial sums (read by the kernels only when split over T)
-        if plan is None:
-            plan = plan_backward(T, I, O, Lk, x2.element_size(), x2.device, need_u1)
-        self.split_o = split_o = plan.split_o if need_dh else 1
-        split_t = plan.split_t if self.order else 1
-        self.split = split = split_t > 1
-        if split:
-            offsets = dict(zip((i for i, _ in self.order), itertools.accumulate([0] + sizes)))
-        BLK = column_chunk(Lk)
-        n_chunks = cdiv(Lk, BLK)
-        one_chunk = n_chunks == 1
-        prec = dot_precision(x2.dtype, allow_tf32)
-        bucket = tune_bucket(T)
-        n_total = sum(sizes)
-        self.ws_shape = (split_t, n_total) if split else None
-        stride_ws = n_total if split else 0
-        # dH: (T, 2 Lk) in the input dtype, or fp32 partials (split_o, T, 2 Lk); without role A, a (1, 2 Lk)
-        # placeholder that is no input of ours (an op must not seem to write its inputs)
-        self.dhp_fp32 = need_dh and split_o > 1
-        self.dhp_shape = (split_o, T, 2 * Lk) if self.dhp_fp32 else (T, 2 * Lk) if need_dh else (1, 2 * Lk)
-        stride_dhs = T * 2 * Lk if self.dhp_fp32 else 0
-
-        self.g_grid = lambda META: (
-            (cdiv(T, META["BT"]) * n_chunks * split_o if need_dh else 0)
-            + (cdiv(O, META["BO"]) * n_chunks * split_t if need_gb else 0),
-        )
-        self.g_scalars = (
-            T, O, Lk, bucket, n_chunks, split_o, split_t, 1.0 / (2 * L),
-            offsets.get(2, 0), offsets.get(3, 0), offsets.get(5, 0), stride_ws,
-            *g2.stride(), h.stride(0),
-            *U1s.stride(), *S2s.stride(),
-            stride_dhs, 2 * Lk,
-        )
-        self.g_const = dict(
-            K=K, BLK=BLK, PREC=prec,
-            NEED_DH=need_dh, NEED_DS2=need_s2, NEED_DU1=need_u1, NEED_DB=need_b, SPLIT_T=split,
-        )
-        self.x_grid = lambda META: (cdiv(I, META["BI"]) * n_chunks * split_t,)
-        self.x_scalars = (
-            T, I, Lk, bucket, n_chunks, split_o, split_t,
-            offsets.get(1, 0), offsets.get(4, 0), stride_ws,
-            *x2.stride(), stride_dhs, 2 * Lk,
-            *S1s.stride(), *U2s.stride(),
-            *((I, 1) if need_x else (0, 0)),  # dx: contiguous (T, I)
-        )
-        self.x_const = dict(
-            K=K, BLK=BLK, PREC=prec, ONE_CHUNK=one_chunk,
-            NEED_DX=need_x, NEED_DS1=need_s1, NEED_DU2=need_u2,
-            LOAD_DH1=need_s1 or (need_x and one_chunk), LOAD_DH2=need_u2 or (need_x and one_chunk), SPLIT_T=split,
-        )
-        ns = (sizes + [0] * 5)[:4]
-        self.sum_grid = lambda META: (cdiv(n_total, META["BLOCK"]),)
-        self.sum_scalars = (*ns, split_t, n_total)
-        self.sum_const = dict(N_OUT=len(self.order))
-
-
-_recipes: dict = {}  # eager calls: layout key -> _BackwardRecipe
-
-
-def _layout_key(g, g2, x2, h, S1s, S2s, U1s, U2s, needs, allow_tf32, plan) -> tuple:
-    """As forward.py's: everything a backward recipe and its launches depend on but the tensors' addresses."""
-    return (
-        g.shape, g2.stride(), g2.data_ptr() & 15, x2.stride(), x2.data_ptr() & 15, h.stride(), h.data_ptr() & 15,
-        S1s.shape, S2s.shape, g.dtype, x2.dtype, g.device, tuple(needs), allow_tf32, plan, forced_backward_plan(),
-        S1s.stride(), U2s.stride(), U1s.stride(), S2s.stride(),
-        S1s.data_ptr() & 15, U2s.data_ptr() & 15, U1s.data_ptr() & 15, S2s.data_ptr() & 15,
-        h.dtype, S1s.dtype, U2s.dtype, U1s.dtype, S2s.dtype,
-    )
-
-
 def sketched_linear_backward(
     g: torch.Tensor,
     x: torch.Tensor,
@@ -441,67 +342,105 @@ def sketched_linear_backward(
     needs: Sequence[bool] = (True, True, True, False, False, True),
     allow_tf32: bool = True,
     plan: Optional[BackwardPlan] = None,
-    wrap_triton: Callable = eager,
+    out: Optional[Sequence[torch.Tensor]] = None,
+    in_op: bool = False,
 ) -> Grads:
     """Launch the backward kernels for dL/dy = g (..., O).
 
-    `needs` says which of (x, S1s, S2s, U1s, U2s, bias) want a gradient (pass False for the bias when
-    there is none); the result is (dx, dS1, dS2, dU1, dU2, db) with None for those not wanted.
-    `h` is the H returned by the forward; `plan` and `wrap_triton` as in :func:`sketched_linear_forward`
-    (eager calls make a :class:`_BackwardRecipe` once per layout of the inputs).
+    ``needs`` says which of (x, S1s, S2s, U1s, U2s, bias) want a gradient (pass False for the bias when
+    there is none); the result is (dx, dS1, dS2, dU1, dU2, db) with None for those not wanted. ``h`` is
+    the H returned by the forward. ``out`` gives the gradients to write (contiguous tensors of their
+    inputs' shapes where wanted; allocated here when None); ``plan`` and ``in_op`` as in
+    :func:`~panther_triton.ops.sketched_linear.forward.sketched_linear_forward`.
     """
+    L, I, K = S1s.shape
     O = S2s.shape[-1]
+    Lk = L * K
     g2 = g.reshape(-1, O)
-    x2 = x.reshape(-1, S1s.shape[1])
-    if wrap_triton is eager:
-        key = _layout_key(g, g2, x2, h, S1s, S2s, U1s, U2s, needs, allow_tf32, plan)
-        r = _recipes.get(key)
-        if r is None:
-            r = remember(_recipes, key, _BackwardRecipe(g2, x2, h, S1s, S2s, U1s, U2s, needs, allow_tf32, plan))
-    else:
-        key, r = None, _BackwardRecipe(g2, x2, h, S1s, S2s, U1s, U2s, needs, allow_tf32, plan)
-    dev, dt = g.device, x.dtype
-    grads = [None] * 6
-    if r.needs[0]:
-        grads[0] = torch.empty(x2.shape, device=dev, dtype=dt)
-    for i, shape in r.order:
-        grads[i] = torch.empty(shape, device=dev, dtype=dt)
-    if r.T == 0:
-        for i, _ in r.order:
+    x2 = x.reshape(-1, I)
+    T = g2.shape[0]
+    needs = tuple(bool(n) for n in needs)
+    need_x, need_s1, need_s2, need_u1, need_u2, need_b = needs
+    shapes = (x.shape, (L, I, K), (L, K, O), (L, K, O), (L, I, K), (O,))
+    if out is None:
+        out = [torch.empty(s, device=g.device, dtype=x.dtype) if n else None for s, n in zip(shapes, needs)]
+    grads = tuple(t if n else None for t, n in zip(out, needs))
+    # the weight grads in workspace order: (index in the result, shape)
+    order = tuple((i, shapes[i]) for i in (1, 4, 2, 3, 5) if needs[i])
+    need_dh = need_x or need_s1 or need_u2
+    need_gb = need_s2 or need_u1 or need_b
+    if T == 0:
+        for i, _ in order:
             grads[i].zero_()
-    elif r.need_dh or r.need_gb:
-        _launch_backward(r, key, wrap_triton, g2, x2, h, S1s, S2s, U1s, U2s, grads, dev, dt)
-    if grads[0] is not None:
-        grads[0] = grads[0].view(x.shape)
-    return tuple(grads)
-
-
-def _launch_backward(r, key, wrap_triton, g2, x2, h, S1s, S2s, U1s, U2s, grads, dev, dt) -> None:
+        return grads
+    if not (need_dh or need_gb):
+        return grads
+    if plan is None:
+        plan = plan_backward(T, I, O, Lk, g.device)
+    split_o = plan.split_o if need_dh else 1
+    split_t = plan.split_t if order else 1
+    split = split_t > 1
+    layout = None if in_op else layout_key(g2, x2, h, S1s, S2s, U1s, U2s, needs, allow_tf32, split_o, split_t)
+    sizes = [math.prod(shape) for _, shape in order]
+    offsets = dict(zip((i for i, _ in order), itertools.accumulate([0] + sizes))) if split else {}
+    n_total = sum(sizes)
+    stride_ws = n_total if split else 0
+    BLK = column_chunk(Lk)
+    n_chunks = cdiv(Lk, BLK)
+    one_chunk = n_chunks == 1
+    prec = dot_precision(x.dtype, allow_tf32)
+    bucket = tune_bucket(T)
+    dev, dt = g.device, x.dtype
     dx, dS1, dS2, dU1, dU2, db = grads
-    ws = torch.empty(r.ws_shape, device=dev, dtype=torch.float32) if r.split else None
-    dhp = torch.empty(r.dhp_shape, device=dev, dtype=torch.float32 if r.dhp_fp32 else dt)
+    ws = torch.empty((split_t, n_total), device=dev, dtype=torch.float32) if split else None
+    # dH: (T, 2 Lk) in the input dtype, or fp32 partials (split_o, T, 2 Lk); without role A, a (1, 2 Lk)
+    # placeholder that is no input of ours (an op must not seem to write its inputs)
+    dhp_fp32 = need_dh and split_o > 1
+    dhp_shape = (split_o, T, 2 * Lk) if dhp_fp32 else (T, 2 * Lk) if need_dh else (1, 2 * Lk)
+    dhp = torch.empty(dhp_shape, device=dev, dtype=torch.float32 if dhp_fp32 else dt)
+    stride_dhs = T * 2 * Lk if dhp_fp32 else 0
 
     # placeholders for what a kernel does not write (constexpr flags: no store is even emitted, so
     # torch.compile sees them untouched): read-only inputs of the kernel
-    def out(t, fallback):
-        return fallback if (t is None or r.split) else t
+    def written(t, fallback):
+        return fallback if (t is None or split) else t
 
-    args = (g2, h, U1s, S2s, dhp, out(dS2, h), out(dU1, h), out(db, h), ws if r.split else h, *r.g_scalars)
-    if key is None:
-        wrap_triton(_grad_from_g_kernel)[r.g_grid](*args, **r.g_const)
-    else:
-        eager(_grad_from_g_kernel).launch_as(key, r.g_grid, args, r.g_const)
-    if r.need_dh:
-        args = (x2, dhp, S1s, U2s, dx if dx is not None else x2, out(dS1, x2), out(dU2, x2), ws if r.split else x2,
-                *r.x_scalars)
-        if key is None:
-            wrap_triton(_grad_from_x_kernel)[r.x_grid](*args, **r.x_const)
-        else:
-            eager(_grad_from_x_kernel).launch_as(key, r.x_grid, args, r.x_const)
-    if r.split:
-        outs = [grads[i] for i, _ in r.order]
-        args = (ws, *outs, *[ws] * (5 - len(outs)), *r.sum_scalars)  # ws: placeholders, never stored to
-        if key is None:
-            wrap_triton(_sum_partials_kernel)[r.sum_grid](*args, **r.sum_const)
-        else:
-            eager(_sum_partials_kernel).launch_as(key, r.sum_grid, args, r.sum_const)
+    launch(
+        _grad_from_g_kernel,
+        lambda META: ((cdiv(T, META["BT"]) * n_chunks * split_o if need_dh else 0)
+                      + (cdiv(O, META["BO"]) * n_chunks * split_t if need_gb else 0),),
+        (
+            g2, h, U1s, S2s, dhp, written(dS2, h), written(dU1, h), written(db, h), ws if split else h,
+            T, O, Lk, bucket, n_chunks, split_o, split_t, 1.0 / (2 * L),
+            offsets.get(2, 0), offsets.get(3, 0), offsets.get(5, 0), stride_ws,
+            *g2.stride(), h.stride(0), *U1s.stride(), *S2s.stride(), stride_dhs, 2 * Lk,
+        ),
+        dict(K=K, BLK=BLK, PREC=prec, NEED_DH=need_dh, NEED_DS2=need_s2, NEED_DU1=need_u1, NEED_DB=need_b,
+             SPLIT_T=split),
+        layout,
+    )
+    if need_dh:
+        launch(
+            _grad_from_x_kernel, lambda META: (cdiv(I, META["BI"]) * n_chunks * split_t,),
+            (
+                x2, dhp, S1s, U2s, dx if dx is not None else x2, written(dS1, x2), written(dU2, x2),
+                ws if split else x2,
+                T, I, Lk, bucket, n_chunks, split_o, split_t,
+                offsets.get(1, 0), offsets.get(4, 0), stride_ws,
+                *x2.stride(), stride_dhs, 2 * Lk, *S1s.stride(), *U2s.stride(),
+                *((I, 1) if need_x else (0, 0)),  # dx: contiguous (T, I)
+            ),
+            dict(K=K, BLK=BLK, PREC=prec, ONE_CHUNK=one_chunk, NEED_DX=need_x, NEED_DS1=need_s1, NEED_DU2=need_u2,
+                 LOAD_DH1=need_s1 or (need_x and one_chunk), LOAD_DH2=need_u2 or (need_x and one_chunk),
+                 SPLIT_T=split),
+            layout,
+        )
+    if split:
+        outs = [grads[i] for i, _ in order]
+        launch(
+            _sum_partials_kernel, lambda META: (cdiv(n_total, META["BLOCK"]),),
+            (ws, *outs, *[ws] * (5 - len(outs)), *(sizes + [0] * 5)[:4], split_t, n_total),  # ws: never stored to
+            dict(N_OUT=len(order)),
+            layout,
+        )
+    return grads

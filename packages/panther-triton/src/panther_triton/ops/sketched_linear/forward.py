@@ -9,7 +9,7 @@ Notation (DESIGN.md): x (T, I); S1s, U2s (L, I, K); U1s, S2s (L, K, O); Lk = L K
 Each half of H is computed in column chunks of BLK <= 128 (the block of the Lk axis), so R <= 256 is
 one chunk, held on chip.
 
-Launches (plan.py picks one by a cost model of the device):
+Launches (plan.py picks one by a rule):
 * fused, R <= 256 — ONE launch, ``_sketch_out_kernel`` with FUSED: a program computes its BT rows of H
   over the whole I loop into registers, rounds them once to the input dtype, then streams y over its O
   tiles with 1/(2L) and the bias in the epilogue. ``o_groups`` programs may share a row tile, each
@@ -17,34 +17,25 @@ Launches (plan.py picks one by a cost model of the device):
 * two launches — ``_sketch_in_kernel`` writes H (or fp32 partial sums over ``split_i`` slices of I),
   then ``_sketch_out_kernel`` sums the partials on load and writes y (and H for the backward).
 
-Which is faster at T=4096, I=O=8192, R=128, bf16 on an H200 (132 SMs)? The bytes (x and y, 128 MB)
-take ~30 us; H = x A alone is 8.6 GFLOP, ~13 us of the whole chip's tensor cores. The fused grid has
-only T/BT = 32-64 row tiles: with one program per tile, a quarter to a half of the SMs do all of H
-(~20-30 us of MMA) and each re-reads all of A and B from L2 (I R + R O elements per BT rows:
-weights traffic / x traffic = R / BT, >= 1). Giving a tile more programs (o_groups) multiplies the
-x A FLOPs, already half of the chip's budget. Splitting I instead (split_i = 4: 128 programs of
-128 rows × 2048 columns) keeps every SM busy for x A without recomputation and costs only the fp32
-partials (T R 4 split_i = 8 MB through L2) and a second launch; the y launch then streams y with
-T/BT × o_groups programs that each hold their H tile across their O tiles. So at that shape the
-planner takes the two launches; the fused kernel wins where one launch matters more than parallelism
-(small problems) or where the row tiles alone fill the chip (T >= ~132 × 128). These are estimates
-of plan.py's model; `tools/check_gpu.py --plans` times every plan on the GPU to check them.
+Why two launches can win: the fused grid has only T/BT row tiles, each running the whole x·A loop
+and re-reading A; splitting I instead keeps every SM busy for x·A without recomputation, at the cost
+of fp32 partials and a second launch. plan.py's rule decides; ``tools/check_gpu.py --plans`` times
+every plan on the GPU.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from panther_triton._launch import eager
-from panther_triton._runtime import (
-    SIZES_NOT_SPECIALISED, Candidates, cdiv, remember, tune_bucket, tuning_bench,
-)
+from panther.backends.toolkit import cdiv
+from panther_triton._launch import launch, layout_key
+from panther_triton._runtime import SIZES_NOT_SPECIALISED, Candidates, tune_bucket, tuning_bench
 from panther_triton.ops.sketched_linear.common import dot_precision, lk_offsets, lko_offsets, mma, sum_splits
-from panther_triton.ops.sketched_linear.plan import ForwardPlan, column_chunk, forced_forward_plan, plan_forward
+from panther_triton.ops.sketched_linear.plan import ForwardPlan, column_chunk, plan_forward
 
 
 @triton.jit
@@ -89,14 +80,12 @@ _IN = Candidates(
         ({"BT": 64, "BI": 128}, 4, 4),
         ({"BT": 64, "BI": 64}, 4, 4),
         ({"BT": 128, "BI": 64}, 4, 4),
-    ],
-    gpu_wide=[  # each fits at 2Lk = 256 without spilling (H200 kernel report, compile_check.py)
-        ({"BT": 128, "BI": 64}, 8, 3),
         ({"BT": 128, "BI": 64}, 8, 4),
         ({"BT": 64, "BI": 64}, 8, 4),
         ({"BT": 128, "BI": 32}, 8, 4),
+        ({"BT": 64, "BI": 32}, 4, 1),
     ],
-    gpu_float32=[({"BT": 64, "BI": 32}, 4, 1)],
+    shared=lambda m, blk, stages: stages * (m["BT"] * m["BI"] + 2 * m["BI"] * blk),  # x, [S1 | U2] chunk
     interpreter={"BT": 32, "BI": 32},
 )
 
@@ -162,17 +151,19 @@ _OUT = Candidates(
         ({"BT": 128, "BI": 64, "BO": 128}, 4, 3),
         ({"BT": 128, "BI": 64, "BO": 256}, 8, 3),
         ({"BT": 128, "BI": 128, "BO": 64}, 8, 2),
-        ({"BT": 64, "BI": 64, "BO": 64}, 4, 2),  # the one that fits float32 (TF32) at R = 128
-    ],
-    gpu_wide=[  # as for _IN
+        ({"BT": 64, "BI": 64, "BO": 64}, 4, 2),
         ({"BT": 128, "BI": 64, "BO": 128}, 8, 2),
         ({"BT": 64, "BI": 64, "BO": 128}, 8, 2),
         ({"BT": 128, "BI": 64, "BO": 64}, 8, 3),
         ({"BT": 128, "BI": 64, "BO": 64}, 8, 2),
-        ({"BT": 128, "BI": 128, "BO": 64}, 8, 2),
-        ({"BT": 64, "BI": 64, "BO": 64}, 4, 2),
+        ({"BT": 64, "BI": 32, "BO": 64}, 4, 1),
     ],
-    gpu_float32=[({"BT": 64, "BI": 32, "BO": 64}, 4, 1)],
+    # the larger of the y loop ([U1; S2] chunk per stage; the y tile and H's chunk once) and the fused
+    # x·A loop (x and the [S1 | U2] chunk per stage)
+    shared=lambda m, blk, stages: max(
+        stages * 2 * blk * m["BO"] + m["BT"] * m["BO"] + 2 * m["BT"] * blk,
+        stages * (m["BT"] * m["BI"] + 2 * m["BI"] * blk),
+    ),
     interpreter={"BT": 32, "BI": 32, "BO": 32},
 )
 
@@ -274,64 +265,14 @@ def _sketch_out_kernel(
             _store_y(acc, y, bias, rows, mask_t, offs_o, mask_o, scale, stride_b, stride_yt, stride_yo, HAS_BIAS)
 
 
-class _ForwardRecipe:
-    """What a forward call launches, made from its inputs' layout (no tensor data): sizes, the plan,
-    and each launch's grid, scalar arguments and constexprs (the tensors come first in every kernel)."""
-
-    __slots__ = ("T", "y_shape", "h_shape", "lead", "fused", "split_i", "in_grid", "in_scalars", "out_grid",
-                 "out_scalars", "in_const", "out_const")
-
-    def __init__(self, x, x2, S1s, S2s, U1s, U2s, bias, allow_tf32, plan):
-        L, I, K = S1s.shape
-        O = S2s.shape[-1]
-        T = x2.shape[0]
-        Lk = L * K
-        self.T, self.lead = T, x.shape[:-1]
-        self.y_shape, self.h_shape = (T, O), (T, 2 * Lk)
-        if plan is None:
-            plan = plan_forward(T, I, O, Lk, x.element_size(), x.device)
-        BLK = column_chunk(Lk)
-        n_chunks = cdiv(Lk, BLK)
-        one_chunk = n_chunks == 1
-        self.fused = fused = plan.fused and one_chunk
-        self.split_i = split_i = 1 if (fused or not one_chunk) else plan.split_i
-        o_groups = plan.o_groups
-        prec = dot_precision(x.dtype, allow_tf32)
-        bucket = tune_bucket(T)
-        weight_strides = (*S1s.stride(), *U2s.stride())
-        hp_stride = T * 2 * Lk if split_i > 1 else 0  # hp: h itself, or fp32 partials (split_i, T, 2 Lk)
-        self.in_grid = lambda META: (cdiv(T, META["BT"]), n_chunks, split_i)
-        self.in_scalars = (T, I, Lk, bucket, *x2.stride(), *weight_strides, hp_stride, 2 * Lk)
-        self.in_const = dict(K=K, BLK=BLK, PREC=prec)
-        self.out_grid = lambda META: (cdiv(T, META["BT"]) * o_groups,)
-        self.out_scalars = (
-            T, I, O, Lk, bucket, split_i, o_groups, 1.0 / (2 * L),
-            *x2.stride(), *weight_strides,
-            hp_stride, 2 * Lk,  # hp (when read) and h share the row stride 2 Lk
-            *U1s.stride(), *S2s.stride(),
-            bias.stride(0) if bias is not None else 0, O, 1,  # y: contiguous (T, O)
-        )
-        self.out_const = dict(
-            K=K, BLK=BLK, PREC=prec,
-            ONE_CHUNK=one_chunk, FUSED=fused, STORE_H=fused or split_i > 1, HAS_BIAS=bias is not None,
-        )
-
-
-_recipes: dict = {}  # eager calls: layout key -> _ForwardRecipe
-
-
-def _layout_key(x, x2, S1s, S2s, U1s, U2s, bias, allow_tf32, plan) -> tuple:
-    """Everything a forward recipe and its launches depend on but the tensors' addresses: shapes, strides,
-    dtypes, device, each input's address modulo 16 (Triton specialises pointers on 16-byte alignment; the
-    outputs are fresh allocations, aligned), the options and the plan forced, if any."""
-    return (
-        x.shape, x2.stride(), x2.data_ptr() & 15, S1s.shape, S2s.shape, x.dtype, x.device, allow_tf32,
-        plan, forced_forward_plan(),
-        S1s.stride(), U2s.stride(), U1s.stride(), S2s.stride(),
-        S1s.data_ptr() & 15, U2s.data_ptr() & 15, U1s.data_ptr() & 15, S2s.data_ptr() & 15,
-        S1s.dtype, U2s.dtype, U1s.dtype, S2s.dtype,  # one dtype for all is the callers' contract, not checked here
-        None if bias is None else (bias.stride(0), bias.data_ptr() & 15, bias.dtype),
-    )
+def forward_outputs(x, S1s, S2s, U1s=None, U2s=None, bias=None, allow_tf32=True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """y (..., O), a view of a contiguous (T, O) tensor, and H (T, 2Lk): what the forward writes,
+    allocated (the fake implementation of the library op too)."""
+    L, I, K = S1s.shape
+    O = S2s.shape[-1]
+    T = x.numel() // I if I else 0
+    y = x.new_empty((T, O))
+    return y.view(*x.shape[:-1], O), x.new_empty((T, 2 * L * K))
 
 
 def sketched_linear_forward(
@@ -343,43 +284,58 @@ def sketched_linear_forward(
     bias: Optional[torch.Tensor] = None,
     allow_tf32: bool = True,
     plan: Optional[ForwardPlan] = None,
-    wrap_triton: Callable = eager,
+    out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    in_op: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernels: returns y (..., O) and H (T, 2Lk) for the backward.
 
     x may have any leading dims and strides (it is reshaped to (T, I), a view when strides allow).
-    `plan` forces a launch plan (default: plan.py's choice for the shape). `wrap_triton` is applied to
-    each kernel before its launch: torch.library.wrap_triton inside a triton_op (the name is what lets torch
-    find the kernels of the op when it hashes them for its caches). Left at its default (eager calls), the
-    launches go through :mod:`panther_triton._launch`, and what they need besides the tensors is made once
-    per layout of the inputs (:class:`_ForwardRecipe`, keyed by :func:`_layout_key`), the host-side work
-    that dominates a call at small sizes.
+    ``plan`` forces a launch plan (default: plan.py's rule for the shape). ``out`` is what
+    :func:`forward_outputs` returns (allocated here when None). ``in_op``: called inside the library
+    op (the kernels go through wrap_triton) rather than eagerly (see :mod:`panther_triton._launch`).
     """
-    x2 = x.reshape(-1, S1s.shape[1])
-    if wrap_triton is eager:
-        key = _layout_key(x, x2, S1s, S2s, U1s, U2s, bias, allow_tf32, plan)
-        r = _recipes.get(key)
-        if r is None:
-            r = remember(_recipes, key, _ForwardRecipe(x, x2, S1s, S2s, U1s, U2s, bias, allow_tf32, plan))
-    else:
-        key, r = None, _ForwardRecipe(x, x2, S1s, S2s, U1s, U2s, bias, allow_tf32, plan)
-    y = torch.empty(r.y_shape, device=x.device, dtype=x.dtype)
-    h = torch.empty(r.h_shape, device=x.device, dtype=x.dtype)
-    if r.T == 0:
-        return y.view(*r.lead, r.y_shape[1]), h
-    if r.fused:
+    y, h = forward_outputs(x, S1s, S2s) if out is None else out
+    L, I, K = S1s.shape
+    O = S2s.shape[-1]
+    Lk = L * K
+    x2 = x.reshape(-1, I)
+    T = x2.shape[0]
+    if T == 0:
+        return y, h
+    if plan is None:
+        plan = plan_forward(T, I, O, Lk, x.device)
+    BLK = column_chunk(Lk)
+    n_chunks = cdiv(Lk, BLK)
+    one_chunk = n_chunks == 1
+    fused = plan.fused and one_chunk
+    split_i = 1 if (fused or not one_chunk) else plan.split_i
+    o_groups = plan.o_groups
+    layout = None if in_op else layout_key(x2, S1s, S2s, U1s, U2s, bias, allow_tf32, fused, split_i, o_groups)
+    prec = dot_precision(x.dtype, allow_tf32)
+    bucket = tune_bucket(T)
+    weight_strides = (*S1s.stride(), *U2s.stride())
+    hp_stride = T * 2 * Lk if split_i > 1 else 0  # hp: h itself, or fp32 partials (split_i, T, 2 Lk)
+    if fused:
         hp = x2  # placeholder, not read when FUSED (an input: torch.compile then sees h as the only H written)
     else:
-        hp = h if r.split_i == 1 else torch.empty((r.split_i, *r.h_shape), device=x.device, dtype=torch.float32)
-        args = (x2, S1s, U2s, hp, *r.in_scalars)
-        if key is None:
-            wrap_triton(_sketch_in_kernel)[r.in_grid](*args, **r.in_const)
-        else:
-            eager(_sketch_in_kernel).launch_as(key, r.in_grid, args, r.in_const)
-    # x2 for an absent bias: a placeholder, never read
-    args = (x2, S1s, U2s, hp, h, U1s, S2s, bias if bias is not None else x2, y, *r.out_scalars)
-    if key is None:
-        wrap_triton(_sketch_out_kernel)[r.out_grid](*args, **r.out_const)
-    else:
-        eager(_sketch_out_kernel).launch_as(key, r.out_grid, args, r.out_const)
-    return y.view(*r.lead, r.y_shape[1]), h
+        hp = h if split_i == 1 else torch.empty((split_i, T, 2 * Lk), device=x.device, dtype=torch.float32)
+        launch(
+            _sketch_in_kernel, lambda META: (cdiv(T, META["BT"]), n_chunks, split_i),
+            (x2, S1s, U2s, hp, T, I, Lk, bucket, *x2.stride(), *weight_strides, hp_stride, 2 * Lk),
+            dict(K=K, BLK=BLK, PREC=prec), layout,
+        )
+    launch(
+        _sketch_out_kernel, lambda META: (cdiv(T, META["BT"]) * o_groups,),
+        (
+            x2, S1s, U2s, hp, h, U1s, S2s, bias if bias is not None else x2, y,  # x2: placeholder, never read
+            T, I, O, Lk, bucket, split_i, o_groups, 1.0 / (2 * L),
+            *x2.stride(), *weight_strides,
+            hp_stride, 2 * Lk,  # hp (when read) and h share the row stride 2 Lk
+            *U1s.stride(), *S2s.stride(),
+            bias.stride(0) if bias is not None else 0, O, 1,  # y: contiguous (T, O)
+        ),
+        dict(K=K, BLK=BLK, PREC=prec, ONE_CHUNK=one_chunk, FUSED=fused, STORE_H=fused or split_i > 1,
+             HAS_BIAS=bias is not None),
+        layout,
+    )
+    return y, h
