@@ -39,12 +39,14 @@ def test_priority_and_auto_selection_on_cuda():
     with panther.use_backend("auto"):
         y = panther.ops.sketched_linear(*inputs)
     assert y.device.type == "cuda" and y.dtype == torch.bfloat16
-    # float32 and 2Lk > 256 go to torch in auto (measured faster there), and still run here when asked for
+    # the fixed bids (auto's fallback when it does not measure) send float32 and 2Lk > 256 to torch, and
+    # those inputs still run here when asked for; measured auto picks by timing instead (test_autotune_gpu.py)
     inputs32 = [t.float() if t is not None else None for t in inputs]
     wide = make_inputs(64, 96, 80, 3, 43, torch.bfloat16, device="cuda")
-    for args in (inputs32, wide):
-        assert select("sketched_linear", *args).name == "torch"
-        assert select("sketched_linear", *args, backend="triton").name == "triton"
+    with panther.backends.use_autotune(False):
+        for args in (inputs32, wide):
+            assert select("sketched_linear", *args).name == "torch"
+            assert select("sketched_linear", *args, backend="triton").name == "triton"
 
 
 @pytest.mark.parametrize("shape", BIG, ids=lambda s: f"L{s[3]}_k{s[4]}")
