@@ -17,8 +17,8 @@ def test_multigpu_marker_skips_or_fails_with_fewer_than_two(tmp_path, require, e
     (tmp_path / "test_probe.py").write_text("import pytest\n\n@pytest.mark.multigpu\ndef test_probe():\n    pass\n")
     env = {**os.environ, "PANTHER_REQUIRE_GPU": require, "PYTHONPATH": str(ROOT)}
     # load the repository's conftest.py as a plugin, with the repository's pytest settings (strict about markers)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest", "-c", str(ROOT / "tox.ini"),
-           "--strict-markers", str(tmp_path / "test_probe.py")]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest",
+           "-c", str(ROOT / "tox.ini"), "--strict-markers", str(tmp_path / "test_probe.py")]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert expect in out.stdout, out.stdout + out.stderr
     if require == "1":
