@@ -35,6 +35,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import panther as pr
 
 MODES = ("ddp", "fsdp2", "fsdp2-bf16", "ddp-compile", "fsdp2-compile")
 STEPS = 3
@@ -52,8 +57,6 @@ class SketchedNet(nn.Module):
 
     def __init__(self, device=None) -> None:
         super().__init__()
-        import panther as pr
-
         self.conv = pr.nn.SKConv2d(3, 16, 3, padding=1, num_terms=1, low_rank=4, device=device)
         self.attn = pr.nn.RandMultiHeadAttention(16, 2, sketch_dim=8, batch_first=True, device=device)
         self.head = pr.nn.SKLinear(16, 8, num_terms=1, low_rank=2, device=device)
@@ -71,13 +74,8 @@ def tolerance(mode: str) -> float:
 def wrap(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
     """The model as a user parallelises it for ``mode``."""
     if mode.startswith("ddp"):
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     else:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         policy = MixedPrecisionPolicy()
         if mode.endswith("bf16"):

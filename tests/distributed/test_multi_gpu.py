@@ -2,7 +2,7 @@
 
 Each case spawns the ranks of ``dist_train.py`` (one per GPU over NCCL, or two CPU processes over gloo),
 rendezvous through a FileStore in ``tmp_path``, and reads back every rank's worst relative errors of the
-gradients (each step), parameters and fixed sketches against an unwrapped copy trained on the whole batch.
+gradients (each step), parameter updates and fixed sketches against an unwrapped copy trained on the whole batch.
 The gloo cases run in CI; ``multigpu`` cases need two GPUs, ``gpu`` ones (world size 1 over NCCL) one.
 """
 
@@ -18,10 +18,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # spawned ranks import dist_train by name (the parent's sys.path travels along)
+sys.path.insert(0, str(HERE))  # ranks import dist_train by name (the parent's sys.path travels along)
 import dist_train  # noqa: E402
 
 TIMEOUT_S = 240  # a rank that hangs in a collective fails the case instead of holding up the run
+# CPU ranks are forked from one server process that imports torch and panther once for all the cases;
+# GPU ranks start fresh (spawn), so that nothing of CUDA was initialised before them.
+START_METHOD = {"gloo": "forkserver", "nccl": "spawn"}
+mp.get_context("forkserver").set_forkserver_preload(["dist_train"])
+
 
 class BufferDtypeMismatch(AssertionError):
     """A rank stopped because a sketched op was given bfloat16 inputs and float32 fixed sketches."""
@@ -30,8 +35,9 @@ class BufferDtypeMismatch(AssertionError):
 BF16_BUFFERS = pytest.mark.xfail(
     strict=True,
     raises=BufferDtypeMismatch,
-    reason="under MixedPrecisionPolicy(param_dtype=bfloat16) the fixed sketches (float32 buffers U1s, U2s, "
-    "omega) are not cast to the parameters' dtype by the sketched ops, which reject the mixed dtypes",
+    reason="missing buffer cast: MixedPrecisionPolicy(param_dtype=bfloat16) casts parameters, not buffers, and the "
+    "sketched ops do not cast the float32 fixed sketches (U1s, U2s, omega) to the bfloat16 input's dtype; they "
+    "raise TypeError",
 )
 
 
@@ -45,7 +51,7 @@ def launch(mode: str, world_size: int, backend: str, tmp_path: Path) -> list:
     out.mkdir()
     init = f"file://{tmp_path / 'store'}"
     ctx = mp.start_processes(dist_train.run, args=(world_size, mode, backend, init, str(out)), nprocs=world_size,
-                             join=False, start_method="spawn")
+                             join=False, start_method=START_METHOD[backend])
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not ctx.join(timeout=1):  # raises with the rank's traceback when a rank fails
