@@ -212,9 +212,22 @@ class SKConv2d(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         """Convolve ``input`` of shape ``(N, C_in, H, W)`` or ``(C_in, H, W)``."""
+        U1s = self.U1s.to(self.S1s.dtype)  # parameters cast by a mixed-precision wrapper: the sketches follow
         return sketched_conv2d(
-            input, self.S1s, self.U1s, self.bias, self.stride, self.padding, self.dilation, backend=self._backend
+            input, self.S1s, U1s, self.bias, self.stride, self.padding, self.dilation, backend=self._backend
         )
+
+    def _apply(self, fn, recurse=True):
+        # S1s (2L, k, C, kh, kw) goes through fn as the (2Lk, C, kh, kw) filters it holds, so that
+        # Module.to(memory_format=torch.channels_last) lays it out as nn.Conv2d's weight (same shape and
+        # state_dict; the op then convolves with channels_last filters)
+        def as_filters(t):
+            if t.dim() != 5:
+                return fn(t)
+            out = fn(t.flatten(0, 1))
+            return out.unflatten(0, t.shape[:2]) if isinstance(out, Tensor) and out.dim() == 4 else out
+
+        return super()._apply(as_filters, recurse)
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"

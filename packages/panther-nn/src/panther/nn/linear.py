@@ -190,7 +190,9 @@ class SKLinear(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         """Apply the layer to ``input`` of shape ``(*, in_features)``; returns ``(*, out_features)``."""
-        return sketched_linear(input, self.S1s, self.S2s, self.U1s, self.U2s, self.bias, backend=self._backend)
+        dt = self.S1s.dtype  # parameters cast by a mixed-precision wrapper (FSDP2): the fixed sketches follow
+        U1s, U2s = self.U1s.to(dt), self.U2s.to(dt)
+        return sketched_linear(input, self.S1s, self.S2s, U1s, U2s, self.bias, backend=self._backend)
 
     def extra_repr(self) -> str:
         return (

@@ -122,6 +122,8 @@ def rfa_attention(
     key_padding_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Random-feature attention of q, k (B, H, T|S, D) and v (B, H, S, Dv) -> (B, H, T, Dv)."""
-    if torch.compiler.is_compiling():  # dynamo cannot trace the recomputing backward: let it differentiate
+    # dynamo cannot trace the recomputing backward, and torch.func transforms (grad, vmap, jvp) need
+    # differentiable ops: let them differentiate the plain math
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return _attention(q, k, v, omega, causal, kernel, key_padding_mask)
     return RFAttentionFunction.apply(q, k, v, omega, causal, kernel, key_padding_mask)

@@ -1,0 +1,227 @@
+"""Sketched layers in the recipes models are trained with: autocast, mixed-precision parameters, torch.func,
+the nn.Transformer drop-in, compile / export with masks, meta-device construction and channels_last."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import panther
+from panther.nn import RandMultiHeadAttention, SKConv2d, SKLinear
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*holds 2\\*num_terms:UserWarning")
+
+
+class Net(nn.Module):
+    """nn.Linear -> SKLinear -> nn.Conv2d -> SKConv2d -> RandMultiHeadAttention, as a model mixes them."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(12, 16)
+        self.sklin = SKLinear(16, 48, num_terms=1, low_rank=3, seed=0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.skconv = SKConv2d(8, 8, 3, padding=1, num_terms=1, low_rank=2, seed=1)
+        self.attn = RandMultiHeadAttention(8, 2, sketch_dim=6, batch_first=True, seed=2)
+
+    def forward(self, x):  # x: (N, 12)
+        h = self.sklin(torch.relu(self.lin(x))).view(-1, 3, 4, 4)
+        h = self.skconv(torch.relu(self.conv(h)))  # (N, 8, 4, 4)
+        seq = h.flatten(2).transpose(1, 2)  # (N, 16, 8)
+        return self.attn(seq, seq, seq, need_weights=False)[0]
+
+
+def _grads(model, x, autocast=None):
+    model.zero_grad()
+    if autocast is None:
+        out = model(x)
+    else:
+        with torch.autocast("cpu", dtype=autocast):
+            out = model(x)
+    out.float().square().mean().backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+# --- 1. autocast
+
+
+def test_autocast_bf16_trains_like_float32():
+    torch.manual_seed(0)
+    model = Net()
+    x = torch.randn(4, 12)
+    ref, g32 = _grads(model, x)
+    out, g16 = _grads(model, x, torch.bfloat16)
+    assert out.dtype == torch.bfloat16  # like nn.Linear / nn.Conv2d under autocast
+    assert torch.allclose(out.float(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+    for name, g in g16.items():
+        assert g.dtype == torch.float32, name  # gradients flow back to the float32 parameters
+        scale = g32[name].norm().item() + 1e-6
+        assert (g - g32[name]).norm().item() <= 0.08 * scale, name
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.step()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv", "attention"])
+def test_autocast_each_op_outputs_the_autocast_dtype(layer):
+    if layer == "linear":
+        m, x = SKLinear(10, 20, 1, 2, seed=0), torch.randn(3, 10)
+        nn_out = nn.Linear(10, 20)
+    elif layer == "conv":
+        m, x = SKConv2d(3, 4, 3, num_terms=1, low_rank=2, seed=0), torch.randn(2, 3, 6, 6)
+        nn_out = nn.Conv2d(3, 4, 3)
+    else:
+        m, x = RandMultiHeadAttention(8, 2, 4, seed=0), torch.randn(5, 2, 8)
+        nn_out = nn.MultiheadAttention(8, 2)
+    call = (lambda mod: mod(x, x, x)[0]) if layer == "attention" else (lambda mod: mod(x))
+    ref = call(m)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = call(m), call(nn_out)
+        out_bf16_in = call(m) if layer != "attention" else m(x.bfloat16(), x.bfloat16(), x.bfloat16())[0]
+    assert out.dtype == expected.dtype == torch.bfloat16
+    assert out_bf16_in.dtype == torch.bfloat16  # a bf16 activation (from an autocast layer before) is taken
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+
+
+def test_float64_is_left_alone_under_autocast():
+    m = SKLinear(10, 20, 1, 2, seed=0, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(torch.randn(3, 10, dtype=torch.float64)).dtype == torch.float64
+
+
+# --- 2. parameters cast by a mixed-precision wrapper
+
+
+def _cast_params(model, dtype):
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_parameters_only_cast_buffers_follow(dtype):
+    torch.manual_seed(0)
+    model = Net()
+    x = torch.randn(4, 12)
+    ref = model(x)
+    _cast_params(model, dtype)  # what FSDP2's MixedPrecisionPolicy(param_dtype=...) does before forward
+    assert model.sklin.U1s.dtype == torch.float32
+    out = model(x.to(dtype))
+    assert out.dtype == dtype
+    out.float().sum().backward()
+    assert model.sklin.S1s.grad.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, rtol=0.1, atol=0.1)
+
+
+def test_dtype_mismatch_outside_autocast_stays_an_error():
+    lin, conv = SKLinear(10, 20, 1, 2, seed=0), SKConv2d(3, 4, 3, num_terms=1, low_rank=2, seed=0)
+    attn = RandMultiHeadAttention(8, 2, 4, seed=0)
+    with pytest.raises(TypeError, match=r"x has dtype torch.bfloat16 but S1s has dtype torch.float32"):
+        lin(torch.randn(3, 10, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match=r"x has dtype torch.bfloat16 but S1s has dtype torch.float32"):
+        conv(torch.randn(1, 3, 5, 5, dtype=torch.bfloat16))
+    q = torch.randn(4, 1, 8, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match=r"query has dtype torch.bfloat16 but the RandMultiHeadAttention"):
+        attn(q, q, q)
+
+
+def test_fsdp2_mixed_precision_single_process(tmp_path):
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = Net()
+        x = torch.randn(4, 12)
+        ref = model(x)
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for m in (model.sklin, model.skconv, model.attn):
+            fully_shard(m, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        out = model(x)
+        assert out.dtype == torch.bfloat16
+        out.float().square().mean().backward()
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+        torch.testing.assert_close(out.float(), ref, rtol=0.1, atol=0.1)
+    finally:
+        dist.destroy_process_group()
+
+
+# --- 3. torch.func
+
+
+def _func_model():
+    torch.manual_seed(0)
+    return nn.ModuleDict(
+        {
+            "lin": SKLinear(6, 48, 1, 2, seed=0),
+            "conv": SKConv2d(3, 4, 3, padding=1, num_terms=1, low_rank=2, seed=1),
+            "attn": RandMultiHeadAttention(4, 2, 5, batch_first=True, seed=2),
+        }
+    ).double()
+
+
+def _func_forward(model, x):
+    h = model["conv"](model["lin"](x).view(-1, 3, 4, 4))  # (N, 4, 4, 4)
+    seq = h.flatten(2).transpose(1, 2)  # (N, 16, 4)
+    return model["attn"](seq, seq, seq, need_weights=False, is_causal=True)[0].square().mean()
+
+
+def test_per_sample_gradients_with_vmap():
+    from torch.func import functional_call, grad, vmap
+
+    model = _func_model()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    x = torch.randn(3, 6, dtype=torch.float64)
+
+    wrapper = _Wrapper(model)
+
+    def loss(p, xi):
+        state = {f"m.{k}": v for k, v in {**p, **buffers}.items()}
+        return functional_call(wrapper, state, (xi.unsqueeze(0),))
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        _func_forward(model, x[i : i + 1]).backward()
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(per_sample[n][i], p.grad, rtol=1e-9, atol=1e-12)
+
+
+class _Wrapper(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return _func_forward(self.m, x)
+
+
+def test_jvp_matches_finite_differences_and_autograd():
+    from torch.func import jvp
+
+    model = _func_model()
+    x = torch.randn(2, 6, dtype=torch.float64)
+    t = torch.randn_like(x)
+    f = lambda inp: _func_forward(model, inp)  # noqa: E731
+    value, tangent = jvp(f, (x,), (t,))
+    (g,) = torch.autograd.grad(f(x.requires_grad_()), x)
+    torch.testing.assert_close(value, f(x).detach())
+    torch.testing.assert_close(tangent, (g * t).sum(), rtol=1e-9, atol=1e-12)
+
+
+def test_kernel_backend_under_torch_func_is_a_clear_error(monkeypatch):
+    from torch.func import grad
+
+    lin = SKLinear(6, 8, 1, 2, seed=0).double()
+    x = torch.randn(2, 6, dtype=torch.float64)
+    f = lambda inp: panther.ops.sketched_linear(  # noqa: E731
+        inp, lin.S1s, lin.S2s, lin.U1s, lin.U2s, lin.bias, backend="triton"
+    ).sum()
+    with pytest.raises(panther.BackendError, match=r"'triton' cannot run sketched_linear under torch.func.*backend='torch'"):
+        grad(f)(x)
