@@ -225,3 +225,164 @@ def test_kernel_backend_under_torch_func_is_a_clear_error(monkeypatch):
     ).sum()
     with pytest.raises(panther.BackendError, match=r"'triton' cannot run sketched_linear under torch.func.*backend='torch'"):
         grad(f)(x)
+
+
+# --- 4. nn.Transformer drop-in
+
+
+def _encoder_layer(E=16, heads=4, seed=0):
+    layer = nn.TransformerEncoderLayer(E, heads, 32, dropout=0.0, batch_first=True)
+    layer.self_attn = RandMultiHeadAttention(E, heads, 8, batch_first=True, seed=seed)
+    return layer
+
+
+def _sketched_only(fn):
+    """``fn()`` with torch's fused inference paths impossible (the plain module path, for reference)."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            return fn()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_encoder_layer_eval_runs_the_sketched_attention(context):
+    torch.manual_seed(0)
+    layer = _encoder_layer()
+    x = torch.randn(3, 7, 16)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[1, 5:] = True
+    layer.train()
+    layer(x, src_key_padding_mask=pad).square().mean().backward()
+    assert layer.self_attn.in_proj_weight.grad is not None
+    layer.eval()
+    for kwargs in ({}, {"src_key_padding_mask": pad}):
+        with context():
+            out = layer(x, **kwargs)
+        expected = _sketched_only(lambda: layer(x, **kwargs))
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        exact = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True).eval()
+        exact.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "self_attn.omega"})
+        with torch.no_grad():
+            assert (exact(x, **kwargs) - out).abs().max() > 1e-3  # not the exact attention
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_encoder_stack_eval_runs_the_sketched_attention(context):
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(_encoder_layer(), 2, enable_nested_tensor=True).eval()
+    x = torch.randn(3, 7, 16)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[1, 5:] = True
+    pad[2, 3:] = True
+    with context():
+        out = enc(x, src_key_padding_mask=pad)  # torch's nested-tensor path hands self_attn nested batches
+    expected = _sketched_only(lambda: enc(x, src_key_padding_mask=pad))
+    torch.testing.assert_close(out[~pad], expected[~pad], rtol=1e-6, atol=1e-6)
+    mask = nn.Transformer.generate_square_subsequent_mask(7)
+    with context():
+        causal = enc(x, mask=mask)
+    torch.testing.assert_close(causal, _sketched_only(lambda: enc(x, is_causal=True, mask=mask)))
+
+
+def test_decoder_layer_drop_in_trains_and_evaluates():
+    torch.manual_seed(0)
+    dec = nn.TransformerDecoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    dec.self_attn = RandMultiHeadAttention(16, 4, 8, batch_first=True, seed=0)
+    dec.multihead_attn = RandMultiHeadAttention(16, 4, 8, batch_first=True, seed=1)
+    tgt, memory = torch.randn(2, 6, 16), torch.randn(2, 9, 16)
+    mask = nn.Transformer.generate_square_subsequent_mask(6)
+    dec(tgt, memory, tgt_mask=mask, tgt_is_causal=True).square().mean().backward()
+    dec.eval()
+    with torch.inference_mode():
+        out = dec(tgt, memory, tgt_mask=mask)
+    assert torch.isfinite(out).all()
+
+
+# --- 5. torch.compile / torch.export with the masks nn.Transformer passes
+
+
+class _Causal(nn.Module):
+    def __init__(self, mask_kind):
+        super().__init__()
+        self.attn = RandMultiHeadAttention(16, 4, 8, batch_first=True, seed=0)
+        self.mask_kind = mask_kind
+
+    def forward(self, x, pad):
+        T = x.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(T, device=x.device)
+        if self.mask_kind == "bool":
+            mask = mask == float("-inf")
+        return self.attn(x, x, x, attn_mask=mask, key_padding_mask=pad, need_weights=False)[0]
+
+
+def _float_pad(N, T, padded_from):
+    pad = torch.zeros(N, T)
+    pad[0, padded_from:] = float("-inf")  # additive float key_padding_mask, as torch accepts
+    return pad
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_compile_fullgraph_with_causal_and_float_padding_masks(mask_kind):
+    torch._dynamo.reset()
+    model = _Causal(mask_kind)
+    compiled = torch.compile(model, fullgraph=True, backend="eager", dynamic=True)
+    for T in (5, 8):
+        x, pad = torch.randn(2, T, 16), _float_pad(2, T, 3)
+        torch.testing.assert_close(compiled(x, pad), model(x, pad))
+
+
+def test_compile_still_refuses_a_non_causal_mask():
+    torch._dynamo.reset()
+    attn = RandMultiHeadAttention(16, 4, 8, batch_first=True, seed=0)
+    f = torch.compile(lambda x, m: attn(x, x, x, attn_mask=m)[0], fullgraph=True, backend="eager")
+    x = torch.randn(2, 5, 16)
+    with pytest.raises(RuntimeError, match="not the causal mask"):
+        f(x, torch.zeros(5, 5, dtype=torch.bool))
+
+
+def test_export_with_dynamic_sequence_length():
+    model = _Causal("float").eval()
+    T = torch.export.Dim("T", min=2, max=64)
+    x, pad = torch.randn(2, 6, 16), _float_pad(2, 6, 4)
+    ep = torch.export.export(model, (x, pad), dynamic_shapes=({1: T}, {1: T}))
+    for n in (6, 11):
+        x, pad = torch.randn(2, n, 16), _float_pad(2, n, 4)
+        torch.testing.assert_close(ep.module()(x, pad), model(x, pad))
+
+
+# --- 6. meta device, channels_last
+
+
+def test_meta_device_construction_without_a_seed():
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        layers = [
+            SKLinear(64, 64, 1, 4),
+            SKConv2d(8, 8, 3, num_terms=1, low_rank=2),
+            RandMultiHeadAttention(16, 4, 8),
+        ]
+    for layer in layers:
+        assert all(t.is_meta for t in layer.state_dict().values())
+    real = layers[0].to_empty(device="cpu")
+    real.reset_parameters()
+    assert torch.isfinite(real(torch.randn(2, 64))).all()
+
+
+def test_channels_last_model_with_skconv2d():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), SKConv2d(8, 16, 3, num_terms=1, low_rank=4, seed=0), nn.ReLU())
+    x = torch.randn(2, 3, 10, 10)
+    ref = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model = model.to(memory_format=torch.channels_last)
+    xc = x.to(memory_format=torch.channels_last)
+    out = model[1](model[0](xc))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(model(xc), ref, rtol=1e-5, atol=1e-5)
+    assert model[1].S1s.shape == state["1.S1s"].shape
+    model.load_state_dict(state)  # same state_dict
+    model(xc).sum().backward()
+    assert model[1].S1s.grad.shape == model[1].S1s.shape

@@ -489,7 +489,7 @@ def _bool_key_padding_mask(mask, N: int, S: int, unbatched: bool) -> Optional[Te
     if not isinstance(mask, Tensor):
         raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(mask).__name__}")
     expected = f"({S},) or (1, {S})" if unbatched else f"(N={N}, S={S})"
-    if mask.shape != (N, S):
+    if not _has_shape(mask, (N, S)):
         raise ValueError(f"key_padding_mask must have shape {expected}, got {tuple(mask.shape)}")
     if mask.dtype == torch.bool:
         return mask
@@ -510,7 +510,7 @@ def _is_causal_mask(mask, batch_heads: int, L: int, S: int, device) -> bool:
     """Whether attn_mask is exactly the causal mask (bool True / float -inf strictly above the diagonal)."""
     if not isinstance(mask, Tensor):
         raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(mask).__name__}")
-    if mask.shape not in ((L, S), (batch_heads, L, S)):
+    if not (_has_shape(mask, (L, S)) or _has_shape(mask, (batch_heads, L, S))):
         raise ValueError(
             f"attn_mask must have shape (L, S) = ({L}, {S}) or (N * num_heads, L, S) = ({batch_heads}, {L}, {S}), "
             f"got {tuple(mask.shape)}; note: {_MASK_HELP}"
@@ -529,6 +529,11 @@ def _is_causal_mask(mask, batch_heads: int, L: int, S: int, device) -> bool:
     # the only mask this layer applies is the causal one: anything else is refused, not ignored
     _require(causal, f"{_MASK_HELP}; got an attn_mask that is not the causal mask")
     return True
+
+
+def _has_shape(t: Tensor, shape: Tuple[int, ...]) -> bool:
+    """``t.shape == shape``, size by size (which symbolic sizes under torch.compile / export can decide)."""
+    return t.dim() == len(shape) and all(a == b for a, b in zip(t.shape, shape))
 
 
 def _require(ok: Tensor, message: str) -> None:

@@ -38,7 +38,9 @@ def _causal_numden(qf, kf, v, M):
     B, H, T, m = qf.shape
     Dv = v.shape[-1]
     v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, H, T, Dv+1)
-    C = max(1, min(CHUNK, T))
+    # a symbolic length (torch.compile dynamic / torch.export Dim) runs as one chunk, O(T^2) memory per
+    # head: the chunk loop's trip count would be a guard on the length
+    C = T if isinstance(T, torch.SymInt) else max(1, min(CHUNK, T))
     n = -(-T // C)
     pad = n * C - T
     if pad:  # padded keys have zero features; M repeats its last value so that it stays nondecreasing
