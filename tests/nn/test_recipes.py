@@ -386,3 +386,19 @@ def test_channels_last_model_with_skconv2d():
     model.load_state_dict(state)  # same state_dict
     model(xc).sum().backward()
     assert model[1].S1s.grad.shape == model[1].S1s.shape
+
+
+# --- 8. the training recipes page
+
+
+def test_training_page_examples_run():
+    import doctest
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[2] / "docs" / "guide" / "training.rst"
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    result = doctest.testfile(
+        str(page), module_relative=False, globs={"torch": torch, "pr": panther}, optionflags=doctest.ELLIPSIS
+    )
+    assert result.failed == 0 and result.attempted >= 10
