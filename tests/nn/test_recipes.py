@@ -82,6 +82,8 @@ def test_autocast_each_op_outputs_the_autocast_dtype(layer):
     assert out.dtype == expected.dtype == torch.bfloat16
     assert out_bf16_in.dtype == torch.bfloat16  # a bf16 activation (from an autocast layer before) is taken
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+    out.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())
 
 
 def test_float64_is_left_alone_under_autocast():

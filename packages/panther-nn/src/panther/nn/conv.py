@@ -224,7 +224,10 @@ class SKConv2d(nn.Module):
         def as_filters(t):
             if t.dim() != 5:
                 return fn(t)
-            out = fn(t.flatten(0, 1))
+            flat = t.flatten(0, 1)
+            out = fn(flat)
+            if out is flat:  # fn changed nothing (or worked in place): the tensor itself, not a view of it
+                return t
             return out.unflatten(0, t.shape[:2]) if isinstance(out, Tensor) and out.dim() == 4 else out
 
         return super()._apply(as_filters, recurse)
