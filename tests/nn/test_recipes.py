@@ -336,6 +336,20 @@ def test_compile_fullgraph_with_causal_and_float_padding_masks(mask_kind):
         torch.testing.assert_close(compiled(x, pad), model(x, pad))
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_compile_fullgraph_transformer_encoder(mode):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    enc = getattr(nn.TransformerEncoder(_encoder_layer(), 2), mode)()
+    x = torch.randn(2, 7, 16)
+    mask = nn.Transformer.generate_square_subsequent_mask(7)
+    pad = _float_pad(2, 7, 5)
+    compiled = torch.compile(enc, fullgraph=True, backend="eager")
+    # is_causal=True: without the hint, torch's own TransformerEncoder reads the mask's data to detect it
+    out = compiled(x, mask=mask, is_causal=True, src_key_padding_mask=pad)
+    torch.testing.assert_close(out, enc(x, mask=mask, is_causal=True, src_key_padding_mask=pad))
+
+
 def test_compile_still_refuses_a_non_causal_mask():
     torch._dynamo.reset()
     attn = RandMultiHeadAttention(16, 4, 8, batch_first=True, seed=0)

@@ -62,7 +62,16 @@ class RandMultiHeadAttention(nn.Module):
     An empty query sequence (:math:`L = 0`) gives an empty output.
 
     Autograd: gradients of every order are exact on the reference backend ``torch``, including
-    ``create_graph=True`` (gradient penalties, double backward).
+    ``create_graph=True`` (gradient penalties, double backward); torch.func transforms (grad, vmap,
+    jvp) run on it.
+
+    Training recipes: under :func:`torch.autocast` the attention computes in the autocast dtype, with
+    ``omega`` cast alongside; with parameters cast by a mixed-precision wrapper (FSDP2), ``omega``
+    follows their dtype. As ``self_attn`` (or ``multihead_attn``) of ``nn.TransformerEncoderLayer``,
+    ``nn.TransformerEncoder`` or ``nn.TransformerDecoderLayer`` it always runs: a no-op forward pre-hook
+    makes torch decline its fused exact-attention inference path, and the nested batches of
+    ``nn.TransformerEncoder``'s padding path are taken. Under ``torch.compile`` / ``torch.export``
+    the mask checks are assertions inside the graph (no graph break). See the training recipes guide.
 
     Args:
         embed_dim (int): total dimension of the model.

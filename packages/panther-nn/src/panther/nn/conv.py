@@ -50,7 +50,11 @@ class SKConv2d(nn.Module):
     supported. It stores :math:`2Lk\,(C_{in} k_h k_w + C_{out})` values; a :class:`UserWarning` is raised
     when that is not fewer than the dense :math:`C_{out} C_{in} k_h k_w`, and a :class:`ValueError` (with the
     size needed) before anything is allocated when it cannot fit in the memory of ``device``. Every forward runs
-    :func:`panther.ops.sketched_conv2d` on the backend selected at call time.
+    :func:`panther.ops.sketched_conv2d` on the backend selected at call time. Under :func:`torch.autocast`
+    it computes and returns the autocast dtype, as :class:`torch.nn.Conv2d` does; with parameters cast by a
+    mixed-precision wrapper (FSDP2), the fixed sketches are cast to their dtype at use.
+    ``model.to(memory_format=torch.channels_last)`` lays ``S1s`` out as channels_last filters, and a
+    channels_last input gives a channels_last output.
 
     Args:
         in_channels (int): number of channels in the input image.

@@ -49,7 +49,9 @@ class SKLinear(nn.Module):
     :class:`ValueError` (with the size needed) before anything is allocated when it cannot fit in the memory
     of ``device``.
     Every forward runs :func:`panther.ops.sketched_linear` on the backend selected by
-    :func:`panther.set_backend` / :func:`panther.use_backend` at call time.
+    :func:`panther.set_backend` / :func:`panther.use_backend` at call time. Under :func:`torch.autocast` it
+    computes and returns the autocast dtype, as :class:`torch.nn.Linear` does; with parameters cast by a
+    mixed-precision wrapper (FSDP2), the fixed sketches are cast to their dtype at use.
 
     Args:
         in_features (int): size of each input sample.
