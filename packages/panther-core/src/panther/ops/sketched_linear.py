@@ -33,10 +33,10 @@ def sketched_linear(
         backend: run on this backend instead of the selection in force (a name, or ``"auto"``).
 
     Inside :func:`torch.autocast` for ``x``'s device it computes and returns the autocast dtype, as
-    :func:`torch.nn.functional.linear` does (see :mod:`panther.ops._policy`). Differentiable in every
-    tensor argument; torch.func transforms (grad, vmap, jvp) run it on the reference backend. On the reference backend ``torch`` second-order gradients
-    (``create_graph=True``: gradient penalties, Jacobian regularisation) are exact; the first-order
-    backward keeps its fast path either way.
+    :func:`torch.nn.functional.linear` does, the sketches cast alongside. Differentiable in every tensor
+    argument; torch.func transforms (grad, vmap, jvp) run it on the reference backend. On the reference
+    backend ``torch`` second-order gradients (``create_graph=True``: gradient penalties, Jacobian
+    regularisation) are exact; the first-order backward keeps its fast path either way.
 
     Raises:
         TypeError: a non-tensor argument, a non-floating ``x``, mismatching dtypes, a non-str ``backend``.

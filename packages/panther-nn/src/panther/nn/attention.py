@@ -373,7 +373,9 @@ class RandMultiHeadAttention(nn.Module):
                 f"batch_first=True, got batch_first={self.batch_first}"
             )
         if key_padding_mask is not None or attn_mask is not None or is_causal:
-            raise ValueError("a nested query carries its own lengths: pass no key_padding_mask, attn_mask or is_causal")
+            raise ValueError(
+                "a nested query carries its own lengths: pass no key_padding_mask, attn_mask or is_causal"
+            )
         parts = query.unbind()
         lengths = torch.tensor([p.shape[0] for p in parts], device=query.device)
         padded = torch.nested.to_padded_tensor(query, 0.0)
@@ -516,7 +518,8 @@ def _bool_key_padding_mask(mask, N: int, S: int, unbatched: bool) -> Optional[Te
 
 
 def _is_causal_mask(mask, batch_heads: int, L: int, S: int, device) -> bool:
-    """Whether attn_mask is exactly the causal mask (bool True / float -inf strictly above the diagonal)."""
+    """True when attn_mask is the causal mask (bool True / float -inf strictly above the diagonal), False
+    when L != S; any other mask of a valid shape raises (under tracing, when the graph runs)."""
     if not isinstance(mask, Tensor):
         raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(mask).__name__}")
     if not (_has_shape(mask, (L, S)) or _has_shape(mask, (batch_heads, L, S))):
