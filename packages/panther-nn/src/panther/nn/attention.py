@@ -535,7 +535,7 @@ def _is_causal_mask(mask, batch_heads: int, L: int, S: int, device) -> bool:
         return False
     above = torch.ones(L, S, dtype=torch.bool, device=device).triu(1)
     if mask.dtype == torch.bool:
-        causal = mask == above
+        causal = ~(mask ^ above)  # not ==: inductor's range analysis of eq on bools fails on this pattern
     else:
         causal = torch.where(above, mask == float("-inf"), mask == 0)
     # the only mask this layer applies is the causal one: anything else is refused, not ignored
