@@ -38,7 +38,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from panther.backends.registry import dispatch
+from panther.ops._policy import autocast_cast, autocast_dtype, no_autocast, run
 from panther.ops._checks import check_floating, check_same, check_tensor
 
 KERNELS = ("softmax", "relu")
@@ -194,10 +194,17 @@ def rfa_attention(
     key, or ``S = 0``) gets output 0 and contributes zero gradients, as in
     :func:`torch.nn.functional.scaled_dot_product_attention` (whose math backend returns 0 for fully
     masked rows); the other queries are unaffected. ``T = 0`` gives an empty output. Gradients of every
-    order are exact on the ``torch`` backend.
+    order are exact on the ``torch`` backend, which also runs it under torch.func transforms (grad, vmap,
+    jvp). Inside :func:`torch.autocast` for q's device, q, k, v and omega are cast to the autocast dtype and
+    the output has it, as for :func:`torch.nn.functional.scaled_dot_product_attention`.
     """
+    amp = autocast_dtype(q)
+    if amp is not None:  # torch's autocast policy for attention: compute in the autocast dtype
+        q, k, v, omega = autocast_cast(amp, q, k, v, omega)
+        with no_autocast(q):
+            return rfa_attention(q, k, v, omega, causal, kernel, key_padding_mask, backend=backend)
     _check_attention_args(q, k, v, omega, causal, kernel, key_padding_mask)
-    return dispatch("rfa_attention", q, k, v, omega, causal, kernel, key_padding_mask, backend=backend)
+    return run("rfa_attention", q, k, v, omega, causal, kernel, key_padding_mask, backend=backend)
 
 
 def rfa_features(
@@ -215,8 +222,10 @@ def rfa_features(
     weighs ``φ(q_t)·φ̃(k_s)·exp(M_s - M_t)`` for query ``t >= s``; non-causal, one maximum ``(B, H, 1)``.
     Plain PyTorch on any backend.
     """
+    q, k, omega = autocast_cast(autocast_dtype(q), q, k, omega)
     _check_attention_args(q, k, None, omega, causal, kernel, key_padding_mask)
-    return feature_maps(q, k, omega, kernel, causal, key_padding_mask)
+    with no_autocast(q):
+        return feature_maps(q, k, omega, kernel, causal, key_padding_mask)
 
 
 def rfa_attention_weights(
@@ -232,7 +241,9 @@ def rfa_attention_weights(
     Row ``t`` sums to 1, or is 0 for a query that sees no key. Takes ``O(T S)`` memory: for inspection.
     Half-precision inputs are computed in float32 and the result cast back. Plain PyTorch on any backend.
     """
+    q, k, omega = autocast_cast(autocast_dtype(q), q, k, omega)
     _check_attention_args(q, k, None, omega, causal, kernel, key_padding_mask)
     work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    w = attention_weights(q.to(work), k.to(work), omega.to(work), causal, kernel, key_padding_mask)
+    with no_autocast(q):
+        w = attention_weights(q.to(work), k.to(work), omega.to(work), causal, kernel, key_padding_mask)
     return w.to(q.dtype)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from panther._args import check_int_pair
-from panther.backends.registry import dispatch
+from panther.ops._policy import autocast_cast, autocast_dtype, no_autocast, run
 from panther.ops._checks import check_floating, check_nonempty, check_same, check_shape, check_tensor
 
 IntPair = Union[int, Tuple[int, int]]
@@ -67,8 +67,11 @@ def sketched_conv2d(
         bias: ``(O,)`` or ``None``. stride, padding, dilation: as in :func:`torch.nn.functional.conv2d`.
         backend: run on this backend instead of the selection in force (a name, or ``"auto"``).
 
-    Differentiable in every tensor argument. On the reference backend ``torch`` second-order gradients
-    (``create_graph=True``) are exact; the first-order backward keeps its fast path either way.
+    Inside :func:`torch.autocast` for ``x``'s device it computes and returns the autocast dtype, as
+    :func:`torch.nn.functional.conv2d` does; a channels_last input gives a channels_last output.
+    Differentiable in every tensor argument; torch.func transforms (grad, vmap, jvp) run it on the
+    reference backend. On the reference backend ``torch`` second-order gradients (``create_graph=True``)
+    are exact; the first-order backward keeps its fast path either way.
 
     Raises:
         TypeError: a non-tensor argument, a non-floating ``x``, mismatching dtypes, a non-str ``backend``.
@@ -77,6 +80,11 @@ def sketched_conv2d(
         RuntimeError: tensors on different devices.
         panther.BackendError: the backend asked for cannot run these inputs.
     """
+    amp = autocast_dtype(x)
+    if amp is not None:  # torch's autocast policy for convolutions: compute in the autocast dtype
+        x, S1s, U1s, bias = autocast_cast(amp, x, S1s, U1s, bias)
+        with no_autocast(x):
+            return sketched_conv2d(x, S1s, U1s, bias, stride, padding, dilation, backend=backend)
     check_tensor("S1s", S1s, ndim=5)
     check_nonempty(
         "S1s", S1s, ("the number of terms 2L", "low_rank k", "in_channels C", "kernel height kh", "kernel width kw")
@@ -115,5 +123,7 @@ def sketched_conv2d(
         x = x.unsqueeze(0)
     if extra is not None:
         x = F.pad(x, extra)
-    y = dispatch("sketched_conv2d", x, S1s, U1s, bias, stride, sym, dilation, backend=backend)
+    y = run("sketched_conv2d", x, S1s, U1s, bias, stride, sym, dilation, backend=backend)
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        y = y.contiguous(memory_format=torch.channels_last)  # nn.Conv2d keeps channels_last inputs so
     return y.squeeze(0) if unbatched else y

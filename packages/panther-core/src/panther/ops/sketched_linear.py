@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from panther.backends.registry import dispatch
+from panther.ops._policy import autocast_cast, autocast_dtype, no_autocast, run
 from panther.ops._checks import check_floating, check_nonempty, check_same, check_shape, check_tensor
 
 
@@ -32,9 +32,11 @@ def sketched_linear(
         S1s, U2s: ``(L, I, k)``. S2s, U1s: ``(L, k, O)``. bias: ``(O,)`` or ``None``.
         backend: run on this backend instead of the selection in force (a name, or ``"auto"``).
 
-    Differentiable in every tensor argument. On the reference backend ``torch`` second-order gradients
-    (``create_graph=True``: gradient penalties, Jacobian regularisation) are exact; the first-order
-    backward keeps its fast path either way.
+    Inside :func:`torch.autocast` for ``x``'s device it computes and returns the autocast dtype, as
+    :func:`torch.nn.functional.linear` does, the sketches cast alongside. Differentiable in every tensor
+    argument; torch.func transforms (grad, vmap, jvp) run it on the reference backend. On the reference
+    backend ``torch`` second-order gradients (``create_graph=True``: gradient penalties, Jacobian
+    regularisation) are exact; the first-order backward keeps its fast path either way.
 
     Raises:
         TypeError: a non-tensor argument, a non-floating ``x``, mismatching dtypes, a non-str ``backend``.
@@ -42,9 +44,14 @@ def sketched_linear(
         RuntimeError: tensors on different devices.
         panther.BackendError: the backend asked for cannot run these inputs.
     """
+    amp = autocast_dtype(x)
+    if amp is not None:  # torch's autocast policy for matmul-like ops: compute in the autocast dtype
+        x, S1s, S2s, U1s, U2s, bias = autocast_cast(amp, x, S1s, S2s, U1s, U2s, bias)
+        with no_autocast(x):
+            return sketched_linear(x, S1s, S2s, U1s, U2s, bias, backend=backend)
     if not _well_formed(x, S1s, S2s, U1s, U2s, bias):  # the checks below say what is wrong
         _check(x, S1s, S2s, U1s, U2s, bias)
-    return dispatch("sketched_linear", x, S1s, S2s, U1s, U2s, bias, backend=backend)
+    return run("sketched_linear", x, S1s, S2s, U1s, U2s, bias, backend=backend)
 
 
 def _well_formed(x, S1s, S2s, U1s, U2s, bias) -> bool:

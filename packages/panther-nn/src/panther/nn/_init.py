@@ -28,8 +28,8 @@ def make_generator(seed, generator) -> Tuple[torch.Generator, Optional[int]]:
     As :func:`panther._args.resolve_generator`, except that with neither ``seed`` nor ``generator`` the
     seed is one draw of the global RNG, so that ``torch.manual_seed`` makes construction reproducible.
     """
-    if seed is None and generator is None:
-        seed = int(torch.randint(0, 2**62, ()).item())
+    if seed is None and generator is None:  # on the CPU generator: also under a meta (or other) default device
+        seed = int(torch.randint(0, 2**62, (), device="cpu").item())
     return resolve_generator(seed, generator)
 
 
@@ -121,7 +121,7 @@ def check_input(name: str, x, ref: torch.Tensor, layer: str) -> None:
     """``x`` is a tensor with ``ref``'s dtype and device (the layer's parameters)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != ref.dtype:
+    if x.dtype != ref.dtype and not _autocasting(x):
         raise TypeError(
             f"{name} has dtype {x.dtype} but the {layer} parameters have dtype {ref.dtype}; convert one of "
             f"them (e.g. {name}.to({ref.dtype}) or layer.to({x.dtype}))"
@@ -131,6 +131,12 @@ def check_input(name: str, x, ref: torch.Tensor, layer: str) -> None:
             f"{name} is on {x.device} but the {layer} parameters are on {ref.device}; move one of them "
             f"(e.g. {name}.to({str(ref.device)!r}) or layer.to({str(x.device)!r}))"
         )
+
+
+def _autocasting(x: torch.Tensor) -> bool:
+    """Autocast is on for ``x``'s device: the ops cast the inputs and parameters to its dtype themselves."""
+    dev = x.device.type
+    return dev in ("cpu", "cuda", "xpu", "mps", "hpu", "xla") and torch.is_autocast_enabled(dev)
 
 
 def check_weight(name: str, w, shape: Sequence[int]) -> None:

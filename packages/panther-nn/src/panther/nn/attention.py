@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from panther import backends
+from panther.nn._fastpath import decline_fused_paths
 from panther.nn._init import (
     check_input,
     check_int,
@@ -61,7 +62,16 @@ class RandMultiHeadAttention(nn.Module):
     An empty query sequence (:math:`L = 0`) gives an empty output.
 
     Autograd: gradients of every order are exact on the reference backend ``torch``, including
-    ``create_graph=True`` (gradient penalties, double backward).
+    ``create_graph=True`` (gradient penalties, double backward); torch.func transforms (grad, vmap,
+    jvp) run on it.
+
+    Training recipes: under :func:`torch.autocast` the attention computes in the autocast dtype, with
+    ``omega`` cast alongside; with parameters cast by a mixed-precision wrapper (FSDP2), ``omega``
+    follows their dtype. As ``self_attn`` (or ``multihead_attn``) of ``nn.TransformerEncoderLayer``,
+    ``nn.TransformerEncoder`` or ``nn.TransformerDecoderLayer`` it always runs: a no-op forward pre-hook
+    makes torch decline its fused exact-attention inference path, and the nested batches of
+    ``nn.TransformerEncoder``'s padding path are taken. Under ``torch.compile`` / ``torch.export``
+    the mask checks are assertions inside the graph (no graph break). See the training recipes guide.
 
     Args:
         embed_dim (int): total dimension of the model.
@@ -201,6 +211,8 @@ class RandMultiHeadAttention(nn.Module):
         omega = torch.empty((self.num_heads, self.sketch_dim, self.head_dim), **factory_kwargs)
         self.register_buffer("omega", omega)
         self.reset_parameters()
+        # torch's fused TransformerEncoderLayer path would read in_proj_weight and run exact attention
+        decline_fused_paths(self)
 
     def reset_parameters(self) -> None:
         """Initialise the projections like :class:`torch.nn.MultiheadAttention` and draw new random features.
@@ -275,6 +287,8 @@ class RandMultiHeadAttention(nn.Module):
         In training, dropout zeroes whole keys: a Bernoulli mask per (batch, head, key) on the rows of
         :math:`V`, scaled by :math:`1/(1-p)`.
         """
+        if isinstance(query, Tensor) and query.is_nested:
+            return self._nested_forward(query, key, value, key_padding_mask, attn_mask, is_causal)
         ref = self.out_proj.weight
         for name, t in (("query", query), ("key", key), ("value", value)):
             check_input(name, t, ref, type(self).__name__)
@@ -333,7 +347,8 @@ class RandMultiHeadAttention(nn.Module):
             # leaves the normaliser (built from the keys only): softmax dropout restricted to whole columns.
             keep = F.dropout(torch.ones(N, H, S, 1, dtype=v.dtype, device=v.device), self.dropout, training=True)
             v = v * keep
-        out = rfa_attention(q, k, v, self.omega, causal, self.kernel, key_padding_mask)  # (N, H, L, D)
+        omega = self.omega.to(self.out_proj.weight.dtype)  # parameters cast by a mixed-precision wrapper
+        out = rfa_attention(q, k, v, omega, causal, self.kernel, key_padding_mask)  # (N, H, L, D)
         out = self.out_proj(out.transpose(1, 2).reshape(N, L, self.embed_dim))  # (N, L, E)
 
         weights = None
@@ -349,6 +364,26 @@ class RandMultiHeadAttention(nn.Module):
             out = out.transpose(0, 1)
         return out, weights
 
+    def _nested_forward(self, query, key, value, key_padding_mask, attn_mask, is_causal):
+        """Self-attention of a nested ``(N, *, E)`` batch (what nn.TransformerEncoder's nested-tensor path
+        passes): padded, masked by the sequences' lengths, and returned nested, with weights ``None``."""
+        if key is not query or value is not query or not self.batch_first:
+            raise ValueError(
+                "a nested query is supported for self-attention (key and value the same nested tensor) with "
+                f"batch_first=True, got batch_first={self.batch_first}"
+            )
+        if key_padding_mask is not None or attn_mask is not None or is_causal:
+            raise ValueError(
+                "a nested query carries its own lengths: pass no key_padding_mask, attn_mask or is_causal"
+            )
+        parts = query.unbind()
+        lengths = torch.tensor([p.shape[0] for p in parts], device=query.device)
+        padded = torch.nested.to_padded_tensor(query, 0.0)
+        S = padded.shape[1]
+        pad = torch.arange(S, device=query.device).unsqueeze(0) >= lengths.unsqueeze(1)
+        out = self.forward(padded, padded, padded, key_padding_mask=pad, need_weights=False)[0]
+        return torch.nested.as_nested_tensor([o[: p.shape[0]] for o, p in zip(out.unbind(), parts)]), None
+
     def _in_proj_weights(self) -> Tuple[Tensor, Tensor, Tensor]:
         if self._qkv_same_embed_dim:
             return self.in_proj_weight.chunk(3)
@@ -356,7 +391,8 @@ class RandMultiHeadAttention(nn.Module):
 
     def _weights(self, q: Tensor, k: Tensor, causal: bool, key_padding_mask: Optional[Tensor]) -> Tensor:
         """The normalised random-feature attention matrix (N, H, L, S) the output is computed with."""
-        return rfa_attention_weights(q, k, self.omega, causal, self.kernel, key_padding_mask)
+        omega = self.omega.to(self.out_proj.weight.dtype)
+        return rfa_attention_weights(q, k, omega, causal, self.kernel, key_padding_mask)
 
     def extra_repr(self) -> str:
         s = f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, sketch_dim={self.sketch_dim}"
@@ -464,17 +500,17 @@ def _bool_key_padding_mask(mask, N: int, S: int, unbatched: bool) -> Optional[Te
     if not isinstance(mask, Tensor):
         raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(mask).__name__}")
     expected = f"({S},) or (1, {S})" if unbatched else f"(N={N}, S={S})"
-    if mask.shape != (N, S):
+    if not _has_shape(mask, (N, S)):
         raise ValueError(f"key_padding_mask must have shape {expected}, got {tuple(mask.shape)}")
     if mask.dtype == torch.bool:
         return mask
     if mask.is_floating_point():
         ignored = mask == float("-inf")
-        if not torch.all(ignored | (mask == 0)):
-            raise ValueError(
-                "a float key_padding_mask may only hold 0 (attend) and -inf (ignore); use a bool mask, "
-                "True where a key is ignored"
-            )
+        _require(
+            ignored | (mask == 0),
+            "a float key_padding_mask may only hold 0 (attend) and -inf (ignore); use a bool mask, "
+            "True where a key is ignored",
+        )
         return ignored
     raise TypeError(
         f"key_padding_mask must be a bool tensor (True = ignore) or a float 0/-inf one, got dtype {mask.dtype}"
@@ -482,21 +518,40 @@ def _bool_key_padding_mask(mask, N: int, S: int, unbatched: bool) -> Optional[Te
 
 
 def _is_causal_mask(mask, batch_heads: int, L: int, S: int, device) -> bool:
-    """Whether attn_mask is exactly the causal mask (bool True / float -inf strictly above the diagonal)."""
+    """True when attn_mask is the causal mask (bool True / float -inf strictly above the diagonal), False
+    when L != S; any other mask of a valid shape raises (under tracing, when the graph runs)."""
     if not isinstance(mask, Tensor):
         raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(mask).__name__}")
-    if mask.shape not in ((L, S), (batch_heads, L, S)):
+    if not (_has_shape(mask, (L, S)) or _has_shape(mask, (batch_heads, L, S))):
         raise ValueError(
             f"attn_mask must have shape (L, S) = ({L}, {S}) or (N * num_heads, L, S) = ({batch_heads}, {L}, {S}), "
             f"got {tuple(mask.shape)}; note: {_MASK_HELP}"
         )
     if mask.device != device:
         raise RuntimeError(f"attn_mask is on {mask.device} but query is on {device}; they must be on one device")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"attn_mask must be a bool or float tensor, got dtype {mask.dtype}")
     if L != S:
         return False
     above = torch.ones(L, S, dtype=torch.bool, device=device).triu(1)
     if mask.dtype == torch.bool:
-        return bool(torch.all(mask == above))
-    if mask.is_floating_point():
-        return bool(torch.all(torch.where(above, mask == float("-inf"), mask == 0)))
-    raise TypeError(f"attn_mask must be a bool or float tensor, got dtype {mask.dtype}")
+        causal = ~(mask ^ above)  # not ==: inductor's range analysis of eq on bools fails on this pattern
+    else:
+        causal = torch.where(above, mask == float("-inf"), mask == 0)
+    # the only mask this layer applies is the causal one: anything else is refused, not ignored
+    _require(causal, f"{_MASK_HELP}; got an attn_mask that is not the causal mask")
+    return True
+
+
+def _has_shape(t: Tensor, shape: Tuple[int, ...]) -> bool:
+    """``t.shape == shape``, size by size (which symbolic sizes under torch.compile / export can decide)."""
+    return t.dim() == len(shape) and all(a == b for a, b in zip(t.shape, shape))
+
+
+def _require(ok: Tensor, message: str) -> None:
+    """ValueError(message) unless ``ok`` is all True. Under torch.compile / torch.export a runtime assertion
+    in the graph instead of a data-dependent branch (no graph break; it raises when the graph runs)."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok.all(), message)
+    elif not bool(ok.all()):
+        raise ValueError(message)

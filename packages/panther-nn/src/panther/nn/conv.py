@@ -50,7 +50,11 @@ class SKConv2d(nn.Module):
     supported. It stores :math:`2Lk\,(C_{in} k_h k_w + C_{out})` values; a :class:`UserWarning` is raised
     when that is not fewer than the dense :math:`C_{out} C_{in} k_h k_w`, and a :class:`ValueError` (with the
     size needed) before anything is allocated when it cannot fit in the memory of ``device``. Every forward runs
-    :func:`panther.ops.sketched_conv2d` on the backend selected at call time.
+    :func:`panther.ops.sketched_conv2d` on the backend selected at call time. Under :func:`torch.autocast`
+    it computes and returns the autocast dtype, as :class:`torch.nn.Conv2d` does; with parameters cast by a
+    mixed-precision wrapper (FSDP2), the fixed sketches are cast to their dtype at use.
+    ``model.to(memory_format=torch.channels_last)`` lays ``S1s`` out as channels_last filters, and a
+    channels_last input gives a channels_last output.
 
     Args:
         in_channels (int): number of channels in the input image.
@@ -212,9 +216,25 @@ class SKConv2d(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         """Convolve ``input`` of shape ``(N, C_in, H, W)`` or ``(C_in, H, W)``."""
+        U1s = self.U1s.to(self.S1s.dtype)  # parameters cast by a mixed-precision wrapper: the sketches follow
         return sketched_conv2d(
-            input, self.S1s, self.U1s, self.bias, self.stride, self.padding, self.dilation, backend=self._backend
+            input, self.S1s, U1s, self.bias, self.stride, self.padding, self.dilation, backend=self._backend
         )
+
+    def _apply(self, fn, recurse=True):
+        # S1s (2L, k, C, kh, kw) goes through fn as the (2Lk, C, kh, kw) filters it holds, so that
+        # Module.to(memory_format=torch.channels_last) lays it out as nn.Conv2d's weight (same shape and
+        # state_dict; the op then convolves with channels_last filters)
+        def as_filters(t):
+            if t.dim() != 5:
+                return fn(t)
+            flat = t.flatten(0, 1)
+            out = fn(flat)
+            if out is flat:  # fn changed nothing (or worked in place): the tensor itself, not a view of it
+                return t
+            return out.unflatten(0, t.shape[:2]) if isinstance(out, Tensor) and out.dim() == 4 else out
+
+        return super()._apply(as_filters, recurse)
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"

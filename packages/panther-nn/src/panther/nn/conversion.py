@@ -13,6 +13,7 @@ from torch import nn
 
 from panther._args import resolve_generator
 from panther.nn import _fit
+from panther.nn._fastpath import decline_fused_paths
 from panther.nn.attention import RandMultiHeadAttention
 from panther.nn.conv import SKConv2d
 from panther.nn.linear import SKLinear
@@ -285,12 +286,6 @@ def _layer_moments(
     return moments if moments is not None and moments.count else None
 
 
-def _module_path_only(module, args):
-    """Forward pre-hook that keeps torch's fused TransformerEncoderLayer inference path (which reads the
-    dense projection weights directly) from bypassing the sketched layers inside it."""
-    return None
-
-
 def _guard_fast_paths(model: nn.Module, changed: set) -> None:
     """torch's TransformerEncoder(Layer) fast paths read dense weights; disable them around the layers
     about to change (before calibration passes run the model with some of them converted)."""
@@ -298,8 +293,7 @@ def _guard_fast_paths(model: nn.Module, changed: set) -> None:
         if not any(id(sub) in changed for sub in m.modules()):
             continue
         if isinstance(m, nn.TransformerEncoderLayer):
-            if _module_path_only not in m._forward_pre_hooks.values():
-                m.register_forward_pre_hook(_module_path_only)  # torch skips the fast path when hooks exist
+            decline_fused_paths(m)  # the layers about to be swapped in may not carry it yet
         elif isinstance(m, nn.TransformerEncoder):
             m.use_nested_tensor = False
 

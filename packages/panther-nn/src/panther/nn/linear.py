@@ -49,7 +49,9 @@ class SKLinear(nn.Module):
     :class:`ValueError` (with the size needed) before anything is allocated when it cannot fit in the memory
     of ``device``.
     Every forward runs :func:`panther.ops.sketched_linear` on the backend selected by
-    :func:`panther.set_backend` / :func:`panther.use_backend` at call time.
+    :func:`panther.set_backend` / :func:`panther.use_backend` at call time. Under :func:`torch.autocast` it
+    computes and returns the autocast dtype, as :class:`torch.nn.Linear` does; with parameters cast by a
+    mixed-precision wrapper (FSDP2), the fixed sketches are cast to their dtype at use.
 
     Args:
         in_features (int): size of each input sample.
@@ -190,7 +192,9 @@ class SKLinear(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         """Apply the layer to ``input`` of shape ``(*, in_features)``; returns ``(*, out_features)``."""
-        return sketched_linear(input, self.S1s, self.S2s, self.U1s, self.U2s, self.bias, backend=self._backend)
+        dt = self.S1s.dtype  # parameters cast by a mixed-precision wrapper (FSDP2): the fixed sketches follow
+        U1s, U2s = self.U1s.to(dt), self.U2s.to(dt)
+        return sketched_linear(input, self.S1s, self.S2s, U1s, U2s, self.bias, backend=self._backend)
 
     def extra_repr(self) -> str:
         return (

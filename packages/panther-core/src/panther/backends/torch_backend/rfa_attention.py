@@ -38,7 +38,9 @@ def _causal_numden(qf, kf, v, M):
     B, H, T, m = qf.shape
     Dv = v.shape[-1]
     v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, H, T, Dv+1)
-    C = max(1, min(CHUNK, T))
+    # a symbolic length (torch.compile dynamic / torch.export Dim) runs as one chunk, O(T^2) memory per
+    # head: the chunk loop's trip count would be a guard on the length
+    C = T if isinstance(T, torch.SymInt) else max(1, min(CHUNK, T))
     n = -(-T // C)
     pad = n * C - T
     if pad:  # padded keys have zero features; M repeats its last value so that it stays nondecreasing
@@ -122,6 +124,8 @@ def rfa_attention(
     key_padding_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Random-feature attention of q, k (B, H, T|S, D) and v (B, H, S, Dv) -> (B, H, T, Dv)."""
-    if torch.compiler.is_compiling():  # dynamo cannot trace the recomputing backward: let it differentiate
+    # dynamo cannot trace the recomputing backward, and torch.func transforms (grad, vmap, jvp) need
+    # differentiable ops: let them differentiate the plain math
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return _attention(q, k, v, omega, causal, kernel, key_padding_mask)
     return RFAttentionFunction.apply(q, k, v, omega, causal, kernel, key_padding_mask)

@@ -7,8 +7,8 @@ Backward (g = dL/dy):
     dZ = U g / (2L);  dx = conv2d_input(dZ, S);  dS = conv2d_weight(x, dZ);  db = Σ g
 Double backward (``create_graph=True``): the same formulas in differentiable torch ops, from the saved
 inputs (Z recomputed under autograd), so that gradients of gradients are exact.
-Two Functions share forward, context and backward: the eager one (cheapest ``Function.apply``) and, under
-torch.func transforms (grad, vmap, jacrev), the ``setup_context`` one those transforms need.
+Under torch.func transforms (grad, vmap, jvp, jacrev) the forward runs as plain differentiable torch ops,
+which every transform (forward mode included) differentiates itself.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def _differentiable_backward(ctx, g):
 
 
 class SketchedConv2dFunction(torch.autograd.Function):
-    """Eager autograd Function (forward takes ``ctx``, the cheapest ``Function.apply``)."""
+    """The autograd Function of eager mode (forward takes ``ctx``, the cheapest ``Function.apply``)."""
 
     @staticmethod
     def forward(ctx, *inputs):
@@ -102,16 +102,6 @@ class SketchedConv2dFunction(torch.autograd.Function):
 
     backward = staticmethod(_backward)
 
-
-class SketchedConv2dFuncFunction(torch.autograd.Function):
-    """The same Function in the ``setup_context`` style that torch.func transforms (grad, vmap, jacrev) need;
-    taken only under them, since ``Function.apply`` binds this style's arguments through ``inspect`` on every
-    call."""
-
-    generate_vmap_rule = True
-    forward = staticmethod(_forward)
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward)
 
 def sketched_conv2d(
     x: torch.Tensor,
@@ -123,5 +113,6 @@ def sketched_conv2d(
     dilation: Tuple[int, int] = (1, 1),
 ) -> torch.Tensor:
     """y = 1/(2L) Σ_i U1_iᵀ conv(x, S1_i) + b; padding is explicit (ints), see :func:`panther.ops.sketched_conv2d`."""
-    fn = SketchedConv2dFuncFunction if torch._C._are_functorch_transforms_active() else SketchedConv2dFunction
-    return fn.apply(x, S1s, U1s, bias, tuple(stride), tuple(padding), tuple(dilation))[0]
+    if torch._C._are_functorch_transforms_active():  # grad, vmap, jvp: differentiate the plain math
+        return _forward(x, S1s, U1s, bias, tuple(stride), tuple(padding), tuple(dilation))[0]
+    return SketchedConv2dFunction.apply(x, S1s, U1s, bias, tuple(stride), tuple(padding), tuple(dilation))[0]

@@ -9,8 +9,8 @@ Backward (g = dL/dy):
     dH = g Bᵀ / (2L);  dx = dH Aᵀ;  dS1 = xᵀ dH[:, :Lk];  dS2 = H[:, Lk:]ᵀ g / (2L);  db = Σ_T g
 Double backward (``create_graph=True``): the same formulas in differentiable torch ops, from the saved
 inputs (A, B and H recomputed under autograd), so that gradients of gradients are exact.
-Two Functions share forward, context and backward: the eager one (cheapest ``Function.apply``) and, under
-torch.func transforms (grad, vmap, jacrev), the ``setup_context`` one those transforms need.
+Under torch.func transforms (grad, vmap, jvp, jacrev) the forward runs as plain differentiable torch ops,
+which every transform (forward mode included) differentiates itself.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def _differentiable_backward(ctx, g):
 
 
 class SketchedLinearFunction(torch.autograd.Function):
-    """Eager autograd Function (forward takes ``ctx``, the cheapest ``Function.apply``)."""
+    """The autograd Function of eager mode (forward takes ``ctx``, the cheapest ``Function.apply``)."""
 
     @staticmethod
     def forward(ctx, *inputs):
@@ -136,17 +136,6 @@ class SketchedLinearFunction(torch.autograd.Function):
         _setup_context(ctx, inputs, output)
         return output
 
-    backward = staticmethod(_backward)
-
-
-class SketchedLinearFuncFunction(torch.autograd.Function):
-    """The same Function in the ``setup_context`` style that torch.func transforms (grad, vmap, jacrev) need;
-    taken only under them, since ``Function.apply`` binds this style's arguments through ``inspect`` on every
-    call."""
-
-    generate_vmap_rule = True
-    forward = staticmethod(_forward)
-    setup_context = staticmethod(_setup_context)
     backward = staticmethod(_backward)
 
 
@@ -159,5 +148,6 @@ def sketched_linear(
     bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """y = 1/(2L) Σ_i [(x S1_i) U1_i + (x U2_i) S2_i] + b, for x of shape (..., I)."""
-    fn = SketchedLinearFuncFunction if torch._C._are_functorch_transforms_active() else SketchedLinearFunction
-    return fn.apply(x, S1s, S2s, U1s, U2s, bias)[0]
+    if torch._C._are_functorch_transforms_active():  # grad, vmap, jvp: differentiate the plain math
+        return _forward(x, S1s, S2s, U1s, U2s, bias)[0]
+    return SketchedLinearFunction.apply(x, S1s, S2s, U1s, U2s, bias)[0]
