@@ -222,3 +222,13 @@ def test_device_and_dtype_positionally():
     with pytest.warns(UserWarning, match="not fewer than"):
         m = SKLinear(4, 3, 1, 2, None, True, "cpu", torch.float64, seed=0)
     assert m.S1s.dtype == torch.float64 and m.U2s.device.type == "cpu"
+
+
+@pytest.mark.parametrize("num_terms", [1, 3])
+def test_gradients_have_the_parameters_strides(num_terms):
+    # DDP's gradient buckets are views with the parameters' strides; a gradient laid out otherwise makes it
+    # warn and copy (with L = 1 a permuted view counts as contiguous but keeps other strides)
+    layer = SKLinear(64, 48, num_terms=num_terms, low_rank=8, seed=0)
+    layer(torch.randn(5, 64)).sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad.stride() == p.stride(), name

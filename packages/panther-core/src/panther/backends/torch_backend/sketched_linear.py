@@ -40,7 +40,9 @@ def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
 
 def _to_terms(d: torch.Tensor, L: int, k: int) -> torch.Tensor:
     """(I, Lk) gradient of one half of A -> (L, I, k), the layout of S1s / U2s."""
-    return d.view(d.shape[0], L, k).permute(1, 0, 2).contiguous()
+    # clone, not contiguous(): with L = 1 the permuted view already counts as contiguous but keeps strides
+    # unlike the parameter's, which DDP's gradient buckets warn about
+    return d.view(d.shape[0], L, k).permute(1, 0, 2).clone(memory_format=torch.contiguous_format)
 
 
 def _forward(x, S1s, S2s, U1s, U2s, bias):
