@@ -232,3 +232,16 @@ def test_gradients_have_the_parameters_strides(num_terms):
     layer(torch.randn(5, 64)).sum().backward()
     for name, p in layer.named_parameters():
         assert p.grad.stride() == p.stride(), name
+
+
+@pytest.mark.parametrize("shape", [(5, 64), (2, 3, 64), (64,)], ids=["2d", "3d", "1d"])
+def test_output_can_be_modified_in_place(shape):
+    # as nn.Linear's: an in-place activation or residual add right after the layer trains
+    layer = SKLinear(64, 48, num_terms=2, low_rank=8, seed=0)
+    x = torch.randn(*shape)
+    y = layer(x)
+    torch.nn.functional.relu(y.add_(1.0), inplace=True)
+    y.sum().backward()
+    ref = SKLinear(64, 48, num_terms=2, low_rank=8, seed=0)
+    torch.relu(ref(x) + 1.0).sum().backward()
+    torch.testing.assert_close(layer.S1s.grad, ref.S1s.grad)

@@ -115,3 +115,15 @@ def test_from_linear_keeps_the_class(device):
     ref = SKLinear.from_linear(lin, 1, 4, seed=0)
     x = torch.randn(5, 40, device=device)
     assert_close_scaled(tri(x), ref(x), 5e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(3, 5, 24), (4, 24)], ids=["3d", "2d"])
+def test_output_can_be_modified_in_place(device, shape):
+    # as nn.Linear's: the kernels' output is no view, so an in-place op after the layer trains
+    layer = SKLinear_triton(24, 20, 1, 4, seed=0, device=device)
+    x = torch.randn(shape, device=device)
+    y = layer(x)
+    assert y._base is None
+    torch.nn.functional.relu(y.add_(1.0), inplace=True).sum().backward()
+    assert layer.S1s.grad is not None and torch.isfinite(layer.S1s.grad).all()

@@ -57,7 +57,9 @@ def _forward(x, S1s, S2s, U1s, U2s, bias):
         y = _scaled_mm(H, B, scale)
     else:
         y = torch.addmm(bias, H, B, alpha=scale)
-    return y.view(*x.shape[:-1], B.shape[1]), A, B, H
+    # not a view of y: autograd forbids in-place ops on views returned by a custom Function
+    # (``F.relu(layer(x), inplace=True)``); aten's matmul returns its 3-D results the same way
+    return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], B.shape[1])), A, B, H
 
 
 def _setup_context(ctx, inputs, output):

@@ -266,13 +266,13 @@ def _sketch_out_kernel(
 
 
 def forward_outputs(x, S1s, S2s, U1s=None, U2s=None, bias=None, allow_tf32=True) -> Tuple[torch.Tensor, torch.Tensor]:
-    """y (..., O), a view of a contiguous (T, O) tensor, and H (T, 2Lk): what the forward writes,
-    allocated (the fake implementation of the library op too)."""
+    """y (..., O), contiguous (the kernels write it as (T, O)), and H (T, 2Lk): what the forward writes,
+    allocated (the fake implementation of the library op too). y is not a view: autograd forbids in-place
+    ops on views returned by a custom Function."""
     L, I, K = S1s.shape
     O = S2s.shape[-1]
     T = x.numel() // I if I else 0
-    y = x.new_empty((T, O))
-    return y.view(*x.shape[:-1], O), x.new_empty((T, 2 * L * K))
+    return x.new_empty((*x.shape[:-1], O)), x.new_empty((T, 2 * L * K))
 
 
 def sketched_linear_forward(
