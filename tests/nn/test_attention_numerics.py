@@ -4,7 +4,6 @@ formula of :mod:`panther.testing.naive` (the quadratic form φ(Q)φ(K)ᵀ). The 
 drawn cases is tests/stress/test_stress.py.
 """
 
-
 import numpy as np
 import pytest
 import torch
