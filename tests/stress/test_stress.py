@@ -17,7 +17,8 @@ Environment:
   (each case must also pass the conformance suite's tolerance model, :func:`panther.testing.check_case`).
 * ``PANTHER_STRESS_SEED``: hypothesis seed (default 20261204), so that a run can be repeated.
 * ``PANTHER_STRESS_SUMMARY``: a file that receives, as JSON, the number of cases and the worst relative
-  error of each op's output and gradients with the case that produced it (rewritten after every case).
+  error of each op's output and gradients (attention: per kernel) with the case that produced it
+  (rewritten after every case).
 """
 
 import json
@@ -82,10 +83,11 @@ def run(fn, inputs, grad_names, g=None, dtype=F64, **kw):
     return out, [torch.zeros_like(xs[n]) if d is None else d for n, d in zip(grad_names, grads)]
 
 
-def compare(op, inputs, kwargs, grad_names, floors, case, loose=()):
+def compare(op, inputs, kwargs, grad_names, floors, case, loose=(), label=None):
     """Op (torch backend, in DTYPE) against the float64 formula: record the relative errors; in float64
     assert them <= RTOL64 (1e-5 for the gradients in ``loose``), in float32 assert the suite's tolerance
-    model. ``floors``: the natural size of each quantity, 1e-6 of which floors its relative error."""
+    model. ``floors``: the natural size of each quantity, 1e-6 of which floors its relative error;
+    ``label``: the summary's entry (default: the op)."""
     fn = getattr(panther.ops, op)
     grad_names = [n for n in grad_names if inputs.get(n) is not None]
     ref, ref_grads = run(getattr(naive, op), inputs, grad_names, **kwargs)
@@ -94,7 +96,7 @@ def compare(op, inputs, kwargs, grad_names, floors, case, loose=()):
     errs = {"output": rel_error(out, ref, 1e-6 * floors.get("output", 0.0))}
     for n, d, r in zip(grad_names, grads, ref_grads):
         errs["d" + n] = rel_error(d, r, 1e-6 * floors.get("d" + n, 0.0))
-    record(op, errs, case)
+    record(label or op, errs, case)
     if DTYPE == F64:
         bad = {n: e for n, e in errs.items() if not e <= (1e-5 if n in loose else RTOL64)}
         assert not bad, (bad, case)
@@ -188,4 +190,4 @@ def test_rfa_attention(seed, B, H, T, S, D, Dv, m, causal, kernel, per_head, mas
     # 1/normaliser (the two evaluations round differently), so those get a looser bound
     loose = ("dq", "dk", "domega") if kernel == "relu" else ()
     compare("rfa_attention", inputs, dict(causal=causal, kernel=kernel, key_padding_mask=kpm),
-            ("q", "k", "v", "omega"), attention_floors(inputs, kernel), case, loose)
+            ("q", "k", "v", "omega"), attention_floors(inputs, kernel), case, loose, f"rfa_attention {kernel}")
