@@ -14,7 +14,8 @@ Environment:
 
 * ``PANTHER_STRESS_EXAMPLES``: drawn cases per op (default 20, the CI budget).
 * ``PANTHER_STRESS_DTYPE``: ``float64`` (default; errors must stay within 1e-8 relative) or ``float32``
-  (each case must also pass the conformance suite's tolerance model, :func:`panther.testing.check_case`).
+  (each case must pass the conformance suite's tolerance model, :func:`panther.testing.check_case`, which
+  compares the relu kernel's dq, dk and no domega in float64 only: rounding moves q, k across its kinks).
 * ``PANTHER_STRESS_SEED``: hypothesis seed (default 20261204), so that a run can be repeated.
 * ``PANTHER_STRESS_SUMMARY``: a file that receives, as JSON, the number of cases and the worst relative
   error of each op's output and gradients (attention: per kernel) with the case that produced it
@@ -37,6 +38,9 @@ SEED = int(os.environ.get("PANTHER_STRESS_SEED", "20261204"))
 F64 = torch.float64
 # float64: the op and the formula are two evaluations of the same math; they may differ by rounding only
 RTOL64 = 1e-8
+# A quantity's relative error is floored at this fraction of its natural size (where its exact value is 0,
+# e.g. dk with one visible key, both evaluations give rounding noise of that size)
+FLOOR = {torch.float64: 1e-6, torch.float32: 1e-3}[DTYPE]
 
 STRESS = settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
@@ -86,16 +90,16 @@ def run(fn, inputs, grad_names, g=None, dtype=F64, **kw):
 def compare(op, inputs, kwargs, grad_names, floors, case, loose=(), label=None):
     """Op (torch backend, in DTYPE) against the float64 formula: record the relative errors; in float64
     assert them <= RTOL64 (1e-5 for the gradients in ``loose``), in float32 assert the suite's tolerance
-    model. ``floors``: the natural size of each quantity, 1e-6 of which floors its relative error;
+    model. ``floors``: the natural size of each quantity, FLOOR of which floors its relative error;
     ``label``: the summary's entry (default: the op)."""
     fn = getattr(panther.ops, op)
     grad_names = [n for n in grad_names if inputs.get(n) is not None]
     ref, ref_grads = run(getattr(naive, op), inputs, grad_names, **kwargs)
     out, grads = run(lambda **a: fn(**a, backend="torch"), inputs, grad_names, dtype=DTYPE, **kwargs)
     assert torch.isfinite(out).all() and all(torch.isfinite(d).all() for d in grads), case
-    errs = {"output": rel_error(out, ref, 1e-6 * floors.get("output", 0.0))}
+    errs = {"output": rel_error(out, ref, FLOOR * floors.get("output", 0.0))}
     for n, d, r in zip(grad_names, grads, ref_grads):
-        errs["d" + n] = rel_error(d, r, 1e-6 * floors.get("d" + n, 0.0))
+        errs["d" + n] = rel_error(d, r, FLOOR * floors.get("d" + n, 0.0))
     record(label or op, errs, case)
     if DTYPE == F64:
         bad = {n: e for n, e in errs.items() if not e <= (1e-5 if n in loose else RTOL64)}
