@@ -2,8 +2,8 @@
 
 Drawn: batch and heads up to 3, query length up to ``Limits.max_dim`` (keys: as many when causal, about
 3/4 as many otherwise), head size up to 40 (values one wider), up to 48 random features shared or per
-head, both kernels, with and without a key padding mask (the first key of a sample always kept), and with
-the last sample of the batch fully padded (its rows see no key: output and gradients 0).
+head, both kernels, with and without a key padding mask (the first key of a sample always kept), and, if
+``padded``, with the last sample of the batch fully padded (its rows see no key: output and gradients 0).
 
 Named cases (:data:`CASES`): fully padded samples next to normal ones, empty key and query sequences,
 causal future-key adversaries (a key whose logit dwarfs the earlier ones must not move earlier rows), and
