@@ -92,6 +92,9 @@ class Case:
 
     inputs: Mapping[str, Optional[torch.Tensor]]
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # size of the smallest inputs: the tolerance treats results below 0.05 · size as that small (the drawn
+    # inputs are O(1); a case of tiny inputs says so, or its results would be checked far too loosely)
+    size: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +203,7 @@ def assert_close_to_reference(
     magnitude: float = 0.0,
     unit_roundoff: Optional[float] = None,
     tolerance: Tolerance = Tolerance(),
+    size: float = 1.0,
 ):
     """max|got - ref| <= max(slack · baseline_error, floor[dtype] · max|ref|,
     roundings · UNIT_ROUNDOFF[dtype] · magnitude), with the constants of ``tolerance`` (by default SLACK,
@@ -210,7 +214,8 @@ def assert_close_to_reference(
     ``magnitude`` is the largest root-sum-square of the terms behind one element, sqrt(Σ term²) (for ops
     that are sums of products: the math run on squared inputs): where terms cancel, max|ref| understates
     what rounding them costs, and one draw of the naive math's error can be lucky. ``unit_roundoff`` replaces
-    UNIT_ROUNDOFF[dtype] (e.g. TF32_UNIT_ROUNDOFF for float32 on a GPU).
+    UNIT_ROUNDOFF[dtype] (e.g. TF32_UNIT_ROUNDOFF for float32 on a GPU). ``size``: the size of the inputs
+    (:attr:`Case.size`); max|ref| counts as at least 0.05 · size.
     """
     assert got is not None, f"{name}: backend returned no gradient"
     assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}"
@@ -218,7 +223,7 @@ def assert_close_to_reference(
     err = max_error(got, ref)
     if not math.isfinite(baseline_error):  # the naive math overflowed in this dtype: no baseline
         baseline_error = 0.0
-    scale = max(_largest(ref), 0.05)  # inputs are O(1)
+    scale = max(_largest(ref), 0.05 * size)
     unit = UNIT_ROUNDOFF[dtype] if unit_roundoff is None else unit_roundoff
     t = tolerance
     bound = max(t.slack * baseline_error, t.floor[dtype] * scale, t.roundings * unit * magnitude)
@@ -273,9 +278,9 @@ def check_case(spec: OpSpec, case: Case, backend: str, dtype: torch.dtype, devic
     else:
         mag_out, mag_grads = 0.0, [0.0] * len(grad_names)
     unit = TF32_UNIT_ROUNDOFF if (dtype == torch.float32 and torch.device(device).type == "cuda") else None
-    assert_close_to_reference(f"{op} output", out, ref_out, dtype, base_out, mag_out, unit, tol)
+    assert_close_to_reference(f"{op} output", out, ref_out, dtype, base_out, mag_out, unit, tol, case.size)
     for n, gg, rg, base, mag in zip(grad_names, got_grads, ref_grads, base_grads, mag_grads):
-        assert_close_to_reference(f"{op} d{n}", gg, rg, dtype, base, mag, unit, tol)
+        assert_close_to_reference(f"{op} d{n}", gg, rg, dtype, base, mag, unit, tol, case.size)
 
 
 # --- input helpers for the rows ----------------------------------------------------------------------------

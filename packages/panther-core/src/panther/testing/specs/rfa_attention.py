@@ -77,7 +77,7 @@ def attention_case(seed, B=2, H=2, T=6, S=None, D=4, m=16, causal=False, kernel=
     S = T if S is None else S
     inputs = dict(q=randn(gen, B, H, T, D, scale=scale), k=randn(gen, B, H, S, D, scale=scale),
                   v=randn(gen, B, H, S, D + 1, scale=v_scale), omega=randn(gen, *((H, m, D) if per_head else (m, D))))
-    return Case(inputs, dict(causal=causal, kernel=kernel, key_padding_mask=kpm))
+    return Case(inputs, dict(causal=causal, kernel=kernel, key_padding_mask=kpm), size=min(1.0, scale, v_scale))
 
 
 def padded_sample(kernel, causal):
