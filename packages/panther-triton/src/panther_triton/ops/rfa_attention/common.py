@@ -88,7 +88,7 @@ def query_features(lq, inv_sqrt_m, SOFTMAX: tl.constexpr):
 def key_features(lk, M, keep, inv_sqrt_m, SOFTMAX: tl.constexpr):
     """φ̃(k): relative to the keys' stabiliser M (a scalar or one per row; softmax), or relu; 0 where not kept."""
     if SOFTMAX:
-        f = tl.exp(lk - M)
+        f = tl.exp(tl.where(keep[:, None], lk - M, float("-inf")))  # a masked key's lk - M may overflow
     else:
         f = tl.maximum(lk, 0.0)
     return tl.where(keep[:, None], f * inv_sqrt_m, 0.0)
