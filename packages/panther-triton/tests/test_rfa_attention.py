@@ -15,7 +15,7 @@ import panther
 import panther_triton
 from panther.backends.torch_backend.rfa_attention import _attention
 from panther_triton._runtime import interpreting
-from panther_triton.ops.rfa_attention.common import CHUNK, MAX_FEATURES, MAX_HEAD_DIM
+from panther_triton.ops.rfa_attention.common import CHUNK, MAX_FEATURES, MAX_HEAD_DIM, SPLIT_ROWS
 from triton_test_utils import DEVICE, needs_kernels
 
 pytestmark = needs_kernels
@@ -79,6 +79,19 @@ def test_padded_and_fully_padded_samples(causal):
     assert out[1].abs().max() == 0
     if causal:
         assert out[2, :, : CHUNK + 2].abs().max() == 0 and out[2, :, CHUNK + 2 :].abs().amax(-1).min() > 0
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "relu"])
+def test_non_causal_slices_combine(kernel):
+    """Queries and keys past SPLIT_ROWS run in slices whose partial states are rescaled and summed; one
+    slice of keys fully padded, and the largest key logits in the last slice."""
+    T, S = 2 * SPLIT_ROWS + 3, 2 * SPLIT_ROWS + 7
+    q, k, v, om = make(2, 1, T, S, 8, 5, 16, per_head=True, seed=8)
+    k[:, :, -3:] *= 3.0
+    kpm = torch.zeros(2, S, dtype=torch.bool)
+    kpm[0, SPLIT_ROWS : 2 * SPLIT_ROWS] = True
+    kpm[1, :SPLIT_ROWS] = True
+    check(q, k, v, om, False, kernel, kpm.to(DEVICE))
 
 
 def test_empty_keys_and_queries():

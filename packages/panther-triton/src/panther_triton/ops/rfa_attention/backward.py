@@ -7,12 +7,13 @@ weights ``w_ts = φ(q_t)·φ̃(k_s) d_ts`` (``d_ts`` the causal decay, 1 non-cau
 ``dφ(q_t) = Σ_s d_ts (a_t·v_s + b_t) φ̃(k_s)``, ``dφ̃(k_s) = Σ_t d_ts (a_t·v_s + b_t) φ(q_t)``,
 ``dv_s = Σ_t w_ts a_t``; then through the feature maps to q, k and omega (the stabilisers cancel: constants).
 
-Non-causal: ``_query_grad_kernel`` (per batch·head, over the queries) gives dq and the query-side state
-``G = Σ_t φ(q_t)ᵀ [a_t, b_t]``; ``_key_grad_kernel`` (per batch·head, over the keys) gives dk, dv from G.
+Non-causal: ``_query_grad_kernel`` (per slice of queries and batch·head) gives dq and the slice's part of
+the query-side state ``G = Σ_t φ(q_t)ᵀ [a_t, b_t]``; the parts are summed, and ``_key_grad_kernel`` (per
+slice of keys and batch·head) gives dk, dv from G.
 Causal: ``_causal_query_grad_kernel`` walks the chunks forward (recomputing the forward's state) for dq, and
 writes a, b and each chunk's end maximum; ``_causal_key_grad_kernel`` walks them backward with the state
-``P = Σ_{t later} exp(M_end - M_t) φ(q_t)ᵀ [a_t, b_t]`` for dk and dv. Each program adds its share of dω to a
-float32 workspace (B·H, BM, BD), summed over batches (and heads, for a shared omega) afterwards.
+``P = Σ_{t later} exp(M_end - M_t) φ(q_t)ᵀ [a_t, b_t]`` for dk and dv. Each program writes (causal: accumulates) its share of dω
+in a float32 workspace, summed over slices, batches (and heads, for a shared omega) afterwards.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import triton.language as tl
 
 from panther.backends.toolkit import cdiv
 from panther_triton.ops.rfa_attention.common import (
-    CHUNK, FMIN, feature_grad, key_features, keys_kept, load_tile, logits, normalise, output_grads, precision,
+    CHUNK, FMIN, SPLIT_ROWS, feature_grad, key_features, keys_kept, load_tile, logits, normalise, output_grads, precision,
     query_features, run,
 )
 from panther_triton.ops.rfa_attention.forward import causal_chunk, mask_args, omega_strides, sizes
@@ -33,12 +34,14 @@ from panther_triton.ops.rfa_attention.forward import causal_chunk, mask_args, om
 def _query_grad_kernel(
     q, omega, kv, kz, kmax, g, dq, ga, gb, dom,
     T, H, m, D, Dv, scale, inv_sqrt_m,
-    sq_b, sq_h, sq_t, sq_d, so_h, so_m, so_d, sg_b, sg_h, sg_t, sg_d,
+    sq_b, sq_h, sq_t, sq_d, so_h, so_m, so_d, sg_b, sg_h, sg_t, sg_d, split_rows,
     BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     SOFTMAX: tl.constexpr, PREC: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // H, bh % H
+    part = bh * tl.num_programs(1) + tl.program_id(1)  # this slice's partial sums
+    start = tl.program_id(1) * split_rows
     cm, cd, cv, rt = tl.arange(0, BM), tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BT)
     om = load_tile(omega + h * so_h, cm, m, so_m, cd, D, so_d)
     state = tl.load(kv + bh * BM * BDV + cm[:, None] * BDV + cv[None, :])
@@ -49,7 +52,7 @@ def _query_grad_kernel(
     acc_a = tl.zeros((BM, BDV), dtype=tl.float32)
     acc_b = tl.zeros((BM,), dtype=tl.float32)
     acc_om = tl.zeros((BM, BD), dtype=tl.float32)
-    for t0 in range(0, T, BT):
+    for t0 in range(start, tl.minimum(start + split_rows, T), BT):
         rows = t0 + rt
         xq = load_tile(q, rows, T, sq_t, cd, D, sq_d) * scale
         lq = logits(xq, om, cm < m, SOFTMAX, PREC)
@@ -64,21 +67,23 @@ def _query_grad_kernel(
         acc_om += d_om
         tl.store(dq + bh * T * D + rows[:, None] * D + cd[None, :], (dx * scale).to(dq.dtype.element_ty),
                  mask=(rows[:, None] < T) & (cd[None, :] < D))
-    tl.store(ga + bh * BM * BDV + cm[:, None] * BDV + cv[None, :], acc_a)
-    tl.store(gb + bh * BM + cm, acc_b)
-    tl.store(dom + bh * BM * BD + cm[:, None] * BD + cd[None, :], acc_om)
+    tl.store(ga + part * BM * BDV + cm[:, None] * BDV + cv[None, :], acc_a)
+    tl.store(gb + part * BM + cm, acc_b)
+    tl.store(dom + part * BM * BD + cm[:, None] * BD + cd[None, :], acc_om)
 
 
 @triton.jit
 def _key_grad_kernel(
     k, v, omega, kpm, kmax, ga, gb, dk, dv, dom,
     S, H, m, D, Dv, scale, inv_sqrt_m,
-    sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d, so_h, so_m, so_d, sm_b, sm_s,
+    sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d, so_h, so_m, so_d, sm_b, sm_s, split_rows,
     BS: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     HAS_MASK: tl.constexpr, SOFTMAX: tl.constexpr, PREC: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // H, bh % H
+    part = bh * tl.num_programs(1) + tl.program_id(1)
+    start = tl.program_id(1) * split_rows
     cm, cd, cv, rs = tl.arange(0, BM), tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BS)
     om = load_tile(omega + h * so_h, cm, m, so_m, cd, D, so_d)
     G = tl.load(ga + bh * BM * BDV + cm[:, None] * BDV + cv[None, :])
@@ -87,8 +92,8 @@ def _key_grad_kernel(
     k += b * sk_b + h * sk_h
     v += b * sv_b + h * sv_h
     kpm += b * sm_b
-    acc_om = tl.load(dom + bh * BM * BD + cm[:, None] * BD + cd[None, :])
-    for s0 in range(0, S, BS):
+    acc_om = tl.zeros((BM, BD), dtype=tl.float32)
+    for s0 in range(start, tl.minimum(start + split_rows, S), BS):
         rows = s0 + rs
         keep = keys_kept(kpm, rows, S, sm_s, HAS_MASK)
         xk = load_tile(k, rows, S, sk_s, cd, D, sk_d) * scale
@@ -103,7 +108,7 @@ def _key_grad_kernel(
                  mask=(rows[:, None] < S) & (cd[None, :] < D))
         tl.store(dv + bh * S * Dv + rows[:, None] * Dv + cv[None, :], dvt.to(dv.dtype.element_ty),
                  mask=(rows[:, None] < S) & (cv[None, :] < Dv))
-    tl.store(dom + bh * BM * BD + cm[:, None] * BD + cd[None, :], acc_om)
+    tl.store(dom + part * BM * BD + cm[:, None] * BD + cd[None, :], acc_om)
 
 
 @triton.jit
@@ -247,17 +252,24 @@ def rfa_attention_backward(grads, g, q, k, v, omega, key_padding_mask, kv, kz, k
                 run(_causal_key_grad_kernel, (B * H,),
                     (q, k, v, omega, kpm, ab, m_end, dk, dv, dom, T, H, m, D, Dv, scale, inv, *strides, n),
                     dict(BC=CHUNK, HAS_MASK=has_mask, **common), in_op)
-        else:
-            ga = torch.empty((B * H, BM, BDV), **f32)
-            gb = torch.empty((B * H, BM), **f32)
-            run(_query_grad_kernel, (B * H,),
-                (q, omega, kv, kz, kmax, g, dq, ga, gb, dom, T, H, m, D, Dv, scale, inv, *q.stride(),
-                 *omega_strides(omega), *g.stride()),
+        else:  # slices of SPLIT_ROWS queries, then keys, per batch·head; partial sums added here
+            nq, nk = max(1, cdiv(T, SPLIT_ROWS)), max(1, cdiv(S, SPLIT_ROWS))
+            ga = torch.empty((B * H, nq, BM, BDV), **f32)
+            gb = torch.empty((B * H, nq, BM), **f32)
+            dom_q = torch.empty((B * H, nq, BM, BD), **f32)
+            dom_k = torch.empty((B * H, nk, BM, BD), **f32)
+            run(_query_grad_kernel, (B * H, nq),
+                (q, omega, kv, kz, kmax, g, dq, ga, gb, dom_q, T, H, m, D, Dv, scale, inv, *q.stride(),
+                 *omega_strides(omega), *g.stride(), SPLIT_ROWS),
                 dict(BT=CHUNK, **common), in_op)
-            run(_key_grad_kernel, (B * H,),
-                (k, v, omega, kpm, kmax, ga, gb, dk, dv, dom, S, H, m, D, Dv, scale, inv, *k.stride(),
-                 *v.stride(), *omega_strides(omega), sm_b, sm_s),
+            if nq > 1:
+                ga, gb = ga.sum(1, keepdim=True), gb.sum(1, keepdim=True)
+            run(_key_grad_kernel, (B * H, nk),
+                (k, v, omega, kpm, kmax, ga, gb, dk, dv, dom_k, S, H, m, D, Dv, scale, inv, *k.stride(),
+                 *v.stride(), *omega_strides(omega), sm_b, sm_s, SPLIT_ROWS),
                 dict(BS=CHUNK, HAS_MASK=has_mask, **common), in_op)
+            if domega.numel():
+                dom = dom_q.sum(1) + dom_k.sum(1)
     if domega.numel():
         d = dom.view(B, H, BM, BD)[:, :, :m, :D].sum(0)
         domega.copy_(d if omega.dim() == 3 else d.sum(0))

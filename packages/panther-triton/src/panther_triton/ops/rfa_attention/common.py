@@ -23,6 +23,10 @@ TINY = 1.1754943508222875e-38  # float32's smallest normal: a smaller normaliser
 # grows with the block), which also puts the chunk boundaries within reach of small tests.
 CHUNK = 16 if INTERPRETED else 64
 
+# Non-causal passes over a sequence split it into slices of SPLIT_ROWS rows, one program per (slice,
+# batch·head), so that a few batch·heads still fill the GPU; partial states are summed afterwards.
+SPLIT_ROWS = 2 * CHUNK if INTERPRETED else 16 * CHUNK
+
 MAX_HEAD_DIM = 128  # D and Dv: one block of the head axis
 MAX_FEATURES = 256  # m: one block of the feature axis
 

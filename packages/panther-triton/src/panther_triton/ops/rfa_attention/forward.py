@@ -1,10 +1,11 @@
 """Forward of random-feature attention in Triton; φ(q) and φ̃(k) are computed on chip, never stored.
 
 Non-causal, two launches:
-* ``_kv_state_kernel``, one program per batch·head walking the keys: the state
+* ``_kv_state_kernel``, one program per (slice of SPLIT_ROWS keys, batch·head): the state
   ``KV = Σ_s φ̃(k_s)ᵀ v_s`` (m, Dv), ``z = Σ_s φ̃(k_s)`` (m) and the keys' stabiliser M (the largest logit of
   the unmasked keys), kept relative to the running maximum and rescaled by ``exp(M_old - M_new)`` as it
-  grows (one pass over the keys instead of a max pre-pass). The state is the residual for the backward.
+  grows (one pass over the keys instead of a max pre-pass); the slices' states are then rescaled to the
+  overall maximum and summed. The state is the residual for the backward.
 * ``_query_kernel``, one program per (query block, batch·head): ``out = φ(q) KV / φ(q)·z``.
 Causal, one launch: ``_causal_kernel``, one program per batch·head walking chunks of C = CHUNK positions:
 intra-chunk products ``φ(q_t)·φ̃(k_s) exp(M_s - M_t)`` for ``s <= t``, plus the state of the earlier chunks,
@@ -24,7 +25,7 @@ import triton.language as tl
 
 from panther.backends.toolkit import cdiv
 from panther_triton.ops.rfa_attention.common import (
-    CHUNK, FMIN, block, key_features, key_tops, keys_kept, load_tile, logits, max_combine, normalise,
+    CHUNK, FMIN, SPLIT_ROWS, block, key_features, key_tops, keys_kept, load_tile, logits, max_combine, normalise,
     precision, query_features, run,
 )
 
@@ -33,12 +34,14 @@ from panther_triton.ops.rfa_attention.common import (
 def _kv_state_kernel(
     k, v, omega, kpm, kv, kz, kmax,
     S, H, m, D, Dv, scale, inv_sqrt_m,
-    sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d, so_h, so_m, so_d, sm_b, sm_s,
+    sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d, so_h, so_m, so_d, sm_b, sm_s, split_rows,
     BS: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     HAS_MASK: tl.constexpr, SOFTMAX: tl.constexpr, PREC: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // H, bh % H
+    part = bh * tl.num_programs(1) + tl.program_id(1)  # this slice's partial state
+    start = tl.program_id(1) * split_rows
     cm, cd, cv, rs = tl.arange(0, BM), tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BS)
     om = load_tile(omega + h * so_h, cm, m, so_m, cd, D, so_d)
     k += b * sk_b + h * sk_h
@@ -47,7 +50,7 @@ def _kv_state_kernel(
     M = tl.full((), FMIN, tl.float32)
     acc = tl.zeros((BM, BDV), dtype=tl.float32)
     z = tl.zeros((BM,), dtype=tl.float32)
-    for s0 in range(0, S, BS):
+    for s0 in range(start, tl.minimum(start + split_rows, S), BS):
         rows = s0 + rs
         keep = keys_kept(kpm, rows, S, sm_s, HAS_MASK)
         lk = logits(load_tile(k, rows, S, sk_s, cd, D, sk_d) * scale, om, cm < m, SOFTMAX, PREC)
@@ -61,9 +64,9 @@ def _kv_state_kernel(
         f = key_features(lk, M, keep, inv_sqrt_m, SOFTMAX)
         acc = tl.dot(tl.trans(f), vt, acc, input_precision=PREC)
         z += tl.sum(f, 0)
-    tl.store(kv + bh * BM * BDV + cm[:, None] * BDV + cv[None, :], acc)
-    tl.store(kz + bh * BM + cm, z)
-    tl.store(kmax + bh, M)
+    tl.store(kv + part * BM * BDV + cm[:, None] * BDV + cv[None, :], acc)
+    tl.store(kz + part * BM + cm, z)
+    tl.store(kmax + part, M)
 
 
 @triton.jit
@@ -218,10 +221,23 @@ def rfa_attention_forward(
                  *omega_strides(omega), sm_b, sm_s),
                 dict(BC=CHUNK, HAS_MASK=has_mask, **common), in_op)
         return o, kv, kz, kmax
-    run(_kv_state_kernel, (B * H,),
-        (k, v, omega, kpm, kv, kz, kmax, S, H, m, D, Dv, scale, inv, *k.stride(), *v.stride(),
-         *omega_strides(omega), sm_b, sm_s),
+    n_split = max(1, cdiv(S, SPLIT_ROWS))
+    if n_split == 1:
+        parts = kv, kz, kmax
+    else:
+        f32 = dict(device=q.device, dtype=torch.float32)
+        parts = (torch.empty((B * H, n_split, BM, BDV), **f32), torch.empty((B * H, n_split, BM), **f32),
+                 torch.empty((B * H, n_split), **f32))
+    run(_kv_state_kernel, (B * H, n_split),
+        (k, v, omega, kpm, *parts, S, H, m, D, Dv, scale, inv, *k.stride(), *v.stride(),
+         *omega_strides(omega), sm_b, sm_s, SPLIT_ROWS),
         dict(BS=CHUNK, HAS_MASK=has_mask, **common), in_op)
+    if n_split > 1:  # the slices' states, each relative to its own maximum, moved to the overall one
+        kv_p, kz_p, kmax_p = parts
+        torch.amax(kmax_p, dim=1, out=kmax)
+        w = torch.exp(kmax_p - kmax[:, None])
+        torch.sum(kv_p * w[:, :, None, None], dim=1, out=kv)
+        torch.sum(kz_p * w[:, :, None], dim=1, out=kz)
     if T:
         run(_query_kernel, (cdiv(T, CHUNK), B * H),
             (q, omega, kv, kz, kmax, o, T, H, m, D, Dv, scale, inv, *q.stride(), *omega_strides(omega)),
