@@ -16,8 +16,8 @@ from panther.backends.toolkit import next_power_of_2
 from panther_triton._launch import INTERPRETED, launch, layout_key
 from panther_triton.ops.sketched_linear.common import allow_tf32
 
-FMIN = -3.4028234663852886e38  # float32's lowest finite value: "no unmasked key seen yet"
-TINY = 1.1754943508222875e-38  # float32's smallest normal: a smaller normaliser has lost its digits
+FMIN = tl.constexpr(-3.4028234663852886e38)  # float32's lowest finite value: "no unmasked key seen yet"
+TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal: a smaller normaliser lost its digits
 
 # Rows of q / k per block and the causal chunk length C. The interpreter takes small blocks (its cost
 # grows with the block), which also puts the chunk boundaries within reach of small tests.
