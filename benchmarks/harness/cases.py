@@ -10,6 +10,7 @@ Families: "sketch" (the sketched math, whoever computes it) and the op's dense b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, ClassVar, Dict, Optional, Tuple
 
@@ -50,7 +51,7 @@ class Case:
         found = {
             name: Impl(name, "backend", "sketch", self.sketch_args, self.backend_fn(name))
             for name in backends
-            if load_backend(name).implements(self.op)  # e.g. triton has no conv2d or attention kernels
+            if load_backend(name).implements(self.op)  # e.g. triton has no conv2d kernels
         }
         found.update(self.baselines())
         return found
@@ -277,6 +278,10 @@ class AttentionCase(Case):
                 "plain", "baseline", "sketch", self.sketch_args,
                 lambda q, k, v, omega: _attention(q, k, v, omega, causal, "softmax", None),
             ),
+            "compiled": Impl(
+                "compiled", "baseline", "sketch", self.sketch_args,
+                torch.compile(functools.partial(favor_plain, causal=causal)),
+            ),
         }
 
     def work(self, family: str, pass_: str) -> Tuple[float, float]:
@@ -289,6 +294,37 @@ class AttentionCase(Case):
         # fwd: features of q and k (4nmD), kv state and its product with q's features (4nmD), causal or not.
         # bwd: features (4nmD) and the four products around the state (8nmD).
         return (8 if pass_ == "fwd" else 20) * n * m * D, elems + H * m * D
+
+
+def favor_plain(q, k, v, omega, causal, chunk=128):
+    """FAVOR+ (softmax kernel) as a user would write it in plain PyTorch for torch.compile: float32
+    features, the queries' stabiliser per row and one maximum over all keys (it cancels in the ratio);
+    causal as chunked prefix sums without a Python loop (masked products within a chunk, an exclusive
+    cumulative sum of the chunk states across chunks)."""
+    B, H, T, D = q.shape
+    m, Dv = omega.shape[-2], v.shape[-1]
+    qs, ks = q.float() * D**-0.25, k.float() * D**-0.25
+    om = omega.float().transpose(-1, -2)  # (H, D, m)
+    ql = qs @ om - 0.5 * (qs * qs).sum(-1, keepdim=True)
+    kl = ks @ om - 0.5 * (ks * ks).sum(-1, keepdim=True)
+    qf = torch.exp(ql - ql.detach().amax(-1, keepdim=True))
+    kf = torch.exp(kl - kl.detach().amax((-1, -2), keepdim=True))
+    vf = v.float()
+    if not causal:
+        num = qf @ (kf.transpose(-1, -2) @ vf)
+        den = (qf * kf.sum(-2, keepdim=True)).sum(-1)
+    else:
+        C = min(chunk, T)
+        n = -(-T // C)
+        qc, kc, vc = (F.pad(t, (0, 0, 0, n * C - T)).view(B, H, n, C, -1) for t in (qf, kf, vf))
+        scores = (qc @ kc.transpose(-1, -2)).tril()
+        states = kc.transpose(-1, -2) @ vc  # (B, H, n, m, Dv)
+        before = torch.cat([torch.zeros_like(states[:, :, :1]), states.cumsum(2)[:, :, :-1]], dim=2)
+        zs = kc.sum(-2, keepdim=True)  # (B, H, n, 1, m)
+        zbefore = torch.cat([torch.zeros_like(zs[:, :, :1]), zs.cumsum(2)[:, :, :-1]], dim=2)
+        num = (scores @ vc + qc @ before).reshape(B, H, n * C, Dv)[:, :, :T]
+        den = (scores.sum(-1) + (qc * zbefore).sum(-1)).reshape(B, H, n * C)[:, :, :T]
+    return (num / den.unsqueeze(-1)).to(q.dtype)
 
 
 # --- presets -----------------------------------------------------------------------------------------

@@ -169,3 +169,79 @@ def test_launches_on_the_device():
         bwd = [e.name for e in prof.events() if e.name in OURS]
         assert 1 <= len(fwd) <= 2, fwd
         assert 2 <= len(bwd) <= 3, bwd
+
+
+# --- random-feature attention (rfa_attention) on the GPU
+
+
+def _attention_inputs(B, H, T, D, m, dtype, per_head, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=torch.float32).to(dtype)  # noqa: E731
+    return rnd(B, H, T, D), rnd(B, H, T, D), rnd(B, H, T, D), rnd(*((H, m, D) if per_head else (m, D)))
+
+
+def _attention_error(got, ref):
+    return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+ATTN_TOL = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("T, D, m", [(4096, 64, 64), (16384, 64, 256), (65536, 64, 64), (2048, 128, 256)])
+def test_attention_long_sequences(T, D, m, dtype, causal, fp32_precision):
+    """Forward and gradients up to 64k tokens against the float64 torch math on the same rounded inputs."""
+    from panther.backends.torch_backend.rfa_attention import _attention
+
+    fp32_precision("highest")
+    q, k, v, om = _attention_inputs(1, 2, T, D, m, dtype, per_head=True)
+    kpm = torch.zeros(1, T, dtype=torch.bool, device="cuda")
+    kpm[0, -T // 5:] = True
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, om)]
+    out = panther.ops.rfa_attention(*leaves, causal=causal, key_padding_mask=kpm, backend="triton")
+    refs = [t.double().requires_grad_() for t in (q, k, v, om)]
+    ref = _attention(*refs, causal, "softmax", kpm)
+    assert _attention_error(out, ref) <= ATTN_TOL[dtype]
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, leaves, g.to(dtype))
+    want = torch.autograd.grad(ref, refs, g)
+    for name, a, b in zip("q k v omega".split(), got, want):
+        assert _attention_error(a, b) <= 2 * ATTN_TOL[dtype], name
+
+
+def test_attention_layer_compiles_with_inductor_bf16():
+    """RandMultiHeadAttention on the triton backend under torch.compile(fullgraph=True): no graph break."""
+    from panther.nn import RandMultiHeadAttention
+
+    torch._dynamo.reset()
+    layer = RandMultiHeadAttention(256, 4, 64, batch_first=True, seed=0).cuda()
+    x = torch.randn(2, 1000, 256, device="cuda")
+    counters.clear()
+    with panther.use_backend("triton"), torch.autocast("cuda", dtype=torch.bfloat16):
+        compiled = torch.compile(lambda t: layer(t, t, t, need_weights=False)[0], fullgraph=True)
+        y_c = compiled(x)
+        y_e = layer(x, x, x, need_weights=False)[0]
+    assert sum(counters["graph_break"].values()) == 0
+    assert _attention_error(y_c, y_e.double()) <= ATTN_TOL[torch.bfloat16]
+
+
+def test_attention_launches():
+    """Forward: 1 kernel causal, 2 non-causal; backward: 2 kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ours = {"_kv_state_kernel", "_query_kernel", "_causal_kernel", "_query_grad_kernel", "_key_grad_kernel",
+            "_causal_query_grad_kernel", "_causal_key_grad_kernel"}
+    for causal, n_fwd in ((False, 2), (True, 1)):
+        leaves = [t.requires_grad_() for t in _attention_inputs(2, 8, 4096, 64, 64, torch.bfloat16, False)]
+        out = panther.ops.rfa_attention(*leaves, causal=causal, backend="triton")
+        out.sum().backward()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            out = panther.ops.rfa_attention(*leaves, causal=causal, backend="triton")
+            torch.cuda.synchronize()
+        assert len([e.name for e in prof.events() if e.name in ours]) == n_fwd
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            out.sum().backward()
+            torch.cuda.synchronize()
+        assert len([e.name for e in prof.events() if e.name in ours]) == 2

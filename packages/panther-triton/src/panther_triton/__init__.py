@@ -3,6 +3,7 @@
 Importing this package is cheap (no triton, no kernels, no CUDA): the names below load on first use.
 
 * :func:`sketched_linear` — the op, differentiable and torch.compile-traceable.
+* :func:`rfa_attention` — random-feature (FAVOR+) attention, causal or not, differentiable and traceable.
 * :func:`sketched_linear_forward`, :func:`sketched_linear_backward` — the launchers alone (profiling).
 * :func:`use_plans`, :class:`ForwardPlan`, :class:`BackwardPlan` — force a launch plan (benchmarks, tests).
 * :class:`TritonBackend` — the backend object the ``panther.backends`` entry point names.
@@ -19,6 +20,7 @@ _LAZY = {
     "use_plans": "panther_triton.ops.sketched_linear.plan",
     "ForwardPlan": "panther_triton.ops.sketched_linear.plan",
     "BackwardPlan": "panther_triton.ops.sketched_linear.plan",
+    "rfa_attention": "panther_triton.ops.rfa_attention.op",
     "TritonBackend": "panther_triton.backend",
 }
 

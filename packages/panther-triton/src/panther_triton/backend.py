@@ -27,14 +27,30 @@ def _sketched_linear_limits(x, S1s=None, S2s=None, U1s=None, U2s=None, *rest, **
     return reasons
 
 
+def _rfa_attention_limits(q=None, k=None, v=None, omega=None, causal=False, kernel="softmax",
+                          key_padding_mask=None, *rest, **kwargs) -> List[str]:
+    """What the attention kernels cannot take beyond device and dtype: head dims past one block, more
+    random features than one block holds."""
+    from panther_triton.ops.rfa_attention.common import MAX_FEATURES, MAX_HEAD_DIM
+
+    reasons = []
+    for name, t in (("q", q), ("v", v)):
+        if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[-1] > MAX_HEAD_DIM:
+            reasons.append(f"{name} has head dimension {t.shape[-1]}; the attention kernels take at most {MAX_HEAD_DIM}")
+    if isinstance(omega, torch.Tensor) and omega.dim() in (2, 3) and omega.shape[-2] > MAX_FEATURES:
+        reasons.append(f"omega has {omega.shape[-2]} random features; the attention kernels take at most {MAX_FEATURES}")
+    return reasons
+
+
 REQUIREMENTS = Requirements(
     backend="triton",
     dtypes=(torch.float32, torch.float16, torch.bfloat16),
+    mask_dtypes=(torch.bool,),  # rfa_attention's key_padding_mask
     min_capability=(8, 0),
     interpreter=interpreting,
     interpreter_hint="set TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter (slow; for tests)",
     dtype_advice={torch.float64: "the kernels run on tensor cores; use backend 'torch' for float64"},
-    op_reasons={"sketched_linear": _sketched_linear_limits},
+    op_reasons={"sketched_linear": _sketched_linear_limits, "rfa_attention": _rfa_attention_limits},
 )
 
 
@@ -89,7 +105,12 @@ class TritonBackend(Backend):
         2026-11-29_nvidia-h200_4eb5fa2_wide-rank.json): float32, with or without TF32 (cuBLAS's GEMMs
         win), and 2·num_terms·low_rank > 256, past the fused kernel. Elsewhere (16-bit, 2Lk <= 256) the
         kernels were faster for forward+backward at every measured shape and keep :attr:`priority`.
-        ``backend="triton"`` runs any accepted input here regardless."""
+        ``backend="triton"`` runs any accepted input here regardless.
+
+        ``rfa_attention`` stays below ``torch`` for ``auto`` until its kernels are timed on the GPU against
+        the torch backend (explicit selection runs them)."""
+        if op == "rfa_attention":
+            return -10
         if op == "sketched_linear" and len(args) >= 2:
             x, S1s = args[0], args[1]
             if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
@@ -103,6 +124,12 @@ class TritonBackend(Backend):
         from panther_triton.ops.sketched_linear.op import sketched_linear
 
         return sketched_linear(x, S1s, S2s, U1s, U2s, bias)
+
+    def rfa_attention(self, q, k, v, omega, causal=False, kernel="softmax", key_padding_mask=None):
+        """Random-feature attention; see :func:`panther_triton.rfa_attention`."""
+        from panther_triton.ops.rfa_attention.op import rfa_attention
+
+        return rfa_attention(q, k, v, omega, causal, kernel, key_padding_mask)
 
 
 __all__ = ["TritonBackend"]
