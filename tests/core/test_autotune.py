@@ -515,3 +515,12 @@ def test_compile_marking_is_what_torch_sets():
     torch.compiler.assume_constant_result(probe)
     marks = {k: v for k, v in vars(probe).items() if k not in before}
     assert marks and all(getattr(autotune._compiled_choice, k, None) == v for k, v in marks.items())
+
+
+def test_a_backend_kept_out_of_auto_is_never_measured(monkeypatch):
+    slow, fast = slow_and_fast()
+    fast.auto_priority = lambda op, *a, **k: None  # e.g. kernels not yet validated on this device
+    m = world(monkeypatch, slow, fast)
+    assert chosen(*linear_inputs()) == "slow"
+    assert m.timed == []  # one candidate left: nothing to measure
+    assert registry.select("sketched_linear", *linear_inputs(), backend="fast").name == "fast"

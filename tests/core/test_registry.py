@@ -234,3 +234,15 @@ def test_info_flags_an_unusable_selection_from_the_environment(value):
     assert f"error: the selection cannot be used, every op call will fail: Panther backend '{value}'" in out.stdout
     assert reason in out.stdout
     assert "torch" in out.stdout  # the table of backends is still printed
+
+
+def test_a_backend_can_keep_inputs_out_of_auto(monkeypatch):
+    """auto_priority None: auto never picks the backend for those inputs, explicit selection still runs it."""
+    x7 = _linear_inputs(I=7)
+    monkeypatch.setattr(PickyBackend, "auto_priority", lambda self, op, *a, **k: None, raising=False)
+    assert registry.select("sketched_linear", *x7).name == "torch"
+    assert registry.select("sketched_linear", *x7, backend="picky").name == "picky"
+    monkeypatch.setattr("panther.backends.torch_backend.TorchBackend.auto_priority",
+                        lambda self, op, *a, **k: None, raising=False)
+    monkeypatch.setattr(HealthyBackend, "auto_priority", lambda self, op, *a, **k: None, raising=False)
+    assert registry.select("sketched_linear", *x7).name not in ("picky", "torch", "healthy")

@@ -44,11 +44,13 @@ class Backend:
             return [f"{self.name} does not implement {op}"]
         return []
 
-    def auto_priority(self, op: str, *args, **kwargs) -> int:
+    def auto_priority(self, op: str, *args, **kwargs) -> Optional[int]:
         """Priority in ``auto`` dispatch for these inputs, which it can run; at most :attr:`priority`.
 
         Lower it for inputs the backend runs correctly but slower than another backend would (an
-        explicit selection still runs them here). Called only after :meth:`reasons_cannot_run` found none.
+        explicit selection still runs them here). ``None`` keeps the inputs out of ``auto`` altogether,
+        measured or not (for kernels not yet validated where auto would send them); an explicit selection
+        still runs them. Called only after :meth:`reasons_cannot_run` found none.
         """
         return self.priority
 

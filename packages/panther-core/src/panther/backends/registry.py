@@ -283,6 +283,9 @@ def select(op: str, *args, backend: Optional[str] = None, **kwargs) -> Backend:
             rejected.append(f"{info.name}: {'; '.join(reasons)}")
             continue
         bid = be.auto_priority(op, *args, **kwargs)
+        if bid is None:  # the backend keeps these inputs out of auto (explicit selection only)
+            rejected.append(f"{info.name}: not offered to auto for these inputs (select it by name to run it)")
+            continue
         if not tuning and bid >= priority:
             return be  # nothing ranked below can bid more
         accepted.append((be, bid))
