@@ -189,7 +189,7 @@ ATTN_TOL = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("T, D, m", [(4096, 64, 64), (16384, 64, 256), (65536, 64, 64), (2048, 128, 256)])
+@pytest.mark.parametrize("T, D, m", [(4096, 64, 64), (16384, 32, 64), (65536, 64, 64), (2048, 64, 32)])
 def test_attention_long_sequences(T, D, m, dtype, causal, fp32_precision):
     """Forward and gradients up to 64k tokens against the float64 torch math on the same rounded inputs."""
     from panther.backends.torch_backend.rfa_attention import _attention
