@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import datetime
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -32,6 +31,7 @@ import panther  # noqa: E402
 from panther.backends import BackendError, autotune, registry  # noqa: E402
 
 from harness.cases import PASSES, PRESETS  # noqa: E402
+from harness.cases import select as select_cases  # noqa: E402
 from harness.modes import MODES, set_tf32  # noqa: E402
 from harness.report import environment, result_stem, write_json  # noqa: E402
 from harness.timing import Clock  # noqa: E402
@@ -159,9 +159,7 @@ def main(argv=None) -> int:
         parser.error(f"preset {args.preset!r} needs a CUDA device and torch sees none")
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    modes = [m for m in preset.modes if not args.modes or m in args.modes.split(",")]
-    cases = [c for c in preset.cases
-             if not args.filter or any(re.search(f, f"{c.op} {c.label} {c.tag}") for f in args.filter)]
+    cases, modes = select_cases(preset, args.filter, args.modes)
 
     # auto must be what runs, measuring on, starting from nothing: a fresh cache folder, memory cleared
     cache = tempfile.mkdtemp(prefix="panther-autotune-check-")

@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import datetime
 import os
-import re
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ import panther  # noqa: E402
 from panther.backends import BackendError  # noqa: E402
 
 from harness.cases import PASSES, PRESETS  # noqa: E402
+from harness.cases import select as select_cases  # noqa: E402
 from harness.modes import MODES, set_tf32  # noqa: E402
 from harness.plots import plot_speedups  # noqa: E402
 from harness.report import (  # noqa: E402
@@ -237,9 +237,7 @@ def main(argv=None) -> int:
         parser.error(f"preset {args.preset!r} needs a CUDA device and torch sees none")
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    modes = [m for m in preset.modes if not args.modes or m in args.modes.split(",")]
-    cases = [c for c in preset.cases
-             if not args.filter or any(re.search(f, f"{c.op} {c.label} {c.tag}") for f in args.filter)]
+    cases, modes = select_cases(preset, args.filter, args.modes)
     deadline = args.max_minutes if args.max_minutes is not None else preset.deadline_min
 
     env = environment(device)

@@ -417,3 +417,13 @@ PRESETS = {
         note="every case of the spec tables; split it with --filter to fit one 10-minute device call",
     ),
 }
+
+
+def select(preset, filters=(), modes: str = ""):
+    """The preset's cases whose ``"op label tag"`` matches any of the regular expressions ``filters`` (all
+    when none is given), and its dtype modes among the comma-separated ``modes`` (all when empty)."""
+    import re
+
+    kept_modes = [m for m in preset.modes if not modes or m in modes.split(",")]
+    cases = [c for c in preset.cases if not filters or any(re.search(f, f"{c.op} {c.label} {c.tag}") for f in filters)]
+    return cases, kept_modes
