@@ -1,0 +1,180 @@
+"""Compiling and launching the ``.cu`` kernels: CuPy's NVRTC, torch's streams and memory.
+
+* :class:`Kernel` — one ``__global__`` function (a template instance, named by its C++ name expression)
+  of a ``.cu`` file beside an op. It compiles on first launch on each device (CuPy keeps the binary in
+  its on-disk cache, ``$CUPY_CACHE_DIR`` or ``~/.cupy/kernel_cache``, so a new process loads it without
+  compiling) and launches on torch's current stream of the current device.
+* Arguments are explicit: a tensor (or ``None``) passes its data pointer, so the kernel reads torch's
+  memory in place (zero copy; nothing is allocated by CuPy, so CUDA-graph capture works); integers and
+  floats must be NumPy scalars of the width the kernel declares (:func:`i32`, :func:`i64`, :func:`f32`),
+  because a plain Python int would silently become a 64-bit ``long long``.
+* :class:`KernelCompileError` — a kernel that does not compile names itself, the options and the
+  compiler's log.
+
+CuPy is imported by the first launch, never at module import.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from panther.backends.toolkit import BoundedCache
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+INCLUDE_DIR = PACKAGE_DIR / "include"  # #include "panther_cuda/common.cuh"
+
+# NVRTC options of every kernel; -std=c++17 for if constexpr in templates over dtypes.
+BASE_OPTIONS: Tuple[str, ...] = ("-std=c++17", "--use_fast_math", "-DNDEBUG")
+
+
+class KernelCompileError(RuntimeError):
+    """A kernel failed to compile; the message names the kernel, its source, the options and NVRTC's log."""
+
+
+def i32(v) -> np.int32:
+    """A kernel argument declared ``int``."""
+    return np.int32(v)
+
+
+def i64(v) -> np.int64:
+    """A kernel argument declared ``long long`` (offsets and strides that may pass 2**31)."""
+    return np.int64(v)
+
+
+def f32(v) -> np.float32:
+    """A kernel argument declared ``float``."""
+    return np.float32(v)
+
+
+_NULL = np.uint64(0)
+
+
+def _argument(a):
+    if isinstance(a, torch.Tensor):
+        return np.uint64(a.data_ptr())
+    if a is None:
+        return _NULL
+    if isinstance(a, np.generic):
+        return a
+    raise TypeError(
+        f"kernel argument {a!r} of type {type(a).__name__}: pass a tensor, None, or a NumPy scalar of the width "
+        "the kernel declares (i32, i64, f32)"
+    )
+
+
+def cuda_include_dirs() -> Tuple[str, ...]:
+    """Where NVRTC finds the CUDA headers (cuda_fp16.h, cuda_bf16.h): CuPy's CUDA path, then CUDA_PATH,
+    CUDA_HOME, /usr/local/cuda; only folders that exist."""
+    roots = []
+    try:
+        import cupy
+
+        roots.append(cupy.cuda.get_cuda_path())
+    except Exception:  # no CuPy, or it found no toolkit: the environment's folders below
+        pass
+    roots += [os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    found = []
+    for root in roots:
+        if root and os.path.isdir(os.path.join(root, "include")) and os.path.join(root, "include") not in found:
+            found.append(os.path.join(root, "include"))
+    return tuple(found)
+
+
+_include_options: Optional[Tuple[str, ...]] = None
+
+
+def compile_options(arch: Optional[str] = None, extra: Sequence[str] = ()) -> Tuple[str, ...]:
+    """NVRTC options of a kernel: the base options, include folders, ``-arch=<arch>`` where one is asked
+    for (e.g. ``sm_90a`` for wgmma/TMA; else CuPy targets the device's own architecture), and ``extra``."""
+    global _include_options
+    if _include_options is None:
+        _include_options = tuple(f"-I{d}" for d in (str(INCLUDE_DIR), *cuda_include_dirs()))
+    arch_options = (f"-arch={arch}",) if arch else ()
+    return (*BASE_OPTIONS, *_include_options, *arch_options, *extra)
+
+
+_lock = threading.Lock()
+_streams: BoundedCache = BoundedCache(64)
+
+
+def _external_stream(device_index: int):
+    import cupy
+
+    ptr = torch.cuda.current_stream(device_index).cuda_stream
+    s = _streams.get((device_index, ptr))
+    if s is None:
+        s = _streams.put((device_index, ptr), cupy.cuda.ExternalStream(ptr, device_index))
+    return s
+
+
+class Kernel:
+    """One kernel of a ``.cu`` file: ``Kernel("ops/sketched_linear/forward.cu", "fwd<__nv_bfloat16, 128>")``.
+
+    Args:
+        source: the ``.cu`` file, relative to the package folder.
+        name: the C++ name expression of the ``__global__`` function (a template instance with its
+            arguments, or a plain ``extern "C"`` name).
+        arch: ``-arch`` to compile for (``"sm_90a"`` for Hopper-only instructions); ``None``: the device's.
+        options: extra NVRTC options (``-D`` macros).
+
+    Calling it, ``kernel(grid, block, *args, shared_mem=0)``, launches on torch's current stream of the
+    current CUDA device; dynamic shared memory above 48 KiB is opted into on first use per device.
+    """
+
+    def __init__(self, source: str, name: str, *, arch: Optional[str] = None, options: Sequence[str] = ()):
+        self.source, self.name, self.arch, self.extra = source, name, arch, tuple(options)
+        self._functions: Dict[int, Tuple[object, object]] = {}  # device -> (RawKernel, cupy Function)
+        self._shared: Dict[int, int] = {}  # device -> dynamic shared memory opted into
+
+    def __repr__(self) -> str:
+        return f"Kernel({self.source!r}, {self.name!r}" + (f", arch={self.arch!r})" if self.arch else ")")
+
+    def _compile(self, device_index: int):
+        import cupy
+
+        options = compile_options(self.arch, self.extra)
+        code = (PACKAGE_DIR / self.source).read_text()
+        try:
+            with cupy.cuda.Device(device_index):
+                module = cupy.RawModule(code=code, options=options, name_expressions=(self.name,))
+                raw = module.get_function(self.name)
+                function = raw.kernel  # compiles (or loads from CuPy's disk cache) for this device
+        except Exception as exc:
+            log = getattr(exc, "get_message", None)
+            message = log() if callable(log) else str(exc)
+            raise KernelCompileError(
+                f"CUDA kernel {self.name} ({self.source}) failed to compile with NVRTC options {' '.join(options)}:\n"
+                f"{message}"
+            ) from exc
+        return raw, function
+
+    def function(self, device_index: int):
+        """The compiled function on this device (compiled on first use)."""
+        entry = self._functions.get(device_index)
+        if entry is None:
+            with _lock:
+                entry = self._functions.get(device_index)
+                if entry is None:
+                    entry = self._functions[device_index] = self._compile(device_index)
+        return entry
+
+    def __call__(self, grid, block, *args, shared_mem: int = 0) -> None:
+        device_index = torch.cuda.current_device()
+        raw, function = self.function(device_index)
+        if shared_mem > 48 * 1024 and self._shared.get(device_index, 0) < shared_mem:
+            import cupy
+
+            with cupy.cuda.Device(device_index):
+                raw.max_dynamic_shared_size_bytes = shared_mem
+            self._shared[device_index] = shared_mem
+        function(tuple(grid), tuple(block), tuple(_argument(a) for a in args), shared_mem=shared_mem,
+                 stream=_external_stream(device_index))
+
+
+__all__ = ["Kernel", "KernelCompileError", "i32", "i64", "f32", "compile_options", "cuda_include_dirs"]
