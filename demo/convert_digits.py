@@ -14,7 +14,6 @@ reports the test accuracy right after conversion (no training), then fine-tunes 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib.util
 import json
@@ -96,40 +95,20 @@ def plot(curves: Dict[str, Dict[str, List[float]]], dense: Dict[str, float], pat
 
 
 def parse_args(argv: Optional[Sequence[str]]):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=int, default=30, help="training epochs of the dense models (default: 30)")
+    p = train_digits.base_parser(__doc__, "training epochs of the dense models (default: 30)")
     p.add_argument("--finetune-epochs", type=int, default=5, help="fine-tuning epochs after conversion (default: 5)")
     p.add_argument("--budget", type=float, default=0.3, help="fraction of the dense parameters kept (default: 0.3)")
-    p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default: demo-output)")
-    p.add_argument("--backend", default="auto", help="Panther backend for the sketched layers (default: auto)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of training and fine-tuning")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads, 0 for torch's default")
     args = p.parse_args(argv)
-    if args.epochs < 1:
-        p.error(f"--epochs must be >= 1, got {args.epochs}")
+    train_digits.check_base_args(p, args)
     if args.finetune_epochs < 0:
         p.error(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
     if not 0.0 < args.budget < 1.0:
         p.error(f"--budget must be a fraction in (0, 1), got {args.budget}")
-    if args.backend != "auto":
-        try:
-            pr.backends.load_backend(args.backend, source="--backend")
-        except pr.BackendError as err:
-            p.error(str(err))
     return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    try:
-        return run(args)
-    finally:
-        torch.set_num_threads(threads)
+    return train_digits.run_with_threads(run, parse_args(argv))
 
 
 def run(args) -> int:

@@ -198,20 +198,25 @@ def plot(curves: Dict[str, List[float]], path: Path) -> None:
     plt.close(fig)
 
 
-def parse_args(argv: Optional[Sequence[str]]):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=int, default=30, help="training epochs per model (default: 30)")
+def base_parser(doc: str, epochs_help: str) -> argparse.ArgumentParser:
+    """The options every digits demo takes (this one and demo/convert_digits.py)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--epochs", type=int, default=30, help=epochs_help)
     p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default: demo-output)")
     p.add_argument("--backend", default="auto", help="Panther backend for the sketched layers (default: auto)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--threads", type=int, default=1,
         help="torch intra-op threads, 0 for torch's default (default: 1: these models are too small to gain "
         "from more, and one thread keeps the timings steady on a shared machine)",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def check_base_args(p: argparse.ArgumentParser, args) -> None:
+    """Refuse bad values of the options of :func:`base_parser`, as argparse errors."""
     if args.epochs < 1:
         p.error(f"--epochs must be >= 1, got {args.epochs}")
     if args.backend != "auto":
@@ -219,11 +224,10 @@ def parse_args(argv: Optional[Sequence[str]]):
             pr.backends.load_backend(args.backend, source="--backend")
         except pr.BackendError as err:
             p.error(str(err))
-    return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+def run_with_threads(run, args) -> int:
+    """``run(args)`` with torch's intra-op threads set to ``--threads``, restored after."""
     threads = torch.get_num_threads()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -231,6 +235,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run(args)
     finally:
         torch.set_num_threads(threads)
+
+
+def parse_args(argv: Optional[Sequence[str]]):
+    p = base_parser(__doc__, "training epochs per model (default: 30)")
+    args = p.parse_args(argv)
+    check_base_args(p, args)
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_with_threads(run, parse_args(argv))
 
 
 def run(args) -> int:
