@@ -186,7 +186,7 @@ def main(argv=None) -> int:
         "environment": env, "backends_forced": backends, "backends_not_timed": not_timed,
         "settings": {"modes": modes, "filter": args.filter, "limit": LIMIT,
                      "measurer": {k: getattr(autotune.measurer, k)
-                                  for k in ("warmup_calls", "min_reps", "max_reps", "budget_s")},
+                                  for k in ("warmup_calls", "warmup_s", "min_reps", "max_reps", "budget_s")},
                      "timing": "first call: wall time of one call from an idle device (auto measures there); "
                                "steady state: the harness's Clock.measure, auto and each backend interleaved"},
         "results": [], "skipped_cases": [],

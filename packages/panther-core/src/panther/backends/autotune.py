@@ -157,10 +157,11 @@ class Measurer:
     and backward) and returns each candidate's median milliseconds, or the exception it raised.
     """
 
-    warmup_calls = 2  # untimed calls first: compilation and the kernels' own autotuning stay out
-    min_reps = 5
-    max_reps = 25
-    budget_s = 0.01  # timed calls per candidate: about this long, within [min_reps, max_reps]
+    warmup_calls = 2  # untimed calls first: compilation and the kernels' own autotuning stay out ...
+    warmup_s = 0.02  # ... and then until about this long has run, so clocks and caches settle (at most 100 calls)
+    min_reps = 7
+    max_reps = 50
+    budget_s = 0.03  # timed calls per candidate: about this long, within [min_reps, max_reps]
 
     def is_gpu_call(self, args: tuple, kwargs: dict) -> bool:
         """Whether any tensor of the call is on a CUDA device."""
@@ -176,12 +177,13 @@ class Measurer:
         with torch.cuda.device(device):
             for name, run in runs.items():
                 try:
-                    fastest = float("inf")
-                    for _ in range(self.warmup_calls):
+                    fastest, spent, calls = float("inf"), 0.0, 0
+                    while calls < self.warmup_calls or (spent < self.warmup_s and calls < 100):
                         t0 = time.perf_counter()
                         run()
                         torch.cuda.synchronize()
-                        fastest = min(fastest, time.perf_counter() - t0)
+                        took = time.perf_counter() - t0
+                        fastest, spent, calls = min(fastest, took), spent + (took if calls else 0.0), calls + 1
                 except Exception as exc:  # noqa: BLE001 - a failing candidate is left out, the others go on
                     results[name] = exc
                     continue
