@@ -90,9 +90,6 @@ __device__ __forceinline__ void warp_product(float (&acc)[NT][4], FA A, FB B, in
     }
 }
 
-// Shared memory (elements of T) of the stage-1 tiles: im2col A (BM x BK) and S (RC x BK).
-template <typename T, int RC> constexpr int rank_tile_elems() { return (BM + RC) * (BK + Pad<T>::value); }
-
 // acc (this warp's 16 pixels x RC columns r0..r0+RC-1 of Z) = im2col(x) S[r0:r0+RC]ᵀ, over all of K.
 // Every thread of the block calls it (it synchronises the block); `row` is this thread's gather row,
 // pixel m0 + (threadIdx.x % BM).
