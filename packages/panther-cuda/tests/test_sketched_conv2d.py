@@ -9,11 +9,16 @@ runs at least once. CPU tests check the limits and the allocation rules (fake ke
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
 import pytest
 import torch
 
 from panther.backends.torch_backend.sketched_conv2d import sketched_conv2d as reference_op
-from panther_cuda.ops.sketched_conv2d import limits
+from panther_cuda.ops.sketched_conv2d import backward, forward, limits
 from panther_cuda.ops.sketched_conv2d.forward import RANK_TILES, fwd_shared_bytes, rank_tile
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -249,14 +254,16 @@ def test_compile_fullgraph_equals_eager(channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
 
     def step(x, S1s, U1s, b):
-        y = cuda_sketched_conv2d(x, S1s, U1s, b, *conv)
-        return y, torch.autograd.grad((y.float() ** 2).sum(), (x, S1s, U1s, b))
+        return cuda_sketched_conv2d(x, S1s, U1s, b, *conv)
 
-    def leaves():
-        return [t.detach().requires_grad_(True) for t in (x, S1s, U1s, b)]
+    def run(fn):
+        leaves = [t.detach().requires_grad_(True) for t in (x, S1s, U1s, b)]
+        y = fn(*leaves)
+        (y.float() ** 2).sum().backward()
+        return y, [t.grad for t in leaves]
 
-    y_e, g_e = step(*leaves())
-    y_c, g_c = torch.compile(step, fullgraph=True)(*leaves())
+    y_e, g_e = run(step)
+    y_c, g_c = run(torch.compile(step, fullgraph=True))
     assert torch.equal(y_c, y_e)
     assert y_c.stride() == y_e.stride()
     for a, e in zip(g_c, g_e):
@@ -359,3 +366,173 @@ def test_fake_kernels_give_shapes_and_layouts(channels_last):
     grads = torch.ops.panther_cuda.sketched_conv2d_bwd(y, x, S1s, U1s, b, True, True, False, True,
                                                        2, 1, 1, 0, 1, 2, True)
     assert [tuple(t.shape) for t in grads] == [tuple(x.shape), tuple(S1s.shape), (0,), (7,)]
+
+
+# --- CPU: the launchers pass what the kernels declare ----------------------------------------------------------
+
+_KERNEL_TYPES = {"int": np.int32, "long long": np.int64, "float": np.float32}
+
+
+def _declared_parameters(kernel: str):
+    """Parameter types of a __global__ function of sketched_conv2d.cu: 'ptr' or the scalar's NumPy type."""
+    source = (Path(forward.__file__).parent / "sketched_conv2d.cu").read_text()
+    params = re.search(rf"\n{kernel}\((.*?)\)\s*{{", source, re.S).group(1)
+    out = []
+    for p in params.split(","):
+        p = " ".join(p.split()).replace("__restrict__", "").strip()
+        if "*" in p:
+            out.append("ptr")
+        else:
+            out.append(_KERNEL_TYPES[p.rsplit(" ", 1)[0].strip()])
+    return out
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, kernel, grid, block, *args, shared_mem=0):
+        self.calls.append((kernel.name, tuple(grid), tuple(block), args, shared_mem))
+
+
+def _check_arguments(call, kernel):
+    name, grid, block, args, shared = call
+    declared = _declared_parameters(kernel)
+    assert len(args) == len(declared), (name, len(args), len(declared))
+    for i, (a, want) in enumerate(zip(args, declared)):
+        if want == "ptr":
+            assert a is None or isinstance(a, torch.Tensor), (name, i, a)
+        else:
+            assert type(a) is want, (name, i, type(a), want)
+    assert block == (forward.THREADS,) and shared > 0
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_launchers_pass_the_declared_arguments(channels_last):
+    """On the CPU with the launch recorded: argument count and widths as sketched_conv2d.cu declares them,
+    the grids, output strides in the kernels' arguments; the backward's every path runs."""
+    (x, S1s, U1s, b), conv = _case("mixed_pairs_R66_O70", torch.float32, device="cpu")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    rec = _Recorder()
+    with mock.patch.object(forward.Kernel, "__call__", lambda self, *a, **k: rec(self, *a, **k)):
+        (y,) = forward.forward_outputs(x, S1s, U1s, b, 2, 1, 0, 1, 1, 2, True)
+        forward.sketched_conv2d_forward(y, x, S1s, U1s, b, *conv, True)
+        grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, S1s, U1s, b)]
+        backward.sketched_conv2d_backward(grads, torch.randn(y.shape), x, S1s, U1s, *conv, (True,) * 4, True)
+    (fwd_call, dz_call, z_call) = rec.calls
+    M = y.shape[0] * y.shape[2] * y.shape[3]
+    assert fwd_call[0] == "panther::sketched_conv2d_fwd<float, 128, false>" and fwd_call[1] == (-(-M // 64),)
+    _check_arguments(fwd_call, "sketched_conv2d_fwd")
+    assert tuple(int(s) for s in fwd_call[3][-9:-1]) == (*x.stride(), *y.stride())
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    for call in (dz_call, z_call):
+        assert call[0] == "panther::conv_rank<float, 64, false>" and call[1] == (-(-M // 64), 2)
+        _check_arguments(call, "conv_rank")
+    Ho, Wo = y.shape[2:]
+    assert (Ho, Wo) == torch.nn.functional.conv2d(x, S1s[0], None, *conv).shape[2:]
+    assert [int(a) for a in dz_call[3][3:16]] == [70, Ho, Wo, Ho, Wo, 1, 1, 1, 1, 0, 0, 1, 1]  # g: a 1x1 conv
+    assert [int(a) for a in z_call[3][3:16]] == [17, 7, 9, Ho, Wo, 3, 2, 2, 1, 0, 1, 1, 2]
+    assert float(dz_call[3][-1]) == pytest.approx(1 / 6) and float(z_call[3][-1]) == 1.0
+
+
+def test_exact_float32_selects_the_ffma_kernels():
+    (x, S1s, U1s, b), conv = _case("3x3_R6", torch.float32, device="cpu")
+    rec = _Recorder()
+    with mock.patch.object(forward.Kernel, "__call__", lambda self, *a, **k: rec(self, *a, **k)):
+        for allow_tf32 in (False, True):
+            (y,) = forward.forward_outputs(x, S1s, U1s, b, 1, 1, 1, 1, 1, 1, allow_tf32)
+            forward.sketched_conv2d_forward(y, x, S1s, U1s, b, *conv, allow_tf32)
+        (y,) = forward.forward_outputs(x.half(), S1s.half(), U1s.half(), None, 1, 1, 1, 1, 1, 1, False)
+        forward.sketched_conv2d_forward(y, x.half(), S1s.half(), U1s.half(), None, *conv, False)
+    assert [c[0] for c in rec.calls] == [
+        "panther::sketched_conv2d_fwd<float, 16, true>",
+        "panther::sketched_conv2d_fwd<float, 16, false>",
+        "panther::sketched_conv2d_fwd<__half, 16, false>",
+    ]
+
+
+# --- CPU: the op's host side around kernels emulated in torch ---------------------------------------------------
+
+
+def _emulate(kernel, grid, block, *a, shared_mem=0):
+    """What each kernel computes, from its arguments alone (pointers as the tensors passed, read by the
+    strides passed): the host side's wiring runs on the CPU against the reference."""
+    C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw = (int(v) for v in a[3 + 2 * ("fwd" in kernel.name):][:13])
+    if "sketched_conv2d_fwd" in kernel.name:
+        x, S, U, b, y = a[:5]
+        M, R, O = (int(v) for v in a[18:21])
+        sx, sy, scale = a[21:25], a[25:29], float(a[29])
+    else:
+        x, S, z = a[:3]
+        M, R = int(a[16]), int(a[17])
+        sx, sz, scale = a[18:22], a[22:26], float(a[26])
+    N = M // (Ho * Wo)
+    xs = torch.as_strided(x, (N, C, H, W), [int(s) for s in sx])
+    Z = torch.nn.functional.conv2d(xs, S.reshape(R, C, kh, kw), None, (sh, sw), (ph, pw), (dh, dw))
+    if "sketched_conv2d_fwd" in kernel.name:
+        out = torch.einsum("nrhw,ro->nohw", Z, U.reshape(R, O)) * scale
+        out = out + b.view(1, O, 1, 1) if b is not None else out
+        torch.as_strided(y, (N, O, Ho, Wo), [int(s) for s in sy]).copy_(out)
+    else:
+        torch.as_strided(z, (N, R, Ho, Wo), [int(s) for s in sz]).copy_(Z * scale)
+
+
+EMULATED_TOL = 1e-7  # float64 math; the scale 1/(2L) is a float32 kernel argument
+
+
+@pytest.fixture
+def emulated_kernels():
+    # float64 (exact comparisons) names a kernel instance that is never compiled here
+    with mock.patch.object(forward.Kernel, "__call__", _emulate), mock.patch.dict(forward._CTYPES,
+                                                                                  {torch.float64: "double"}):
+        yield
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("name", ["stride2_R6", "mixed_pairs_R66_O70"])
+def test_op_around_emulated_kernels_matches_reference(name, layout, emulated_kernels):
+    inputs, conv = _case(name, torch.float64, device="cpu")
+    x = inputs[0]
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.zeros(x.shape[0], x.shape[1] * 2, x.shape[2], x.shape[3] + 1, dtype=x.dtype)[:, ::2, :, 1:]
+        x.copy_(inputs[0])
+    y, _ = run_and_compare((x, *inputs[1:]), conv, GRADS, EMULATED_TOL)
+    assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    for wants in (("x",), ("U1s",), ("S1s", "bias")):
+        run_and_compare((x, *inputs[1:]), conv, wants, EMULATED_TOL)
+
+
+def test_op_around_emulated_kernels_expanded_grad_and_empty_batch(emulated_kernels):
+    inputs, conv = _case("3x3_R6", torch.float64, device="cpu")
+    y = cuda_sketched_conv2d(*inputs, *conv)
+    run_and_compare(inputs, conv, GRADS, EMULATED_TOL, grad_out=torch.ones(()).expand(y.shape))
+    x0 = inputs[0][:0].detach().requires_grad_(True)
+    rest = [t.detach().requires_grad_(True) for t in inputs[1:]]
+    y0 = cuda_sketched_conv2d(x0, *rest, *conv)
+    assert y0.shape == (0,) + y.shape[1:]
+    y0.sum().backward()
+    assert x0.grad.shape == x0.shape and all(torch.equal(t.grad, torch.zeros_like(t)) for t in rest)
+
+
+def test_op_around_emulated_kernels_compiles_fullgraph(emulated_kernels):
+    """torch.compile(fullgraph=True) traces the op (library ops with fake kernels) and equals eager."""
+    torch._dynamo.reset()
+    inputs, conv = _case("stride2_R6", torch.float64, device="cpu")
+
+    def step(x, S1s, U1s, b):
+        return cuda_sketched_conv2d(x, S1s, U1s, b, *conv)
+
+    def run(fn):
+        leaves = [t.detach().requires_grad_(True) for t in inputs]
+        y = fn(*leaves)
+        (y**2).sum().backward()
+        return y, [t.grad for t in leaves]
+
+    y_e, g_e = run(step)
+    y_c, g_c = run(torch.compile(step, fullgraph=True, backend="aot_eager"))
+    torch.testing.assert_close(y_c, y_e, rtol=1e-12, atol=1e-12)
+    for a, e in zip(g_c, g_e):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
