@@ -336,9 +336,10 @@ def test_limits_refuse_rank_above_256_with_the_reason():
 
 
 def test_limits_refuse_im2col_depth_beyond_int32():
-    S1s = torch.empty(2, 1, 2**29, 3, 3, device="meta")
-    reasons = limits.reasons(_meta(1, 2**29, 3, 3), S1s, _meta(2, 1, 4))
-    assert len(reasons) == 1 and "in_channels·kh·kw < 2**31" in reasons[0] and str(2**29 * 9) in reasons[0]
+    S1s = torch.empty(2, 1, 2**27, 3, 3, device="meta")
+    reasons = limits.reasons(_meta(1, 2**27, 3, 3), S1s, _meta(2, 1, 4))
+    assert len(reasons) == 1 and "in_channels·kh·kw <= 2**30" in reasons[0] and str(2**27 * 9) in reasons[0]
+    assert limits.reasons(_meta(1, 2**28, 3, 3), torch.empty(2, 1, 2**28, 2, 2, device="meta"), _meta(2, 1, 4)) == []
 
 
 def test_backend_reports_the_limit():

@@ -43,17 +43,18 @@ def _pad(dtype: torch.dtype) -> int:
     return 8 if dtype in (torch.float16, torch.bfloat16) else 4  # conv::Pad<T>
 
 
+def rank_shared_bytes(dtype: torch.dtype, rc: int) -> int:
+    """Dynamic shared memory of conv_rank<T, rc>, the stage-1 workspace: two column tables of BK entries
+    (8 + 4 + 4 bytes each), the im2col tile and the S tile ((BM + rc) x BK, padded rows)."""
+    return 2 * BK * 16 + torch.empty((), dtype=dtype).element_size() * (BM + rc) * (BK + _pad(dtype))
+
+
 def fwd_shared_bytes(dtype: torch.dtype, rp: int) -> int:
-    """Dynamic shared memory of sketched_conv2d_fwd<T, rp>: Z (BM x rp), then the larger of the stage-1
-    tiles ((BM + RC) x BK) and the U tile (RC x BN)."""
+    """Dynamic shared memory of sketched_conv2d_fwd<T, rp>: Z (BM x rp, padded rows), then the larger of
+    the stage-1 workspace and the U tile (RC x BN, padded rows)."""
     pad, size = _pad(dtype), torch.empty((), dtype=dtype).element_size()
     rc = min(rp, 64)
-    return size * (BM * (rp + pad) + max((BM + rc) * (BK + pad), rc * (BN + pad)))
-
-
-def rank_shared_bytes(dtype: torch.dtype, rc: int) -> int:
-    """Dynamic shared memory of conv_rank<T, rc>: the im2col tile and the S tile ((BM + rc) x BK)."""
-    return torch.empty((), dtype=dtype).element_size() * (BM + rc) * (BK + _pad(dtype))
+    return size * BM * (rp + pad) + max(rank_shared_bytes(dtype, rc), size * rc * (BN + pad))
 
 
 def rank_tile(R: int) -> int:

@@ -1,7 +1,8 @@
 """What the sketched conv2d kernels cannot take, as reasons for the backend's capability check.
 
 The fused forward keeps a block's whole intermediate Z (64 output pixels x R = 2·L·k channels) in shared
-memory, so R is bounded by :data:`MAX_RANK`; the im2col depth C·kh·kw is a 32-bit index in the kernels.
+memory, so R is bounded by :data:`MAX_RANK`; the im2col depth C·kh·kw is a 32-bit index in the kernels
+(:data:`MAX_DEPTH`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from typing import List
 
 MAX_RANK = 256  # R = 2·L·k held on chip by one block of the fused forward (64 x 256 float32: 64 KiB)
-MAX_DEPTH = 2**31 - 1  # C·kh·kw, an int in the kernels
+MAX_DEPTH = 2**30  # C·kh·kw, an int in the kernels (with a tile of headroom)
 
 
 def reasons(x, S1s, U1s, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1)) -> List[str]:
@@ -25,7 +26,7 @@ def reasons(x, S1s, U1s, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 
         )
     if C * kh * kw > MAX_DEPTH:
         out.append(
-            f"sketched_conv2d on backend 'cuda' takes in_channels·kh·kw < 2**31, got {C}·{kh}·{kw} = {C * kh * kw} "
+            f"sketched_conv2d on backend 'cuda' takes in_channels·kh·kw <= 2**30, got {C}·{kh}·{kw} = {C * kh * kw} "
             "from S1s; use backend 'torch'"
         )
     return out

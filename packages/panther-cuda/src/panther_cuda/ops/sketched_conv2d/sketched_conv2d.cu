@@ -29,10 +29,11 @@ struct Geometry {
     long long sxn, sxc, sxh, sxw;
 };
 
-// Where output pixel m reads its input window: x offset of its image, top-left input row and column.
+// Where output pixel m reads its input window: x offset of its window's top-left corner (n, ih0, iw0),
+// which may lie in the padding, and that corner's input row and column.
 struct GatherRow {
     bool valid;
-    long long base;
+    long long base;  // n sxn + ih0 sxh + iw0 sxw
     int ih0, iw0;
 };
 
@@ -50,9 +51,9 @@ __device__ __forceinline__ GatherRow gather_row(const Geometry& g, long long m) 
     long long n;
     int oh, ow;
     pixel_coords(r.valid ? m : 0, g.Ho, g.Wo, n, oh, ow);
-    r.base = n * g.sxn;
     r.ih0 = oh * g.sh - g.ph;
     r.iw0 = ow * g.sw - g.pw;
+    r.base = n * g.sxn + r.ih0 * g.sxh + r.iw0 * g.sxw;
     return r;
 }
 
@@ -90,50 +91,93 @@ __device__ __forceinline__ void warp_product(float (&acc)[NT][4], FA A, FB B, in
     }
 }
 
+// Stage-1 workspace in shared memory: two column tables of BK entries (x offset, row and column offset of
+// im2col column κ, double-buffered), then the im2col tile A (BM x BK) and the S tile (RC x BK).
+// Bytes: 2 BK (8 + 4 + 4) + (BM + RC)(BK + Pad) sizeof(T) (forward.py: rank_shared_bytes).
+
 // acc (this warp's 16 pixels x RC columns r0..r0+RC-1 of Z) = im2col(x) S[r0:r0+RC]ᵀ, over all of K.
 // Every thread of the block calls it (it synchronises the block); `row` is this thread's gather row,
-// pixel m0 + (threadIdx.x % BM).
+// pixel m0 + (threadIdx.x % BM); `work`: the stage-1 workspace above, 16-byte aligned.
+// The next step's tiles are loaded into registers while the tensor cores work on this step's.
 template <typename T, int RC, bool EXACT>
 __device__ __forceinline__ void conv_rank_tile(float (&acc)[RC / 8][4], const T* __restrict__ x,
                                                const T* __restrict__ S, const Geometry& g, int R, int r0,
-                                               const GatherRow& row, T* As, T* Ws) {
+                                               const GatherRow& row, unsigned char* work) {
     constexpr int ALD = BK + Pad<T>::value;
+    constexpr int XPT = BM * BK / THREADS;  // im2col elements per thread and step
+    constexpr int WPT = RC * BK / THREADS;  // S elements per thread and step
+    static_assert(XPT * THREADS == BM * BK && WPT * THREADS == RC * BK, "tiles split evenly over threads");
+    long long* toff = reinterpret_cast<long long*>(work);  // [2][BK]: c sxc + i dh sxh + j dw sxw
+    int* tih = reinterpret_cast<int*>(toff + 2 * BK);      // [2][BK]: i dh (far negative past K)
+    int* tiw = tih + 2 * BK;                               // [2][BK]: j dw
+    T* As = reinterpret_cast<T*>(tiw + 2 * BK);
+    T* Ws = As + BM * ALD;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int KK = g.kh * g.kw;
     const int K = g.C * KK;
     const T zero = from_float<T>(0.f);
-#pragma unroll
-    for (int nt = 0; nt < RC / 8; ++nt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
     const int m_local = tid & (BM - 1);
     const int kk_first = tid / BM;  // 0 or 1: this thread gathers columns kk_first, kk_first + 2, ...
-    for (int k0 = 0; k0 < K; k0 += BK) {
-        // im2col tile: As[m][kk] = x[n, c, ih0 + i dh, iw0 + j dw], κ = k0 + kk = c kh kw + i kw + j; 0 outside
-#pragma unroll 4
-        for (int s = 0; s < BK / 2; ++s) {
-            const int kk = kk_first + 2 * s;
-            const int kidx = k0 + kk;
-            T v = zero;
-            if (row.valid && kidx < K) {
+
+    // column κ = k0 + kk = c kh kw + i kw + j of im2col -> table entry kk of buffer buf
+    auto fill_table = [&](int buf, int k0) {
+        if (tid < BK) {
+            const int kidx = k0 + tid;
+            long long off = 0;
+            int dih = -(1 << 30), diw = 0;  // past K: a row offset no window reaches
+            if (kidx < K) {
                 const int c = kidx / KK;
                 const int rem = kidx - c * KK;
                 const int i = rem / g.kw;
                 const int j = rem - i * g.kw;
-                const int ih = row.ih0 + i * g.dh;
-                const int iw = row.iw0 + j * g.dw;
-                if (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W)
-                    v = x[row.base + c * g.sxc + ih * g.sxh + iw * g.sxw];
+                dih = i * g.dh;
+                diw = j * g.dw;
+                off = c * g.sxc + dih * g.sxh + diw * g.sxw;
             }
-            As[m_local * ALD + kk] = v;
+            toff[buf * BK + tid] = off;
+            tih[buf * BK + tid] = dih;
+            tiw[buf * BK + tid] = diw;
         }
-        // S tile: Ws[n][kk] = S[r0 + n, k0 + kk]; 0 outside
-        for (int e = tid; e < RC * BK; e += THREADS) {
-            const int n = e / BK, kk = e - (e / BK) * BK;
-            const int r = r0 + n, kidx = k0 + kk;
-            Ws[n * ALD + kk] = (r < R && kidx < K) ? S[static_cast<long long>(r) * K + kidx] : zero;
+    };
+    // registers <- im2col(x)[m, k0 + kk] (0 in the padding and past K) and S[r0 + n, k0 + kk] (0 past R, K)
+    T xr[XPT], wr[WPT];
+    auto gather = [&](int buf, int k0) {
+#pragma unroll
+        for (int s = 0; s < XPT; ++s) {
+            const int kk = kk_first + 2 * s;
+            const int ih = row.ih0 + tih[buf * BK + kk];
+            const int iw = row.iw0 + tiw[buf * BK + kk];
+            const bool inside = row.valid && static_cast<unsigned>(ih) < static_cast<unsigned>(g.H) &&
+                                static_cast<unsigned>(iw) < static_cast<unsigned>(g.W);
+            xr[s] = inside ? x[row.base + toff[buf * BK + kk]] : zero;
         }
+#pragma unroll
+        for (int s = 0; s < WPT; ++s) {
+            const int e = tid + s * THREADS;
+            const int r = r0 + e / BK, kidx = k0 + e % BK;
+            wr[s] = (r < R && kidx < K) ? S[static_cast<long long>(r) * K + kidx] : zero;
+        }
+    };
+
+#pragma unroll
+    for (int nt = 0; nt < RC / 8; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
+    fill_table(0, 0);
+    __syncthreads();
+    gather(0, 0);
+    int buf = 0;
+    for (int k0 = 0; k0 < K; k0 += BK, buf ^= 1) {
+#pragma unroll
+        for (int s = 0; s < XPT; ++s) As[m_local * ALD + kk_first + 2 * s] = xr[s];
+#pragma unroll
+        for (int s = 0; s < WPT; ++s) {
+            const int e = tid + s * THREADS;
+            Ws[(e / BK) * ALD + e % BK] = wr[s];
+        }
+        fill_table(buf ^ 1, k0 + BK);  // the other buffer: last read by the gather two steps back
         __syncthreads();
+        if (k0 + BK < K) gather(buf ^ 1, k0 + BK);  // in flight during the products below
         warp_product<T, EXACT, RC / 8>(
             acc, [&](int r, int c) { return As[(warp * 16 + r) * ALD + c]; },
             [&](int k, int n) { return Ws[n * ALD + k]; }, BK, lane);
@@ -146,7 +190,7 @@ __device__ __forceinline__ void conv_rank_tile(float (&acc)[RC / 8][4], const T*
 // y (strides sy*) = scale · im2col(x) Sᵀ U + bias, for RP >= R (RP a multiple of 16; of 64 above 64).
 // Grid: (ceil(M / 64)); block: 128; dynamic shared memory: fwd_shared_bytes (forward.py).
 template <typename T, int RP, bool EXACT>
-__global__ void __launch_bounds__(conv::THREADS)
+__global__ void __launch_bounds__(conv::THREADS, 3)
 sketched_conv2d_fwd(const T* __restrict__ x, const T* __restrict__ S, const T* __restrict__ U,
                     const T* __restrict__ bias, T* __restrict__ y, int C, int H, int W, int Ho, int Wo, int kh,
                     int kw, int sh, int sw, int ph, int pw, int dh, int dw, long long M, int R, int O,
@@ -156,13 +200,11 @@ sketched_conv2d_fwd(const T* __restrict__ x, const T* __restrict__ S, const T* _
     static_assert(RP % 16 == 0 && (RP <= 64 || RP % 64 == 0), "RP: a multiple of 16, of 64 above 64");
     constexpr int RC = RP < 64 ? RP : 64;  // Z columns per stage-1 pass, U rows per stage-2 step
     constexpr int ZLD = RP + Pad<T>::value;
-    constexpr int ALD = BK + Pad<T>::value;
     constexpr int ULD = BN + Pad<T>::value;
     extern __shared__ __align__(16) unsigned char smem[];
-    T* Zs = reinterpret_cast<T*>(smem);  // BM x RP (ZLD)
-    T* As = Zs + BM * ZLD;               // stage 1: im2col tile, then S tile
-    T* Ws = As + BM * ALD;
-    T* Us = As;                          // stage 2: U tile (RC x BN), reusing the stage-1 tiles
+    T* Zs = reinterpret_cast<T*>(smem);                            // BM x RP (ZLD)
+    unsigned char* work = smem + BM * ZLD * sizeof(T);             // stage 1: its workspace
+    T* Us = reinterpret_cast<T*>(work);                            // stage 2: U tile (RC x ULD), reusing it
 
     const Geometry g{C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, M, sxn, sxc, sxh, sxw};
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -172,7 +214,7 @@ sketched_conv2d_fwd(const T* __restrict__ x, const T* __restrict__ S, const T* _
     // Stage 1: Zs = im2col(x) Sᵀ, RC columns per pass
     for (int r0 = 0; r0 < RP; r0 += RC) {
         float acc[RC / 8][4];
-        conv_rank_tile<T, RC, EXACT>(acc, x, S, g, R, r0, row, As, Ws);
+        conv_rank_tile<T, RC, EXACT>(acc, x, S, g, R, r0, row, work);
 #pragma unroll
         for (int nt = 0; nt < RC / 8; ++nt)
 #pragma unroll
@@ -232,17 +274,14 @@ sketched_conv2d_fwd(const T* __restrict__ x, const T* __restrict__ S, const T* _
 // z[n, r, oh, ow] (strides sz*) = scale · Σ_κ im2col(x)[m, κ] S[r, κ] for r < R.
 // Grid: (ceil(M / 64), ceil(R / RC)); block: 128; dynamic shared memory: rank_shared_bytes (forward.py).
 template <typename T, int RC, bool EXACT>
-__global__ void __launch_bounds__(conv::THREADS)
+__global__ void __launch_bounds__(conv::THREADS, 3)
 conv_rank(const T* __restrict__ x, const T* __restrict__ S, T* __restrict__ z, int C, int H, int W, int Ho,
           int Wo, int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw, long long M, int R,
           long long sxn, long long sxc, long long sxh, long long sxw, long long szn, long long szr,
           long long szh, long long szw, float scale) {
     using namespace conv;
     static_assert(RC == 16 || RC == 32 || RC == 64, "RC: 16, 32 or 64");
-    constexpr int ALD = BK + Pad<T>::value;
-    extern __shared__ __align__(16) unsigned char smem[];
-    T* As = reinterpret_cast<T*>(smem);
-    T* Ws = As + BM * ALD;
+    extern __shared__ __align__(16) unsigned char smem[];  // the stage-1 workspace
 
     const Geometry g{C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, M, sxn, sxc, sxh, sxw};
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -251,7 +290,7 @@ conv_rank(const T* __restrict__ x, const T* __restrict__ S, T* __restrict__ z, i
     const GatherRow row = gather_row(g, m0 + (tid & (BM - 1)));
 
     float acc[RC / 8][4];
-    conv_rank_tile<T, RC, EXACT>(acc, x, S, g, R, r0, row, As, Ws);
+    conv_rank_tile<T, RC, EXACT>(acc, x, S, g, R, r0, row, smem);
 
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
