@@ -168,6 +168,19 @@ def test_channels_last_in_and_out(name, dtype, ieee_float32):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("x_channels_last", [False, True], ids=["x_nchw", "x_channels_last"])
+def test_grad_in_the_other_memory_format(x_channels_last, ieee_float32):
+    """The backward reads the incoming gradient by its strides, whatever x's layout."""
+    inputs, conv = _case("stride2_R6", torch.float32)
+    x = inputs[0].contiguous(memory_format=torch.channels_last) if x_channels_last else inputs[0]
+    y = cuda_sketched_conv2d(*inputs, *conv)
+    gen = torch.Generator().manual_seed(3)
+    grad_out = torch.randn(y.shape, generator=gen, dtype=torch.float64).float().cuda().contiguous(
+        memory_format=torch.contiguous_format if x_channels_last else torch.channels_last)
+    run_and_compare((x, *inputs[1:]), conv, GRADS, TOL[torch.float32], grad_out=grad_out)
+
+
+@pytest.mark.gpu
 def test_strided_input(ieee_float32):
     """x as a view with gaps in every dimension (the kernels read it by its strides)."""
     (x, S1s, U1s, b), conv = _case("3x3_R6", torch.float32)
