@@ -1,0 +1,69 @@
+"""The backward pass of the sketched conv2d op.
+
+With R = 2·L·k, S = S1s as (R, C, kh, kw), U = U1s as (R, O) and g = dL/dy (N, O, H', W'):
+    dZ = U g / (2L)                       conv_rank kernel: a 1x1 convolution of g by U (N, R, H', W')
+    dx, dS = the convolution's input and weight gradients given dZ: aten.convolution_backward (cuDNN)
+    dU = Zᵀ g / (2L)                      Z = conv(x, S) recomputed by the conv_rank kernel, then one matmul
+    db = Σ_{n, h, w} g                    a torch reduction
+Z is recomputed only when U1s needs a gradient (the forward never writes it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from panther_cuda.ops.sketched_conv2d.forward import conv_rank, exact_float32, memory_format
+
+
+@contextlib.contextmanager
+def _cudnn_exact(exact: bool):
+    """cuDNN convolutions without TF32 while exact float32 products are asked for."""
+    if not exact:
+        yield
+        return
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
+
+
+def sketched_conv2d_backward(grads, g: Tensor, x: Tensor, S1s: Tensor, U1s: Tensor, stride, padding, dilation,
+                             needs, allow_tf32: bool) -> None:
+    """Writes into ``grads`` = (dx, dS1s, dU1s, dbias) the gradients that ``needs`` asks for."""
+    dx, dS1s, dU1s, dbias = grads
+    need_x, need_S, need_U, need_b = needs
+    terms, k, C, kh, kw = S1s.shape
+    R, O = terms * k, U1s.shape[-1]
+    N, _, Ho, Wo = g.shape
+    if N * Ho * Wo == 0:  # no output pixels: every gradient is zero
+        for grad, need in zip(grads, needs):
+            if need:
+                grad.zero_()
+        return
+    S = S1s.reshape(R, C, kh, kw).contiguous()
+    exact = exact_float32(x.dtype, allow_tf32)
+    if need_x or need_S:
+        dZ = torch.empty((N, R, Ho, Wo), dtype=g.dtype, device=g.device, memory_format=memory_format(x))
+        conv_rank(dZ, g, U1s.reshape(R, O).contiguous(), (1, 1), (1, 1), (0, 0), (1, 1), 1.0 / terms, allow_tf32)
+        with _cudnn_exact(exact):
+            gx, gS, _ = torch.ops.aten.convolution_backward(
+                dZ, x, S, None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
+                [bool(need_x), bool(need_S), False],
+            )
+        if need_x:
+            dx.copy_(gx)
+        if need_S:
+            dS1s.view(R, C, kh, kw).copy_(gS)
+    if need_U:
+        Z = torch.empty((N, Ho, Wo, R), dtype=g.dtype, device=g.device)  # pixel-major: Z as (M, R)
+        conv_rank(Z.permute(0, 3, 1, 2), x, S.view(R, -1), (kh, kw), stride, padding, dilation, 1.0, allow_tf32)
+        G = g.permute(0, 2, 3, 1).reshape(N * Ho * Wo, O)
+        dU = dU1s.view(R, O)
+        torch.addmm(dU, Z.view(-1, R).t(), G, beta=0, alpha=1.0 / terms, out=dU)  # scale in fp32, one rounding
+    if need_b:
+        dbias.copy_(g.sum((0, 2, 3)))
