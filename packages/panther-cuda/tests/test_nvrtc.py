@@ -34,13 +34,32 @@ def test_arguments_pass_pointers_and_typed_scalars():
 # --- options -----------------------------------------------------------------------------------------------
 
 
-def test_compile_options():
+def test_compile_options(tmp_path):
     opts = compile_options()
     assert opts[: len(_nvrtc.BASE_OPTIONS)] == _nvrtc.BASE_OPTIONS and "-std=c++17" in opts
     assert f"-I{INCLUDE_DIR}" in opts and (INCLUDE_DIR / "panther_cuda" / "common.cuh").is_file()
+    assert f"-DPANTHER_HEADERS_DIGEST=0x{_nvrtc.headers_digest()}ULL" in opts
     assert not any(o.startswith("-arch") for o in opts)  # CuPy targets the device's own architecture
     with_arch = compile_options("sm_90a", ("-DTILE=64",))
     assert with_arch[:-2] == opts and with_arch[-2:] == ("-arch=sm_90a", "-DTILE=64")
+    beside = compile_options(source_dir=tmp_path)
+    assert beside == (*_nvrtc.BASE_OPTIONS, f"-I{tmp_path}", *opts[len(_nvrtc.BASE_OPTIONS):])
+
+
+def test_headers_digest_follows_every_header(monkeypatch, tmp_path):
+    """An edited header changes the options, so CuPy's disk cache (keyed by source text and options)
+    compiles afresh instead of loading a binary built from the old header."""
+    (tmp_path / "include").mkdir()
+    (tmp_path / "ops" / "op").mkdir(parents=True)
+    (tmp_path / "include" / "a.cuh").write_text("#pragma once\n")
+    (tmp_path / "ops" / "op" / "tile.cuh").write_text("// v1\n")
+    monkeypatch.setattr(_nvrtc, "PACKAGE_DIR", tmp_path)
+    first = _nvrtc.headers_digest()
+    assert first == _nvrtc.headers_digest() and len(first) == 16
+    (tmp_path / "ops" / "op" / "tile.cuh").write_text("// v2\n")
+    second = _nvrtc.headers_digest()
+    (tmp_path / "include" / "a.cuh").write_text("#pragma once // edited\n")
+    assert len({first, second, _nvrtc.headers_digest()}) == 3
 
 
 def test_cuda_include_dirs_are_existing_folders(monkeypatch, tmp_path):
@@ -132,7 +151,8 @@ def test_launch_compiles_once_per_device_on_torchs_current_stream(monkeypatch, s
     kernel([3, 1, 1], [128, 1, 1], t, None, i32(8), shared_mem=64 * 1024)
     assert len(cupy.modules) == 1  # compiled on the first launch only
     code, options, names = cupy.modules[0]
-    assert code == source.read_text() and names == ("k<float>",) and options == compile_options()
+    assert code == source.read_text() and names == ("k<float>",)
+    assert options == compile_options(source_dir=source.parent)  # quoted includes resolve beside the .cu
     (g1, b1, a1, s1, st1, opt1), (g2, b2, a2, s2, st2, opt2) = cupy.launches
     assert g1 == g2 == (3, 1, 1) and b1 == b2 == (128, 1, 1)
     assert a1 == (np.uint64(t.data_ptr()), np.uint64(0), np.int32(7)) and a2[2] == np.int32(8)

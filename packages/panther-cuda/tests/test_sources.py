@@ -1,4 +1,6 @@
-"""Every ``.cu`` file of the package compiles with nvcc for sm_80 and sm_90a (no GPU needed).
+"""Every ``.cu`` file of the package compiles with nvcc for sm_80 and sm_90a, and with NVRTC (the compiler
+that builds the kernels at run time, with the options the package passes it) for compute_80 and
+compute_90a; no GPU needed.
 
 The kernels are templates, compiled at run time by NVRTC for the instances the host code names, so a
 file compiled as it is would instantiate nothing. Convention: every ``.cu`` file ends with a block
@@ -9,18 +11,26 @@ file compiled as it is would instantiate nothing. Convention: every ``.cu`` file
     #endif  // PANTHER_NVCC_CHECK
 
 with explicit instantiations of the kernel templates, at least one per template and variant the host
-code launches (each dtype, each tile / flag combination), so that ``nvcc -DPANTHER_NVCC_CHECK`` compiles
-what NVRTC will compile. NVRTC never defines the macro, so the block costs nothing at run time. A file
-without the block, or whose block instantiates no kernel, fails here.
+code launches (each dtype, each tile / flag combination), so that both compilers, given the macro,
+compile what NVRTC will compile at run time (a local macro may spell the long parameter lists once).
+The package never defines the macro, so the block costs nothing at run time. A file without the block,
+or whose block instantiates no kernel, fails here.
 
-nvcc is looked up on PATH, then under CUDA_HOME / CUDA_PATH and /usr/local/cuda. Without it the tests
-skip, unless PANTHER_REQUIRE_NVCC=1 (CI sets it), which makes a missing nvcc a failure.
+nvcc is looked up on PATH, then under CUDA_HOME / CUDA_PATH and /usr/local/cuda; libnvrtc on the
+library path, under those folders' lib64, then in the `nvidia-cuda-nvrtc` wheel (tox env `cuda` installs
+it). Without them the tests skip, unless PANTHER_REQUIRE_NVCC=1 (CI sets it), which makes a missing
+compiler a failure.
 """
 
+import ctypes
+import ctypes.util
+import glob
 import os
 import re
 import shutil
+import site
 import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -55,14 +65,44 @@ def find_nvcc() -> Optional[str]:
     return None
 
 
+def find_nvrtc() -> Optional[str]:
+    found = ctypes.util.find_library("nvrtc")
+    if found:
+        return found
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    patterns = [os.path.join(r, "lib64", "libnvrtc.so*") for r in roots if r]
+    wheels = [*site.getsitepackages(), site.getusersitepackages(), *sys.path]
+    patterns += [os.path.join(d, "nvidia", "*", "lib", "libnvrtc.so*") for d in wheels if d]
+    for pattern in patterns:
+        libs = sorted(p for p in glob.glob(pattern) if "builtins" not in p and ".alt." not in p)
+        if libs:
+            return libs[0]
+    return None
+
+
+def _missing(what: str):
+    if os.environ.get("PANTHER_REQUIRE_NVCC", "").strip().lower() in ("1", "true", "yes", "on"):
+        pytest.fail(f"PANTHER_REQUIRE_NVCC=1 but {what}")
+    pytest.skip(f"{what} (PANTHER_REQUIRE_NVCC=1 makes this a failure)")
+
+
 @pytest.fixture(scope="module")
 def nvcc() -> str:
     path = find_nvcc()
     if path is None:
-        if os.environ.get("PANTHER_REQUIRE_NVCC", "").strip().lower() in ("1", "true", "yes", "on"):
-            pytest.fail("PANTHER_REQUIRE_NVCC=1 but nvcc is not on PATH nor under CUDA_HOME, CUDA_PATH or /usr/local/cuda")
-        pytest.skip("nvcc not found (PANTHER_REQUIRE_NVCC=1 makes this a failure)")
+        _missing("nvcc is not on PATH nor under CUDA_HOME, CUDA_PATH or /usr/local/cuda")
     return path
+
+
+@pytest.fixture(scope="module")
+def nvrtc():
+    path = find_nvrtc()
+    if path is None:
+        _missing("libnvrtc is not on the library path, under CUDA_HOME, CUDA_PATH or /usr/local/cuda, nor in an "
+                 "installed nvidia-cuda-nvrtc wheel")
+    lib = ctypes.CDLL(path)
+    lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+    return lib
 
 
 def convention_problems(path: Path) -> List[str]:
@@ -96,6 +136,37 @@ def compile_entries(nvcc: str, path: Path, out: Path) -> Dict[str, List[str]]:
     return entries
 
 
+def nvrtc_entries(lib, path: Path) -> Dict[str, List[str]]:
+    """Compile ``path`` with NVRTC as the package does at run time (its options, the guard defined), to
+    PTX for each architecture; the kernel entry functions per architecture."""
+    from panther_cuda._nvrtc import compile_options
+
+    entries = {}
+    for arch in ARCHS:
+        virtual = "compute_" + arch[3:]
+        options = compile_options(virtual, (f"-D{GUARD}",), path.parent)
+        prog = ctypes.c_void_p()
+        assert lib.nvrtcCreateProgram(ctypes.byref(prog), path.read_bytes(), path.name.encode(), 0, None, None) == 0
+        try:
+            argv = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
+            status = lib.nvrtcCompileProgram(prog, len(options), argv)
+            size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, log)
+            assert status == 0, (
+                f"{path.name} does not compile with NVRTC ({lib.nvrtcGetErrorString(status).decode()}) for {virtual}, "
+                f"options {' '.join(options)}:\n{log.value.decode(errors='replace')}"
+            )
+            lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+            ptx = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetPTX(prog, ptx)
+        finally:
+            lib.nvrtcDestroyProgram(ctypes.byref(prog))
+        entries[arch] = re.findall(r"\.entry\s+(\w+)\s*\(", ptx.value.decode(errors="replace"))
+    return entries
+
+
 def relative(path: Path) -> str:
     return str(path.relative_to(SOURCES))
 
@@ -114,7 +185,14 @@ def test_source_follows_the_convention(path):
 def test_source_compiles_for_sm80_and_sm90a(nvcc, path, tmp_path):
     entries = compile_entries(nvcc, path, tmp_path / "kernel.o")
     for arch in ARCHS:
-        assert entries[arch], f"{relative(path)}: nvcc compiled no kernel for {arch} (is the {GUARD} block empty?)"
+        assert entries[arch], f"{relative(path)}: nvcc compiled no kernel for {arch} (no {GUARD} block at its end, or an empty one?)"
+
+
+@pytest.mark.parametrize("path", cu_files(), ids=relative)
+def test_source_compiles_with_nvrtc(nvrtc, path):
+    entries = nvrtc_entries(nvrtc, path)
+    for arch in ARCHS:
+        assert entries[arch], f"{relative(path)}: NVRTC compiled no kernel for {arch} (no {GUARD} block at its end, or an empty one?)"
 
 
 # --- the check itself, on files written here ---------------------------------------------------------------
@@ -177,3 +255,17 @@ def test_common_header_compiles_and_instantiations_reach_nvcc(nvcc, tmp_path):
     bare = tmp_path / "bare.cu"
     bare.write_text(KERNEL)
     assert compile_entries(nvcc, bare, tmp_path / "bare.o") == {arch: [] for arch in ARCHS}
+
+
+def test_nvrtc_check_compiles_what_the_runtime_would(nvrtc, tmp_path):
+    """NVRTC takes the shared header and a header beside the .cu (through the source folder's -I), and
+    refuses what nvcc would let pass: a host-only header."""
+    (tmp_path / "tile.cuh").write_text("#pragma once\nnamespace panther { constexpr int TILE = 2; }\n")
+    probe = tmp_path / "probe.cu"
+    probe.write_text('#include "tile.cuh"\n' + KERNEL + INSTANTIATIONS)
+    entries = nvrtc_entries(nvrtc, probe)
+    assert all(len(entries[arch]) == 4 for arch in ARCHS), entries
+    host = tmp_path / "host.cu"
+    host.write_text("#include <cstdio>\n" + KERNEL + INSTANTIATIONS)
+    with pytest.raises(AssertionError, match=r"(?s)does not compile with NVRTC.*cstdio"):
+        nvrtc_entries(nvrtc, host)
