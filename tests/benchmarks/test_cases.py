@@ -81,7 +81,9 @@ def test_concat_conv2d_is_the_sketched_conv2d_math(terms, stride, padding):
     assert got.shape == (2, 5, *case.out_hw())
 
 
-@pytest.mark.parametrize("case", [LinearCase(4, 8, 1, 2), ConvCase(1, 2, 3, 5, 5, 3, 1, 1, 1, 2)], ids=["linear", "conv"])
+@pytest.mark.parametrize(
+    "case", [LinearCase(4, 8, 1, 2), ConvCase(1, 2, 3, 5, 5, 3, 1, 1, 1, 2)], ids=["linear", "conv"]
+)
 def test_cases_time_every_backend_and_both_peers(as_on_a_gpu, case):
     """Each backend passed in that implements the op (cuda on both, triton on linear only), and the plain
     and compiled sketch-family peers (the compiled one really under torch.compile)."""

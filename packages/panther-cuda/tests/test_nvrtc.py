@@ -144,7 +144,8 @@ def test_launch_compiles_once_per_device_on_torchs_current_stream(monkeypatch, s
     monkeypatch.setattr(_nvrtc, "_streams", _nvrtc.BoundedCache(64))
     device = {"index": 0}
     monkeypatch.setattr(torch.cuda, "current_device", lambda: device["index"])
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda index=None: types.SimpleNamespace(cuda_stream=4096 + index))
+    stream = lambda index=None: types.SimpleNamespace(cuda_stream=4096 + index)  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "current_stream", stream)
     kernel = Kernel(str(source), "k<float>")
     t = torch.zeros(4)
     kernel((3, 1, 1), (128, 1, 1), t, None, i32(7), shared_mem=1024)

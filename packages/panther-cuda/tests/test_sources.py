@@ -167,6 +167,9 @@ def nvrtc_entries(lib, path: Path) -> Dict[str, List[str]]:
     return entries
 
 
+NO_BLOCK = f"(no {GUARD} block at its end, or an empty one?)"
+
+
 def relative(path: Path) -> str:
     return str(path.relative_to(SOURCES))
 
@@ -185,14 +188,14 @@ def test_source_follows_the_convention(path):
 def test_source_compiles_for_sm80_and_sm90a(nvcc, path, tmp_path):
     entries = compile_entries(nvcc, path, tmp_path / "kernel.o")
     for arch in ARCHS:
-        assert entries[arch], f"{relative(path)}: nvcc compiled no kernel for {arch} (no {GUARD} block at its end, or an empty one?)"
+        assert entries[arch], f"{relative(path)}: nvcc compiled no kernel for {arch} {NO_BLOCK}"
 
 
 @pytest.mark.parametrize("path", cu_files(), ids=relative)
 def test_source_compiles_with_nvrtc(nvrtc, path):
     entries = nvrtc_entries(nvrtc, path)
     for arch in ARCHS:
-        assert entries[arch], f"{relative(path)}: NVRTC compiled no kernel for {arch} (no {GUARD} block at its end, or an empty one?)"
+        assert entries[arch], f"{relative(path)}: NVRTC compiled no kernel for {arch} {NO_BLOCK}"
 
 
 # --- the check itself, on files written here ---------------------------------------------------------------
@@ -219,8 +222,10 @@ __global__ void mma_tile(const T* __restrict__ a, const T* __restrict__ b, float
 INSTANTIATIONS = """
 #ifdef PANTHER_NVCC_CHECK
 template __global__ void panther::scale<float, 2>(const float* __restrict__, float* __restrict__, long long);
-template __global__ void panther::mma_tile<float>(const float* __restrict__, const float* __restrict__, float* __restrict__);
-template __global__ void panther::mma_tile<__half>(const __half* __restrict__, const __half* __restrict__, float* __restrict__);
+template __global__ void panther::mma_tile<float>(const float* __restrict__, const float* __restrict__,
+                                                  float* __restrict__);
+template __global__ void panther::mma_tile<__half>(const __half* __restrict__, const __half* __restrict__,
+                                                   float* __restrict__);
 template __global__ void panther::mma_tile<__nv_bfloat16>(const __nv_bfloat16* __restrict__,
                                                           const __nv_bfloat16* __restrict__, float* __restrict__);
 #endif  // PANTHER_NVCC_CHECK

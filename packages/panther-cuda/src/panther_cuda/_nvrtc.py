@@ -200,4 +200,6 @@ class Kernel:
                  stream=_external_stream(device_index))
 
 
-__all__ = ["Kernel", "KernelCompileError", "i32", "i64", "f32", "compile_options", "cuda_include_dirs", "headers_digest"]
+__all__ = [
+    "Kernel", "KernelCompileError", "i32", "i64", "f32", "compile_options", "cuda_include_dirs", "headers_digest",
+]
