@@ -170,7 +170,7 @@ def run_case(case, mode, clock, preset, backends, ceilings):
     for (name, pass_), rec in live():
         t = rec["eager"]["median_ms"]
         rec["roofline_frac"] = rec["floor_ms"] / t
-        for col, other in (("base", case.base), ("plain", "plain")):
+        for col, other in (("base", case.base), ("plain", "plain"), ("compiled", "compiled")):
             o = records.get((other, pass_))
             if other != name and o and o["eager"]:
                 rec["speedup"][col] = o["eager"]["median_ms"] / t

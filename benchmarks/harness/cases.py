@@ -5,6 +5,9 @@ Every case builds fresh random inputs, lists its implementations (each Panther b
 each family of implementations must move (inputs read once, outputs written once; intermediates that a
 fused kernel could keep on chip are not counted; fixed sketches U get no gradient).
 Families: "sketch" (the sketched math, whoever computes it) and the op's dense baseline.
+Baselines of the sketch family: "plain" (the math term by term under autograd, as a user would first write
+it) and "compiled" (the same math written as a user would for speed: the terms concatenated into the
+fewest products, under torch.compile).
 """
 
 from __future__ import annotations
@@ -111,6 +114,7 @@ class LinearCase(Case):
         return {
             "F.linear": Impl("F.linear", "baseline", "dense", ("x", "W", "b"), F.linear),
             "plain": Impl("plain", "baseline", "sketch", self.sketch_args, plain_linear),
+            "compiled": Impl("compiled", "baseline", "sketch", self.sketch_args, torch.compile(concat_linear)),
         }
 
     def work(self, family: str, pass_: str) -> Tuple[float, float]:
@@ -135,6 +139,15 @@ def plain_linear(x, S1s, S2s, U1s, U2s, b):
         term = (x @ S1s[i]) @ U1s[i] + (x @ U2s[i]) @ S2s[i]
         y = term if y is None else y + term
     return y / (2 * L) + b
+
+
+def concat_linear(x, S1s, S2s, U1s, U2s, b):
+    """The same math as two matmuls, x [S1 | U2] then [U1; S2] / (2L) + b, with the terms concatenated
+    (column / row block i of each factor is term i): what a user would write for torch.compile."""
+    L, I, k = S1s.shape
+    A = torch.cat([S1s.permute(1, 0, 2).reshape(I, L * k), U2s.permute(1, 0, 2).reshape(I, L * k)], dim=1)
+    B = torch.cat([U1s.reshape(L * k, -1), S2s.reshape(L * k, -1)], dim=0)
+    return (x @ A) @ B / (2 * L) + b
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +209,10 @@ class ConvCase(Case):
         return {
             "F.conv2d": Impl("F.conv2d", "baseline", "dense", ("x", "W", "b"), lambda x, W, b: F.conv2d(x, W, b, s, p)),
             "plain": Impl("plain", "baseline", "sketch", self.sketch_args, lambda *a: plain_conv2d(*a, s, p)),
+            "compiled": Impl(
+                "compiled", "baseline", "sketch", self.sketch_args,
+                torch.compile(functools.partial(concat_conv2d, stride=s, padding=p)),
+            ),
         }
 
     def work(self, family: str, pass_: str) -> Tuple[float, float]:
@@ -222,6 +239,15 @@ def plain_conv2d(x, S1s, U1s, b, stride, padding):
         z = F.conv2d(x, S1s[i], None, stride, padding)
         term = F.conv2d(z, U1s[i].t()[:, :, None, None])
         y = term if y is None else y + term
+    return y / terms + b.view(1, -1, 1, 1)
+
+
+def concat_conv2d(x, S1s, U1s, b, stride, padding):
+    """The same math as one convolution to 2Lk channels, then the fixed 1x1 projection to the output
+    channels, / (2L) + b: what a user would write for torch.compile."""
+    terms, k, C, kh, kw = S1s.shape
+    z = F.conv2d(x, S1s.reshape(terms * k, C, kh, kw), None, stride, padding)
+    y = F.conv2d(z, U1s.reshape(terms * k, -1).t()[:, :, None, None])
     return y / terms + b.view(1, -1, 1, 1)
 
 
@@ -341,6 +367,11 @@ def spec_conv(batch=32):
     return ConvCase(batch, 64, 128, 56, 56, 3, 1, 1, 1, 16)
 
 
+def deep_conv(batch=64):
+    """A deeper layer: 64x256x28x28 -> 256 channels, 3x3, padding 1, num_terms=1, low_rank=32."""
+    return ConvCase(batch, 256, 256, 28, 28, 3, 1, 1, 1, 32)
+
+
 def attention_grid(seqs, sketch_dims):
     return [AttentionCase(T, m, c) for T in seqs for m in sketch_dims for c in (False, True)]
 
@@ -391,6 +422,7 @@ PRESETS = {
         cases=(  # most telling first: the deadline cuts the tail (Triton autotunes each new shape on first use)
             *linear_grid((4096, 128), (1024, 2048, 4096, 8192), ((1, 64),)),  # the README's headline table
             spec_conv(),
+            deep_conv(),
             *attention_grid((8192, 65536), (64,)),
             LinearCase(4096, 8192, 8, 64),
             *attention_grid((1024,), (64,)),
@@ -412,6 +444,7 @@ PRESETS = {
         cases=(
             *linear_grid((128, 4096), (1024, 2048, 4096, 8192), SPEC_TERMS),
             spec_conv(),
+            deep_conv(),
             *attention_grid(tuple(2**p for p in range(10, 17)), (64, 256)),
         ),
         note="every case of the spec tables; split it with --filter to fit one 10-minute device call",

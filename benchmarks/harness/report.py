@@ -119,7 +119,7 @@ def write_json(path: Path, doc: dict) -> None:
 COLUMNS = (
     ("case", "{:<42}"), ("dtype", "{:<5}"), ("pass", "{:<7}"), ("impl", "{:<9}"), ("eager_ms", "{:>9}"),
     ("graph_ms", "{:>9}"), ("peak_MB", "{:>8}"), ("floor_ms", "{:>9}"), ("%roof", "{:>6}"),
-    ("x_base", "{:>7}"), ("x_plain", "{:>7}"), ("err", "{:>8}"),
+    ("x_base", "{:>7}"), ("x_plain", "{:>7}"), ("x_comp", "{:>7}"), ("err", "{:>8}"),
 )
 
 
@@ -139,7 +139,7 @@ def table_row(r: dict) -> str:
         _num(None if r.get("peak_bytes") is None else r["peak_bytes"] / MB, "{:.1f}"),
         _num(r["floor_ms"]), _num(r["roofline_frac"] and 100 * r["roofline_frac"], "{:.1f}"),
         _num(r["speedup"].get("base"), "{:.2f}"), _num(r["speedup"].get("plain"), "{:.2f}"),
-        _num(r.get("rel_err"), "{:.1e}"),
+        _num(r["speedup"].get("compiled"), "{:.2f}"), _num(r.get("rel_err"), "{:.1e}"),
     ]
     return " ".join(fmt.format(c) for (_, fmt), c in zip(COLUMNS, cells))
 

@@ -52,3 +52,27 @@ def test_causal_attention_spans_several_chunks():
     om = torch.randn(16, 8, generator=g, dtype=torch.float64)
     got = panther.ops.rfa_attention(q, k, v, om, causal=True, backend="torch")
     torch.testing.assert_close(got, naive.rfa_attention(q, k, v, om, causal=True), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("precision, tf32", [("highest", False), ("high", True), ("medium", True)])
+def test_float32_precision_is_in_force_while_the_backend_runs(monkeypatch, precision, tf32):
+    """check_case(float32_precision=...) runs the op (and the naive baseline) under that precision, with
+    cuDNN's TF32 switch to match, and restores both; an unknown precision is refused at once."""
+    from panther.testing import SPECS, check_case
+
+    seen = []
+    op = panther.ops.sketched_linear
+
+    def spy(*args, **kwargs):
+        seen.append((torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32))
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(panther.ops, "sketched_linear", spy)
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    spec = SPECS["sketched_linear"]
+    case = spec.make_case(seed=3, lead=(2, 5), I=9, O=7, L=2, k=3, bias=True)
+    check_case(spec, case, "torch", torch.float32, "cpu", float32_precision=precision)
+    assert seen == [(precision, tf32)]
+    assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == before
+    with pytest.raises(ValueError, match=r"float32_precision must be one of .*got 'tf32'"):
+        make_conformance_suite("torch", ops=("sketched_linear",), float32_precision="tf32")

@@ -16,6 +16,7 @@ CuPy is imported by the first launch, never at module import.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from pathlib import Path
@@ -86,17 +87,38 @@ def cuda_include_dirs() -> Tuple[str, ...]:
     return tuple(found)
 
 
+def headers_digest() -> str:
+    """A digest of every header shipped with the package (``*.cuh``, under include/ and beside the ops).
+
+    CuPy's disk cache keys a binary by the source text and the options, not by the files the source
+    includes; the digest, passed as a macro, makes a kernel whose header changed compile afresh.
+    """
+    h = hashlib.sha256()
+    for path in sorted(PACKAGE_DIR.rglob("*.cuh")):
+        h.update(path.relative_to(PACKAGE_DIR).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 _include_options: Optional[Tuple[str, ...]] = None
 
 
-def compile_options(arch: Optional[str] = None, extra: Sequence[str] = ()) -> Tuple[str, ...]:
-    """NVRTC options of a kernel: the base options, include folders, ``-arch=<arch>`` where one is asked
-    for (e.g. ``sm_90a`` for wgmma/TMA; else CuPy targets the device's own architecture), and ``extra``."""
+def compile_options(
+    arch: Optional[str] = None, extra: Sequence[str] = (), source_dir: Optional[Path] = None
+) -> Tuple[str, ...]:
+    """NVRTC options of a kernel: the base options; the folder of its ``.cu`` file where given (NVRTC
+    compiles a string, so quoted includes of files beside the source resolve only through it, as nvcc
+    resolves them by itself); the package's include folder and the CUDA headers; the headers' digest
+    (:func:`headers_digest`); ``-arch=<arch>`` where one is asked for (e.g. ``sm_90a`` for wgmma/TMA;
+    else CuPy targets the device's own architecture); and ``extra``."""
     global _include_options
     if _include_options is None:
-        _include_options = tuple(f"-I{d}" for d in (str(INCLUDE_DIR), *cuda_include_dirs()))
+        _include_options = (
+            *(f"-I{d}" for d in (str(INCLUDE_DIR), *cuda_include_dirs())),
+            f"-DPANTHER_HEADERS_DIGEST=0x{headers_digest()}ULL",
+        )
+    source_options = (f"-I{source_dir}",) if source_dir is not None else ()
     arch_options = (f"-arch={arch}",) if arch else ()
-    return (*BASE_OPTIONS, *_include_options, *arch_options, *extra)
+    return (*BASE_OPTIONS, *source_options, *_include_options, *arch_options, *extra)
 
 
 _lock = threading.Lock()
@@ -138,8 +160,9 @@ class Kernel:
     def _compile(self, device_index: int):
         import cupy
 
-        options = compile_options(self.arch, self.extra)
-        code = (PACKAGE_DIR / self.source).read_text()
+        path = PACKAGE_DIR / self.source
+        options = compile_options(self.arch, self.extra, path.parent)
+        code = path.read_text()
         try:
             with cupy.cuda.Device(device_index):
                 module = cupy.RawModule(code=code, options=options, name_expressions=(self.name,))
@@ -177,4 +200,6 @@ class Kernel:
                  stream=_external_stream(device_index))
 
 
-__all__ = ["Kernel", "KernelCompileError", "i32", "i64", "f32", "compile_options", "cuda_include_dirs"]
+__all__ = [
+    "Kernel", "KernelCompileError", "i32", "i64", "f32", "compile_options", "cuda_include_dirs", "headers_digest",
+]

@@ -98,7 +98,9 @@ class CudaBackend(Backend):
         return _priority
 
     def unavailable_reason(self) -> Optional[str]:
-        return _cupy_reason() or REQUIREMENTS.unavailable_reason()
+        # every reason that applies (no GPU and no CuPy: both), so one fix does not reveal the next
+        reasons = [r for r in (REQUIREMENTS.unavailable_reason(), _cupy_reason()) if r]
+        return "; ".join(reasons) if reasons else None
 
     def reasons_cannot_run(self, op: str, *args, **kwargs) -> List[str]:
         return super().reasons_cannot_run(op) or REQUIREMENTS.reasons(op, *args, **kwargs)

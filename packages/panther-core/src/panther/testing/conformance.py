@@ -24,6 +24,11 @@ the naive math run in the same dtype (what plain PyTorch achieves), a per-dtype 
 for the ops that are sums of products (linear, conv), a few unit roundoffs of the largest root-sum-square
 of the terms behind one element, which is what rounding costs where terms cancel.
 
+float32 on a GPU: by default torch's settings stay as they are and TF32 rounding is admitted. A backend
+with an exact float32 path and a TF32 one tests each in its own suite, ``float32_precision="highest"``
+and ``"high"``: every test then runs under that ``torch.set_float32_matmul_precision`` (cuDNN's TF32
+switch set to match), and ``"highest"`` is judged with float32's unit roundoff.
+
 Argument checking is not part of the suite: ``panther.ops`` checks arguments before any backend runs, so
 those tests live with the ops (tests/core/test_op_errors.py).
 
@@ -52,6 +57,7 @@ in its row's ``cases``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -249,9 +255,49 @@ def _run(fn, inputs, kwargs, grad_names, g, device, dtype):
     return out, grads
 
 
-def check_case(spec: OpSpec, case: Case, backend: str, dtype: torch.dtype, device: str = "cpu") -> None:
+FLOAT32_PRECISIONS = ("highest", "high", "medium")  # the values of torch.set_float32_matmul_precision
+
+
+def _check_precision(precision: Optional[str]) -> None:
+    if precision is not None and precision not in FLOAT32_PRECISIONS:
+        raise ValueError(f"float32_precision must be one of {FLOAT32_PRECISIONS} or None, got {precision!r}")
+
+
+@contextlib.contextmanager
+def using_float32_precision(precision: Optional[str]):
+    """Run the block under ``torch.set_float32_matmul_precision(precision)``, with cuDNN's TF32 switch
+    matching it (``"highest"``: exact float32 products; ``"high"`` / ``"medium"``: TF32 allowed in
+    matmuls and convolutions); both restored afterwards. ``None``: leave torch's settings as they are."""
+    _check_precision(precision)
+    if precision is None:
+        yield
+        return
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision(precision)
+    torch.backends.cudnn.allow_tf32 = precision != "highest"
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
+
+
+def check_case(
+    spec: OpSpec, case: Case, backend: str, dtype: torch.dtype, device: str = "cpu",
+    float32_precision: Optional[str] = None,
+) -> None:
     """Run ``spec.op`` on ``backend`` in ``dtype`` on ``device``; assert that its output and the gradients
-    of ``spec.grad_names`` are close to the float64 reference (:class:`Tolerance`)."""
+    of ``spec.grad_names`` are close to the float64 reference (:class:`Tolerance`).
+
+    ``float32_precision``: run the backend and the naive baseline under this float32 matmul precision
+    (:func:`using_float32_precision`). On a GPU, float32 is then judged with float32's unit roundoff for
+    ``"highest"`` and TF32's otherwise; ``None`` keeps torch's settings and admits TF32 on a GPU.
+    """
+    with using_float32_precision(float32_precision):
+        _check_case(spec, case, backend, dtype, device, float32_precision)
+
+
+def _check_case(spec, case, backend, dtype, device, precision):
     import panther.ops
 
     op, reference, tol = spec.op, spec.reference, spec.tolerance
@@ -277,7 +323,8 @@ def check_case(spec: OpSpec, case: Case, backend: str, dtype: torch.dtype, devic
         mag_out, mag_grads = _largest(sq_out) ** 0.5, [_largest(t) ** 0.5 for t in sq_grads]
     else:
         mag_out, mag_grads = 0.0, [0.0] * len(grad_names)
-    unit = TF32_UNIT_ROUNDOFF if (dtype == torch.float32 and torch.device(device).type == "cuda") else None
+    tf32 = precision != "highest"  # None: whatever torch's settings allow, TF32 included
+    unit = TF32_UNIT_ROUNDOFF if (dtype == torch.float32 and torch.device(device).type == "cuda" and tf32) else None
     assert_close_to_reference(f"{op} output", out, ref_out, dtype, base_out, mag_out, unit, tol, case.size)
     for n, gg, rg, base, mag in zip(grad_names, got_grads, ref_grads, base_grads, mag_grads):
         assert_close_to_reference(f"{op} d{n}", gg, rg, dtype, base, mag, unit, tol, case.size)
@@ -305,6 +352,7 @@ def make_conformance_suite(
     device: str = "cpu",
     max_dim: int = 256,
     max_examples: Optional[int] = None,
+    float32_precision: Optional[str] = None,
 ):
     """A pytest test class checking ``backend``'s ``ops`` against the float64 naive references.
 
@@ -315,7 +363,12 @@ def make_conformance_suite(
         device: device of the inputs given to the backend.
         max_dim: largest feature/sequence size drawn (keep <= 256 under the Triton interpreter).
         max_examples: hypothesis examples per test (default: env PANTHER_CONFORMANCE_EXAMPLES or 25).
+        float32_precision: ``torch.set_float32_matmul_precision`` value every test runs under (cuDNN's
+            TF32 switch set to match): ``"highest"`` tests a backend's exact float32 path, ``"high"`` its
+            TF32 path; ``None`` (default) leaves torch's settings alone. Make one suite per precision to
+            test both paths.
     """
+    _check_precision(float32_precision)  # an unknown value fails here, not in every test
     from hypothesis import HealthCheck, settings
 
     unknown = [op for op in ops if op not in SPECS]
@@ -331,13 +384,13 @@ def make_conformance_suite(
     suite = type(f"Conformance_{backend}", (), {"backend": backend})
     for op in ops:
         spec = SPECS[op]
-        setattr(suite, f"test_{op}", _drawn_test(spec, backend, dtypes, device, limits, conf))
+        setattr(suite, f"test_{op}", _drawn_test(spec, backend, dtypes, device, limits, conf, float32_precision))
         if spec.cases:
-            setattr(suite, f"test_{op}_case", _named_test(spec, backend, dtypes, device))
+            setattr(suite, f"test_{op}_case", _named_test(spec, backend, dtypes, device, float32_precision))
     return suite
 
 
-def _drawn_test(spec: OpSpec, backend, dtypes, device, limits: Limits, conf):
+def _drawn_test(spec: OpSpec, backend, dtypes, device, limits: Limits, conf, precision=None):
     """``test_<op>[dtype]``: hypothesis draws the row's parameters (its examples first)."""
     import pytest
     from hypothesis import assume, example, given
@@ -346,7 +399,7 @@ def _drawn_test(spec: OpSpec, backend, dtypes, device, limits: Limits, conf):
     def test(self, dtype, seed, **params):
         case = spec.make_case(seed, **params)
         assume(case is not None)
-        check_case(spec, case, backend, dtype, device)
+        check_case(spec, case, backend, dtype, device, precision)
 
     test.__name__ = f"test_{spec.op}"
     for params in spec.examples(limits):
@@ -355,7 +408,7 @@ def _drawn_test(spec: OpSpec, backend, dtypes, device, limits: Limits, conf):
     return pytest.mark.parametrize("dtype", dtypes, ids=str)(conf(test))
 
 
-def _named_test(spec: OpSpec, backend, dtypes, device):
+def _named_test(spec: OpSpec, backend, dtypes, device, precision=None):
     """``test_<op>_case[id-dtype]``: the row's named special cases."""
     import pytest
 
@@ -366,7 +419,7 @@ def _named_test(spec: OpSpec, backend, dtypes, device):
 
     @pytest.mark.parametrize("named, dtype", runs)
     def test(self, named, dtype):
-        check_case(spec, named.build(), backend, dtype, device)
+        check_case(spec, named.build(), backend, dtype, device, precision)
 
     test.__name__ = f"test_{spec.op}_case"
     return test
