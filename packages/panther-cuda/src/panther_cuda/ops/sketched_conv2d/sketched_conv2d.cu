@@ -312,3 +312,15 @@ conv_rank(const T* __restrict__ x, const T* __restrict__ S, T* __restrict__ z, i
 }
 
 }  // namespace panther
+
+#ifdef PANTHER_NVCC_CHECK
+// Every variant the host code launches (forward.py, backward.py), for the compile check of CI.
+#define FWD(T, RP, E) template __global__ void panther::sketched_conv2d_fwd<T, RP, E>(const T*, const T*, const T*, const T*, T*, int, int, int, int, int, int, int, int, int, int, int, int, int, long long, int, int, long long, long long, long long, long long, long long, long long, long long, long long, float);
+#define RANK(T, RC, E) template __global__ void panther::conv_rank<T, RC, E>(const T*, const T*, T*, int, int, int, int, int, int, int, int, int, int, int, int, int, long long, int, long long, long long, long long, long long, long long, long long, long long, long long, float);
+#define ALLRP(T, E) FWD(T, 16, E) FWD(T, 32, E) FWD(T, 64, E) FWD(T, 128, E) FWD(T, 192, E) FWD(T, 256, E) \
+    RANK(T, 16, E) RANK(T, 32, E) RANK(T, 64, E)
+ALLRP(float, true)
+ALLRP(float, false)
+ALLRP(__half, false)
+ALLRP(__nv_bfloat16, false)
+#endif  // PANTHER_NVCC_CHECK
