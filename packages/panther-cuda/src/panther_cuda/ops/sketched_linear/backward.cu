@@ -1,0 +1,120 @@
+// Backward of the sketched linear op in two launches (backward.py launches these).
+//
+// g = dL/dy (T, O) contiguous, s = 1/(2L), A = [S1 | U2] (I x R), B = [U1; S2] (R x O), H (T, R) saved
+// by the forward, R = 2Lk, column c = h Lk + l k + j:
+//   dH = s g Bᵀ (T, R);  d[U1; S2] = s Hᵀ g (R, O);  db = Σ_T g       <- sketched_linear_bwd_g (reads g)
+//   dx = dH Aᵀ (T, I);   d[S1 | U2] = xᵀ dH (I, R)                    <- sketched_linear_bwd_x (reads dH)
+// Each launch runs several roles, told apart by blockIdx.x: the first blocks take one product's
+// tiles, the next ones another's. A gradient not asked for has no blocks (and a null pointer); the
+// weight gradients cover only the columns c_lo .. c_lo + c_n of R that are asked for (one half or both).
+#include "tile.cuh"
+
+namespace panther {
+namespace sl {
+
+template <typename T, bool EXACT>
+__global__ void __launch_bounds__(NT) sketched_linear_bwd_g(
+    const T* __restrict__ g, const T* __restrict__ h, const T* __restrict__ U1, const T* __restrict__ S2,
+    T* __restrict__ dh, T* __restrict__ dU1, T* __restrict__ dS2, T* __restrict__ db, long long Tn, long long O,
+    int L, int k, float scale, long long n_dh_blocks, long long n_dw_blocks, int c_lo, int c_n) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    require_shared(static_cast<unsigned>(TILE_ELEMENTS * sizeof(T)));
+    T* As = reinterpret_cast<T*>(smem);
+    T* Bs = As + BM * LDA;
+    const int Lk = L * k, R = 2 * Lk;
+    long long block = blockIdx.x;
+
+    if (block < n_dh_blocks) {  // dH = s g Bᵀ: A(t, o) = g[t, o], B(o, c) = [U1; S2](c, o)
+        const int n_col_tiles = (R + BN - 1) / BN;
+        const long long m0 = block / n_col_tiles * BM, n0 = block % n_col_tiles * BN;
+        const Stack<T> stack{U1, S2, O, Lk};
+        Acc<T, EXACT> acc;
+        acc.zero();
+        gemm<false, true>(acc, As, Bs, Dense<T, false>{g, O}, [=](long long o, long long c) { return stack(c, o); },
+                          m0, n0, Tn, R, O);
+        acc.each([&](int r, int c, float v) {
+            const long long t = m0 + r, col = n0 + c;
+            if (t < Tn && col < R) dh[t * R + col] = from_float<T>(v * scale);
+        });
+        return;
+    }
+    block -= n_dh_blocks;
+
+    if (block < n_dw_blocks) {  // rows c_lo .. c_lo + c_n of s Hᵀ g: A(m, t) = H[t, c_lo + m], B(t, o) = g[t, o]
+        const long long n_col_tiles = cdiv(O, BN);
+        const long long m0 = block / n_col_tiles * BM, n0 = block % n_col_tiles * BN;
+        const T* hc = h + c_lo;
+        Acc<T, EXACT> acc;
+        acc.zero();
+        gemm<true, false>(acc, As, Bs, Dense<T, true>{hc, R}, Dense<T, false>{g, O}, m0, n0, c_n, O, Tn);
+        acc.each([&](int r, int c, float v) {
+            const long long m = m0 + r, o = n0 + c;
+            if (m < c_n && o < O) {
+                const int row = c_lo + static_cast<int>(m);
+                T* out = row < Lk ? dU1 + static_cast<long long>(row) * O : dS2 + static_cast<long long>(row - Lk) * O;
+                out[o] = from_float<T>(v * scale);
+            }
+        });
+        return;
+    }
+    block -= n_dw_blocks;
+
+    // db = Σ_T g: one column per thread (consecutive threads read consecutive columns of a row)
+    const long long o = block * NT + threadIdx.x;
+    if (db != nullptr && o < O) {
+        float sum = 0.0f;
+        for (long long t = 0; t < Tn; ++t) sum += to_float(g[t * O + o]);
+        db[o] = from_float<T>(sum);
+    }
+}
+
+template <typename T, bool EXACT>
+__global__ void __launch_bounds__(NT) sketched_linear_bwd_x(
+    const T* __restrict__ x, const T* __restrict__ dh, const T* __restrict__ S1, const T* __restrict__ U2,
+    T* __restrict__ dx, T* __restrict__ dS1, T* __restrict__ dU2, long long Tn, long long I, int L, int k,
+    long long n_dx_blocks, int c_lo, int c_n) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    require_shared(static_cast<unsigned>(TILE_ELEMENTS * sizeof(T)));
+    T* As = reinterpret_cast<T*>(smem);
+    T* Bs = As + BM * LDA;
+    const int Lk = L * k, R = 2 * Lk;
+    long long block = blockIdx.x;
+
+    if (block < n_dx_blocks) {  // dx = dH Aᵀ: A(t, c) = dH[t, c], B(c, i) = A(i, c) = [S1 | U2](i, c)
+        const long long n_col_tiles = cdiv(I, BN);
+        const long long m0 = block / n_col_tiles * BM, n0 = block % n_col_tiles * BN;
+        const Side<T> side{S1, U2, I, L, k};
+        Acc<T, EXACT> acc;
+        acc.zero();
+        gemm<false, true>(acc, As, Bs, Dense<T, false>{dh, R}, [=](long long c, long long i) { return side(i, c); },
+                          m0, n0, Tn, I, R);
+        acc.each([&](int r, int c, float v) {
+            const long long t = m0 + r, i = n0 + c;
+            if (t < Tn && i < I) dx[t * I + i] = from_float<T>(v);
+        });
+        return;
+    }
+    block -= n_dx_blocks;
+
+    // columns c_lo .. c_lo + c_n of xᵀ dH: A(i, t) = x[t, i], B(t, n) = dH[t, c_lo + n]
+    const int n_col_tiles = (c_n + BN - 1) / BN;
+    const long long m0 = block / n_col_tiles * BM, n0 = block % n_col_tiles * BN;
+    Acc<T, EXACT> acc;
+    acc.zero();
+    gemm<true, false>(acc, As, Bs, Dense<T, true>{x, I}, Dense<T, false>{dh + c_lo, R}, m0, n0, I, c_n, Tn);
+    acc.each([&](int r, int c, float v) {
+        const long long i = m0 + r, n = n0 + c;
+        if (i < I && n < c_n) {
+            int cc = c_lo + static_cast<int>(n);
+            T* out = dS1;
+            if (cc >= Lk) {
+                cc -= Lk;
+                out = dU2;
+            }
+            out[(static_cast<long long>(cc / k) * I + i) * k + cc % k] = from_float<T>(v);
+        }
+    });
+}
+
+}  // namespace sl
+}  // namespace panther
