@@ -3,8 +3,10 @@
 GPU tests (marker ``gpu``) run the kernels: every dtype (float32 exact and TF32, float16, bfloat16),
 ragged shapes (T = 1, 3-D x, I and O off the 64-wide tiles, k = 1, L = 3, R beyond the fused limit),
 every launch path, every gradient, and the integration points (torch.compile, CUDA graphs, streams,
-devices). CPU tests check what can be checked without a GPU: the refusals of limits.py, the launch
-arguments against the kernels' C++ signatures, the tile constants, the plans, the fake (meta) path.
+devices). CPU tests check what can be checked without a GPU: the kernels themselves, compiled for the
+host under an emulation of CUDA (sketched_linear_emulation/: threads, barriers, shared memory, mma.sync)
+against float64 loops, every kernel and path; the refusals of limits.py; the launch arguments against
+the kernels' C++ signatures; the tile constants, the plans, the fake (meta) path.
 
 Run the GPU tests on a GPU machine with:
     PANTHER_REQUIRE_GPU=1 python -m pytest -q --import-mode=importlib -m gpu packages/panther-cuda/tests/test_sketched_linear.py
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -534,3 +538,83 @@ def test_kernel_names_and_options():
         "<float, true>")
     opts = common_module.options()
     assert f"-I{OP_DIR}" in opts and any(o.startswith("-DPANTHER_SKETCHED_LINEAR_HEADERS=0x") for o in opts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CPU: the kernels themselves, compiled for the host under sketched_linear_emulation/cuda_emulation.h
+
+EMU_DIR = Path(__file__).resolve().parent / "sketched_linear_emulation"
+COMMON = OP_DIR.parents[1] / "include" / "panther_cuda" / "common.cuh"
+EMULATED_MMA = """template <> struct Mma<bf16> { static constexpr int K = 16;
+  static void run(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) { emu_mma<bf16, 16>(d, a, b); } };
+template <> struct Mma<f16> { static constexpr int K = 16;
+  static void run(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) { emu_mma<f16, 16>(d, a, b); } };
+template <> struct Mma<float> { static constexpr int K = 8;
+  static void run(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) { emu_mma<float, 8>(d, a, b); } };
+
+"""
+
+
+def emulated_common(text: str) -> str:
+    """common.cuh for the host: the emulation's types, and its tf32 conversion and mma in place of the
+    inline assembly; the fragment loaders and every other line as they are."""
+    text = text.replace("#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n", '#include "cuda_emulation.h"\n')
+    text, n = re.subn(r"__device__ __forceinline__ unsigned to_tf32\(float v\) \{.*?\n\}\n",
+                      "__device__ __forceinline__ unsigned to_tf32(float v) { return emu_to_tf32(v); }\n", text, flags=re.S)
+    start, end = text.index("template <> struct Mma<bf16>"), text.index("// Fragments from tiles")
+    text = text[:start] + EMULATED_MMA + text[end:]
+    assert n == 1 and "asm" not in text, "common.cuh changed shape: update emulated_common()"
+    return text
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    """The harness binary: forward.cu and backward.cu compiled for the host (skips without a C++20
+    compiler with _Float16 and <barrier>)."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    d = tmp_path_factory.mktemp("sketched_linear_emulation")
+    probe = d / "probe.cpp"
+    probe.write_text("#include <barrier>\nint main() { _Float16 h = 1; std::barrier<> b(1); return (int)(float)h - 1; }\n")
+    if subprocess.run([cxx, "-std=c++20", "-pthread", str(probe), "-o", str(d / "probe")], capture_output=True).returncode:
+        pytest.skip(f"{cxx} lacks C++20 <barrier> or _Float16")
+    (d / "panther_cuda").mkdir()
+    (d / "panther_cuda" / "common.cuh").write_text(emulated_common(COMMON.read_text()))
+    exe = d / "harness"
+    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas", f"-I{d}", f"-I{EMU_DIR}", f"-I{OP_DIR}",
+           str(EMU_DIR / "harness.cpp"), "-o", str(exe)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, f"the kernels do not compile for the host:\n{r.stderr[-6000:]}"
+    return exe
+
+
+# (mode, plan, T, I, O, L, k, bias, needs): plan 0 = two launches, n > 0 = fused with n groups per row tile;
+# needs = x S1s S2s U1s U2s bias
+EMU_CASES = [
+    ("float32", 3, 70, 90, 200, 2, 9, 1, "111111"),  # groups of 64 columns, the last one short
+    ("float32", 0, 70, 90, 200, 2, 9, 0, "111001"),
+    ("float32", 1, 1, 17, 9, 1, 1, 1, "111111"),  # one row, R = 2
+    ("tf32", 3, 70, 90, 200, 2, 9, 1, "111111"),
+    ("tf32", 0, 37, 130, 70, 2, 5, 1, "001000"),  # the second half of d[U1; S2] alone
+    ("tf32", 0, 65, 64, 48, 3, 50, 1, "100010"),  # R = 300; dx and the second half of d[S1 | U2]
+    ("bfloat16", 2, 70, 90, 200, 2, 9, 1, "111111"),
+    ("bfloat16", 1, 64, 100, 70, 3, 40, 1, "111001"),  # R = 240, the widest fused H here
+    ("float16", 4, 70, 90, 200, 2, 9, 1, "111111"),
+    ("float16", 0, 33, 50, 129, 1, 64, 0, "111111"),
+    ("float16", 1, 65, 33, 64, 1, 3, 1, "010100"),  # first halves alone: dS1 and dU1
+]
+
+
+@pytest.mark.parametrize("case", EMU_CASES, ids=lambda c: "{}_plan{}_T{}_I{}_O{}_L{}_k{}_b{}_{}".format(*c))
+def test_kernels_under_emulation(emulator, case):
+    mode, *_, needs = case
+    r = subprocess.run([str(emulator), *map(str, case)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    errs = {name: float(v) for name, v in (line.split() for line in r.stdout.split("\n") if line.strip())}
+    wanted = [n == "1" for n in needs]
+    expected = {"H", "y"} | ({"dH"} if wanted[0] or wanted[1] or wanted[4] else set())
+    expected |= {g for g, w in zip(("dx", "dS1", "dS2", "dU1", "dU2", "db"), wanted) if w}
+    assert set(errs) == expected
+    bad = {k: v for k, v in errs.items() if not v <= TOL[mode]}
+    assert not bad, f"errors above {TOL[mode]:g}: {bad} (all: {errs})"
