@@ -373,9 +373,11 @@ def test_host_tile_constants_match_the_kernels():
     assert (c["BM"], c["BN"], c["BK"], c["NT"], c["PAD"]) == (limits.BM, limits.BN, limits.BK, limits.NT, limits.PAD)
     tile = c["BM"] * (c["BK"] + c["PAD"]) + c["BK"] * (c["BN"] + c["PAD"])
     assert common_module.tile_elements() == tile
-    # the fused kernel's H tile: BM rows of R rounded up to BN, plus PAD
-    assert common_module.fused_bytes(100, torch.bfloat16) == (tile + 64 * (128 + 8)) * 2
-    assert common_module.fused_bytes(256, torch.float32) == (tile + 64 * (256 + 8)) * 4
+    # the fused kernel: a second B tile, and H's tile of BM rows of R rounded up to BN, plus PAD
+    assert re.search(r"constexpr int FUSED_TILE_ELEMENTS = TILE_ELEMENTS \+ BK \* LDB;", (OP_DIR / "tile.cuh").read_text())
+    second_b = c["BK"] * (c["BN"] + c["PAD"])
+    assert common_module.fused_bytes(100, torch.bfloat16) == (tile + second_b + 64 * (128 + 8)) * 2
+    assert common_module.fused_bytes(256, torch.float32) == (tile + second_b + 64 * (256 + 8)) * 4
 
 
 def test_forward_rule():
@@ -601,6 +603,8 @@ EMU_CASES = [
     ("float16", 4, 70, 90, 200, 2, 9, 1, "111111"),
     ("float16", 0, 33, 50, 129, 1, 64, 0, "111111"),
     ("float16", 1, 65, 33, 64, 1, 3, 1, "010100"),  # first halves alone: dS1 and dU1
+    ("float16", 2, 40, 70, 100, 1, 64, 1, "111111"),  # R = 128: H in one pass of two column chunks
+    ("tf32", 1, 30, 40, 50, 3, 32, 1, "110001"),  # R = 192: a pass of two chunks, then one of one
 ]
 
 

@@ -69,7 +69,7 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
     const T* bp = bias_on ? b.p() : nullptr;
     const unsigned tile = TILE_ELEMENTS * sizeof(T);
     if (plan > 0) {  // fused with `plan` groups
-        const unsigned shared = (TILE_ELEMENTS + BM * ((R + BN - 1) / BN * BN + PAD)) * sizeof(T);
+        const unsigned shared = (FUSED_TILE_ELEMENTS + BM * ((R + BN - 1) / BN * BN + PAD)) * sizeof(T);
         launch(cdv(Tn, BM) * plan, shared, [&] {
             sketched_linear_fwd_fused<T, EXACT>(x.p(), S1.p(), U2.p(), U1.p(), S2.p(), bp, y.p(), h.p(), Tn, I, O, L, k, plan, scale);
         });

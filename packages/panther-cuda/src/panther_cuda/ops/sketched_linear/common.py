@@ -75,8 +75,9 @@ def tile_bytes(dtype: torch.dtype) -> int:
 
 
 def fused_bytes(R: int, dtype: torch.dtype) -> int:
-    """Dynamic shared memory of the fused forward: the tiles and the BM x R tile of H (padded)."""
-    return (tile_elements() + BM * (cdiv(R, BN) * BN + PAD)) * dtype.itemsize
+    """Dynamic shared memory of the fused forward: the tiles, a second B tile, and the BM x R tile of H
+    (R rounded up to BN, rows padded)."""
+    return (tile_elements() + BK * (BN + PAD) + BM * (cdiv(R, BN) * BN + PAD)) * dtype.itemsize
 
 
 def contiguous_2d(t: torch.Tensor, cols: int) -> torch.Tensor:

@@ -5,7 +5,7 @@
 // R = 2Lk. H (T, R) is written for the backward, in the input dtype (rounded once, as the reference's x A).
 //
 // * sketched_linear_fwd_fused — one launch for R <= the fused limit: block (row tile, group) computes
-//   its BM x R tile of H into shared memory, BN columns at a time over the whole I loop, then streams
+//   its BM x R tile of H into shared memory, 2 BN columns per pass over I, then streams
 //   y over its group's share of O (o_groups blocks of a row tile each recompute H: more blocks fill
 //   the SMs when T is small); 1/(2L) and the bias in the epilogue. Group 0 writes H.
 // * sketched_linear_fwd_h, then sketched_linear_fwd_y — two launches for any R: H = x A written to
@@ -23,10 +23,11 @@ __global__ void __launch_bounds__(NT) sketched_linear_fwd_fused(
     extern __shared__ __align__(16) unsigned char smem[];
     const int Lk = L * k, R = 2 * Lk;
     const int ldh = (R + BN - 1) / BN * BN + PAD;  // H tile: BM x ldh, columns past R hold zeros
-    require_shared(static_cast<unsigned>((TILE_ELEMENTS + BM * ldh) * sizeof(T)));
+    require_shared(static_cast<unsigned>((FUSED_TILE_ELEMENTS + BM * ldh) * sizeof(T)));
     T* As = reinterpret_cast<T*>(smem);
     T* Bs = As + BM * LDA;
-    T* Hs = Bs + BK * LDB;
+    T* Bs2 = Bs + BK * LDB;  // the second column chunk of A in a pass
+    T* Hs = Bs2 + BK * LDB;
 
     const long long m0 = static_cast<long long>(blockIdx.x / o_groups) * BM;
     const int group = blockIdx.x % o_groups;
@@ -34,16 +35,31 @@ __global__ void __launch_bounds__(NT) sketched_linear_fwd_fused(
     const Side<T> a{S1, U2, I, L, k};
     const Stack<T> b{U1, S2, O, Lk};
 
-    for (int c0 = 0; c0 < R; c0 += BN) {
-        Acc<T, EXACT> acc;
+    // H = x A, two column chunks of BN per pass over I (each x tile feeds both): one pass for R <= 128
+    for (int c0 = 0; c0 < R; c0 += 2 * BN) {
+        const bool two = c0 + BN < R;  // the same for the whole block
+        Acc<T, EXACT> acc, acc2;
         acc.zero();
-        gemm<false, false>(acc, As, Bs, xs, a, m0, c0, Tn, R, I);
-        acc.each([&](int r, int c, float v) {
-            const T hv = from_float<T>(v);  // zero past R and past T (masked loads)
-            Hs[r * ldh + c0 + c] = hv;
-            const long long t = m0 + r;
-            if (group == 0 && t < Tn && c0 + c < R) h[t * R + c0 + c] = hv;
-        });
+        acc2.zero();
+        for (long long k0 = 0; k0 < I; k0 += BK) {
+            fill_tile<T, BM, BK, false>(As, LDA, xs, m0, k0, Tn, I);
+            fill_tile<T, BK, BN, false>(Bs, LDB, a, k0, c0, I, R);
+            if (two) fill_tile<T, BK, BN, false>(Bs2, LDB, a, k0, c0 + BN, I, R);
+            __syncthreads();
+            acc.step(As, LDA, Bs, LDB);
+            if (two) acc2.step(As, LDA, Bs2, LDB);
+            __syncthreads();
+        }
+        auto keep = [&](int c1) {  // H's columns c1 .. c1 + BN: zero past R and past T (masked loads)
+            return [&, c1](int r, int c, float v) {
+                const T hv = from_float<T>(v);
+                Hs[r * ldh + c1 + c] = hv;
+                const long long t = m0 + r;
+                if (group == 0 && t < Tn && c1 + c < R) h[t * R + c1 + c] = hv;
+            };
+        };
+        acc.each(keep(c0));
+        if (two) acc2.each(keep(c0 + BN));
     }
     __syncthreads();
 

@@ -19,8 +19,10 @@ constexpr int NT = 128;  // threads of a block: 4 warps, 2 x 2 warp tiles of 32 
 constexpr int PAD = 8;   // elements added to each shared row
 constexpr int LDA = BK + PAD;  // As: BM x BK, row-major
 constexpr int LDB = BN + PAD;  // Bs: BK x BN, row-major
-// Shared memory of the A and B tiles, in elements; forward.py's tile_elements() says the same.
+// Shared memory of the A and B tiles, in elements (the fused forward has two B tiles and H besides);
+// common.py's tile_elements() and fused_bytes() say the same.
 constexpr int TILE_ELEMENTS = BM * LDA + BK * LDB;
+constexpr int FUSED_TILE_ELEMENTS = TILE_ELEMENTS + BK * LDB;
 
 __device__ __forceinline__ long long min_ll(long long a, long long b) { return a < b ? a : b; }
 
