@@ -192,6 +192,28 @@ def test_forced_fused_plan_falls_back_when_r_is_wide():
 
 
 @on_gpu
+@pytest.mark.parametrize("mode", list(DTYPES))
+@pytest.mark.parametrize("split", [1, 3, 8])
+def test_weight_gradients_split_over_rows(split, mode):
+    """The weight gradients as shares of T summed by a third launch (3: shares of 96, 96 and 8 rows of
+    200; 8: shares past T add zeros), every gradient; and the rule's own split on a tall, narrow shape."""
+    inputs = make_inputs(200, 70, 90, 2, 7, DTYPES[mode])
+    g = torch.randn(200, 90, device="cuda").to(DTYPES[mode])
+    allow = mode == "tf32"
+    with precision(mode):
+        _, h = sketched_linear_forward(*inputs, allow_tf32=allow)
+        grads = sketched_linear_backward(g, *inputs[:5], h, (True,) * 6, allow_tf32=allow, split=split)
+    _, grads_ref = reference(inputs, g, ALL)
+    errs = {NAMES[i]: rel_err(got, ref) for i, (got, ref) in enumerate(zip(grads, grads_ref))}
+    assert all(e <= TOL[mode] for e in errs.values()), errs
+
+
+@on_gpu
+def test_tall_narrow_shape_takes_the_split_rule():
+    run_and_compare(cuda_op, make_inputs(4096, 64, 48, 1, 8, torch.bfloat16), ALL, "bfloat16")
+
+
+@on_gpu
 @pytest.mark.parametrize("mode", ["float32", "bfloat16"])
 def test_three_dim_one_dim_and_non_contiguous_x(mode):
     x, *w = make_inputs(7, 40, 24, 2, 8, DTYPES[mode], lead=(2, 3))
@@ -424,9 +446,10 @@ class _Recorder:
         self.calls = []
         self.sigs = _signatures()
 
-    def kernel(self, source, name, dtype, exact):
+    def kernel(self, source, name, dtype, exact=None):
         assert name in self.sigs and self.sigs[name][0] == source, (source, name)
         assert not exact or dtype == torch.float32
+        assert (exact is None) == (name == "sketched_linear_bwd_sum")  # the one kernel without products
 
         def launch(grid, block, *args, shared_mem=0):
             types = self.sigs[name][1]
@@ -472,6 +495,7 @@ def test_forward_launch_arguments(recorder, plan):
         assert s1 == s2 == common_module.tile_bytes(torch.bfloat16)
 
 
+@pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("needs", [
     (True, True, True, False, False, True),
     (True, True, True, True, True, True),
@@ -480,38 +504,66 @@ def test_forward_launch_arguments(recorder, plan):
     (True, False, False, False, False, False),
     (False, False, False, False, False, True),
 ], ids=str)
-def test_backward_launch_arguments(recorder, needs):
+def test_backward_launch_arguments(recorder, needs, split):
     x, S1s, S2s, U1s, U2s, _ = make_inputs(70, 90, 200, 2, 9, torch.float32, device="cpu")
     g = torch.randn(70, 200)
     h = torch.randn(70, 36)
-    grads = sketched_linear_backward(g, x, h, S1s, S2s, U1s, U2s, needs, allow_tf32=False)
+    grads = sketched_linear_backward(g, x, h, S1s, S2s, U1s, U2s, needs, allow_tf32=False, split=split)
     for t, need, like in zip(grads, needs, (x, S1s, S2s, U1s, U2s, g[0])):
         assert (t is None) != need and (t is None or t.shape == like.shape)
     names = [c[0] for c in recorder.calls]
     need_x, need_s1, need_s2, need_u1, need_u2, need_b = needs
     need_dh = need_x or need_s1 or need_u2
-    assert names == ["sketched_linear_bwd_g"] + (["sketched_linear_bwd_x"] if need_dh else [])
+    w_lo, w_n = half_range(need_u1, need_s2, 18)
+    c_lo, c_n = half_range(need_s1, need_u2, 18)
+    summed = split > 1 and (w_n or c_n)
+    assert names == (["sketched_linear_bwd_g"] + (["sketched_linear_bwd_x"] if need_dh else [])
+                     + (["sketched_linear_bwd_sum"] if summed else []))
+
     _, blocks, args, _ = recorder.calls[0]
-    n_dh, n_dw, c_lo, c_n = (int(a) for a in args[13:17])
+    n_dh, n_dw, lo, n, n_splits = (int(a) for a in args[14:19])
     assert n_dh == (2 * 1 if need_dh else 0)  # 2 row tiles x 1 column tile of R = 36
-    assert (c_lo, c_n) == half_range(need_u1, need_s2, 18) and n_dw == (c_n > 0) * 1 * 4
+    assert (lo, n) == (w_lo, w_n) and n_dw == (w_n > 0) * 1 * 4 * split and n_splits == split
     assert blocks == n_dh + n_dw + (2 if need_b else 0)  # db: 200 columns, 128 per block
     assert (args[4] is None) == (not need_dh)
-    assert [args[i] is grads[j] if grads[j] is not None else args[i] is None for i, j in ((5, 3), (6, 2), (7, 5))] == [True] * 3
+    ws2 = args[8]
+    assert (ws2 is None) == (not (split > 1 and w_n)) and (ws2 is None or ws2.shape == (split, w_n, 200))
+    for i, j in ((5, 3), (6, 2), (7, 5)):  # dU1, dS2, db: the gradients themselves, or None
+        assert args[i] is grads[j] if grads[j] is not None else args[i] is None
     if need_dh:
         _, blocks, args, _ = recorder.calls[1]
-        n_dx, c_lo, c_n = int(args[11]), int(args[12]), int(args[13])
-        assert n_dx == (2 * 2 if need_x else 0) and (c_lo, c_n) == half_range(need_s1, need_u2, 18)
-        assert blocks == n_dx + 2 * (c_n > 0)  # dW: 2 row tiles of I = 90 x 1 column tile
+        n_dx, lo, n, n_splits = (int(a) for a in args[12:16])
+        assert n_dx == (2 * 2 if need_x else 0) and (lo, n) == (c_lo, c_n) and n_splits == split
+        assert blocks == n_dx + 2 * (c_n > 0) * split  # dW: 2 row tiles of I = 90 x 1 column tile
         assert args[1] is recorder.calls[0][2][4]  # launch 2 reads the dH launch 1 wrote
-        assert [args[i] is grads[j] if grads[j] is not None else args[i] is None for i, j in ((4, 0), (5, 1), (6, 4))] == [True] * 3
+        ws1 = args[7]
+        assert (ws1 is None) == (not (split > 1 and c_n)) and (ws1 is None or ws1.shape == (split, 90, c_n))
+        for i, j in ((4, 0), (5, 1), (6, 4)):  # dx, dS1, dU2
+            assert args[i] is grads[j] if grads[j] is not None else args[i] is None
+    if summed:
+        _, blocks, args, _ = recorder.calls[-1]
+        assert args[0] is (recorder.calls[1][2][7] if need_dh else None) and args[1] is recorder.calls[0][2][8]
+        for i, j in ((2, 1), (3, 4), (4, 3), (5, 2)):  # dS1, dU2, dU1, dS2
+            assert args[i] is grads[j] if grads[j] is not None else args[i] is None
+        assert [int(a) for a in args[6:]] == [90, 200, 2, 9, c_lo, c_n, w_lo, w_n, split]
+        assert blocks == -(-(90 * c_n + w_n * 200) // limits.NT)
+
+
+def test_split_rule():
+    from panther_cuda.ops.sketched_linear.backward import split_rule
+
+    assert split_rule(4096, 64, 132) == 2  # 64 tiles: two shares fill 128 of 132 SMs
+    assert split_rule(65536, 12, 132) == 8  # few tiles, many rows
+    assert split_rule(300, 1, 132) == 1  # too few rows to share
+    assert split_rule(1 << 20, 1, 132) == 64  # at most MAX_SPLIT
+    assert split_rule(65536, 200, 132) == 1  # the tiles alone fill the SMs
 
 
 def test_backward_of_zero_rows_zeroes_the_weight_grads(recorder):
     x, S1s, S2s, U1s, U2s, _ = make_inputs(1, 9, 7, 2, 3, torch.float32, device="cpu")
     out = [torch.full(s, 7.0) for s in ((0, 9), (2, 9, 3), (2, 3, 7), (2, 3, 7), (2, 9, 3), (7,))]
     grads = sketched_linear_backward(torch.empty(0, 7), x[:0], torch.empty(0, 12), S1s, S2s, U1s, U2s, (True,) * 6,
-                                     out=out)
+                                     out=out, split=1)
     assert recorder.calls == [] and all((t == 0).all() for t in grads)
 
 
@@ -589,26 +641,29 @@ def emulator(tmp_path_factory):
     return exe
 
 
-# (mode, plan, T, I, O, L, k, bias, needs): plan 0 = two launches, n > 0 = fused with n groups per row tile;
-# needs = x S1s S2s U1s U2s bias
+# (mode, plan, split, T, I, O, L, k, bias, needs): plan 0 = two launches, n > 0 = fused with n groups per row
+# tile; split: shares of T of the weight gradients; needs = x S1s S2s U1s U2s bias
 EMU_CASES = [
-    ("float32", 3, 70, 90, 200, 2, 9, 1, "111111"),  # groups of 64 columns, the last one short
-    ("float32", 0, 70, 90, 200, 2, 9, 0, "111001"),
-    ("float32", 1, 1, 17, 9, 1, 1, 1, "111111"),  # one row, R = 2
-    ("tf32", 3, 70, 90, 200, 2, 9, 1, "111111"),
-    ("tf32", 0, 37, 130, 70, 2, 5, 1, "001000"),  # the second half of d[U1; S2] alone
-    ("tf32", 0, 65, 64, 48, 3, 50, 1, "100010"),  # R = 300; dx and the second half of d[S1 | U2]
-    ("bfloat16", 2, 70, 90, 200, 2, 9, 1, "111111"),
-    ("bfloat16", 1, 64, 100, 70, 3, 40, 1, "111001"),  # R = 240, the widest fused H here
-    ("float16", 4, 70, 90, 200, 2, 9, 1, "111111"),
-    ("float16", 0, 33, 50, 129, 1, 64, 0, "111111"),
-    ("float16", 1, 65, 33, 64, 1, 3, 1, "010100"),  # first halves alone: dS1 and dU1
-    ("float16", 2, 40, 70, 100, 1, 64, 1, "111111"),  # R = 128: H in one pass of two column chunks
-    ("tf32", 1, 30, 40, 50, 3, 32, 1, "110001"),  # R = 192: a pass of two chunks, then one of one
+    ("float32", 3, 1, 70, 90, 200, 2, 9, 1, "111111"),  # groups of 64 columns, the last one short
+    ("float32", 0, 1, 70, 90, 200, 2, 9, 0, "111001"),
+    ("float32", 1, 1, 1, 17, 9, 1, 1, 1, "111111"),  # one row, R = 2
+    ("float32", 1, 3, 200, 40, 30, 1, 4, 1, "111111"),  # T in three shares of 96, 96 and 8 rows
+    ("tf32", 3, 1, 70, 90, 200, 2, 9, 1, "111111"),
+    ("tf32", 0, 1, 37, 130, 70, 2, 5, 1, "001000"),  # the second half of d[U1; S2] alone
+    ("tf32", 0, 1, 65, 64, 48, 3, 50, 1, "100010"),  # R = 300; dx and the second half of d[S1 | U2]
+    ("tf32", 1, 4, 70, 20, 30, 1, 3, 1, "011000"),  # shares past T (empty): they add zeros
+    ("bfloat16", 2, 1, 70, 90, 200, 2, 9, 1, "111111"),
+    ("bfloat16", 1, 1, 64, 100, 70, 3, 40, 1, "111001"),  # R = 240, the widest fused H here
+    ("bfloat16", 1, 2, 130, 70, 90, 2, 5, 0, "100110"),  # shared T with only the halves U1, U2
+    ("float16", 4, 1, 70, 90, 200, 2, 9, 1, "111111"),
+    ("float16", 0, 1, 33, 50, 129, 1, 64, 0, "111111"),
+    ("float16", 1, 1, 65, 33, 64, 1, 3, 1, "010100"),  # first halves alone: dS1 and dU1
+    ("float16", 2, 1, 40, 70, 100, 1, 64, 1, "111111"),  # R = 128: H in one pass of two column chunks
+    ("tf32", 1, 1, 30, 40, 50, 3, 32, 1, "110001"),  # R = 192: a pass of two chunks, then one of one
 ]
 
 
-@pytest.mark.parametrize("case", EMU_CASES, ids=lambda c: "{}_plan{}_T{}_I{}_O{}_L{}_k{}_b{}_{}".format(*c))
+@pytest.mark.parametrize("case", EMU_CASES, ids=lambda c: "{}_plan{}_split{}_T{}_I{}_O{}_L{}_k{}_b{}_{}".format(*c))
 def test_kernels_under_emulation(emulator, case):
     mode, *_, needs = case
     r = subprocess.run([str(emulator), *map(str, case)], capture_output=True, text=True, timeout=600)

@@ -18,6 +18,7 @@
 #define __align__(n) __attribute__((aligned(n)))
 struct Dim { unsigned x = 0, y = 0, z = 0; };
 inline thread_local Dim threadIdx, blockIdx;
+inline Dim gridDim;
 inline std::barrier<>* g_block_barrier;
 inline std::barrier<>* g_warp_barrier[4];
 inline unsigned g_dynamic_smem;

@@ -17,6 +17,7 @@ using namespace panther::sl;
 
 static void launch(long long blocks, unsigned shared, const std::function<void()>& body) {
     g_dynamic_smem = shared;
+    gridDim.x = (unsigned)blocks;
     if (shared > sizeof(sl::smem)) { std::printf("shared too big\n"); std::abort(); }
     std::barrier<> block_bar(NT);
     std::barrier<> wb0(32), wb1(32), wb2(32), wb3(32);
@@ -56,7 +57,7 @@ static void report(const char* what, const std::vector<double>& got, const std::
 }
 
 template <typename T, bool EXACT>
-static void run(long long Tn, long long I, long long O, int L, int k, int plan, bool bias_on, const bool needs[6]) {
+static void run(long long Tn, long long I, long long O, int L, int k, int plan, int split, bool bias_on, const bool needs[6]) {
     std::mt19937 gen(1234);
     const int Lk = L * k, R = 2 * Lk;
     auto x = rnd<T>(Tn * I, 1.0, gen);
@@ -101,18 +102,28 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
     Buf<T> dh(need_dh ? Tn * R : 0);
     auto range = [&](bool first, bool second, int& lo, int& n) { lo = 0; n = 0; if (first && second) n = R; else if (first) n = Lk; else if (second) { lo = Lk; n = Lk; } };
     int w_lo, w_n; range(nu1, ns2, w_lo, w_n);
-    long long n_dh = need_dh ? cdv(Tn, BM) * cdv(R, BN) : 0, n_dw = cdv(w_n, BM) * cdv(O, BN), n_db = nb ? cdv(O, NT) : 0;
+    int c_lo, c_n; range(ns1, nu2, c_lo, c_n);
+    if (!need_dh) c_n = 0;
+    std::vector<float> ws1(split > 1 ? (size_t)split * I * c_n : 0, NAN), ws2(split > 1 ? (size_t)split * w_n * O : 0, NAN);
+    float* ws1p = ws1.empty() ? nullptr : ws1.data();
+    float* ws2p = ws2.empty() ? nullptr : ws2.data();
+    long long n_dh = need_dh ? cdv(Tn, BM) * cdv(R, BN) : 0, n_dw = cdv(w_n, BM) * cdv(O, BN) * split, n_db = nb ? cdv(O, NT) : 0;
     if (n_dh + n_dw + n_db)
         launch(n_dh + n_dw + n_db, tile, [&] {
-            sketched_linear_bwd_g<T, EXACT>(g.p(), h.p(), U1.p(), S2.p(), dh.p(), dU1.p(), dS2.p(), db.p(), Tn, O, L, k, scale, n_dh, n_dw, w_lo, w_n);
+            sketched_linear_bwd_g<T, EXACT>(g.p(), h.p(), U1.p(), S2.p(), dh.p(), dU1.p(), dS2.p(), db.p(), ws2p, Tn, O, L, k,
+                                            scale, n_dh, n_dw, w_lo, w_n, split);
         });
     if (need_dh) {
-        int c_lo, c_n; range(ns1, nu2, c_lo, c_n);
-        long long n_dx = nx ? cdv(Tn, BM) * cdv(I, BN) : 0, n_dw1 = cdv(I, BM) * cdv(c_n, BN);
+        long long n_dx = nx ? cdv(Tn, BM) * cdv(I, BN) : 0, n_dw1 = cdv(I, BM) * cdv(c_n, BN) * split;
         launch(n_dx + n_dw1, tile, [&] {
-            sketched_linear_bwd_x<T, EXACT>(x.p(), dh.p(), S1.p(), U2.p(), dx.p(), dS1.p(), dU2.p(), Tn, I, L, k, n_dx, c_lo, c_n);
+            sketched_linear_bwd_x<T, EXACT>(x.p(), dh.p(), S1.p(), U2.p(), dx.p(), dS1.p(), dU2.p(), ws1p, Tn, I, L, k, n_dx,
+                                            c_lo, c_n, split);
         });
     }
+    if (split > 1 && I * c_n + (long long)w_n * O > 0)
+        launch(7, 0, [&] {  // a short grid: the grid-stride loop takes several elements per thread
+            sketched_linear_bwd_sum<T>(ws1p, ws2p, dS1.p(), dU2.p(), dU1.p(), dS2.p(), I, O, L, k, c_lo, c_n, w_lo, w_n, split);
+        });
     std::vector<double> DH(Tn * R);
     for (long long t = 0; t < Tn; ++t)
         for (int c = 0; c < R; ++c) { double s = 0; for (long long o = 0; o < O; ++o) s += g.at(t * O + o) * B(c, o); DH[t * R + c] = s * scale; }
@@ -150,21 +161,22 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
     }
 }
 
-// usage: harness MODE PLAN T I O L K BIAS NEEDS   (MODE float32|tf32|float16|bfloat16; PLAN 0: two
-// launches, n > 0: fused with n groups; NEEDS six 0/1 digits for x, S1s, S2s, U1s, U2s, bias)
+// usage: harness MODE PLAN SPLIT T I O L K BIAS NEEDS   (MODE float32|tf32|float16|bfloat16; PLAN 0: two
+// launches, n > 0: fused with n groups; SPLIT: shares of T of the weight gradients; NEEDS six 0/1 digits
+// for x, S1s, S2s, U1s, U2s, bias)
 int main(int argc, char** argv) {
-    if (argc != 10) { std::fprintf(stderr, "usage: harness MODE PLAN T I O L K BIAS NEEDS\n"); return 2; }
+    if (argc != 11) { std::fprintf(stderr, "usage: harness MODE PLAN SPLIT T I O L K BIAS NEEDS\n"); return 2; }
     const std::string mode = argv[1];
-    const int plan = std::atoi(argv[2]);
-    const long long Tn = std::atoll(argv[3]), I = std::atoll(argv[4]), O = std::atoll(argv[5]);
-    const int L = std::atoi(argv[6]), k = std::atoi(argv[7]);
-    const bool bias = std::atoi(argv[8]) != 0;
+    const int plan = std::atoi(argv[2]), split = std::atoi(argv[3]);
+    const long long Tn = std::atoll(argv[4]), I = std::atoll(argv[5]), O = std::atoll(argv[6]);
+    const int L = std::atoi(argv[7]), k = std::atoi(argv[8]);
+    const bool bias = std::atoi(argv[9]) != 0;
     bool needs[6];
-    for (int i = 0; i < 6; ++i) needs[i] = argv[9][i] == '1';
-    if (mode == "float32") run<float, true>(Tn, I, O, L, k, plan, bias, needs);
-    else if (mode == "tf32") run<float, false>(Tn, I, O, L, k, plan, bias, needs);
-    else if (mode == "float16") run<__half, false>(Tn, I, O, L, k, plan, bias, needs);
-    else if (mode == "bfloat16") run<__nv_bfloat16, false>(Tn, I, O, L, k, plan, bias, needs);
+    for (int i = 0; i < 6; ++i) needs[i] = argv[10][i] == '1';
+    if (mode == "float32") run<float, true>(Tn, I, O, L, k, plan, split, bias, needs);
+    else if (mode == "tf32") run<float, false>(Tn, I, O, L, k, plan, split, bias, needs);
+    else if (mode == "float16") run<__half, false>(Tn, I, O, L, k, plan, split, bias, needs);
+    else if (mode == "bfloat16") run<__nv_bfloat16, false>(Tn, I, O, L, k, plan, split, bias, needs);
     else { std::fprintf(stderr, "unknown mode %s\n", mode.c_str()); return 2; }
     return 0;
 }

@@ -1,4 +1,4 @@
-// Backward of the sketched linear op in two launches (backward.py launches these).
+// Backward of the sketched linear op in two or three launches (backward.py launches these).
 //
 // g = dL/dy (T, O) contiguous, s = 1/(2L), A = [S1 | U2] (I x R), B = [U1; S2] (R x O), H (T, R) saved
 // by the forward, R = 2Lk, column c = h Lk + l k + j:
@@ -7,6 +7,10 @@
 // Each launch runs several roles, told apart by blockIdx.x: the first blocks take one product's
 // tiles, the next ones another's. A gradient not asked for has no blocks (and a null pointer); the
 // weight gradients cover only the columns c_lo .. c_lo + c_n of R that are asked for (one half or both).
+// The weight gradients reduce over T: with n_splits > 1 each tile has n_splits blocks, each summing a
+// share of the rows into an fp32 workspace (ws[split] of the tile's product), and a third launch,
+// sketched_linear_bwd_sum, adds the shares and writes the gradients; with n_splits == 1 the blocks
+// write the gradients themselves.
 #include "tile.cuh"
 
 namespace panther {
@@ -15,8 +19,9 @@ namespace sl {
 template <typename T, bool EXACT>
 __global__ void __launch_bounds__(NT) sketched_linear_bwd_g(
     const T* __restrict__ g, const T* __restrict__ h, const T* __restrict__ U1, const T* __restrict__ S2,
-    T* __restrict__ dh, T* __restrict__ dU1, T* __restrict__ dS2, T* __restrict__ db, long long Tn, long long O,
-    int L, int k, float scale, long long n_dh_blocks, long long n_dw_blocks, int c_lo, int c_n) {
+    T* __restrict__ dh, T* __restrict__ dU1, T* __restrict__ dS2, T* __restrict__ db, float* __restrict__ ws,
+    long long Tn, long long O, int L, int k, float scale, long long n_dh_blocks, long long n_dw_blocks, int c_lo,
+    int c_n, int n_splits) {
     extern __shared__ __align__(16) unsigned char smem[];
     require_shared(static_cast<unsigned>(TILE_ELEMENTS * sizeof(T)));
     T* As = reinterpret_cast<T*>(smem);
@@ -42,17 +47,26 @@ __global__ void __launch_bounds__(NT) sketched_linear_bwd_g(
 
     if (block < n_dw_blocks) {  // rows c_lo .. c_lo + c_n of s Hᵀ g: A(m, t) = H[t, c_lo + m], B(t, o) = g[t, o]
         const long long n_col_tiles = cdiv(O, BN);
-        const long long m0 = block / n_col_tiles * BM, n0 = block % n_col_tiles * BN;
+        const long long n_tiles = cdiv(c_n, BM) * n_col_tiles;
+        const long long tile = block % n_tiles;
+        const int split = static_cast<int>(block / n_tiles);
+        const long long m0 = tile / n_col_tiles * BM, n0 = tile % n_col_tiles * BN;
+        const RowSplit rows(Tn, split, n_splits);
         const T* hc = h + c_lo;
         Acc<T, EXACT> acc;
         acc.zero();
-        gemm<true, false>(acc, As, Bs, Dense<T, true>{hc, R}, Dense<T, false>{g, O}, m0, n0, c_n, O, Tn);
+        gemm<true, false>(acc, As, Bs, Dense<T, true>{hc, R}, Dense<T, false>{g, O}, m0, n0, c_n, O, rows.end,
+                          rows.begin);
         acc.each([&](int r, int c, float v) {
             const long long m = m0 + r, o = n0 + c;
             if (m < c_n && o < O) {
-                const int row = c_lo + static_cast<int>(m);
-                T* out = row < Lk ? dU1 + static_cast<long long>(row) * O : dS2 + static_cast<long long>(row - Lk) * O;
-                out[o] = from_float<T>(v * scale);
+                if (n_splits > 1) {
+                    ws[(split * static_cast<long long>(c_n) + m) * O + o] = v * scale;
+                } else {
+                    const int row = c_lo + static_cast<int>(m);
+                    T* out = row < Lk ? dU1 + static_cast<long long>(row) * O : dS2 + static_cast<long long>(row - Lk) * O;
+                    out[o] = from_float<T>(v * scale);
+                }
             }
         });
         return;
@@ -71,8 +85,8 @@ __global__ void __launch_bounds__(NT) sketched_linear_bwd_g(
 template <typename T, bool EXACT>
 __global__ void __launch_bounds__(NT) sketched_linear_bwd_x(
     const T* __restrict__ x, const T* __restrict__ dh, const T* __restrict__ S1, const T* __restrict__ U2,
-    T* __restrict__ dx, T* __restrict__ dS1, T* __restrict__ dU2, long long Tn, long long I, int L, int k,
-    long long n_dx_blocks, int c_lo, int c_n) {
+    T* __restrict__ dx, T* __restrict__ dS1, T* __restrict__ dU2, float* __restrict__ ws, long long Tn, long long I,
+    int L, int k, long long n_dx_blocks, int c_lo, int c_n, int n_splits) {
     extern __shared__ __align__(16) unsigned char smem[];
     require_shared(static_cast<unsigned>(TILE_ELEMENTS * sizeof(T)));
     T* As = reinterpret_cast<T*>(smem);
@@ -98,22 +112,65 @@ __global__ void __launch_bounds__(NT) sketched_linear_bwd_x(
 
     // columns c_lo .. c_lo + c_n of xᵀ dH: A(i, t) = x[t, i], B(t, n) = dH[t, c_lo + n]
     const int n_col_tiles = (c_n + BN - 1) / BN;
-    const long long m0 = block / n_col_tiles * BM, n0 = block % n_col_tiles * BN;
+    const long long n_tiles = cdiv(I, BM) * n_col_tiles;
+    const long long tile = block % n_tiles;
+    const int split = static_cast<int>(block / n_tiles);
+    const long long m0 = tile / n_col_tiles * BM, n0 = tile % n_col_tiles * BN;
+    const RowSplit rows(Tn, split, n_splits);
     Acc<T, EXACT> acc;
     acc.zero();
-    gemm<true, false>(acc, As, Bs, Dense<T, true>{x, I}, Dense<T, false>{dh + c_lo, R}, m0, n0, I, c_n, Tn);
+    gemm<true, false>(acc, As, Bs, Dense<T, true>{x, I}, Dense<T, false>{dh + c_lo, R}, m0, n0, I, c_n, rows.end,
+                      rows.begin);
     acc.each([&](int r, int c, float v) {
         const long long i = m0 + r, n = n0 + c;
         if (i < I && n < c_n) {
-            int cc = c_lo + static_cast<int>(n);
+            if (n_splits > 1) {
+                ws[(split * I + i) * c_n + n] = v;
+            } else {
+                int cc = c_lo + static_cast<int>(n);
+                T* out = dS1;
+                if (cc >= Lk) {
+                    cc -= Lk;
+                    out = dU2;
+                }
+                out[(static_cast<long long>(cc / k) * I + i) * k + cc % k] = from_float<T>(v);
+            }
+        }
+    });
+}
+
+// The weight gradients from the n_splits fp32 shares: elements [0, I c_n) of d[S1 | U2]'s columns
+// c1_lo .. c1_lo + c1_n (shares ws1[split][i][n]), then [0, c2_n O) of d[U1; S2]'s rows c2_lo ..
+// (shares ws2[split][m][o]); one element per thread, grid-stride.
+template <typename T>
+__global__ void __launch_bounds__(NT) sketched_linear_bwd_sum(
+    const float* __restrict__ ws1, const float* __restrict__ ws2, T* __restrict__ dS1, T* __restrict__ dU2,
+    T* __restrict__ dU1, T* __restrict__ dS2, long long I, long long O, int L, int k, int c1_lo, int c1_n, int c2_lo,
+    int c2_n, int n_splits) {
+    const int Lk = L * k;
+    const long long n1 = I * c1_n, n2 = static_cast<long long>(c2_n) * O;
+    for (long long e = static_cast<long long>(blockIdx.x) * NT + threadIdx.x; e < n1 + n2;
+         e += static_cast<long long>(gridDim.x) * NT) {
+        if (e < n1) {
+            float sum = 0.0f;
+            for (int s = 0; s < n_splits; ++s) sum += ws1[s * n1 + e];
+            const long long i = e / c1_n;
+            int cc = c1_lo + static_cast<int>(e % c1_n);
             T* out = dS1;
             if (cc >= Lk) {
                 cc -= Lk;
                 out = dU2;
             }
-            out[(static_cast<long long>(cc / k) * I + i) * k + cc % k] = from_float<T>(v);
+            out[(static_cast<long long>(cc / k) * I + i) * k + cc % k] = from_float<T>(sum);
+        } else {
+            const long long e2 = e - n1;
+            float sum = 0.0f;
+            for (int s = 0; s < n_splits; ++s) sum += ws2[s * n2 + e2];
+            const int row = c2_lo + static_cast<int>(e2 / O);
+            T* out = row < Lk ? dU1 + static_cast<long long>(row) * O : dS2 + static_cast<long long>(row - Lk) * O;
+            out[e2 % O] = from_float<T>(sum);
         }
-    });
+    }
 }
 
 }  // namespace sl

@@ -1,11 +1,15 @@
-"""Backward of the sketched linear op on the CUDA kernels of backward.cu, in at most two launches.
+"""Backward of the sketched linear op on the CUDA kernels of backward.cu, in at most three launches.
 
 With g = dL/dy (T, O), s = 1/(2L), A = [S1 | U2], B = [U1; S2], H saved by the forward:
     launch 1 (reads g):  dH = s g Bᵀ (T, R) when dx, dS1 or dU2 is wanted;  d[U1; S2] = s Hᵀ g;  db = Σ_T g
     launch 2 (reads dH): dx = dH Aᵀ;  d[S1 | U2] = xᵀ dH
+    launch 3, when T is split: the weight gradients from their fp32 shares over T
 Only the gradients asked for are computed: a weight gradient's rows (columns) of the R axis have blocks
 only when that gradient is wanted, and launch 2 runs only when dx, dS1 or dU2 is. dH is a workspace in
 the input dtype (rounded once, as the reference's dH). g and x are read as contiguous matrices.
+
+The weight gradients reduce over all T rows, on few tiles when I, O and R are small: :func:`split_rule`
+splits T into shares (summed by launch 3) until their blocks fill the SMs.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from panther.backends.toolkit import cdiv
+from panther.backends.toolkit import cdiv, multiprocessors
 from panther_cuda._nvrtc import f32, i32, i64
 from panther_cuda.ops.sketched_linear.common import contiguous_2d, is_exact, kernel, tile_bytes
 from panther_cuda.ops.sketched_linear.limits import BM, BN, NT
@@ -34,6 +38,20 @@ def half_range(first: bool, second: bool, Lk: int) -> Tuple[int, int]:
     return 0, 0
 
 
+SPLIT_ROWS = 512  # rows of T a share of the weight gradients keeps at least (about)
+MAX_SPLIT = 64
+SUM_BLOCKS = 4096  # grid of launch 3 (a grid-stride loop over the gradients' elements)
+
+
+def split_rule(T: int, weight_tiles: int, sms: int) -> int:
+    """Shares of T for the weight gradients: the largest power of two s <= MAX_SPLIT with T / s >=
+    SPLIT_ROWS and weight_tiles * s <= sms (1 when the tiles alone fill the SMs, or T is short)."""
+    s = 1
+    while 2 * s <= min(MAX_SPLIT, T // SPLIT_ROWS) and weight_tiles * 2 * s <= sms:
+        s *= 2
+    return s
+
+
 def sketched_linear_backward(
     g: torch.Tensor,
     x: torch.Tensor,
@@ -45,13 +63,14 @@ def sketched_linear_backward(
     needs: Sequence[bool] = (True, True, True, False, False, True),
     allow_tf32: bool = True,
     out: Optional[Sequence[torch.Tensor]] = None,
+    split: Optional[int] = None,
 ) -> Grads:
     """Launch the backward kernels on the current CUDA device and stream for dL/dy = g (..., O).
 
     ``needs`` says which of (x, S1s, S2s, U1s, U2s, bias) want a gradient (False for an absent bias);
     returns (dx, dS1, dS2, dU1, dU2, db), None where not wanted. ``h`` is the forward's H. ``out``:
     the gradients to write (contiguous tensors of their inputs' shapes where wanted; allocated here
-    when None).
+    when None). ``split``: shares of T for the weight gradients (default: :func:`split_rule`).
     """
     L, I, k = S1s.shape
     O = S2s.shape[-1]
@@ -77,25 +96,43 @@ def sketched_linear_backward(
     scale = f32(1.0 / (2 * L))
 
     w_lo, w_n = half_range(need_u1, need_s2, Lk)  # rows of d[U1; S2]
+    c_lo, c_n = half_range(need_s1, need_u2, Lk)  # columns of d[S1 | U2]
+    tiles_g = cdiv(w_n, BM) * cdiv(O, BN)  # tiles of each weight product
+    tiles_x = cdiv(I, BM) * cdiv(c_n, BN)
+    if split is None:
+        index = g.device.index if g.device.index is not None else torch.cuda.current_device()
+        split = split_rule(T, max(tiles_g, tiles_x), multiprocessors(index)) if tiles_g + tiles_x else 1
+    split = max(1, min(int(split), T))
+    ws1 = ws2 = None
+    if split > 1:  # fp32 shares of the weight gradients, summed by launch 3
+        ws1 = torch.empty((split, I, c_n), device=g.device, dtype=torch.float32) if c_n else None
+        ws2 = torch.empty((split, w_n, O), device=g.device, dtype=torch.float32) if w_n else None
+
     n_dh = cdiv(T, BM) * cdiv(R, BN) if need_dh else 0
-    n_dw = cdiv(w_n, BM) * cdiv(O, BN)
+    n_dw = tiles_g * split
     n_db = cdiv(O, NT) if need_b else 0
     dh = g2.new_empty((T, R)) if need_dh else None
     if n_dh + n_dw + n_db:
         kernel("backward.cu", "sketched_linear_bwd_g", x.dtype, exact)(
             (n_dh + n_dw + n_db,), (NT,),
-            g2, h, U1c, S2c, dh, dU1, dS2, db, i64(T), i64(O), i32(L), i32(k), scale,
-            i64(n_dh), i64(n_dw), i32(w_lo), i32(w_n),
+            g2, h, U1c, S2c, dh, dU1, dS2, db, ws2, i64(T), i64(O), i32(L), i32(k), scale,
+            i64(n_dh), i64(n_dw), i32(w_lo), i32(w_n), i32(split),
             shared_mem=shared,
         )
     if need_dh:
         x2 = contiguous_2d(x, I)
-        c_lo, c_n = half_range(need_s1, need_u2, Lk)  # columns of d[S1 | U2]
         n_dx = cdiv(T, BM) * cdiv(I, BN) if need_x else 0
-        n_dw = cdiv(I, BM) * cdiv(c_n, BN)
         kernel("backward.cu", "sketched_linear_bwd_x", x.dtype, exact)(
-            (n_dx + n_dw,), (NT,),
-            x2, dh, S1c, U2c, dx, dS1, dU2, i64(T), i64(I), i32(L), i32(k), i64(n_dx), i32(c_lo), i32(c_n),
+            (n_dx + tiles_x * split,), (NT,),
+            x2, dh, S1c, U2c, dx, dS1, dU2, ws1, i64(T), i64(I), i32(L), i32(k), i64(n_dx), i32(c_lo), i32(c_n),
+            i32(split),
             shared_mem=shared,
+        )
+    if ws1 is not None or ws2 is not None:
+        n = I * c_n + w_n * O
+        kernel("backward.cu", "sketched_linear_bwd_sum", x.dtype)(
+            (min(cdiv(n, NT), SUM_BLOCKS),), (NT,),
+            ws1, ws2, dS1, dU2, dU1, dS2, i64(I), i64(O), i32(L), i32(k), i32(c_lo), i32(c_n), i32(w_lo), i32(w_n),
+            i32(split),
         )
     return grads

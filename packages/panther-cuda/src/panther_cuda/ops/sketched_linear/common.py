@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -37,19 +37,17 @@ def options() -> Tuple[str, ...]:
     return _OPTIONS
 
 
-_kernels: Dict[Tuple[str, str, torch.dtype, bool], Kernel] = {}
+_kernels: Dict[Tuple[str, str, torch.dtype, Optional[bool]], Kernel] = {}
 
 
-def kernel(source: str, name: str, dtype: torch.dtype, exact: bool) -> Kernel:
-    """The template instance ``panther::sl::<name><T, exact>`` of ``<source>`` (forward.cu, backward.cu)."""
+def kernel(source: str, name: str, dtype: torch.dtype, exact: Optional[bool] = None) -> Kernel:
+    """The template instance ``panther::sl::<name><T, exact>`` of ``<source>`` (forward.cu, backward.cu);
+    ``<name><T>`` for a kernel with no product (``exact`` None)."""
     key = (source, name, dtype, exact)
     k = _kernels.get(key)
     if k is None:
-        k = _kernels[key] = Kernel(
-            f"ops/sketched_linear/{source}",
-            f"panther::sl::{name}<{CTYPES[dtype]}, {'true' if exact else 'false'}>",
-            options=options(),
-        )
+        args = CTYPES[dtype] if exact is None else f"{CTYPES[dtype]}, {'true' if exact else 'false'}"
+        k = _kernels[key] = Kernel(f"ops/sketched_linear/{source}", f"panther::sl::{name}<{args}>", options=options())
     return k
 
 

@@ -134,13 +134,13 @@ template <typename T> struct Acc<T, true> {
     }
 };
 
-// acc += Σ_{k < K} a(m0 + r, k) b(k, n0 + c) for the tile at (m0, n0) of an M x N product, through the
-// shared tiles As (BM x BK) and Bs (BK x BN). A_ROW_FAST / B_ROW_FAST: the load order of each operand
-// (see fill_tile). Every thread of the block must call it (it synchronises).
+// acc += Σ_{k0 <= k < K} a(m0 + r, k) b(k, n0 + c) for the tile at (m0, n0) of an M x N product,
+// through the shared tiles As (BM x BK) and Bs (BK x BN). A_ROW_FAST / B_ROW_FAST: the load order of
+// each operand (see fill_tile). Every thread of the block must call it (it synchronises).
 template <bool A_ROW_FAST, bool B_ROW_FAST, typename T, bool EXACT, typename FA, typename FB>
 __device__ __forceinline__ void gemm(Acc<T, EXACT>& acc, T* As, T* Bs, FA fa, FB fb, long long m0, long long n0,
-                                     long long M, long long N, long long K) {
-    for (long long k0 = 0; k0 < K; k0 += BK) {
+                                     long long M, long long N, long long K, long long k_begin = 0) {
+    for (long long k0 = k_begin; k0 < K; k0 += BK) {
         fill_tile<T, BM, BK, A_ROW_FAST>(As, LDA, fa, m0, k0, M, K);
         fill_tile<T, BK, BN, B_ROW_FAST>(Bs, LDB, fb, k0, n0, K, N);
         __syncthreads();
@@ -148,6 +148,16 @@ __device__ __forceinline__ void gemm(Acc<T, EXACT>& acc, T* As, T* Bs, FA fa, FB
         __syncthreads();
     }
 }
+
+// Rows [begin, end) of T that split s of n_splits sums over: BK-aligned shares (empty past T).
+struct RowSplit {
+    long long begin, end;
+    __device__ __forceinline__ RowSplit(long long Tn, int s, int n_splits) {
+        const long long per = cdiv(cdiv(Tn, n_splits), BK) * BK;
+        begin = min_ll(Tn, s * per);
+        end = min_ll(Tn, begin + per);
+    }
+};
 
 // The (L, rows, k) weights [W1 | W2] as one rows x 2Lk matrix: element (i, c), c = h Lk + l k + j, is
 // W_h[l, i, j] (S1s and U2s as A = [S1 | U2]).
