@@ -516,18 +516,20 @@ def test_backward_launch_arguments(recorder, needs, split):
     need_dh = need_x or need_s1 or need_u2
     w_lo, w_n = half_range(need_u1, need_s2, 18)
     c_lo, c_n = half_range(need_s1, need_u2, 18)
-    summed = split > 1 and (w_n or c_n)
+    summed = split > 1 and (w_n or c_n or need_b)
     assert names == (["sketched_linear_bwd_g"] + (["sketched_linear_bwd_x"] if need_dh else [])
                      + (["sketched_linear_bwd_sum"] if summed else []))
 
     _, blocks, args, _ = recorder.calls[0]
-    n_dh, n_dw, lo, n, n_splits = (int(a) for a in args[14:19])
+    n_dh, lo, n, n_splits = (int(a) for a in args[14:18])
     assert n_dh == (2 * 1 if need_dh else 0)  # 2 row tiles x 1 column tile of R = 36
-    assert (lo, n) == (w_lo, w_n) and n_dw == (w_n > 0) * 1 * 4 * split and n_splits == split
-    assert blocks == n_dh + n_dw + (2 if need_b else 0)  # db: 200 columns, 128 per block
+    assert (lo, n) == (w_lo, w_n) and n_splits == split
+    tiles_g = 4 if (w_n or need_b) else 0  # one row tile (R = 36, or db alone) x 4 column tiles of O = 200
+    assert blocks == n_dh + tiles_g * split
     assert (args[4] is None) == (not need_dh)
     ws2 = args[8]
-    assert (ws2 is None) == (not (split > 1 and w_n)) and (ws2 is None or ws2.shape == (split, w_n, 200))
+    rows = w_n + need_b  # db's shares as one more row
+    assert (ws2 is None) == (not (split > 1 and rows)) and (ws2 is None or ws2.shape == (split, rows, 200))
     for i, j in ((5, 3), (6, 2), (7, 5)):  # dU1, dS2, db: the gradients themselves, or None
         assert args[i] is grads[j] if grads[j] is not None else args[i] is None
     if need_dh:
@@ -543,10 +545,10 @@ def test_backward_launch_arguments(recorder, needs, split):
     if summed:
         _, blocks, args, _ = recorder.calls[-1]
         assert args[0] is (recorder.calls[1][2][7] if need_dh else None) and args[1] is recorder.calls[0][2][8]
-        for i, j in ((2, 1), (3, 4), (4, 3), (5, 2)):  # dS1, dU2, dU1, dS2
+        for i, j in ((2, 1), (3, 4), (4, 3), (5, 2), (6, 5)):  # dS1, dU2, dU1, dS2, db
             assert args[i] is grads[j] if grads[j] is not None else args[i] is None
-        assert [int(a) for a in args[6:]] == [90, 200, 2, 9, c_lo, c_n, w_lo, w_n, split]
-        assert blocks == -(-(90 * c_n + w_n * 200) // limits.NT)
+        assert [int(a) for a in args[7:]] == [90, 200, 2, 9, c_lo, c_n, w_lo, w_n, split]
+        assert blocks == -(-(90 * c_n + rows * 200) // limits.NT)
 
 
 def test_split_rule():
@@ -658,6 +660,9 @@ EMU_CASES = [
     ("float16", 4, 1, 70, 90, 200, 2, 9, 1, "111111"),
     ("float16", 0, 1, 33, 50, 129, 1, 64, 0, "111111"),
     ("float16", 1, 1, 65, 33, 64, 1, 3, 1, "010100"),  # first halves alone: dS1 and dU1
+    ("float16", 1, 1, 100, 20, 70, 1, 3, 1, "000001"),  # db alone: blocks with no rows of H
+    ("bfloat16", 2, 3, 150, 20, 130, 2, 3, 1, "000001"),  # db alone, in shares
+    ("float32", 0, 2, 190, 70, 90, 2, 40, 1, "001001"),  # dS2 (two row tiles of R) and db, in shares
     ("float16", 2, 1, 40, 70, 100, 1, 64, 1, "111111"),  # R = 128: H in one pass of two column chunks
     ("tf32", 1, 1, 30, 40, 50, 3, 32, 1, "110001"),  # R = 192: a pass of two chunks, then one of one
 ]

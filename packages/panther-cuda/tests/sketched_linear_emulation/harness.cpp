@@ -104,14 +104,15 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
     int w_lo, w_n; range(nu1, ns2, w_lo, w_n);
     int c_lo, c_n; range(ns1, nu2, c_lo, c_n);
     if (!need_dh) c_n = 0;
-    std::vector<float> ws1(split > 1 ? (size_t)split * I * c_n : 0, NAN), ws2(split > 1 ? (size_t)split * w_n * O : 0, NAN);
+    std::vector<float> ws1(split > 1 ? (size_t)split * I * c_n : 0, NAN), ws2(split > 1 ? (size_t)split * (w_n + nb) * O : 0, NAN);
     float* ws1p = ws1.empty() ? nullptr : ws1.data();
     float* ws2p = ws2.empty() ? nullptr : ws2.data();
-    long long n_dh = need_dh ? cdv(Tn, BM) * cdv(R, BN) : 0, n_dw = cdv(w_n, BM) * cdv(O, BN) * split, n_db = nb ? cdv(O, NT) : 0;
-    if (n_dh + n_dw + n_db)
-        launch(n_dh + n_dw + n_db, tile, [&] {
+    long long n_dh = need_dh ? cdv(Tn, BM) * cdv(R, BN) : 0;
+    long long tiles_g = (w_n || nb) ? cdv(std::max(w_n, 1), BM) * cdv(O, BN) : 0;
+    if (n_dh + tiles_g)
+        launch(n_dh + tiles_g * split, tile, [&] {
             sketched_linear_bwd_g<T, EXACT>(g.p(), h.p(), U1.p(), S2.p(), dh.p(), dU1.p(), dS2.p(), db.p(), ws2p, Tn, O, L, k,
-                                            scale, n_dh, n_dw, w_lo, w_n, split);
+                                            scale, n_dh, w_lo, w_n, split);
         });
     if (need_dh) {
         long long n_dx = nx ? cdv(Tn, BM) * cdv(I, BN) : 0, n_dw1 = cdv(I, BM) * cdv(c_n, BN) * split;
@@ -120,9 +121,10 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
                                             c_lo, c_n, split);
         });
     }
-    if (split > 1 && I * c_n + (long long)w_n * O > 0)
+    if (split > 1 && I * c_n + (long long)(w_n + nb) * O > 0)
         launch(7, 0, [&] {  // a short grid: the grid-stride loop takes several elements per thread
-            sketched_linear_bwd_sum<T>(ws1p, ws2p, dS1.p(), dU2.p(), dU1.p(), dS2.p(), I, O, L, k, c_lo, c_n, w_lo, w_n, split);
+            sketched_linear_bwd_sum<T>(ws1p, ws2p, dS1.p(), dU2.p(), dU1.p(), dS2.p(), db.p(), I, O, L, k, c_lo, c_n, w_lo, w_n,
+                                       split);
         });
     std::vector<double> DH(Tn * R);
     for (long long t = 0; t < Tn; ++t)

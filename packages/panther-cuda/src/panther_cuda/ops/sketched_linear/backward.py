@@ -2,6 +2,7 @@
 
 With g = dL/dy (T, O), s = 1/(2L), A = [S1 | U2], B = [U1; S2], H saved by the forward:
     launch 1 (reads g):  dH = s g Bᵀ (T, R) when dx, dS1 or dU2 is wanted;  d[U1; S2] = s Hᵀ g;  db = Σ_T g
+                         (db from the g tiles that the d[U1; S2] blocks load)
     launch 2 (reads dH): dx = dH Aᵀ;  d[S1 | U2] = xᵀ dH
     launch 3, when T is split: the weight gradients from their fp32 shares over T
 Only the gradients asked for are computed: a weight gradient's rows (columns) of the R axis have blocks
@@ -97,7 +98,7 @@ def sketched_linear_backward(
 
     w_lo, w_n = half_range(need_u1, need_s2, Lk)  # rows of d[U1; S2]
     c_lo, c_n = half_range(need_s1, need_u2, Lk)  # columns of d[S1 | U2]
-    tiles_g = cdiv(w_n, BM) * cdiv(O, BN)  # tiles of each weight product
+    tiles_g = cdiv(max(w_n, 1), BM) * cdiv(O, BN) if (w_n or need_b) else 0  # tiles of each weight product
     tiles_x = cdiv(I, BM) * cdiv(c_n, BN)
     if split is None:
         index = g.device.index if g.device.index is not None else torch.cuda.current_device()
@@ -106,17 +107,16 @@ def sketched_linear_backward(
     ws1 = ws2 = None
     if split > 1:  # fp32 shares of the weight gradients, summed by launch 3
         ws1 = torch.empty((split, I, c_n), device=g.device, dtype=torch.float32) if c_n else None
-        ws2 = torch.empty((split, w_n, O), device=g.device, dtype=torch.float32) if w_n else None
+        rows = w_n + (1 if need_b else 0)  # db's shares as one more row
+        ws2 = torch.empty((split, rows, O), device=g.device, dtype=torch.float32) if rows else None
 
     n_dh = cdiv(T, BM) * cdiv(R, BN) if need_dh else 0
-    n_dw = tiles_g * split
-    n_db = cdiv(O, NT) if need_b else 0
     dh = g2.new_empty((T, R)) if need_dh else None
-    if n_dh + n_dw + n_db:
+    if n_dh + tiles_g:
         kernel("backward.cu", "sketched_linear_bwd_g", x.dtype, exact)(
-            (n_dh + n_dw + n_db,), (NT,),
+            (n_dh + tiles_g * split,), (NT,),
             g2, h, U1c, S2c, dh, dU1, dS2, db, ws2, i64(T), i64(O), i32(L), i32(k), scale,
-            i64(n_dh), i64(n_dw), i32(w_lo), i32(w_n), i32(split),
+            i64(n_dh), i32(w_lo), i32(w_n), i32(split),
             shared_mem=shared,
         )
     if need_dh:
@@ -129,10 +129,10 @@ def sketched_linear_backward(
             shared_mem=shared,
         )
     if ws1 is not None or ws2 is not None:
-        n = I * c_n + w_n * O
+        n = I * c_n + (w_n + (1 if need_b else 0)) * O
         kernel("backward.cu", "sketched_linear_bwd_sum", x.dtype)(
             (min(cdiv(n, NT), SUM_BLOCKS),), (NT,),
-            ws1, ws2, dS1, dU2, dU1, dS2, i64(I), i64(O), i32(L), i32(k), i32(c_lo), i32(c_n), i32(w_lo), i32(w_n),
-            i32(split),
+            ws1, ws2, dS1, dU2, dU1, dS2, db, i64(I), i64(O), i32(L), i32(k), i32(c_lo), i32(c_n), i32(w_lo),
+            i32(w_n), i32(split),
         )
     return grads

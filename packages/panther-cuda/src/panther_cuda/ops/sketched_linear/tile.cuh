@@ -134,17 +134,23 @@ template <typename T> struct Acc<T, true> {
     }
 };
 
-// acc += Σ_{k0 <= k < K} a(m0 + r, k) b(k, n0 + c) for the tile at (m0, n0) of an M x N product,
+struct NoHook {
+    template <typename T> __device__ __forceinline__ void operator()(const T*, const T*) const {}
+};
+
+// acc += Σ_{k_begin <= k < K} a(m0 + r, k) b(k, n0 + c) for the tile at (m0, n0) of an M x N product,
 // through the shared tiles As (BM x BK) and Bs (BK x BN). A_ROW_FAST / B_ROW_FAST: the load order of
-// each operand (see fill_tile). Every thread of the block must call it (it synchronises).
-template <bool A_ROW_FAST, bool B_ROW_FAST, typename T, bool EXACT, typename FA, typename FB>
+// each operand (see fill_tile). hook(As, Bs) sees each step's tiles (for a sum taken on the side).
+// Every thread of the block must call it (it synchronises).
+template <bool A_ROW_FAST, bool B_ROW_FAST, typename T, bool EXACT, typename FA, typename FB, typename Hook = NoHook>
 __device__ __forceinline__ void gemm(Acc<T, EXACT>& acc, T* As, T* Bs, FA fa, FB fb, long long m0, long long n0,
-                                     long long M, long long N, long long K, long long k_begin = 0) {
+                                     long long M, long long N, long long K, long long k_begin = 0, Hook hook = {}) {
     for (long long k0 = k_begin; k0 < K; k0 += BK) {
         fill_tile<T, BM, BK, A_ROW_FAST>(As, LDA, fa, m0, k0, M, K);
         fill_tile<T, BK, BN, B_ROW_FAST>(Bs, LDB, fb, k0, n0, K, N);
         __syncthreads();
         acc.step(As, LDA, Bs, LDB);
+        hook(As, Bs);
         __syncthreads();
     }
 }
