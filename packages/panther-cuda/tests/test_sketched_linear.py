@@ -226,6 +226,23 @@ def test_three_dim_one_dim_and_non_contiguous_x(mode):
 
 
 @on_gpu
+@pytest.mark.parametrize("mode", ["float32", "bfloat16"])
+def test_sixteen_byte_loads_and_misaligned_inputs(mode):
+    """Sizes that are whole 16-byte runs take the vector loads; the same inputs 2 or 4 bytes past an
+    alignment take the scalar ones; both right."""
+    x, *w = make_inputs(150, 64, 96, 2, 16, DTYPES[mode])
+    run_and_compare(cuda_op, (x, *w), ALL, mode)
+    shifted = []
+    for t in (x, *w):
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        view = buf[1:].view(t.shape)
+        view.copy_(t)
+        assert view.data_ptr() % 16 != 0
+        shifted.append(view)
+    run_and_compare(cuda_op, shifted, ALL, mode)
+
+
+@on_gpu
 def test_non_contiguous_weights():
     x, S1s, S2s, U1s, U2s, b = make_inputs(20, 30, 40, 2, 5, torch.float32)
     S1t = S1s.transpose(1, 2).contiguous().transpose(1, 2)  # same values, (L, I, k) with strides of (L, k, I)
@@ -665,6 +682,12 @@ EMU_CASES = [
     ("float32", 0, 2, 190, 70, 90, 2, 40, 1, "001001"),  # dS2 (two row tiles of R) and db, in shares
     ("float16", 2, 1, 40, 70, 100, 1, 64, 1, "111111"),  # R = 128: H in one pass of two column chunks
     ("tf32", 1, 1, 30, 40, 50, 3, 32, 1, "110001"),  # R = 192: a pass of two chunks, then one of one
+    # I, O and k multiples of 16 bytes: the 16-byte loads, their runs cut by the ragged T and tile edges
+    ("bfloat16", 2, 1, 130, 96, 72, 1, 16, 1, "111111"),
+    ("bfloat16", 0, 3, 150, 200, 40, 2, 8, 0, "111111"),
+    ("float16", 1, 2, 100, 56, 136, 3, 8, 1, "111111"),
+    ("float32", 2, 1, 70, 36, 44, 2, 4, 1, "111111"),
+    ("tf32", 0, 2, 90, 100, 60, 1, 12, 1, "111111"),
 ]
 
 

@@ -17,6 +17,7 @@
 #define __shared__
 #define __align__(n) __attribute__((aligned(n)))
 struct Dim { unsigned x = 0, y = 0, z = 0; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
 inline thread_local Dim threadIdx, blockIdx;
 inline Dim gridDim;
 inline std::barrier<>* g_block_barrier;

@@ -34,11 +34,9 @@ __global__ void __launch_bounds__(NT) sketched_linear_bwd_g(
     if (block < n_dh_blocks) {  // dH = s g Bᵀ: A(t, o) = g[t, o], B(o, c) = [U1; S2](c, o)
         const int n_col_tiles = (R + BN - 1) / BN;
         const long long m0 = block / n_col_tiles * BM, n0 = block % n_col_tiles * BN;
-        const Stack<T> stack{U1, S2, O, Lk};
         Acc<T, EXACT> acc;
         acc.zero();
-        gemm<false, true>(acc, As, Bs, Dense<T, false>{g, O}, [=](long long o, long long c) { return stack(c, o); },
-                          m0, n0, Tn, R, O);
+        gemm(acc, As, Bs, Dense<T, false>{g, O}, Transposed<Stack<T>>{{U1, S2, O, Lk}}, m0, n0, Tn, R, O);
         acc.each([&](int r, int c, float v) {
             const long long t = m0 + r, col = n0 + c;
             if (t < Tn && col < R) dh[t * R + col] = from_float<T>(v * scale);
@@ -62,13 +60,13 @@ __global__ void __launch_bounds__(NT) sketched_linear_bwd_g(
     const int db_col = threadIdx.x % BN, db_row = threadIdx.x / BN * DB_ROWS;
     Acc<T, EXACT> acc;
     acc.zero();
-    gemm<true, false>(acc, As, Bs, Dense<T, true>{h + c_lo, R}, Dense<T, false>{g, O}, m0, n0, c_n, O, rows.end,
-                      rows.begin, [&](const T*, const T* gs) {
-                          if (with_db) {
+    gemm(acc, As, Bs, Dense<T, true>{h + c_lo, R}, Dense<T, false>{g, O}, m0, n0, c_n, O, rows.end, rows.begin,
+         [&](const T*, const T* gs) {
+             if (with_db) {
 #pragma unroll
-                              for (int r = 0; r < DB_ROWS; ++r) db_part += to_float(gs[(db_row + r) * LDB + db_col]);
-                          }
-                      });
+                 for (int r = 0; r < DB_ROWS; ++r) db_part += to_float(gs[(db_row + r) * LDB + db_col]);
+             }
+         });
     acc.each([&](int r, int c, float v) {
         const long long m = m0 + r, o = n0 + c;
         if (m < c_n && o < O) {
@@ -114,11 +112,9 @@ __global__ void __launch_bounds__(NT) sketched_linear_bwd_x(
     if (block < n_dx_blocks) {  // dx = dH Aᵀ: A(t, c) = dH[t, c], B(c, i) = A(i, c) = [S1 | U2](i, c)
         const long long n_col_tiles = cdiv(I, BN);
         const long long m0 = block / n_col_tiles * BM, n0 = block % n_col_tiles * BN;
-        const Side<T> side{S1, U2, I, L, k};
         Acc<T, EXACT> acc;
         acc.zero();
-        gemm<false, true>(acc, As, Bs, Dense<T, false>{dh, R}, [=](long long c, long long i) { return side(i, c); },
-                          m0, n0, Tn, I, R);
+        gemm(acc, As, Bs, Dense<T, false>{dh, R}, Transposed<Side<T>>{{S1, U2, I, L, k}}, m0, n0, Tn, I, R);
         acc.each([&](int r, int c, float v) {
             const long long t = m0 + r, i = n0 + c;
             if (t < Tn && i < I) dx[t * I + i] = from_float<T>(v);
@@ -136,8 +132,7 @@ __global__ void __launch_bounds__(NT) sketched_linear_bwd_x(
     const RowSplit rows(Tn, split, n_splits);
     Acc<T, EXACT> acc;
     acc.zero();
-    gemm<true, false>(acc, As, Bs, Dense<T, true>{x, I}, Dense<T, false>{dh + c_lo, R}, m0, n0, I, c_n, rows.end,
-                      rows.begin);
+    gemm(acc, As, Bs, Dense<T, true>{x, I}, Dense<T, false>{dh + c_lo, R}, m0, n0, I, c_n, rows.end, rows.begin);
     acc.each([&](int r, int c, float v) {
         const long long i = m0 + r, n = n0 + c;
         if (i < I && n < c_n) {

@@ -34,6 +34,7 @@ __global__ void __launch_bounds__(NT) sketched_linear_fwd_fused(
     const Dense<T, false> xs{x, I};
     const Side<T> a{S1, U2, I, L, k};
     const Stack<T> b{U1, S2, O, Lk};
+    const bool vx = xs.vec_ok(), va = a.vec_ok(), vb = b.vec_ok();
 
     // H = x A, two column chunks of BN per pass over I (each x tile feeds both): one pass for R <= 128
     for (int c0 = 0; c0 < R; c0 += 2 * BN) {
@@ -42,9 +43,9 @@ __global__ void __launch_bounds__(NT) sketched_linear_fwd_fused(
         acc.zero();
         acc2.zero();
         for (long long k0 = 0; k0 < I; k0 += BK) {
-            fill_tile<T, BM, BK, false>(As, LDA, xs, m0, k0, Tn, I);
-            fill_tile<T, BK, BN, false>(Bs, LDB, a, k0, c0, I, R);
-            if (two) fill_tile<T, BK, BN, false>(Bs2, LDB, a, k0, c0 + BN, I, R);
+            fill_tile<T, BM, BK>(As, LDA, xs, vx, m0, k0, Tn, I);
+            fill_tile<T, BK, BN>(Bs, LDB, a, va, k0, c0, I, R);
+            if (two) fill_tile<T, BK, BN>(Bs2, LDB, a, va, k0, c0 + BN, I, R);
             __syncthreads();
             acc.step(As, LDA, Bs, LDB);
             if (two) acc2.step(As, LDA, Bs2, LDB);
@@ -70,7 +71,7 @@ __global__ void __launch_bounds__(NT) sketched_linear_fwd_fused(
         Acc<T, EXACT> acc;
         acc.zero();
         for (int k0 = 0; k0 < R; k0 += BK) {
-            fill_tile<T, BK, BN, false>(Bs, LDB, b, k0, n0, R, O);
+            fill_tile<T, BK, BN>(Bs, LDB, b, vb, k0, n0, R, O);
             __syncthreads();
             acc.step(Hs + k0, ldh, Bs, LDB);
             __syncthreads();
@@ -100,7 +101,7 @@ __global__ void __launch_bounds__(NT) sketched_linear_fwd_h(
     const long long n0 = static_cast<long long>(blockIdx.x % n_col_tiles) * BN;
     Acc<T, EXACT> acc;
     acc.zero();
-    gemm<false, false>(acc, As, Bs, Dense<T, false>{x, I}, Side<T>{S1, U2, I, L, k}, m0, n0, Tn, R, I);
+    gemm(acc, As, Bs, Dense<T, false>{x, I}, Side<T>{S1, U2, I, L, k}, m0, n0, Tn, R, I);
     acc.each([&](int r, int c, float v) {
         const long long t = m0 + r, col = n0 + c;
         if (t < Tn && col < R) h[t * R + col] = from_float<T>(v);
@@ -122,7 +123,7 @@ __global__ void __launch_bounds__(NT) sketched_linear_fwd_y(
     const long long n0 = static_cast<long long>(blockIdx.x % n_col_tiles) * BN;
     Acc<T, EXACT> acc;
     acc.zero();
-    gemm<false, false>(acc, As, Bs, Dense<T, false>{h, R}, Stack<T>{U1, S2, O, Lk}, m0, n0, Tn, O, R);
+    gemm(acc, As, Bs, Dense<T, false>{h, R}, Stack<T>{U1, S2, O, Lk}, m0, n0, Tn, O, R);
     acc.each([&](int r, int c, float v) {
         const long long t = m0 + r, o = n0 + c;
         if (t < Tn && o < O) y[t * O + o] = from_float<T>(v * scale + (bias != nullptr ? to_float(bias[o]) : 0.0f));

@@ -20,22 +20,63 @@ constexpr int PAD = 8;   // elements added to each shared row
 constexpr int LDA = BK + PAD;  // As: BM x BK, row-major
 constexpr int LDB = BN + PAD;  // Bs: BK x BN, row-major
 // Shared memory of the A and B tiles, in elements (the fused forward has two B tiles and H besides);
-// common.py's tile_elements() and fused_bytes() say the same.
+// common.py's tile_elements() and fused_bytes() say the same. LDA, LDB, the tiles' sizes and H's row
+// (a multiple of BN, plus PAD) are multiples of 16 bytes, so every row of every tile starts aligned.
 constexpr int TILE_ELEMENTS = BM * LDA + BK * LDB;
 constexpr int FUSED_TILE_ELEMENTS = TILE_ELEMENTS + BK * LDB;
 
 __device__ __forceinline__ long long min_ll(long long a, long long b) { return a < b ? a : b; }
 
+// Elements of T in 16 bytes: the width of one vector load.
+template <typename T> struct Vec {
+    static constexpr int N = 16 / static_cast<int>(sizeof(T));
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<unsigned long long>(p) & 15) == 0; }
+
 // Fill the ROWS x COLS tile `s` (leading dimension ld) with f(r0 + r, c0 + c), zero where r0 + r >= nr
-// or c0 + c >= nc. ROW_FAST: consecutive threads take consecutive rows (coalesced when the operand is
-// contiguous along its rows, e.g. a transposed view), else consecutive columns.
-template <typename T, int ROWS, int COLS, bool ROW_FAST, typename F>
-__device__ __forceinline__ void fill_tile(T* s, int ld, F f, long long r0, long long c0, long long nr, long long nc) {
-    for (int idx = threadIdx.x; idx < ROWS * COLS; idx += NT) {
-        const int r = ROW_FAST ? idx % ROWS : idx / COLS;
-        const int c = ROW_FAST ? idx / ROWS : idx % COLS;
-        const long long gr = r0 + r, gc = c0 + c;
-        s[r * ld + c] = (gr < nr && gc < nc) ? f(gr, gc) : from_float<T>(0.0f);
+// or c0 + c >= nc. Consecutive threads take consecutive elements along the direction in which the
+// operand is contiguous (F::ROW_CONTIGUOUS: down its rows, e.g. a transposed view; else along them).
+// vec (f.vec_ok(), the same for the whole block): runs of Vec<T>::N elements there, starting at
+// multiples of Vec<T>::N, are 16-byte aligned in memory: one 16-byte load each, the scalar path for a
+// run cut by an edge; r0 and c0 are multiples of Vec<T>::N (tile origins and BK-aligned row shares).
+template <typename T, int ROWS, int COLS, typename F>
+__device__ __forceinline__ void fill_tile(T* s, int ld, const F& f, bool vec, long long r0, long long c0, long long nr,
+                                          long long nc) {
+    constexpr bool RC = F::ROW_CONTIGUOUS;
+    if (vec) {
+        constexpr int V = Vec<T>::N;
+        static_assert((RC ? ROWS : COLS) % V == 0 && COLS % V == 0, "tiles are whole runs of 16 bytes");
+        constexpr int RUNS = ROWS * COLS / V;
+        for (int run = threadIdx.x; run < RUNS; run += NT) {
+            const int r = RC ? run % (ROWS / V) * V : run / (COLS / V);
+            const int c = RC ? run / (ROWS / V) : run % (COLS / V) * V;
+            const long long gr = r0 + r, gc = c0 + c;
+            uint4 u;
+            T* v = reinterpret_cast<T*>(&u);
+            if (RC ? (gr + V <= nr && gc < nc) : (gr < nr && gc + V <= nc)) {
+                u = *reinterpret_cast<const uint4*>(f.ptr(gr, gc));
+            } else {
+#pragma unroll
+                for (int e = 0; e < V; ++e) {
+                    const long long er = RC ? gr + e : gr, ec = RC ? gc : gc + e;
+                    v[e] = (er < nr && ec < nc) ? *f.ptr(er, ec) : from_float<T>(0.0f);
+                }
+            }
+            if (RC) {
+#pragma unroll
+                for (int e = 0; e < V; ++e) s[(r + e) * ld + c] = v[e];
+            } else {
+                *reinterpret_cast<uint4*>(s + r * ld + c) = u;  // rows of the shared tiles are 16-byte aligned
+            }
+        }
+    } else {
+        for (int idx = threadIdx.x; idx < ROWS * COLS; idx += NT) {
+            const int r = RC ? idx % ROWS : idx / COLS;
+            const int c = RC ? idx / ROWS : idx % COLS;
+            const long long gr = r0 + r, gc = c0 + c;
+            s[r * ld + c] = (gr < nr && gc < nc) ? *f.ptr(gr, gc) : from_float<T>(0.0f);
+        }
     }
 }
 
@@ -139,15 +180,16 @@ struct NoHook {
 };
 
 // acc += Σ_{k_begin <= k < K} a(m0 + r, k) b(k, n0 + c) for the tile at (m0, n0) of an M x N product,
-// through the shared tiles As (BM x BK) and Bs (BK x BN). A_ROW_FAST / B_ROW_FAST: the load order of
-// each operand (see fill_tile). hook(As, Bs) sees each step's tiles (for a sum taken on the side).
-// Every thread of the block must call it (it synchronises).
-template <bool A_ROW_FAST, bool B_ROW_FAST, typename T, bool EXACT, typename FA, typename FB, typename Hook = NoHook>
-__device__ __forceinline__ void gemm(Acc<T, EXACT>& acc, T* As, T* Bs, FA fa, FB fb, long long m0, long long n0,
-                                     long long M, long long N, long long K, long long k_begin = 0, Hook hook = {}) {
+// through the shared tiles As (BM x BK) and Bs (BK x BN). hook(As, Bs) sees each step's tiles (for a
+// sum taken on the side). Every thread of the block must call it (it synchronises).
+template <typename T, bool EXACT, typename FA, typename FB, typename Hook = NoHook>
+__device__ __forceinline__ void gemm(Acc<T, EXACT>& acc, T* As, T* Bs, const FA& fa, const FB& fb, long long m0,
+                                     long long n0, long long M, long long N, long long K, long long k_begin = 0,
+                                     Hook hook = {}) {
+    const bool va = fa.vec_ok(), vb = fb.vec_ok();
     for (long long k0 = k_begin; k0 < K; k0 += BK) {
-        fill_tile<T, BM, BK, A_ROW_FAST>(As, LDA, fa, m0, k0, M, K);
-        fill_tile<T, BK, BN, B_ROW_FAST>(Bs, LDB, fb, k0, n0, K, N);
+        fill_tile<T, BM, BK>(As, LDA, fa, va, m0, k0, M, K);
+        fill_tile<T, BK, BN>(Bs, LDB, fb, vb, k0, n0, K, N);
         __syncthreads();
         acc.step(As, LDA, Bs, LDB);
         hook(As, Bs);
@@ -165,14 +207,18 @@ struct RowSplit {
     }
 };
 
+// Operands, read in place: ptr(r, c) is the address of element (r, c); ROW_CONTIGUOUS says along which
+// index consecutive elements sit in memory; vec_ok() whether fill_tile may read runs of 16 bytes.
+
 // The (L, rows, k) weights [W1 | W2] as one rows x 2Lk matrix: element (i, c), c = h Lk + l k + j, is
-// W_h[l, i, j] (S1s and U2s as A = [S1 | U2]).
+// W_h[l, i, j] (S1s and U2s as A = [S1 | U2]); contiguous along c within a term.
 template <typename T> struct Side {
+    static constexpr bool ROW_CONTIGUOUS = false;
     const T* w1;
     const T* w2;
     long long rows;
     int L, k;
-    __device__ __forceinline__ T operator()(long long i, long long c) const {
+    __device__ __forceinline__ const T* ptr(long long i, long long c) const {
         const int Lk = L * k;
         int cc = static_cast<int>(c);
         const T* w = w1;
@@ -180,30 +226,47 @@ template <typename T> struct Side {
             cc -= Lk;
             w = w2;
         }
-        return w[(static_cast<long long>(cc / k) * rows + i) * k + cc % k];
+        return w + (static_cast<long long>(cc / k) * rows + i) * k + cc % k;
     }
+    // runs of Vec<T>::N columns stay in one term of one half when k is a multiple of it
+    __device__ __forceinline__ bool vec_ok() const { return k % Vec<T>::N == 0 && aligned16(w1) && aligned16(w2); }
 };
 
 // The (L, k, cols) weights [W1; W2] as one 2Lk x cols matrix: element (c, o), c = h Lk + l k + j, is
 // W_h[l, j, o] (U1s and S2s as B = [U1; S2]); in a contiguous (L, k, cols) tensor that is (l k + j) cols + o.
 template <typename T> struct Stack {
+    static constexpr bool ROW_CONTIGUOUS = false;
     const T* w1;
     const T* w2;
     long long cols;
     int Lk;
-    __device__ __forceinline__ T operator()(long long c, long long o) const {
+    __device__ __forceinline__ const T* ptr(long long c, long long o) const {
         const int cc = static_cast<int>(c);
-        return cc < Lk ? w1[cc * cols + o] : w2[(cc - Lk) * cols + o];
+        return cc < Lk ? w1 + cc * cols + o : w2 + (cc - Lk) * cols + o;
+    }
+    __device__ __forceinline__ bool vec_ok() const {
+        return cols % Vec<T>::N == 0 && aligned16(w1) && aligned16(w2);
     }
 };
 
-// A contiguous rows x cols matrix, read as (r, c) or, TRANSPOSED, as its transpose (c, r).
+// A contiguous rows x cols matrix with leading dimension ld, read as (r, c) or, TRANSPOSED, as its
+// transpose (element (r, c) at p[c ld + r]).
 template <typename T, bool TRANSPOSED> struct Dense {
+    static constexpr bool ROW_CONTIGUOUS = TRANSPOSED;
     const T* p;
     long long ld;
-    __device__ __forceinline__ T operator()(long long r, long long c) const {
-        return TRANSPOSED ? p[c * ld + r] : p[r * ld + c];
+    __device__ __forceinline__ const T* ptr(long long r, long long c) const {
+        return TRANSPOSED ? p + c * ld + r : p + r * ld + c;
     }
+    __device__ __forceinline__ bool vec_ok() const { return ld % Vec<T>::N == 0 && aligned16(p); }
+};
+
+// The transpose of another operand: element (r, c) is f's (c, r).
+template <typename F> struct Transposed {
+    static constexpr bool ROW_CONTIGUOUS = !F::ROW_CONTIGUOUS;
+    F f;
+    __device__ __forceinline__ auto ptr(long long r, long long c) const { return f.ptr(c, r); }
+    __device__ __forceinline__ bool vec_ok() const { return f.vec_ok(); }
 };
 
 // Fail loudly if the launch gave less dynamic shared memory than the kernel carves out.
