@@ -1,10 +1,11 @@
 // Block-level tiles of the sketched linear kernels: a BM x BN fp32 accumulator per block of NT threads,
 // filled BK at a time from shared-memory tiles, on the tensor cores (Mma<T>) or, for exact float32, FFMA.
 //
-// Every product of the op is C (M x N) = Σ_k a(m, k) b(k, n) with `a` and `b` functors that read the
-// operands in place (the (L, ., k) weights indexed by column c = l k + j, transposes by swapped
-// indices); gemm() loads their tiles into shared memory, zero outside the M x K and K x N edges, so
-// every size is covered by the same loop. Included by forward.cu and backward.cu (NVRTC: -I this folder).
+// Every product of the op is C (M x N) = Σ_k a(m, k) b(k, n) with operands `a` and `b` that read the
+// tensors in place (Side / Stack: the (L, ., k) weights indexed by column c = l k + j; Dense; Transposed);
+// gemm() loads their tiles into shared memory, 16 bytes at a time where sizes and pointers are aligned,
+// zero outside the M x K and K x N edges, so every size is covered by the same loop. Included by
+// forward.cu and backward.cu (NVRTC: -I this folder).
 #pragma once
 
 #include "panther_cuda/common.cuh"
