@@ -1,0 +1,138 @@
+"""Backward of the sketched linear op on the CUDA kernels of backward.cu, in at most three launches.
+
+With g = dL/dy (T, O), s = 1/(2L), A = [S1 | U2], B = [U1; S2], H saved by the forward:
+    launch 1 (reads g):  dH = s g Bᵀ (T, R) when dx, dS1 or dU2 is wanted;  d[U1; S2] = s Hᵀ g;  db = Σ_T g
+                         (db from the g tiles that the d[U1; S2] blocks load)
+    launch 2 (reads dH): dx = dH Aᵀ;  d[S1 | U2] = xᵀ dH
+    launch 3, when T is split: the weight gradients from their fp32 shares over T
+Only the gradients asked for are computed: a weight gradient's rows (columns) of the R axis have blocks
+only when that gradient is wanted, and launch 2 runs only when dx, dS1 or dU2 is. dH is a workspace in
+the input dtype (rounded once, as the reference's dH). g and x are read as contiguous matrices.
+
+The weight gradients reduce over all T rows, on few tiles when I, O and R are small: :func:`split_rule`
+splits T into shares (summed by launch 3) until their blocks fill the SMs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from panther.backends.toolkit import cdiv, multiprocessors
+from panther_cuda._nvrtc import f32, i32, i64
+from panther_cuda.ops.sketched_linear.common import contiguous_2d, is_exact, kernel, tile_bytes
+from panther_cuda.ops.sketched_linear.limits import BM, BN, NT
+
+Grads = Tuple[Optional[torch.Tensor], ...]
+
+
+def half_range(first: bool, second: bool, Lk: int) -> Tuple[int, int]:
+    """(c_lo, c_n): the columns of the R = 2Lk axis whose gradient is wanted, when the first half
+    (U1 / S1, columns < Lk) and / or the second (S2 / U2) is. (0, 0) when neither."""
+    if first and second:
+        return 0, 2 * Lk
+    if first:
+        return 0, Lk
+    if second:
+        return Lk, Lk
+    return 0, 0
+
+
+SPLIT_ROWS = 512  # rows of T a share of the weight gradients keeps at least (about)
+MAX_SPLIT = 64
+SUM_BLOCKS = 4096  # grid of launch 3 (a grid-stride loop over the gradients' elements)
+
+
+def split_rule(T: int, weight_tiles: int, sms: int) -> int:
+    """Shares of T for the weight gradients: the largest power of two s <= MAX_SPLIT with T / s >=
+    SPLIT_ROWS and weight_tiles * s <= sms (1 when the tiles alone fill the SMs, or T is short)."""
+    s = 1
+    while 2 * s <= min(MAX_SPLIT, T // SPLIT_ROWS) and weight_tiles * 2 * s <= sms:
+        s *= 2
+    return s
+
+
+def sketched_linear_backward(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    h: torch.Tensor,
+    S1s: torch.Tensor,
+    S2s: torch.Tensor,
+    U1s: torch.Tensor,
+    U2s: torch.Tensor,
+    needs: Sequence[bool] = (True, True, True, False, False, True),
+    allow_tf32: bool = True,
+    out: Optional[Sequence[torch.Tensor]] = None,
+    split: Optional[int] = None,
+) -> Grads:
+    """Launch the backward kernels on the current CUDA device and stream for dL/dy = g (..., O).
+
+    ``needs`` says which of (x, S1s, S2s, U1s, U2s, bias) want a gradient (False for an absent bias);
+    returns (dx, dS1, dS2, dU1, dU2, db), None where not wanted. ``h`` is the forward's H. ``out``:
+    the gradients to write (contiguous tensors of their inputs' shapes where wanted; allocated here
+    when None). ``split``: shares of T for the weight gradients (default: :func:`split_rule`).
+    """
+    L, I, k = S1s.shape
+    O = S2s.shape[-1]
+    Lk, R = L * k, 2 * L * k
+    need_x, need_s1, need_s2, need_u1, need_u2, need_b = (bool(n) for n in needs)
+    shapes = (x.shape, (L, I, k), (L, k, O), (L, k, O), (L, I, k), (O,))
+    wanted = (need_x, need_s1, need_s2, need_u1, need_u2, need_b)
+    if out is None:
+        out = [torch.empty(s, device=g.device, dtype=x.dtype) if n else None for s, n in zip(shapes, wanted)]
+    grads = tuple(t if n else None for t, n in zip(out, wanted))
+    dx, dS1, dS2, dU1, dU2, db = grads
+    g2 = contiguous_2d(g, O)
+    T = g2.shape[0]
+    if T == 0:  # sums over no rows
+        for t in (dS1, dS2, dU1, dU2, db):
+            if t is not None:
+                t.zero_()
+        return grads
+    need_dh = need_x or need_s1 or need_u2
+    exact = is_exact(x.dtype, allow_tf32)
+    shared = tile_bytes(x.dtype)
+    S1c, S2c, U1c, U2c = S1s.contiguous(), S2s.contiguous(), U1s.contiguous(), U2s.contiguous()
+    scale = f32(1.0 / (2 * L))
+
+    w_lo, w_n = half_range(need_u1, need_s2, Lk)  # rows of d[U1; S2]
+    c_lo, c_n = half_range(need_s1, need_u2, Lk)  # columns of d[S1 | U2]
+    tiles_g = cdiv(max(w_n, 1), BM) * cdiv(O, BN) if (w_n or need_b) else 0  # tiles of each weight product
+    tiles_x = cdiv(I, BM) * cdiv(c_n, BN)
+    if split is None:
+        index = g.device.index if g.device.index is not None else torch.cuda.current_device()
+        split = split_rule(T, max(tiles_g, tiles_x), multiprocessors(index)) if tiles_g + tiles_x else 1
+    split = max(1, min(int(split), T))
+    ws1 = ws2 = None
+    if split > 1:  # fp32 shares of the weight gradients, summed by launch 3
+        ws1 = torch.empty((split, I, c_n), device=g.device, dtype=torch.float32) if c_n else None
+        rows = w_n + (1 if need_b else 0)  # db's shares as one more row
+        ws2 = torch.empty((split, rows, O), device=g.device, dtype=torch.float32) if rows else None
+
+    n_dh = cdiv(T, BM) * cdiv(R, BN) if need_dh else 0
+    dh = g2.new_empty((T, R)) if need_dh else None
+    if n_dh + tiles_g:
+        kernel("backward.cu", "sketched_linear_bwd_g", x.dtype, exact)(
+            (n_dh + tiles_g * split,), (NT,),
+            g2, h, U1c, S2c, dh, dU1, dS2, db, ws2, i64(T), i64(O), i32(L), i32(k), scale,
+            i64(n_dh), i32(w_lo), i32(w_n), i32(split),
+            shared_mem=shared,
+        )
+    if need_dh:
+        x2 = contiguous_2d(x, I)
+        n_dx = cdiv(T, BM) * cdiv(I, BN) if need_x else 0
+        kernel("backward.cu", "sketched_linear_bwd_x", x.dtype, exact)(
+            (n_dx + tiles_x * split,), (NT,),
+            x2, dh, S1c, U2c, dx, dS1, dU2, ws1, i64(T), i64(I), i32(L), i32(k), i64(n_dx), i32(c_lo), i32(c_n),
+            i32(split),
+            shared_mem=shared,
+        )
+    if ws1 is not None or ws2 is not None:
+        n = I * c_n + (w_n + (1 if need_b else 0)) * O
+        kernel("backward.cu", "sketched_linear_bwd_sum", x.dtype)(
+            (min(cdiv(n, NT), SUM_BLOCKS),), (NT,),
+            ws1, ws2, dS1, dU2, dU1, dS2, db, i64(I), i64(O), i32(L), i32(k), i32(c_lo), i32(c_n), i32(w_lo),
+            i32(w_n), i32(split),
+        )
+    return grads

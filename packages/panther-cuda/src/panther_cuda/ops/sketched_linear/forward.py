@@ -1,0 +1,113 @@
+"""Forward of the sketched linear op on the CUDA kernels of forward.cu: y = H B / (2L) + b, H = x A.
+
+x (..., I) is read as a contiguous (T, I) matrix (a view where its strides allow, else one copy); the
+weights as contiguous tensors (parameters already are: no copy). A = [S1 | U2] and B = [U1; S2] are
+indexed in place by the kernels, never concatenated. H (T, R), R = 2Lk, is returned for the backward.
+
+Plans (:func:`plan_forward`):
+* fused (R <= FUSED_MAX_R and its shared memory fits the device): one launch, H on chip; ``o_groups``
+  blocks per row tile of BM rows (each recomputing H) until the grid fills the SMs, at most one per
+  BN output columns;
+* otherwise two launches: H = x A, then y = H B / (2L) + b.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+import torch
+
+from panther.backends.toolkit import BoundedCache, cdiv, multiprocessors, shared_memory_per_block
+from panther_cuda._nvrtc import f32, i32, i64
+from panther_cuda.ops.sketched_linear.common import contiguous_2d, fused_bytes, is_exact, kernel, tile_bytes
+from panther_cuda.ops.sketched_linear.limits import BM, BN, FUSED_MAX_R, NT
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardPlan:
+    fused: bool  # one launch, H in shared memory
+    o_groups: int = 1  # fused: blocks sharing a row tile, each writing a share of y's columns
+
+
+def forward_rule(T: int, O: int, R: int, dtype: torch.dtype, sms: int, shared_limit: int) -> ForwardPlan:
+    """The plan for a shape on a device with ``sms`` SMs and ``shared_limit`` bytes of shared memory per block."""
+    if R > FUSED_MAX_R or fused_bytes(R, dtype) > shared_limit:
+        return ForwardPlan(fused=False)
+    row_tiles, groups, cap = cdiv(T, BM), 1, cdiv(O, BN)
+    while 2 * groups <= cap and row_tiles * 2 * groups <= sms:
+        groups *= 2
+    return ForwardPlan(fused=True, o_groups=groups)
+
+
+_plans = BoundedCache()
+
+
+def plan_forward(T: int, O: int, R: int, dtype: torch.dtype, device: torch.device) -> ForwardPlan:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (T, O, R, dtype, index)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans.put(key, forward_rule(T, O, R, dtype, multiprocessors(index), shared_memory_per_block(index)))
+    return plan
+
+
+def forward_outputs(x, S1s, S2s, U1s=None, U2s=None, bias=None, allow_tf32=True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """y (..., O), contiguous and no view of another buffer (autograd forbids in-place ops on views a
+    custom Function returns), and H (T, 2Lk): what the forward writes (the library op's fake too)."""
+    L, I, k = S1s.shape
+    O = S2s.shape[-1]
+    T = x.numel() // I if I else 0
+    return x.new_empty((*x.shape[:-1], O)), x.new_empty((T, 2 * L * k))
+
+
+def sketched_linear_forward(
+    x: torch.Tensor,
+    S1s: torch.Tensor,
+    S2s: torch.Tensor,
+    U1s: torch.Tensor,
+    U2s: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    allow_tf32: bool = True,
+    out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    plan: Optional[ForwardPlan] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernels on the current CUDA device and stream; returns (y, H).
+
+    ``out``: what :func:`forward_outputs` returns (allocated here when None). ``plan`` forces a plan
+    (tests covering both paths); a fused plan whose H does not fit falls back to two launches.
+    """
+    y, h = forward_outputs(x, S1s, S2s) if out is None else out
+    L, I, k = S1s.shape
+    O = S2s.shape[-1]
+    R = 2 * L * k
+    x2 = contiguous_2d(x, I)
+    T = x2.shape[0]
+    if T == 0:
+        return y, h
+    S1c, S2c, U1c, U2c = S1s.contiguous(), S2s.contiguous(), U1s.contiguous(), U2s.contiguous()
+    b = bias.contiguous() if bias is not None else None
+    if plan is None:
+        plan = plan_forward(T, O, R, x.dtype, x.device)
+    elif plan.fused and R > FUSED_MAX_R:
+        plan = ForwardPlan(fused=False)
+    exact = is_exact(x.dtype, allow_tf32)
+    scale = f32(1.0 / (2 * L))
+    if plan.fused:
+        kernel("forward.cu", "sketched_linear_fwd_fused", x.dtype, exact)(
+            (cdiv(T, BM) * plan.o_groups,), (NT,),
+            x2, S1c, U2c, U1c, S2c, b, y, h, i64(T), i64(I), i64(O), i32(L), i32(k), i32(plan.o_groups), scale,
+            shared_mem=fused_bytes(R, x.dtype),
+        )
+    else:
+        kernel("forward.cu", "sketched_linear_fwd_h", x.dtype, exact)(
+            (cdiv(T, BM) * cdiv(R, BN),), (NT,),
+            x2, S1c, U2c, h, i64(T), i64(I), i32(L), i32(k),
+            shared_mem=tile_bytes(x.dtype),
+        )
+        kernel("forward.cu", "sketched_linear_fwd_y", x.dtype, exact)(
+            (cdiv(T, BM) * cdiv(O, BN),), (NT,),
+            h, U1c, S2c, b, y, i64(T), i64(O), i32(L), i32(k), scale,
+            shared_mem=tile_bytes(x.dtype),
+        )
+    return y, h

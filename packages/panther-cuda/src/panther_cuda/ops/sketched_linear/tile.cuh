@@ -1,0 +1,281 @@
+// Block-level tiles of the sketched linear kernels: a BM x BN fp32 accumulator per block of NT threads,
+// filled BK at a time from shared-memory tiles, on the tensor cores (Mma<T>) or, for exact float32, FFMA.
+//
+// Every product of the op is C (M x N) = Σ_k a(m, k) b(k, n) with operands `a` and `b` that read the
+// tensors in place (Side / Stack: the (L, ., k) weights indexed by column c = l k + j; Dense; Transposed);
+// gemm() loads their tiles into shared memory, 16 bytes at a time where sizes and pointers are aligned,
+// zero outside the M x K and K x N edges, so every size is covered by the same loop. Included by
+// forward.cu and backward.cu (NVRTC: -I this folder).
+#pragma once
+
+#include "panther_cuda/common.cuh"
+
+namespace panther {
+namespace sl {
+
+constexpr int BM = 64;   // rows of a block's tile
+constexpr int BN = 64;   // columns of a block's tile
+constexpr int BK = 32;   // depth of one shared-memory step (a multiple of Mma<T>::K: 16 and 8)
+constexpr int NT = 128;  // threads of a block: 4 warps, 2 x 2 warp tiles of 32 x 32
+constexpr int PAD = 8;   // elements added to each shared row
+constexpr int LDA = BK + PAD;  // As: BM x BK, row-major
+constexpr int LDB = BN + PAD;  // Bs: BK x BN, row-major
+// Shared memory of the A and B tiles, in elements (the fused forward has two B tiles and H besides);
+// common.py's tile_elements() and fused_bytes() say the same. LDA, LDB, the tiles' sizes and H's row
+// (a multiple of BN, plus PAD) are multiples of 16 bytes, so every row of every tile starts aligned.
+constexpr int TILE_ELEMENTS = BM * LDA + BK * LDB;
+constexpr int FUSED_TILE_ELEMENTS = TILE_ELEMENTS + BK * LDB;
+
+__device__ __forceinline__ long long min_ll(long long a, long long b) { return a < b ? a : b; }
+
+// Elements of T in 16 bytes: the width of one vector load.
+template <typename T> struct Vec {
+    static constexpr int N = 16 / static_cast<int>(sizeof(T));
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<unsigned long long>(p) & 15) == 0; }
+
+// Fill the ROWS x COLS tile `s` (leading dimension ld) with f(r0 + r, c0 + c), zero where r0 + r >= nr
+// or c0 + c >= nc. Consecutive threads take consecutive elements along the direction in which the
+// operand is contiguous (F::ROW_CONTIGUOUS: down its rows, e.g. a transposed view; else along them).
+// vec (f.vec_ok(), the same for the whole block): runs of Vec<T>::N elements there, starting at
+// multiples of Vec<T>::N, are 16-byte aligned in memory: one 16-byte load each, the scalar path for a
+// run cut by an edge; r0 and c0 are multiples of Vec<T>::N (tile origins and BK-aligned row shares).
+template <typename T, int ROWS, int COLS, typename F>
+__device__ __forceinline__ void fill_tile(T* s, int ld, const F& f, bool vec, long long r0, long long c0, long long nr,
+                                          long long nc) {
+    constexpr bool RC = F::ROW_CONTIGUOUS;
+    if (vec) {
+        constexpr int V = Vec<T>::N;
+        static_assert((RC ? ROWS : COLS) % V == 0 && COLS % V == 0, "tiles are whole runs of 16 bytes");
+        constexpr int RUNS = ROWS * COLS / V;
+        for (int run = threadIdx.x; run < RUNS; run += NT) {
+            const int r = RC ? run % (ROWS / V) * V : run / (COLS / V);
+            const int c = RC ? run / (ROWS / V) : run % (COLS / V) * V;
+            const long long gr = r0 + r, gc = c0 + c;
+            uint4 u;
+            T* v = reinterpret_cast<T*>(&u);
+            if (RC ? (gr + V <= nr && gc < nc) : (gr < nr && gc + V <= nc)) {
+                u = *reinterpret_cast<const uint4*>(f.ptr(gr, gc));
+            } else {
+#pragma unroll
+                for (int e = 0; e < V; ++e) {
+                    const long long er = RC ? gr + e : gr, ec = RC ? gc : gc + e;
+                    v[e] = (er < nr && ec < nc) ? *f.ptr(er, ec) : from_float<T>(0.0f);
+                }
+            }
+            if (RC) {
+#pragma unroll
+                for (int e = 0; e < V; ++e) s[(r + e) * ld + c] = v[e];
+            } else {
+                *reinterpret_cast<uint4*>(s + r * ld + c) = u;  // rows of the shared tiles are 16-byte aligned
+            }
+        }
+    } else {
+        for (int idx = threadIdx.x; idx < ROWS * COLS; idx += NT) {
+            const int r = RC ? idx % ROWS : idx / COLS;
+            const int c = RC ? idx / ROWS : idx % COLS;
+            const long long gr = r0 + r, gc = c0 + c;
+            s[r * ld + c] = (gr < nr && gc < nc) ? *f.ptr(gr, gc) : from_float<T>(0.0f);
+        }
+    }
+}
+
+template <typename T, bool EXACT> struct Acc;
+
+// Tensor cores: warp w owns rows (w / 2) * 32 .. +32 and columns (w % 2) * 32 .. +32 of the tile, as
+// MI x NI mma tiles of 16 x 8.
+template <typename T> struct Acc<T, false> {
+    static constexpr int MI = BM / 2 / 16, NI = BN / 2 / 8;
+    float d[MI][NI][4];
+
+    __device__ __forceinline__ void zero() {
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) d[mi][ni][i] = 0.0f;
+    }
+
+    // d += As Bs for the BM x BK tile As (leading dimension lda) and the BK x BN tile Bs (ldb).
+    __device__ __forceinline__ void step(const T* As, int lda, const T* Bs, int ldb) {
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        const int wm = (warp >> 1) * (BM / 2), wn = (warp & 1) * (BN / 2);
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += Mma<T>::K) {
+            unsigned a[MI][4], b[NI][2];
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi) {
+                const T* base = As + (wm + mi * 16) * lda + kk;
+                load_a<T>(a[mi], [&](int r, int c) { return base[r * lda + c]; }, lane);
+            }
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni) {
+                const T* base = Bs + kk * ldb + wn + ni * 8;
+                load_b<T>(b[ni], [&](int r, int c) { return base[r * ldb + c]; }, lane);
+            }
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < NI; ++ni) Mma<T>::run(d[mi][ni], a[mi], b[ni]);
+        }
+    }
+
+    // f(row, col, value) for each element this thread holds, in tile coordinates.
+    template <typename F> __device__ __forceinline__ void each(F f) const {
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        const int wm = (warp >> 1) * (BM / 2), wn = (warp & 1) * (BN / 2);
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+                    f(wm + mi * 16 + acc_row(lane, i), wn + ni * 8 + acc_col(lane, i), d[mi][ni][i]);
+    }
+};
+
+// Exact float32 (matmul precision "highest"): FFMA, thread t owns rows (t / CT) * TM .. +TM and
+// columns (t % CT) * TN .. +TN of the tile.
+template <typename T> struct Acc<T, true> {
+    static_assert(sizeof(T) == 4, "exact products are for float32; 16-bit types use the tensor cores");
+    static constexpr int TN = 8, CT = BN / TN, TM = BM / (NT / CT);
+    static_assert(CT * (NT / CT) == NT && TM * (NT / CT) == BM, "FFMA thread tiles must cover the block tile");
+    float d[TM][TN];
+
+    __device__ __forceinline__ void zero() {
+#pragma unroll
+        for (int i = 0; i < TM; ++i)
+#pragma unroll
+            for (int j = 0; j < TN; ++j) d[i][j] = 0.0f;
+    }
+
+    __device__ __forceinline__ void step(const T* As, int lda, const T* Bs, int ldb) {
+        const int r0 = (threadIdx.x / CT) * TM, c0 = (threadIdx.x % CT) * TN;
+#pragma unroll 4
+        for (int kk = 0; kk < BK; ++kk) {
+            float a[TM], b[TN];
+#pragma unroll
+            for (int i = 0; i < TM; ++i) a[i] = to_float(As[(r0 + i) * lda + kk]);
+#pragma unroll
+            for (int j = 0; j < TN; ++j) b[j] = to_float(Bs[kk * ldb + c0 + j]);
+#pragma unroll
+            for (int i = 0; i < TM; ++i)
+#pragma unroll
+                for (int j = 0; j < TN; ++j) d[i][j] = fmaf(a[i], b[j], d[i][j]);
+        }
+    }
+
+    template <typename F> __device__ __forceinline__ void each(F f) const {
+        const int r0 = (threadIdx.x / CT) * TM, c0 = (threadIdx.x % CT) * TN;
+#pragma unroll
+        for (int i = 0; i < TM; ++i)
+#pragma unroll
+            for (int j = 0; j < TN; ++j) f(r0 + i, c0 + j, d[i][j]);
+    }
+};
+
+struct NoHook {
+    template <typename T> __device__ __forceinline__ void operator()(const T*, const T*) const {}
+};
+
+// acc += Σ_{k_begin <= k < K} a(m0 + r, k) b(k, n0 + c) for the tile at (m0, n0) of an M x N product,
+// through the shared tiles As (BM x BK) and Bs (BK x BN). hook(As, Bs) sees each step's tiles (for a
+// sum taken on the side). Every thread of the block must call it (it synchronises).
+template <typename T, bool EXACT, typename FA, typename FB, typename Hook = NoHook>
+__device__ __forceinline__ void gemm(Acc<T, EXACT>& acc, T* As, T* Bs, const FA& fa, const FB& fb, long long m0,
+                                     long long n0, long long M, long long N, long long K, long long k_begin = 0,
+                                     Hook hook = {}) {
+    const bool va = fa.vec_ok(), vb = fb.vec_ok();
+    for (long long k0 = k_begin; k0 < K; k0 += BK) {
+        fill_tile<T, BM, BK>(As, LDA, fa, va, m0, k0, M, K);
+        fill_tile<T, BK, BN>(Bs, LDB, fb, vb, k0, n0, K, N);
+        __syncthreads();
+        acc.step(As, LDA, Bs, LDB);
+        hook(As, Bs);
+        __syncthreads();
+    }
+}
+
+// Rows [begin, end) of T that split s of n_splits sums over: BK-aligned shares (empty past T).
+struct RowSplit {
+    long long begin, end;
+    __device__ __forceinline__ RowSplit(long long Tn, int s, int n_splits) {
+        const long long per = cdiv(cdiv(Tn, n_splits), BK) * BK;
+        begin = min_ll(Tn, s * per);
+        end = min_ll(Tn, begin + per);
+    }
+};
+
+// Operands, read in place: ptr(r, c) is the address of element (r, c); ROW_CONTIGUOUS says along which
+// index consecutive elements sit in memory; vec_ok() whether fill_tile may read runs of 16 bytes.
+
+// The (L, rows, k) weights [W1 | W2] as one rows x 2Lk matrix: element (i, c), c = h Lk + l k + j, is
+// W_h[l, i, j] (S1s and U2s as A = [S1 | U2]); contiguous along c within a term.
+template <typename T> struct Side {
+    static constexpr bool ROW_CONTIGUOUS = false;
+    const T* w1;
+    const T* w2;
+    long long rows;
+    int L, k;
+    __device__ __forceinline__ const T* ptr(long long i, long long c) const {
+        const int Lk = L * k;
+        int cc = static_cast<int>(c);
+        const T* w = w1;
+        if (cc >= Lk) {
+            cc -= Lk;
+            w = w2;
+        }
+        return w + (static_cast<long long>(cc / k) * rows + i) * k + cc % k;
+    }
+    // runs of Vec<T>::N columns stay in one term of one half when k is a multiple of it
+    __device__ __forceinline__ bool vec_ok() const { return k % Vec<T>::N == 0 && aligned16(w1) && aligned16(w2); }
+};
+
+// The (L, k, cols) weights [W1; W2] as one 2Lk x cols matrix: element (c, o), c = h Lk + l k + j, is
+// W_h[l, j, o] (U1s and S2s as B = [U1; S2]); in a contiguous (L, k, cols) tensor that is (l k + j) cols + o.
+template <typename T> struct Stack {
+    static constexpr bool ROW_CONTIGUOUS = false;
+    const T* w1;
+    const T* w2;
+    long long cols;
+    int Lk;
+    __device__ __forceinline__ const T* ptr(long long c, long long o) const {
+        const int cc = static_cast<int>(c);
+        return cc < Lk ? w1 + cc * cols + o : w2 + (cc - Lk) * cols + o;
+    }
+    __device__ __forceinline__ bool vec_ok() const {
+        return cols % Vec<T>::N == 0 && aligned16(w1) && aligned16(w2);
+    }
+};
+
+// A contiguous rows x cols matrix with leading dimension ld, read as (r, c) or, TRANSPOSED, as its
+// transpose (element (r, c) at p[c ld + r]).
+template <typename T, bool TRANSPOSED> struct Dense {
+    static constexpr bool ROW_CONTIGUOUS = TRANSPOSED;
+    const T* p;
+    long long ld;
+    __device__ __forceinline__ const T* ptr(long long r, long long c) const {
+        return TRANSPOSED ? p + c * ld + r : p + r * ld + c;
+    }
+    __device__ __forceinline__ bool vec_ok() const { return ld % Vec<T>::N == 0 && aligned16(p); }
+};
+
+// The transpose of another operand: element (r, c) is f's (c, r).
+template <typename F> struct Transposed {
+    static constexpr bool ROW_CONTIGUOUS = !F::ROW_CONTIGUOUS;
+    F f;
+    __device__ __forceinline__ auto ptr(long long r, long long c) const { return f.ptr(c, r); }
+    __device__ __forceinline__ bool vec_ok() const { return f.vec_ok(); }
+};
+
+// Fail loudly if the launch gave less dynamic shared memory than the kernel carves out.
+__device__ __forceinline__ void require_shared(unsigned bytes) {
+    unsigned have;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(have));
+    if (have < bytes) __trap();
+}
+
+}  // namespace sl
+}  // namespace panther

@@ -1,0 +1,86 @@
+// Host emulation of the CUDA features the sketched linear kernels use, so that the real .cu sources
+// compile with a C++20 host compiler and run on the CPU: thread and block indices (one std::thread per
+// CUDA thread), __syncthreads (a barrier per block), dynamic shared memory, __half / __nv_bfloat16
+// with round-to-nearest conversions, cvt.rna.tf32, and mma.sync (each lane's fragments are gathered
+// per warp and the product taken from the PTX ISA fragment layouts, written out here independently of
+// common.cuh's loaders). The test substitutes this for common.cuh's includes and inline assembly.
+#pragma once
+#include <barrier>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <cstdio>
+#define __device__
+#define __global__
+#define __forceinline__ inline
+#define __launch_bounds__(n)
+#define __shared__
+#define __align__(n) __attribute__((aligned(n)))
+struct Dim { unsigned x = 0, y = 0, z = 0; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+inline thread_local Dim threadIdx, blockIdx;
+inline Dim gridDim;
+inline std::barrier<>* g_block_barrier;
+inline std::barrier<>* g_warp_barrier[4];
+inline unsigned g_dynamic_smem;
+#define __syncthreads() g_block_barrier->arrive_and_wait()
+#define __trap() (std::fprintf(stderr, "trap: dynamic shared memory too small\n"), std::abort())
+// the one inline assembly left in the kernels, tile.cuh's require_shared: `have` = the dynamic shared memory
+#define asm(...) (have = g_dynamic_smem)
+
+struct __half { _Float16 v; };
+inline float __half2float(__half h) { return (float)h.v; }
+inline __half __float2half_rn(float f) { __half h; h.v = (_Float16)f; return h; }
+struct __nv_bfloat16 { unsigned short bits; };
+inline float __bfloat162float(__nv_bfloat16 b) { unsigned u = (unsigned)b.bits << 16; float f; std::memcpy(&f, &u, 4); return f; }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    unsigned u; std::memcpy(&u, &f, 4); u += 0x7fffu + ((u >> 16) & 1u); __nv_bfloat16 b; b.bits = (unsigned short)(u >> 16); return b;
+}
+inline unsigned emu_to_tf32(float v) {  // round to nearest, ties away, keep 10 mantissa bits
+    unsigned u; std::memcpy(&u, &v, 4); u += 0x1000u; u &= 0xffffe000u; return u;
+}
+inline float emu_bits_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+struct WarpScratch { unsigned a[32][4]; unsigned b[32][2]; };
+inline WarpScratch g_scratch[4];
+
+template <typename T> inline float emu_half_value(unsigned short bits) {
+    T t; std::memcpy(&t, &bits, 2);
+    if constexpr (sizeof(T) == 2 && requires { t.bits; }) return __bfloat162float(t); else return __half2float(t);
+}
+
+// mma.sync m16n8k16 (16-bit) / m16n8k8 (tf32), fragments per the PTX ISA layouts.
+template <typename T, int K> inline void emu_mma(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    std::memcpy(g_scratch[w].a[lane], a, sizeof(a));
+    std::memcpy(g_scratch[w].b[lane], b, sizeof(b));
+    g_warp_barrier[w]->arrive_and_wait();
+    float A[16][16] = {}, B[16][8] = {};
+    for (int l = 0; l < 32; ++l) {
+        const int g = l >> 2, t = l & 3;
+        const unsigned* ra = g_scratch[w].a[l];
+        const unsigned* rb = g_scratch[w].b[l];
+        if constexpr (K == 16) {
+            auto lo = [](unsigned r) { return emu_half_value<T>((unsigned short)(r & 0xffff)); };
+            auto hi = [](unsigned r) { return emu_half_value<T>((unsigned short)(r >> 16)); };
+            A[g][2 * t] = lo(ra[0]); A[g][2 * t + 1] = hi(ra[0]);
+            A[g + 8][2 * t] = lo(ra[1]); A[g + 8][2 * t + 1] = hi(ra[1]);
+            A[g][2 * t + 8] = lo(ra[2]); A[g][2 * t + 9] = hi(ra[2]);
+            A[g + 8][2 * t + 8] = lo(ra[3]); A[g + 8][2 * t + 9] = hi(ra[3]);
+            B[2 * t][g] = lo(rb[0]); B[2 * t + 1][g] = hi(rb[0]);
+            B[2 * t + 8][g] = lo(rb[1]); B[2 * t + 9][g] = hi(rb[1]);
+        } else {
+            A[g][t] = emu_bits_float(ra[0]); A[g + 8][t] = emu_bits_float(ra[1]);
+            A[g][t + 4] = emu_bits_float(ra[2]); A[g + 8][t + 4] = emu_bits_float(ra[3]);
+            B[t][g] = emu_bits_float(rb[0]); B[t + 4][g] = emu_bits_float(rb[1]);
+        }
+    }
+    g_warp_barrier[w]->arrive_and_wait();
+    const int g = lane >> 2, t = lane & 3;
+    for (int i = 0; i < 4; ++i) {
+        const int r = g + (i >= 2 ? 8 : 0), c = 2 * t + (i & 1);
+        float s = d[i];
+        for (int kk = 0; kk < K; ++kk) s += A[r][kk] * B[kk][c];
+        d[i] = s;
+    }
+}

@@ -1,0 +1,184 @@
+// Runs the sketched linear kernels of forward.cu and backward.cu on the CPU under cuda_emulation.h and
+// prints, for H, y and each gradient asked for, the max-normalised error against float64 loops written
+// here from the op's definition (|got - ref|max / |ref|max). Outputs start as NaN and shared memory as
+// NaN bytes before every block, so a value a kernel forgets to write, or reads before writing, shows.
+#include "cuda_emulation.h"
+#include <thread>
+#include <vector>
+#include <random>
+#include <functional>
+#include <algorithm>
+#include <string>
+namespace panther { namespace sl { alignas(16) unsigned char smem[1 << 20]; } }
+#include "forward.cu"
+#include "backward.cu"
+using namespace panther;
+using namespace panther::sl;
+
+static void launch(long long blocks, unsigned shared, const std::function<void()>& body) {
+    g_dynamic_smem = shared;
+    gridDim.x = (unsigned)blocks;
+    if (shared > sizeof(sl::smem)) { std::printf("shared too big\n"); std::abort(); }
+    std::barrier<> block_bar(NT);
+    std::barrier<> wb0(32), wb1(32), wb2(32), wb3(32);
+    g_block_barrier = &block_bar;
+    g_warp_barrier[0] = &wb0; g_warp_barrier[1] = &wb1; g_warp_barrier[2] = &wb2; g_warp_barrier[3] = &wb3;
+    for (long long b = 0; b < blocks; ++b) {
+        std::memset(sl::smem, 0xff, shared);  // garbage: the kernels must not read shared memory they did not write
+        std::vector<std::thread> th;
+        for (int t = 0; t < NT; ++t)
+            th.emplace_back([&, t, b] { threadIdx.x = t; blockIdx.x = (unsigned)b; body(); });
+        for (auto& x : th) x.join();
+    }
+}
+static long long cdv(long long a, long long b) { return (a + b - 1) / b; }
+
+template <typename T> struct Buf {
+    std::vector<T> v;
+    explicit Buf(size_t n) : v(n) { for (auto& e : v) e = from_float<T>(NAN); }
+    T* p() { return v.empty() ? nullptr : v.data(); }
+    double at(size_t i) const { return to_float(v[i]); }
+};
+
+template <typename T> static Buf<T> rnd(size_t n, double scale, std::mt19937& g) {
+    std::normal_distribution<double> N(0, 1);
+    Buf<T> b(n);
+    for (auto& e : b.v) e = from_float<T>((float)(N(g) * scale));
+    return b;
+}
+
+static void report(const char* what, const std::vector<double>& got, const std::vector<double>& ref) {
+    double m = 0, r = 1e-30;
+    for (size_t i = 0; i < ref.size(); ++i) { m = std::max(m, std::fabs(got[i] - ref[i])); r = std::max(r, std::fabs(ref[i])); }
+    bool nan = false;
+    for (double v : got) nan |= !std::isfinite(v);
+    double e = nan ? 1e30 : m / r;
+    std::printf("%s %.6e\n", what, e);
+}
+
+template <typename T, bool EXACT>
+static void run(long long Tn, long long I, long long O, int L, int k, int plan, int split, bool bias_on, const bool needs[6]) {
+    std::mt19937 gen(1234);
+    const int Lk = L * k, R = 2 * Lk;
+    auto x = rnd<T>(Tn * I, 1.0, gen);
+    auto S1 = rnd<T>((size_t)L * I * k, 1 / std::sqrt((double)I), gen), U2 = rnd<T>((size_t)L * I * k, 1 / std::sqrt((double)I), gen);
+    auto U1 = rnd<T>((size_t)L * k * O, 1 / std::sqrt((double)k), gen), S2 = rnd<T>((size_t)L * k * O, 1 / std::sqrt((double)k), gen);
+    auto b = rnd<T>(O, 1.0, gen);
+    auto g = rnd<T>(Tn * O, 1.0, gen);
+    Buf<T> y(Tn * O), h(Tn * R);
+    const float scale = 1.0f / (2 * L);
+    const T* bp = bias_on ? b.p() : nullptr;
+    const unsigned tile = TILE_ELEMENTS * sizeof(T);
+    if (plan > 0) {  // fused with `plan` groups
+        const unsigned shared = (FUSED_TILE_ELEMENTS + BM * ((R + BN - 1) / BN * BN + PAD)) * sizeof(T);
+        launch(cdv(Tn, BM) * plan, shared, [&] {
+            sketched_linear_fwd_fused<T, EXACT>(x.p(), S1.p(), U2.p(), U1.p(), S2.p(), bp, y.p(), h.p(), Tn, I, O, L, k, plan, scale);
+        });
+    } else {
+        launch(cdv(Tn, BM) * cdv(R, BN), tile, [&] { sketched_linear_fwd_h<T, EXACT>(x.p(), S1.p(), U2.p(), h.p(), Tn, I, L, k); });
+        launch(cdv(Tn, BM) * cdv(O, BN), tile, [&] { sketched_linear_fwd_y<T, EXACT>(h.p(), U1.p(), S2.p(), bp, y.p(), Tn, O, L, k, scale); });
+    }
+    // reference in double
+    auto A = [&](long long i, int c) { int cc = c % Lk; const auto& w = c < Lk ? S1 : U2; return w.at(((long long)(cc / k) * I + i) * k + cc % k); };
+    auto B = [&](int c, long long o) { int cc = c % Lk; const auto& w = c < Lk ? U1 : S2; return w.at((long long)cc * O + o); };
+    std::vector<double> H(Tn * R), Y(Tn * O), gh(Tn * R), gy(Tn * O);
+    for (long long t = 0; t < Tn; ++t)
+        for (int c = 0; c < R; ++c) { double s = 0; for (long long i = 0; i < I; ++i) s += x.at(t * I + i) * A(i, c); H[t * R + c] = s; }
+    for (long long t = 0; t < Tn; ++t)
+        for (long long o = 0; o < O; ++o) {
+            double s = 0; for (int c = 0; c < R; ++c) s += h.at(t * R + c) * B(c, o);  // from the kernel's (rounded) H
+            Y[t * O + o] = s * scale + (bias_on ? b.at(o) : 0.0);
+        }
+    for (size_t i = 0; i < H.size(); ++i) gh[i] = h.at(i);
+    for (size_t i = 0; i < Y.size(); ++i) gy[i] = y.at(i);
+    report("H", gh, H);
+    report("y", gy, Y);
+
+    // backward
+    const bool nx = needs[0], ns1 = needs[1], ns2 = needs[2], nu1 = needs[3], nu2 = needs[4], nb = needs[5];
+    Buf<T> dx(nx ? Tn * I : 0), dS1(ns1 ? (size_t)L * I * k : 0), dU2(nu2 ? (size_t)L * I * k : 0);
+    Buf<T> dS2(ns2 ? (size_t)L * k * O : 0), dU1(nu1 ? (size_t)L * k * O : 0), db(nb ? O : 0);
+    const bool need_dh = nx || ns1 || nu2;
+    Buf<T> dh(need_dh ? Tn * R : 0);
+    auto range = [&](bool first, bool second, int& lo, int& n) { lo = 0; n = 0; if (first && second) n = R; else if (first) n = Lk; else if (second) { lo = Lk; n = Lk; } };
+    int w_lo, w_n; range(nu1, ns2, w_lo, w_n);
+    int c_lo, c_n; range(ns1, nu2, c_lo, c_n);
+    if (!need_dh) c_n = 0;
+    std::vector<float> ws1(split > 1 ? (size_t)split * I * c_n : 0, NAN), ws2(split > 1 ? (size_t)split * (w_n + nb) * O : 0, NAN);
+    float* ws1p = ws1.empty() ? nullptr : ws1.data();
+    float* ws2p = ws2.empty() ? nullptr : ws2.data();
+    long long n_dh = need_dh ? cdv(Tn, BM) * cdv(R, BN) : 0;
+    long long tiles_g = (w_n || nb) ? cdv(std::max(w_n, 1), BM) * cdv(O, BN) : 0;
+    if (n_dh + tiles_g)
+        launch(n_dh + tiles_g * split, tile, [&] {
+            sketched_linear_bwd_g<T, EXACT>(g.p(), h.p(), U1.p(), S2.p(), dh.p(), dU1.p(), dS2.p(), db.p(), ws2p, Tn, O, L, k,
+                                            scale, n_dh, w_lo, w_n, split);
+        });
+    if (need_dh) {
+        long long n_dx = nx ? cdv(Tn, BM) * cdv(I, BN) : 0, n_dw1 = cdv(I, BM) * cdv(c_n, BN) * split;
+        launch(n_dx + n_dw1, tile, [&] {
+            sketched_linear_bwd_x<T, EXACT>(x.p(), dh.p(), S1.p(), U2.p(), dx.p(), dS1.p(), dU2.p(), ws1p, Tn, I, L, k, n_dx,
+                                            c_lo, c_n, split);
+        });
+    }
+    if (split > 1 && I * c_n + (long long)(w_n + nb) * O > 0)
+        launch(7, 0, [&] {  // a short grid: the grid-stride loop takes several elements per thread
+            sketched_linear_bwd_sum<T>(ws1p, ws2p, dS1.p(), dU2.p(), dU1.p(), dS2.p(), db.p(), I, O, L, k, c_lo, c_n, w_lo, w_n,
+                                       split);
+        });
+    std::vector<double> DH(Tn * R);
+    for (long long t = 0; t < Tn; ++t)
+        for (int c = 0; c < R; ++c) { double s = 0; for (long long o = 0; o < O; ++o) s += g.at(t * O + o) * B(c, o); DH[t * R + c] = s * scale; }
+    if (need_dh) { std::vector<double> got(dh.v.size()); for (size_t i = 0; i < got.size(); ++i) got[i] = dh.at(i); report("dH", got, DH); }
+    if (nx) {
+        std::vector<double> ref(Tn * I), got(Tn * I);
+        for (long long t = 0; t < Tn; ++t) for (long long i = 0; i < I; ++i) { double s = 0; for (int c = 0; c < R; ++c) s += dh.at(t * R + c) * A(i, c); ref[t * I + i] = s; got[t * I + i] = dx.at(t * I + i); }
+        report("dx", got, ref);
+    }
+    for (int half = 0; half < 2; ++half) {  // d[S1 | U2] = xᵀ dH
+        Buf<T>& out = half == 0 ? dS1 : dU2;
+        if (!(half == 0 ? ns1 : nu2)) continue;
+        std::vector<double> ref(out.v.size()), got(out.v.size());
+        for (int l = 0; l < L; ++l) for (long long i = 0; i < I; ++i) for (int j = 0; j < k; ++j) {
+            int c = half * Lk + l * k + j; double s = 0;
+            for (long long t = 0; t < Tn; ++t) s += x.at(t * I + i) * dh.at(t * R + c);
+            size_t idx = ((size_t)l * I + i) * k + j; ref[idx] = s; got[idx] = out.at(idx);
+        }
+        report(half == 0 ? "dS1" : "dU2", got, ref);
+    }
+    for (int half = 0; half < 2; ++half) {  // d[U1; S2] = s Hᵀ g
+        Buf<T>& out = half == 0 ? dU1 : dS2;
+        if (!(half == 0 ? nu1 : ns2)) continue;
+        std::vector<double> ref(out.v.size()), got(out.v.size());
+        for (int cc = 0; cc < Lk; ++cc) for (long long o = 0; o < O; ++o) {
+            double s = 0; for (long long t = 0; t < Tn; ++t) s += h.at(t * R + half * Lk + cc) * g.at(t * O + o);
+            ref[cc * O + o] = s * scale; got[cc * O + o] = out.at(cc * O + o);
+        }
+        report(half == 0 ? "dU1" : "dS2", got, ref);
+    }
+    if (nb) {
+        std::vector<double> ref(O), got(O);
+        for (long long o = 0; o < O; ++o) { double s = 0; for (long long t = 0; t < Tn; ++t) s += g.at(t * O + o); ref[o] = s; got[o] = db.at(o); }
+        report("db", got, ref);
+    }
+}
+
+// usage: harness MODE PLAN SPLIT T I O L K BIAS NEEDS   (MODE float32|tf32|float16|bfloat16; PLAN 0: two
+// launches, n > 0: fused with n groups; SPLIT: shares of T of the weight gradients; NEEDS six 0/1 digits
+// for x, S1s, S2s, U1s, U2s, bias)
+int main(int argc, char** argv) {
+    if (argc != 11) { std::fprintf(stderr, "usage: harness MODE PLAN SPLIT T I O L K BIAS NEEDS\n"); return 2; }
+    const std::string mode = argv[1];
+    const int plan = std::atoi(argv[2]), split = std::atoi(argv[3]);
+    const long long Tn = std::atoll(argv[4]), I = std::atoll(argv[5]), O = std::atoll(argv[6]);
+    const int L = std::atoi(argv[7]), k = std::atoi(argv[8]);
+    const bool bias = std::atoi(argv[9]) != 0;
+    bool needs[6];
+    for (int i = 0; i < 6; ++i) needs[i] = argv[10][i] == '1';
+    if (mode == "float32") run<float, true>(Tn, I, O, L, k, plan, split, bias, needs);
+    else if (mode == "tf32") run<float, false>(Tn, I, O, L, k, plan, split, bias, needs);
+    else if (mode == "float16") run<__half, false>(Tn, I, O, L, k, plan, split, bias, needs);
+    else if (mode == "bfloat16") run<__nv_bfloat16, false>(Tn, I, O, L, k, plan, split, bias, needs);
+    else { std::fprintf(stderr, "unknown mode %s\n", mode.c_str()); return 2; }
+    return 0;
+}

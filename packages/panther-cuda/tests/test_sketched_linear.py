@@ -1,0 +1,705 @@
+"""The cuda backend's sketched linear op: kernels against the float64 torch reference, and its host code.
+
+GPU tests (marker ``gpu``) run the kernels: every dtype (float32 exact and TF32, float16, bfloat16),
+ragged shapes (T = 1, 3-D x, I and O off the 64-wide tiles, k = 1, L = 3, R beyond the fused limit),
+every launch path, every gradient, and the integration points (torch.compile, CUDA graphs, streams,
+devices). CPU tests check what can be checked without a GPU: the kernels themselves, compiled for the
+host under an emulation of CUDA (sketched_linear_emulation/: threads, barriers, shared memory, mma.sync)
+against float64 loops, every kernel and path; the refusals of limits.py; the launch arguments against
+the kernels' C++ signatures; the tile constants, the plans, the fake (meta) path.
+
+Run the GPU tests on a GPU machine with:
+    PANTHER_REQUIRE_GPU=1 python -m pytest -q --import-mode=importlib -m gpu packages/panther-cuda/tests/test_sketched_linear.py
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import panther
+import panther_cuda
+from panther.backends.torch_backend.sketched_linear import sketched_linear as torch_sketched_linear
+from panther_cuda.ops.sketched_linear import backward as bwd_module
+from panther_cuda.ops.sketched_linear import common as common_module
+from panther_cuda.ops.sketched_linear import forward as fwd_module
+from panther_cuda.ops.sketched_linear import limits
+from panther_cuda.ops.sketched_linear.backward import half_range, sketched_linear_backward
+from panther_cuda.ops.sketched_linear.forward import ForwardPlan, forward_rule, sketched_linear_forward
+
+OP_DIR = Path(common_module.__file__).resolve().parent
+
+_HAVE_GPU = torch.cuda.is_available()
+# GPU tests skip without a GPU unless PANTHER_REQUIRE_GPU=1, which makes them fail instead
+gpu = [pytest.mark.gpu,
+       pytest.mark.skipif(not _HAVE_GPU and os.environ.get("PANTHER_REQUIRE_GPU") != "1", reason="needs a CUDA GPU")]
+
+
+def on_gpu(f):
+    for m in gpu:
+        f = m(f)
+    return f
+
+
+# Max-normalised error bounds, |got - ref|max / |ref|max, against float64 math on the same (rounded)
+# inputs: the roundings to the storage dtype along the chain (H then y; dH then dx; the grads), a few
+# half-ulps of the largest element; a wrong index or mask errs by O(1).
+TOL = {"float32": 2e-5, "tf32": 8e-3, "float16": 8e-3, "bfloat16": 3e-2}
+DTYPES = {"float32": torch.float32, "tf32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+NAMES = ("x", "S1s", "S2s", "U1s", "U2s", "bias")
+TRAINED = (0, 1, 2, 5)  # what an SKLinear trains (U1s, U2s are buffers)
+ALL = tuple(range(6))
+
+
+def make_inputs(T, I, O, L, k, dtype, device="cuda", bias=True, seed=0, lead=()):
+    """x (*lead, T, I) ~ N(0, 1); weights scaled like SKLinear's (H and y of order 1); bias or None."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+
+    return (rnd(*lead, T, I), rnd(L, I, k, scale=I**-0.5), rnd(L, k, O, scale=k**-0.5), rnd(L, k, O, scale=k**-0.5),
+            rnd(L, I, k, scale=I**-0.5), rnd(O) if bias else None)
+
+
+def reference(inputs, grad_out, wants):
+    """The torch backend in float64 on the CPU: y and the grads of the inputs named by ``wants``."""
+    ins = [None if t is None else t.detach().cpu().double().requires_grad_(i in wants) for i, t in enumerate(inputs)]
+    y = torch_sketched_linear(*ins)
+    if wants:
+        y.backward(grad_out.detach().cpu().double())
+    return y.detach(), [ins[i].grad for i in wants]
+
+
+def rel_err(got, ref) -> float:
+    assert tuple(got.shape) == tuple(ref.shape), (tuple(got.shape), tuple(ref.shape))
+    got = got.detach().cpu().double()
+    assert torch.isfinite(got).all(), "non-finite values"
+    if ref.numel() == 0:
+        return 0.0
+    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+class precision:
+    """torch's float32 matmul precision for the block: "highest" (exact FFMA) or "high" (TF32)."""
+
+    def __init__(self, mode: str):
+        self.value = "high" if mode == "tf32" else "highest"
+
+    def __enter__(self):
+        self.prev = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(self.value)
+
+    def __exit__(self, *exc):
+        torch.set_float32_matmul_precision(self.prev)
+
+
+def run_and_compare(fn, inputs, wants, mode, grad_out=None, seed=1):
+    """fn(*inputs) forward and backward against the float64 reference: y and every wanted grad within
+    TOL[mode]; grads not wanted stay None."""
+    leaves = [None if t is None else t.detach().requires_grad_(i in wants) for i, t in enumerate(inputs)]
+    with precision(mode):
+        y = fn(*leaves)
+        if grad_out is None:
+            gen = torch.Generator().manual_seed(seed)
+            grad_out = torch.randn(tuple(y.shape), generator=gen, dtype=torch.float64).to(y.dtype).to(y.device)
+        if wants:
+            y.backward(grad_out)
+    y_ref, grads_ref = reference(inputs, grad_out, wants)
+    errs = {"y": rel_err(y, y_ref)}
+    for i, g_ref in zip(wants, grads_ref):
+        assert leaves[i].grad is not None, f"no gradient for {NAMES[i]}"
+        errs["d" + NAMES[i]] = rel_err(leaves[i].grad, g_ref)
+    bad = {k: v for k, v in errs.items() if not v <= TOL[mode]}
+    assert not bad, f"errors above {TOL[mode]:g}: {bad} (all: {errs})"
+    for i, t in enumerate(leaves):
+        if t is not None and i not in wants:
+            assert t.grad is None, f"{NAMES[i]} got a gradient it did not ask for"
+    return y, leaves
+
+
+cuda_op = panther_cuda.sketched_linear  # the backend's op itself (panther.ops validates, then calls it)
+
+
+# (T, I, O, L, k): ragged against the 64 x 64 tiles and the 32-deep steps; R = 2Lk from 2 to 300
+SHAPES = [
+    (1, 17, 9, 1, 1),  # one row, R = 2
+    (37, 130, 70, 2, 5),  # I, O past a tile edge
+    (64, 256, 200, 3, 40),  # R = 240: the widest fused H in one pass of chunks
+    (130, 64, 48, 3, 50),  # R = 300: beyond the fused limit, two launches
+    (200, 96, 129, 1, 64),  # O one past two tiles; the SKLinear default shape class (L = 1, k = 64)
+]
+SHAPE_IDS = ["T{}_I{}_O{}_L{}_k{}".format(*s) for s in SHAPES]
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU: the kernels against the reference
+
+
+@on_gpu
+@pytest.mark.parametrize("mode", list(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_matches_float64_reference(shape, mode):
+    run_and_compare(cuda_op, make_inputs(*shape, DTYPES[mode]), TRAINED, mode)
+
+
+@on_gpu
+@pytest.mark.parametrize("mode", list(DTYPES))
+def test_every_gradient(mode):
+    """U1s and U2s too (both halves of each weight gradient launch), with and without the bias."""
+    run_and_compare(cuda_op, make_inputs(45, 70, 90, 3, 7, DTYPES[mode]), ALL, mode)
+    run_and_compare(cuda_op, make_inputs(45, 70, 90, 3, 7, DTYPES[mode], bias=False), ALL[:5], mode)
+
+
+@on_gpu
+@pytest.mark.parametrize("wants", [(0,), (1,), (2,), (3,), (4,), (5,), (3, 4), (1, 2), ()], ids=str)
+def test_each_gradient_alone(wants):
+    """Every subset the backward distinguishes: each half of each weight gradient alone, dx alone, none."""
+    run_and_compare(cuda_op, make_inputs(33, 50, 70, 2, 6, torch.float32), wants, "float32")
+
+
+PLANS = [ForwardPlan(fused=True, o_groups=1), ForwardPlan(fused=True, o_groups=3), ForwardPlan(fused=False)]
+
+
+@on_gpu
+@pytest.mark.parametrize("mode", list(DTYPES))
+@pytest.mark.parametrize("plan", PLANS, ids=str)
+def test_every_forward_plan(plan, mode):
+    """The fused kernel (one and several blocks per row tile, the last group short) and the two launches."""
+    inputs = make_inputs(70, 90, 200, 2, 9, DTYPES[mode])
+    with precision(mode):
+        y, h = sketched_linear_forward(*inputs, allow_tf32=mode == "tf32", plan=plan)
+    y_ref, _ = reference(inputs, None, ())
+    assert rel_err(y, y_ref) <= TOL[mode]
+    x, S1s, S2s, U1s, U2s, _ = (t.detach().cpu().double() if t is not None else None for t in inputs)
+    from panther.backends.torch_backend.sketched_linear import concat_left
+
+    assert rel_err(h, x @ concat_left(S1s, U2s)) <= TOL[mode]
+
+
+@on_gpu
+def test_forced_fused_plan_falls_back_when_r_is_wide():
+    inputs = make_inputs(70, 64, 48, 3, 50, torch.bfloat16)  # R = 300
+    y, _ = sketched_linear_forward(*inputs, plan=ForwardPlan(fused=True, o_groups=2))
+    assert rel_err(y, reference(inputs, None, ())[0]) <= TOL["bfloat16"]
+
+
+@on_gpu
+@pytest.mark.parametrize("mode", list(DTYPES))
+@pytest.mark.parametrize("split", [1, 3, 8])
+def test_weight_gradients_split_over_rows(split, mode):
+    """The weight gradients as shares of T summed by a third launch (3: shares of 96, 96 and 8 rows of
+    200; 8: shares past T add zeros), every gradient; and the rule's own split on a tall, narrow shape."""
+    inputs = make_inputs(200, 70, 90, 2, 7, DTYPES[mode])
+    g = torch.randn(200, 90, device="cuda").to(DTYPES[mode])
+    allow = mode == "tf32"
+    with precision(mode):
+        _, h = sketched_linear_forward(*inputs, allow_tf32=allow)
+        grads = sketched_linear_backward(g, *inputs[:5], h, (True,) * 6, allow_tf32=allow, split=split)
+    _, grads_ref = reference(inputs, g, ALL)
+    errs = {NAMES[i]: rel_err(got, ref) for i, (got, ref) in enumerate(zip(grads, grads_ref))}
+    assert all(e <= TOL[mode] for e in errs.values()), errs
+
+
+@on_gpu
+def test_tall_narrow_shape_takes_the_split_rule():
+    run_and_compare(cuda_op, make_inputs(4096, 64, 48, 1, 8, torch.bfloat16), ALL, "bfloat16")
+
+
+@on_gpu
+@pytest.mark.parametrize("mode", ["float32", "bfloat16"])
+def test_three_dim_one_dim_and_non_contiguous_x(mode):
+    x, *w = make_inputs(7, 40, 24, 2, 8, DTYPES[mode], lead=(2, 3))
+    run_and_compare(cuda_op, (x, *w), TRAINED, mode)  # (2, 3, 7, 40)
+    run_and_compare(cuda_op, (x[0, 0, 0], *w), TRAINED, mode)  # (40,): one row
+    xt = make_inputs(40, 37, 24, 2, 8, DTYPES[mode])[0].t()  # (37, 40) transposed: strides (1, 37)
+    assert not xt.is_contiguous()
+    run_and_compare(cuda_op, (xt, *w), TRAINED, mode)
+    run_and_compare(cuda_op, (x[:, 1], *w), TRAINED, mode)  # a strided slice of the 3-D batch
+
+
+@on_gpu
+@pytest.mark.parametrize("mode", ["float32", "bfloat16"])
+def test_sixteen_byte_loads_and_misaligned_inputs(mode):
+    """Sizes that are whole 16-byte runs take the vector loads; the same inputs 2 or 4 bytes past an
+    alignment take the scalar ones; both right."""
+    x, *w = make_inputs(150, 64, 96, 2, 16, DTYPES[mode])
+    run_and_compare(cuda_op, (x, *w), ALL, mode)
+    shifted = []
+    for t in (x, *w):
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        view = buf[1:].view(t.shape)
+        view.copy_(t)
+        assert view.data_ptr() % 16 != 0
+        shifted.append(view)
+    run_and_compare(cuda_op, shifted, ALL, mode)
+
+
+@on_gpu
+def test_non_contiguous_weights():
+    x, S1s, S2s, U1s, U2s, b = make_inputs(20, 30, 40, 2, 5, torch.float32)
+    S1t = S1s.transpose(1, 2).contiguous().transpose(1, 2)  # same values, (L, I, k) with strides of (L, k, I)
+    S2t = S2s.transpose(1, 2).contiguous().transpose(1, 2)
+    b2 = torch.stack([b, b], 1)[:, 0]  # stride 2
+    assert not (S1t.is_contiguous() or S2t.is_contiguous() or b2.is_contiguous())
+    run_and_compare(cuda_op, (x, S1t, S2t, U1s, U2s, b2), ALL, "float32")
+
+
+@on_gpu
+@pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=str)
+def test_zero_rows(lead):
+    """T = 0: an empty y, weight gradients of zero (sums over no rows), the bias gradient zero."""
+    x, *w = make_inputs(1, 30, 20, 2, 4, torch.float32)
+    x0 = torch.empty((*lead, 30), device="cuda").requires_grad_()
+    ws = [t.detach().requires_grad_() for t in w]
+    y = panther.ops.sketched_linear(x0, *ws, backend="cuda")
+    assert y.shape == (*lead, 20)
+    y.sum().backward()
+    assert x0.grad.shape == x0.shape
+    for t in ws:
+        assert t.grad is not None and (t.grad == 0).all()
+
+
+@on_gpu
+def test_through_panther_ops_and_output_is_not_a_view():
+    inputs = make_inputs(21, 40, 24, 2, 8, torch.bfloat16)
+    y, leaves = run_and_compare(
+        lambda *a: panther.ops.sketched_linear(*a, backend="cuda"), inputs, TRAINED, "bfloat16")
+    assert y._base is None
+    out = panther.ops.sketched_linear(*leaves, backend="cuda")
+    torch.nn.functional.relu(out, inplace=True)  # autograd allows in-place ops on y: not a view
+    out.sum().backward()
+
+
+@on_gpu
+def test_large_scale_values_stay_finite_and_right():
+    x, *w = make_inputs(50, 64, 80, 1, 16, torch.float32)
+    run_and_compare(cuda_op, (x * 1e3, *w), TRAINED, "float32")
+    run_and_compare(cuda_op, (x * 1e-3, *w), TRAINED, "float32")
+
+
+@on_gpu
+@pytest.mark.parametrize("mode", ["float32", "bfloat16"])
+def test_compile_fullgraph_equals_eager(mode):
+    inputs = make_inputs(33, 48, 40, 2, 8, DTYPES[mode], lead=(2,))
+    with precision(mode):
+        torch._dynamo.reset()
+        compiled = torch.compile(cuda_op, fullgraph=True)
+        eager_leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
+        comp_leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
+        y_eager = cuda_op(*eager_leaves)
+        y_comp = compiled(*comp_leaves)
+        g = torch.randn_like(y_eager)
+        y_eager.backward(g)
+        y_comp.backward(g)
+    assert torch.equal(y_eager, y_comp)
+    for a, b in zip(eager_leaves, comp_leaves):
+        assert torch.equal(a.grad, b.grad)
+
+
+@on_gpu
+def test_cuda_graph_capture_forward_and_backward():
+    inputs = make_inputs(40, 48, 56, 2, 8, torch.bfloat16)
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    static_g = torch.randn(40, 56, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (compiles the kernels) outside the capture
+        for _ in range(2):
+            for t in leaves:
+                t.grad = None
+            cuda_op(*leaves).backward(static_g)
+    torch.cuda.current_stream().wait_stream(side)
+    for t in leaves:
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = cuda_op(*leaves)
+        y.backward(static_g)
+    with torch.no_grad():  # new inputs, replayed
+        fresh = make_inputs(40, 48, 56, 2, 8, torch.bfloat16, seed=5)
+        for t, f in zip(leaves, fresh):
+            t.copy_(f)
+    graph.replay()
+    torch.cuda.synchronize()
+    y_ref, grads_ref = reference(fresh, static_g, ALL)
+    assert rel_err(y, y_ref) <= TOL["bfloat16"]
+    for t, g_ref in zip(leaves, grads_ref):
+        assert rel_err(t.grad, g_ref) <= TOL["bfloat16"]
+
+
+@on_gpu
+def test_runs_on_the_current_stream():
+    """Launched on a side stream, the op's result is ordered after the side stream's earlier work."""
+    x, *w = make_inputs(300, 256, 256, 1, 32, torch.float16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        x2 = x * 2  # ordered on `side` only
+        y = cuda_op(x2, *w)
+    torch.cuda.current_stream().wait_stream(side)
+    y_ref, _ = reference((x * 2, *w), None, ())
+    assert rel_err(y, y_ref) <= TOL["float16"]
+
+
+@on_gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_second_device():
+    """Inputs on cuda:1 while cuda:0 is current: the kernels run on cuda:1, forward and backward."""
+    inputs = make_inputs(30, 40, 50, 2, 6, torch.bfloat16, device="cuda:1")
+    with torch.cuda.device(0):
+        y, leaves = run_and_compare(cuda_op, inputs, ALL, "bfloat16")
+    assert y.device == torch.device("cuda:1")
+    assert all(t.grad.device == torch.device("cuda:1") for t in leaves)
+
+
+@on_gpu
+def test_backend_reports_no_reasons_for_ordinary_inputs():
+    from panther_cuda.backend import CudaBackend
+
+    inputs = make_inputs(30, 40, 50, 2, 6, torch.bfloat16)
+    assert CudaBackend().reasons_cannot_run("sketched_linear", *inputs) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# CPU: limits, launch arguments, constants, plans, fake tensors
+
+
+def _meta_weights(L, I, k, O):
+    return (torch.empty(L, I, k, device="meta"), torch.empty(L, k, O, device="meta"),
+            torch.empty(L, k, O, device="meta"), torch.empty(L, I, k, device="meta"))
+
+
+def test_limits_accept_ordinary_and_wide_inputs():
+    x = torch.empty(4096, 1024, device="meta")
+    assert limits.reasons(x, *_meta_weights(1, 1024, 64, 1024)) == []
+    assert limits.reasons(x, *_meta_weights(4, 1024, 100, 1024)) == []  # R = 800: two launches, not refused
+
+
+@pytest.mark.parametrize("L, k, O, word", [(0, 4, 8, "num_terms L"), (2, 0, 8, "low_rank k"), (2, 4, 0, "out_features O")])
+def test_limits_refuse_empty_dimensions(L, k, O, word):
+    x = torch.empty(5, 16, device="meta")
+    (reason,) = limits.reasons(x, *_meta_weights(L, 16, k, O))
+    assert word in reason and "is 0" in reason and "backend 'torch'" in reason
+
+
+def test_limits_refuse_grids_past_one_axis():
+    x = torch.empty(2**36, 4096, device="meta")
+    (reason,) = limits.reasons(x, *_meta_weights(1, 4096, 64, 4096))
+    assert "blocks in one launch" in reason and str(limits.MAX_BLOCKS) in reason
+
+
+def test_backend_forwards_the_limits():
+    from panther_cuda.backend import REQUIREMENTS
+
+    op_reasons = REQUIREMENTS.op_reasons["sketched_linear"]
+    assert op_reasons(torch.empty(5, 16, device="meta"), *_meta_weights(2, 16, 0, 8))
+
+
+def _constexprs(text):
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"constexpr int (\w+) = (\d+);", text)}
+
+
+def test_host_tile_constants_match_the_kernels():
+    c = _constexprs((OP_DIR / "tile.cuh").read_text())
+    assert (c["BM"], c["BN"], c["BK"], c["NT"], c["PAD"]) == (limits.BM, limits.BN, limits.BK, limits.NT, limits.PAD)
+    tile = c["BM"] * (c["BK"] + c["PAD"]) + c["BK"] * (c["BN"] + c["PAD"])
+    assert common_module.tile_elements() == tile
+    # the fused kernel: a second B tile, and H's tile of BM rows of R rounded up to BN, plus PAD
+    assert re.search(r"constexpr int FUSED_TILE_ELEMENTS = TILE_ELEMENTS \+ BK \* LDB;", (OP_DIR / "tile.cuh").read_text())
+    second_b = c["BK"] * (c["BN"] + c["PAD"])
+    assert common_module.fused_bytes(100, torch.bfloat16) == (tile + second_b + 64 * (128 + 8)) * 2
+    assert common_module.fused_bytes(256, torch.float32) == (tile + second_b + 64 * (256 + 8)) * 4
+
+
+def test_forward_rule():
+    big = 1 << 20
+    assert forward_rule(4096, 4096, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=True, o_groups=2)
+    assert forward_rule(64, 4096, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=True, o_groups=64)
+    assert forward_rule(64, 100, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=True, o_groups=2)
+    assert forward_rule(64, 100, 258, torch.bfloat16, 132, big).fused is False  # R past the fused limit
+    small = common_module.fused_bytes(256, torch.float32) - 1
+    assert forward_rule(64, 100, 256, torch.float32, 132, small).fused is False  # H does not fit
+    assert forward_rule(64, 100, 256, torch.bfloat16, 132, small).fused is True
+
+
+def test_half_range():
+    assert half_range(True, True, 6) == (0, 12)
+    assert half_range(True, False, 6) == (0, 6)
+    assert half_range(False, True, 6) == (6, 6)
+    assert half_range(False, False, 6) == (0, 0)
+
+
+# C++ parameter types of the kernels, read from the .cu files
+_SIGNATURE = re.compile(r"__global__ void __launch_bounds__\(NT\) (\w+)\((.*?)\)\s*\{", re.S)
+
+
+def _signatures():
+    sigs = {}
+    for source in ("forward.cu", "backward.cu"):
+        for name, params in _SIGNATURE.findall((OP_DIR / source).read_text()):
+            types = []
+            for p in params.split(","):
+                p = " ".join(p.split())
+                types.append("ptr" if "*" in p else " ".join(p.split()[:-1]))
+            sigs[name] = (source, types)
+    return sigs
+
+
+_NUMPY = {"long long": np.int64, "int": np.int32, "float": np.float32}
+
+
+class _Recorder:
+    """Stands in for the compiled kernels: records each launch and checks it against the C++ signature."""
+
+    def __init__(self):
+        self.calls = []
+        self.sigs = _signatures()
+
+    def kernel(self, source, name, dtype, exact=None):
+        assert name in self.sigs and self.sigs[name][0] == source, (source, name)
+        assert not exact or dtype == torch.float32
+        assert (exact is None) == (name == "sketched_linear_bwd_sum")  # the one kernel without products
+
+        def launch(grid, block, *args, shared_mem=0):
+            types = self.sigs[name][1]
+            assert len(args) == len(types), (name, len(args), len(types))
+            for i, (a, t) in enumerate(zip(args, types)):
+                if t == "ptr":
+                    assert a is None or isinstance(a, torch.Tensor), (name, i, a)
+                    assert a is None or a.is_contiguous(), (name, i)
+                else:
+                    assert type(a) is _NUMPY[t], (name, i, t, type(a))
+            assert block == (limits.NT,) and len(grid) == 1 and grid[0] >= 1
+            self.calls.append((name, grid[0], args, shared_mem))
+
+        return launch
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    rec = _Recorder()
+    monkeypatch.setattr(fwd_module, "kernel", rec.kernel)
+    monkeypatch.setattr(bwd_module, "kernel", rec.kernel)
+    return rec
+
+
+@pytest.mark.parametrize("plan", [ForwardPlan(fused=True, o_groups=3), ForwardPlan(fused=False)], ids=str)
+def test_forward_launch_arguments(recorder, plan):
+    x, S1s, S2s, U1s, U2s, b = make_inputs(70, 90, 200, 2, 9, torch.bfloat16, device="cpu", lead=(2,))
+    xt = x.transpose(0, 1)  # (70, 2, 90) strided: passed as a contiguous copy
+    y, h = sketched_linear_forward(xt, S1s, S2s, U1s, U2s, b, plan=plan)
+    assert y.shape == (70, 2, 200) and y.is_contiguous() and h.shape == (140, 36)
+    T, R = 140, 36
+    if plan.fused:
+        ((name, blocks, args, shared),) = recorder.calls
+        assert name == "sketched_linear_fwd_fused" and blocks == 3 * 3  # 3 row tiles x 3 groups
+        assert torch.equal(args[0].view(70, 2, 90), xt) and args[6] is y and args[7] is h
+        assert [int(a) for a in args[8:14]] == [T, 90, 200, 2, 9, 3] and float(args[14]) == 0.25
+        assert shared == common_module.fused_bytes(R, torch.bfloat16)
+    else:
+        (n1, b1, a1, s1), (n2, b2, a2, s2) = recorder.calls
+        assert (n1, b1, n2, b2) == ("sketched_linear_fwd_h", 3 * 1, "sketched_linear_fwd_y", 3 * 4)
+        assert a1[3] is h and a2[0] is h and a2[4] is y and a2[3] is b
+        assert [int(a) for a in a1[4:]] == [T, 90, 2, 9] and [int(a) for a in a2[5:9]] == [T, 200, 2, 9]
+        assert s1 == s2 == common_module.tile_bytes(torch.bfloat16)
+
+
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("needs", [
+    (True, True, True, False, False, True),
+    (True, True, True, True, True, True),
+    (False, False, True, False, False, False),
+    (False, True, False, False, False, False),
+    (True, False, False, False, False, False),
+    (False, False, False, False, False, True),
+], ids=str)
+def test_backward_launch_arguments(recorder, needs, split):
+    x, S1s, S2s, U1s, U2s, _ = make_inputs(70, 90, 200, 2, 9, torch.float32, device="cpu")
+    g = torch.randn(70, 200)
+    h = torch.randn(70, 36)
+    grads = sketched_linear_backward(g, x, h, S1s, S2s, U1s, U2s, needs, allow_tf32=False, split=split)
+    for t, need, like in zip(grads, needs, (x, S1s, S2s, U1s, U2s, g[0])):
+        assert (t is None) != need and (t is None or t.shape == like.shape)
+    names = [c[0] for c in recorder.calls]
+    need_x, need_s1, need_s2, need_u1, need_u2, need_b = needs
+    need_dh = need_x or need_s1 or need_u2
+    w_lo, w_n = half_range(need_u1, need_s2, 18)
+    c_lo, c_n = half_range(need_s1, need_u2, 18)
+    summed = split > 1 and (w_n or c_n or need_b)
+    assert names == (["sketched_linear_bwd_g"] + (["sketched_linear_bwd_x"] if need_dh else [])
+                     + (["sketched_linear_bwd_sum"] if summed else []))
+
+    _, blocks, args, _ = recorder.calls[0]
+    n_dh, lo, n, n_splits = (int(a) for a in args[14:18])
+    assert n_dh == (2 * 1 if need_dh else 0)  # 2 row tiles x 1 column tile of R = 36
+    assert (lo, n) == (w_lo, w_n) and n_splits == split
+    tiles_g = 4 if (w_n or need_b) else 0  # one row tile (R = 36, or db alone) x 4 column tiles of O = 200
+    assert blocks == n_dh + tiles_g * split
+    assert (args[4] is None) == (not need_dh)
+    ws2 = args[8]
+    rows = w_n + need_b  # db's shares as one more row
+    assert (ws2 is None) == (not (split > 1 and rows)) and (ws2 is None or ws2.shape == (split, rows, 200))
+    for i, j in ((5, 3), (6, 2), (7, 5)):  # dU1, dS2, db: the gradients themselves, or None
+        assert args[i] is grads[j] if grads[j] is not None else args[i] is None
+    if need_dh:
+        _, blocks, args, _ = recorder.calls[1]
+        n_dx, lo, n, n_splits = (int(a) for a in args[12:16])
+        assert n_dx == (2 * 2 if need_x else 0) and (lo, n) == (c_lo, c_n) and n_splits == split
+        assert blocks == n_dx + 2 * (c_n > 0) * split  # dW: 2 row tiles of I = 90 x 1 column tile
+        assert args[1] is recorder.calls[0][2][4]  # launch 2 reads the dH launch 1 wrote
+        ws1 = args[7]
+        assert (ws1 is None) == (not (split > 1 and c_n)) and (ws1 is None or ws1.shape == (split, 90, c_n))
+        for i, j in ((4, 0), (5, 1), (6, 4)):  # dx, dS1, dU2
+            assert args[i] is grads[j] if grads[j] is not None else args[i] is None
+    if summed:
+        _, blocks, args, _ = recorder.calls[-1]
+        assert args[0] is (recorder.calls[1][2][7] if need_dh else None) and args[1] is recorder.calls[0][2][8]
+        for i, j in ((2, 1), (3, 4), (4, 3), (5, 2), (6, 5)):  # dS1, dU2, dU1, dS2, db
+            assert args[i] is grads[j] if grads[j] is not None else args[i] is None
+        assert [int(a) for a in args[7:]] == [90, 200, 2, 9, c_lo, c_n, w_lo, w_n, split]
+        assert blocks == -(-(90 * c_n + rows * 200) // limits.NT)
+
+
+def test_split_rule():
+    from panther_cuda.ops.sketched_linear.backward import split_rule
+
+    assert split_rule(4096, 64, 132) == 2  # 64 tiles: two shares fill 128 of 132 SMs
+    assert split_rule(65536, 12, 132) == 8  # few tiles, many rows
+    assert split_rule(300, 1, 132) == 1  # too few rows to share
+    assert split_rule(1 << 20, 1, 132) == 64  # at most MAX_SPLIT
+    assert split_rule(65536, 200, 132) == 1  # the tiles alone fill the SMs
+
+
+def test_backward_of_zero_rows_zeroes_the_weight_grads(recorder):
+    x, S1s, S2s, U1s, U2s, _ = make_inputs(1, 9, 7, 2, 3, torch.float32, device="cpu")
+    out = [torch.full(s, 7.0) for s in ((0, 9), (2, 9, 3), (2, 3, 7), (2, 3, 7), (2, 9, 3), (7,))]
+    grads = sketched_linear_backward(torch.empty(0, 7), x[:0], torch.empty(0, 12), S1s, S2s, U1s, U2s, (True,) * 6,
+                                     out=out, split=1)
+    assert recorder.calls == [] and all((t == 0).all() for t in grads)
+
+
+def test_fake_tensors_give_the_real_shapes():
+    """The library ops on meta tensors (torch.compile's fake path): y of x's leading shape, H (T, 2Lk),
+    gradients of their inputs' shapes, empty where not wanted."""
+    import panther_cuda.ops.sketched_linear.op  # noqa: F401  (registers the ops)
+
+    x = torch.empty(3, 5, 16, device="meta")
+    S1s, S2s, U1s, U2s = _meta_weights(2, 16, 4, 12)
+    b = torch.empty(12, device="meta")
+    y, h = torch.ops.panther_cuda.sketched_linear_fwd(x, S1s, S2s, U1s, U2s, b, True)
+    assert y.shape == (3, 5, 12) and h.shape == (15, 16)
+    grads = torch.ops.panther_cuda.sketched_linear_bwd(
+        torch.empty(3, 5, 12, device="meta"), x, S1s, S2s, U1s, U2s, b, h, True, True, False, False, True, True, True)
+    assert [tuple(t.shape) for t in grads] == [(3, 5, 16), (2, 16, 4), (0,), (0,), (2, 16, 4), (12,)]
+
+
+def test_kernel_names_and_options():
+    k = common_module.kernel("forward.cu", "sketched_linear_fwd_fused", torch.bfloat16, False)
+    assert k.name == "panther::sl::sketched_linear_fwd_fused<__nv_bfloat16, false>"
+    assert k.source == "ops/sketched_linear/forward.cu"
+    assert common_module.kernel("backward.cu", "sketched_linear_bwd_x", torch.float32, True).name.endswith(
+        "<float, true>")
+    opts = common_module.options()
+    assert f"-I{OP_DIR}" in opts and any(o.startswith("-DPANTHER_SKETCHED_LINEAR_HEADERS=0x") for o in opts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CPU: the kernels themselves, compiled for the host under sketched_linear_emulation/cuda_emulation.h
+
+EMU_DIR = Path(__file__).resolve().parent / "sketched_linear_emulation"
+COMMON = OP_DIR.parents[1] / "include" / "panther_cuda" / "common.cuh"
+EMULATED_MMA = """template <> struct Mma<bf16> { static constexpr int K = 16;
+  static void run(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) { emu_mma<bf16, 16>(d, a, b); } };
+template <> struct Mma<f16> { static constexpr int K = 16;
+  static void run(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) { emu_mma<f16, 16>(d, a, b); } };
+template <> struct Mma<float> { static constexpr int K = 8;
+  static void run(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) { emu_mma<float, 8>(d, a, b); } };
+
+"""
+
+
+def emulated_common(text: str) -> str:
+    """common.cuh for the host: the emulation's types, and its tf32 conversion and mma in place of the
+    inline assembly; the fragment loaders and every other line as they are."""
+    text = text.replace("#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n", '#include "cuda_emulation.h"\n')
+    text, n = re.subn(r"__device__ __forceinline__ unsigned to_tf32\(float v\) \{.*?\n\}\n",
+                      "__device__ __forceinline__ unsigned to_tf32(float v) { return emu_to_tf32(v); }\n", text, flags=re.S)
+    start, end = text.index("template <> struct Mma<bf16>"), text.index("// Fragments from tiles")
+    text = text[:start] + EMULATED_MMA + text[end:]
+    assert n == 1 and "asm" not in text, "common.cuh changed shape: update emulated_common()"
+    return text
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    """The harness binary: forward.cu and backward.cu compiled for the host (skips without a C++20
+    compiler with _Float16 and <barrier>)."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    d = tmp_path_factory.mktemp("sketched_linear_emulation")
+    probe = d / "probe.cpp"
+    probe.write_text("#include <barrier>\nint main() { _Float16 h = 1; std::barrier<> b(1); return (int)(float)h - 1; }\n")
+    if subprocess.run([cxx, "-std=c++20", "-pthread", str(probe), "-o", str(d / "probe")], capture_output=True).returncode:
+        pytest.skip(f"{cxx} lacks C++20 <barrier> or _Float16")
+    (d / "panther_cuda").mkdir()
+    (d / "panther_cuda" / "common.cuh").write_text(emulated_common(COMMON.read_text()))
+    exe = d / "harness"
+    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas", f"-I{d}", f"-I{EMU_DIR}", f"-I{OP_DIR}",
+           str(EMU_DIR / "harness.cpp"), "-o", str(exe)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, f"the kernels do not compile for the host:\n{r.stderr[-6000:]}"
+    return exe
+
+
+# (mode, plan, split, T, I, O, L, k, bias, needs): plan 0 = two launches, n > 0 = fused with n groups per row
+# tile; split: shares of T of the weight gradients; needs = x S1s S2s U1s U2s bias
+EMU_CASES = [
+    ("float32", 3, 1, 70, 90, 200, 2, 9, 1, "111111"),  # groups of 64 columns, the last one short
+    ("float32", 0, 1, 70, 90, 200, 2, 9, 0, "111001"),
+    ("float32", 1, 1, 1, 17, 9, 1, 1, 1, "111111"),  # one row, R = 2
+    ("float32", 1, 3, 200, 40, 30, 1, 4, 1, "111111"),  # T in three shares of 96, 96 and 8 rows
+    ("tf32", 3, 1, 70, 90, 200, 2, 9, 1, "111111"),
+    ("tf32", 0, 1, 37, 130, 70, 2, 5, 1, "001000"),  # the second half of d[U1; S2] alone
+    ("tf32", 0, 1, 65, 64, 48, 3, 50, 1, "100010"),  # R = 300; dx and the second half of d[S1 | U2]
+    ("tf32", 1, 4, 70, 20, 30, 1, 3, 1, "011000"),  # shares past T (empty): they add zeros
+    ("bfloat16", 2, 1, 70, 90, 200, 2, 9, 1, "111111"),
+    ("bfloat16", 1, 1, 64, 100, 70, 3, 40, 1, "111001"),  # R = 240, the widest fused H here
+    ("bfloat16", 1, 2, 130, 70, 90, 2, 5, 0, "100110"),  # shared T with only the halves U1, U2
+    ("float16", 4, 1, 70, 90, 200, 2, 9, 1, "111111"),
+    ("float16", 0, 1, 33, 50, 129, 1, 64, 0, "111111"),
+    ("float16", 1, 1, 65, 33, 64, 1, 3, 1, "010100"),  # first halves alone: dS1 and dU1
+    ("float16", 1, 1, 100, 20, 70, 1, 3, 1, "000001"),  # db alone: blocks with no rows of H
+    ("bfloat16", 2, 3, 150, 20, 130, 2, 3, 1, "000001"),  # db alone, in shares
+    ("float32", 0, 2, 190, 70, 90, 2, 40, 1, "001001"),  # dS2 (two row tiles of R) and db, in shares
+    ("float16", 2, 1, 40, 70, 100, 1, 64, 1, "111111"),  # R = 128: H in one pass of two column chunks
+    ("tf32", 1, 1, 30, 40, 50, 3, 32, 1, "110001"),  # R = 192: a pass of two chunks, then one of one
+    # I, O and k multiples of 16 bytes: the 16-byte loads, their runs cut by the ragged T and tile edges
+    ("bfloat16", 2, 1, 130, 96, 72, 1, 16, 1, "111111"),
+    ("bfloat16", 0, 3, 150, 200, 40, 2, 8, 0, "111111"),
+    ("float16", 1, 2, 100, 56, 136, 3, 8, 1, "111111"),
+    ("float32", 2, 1, 70, 36, 44, 2, 4, 1, "111111"),
+    ("tf32", 0, 2, 90, 100, 60, 1, 12, 1, "111111"),
+]
+
+
+@pytest.mark.parametrize("case", EMU_CASES, ids=lambda c: "{}_plan{}_split{}_T{}_I{}_O{}_L{}_k{}_b{}_{}".format(*c))
+def test_kernels_under_emulation(emulator, case):
+    mode, *_, needs = case
+    r = subprocess.run([str(emulator), *map(str, case)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    errs = {name: float(v) for name, v in (line.split() for line in r.stdout.split("\n") if line.strip())}
+    wanted = [n == "1" for n in needs]
+    expected = {"H", "y"} | ({"dH"} if wanted[0] or wanted[1] or wanted[4] else set())
+    expected |= {g for g, w in zip(("dx", "dS1", "dS2", "dU1", "dU2", "db"), wanted) if w}
+    assert set(errs) == expected
+    bad = {k: v for k, v in errs.items() if not v <= TOL[mode]}
+    assert not bad, f"errors above {TOL[mode]:g}: {bad} (all: {errs})"
