@@ -189,3 +189,16 @@ __global__ void __launch_bounds__(NT) sketched_linear_bwd_sum(
 
 }  // namespace sl
 }  // namespace panther
+
+#ifdef PANTHER_NVCC_CHECK
+// Every variant the host code launches (backward.py), for the compile check of CI.
+#define INST(T, E) \
+    template __global__ void panther::sl::sketched_linear_bwd_g<T, E>(const T*, const T*, const T*, const T*, T*, T*, \
+        T*, T*, float*, long long, long long, int, int, float, long long, int, int, int); \
+    template __global__ void panther::sl::sketched_linear_bwd_x<T, E>(const T*, const T*, const T*, const T*, T*, T*, \
+        T*, float*, long long, long long, int, int, long long, int, int, int);
+INST(float, false) INST(float, true) INST(__half, false) INST(__nv_bfloat16, false)
+#define SUM(T) template __global__ void panther::sl::sketched_linear_bwd_sum<T>(const float*, const float*, T*, T*, T*, \
+    T*, T*, long long, long long, int, int, int, int, int, int, int);
+SUM(float) SUM(__half) SUM(__nv_bfloat16)
+#endif  // PANTHER_NVCC_CHECK

@@ -1,40 +1,16 @@
-"""What the sketched linear launchers share: the kernels' C++ names, their compile options, TF32."""
+"""What the sketched linear launchers share: the kernels' C++ names, TF32, shared-memory sizes."""
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
 
 from panther.backends.toolkit import cdiv
-from panther_cuda._nvrtc import INCLUDE_DIR, Kernel
+from panther_cuda._nvrtc import Kernel
 from panther_cuda.ops.sketched_linear.limits import BK, BM, BN, PAD
 
-HERE = Path(__file__).resolve().parent
-
 CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
-
-
-def _headers_digest() -> str:
-    # CuPy's disk cache keys a kernel by its source text and options, not by the headers it includes:
-    # the headers' digest as a macro makes an edited tile.cuh or common.cuh compile afresh
-    h = hashlib.sha256()
-    for path in (HERE / "tile.cuh", INCLUDE_DIR / "panther_cuda" / "common.cuh"):
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
-
-
-_OPTIONS = None
-
-
-def options() -> Tuple[str, ...]:
-    """NVRTC options of this op's kernels: tile.cuh's folder, and the headers' digest."""
-    global _OPTIONS
-    if _OPTIONS is None:
-        _OPTIONS = (f"-I{HERE}", f"-DPANTHER_SKETCHED_LINEAR_HEADERS=0x{_headers_digest()}ULL")
-    return _OPTIONS
 
 
 _kernels: Dict[Tuple[str, str, torch.dtype, Optional[bool]], Kernel] = {}
@@ -47,7 +23,7 @@ def kernel(source: str, name: str, dtype: torch.dtype, exact: Optional[bool] = N
     k = _kernels.get(key)
     if k is None:
         args = CTYPES[dtype] if exact is None else f"{CTYPES[dtype]}, {'true' if exact else 'false'}"
-        k = _kernels[key] = Kernel(f"ops/sketched_linear/{source}", f"panther::sl::{name}<{args}>", options=options())
+        k = _kernels[key] = Kernel(f"ops/sketched_linear/{source}", f"panther::sl::{name}<{args}>")
     return k
 
 

@@ -132,3 +132,15 @@ __global__ void __launch_bounds__(NT) sketched_linear_fwd_y(
 
 }  // namespace sl
 }  // namespace panther
+
+#ifdef PANTHER_NVCC_CHECK
+// Every variant the host code launches (forward.py), for the compile check of CI.
+#define INST(T, E) \
+    template __global__ void panther::sl::sketched_linear_fwd_fused<T, E>(const T*, const T*, const T*, const T*, \
+        const T*, const T*, T*, T*, long long, long long, long long, int, int, int, float); \
+    template __global__ void panther::sl::sketched_linear_fwd_h<T, E>(const T*, const T*, const T*, T*, long long, \
+        long long, int, int); \
+    template __global__ void panther::sl::sketched_linear_fwd_y<T, E>(const T*, const T*, const T*, const T*, T*, \
+        long long, long long, int, int, float);
+INST(float, false) INST(float, true) INST(__half, false) INST(__nv_bfloat16, false)
+#endif  // PANTHER_NVCC_CHECK
