@@ -1,7 +1,8 @@
 """Random-feature attention on the Triton kernels, against the torch backend's math in float64.
 
-Under TRITON_INTERPRET=1 the causal chunk is CHUNK = 16 positions, so small lengths reach the chunk
-boundaries. The drawn cases are the conformance suite's (test_conformance.py); these are the edges.
+Under TRITON_INTERPRET=1 the causal chunk is CHUNK = 16 positions and the feature chunk FEATURES = 16
+columns, so small lengths and feature counts reach the chunk boundaries. The drawn cases are the
+conformance suite's (test_conformance.py); these are the edges.
 """
 
 import math
@@ -15,7 +16,7 @@ import panther
 import panther_triton
 from panther.backends.torch_backend.rfa_attention import _attention
 from panther_triton._runtime import interpreting
-from panther_triton.ops.rfa_attention.common import CHUNK, MAX_FEATURES, MAX_HEAD_DIM, SPLIT_ROWS
+from panther_triton.ops.rfa_attention.common import CHUNK, FEATURES, MAX_FEATURES, MAX_HEAD_DIM, SPLIT_ROWS
 from triton_test_utils import DEVICE, needs_kernels
 
 pytestmark = needs_kernels
@@ -92,6 +93,35 @@ def test_non_causal_slices_combine(kernel):
     kpm[0, SPLIT_ROWS : 2 * SPLIT_ROWS] = True
     kpm[1, :SPLIT_ROWS] = True
     check(q, k, v, om, False, kernel, kpm.to(DEVICE))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "D, Dv, m",
+    [(8, 6, FEATURES + 1), (24, 33, 3 * FEATURES - 5), (MAX_HEAD_DIM, MAX_HEAD_DIM, MAX_FEATURES), (65, 100, 200)],
+    ids=lambda x: str(x),
+)
+def test_feature_chunks_and_wide_heads(D, Dv, m, dtype, causal):
+    """m past one feature chunk (the softmax stabilisers span every chunk; per-chunk states in the
+    programs' buffers) and head dims up to MAX_HEAD_DIM; padded keys, per-head omega."""
+    T = CHUNK + 5
+    S = T if causal else CHUNK - 3
+    q, k, v, om = make(2, 2, T, S, D, Dv, m, dtype=dtype, per_head=True, seed=m)
+    kpm = torch.rand(2, S, generator=torch.Generator().manual_seed(m)) < 0.3
+    check(q, k, v, om, causal, "softmax" if m % 2 == 0 else "relu", kpm.to(DEVICE))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("kernel", ["softmax", "relu"])
+def test_largest_logits_in_a_later_feature_chunk(causal, kernel):
+    """The rows' largest logits lie in the last feature chunk for some rows and in the first for others:
+    a stabiliser taken per chunk instead of over all features over- or underflows."""
+    m, D = 3 * FEATURES, 8
+    q, k, v, om = make(1, 2, 2 * CHUNK + 3, 2 * CHUNK + 3, D, 5, m, seed=9, scale=2.0)
+    om[-2:] *= 3.0  # large logits for the rows along these features
+    om[:2] *= 2.0
+    check(q, k, v, om, causal, kernel)
 
 
 def test_empty_keys_and_queries():
