@@ -12,8 +12,10 @@ the query-side state ``G = Σ_t φ(q_t)ᵀ [a_t, b_t]``; the parts are summed, a
 slice of keys and batch·head) gives dk, dv from G.
 Causal: ``_causal_query_grad_kernel`` walks the chunks forward (recomputing the forward's state) for dq, and
 writes a, b and each chunk's end maximum; ``_causal_key_grad_kernel`` walks them backward with the state
-``P = Σ_{t later} exp(M_end - M_t) φ(q_t)ᵀ [a_t, b_t]`` for dk and dv. Each program writes (causal: accumulates) its share of dω
-in a float32 workspace, summed over slices, batches (and heads, for a shared omega) afterwards.
+``P = Σ_{t later} exp(M_end - M_t) φ(q_t)ᵀ [a_t, b_t]`` for dk and dv. Each program writes (causal:
+accumulates) its share of dω in a float32 workspace, summed over slices, batches (and heads, for a shared
+omega) afterwards. The query-side kernels need every feature chunk for a row's output before its a, b:
+a pass over the chunks for the outputs, then one for the gradients (:mod:`.forward` for the rest).
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 Every kernel works on one batch·head at a time (``bh = b H + h``) and computes in float32: inputs are
 loaded in their dtype and converted, features never leave the chip. ``x̂ = x / D^{1/4}``; the logits of a
 row are ``l = x̂ ωᵀ - |x̂|²/2`` (softmax kernel) or ``p = x̂ ωᵀ`` (relu kernel), -inf in the padded columns
-of the feature axis. The stabilisers follow :mod:`panther.ops.rfa_attention`.
+of the feature axis. The stabilisers follow :mod:`panther.ops.rfa_attention`: a query's is its largest
+logit over all m features, the keys' their running maximum, so they are found (:func:`logit_tops`) before
+the features of any feature chunk are formed (:func:`query_chunk`, :func:`causal_features`).
 """
 
 from __future__ import annotations

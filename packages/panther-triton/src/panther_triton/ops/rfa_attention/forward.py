@@ -1,15 +1,17 @@
 """Forward of random-feature attention in Triton; φ(q) and φ̃(k) are computed on chip, never stored.
 
 Non-causal, two launches:
-* ``_kv_state_kernel``, one program per (slice of SPLIT_ROWS keys, batch·head): the state
-  ``KV = Σ_s φ̃(k_s)ᵀ v_s`` (m, Dv), ``z = Σ_s φ̃(k_s)`` (m) and the keys' stabiliser M (the largest logit of
-  the unmasked keys), kept relative to the running maximum and rescaled by ``exp(M_old - M_new)`` as it
-  grows (one pass over the keys instead of a max pre-pass); the slices' states are then rescaled to the
-  overall maximum and summed. The state is the residual for the backward.
-* ``_query_kernel``, one program per (query block, batch·head): ``out = φ(q) KV / φ(q)·z``.
-Causal, one launch: ``_causal_kernel``, one program per batch·head walking chunks of C = CHUNK positions:
-intra-chunk products ``φ(q_t)·φ̃(k_s) exp(M_s - M_t)`` for ``s <= t``, plus the state of the earlier chunks,
-kept relative to the running maximum at the previous chunk's end (read by query t with ``exp(M_prev - M_t)``).
+* ``_kv_state_kernel``, one program per (batch·head, slice of SPLIT_ROWS keys, feature chunk): that
+  chunk's rows of the state ``KV = Σ_s φ̃(k_s)ᵀ v_s`` (m, Dv), ``z = Σ_s φ̃(k_s)`` (m) and its stabiliser M
+  (the largest logit of the unmasked keys), kept relative to the running maximum and rescaled by
+  ``exp(M_old - M_new)`` as it grows (one pass over the keys instead of a max pre-pass); the parts are
+  then rescaled to the overall maximum and summed. The state is the residual for the backward.
+* ``_query_kernel``, one program per (query block, batch·head): ``out = φ(q) KV / φ(q)·z``, over the
+  feature chunks after a first pass for each query's largest logit.
+Causal, one launch: ``_causal_kernel``, one program per batch·head walking chunks of C positions
+(:func:`rows_per_block`): intra-chunk products ``φ(q_t)·φ̃(k_s) exp(M_s - M_t)`` for ``s <= t``, plus the
+state of the earlier chunks, kept relative to the running maximum at the previous chunk's end (read by
+query t with ``exp(M_prev - M_t)``); the stabilisers first, then the feature chunks one at a time.
 A faster alternative for few batch·heads on a large GPU: a first pass computing every chunk's own state in
 parallel, a short scan over the chunk states, then the queries of every chunk in parallel (as
 flash-linear-attention's chunk kernels).
