@@ -26,7 +26,7 @@ import torch  # noqa: E402
 import panther  # noqa: E402
 from panther.backends import BackendError  # noqa: E402
 
-from harness.cases import PASSES, PRESETS  # noqa: E402
+from harness.cases import PASSES, PRESETS, layer_leaves  # noqa: E402
 from harness.cases import select as select_cases  # noqa: E402
 from harness.modes import MODES, set_tf32  # noqa: E402
 from harness.plots import plot_speedups  # noqa: E402
@@ -84,7 +84,7 @@ def run_case(case, mode, clock, preset, backends, ceilings):
     if clock.cuda:
         set_tf32(tf32)
     inputs = case.build(clock.device, dtype)  # fresh random inputs for each case
-    leaves = [t for t in inputs.values() if t.requires_grad]
+    leaves = layer_leaves(inputs)
 
     def reset_grads():
         for t in leaves:

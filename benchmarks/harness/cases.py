@@ -1,4 +1,4 @@
-"""Benchmark cases as data: the three ops, what each is compared with, how much work each does, presets.
+"""Benchmark cases as data: the three ops and the attention layer, what each is compared with, how much work each does, presets.
 
 Every case builds fresh random inputs, lists its implementations (each Panther backend through
 ``panther.ops`` with ``backend=`` pinned, plus baselines), and counts the flops and the fewest elements
@@ -353,6 +353,107 @@ def favor_plain(q, k, v, omega, causal, chunk=128):
     return (num / den.unsqueeze(-1)).to(q.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionLayerCase(Case):
+    """The layers themselves: RandMultiHeadAttention against nn.MultiheadAttention(need_weights=False) with
+    the same projections (``from_multihead_attention``), batch_first, self-attention, no mask. The
+    layers travel in the inputs (their parameters are leaves whose gradients are reset between calls)."""
+
+    seq: int
+    sketch_dim: int = 64
+    embed_dim: int = 512
+    heads: int = 8
+    batch: int = 2
+    tag: str = ""
+    rounds: Optional[int] = None
+
+    op: ClassVar[str] = "rfa_attention_layer"
+    base: ClassVar[str] = "nn.MultiheadAttention"
+    sketch_args: ClassVar[Tuple[str, ...]] = ("x", "rand")
+    x_key: ClassVar[str] = "seq"
+
+    @property
+    def label(self) -> str:
+        return f"RandMultiHeadAttention E={self.embed_dim} H={self.heads} B={self.batch} T={self.seq} m={self.sketch_dim}"
+
+    @property
+    def series(self) -> str:
+        return f"layer m={self.sketch_dim}"
+
+    def impls(self, backends) -> Dict[str, Impl]:
+        from panther.backends import load_backend
+
+        found = {
+            name: Impl(name, "backend", "sketch", self.sketch_args, self.backend_fn(name))
+            for name in backends
+            if load_backend(name).implements("rfa_attention")
+        }
+        found.update(self.baselines())
+        return found
+
+    def build(self, device, dtype) -> dict:
+        from panther.nn import RandMultiHeadAttention
+
+        E, B, T = self.embed_dim, self.batch, self.seq
+        mha = torch.nn.MultiheadAttention(E, self.heads, batch_first=True, device=device, dtype=dtype)
+        rand = RandMultiHeadAttention.from_multihead_attention(mha, self.sketch_dim, seed=0)
+        return {
+            "x": torch.randn(B, T, E, device=device, dtype=dtype).requires_grad_(),
+            "mha": mha,
+            "rand": rand,
+            "g": torch.randn(B, T, E, device=device, dtype=dtype),
+        }
+
+    @staticmethod
+    def backend_fn(name):
+        def call(x, rand):
+            with panther.use_backend(name):
+                return rand(x, x, x, need_weights=False)[0]
+
+        return call
+
+    def baselines(self) -> Dict[str, Impl]:
+        return {
+            "nn.MultiheadAttention": Impl(
+                "nn.MultiheadAttention", "baseline", "dense", ("x", "mha"),
+                lambda x, mha: mha(x, x, x, need_weights=False)[0],
+            ),
+        }
+
+    def reference(self, inputs) -> torch.Tensor:
+        """The same layer in float64 on the torch backend."""
+        import copy
+
+        rand = copy.deepcopy(inputs["rand"]).double()
+        x = inputs["x"].detach().double()
+        with torch.no_grad(), panther.use_backend("torch"):
+            return rand(x, x, x, need_weights=False)[0]
+
+    def work(self, family: str, pass_: str) -> Tuple[float, float]:
+        B, T, E, H, m = self.batch, self.seq, self.embed_dim, self.heads, self.sketch_dim
+        D, n = E // H, B * T
+        proj = 8 * n * E * E  # q, k, v and out projections
+        elems = 2 * n * E + 4 * E * E + 4 * E  # x, out, the weights and biases
+        if pass_ != "fwd":
+            proj, elems = 3 * proj, elems + 2 * n * E + 4 * E * E + 4 * E  # + grad out, dx, the weights' grads
+        if family == "dense":
+            core = 4 * B * H * T * T * D * (1 if pass_ == "fwd" else 3.5)
+        else:
+            core = (8 if pass_ == "fwd" else 20) * n * H * m * D
+        return proj + core, elems
+
+
+def layer_leaves(inputs: dict) -> list:
+    """What gets a gradient in a case's inputs: the tensors that require one, and the parameters of the
+    modules among them (reset between timed calls)."""
+    leaves = [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+    return leaves + [p for t in inputs.values() if isinstance(t, torch.nn.Module) for p in t.parameters()]
+
+
+def attention_layers(seqs, sketch_dims):
+    return [AttentionLayerCase(T, m, tag="issue-14") for T in seqs for m in sketch_dims]
+
+
 # --- presets -----------------------------------------------------------------------------------------
 
 SPEC_TERMS = ((1, 64), (2, 32), (4, 32), (8, 64))  # num_terms * low_rank = 64, plus (4, 32) and (8, 64)
@@ -408,6 +509,7 @@ PRESETS = {
             LinearCase(512, 4096, 4, 32),
             spec_conv(batch=4),
             *attention_grid((1024,), (64,)),
+            AttentionLayerCase(1024),
         ),
         note="a few minutes on 2 cores; conv at batch 4 instead of the spec's 32; attention at T=1024 only",
     ),
@@ -424,6 +526,7 @@ PRESETS = {
             spec_conv(),
             deep_conv(),
             *attention_grid((8192, 65536), (64,)),
+            *attention_layers((4096, 16384, 65536), (64,)),
             LinearCase(4096, 8192, 8, 64),
             *attention_grid((1024,), (64,)),
             *attention_grid((1024, 8192, 65536), (256,)),
@@ -446,6 +549,7 @@ PRESETS = {
             spec_conv(),
             deep_conv(),
             *attention_grid(tuple(2**p for p in range(10, 17)), (64, 256)),
+            *attention_layers((1024, 4096, 16384, 65536), (64, 256)),
         ),
         note="every case of the spec tables; split it with --filter to fit one 10-minute device call",
     ),

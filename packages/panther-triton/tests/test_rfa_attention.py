@@ -1,7 +1,8 @@
 """Random-feature attention on the Triton kernels, against the torch backend's math in float64.
 
-Under TRITON_INTERPRET=1 the causal chunk is CHUNK = 16 positions, so small lengths reach the chunk
-boundaries. The drawn cases are the conformance suite's (test_conformance.py); these are the edges.
+Under TRITON_INTERPRET=1 the causal chunk is CHUNK = 16 positions and the feature chunk FEATURES = 16
+columns, so small lengths and feature counts reach the chunk boundaries. The drawn cases are the
+conformance suite's (test_conformance.py); these are the edges.
 """
 
 import math
@@ -15,7 +16,7 @@ import panther
 import panther_triton
 from panther.backends.torch_backend.rfa_attention import _attention
 from panther_triton._runtime import interpreting
-from panther_triton.ops.rfa_attention.common import CHUNK, MAX_FEATURES, MAX_HEAD_DIM, SPLIT_ROWS
+from panther_triton.ops.rfa_attention.common import CHUNK, FEATURES, MAX_FEATURES, MAX_HEAD_DIM, SPLIT_ROWS
 from triton_test_utils import DEVICE, needs_kernels
 
 pytestmark = needs_kernels
@@ -92,6 +93,43 @@ def test_non_causal_slices_combine(kernel):
     kpm[0, SPLIT_ROWS : 2 * SPLIT_ROWS] = True
     kpm[1, :SPLIT_ROWS] = True
     check(q, k, v, om, False, kernel, kpm.to(DEVICE))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "D, Dv, m",
+    [(8, 6, FEATURES + 1), (24, 33, 3 * FEATURES - 5), (MAX_HEAD_DIM, MAX_HEAD_DIM, MAX_FEATURES), (65, 100, 200)],
+    ids=lambda x: str(x),
+)
+def test_feature_chunks_and_wide_heads(D, Dv, m, dtype, causal):
+    """m past one feature chunk (the softmax stabilisers span every chunk; per-chunk states in the
+    programs' buffers) and head dims up to MAX_HEAD_DIM; padded keys, per-head omega."""
+    T = CHUNK + 5
+    S = T if causal else CHUNK - 3
+    q, k, v, om = make(2, 2, T, S, D, Dv, m, dtype=dtype, per_head=True, seed=m)
+    kpm = torch.rand(2, S, generator=torch.Generator().manual_seed(m)) < 0.3
+    check(q, k, v, om, causal, "softmax" if m % 2 == 0 else "relu", kpm.to(DEVICE))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_largest_logits_in_a_later_feature_chunk(causal):
+    """Rows along e0 have their largest logit (72) on a feature of the last chunk and the others in that
+    row's first chunk near -40; rows along e1 the other way round. A stabiliser taken from one chunk
+    instead of all leaves exp(114) to overflow; the float64 reference stays exact."""
+    m, D, T = 3 * FEATURES, 8, 2 * CHUNK + 3
+    g = torch.Generator().manual_seed(11)
+    om = torch.randn(m, D, generator=g)
+    om[0], om[-1] = 0.0, 0.0
+    om[0, 1], om[-1, 0] = 12.0, 12.0
+    rows = torch.zeros(2, 2, T, D)
+    rows[..., 0::2, 0] = 12.0 * D**0.25  # x̂ = 12 e0: logit 144 - 72 on om[-1]
+    rows[..., 1::2, 1] = 12.0 * D**0.25  # x̂ = 12 e1: on om[0]
+    q = rows + 0.1 * torch.randn(rows.shape, generator=g)
+    k = rows.flip(-2) + 0.1 * torch.randn(rows.shape, generator=g)
+    v = torch.randn(2, 2, T, 5, generator=g)
+    # forward only: each query sees only the keys along its own direction, so its gradient is ~0 (1e-18)
+    check(*(t.to(DEVICE) for t in (q, k, v, om)), causal, "softmax", tol=1e-4, grads=False)
 
 
 def test_empty_keys_and_queries():

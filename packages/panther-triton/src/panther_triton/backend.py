@@ -29,16 +29,18 @@ def _sketched_linear_limits(x, S1s=None, S2s=None, U1s=None, U2s=None, *rest, **
 
 def _rfa_attention_limits(q=None, k=None, v=None, omega=None, causal=False, kernel="softmax",
                           key_padding_mask=None, *rest, **kwargs) -> List[str]:
-    """What the attention kernels cannot take beyond device and dtype: head dims past one block, more
-    random features than one block holds."""
+    """What the attention kernels cannot take beyond device and dtype: head dims past the one block of
+    the head axis a program holds, more random features than its feature chunks cover."""
     from panther_triton.ops.rfa_attention.common import MAX_FEATURES, MAX_HEAD_DIM
 
     reasons = []
     for name, t in (("q", q), ("v", v)):
         if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[-1] > MAX_HEAD_DIM:
-            reasons.append(f"{name} has head dimension {t.shape[-1]}; the attention kernels take at most {MAX_HEAD_DIM}")
+            reasons.append(f"{name} has head dimension {t.shape[-1]}; the attention kernels take at most "
+                           f"{MAX_HEAD_DIM} (split the embedding over more heads, or use backend 'torch')")
     if isinstance(omega, torch.Tensor) and omega.dim() in (2, 3) and omega.shape[-2] > MAX_FEATURES:
-        reasons.append(f"omega has {omega.shape[-2]} random features; the attention kernels take at most {MAX_FEATURES}")
+        reasons.append(f"omega has {omega.shape[-2]} random features; the attention kernels take at most "
+                       f"{MAX_FEATURES} (a smaller sketch_dim, or backend 'torch')")
     return reasons
 
 

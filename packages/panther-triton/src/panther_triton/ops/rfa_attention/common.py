@@ -3,16 +3,20 @@
 Every kernel works on one batch·head at a time (``bh = b H + h``) and computes in float32: inputs are
 loaded in their dtype and converted, features never leave the chip. ``x̂ = x / D^{1/4}``; the logits of a
 row are ``l = x̂ ωᵀ - |x̂|²/2`` (softmax kernel) or ``p = x̂ ωᵀ`` (relu kernel), -inf in the padded columns
-of the feature axis. The stabilisers follow :mod:`panther.ops.rfa_attention`.
+of the feature axis. The stabilisers follow :mod:`panther.ops.rfa_attention`: a query's is its largest
+logit over all m features, the keys' their running maximum, so they are found (:func:`logit_tops`) before
+the features of any feature chunk are formed (:func:`query_chunk`, :func:`causal_features`).
 """
 
 from __future__ import annotations
+
+from typing import Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from panther.backends.toolkit import next_power_of_2
+from panther.backends.toolkit import cdiv, next_power_of_2
 from panther_triton._launch import INTERPRETED, launch, layout_key
 from panther_triton.ops.sketched_linear.common import allow_tf32
 
@@ -27,16 +31,31 @@ CHUNK = 16 if INTERPRETED else 64
 # batch·head), so that a few batch·heads still fill the GPU; partial states are summed afterwards.
 SPLIT_ROWS = 2 * CHUNK if INTERPRETED else 16 * CHUNK
 
-# One block of the head axis and one of the feature axis are held on chip: compiled for sm_90, the
-# kernels fit an H200 block's 227 KiB of shared memory up to D, Dv, m = 64 (bf16 causal at m = 128 asks
-# 240 KiB); larger sizes need the loops over feature and head chunks the kernels do not have yet.
-MAX_HEAD_DIM = 64  # D and Dv
-MAX_FEATURES = 64  # m
+# The feature axis is walked in chunks of FEATURES columns (FM): a program holds one chunk of omega, of
+# the features and of the (FM, Dv) states at a time. With more than one chunk, what a program carries
+# across row blocks per chunk (states, dω) lives in its own float32 buffer instead of registers. The
+# interpreter's small chunk lets small tests cross chunk boundaries.
+FEATURES = 16 if INTERPRETED else 64
+
+MAX_HEAD_DIM = 128  # D and Dv: one block of the head axis on chip (rows per block halve past 64)
+MAX_FEATURES = 256  # m: at most four feature chunks
 
 
 def block(n: int) -> int:
     """The power-of-two block holding ``n`` columns (>= 16: tl.dot's smallest operand side)."""
     return max(16, next_power_of_2(n))
+
+
+def feature_chunks(m: int) -> Tuple[int, int]:
+    """(FM, NF): the feature chunk (a block, at most FEATURES) and the number of chunks covering m."""
+    fm = min(FEATURES, block(m))
+    return fm, max(1, cdiv(m, fm))
+
+
+def rows_per_block(D: int, Dv: int) -> int:
+    """Rows of q / k per block (and the causal chunk): CHUNK, halved on a GPU for head dims past 64 so
+    that the (rows, head dim) tiles keep their size."""
+    return CHUNK if INTERPRETED or max(block(D), block(Dv)) <= 64 else CHUNK // 2
 
 
 def precision(dtype: torch.dtype) -> str:
@@ -82,10 +101,52 @@ def logits(x, om, cols_ok, SOFTMAX: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def query_features(lq, inv_sqrt_m, SOFTMAX: tl.constexpr):
-    """φ(q): relative to each row's largest logit (softmax), or relu."""
+def omega_chunk(omega, om0, f, m, D, so_m, so_d, FM: tl.constexpr, BD: tl.constexpr, NF: tl.constexpr):
+    """Rows f FM .. f FM + FM of omega (FM, BD): ``om0``, loaded once by the caller, when there is one chunk."""
+    if NF == 1:
+        om = om0
+    else:
+        om = load_tile(omega, f * FM + tl.arange(0, FM), m, so_m, tl.arange(0, BD), D, so_d)
+    return om
+
+
+@triton.jit
+def chunk_logits(x, omega, om0, f, m, D, so_m, so_d,
+                 FM: tl.constexpr, BD: tl.constexpr, NF: tl.constexpr, SOFTMAX: tl.constexpr, PREC: tl.constexpr):
+    """(logits (R, FM) of the scaled rows x (R, BD) against feature chunk f, that chunk of omega)."""
+    om = omega_chunk(omega, om0, f, m, D, so_m, so_d, FM, BD, NF)
+    return logits(x, om, f * FM + tl.arange(0, FM) < m, SOFTMAX, PREC), om
+
+
+@triton.jit
+def logit_tops(x, omega, om0, m, D, so_m, so_d,
+               FM: tl.constexpr, BD: tl.constexpr, NF: tl.constexpr, SOFTMAX: tl.constexpr, PREC: tl.constexpr):
+    """(each row's largest logit over all m features, the logits of the last chunk): the softmax
+    stabilisers need every chunk before any feature; with one chunk its logits are reused (:func:`reuse`)."""
+    lx, _ = chunk_logits(x, omega, om0, 0, m, D, so_m, so_d, FM, BD, NF, SOFTMAX, PREC)
+    top = tl.max(lx, 1)
+    for f in range(1, NF):
+        lx, _ = chunk_logits(x, omega, om0, f, m, D, so_m, so_d, FM, BD, NF, SOFTMAX, PREC)
+        top = tl.maximum(top, tl.max(lx, 1))
+    return top, lx
+
+
+@triton.jit
+def reuse(x, l_one, omega, om0, f, m, D, so_m, so_d,
+          FM: tl.constexpr, BD: tl.constexpr, NF: tl.constexpr, SOFTMAX: tl.constexpr, PREC: tl.constexpr):
+    """:func:`chunk_logits` of chunk f, taken from :func:`logit_tops` (``l_one``) when there is one chunk."""
+    if NF == 1:
+        lx, om = l_one, om0
+    else:
+        lx, om = chunk_logits(x, omega, om0, f, m, D, so_m, so_d, FM, BD, NF, SOFTMAX, PREC)
+    return lx, om
+
+
+@triton.jit
+def query_features(lq, c, inv_sqrt_m, SOFTMAX: tl.constexpr):
+    """φ(q): relative to each row's largest logit c over all features (softmax), or relu."""
     if SOFTMAX:
-        f = tl.exp(lq - tl.max(lq, 1)[:, None])
+        f = tl.exp(lq - c[:, None])
     else:
         f = tl.maximum(lq, 0.0)
     return f * inv_sqrt_m
@@ -102,9 +163,82 @@ def key_features(lk, M, keep, inv_sqrt_m, SOFTMAX: tl.constexpr):
 
 
 @triton.jit
-def key_tops(lk, keep):
-    """Each kept key's largest logit, -inf for the others."""
-    return tl.where(keep, tl.max(lk, 1), float("-inf"))
+def query_chunk(xq, l_one, c, omega, om0, f, m, D, so_m, so_d, inv_sqrt_m,
+                FM: tl.constexpr, BD: tl.constexpr, NF: tl.constexpr, SOFTMAX: tl.constexpr, PREC: tl.constexpr):
+    """(lq, φ(q), omega chunk) of feature chunk f for the scaled queries xq with largest logits c."""
+    lq, om = reuse(xq, l_one, omega, om0, f, m, D, so_m, so_d, FM, BD, NF, SOFTMAX, PREC)
+    return lq, query_features(lq, c, inv_sqrt_m, SOFTMAX), om
+
+
+@triton.jit
+def causal_chunk(
+    q, k, v, kpm, omega, om0, c0, T, m, D, Dv, scale, M_prev,
+    sq_t, sq_d, sk_t, sk_d, sv_t, sv_d, so_m, so_d, sm_s,
+    BC: tl.constexpr, FM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, NF: tl.constexpr,
+    HAS_MASK: tl.constexpr, SOFTMAX: tl.constexpr, PREC: tl.constexpr,
+):
+    """What every causal kernel recomputes for the chunk of positions c0 .. c0 + BC, before its feature
+    chunks: (x̂q, x̂k, v, kept keys, each query's largest logit, the logits lq, lk of the last feature
+    chunk (see :func:`logit_tops`), the running key maximum M_s per position, the maximum at the
+    chunk's end, the intra-chunk decay exp(M_s - M_t) [t, s], 0 for s > t)."""
+    cd, cv, rc = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BC)
+    rows = c0 + rc
+    keep = keys_kept(kpm, rows, T, sm_s, HAS_MASK)
+    xq = load_tile(q, rows, T, sq_t, cd, D, sq_d) * scale
+    xk = load_tile(k, rows, T, sk_t, cd, D, sk_d) * scale
+    vt = load_tile(v, rows, T, sv_t, cv, Dv, sv_d)
+    cq, lq = logit_tops(xq, omega, om0, m, D, so_m, so_d, FM, BD, NF, SOFTMAX, PREC)
+    top_k, lk = logit_tops(xk, omega, om0, m, D, so_m, so_d, FM, BD, NF, SOFTMAX, PREC)
+    causal = rc[None, :] <= rc[:, None]  # [t, s]
+    if SOFTMAX:
+        tops = tl.where(keep, top_k, float("-inf"))
+        Ms = tl.maximum(tl.associative_scan(tops, 0, max_combine), M_prev)
+        M_end = tl.maximum(M_prev, tl.max(tops, 0))
+        decay = tl.exp(tl.where(causal, Ms[None, :] - Ms[:, None], float("-inf")))
+    else:
+        Ms = tl.zeros((BC,), dtype=tl.float32)
+        M_end = M_prev
+        decay = tl.where(causal, 1.0, 0.0)
+    return xq, xk, vt, keep, cq, lq, lk, Ms, M_end, decay
+
+
+@triton.jit
+def causal_features(xq, xk, lq_one, lk_one, cq, Ms, keep, omega, om0, f, m, D, so_m, so_d, inv_sqrt_m,
+                    FM: tl.constexpr, BD: tl.constexpr, NF: tl.constexpr, SOFTMAX: tl.constexpr,
+                    PREC: tl.constexpr):
+    """(lq, φ(q), lk, φ̃(k), omega chunk) of a causal chunk's feature chunk f; keys relative to their M_s."""
+    if NF == 1:
+        lq, lk, om = lq_one, lk_one, om0
+    else:
+        om = omega_chunk(omega, om0, f, m, D, so_m, so_d, FM, BD, NF)
+        ok = f * FM + tl.arange(0, FM) < m
+        lq = logits(xq, om, ok, SOFTMAX, PREC)
+        lk = logits(xk, om, ok, SOFTMAX, PREC)
+    fq = query_features(lq, cq, inv_sqrt_m, SOFTMAX)
+    fk = key_features(lk, Ms[:, None], keep, inv_sqrt_m, SOFTMAX)
+    return lq, fq, lk, fk, om
+
+
+@triton.jit
+def held(value, ptr, NF: tl.constexpr):
+    """A tile a program carries across row blocks for one feature chunk: ``value`` itself with one
+    chunk, else read back from ``ptr`` (the program's own float32 buffer, see :func:`hold`)."""
+    if NF == 1:
+        out = value
+    else:
+        out = tl.load(ptr)
+    return out
+
+
+@triton.jit
+def hold(value, ptr, NF: tl.constexpr):
+    """Keep ``value`` for :func:`held`: with several chunks it is written to ``ptr``, between barriers
+    (the threads that read a tile back need not be those that wrote it)."""
+    if NF > 1:
+        tl.debug_barrier()  # every thread has read the old value
+        tl.store(ptr, value)
+        tl.debug_barrier()
+    return value
 
 
 @triton.jit
