@@ -202,7 +202,8 @@ def test_weight_gradients_split_over_rows(split, mode):
     allow = mode == "tf32"
     with precision(mode):
         _, h = sketched_linear_forward(*inputs, allow_tf32=allow)
-        grads = sketched_linear_backward(g, *inputs[:5], h, (True,) * 6, allow_tf32=allow, split=split)
+        grads = sketched_linear_backward(g, inputs[0], h, *inputs[1:5], (True,) * 6, allow_tf32=allow,
+                                         split=split)
     _, grads_ref = reference(inputs, g, ALL)
     errs = {NAMES[i]: rel_err(got, ref) for i, (got, ref) in enumerate(zip(grads, grads_ref))}
     assert all(e <= TOL[mode] for e in errs.values()), errs

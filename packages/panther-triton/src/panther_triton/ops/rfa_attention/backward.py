@@ -26,8 +26,9 @@ import triton.language as tl
 
 from panther.backends.toolkit import cdiv
 from panther_triton.ops.rfa_attention.common import (
-    FMIN, SPLIT_ROWS, causal_chunk, causal_features, feature_grad, held, hold, key_features, keys_kept, load_tile,
-    logit_tops, logits, normalise, omega_chunk, output_grads, precision, query_chunk, rows_per_block, run,
+    FMIN, SPLIT_ROWS, as_float32, causal_chunk, causal_features, feature_grad, held, hold, key_features, keys_kept,
+    load_tile, logit_tops, logits, normalise, omega_chunk, output_grads, precision, query_chunk, rows_per_block,
+    run,
 )
 from panther_triton.ops.rfa_attention.forward import carried, mask_args, omega_strides, sizes
 
@@ -40,6 +41,8 @@ def _query_grad_kernel(
     BT: tl.constexpr, FM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, NF: tl.constexpr,
     SOFTMAX: tl.constexpr, PREC: tl.constexpr,
 ):
+    # float32 whatever the caller passed: torch.compile hands symbolic sizes' floats over as float64
+    scale, inv_sqrt_m = as_float32(scale), as_float32(inv_sqrt_m)
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // H, bh % H
     part = bh * tl.num_programs(1) + tl.program_id(1)  # this slice's partial sums
@@ -102,6 +105,8 @@ def _key_grad_kernel(
     BS: tl.constexpr, FM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, NF: tl.constexpr,
     HAS_MASK: tl.constexpr, SOFTMAX: tl.constexpr, PREC: tl.constexpr,
 ):
+    # float32 whatever the caller passed: torch.compile hands symbolic sizes' floats over as float64
+    scale, inv_sqrt_m = as_float32(scale), as_float32(inv_sqrt_m)
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // H, bh % H
     part = bh * tl.num_programs(1) + tl.program_id(1)
@@ -155,6 +160,8 @@ def _causal_query_grad_kernel(
     BC: tl.constexpr, FM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, NF: tl.constexpr,
     HAS_MASK: tl.constexpr, SOFTMAX: tl.constexpr, PREC: tl.constexpr,
 ):
+    # float32 whatever the caller passed: torch.compile hands symbolic sizes' floats over as float64
+    scale, inv_sqrt_m = as_float32(scale), as_float32(inv_sqrt_m)
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // H, bh % H
     cf, cd, cv, rc = tl.arange(0, FM), tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BC)
@@ -232,6 +239,8 @@ def _causal_key_grad_kernel(
     BC: tl.constexpr, FM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, NF: tl.constexpr,
     HAS_MASK: tl.constexpr, SOFTMAX: tl.constexpr, PREC: tl.constexpr,
 ):
+    # float32 whatever the caller passed: torch.compile hands symbolic sizes' floats over as float64
+    scale, inv_sqrt_m = as_float32(scale), as_float32(inv_sqrt_m)
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // H, bh % H
     cf, cd, cv, rc = tl.arange(0, FM), tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BC)

@@ -70,6 +70,12 @@ def run(kernel, grid, args, constexprs, in_op: bool) -> None:
 
 
 @triton.jit
+def as_float32(x):
+    """A scalar argument as a float32 tensor (a Python float under the interpreter, float32 or float64 compiled)."""
+    return (tl.zeros((), tl.float32) + x).to(tl.float32)
+
+
+@triton.jit
 def max_combine(a, b):
     return tl.maximum(a, b)
 

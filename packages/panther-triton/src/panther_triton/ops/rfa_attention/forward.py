@@ -27,8 +27,8 @@ import triton.language as tl
 
 from panther.backends.toolkit import cdiv
 from panther_triton.ops.rfa_attention.common import (
-    FMIN, SPLIT_ROWS, block, causal_chunk, causal_features, feature_chunks, held, hold, key_features, keys_kept,
-    load_tile, logit_tops, logits, normalise, precision, query_chunk, rows_per_block, run,
+    FMIN, SPLIT_ROWS, as_float32, block, causal_chunk, causal_features, feature_chunks, held, hold, key_features,
+    keys_kept, load_tile, logit_tops, logits, normalise, precision, query_chunk, rows_per_block, run,
 )
 
 
@@ -40,6 +40,8 @@ def _kv_state_kernel(
     BS: tl.constexpr, FM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     HAS_MASK: tl.constexpr, SOFTMAX: tl.constexpr, PREC: tl.constexpr,
 ):
+    # float32 whatever the caller passed: torch.compile hands symbolic sizes' floats over as float64
+    scale, inv_sqrt_m = as_float32(scale), as_float32(inv_sqrt_m)
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // H, bh % H
     f0 = tl.program_id(2) * FM  # this program's feature chunk
@@ -81,6 +83,8 @@ def _query_kernel(
     BT: tl.constexpr, FM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, NF: tl.constexpr,
     SOFTMAX: tl.constexpr, PREC: tl.constexpr,
 ):
+    # float32 whatever the caller passed: torch.compile hands symbolic sizes' floats over as float64
+    scale, inv_sqrt_m = as_float32(scale), as_float32(inv_sqrt_m)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     cf, cd, cv = tl.arange(0, FM), tl.arange(0, BD), tl.arange(0, BDV)
@@ -112,6 +116,8 @@ def _causal_kernel(
     BC: tl.constexpr, FM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, NF: tl.constexpr,
     HAS_MASK: tl.constexpr, SOFTMAX: tl.constexpr, PREC: tl.constexpr,
 ):
+    # float32 whatever the caller passed: torch.compile hands symbolic sizes' floats over as float64
+    scale, inv_sqrt_m = as_float32(scale), as_float32(inv_sqrt_m)
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // H, bh % H
     cf, cd, cv, rc = tl.arange(0, FM), tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BC)
