@@ -130,9 +130,9 @@ def test_auto_keeps_cpu_tensors_off_the_interpreter():
     assert DEVICE == "cpu"
 
 
-def test_attention_is_kept_out_of_auto_until_validated_on_a_gpu():
+def test_attention_is_offered_to_auto_at_the_backends_priority():
     be = load_backend("triton")
     q = torch.randn(1, 2, 5, 4)
     omega = torch.randn(8, 4)
     assert be.reasons_cannot_run("rfa_attention", q, q, q, omega, False, "softmax", None) == []
-    assert be.auto_priority("rfa_attention", q, q, q, omega, False, "softmax", None) is None
+    assert be.auto_priority("rfa_attention", q, q, q, omega, False, "softmax", None) == be.priority

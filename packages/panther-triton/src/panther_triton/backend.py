@@ -107,12 +107,8 @@ class TritonBackend(Backend):
         2026-11-29_nvidia-h200_4eb5fa2_wide-rank.json): float32, with or without TF32 (cuBLAS's GEMMs
         win), and 2·num_terms·low_rank > 256, past the fused kernel. Elsewhere (16-bit, 2Lk <= 256) the
         kernels were faster for forward+backward at every measured shape and keep :attr:`priority`.
-        ``backend="triton"`` runs any accepted input here regardless.
-
-        ``rfa_attention`` is kept out of ``auto`` (``None``, measured dispatch included) until its kernels
-        have passed the GPU tests and been timed against the torch backend; ``backend="triton"`` runs them."""
-        if op == "rfa_attention":
-            return None
+        ``backend="triton"`` runs any accepted input here regardless. ``rfa_attention`` keeps
+        :attr:`priority`: on a GPU the measured ``auto`` dispatch times it against ``torch`` per shape."""
         if op == "sketched_linear" and len(args) >= 2:
             x, S1s = args[0], args[1]
             if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
