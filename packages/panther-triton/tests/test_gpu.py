@@ -265,8 +265,8 @@ def test_attention_long_sequences_bf16(T, D, m, causal, fp32_precision):
         assert _attention_error(a, b) <= tol, (name, _attention_error(a, b), tol)
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("E, H, m", [(512, 8, 64), (512, 4, 256)], ids=["D64_m64", "D128_m256"])
+@pytest.mark.parametrize("E, H, m, causal", [(512, 8, 64, False), (512, 4, 256, True)],
+                         ids=["D64_m64_full_padded", "D128_m256_causal"])
 def test_attention_layer_compiles_with_inductor(E, H, m, causal):
     """RandMultiHeadAttention on the triton backend under torch.compile(fullgraph=True), bfloat16: no
     graph break, and output and gradients (input, projections) equal to eager."""
