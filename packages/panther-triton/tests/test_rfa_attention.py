@@ -132,13 +132,14 @@ def test_largest_logits_in_a_later_feature_chunk(causal):
     check(*(t.to(DEVICE) for t in (q, k, v, om)), causal, "softmax", tol=1e-4, grads=False)
 
 
-def test_empty_keys_and_queries():
-    q, k, v, om = make(2, 2, 5, 0, 8, 3, 16)
+@pytest.mark.parametrize("m", [16, FEATURES + 5], ids=["one_chunk", "two_chunks"])
+def test_empty_keys_and_queries(m):
+    q, k, v, om = make(2, 2, 5, 0, 8, 3, m)
     out = check(q, k, v, om, False, "softmax")
     assert out.shape == (2, 2, 5, 3) and out.abs().max() == 0
-    q, k, v, om = make(2, 2, 0, 7, 8, 3, 16)
+    q, k, v, om = make(2, 2, 0, 7, 8, 3, m)
     assert check(q, k, v, om, False, "relu").shape == (2, 2, 0, 3)
-    q, k, v, om = make(2, 2, 0, 0, 8, 3, 16)
+    q, k, v, om = make(2, 2, 0, 0, 8, 3, m)
     assert check(q, k, v, om, True, "softmax").shape == (2, 2, 0, 3)
 
 
