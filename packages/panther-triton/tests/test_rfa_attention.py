@@ -68,6 +68,23 @@ def test_causal_chunk_boundaries(T, kernel):
     check(q, k, v, om, True, kernel)
 
 
+@pytest.mark.parametrize("kernel", ["softmax", "relu"])
+@pytest.mark.parametrize("Dv, m", [(5, 12), (100, 90)], ids=["one_chunk_segments", "two_chunk_segments"])
+def test_causal_segments_start_from_the_earlier_keys(Dv, m, kernel):
+    """Causal programs walk segments of the sequence from the state of the keys before them: several
+    segments (of one chunk, or several), the first one's keys all padded in one sample, the largest key
+    logits in a later segment in the other."""
+    from panther_triton.ops.rfa_attention.forward import segments
+
+    rows, _ = segments(1, 8, Dv, m)
+    T = 3 * rows + 5
+    q, k, v, om = make(2, 2, T, T, 8, Dv, m, per_head=True, seed=Dv)
+    k[1, :, 2 * rows + 1] *= 4.0
+    kpm = torch.zeros(2, T, dtype=torch.bool)
+    kpm[0, : rows + 3] = True
+    check(q, k, v, om, True, kernel, kpm.to(DEVICE))
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_padded_and_fully_padded_samples(causal):
     T, S = 2 * CHUNK + 3, (2 * CHUNK + 3 if causal else CHUNK + 5)
@@ -132,13 +149,14 @@ def test_largest_logits_in_a_later_feature_chunk(causal):
     check(*(t.to(DEVICE) for t in (q, k, v, om)), causal, "softmax", tol=1e-4, grads=False)
 
 
-def test_empty_keys_and_queries():
-    q, k, v, om = make(2, 2, 5, 0, 8, 3, 16)
+@pytest.mark.parametrize("m", [16, FEATURES + 5], ids=["one_chunk", "two_chunks"])
+def test_empty_keys_and_queries(m):
+    q, k, v, om = make(2, 2, 5, 0, 8, 3, m)
     out = check(q, k, v, om, False, "softmax")
     assert out.shape == (2, 2, 5, 3) and out.abs().max() == 0
-    q, k, v, om = make(2, 2, 0, 7, 8, 3, 16)
+    q, k, v, om = make(2, 2, 0, 7, 8, 3, m)
     assert check(q, k, v, om, False, "relu").shape == (2, 2, 0, 3)
-    q, k, v, om = make(2, 2, 0, 0, 8, 3, 16)
+    q, k, v, om = make(2, 2, 0, 0, 8, 3, m)
     assert check(q, k, v, om, True, "softmax").shape == (2, 2, 0, 3)
 
 

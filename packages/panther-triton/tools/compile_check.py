@@ -1,4 +1,5 @@
-"""Compile every kernel variant with every GPU autotune config for a CUDA target, without a GPU.
+"""Compile every kernel variant (sketched linear, attention) with every GPU autotune config for a CUDA
+target, without a GPU.
 
     python packages/panther-triton/tools/compile_check.py [--arch 90] [--quick | --trace]
 
@@ -7,7 +8,8 @@ a stand-in driver that names the target, so the arguments are exactly those of r
 (kernel, variant, config) it prints the shared memory (and whether it fits the 227 KB an sm_90 block
 may have), registers per thread, local memory (spills), and the matrix instructions in the SASS
 (HGMMA: Hopper's wgmma; HMMA: mma.sync). Exit status 1 when a variant compiles in none of its configs,
-when a config that fits in shared memory spills, or (sm_90) when a 16-bit variant has no HGMMA at all.
+when a config that fits in shared memory spills, or (sm_90) when a 16-bit sketched linear variant has no
+HGMMA at all.
 Needs TRITON_INTERPRET unset (the kernels must be JIT functions) and Triton's NVIDIA backend (ptxas).
 """
 
@@ -86,7 +88,8 @@ class CompileOnlyLaunch:
         class _Grid:
             def __getitem__(self, grid):
                 def run(*args, **kwargs):
-                    for cfg in kernel.configs:
+                    # a plain JIT function (the attention kernels) compiles once, at Triton's launch defaults
+                    for cfg in getattr(kernel, "configs", None) or [triton.Config({})]:
                         row = hook._compile(kernel, cfg, args, kwargs)
                         if hook.quick and row.error is None and row.fits:
                             break  # --quick: the first config that compiles and fits
@@ -96,10 +99,11 @@ class CompileOnlyLaunch:
         return _Grid()
 
     def _compile(self, kernel, cfg, args, kwargs):
-        name = kernel.fn.__name__
+        fn = kernel if isinstance(kernel, triton.runtime.jit.JITFunction) else kernel.fn
+        name = fn.__name__
         label = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f",w{cfg.num_warps},s{cfg.num_stages}"
         try:
-            k = kernel.fn.warmup(
+            k = fn.warmup(
                 *args, grid=(1,), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.kwargs, **kwargs
             )
             shared = k.metadata.shared
@@ -133,6 +137,38 @@ def _variants(quick: bool):
     return [out[i] for i in (0, 1, 3, 6)] if quick else out
 
 
+def _attention_variants(quick: bool):
+    """(label, dtype, allow_tf32, (T, D, Dv, m), causal) of the attention kernels: one block of each axis at
+    64, and the limits (D = Dv = 128 with 32 rows per block, m = 256 in four feature chunks)."""
+    out = [
+        ("fp32 ieee D64 m64", torch.float32, False, (1000, 64, 64, 64)),
+        ("bf16 D64 m64", torch.bfloat16, True, (5000, 64, 64, 64)),
+        ("bf16 D128 m256", torch.bfloat16, True, (5000, 128, 128, 256)),
+        ("fp32 tf32 D128 m256", torch.float32, True, (1000, 128, 128, 256)),
+        ("fp16 D48 Dv80 m100", torch.float16, True, (1000, 48, 80, 100)),
+    ]
+    return [(label + (" causal" if causal else " full"), *rest, causal)
+            for label, *rest in (out[:1] if quick else out) for causal in (False, True)]
+
+
+def _compile_attention(args, rows) -> None:
+    from panther_triton import _launch
+    from panther_triton.ops.rfa_attention import common
+    from panther_triton.ops.rfa_attention.backward import rfa_attention_backward
+    from panther_triton.ops.rfa_attention.forward import rfa_attention_forward
+
+    for label, dt, tf32, (T, D, Dv, m), causal in _attention_variants(args.quick):
+        common.allow_tf32 = lambda tf32=tf32: tf32  # read by precision(): the PREC of the launch
+        _launch.traced = CompileOnlyLaunch(label, args.arch, args.quick, rows, args.verbose)
+        q, k = torch.zeros(1, 2, T, D, dtype=dt), torch.zeros(1, 2, T, D, dtype=dt)
+        v, om = torch.zeros(1, 2, T, Dv, dtype=dt), torch.zeros(2, m, D, dtype=dt)
+        kpm = torch.zeros(1, T, dtype=torch.bool)
+        o, kv, kz, kmax = rfa_attention_forward(q, k, v, om, kpm, causal, False, in_op=True)
+        grads = [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(om)]
+        rfa_attention_backward(grads, torch.zeros_like(o), q, k, v, om, kpm, kv, kz, kmax, causal, False, True)
+
+
+_HGMMA_EXPECTED = {"_sketch_in_kernel", "_sketch_out_kernel", "_grad_from_g_kernel", "_grad_from_x_kernel"}
 _OUTPUT_ARGS = {"hp", "h", "y", "dhp", "ws", "ds2", "du1", "db", "dx", "ds1", "du2", "out0", "out1", "out2", "out3", "out4"}
 
 
@@ -254,6 +290,7 @@ def main(argv=None) -> int:
         _launch.traced = hook  # the launches inside a library op: compile instead
         y, h = sketched_linear_forward(x, S1s, S2s, U1s, U2s, bias, tf32, plan=fplan, in_op=True)
         sketched_linear_backward(torch.zeros_like(y), x, h, S1s, S2s, U1s, U2s, needs, tf32, plan=bplan, in_op=True)
+    _compile_attention(args, rows)
 
     print(f"{'kernel':22} {'variant':20} {'config':28} {'smem':>7} fit {'regs':>4} {'local':>5}  mma / error")
     for r in rows:
@@ -273,7 +310,8 @@ def main(argv=None) -> int:
             if r.local > 0:
                 problems.append(f"{kernel} [{variant}] {r.config}: {r.local} bytes of local memory (spills)")
         sixteen_bit = not variant.startswith("fp32")
-        if args.arch == 90 and sixteen_bit and kernel != "_sum_partials_kernel" and not args.quick:
+        # the attention kernels multiply float32 features (TF32): wgmma or mma.sync is the compiler's choice
+        if args.arch == 90 and sixteen_bit and kernel in _HGMMA_EXPECTED and not args.quick:
             if usable and not any(r.mma.get("HGMMA") for r in usable):
                 problems.append(f"{kernel} [{variant}]: no HGMMA (wgmma) in any config")
     for p in problems:

@@ -10,8 +10,8 @@ weights ``w_ts = φ(q_t)·φ̃(k_s) d_ts`` (``d_ts`` the causal decay, 1 non-cau
 Non-causal: ``_query_grad_kernel`` (per slice of queries and batch·head) gives dq and the slice's part of
 the query-side state ``G = Σ_t φ(q_t)ᵀ [a_t, b_t]``; the parts are summed, and ``_key_grad_kernel`` (per
 slice of keys and batch·head) gives dk, dv from G.
-Causal: ``_causal_query_grad_kernel`` walks the chunks forward (recomputing the forward's state) for dq, and
-writes a, b and each chunk's end maximum; ``_causal_key_grad_kernel`` walks them backward with the state
+Causal: ``_causal_query_grad_kernel``, one program per segment from the forward's segment starts, walks
+its chunks forward (recomputing the forward's state) for dq, and writes a, b and each chunk's end maximum; ``_causal_key_grad_kernel`` walks them backward with the state
 ``P = Σ_{t later} exp(M_end - M_t) φ(q_t)ᵀ [a_t, b_t]`` for dk and dv. Each program writes (causal:
 accumulates) its share of dω in a float32 workspace, summed over slices, batches (and heads, for a shared
 omega) afterwards. The query-side kernels need every feature chunk for a row's output before its a, b:
@@ -30,7 +30,7 @@ from panther_triton.ops.rfa_attention.common import (
     load_tile, logit_tops, logits, normalise, omega_chunk, output_grads, precision, query_chunk, rows_per_block,
     run,
 )
-from panther_triton.ops.rfa_attention.forward import carried, mask_args, omega_strides, sizes
+from panther_triton.ops.rfa_attention.forward import carried, mask_args, omega_strides, segments, sizes
 
 
 @triton.jit
@@ -153,10 +153,10 @@ def _key_grad_kernel(
 
 @triton.jit
 def _causal_query_grad_kernel(
-    q, k, v, omega, kpm, g, dq, ab, m_end, dom, work, work_z,
+    q, k, v, omega, kpm, g, dq, ab, m_end, dom, work, work_z, starts,  # dom: per segment [BH, n_seg, BM, BD]
     T, H, m, D, Dv, scale, inv_sqrt_m,
     sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_h, so_m, so_d, sm_b, sm_s,
-    sg_b, sg_h, sg_t, sg_d, n_chunks,
+    sg_b, sg_h, sg_t, sg_d, n_chunks, seg_rows,
     BC: tl.constexpr, FM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, NF: tl.constexpr,
     HAS_MASK: tl.constexpr, SOFTMAX: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -173,14 +173,16 @@ def _causal_query_grad_kernel(
     g += b * sg_b + h * sg_h
     kpm += b * sm_b
     ab += bh * T * (BDV + 1)  # row t: [a_t (BDV), b_t]
-    dom += bh * NF * FM * BD
-    work += bh * NF * FM * BDV
-    work_z += bh * NF * FM
-    M_prev = tl.full((), FMIN, tl.float32)
-    state = tl.zeros((FM, BDV), dtype=tl.float32)
-    z = tl.zeros((FM,), dtype=tl.float32)
+    seg = bh * tl.num_programs(1) + tl.program_id(1)  # as in the forward's _causal_kernel
+    dom += seg * NF * FM * BD
+    work += seg * NF * FM * BDV
+    work_z += seg * NF * FM
+    M_prev = tl.load(starts + seg)
+    state = tl.load(work + cf[:, None] * BDV + cv[None, :])
+    z = tl.load(work_z + cf)
     acc_om = tl.zeros((FM, BD), dtype=tl.float32)
-    for c0 in range(0, T, BC):
+    start = tl.program_id(1) * seg_rows
+    for c0 in range(start, tl.minimum(start + seg_rows, T), BC):
         xq, xk, vt, keep, cq, lq_one, lk_one, Ms, M_end, decay = causal_chunk(
             q, k, v, kpm, omega, om0, c0, T, m, D, Dv, scale, M_prev,
             sq_t, sq_d, sk_t, sk_d, sv_t, sv_d, so_m, so_d, sm_s, BC, FM, BD, BDV, NF, HAS_MASK, SOFTMAX, PREC)
@@ -322,14 +324,17 @@ def rfa_attention_backward(grads, g, q, k, v, omega, key_padding_mask, kv, kz, k
         if causal:
             if T:
                 n = cdiv(T, R)
+                seg_rows, n_seg = segments(T, D, Dv, m)
                 ab = torch.empty((B * H, T, BDV + 1), **f32)
                 m_end = torch.empty((B * H, n), **f32)
                 strides = (*q.stride(), *k.stride(), *v.stride(), *omega_strides(omega), sm_b, sm_s)
-                work = [carried((B * H, BM, BDV), NF, q), carried((B * H, BM), NF, q)]
-                run(_causal_query_grad_kernel, (B * H,),
-                    (q, k, v, omega, kpm, g, dq, ab, m_end, dom, *work, T, H, m, D, Dv, scale, inv, *strides,
-                     *g.stride(), n),
+                work = (kv.clone(), kz.clone()) if NF > 1 else (kv, kz)  # the forward's segment starts
+                dom_q = (torch.zeros if NF > 1 else torch.empty)((B * H, n_seg, BM, BD), **f32)
+                run(_causal_query_grad_kernel, (B * H, n_seg),
+                    (q, k, v, omega, kpm, g, dq, ab, m_end, dom_q, *work, kmax, T, H, m, D, Dv, scale, inv,
+                     *strides, *g.stride(), n, seg_rows),
                     dict(BC=R, HAS_MASK=has_mask, **common), in_op)
+                dom = dom_q.sum(1)
                 work = [carried((B * H, BM, BDV), NF, q), carried((B * H, BM), NF, q)]
                 run(_causal_key_grad_kernel, (B * H,),
                     (q, k, v, omega, kpm, ab, m_end, dk, dv, dom, *work, T, H, m, D, Dv, scale, inv, *strides, n),

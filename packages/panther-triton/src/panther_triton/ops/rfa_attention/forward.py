@@ -8,13 +8,13 @@ Non-causal, two launches:
   then rescaled to the overall maximum and summed. The state is the residual for the backward.
 * ``_query_kernel``, one program per (query block, batch·head): ``out = φ(q) KV / φ(q)·z``, over the
   feature chunks after a first pass for each query's largest logit.
-Causal, one launch: ``_causal_kernel``, one program per batch·head walking chunks of C positions
-(:func:`rows_per_block`): intra-chunk products ``φ(q_t)·φ̃(k_s) exp(M_s - M_t)`` for ``s <= t``, plus the
-state of the earlier chunks, kept relative to the running maximum at the previous chunk's end (read by
-query t with ``exp(M_prev - M_t)``); the stabilisers first, then the feature chunks one at a time.
-A faster alternative for few batch·heads on a large GPU: a first pass computing every chunk's own state in
-parallel, a short scan over the chunk states, then the queries of every chunk in parallel (as
-flash-linear-attention's chunk kernels).
+Causal, two launches: ``_kv_state_kernel`` on segments of the sequence (:func:`segments`) and a prefix
+over them in torch (:func:`causal_starts`) give the state each segment starts from (the residuals for the
+backward, O(T / segment) per batch·head); then ``_causal_kernel``, one program per (segment,
+batch·head), walks its chunks of C positions (:func:`rows_per_block`): intra-chunk products
+``φ(q_t)·φ̃(k_s) exp(M_s - M_t)`` for ``s <= t``, plus the state of the earlier chunks, kept relative to
+the running maximum at the previous chunk's end (read by query t with ``exp(M_prev - M_t)``); the
+stabilisers first, then the feature chunks one at a time.
 """
 
 from __future__ import annotations
@@ -110,9 +110,9 @@ def _query_kernel(
 
 @triton.jit
 def _causal_kernel(
-    q, k, v, omega, kpm, out, work, work_z,  # [B, H, T, D|Dv], [H|1, m, D], [B, T]; out; [BH, BM, BDV], [BH, BM]
+    q, k, v, omega, kpm, out, work, work_z, starts,  # [B, H, T, D|Dv], [H|1, m, D], [B, T]; out; segment starts
     T, H, m, D, Dv, scale, inv_sqrt_m,
-    sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_h, so_m, so_d, sm_b, sm_s,
+    sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_h, so_m, so_d, sm_b, sm_s, seg_rows,
     BC: tl.constexpr, FM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, NF: tl.constexpr,
     HAS_MASK: tl.constexpr, SOFTMAX: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -128,12 +128,14 @@ def _causal_kernel(
     v += b * sv_b + h * sv_h
     kpm += b * sm_b
     out += bh * T * Dv
-    work += bh * NF * FM * BDV  # with several feature chunks: their states (zeros at the start)
-    work_z += bh * NF * FM
-    M_prev = tl.full((), FMIN, tl.float32)
-    state = tl.zeros((FM, BDV), dtype=tl.float32)  # Σ exp(M_s - M_prev) φ̃(k_s)ᵀ v_s over the earlier chunks
-    z = tl.zeros((FM,), dtype=tl.float32)
-    for c0 in range(0, T, BC):
+    seg = bh * tl.num_programs(1) + tl.program_id(1)  # this segment of seg_rows positions
+    work += seg * NF * FM * BDV  # its starting state [BM, BDV], z [BM] (several feature chunks: updated in place)
+    work_z += seg * NF * FM
+    M_prev = tl.load(starts + seg)  # the keys' maximum before the segment
+    state = tl.load(work + cf[:, None] * BDV + cv[None, :])  # Σ exp(M_s - M_prev) φ̃(k_s)ᵀ v_s before the chunk
+    z = tl.load(work_z + cf)
+    start = tl.program_id(1) * seg_rows
+    for c0 in range(start, tl.minimum(start + seg_rows, T), BC):
         xq, xk, vt, keep, cq, lq_one, lk_one, Ms, M_end, decay = causal_chunk(
             q, k, v, kpm, omega, om0, c0, T, m, D, Dv, scale, M_prev,
             sq_t, sq_d, sk_t, sk_d, sv_t, sv_d, so_m, so_d, sm_s, BC, FM, BD, BDV, NF, HAS_MASK, SOFTMAX, PREC)
@@ -173,14 +175,26 @@ def sizes(q, v, omega) -> Tuple[int, int, int, int, int, int, int, int, int, int
     return (B, H, T, D, Dv, m, *feature_chunks(m), block(D), block(Dv))
 
 
+def segments(T: int, D: int, Dv: int, m: int) -> Tuple[int, int]:
+    """(rows, count) of the causal segments, one program each, started from the state of the keys before
+    it: SPLIT_ROWS / 4 rows, more for states past 64 x 64 floats, so that the segments' starting states
+    (the causal residuals) take at most 16 floats per position and batch·head."""
+    FM, NF = feature_chunks(m)
+    R = rows_per_block(D, Dv)
+    rows = R * cdiv(SPLIT_ROWS // 4 * max(1, NF * FM * block(Dv) // 4096), R)  # whole chunks
+    return rows, max(1, cdiv(T, rows))
+
+
 def forward_outputs(q, k, v, omega, key_padding_mask=None, causal=False, relu=False):
-    """(out (B, H, T, Dv) in q's dtype, and the non-causal residuals in float32: the key state KV
-    (B·H, BM, BDV), z (B·H, BM) and the keys' stabiliser M (B·H,); empty when causal)."""
+    """(out (B, H, T, Dv) in q's dtype, and the residuals in float32: non-causal, the key state KV
+    (B·H, BM, BDV), z (B·H, BM) and the keys' stabiliser M (B·H,); causal, the state each of the n
+    segments starts from, (B·H, n BM, BDV), (B·H, n BM), and the keys' maximum before it (B·H n,))."""
     B, H, T, D, Dv, m, FM, NF, BD, BDV = sizes(q, v, omega)
     out = q.new_empty((B, H, T, Dv))
-    n = 0 if causal else B * H
+    n = segments(T, D, Dv, m)[1] if causal else 1
     f32 = dict(device=q.device, dtype=torch.float32)
-    return out, torch.empty((n, NF * FM, BDV), **f32), torch.empty((n, NF * FM), **f32), torch.empty((n,), **f32)
+    return (out, torch.empty((B * H, n * NF * FM, BDV), **f32), torch.empty((B * H, n * NF * FM), **f32),
+            torch.empty((B * H * n,), **f32))
 
 
 def omega_strides(omega) -> Tuple[int, int, int]:
@@ -201,6 +215,36 @@ def carried(shape, NF: int, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros(shape, device=like.device, dtype=torch.float32) if NF > 1 else like
 
 
+def causal_starts(k, v, omega, mask, out, seg_rows: int, n_seg: int, dims, common, in_op: bool) -> None:
+    """Write into ``out = (KV, z, M)`` the state each causal segment starts from: the key states of the
+    earlier segments (``_kv_state_kernel`` on slices of seg_rows keys), each moved from its own maximum M_j
+    to the running maximum before segment i, ``M_i = max_{j<i} M_j``: ``KV_i = Σ_{j<i} exp(M_j - M_i) S_j``
+    (weights <= 1), as the sequential walk over the chunks would have it."""
+    kv0, kz0, m0 = out
+    kpm, sm_b, sm_s, has_mask = mask
+    m, D, Dv, FM, NF, BDV, R = dims
+    BH, S = kv0.shape[0], k.shape[2]
+    f32 = dict(device=kv0.device, dtype=torch.float32)
+    kv_p = torch.empty((BH, n_seg, NF * FM, BDV), **f32)
+    kz_p = torch.empty((BH, n_seg, NF * FM), **f32)
+    km_p = torch.empty((BH, n_seg, NF), **f32)
+    run(_kv_state_kernel, (BH, n_seg, NF),
+        (k, v, omega, kpm, kv_p, kz_p, km_p, S, k.shape[1], m, D, Dv, D ** -0.25, m ** -0.5, *k.stride(),
+         *v.stride(), *omega_strides(omega), sm_b, sm_s, seg_rows),
+        dict(BS=R, HAS_MASK=has_mask, **common), in_op)
+    M_seg = km_p.amax(2)  # (BH, n_seg): over the feature chunks, then each chunk's part moved to it
+    w = torch.exp(km_p - M_seg[:, :, None])[..., None]
+    S_seg = (kv_p.view(BH, n_seg, NF, FM * BDV) * w).view(BH, n_seg, -1)
+    z_seg = (kz_p.view(BH, n_seg, NF, FM) * w).view(BH, n_seg, -1)
+    first = torch.full((BH, 1), FMIN.value, **f32)
+    M_start = torch.cat([first, torch.cummax(M_seg, dim=1).values[:, :-1]], dim=1)  # (BH, n_seg)
+    earlier = torch.ones((n_seg, n_seg), device=kv0.device, dtype=torch.bool).tril(-1)  # [i, j]: j < i
+    W = torch.exp(torch.where(earlier, M_seg[:, None, :] - M_start[:, :, None], float("-inf")))
+    kv0.copy_(torch.bmm(W, S_seg).view(kv0.shape))
+    kz0.copy_(torch.bmm(W, z_seg).view(kz0.shape))
+    m0.copy_(M_start.reshape(-1))
+
+
 def rfa_attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, omega: torch.Tensor,
     key_padding_mask: Optional[torch.Tensor] = None, causal: bool = False, relu: bool = False,
@@ -217,11 +261,14 @@ def rfa_attention_forward(
     scale, inv = D ** -0.25, m ** -0.5
     R = rows_per_block(D, Dv)
     if causal:
+        seg_rows, n_seg = segments(T, D, Dv, m)
+        causal_starts(k, v, omega, (kpm, sm_b, sm_s, has_mask), (kv, kz, kmax), seg_rows, n_seg,
+                      (m, D, Dv, FM, NF, BDV, R), common, in_op)
         if T:
-            work, work_z = carried((B * H, NF * FM, BDV), NF, q), carried((B * H, NF * FM), NF, q)
-            run(_causal_kernel, (B * H,),
-                (q, k, v, omega, kpm, o, work, work_z, T, H, m, D, Dv, scale, inv, *q.stride(), *k.stride(),
-                 *v.stride(), *omega_strides(omega), sm_b, sm_s),
+            work, work_z = (kv.clone(), kz.clone()) if NF > 1 else (kv, kz)  # several chunks: updated in place
+            run(_causal_kernel, (B * H, n_seg),
+                (q, k, v, omega, kpm, o, work, work_z, kmax, T, H, m, D, Dv, scale, inv, *q.stride(), *k.stride(),
+                 *v.stride(), *omega_strides(omega), sm_b, sm_s, seg_rows),
                 dict(BC=R, NF=NF, HAS_MASK=has_mask, **common), in_op)
         return o, kv, kz, kmax
     n_split = max(1, cdiv(S, SPLIT_ROWS))
