@@ -51,7 +51,7 @@ def _rel(a, e):
     return ((a.double() - e.double()).norm() / e.double().norm().clamp_min(1e-12)).item()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_bf16_autocast_forward_backward_vs_float32(name, backend):
     _require_backend(backend, name)
