@@ -416,6 +416,9 @@ def test_host_tile_constants_match_the_kernels():
     assert (c["BM"], c["BN"], c["BK"], c["NT"], c["PAD"]) == (limits.BM, limits.BN, limits.BK, limits.NT, limits.PAD)
     tile = c["BM"] * (c["BK"] + c["PAD"]) + c["BK"] * (c["BN"] + c["PAD"])
     assert common_module.tile_elements() == tile
+    assert c["STAGES"] == limits.STAGES and re.search(r"constexpr int GEMM_ELEMENTS = STAGES \* TILE_ELEMENTS;",
+                                                      (OP_DIR / "tile.cuh").read_text())
+    assert common_module.tile_bytes(torch.float16) == c["STAGES"] * tile * 2
     # the fused kernel: a second B tile, and H's tile of BM rows of R rounded up to BN, plus PAD
     assert re.search(r"constexpr int FUSED_TILE_ELEMENTS = TILE_ELEMENTS \+ BK \* LDB;", (OP_DIR / "tile.cuh").read_text())
     second_b = c["BK"] * (c["BN"] + c["PAD"])

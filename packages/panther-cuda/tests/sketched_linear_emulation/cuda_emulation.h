@@ -3,9 +3,12 @@
 // CUDA thread), __syncthreads (a barrier per block), dynamic shared memory, __half / __nv_bfloat16
 // with round-to-nearest conversions, cvt.rna.tf32, and mma.sync (each lane's fragments are gathered
 // per warp and the product taken from the PTX ISA fragment layouts, written out here independently of
-// common.cuh's loaders). The test substitutes this for common.cuh's includes and inline assembly.
+// common.cuh's loaders), and cp.async (each copy's 16 bytes read at issue and written to shared memory
+// only when a wait_group retires its group: a read of a stage before its wait sees stale bytes). The
+// test substitutes this for common.cuh's includes and inline assembly.
 #pragma once
 #include <barrier>
+#include <vector>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -27,6 +30,32 @@ inline unsigned g_dynamic_smem;
 #define __trap() (std::fprintf(stderr, "trap: dynamic shared memory too small\n"), std::abort())
 // the one inline assembly left in the kernels, tile.cuh's require_shared: `have` = the dynamic shared memory
 #define asm(...) (have = g_dynamic_smem)
+
+// cp.async.cg.shared.global 16 / commit_group / wait_group, per thread (tile.cuh uses these in place of
+// its inline assembly): both addresses must be 16-byte aligned.
+#define PANTHER_CP_ASYNC_EMULATED 1
+struct EmuCopy { void* dst; unsigned char data[16]; };
+inline thread_local std::vector<EmuCopy> g_cp_open;                  // issued since the last commit
+inline thread_local std::vector<std::vector<EmuCopy>> g_cp_groups;  // committed, oldest first
+inline void cp_async16(void* s, const void* g) {
+    if ((reinterpret_cast<unsigned long long>(s) | reinterpret_cast<unsigned long long>(g)) & 15) {
+        std::fprintf(stderr, "cp.async: misaligned address\n");
+        std::abort();
+    }
+    EmuCopy c;
+    c.dst = s;
+    std::memcpy(c.data, g, 16);
+    g_cp_open.push_back(c);
+}
+inline void cp_async_commit() { g_cp_groups.push_back(std::move(g_cp_open)); g_cp_open.clear(); }
+template <int N> inline void cp_async_wait() {
+    while (g_cp_groups.size() > static_cast<size_t>(N)) {
+        for (const EmuCopy& c : g_cp_groups.front()) std::memcpy(c.dst, c.data, 16);
+        g_cp_groups.erase(g_cp_groups.begin());
+    }
+}
+// a thread's copies all retired when its kernel returns (else shared memory would change under the next block)
+inline bool emu_cp_async_idle() { return g_cp_open.empty() && g_cp_groups.empty(); }
 
 struct __half { _Float16 v; };
 inline float __half2float(__half h) { return (float)h.v; }

@@ -27,7 +27,10 @@ static void launch(long long blocks, unsigned shared, const std::function<void()
         std::memset(sl::smem, 0xff, shared);  // garbage: the kernels must not read shared memory they did not write
         std::vector<std::thread> th;
         for (int t = 0; t < NT; ++t)
-            th.emplace_back([&, t, b] { threadIdx.x = t; blockIdx.x = (unsigned)b; body(); });
+            th.emplace_back([&, t, b] {
+                threadIdx.x = t; blockIdx.x = (unsigned)b; body();
+                if (!emu_cp_async_idle()) { std::printf("cp.async copies left in flight\n"); std::abort(); }
+            });
         for (auto& x : th) x.join();
     }
 }
@@ -68,7 +71,7 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
     Buf<T> y(Tn * O), h(Tn * R);
     const float scale = 1.0f / (2 * L);
     const T* bp = bias_on ? b.p() : nullptr;
-    const unsigned tile = TILE_ELEMENTS * sizeof(T);
+    const unsigned tile = GEMM_ELEMENTS * sizeof(T);
     if (plan > 0) {  // fused with `plan` groups
         const unsigned shared = (FUSED_TILE_ELEMENTS + BM * ((R + BN - 1) / BN * BN + PAD)) * sizeof(T);
         launch(cdv(Tn, BM) * plan, shared, [&] {

@@ -29,9 +29,9 @@ __global__ void __launch_bounds__(NT) sketched_linear_bwd_g(
     long long Tn, long long O, int L, int k, float scale, long long n_dh_blocks, int c_lo, int c_n, int n_splits,
     float* __restrict__ ws_dh, int dh_splits) {
     extern __shared__ __align__(16) unsigned char smem[];
-    require_shared(static_cast<unsigned>(TILE_ELEMENTS * sizeof(T)));
+    require_shared(static_cast<unsigned>(GEMM_ELEMENTS * sizeof(T)));
     T* As = reinterpret_cast<T*>(smem);
-    T* Bs = As + BM * LDA;
+    T* Bs = As + STAGES * BM * LDA;
     const int Lk = L * k, R = 2 * Lk;
     long long block = blockIdx.x;
 
@@ -118,9 +118,9 @@ __global__ void __launch_bounds__(NT) sketched_linear_bwd_x(
     T* __restrict__ dx, T* __restrict__ dS1, T* __restrict__ dU2, float* __restrict__ ws, long long Tn, long long I,
     int L, int k, long long n_dx_blocks, int c_lo, int c_n, int n_splits) {
     extern __shared__ __align__(16) unsigned char smem[];
-    require_shared(static_cast<unsigned>(TILE_ELEMENTS * sizeof(T)));
+    require_shared(static_cast<unsigned>(GEMM_ELEMENTS * sizeof(T)));
     T* As = reinterpret_cast<T*>(smem);
-    T* Bs = As + BM * LDA;
+    T* Bs = As + STAGES * BM * LDA;
     const int Lk = L * k, R = 2 * Lk;
     long long block = blockIdx.x;
 

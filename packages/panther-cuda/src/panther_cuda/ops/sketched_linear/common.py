@@ -9,7 +9,7 @@ import torch
 
 from panther.backends.toolkit import cdiv
 from panther_cuda._nvrtc import Kernel, f32, i32, i64
-from panther_cuda.ops.sketched_linear.limits import BK, BM, BN, NT, PAD
+from panther_cuda.ops.sketched_linear.limits import BK, BM, BN, NT, PAD, STAGES
 
 CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 
@@ -45,8 +45,9 @@ def tile_elements() -> int:
 
 
 def tile_bytes(dtype: torch.dtype) -> int:
-    """Dynamic shared memory of every kernel but the fused forward."""
-    return tile_elements() * dtype.itemsize
+    """Dynamic shared memory of every kernel but the fused forward: STAGES pairs of tiles (tile.cuh's
+    GEMM_ELEMENTS), one loading while the other feeds the products."""
+    return STAGES * tile_elements() * dtype.itemsize
 
 
 def fused_bytes(R: int, dtype: torch.dtype) -> int:

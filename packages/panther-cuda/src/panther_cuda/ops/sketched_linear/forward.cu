@@ -95,9 +95,9 @@ __global__ void __launch_bounds__(NT) sketched_linear_fwd_h(
     const T* __restrict__ x, const T* __restrict__ S1, const T* __restrict__ U2, T* __restrict__ h,
     float* __restrict__ ws, long long Tn, long long I, int L, int k, int n_splits) {
     extern __shared__ __align__(16) unsigned char smem[];
-    require_shared(static_cast<unsigned>(TILE_ELEMENTS * sizeof(T)));
+    require_shared(static_cast<unsigned>(GEMM_ELEMENTS * sizeof(T)));
     T* As = reinterpret_cast<T*>(smem);
-    T* Bs = As + BM * LDA;
+    T* Bs = As + STAGES * BM * LDA;
     const int R = 2 * L * k;
     const int n_col_tiles = (R + BN - 1) / BN;
     const long long tiles = cdiv(Tn, BM) * n_col_tiles;
@@ -127,9 +127,9 @@ __global__ void __launch_bounds__(NT) sketched_linear_fwd_y(
     const T* __restrict__ h, const T* __restrict__ U1, const T* __restrict__ S2, const T* __restrict__ bias,
     T* __restrict__ y, long long Tn, long long O, int L, int k, float scale) {
     extern __shared__ __align__(16) unsigned char smem[];
-    require_shared(static_cast<unsigned>(TILE_ELEMENTS * sizeof(T)));
+    require_shared(static_cast<unsigned>(GEMM_ELEMENTS * sizeof(T)));
     T* As = reinterpret_cast<T*>(smem);
-    T* Bs = As + BM * LDA;
+    T* Bs = As + STAGES * BM * LDA;
     const int Lk = L * k, R = 2 * Lk;
     const long long n_col_tiles = cdiv(O, BN);
     const long long m0 = static_cast<long long>(blockIdx.x / n_col_tiles) * BM;

@@ -25,6 +25,10 @@ constexpr int LDB = BN + PAD;  // Bs: BK x BN, row-major
 // (a multiple of BN, plus PAD) are multiples of 16 bytes, so every row of every tile starts aligned.
 constexpr int TILE_ELEMENTS = BM * LDA + BK * LDB;
 constexpr int FUSED_TILE_ELEMENTS = TILE_ELEMENTS + BK * LDB;
+// gemm() keeps STAGES pairs of tiles (As: STAGES x BM x LDA, then Bs: STAGES x BK x LDB): the next step's
+// tiles load (cp.async) while the tensor cores run on this step's; common.py's tile_bytes() says the same.
+constexpr int STAGES = 2;
+constexpr int GEMM_ELEMENTS = STAGES * TILE_ELEMENTS;
 
 __device__ __forceinline__ long long min_ll(long long a, long long b) { return a < b ? a : b; }
 
@@ -35,13 +39,29 @@ template <typename T> struct Vec {
 
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<unsigned long long>(p) & 15) == 0; }
 
+#ifndef PANTHER_CP_ASYNC_EMULATED
+// 16 bytes from global to shared memory with no register round trip (sm_80 cp.async, L2 only); the copies
+// a thread issued since its last commit form one group; wait<N> returns once at most N of its groups are
+// still in flight (the copies are visible to the block after a __syncthreads that follows).
+__device__ __forceinline__ void cp_async16(void* s, const void* g) {
+    const unsigned sa = static_cast<unsigned>(__cvta_generic_to_shared(s));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(g) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+#endif
+
 // Fill the ROWS x COLS tile `s` (leading dimension ld) with f(r0 + r, c0 + c), zero where r0 + r >= nr
 // or c0 + c >= nc. Consecutive threads take consecutive elements along the direction in which the
 // operand is contiguous (F::ROW_CONTIGUOUS: down its rows, e.g. a transposed view; else along them).
 // vec (f.vec_ok(), the same for the whole block): runs of Vec<T>::N elements there, starting at
 // multiples of Vec<T>::N, are 16-byte aligned in memory: one 16-byte load each, the scalar path for a
 // run cut by an edge; r0 and c0 are multiples of Vec<T>::N (tile origins and BK-aligned row shares).
-template <typename T, int ROWS, int COLS, typename F>
+// ASYNC: whole runs of an operand contiguous along the tile's rows go by cp.async (the caller commits and
+// waits); the rest, stored by the thread itself, as before.
+template <typename T, int ROWS, int COLS, bool ASYNC = false, typename F>
 __device__ __forceinline__ void fill_tile(T* s, int ld, const F& f, bool vec, long long r0, long long c0, long long nr,
                                           long long nc) {
     constexpr bool RC = F::ROW_CONTIGUOUS;
@@ -53,6 +73,10 @@ __device__ __forceinline__ void fill_tile(T* s, int ld, const F& f, bool vec, lo
             const int r = RC ? run % (ROWS / V) * V : run / (COLS / V);
             const int c = RC ? run / (ROWS / V) : run % (COLS / V) * V;
             const long long gr = r0 + r, gc = c0 + c;
+            if (ASYNC && !RC && gr < nr && gc + V <= nc) {
+                cp_async16(s + r * ld + c, f.ptr(gr, gc));  // rows of the shared tiles are 16-byte aligned
+                continue;
+            }
             uint4 u;
             T* v = reinterpret_cast<T*>(&u);
             if (RC ? (gr + V <= nr && gc < nc) : (gr < nr && gc + V <= nc)) {
@@ -181,21 +205,36 @@ struct NoHook {
 };
 
 // acc += Σ_{k_begin <= k < K} a(m0 + r, k) b(k, n0 + c) for the tile at (m0, n0) of an M x N product,
-// through the shared tiles As (BM x BK) and Bs (BK x BN). hook(As, Bs) sees each step's tiles (for a
-// sum taken on the side). Every thread of the block must call it (it synchronises).
+// through STAGES pairs of shared tiles As (STAGES x BM x LDA) and Bs (STAGES x BK x LDB): while the
+// tensor cores run on one pair, the next step's tiles load into the other. hook(As, Bs) sees each
+// step's tiles (for a sum taken on the side). Every thread of the block must call it (it synchronises).
 template <typename T, bool EXACT, typename FA, typename FB, typename Hook = NoHook>
 __device__ __forceinline__ void gemm(Acc<T, EXACT>& acc, T* As, T* Bs, const FA& fa, const FB& fb, long long m0,
                                      long long n0, long long M, long long N, long long K, long long k_begin = 0,
                                      Hook hook = {}) {
+    static_assert(STAGES == 2, "the loop below alternates two stages");
+    constexpr int SA = BM * LDA, SB = BK * LDB;
     const bool va = fa.vec_ok(), vb = fb.vec_ok();
-    for (long long k0 = k_begin; k0 < K; k0 += BK) {
-        fill_tile<T, BM, BK>(As, LDA, fa, va, m0, k0, M, K);
-        fill_tile<T, BK, BN>(Bs, LDB, fb, vb, k0, n0, K, N);
-        __syncthreads();
-        acc.step(As, LDA, Bs, LDB);
-        hook(As, Bs);
-        __syncthreads();
+    if (k_begin < K) {
+        fill_tile<T, BM, BK, true>(As, LDA, fa, va, m0, k_begin, M, K);
+        fill_tile<T, BK, BN, true>(Bs, LDB, fb, vb, k_begin, n0, K, N);
     }
+    cp_async_commit();
+    int stage = 0;
+    for (long long k0 = k_begin; k0 < K; k0 += BK) {
+        if (k0 + BK < K) {  // the other stage: read by the previous step, behind its closing barrier
+            fill_tile<T, BM, BK, true>(As + (stage ^ 1) * SA, LDA, fa, va, m0, k0 + BK, M, K);
+            fill_tile<T, BK, BN, true>(Bs + (stage ^ 1) * SB, LDB, fb, vb, k0 + BK, n0, K, N);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();  // every group but the one just committed: this stage's tiles are in
+        __syncthreads();
+        acc.step(As + stage * SA, LDA, Bs + stage * SB, LDB);
+        hook(As + stage * SA, Bs + stage * SB);
+        __syncthreads();
+        stage ^= 1;
+    }
+    cp_async_wait<0>();
 }
 
 // Rows [begin, end) of T that split s of n_splits sums over: BK-aligned shares (empty past T).
