@@ -39,7 +39,7 @@ template <typename T> struct Vec {
 
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<unsigned long long>(p) & 15) == 0; }
 
-#ifndef PANTHER_CP_ASYNC_EMULATED
+#ifndef PANTHER_PTX_EMULATED
 // 16 bytes from global to shared memory with no register round trip (sm_80 cp.async, L2 only); the copies
 // a thread issued since its last commit form one group; wait<N> returns once at most N of its groups are
 // still in flight (the copies are visible to the block after a __syncthreads that follows).
@@ -50,6 +50,23 @@ __device__ __forceinline__ void cp_async16(void* s, const void* g) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Four 8 x 8 matrices of 16-bit elements from shared memory, one warp: lanes 8j .. 8j + 7 give the
+// (16-byte aligned) addresses of matrix j's rows 0 .. 7; r[j] gets lane l's part of matrix j, per PTX
+// "ldmatrix": (row l / 4, columns 2 (l % 4), +1), or with TRANS (rows 2 (l % 4), +1, column l / 4),
+// the lower index in the low half.
+template <bool TRANS> __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    if (TRANS) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    } else {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    }
 }
 #endif
 
@@ -129,15 +146,35 @@ template <typename T> struct Acc<T, false> {
 #pragma unroll
         for (int kk = 0; kk < BK; kk += Mma<T>::K) {
             unsigned a[MI][4], b[NI][2];
+            if constexpr (sizeof(T) == 2) {
+                // ldmatrix: lane l addresses row l % 8 of matrix j = l / 8; the A tile's matrices are
+                // (rows 0-7 | 8-15) x (cols 0-7 | 8-15) in the order of a[0..3], B's two of k rows 0-7 and
+                // 8-15 per 8 columns, transposed: b[ni][0], b[ni][1], b[ni + 1][0], b[ni + 1][1]
+                const int j = lane >> 3, r = lane & 7;
 #pragma unroll
-            for (int mi = 0; mi < MI; ++mi) {
-                const T* base = As + (wm + mi * 16) * lda + kk;
-                load_a<T>(a[mi], [&](int r, int c) { return base[r * lda + c]; }, lane);
-            }
+                for (int mi = 0; mi < MI; ++mi)
+                    ldmatrix_x4<false>(a[mi], As + (wm + mi * 16 + (j & 1) * 8 + r) * lda + kk + (j >> 1) * 8);
+                static_assert(NI % 2 == 0, "B fragments load two 8-column blocks at a time");
 #pragma unroll
-            for (int ni = 0; ni < NI; ++ni) {
-                const T* base = Bs + kk * ldb + wn + ni * 8;
-                load_b<T>(b[ni], [&](int r, int c) { return base[r * ldb + c]; }, lane);
+                for (int ni = 0; ni < NI; ni += 2) {
+                    unsigned q[4];
+                    ldmatrix_x4<true>(q, Bs + (kk + (j & 1) * 8 + r) * ldb + wn + ni * 8 + (j >> 1) * 8);
+                    b[ni][0] = q[0];
+                    b[ni][1] = q[1];
+                    b[ni + 1][0] = q[2];
+                    b[ni + 1][1] = q[3];
+                }
+            } else {
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi) {
+                    const T* base = As + (wm + mi * 16) * lda + kk;
+                    load_a<T>(a[mi], [&](int r, int c) { return base[r * lda + c]; }, lane);
+                }
+#pragma unroll
+                for (int ni = 0; ni < NI; ++ni) {
+                    const T* base = Bs + kk * ldb + wn + ni * 8;
+                    load_b<T>(b[ni], [&](int r, int c) { return base[r * ldb + c]; }, lane);
+                }
             }
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi)
