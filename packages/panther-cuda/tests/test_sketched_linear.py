@@ -416,9 +416,13 @@ def test_host_tile_constants_match_the_kernels():
     assert (c["BM"], c["BN"], c["BK"], c["NT"], c["PAD"]) == (limits.BM, limits.BN, limits.BK, limits.NT, limits.PAD)
     tile = c["BM"] * (c["BK"] + c["PAD"]) + c["BK"] * (c["BN"] + c["PAD"])
     assert common_module.tile_elements() == tile
-    assert c["STAGES"] == limits.STAGES and re.search(r"constexpr int GEMM_ELEMENTS = STAGES \* TILE_ELEMENTS;",
-                                                      (OP_DIR / "tile.cuh").read_text())
-    assert common_module.tile_bytes(torch.float16) == c["STAGES"] * tile * 2
+    # gemm(): STAGES pairs of tiles, each the larger of its layouts (row-major, or transposed: BK x BM and BN x BK)
+    text = (OP_DIR / "tile.cuh").read_text()
+    assert c["STAGES"] == limits.STAGES and re.search(r"constexpr int GEMM_ELEMENTS = STAGES \* \(STAGE_A \+ STAGE_B\);", text)
+    assert re.search(r"constexpr int LDA_T = BM \+ PAD;", text) and re.search(r"constexpr int LDB_T = BK \+ PAD;", text)
+    stage_a = max(c["BM"] * (c["BK"] + c["PAD"]), c["BK"] * (c["BM"] + c["PAD"]))
+    stage_b = max(c["BK"] * (c["BN"] + c["PAD"]), c["BN"] * (c["BK"] + c["PAD"]))
+    assert common_module.tile_bytes(torch.float16) == c["STAGES"] * (stage_a + stage_b) * 2
     # the fused kernel: a second B tile, and H's tile of BM rows of R rounded up to BN, plus PAD
     assert re.search(r"constexpr int FUSED_TILE_ELEMENTS = TILE_ELEMENTS \+ BK \* LDB;", (OP_DIR / "tile.cuh").read_text())
     second_b = c["BK"] * (c["BN"] + c["PAD"])

@@ -31,7 +31,7 @@ __global__ void __launch_bounds__(NT) sketched_linear_bwd_g(
     extern __shared__ __align__(16) unsigned char smem[];
     require_shared(static_cast<unsigned>(GEMM_ELEMENTS * sizeof(T)));
     T* As = reinterpret_cast<T*>(smem);
-    T* Bs = As + STAGES * BM * LDA;
+    T* Bs = As + STAGES * STAGE_A;
     const int Lk = L * k, R = 2 * Lk;
     long long block = blockIdx.x;
 
@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(NT) sketched_linear_bwd_x(
     extern __shared__ __align__(16) unsigned char smem[];
     require_shared(static_cast<unsigned>(GEMM_ELEMENTS * sizeof(T)));
     T* As = reinterpret_cast<T*>(smem);
-    T* Bs = As + STAGES * BM * LDA;
+    T* Bs = As + STAGES * STAGE_A;
     const int Lk = L * k, R = 2 * Lk;
     long long block = blockIdx.x;
 

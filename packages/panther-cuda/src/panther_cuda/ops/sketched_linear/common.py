@@ -46,8 +46,11 @@ def tile_elements() -> int:
 
 def tile_bytes(dtype: torch.dtype) -> int:
     """Dynamic shared memory of every kernel but the fused forward: STAGES pairs of tiles (tile.cuh's
-    GEMM_ELEMENTS), one loading while the other feeds the products."""
-    return STAGES * tile_elements() * dtype.itemsize
+    GEMM_ELEMENTS), one loading while the other feeds the products; each tile sized for the larger of
+    its layouts (stored transposed for an operand contiguous down its rows)."""
+    stage_a = max(BM * (BK + PAD), BK * (BM + PAD))
+    stage_b = max(BK * (BN + PAD), BN * (BK + PAD))
+    return STAGES * (stage_a + stage_b) * dtype.itemsize
 
 
 def fused_bytes(R: int, dtype: torch.dtype) -> int:

@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(NT) sketched_linear_fwd_h(
     extern __shared__ __align__(16) unsigned char smem[];
     require_shared(static_cast<unsigned>(GEMM_ELEMENTS * sizeof(T)));
     T* As = reinterpret_cast<T*>(smem);
-    T* Bs = As + STAGES * BM * LDA;
+    T* Bs = As + STAGES * STAGE_A;
     const int R = 2 * L * k;
     const int n_col_tiles = (R + BN - 1) / BN;
     const long long tiles = cdiv(Tn, BM) * n_col_tiles;
@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(NT) sketched_linear_fwd_y(
     extern __shared__ __align__(16) unsigned char smem[];
     require_shared(static_cast<unsigned>(GEMM_ELEMENTS * sizeof(T)));
     T* As = reinterpret_cast<T*>(smem);
-    T* Bs = As + STAGES * BM * LDA;
+    T* Bs = As + STAGES * STAGE_A;
     const int Lk = L * k, R = 2 * Lk;
     const long long n_col_tiles = cdiv(O, BN);
     const long long m0 = static_cast<long long>(blockIdx.x / n_col_tiles) * BM;
