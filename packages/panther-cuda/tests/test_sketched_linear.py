@@ -218,6 +218,17 @@ def test_tall_narrow_shape_takes_the_split_rule():
 
 
 @on_gpu
+@pytest.mark.parametrize("mode", ["bfloat16", "float32"])
+def test_long_reductions_take_the_split_rule(mode):
+    """Long I and O on few tiles of H: H in shares of I, dH in shares of O (the rule's own splits)."""
+    from panther_cuda.ops.sketched_linear.forward import plan_forward
+
+    inputs = make_inputs(200, 2100, 1500, 1, 16, DTYPES[mode])
+    assert plan_forward(200, 2100, 1500, 32, DTYPES[mode], inputs[0].device).h_splits > 1
+    run_and_compare(cuda_op, inputs, ALL, mode)
+
+
+@on_gpu
 @pytest.mark.parametrize("mode", ["float32", "bfloat16"])
 def test_three_dim_one_dim_and_non_contiguous_x(mode):
     x, *w = make_inputs(7, 40, 24, 2, 8, DTYPES[mode], lead=(2, 3))
