@@ -165,14 +165,16 @@ def test_each_gradient_alone(wants):
     run_and_compare(cuda_op, make_inputs(33, 50, 70, 2, 6, torch.float32), wants, "float32")
 
 
-PLANS = [ForwardPlan(fused=True, o_groups=1), ForwardPlan(fused=True, o_groups=3), ForwardPlan(fused=False)]
+PLANS = [ForwardPlan(fused=True, o_groups=1), ForwardPlan(fused=True, o_groups=3), ForwardPlan(fused=False),
+         ForwardPlan(fused=False, h_splits=3)]
 
 
 @on_gpu
 @pytest.mark.parametrize("mode", list(DTYPES))
 @pytest.mark.parametrize("plan", PLANS, ids=str)
 def test_every_forward_plan(plan, mode):
-    """The fused kernel (one and several blocks per row tile, the last group short) and the two launches."""
+    """The fused kernel (one and several blocks per row tile, the last group short), the two launches, and
+    H in three shares of I (32, 32 and 26 columns) summed by a launch of their own."""
     inputs = make_inputs(70, 90, 200, 2, 9, DTYPES[mode])
     with precision(mode):
         y, h = sketched_linear_forward(*inputs, allow_tf32=mode == "tf32", plan=plan)
@@ -196,14 +198,15 @@ def test_forced_fused_plan_falls_back_when_r_is_wide():
 @pytest.mark.parametrize("split", [1, 3, 8])
 def test_weight_gradients_split_over_rows(split, mode):
     """The weight gradients as shares of T summed by a third launch (3: shares of 96, 96 and 8 rows of
-    200; 8: shares past T add zeros), every gradient; and the rule's own split on a tall, narrow shape."""
+    200; 8: shares past T add zeros), and dH as shares of O (3: 32, 32 and 26 of 90; 8: empty ones),
+    every gradient."""
     inputs = make_inputs(200, 70, 90, 2, 7, DTYPES[mode])
     g = torch.randn(200, 90, device="cuda").to(DTYPES[mode])
     allow = mode == "tf32"
     with precision(mode):
         _, h = sketched_linear_forward(*inputs, allow_tf32=allow)
         grads = sketched_linear_backward(g, inputs[0], h, *inputs[1:5], (True,) * 6, allow_tf32=allow,
-                                         split=split)
+                                         split=split, dh_split=split)
     _, grads_ref = reference(inputs, g, ALL)
     errs = {NAMES[i]: rel_err(got, ref) for i, (got, ref) in enumerate(zip(grads, grads_ref))}
     assert all(e <= TOL[mode] for e in errs.values()), errs
@@ -212,6 +215,17 @@ def test_weight_gradients_split_over_rows(split, mode):
 @on_gpu
 def test_tall_narrow_shape_takes_the_split_rule():
     run_and_compare(cuda_op, make_inputs(4096, 64, 48, 1, 8, torch.bfloat16), ALL, "bfloat16")
+
+
+@on_gpu
+@pytest.mark.parametrize("mode", ["bfloat16", "float32"])
+def test_long_reductions_take_the_split_rule(mode):
+    """Long I and O on few tiles of H: H in shares of I, dH in shares of O (the rule's own splits)."""
+    from panther_cuda.ops.sketched_linear.forward import plan_forward
+
+    inputs = make_inputs(200, 2100, 1500, 1, 16, DTYPES[mode])
+    assert plan_forward(200, 2100, 1500, 32, DTYPES[mode], inputs[0].device).h_splits > 1
+    run_and_compare(cuda_op, inputs, ALL, mode)
 
 
 @on_gpu
@@ -413,6 +427,13 @@ def test_host_tile_constants_match_the_kernels():
     assert (c["BM"], c["BN"], c["BK"], c["NT"], c["PAD"]) == (limits.BM, limits.BN, limits.BK, limits.NT, limits.PAD)
     tile = c["BM"] * (c["BK"] + c["PAD"]) + c["BK"] * (c["BN"] + c["PAD"])
     assert common_module.tile_elements() == tile
+    # gemm(): STAGES pairs of tiles, each the larger of its layouts (row-major, or transposed: BK x BM and BN x BK)
+    text = (OP_DIR / "tile.cuh").read_text()
+    assert c["STAGES"] == limits.STAGES and re.search(r"constexpr int GEMM_ELEMENTS = STAGES \* \(STAGE_A \+ STAGE_B\);", text)
+    assert re.search(r"constexpr int LDA_T = BM \+ PAD;", text) and re.search(r"constexpr int LDB_T = BK \+ PAD;", text)
+    stage_a = max(c["BM"] * (c["BK"] + c["PAD"]), c["BK"] * (c["BM"] + c["PAD"]))
+    stage_b = max(c["BK"] * (c["BN"] + c["PAD"]), c["BN"] * (c["BK"] + c["PAD"]))
+    assert common_module.tile_bytes(torch.float16) == c["STAGES"] * (stage_a + stage_b) * 2
     # the fused kernel: a second B tile, and H's tile of BM rows of R rounded up to BN, plus PAD
     assert re.search(r"constexpr int FUSED_TILE_ELEMENTS = TILE_ELEMENTS \+ BK \* LDB;", (OP_DIR / "tile.cuh").read_text())
     second_b = c["BK"] * (c["BN"] + c["PAD"])
@@ -422,13 +443,18 @@ def test_host_tile_constants_match_the_kernels():
 
 def test_forward_rule():
     big = 1 << 20
-    assert forward_rule(4096, 4096, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=True, o_groups=2)
-    assert forward_rule(64, 4096, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=True, o_groups=64)
-    assert forward_rule(64, 100, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=True, o_groups=2)
-    assert forward_rule(64, 100, 258, torch.bfloat16, 132, big).fused is False  # R past the fused limit
+    # a long I on few tiles of H: shares of I (128 tiles x 8 = 1024 blocks, 512 columns of I each)
+    assert forward_rule(4096, 4096, 4096, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=False, h_splits=8)
+    assert forward_rule(4096, 8192, 8192, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=False, h_splits=8)
+    assert forward_rule(64, 4096, 100, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=False, h_splits=16)
+    # a short I: the fused kernel
+    assert forward_rule(4096, 256, 4096, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=True, o_groups=2)
+    assert forward_rule(64, 300, 4096, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=True, o_groups=64)
+    assert forward_rule(64, 100, 100, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=True, o_groups=2)
+    assert forward_rule(64, 100, 100, 258, torch.bfloat16, 132, big) == ForwardPlan(fused=False)  # R too wide
     small = common_module.fused_bytes(256, torch.float32) - 1
-    assert forward_rule(64, 100, 256, torch.float32, 132, small).fused is False  # H does not fit
-    assert forward_rule(64, 100, 256, torch.bfloat16, 132, small).fused is True
+    assert forward_rule(64, 100, 100, 256, torch.float32, 132, small).fused is False  # H does not fit
+    assert forward_rule(64, 100, 100, 256, torch.bfloat16, 132, small).fused is True
 
 
 def test_half_range():
@@ -467,7 +493,8 @@ class _Recorder:
     def kernel(self, source, name, dtype, exact=None):
         assert name in self.sigs and self.sigs[name][0] == source, (source, name)
         assert not exact or dtype == torch.float32
-        assert (exact is None) == (name == "sketched_linear_bwd_sum")  # the one kernel without products
+        # the kernels without products
+        assert (exact is None) == (name in ("sketched_linear_bwd_sum", "sketched_linear_sum_shares"))
 
         def launch(grid, block, *args, shared_mem=0):
             types = self.sigs[name][1]
@@ -489,10 +516,12 @@ def recorder(monkeypatch):
     rec = _Recorder()
     monkeypatch.setattr(fwd_module, "kernel", rec.kernel)
     monkeypatch.setattr(bwd_module, "kernel", rec.kernel)
+    monkeypatch.setattr(common_module, "kernel", rec.kernel)
     return rec
 
 
-@pytest.mark.parametrize("plan", [ForwardPlan(fused=True, o_groups=3), ForwardPlan(fused=False)], ids=str)
+@pytest.mark.parametrize("plan", [ForwardPlan(fused=True, o_groups=3), ForwardPlan(fused=False),
+                                  ForwardPlan(fused=False, h_splits=4)], ids=str)
 def test_forward_launch_arguments(recorder, plan):
     x, S1s, S2s, U1s, U2s, b = make_inputs(70, 90, 200, 2, 9, torch.bfloat16, device="cpu", lead=(2,))
     xt = x.transpose(0, 1)  # (70, 2, 90) strided: passed as a contiguous copy
@@ -506,11 +535,19 @@ def test_forward_launch_arguments(recorder, plan):
         assert [int(a) for a in args[8:14]] == [T, 90, 200, 2, 9, 3] and float(args[14]) == 0.25
         assert shared == common_module.fused_bytes(R, torch.bfloat16)
     else:
-        (n1, b1, a1, s1), (n2, b2, a2, s2) = recorder.calls
-        assert (n1, b1, n2, b2) == ("sketched_linear_fwd_h", 3 * 1, "sketched_linear_fwd_y", 3 * 4)
+        splits = plan.h_splits
+        (n1, b1, a1, s1), *summed, (n2, b2, a2, s2) = recorder.calls
+        assert (n1, b1, n2, b2) == ("sketched_linear_fwd_h", 3 * 1 * splits, "sketched_linear_fwd_y", 3 * 4)
         assert a1[3] is h and a2[0] is h and a2[4] is y and a2[3] is b
-        assert [int(a) for a in a1[4:]] == [T, 90, 2, 9] and [int(a) for a in a2[5:9]] == [T, 200, 2, 9]
+        assert [int(a) for a in a1[5:]] == [T, 90, 2, 9, splits] and [int(a) for a in a2[5:9]] == [T, 200, 2, 9]
         assert s1 == s2 == common_module.tile_bytes(torch.bfloat16)
+        if splits == 1:
+            assert a1[4] is None and summed == []
+        else:  # H from its fp32 shares of I
+            assert a1[4].shape == (splits, T, R) and a1[4].dtype == torch.float32
+            ((n3, b3, a3, s3),) = summed
+            assert n3 == "sketched_linear_sum_shares" and b3 == -(-T * R // limits.NT) and s3 == 0
+            assert a3[0] is a1[4] and a3[1] is h and [int(a3[2]), int(a3[3]), float(a3[4])] == [T * R, splits, 1.0]
 
 
 @pytest.mark.parametrize("split", [1, 3])
@@ -526,7 +563,8 @@ def test_backward_launch_arguments(recorder, needs, split):
     x, S1s, S2s, U1s, U2s, _ = make_inputs(70, 90, 200, 2, 9, torch.float32, device="cpu")
     g = torch.randn(70, 200)
     h = torch.randn(70, 36)
-    grads = sketched_linear_backward(g, x, h, S1s, S2s, U1s, U2s, needs, allow_tf32=False, split=split)
+    grads = sketched_linear_backward(g, x, h, S1s, S2s, U1s, U2s, needs, allow_tf32=False, split=split,
+                                     dh_split=split)
     for t, need, like in zip(grads, needs, (x, S1s, S2s, U1s, U2s, g[0])):
         assert (t is None) != need and (t is None or t.shape == like.shape)
     names = [c[0] for c in recorder.calls]
@@ -535,12 +573,21 @@ def test_backward_launch_arguments(recorder, needs, split):
     w_lo, w_n = half_range(need_u1, need_s2, 18)
     c_lo, c_n = half_range(need_s1, need_u2, 18)
     summed = split > 1 and (w_n or c_n or need_b)
-    assert names == (["sketched_linear_bwd_g"] + (["sketched_linear_bwd_x"] if need_dh else [])
+    dh_summed = split > 1 and need_dh
+    assert names == (["sketched_linear_bwd_g"] + (["sketched_linear_sum_shares"] if dh_summed else [])
+                     + (["sketched_linear_bwd_x"] if need_dh else [])
                      + (["sketched_linear_bwd_sum"] if summed else []))
+    if dh_summed:  # dH from its fp32 shares of O, scaled by 1/(2L), before launch 2 reads it
+        _, _, a, _ = recorder.calls[1]
+        ws_dh = recorder.calls[0][2][18]
+        assert ws_dh.shape == (split, 70, 36) and a[0] is ws_dh and a[1] is recorder.calls[0][2][4]
+        assert [int(a[2]), int(a[3]), float(a[4])] == [70 * 36, split, 0.25]
+        del recorder.calls[1]
 
     _, blocks, args, _ = recorder.calls[0]
     n_dh, lo, n, n_splits = (int(a) for a in args[14:18])
-    assert n_dh == (2 * 1 if need_dh else 0)  # 2 row tiles x 1 column tile of R = 36
+    assert int(args[19]) == split and (args[18] is None) == (not dh_summed)
+    assert n_dh == (2 * 1 * split if need_dh else 0)  # 2 row tiles x 1 column tile of R = 36, x shares of O
     assert (lo, n) == (w_lo, w_n) and n_splits == split
     tiles_g = 4 if (w_n or need_b) else 0  # one row tile (R = 36, or db alone) x 4 column tiles of O = 200
     assert blocks == n_dh + tiles_g * split
@@ -570,13 +617,13 @@ def test_backward_launch_arguments(recorder, needs, split):
 
 
 def test_split_rule():
-    from panther_cuda.ops.sketched_linear.backward import split_rule
+    from panther_cuda.ops.sketched_linear.common import split_rule
 
-    assert split_rule(4096, 64, 132) == 2  # 64 tiles: two shares fill 128 of 132 SMs
-    assert split_rule(65536, 12, 132) == 8  # few tiles, many rows
-    assert split_rule(300, 1, 132) == 1  # too few rows to share
-    assert split_rule(1 << 20, 1, 132) == 64  # at most MAX_SPLIT
-    assert split_rule(65536, 200, 132) == 1  # the tiles alone fill the SMs
+    assert split_rule(4096, 128, 132) == 8  # 128 tiles: 1024 blocks, about 8 per SM, 512 deep each
+    assert split_rule(4096, 64, 132) == 16  # at most depth / 256
+    assert split_rule(65536, 12, 132) == 64  # few tiles, a long reduction: at most MAX_SPLIT
+    assert split_rule(300, 1, 132) == 1  # too short to share
+    assert split_rule(65536, 600, 132) == 1  # the tiles alone fill the SMs
 
 
 def test_backward_of_zero_rows_zeroes_the_weight_grads(recorder):
@@ -687,6 +734,11 @@ EMU_CASES = [
     ("float16", 1, 2, 100, 56, 136, 3, 8, 1, "111111"),
     ("float32", 2, 1, 70, 36, 44, 2, 4, 1, "111111"),
     ("tf32", 0, 2, 90, 100, 60, 1, 12, 1, "111111"),
+    # H in shares of I (plan -n), dH in shares of O (with the split of T): ragged, empty and 16-byte shares
+    ("float32", -3, 3, 70, 90, 100, 2, 9, 1, "111111"),  # I = 90 in 32, 32, 26; O = 100 in 64, 36, 0
+    ("tf32", -2, 2, 65, 130, 70, 3, 50, 1, "110011"),  # R = 300
+    ("bfloat16", -4, 3, 130, 96, 200, 1, 16, 1, "111111"),  # 16-byte loads, I = 96 in 32, 32, 32, 0
+    ("float16", -5, 2, 33, 50, 129, 1, 64, 0, "100000"),  # dx alone; shares of I past its end
 ]
 
 

@@ -3,9 +3,13 @@
 // CUDA thread), __syncthreads (a barrier per block), dynamic shared memory, __half / __nv_bfloat16
 // with round-to-nearest conversions, cvt.rna.tf32, and mma.sync (each lane's fragments are gathered
 // per warp and the product taken from the PTX ISA fragment layouts, written out here independently of
-// common.cuh's loaders). The test substitutes this for common.cuh's includes and inline assembly.
+// common.cuh's loaders), ldmatrix (each lane's row addresses gathered per warp, the PTX ISA layout
+// applied), and cp.async (each copy's 16 bytes read at issue and written to shared memory
+// only when a wait_group retires its group: a read of a stage before its wait sees stale bytes). The
+// test substitutes this for common.cuh's includes and inline assembly.
 #pragma once
 #include <barrier>
+#include <vector>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -27,6 +31,33 @@ inline unsigned g_dynamic_smem;
 #define __trap() (std::fprintf(stderr, "trap: dynamic shared memory too small\n"), std::abort())
 // the one inline assembly left in the kernels, tile.cuh's require_shared: `have` = the dynamic shared memory
 #define asm(...) (have = g_dynamic_smem)
+
+// cp.async.cg.shared.global 16 / commit_group / wait_group, per thread, and ldmatrix below (tile.cuh
+// uses these in place of its inline assembly when PANTHER_PTX_EMULATED is defined): cp.async's two
+// addresses must be 16-byte aligned.
+#define PANTHER_PTX_EMULATED 1
+struct EmuCopy { void* dst; unsigned char data[16]; };
+inline thread_local std::vector<EmuCopy> g_cp_open;                  // issued since the last commit
+inline thread_local std::vector<std::vector<EmuCopy>> g_cp_groups;  // committed, oldest first
+inline void cp_async16(void* s, const void* g) {
+    if ((reinterpret_cast<unsigned long long>(s) | reinterpret_cast<unsigned long long>(g)) & 15) {
+        std::fprintf(stderr, "cp.async: misaligned address\n");
+        std::abort();
+    }
+    EmuCopy c;
+    c.dst = s;
+    std::memcpy(c.data, g, 16);
+    g_cp_open.push_back(c);
+}
+inline void cp_async_commit() { g_cp_groups.push_back(std::move(g_cp_open)); g_cp_open.clear(); }
+template <int N> inline void cp_async_wait() {
+    while (g_cp_groups.size() > static_cast<size_t>(N)) {
+        for (const EmuCopy& c : g_cp_groups.front()) std::memcpy(c.dst, c.data, 16);
+        g_cp_groups.erase(g_cp_groups.begin());
+    }
+}
+// a thread's copies all retired when its kernel returns (else shared memory would change under the next block)
+inline bool emu_cp_async_idle() { return g_cp_open.empty() && g_cp_groups.empty(); }
 
 struct __half { _Float16 v; };
 inline float __half2float(__half h) { return (float)h.v; }
@@ -83,4 +114,28 @@ template <typename T, int K> inline void emu_mma(float (&d)[4], const unsigned (
         for (int kk = 0; kk < K; ++kk) s += A[r][kk] * B[kk][c];
         d[i] = s;
     }
+}
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16, per the PTX ISA: lanes 8j .. 8j + 7 hold the addresses
+// of rows 0 .. 7 of matrix j (16 bytes each, 16-byte aligned); lane l receives in r[j] the elements
+// (row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1) of matrix j, or with .trans (rows 2 (l % 4) and
+// 2 (l % 4) + 1, column l / 4): the first in the low 16 bits.
+inline const unsigned char* g_ldm_rows[4][32];
+template <bool TRANS> inline void ldmatrix_x4(unsigned (&r)[4], const void* p) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    if (reinterpret_cast<unsigned long long>(p) & 15) {
+        std::fprintf(stderr, "ldmatrix: misaligned row address\n");
+        std::abort();
+    }
+    g_ldm_rows[w][lane] = static_cast<const unsigned char*>(p);
+    g_warp_barrier[w]->arrive_and_wait();
+    auto at = [&](int j, int row, int col) {  // element (row, col) of matrix j, as its 16 bits
+        unsigned short v;
+        std::memcpy(&v, g_ldm_rows[w][8 * j + row] + 2 * col, 2);
+        return (unsigned)v;
+    };
+    const int g = lane >> 2, t = lane & 3;
+    for (int j = 0; j < 4; ++j)
+        r[j] = TRANS ? at(j, 2 * t, g) | (at(j, 2 * t + 1, g) << 16) : at(j, g, 2 * t) | (at(j, g, 2 * t + 1) << 16);
+    g_warp_barrier[w]->arrive_and_wait();
 }

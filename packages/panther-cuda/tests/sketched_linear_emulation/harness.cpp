@@ -27,7 +27,10 @@ static void launch(long long blocks, unsigned shared, const std::function<void()
         std::memset(sl::smem, 0xff, shared);  // garbage: the kernels must not read shared memory they did not write
         std::vector<std::thread> th;
         for (int t = 0; t < NT; ++t)
-            th.emplace_back([&, t, b] { threadIdx.x = t; blockIdx.x = (unsigned)b; body(); });
+            th.emplace_back([&, t, b] {
+                threadIdx.x = t; blockIdx.x = (unsigned)b; body();
+                if (!emu_cp_async_idle()) { std::printf("cp.async copies left in flight\n"); std::abort(); }
+            });
         for (auto& x : th) x.join();
     }
 }
@@ -68,14 +71,18 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
     Buf<T> y(Tn * O), h(Tn * R);
     const float scale = 1.0f / (2 * L);
     const T* bp = bias_on ? b.p() : nullptr;
-    const unsigned tile = TILE_ELEMENTS * sizeof(T);
+    const unsigned tile = GEMM_ELEMENTS * sizeof(T);
     if (plan > 0) {  // fused with `plan` groups
         const unsigned shared = (FUSED_TILE_ELEMENTS + BM * ((R + BN - 1) / BN * BN + PAD)) * sizeof(T);
         launch(cdv(Tn, BM) * plan, shared, [&] {
             sketched_linear_fwd_fused<T, EXACT>(x.p(), S1.p(), U2.p(), U1.p(), S2.p(), bp, y.p(), h.p(), Tn, I, O, L, k, plan, scale);
         });
-    } else {
-        launch(cdv(Tn, BM) * cdv(R, BN), tile, [&] { sketched_linear_fwd_h<T, EXACT>(x.p(), S1.p(), U2.p(), h.p(), Tn, I, L, k); });
+    } else {  // two launches, H = x A in -plan shares of I (summed by a launch of their own) when plan < -1
+        const int hs = plan < -1 ? -plan : 1;
+        std::vector<float> wsh(hs > 1 ? (size_t)hs * Tn * R : 0, NAN);
+        float* wshp = wsh.empty() ? nullptr : wsh.data();
+        launch(cdv(Tn, BM) * cdv(R, BN) * hs, tile, [&] { sketched_linear_fwd_h<T, EXACT>(x.p(), S1.p(), U2.p(), h.p(), wshp, Tn, I, L, k, hs); });
+        if (hs > 1) launch(5, 0, [&] { sketched_linear_sum_shares<T>(wshp, h.p(), Tn * R, hs, 1.0f); });
         launch(cdv(Tn, BM) * cdv(O, BN), tile, [&] { sketched_linear_fwd_y<T, EXACT>(h.p(), U1.p(), S2.p(), bp, y.p(), Tn, O, L, k, scale); });
     }
     // reference in double
@@ -109,11 +116,16 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
     float* ws2p = ws2.empty() ? nullptr : ws2.data();
     long long n_dh = need_dh ? cdv(Tn, BM) * cdv(R, BN) : 0;
     long long tiles_g = (w_n || nb) ? cdv(std::max(w_n, 1), BM) * cdv(O, BN) : 0;
+    // dH in SPLIT shares of O too (summed by a launch of their own)
+    std::vector<float> wsd(split > 1 && need_dh ? (size_t)split * Tn * R : 0, NAN);
+    float* wsdp = wsd.empty() ? nullptr : wsd.data();
+    n_dh *= split;
     if (n_dh + tiles_g)
         launch(n_dh + tiles_g * split, tile, [&] {
             sketched_linear_bwd_g<T, EXACT>(g.p(), h.p(), U1.p(), S2.p(), dh.p(), dU1.p(), dS2.p(), db.p(), ws2p, Tn, O, L, k,
-                                            scale, n_dh, w_lo, w_n, split);
+                                            scale, n_dh, w_lo, w_n, split, wsdp, split);
         });
+    if (wsdp) launch(3, 0, [&] { sketched_linear_sum_shares<T>(wsdp, dh.p(), Tn * R, split, scale); });
     if (need_dh) {
         long long n_dx = nx ? cdv(Tn, BM) * cdv(I, BN) : 0, n_dw1 = cdv(I, BM) * cdv(c_n, BN) * split;
         launch(n_dx + n_dw1, tile, [&] {
@@ -164,7 +176,8 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
 }
 
 // usage: harness MODE PLAN SPLIT T I O L K BIAS NEEDS   (MODE float32|tf32|float16|bfloat16; PLAN 0: two
-// launches, n > 0: fused with n groups; SPLIT: shares of T of the weight gradients; NEEDS six 0/1 digits
+// launches, -n: two launches with H in n shares of I, n > 0: fused with n groups; SPLIT: shares of T of the
+// weight gradients and of O of dH; NEEDS six 0/1 digits
 // for x, S1s, S2s, U1s, U2s, bias)
 int main(int argc, char** argv) {
     if (argc != 11) { std::fprintf(stderr, "usage: harness MODE PLAN SPLIT T I O L K BIAS NEEDS\n"); return 2; }

@@ -6,6 +6,9 @@
 //   (db is summed on the side by the d[U1; S2] blocks of the first row tile, from the g tiles they load;
 //   with db alone those blocks run with no rows of H)
 //   dx = dH Aᵀ (T, I);   d[S1 | U2] = xᵀ dH (I, R)                    <- sketched_linear_bwd_x (reads dH)
+// dH reduces over O: with dh_splits > 1 its tiles have dh_splits blocks each, summing a share of O into an
+// fp32 workspace (ws_dh[split], T x R) that forward.cu's sketched_linear_sum_shares sums, scales and writes
+// as dH before the second launch.
 // Each launch runs several roles, told apart by blockIdx.x: the first blocks take one product's
 // tiles, the next ones another's. A gradient not asked for has no blocks (and a null pointer); the
 // weight gradients cover only the columns c_lo .. c_lo + c_n of R that are asked for (one half or both).
@@ -23,23 +26,35 @@ template <typename T, bool EXACT>
 __global__ void __launch_bounds__(NT) sketched_linear_bwd_g(
     const T* __restrict__ g, const T* __restrict__ h, const T* __restrict__ U1, const T* __restrict__ S2,
     T* __restrict__ dh, T* __restrict__ dU1, T* __restrict__ dS2, T* __restrict__ db, float* __restrict__ ws,
-    long long Tn, long long O, int L, int k, float scale, long long n_dh_blocks, int c_lo, int c_n, int n_splits) {
+    long long Tn, long long O, int L, int k, float scale, long long n_dh_blocks, int c_lo, int c_n, int n_splits,
+    float* __restrict__ ws_dh, int dh_splits) {
     extern __shared__ __align__(16) unsigned char smem[];
-    require_shared(static_cast<unsigned>(TILE_ELEMENTS * sizeof(T)));
+    require_shared(static_cast<unsigned>(GEMM_ELEMENTS * sizeof(T)));
     T* As = reinterpret_cast<T*>(smem);
-    T* Bs = As + BM * LDA;
+    T* Bs = As + STAGES * STAGE_A;
     const int Lk = L * k, R = 2 * Lk;
     long long block = blockIdx.x;
 
     if (block < n_dh_blocks) {  // dH = s g Bᵀ: A(t, o) = g[t, o], B(o, c) = [U1; S2](c, o)
         const int n_col_tiles = (R + BN - 1) / BN;
-        const long long m0 = block / n_col_tiles * BM, n0 = block % n_col_tiles * BN;
+        const long long dh_tiles = n_dh_blocks / dh_splits;
+        const long long tile = block % dh_tiles;
+        const int split = static_cast<int>(block / dh_tiles);
+        const long long m0 = tile / n_col_tiles * BM, n0 = tile % n_col_tiles * BN;
+        const RowSplit share(O, split, dh_splits);
         Acc<T, EXACT> acc;
         acc.zero();
-        gemm(acc, As, Bs, Dense<T, false>{g, O}, Transposed<Stack<T>>{{U1, S2, O, Lk}}, m0, n0, Tn, R, O);
+        gemm(acc, As, Bs, Dense<T, false>{g, O}, Transposed<Stack<T>>{{U1, S2, O, Lk}}, m0, n0, Tn, R, share.end,
+             share.begin);
         acc.each([&](int r, int c, float v) {
             const long long t = m0 + r, col = n0 + c;
-            if (t < Tn && col < R) dh[t * R + col] = from_float<T>(v * scale);
+            if (t < Tn && col < R) {
+                if (dh_splits > 1) {
+                    ws_dh[(split * Tn + t) * R + col] = v;  // scaled when the shares are summed
+                } else {
+                    dh[t * R + col] = from_float<T>(v * scale);
+                }
+            }
         });
         return;
     }
@@ -103,9 +118,9 @@ __global__ void __launch_bounds__(NT) sketched_linear_bwd_x(
     T* __restrict__ dx, T* __restrict__ dS1, T* __restrict__ dU2, float* __restrict__ ws, long long Tn, long long I,
     int L, int k, long long n_dx_blocks, int c_lo, int c_n, int n_splits) {
     extern __shared__ __align__(16) unsigned char smem[];
-    require_shared(static_cast<unsigned>(TILE_ELEMENTS * sizeof(T)));
+    require_shared(static_cast<unsigned>(GEMM_ELEMENTS * sizeof(T)));
     T* As = reinterpret_cast<T*>(smem);
-    T* Bs = As + BM * LDA;
+    T* Bs = As + STAGES * STAGE_A;
     const int Lk = L * k, R = 2 * Lk;
     long long block = blockIdx.x;
 
@@ -194,7 +209,7 @@ __global__ void __launch_bounds__(NT) sketched_linear_bwd_sum(
 // Every variant the host code launches (backward.py), for the compile check of CI.
 #define INST(T, E) \
     template __global__ void panther::sl::sketched_linear_bwd_g<T, E>(const T*, const T*, const T*, const T*, T*, T*, \
-        T*, T*, float*, long long, long long, int, int, float, long long, int, int, int); \
+        T*, T*, float*, long long, long long, int, int, float, long long, int, int, int, float*, int); \
     template __global__ void panther::sl::sketched_linear_bwd_x<T, E>(const T*, const T*, const T*, const T*, T*, T*, \
         T*, float*, long long, long long, int, int, long long, int, int, int);
 INST(float, false) INST(float, true) INST(__half, false) INST(__nv_bfloat16, false)

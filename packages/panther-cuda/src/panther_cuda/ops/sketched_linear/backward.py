@@ -1,16 +1,18 @@
-"""Backward of the sketched linear op on the CUDA kernels of backward.cu, in at most three launches.
+"""Backward of the sketched linear op on the CUDA kernels of backward.cu, in at most four launches.
 
 With g = dL/dy (T, O), s = 1/(2L), A = [S1 | U2], B = [U1; S2], H saved by the forward:
     launch 1 (reads g):  dH = s g Bᵀ (T, R) when dx, dS1 or dU2 is wanted;  d[U1; S2] = s Hᵀ g;  db = Σ_T g
                          (db from the g tiles that the d[U1; S2] blocks load)
+    when O is split for dH: dH from its fp32 shares over O (forward.cu's sketched_linear_sum_shares)
     launch 2 (reads dH): dx = dH Aᵀ;  d[S1 | U2] = xᵀ dH
     launch 3, when T is split: the weight gradients from their fp32 shares over T
 Only the gradients asked for are computed: a weight gradient's rows (columns) of the R axis have blocks
 only when that gradient is wanted, and launch 2 runs only when dx, dS1 or dU2 is. dH is a workspace in
 the input dtype (rounded once, as the reference's dH). g and x are read as contiguous matrices.
 
-The weight gradients reduce over all T rows, on few tiles when I, O and R are small: :func:`split_rule`
-splits T into shares (summed by launch 3) until their blocks fill the SMs.
+The weight gradients reduce over all T rows, on few tiles when I, O and R are small: common.split_rule
+splits T into shares (summed by launch 3) until their blocks fill the SMs; dH (few tiles when R is small)
+reduces over O and is split the same way.
 """
 
 from __future__ import annotations
@@ -21,10 +23,22 @@ import torch
 
 from panther.backends.toolkit import cdiv, multiprocessors
 from panther_cuda._nvrtc import f32, i32, i64
-from panther_cuda.ops.sketched_linear.common import contiguous_2d, is_exact, kernel, tile_bytes
+from panther_cuda.ops.sketched_linear.common import (
+    SUM_BLOCKS,
+    contiguous_2d,
+    is_exact,
+    kernel,
+    split_rule,
+    sum_shares,
+    tile_bytes,
+)
 from panther_cuda.ops.sketched_linear.limits import BM, BN, NT
 
 Grads = Tuple[Optional[torch.Tensor], ...]
+
+
+def _index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
 
 def half_range(first: bool, second: bool, Lk: int) -> Tuple[int, int]:
@@ -39,20 +53,6 @@ def half_range(first: bool, second: bool, Lk: int) -> Tuple[int, int]:
     return 0, 0
 
 
-SPLIT_ROWS = 512  # rows of T a share of the weight gradients keeps at least (about)
-MAX_SPLIT = 64
-SUM_BLOCKS = 4096  # grid of launch 3 (a grid-stride loop over the gradients' elements)
-
-
-def split_rule(T: int, weight_tiles: int, sms: int) -> int:
-    """Shares of T for the weight gradients: the largest power of two s <= MAX_SPLIT with T / s >=
-    SPLIT_ROWS and weight_tiles * s <= sms (1 when the tiles alone fill the SMs, or T is short)."""
-    s = 1
-    while 2 * s <= min(MAX_SPLIT, T // SPLIT_ROWS) and weight_tiles * 2 * s <= sms:
-        s *= 2
-    return s
-
-
 def sketched_linear_backward(
     g: torch.Tensor,
     x: torch.Tensor,
@@ -65,13 +65,15 @@ def sketched_linear_backward(
     allow_tf32: bool = True,
     out: Optional[Sequence[torch.Tensor]] = None,
     split: Optional[int] = None,
+    dh_split: Optional[int] = None,
 ) -> Grads:
     """Launch the backward kernels on the current CUDA device and stream for dL/dy = g (..., O).
 
     ``needs`` says which of (x, S1s, S2s, U1s, U2s, bias) want a gradient (False for an absent bias);
     returns (dx, dS1, dS2, dU1, dU2, db), None where not wanted. ``h`` is the forward's H. ``out``:
     the gradients to write (contiguous tensors of their inputs' shapes where wanted; allocated here
-    when None). ``split``: shares of T for the weight gradients (default: :func:`split_rule`).
+    when None). ``split``: shares of T for the weight gradients; ``dh_split``: shares of O for dH (defaults:
+    common.split_rule).
     """
     L, I, k = S1s.shape
     O = S2s.shape[-1]
@@ -101,8 +103,7 @@ def sketched_linear_backward(
     tiles_g = cdiv(max(w_n, 1), BM) * cdiv(O, BN) if (w_n or need_b) else 0  # tiles of each weight product
     tiles_x = cdiv(I, BM) * cdiv(c_n, BN)
     if split is None:
-        index = g.device.index if g.device.index is not None else torch.cuda.current_device()
-        split = split_rule(T, max(tiles_g, tiles_x), multiprocessors(index)) if tiles_g + tiles_x else 1
+        split = split_rule(T, max(tiles_g, tiles_x), multiprocessors(_index(g))) if tiles_g + tiles_x else 1
     split = max(1, min(int(split), T))
     ws1 = ws2 = None
     if split > 1:  # fp32 shares of the weight gradients, summed by launch 3
@@ -110,15 +111,22 @@ def sketched_linear_backward(
         rows = w_n + (1 if need_b else 0)  # db's shares as one more row
         ws2 = torch.empty((split, rows, O), device=g.device, dtype=torch.float32) if rows else None
 
-    n_dh = cdiv(T, BM) * cdiv(R, BN) if need_dh else 0
+    tiles_dh = cdiv(T, BM) * cdiv(R, BN) if need_dh else 0
+    if dh_split is None:
+        dh_split = split_rule(O, tiles_dh, multiprocessors(_index(g))) if tiles_dh else 1
+    dh_split = max(1, int(dh_split))
+    ws_dh = torch.empty((dh_split, T, R), device=g.device, dtype=torch.float32) if dh_split > 1 and need_dh else None
+    n_dh = tiles_dh * dh_split
     dh = g2.new_empty((T, R)) if need_dh else None
     if n_dh + tiles_g:
         kernel("backward.cu", "sketched_linear_bwd_g", x.dtype, exact)(
             (n_dh + tiles_g * split,), (NT,),
             g2, h, U1c, S2c, dh, dU1, dS2, db, ws2, i64(T), i64(O), i32(L), i32(k), scale,
-            i64(n_dh), i32(w_lo), i32(w_n), i32(split),
+            i64(n_dh), i32(w_lo), i32(w_n), i32(split), ws_dh, i32(dh_split),
             shared_mem=shared,
         )
+    if ws_dh is not None:
+        sum_shares(ws_dh, dh, float(scale))
     if need_dh:
         x2 = contiguous_2d(x, I)
         n_dx = cdiv(T, BM) * cdiv(I, BN) if need_x else 0

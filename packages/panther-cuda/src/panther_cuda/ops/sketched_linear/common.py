@@ -1,4 +1,5 @@
-"""What the sketched linear launchers share: the kernels' C++ names, TF32, shared-memory sizes."""
+"""What the sketched linear launchers share: the kernels' C++ names, TF32, shared-memory sizes, and the
+split of long reductions over several blocks (fp32 shares summed by one more launch)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from panther.backends.toolkit import cdiv
-from panther_cuda._nvrtc import Kernel
-from panther_cuda.ops.sketched_linear.limits import BK, BM, BN, PAD
+from panther_cuda._nvrtc import Kernel, f32, i32, i64
+from panther_cuda.ops.sketched_linear.limits import BK, BM, BN, NT, PAD, STAGES
 
 CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 
@@ -44,14 +45,44 @@ def tile_elements() -> int:
 
 
 def tile_bytes(dtype: torch.dtype) -> int:
-    """Dynamic shared memory of every kernel but the fused forward."""
-    return tile_elements() * dtype.itemsize
+    """Dynamic shared memory of every kernel but the fused forward: STAGES pairs of tiles (tile.cuh's
+    GEMM_ELEMENTS), one loading while the other feeds the products; each tile sized for the larger of
+    its layouts (stored transposed for an operand contiguous down its rows)."""
+    stage_a = max(BM * (BK + PAD), BK * (BM + PAD))
+    stage_b = max(BK * (BN + PAD), BN * (BK + PAD))
+    return STAGES * (stage_a + stage_b) * dtype.itemsize
 
 
 def fused_bytes(R: int, dtype: torch.dtype) -> int:
     """Dynamic shared memory of the fused forward: the tiles, a second B tile, and the BM x R tile of H
     (R rounded up to BN, rows padded)."""
     return (tile_elements() + BK * (BN + PAD) + BM * (cdiv(R, BN) * BN + PAD)) * dtype.itemsize
+
+
+SPLIT_DEPTH = 256  # depth (rows of T, or columns of I or O) a share of a split reduction keeps at least (about)
+MAX_SPLIT = 64
+BLOCKS_PER_SM = 8  # blocks a split aims for per SM: several resident at once (small tiles), two waves or so
+SUM_BLOCKS = 4096  # grid of the share-summing launches (grid-stride loops over the elements)
+
+
+def split_rule(depth: int, tiles: int, sms: int) -> int:
+    """Shares of a reduction ``depth`` deep on ``tiles`` output tiles: the largest power of two s <=
+    MAX_SPLIT with depth / s >= SPLIT_DEPTH and tiles * s <= BLOCKS_PER_SM * sms (1 when the tiles alone
+    fill the SMs, or the reduction is short). Each share's fp32 partial is summed by a later launch."""
+    s = 1
+    while 2 * s <= min(MAX_SPLIT, depth // SPLIT_DEPTH) and tiles * 2 * s <= BLOCKS_PER_SM * sms:
+        s *= 2
+    return s
+
+
+def sum_shares(ws: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> None:
+    """out = scale Σ_s ws[s] (ws: (n_splits, *out.shape) fp32), rounded once, on the current stream."""
+    n, n_splits = out.numel(), ws.shape[0]
+    if n == 0:
+        return
+    kernel("forward.cu", "sketched_linear_sum_shares", out.dtype)(
+        (min(cdiv(n, NT), SUM_BLOCKS),), (NT,), ws, out, i64(n), i32(n_splits), f32(scale)
+    )
 
 
 def contiguous_2d(t: torch.Tensor, cols: int) -> torch.Tensor:

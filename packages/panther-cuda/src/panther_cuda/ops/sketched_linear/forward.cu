@@ -9,7 +9,8 @@
 //   y over its group's share of O (o_groups blocks of a row tile each recompute H: more blocks fill
 //   the SMs when T is small); 1/(2L) and the bias in the epilogue. Group 0 writes H.
 // * sketched_linear_fwd_h, then sketched_linear_fwd_y — two launches for any R: H = x A written to
-//   memory, then y = H B / (2L) + b read from it.
+//   memory, then y = H B / (2L) + b read from it. When I is long and H has few tiles, fwd_h splits I
+//   into shares summed in fp32 by sketched_linear_sum_shares (a launch in between).
 #include "tile.cuh"
 
 namespace panther {
@@ -86,25 +87,37 @@ __global__ void __launch_bounds__(NT) sketched_linear_fwd_fused(
     }
 }
 
-// H = x A, tile (blockIdx.x / n_col_tiles, blockIdx.x % n_col_tiles) of (T, R).
+// H = x A, tile (tile / n_col_tiles, tile % n_col_tiles) of (T, R), tile = blockIdx.x % tiles; with
+// n_splits > 1, block split = blockIdx.x / tiles sums the BK-aligned share `split` of I into
+// ws[split] (fp32, T x R) and sketched_linear_sum_shares writes H from the shares.
 template <typename T, bool EXACT>
 __global__ void __launch_bounds__(NT) sketched_linear_fwd_h(
-    const T* __restrict__ x, const T* __restrict__ S1, const T* __restrict__ U2, T* __restrict__ h, long long Tn,
-    long long I, int L, int k) {
+    const T* __restrict__ x, const T* __restrict__ S1, const T* __restrict__ U2, T* __restrict__ h,
+    float* __restrict__ ws, long long Tn, long long I, int L, int k, int n_splits) {
     extern __shared__ __align__(16) unsigned char smem[];
-    require_shared(static_cast<unsigned>(TILE_ELEMENTS * sizeof(T)));
+    require_shared(static_cast<unsigned>(GEMM_ELEMENTS * sizeof(T)));
     T* As = reinterpret_cast<T*>(smem);
-    T* Bs = As + BM * LDA;
+    T* Bs = As + STAGES * STAGE_A;
     const int R = 2 * L * k;
     const int n_col_tiles = (R + BN - 1) / BN;
-    const long long m0 = static_cast<long long>(blockIdx.x / n_col_tiles) * BM;
-    const long long n0 = static_cast<long long>(blockIdx.x % n_col_tiles) * BN;
+    const long long tiles = cdiv(Tn, BM) * n_col_tiles;
+    const long long tile = blockIdx.x % tiles;
+    const int split = static_cast<int>(blockIdx.x / tiles);
+    const long long m0 = tile / n_col_tiles * BM;
+    const long long n0 = tile % n_col_tiles * BN;
+    const RowSplit share(I, split, n_splits);
     Acc<T, EXACT> acc;
     acc.zero();
-    gemm(acc, As, Bs, Dense<T, false>{x, I}, Side<T>{S1, U2, I, L, k}, m0, n0, Tn, R, I);
+    gemm(acc, As, Bs, Dense<T, false>{x, I}, Side<T>{S1, U2, I, L, k}, m0, n0, Tn, R, share.end, share.begin);
     acc.each([&](int r, int c, float v) {
         const long long t = m0 + r, col = n0 + c;
-        if (t < Tn && col < R) h[t * R + col] = from_float<T>(v);
+        if (t < Tn && col < R) {
+            if (n_splits > 1) {
+                ws[(split * Tn + t) * R + col] = v;
+            } else {
+                h[t * R + col] = from_float<T>(v);
+            }
+        }
     });
 }
 
@@ -114,9 +127,9 @@ __global__ void __launch_bounds__(NT) sketched_linear_fwd_y(
     const T* __restrict__ h, const T* __restrict__ U1, const T* __restrict__ S2, const T* __restrict__ bias,
     T* __restrict__ y, long long Tn, long long O, int L, int k, float scale) {
     extern __shared__ __align__(16) unsigned char smem[];
-    require_shared(static_cast<unsigned>(TILE_ELEMENTS * sizeof(T)));
+    require_shared(static_cast<unsigned>(GEMM_ELEMENTS * sizeof(T)));
     T* As = reinterpret_cast<T*>(smem);
-    T* Bs = As + BM * LDA;
+    T* Bs = As + STAGES * STAGE_A;
     const int Lk = L * k, R = 2 * Lk;
     const long long n_col_tiles = cdiv(O, BN);
     const long long m0 = static_cast<long long>(blockIdx.x / n_col_tiles) * BM;
@@ -130,6 +143,19 @@ __global__ void __launch_bounds__(NT) sketched_linear_fwd_y(
     });
 }
 
+// out[e] = scale Σ_s ws[s n + e] for e < n, rounded once: a split reduction's fp32 shares summed (H here,
+// dH in the backward); one element per thread, grid-stride.
+template <typename T>
+__global__ void __launch_bounds__(NT) sketched_linear_sum_shares(const float* __restrict__ ws, T* __restrict__ out,
+                                                                 long long n, int n_splits, float scale) {
+    for (long long e = static_cast<long long>(blockIdx.x) * NT + threadIdx.x; e < n;
+         e += static_cast<long long>(gridDim.x) * NT) {
+        float sum = 0.0f;
+        for (int s = 0; s < n_splits; ++s) sum += ws[s * n + e];
+        out[e] = from_float<T>(sum * scale);
+    }
+}
+
 }  // namespace sl
 }  // namespace panther
 
@@ -138,9 +164,12 @@ __global__ void __launch_bounds__(NT) sketched_linear_fwd_y(
 #define INST(T, E) \
     template __global__ void panther::sl::sketched_linear_fwd_fused<T, E>(const T*, const T*, const T*, const T*, \
         const T*, const T*, T*, T*, long long, long long, long long, int, int, int, float); \
-    template __global__ void panther::sl::sketched_linear_fwd_h<T, E>(const T*, const T*, const T*, T*, long long, \
-        long long, int, int); \
+    template __global__ void panther::sl::sketched_linear_fwd_h<T, E>(const T*, const T*, const T*, T*, float*, \
+        long long, long long, int, int, int); \
     template __global__ void panther::sl::sketched_linear_fwd_y<T, E>(const T*, const T*, const T*, const T*, T*, \
         long long, long long, int, int, float);
 INST(float, false) INST(float, true) INST(__half, false) INST(__nv_bfloat16, false)
+#define SUM(T) template __global__ void panther::sl::sketched_linear_sum_shares<T>(const float*, T*, long long, int, \
+    float);
+SUM(float) SUM(__half) SUM(__nv_bfloat16)
 #endif  // PANTHER_NVCC_CHECK

@@ -5,6 +5,9 @@ weights as contiguous tensors (parameters already are: no copy). A = [S1 | U2] a
 indexed in place by the kernels, never concatenated. H (T, R), R = 2Lk, is returned for the backward.
 
 Plans (:func:`plan_forward`):
+* split (H has few tiles and I is long: common.split_rule gives more than one share of I): H = x A
+  as fp32 shares of I on ``h_splits`` blocks per tile, summed into H by a second launch, then
+  y = H B / (2L) + b; each block's loop over I is ``h_splits`` times shorter;
 * fused (R <= FUSED_MAX_R and its shared memory fits the device): one launch, H on chip; ``o_groups``
   blocks per row tile of BM rows (each recomputing H) until the grid fills the SMs, at most one per
   BN output columns;
@@ -20,7 +23,15 @@ import torch
 
 from panther.backends.toolkit import BoundedCache, cdiv, multiprocessors, shared_memory_per_block
 from panther_cuda._nvrtc import f32, i32, i64
-from panther_cuda.ops.sketched_linear.common import contiguous_2d, fused_bytes, is_exact, kernel, tile_bytes
+from panther_cuda.ops.sketched_linear.common import (
+    contiguous_2d,
+    fused_bytes,
+    is_exact,
+    kernel,
+    split_rule,
+    sum_shares,
+    tile_bytes,
+)
 from panther_cuda.ops.sketched_linear.limits import BM, BN, FUSED_MAX_R, NT
 
 
@@ -28,10 +39,14 @@ from panther_cuda.ops.sketched_linear.limits import BM, BN, FUSED_MAX_R, NT
 class ForwardPlan:
     fused: bool  # one launch, H in shared memory
     o_groups: int = 1  # fused: blocks sharing a row tile, each writing a share of y's columns
+    h_splits: int = 1  # not fused: shares of I of H = x A (fp32, summed by a launch of their own)
 
 
-def forward_rule(T: int, O: int, R: int, dtype: torch.dtype, sms: int, shared_limit: int) -> ForwardPlan:
+def forward_rule(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, shared_limit: int) -> ForwardPlan:
     """The plan for a shape on a device with ``sms`` SMs and ``shared_limit`` bytes of shared memory per block."""
+    h_splits = split_rule(I, cdiv(T, BM) * cdiv(R, BN), sms)
+    if h_splits > 1:
+        return ForwardPlan(fused=False, h_splits=h_splits)
     if R > FUSED_MAX_R or fused_bytes(R, dtype) > shared_limit:
         return ForwardPlan(fused=False)
     row_tiles, groups, cap = cdiv(T, BM), 1, cdiv(O, BN)
@@ -43,12 +58,12 @@ def forward_rule(T: int, O: int, R: int, dtype: torch.dtype, sms: int, shared_li
 _plans = BoundedCache()
 
 
-def plan_forward(T: int, O: int, R: int, dtype: torch.dtype, device: torch.device) -> ForwardPlan:
+def plan_forward(T: int, I: int, O: int, R: int, dtype: torch.dtype, device: torch.device) -> ForwardPlan:
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (T, O, R, dtype, index)
+    key = (T, I, O, R, dtype, index)
     plan = _plans.get(key)
     if plan is None:
-        plan = _plans.put(key, forward_rule(T, O, R, dtype, multiprocessors(index), shared_memory_per_block(index)))
+        plan = _plans.put(key, forward_rule(T, I, O, R, dtype, multiprocessors(index), shared_memory_per_block(index)))
     return plan
 
 
@@ -88,7 +103,7 @@ def sketched_linear_forward(
     S1c, S2c, U1c, U2c = S1s.contiguous(), S2s.contiguous(), U1s.contiguous(), U2s.contiguous()
     b = bias.contiguous() if bias is not None else None
     if plan is None:
-        plan = plan_forward(T, O, R, x.dtype, x.device)
+        plan = plan_forward(T, I, O, R, x.dtype, x.device)
     elif plan.fused and R > FUSED_MAX_R:
         plan = ForwardPlan(fused=False)
     exact = is_exact(x.dtype, allow_tf32)
@@ -100,11 +115,15 @@ def sketched_linear_forward(
             shared_mem=fused_bytes(R, x.dtype),
         )
     else:
+        splits = max(1, int(plan.h_splits))
+        ws = torch.empty((splits, T, R), device=x.device, dtype=torch.float32) if splits > 1 else None
         kernel("forward.cu", "sketched_linear_fwd_h", x.dtype, exact)(
-            (cdiv(T, BM) * cdiv(R, BN),), (NT,),
-            x2, S1c, U2c, h, i64(T), i64(I), i32(L), i32(k),
+            (cdiv(T, BM) * cdiv(R, BN) * splits,), (NT,),
+            x2, S1c, U2c, h, ws, i64(T), i64(I), i32(L), i32(k), i32(splits),
             shared_mem=tile_bytes(x.dtype),
         )
+        if ws is not None:
+            sum_shares(ws, h)
         kernel("forward.cu", "sketched_linear_fwd_y", x.dtype, exact)(
             (cdiv(T, BM) * cdiv(O, BN),), (NT,),
             h, U1c, S2c, b, y, i64(T), i64(O), i32(L), i32(k), scale,

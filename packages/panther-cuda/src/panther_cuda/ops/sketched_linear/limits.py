@@ -16,6 +16,7 @@ import torch
 # Tile shape of every kernel, as tile.cuh declares it (BM x BN blocks, BK deep, rows padded by PAD).
 BM, BN, BK, PAD = 64, 64, 32, 8
 NT = 128  # threads of a block
+STAGES = 2  # pairs of A and B tiles in shared memory of the non-fused kernels (one loads, one computes)
 # Widest H (R = 2Lk columns) that the fused forward keeps in shared memory (R <= 256: 2 k L <= 256).
 FUSED_MAX_R = 256
 MAX_BLOCKS = 2**31 - 1

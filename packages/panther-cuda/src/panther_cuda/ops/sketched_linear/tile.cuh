@@ -25,6 +25,17 @@ constexpr int LDB = BN + PAD;  // Bs: BK x BN, row-major
 // (a multiple of BN, plus PAD) are multiples of 16 bytes, so every row of every tile starts aligned.
 constexpr int TILE_ELEMENTS = BM * LDA + BK * LDB;
 constexpr int FUSED_TILE_ELEMENTS = TILE_ELEMENTS + BK * LDB;
+// gemm() keeps STAGES pairs of tiles (As: STAGES x STAGE_A, then Bs: STAGES x STAGE_B): the next step's
+// tiles load (cp.async) while the tensor cores run on this step's. It stores each tile along its
+// operand's contiguous direction: a ROW_CONTIGUOUS operand's tile transposed (A: BK x BM, leading
+// dimension LDA_T; B: BN x BK, LDB_T), so a stage holds the larger of the two layouts; common.py's
+// tile_bytes() says the same.
+constexpr int LDA_T = BM + PAD;
+constexpr int LDB_T = BK + PAD;
+constexpr int STAGE_A = BM * LDA > BK * LDA_T ? BM * LDA : BK * LDA_T;
+constexpr int STAGE_B = BK * LDB > BN * LDB_T ? BK * LDB : BN * LDB_T;
+constexpr int STAGES = 2;
+constexpr int GEMM_ELEMENTS = STAGES * (STAGE_A + STAGE_B);
 
 __device__ __forceinline__ long long min_ll(long long a, long long b) { return a < b ? a : b; }
 
@@ -35,13 +46,47 @@ template <typename T> struct Vec {
 
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<unsigned long long>(p) & 15) == 0; }
 
+#ifndef PANTHER_PTX_EMULATED
+// 16 bytes from global to shared memory with no register round trip (sm_80 cp.async, L2 only); the copies
+// a thread issued since its last commit form one group; wait<N> returns once at most N of its groups are
+// still in flight (the copies are visible to the block after a __syncthreads that follows).
+__device__ __forceinline__ void cp_async16(void* s, const void* g) {
+    const unsigned sa = static_cast<unsigned>(__cvta_generic_to_shared(s));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(g) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Four 8 x 8 matrices of 16-bit elements from shared memory, one warp: lanes 8j .. 8j + 7 give the
+// (16-byte aligned) addresses of matrix j's rows 0 .. 7; r[j] gets lane l's part of matrix j, per PTX
+// "ldmatrix": (row l / 4, columns 2 (l % 4), +1), or with TRANS (rows 2 (l % 4), +1, column l / 4),
+// the lower index in the low half.
+template <bool TRANS> __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    if (TRANS) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    } else {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    }
+}
+#endif
+
 // Fill the ROWS x COLS tile `s` (leading dimension ld) with f(r0 + r, c0 + c), zero where r0 + r >= nr
 // or c0 + c >= nc. Consecutive threads take consecutive elements along the direction in which the
-// operand is contiguous (F::ROW_CONTIGUOUS: down its rows, e.g. a transposed view; else along them).
+// operand is contiguous (F::ROW_CONTIGUOUS: down its rows, e.g. a transposed view; else along them),
+// and the tile is stored that way: element (r, c) at s[r ld + c], or s[c ld + r] when ROW_CONTIGUOUS.
 // vec (f.vec_ok(), the same for the whole block): runs of Vec<T>::N elements there, starting at
 // multiples of Vec<T>::N, are 16-byte aligned in memory: one 16-byte load each, the scalar path for a
 // run cut by an edge; r0 and c0 are multiples of Vec<T>::N (tile origins and BK-aligned row shares).
-template <typename T, int ROWS, int COLS, typename F>
+// ASYNC: whole runs of an operand contiguous along the tile's rows go by cp.async (the caller commits and
+// waits); the rest, stored by the thread itself, as before.
+template <typename T, int ROWS, int COLS, bool ASYNC = false, typename F>
 __device__ __forceinline__ void fill_tile(T* s, int ld, const F& f, bool vec, long long r0, long long c0, long long nr,
                                           long long nc) {
     constexpr bool RC = F::ROW_CONTIGUOUS;
@@ -53,9 +98,15 @@ __device__ __forceinline__ void fill_tile(T* s, int ld, const F& f, bool vec, lo
             const int r = RC ? run % (ROWS / V) * V : run / (COLS / V);
             const int c = RC ? run / (ROWS / V) : run % (COLS / V) * V;
             const long long gr = r0 + r, gc = c0 + c;
+            T* dst = s + (RC ? c * ld + r : r * ld + c);  // rows of the shared tiles are 16-byte aligned
+            const bool whole = RC ? (gr + V <= nr && gc < nc) : (gr < nr && gc + V <= nc);
+            if (ASYNC && whole) {
+                cp_async16(dst, f.ptr(gr, gc));
+                continue;
+            }
             uint4 u;
             T* v = reinterpret_cast<T*>(&u);
-            if (RC ? (gr + V <= nr && gc < nc) : (gr < nr && gc + V <= nc)) {
+            if (whole) {
                 u = *reinterpret_cast<const uint4*>(f.ptr(gr, gc));
             } else {
 #pragma unroll
@@ -64,19 +115,14 @@ __device__ __forceinline__ void fill_tile(T* s, int ld, const F& f, bool vec, lo
                     v[e] = (er < nr && ec < nc) ? *f.ptr(er, ec) : from_float<T>(0.0f);
                 }
             }
-            if (RC) {
-#pragma unroll
-                for (int e = 0; e < V; ++e) s[(r + e) * ld + c] = v[e];
-            } else {
-                *reinterpret_cast<uint4*>(s + r * ld + c) = u;  // rows of the shared tiles are 16-byte aligned
-            }
+            *reinterpret_cast<uint4*>(dst) = u;
         }
     } else {
         for (int idx = threadIdx.x; idx < ROWS * COLS; idx += NT) {
             const int r = RC ? idx % ROWS : idx / COLS;
             const int c = RC ? idx / ROWS : idx % COLS;
             const long long gr = r0 + r, gc = c0 + c;
-            s[r * ld + c] = (gr < nr && gc < nc) ? *f.ptr(gr, gc) : from_float<T>(0.0f);
+            s[RC ? c * ld + r : r * ld + c] = (gr < nr && gc < nc) ? *f.ptr(gr, gc) : from_float<T>(0.0f);
         }
     }
 }
@@ -98,22 +144,50 @@ template <typename T> struct Acc<T, false> {
                 for (int i = 0; i < 4; ++i) d[mi][ni][i] = 0.0f;
     }
 
-    // d += As Bs for the BM x BK tile As (leading dimension lda) and the BK x BN tile Bs (ldb).
+    // d += As Bs for the BM x BK tile As (leading dimension lda) and the BK x BN tile Bs (ldb); AT / BT:
+    // the tile is stored transposed (As BK x BM, Bs BN x BK).
+    template <bool AT = false, bool BT = false>
     __device__ __forceinline__ void step(const T* As, int lda, const T* Bs, int ldb) {
         const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
         const int wm = (warp >> 1) * (BM / 2), wn = (warp & 1) * (BN / 2);
 #pragma unroll
         for (int kk = 0; kk < BK; kk += Mma<T>::K) {
             unsigned a[MI][4], b[NI][2];
+            if constexpr (sizeof(T) == 2) {
+                // ldmatrix: lane l addresses row l % 8 of matrix j = l / 8; a[0..3] are the A fragment's
+                // quarters (m 0-7 | 8-15) x (k 0-7 | 8-15), m fastest; b[ni][0], b[ni][1], b[ni + 1][0],
+                // b[ni + 1][1] the B blocks (k 0-7 | 8-15) x (n block ni | ni + 1), k fastest. A tile stored
+                // row-major in the fragment's sense (A: rows m, B: rows n) loads plain, else .trans.
+                const int j = lane >> 3, r = lane & 7;
 #pragma unroll
-            for (int mi = 0; mi < MI; ++mi) {
-                const T* base = As + (wm + mi * 16) * lda + kk;
-                load_a<T>(a[mi], [&](int r, int c) { return base[r * lda + c]; }, lane);
-            }
+                for (int mi = 0; mi < MI; ++mi) {
+                    const int m = wm + mi * 16 + (j & 1) * 8, k = kk + (j >> 1) * 8;
+                    ldmatrix_x4<AT>(a[mi], AT ? As + (k + r) * lda + m : As + (m + r) * lda + k);
+                }
+                static_assert(NI % 2 == 0, "B fragments load two 8-column blocks at a time");
 #pragma unroll
-            for (int ni = 0; ni < NI; ++ni) {
-                const T* base = Bs + kk * ldb + wn + ni * 8;
-                load_b<T>(b[ni], [&](int r, int c) { return base[r * ldb + c]; }, lane);
+                for (int ni = 0; ni < NI; ni += 2) {
+                    unsigned q[4];
+                    const int k = kk + (j & 1) * 8, n = wn + ni * 8 + (j >> 1) * 8;
+                    ldmatrix_x4<!BT>(q, BT ? Bs + (n + r) * ldb + k : Bs + (k + r) * ldb + n);
+                    b[ni][0] = q[0];
+                    b[ni][1] = q[1];
+                    b[ni + 1][0] = q[2];
+                    b[ni + 1][1] = q[3];
+                }
+            } else {
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi) {
+                    const int m = wm + mi * 16;
+                    load_a<T>(a[mi], [&](int r, int c) { return AT ? As[(kk + c) * lda + m + r] : As[(m + r) * lda + kk + c]; },
+                              lane);
+                }
+#pragma unroll
+                for (int ni = 0; ni < NI; ++ni) {
+                    const int n = wn + ni * 8;
+                    load_b<T>(b[ni], [&](int r, int c) { return BT ? Bs[(n + c) * ldb + kk + r] : Bs[(kk + r) * ldb + n + c]; },
+                              lane);
+                }
             }
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi)
@@ -151,15 +225,16 @@ template <typename T> struct Acc<T, true> {
             for (int j = 0; j < TN; ++j) d[i][j] = 0.0f;
     }
 
+    template <bool AT = false, bool BT = false>
     __device__ __forceinline__ void step(const T* As, int lda, const T* Bs, int ldb) {
         const int r0 = (threadIdx.x / CT) * TM, c0 = (threadIdx.x % CT) * TN;
 #pragma unroll 4
         for (int kk = 0; kk < BK; ++kk) {
             float a[TM], b[TN];
 #pragma unroll
-            for (int i = 0; i < TM; ++i) a[i] = to_float(As[(r0 + i) * lda + kk]);
+            for (int i = 0; i < TM; ++i) a[i] = to_float(AT ? As[kk * lda + r0 + i] : As[(r0 + i) * lda + kk]);
 #pragma unroll
-            for (int j = 0; j < TN; ++j) b[j] = to_float(Bs[kk * ldb + c0 + j]);
+            for (int j = 0; j < TN; ++j) b[j] = to_float(BT ? Bs[(c0 + j) * ldb + kk] : Bs[kk * ldb + c0 + j]);
 #pragma unroll
             for (int i = 0; i < TM; ++i)
 #pragma unroll
@@ -181,21 +256,38 @@ struct NoHook {
 };
 
 // acc += Σ_{k_begin <= k < K} a(m0 + r, k) b(k, n0 + c) for the tile at (m0, n0) of an M x N product,
-// through the shared tiles As (BM x BK) and Bs (BK x BN). hook(As, Bs) sees each step's tiles (for a
-// sum taken on the side). Every thread of the block must call it (it synchronises).
+// through STAGES pairs of shared tiles As (STAGES x BM x LDA) and Bs (STAGES x BK x LDB): while the
+// tensor cores run on one pair, the next step's tiles load into the other. hook(As, Bs) sees each
+// step's tiles (for a sum taken on the side). Every thread of the block must call it (it synchronises).
 template <typename T, bool EXACT, typename FA, typename FB, typename Hook = NoHook>
 __device__ __forceinline__ void gemm(Acc<T, EXACT>& acc, T* As, T* Bs, const FA& fa, const FB& fb, long long m0,
                                      long long n0, long long M, long long N, long long K, long long k_begin = 0,
                                      Hook hook = {}) {
+    static_assert(STAGES == 2, "the loop below alternates two stages");
+    constexpr int SA = STAGE_A, SB = STAGE_B;
+    constexpr bool AT = FA::ROW_CONTIGUOUS, BT = FB::ROW_CONTIGUOUS;  // tiles stored transposed
+    constexpr int lda = AT ? LDA_T : LDA, ldb = BT ? LDB_T : LDB;
     const bool va = fa.vec_ok(), vb = fb.vec_ok();
-    for (long long k0 = k_begin; k0 < K; k0 += BK) {
-        fill_tile<T, BM, BK>(As, LDA, fa, va, m0, k0, M, K);
-        fill_tile<T, BK, BN>(Bs, LDB, fb, vb, k0, n0, K, N);
-        __syncthreads();
-        acc.step(As, LDA, Bs, LDB);
-        hook(As, Bs);
-        __syncthreads();
+    if (k_begin < K) {
+        fill_tile<T, BM, BK, true>(As, lda, fa, va, m0, k_begin, M, K);
+        fill_tile<T, BK, BN, true>(Bs, ldb, fb, vb, k_begin, n0, K, N);
     }
+    cp_async_commit();
+    int stage = 0;
+    for (long long k0 = k_begin; k0 < K; k0 += BK) {
+        if (k0 + BK < K) {  // the other stage: read by the previous step, behind its closing barrier
+            fill_tile<T, BM, BK, true>(As + (stage ^ 1) * SA, lda, fa, va, m0, k0 + BK, M, K);
+            fill_tile<T, BK, BN, true>(Bs + (stage ^ 1) * SB, ldb, fb, vb, k0 + BK, n0, K, N);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();  // every group but the one just committed: this stage's tiles are in
+        __syncthreads();
+        acc.template step<AT, BT>(As + stage * SA, lda, Bs + stage * SB, ldb);
+        hook(As + stage * SA, Bs + stage * SB);
+        __syncthreads();
+        stage ^= 1;
+    }
+    cp_async_wait<0>();
 }
 
 // Rows [begin, end) of T that split s of n_splits sums over: BK-aligned shares (empty past T).
