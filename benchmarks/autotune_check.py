@@ -7,7 +7,9 @@ For every case and dtype mode of a preset (benchmarks/harness/cases.py), forward
 auto's first call (it measures the competing backends on GPU: wall time of that one call, after clearing
 what auto had measured, with the cache in a fresh folder), then auto's steady state against each Panther
 backend forced, timed interleaved by the harness's clock (harness/timing.py, as run.py does), and auto's
-time relative to the fastest backend's. On CPU auto never measures (a single candidate there); the
+time relative to the fastest backend's. Also the quality of auto's pick alone: the forced time of the backend
+auto chose over the fastest forced time (``pick``), which the noise between two timings of one backend does
+not enter. On CPU auto never measures (a single candidate there); the
 script runs anyway. Writes <out>/<YYYY-MM-DD>_<device>_<commit>_autotune.json with the environment.
 """
 
@@ -123,6 +125,10 @@ def check_case(case, mode, clock, preset, backends):
             rec["fastest"] = fastest
             rec["auto_over_fastest"] = rec["auto_ms"] / rec["backends_ms"][fastest]
             rec["first_call_over_fastest"] = rec["auto_first_call_ms"] / rec["backends_ms"][fastest]
+            picked = rec["backends_ms"].get(rec["auto_backend"])
+            if picked is not None:  # the pick judged by the forced timings alone, and what dispatch adds
+                rec["pick_over_fastest"] = picked / rec["backends_ms"][fastest]
+                rec["auto_over_pick"] = rec["auto_ms"] / picked
         release(clock)
     del inputs, leaves
     release(clock)
@@ -135,9 +141,10 @@ def row(r) -> str:
     backends = " ".join(f"{n} {t:.4f}" for n, t in sorted(r["backends_ms"].items()))
     ratio = r.get("auto_over_fastest")
     flag = "" if ratio is None or ratio <= LIMIT else "  OVER"
+    pick = f"  pick {r['pick_over_fastest']:.3f}" if "pick_over_fastest" in r else ""
     return (f"{r['op']:<16} {r['label']:<44} {r['mode']:<5} {r['pass']:<7} auto->{r['auto_backend'] or '?':<7} "
             f"first {r['auto_first_call_ms']:9.2f} ms  auto {r.get('auto_ms', float('nan')):.4f} ms  "
-            f"{backends}  ratio {'-' if ratio is None else f'{ratio:.3f}'}{flag}")
+            f"{backends}  ratio {'-' if ratio is None else f'{ratio:.3f}'}{flag}{pick}")
 
 
 def main(argv=None) -> int:
@@ -205,6 +212,8 @@ def main(argv=None) -> int:
         "cases": len(doc["results"]), "compared": len(ratios), "worst_ratio": max(ratios, default=None),
         "over_limit": [f"{r['op']} {r['label']} {r['mode']} {r['pass']}" for r in doc["results"]
                        if r.get("auto_over_fastest", 0) > LIMIT],
+        "pick_over_limit": [f"{r['op']} {r['label']} {r['mode']} {r['pass']}" for r in doc["results"]
+                            if r.get("pick_over_fastest", 0) > LIMIT],
         "errors": [f"{r['op']} {r['label']} {r['mode']} {r['pass']}" for r in doc["results"] if "error" in r],
         "dispatch_cache": autotune.cache_report(),
     }
@@ -214,6 +223,8 @@ def main(argv=None) -> int:
     s = doc["summary"]
     print(f"\nauto within {LIMIT - 1:.0%} of the fastest backend at {s['compared'] - len(s['over_limit'])} of "
           f"{s['compared']} comparisons (worst ratio {s['worst_ratio']}); over: {s['over_limit'] or 'none'}")
+    print(f"auto's pick, judged by the forced backends' times alone, within {LIMIT - 1:.0%} of the fastest at "
+          f"{s['compared'] - len(s['pick_over_limit'])} of {s['compared']}; over: {s['pick_over_limit'] or 'none'}")
     print(f"wrote {json_path}; took {doc['duration_s']:.0f} s")
     return 0
 
