@@ -14,7 +14,6 @@ Run the GPU tests on a GPU machine with:
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -36,16 +35,8 @@ from panther_cuda.ops.sketched_linear.forward import ForwardPlan, forward_rule, 
 
 OP_DIR = Path(common_module.__file__).resolve().parent
 
-_HAVE_GPU = torch.cuda.is_available()
-# GPU tests skip without a GPU unless PANTHER_REQUIRE_GPU=1, which makes them fail instead
-gpu = [pytest.mark.gpu,
-       pytest.mark.skipif(not _HAVE_GPU and os.environ.get("PANTHER_REQUIRE_GPU") != "1", reason="needs a CUDA GPU")]
-
-
-def on_gpu(f):
-    for m in gpu:
-        f = m(f)
-    return f
+# GPU tests skip without a GPU unless PANTHER_REQUIRE_GPU=1, which makes them fail instead (conftest.py)
+on_gpu = pytest.mark.gpu
 
 
 # Max-normalised error bounds, |got - ref|max / |ref|max, against float64 math on the same (rounded)

@@ -13,7 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import panther
 import panther_triton
-import panther_triton.ops.sketched_linear.op as op_module
+from panther_triton import _launch
 from panther_triton._runtime import interpreting
 from triton_test_utils import DEVICE, make_inputs, needs_kernels, rel_err
 
@@ -26,7 +26,7 @@ def test_registered_as_the_right_kind_of_op():
     bwd = torch.ops.panther_triton.sketched_linear_bwd.default
     assert "Tensor? bias" in str(fwd._schema) and "bool allow_tf32" in str(fwd._schema)
     assert str(bwd._schema).count("bool need_") == 6
-    assert op_module.INTERPRETED == interpreting()
+    assert _launch.INTERPRETED == interpreting()
     if not interpreting():
         from torch._library.triton import get_triton_kernels_for_op  # noqa: F401  (exists with triton_op)
 

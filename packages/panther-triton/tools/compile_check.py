@@ -182,7 +182,7 @@ def trace_check(arch: int) -> int:
     import re as _re
 
     import panther_triton.ops.sketched_linear.plan as plan_module
-    from panther_triton import _runtime
+    from panther_triton import _launch, _runtime
 
     plan_module.device_sms = lambda device: 132  # no device to ask
     _runtime._device_limit = lambda tensor: SMEM_LIMIT.get(arch, 99 * 1024)  # Inductor prunes configs while tracing
@@ -195,7 +195,7 @@ def trace_check(arch: int) -> int:
     from panther_triton.ops.sketched_linear.plan import BackwardPlan, ForwardPlan, use_plans
 
     problems = []
-    assert not op.INTERPRETED
+    assert not _launch.INTERPRETED
     for name, expected in (("fwd", {"_sketch_in_kernel", "_sketch_out_kernel"}),
                            ("bwd", {"_grad_from_g_kernel", "_grad_from_x_kernel", "_sum_partials_kernel"})):
         found = {getattr(k, "fn", k).__name__ for k in get_triton_kernels_for_op(f"panther_triton::sketched_linear_{name}")}

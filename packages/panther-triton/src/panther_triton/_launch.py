@@ -93,6 +93,27 @@ def launch(kernel, grid: Callable[[dict], tuple], args: tuple, constexprs: Dict[
             _remember(key, kernel, compiled, grid, args, constexprs)
 
 
+def op_factory(kernels: Dict[str, list]) -> Callable:
+    """The ``factory`` of :func:`panther.backends.toolkit.kernel_op` for an op whose implementations launch
+    ``kernels`` ({library op name: [its kernels]}): ``torch.library.custom_op`` under the interpreter
+    (wrap_triton cannot trace interpreted kernels), else ``torch.library.triton_op``, telling torch's
+    compile caches which kernels each library op launches (torch finds them by reading the op's source,
+    which names them only through :func:`launch`)."""
+    if INTERPRETED:
+        return torch.library.custom_op
+
+    def triton_op(name, fn, **kwargs):
+        from torch._library import triton as library_triton
+
+        op = torch.library.triton_op(name, fn, **kwargs)
+        known = getattr(library_triton, "triton_ops_to_kernels", None)
+        if isinstance(known, dict):
+            known[name] = kernels[name]
+        return op
+
+    return triton_op
+
+
 def _name(kernel) -> str:
     fn = kernel
     while not hasattr(fn, "arg_names"):  # Autotuner and Heuristics wrap the JITFunction

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from panther.backends.toolkit import kernel_op
-from panther_triton._launch import INTERPRETED
+from panther_triton._launch import op_factory
 from panther_triton.ops.rfa_attention.backward import (
     _causal_key_grad_kernel, _causal_query_grad_kernel, _key_grad_kernel, _query_grad_kernel,
     rfa_attention_backward,
@@ -45,24 +45,13 @@ _KERNELS = {
 }
 
 
-def _triton_op(name, fn, **kwargs):
-    """torch.library.triton_op, telling torch's compile caches which kernels the op launches."""
-    from torch._library import triton as library_triton
-
-    op = torch.library.triton_op(name, fn, **kwargs)
-    kernels = getattr(library_triton, "triton_ops_to_kernels", None)
-    if isinstance(kernels, dict):
-        kernels[name] = _KERNELS[name]
-    return op
-
-
 RFA_ATTENTION = kernel_op(
     "panther_triton::rfa_attention",
     forward=_forward,
     backward=_backward,
     allocate=forward_outputs,
     outputs=("out", "kv", "kz", "kmax"),
-    factory=torch.library.custom_op if INTERPRETED else _triton_op,
+    factory=op_factory(_KERNELS),
 )
 RFAttentionFunction = RFA_ATTENTION.function
 

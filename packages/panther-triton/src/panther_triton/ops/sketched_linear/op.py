@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from panther.backends.toolkit import kernel_op
-from panther_triton._launch import INTERPRETED
+from panther_triton._launch import op_factory
 from panther_triton.ops.sketched_linear.backward import (
     _grad_from_g_kernel, _grad_from_x_kernel, _sum_partials_kernel, sketched_linear_backward,
 )
@@ -46,25 +46,13 @@ _KERNELS = {
 }
 
 
-def _triton_op(name, fn, **kwargs):
-    """torch.library.triton_op, telling torch's compile caches which kernels the op launches (torch
-    finds them by reading the op's source, which names them only through the shared launch path)."""
-    from torch._library import triton as library_triton
-
-    op = torch.library.triton_op(name, fn, **kwargs)
-    kernels = getattr(library_triton, "triton_ops_to_kernels", None)
-    if isinstance(kernels, dict):
-        kernels[name] = _KERNELS[name]
-    return op
-
-
 SKETCHED_LINEAR = kernel_op(
     "panther_triton::sketched_linear",
     forward=_forward,
     backward=_backward,
     allocate=forward_outputs,
     outputs=("y", "h"),
-    factory=torch.library.custom_op if INTERPRETED else _triton_op,
+    factory=op_factory(_KERNELS),
 )
 SketchedLinearFunction = SKETCHED_LINEAR.function
 
