@@ -17,7 +17,6 @@ script runs anyway. Writes <out>/<YYYY-MM-DD>_<device>_<commit>_autotune.json wi
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import os
@@ -34,8 +33,8 @@ import torch  # noqa: E402
 import panther  # noqa: E402
 from panther.backends import BackendError, autotune, registry  # noqa: E402
 
-from harness.cases import PASSES, PRESETS  # noqa: E402
-from harness.cases import select as select_cases  # noqa: E402
+from harness import cli  # noqa: E402
+from harness.cases import PASSES  # noqa: E402
 from harness.modes import MODES, set_tf32  # noqa: E402
 from harness.report import environment, result_stem, write_json  # noqa: E402
 from harness.timing import Clock  # noqa: E402
@@ -189,25 +188,9 @@ def row(r) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--filter", action="append", default=[],
-                        help="keep cases where this regular expression matches 'op label tag' (repeatable)")
-    parser.add_argument("--modes", default="", help="comma-separated dtype modes to keep (fp32, tf32, bf16)")
-    parser.add_argument("--backends", default="", help="comma-separated backends to force (default: Panther's own)")
-    parser.add_argument("--max-minutes", type=float, default=None, help="start no case after this")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = cli.parser(__doc__, "force")
     args = parser.parse_args(argv)
-
-    started = time.time()
-    preset = PRESETS[args.preset]
-    device = torch.device(preset.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"preset {args.preset!r} needs a CUDA device and torch sees none")
-    torch.manual_seed(args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    cases, modes = select_cases(preset, args.filter, args.modes)
+    started, preset, device, cases, modes = cli.start(parser, args)
 
     # auto must be what runs, measuring on, starting from nothing: a fresh cache folder, memory cleared
     cache = tempfile.mkdtemp(prefix="panther-autotune-check-")

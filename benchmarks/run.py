@@ -9,7 +9,6 @@ device's ceilings, versions) and one speedup plot per op next to it. See benchma
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import os
@@ -26,8 +25,8 @@ import torch  # noqa: E402
 import panther  # noqa: E402
 from panther.backends import BackendError  # noqa: E402
 
-from harness.cases import PASSES, PRESETS, layer_leaves  # noqa: E402
-from harness.cases import select as select_cases  # noqa: E402
+from harness import cli  # noqa: E402
+from harness.cases import PASSES, layer_leaves  # noqa: E402
 from harness.modes import MODES, set_tf32  # noqa: E402
 from harness.plots import plot_speedups  # noqa: E402
 from harness.report import (  # noqa: E402
@@ -217,27 +216,9 @@ def headlines(records):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
-                        help="folder for the JSON and the plots (default: benchmarks/results)")
-    parser.add_argument("--filter", action="append", default=[],
-                        help="keep cases where this regular expression matches 'op label tag', e.g. "
-                             "'sketched_linear T=128' (repeatable: any may match)")
-    parser.add_argument("--modes", default="", help="comma-separated dtype modes to keep (fp32, tf32, bf16)")
-    parser.add_argument("--backends", default="", help="comma-separated backends to time (default: Panther's own)")
-    parser.add_argument("--max-minutes", type=float, default=None, help="start no case after this (preset's default)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = cli.parser(__doc__, "time")
     args = parser.parse_args(argv)
-
-    started = time.time()
-    preset = PRESETS[args.preset]
-    device = torch.device(preset.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"preset {args.preset!r} needs a CUDA device and torch sees none")
-    torch.manual_seed(args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    cases, modes = select_cases(preset, args.filter, args.modes)
+    started, preset, device, cases, modes = cli.start(parser, args)
     deadline = args.max_minutes if args.max_minutes is not None else preset.deadline_min
 
     env = environment(device)
