@@ -843,3 +843,36 @@ def test_kernels_under_emulation(emulator, case):
     assert set(errs) == expected
     bad = {k: v for k, v in errs.items() if not v <= TOL[mode]}
     assert not bad, f"errors above {TOL[mode]:g}: {bad} (all: {errs})"
+
+
+# ---------------------------------------------------------------------------------------------------
+# tools/linear_sweep.py: what it would time (its timings need a GPU)
+
+
+def _sweep_tool():
+    import importlib.util
+
+    path = OP_DIR.parents[2].parent / "tools" / "linear_sweep.py"
+    spec = importlib.util.spec_from_file_location("linear_sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_tool_plans_and_floor():
+    sweep = _sweep_tool()
+    plans = sweep.forward_plans(4096, 4096, 4096, 128, torch.bfloat16, 132, 227 << 10)
+    assert plans["default"] == forward_rule(4096, 4096, 4096, 128, torch.bfloat16, 132, 227 << 10)
+    assert plans["large"] == ForwardPlan(fused=False, h_splits=8, tiles="large")
+    assert plans["large h_splits=4"].h_splits == 4 and plans["large h_splits=16"].h_splits == 16
+    assert plans["fused"] == ForwardPlan(fused=True, o_groups=2)  # 64 row tiles x 2 groups fill 132 SMs
+    # a device whose shared memory takes only the small tiles: no large plans
+    assert not any("large" in n for n in sweep.forward_plans(4096, 4096, 4096, 128, torch.float32, 132, 64 << 10))
+    bwd = sweep.backward_plans(4096, 4096, 4096, 128, torch.bfloat16, 132, 227 << 10)
+    assert bwd["default"] == (None, None, None) and bwd["large"] == ("large", 8, 8)
+    assert bwd["large split=4 dh_split=4"] == ("large", 4, 4)
+    # HBM floor at 4.8 TB/s: forward reads x and writes y (2 x 32 MiB), backward reads g, x and writes dx
+    assert sweep.floor_ms(4096, 4096, 4096, 2, 4.8, "fwd") == pytest.approx(2 * 4096 * 4096 * 2 / 4.8e9)
+    assert sweep.floor_ms(4096, 4096, 4096, 2, 4.8, "fwd+bwd") == pytest.approx(5 * 4096 * 4096 * 2 / 4.8e9)
+    if not torch.cuda.is_available():
+        assert sweep.main(["--out", "unused.json", "--quick"]) == 2

@@ -102,8 +102,32 @@ def forward_plans(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, 
         plans["fused"] = ForwardPlan(fused=True, o_groups=groups)
     for name, c in limits.CONFIGS.items():
         if c.shared_bytes(dtype) <= shared:
-            splits = split_rule(I, -(-T // c.bm) * -(-R // c.bn), sms, c)
-            plans[name] = ForwardPlan(fused=False, h_splits=splits, tiles=name)
+            rule = split_rule(I, -(-T // c.bm) * -(-R // c.bn), sms, c)
+            plans[name] = ForwardPlan(fused=False, h_splits=rule, tiles=name)
+            for s in _around(rule):  # the rule's split halved and doubled: is it the best one?
+                plans[f"{name} h_splits={s}"] = ForwardPlan(fused=False, h_splits=s, tiles=name)
+    return plans
+
+
+def _around(rule: int) -> List[int]:
+    return [s for s in (rule // 2, rule * 2) if 1 <= s <= 64 and s != rule]
+
+
+def backward_plans(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, shared: int) -> dict:
+    """The backward variants the sweep times: name -> (tiles, split, dh_split): each tile shape that fits with
+    the splits of its rule (backward.backward_splits), then halved and doubled; ("default": all by the rule)."""
+    from panther_cuda.ops.sketched_linear import limits
+    from panther_cuda.ops.sketched_linear.backward import backward_splits
+
+    plans = {"default": (None, None, None)}
+    for name, c in limits.CONFIGS.items():
+        if c.shared_bytes(dtype) <= shared:
+            split, dh_split = backward_splits(T, I, O, R, NEEDS, c, sms)
+            plans[name] = (name, split, dh_split)
+            for f in (0.5, 2):
+                s, d = max(1, int(split * f)), max(1, int(dh_split * f))
+                if (s, d) != (split, dh_split) and max(s, d) <= 64:
+                    plans[f"{name} split={s} dh_split={d}"] = (name, s, d)
     return plans
 
 
@@ -128,11 +152,13 @@ def cuda_rows(T, I, O, inputs, replays) -> List[dict]:
         rows.append({"impl": "cuda", "what": "fwd", "plan": name, "detail": repr(plan),
                      "ms": graph_time(forward(plan), replays)})
     _, h = sketched_linear_forward(x, S1s, S2s, U1s, U2s, bias, plan=default)
-    for name in [None, *limits.CONFIGS]:
-        label = "default" if name is None else name
-        rows.append({"impl": "cuda", "what": "bwd", "plan": label, "detail": f"tiles={name or rule_tiles}",
-                     "ms": graph_time(lambda: sketched_linear_backward(grad, x, h, S1s, S2s, U1s, U2s, NEEDS,
-                                                                       tiles=name), replays)})
+    for label, (tiles, split, dh_split) in backward_plans(T, I, O, R, x.dtype, sms, shared).items():
+        def bwd(tiles=tiles, split=split, dh_split=dh_split):
+            sketched_linear_backward(grad, x, h, S1s, S2s, U1s, U2s, NEEDS, split=split, dh_split=dh_split,
+                                     tiles=tiles)
+
+        detail = f"tiles={tiles or rule_tiles} split={split or 'rule'} dh_split={dh_split or 'rule'}"
+        rows.append({"impl": "cuda", "what": "bwd", "plan": label, "detail": detail, "ms": graph_time(bwd, replays)})
     pairs = {"default": (default, None)}
     for name in limits.CONFIGS:
         if name in plans:

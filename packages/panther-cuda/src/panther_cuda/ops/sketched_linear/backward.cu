@@ -10,7 +10,7 @@
 // fp32 workspace (ws_dh[split], T x R) that forward.cu's sketched_linear_sum_shares sums, scales and writes
 // as dH before the second launch.
 // Each launch runs several roles, told apart by blockIdx.x: the first blocks take one product's
-// tiles, the next ones another's. A gradient not asked for has no blocks (and a null pointer); the
+// tiles, the next ones another's (launch 2: the weight gradient's long reductions first, then dx). A gradient not asked for has no blocks (and a null pointer); the
 // weight gradients cover only the columns c_lo .. c_lo + c_n of R that are asked for (one half or both).
 // The weight gradients reduce over T: with n_splits > 1 each tile has n_splits blocks, each summing a
 // share of the rows into an fp32 workspace (ws[split] of the tile's product, db as one more row of
@@ -122,9 +122,13 @@ __global__ void __launch_bounds__(C::NT) sketched_linear_bwd_x(
     T* As = reinterpret_cast<T*>(smem);
     T* Bs = As + C::STAGES * C::STAGE_A;
     const int Lk = L * k, R = 2 * Lk;
+    // the weight gradient's blocks first: each reduces over a share of T, far longer than a dx block (R deep),
+    // so they start in the first wave and the short dx blocks fill in behind them
+    const long long n_w_blocks = static_cast<long long>(gridDim.x) - n_dx_blocks;
     long long block = blockIdx.x;
 
-    if (block < n_dx_blocks) {  // dx = dH Aᵀ: A(t, c) = dH[t, c], B(c, i) = A(i, c) = [S1 | U2](i, c)
+    if (block >= n_w_blocks) {  // dx = dH Aᵀ: A(t, c) = dH[t, c], B(c, i) = A(i, c) = [S1 | U2](i, c)
+        block -= n_w_blocks;
         const long long n_col_tiles = cdiv(I, BN);
         const long long m0 = block / n_col_tiles * BM, n0 = block % n_col_tiles * BN;
         Acc<T, EXACT, C> acc;
@@ -133,7 +137,6 @@ __global__ void __launch_bounds__(C::NT) sketched_linear_bwd_x(
         store_tile(acc, As, dx, I, m0, n0, Tn, I, [](int, int, float v) { return from_float<T>(v); });
         return;
     }
-    block -= n_dx_blocks;
 
     // columns c_lo .. c_lo + c_n of xᵀ dH: A(i, t) = x[t, i], B(t, n) = dH[t, c_lo + n]
     const int n_col_tiles = (c_n + BN - 1) / BN;

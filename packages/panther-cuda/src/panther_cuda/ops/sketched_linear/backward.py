@@ -49,6 +49,27 @@ def backward_config(T: int, I: int, O: int, dtype: torch.dtype, sms: int, shared
     return choose_config(cdiv(T, LARGE.bm), cdiv(max(I, O), LARGE.bn), dtype, sms, shared_limit)
 
 
+def _tiles(I: int, O: int, T: int, R: int, needs: Sequence[bool], c: TileConfig) -> Tuple[int, int, int]:
+    """Output tiles of d[U1; S2] (or db alone), of d[S1 | U2], and of dH, for the gradients ``needs`` asks for."""
+    need_x, need_s1, need_s2, need_u1, need_u2, need_b = (bool(n) for n in needs)
+    Lk = R // 2
+    _, w_n = half_range(need_u1, need_s2, Lk)
+    _, c_n = half_range(need_s1, need_u2, Lk)
+    tiles_g = cdiv(max(w_n, 1), c.bm) * cdiv(O, c.bn) if (w_n or need_b) else 0
+    tiles_x = cdiv(I, c.bm) * cdiv(c_n, c.bn)
+    tiles_dh = cdiv(T, c.bm) * cdiv(R, c.bn) if (need_x or need_s1 or need_u2) else 0
+    return tiles_g, tiles_x, tiles_dh
+
+
+def backward_splits(T: int, I: int, O: int, R: int, needs: Sequence[bool], c: TileConfig, sms: int) -> Tuple[int, int]:
+    """(split, dh_split): the shares of T of the weight gradients and of O of dH that common.split_rule gives
+    their tiles of shape ``c`` on ``sms`` SMs."""
+    tiles_g, tiles_x, tiles_dh = _tiles(I, O, T, R, needs, c)
+    split = split_rule(T, max(tiles_g, tiles_x), sms, c) if tiles_g + tiles_x else 1
+    dh_split = split_rule(O, tiles_dh, sms, c) if tiles_dh else 1
+    return split, dh_split
+
+
 def half_range(first: bool, second: bool, Lk: int) -> Tuple[int, int]:
     """(c_lo, c_n): the columns of the R = 2Lk axis whose gradient is wanted, when the first half
     (U1 / S1, columns < Lk) and / or the second (S2 / U2) is. (0, 0) when neither."""
@@ -117,10 +138,11 @@ def sketched_linear_backward(
 
     w_lo, w_n = half_range(need_u1, need_s2, Lk)  # rows of d[U1; S2]
     c_lo, c_n = half_range(need_s1, need_u2, Lk)  # columns of d[S1 | U2]
-    tiles_g = cdiv(max(w_n, 1), BM) * cdiv(O, BN) if (w_n or need_b) else 0  # tiles of each weight product
-    tiles_x = cdiv(I, BM) * cdiv(c_n, BN)
-    if split is None:
-        split = split_rule(T, max(tiles_g, tiles_x), multiprocessors(_index(g)), c) if tiles_g + tiles_x else 1
+    tiles_g, tiles_x, tiles_dh = _tiles(I, O, T, R, needs, c)
+    if split is None or dh_split is None:
+        rule = backward_splits(T, I, O, R, needs, c, multiprocessors(_index(g)))
+        split = rule[0] if split is None else split
+        dh_split = rule[1] if dh_split is None else dh_split
     split = max(1, min(int(split), T))
     ws1 = ws2 = None
     if split > 1:  # fp32 shares of the weight gradients, summed by launch 3
@@ -128,9 +150,6 @@ def sketched_linear_backward(
         rows = w_n + (1 if need_b else 0)  # db's shares as one more row
         ws2 = torch.empty((split, rows, O), device=g.device, dtype=torch.float32) if rows else None
 
-    tiles_dh = cdiv(T, BM) * cdiv(R, BN) if need_dh else 0
-    if dh_split is None:
-        dh_split = split_rule(O, tiles_dh, multiprocessors(_index(g)), c) if tiles_dh else 1
     dh_split = max(1, int(dh_split))
     ws_dh = torch.empty((dh_split, T, R), device=g.device, dtype=torch.float32) if dh_split > 1 and need_dh else None
     n_dh = tiles_dh * dh_split
