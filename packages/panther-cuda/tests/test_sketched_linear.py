@@ -1,12 +1,13 @@
 """The cuda backend's sketched linear op: kernels against the float64 torch reference, and its host code.
 
 GPU tests (marker ``gpu``) run the kernels: every dtype (float32 exact and TF32, float16, bfloat16),
-ragged shapes (T = 1, 3-D x, I and O off the 64-wide tiles, k = 1, L = 3, R beyond the fused limit),
-every launch path, every gradient, and the integration points (torch.compile, CUDA graphs, streams,
-devices). CPU tests check what can be checked without a GPU: the kernels themselves, compiled for the
-host under an emulation of CUDA (sketched_linear_emulation/: threads, barriers, shared memory, mma.sync)
-against float64 loops, every kernel and path; the refusals of limits.py; the launch arguments against
-the kernels' C++ signatures; the tile constants, the plans, the fake (meta) path.
+ragged shapes (T = 1, 3-D x, I and O off the 64- and 128-wide tiles, k = 1, L = 3, R beyond the fused
+limit), every launch path and tile shape (limits.CONFIGS, forced), every gradient, and the integration points
+(torch.compile, CUDA graphs, streams, devices). CPU tests check what can be checked without a GPU: the
+kernels themselves, compiled for the host under an emulation of CUDA (sketched_linear_emulation/: threads,
+barriers, shared memory, cp.async, ldmatrix, mma.sync) against float64 loops, every kernel, path and tile
+shape; the refusals of limits.py; the launch arguments against the kernels' C++ signatures; the tile
+configs, the plans, the fake (meta) path; the sweep tool's plans.
 
 Run the GPU tests on a GPU machine with:
     PANTHER_REQUIRE_GPU=1 python -m pytest -q --import-mode=importlib -m gpu packages/panther-cuda/tests/test_sketched_linear.py
