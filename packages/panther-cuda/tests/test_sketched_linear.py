@@ -1,12 +1,13 @@
 """The cuda backend's sketched linear op: kernels against the float64 torch reference, and its host code.
 
 GPU tests (marker ``gpu``) run the kernels: every dtype (float32 exact and TF32, float16, bfloat16),
-ragged shapes (T = 1, 3-D x, I and O off the 64-wide tiles, k = 1, L = 3, R beyond the fused limit),
-every launch path, every gradient, and the integration points (torch.compile, CUDA graphs, streams,
-devices). CPU tests check what can be checked without a GPU: the kernels themselves, compiled for the
-host under an emulation of CUDA (sketched_linear_emulation/: threads, barriers, shared memory, mma.sync)
-against float64 loops, every kernel and path; the refusals of limits.py; the launch arguments against
-the kernels' C++ signatures; the tile constants, the plans, the fake (meta) path.
+ragged shapes (T = 1, 3-D x, I and O off the 64- and 128-wide tiles, k = 1, L = 3, R beyond the fused
+limit), every launch path and tile shape (limits.CONFIGS, forced), every gradient, and the integration points
+(torch.compile, CUDA graphs, streams, devices). CPU tests check what can be checked without a GPU: the
+kernels themselves, compiled for the host under an emulation of CUDA (sketched_linear_emulation/: threads,
+barriers, shared memory, cp.async, ldmatrix, mma.sync) against float64 loops, every kernel, path and tile
+shape; the refusals of limits.py; the launch arguments against the kernels' C++ signatures; the tile
+configs, the plans, the fake (meta) path; the sweep tool's plans.
 
 Run the GPU tests on a GPU machine with:
     PANTHER_REQUIRE_GPU=1 python -m pytest -q --import-mode=importlib -m gpu packages/panther-cuda/tests/test_sketched_linear.py
@@ -157,7 +158,8 @@ def test_each_gradient_alone(wants):
 
 
 PLANS = [ForwardPlan(fused=True, o_groups=1), ForwardPlan(fused=True, o_groups=3), ForwardPlan(fused=False),
-         ForwardPlan(fused=False, h_splits=3)]
+         ForwardPlan(fused=False, h_splits=3), ForwardPlan(fused=False, tiles="large"),
+         ForwardPlan(fused=False, h_splits=3, tiles="large")]
 
 
 @on_gpu
@@ -165,8 +167,9 @@ PLANS = [ForwardPlan(fused=True, o_groups=1), ForwardPlan(fused=True, o_groups=3
 @pytest.mark.parametrize("plan", PLANS, ids=str)
 def test_every_forward_plan(plan, mode):
     """The fused kernel (one and several blocks per row tile, the last group short), the two launches, and
-    H in three shares of I (32, 32 and 26 columns) summed by a launch of their own."""
-    inputs = make_inputs(70, 90, 200, 2, 9, DTYPES[mode])
+    H in three shares of I (32, 32 and 26 columns) summed by a launch of their own; 64 x 64 and 128 x 128
+    tiles (T = 170: two row tiles of 128, the second short)."""
+    inputs = make_inputs(170, 90, 200, 2, 9, DTYPES[mode])
     with precision(mode):
         y, h = sketched_linear_forward(*inputs, allow_tf32=mode == "tf32", plan=plan)
     y_ref, _ = reference(inputs, None, ())
@@ -185,9 +188,10 @@ def test_forced_fused_plan_falls_back_when_r_is_wide():
 
 
 @on_gpu
+@pytest.mark.parametrize("tiles", ["small", "large"])
 @pytest.mark.parametrize("mode", list(DTYPES))
 @pytest.mark.parametrize("split", [1, 3, 8])
-def test_weight_gradients_split_over_rows(split, mode):
+def test_weight_gradients_split_over_rows(split, mode, tiles):
     """The weight gradients as shares of T summed by a third launch (3: shares of 96, 96 and 8 rows of
     200; 8: shares past T add zeros), and dH as shares of O (3: 32, 32 and 26 of 90; 8: empty ones),
     every gradient."""
@@ -197,10 +201,42 @@ def test_weight_gradients_split_over_rows(split, mode):
     with precision(mode):
         _, h = sketched_linear_forward(*inputs, allow_tf32=allow)
         grads = sketched_linear_backward(g, inputs[0], h, *inputs[1:5], (True,) * 6, allow_tf32=allow,
-                                         split=split, dh_split=split)
+                                         split=split, dh_split=split, tiles=tiles)
     _, grads_ref = reference(inputs, g, ALL)
     errs = {NAMES[i]: rel_err(got, ref) for i, (got, ref) in enumerate(zip(grads, grads_ref))}
     assert all(e <= TOL[mode] for e in errs.values()), errs
+
+
+@on_gpu
+@pytest.mark.parametrize("mode", list(DTYPES))
+@pytest.mark.parametrize("shape", [(1030, 1000, 1030, 1, 64), (700, 136, 1032, 2, 40), (600, 520, 264, 1, 64)],
+                         ids=lambda s: "T{}_I{}_O{}_L{}_k{}".format(*s))
+def test_large_tiles_on_ragged_shapes(shape, mode):
+    """The 128 x 128 tiles forced in both directions on ragged shapes (T, I, O off the tiles; O and I off
+    8 for the scalar stores; R = 160 past one tile), against the rule's own choice."""
+    inputs = make_inputs(*shape, DTYPES[mode])
+    g = torch.randn(shape[0], shape[2], device="cuda").to(DTYPES[mode])
+    allow = mode == "tf32"
+    with precision(mode):
+        y, h = sketched_linear_forward(*inputs, allow_tf32=allow, plan=ForwardPlan(fused=False, tiles="large"))
+        grads = sketched_linear_backward(g, inputs[0], h, *inputs[1:5], (True,) * 6, allow_tf32=allow, tiles="large")
+    y_ref, grads_ref = reference(inputs, g, ALL)
+    errs = {"y": rel_err(y, y_ref)}
+    errs.update({NAMES[i]: rel_err(got, ref) for i, (got, ref) in enumerate(zip(grads, grads_ref))})
+    assert all(e <= TOL[mode] for e in errs.values()), errs
+
+
+@on_gpu
+def test_rule_picks_large_tiles_at_4096_rows():
+    """T = 4096, I = O = 1024 (bfloat16): both directions on 128 x 128 tiles by the rule, end to end."""
+    from panther_cuda.ops.sketched_linear.backward import backward_config
+    from panther_cuda.ops.sketched_linear.forward import plan_forward
+    from panther.backends.toolkit import multiprocessors, shared_memory_per_block
+
+    inputs = make_inputs(4096, 1024, 1024, 1, 64, torch.bfloat16)
+    assert plan_forward(4096, 1024, 1024, 128, torch.bfloat16, inputs[0].device).tiles == "large"
+    assert backward_config(4096, 1024, 1024, torch.bfloat16, multiprocessors(), shared_memory_per_block()) == limits.LARGE
+    run_and_compare(cuda_op, inputs, ALL, "bfloat16")
 
 
 @on_gpu
@@ -409,43 +445,79 @@ def test_backend_forwards_the_limits():
     assert op_reasons(torch.empty(5, 16, device="meta"), *_meta_weights(2, 16, 0, 8))
 
 
-def _constexprs(text):
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"constexpr int (\w+) = (\d+);", text)}
-
-
-def test_host_tile_constants_match_the_kernels():
-    c = _constexprs((OP_DIR / "tile.cuh").read_text())
-    assert (c["BM"], c["BN"], c["BK"], c["NT"], c["PAD"]) == (limits.BM, limits.BN, limits.BK, limits.NT, limits.PAD)
-    tile = c["BM"] * (c["BK"] + c["PAD"]) + c["BK"] * (c["BN"] + c["PAD"])
-    assert common_module.tile_elements() == tile
-    # gemm(): STAGES pairs of tiles, each the larger of its layouts (row-major, or transposed: BK x BM and BN x BK)
+def test_host_tile_configs_match_the_kernels():
+    """limits.py's TileConfig table and shared-memory sizes say what tile.cuh's Tile computes, and the
+    configs the host launches are the ones forward.cu, backward.cu and the emulation instantiate."""
     text = (OP_DIR / "tile.cuh").read_text()
-    assert c["STAGES"] == limits.STAGES and re.search(r"constexpr int GEMM_ELEMENTS = STAGES \* \(STAGE_A \+ STAGE_B\);", text)
-    assert re.search(r"constexpr int LDA_T = BM \+ PAD;", text) and re.search(r"constexpr int LDB_T = BK \+ PAD;", text)
-    stage_a = max(c["BM"] * (c["BK"] + c["PAD"]), c["BK"] * (c["BM"] + c["PAD"]))
-    stage_b = max(c["BK"] * (c["BN"] + c["PAD"]), c["BN"] * (c["BK"] + c["PAD"]))
-    assert common_module.tile_bytes(torch.float16) == c["STAGES"] * (stage_a + stage_b) * 2
-    # the fused kernel: a second B tile, and H's tile of BM rows of R rounded up to BN, plus PAD
-    assert re.search(r"constexpr int FUSED_TILE_ELEMENTS = TILE_ELEMENTS \+ BK \* LDB;", (OP_DIR / "tile.cuh").read_text())
-    second_b = c["BK"] * (c["BN"] + c["PAD"])
-    assert common_module.fused_bytes(100, torch.bfloat16) == (tile + second_b + 64 * (128 + 8)) * 2
-    assert common_module.fused_bytes(256, torch.float32) == (tile + second_b + 64 * (256 + 8)) * 4
+    for line in ("static constexpr int NT = 32 * WARPS_M * WARPS_N;", "static constexpr int PAD = 8;",
+                 "static constexpr int LDA = BK + PAD;", "static constexpr int LDB = BN + PAD;",
+                 "static constexpr int LDA_T = BM + PAD;", "static constexpr int LDB_T = BK + PAD;",
+                 "static constexpr int STAGE_A = BM * LDA > BK * LDA_T ? BM * LDA : BK * LDA_T;",
+                 "static constexpr int STAGE_B = BK * LDB > BN * LDB_T ? BK * LDB : BN * LDB_T;",
+                 "static constexpr int GEMM_ELEMENTS = STAGES * (STAGE_A + STAGE_B);",
+                 "static constexpr int LDC = BN + PAD;",
+                 "static constexpr int SHARED_ELEMENTS = GEMM_ELEMENTS > BM * LDC ? GEMM_ELEMENTS : BM * LDC;",
+                 "static constexpr int FUSED_TILE_ELEMENTS = BM * LDA + 2 * BK * LDB;",
+                 "constexpr int SUM_NT = 128;"):
+        assert line in text, line
+    assert limits.SUM_THREADS == 128 and limits.TileConfig.PAD == 8
+    # 3 stages of A (64 x 40) and B (64 x 40 transposed, larger than 32 x 72); 4 of A and B (128 x 40 each)
+    assert limits.SMALL.shared_elements() == 3 * (64 * 40 + 64 * 40)
+    assert limits.LARGE.shared_elements() == 4 * (128 * 40 + 128 * 40)
+    assert limits.SMALL.threads == 128 and limits.LARGE.threads == 256
+    assert limits.SMALL.shared_bytes(torch.float32) == 4 * limits.SMALL.shared_elements()
+    assert limits.SMALL.fused_bytes(100, torch.bfloat16) == (64 * 40 + 2 * 32 * 72 + 64 * (128 + 8)) * 2
+    assert limits.SMALL.fused_bytes(256, torch.float32) == (64 * 40 + 2 * 32 * 72 + 64 * (256 + 8)) * 4
+    emu = (EMU_DIR / "harness.cpp").read_text()
+    for name, config in limits.CONFIGS.items():
+        cpp = config.cpp
+        for source in ("forward.cu", "backward.cu"):
+            assert f"#define {name.upper()} {cpp}\n" in (OP_DIR / source).read_text(), (source, name)
+        assert f"using {name.capitalize()} = {cpp.replace('panther::sl::', '')};" in emu, name
 
 
 def test_forward_rule():
     big = 1 << 20
-    # a long I on few tiles of H: shares of I (128 tiles x 8 = 1024 blocks, 512 columns of I each)
-    assert forward_rule(4096, 4096, 4096, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=False, h_splits=8)
-    assert forward_rule(4096, 8192, 8192, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=False, h_splits=8)
+    # T = 4096: y's 128 x 128 tiles fill the SMs (LARGE); H's 32 tiles of 128 rows in 8 shares of I (2 blocks per SM)
+    large = ForwardPlan(fused=False, h_splits=8, tiles="large")
+    assert forward_rule(4096, 4096, 4096, 128, torch.bfloat16, 132, big) == large
+    assert forward_rule(4096, 8192, 8192, 128, torch.bfloat16, 132, big) == large
+    assert forward_rule(4096, 4096, 4096, 128, torch.float32, 132, big) == large
+    # LARGE's float32 ring (160 KiB) does not fit 100 KiB: SMALL, 128 tiles of H in 8 shares (8 blocks per SM)
+    assert forward_rule(4096, 4096, 4096, 128, torch.float32, 132, 100 << 10) == ForwardPlan(fused=False, h_splits=8)
+    # small T keeps the 64 x 64 tiles: y has 64 tiles of 128 x 128, fewer than the SMs
+    assert forward_rule(128, 8192, 8192, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=False, h_splits=32)
+    assert forward_rule(128, 1024, 1024, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=False, h_splits=4)
     assert forward_rule(64, 4096, 100, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=False, h_splits=16)
-    # a short I: the fused kernel
+    # a short I: the fused kernel (64 x 64 tiles)
     assert forward_rule(4096, 256, 4096, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=True, o_groups=2)
     assert forward_rule(64, 300, 4096, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=True, o_groups=64)
     assert forward_rule(64, 100, 100, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=True, o_groups=2)
     assert forward_rule(64, 100, 100, 258, torch.bfloat16, 132, big) == ForwardPlan(fused=False)  # R too wide
-    small = common_module.fused_bytes(256, torch.float32) - 1
+    small = limits.SMALL.fused_bytes(256, torch.float32) - 1
     assert forward_rule(64, 100, 100, 256, torch.float32, 132, small).fused is False  # H does not fit
     assert forward_rule(64, 100, 100, 256, torch.bfloat16, 132, small).fused is True
+
+
+def test_forward_plan_names_its_tiles():
+    with pytest.raises(ValueError, match=r"tiles='huge'.*\['large', 'small'\]"):
+        ForwardPlan(fused=False, tiles="huge")
+
+
+def test_backward_config():
+    from panther_cuda.ops.sketched_linear.backward import backward_config
+
+    assert backward_config(4096, 4096, 4096, torch.bfloat16, 132, 1 << 20) == limits.LARGE
+    assert backward_config(4096, 64, 8192, torch.bfloat16, 132, 1 << 20) == limits.LARGE  # g's side is wide
+    assert backward_config(128, 8192, 8192, torch.bfloat16, 132, 1 << 20) == limits.SMALL  # 64 tiles of 128 x 128
+    assert backward_config(4096, 4096, 4096, torch.float32, 132, 100 << 10) == limits.SMALL  # LARGE does not fit
+
+
+def test_backward_refuses_unknown_tiles():
+    x, S1s, S2s, U1s, U2s, _ = make_inputs(4, 9, 7, 1, 3, torch.float32, device="cpu")
+    with pytest.raises(ValueError, match=r"tiles='medium'"):
+        sketched_linear_backward(torch.randn(4, 7), x, torch.randn(4, 6), S1s, S2s, U1s, U2s, tiles="medium", split=1,
+                                 dh_split=1)
 
 
 def test_half_range():
@@ -456,7 +528,7 @@ def test_half_range():
 
 
 # C++ parameter types of the kernels, read from the .cu files
-_SIGNATURE = re.compile(r"__global__ void __launch_bounds__\(NT\) (\w+)\((.*?)\)\s*\{", re.S)
+_SIGNATURE = re.compile(r"__global__ void __launch_bounds__\((?:C::NT|SUM_NT)\) (\w+)\((.*?)\)\s*\{", re.S)
 
 
 def _signatures():
@@ -481,11 +553,14 @@ class _Recorder:
         self.calls = []
         self.sigs = _signatures()
 
-    def kernel(self, source, name, dtype, exact=None):
+    def kernel(self, source, name, dtype, exact=None, config=None):
         assert name in self.sigs and self.sigs[name][0] == source, (source, name)
         assert not exact or dtype == torch.float32
-        # the kernels without products
-        assert (exact is None) == (name in ("sketched_linear_bwd_sum", "sketched_linear_sum_shares"))
+        # the kernels without products (no tiles)
+        no_tiles = name in ("sketched_linear_bwd_sum", "sketched_linear_sum_shares")
+        assert (exact is None) == no_tiles and (config is None) == no_tiles
+        assert config is None or config in limits.CONFIGS.values()
+        threads = limits.SUM_THREADS if no_tiles else config.threads
 
         def launch(grid, block, *args, shared_mem=0):
             types = self.sigs[name][1]
@@ -496,7 +571,7 @@ class _Recorder:
                     assert a is None or a.is_contiguous(), (name, i)
                 else:
                     assert type(a) is _NUMPY[t], (name, i, t, type(a))
-            assert block == (limits.NT,) and len(grid) == 1 and grid[0] >= 1
+            assert block == (threads,) and len(grid) == 1 and grid[0] >= 1
             self.calls.append((name, grid[0], args, shared_mem))
 
         return launch
@@ -505,14 +580,14 @@ class _Recorder:
 @pytest.fixture
 def recorder(monkeypatch):
     rec = _Recorder()
-    monkeypatch.setattr(fwd_module, "kernel", rec.kernel)
     monkeypatch.setattr(bwd_module, "kernel", rec.kernel)
-    monkeypatch.setattr(common_module, "kernel", rec.kernel)
+    monkeypatch.setattr(common_module, "kernel", rec.kernel)  # common.launch's too
     return rec
 
 
 @pytest.mark.parametrize("plan", [ForwardPlan(fused=True, o_groups=3), ForwardPlan(fused=False),
-                                  ForwardPlan(fused=False, h_splits=4)], ids=str)
+                                  ForwardPlan(fused=False, h_splits=4), ForwardPlan(fused=False, tiles="large"),
+                                  ForwardPlan(fused=False, h_splits=2, tiles="large")], ids=str)
 def test_forward_launch_arguments(recorder, plan):
     x, S1s, S2s, U1s, U2s, b = make_inputs(70, 90, 200, 2, 9, torch.bfloat16, device="cpu", lead=(2,))
     xt = x.transpose(0, 1)  # (70, 2, 90) strided: passed as a contiguous copy
@@ -524,23 +599,28 @@ def test_forward_launch_arguments(recorder, plan):
         assert name == "sketched_linear_fwd_fused" and blocks == 3 * 3  # 3 row tiles x 3 groups
         assert torch.equal(args[0].view(70, 2, 90), xt) and args[6] is y and args[7] is h
         assert [int(a) for a in args[8:14]] == [T, 90, 200, 2, 9, 3] and float(args[14]) == 0.25
-        assert shared == common_module.fused_bytes(R, torch.bfloat16)
+        # an A and two B tiles of 64 x 32 and 32 x 64, and H's 64 rows of R rounded up to 64, all rows padded by 8
+        assert shared == ((64 * 40 + 2 * 32 * 72) + 64 * (64 + 8)) * 2 == limits.SMALL.fused_bytes(R, torch.bfloat16)
     else:
         splits = plan.h_splits
         (n1, b1, a1, s1), *summed, (n2, b2, a2, s2) = recorder.calls
-        assert (n1, b1, n2, b2) == ("sketched_linear_fwd_h", 3 * 1 * splits, "sketched_linear_fwd_y", 3 * 4)
+        # row tiles of T = 140 x column tiles of R = 36 (H) and of O = 200 (y): 3 x 1 and 3 x 4 (64 x 64 tiles),
+        # 2 x 1 and 2 x 2 (128 x 128)
+        tiles_h, tiles_y = (3, 12) if plan.tiles == "small" else (2, 4)
+        assert (n1, b1, n2, b2) == ("sketched_linear_fwd_h", tiles_h * splits, "sketched_linear_fwd_y", tiles_y)
         assert a1[3] is h and a2[0] is h and a2[4] is y and a2[3] is b
         assert [int(a) for a in a1[5:]] == [T, 90, 2, 9, splits] and [int(a) for a in a2[5:9]] == [T, 200, 2, 9]
-        assert s1 == s2 == common_module.tile_bytes(torch.bfloat16)
+        assert s1 == s2 == limits.CONFIGS[plan.tiles].shared_bytes(torch.bfloat16)
         if splits == 1:
             assert a1[4] is None and summed == []
         else:  # H from its fp32 shares of I
             assert a1[4].shape == (splits, T, R) and a1[4].dtype == torch.float32
             ((n3, b3, a3, s3),) = summed
-            assert n3 == "sketched_linear_sum_shares" and b3 == -(-T * R // limits.NT) and s3 == 0
+            assert n3 == "sketched_linear_sum_shares" and b3 == -(-T * R // limits.SUM_THREADS) and s3 == 0
             assert a3[0] is a1[4] and a3[1] is h and [int(a3[2]), int(a3[3]), float(a3[4])] == [T * R, splits, 1.0]
 
 
+@pytest.mark.parametrize("tiles", ["small", "large"])
 @pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("needs", [
     (True, True, True, False, False, True),
@@ -550,12 +630,13 @@ def test_forward_launch_arguments(recorder, plan):
     (True, False, False, False, False, False),
     (False, False, False, False, False, True),
 ], ids=str)
-def test_backward_launch_arguments(recorder, needs, split):
+def test_backward_launch_arguments(recorder, needs, split, tiles):
     x, S1s, S2s, U1s, U2s, _ = make_inputs(70, 90, 200, 2, 9, torch.float32, device="cpu")
     g = torch.randn(70, 200)
     h = torch.randn(70, 36)
     grads = sketched_linear_backward(g, x, h, S1s, S2s, U1s, U2s, needs, allow_tf32=False, split=split,
-                                     dh_split=split)
+                                     dh_split=split, tiles=tiles)
+    large = tiles == "large"
     for t, need, like in zip(grads, needs, (x, S1s, S2s, U1s, U2s, g[0])):
         assert (t is None) != need and (t is None or t.shape == like.shape)
     names = [c[0] for c in recorder.calls]
@@ -578,9 +659,11 @@ def test_backward_launch_arguments(recorder, needs, split):
     _, blocks, args, _ = recorder.calls[0]
     n_dh, lo, n, n_splits = (int(a) for a in args[14:18])
     assert int(args[19]) == split and (args[18] is None) == (not dh_summed)
-    assert n_dh == (2 * 1 * split if need_dh else 0)  # 2 row tiles x 1 column tile of R = 36, x shares of O
+    # 2 row tiles of T = 70 (1 of 128) x 1 column tile of R = 36, x shares of O
+    assert n_dh == ((1 if large else 2) * split if need_dh else 0)
     assert (lo, n) == (w_lo, w_n) and n_splits == split
-    tiles_g = 4 if (w_n or need_b) else 0  # one row tile (R = 36, or db alone) x 4 column tiles of O = 200
+    # one row tile (R = 36, or db alone) x 4 column tiles of O = 200 (2 of 128)
+    tiles_g = (2 if large else 4) if (w_n or need_b) else 0
     assert blocks == n_dh + tiles_g * split
     assert (args[4] is None) == (not need_dh)
     ws2 = args[8]
@@ -591,8 +674,8 @@ def test_backward_launch_arguments(recorder, needs, split):
     if need_dh:
         _, blocks, args, _ = recorder.calls[1]
         n_dx, lo, n, n_splits = (int(a) for a in args[12:16])
-        assert n_dx == (2 * 2 if need_x else 0) and (lo, n) == (c_lo, c_n) and n_splits == split
-        assert blocks == n_dx + 2 * (c_n > 0) * split  # dW: 2 row tiles of I = 90 x 1 column tile
+        assert n_dx == ((1 if large else 2 * 2) if need_x else 0) and (lo, n) == (c_lo, c_n) and n_splits == split
+        assert blocks == n_dx + (1 if large else 2) * (c_n > 0) * split  # dW: 2 row tiles of I = 90 x 1 column tile
         assert args[1] is recorder.calls[0][2][4]  # launch 2 reads the dH launch 1 wrote
         ws1 = args[7]
         assert (ws1 is None) == (not (split > 1 and c_n)) and (ws1 is None or ws1.shape == (split, 90, c_n))
@@ -604,7 +687,7 @@ def test_backward_launch_arguments(recorder, needs, split):
         for i, j in ((2, 1), (3, 4), (4, 3), (5, 2), (6, 5)):  # dS1, dU2, dU1, dS2, db
             assert args[i] is grads[j] if grads[j] is not None else args[i] is None
         assert [int(a) for a in args[7:]] == [90, 200, 2, 9, c_lo, c_n, w_lo, w_n, split]
-        assert blocks == -(-(90 * c_n + rows * 200) // limits.NT)
+        assert blocks == -(-(90 * c_n + rows * 200) // limits.SUM_THREADS)
 
 
 def test_split_rule():
@@ -615,13 +698,16 @@ def test_split_rule():
     assert split_rule(65536, 12, 132) == 64  # few tiles, a long reduction: at most MAX_SPLIT
     assert split_rule(300, 1, 132) == 1  # too short to share
     assert split_rule(65536, 600, 132) == 1  # the tiles alone fill the SMs
+    # LARGE blocks aim for 2 per SM: 32 tiles (4096 rows of 128) x 8 = 256 <= 264 blocks
+    assert split_rule(4096, 32, 132, limits.LARGE) == 8
+    assert split_rule(65536, 300, 132, limits.LARGE) == 1
 
 
 def test_backward_of_zero_rows_zeroes_the_weight_grads(recorder):
     x, S1s, S2s, U1s, U2s, _ = make_inputs(1, 9, 7, 2, 3, torch.float32, device="cpu")
     out = [torch.full(s, 7.0) for s in ((0, 9), (2, 9, 3), (2, 3, 7), (2, 3, 7), (2, 9, 3), (7,))]
     grads = sketched_linear_backward(torch.empty(0, 7), x[:0], torch.empty(0, 12), S1s, S2s, U1s, U2s, (True,) * 6,
-                                     out=out, split=1)
+                                     out=out, split=1, tiles="small")
     assert recorder.calls == [] and all((t == 0).all() for t in grads)
 
 
@@ -641,11 +727,12 @@ def test_fake_tensors_give_the_real_shapes():
 
 
 def test_kernel_names():
-    k = common_module.kernel("forward.cu", "sketched_linear_fwd_fused", torch.bfloat16, False)
-    assert k.name == "panther::sl::sketched_linear_fwd_fused<__nv_bfloat16, false>"
+    k = common_module.kernel("forward.cu", "sketched_linear_fwd_fused", torch.bfloat16, False, limits.SMALL)
+    assert k.name == "panther::sl::sketched_linear_fwd_fused<__nv_bfloat16, false, panther::sl::Tile<64, 64, 32, 2, 2, 3>>"
     assert k.source == "ops/sketched_linear/forward.cu"
-    assert common_module.kernel("backward.cu", "sketched_linear_bwd_x", torch.float32, True).name.endswith(
-        "<float, true>")
+    assert common_module.kernel("backward.cu", "sketched_linear_bwd_x", torch.float32, True, limits.LARGE).name.endswith(
+        "<float, true, panther::sl::Tile<128, 128, 32, 2, 4, 4>>")
+    assert common_module.kernel("forward.cu", "sketched_linear_sum_shares", torch.float16).name.endswith("<__half>")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -697,43 +784,55 @@ def emulator(tmp_path_factory):
     return exe
 
 
-# (mode, plan, split, T, I, O, L, k, bias, needs): plan 0 = two launches, n > 0 = fused with n groups per row
-# tile; split: shares of T of the weight gradients; needs = x S1s S2s U1s U2s bias
+# (mode, tiles, plan, split, T, I, O, L, k, bias, needs): tiles = limits.CONFIGS key of every kernel but the fused
+# one; plan 0 = two launches, -n = H in n shares of I, n > 0 = fused with n groups per row tile; split: shares of T
+# of the weight gradients (and of O of dH); needs = x S1s S2s U1s U2s bias
 EMU_CASES = [
-    ("float32", 3, 1, 70, 90, 200, 2, 9, 1, "111111"),  # groups of 64 columns, the last one short
-    ("float32", 0, 1, 70, 90, 200, 2, 9, 0, "111001"),
-    ("float32", 1, 1, 1, 17, 9, 1, 1, 1, "111111"),  # one row, R = 2
-    ("float32", 1, 3, 200, 40, 30, 1, 4, 1, "111111"),  # T in three shares of 96, 96 and 8 rows
-    ("tf32", 3, 1, 70, 90, 200, 2, 9, 1, "111111"),
-    ("tf32", 0, 1, 37, 130, 70, 2, 5, 1, "001000"),  # the second half of d[U1; S2] alone
-    ("tf32", 0, 1, 65, 64, 48, 3, 50, 1, "100010"),  # R = 300; dx and the second half of d[S1 | U2]
-    ("tf32", 1, 4, 70, 20, 30, 1, 3, 1, "011000"),  # shares past T (empty): they add zeros
-    ("bfloat16", 2, 1, 70, 90, 200, 2, 9, 1, "111111"),
-    ("bfloat16", 1, 1, 64, 100, 70, 3, 40, 1, "111001"),  # R = 240, the widest fused H here
-    ("bfloat16", 1, 2, 130, 70, 90, 2, 5, 0, "100110"),  # shared T with only the halves U1, U2
-    ("float16", 4, 1, 70, 90, 200, 2, 9, 1, "111111"),
-    ("float16", 0, 1, 33, 50, 129, 1, 64, 0, "111111"),
-    ("float16", 1, 1, 65, 33, 64, 1, 3, 1, "010100"),  # first halves alone: dS1 and dU1
-    ("float16", 1, 1, 100, 20, 70, 1, 3, 1, "000001"),  # db alone: blocks with no rows of H
-    ("bfloat16", 2, 3, 150, 20, 130, 2, 3, 1, "000001"),  # db alone, in shares
-    ("float32", 0, 2, 190, 70, 90, 2, 40, 1, "001001"),  # dS2 (two row tiles of R) and db, in shares
-    ("float16", 2, 1, 40, 70, 100, 1, 64, 1, "111111"),  # R = 128: H in one pass of two column chunks
-    ("tf32", 1, 1, 30, 40, 50, 3, 32, 1, "110001"),  # R = 192: a pass of two chunks, then one of one
+    ("float32", "small", 3, 1, 70, 90, 200, 2, 9, 1, "111111"),  # groups of 64 columns, the last one short
+    ("float32", "small", 0, 1, 70, 90, 200, 2, 9, 0, "111001"),
+    ("float32", "small", 1, 1, 1, 17, 9, 1, 1, 1, "111111"),  # one row, R = 2
+    ("float32", "small", 1, 3, 200, 40, 30, 1, 4, 1, "111111"),  # T in three shares of 96, 96 and 8 rows
+    ("tf32", "small", 3, 1, 70, 90, 200, 2, 9, 1, "111111"),
+    ("tf32", "small", 0, 1, 37, 130, 70, 2, 5, 1, "001000"),  # the second half of d[U1; S2] alone
+    ("tf32", "small", 0, 1, 65, 64, 48, 3, 50, 1, "100010"),  # R = 300; dx and the second half of d[S1 | U2]
+    ("tf32", "small", 1, 4, 70, 20, 30, 1, 3, 1, "011000"),  # shares past T (empty): they add zeros
+    ("bfloat16", "small", 2, 1, 70, 90, 200, 2, 9, 1, "111111"),
+    ("bfloat16", "small", 1, 1, 64, 100, 70, 3, 40, 1, "111001"),  # R = 240, the widest fused H here
+    ("bfloat16", "small", 1, 2, 130, 70, 90, 2, 5, 0, "100110"),  # shared T with only the halves U1, U2
+    ("float16", "small", 4, 1, 70, 90, 200, 2, 9, 1, "111111"),
+    ("float16", "small", 0, 1, 33, 50, 129, 1, 64, 0, "111111"),
+    ("float16", "small", 1, 1, 65, 33, 64, 1, 3, 1, "010100"),  # first halves alone: dS1 and dU1
+    ("float16", "small", 1, 1, 100, 20, 70, 1, 3, 1, "000001"),  # db alone: blocks with no rows of H
+    ("bfloat16", "small", 2, 3, 150, 20, 130, 2, 3, 1, "000001"),  # db alone, in shares
+    ("float32", "small", 0, 2, 190, 70, 90, 2, 40, 1, "001001"),  # dS2 (two row tiles of R) and db, in shares
+    ("float16", "small", 2, 1, 40, 70, 100, 1, 64, 1, "111111"),  # R = 128: H in one pass of two column chunks
+    ("tf32", "small", 1, 1, 30, 40, 50, 3, 32, 1, "110001"),  # R = 192: a pass of two chunks, then one of one
     # I, O and k multiples of 16 bytes: the 16-byte loads, their runs cut by the ragged T and tile edges
-    ("bfloat16", 2, 1, 130, 96, 72, 1, 16, 1, "111111"),
-    ("bfloat16", 0, 3, 150, 200, 40, 2, 8, 0, "111111"),
-    ("float16", 1, 2, 100, 56, 136, 3, 8, 1, "111111"),
-    ("float32", 2, 1, 70, 36, 44, 2, 4, 1, "111111"),
-    ("tf32", 0, 2, 90, 100, 60, 1, 12, 1, "111111"),
+    ("bfloat16", "small", 2, 1, 130, 96, 72, 1, 16, 1, "111111"),
+    ("bfloat16", "small", 0, 3, 150, 200, 40, 2, 8, 0, "111111"),
+    ("float16", "small", 1, 2, 100, 56, 136, 3, 8, 1, "111111"),
+    ("float32", "small", 2, 1, 70, 36, 44, 2, 4, 1, "111111"),
+    ("tf32", "small", 0, 2, 90, 100, 60, 1, 12, 1, "111111"),
     # H in shares of I (plan -n), dH in shares of O (with the split of T): ragged, empty and 16-byte shares
-    ("float32", -3, 3, 70, 90, 100, 2, 9, 1, "111111"),  # I = 90 in 32, 32, 26; O = 100 in 64, 36, 0
-    ("tf32", -2, 2, 65, 130, 70, 3, 50, 1, "110011"),  # R = 300
-    ("bfloat16", -4, 3, 130, 96, 200, 1, 16, 1, "111111"),  # 16-byte loads, I = 96 in 32, 32, 32, 0
-    ("float16", -5, 2, 33, 50, 129, 1, 64, 0, "100000"),  # dx alone; shares of I past its end
+    ("float32", "small", -3, 3, 70, 90, 100, 2, 9, 1, "111111"),  # I = 90 in 32, 32, 26; O = 100 in 64, 36, 0
+    ("tf32", "small", -2, 2, 65, 130, 70, 3, 50, 1, "110011"),  # R = 300
+    ("bfloat16", "small", -4, 3, 130, 96, 200, 1, 16, 1, "111111"),  # 16-byte loads, I = 96 in 32, 32, 32, 0
+    ("float16", "small", -5, 2, 33, 50, 129, 1, 64, 0, "100000"),  # dx alone; shares of I past its end
+    # the 128 x 128 tiles of 8 warps (every kernel but the fused one, which keeps 64 x 64): R = 128 in one column
+    # tile; R past one tile; 16-byte and scalar stores of the staged output; exact float32 (FFMA 8 x 8 per thread)
+    ("bfloat16", "large", 0, 1, 200, 136, 264, 1, 64, 1, "111111"),  # 16-byte loads and stores, O past 256
+    ("float16", "large", 0, 1, 150, 130, 129, 2, 40, 1, "111111"),  # R = 160: two column tiles; scalar stores
+    ("float32", "large", 0, 3, 140, 90, 100, 2, 9, 1, "111111"),  # exact, T in shares
+    ("float32", "large", -2, 1, 129, 36, 44, 2, 4, 1, "111111"),  # float32 16-byte runs of 4, H in shares of I
+    ("tf32", "large", -3, 2, 140, 96, 136, 1, 64, 1, "111111"),  # H in shares of I, dH in shares of O
+    ("tf32", "large", 0, 1, 65, 64, 48, 3, 50, 1, "100010"),  # R = 300: three column tiles of H
+    ("bfloat16", "large", -2, 1, 130, 200, 72, 1, 16, 0, "100110"),  # the U halves alone
+    ("float16", "large", 1, 2, 100, 56, 136, 3, 8, 1, "111111"),  # fused forward, then the large backward
+    ("bfloat16", "large", 0, 2, 70, 20, 30, 1, 3, 1, "000001"),  # db alone, 256 threads summing g tiles
 ]
 
 
-@pytest.mark.parametrize("case", EMU_CASES, ids=lambda c: "{}_plan{}_split{}_T{}_I{}_O{}_L{}_k{}_b{}_{}".format(*c))
+@pytest.mark.parametrize("case", EMU_CASES, ids=lambda c: "{}_{}_plan{}_split{}_T{}_I{}_O{}_L{}_k{}_b{}_{}".format(*c))
 def test_kernels_under_emulation(emulator, case):
     mode, *_, needs = case
     r = subprocess.run([str(emulator), *map(str, case)], capture_output=True, text=True, timeout=600)
@@ -745,3 +844,36 @@ def test_kernels_under_emulation(emulator, case):
     assert set(errs) == expected
     bad = {k: v for k, v in errs.items() if not v <= TOL[mode]}
     assert not bad, f"errors above {TOL[mode]:g}: {bad} (all: {errs})"
+
+
+# ---------------------------------------------------------------------------------------------------
+# tools/linear_sweep.py: what it would time (its timings need a GPU)
+
+
+def _sweep_tool():
+    import importlib.util
+
+    path = OP_DIR.parents[2].parent / "tools" / "linear_sweep.py"
+    spec = importlib.util.spec_from_file_location("linear_sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_tool_plans_and_floor():
+    sweep = _sweep_tool()
+    plans = sweep.forward_plans(4096, 4096, 4096, 128, torch.bfloat16, 132, 227 << 10)
+    assert plans["default"] == forward_rule(4096, 4096, 4096, 128, torch.bfloat16, 132, 227 << 10)
+    assert plans["large"] == ForwardPlan(fused=False, h_splits=8, tiles="large")
+    assert plans["large h_splits=4"].h_splits == 4 and plans["large h_splits=16"].h_splits == 16
+    assert plans["fused"] == ForwardPlan(fused=True, o_groups=2)  # 64 row tiles x 2 groups fill 132 SMs
+    # a device whose shared memory takes only the small tiles: no large plans
+    assert not any("large" in n for n in sweep.forward_plans(4096, 4096, 4096, 128, torch.float32, 132, 64 << 10))
+    bwd = sweep.backward_plans(4096, 4096, 4096, 128, torch.bfloat16, 132, 227 << 10)
+    assert bwd["default"] == (None, None, None) and bwd["large"] == ("large", 8, 8)
+    assert bwd["large split=4 dh_split=4"] == ("large", 4, 4)
+    # HBM floor at 4.8 TB/s: forward reads x and writes y (2 x 32 MiB), backward reads g, x and writes dx
+    assert sweep.floor_ms(4096, 4096, 4096, 2, 4.8, "fwd") == pytest.approx(2 * 4096 * 4096 * 2 / 4.8e9)
+    assert sweep.floor_ms(4096, 4096, 4096, 2, 4.8, "fwd+bwd") == pytest.approx(5 * 4096 * 4096 * 2 / 4.8e9)
+    if not torch.cuda.is_available():
+        assert sweep.main(["--out", "unused.json", "--quick"]) == 2

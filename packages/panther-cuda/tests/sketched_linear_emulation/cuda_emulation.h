@@ -25,7 +25,8 @@ struct alignas(16) uint4 { unsigned x, y, z, w; };
 inline thread_local Dim threadIdx, blockIdx;
 inline Dim gridDim;
 inline std::barrier<>* g_block_barrier;
-inline std::barrier<>* g_warp_barrier[4];
+constexpr int EMU_MAX_WARPS = 8;
+inline std::barrier<>* g_warp_barrier[EMU_MAX_WARPS];
 inline unsigned g_dynamic_smem;
 #define __syncthreads() g_block_barrier->arrive_and_wait()
 #define __trap() (std::fprintf(stderr, "trap: dynamic shared memory too small\n"), std::abort())
@@ -73,7 +74,7 @@ inline unsigned emu_to_tf32(float v) {  // round to nearest, ties away, keep 10 
 inline float emu_bits_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 
 struct WarpScratch { unsigned a[32][4]; unsigned b[32][2]; };
-inline WarpScratch g_scratch[4];
+inline WarpScratch g_scratch[EMU_MAX_WARPS];
 
 template <typename T> inline float emu_half_value(unsigned short bits) {
     T t; std::memcpy(&t, &bits, 2);
@@ -120,7 +121,7 @@ template <typename T, int K> inline void emu_mma(float (&d)[4], const unsigned (
 // of rows 0 .. 7 of matrix j (16 bytes each, 16-byte aligned); lane l receives in r[j] the elements
 // (row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1) of matrix j, or with .trans (rows 2 (l % 4) and
 // 2 (l % 4) + 1, column l / 4): the first in the low 16 bits.
-inline const unsigned char* g_ldm_rows[4][32];
+inline const unsigned char* g_ldm_rows[EMU_MAX_WARPS][32];
 template <bool TRANS> inline void ldmatrix_x4(unsigned (&r)[4], const void* p) {
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     if (reinterpret_cast<unsigned long long>(p) & 15) {

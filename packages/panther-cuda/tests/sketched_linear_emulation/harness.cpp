@@ -9,24 +9,33 @@
 #include <functional>
 #include <algorithm>
 #include <string>
+#include <memory>
 namespace panther { namespace sl { alignas(16) unsigned char smem[1 << 20]; } }
 #include "forward.cu"
 #include "backward.cu"
 using namespace panther;
 using namespace panther::sl;
+// The tile shapes of limits.py's CONFIGS.
+using Small = Tile<64, 64, 32, 2, 2, 3>;
+using Large = Tile<128, 128, 32, 2, 4, 4>;
 
-static void launch(long long blocks, unsigned shared, const std::function<void()>& body) {
+
+static void launch(long long blocks, int nt, unsigned shared, const std::function<void()>& body) {
     g_dynamic_smem = shared;
     gridDim.x = (unsigned)blocks;
     if (shared > sizeof(sl::smem)) { std::printf("shared too big\n"); std::abort(); }
-    std::barrier<> block_bar(NT);
-    std::barrier<> wb0(32), wb1(32), wb2(32), wb3(32);
+    if (nt % 32 || nt / 32 > EMU_MAX_WARPS) { std::printf("bad block size\n"); std::abort(); }
+    std::barrier<> block_bar(nt);
+    std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
+    for (int w = 0; w < nt / 32; ++w) {
+        warp_bars.push_back(std::make_unique<std::barrier<>>(32));
+        g_warp_barrier[w] = warp_bars.back().get();
+    }
     g_block_barrier = &block_bar;
-    g_warp_barrier[0] = &wb0; g_warp_barrier[1] = &wb1; g_warp_barrier[2] = &wb2; g_warp_barrier[3] = &wb3;
     for (long long b = 0; b < blocks; ++b) {
         std::memset(sl::smem, 0xff, shared);  // garbage: the kernels must not read shared memory they did not write
         std::vector<std::thread> th;
-        for (int t = 0; t < NT; ++t)
+        for (int t = 0; t < nt; ++t)
             th.emplace_back([&, t, b] {
                 threadIdx.x = t; blockIdx.x = (unsigned)b; body();
                 if (!emu_cp_async_idle()) { std::printf("cp.async copies left in flight\n"); std::abort(); }
@@ -59,7 +68,7 @@ static void report(const char* what, const std::vector<double>& got, const std::
     std::printf("%s %.6e\n", what, e);
 }
 
-template <typename T, bool EXACT>
+template <typename T, bool EXACT, typename C>
 static void run(long long Tn, long long I, long long O, int L, int k, int plan, int split, bool bias_on, const bool needs[6]) {
     std::mt19937 gen(1234);
     const int Lk = L * k, R = 2 * Lk;
@@ -71,19 +80,21 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
     Buf<T> y(Tn * O), h(Tn * R);
     const float scale = 1.0f / (2 * L);
     const T* bp = bias_on ? b.p() : nullptr;
-    const unsigned tile = GEMM_ELEMENTS * sizeof(T);
-    if (plan > 0) {  // fused with `plan` groups
-        const unsigned shared = (FUSED_TILE_ELEMENTS + BM * ((R + BN - 1) / BN * BN + PAD)) * sizeof(T);
-        launch(cdv(Tn, BM) * plan, shared, [&] {
-            sketched_linear_fwd_fused<T, EXACT>(x.p(), S1.p(), U2.p(), U1.p(), S2.p(), bp, y.p(), h.p(), Tn, I, O, L, k, plan, scale);
+    const unsigned tile = C::SHARED_ELEMENTS * sizeof(T);
+    constexpr int BM = C::BM, BN = C::BN, NT = C::NT;
+    if (plan > 0) {  // fused with `plan` groups, on the small tiles (as forward.py launches it)
+        using F = Small;
+        const unsigned shared = (F::FUSED_TILE_ELEMENTS + F::BM * ((R + F::BN - 1) / F::BN * F::BN + F::PAD)) * sizeof(T);
+        launch(cdv(Tn, F::BM) * plan, F::NT, shared, [&] {
+            sketched_linear_fwd_fused<T, EXACT, F>(x.p(), S1.p(), U2.p(), U1.p(), S2.p(), bp, y.p(), h.p(), Tn, I, O, L, k, plan, scale);
         });
     } else {  // two launches, H = x A in -plan shares of I (summed by a launch of their own) when plan < -1
         const int hs = plan < -1 ? -plan : 1;
         std::vector<float> wsh(hs > 1 ? (size_t)hs * Tn * R : 0, NAN);
         float* wshp = wsh.empty() ? nullptr : wsh.data();
-        launch(cdv(Tn, BM) * cdv(R, BN) * hs, tile, [&] { sketched_linear_fwd_h<T, EXACT>(x.p(), S1.p(), U2.p(), h.p(), wshp, Tn, I, L, k, hs); });
-        if (hs > 1) launch(5, 0, [&] { sketched_linear_sum_shares<T>(wshp, h.p(), Tn * R, hs, 1.0f); });
-        launch(cdv(Tn, BM) * cdv(O, BN), tile, [&] { sketched_linear_fwd_y<T, EXACT>(h.p(), U1.p(), S2.p(), bp, y.p(), Tn, O, L, k, scale); });
+        launch(cdv(Tn, BM) * cdv(R, BN) * hs, NT, tile, [&] { sketched_linear_fwd_h<T, EXACT, C>(x.p(), S1.p(), U2.p(), h.p(), wshp, Tn, I, L, k, hs); });
+        if (hs > 1) launch(5, SUM_NT, 0, [&] { sketched_linear_sum_shares<T>(wshp, h.p(), Tn * R, hs, 1.0f); });
+        launch(cdv(Tn, BM) * cdv(O, BN), NT, tile, [&] { sketched_linear_fwd_y<T, EXACT, C>(h.p(), U1.p(), S2.p(), bp, y.p(), Tn, O, L, k, scale); });
     }
     // reference in double
     auto A = [&](long long i, int c) { int cc = c % Lk; const auto& w = c < Lk ? S1 : U2; return w.at(((long long)(cc / k) * I + i) * k + cc % k); };
@@ -121,20 +132,20 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
     float* wsdp = wsd.empty() ? nullptr : wsd.data();
     n_dh *= split;
     if (n_dh + tiles_g)
-        launch(n_dh + tiles_g * split, tile, [&] {
-            sketched_linear_bwd_g<T, EXACT>(g.p(), h.p(), U1.p(), S2.p(), dh.p(), dU1.p(), dS2.p(), db.p(), ws2p, Tn, O, L, k,
+        launch(n_dh + tiles_g * split, NT, tile, [&] {
+            sketched_linear_bwd_g<T, EXACT, C>(g.p(), h.p(), U1.p(), S2.p(), dh.p(), dU1.p(), dS2.p(), db.p(), ws2p, Tn, O, L, k,
                                             scale, n_dh, w_lo, w_n, split, wsdp, split);
         });
-    if (wsdp) launch(3, 0, [&] { sketched_linear_sum_shares<T>(wsdp, dh.p(), Tn * R, split, scale); });
+    if (wsdp) launch(3, SUM_NT, 0, [&] { sketched_linear_sum_shares<T>(wsdp, dh.p(), Tn * R, split, scale); });
     if (need_dh) {
         long long n_dx = nx ? cdv(Tn, BM) * cdv(I, BN) : 0, n_dw1 = cdv(I, BM) * cdv(c_n, BN) * split;
-        launch(n_dx + n_dw1, tile, [&] {
-            sketched_linear_bwd_x<T, EXACT>(x.p(), dh.p(), S1.p(), U2.p(), dx.p(), dS1.p(), dU2.p(), ws1p, Tn, I, L, k, n_dx,
+        launch(n_dx + n_dw1, NT, tile, [&] {
+            sketched_linear_bwd_x<T, EXACT, C>(x.p(), dh.p(), S1.p(), U2.p(), dx.p(), dS1.p(), dU2.p(), ws1p, Tn, I, L, k, n_dx,
                                             c_lo, c_n, split);
         });
     }
     if (split > 1 && I * c_n + (long long)(w_n + nb) * O > 0)
-        launch(7, 0, [&] {  // a short grid: the grid-stride loop takes several elements per thread
+        launch(7, SUM_NT, 0, [&] {  // a short grid: the grid-stride loop takes several elements per thread
             sketched_linear_bwd_sum<T>(ws1p, ws2p, dS1.p(), dU2.p(), dU1.p(), dS2.p(), db.p(), I, O, L, k, c_lo, c_n, w_lo, w_n,
                                        split);
         });
@@ -175,23 +186,33 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
     }
 }
 
-// usage: harness MODE PLAN SPLIT T I O L K BIAS NEEDS   (MODE float32|tf32|float16|bfloat16; PLAN 0: two
+template <typename C>
+static int run_mode(const std::string& mode, long long Tn, long long I, long long O, int L, int k, int plan, int split,
+                    bool bias, const bool needs[6]) {
+    if (mode == "float32") run<float, true, C>(Tn, I, O, L, k, plan, split, bias, needs);
+    else if (mode == "tf32") run<float, false, C>(Tn, I, O, L, k, plan, split, bias, needs);
+    else if (mode == "float16") run<__half, false, C>(Tn, I, O, L, k, plan, split, bias, needs);
+    else if (mode == "bfloat16") run<__nv_bfloat16, false, C>(Tn, I, O, L, k, plan, split, bias, needs);
+    else { std::fprintf(stderr, "unknown mode %s\n", mode.c_str()); return 2; }
+    return 0;
+}
+
+// usage: harness MODE TILES PLAN SPLIT T I O L K BIAS NEEDS   (MODE float32|tf32|float16|bfloat16; TILES small|large:
+// the tile shape of every kernel but the fused one (always small); PLAN 0: two
 // launches, -n: two launches with H in n shares of I, n > 0: fused with n groups; SPLIT: shares of T of the
 // weight gradients and of O of dH; NEEDS six 0/1 digits
 // for x, S1s, S2s, U1s, U2s, bias)
 int main(int argc, char** argv) {
-    if (argc != 11) { std::fprintf(stderr, "usage: harness MODE PLAN SPLIT T I O L K BIAS NEEDS\n"); return 2; }
-    const std::string mode = argv[1];
-    const int plan = std::atoi(argv[2]), split = std::atoi(argv[3]);
-    const long long Tn = std::atoll(argv[4]), I = std::atoll(argv[5]), O = std::atoll(argv[6]);
-    const int L = std::atoi(argv[7]), k = std::atoi(argv[8]);
-    const bool bias = std::atoi(argv[9]) != 0;
+    if (argc != 12) { std::fprintf(stderr, "usage: harness MODE TILES PLAN SPLIT T I O L K BIAS NEEDS\n"); return 2; }
+    const std::string mode = argv[1], tiles = argv[2];
+    const int plan = std::atoi(argv[3]), split = std::atoi(argv[4]);
+    const long long Tn = std::atoll(argv[5]), I = std::atoll(argv[6]), O = std::atoll(argv[7]);
+    const int L = std::atoi(argv[8]), k = std::atoi(argv[9]);
+    const bool bias = std::atoi(argv[10]) != 0;
     bool needs[6];
-    for (int i = 0; i < 6; ++i) needs[i] = argv[10][i] == '1';
-    if (mode == "float32") run<float, true>(Tn, I, O, L, k, plan, split, bias, needs);
-    else if (mode == "tf32") run<float, false>(Tn, I, O, L, k, plan, split, bias, needs);
-    else if (mode == "float16") run<__half, false>(Tn, I, O, L, k, plan, split, bias, needs);
-    else if (mode == "bfloat16") run<__nv_bfloat16, false>(Tn, I, O, L, k, plan, split, bias, needs);
-    else { std::fprintf(stderr, "unknown mode %s\n", mode.c_str()); return 2; }
-    return 0;
+    for (int i = 0; i < 6; ++i) needs[i] = argv[11][i] == '1';
+    if (tiles == "small") return run_mode<Small>(mode, Tn, I, O, L, k, plan, split, bias, needs);
+    if (tiles == "large") return run_mode<Large>(mode, Tn, I, O, L, k, plan, split, bias, needs);
+    std::fprintf(stderr, "unknown tiles %s\n", tiles.c_str());
+    return 2;
 }

@@ -10,7 +10,7 @@
 // fp32 workspace (ws_dh[split], T x R) that forward.cu's sketched_linear_sum_shares sums, scales and writes
 // as dH before the second launch.
 // Each launch runs several roles, told apart by blockIdx.x: the first blocks take one product's
-// tiles, the next ones another's. A gradient not asked for has no blocks (and a null pointer); the
+// tiles, the next ones another's (launch 2: the weight gradient's long reductions first, then dx). A gradient not asked for has no blocks (and a null pointer); the
 // weight gradients cover only the columns c_lo .. c_lo + c_n of R that are asked for (one half or both).
 // The weight gradients reduce over T: with n_splits > 1 each tile has n_splits blocks, each summing a
 // share of the rows into an fp32 workspace (ws[split] of the tile's product, db as one more row of
@@ -22,16 +22,17 @@
 namespace panther {
 namespace sl {
 
-template <typename T, bool EXACT>
-__global__ void __launch_bounds__(NT) sketched_linear_bwd_g(
+template <typename T, bool EXACT, typename C>
+__global__ void __launch_bounds__(C::NT) sketched_linear_bwd_g(
     const T* __restrict__ g, const T* __restrict__ h, const T* __restrict__ U1, const T* __restrict__ S2,
     T* __restrict__ dh, T* __restrict__ dU1, T* __restrict__ dS2, T* __restrict__ db, float* __restrict__ ws,
     long long Tn, long long O, int L, int k, float scale, long long n_dh_blocks, int c_lo, int c_n, int n_splits,
     float* __restrict__ ws_dh, int dh_splits) {
+    constexpr int BM = C::BM, BN = C::BN, BK = C::BK, NT = C::NT;
     extern __shared__ __align__(16) unsigned char smem[];
-    require_shared(static_cast<unsigned>(GEMM_ELEMENTS * sizeof(T)));
+    require_shared(static_cast<unsigned>(C::SHARED_ELEMENTS * sizeof(T)));
     T* As = reinterpret_cast<T*>(smem);
-    T* Bs = As + STAGES * STAGE_A;
+    T* Bs = As + C::STAGES * C::STAGE_A;
     const int Lk = L * k, R = 2 * Lk;
     long long block = blockIdx.x;
 
@@ -41,21 +42,19 @@ __global__ void __launch_bounds__(NT) sketched_linear_bwd_g(
         const long long tile = block % dh_tiles;
         const int split = static_cast<int>(block / dh_tiles);
         const long long m0 = tile / n_col_tiles * BM, n0 = tile % n_col_tiles * BN;
-        const RowSplit share(O, split, dh_splits);
-        Acc<T, EXACT> acc;
+        const RowSplit share(O, split, dh_splits, BK);
+        Acc<T, EXACT, C> acc;
         acc.zero();
         gemm(acc, As, Bs, Dense<T, false>{g, O}, Transposed<Stack<T>>{{U1, S2, O, Lk}}, m0, n0, Tn, R, share.end,
              share.begin);
-        acc.each([&](int r, int c, float v) {
-            const long long t = m0 + r, col = n0 + c;
-            if (t < Tn && col < R) {
-                if (dh_splits > 1) {
-                    ws_dh[(split * Tn + t) * R + col] = v;  // scaled when the shares are summed
-                } else {
-                    dh[t * R + col] = from_float<T>(v * scale);
-                }
-            }
-        });
+        if (dh_splits > 1) {
+            acc.each([&](int r, int c, float v) {
+                const long long t = m0 + r, col = n0 + c;
+                if (t < Tn && col < R) ws_dh[(split * Tn + t) * R + col] = v;  // scaled when the shares are summed
+            });
+        } else {
+            store_tile(acc, As, dh, R, m0, n0, Tn, R, [&](int, int, float v) { return from_float<T>(v * scale); });
+        }
         return;
     }
     block -= n_dh_blocks;
@@ -68,18 +67,18 @@ __global__ void __launch_bounds__(NT) sketched_linear_bwd_g(
     const long long tile = block % n_tiles;
     const int split = static_cast<int>(block / n_tiles);
     const long long m0 = tile / n_col_tiles * BM, n0 = tile % n_col_tiles * BN;
-    const RowSplit rows(Tn, split, n_splits);
+    const RowSplit rows(Tn, split, n_splits, BK);
     const bool with_db = db != nullptr && m0 == 0;  // the same for the whole block
     const int rows_ws = c_n + (db != nullptr ? 1 : 0);  // rows of a share in ws: d[U1; S2]'s, then db's
     float db_part = 0.0f;  // column threadIdx.x % BN, DB_ROWS rows of each g tile
     const int db_col = threadIdx.x % BN, db_row = threadIdx.x / BN * DB_ROWS;
-    Acc<T, EXACT> acc;
+    Acc<T, EXACT, C> acc;
     acc.zero();
     gemm(acc, As, Bs, Dense<T, true>{h + c_lo, R}, Dense<T, false>{g, O}, m0, n0, c_n, O, rows.end, rows.begin,
          [&](const T*, const T* gs) {
              if (with_db) {
 #pragma unroll
-                 for (int r = 0; r < DB_ROWS; ++r) db_part += to_float(gs[(db_row + r) * LDB + db_col]);
+                 for (int r = 0; r < DB_ROWS; ++r) db_part += to_float(gs[(db_row + r) * C::LDB + db_col]);
              }
          });
     acc.each([&](int r, int c, float v) {
@@ -95,7 +94,7 @@ __global__ void __launch_bounds__(NT) sketched_linear_bwd_g(
         }
     });
     if (with_db) {
-        float* part = reinterpret_cast<float*>(As);  // free: the gemm's last barrier is behind us
+        float* part = reinterpret_cast<float*>(As);  // free: gemm() returns behind a barrier
         part[threadIdx.x] = db_part;
         __syncthreads();
         const long long o = n0 + threadIdx.x;
@@ -112,31 +111,32 @@ __global__ void __launch_bounds__(NT) sketched_linear_bwd_g(
     }
 }
 
-template <typename T, bool EXACT>
-__global__ void __launch_bounds__(NT) sketched_linear_bwd_x(
+template <typename T, bool EXACT, typename C>
+__global__ void __launch_bounds__(C::NT) sketched_linear_bwd_x(
     const T* __restrict__ x, const T* __restrict__ dh, const T* __restrict__ S1, const T* __restrict__ U2,
     T* __restrict__ dx, T* __restrict__ dS1, T* __restrict__ dU2, float* __restrict__ ws, long long Tn, long long I,
     int L, int k, long long n_dx_blocks, int c_lo, int c_n, int n_splits) {
+    constexpr int BM = C::BM, BN = C::BN, BK = C::BK, NT = C::NT;
     extern __shared__ __align__(16) unsigned char smem[];
-    require_shared(static_cast<unsigned>(GEMM_ELEMENTS * sizeof(T)));
+    require_shared(static_cast<unsigned>(C::SHARED_ELEMENTS * sizeof(T)));
     T* As = reinterpret_cast<T*>(smem);
-    T* Bs = As + STAGES * STAGE_A;
+    T* Bs = As + C::STAGES * C::STAGE_A;
     const int Lk = L * k, R = 2 * Lk;
+    // the weight gradient's blocks first: each reduces over a share of T, far longer than a dx block (R deep),
+    // so they start in the first wave and the short dx blocks fill in behind them
+    const long long n_w_blocks = static_cast<long long>(gridDim.x) - n_dx_blocks;
     long long block = blockIdx.x;
 
-    if (block < n_dx_blocks) {  // dx = dH Aᵀ: A(t, c) = dH[t, c], B(c, i) = A(i, c) = [S1 | U2](i, c)
+    if (block >= n_w_blocks) {  // dx = dH Aᵀ: A(t, c) = dH[t, c], B(c, i) = A(i, c) = [S1 | U2](i, c)
+        block -= n_w_blocks;
         const long long n_col_tiles = cdiv(I, BN);
         const long long m0 = block / n_col_tiles * BM, n0 = block % n_col_tiles * BN;
-        Acc<T, EXACT> acc;
+        Acc<T, EXACT, C> acc;
         acc.zero();
         gemm(acc, As, Bs, Dense<T, false>{dh, R}, Transposed<Side<T>>{{S1, U2, I, L, k}}, m0, n0, Tn, I, R);
-        acc.each([&](int r, int c, float v) {
-            const long long t = m0 + r, i = n0 + c;
-            if (t < Tn && i < I) dx[t * I + i] = from_float<T>(v);
-        });
+        store_tile(acc, As, dx, I, m0, n0, Tn, I, [](int, int, float v) { return from_float<T>(v); });
         return;
     }
-    block -= n_dx_blocks;
 
     // columns c_lo .. c_lo + c_n of xᵀ dH: A(i, t) = x[t, i], B(t, n) = dH[t, c_lo + n]
     const int n_col_tiles = (c_n + BN - 1) / BN;
@@ -144,8 +144,8 @@ __global__ void __launch_bounds__(NT) sketched_linear_bwd_x(
     const long long tile = block % n_tiles;
     const int split = static_cast<int>(block / n_tiles);
     const long long m0 = tile / n_col_tiles * BM, n0 = tile % n_col_tiles * BN;
-    const RowSplit rows(Tn, split, n_splits);
-    Acc<T, EXACT> acc;
+    const RowSplit rows(Tn, split, n_splits, BK);
+    Acc<T, EXACT, C> acc;
     acc.zero();
     gemm(acc, As, Bs, Dense<T, true>{x, I}, Dense<T, false>{dh + c_lo, R}, m0, n0, I, c_n, rows.end, rows.begin);
     acc.each([&](int r, int c, float v) {
@@ -171,14 +171,14 @@ __global__ void __launch_bounds__(NT) sketched_linear_bwd_x(
 // c2_lo .. c2_lo + c2_n and db (shares ws2[split][m][o], db as row c2_n); one element per thread,
 // grid-stride.
 template <typename T>
-__global__ void __launch_bounds__(NT) sketched_linear_bwd_sum(
+__global__ void __launch_bounds__(SUM_NT) sketched_linear_bwd_sum(
     const float* __restrict__ ws1, const float* __restrict__ ws2, T* __restrict__ dS1, T* __restrict__ dU2,
     T* __restrict__ dU1, T* __restrict__ dS2, T* __restrict__ db, long long I, long long O, int L, int k, int c1_lo,
     int c1_n, int c2_lo, int c2_n, int n_splits) {
     const int Lk = L * k;
     const long long n1 = I * c1_n, n2 = static_cast<long long>(c2_n + (db != nullptr ? 1 : 0)) * O;
-    for (long long e = static_cast<long long>(blockIdx.x) * NT + threadIdx.x; e < n1 + n2;
-         e += static_cast<long long>(gridDim.x) * NT) {
+    for (long long e = static_cast<long long>(blockIdx.x) * SUM_NT + threadIdx.x; e < n1 + n2;
+         e += static_cast<long long>(gridDim.x) * SUM_NT) {
         if (e < n1) {
             float sum = 0.0f;
             for (int s = 0; s < n_splits; ++s) sum += ws1[s * n1 + e];
@@ -206,13 +206,17 @@ __global__ void __launch_bounds__(NT) sketched_linear_bwd_sum(
 }  // namespace panther
 
 #ifdef PANTHER_NVCC_CHECK
-// Every variant the host code launches (backward.py), for the compile check of CI.
-#define INST(T, E) \
-    template __global__ void panther::sl::sketched_linear_bwd_g<T, E>(const T*, const T*, const T*, const T*, T*, T*, \
-        T*, T*, float*, long long, long long, int, int, float, long long, int, int, int, float*, int); \
-    template __global__ void panther::sl::sketched_linear_bwd_x<T, E>(const T*, const T*, const T*, const T*, T*, T*, \
-        T*, float*, long long, long long, int, int, long long, int, int, int);
-INST(float, false) INST(float, true) INST(__half, false) INST(__nv_bfloat16, false)
+// Every variant the host code launches (backward.py; limits.py's CONFIGS: SMALL and LARGE), for the compile
+// check of CI.
+#define SMALL panther::sl::Tile<64, 64, 32, 2, 2, 3>
+#define LARGE panther::sl::Tile<128, 128, 32, 2, 4, 4>
+#define INST(T, E, C) \
+    template __global__ void panther::sl::sketched_linear_bwd_g<T, E, C>(const T*, const T*, const T*, const T*, T*, \
+        T*, T*, T*, float*, long long, long long, int, int, float, long long, int, int, int, float*, int); \
+    template __global__ void panther::sl::sketched_linear_bwd_x<T, E, C>(const T*, const T*, const T*, const T*, T*, \
+        T*, T*, float*, long long, long long, int, int, long long, int, int, int);
+#define ALL(T, E) INST(T, E, SMALL) INST(T, E, LARGE)
+ALL(float, false) ALL(float, true) ALL(__half, false) ALL(__nv_bfloat16, false)
 #define SUM(T) template __global__ void panther::sl::sketched_linear_bwd_sum<T>(const float*, const float*, T*, T*, T*, \
     T*, T*, long long, long long, int, int, int, int, int, int, int);
 SUM(float) SUM(__half) SUM(__nv_bfloat16)

@@ -12,7 +12,8 @@ the input dtype (rounded once, as the reference's dH). g and x are read as conti
 
 The weight gradients reduce over all T rows, on few tiles when I, O and R are small: common.split_rule
 splits T into shares (summed by launch 3) until their blocks fill the SMs; dH (few tiles when R is small)
-reduces over O and is split the same way.
+reduces over O and is split the same way. Every launch runs on one tile shape (limits.CONFIGS), chosen by
+:func:`backward_config`: "large" when the widest output has 128 x 128 tiles enough to fill the SMs.
 """
 
 from __future__ import annotations
@@ -21,24 +22,52 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from panther.backends.toolkit import cdiv, multiprocessors
+from panther.backends.toolkit import cdiv, multiprocessors, shared_memory_per_block
 from panther_cuda._nvrtc import f32, i32, i64
 from panther_cuda.ops.sketched_linear.common import (
     SUM_BLOCKS,
+    choose_config,
     contiguous_2d,
     is_exact,
     kernel,
+    launch,
     split_rule,
     sum_shares,
-    tile_bytes,
 )
-from panther_cuda.ops.sketched_linear.limits import BM, BN, NT
+from panther_cuda.ops.sketched_linear.limits import CONFIGS, LARGE, SUM_THREADS, TileConfig
 
 Grads = Tuple[Optional[torch.Tensor], ...]
 
 
 def _index(t: torch.Tensor) -> int:
     return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
+def backward_config(T: int, I: int, O: int, dtype: torch.dtype, sms: int, shared_limit: int) -> TileConfig:
+    """The tile shape of the backward's launches: LARGE when the widest output (dx, T x I, or the g side's
+    O columns) has LARGE tiles enough to fill the SMs (common.choose_config), else SMALL."""
+    return choose_config(cdiv(T, LARGE.bm), cdiv(max(I, O), LARGE.bn), dtype, sms, shared_limit)
+
+
+def _tiles(I: int, O: int, T: int, R: int, needs: Sequence[bool], c: TileConfig) -> Tuple[int, int, int]:
+    """Output tiles of d[U1; S2] (or db alone), of d[S1 | U2], and of dH, for the gradients ``needs`` asks for."""
+    need_x, need_s1, need_s2, need_u1, need_u2, need_b = (bool(n) for n in needs)
+    Lk = R // 2
+    _, w_n = half_range(need_u1, need_s2, Lk)
+    _, c_n = half_range(need_s1, need_u2, Lk)
+    tiles_g = cdiv(max(w_n, 1), c.bm) * cdiv(O, c.bn) if (w_n or need_b) else 0
+    tiles_x = cdiv(I, c.bm) * cdiv(c_n, c.bn)
+    tiles_dh = cdiv(T, c.bm) * cdiv(R, c.bn) if (need_x or need_s1 or need_u2) else 0
+    return tiles_g, tiles_x, tiles_dh
+
+
+def backward_splits(T: int, I: int, O: int, R: int, needs: Sequence[bool], c: TileConfig, sms: int) -> Tuple[int, int]:
+    """(split, dh_split): the shares of T of the weight gradients and of O of dH that common.split_rule gives
+    their tiles of shape ``c`` on ``sms`` SMs."""
+    tiles_g, tiles_x, tiles_dh = _tiles(I, O, T, R, needs, c)
+    split = split_rule(T, max(tiles_g, tiles_x), sms, c) if tiles_g + tiles_x else 1
+    dh_split = split_rule(O, tiles_dh, sms, c) if tiles_dh else 1
+    return split, dh_split
 
 
 def half_range(first: bool, second: bool, Lk: int) -> Tuple[int, int]:
@@ -66,6 +95,7 @@ def sketched_linear_backward(
     out: Optional[Sequence[torch.Tensor]] = None,
     split: Optional[int] = None,
     dh_split: Optional[int] = None,
+    tiles: Optional[str] = None,
 ) -> Grads:
     """Launch the backward kernels on the current CUDA device and stream for dL/dy = g (..., O).
 
@@ -73,7 +103,8 @@ def sketched_linear_backward(
     returns (dx, dS1, dS2, dU1, dU2, db), None where not wanted. ``h`` is the forward's H. ``out``:
     the gradients to write (contiguous tensors of their inputs' shapes where wanted; allocated here
     when None). ``split``: shares of T for the weight gradients; ``dh_split``: shares of O for dH (defaults:
-    common.split_rule).
+    common.split_rule); ``tiles``: the tile shape of every launch, a key of limits.CONFIGS (default:
+    :func:`backward_config`).
     """
     L, I, k = S1s.shape
     O = S2s.shape[-1]
@@ -94,16 +125,24 @@ def sketched_linear_backward(
         return grads
     need_dh = need_x or need_s1 or need_u2
     exact = is_exact(x.dtype, allow_tf32)
-    shared = tile_bytes(x.dtype)
+    if tiles is None:
+        index = _index(g)
+        c = backward_config(T, I, O, x.dtype, multiprocessors(index), shared_memory_per_block(index))
+    elif tiles in CONFIGS:
+        c = CONFIGS[tiles]
+    else:
+        raise ValueError(f"sketched_linear_backward tiles={tiles!r}: expected one of {sorted(CONFIGS)}")
+    BM, BN = c.bm, c.bn
     S1c, S2c, U1c, U2c = S1s.contiguous(), S2s.contiguous(), U1s.contiguous(), U2s.contiguous()
     scale = f32(1.0 / (2 * L))
 
     w_lo, w_n = half_range(need_u1, need_s2, Lk)  # rows of d[U1; S2]
     c_lo, c_n = half_range(need_s1, need_u2, Lk)  # columns of d[S1 | U2]
-    tiles_g = cdiv(max(w_n, 1), BM) * cdiv(O, BN) if (w_n or need_b) else 0  # tiles of each weight product
-    tiles_x = cdiv(I, BM) * cdiv(c_n, BN)
-    if split is None:
-        split = split_rule(T, max(tiles_g, tiles_x), multiprocessors(_index(g))) if tiles_g + tiles_x else 1
+    tiles_g, tiles_x, tiles_dh = _tiles(I, O, T, R, needs, c)
+    if split is None or dh_split is None:
+        rule = backward_splits(T, I, O, R, needs, c, multiprocessors(_index(g)))
+        split = rule[0] if split is None else split
+        dh_split = rule[1] if dh_split is None else dh_split
     split = max(1, min(int(split), T))
     ws1 = ws2 = None
     if split > 1:  # fp32 shares of the weight gradients, summed by launch 3
@@ -111,35 +150,26 @@ def sketched_linear_backward(
         rows = w_n + (1 if need_b else 0)  # db's shares as one more row
         ws2 = torch.empty((split, rows, O), device=g.device, dtype=torch.float32) if rows else None
 
-    tiles_dh = cdiv(T, BM) * cdiv(R, BN) if need_dh else 0
-    if dh_split is None:
-        dh_split = split_rule(O, tiles_dh, multiprocessors(_index(g))) if tiles_dh else 1
     dh_split = max(1, int(dh_split))
     ws_dh = torch.empty((dh_split, T, R), device=g.device, dtype=torch.float32) if dh_split > 1 and need_dh else None
     n_dh = tiles_dh * dh_split
     dh = g2.new_empty((T, R)) if need_dh else None
     if n_dh + tiles_g:
-        kernel("backward.cu", "sketched_linear_bwd_g", x.dtype, exact)(
-            (n_dh + tiles_g * split,), (NT,),
-            g2, h, U1c, S2c, dh, dU1, dS2, db, ws2, i64(T), i64(O), i32(L), i32(k), scale,
-            i64(n_dh), i32(w_lo), i32(w_n), i32(split), ws_dh, i32(dh_split),
-            shared_mem=shared,
-        )
+        launch("backward.cu", "sketched_linear_bwd_g", x.dtype, exact, c, n_dh + tiles_g * split,
+               g2, h, U1c, S2c, dh, dU1, dS2, db, ws2, i64(T), i64(O), i32(L), i32(k), scale,
+               i64(n_dh), i32(w_lo), i32(w_n), i32(split), ws_dh, i32(dh_split))
     if ws_dh is not None:
         sum_shares(ws_dh, dh, float(scale))
     if need_dh:
         x2 = contiguous_2d(x, I)
         n_dx = cdiv(T, BM) * cdiv(I, BN) if need_x else 0
-        kernel("backward.cu", "sketched_linear_bwd_x", x.dtype, exact)(
-            (n_dx + tiles_x * split,), (NT,),
-            x2, dh, S1c, U2c, dx, dS1, dU2, ws1, i64(T), i64(I), i32(L), i32(k), i64(n_dx), i32(c_lo), i32(c_n),
-            i32(split),
-            shared_mem=shared,
-        )
+        launch("backward.cu", "sketched_linear_bwd_x", x.dtype, exact, c, n_dx + tiles_x * split,
+               x2, dh, S1c, U2c, dx, dS1, dU2, ws1, i64(T), i64(I), i32(L), i32(k), i64(n_dx), i32(c_lo), i32(c_n),
+               i32(split))
     if ws1 is not None or ws2 is not None:
         n = I * c_n + (w_n + (1 if need_b else 0)) * O
         kernel("backward.cu", "sketched_linear_bwd_sum", x.dtype)(
-            (min(cdiv(n, NT), SUM_BLOCKS),), (NT,),
+            (min(cdiv(n, SUM_THREADS), SUM_BLOCKS),), (SUM_THREADS,),
             ws1, ws2, dS1, dU2, dU1, dS2, db, i64(I), i64(O), i32(L), i32(k), i32(c_lo), i32(c_n), i32(w_lo),
             i32(w_n), i32(split),
         )

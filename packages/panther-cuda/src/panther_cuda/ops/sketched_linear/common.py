@@ -1,5 +1,6 @@
-"""What the sketched linear launchers share: the kernels' C++ names, TF32, shared-memory sizes, and the
-split of long reductions over several blocks (fp32 shares summed by one more launch)."""
+"""What the sketched linear launchers share: the kernels' C++ names, their launch (grid, threads and shared
+memory from the tile shape), the choice of tile shape, TF32, and the split of long reductions over several
+blocks (fp32 shares summed by one more launch)."""
 
 from __future__ import annotations
 
@@ -9,23 +10,42 @@ import torch
 
 from panther.backends.toolkit import cdiv
 from panther_cuda._nvrtc import Kernel, f32, i32, i64
-from panther_cuda.ops.sketched_linear.limits import BK, BM, BN, NT, PAD, STAGES
+from panther_cuda.ops.sketched_linear.limits import LARGE, SMALL, SUM_THREADS, TileConfig
 
 CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 
 
-_kernels: Dict[Tuple[str, str, torch.dtype, Optional[bool]], Kernel] = {}
+_kernels: Dict[Tuple[str, str, torch.dtype, Optional[bool], Optional[TileConfig]], Kernel] = {}
 
 
-def kernel(source: str, name: str, dtype: torch.dtype, exact: Optional[bool] = None) -> Kernel:
-    """The template instance ``panther::sl::<name><T, exact>`` of ``<source>`` (forward.cu, backward.cu);
-    ``<name><T>`` for a kernel with no product (``exact`` None)."""
-    key = (source, name, dtype, exact)
+def kernel(source: str, name: str, dtype: torch.dtype, exact: Optional[bool] = None,
+           config: Optional[TileConfig] = None) -> Kernel:
+    """The template instance ``panther::sl::<name><T, exact, Tile<...>>`` of ``<source>`` (forward.cu,
+    backward.cu); ``<name><T>`` for a kernel with no product (``exact`` and ``config`` None)."""
+    key = (source, name, dtype, exact, config)
     k = _kernels.get(key)
     if k is None:
-        args = CTYPES[dtype] if exact is None else f"{CTYPES[dtype]}, {'true' if exact else 'false'}"
+        args = CTYPES[dtype] if exact is None else f"{CTYPES[dtype]}, {'true' if exact else 'false'}, {config.cpp}"
         k = _kernels[key] = Kernel(f"ops/sketched_linear/{source}", f"panther::sl::{name}<{args}>")
     return k
+
+
+def launch(source: str, name: str, dtype: torch.dtype, exact: bool, config: TileConfig, blocks: int, *args,
+           shared_mem: Optional[int] = None) -> None:
+    """Launch a tiled kernel instance: ``blocks`` blocks of ``config.threads`` threads, with the dynamic shared
+    memory of its tiles (``config.shared_bytes``) unless ``shared_mem`` says otherwise (the fused forward)."""
+    shared = config.shared_bytes(dtype) if shared_mem is None else shared_mem
+    kernel(source, name, dtype, exact, config)((blocks,), (config.threads,), *args, shared_mem=shared)
+
+
+def choose_config(row_tiles_large: int, col_tiles_large: int, dtype: torch.dtype, sms: int, shared_limit: int
+                  ) -> TileConfig:
+    """The tile shape of a launch whose widest output has these many LARGE tiles (rows x columns): LARGE
+    when they alone fill the SMs (at least one per SM) and its shared memory fits, else SMALL (four
+    times the blocks: small T keeps its occupancy)."""
+    if row_tiles_large * col_tiles_large >= sms and LARGE.shared_bytes(dtype) <= shared_limit:
+        return LARGE
+    return SMALL
 
 
 def is_exact(dtype: torch.dtype, allow_tf32: bool) -> bool:
@@ -39,38 +59,21 @@ def allow_tf32() -> bool:
     return torch.get_float32_matmul_precision() != "highest"
 
 
-def tile_elements() -> int:
-    """Shared-memory elements of one block's A and B tiles (tile.cuh's TILE_ELEMENTS)."""
-    return BM * (BK + PAD) + BK * (BN + PAD)
-
-
-def tile_bytes(dtype: torch.dtype) -> int:
-    """Dynamic shared memory of every kernel but the fused forward: STAGES pairs of tiles (tile.cuh's
-    GEMM_ELEMENTS), one loading while the other feeds the products; each tile sized for the larger of
-    its layouts (stored transposed for an operand contiguous down its rows)."""
-    stage_a = max(BM * (BK + PAD), BK * (BM + PAD))
-    stage_b = max(BK * (BN + PAD), BN * (BK + PAD))
-    return STAGES * (stage_a + stage_b) * dtype.itemsize
-
-
-def fused_bytes(R: int, dtype: torch.dtype) -> int:
-    """Dynamic shared memory of the fused forward: the tiles, a second B tile, and the BM x R tile of H
-    (R rounded up to BN, rows padded)."""
-    return (tile_elements() + BK * (BN + PAD) + BM * (cdiv(R, BN) * BN + PAD)) * dtype.itemsize
-
-
 SPLIT_DEPTH = 256  # depth (rows of T, or columns of I or O) a share of a split reduction keeps at least (about)
 MAX_SPLIT = 64
-BLOCKS_PER_SM = 8  # blocks a split aims for per SM: several resident at once (small tiles), two waves or so
+# Blocks a split aims for per SM: several resident at once, two waves or so (SMALL); two resident 8-warp
+# blocks of LARGE, whose deeper ring keeps more bytes in flight per block, and fewer fp32 shares to sum.
+BLOCKS_PER_SM = {SMALL: 8, LARGE: 2}
 SUM_BLOCKS = 4096  # grid of the share-summing launches (grid-stride loops over the elements)
 
 
-def split_rule(depth: int, tiles: int, sms: int) -> int:
-    """Shares of a reduction ``depth`` deep on ``tiles`` output tiles: the largest power of two s <=
-    MAX_SPLIT with depth / s >= SPLIT_DEPTH and tiles * s <= BLOCKS_PER_SM * sms (1 when the tiles alone
-    fill the SMs, or the reduction is short). Each share's fp32 partial is summed by a later launch."""
+def split_rule(depth: int, tiles: int, sms: int, config: TileConfig = SMALL) -> int:
+    """Shares of a reduction ``depth`` deep on ``tiles`` output tiles of ``config``: the largest power of
+    two s <= MAX_SPLIT with depth / s >= SPLIT_DEPTH and tiles * s <= BLOCKS_PER_SM[config] * sms (1 when
+    the tiles alone fill the SMs, or the reduction is short). Each share's fp32 partial is summed by a
+    later launch."""
     s = 1
-    while 2 * s <= min(MAX_SPLIT, depth // SPLIT_DEPTH) and tiles * 2 * s <= BLOCKS_PER_SM * sms:
+    while 2 * s <= min(MAX_SPLIT, depth // SPLIT_DEPTH) and tiles * 2 * s <= BLOCKS_PER_SM[config] * sms:
         s *= 2
     return s
 
@@ -81,7 +84,7 @@ def sum_shares(ws: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> None:
     if n == 0:
         return
     kernel("forward.cu", "sketched_linear_sum_shares", out.dtype)(
-        (min(cdiv(n, NT), SUM_BLOCKS),), (NT,), ws, out, i64(n), i32(n_splits), f32(scale)
+        (min(cdiv(n, SUM_THREADS), SUM_BLOCKS),), (SUM_THREADS,), ws, out, i64(n), i32(n_splits), f32(scale)
     )
 
 

@@ -16,15 +16,16 @@
 namespace panther {
 namespace sl {
 
-template <typename T, bool EXACT>
-__global__ void __launch_bounds__(NT) sketched_linear_fwd_fused(
+template <typename T, bool EXACT, typename C>
+__global__ void __launch_bounds__(C::NT) sketched_linear_fwd_fused(
     const T* __restrict__ x, const T* __restrict__ S1, const T* __restrict__ U2, const T* __restrict__ U1,
     const T* __restrict__ S2, const T* __restrict__ bias, T* __restrict__ y, T* __restrict__ h, long long Tn,
     long long I, long long O, int L, int k, int o_groups, float scale) {
+    constexpr int BM = C::BM, BN = C::BN, BK = C::BK, NT = C::NT, LDA = C::LDA, LDB = C::LDB;
     extern __shared__ __align__(16) unsigned char smem[];
     const int Lk = L * k, R = 2 * Lk;
-    const int ldh = (R + BN - 1) / BN * BN + PAD;  // H tile: BM x ldh, columns past R hold zeros
-    require_shared(static_cast<unsigned>((FUSED_TILE_ELEMENTS + BM * ldh) * sizeof(T)));
+    const int ldh = (R + BN - 1) / BN * BN + C::PAD;  // H tile: BM x ldh, columns past R hold zeros
+    require_shared(static_cast<unsigned>((C::FUSED_TILE_ELEMENTS + BM * ldh) * sizeof(T)));
     T* As = reinterpret_cast<T*>(smem);
     T* Bs = As + BM * LDA;
     T* Bs2 = Bs + BK * LDB;  // the second column chunk of A in a pass
@@ -40,13 +41,13 @@ __global__ void __launch_bounds__(NT) sketched_linear_fwd_fused(
     // H = x A, two column chunks of BN per pass over I (each x tile feeds both): one pass for R <= 128
     for (int c0 = 0; c0 < R; c0 += 2 * BN) {
         const bool two = c0 + BN < R;  // the same for the whole block
-        Acc<T, EXACT> acc, acc2;
+        Acc<T, EXACT, C> acc, acc2;
         acc.zero();
         acc2.zero();
         for (long long k0 = 0; k0 < I; k0 += BK) {
-            fill_tile<T, BM, BK>(As, LDA, xs, vx, m0, k0, Tn, I);
-            fill_tile<T, BK, BN>(Bs, LDB, a, va, k0, c0, I, R);
-            if (two) fill_tile<T, BK, BN>(Bs2, LDB, a, va, k0, c0 + BN, I, R);
+            fill_tile<T, NT, BM, BK>(As, LDA, xs, vx, m0, k0, Tn, I);
+            fill_tile<T, NT, BK, BN>(Bs, LDB, a, va, k0, c0, I, R);
+            if (two) fill_tile<T, NT, BK, BN>(Bs2, LDB, a, va, k0, c0 + BN, I, R);
             __syncthreads();
             acc.step(As, LDA, Bs, LDB);
             if (two) acc2.step(As, LDA, Bs2, LDB);
@@ -69,10 +70,10 @@ __global__ void __launch_bounds__(NT) sketched_linear_fwd_fused(
     const long long o_per = cdiv(cdiv(O, o_groups), BN) * BN;
     const long long o_end = min_ll(O, (group + 1) * o_per);
     for (long long n0 = group * o_per; n0 < o_end; n0 += BN) {
-        Acc<T, EXACT> acc;
+        Acc<T, EXACT, C> acc;
         acc.zero();
         for (int k0 = 0; k0 < R; k0 += BK) {
-            fill_tile<T, BK, BN>(Bs, LDB, b, vb, k0, n0, R, O);
+            fill_tile<T, NT, BK, BN>(Bs, LDB, b, vb, k0, n0, R, O);
             __syncthreads();
             acc.step(Hs + k0, ldh, Bs, LDB);
             __syncthreads();
@@ -90,14 +91,15 @@ __global__ void __launch_bounds__(NT) sketched_linear_fwd_fused(
 // H = x A, tile (tile / n_col_tiles, tile % n_col_tiles) of (T, R), tile = blockIdx.x % tiles; with
 // n_splits > 1, block split = blockIdx.x / tiles sums the BK-aligned share `split` of I into
 // ws[split] (fp32, T x R) and sketched_linear_sum_shares writes H from the shares.
-template <typename T, bool EXACT>
-__global__ void __launch_bounds__(NT) sketched_linear_fwd_h(
+template <typename T, bool EXACT, typename C>
+__global__ void __launch_bounds__(C::NT) sketched_linear_fwd_h(
     const T* __restrict__ x, const T* __restrict__ S1, const T* __restrict__ U2, T* __restrict__ h,
     float* __restrict__ ws, long long Tn, long long I, int L, int k, int n_splits) {
+    constexpr int BM = C::BM, BN = C::BN;
     extern __shared__ __align__(16) unsigned char smem[];
-    require_shared(static_cast<unsigned>(GEMM_ELEMENTS * sizeof(T)));
+    require_shared(static_cast<unsigned>(C::SHARED_ELEMENTS * sizeof(T)));
     T* As = reinterpret_cast<T*>(smem);
-    T* Bs = As + STAGES * STAGE_A;
+    T* Bs = As + C::STAGES * C::STAGE_A;
     const int R = 2 * L * k;
     const int n_col_tiles = (R + BN - 1) / BN;
     const long long tiles = cdiv(Tn, BM) * n_col_tiles;
@@ -105,51 +107,50 @@ __global__ void __launch_bounds__(NT) sketched_linear_fwd_h(
     const int split = static_cast<int>(blockIdx.x / tiles);
     const long long m0 = tile / n_col_tiles * BM;
     const long long n0 = tile % n_col_tiles * BN;
-    const RowSplit share(I, split, n_splits);
-    Acc<T, EXACT> acc;
+    const RowSplit share(I, split, n_splits, C::BK);
+    Acc<T, EXACT, C> acc;
     acc.zero();
     gemm(acc, As, Bs, Dense<T, false>{x, I}, Side<T>{S1, U2, I, L, k}, m0, n0, Tn, R, share.end, share.begin);
-    acc.each([&](int r, int c, float v) {
-        const long long t = m0 + r, col = n0 + c;
-        if (t < Tn && col < R) {
-            if (n_splits > 1) {
-                ws[(split * Tn + t) * R + col] = v;
-            } else {
-                h[t * R + col] = from_float<T>(v);
-            }
-        }
-    });
+    if (n_splits > 1) {
+        acc.each([&](int r, int c, float v) {
+            const long long t = m0 + r, col = n0 + c;
+            if (t < Tn && col < R) ws[(split * Tn + t) * R + col] = v;
+        });
+    } else {
+        store_tile(acc, As, h, R, m0, n0, Tn, R, [](int, int, float v) { return from_float<T>(v); });
+    }
 }
 
 // y = H B / (2L) + b, tile (blockIdx.x / n_col_tiles, blockIdx.x % n_col_tiles) of (T, O).
-template <typename T, bool EXACT>
-__global__ void __launch_bounds__(NT) sketched_linear_fwd_y(
+template <typename T, bool EXACT, typename C>
+__global__ void __launch_bounds__(C::NT) sketched_linear_fwd_y(
     const T* __restrict__ h, const T* __restrict__ U1, const T* __restrict__ S2, const T* __restrict__ bias,
     T* __restrict__ y, long long Tn, long long O, int L, int k, float scale) {
+    constexpr int BM = C::BM, BN = C::BN;
     extern __shared__ __align__(16) unsigned char smem[];
-    require_shared(static_cast<unsigned>(GEMM_ELEMENTS * sizeof(T)));
+    require_shared(static_cast<unsigned>(C::SHARED_ELEMENTS * sizeof(T)));
     T* As = reinterpret_cast<T*>(smem);
-    T* Bs = As + STAGES * STAGE_A;
+    T* Bs = As + C::STAGES * C::STAGE_A;
     const int Lk = L * k, R = 2 * Lk;
     const long long n_col_tiles = cdiv(O, BN);
     const long long m0 = static_cast<long long>(blockIdx.x / n_col_tiles) * BM;
     const long long n0 = static_cast<long long>(blockIdx.x % n_col_tiles) * BN;
-    Acc<T, EXACT> acc;
+    Acc<T, EXACT, C> acc;
     acc.zero();
     gemm(acc, As, Bs, Dense<T, false>{h, R}, Stack<T>{U1, S2, O, Lk}, m0, n0, Tn, O, R);
-    acc.each([&](int r, int c, float v) {
-        const long long t = m0 + r, o = n0 + c;
-        if (t < Tn && o < O) y[t * O + o] = from_float<T>(v * scale + (bias != nullptr ? to_float(bias[o]) : 0.0f));
+    store_tile(acc, As, y, O, m0, n0, Tn, O, [&](int, int c, float v) {
+        const long long o = n0 + c;
+        return from_float<T>(v * scale + (bias != nullptr && o < O ? to_float(bias[o]) : 0.0f));
     });
 }
 
 // out[e] = scale Σ_s ws[s n + e] for e < n, rounded once: a split reduction's fp32 shares summed (H here,
 // dH in the backward); one element per thread, grid-stride.
 template <typename T>
-__global__ void __launch_bounds__(NT) sketched_linear_sum_shares(const float* __restrict__ ws, T* __restrict__ out,
-                                                                 long long n, int n_splits, float scale) {
-    for (long long e = static_cast<long long>(blockIdx.x) * NT + threadIdx.x; e < n;
-         e += static_cast<long long>(gridDim.x) * NT) {
+__global__ void __launch_bounds__(SUM_NT) sketched_linear_sum_shares(const float* __restrict__ ws, T* __restrict__ out,
+                                                                     long long n, int n_splits, float scale) {
+    for (long long e = static_cast<long long>(blockIdx.x) * SUM_NT + threadIdx.x; e < n;
+         e += static_cast<long long>(gridDim.x) * SUM_NT) {
         float sum = 0.0f;
         for (int s = 0; s < n_splits; ++s) sum += ws[s * n + e];
         out[e] = from_float<T>(sum * scale);
@@ -160,15 +161,20 @@ __global__ void __launch_bounds__(NT) sketched_linear_sum_shares(const float* __
 }  // namespace panther
 
 #ifdef PANTHER_NVCC_CHECK
-// Every variant the host code launches (forward.py), for the compile check of CI.
-#define INST(T, E) \
-    template __global__ void panther::sl::sketched_linear_fwd_fused<T, E>(const T*, const T*, const T*, const T*, \
-        const T*, const T*, T*, T*, long long, long long, long long, int, int, int, float); \
-    template __global__ void panther::sl::sketched_linear_fwd_h<T, E>(const T*, const T*, const T*, T*, float*, \
+// Every variant the host code launches (forward.py; limits.py's CONFIGS: SMALL and LARGE), for the compile
+// check of CI; the fused kernel runs with SMALL only.
+#define SMALL panther::sl::Tile<64, 64, 32, 2, 2, 3>
+#define LARGE panther::sl::Tile<128, 128, 32, 2, 4, 4>
+#define FUSED(T, E) \
+    template __global__ void panther::sl::sketched_linear_fwd_fused<T, E, SMALL>(const T*, const T*, const T*, \
+        const T*, const T*, const T*, T*, T*, long long, long long, long long, int, int, int, float);
+#define INST(T, E, C) \
+    template __global__ void panther::sl::sketched_linear_fwd_h<T, E, C>(const T*, const T*, const T*, T*, float*, \
         long long, long long, int, int, int); \
-    template __global__ void panther::sl::sketched_linear_fwd_y<T, E>(const T*, const T*, const T*, const T*, T*, \
+    template __global__ void panther::sl::sketched_linear_fwd_y<T, E, C>(const T*, const T*, const T*, const T*, T*, \
         long long, long long, int, int, float);
-INST(float, false) INST(float, true) INST(__half, false) INST(__nv_bfloat16, false)
+#define ALL(T, E) FUSED(T, E) INST(T, E, SMALL) INST(T, E, LARGE)
+ALL(float, false) ALL(float, true) ALL(__half, false) ALL(__nv_bfloat16, false)
 #define SUM(T) template __global__ void panther::sl::sketched_linear_sum_shares<T>(const float*, T*, long long, int, \
     float);
 SUM(float) SUM(__half) SUM(__nv_bfloat16)

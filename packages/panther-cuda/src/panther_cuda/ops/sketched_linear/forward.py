@@ -12,6 +12,8 @@ Plans (:func:`plan_forward`):
   blocks per row tile of BM rows (each recomputing H) until the grid fills the SMs, at most one per
   BN output columns;
 * otherwise two launches: H = x A, then y = H B / (2L) + b.
+The two-launch plans run on the tile shape ``tiles`` (limits.CONFIGS): "large" (128 x 128) when y's large
+tiles alone fill the SMs, else "small" (64 x 64, also the fused kernel's).
 """
 
 from __future__ import annotations
@@ -24,15 +26,14 @@ import torch
 from panther.backends.toolkit import BoundedCache, cdiv, multiprocessors, shared_memory_per_block
 from panther_cuda._nvrtc import f32, i32, i64
 from panther_cuda.ops.sketched_linear.common import (
+    choose_config,
     contiguous_2d,
-    fused_bytes,
     is_exact,
-    kernel,
+    launch,
     split_rule,
     sum_shares,
-    tile_bytes,
 )
-from panther_cuda.ops.sketched_linear.limits import BM, BN, FUSED_MAX_R, NT
+from panther_cuda.ops.sketched_linear.limits import CONFIGS, FUSED_MAX_R, LARGE, SMALL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,16 +41,27 @@ class ForwardPlan:
     fused: bool  # one launch, H in shared memory
     o_groups: int = 1  # fused: blocks sharing a row tile, each writing a share of y's columns
     h_splits: int = 1  # not fused: shares of I of H = x A (fp32, summed by a launch of their own)
+    tiles: str = "small"  # not fused: the tile shape of both launches, a key of limits.CONFIGS (fused: small)
+
+    def __post_init__(self):
+        if self.tiles not in CONFIGS:
+            raise ValueError(f"ForwardPlan tiles={self.tiles!r}: expected one of {sorted(CONFIGS)}")
 
 
 def forward_rule(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, shared_limit: int) -> ForwardPlan:
-    """The plan for a shape on a device with ``sms`` SMs and ``shared_limit`` bytes of shared memory per block."""
-    h_splits = split_rule(I, cdiv(T, BM) * cdiv(R, BN), sms)
+    """The plan for a shape on a device with ``sms`` SMs and ``shared_limit`` bytes of shared memory per block.
+
+    Tiles: LARGE when y's LARGE tiles alone fill the SMs (common.choose_config), else SMALL. H = x A is
+    split into shares of I when its tiles (of that shape) leave the SMs idle and I is long (split_rule);
+    otherwise the fused kernel (SMALL tiles) when H fits on chip, else two launches."""
+    config = choose_config(cdiv(T, LARGE.bm), cdiv(O, LARGE.bn), dtype, sms, shared_limit)
+    tiles = "large" if config == LARGE else "small"
+    h_splits = split_rule(I, cdiv(T, config.bm) * cdiv(R, config.bn), sms, config)
     if h_splits > 1:
-        return ForwardPlan(fused=False, h_splits=h_splits)
-    if R > FUSED_MAX_R or fused_bytes(R, dtype) > shared_limit:
-        return ForwardPlan(fused=False)
-    row_tiles, groups, cap = cdiv(T, BM), 1, cdiv(O, BN)
+        return ForwardPlan(fused=False, h_splits=h_splits, tiles=tiles)
+    if R > FUSED_MAX_R or SMALL.fused_bytes(R, dtype) > shared_limit:
+        return ForwardPlan(fused=False, tiles=tiles)
+    row_tiles, groups, cap = cdiv(T, SMALL.bm), 1, cdiv(O, SMALL.bn)
     while 2 * groups <= cap and row_tiles * 2 * groups <= sms:
         groups *= 2
     return ForwardPlan(fused=True, o_groups=groups)
@@ -109,24 +121,17 @@ def sketched_linear_forward(
     exact = is_exact(x.dtype, allow_tf32)
     scale = f32(1.0 / (2 * L))
     if plan.fused:
-        kernel("forward.cu", "sketched_linear_fwd_fused", x.dtype, exact)(
-            (cdiv(T, BM) * plan.o_groups,), (NT,),
-            x2, S1c, U2c, U1c, S2c, b, y, h, i64(T), i64(I), i64(O), i32(L), i32(k), i32(plan.o_groups), scale,
-            shared_mem=fused_bytes(R, x.dtype),
-        )
+        launch("forward.cu", "sketched_linear_fwd_fused", x.dtype, exact, SMALL, cdiv(T, SMALL.bm) * plan.o_groups,
+               x2, S1c, U2c, U1c, S2c, b, y, h, i64(T), i64(I), i64(O), i32(L), i32(k), i32(plan.o_groups), scale,
+               shared_mem=SMALL.fused_bytes(R, x.dtype))
     else:
+        c = CONFIGS[plan.tiles]
         splits = max(1, int(plan.h_splits))
         ws = torch.empty((splits, T, R), device=x.device, dtype=torch.float32) if splits > 1 else None
-        kernel("forward.cu", "sketched_linear_fwd_h", x.dtype, exact)(
-            (cdiv(T, BM) * cdiv(R, BN) * splits,), (NT,),
-            x2, S1c, U2c, h, ws, i64(T), i64(I), i32(L), i32(k), i32(splits),
-            shared_mem=tile_bytes(x.dtype),
-        )
+        launch("forward.cu", "sketched_linear_fwd_h", x.dtype, exact, c, cdiv(T, c.bm) * cdiv(R, c.bn) * splits,
+               x2, S1c, U2c, h, ws, i64(T), i64(I), i32(L), i32(k), i32(splits))
         if ws is not None:
             sum_shares(ws, h)
-        kernel("forward.cu", "sketched_linear_fwd_y", x.dtype, exact)(
-            (cdiv(T, BM) * cdiv(O, BN),), (NT,),
-            h, U1c, S2c, b, y, i64(T), i64(O), i32(L), i32(k), scale,
-            shared_mem=tile_bytes(x.dtype),
-        )
+        launch("forward.cu", "sketched_linear_fwd_y", x.dtype, exact, c, cdiv(T, c.bm) * cdiv(O, c.bn),
+               h, U1c, S2c, b, y, i64(T), i64(O), i32(L), i32(k), scale)
     return y, h

@@ -9,14 +9,66 @@ any larger R the two-launch forward; ragged edges are masked. Refused, with the 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import List
 
 import torch
 
-# Tile shape of every kernel, as tile.cuh declares it (BM x BN blocks, BK deep, rows padded by PAD).
-BM, BN, BK, PAD = 64, 64, 32, 8
-NT = 128  # threads of a block
-STAGES = 2  # pairs of A and B tiles in shared memory of the non-fused kernels (one loads, one computes)
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """One tile shape of the kernels, tile.cuh's ``Tile<BM, BN, BK, WARPS_M, WARPS_N, STAGES>``: a block of
+    warps_m x warps_n warps computes a bm x bn output tile, bk deep per step of a ring of ``stages``
+    shared-memory steps."""
+
+    bm: int
+    bn: int
+    bk: int
+    warps_m: int
+    warps_n: int
+    stages: int
+
+    PAD = 8  # elements added to each shared row (tile.cuh's PAD)
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps_m * self.warps_n
+
+    @property
+    def cpp(self) -> str:
+        """The C++ type, as the kernels' name expressions spell it."""
+        return (f"panther::sl::Tile<{self.bm}, {self.bn}, {self.bk}, {self.warps_m}, {self.warps_n}, "
+                f"{self.stages}>")
+
+    def shared_elements(self) -> int:
+        """Dynamic shared memory of every kernel but the fused forward, in elements (tile.cuh's
+        SHARED_ELEMENTS): the ring of ``stages`` A and B tiles, each sized for the larger of its layouts
+        (stored transposed for an operand contiguous down its rows), or the staged output tile if larger."""
+        p = self.PAD
+        stage_a = max(self.bm * (self.bk + p), self.bk * (self.bm + p))
+        stage_b = max(self.bk * (self.bn + p), self.bn * (self.bk + p))
+        return max(self.stages * (stage_a + stage_b), self.bm * (self.bn + p))
+
+    def shared_bytes(self, dtype: torch.dtype) -> int:
+        return self.shared_elements() * dtype.itemsize
+
+    def fused_bytes(self, R: int, dtype: torch.dtype) -> int:
+        """Dynamic shared memory of the fused forward: an A and two B tiles and the bm x R tile of H (R
+        rounded up to bn, rows padded)."""
+        p = self.PAD
+        tiles = self.bm * (self.bk + p) + 2 * self.bk * (self.bn + p)
+        return (tiles + self.bm * (_cdiv(R, self.bn) * self.bn + p)) * dtype.itemsize
+
+
+# The tile shapes the host launches (every one instantiated in forward.cu's and backward.cu's compile blocks).
+# SMALL: 64 x 64, 4 warps: many blocks, for small T or narrow outputs. LARGE: 128 x 128, 8 warps of 64 x 32, a
+# 4-step ring: fewer re-reads of the operands per output byte and more bytes in flight, where its tiles alone
+# fill the SMs; a block covers R <= 128 columns of H and dH in one tile, so x and g are read once.
+SMALL = TileConfig(64, 64, 32, 2, 2, 3)
+LARGE = TileConfig(128, 128, 32, 2, 4, 4)
+CONFIGS = {"small": SMALL, "large": LARGE}
+SUM_THREADS = 128  # threads of a block of the share-summing kernels (tile.cuh's SUM_NT)
+
 # Widest H (R = 2Lk columns) that the fused forward keeps in shared memory (R <= 256: 2 k L <= 256).
 FUSED_MAX_R = 256
 MAX_BLOCKS = 2**31 - 1
@@ -27,8 +79,9 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def blocks_needed(T: int, I: int, O: int, R: int) -> int:
-    """Blocks of the largest launch for these sizes (dx and y tiles: T/BM x I/BN or x O/BN)."""
-    return _cdiv(T, BM) * max(_cdiv(I, BN), _cdiv(O, BN), _cdiv(R, BN)) + _cdiv(max(I, R), BM) * _cdiv(max(O, R), BN)
+    """Blocks of the largest launch for these sizes on the smallest tiles (dx and y tiles: T/BM x I/BN or x O/BN)."""
+    bm, bn = SMALL.bm, SMALL.bn
+    return _cdiv(T, bm) * max(_cdiv(I, bn), _cdiv(O, bn), _cdiv(R, bn)) + _cdiv(max(I, R), bm) * _cdiv(max(O, R), bn)
 
 
 def reasons(x=None, S1s=None, S2s=None, U1s=None, U2s=None, bias=None, *rest, **kwargs) -> List[str]:

@@ -1,5 +1,7 @@
 // Block-level tiles of the sketched linear kernels: a BM x BN fp32 accumulator per block of NT threads,
 // filled BK at a time from shared-memory tiles, on the tensor cores (Mma<T>) or, for exact float32, FFMA.
+// The shape is a template argument, Tile<BM, BN, BK, WARPS_M, WARPS_N, STAGES> (limits.py's CONFIGS);
+// outputs of the input dtype leave through store_tile (staged in shared memory, 16-byte stores).
 //
 // Every product of the op is C (M x N) = Σ_k a(m, k) b(k, n) with operands `a` and `b` that read the
 // tensors in place (Side / Stack: the (L, ., k) weights indexed by column c = l k + j; Dense; Transposed);
@@ -13,29 +15,33 @@
 namespace panther {
 namespace sl {
 
-constexpr int BM = 64;   // rows of a block's tile
-constexpr int BN = 64;   // columns of a block's tile
-constexpr int BK = 32;   // depth of one shared-memory step (a multiple of Mma<T>::K: 16 and 8)
-constexpr int NT = 128;  // threads of a block: 4 warps, 2 x 2 warp tiles of 32 x 32
-constexpr int PAD = 8;   // elements added to each shared row
-constexpr int LDA = BK + PAD;  // As: BM x BK, row-major
-constexpr int LDB = BN + PAD;  // Bs: BK x BN, row-major
-// Shared memory of the A and B tiles, in elements (the fused forward has two B tiles and H besides);
-// common.py's tile_elements() and fused_bytes() say the same. LDA, LDB, the tiles' sizes and H's row
-// (a multiple of BN, plus PAD) are multiples of 16 bytes, so every row of every tile starts aligned.
-constexpr int TILE_ELEMENTS = BM * LDA + BK * LDB;
-constexpr int FUSED_TILE_ELEMENTS = TILE_ELEMENTS + BK * LDB;
-// gemm() keeps STAGES pairs of tiles (As: STAGES x STAGE_A, then Bs: STAGES x STAGE_B): the next step's
-// tiles load (cp.async) while the tensor cores run on this step's. It stores each tile along its
-// operand's contiguous direction: a ROW_CONTIGUOUS operand's tile transposed (A: BK x BM, leading
-// dimension LDA_T; B: BN x BK, LDB_T), so a stage holds the larger of the two layouts; common.py's
-// tile_bytes() says the same.
-constexpr int LDA_T = BM + PAD;
-constexpr int LDB_T = BK + PAD;
-constexpr int STAGE_A = BM * LDA > BK * LDA_T ? BM * LDA : BK * LDA_T;
-constexpr int STAGE_B = BK * LDB > BN * LDB_T ? BK * LDB : BN * LDB_T;
-constexpr int STAGES = 2;
-constexpr int GEMM_ELEMENTS = STAGES * (STAGE_A + STAGE_B);
+// The tile shape of a kernel instance, a template argument of every kernel (limits.py's TileConfig holds
+// the same table for the host): a block of WARPS_M x WARPS_N warps computes a BM x BN tile, BK deep per
+// shared-memory step, with STAGES steps of operand tiles in a cp.async ring. LDA, LDB, the tiles' sizes and
+// the staged output's rows (LDC) are multiples of 16 bytes, so every row of every tile starts aligned.
+template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int STAGES_> struct Tile {
+    static constexpr int BM = BM_, BN = BN_, BK = BK_, WARPS_M = WARPS_M_, WARPS_N = WARPS_N_, STAGES = STAGES_;
+    static constexpr int NT = 32 * WARPS_M * WARPS_N;  // threads of a block
+    static constexpr int PAD = 8;                      // elements added to each shared row
+    static constexpr int LDA = BK + PAD;               // As: BM x BK, row-major
+    static constexpr int LDB = BN + PAD;               // Bs: BK x BN, row-major
+    // gemm() stores each tile along its operand's contiguous direction: a ROW_CONTIGUOUS operand's tile
+    // transposed (A: BK x BM, leading dimension LDA_T; B: BN x BK, LDB_T), so a stage holds the larger of
+    // the two layouts.
+    static constexpr int LDA_T = BM + PAD;
+    static constexpr int LDB_T = BK + PAD;
+    static constexpr int STAGE_A = BM * LDA > BK * LDA_T ? BM * LDA : BK * LDA_T;
+    static constexpr int STAGE_B = BK * LDB > BN * LDB_T ? BK * LDB : BN * LDB_T;
+    static constexpr int GEMM_ELEMENTS = STAGES * (STAGE_A + STAGE_B);
+    static constexpr int LDC = BN + PAD;  // store_tile's BM x BN output tile, staged in the operands' memory
+    static constexpr int SHARED_ELEMENTS = GEMM_ELEMENTS > BM * LDC ? GEMM_ELEMENTS : BM * LDC;
+    // The fused forward: one A and two B tiles, then H (BM rows of R rounded up to BN, plus PAD).
+    static constexpr int FUSED_TILE_ELEMENTS = BM * LDA + 2 * BK * LDB;
+    static_assert(STAGES >= 2 && BK % 16 == 0 && BM % (16 * WARPS_M) == 0 && BN % (16 * WARPS_N) == 0,
+                  "a tile is whole mma tiles per warp, at least two stages");
+};
+
+constexpr int SUM_NT = 128;  // threads of a block of the kernels that sum fp32 shares (no tiles)
 
 __device__ __forceinline__ long long min_ll(long long a, long long b) { return a < b ? a : b; }
 
@@ -86,7 +92,7 @@ template <bool TRANS> __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[
 // run cut by an edge; r0 and c0 are multiples of Vec<T>::N (tile origins and BK-aligned row shares).
 // ASYNC: whole runs of an operand contiguous along the tile's rows go by cp.async (the caller commits and
 // waits); the rest, stored by the thread itself, as before.
-template <typename T, int ROWS, int COLS, bool ASYNC = false, typename F>
+template <typename T, int NT, int ROWS, int COLS, bool ASYNC = false, typename F>
 __device__ __forceinline__ void fill_tile(T* s, int ld, const F& f, bool vec, long long r0, long long c0, long long nr,
                                           long long nc) {
     constexpr bool RC = F::ROW_CONTIGUOUS;
@@ -127,12 +133,13 @@ __device__ __forceinline__ void fill_tile(T* s, int ld, const F& f, bool vec, lo
     }
 }
 
-template <typename T, bool EXACT> struct Acc;
+template <typename T, bool EXACT, typename C> struct Acc;
 
-// Tensor cores: warp w owns rows (w / 2) * 32 .. +32 and columns (w % 2) * 32 .. +32 of the tile, as
-// MI x NI mma tiles of 16 x 8.
-template <typename T> struct Acc<T, false> {
-    static constexpr int MI = BM / 2 / 16, NI = BN / 2 / 8;
+// Tensor cores: warp w owns rows (w / WARPS_N) WM .. +WM and columns (w % WARPS_N) WN .. +WN of the tile
+// (WM = BM / WARPS_M, WN = BN / WARPS_N), as MI x NI mma tiles of 16 x 8.
+template <typename T, typename C> struct Acc<T, false, C> {
+    static constexpr int BM = C::BM, BN = C::BN, BK = C::BK, WM = BM / C::WARPS_M, WN = BN / C::WARPS_N;
+    static constexpr int MI = WM / 16, NI = WN / 8;
     float d[MI][NI][4];
 
     __device__ __forceinline__ void zero() {
@@ -149,7 +156,7 @@ template <typename T> struct Acc<T, false> {
     template <bool AT = false, bool BT = false>
     __device__ __forceinline__ void step(const T* As, int lda, const T* Bs, int ldb) {
         const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-        const int wm = (warp >> 1) * (BM / 2), wn = (warp & 1) * (BN / 2);
+        const int wm = warp / C::WARPS_N * WM, wn = warp % C::WARPS_N * WN;
 #pragma unroll
         for (int kk = 0; kk < BK; kk += Mma<T>::K) {
             unsigned a[MI][4], b[NI][2];
@@ -199,7 +206,7 @@ template <typename T> struct Acc<T, false> {
     // f(row, col, value) for each element this thread holds, in tile coordinates.
     template <typename F> __device__ __forceinline__ void each(F f) const {
         const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-        const int wm = (warp >> 1) * (BM / 2), wn = (warp & 1) * (BN / 2);
+        const int wm = warp / C::WARPS_N * WM, wn = warp % C::WARPS_N * WN;
 #pragma unroll
         for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
@@ -212,8 +219,9 @@ template <typename T> struct Acc<T, false> {
 
 // Exact float32 (matmul precision "highest"): FFMA, thread t owns rows (t / CT) * TM .. +TM and
 // columns (t % CT) * TN .. +TN of the tile.
-template <typename T> struct Acc<T, true> {
+template <typename T, typename C> struct Acc<T, true, C> {
     static_assert(sizeof(T) == 4, "exact products are for float32; 16-bit types use the tensor cores");
+    static constexpr int BM = C::BM, BN = C::BN, BK = C::BK, NT = C::NT;
     static constexpr int TN = 8, CT = BN / TN, TM = BM / (NT / CT);
     static_assert(CT * (NT / CT) == NT && TM * (NT / CT) == BM, "FFMA thread tiles must cover the block tile");
     float d[TM][TN];
@@ -256,44 +264,45 @@ struct NoHook {
 };
 
 // acc += Σ_{k_begin <= k < K} a(m0 + r, k) b(k, n0 + c) for the tile at (m0, n0) of an M x N product,
-// through STAGES pairs of shared tiles As (STAGES x BM x LDA) and Bs (STAGES x BK x LDB): while the
-// tensor cores run on one pair, the next step's tiles load into the other. hook(As, Bs) sees each
-// step's tiles (for a sum taken on the side). Every thread of the block must call it (it synchronises).
-template <typename T, bool EXACT, typename FA, typename FB, typename Hook = NoHook>
-__device__ __forceinline__ void gemm(Acc<T, EXACT>& acc, T* As, T* Bs, const FA& fa, const FB& fb, long long m0,
+// through a ring of STAGES pairs of shared tiles As (STAGES x STAGE_A) and Bs (STAGES x STAGE_B): step i
+// reads stage i % STAGES while the copies (cp.async) of the next STAGES - 1 steps are in flight. One
+// barrier per step: after it, every thread has left step i - 1, so its stage takes step i + STAGES - 1's
+// tiles. hook(As, Bs) sees each step's tiles (for a sum taken on the side). Every thread of the block
+// must call it (it synchronises); on return no copy is in flight and the whole ring is free to reuse.
+template <typename T, bool EXACT, typename C, typename FA, typename FB, typename Hook = NoHook>
+__device__ __forceinline__ void gemm(Acc<T, EXACT, C>& acc, T* As, T* Bs, const FA& fa, const FB& fb, long long m0,
                                      long long n0, long long M, long long N, long long K, long long k_begin = 0,
                                      Hook hook = {}) {
-    static_assert(STAGES == 2, "the loop below alternates two stages");
-    constexpr int SA = STAGE_A, SB = STAGE_B;
+    constexpr int S = C::STAGES, SA = C::STAGE_A, SB = C::STAGE_B, BM = C::BM, BN = C::BN, BK = C::BK, NT = C::NT;
     constexpr bool AT = FA::ROW_CONTIGUOUS, BT = FB::ROW_CONTIGUOUS;  // tiles stored transposed
-    constexpr int lda = AT ? LDA_T : LDA, ldb = BT ? LDB_T : LDB;
+    constexpr int lda = AT ? C::LDA_T : C::LDA, ldb = BT ? C::LDB_T : C::LDB;
     const bool va = fa.vec_ok(), vb = fb.vec_ok();
-    if (k_begin < K) {
-        fill_tile<T, BM, BK, true>(As, lda, fa, va, m0, k_begin, M, K);
-        fill_tile<T, BK, BN, true>(Bs, ldb, fb, vb, k_begin, n0, K, N);
-    }
-    cp_async_commit();
+    auto load = [&](int stage, long long k0) {
+        if (k0 < K) {
+            fill_tile<T, NT, BM, BK, true>(As + stage * SA, lda, fa, va, m0, k0, M, K);
+            fill_tile<T, NT, BK, BN, true>(Bs + stage * SB, ldb, fb, vb, k0, n0, K, N);
+        }
+        cp_async_commit();  // one group per step, empty past K: the wait below counts steps
+    };
+#pragma unroll
+    for (int s = 0; s < S - 1; ++s) load(s, k_begin + static_cast<long long>(s) * BK);
     int stage = 0;
     for (long long k0 = k_begin; k0 < K; k0 += BK) {
-        if (k0 + BK < K) {  // the other stage: read by the previous step, behind its closing barrier
-            fill_tile<T, BM, BK, true>(As + (stage ^ 1) * SA, lda, fa, va, m0, k0 + BK, M, K);
-            fill_tile<T, BK, BN, true>(Bs + (stage ^ 1) * SB, ldb, fb, vb, k0 + BK, n0, K, N);
-        }
-        cp_async_commit();
-        cp_async_wait<1>();  // every group but the one just committed: this stage's tiles are in
+        cp_async_wait<S - 2>();  // this step's group is in (only the S - 2 later ones may still fly)
         __syncthreads();
+        load(stage == 0 ? S - 1 : stage - 1, k0 + static_cast<long long>(S - 1) * BK);
         acc.template step<AT, BT>(As + stage * SA, lda, Bs + stage * SB, ldb);
         hook(As + stage * SA, Bs + stage * SB);
-        __syncthreads();
-        stage ^= 1;
+        stage = stage == S - 1 ? 0 : stage + 1;
     }
     cp_async_wait<0>();
+    __syncthreads();
 }
 
 // Rows [begin, end) of T that split s of n_splits sums over: BK-aligned shares (empty past T).
 struct RowSplit {
     long long begin, end;
-    __device__ __forceinline__ RowSplit(long long Tn, int s, int n_splits) {
+    __device__ __forceinline__ RowSplit(long long Tn, int s, int n_splits, int BK) {
         const long long per = cdiv(cdiv(Tn, n_splits), BK) * BK;
         begin = min_ll(Tn, s * per);
         end = min_ll(Tn, begin + per);
@@ -361,6 +370,37 @@ template <typename F> struct Transposed {
     __device__ __forceinline__ auto ptr(long long r, long long c) const { return f.ptr(c, r); }
     __device__ __forceinline__ bool vec_ok() const { return f.vec_ok(); }
 };
+
+// The BM x BN tile at (m0, n0) of an M x N row-major output (leading dimension ld): f(r, c, v) makes each
+// element (scale, bias, conversion; c past N may give anything), staged as T in Cs (BM x LDC, the ring's
+// memory: gemm() leaves it free) so that consecutive threads write consecutive 16-byte runs of a row;
+// the scalar path where rows are not 16-byte aligned, a run cut by the N edge element by element.
+// Every thread of the block must call it; Cs is read until it returns (a barrier before reusing it).
+template <typename T, bool EXACT, typename C, typename F>
+__device__ __forceinline__ void store_tile(const Acc<T, EXACT, C>& acc, T* Cs, T* out, long long ld, long long m0,
+                                           long long n0, long long M, long long N, const F& f) {
+    constexpr int BM = C::BM, BN = C::BN, LDC = C::LDC, NT = C::NT, V = Vec<T>::N;
+    acc.each([&](int r, int c, float v) { Cs[r * LDC + c] = f(r, c, v); });
+    __syncthreads();
+    if (ld % V == 0 && aligned16(out)) {  // n0 is a multiple of BN: runs start 16-byte aligned
+        for (int run = threadIdx.x; run < BM * BN / V; run += NT) {
+            const int r = run / (BN / V), c = run % (BN / V) * V;
+            const long long t = m0 + r, o = n0 + c;
+            if (t >= M || o >= N) continue;
+            if (o + V <= N) {
+                *reinterpret_cast<uint4*>(out + t * ld + o) = *reinterpret_cast<const uint4*>(Cs + r * LDC + c);
+            } else {
+                for (int e = 0; o + e < N; ++e) out[t * ld + o + e] = Cs[r * LDC + c + e];
+            }
+        }
+    } else {
+        for (int idx = threadIdx.x; idx < BM * BN; idx += NT) {
+            const int r = idx / BN, c = idx % BN;
+            const long long t = m0 + r, o = n0 + c;
+            if (t < M && o < N) out[t * ld + o] = Cs[r * LDC + c];
+        }
+    }
+}
 
 // Fail loudly if the launch gave less dynamic shared memory than the kernel carves out.
 __device__ __forceinline__ void require_shared(unsigned bytes) {

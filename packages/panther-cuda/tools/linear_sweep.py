@@ -1,0 +1,246 @@
+"""Time the cuda sketched linear op under each launch plan it can take, next to the triton backend and F.linear.
+
+    python packages/panther-cuda/tools/linear_sweep.py --out sweep.json [--quick] [--replays 30]
+
+Shapes (bfloat16, L = 1, k = 64, so R = 128): T = 4096 rows with I = O in (4096, 8192), and T = 128 rows with
+I = O in (1024, 8192); --quick keeps one of each (4096 x 4096, 128 x 1024) and fewer replays.
+
+For each shape, on one GPU, in CUDA-graph replay (each call captured once after a warm-up, then the median of
+--replays replays timed by CUDA events):
+* cuda forward under each plan: the rule's (default), the fused kernel, and the two launches on each tile
+  shape of limits.CONFIGS with the split of H that common.split_rule gives that shape;
+* cuda backward on each tile shape (the rule's splits), given the H of the default forward, with the gradients
+  an SKLinear trains (x, S1s, S2s, bias);
+* cuda forward + backward: the default plans, and each tile shape in both directions;
+* the triton backend and F.linear (dense weight O x I) forward and forward + backward, for reference.
+Prints one table per shape (ms; the share of the HBM floor: forward reads x and writes y, backward reads g and
+x and writes dx, at --hbm TB/s) and writes every number to --out as JSON. Each kernel instance compiles once
+(NVRTC, CuPy's disk cache); the whole sweep is meant to take about a minute on an H200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Callable, List, Optional
+
+import torch
+
+SHAPES = [(4096, 4096, 4096), (4096, 8192, 8192), (128, 1024, 1024), (128, 8192, 8192)]
+QUICK_SHAPES = [(4096, 4096, 4096), (128, 1024, 1024)]
+L, K = 1, 64
+NEEDS = (True, True, True, False, False, True)  # x, S1s, S2s, U1s, U2s, bias: what an SKLinear trains
+
+
+def graph_time(fn: Callable[[], object], replays: int, before: Optional[Callable[[], None]] = None) -> float:
+    """Median milliseconds of one replay of ``fn`` captured in a CUDA graph (warm-up on a side stream first)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            if before is not None:
+                before()
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    if before is not None:
+        before()  # what `before` resets is then allocated inside the graph and rewritten by each replay
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    times = [start.elapsed_time(end) for start, end in events]
+    del graph
+    return statistics.median(times)
+
+
+def floor_ms(T: int, I: int, O: int, itemsize: int, tbps: float, what: str) -> float:
+    """HBM floor of a pass ("fwd", "bwd", "fwd+bwd"): forward reads x and writes y; backward reads g and x and
+    writes dx (weights and H are small)."""
+    fwd = (T * I + T * O) * itemsize
+    bwd = (T * O + 2 * T * I) * itemsize
+    total = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[what]
+    return total / (tbps * 1e12) * 1e3
+
+
+def make(T: int, I: int, O: int, dtype: torch.dtype, device: torch.device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    x = rnd(T, I)
+    S1s, U2s = rnd(L, I, K, scale=I**-0.5), rnd(L, I, K, scale=I**-0.5)
+    S2s, U1s = rnd(L, K, O, scale=K**-0.5), rnd(L, K, O, scale=K**-0.5)
+    bias, grad = rnd(O), rnd(T, O)
+    return x, S1s, S2s, U1s, U2s, bias, grad
+
+
+def forward_plans(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, shared: int) -> dict:
+    """The forward plans the sweep times: the rule's ("default"), the fused kernel (where H fits), and the two
+    launches on each tile shape that fits, with the split of H that split_rule gives that shape."""
+    from panther_cuda.ops.sketched_linear import limits
+    from panther_cuda.ops.sketched_linear.common import split_rule
+    from panther_cuda.ops.sketched_linear.forward import ForwardPlan, forward_rule
+
+    default = forward_rule(T, I, O, R, dtype, sms, shared)
+    plans = {"default": default}
+    if R <= limits.FUSED_MAX_R and limits.SMALL.fused_bytes(R, dtype) <= shared:
+        groups = default.o_groups if default.fused else 1
+        while not default.fused and 2 * groups <= -(-O // limits.SMALL.bn) and -(-T // limits.SMALL.bm) * 2 * groups <= sms:
+            groups *= 2  # the rule's groups: blocks per row tile until the grid fills the SMs
+        plans["fused"] = ForwardPlan(fused=True, o_groups=groups)
+    for name, c in limits.CONFIGS.items():
+        if c.shared_bytes(dtype) <= shared:
+            rule = split_rule(I, -(-T // c.bm) * -(-R // c.bn), sms, c)
+            plans[name] = ForwardPlan(fused=False, h_splits=rule, tiles=name)
+            for s in _around(rule):  # the rule's split halved and doubled: is it the best one?
+                plans[f"{name} h_splits={s}"] = ForwardPlan(fused=False, h_splits=s, tiles=name)
+    return plans
+
+
+def _around(rule: int) -> List[int]:
+    return [s for s in (rule // 2, rule * 2) if 1 <= s <= 64 and s != rule]
+
+
+def backward_plans(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, shared: int) -> dict:
+    """The backward variants the sweep times: name -> (tiles, split, dh_split): each tile shape that fits with
+    the splits of its rule (backward.backward_splits), then halved and doubled; ("default": all by the rule)."""
+    from panther_cuda.ops.sketched_linear import limits
+    from panther_cuda.ops.sketched_linear.backward import backward_splits
+
+    plans = {"default": (None, None, None)}
+    for name, c in limits.CONFIGS.items():
+        if c.shared_bytes(dtype) <= shared:
+            split, dh_split = backward_splits(T, I, O, R, NEEDS, c, sms)
+            plans[name] = (name, split, dh_split)
+            for f in (0.5, 2):
+                s, d = max(1, int(split * f)), max(1, int(dh_split * f))
+                if (s, d) != (split, dh_split) and max(s, d) <= 64:
+                    plans[f"{name} split={s} dh_split={d}"] = (name, s, d)
+    return plans
+
+
+def cuda_rows(T, I, O, inputs, replays) -> List[dict]:
+    from panther.backends.toolkit import multiprocessors, shared_memory_per_block
+    from panther_cuda.ops.sketched_linear import limits
+    from panther_cuda.ops.sketched_linear.backward import backward_config, sketched_linear_backward
+    from panther_cuda.ops.sketched_linear.forward import sketched_linear_forward
+
+    x, S1s, S2s, U1s, U2s, bias, grad = inputs
+    R = 2 * L * K
+    sms, shared = multiprocessors(), shared_memory_per_block()
+    plans = forward_plans(T, I, O, R, x.dtype, sms, shared)
+    default = plans["default"]
+    rule_tiles = next(n for n, c in limits.CONFIGS.items() if c == backward_config(T, I, O, x.dtype, sms, shared))
+    rows = []
+
+    def forward(plan):
+        return lambda: sketched_linear_forward(x, S1s, S2s, U1s, U2s, bias, plan=plan)
+
+    for name, plan in plans.items():
+        rows.append({"impl": "cuda", "what": "fwd", "plan": name, "detail": repr(plan),
+                     "ms": graph_time(forward(plan), replays)})
+    _, h = sketched_linear_forward(x, S1s, S2s, U1s, U2s, bias, plan=default)
+    for label, (tiles, split, dh_split) in backward_plans(T, I, O, R, x.dtype, sms, shared).items():
+        def bwd(tiles=tiles, split=split, dh_split=dh_split):
+            sketched_linear_backward(grad, x, h, S1s, S2s, U1s, U2s, NEEDS, split=split, dh_split=dh_split,
+                                     tiles=tiles)
+
+        detail = f"tiles={tiles or rule_tiles} split={split or 'rule'} dh_split={dh_split or 'rule'}"
+        rows.append({"impl": "cuda", "what": "bwd", "plan": label, "detail": detail, "ms": graph_time(bwd, replays)})
+    pairs = {"default": (default, None)}
+    for name in limits.CONFIGS:
+        if name in plans:
+            pairs[name] = (plans[name], name)
+    for label, (plan, tiles) in pairs.items():
+        def step(plan=plan, tiles=tiles):
+            _, hh = sketched_linear_forward(x, S1s, S2s, U1s, U2s, bias, plan=plan)
+            sketched_linear_backward(grad, x, hh, S1s, S2s, U1s, U2s, NEEDS, tiles=tiles)
+
+        rows.append({"impl": "cuda", "what": "fwd+bwd", "plan": label,
+                     "detail": f"{plan!r}, backward tiles={tiles or rule_tiles}", "ms": graph_time(step, replays)})
+    return rows
+
+
+def autograd_rows(impl: str, fn, leaves: list, grad, replays) -> List[dict]:
+    def reset():
+        for t in leaves:
+            t.grad = None
+
+    with torch.no_grad():
+        fwd = graph_time(lambda: fn(), replays)
+
+    def step():
+        fn().backward(grad)
+
+    return [{"impl": impl, "what": "fwd", "plan": "-", "detail": "", "ms": fwd},
+            {"impl": impl, "what": "fwd+bwd", "plan": "-", "detail": "", "ms": graph_time(step, replays, reset)}]
+
+
+def reference_rows(inputs, replays) -> List[dict]:
+    x, S1s, S2s, U1s, U2s, bias, grad = inputs
+    rows = []
+    xs, s1, s2, b = (t.detach().clone().requires_grad_() for t in (x, S1s, S2s, bias))
+    try:
+        import panther_triton
+
+        rows += autograd_rows("triton", lambda: panther_triton.sketched_linear(xs, s1, s2, U1s, U2s, b),
+                              [xs, s1, s2, b], grad, replays)
+    except Exception as e:  # reported, not fatal: the cuda rows are what the sweep is for
+        print(f"triton skipped: {type(e).__name__}: {e}", file=sys.stderr)
+    O, I = grad.shape[1], x.shape[1]
+    w = (torch.randn(O, I, device=x.device) * I**-0.5).to(x.dtype).requires_grad_()
+    xd, bd = x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    rows += autograd_rows("F.linear", lambda: torch.nn.functional.linear(xd, w, bd), [xd, w, bd], grad, replays)
+    return rows
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--quick", action="store_true", help="two shapes, 20 replays")
+    ap.add_argument("--replays", type=int, default=None, help="timed replays per call (default 50, --quick 20)")
+    ap.add_argument("--hbm", type=float, default=4.8, help="HBM bandwidth for the floor, TB/s (H200: 4.8)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("linear_sweep needs a CUDA GPU", file=sys.stderr)
+        return 2
+    replays = max(20, args.replays or (20 if args.quick else 50))
+    dtype, device = torch.bfloat16, torch.device("cuda")
+    started = time.time()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bfloat16", "L": L,
+              "k": K, "replays": replays, "hbm_tbps": args.hbm, "shapes": []}
+    for T, I, O in QUICK_SHAPES if args.quick else SHAPES:
+        inputs = make(T, I, O, dtype, device)
+        rows = cuda_rows(T, I, O, inputs, replays) + reference_rows(inputs, replays)
+        for r in rows:
+            r["floor_ms"] = floor_ms(T, I, O, 2, args.hbm, r["what"])
+            r["of_floor"] = r["floor_ms"] / r["ms"]
+        result["shapes"].append({"T": T, "I": I, "O": O, "rows": rows})
+        print(f"\nT={T} I=O={I} (L={L}, k={K}, bf16; CUDA graph, median of {replays} replays)")
+        print(f"| impl | pass | plan | ms | of HBM floor | detail |\n|---|---|---|---:|---:|---|")
+        for r in rows:
+            print(f"| {r['impl']} | {r['what']} | {r['plan']} | {r['ms']:.4f} | {100 * r['of_floor']:.0f} % | "
+                  f"{r['detail']} |")
+        del inputs
+        torch.cuda.empty_cache()
+    result["seconds"] = time.time() - started
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\n{args.out}: {len(result['shapes'])} shapes in {result['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
