@@ -530,7 +530,7 @@ def test_halo_launch_arguments(channels_last):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     R = 30
-    for variant, bm in ((None, 64), ("halo64", 64), ("halo128", 128), ("generic", None)):
+    for variant, bm in ((None, 64), ("halo64", 64), ("halo128", 128), ("halo64:4x16", 64), ("generic", None)):
         rec = _Recorder()
         with mock.patch.object(forward.Kernel, "__call__", lambda self, *a, **k: rec(self, *a, **k)), \
                 mock.patch.object(forward, "VARIANT", variant):
@@ -550,7 +550,9 @@ def test_halo_launch_arguments(channels_last):
         _check_arguments(fwd_call, "sketched_conv2d_fwd_halo")
         _check_arguments(dz_call, "conv_rank_halo")
         _check_arguments(z_call, "conv_rank_halo")
-        th, tw, cc, flags, hb = forward.halo_plan(x, S1s.reshape(R, -1), R, (3, 3), (1, 1), (1, 1), (9, 11), bm)
+        tile = (4, 16) if variant == "halo64:4x16" else None
+        th, tw, cc, flags, hb = forward.halo_plan(x, S1s.reshape(R, -1), R, (3, 3), (1, 1), (1, 1), (9, 11), bm, tile)
+        assert tile is None or (th, tw) == (4, 11)  # the forced tile, clipped to the output's 11 columns
         assert [int(a) for a in fwd_call[3][-4:]] == [th, tw, cc, flags]
         assert fwd_call[1] == (2 * -(-9 // th) * -(-11 // tw),)
         assert fwd_call[4] == forward.halo_shared_bytes(torch.bfloat16, 32, bm, hb)
@@ -572,6 +574,13 @@ def test_halo_plans_of_the_benchmark_cases():
         inner = forward.HALO_CHANNELS_INNER if layout == torch.channels_last else 0
         assert plan1[:4] == (8, 8, 16, forward.S_VECTOR | inner)
         assert plan2[:4] == (2, 28, 16, forward.S_VECTOR | inner)
+        # the backward's dZ: g (N, O, H', W') by U (R, O) as a 1x1 conv; NCHW rows of 112 and 56 bytes
+        g1 = torch.empty(32, 128, 56, 56, dtype=torch.bfloat16).contiguous(memory_format=layout)
+        dz1 = forward.halo_plan(g1, torch.empty(32, 128, dtype=torch.bfloat16), 32, (1, 1), (1, 1), (1, 1), (56, 56), 64)
+        g2 = torch.empty(64, 256, 28, 28, dtype=torch.bfloat16).contiguous(memory_format=layout)
+        dz2 = forward.halo_plan(g2, torch.empty(64, 256, dtype=torch.bfloat16), 64, (1, 1), (1, 1), (1, 1), (28, 28), 64)
+        assert dz1[:4] == ((8, 8, 32) if inner else (1, 56, 32)) + (forward.S_VECTOR | inner,)
+        assert dz2[:4] == (2, 28, 32, forward.S_VECTOR | inner)
 
 
 def test_halo_plan_refuses_what_the_halo_kernels_cannot_take():
@@ -752,7 +761,7 @@ EMU_CASES = [
 
 
 def _emu_id(c):
-    return "{}_{}_N{}_C{}_{}x{}_O{}_R{}_k{}x{}_s{}{}_p{}{}_d{}{}_bm{}".format(*c[:9], *c[9], *c[10], *c[11], *c[12], c[13])
+    return "{}_{}_N{}_C{}_{}x{}_O{}_T{}_R{}_k{}x{}_s{}{}_p{}{}_d{}{}_bm{}".format(*c[:9], *c[9], *c[10], *c[11], *c[12], c[13])
 
 
 @pytest.mark.parametrize("case", EMU_CASES, ids=_emu_id)

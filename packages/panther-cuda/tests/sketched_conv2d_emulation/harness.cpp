@@ -12,6 +12,8 @@
 #include <functional>
 #include <algorithm>
 #include <string>
+struct alignas(8) float2 { float x, y; };  // the CUDA vector type the epilogue's paired stores use
+inline float2 make_float2(float a, float b) { return float2{a, b}; }
 namespace panther { alignas(16) unsigned char smem[1 << 20]; }
 #include "sketched_conv2d.cu"
 using namespace panther;

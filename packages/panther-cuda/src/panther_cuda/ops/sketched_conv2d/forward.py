@@ -40,7 +40,8 @@ KC_MAX = 144  # im2col depth of one channel chunk, CC·kh·kw, at most (conv::KC
 HALO_CHANNELS_INNER, S_VECTOR = 1, 2  # the halo kernels' flags (conv::HALO_CHANNELS_INNER, conv::S_VECTOR)
 MAX_SHARED = 99 * 1024  # dynamic shared memory a plan may take (the opt-in limit of sm_86 / sm_89)
 # None: the halo kernels with BM = 64 where halo_plan allows, else the generic ones; "halo64" /
-# "halo128": that halo tile where allowed (else generic); "generic": the generic kernels. For timing.
+# "halo128": that many pixels per block where allowed (else generic), "halo64:4x16": with that tile of
+# TH x TW output pixels (clipped to the output) where allowed; "generic": the generic kernels. For timing.
 VARIANT: Optional[str] = None
 
 _CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
@@ -104,10 +105,12 @@ def _halo_chunk(C: int, KK: int, IH: int, IW: int, channels_inner: bool) -> int:
     return max(0, min(most, HALO_PASSES * (THREADS // IW) // IH))
 
 
-def halo_plan(x: Tensor, S: Tensor, R: int, kernel_size, stride, dilation, out_hw, bm: int):
+def halo_plan(x: Tensor, S: Tensor, R: int, kernel_size, stride, dilation, out_hw, bm: int, tile=None):
     """``(TH, TW, CC, flags, hb)`` of the halo kernels with ``bm`` pixels per block for x (N, C, H, W) and
-    S (R, C·kh·kw) contiguous, or None where they cannot run. The tile: fewest blocks, then the widest
-    (longer contiguous halo rows); the chunk: the most channels, 16-byte S copies where aligned."""
+    S (R, C·kh·kw) contiguous, or None where they cannot run. The tile (``tile`` = (TH, TW) forces one):
+    fewest blocks, then the widest (longer contiguous halo rows); for a 1x1 kernel on rows along W (no
+    halo to share, the loads are the cost), rows of 128 bytes first. The chunk: the most channels,
+    16-byte S copies where aligned."""
     N, C, H, W = x.shape
     (kh, kw), (sh, sw), (dh, dw), (Ho, Wo) = kernel_size, stride, dilation, out_hw
     KK = kh * kw
@@ -115,11 +118,16 @@ def halo_plan(x: Tensor, S: Tensor, R: int, kernel_size, stride, dilation, out_h
         return None
     channels_inner = x.stride(1) < x.stride(3)
     best = None
-    for tw in range(1, min(Wo, bm) + 1):
-        th = min(bm // tw, Ho)
+    if tile is not None:
+        tiles = [(min(tile[0], Ho), min(tile[1], Wo))] if tile[0] * tile[1] <= bm else []
+    else:
+        tiles = [(min(bm // tw, Ho), tw) for tw in range(1, min(Wo, bm) + 1)]
+    for th, tw in tiles:
         IH, IW = halo_extent(th, kh, sh, dh), halo_extent(tw, kw, sw, dw)
         cc = _halo_chunk(C, KK, IH, IW, channels_inner)
         key = (cdiv(Ho, th) * cdiv(Wo, tw), -tw)
+        if KK == 1 and not channels_inner:  # 32-byte sectors of a halo row, up to 128 bytes
+            key = (-min(IW * x.element_size(), 128) // 32,) + key
         if cc > 0 and (best is None or key < best[0]):
             best = (key, th, tw, cc, IH * IW)
     if best is None:
@@ -144,8 +152,12 @@ def _halo(x: Tensor, S: Tensor, R: int, kernel_size, stride, dilation, out_hw):
     """(bm, plan) of the halo kernels that VARIANT asks for, or None for the generic kernels."""
     if VARIANT == "generic":
         return None
-    bm = 128 if VARIANT == "halo128" else 64
-    plan = halo_plan(x, S, R, kernel_size, stride, dilation, out_hw, bm)
+    bm, tile = 64, None
+    if VARIANT is not None:
+        family, _, shape = VARIANT.partition(":")
+        bm = int(family[len("halo"):])
+        tile = tuple(int(n) for n in shape.split("x")) if shape else None
+    plan = halo_plan(x, S, R, kernel_size, stride, dilation, out_hw, bm, tile)
     return None if plan is None else (bm, plan)
 
 

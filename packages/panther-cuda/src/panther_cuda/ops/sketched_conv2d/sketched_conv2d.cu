@@ -345,6 +345,15 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 }
 #endif
 
+// Two adjacent outputs in one store (p aligned to two elements).
+template <typename T> __device__ __forceinline__ void store_pair(T* p, float a, float b) {
+    if constexpr (sizeof(T) == 2) {
+        *reinterpret_cast<unsigned*>(p) = pack2<T>(from_float<T>(a), from_float<T>(b));
+    } else {
+        *reinterpret_cast<float2*>(p) = make_float2(a, b);
+    }
+}
+
 // Row length of the S chunk in shared memory: KC_MAX plus the padding that spreads rows over the banks.
 template <typename T> struct HaloLd { static constexpr int value = KC_MAX + Pad<T>::value; };
 
@@ -673,6 +682,9 @@ sketched_conv2d_fwd_halo(const T* __restrict__ x, const T* __restrict__ S, const
             ybase[mt][hh] = h.n * syn + oh * syh + ow * syw;
         }
 
+    // channels contiguous in y (channels_last), O even, y aligned: columns o, o + 1 in one store
+    const bool pair = syc == 1 && (O & 1) == 0 && ((syn | syh | syw) & 1) == 0 &&
+                      (reinterpret_cast<unsigned long long>(y) & (2 * sizeof(T) - 1)) == 0;
     const T zero = from_float<T>(0.f);
     for (int o0 = 0; o0 < O; o0 += BN) {
         __syncthreads();  // Zs written (first pass) / the previous U tile read
@@ -695,13 +707,19 @@ sketched_conv2d_fwd_halo(const T* __restrict__ x, const T* __restrict__ S, const
 #pragma unroll
             for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int hh = i >> 1;
-                    const int o = o0 + nt * 8 + acc_col(lane, i);
-                    if (yvalid[mt][hh] && o < O) {
-                        float v = acc2[nt][i] * scale;
-                        if (bias != nullptr) v += to_float<T>(bias[o]);
-                        y[ybase[mt][hh] + o * syc] = from_float<T>(v);
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int o = o0 + nt * 8 + 2 * (lane & 3);  // this lane's columns o, o + 1
+                    if (!yvalid[mt][hh] || o >= O) continue;
+                    float v0 = acc2[nt][2 * hh] * scale, v1 = acc2[nt][2 * hh + 1] * scale;
+                    if (bias != nullptr) {
+                        v0 += to_float<T>(bias[o]);
+                        if (o + 1 < O) v1 += to_float<T>(bias[o + 1]);
+                    }
+                    if (pair) {
+                        store_pair<T>(y + ybase[mt][hh] + o, v0, v1);
+                    } else {
+                        y[ybase[mt][hh] + o * syc] = from_float<T>(v0);
+                        if (o + 1 < O) y[ybase[mt][hh] + (o + 1) * syc] = from_float<T>(v1);
                     }
                 }
         }
