@@ -6,8 +6,8 @@ For the two benchmark shapes (N=32 64->128 56x56 L=1 k=16; N=64 256->256 28x28 L
 bf16), NCHW and channels_last: the forward (under no_grad) and forward+backward (gradients of x, S1s /
 W and bias, as a training step asks) of each implementation, each captured in a CUDA graph and replayed;
 the L2 is flushed before each replay, outside the timed events; median and 20th / 80th percentiles of
---reps replays after warm-up. Implementations: ``cuda`` (the default choice), ``cuda:halo64``,
-``cuda:halo128``, ``cuda:generic`` (forward.VARIANT forced), ``torch`` (the torch backend), ``F.conv2d``
+--reps replays after warm-up. Implementations: ``cuda`` (the default choice), ``cuda:<variant>`` for each
+forward.VARIANT in VARIANTS (halo64, halo128, generic, forced tiles), ``torch`` (the torch backend), ``F.conv2d``
 (the dense layer), and with --compiled the peer a user would write (one conv to 2Lk channels, then the
 1x1 projection, under torch.compile). Each cuda variant's y is checked against a float32 reference
 first (max-normalised error printed). Prints a table; writes every number and the halo plan to --out.
@@ -32,7 +32,8 @@ CASES = [  # (N, C, O, H, W, L, k)
     (32, 64, 128, 56, 56, 1, 16),
     (64, 256, 256, 28, 28, 1, 32),
 ]
-VARIANTS = [None, "halo64", "halo128", "generic"]
+# forward.VARIANT values: the default choice, each family, and a few forced tiles (TH x TW output pixels)
+VARIANTS = [None, "halo64", "halo128", "generic", "halo64:4x16", "halo64:2x32", "halo64:1x64", "halo128:4x32"]
 FLUSH = torch.empty(0)
 
 
@@ -142,10 +143,10 @@ def main():
                     return panther.ops.sketched_conv2d(x, S1s, U1s, b, 1, 1, backend="cuda")
 
                 extra = {"variant": v}
-                if v != "generic":
-                    bm = 128 if v == "halo128" else 64
-                    plan = forward.halo_plan(x, S1s.reshape(R, -1), R, (3, 3), (1, 1), (1, 1), (H, W), bm)
-                    extra["plan"] = None if plan is None else dict(zip(("TH", "TW", "CC", "flags", "hb"), plan))
+                with variant(v):
+                    halo = forward._halo(x, S1s.reshape(R, -1), R, (3, 3), (1, 1), (1, 1), (H, W))
+                extra["plan"] = None if halo is None else dict(zip(("BM", "TH", "TW", "CC", "flags", "hb"),
+                                                                   (halo[0], *halo[1])))
                 with torch.no_grad(), variant(v):
                     y = run(x, S1s, U1s, b)
                 extra["rel_err"] = ((y.float() - ref).abs().max() / ref.abs().max()).item()
@@ -172,7 +173,7 @@ def main():
         speed = b_["fwd_bwd"]["median_ms"] / r["fwd_bwd"]["median_ms"] if b_ else float("nan")
         err = f"{r['rel_err']:.2e}" if "rel_err" in r else ""
         plan = r.get("plan")
-        plan_s = "" if plan is None else f"{plan['TH']}x{plan['TW']} CC={plan['CC']} flags={plan['flags']}"
+        plan_s = "" if plan is None else f"BM={plan['BM']} {plan['TH']}x{plan['TW']} CC={plan['CC']} flags={plan['flags']}"
         print(f"{r['case']:44s} {r['impl']:14s} {r['fwd']['median_ms']:8.3f} {r['fwd_bwd']['median_ms']:8.3f} "
               f"{speed:6.2f}x {err:>9s}  {plan_s}")
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "reps": a.reps,
