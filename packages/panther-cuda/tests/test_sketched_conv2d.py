@@ -56,7 +56,7 @@ CASES = {
 }
 # Cases every kernel family takes (R <= 64): run with each forced (forward.VARIANT).
 HALO_CASES = ["3x3_R6", "1x1_N1_R20", "5x5_pad2_R48", "stride2_R6", "dilation2_pad2", "chunks_C40_R30_O70"]
-VARIANTS = ["halo64", "halo128", "generic"]
+VARIANTS = ["halo64", "halo128", "halo64:1x64", "generic"]
 
 
 def make_inputs(N, C, H, W, O, terms, k, ks, dtype, device="cuda", bias=True, seed=0):
@@ -172,8 +172,7 @@ def test_each_kernel_family(name, dtype, layout, variant, ieee_float32):
         S = inputs[1].reshape(R, -1)
         Ho, Wo = torch.nn.functional.conv2d(x[:1].float(), S.float().view(R, x.shape[1], *inputs[1].shape[3:]),
                                             None, *conv).shape[2:]
-        bm = int(variant[4:])
-        assert forward.halo_plan(x, S, R, inputs[1].shape[3:], conv[0], conv[2], (Ho, Wo), bm) is not None
+        assert forward._halo(x, S, R, inputs[1].shape[3:], conv[0], conv[2], (Ho, Wo)) is not None
     run_and_compare((x, *inputs[1:]), conv, GRADS, TOL[dtype])
 
 

@@ -18,6 +18,7 @@ bias made contiguous here (they are small).
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -95,11 +96,8 @@ def _halo_chunk(C: int, KK: int, IH: int, IW: int, channels_inner: bool) -> int:
     """The most channels per chunk (0: none fit): CC·kh·kw <= KC_MAX and each thread's share of the chunk's
     halo <= HALO_PASSES, with lanes along iw (a row of IW <= THREADS) or along c (CC <= THREADS)."""
     most = min(C, KC_MAX // KK)
-    if channels_inner:
-        for cc in range(min(most, THREADS), 0, -1):
-            if cdiv(IH * IW, THREADS // cc) <= HALO_PASSES:
-                return cc
-        return 0
+    if channels_inner:  # passes cdiv(IH IW, THREADS // CC) <= HALO_PASSES
+        return min(most, THREADS, THREADS // cdiv(IH * IW, HALO_PASSES))
     if IW > THREADS:
         return 0
     return max(0, min(most, HALO_PASSES * (THREADS // IW) // IH))
@@ -111,12 +109,21 @@ def halo_plan(x: Tensor, S: Tensor, R: int, kernel_size, stride, dilation, out_h
     fewest blocks, then the widest (longer contiguous halo rows); for a 1x1 kernel on rows along W (no
     halo to share, the loads are the cost), rows of 128 bytes first. The chunk: the most channels,
     16-byte S copies where aligned."""
-    N, C, H, W = x.shape
-    (kh, kw), (sh, sw), (dh, dw), (Ho, Wo) = kernel_size, stride, dilation, out_hw
+    N, C = x.shape[:2]
+    channels_inner = x.stride(1) < x.stride(3)
+    s_aligned = S.data_ptr() % 16 == 0
+    return _plan(int(N), int(C), x.dtype, channels_inner, s_aligned, int(R), *(int(v) for v in kernel_size),
+                 *(int(v) for v in stride), *(int(v) for v in dilation), *(int(v) for v in out_hw), int(bm),
+                 None if tile is None else tuple(tile))
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(N, C, dtype, channels_inner, s_aligned, R, kh, kw, sh, sw, dh, dw, Ho, Wo, bm, tile):
+    """halo_plan from plain values (cached: the search runs once per shape)."""
     KK = kh * kw
     if R > HALO_RANKS[-1] or KK > KC_MAX or Ho * Wo == 0:
         return None
-    channels_inner = x.stride(1) < x.stride(3)
+    size = torch.empty((), dtype=dtype).element_size()
     best = None
     if tile is not None:
         tiles = [(min(tile[0], Ho), min(tile[1], Wo))] if tile[0] * tile[1] <= bm else []
@@ -127,21 +134,21 @@ def halo_plan(x: Tensor, S: Tensor, R: int, kernel_size, stride, dilation, out_h
         cc = _halo_chunk(C, KK, IH, IW, channels_inner)
         key = (cdiv(Ho, th) * cdiv(Wo, tw), -tw)
         if KK == 1 and not channels_inner:  # 32-byte sectors of a halo row, up to 128 bytes
-            key = (-min(IW * x.element_size(), 128) // 32,) + key
+            key = (-min(IW * size, 128) // 32,) + key
         if cc > 0 and (best is None or key < best[0]):
             best = (key, th, tw, cc, IH * IW)
     if best is None:
         return None
     _, th, tw, cc, hs = best
     flags = HALO_CHANNELS_INNER if channels_inner else 0
-    ve = 16 // S.element_size()  # elements of one 16-byte copy
-    if (C * KK) % ve == 0 and S.data_ptr() % 16 == 0:
+    ve = 16 // size  # elements of one 16-byte copy
+    if (C * KK) % ve == 0 and s_aligned:
         aligned = next((c for c in range(cc, 0, -1) if (c * KK) % ve == 0), 0)
         if 2 * aligned >= cc:  # at most half the chunk given up for the wide copies
             cc, flags = aligned, flags | S_VECTOR
     hb = cdiv((cc + 1) * hs, 8) * 8
     rp = next(w for w in HALO_RANKS if w >= R)
-    if halo_shared_bytes(x.dtype, rp, bm, hb) > MAX_SHARED:
+    if halo_shared_bytes(dtype, rp, bm, hb) > MAX_SHARED:
         return None
     if N * cdiv(Ho, th) * cdiv(Wo, tw) >= 2**31:
         return None
