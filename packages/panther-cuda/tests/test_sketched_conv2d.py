@@ -4,12 +4,17 @@ GPU tests (marked `gpu`) compare each dtype with the torch backend's op run in f
 (rounded) inputs, as max-normalised errors. The shapes are ragged (channels, H, W and 2·L·k off every tile
 size; several pixel blocks with a partial last one; O over one and over several epilogue tiles) and each
 on-chip width of the fused forward (RP = 16, 32, 64, 128, 192, 256) and of the rank kernel (16, 32, 64)
-runs at least once. CPU tests check the limits and the allocation rules (fake kernels, on meta tensors).
+runs at least once; each kernel family (halo tiles of 64 and 128 pixels, generic) is forced in turn.
+CPU tests check the limits and the allocation rules (fake kernels, on meta tensors), and run the halo
+kernels themselves on the CPU under the CUDA emulation of sketched_linear_emulation/cuda_emulation.h
+(harness: sketched_conv2d_emulation/harness.cpp) against float64 loops.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from unittest import mock
 
@@ -46,7 +51,12 @@ CASES = {
     "mixed_pairs_R66_O70": (1, 17, 7, 9, 70, 6, 11, (3, 2), (2, 1), (0, 1), (1, 2)),
     "deep_R192_O130": (2, 64, 10, 9, 130, 8, 24, (3, 3), (1, 1), (1, 1), (1, 1)),
     "R256": (1, 3, 6, 6, 4, 4, 64, (3, 3), (1, 1), (1, 1), (1, 1)),
+    # 40 channels: chunks of 8 (16-byte S copies in 16-bit types) or 16, the last one partial
+    "chunks_C40_R30_O70": (2, 40, 9, 11, 70, 2, 15, (3, 3), (1, 1), (1, 1), (1, 1)),
 }
+# Cases every kernel family takes (R <= 64): run with each forced (forward.VARIANT).
+HALO_CASES = ["3x3_R6", "1x1_N1_R20", "5x5_pad2_R48", "stride2_R6", "dilation2_pad2", "chunks_C40_R30_O70"]
+VARIANTS = ["halo64", "halo128", "halo64:1x64", "generic"]
 
 
 def make_inputs(N, C, H, W, O, terms, k, ks, dtype, device="cuda", bias=True, seed=0):
@@ -137,6 +147,41 @@ def _case(name, dtype, **kw):
 def test_matches_float64_reference(name, dtype, ieee_float32):
     inputs, conv = _case(name, dtype)
     run_and_compare(inputs, conv, GRADS, TOL[dtype])
+
+
+@pytest.fixture
+def variant(request):
+    """forward.VARIANT forced for the test (the kernel family: halo64, halo128, generic)."""
+    previous = forward.VARIANT
+    forward.VARIANT = request.param
+    yield request.param
+    forward.VARIANT = previous
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", VARIANTS, indirect=True)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", HALO_CASES)
+def test_each_kernel_family(name, dtype, layout, variant, ieee_float32):
+    """Forward and every gradient with each kernel family forced (the backward's dZ and Z use it too)."""
+    inputs, conv = _case(name, dtype)
+    x = inputs[0].contiguous(memory_format=torch.channels_last) if layout == "channels_last" else inputs[0]
+    if variant != "generic":  # the family forced is the one that runs
+        R = inputs[1].shape[0] * inputs[1].shape[1]
+        S = inputs[1].reshape(R, -1)
+        Ho, Wo = torch.nn.functional.conv2d(x[:1].float(), S.float().view(R, x.shape[1], *inputs[1].shape[3:]),
+                                            None, *conv).shape[2:]
+        assert forward._halo(x, S, R, inputs[1].shape[3:], conv[0], conv[2], (Ho, Wo)) is not None
+    run_and_compare((x, *inputs[1:]), conv, GRADS, TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["halo64", "halo128"], indirect=True)
+@pytest.mark.parametrize("name", ["3x3_R6", "chunks_C40_R30_O70"])
+def test_halo_kernels_as_tf32(name, variant, tf32):
+    inputs, conv = _case(name, torch.float32)
+    run_and_compare(inputs, conv, GRADS, TOL_TF32)
 
 
 @pytest.mark.gpu
@@ -470,10 +515,89 @@ def test_exact_float32_selects_the_ffma_kernels():
         (y,) = forward.forward_outputs(x.half(), S1s.half(), U1s.half(), None, 1, 1, 1, 1, 1, 1, False)
         forward.sketched_conv2d_forward(y, x.half(), S1s.half(), U1s.half(), None, *conv, False)
     assert [c[0] for c in rec.calls] == [
-        "panther::sketched_conv2d_fwd<float, 16, true>",
-        "panther::sketched_conv2d_fwd<float, 16, false>",
-        "panther::sketched_conv2d_fwd<__half, 16, false>",
+        "panther::sketched_conv2d_fwd_halo<float, 16, true, 64>",
+        "panther::sketched_conv2d_fwd_halo<float, 16, false, 64>",
+        "panther::sketched_conv2d_fwd_halo<__half, 16, false, 64>",
     ]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_halo_launch_arguments(channels_last):
+    """The halo kernels' launches (forward, dZ, Z): declared argument types, one block per tile of the plan,
+    the plan's tile, chunk and flags appended, the shared memory the plan needs; VARIANT picks the family."""
+    (x, S1s, U1s, b), conv = _case("chunks_C40_R30_O70", torch.bfloat16, device="cpu")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    R = 30
+    for variant, bm in ((None, 64), ("halo64", 64), ("halo128", 128), ("halo64:4x16", 64), ("generic", None)):
+        rec = _Recorder()
+        with mock.patch.object(forward.Kernel, "__call__", lambda self, *a, **k: rec(self, *a, **k)), \
+                mock.patch.object(forward, "VARIANT", variant):
+            (y,) = forward.forward_outputs(x, S1s, U1s, b, 1, 1, 1, 1, 1, 1, True)
+            forward.sketched_conv2d_forward(y, x, S1s, U1s, b, *conv, True)
+            grads = [torch.empty_like(t) for t in (x, S1s, U1s, b)]
+            backward.sketched_conv2d_backward(grads, torch.randn(y.shape, dtype=y.dtype), x, S1s, U1s, *conv,
+                                              (True,) * 4, True)
+        fwd_call, dz_call, z_call = rec.calls
+        if bm is None:
+            assert [c[0] for c in rec.calls] == ["panther::sketched_conv2d_fwd<__nv_bfloat16, 32, false>",
+                                                 "panther::conv_rank<__nv_bfloat16, 32, false>",
+                                                 "panther::conv_rank<__nv_bfloat16, 32, false>"]
+            continue
+        assert fwd_call[0] == f"panther::sketched_conv2d_fwd_halo<__nv_bfloat16, 32, false, {bm}>"
+        assert dz_call[0] == z_call[0] == f"panther::conv_rank_halo<__nv_bfloat16, 32, false, {bm}>"
+        _check_arguments(fwd_call, "sketched_conv2d_fwd_halo")
+        _check_arguments(dz_call, "conv_rank_halo")
+        _check_arguments(z_call, "conv_rank_halo")
+        tile = (4, 16) if variant == "halo64:4x16" else None
+        th, tw, cc, flags, hb = forward.halo_plan(x, S1s.reshape(R, -1), R, (3, 3), (1, 1), (1, 1), (9, 11), bm, tile)
+        assert tile is None or (th, tw) == (4, 11)  # the forced tile, clipped to the output's 11 columns
+        assert [int(a) for a in fwd_call[3][-4:]] == [th, tw, cc, flags]
+        assert fwd_call[1] == (2 * -(-9 // th) * -(-11 // tw),)
+        assert fwd_call[4] == forward.halo_shared_bytes(torch.bfloat16, 32, bm, hb)
+        assert tuple(int(s) for s in fwd_call[3][21:29]) == (*x.stride(), *y.stride())
+        assert bool(flags & forward.HALO_CHANNELS_INNER) == channels_last
+        assert [int(a) for a in dz_call[3][3:16]] == [70, 9, 11, 9, 11, 1, 1, 1, 1, 0, 0, 1, 1]  # g: a 1x1 conv
+
+
+def test_halo_plans_of_the_benchmark_cases():
+    """The tiles the halo kernels take at the two benchmark shapes (bf16): whole blocks of 8 x 8 pixels at
+    56 x 56, 2 x 28 at 28 x 28; 16 channels (144 = C·kh·kw rows of S, copied 16 bytes at a time)."""
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x1 = torch.empty(32, 64, 56, 56, dtype=torch.bfloat16).contiguous(memory_format=layout)
+        plan1 = forward.halo_plan(x1, torch.empty(32, 576, dtype=torch.bfloat16), 32, (3, 3), (1, 1), (1, 1),
+                                  (56, 56), 64)
+        x2 = torch.empty(64, 256, 28, 28, dtype=torch.bfloat16).contiguous(memory_format=layout)
+        plan2 = forward.halo_plan(x2, torch.empty(64, 2304, dtype=torch.bfloat16), 64, (3, 3), (1, 1), (1, 1),
+                                  (28, 28), 64)
+        inner = forward.HALO_CHANNELS_INNER if layout == torch.channels_last else 0
+        assert plan1[:4] == (8, 8, 16, forward.S_VECTOR | inner)
+        assert plan2[:4] == (2, 28, 16, forward.S_VECTOR | inner)
+        # the backward's dZ: g (N, O, H', W') by U (R, O) as a 1x1 conv; NCHW rows of 112 and 56 bytes
+        g1 = torch.empty(32, 128, 56, 56, dtype=torch.bfloat16).contiguous(memory_format=layout)
+        dz1 = forward.halo_plan(g1, torch.empty(32, 128, dtype=torch.bfloat16), 32, (1, 1), (1, 1), (1, 1), (56, 56), 64)
+        g2 = torch.empty(64, 256, 28, 28, dtype=torch.bfloat16).contiguous(memory_format=layout)
+        dz2 = forward.halo_plan(g2, torch.empty(64, 256, dtype=torch.bfloat16), 64, (1, 1), (1, 1), (1, 1), (28, 28), 64)
+        assert dz1[:4] == ((8, 8, 32) if inner else (1, 56, 32)) + (forward.S_VECTOR | inner,)
+        assert dz2[:4] == (2, 28, 32, forward.S_VECTOR | inner)
+
+
+def test_halo_plan_refuses_what_the_halo_kernels_cannot_take():
+    x = torch.empty(2, 8, 30, 300)
+    S = torch.empty(16, 72)
+    assert forward.halo_plan(x, torch.empty(80, 72), 80, (3, 3), (1, 1), (1, 1), (28, 298), 64) is None  # R > 64
+    assert forward.halo_plan(x, torch.empty(16, 8 * 169), 16, (13, 13), (1, 1), (1, 1), (18, 288), 64) is None
+    # a 1 x 64 tile whose halo row is 64 * 3 + 2 > 128 wide at stride 3 still finds a narrower tile
+    plan = forward.halo_plan(x, S, 16, (3, 3), (3, 3), (1, 1), (10, 100), 64)
+    assert plan is not None and forward.halo_extent(plan[1], 3, 3, 1) <= forward.THREADS
+    for bm in forward.HALO_TILES:
+        for dtype in DTYPES:
+            for shape in [(1, 3, 5, 7), (4, 64, 56, 56), (2, 300, 9, 9), (1, 1, 200, 3)]:
+                xx = torch.empty(shape, dtype=dtype)
+                plan = forward.halo_plan(xx, torch.empty(64, shape[1] * 9, dtype=dtype), 64, (3, 3), (1, 1), (1, 1),
+                                         shape[2:], bm)
+                if plan is not None:
+                    assert forward.halo_shared_bytes(dtype, 64, bm, plan[4]) <= forward.MAX_SHARED
 
 
 # --- CPU: the op's host side around kernels emulated in torch ---------------------------------------------------
@@ -560,3 +684,104 @@ def test_op_around_emulated_kernels_compiles_fullgraph(emulated_kernels):
     torch.testing.assert_close(y_c, y_e, rtol=1e-12, atol=1e-12)
     for a, e in zip(g_c, g_e):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+# --- CPU: the halo kernels under the CUDA emulation ------------------------------------------------------------
+
+EMU_DIR = Path(__file__).resolve().parent / "sketched_conv2d_emulation"
+EMU_INCLUDE = Path(__file__).resolve().parent / "sketched_linear_emulation"  # cuda_emulation.h
+OP_DIR = Path(forward.__file__).resolve().parent
+COMMON = OP_DIR.parents[1] / "include" / "panther_cuda" / "common.cuh"
+EMULATED_MMA = """template <> struct Mma<bf16> { static constexpr int K = 16;
+  static void run(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) { emu_mma<bf16, 16>(d, a, b); } };
+template <> struct Mma<f16> { static constexpr int K = 16;
+  static void run(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) { emu_mma<f16, 16>(d, a, b); } };
+template <> struct Mma<float> { static constexpr int K = 8;
+  static void run(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) { emu_mma<float, 8>(d, a, b); } };
+
+"""
+EMU_DTYPES = {"float32": torch.float32, "tf32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+EMU_TOL = {"float32": 2e-5, "tf32": 8e-3, "float16": 8e-3, "bfloat16": 3e-2}
+
+
+def emulated_common(text: str) -> str:
+    """common.cuh for the host: the emulation's types, and its tf32 conversion and mma in place of the
+    inline assembly; the fragment loaders and every other line as they are."""
+    text = text.replace("#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n", '#include "cuda_emulation.h"\n')
+    text, n = re.subn(r"__device__ __forceinline__ unsigned to_tf32\(float v\) \{.*?\n\}\n",
+                      "__device__ __forceinline__ unsigned to_tf32(float v) { return emu_to_tf32(v); }\n", text, flags=re.S)
+    start, end = text.index("template <> struct Mma<bf16>"), text.index("// Fragments from tiles")
+    text = text[:start] + EMULATED_MMA + text[end:]
+    assert n == 1 and "asm" not in text, "common.cuh changed shape: update emulated_common()"
+    return text
+
+
+@pytest.fixture(scope="module")
+def conv_emulator(tmp_path_factory):
+    """The conv harness binary: sketched_conv2d.cu compiled for the host (skips without a C++20 compiler
+    with _Float16 and <barrier>)."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    d = tmp_path_factory.mktemp("sketched_conv2d_emulation")
+    probe = d / "probe.cpp"
+    probe.write_text("#include <barrier>\nint main() { _Float16 h = 1; std::barrier<> b(1); return (int)(float)h - 1; }\n")
+    if subprocess.run([cxx, "-std=c++20", "-pthread", str(probe), "-o", str(d / "probe")], capture_output=True).returncode:
+        pytest.skip(f"{cxx} lacks C++20 <barrier> or _Float16")
+    (d / "panther_cuda").mkdir()
+    (d / "panther_cuda" / "common.cuh").write_text(emulated_common(COMMON.read_text()))
+    exe = d / "harness"
+    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas", f"-I{d}", f"-I{EMU_INCLUDE}", f"-I{OP_DIR}",
+           str(EMU_DIR / "harness.cpp"), "-o", str(exe)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, f"the kernels do not compile for the host:\n{r.stderr[-6000:]}"
+    return exe
+
+
+# (mode, layout, N, C, H, W, O, terms, R, (kh, kw), stride, padding, dilation, BM, bias)
+EMU_CASES = [
+    ("float32", "nchw", 2, 5, 9, 11, 7, 2, 6, (3, 3), (1, 1), (1, 1), (1, 1), 64, 1),  # one chunk, KC = 45 of 48
+    ("float32", "channels_last", 1, 19, 13, 12, 9, 2, 17, (3, 3), (2, 2), (0, 0), (1, 1), 64, 0),  # chunks 16 + 3
+    ("float32", "nchw", 1, 40, 9, 11, 70, 2, 30, (3, 3), (1, 1), (1, 1), (1, 1), 128, 1),  # S in 16-byte copies
+    ("tf32", "nchw", 2, 3, 7, 9, 5, 2, 10, (5, 3), (1, 2), (2, 1), (1, 2), 64, 1),  # mixed pairs, zero taps
+    ("tf32", "channels_last", 1, 19, 13, 12, 9, 2, 17, (3, 3), (2, 2), (0, 0), (1, 1), 128, 1),
+    ("tf32", "channels_last", 2, 20, 8, 8, 66, 4, 64, (3, 3), (1, 1), (1, 1), (1, 1), 64, 1),  # RP = 64, O = 66
+    ("float16", "nchw", 2, 40, 9, 11, 70, 2, 30, (3, 3), (1, 1), (1, 1), (1, 1), 64, 1),  # 8-channel copies
+    ("float16", "channels_last", 2, 40, 9, 11, 70, 2, 30, (3, 3), (1, 1), (1, 1), (1, 1), 64, 1),
+    ("float16", "nchw", 1, 37, 10, 13, 20, 2, 16, (1, 1), (1, 1), (0, 0), (1, 1), 64, 1),  # 1x1, the dZ shape
+    ("float16", "channels_last", 1, 7, 15, 14, 9, 2, 12, (3, 3), (1, 1), (2, 2), (2, 2), 128, 1),  # dilation 2
+    ("bfloat16", "nchw", 2, 5, 9, 11, 7, 2, 6, (3, 3), (1, 1), (1, 1), (1, 1), 64, 1),
+    ("bfloat16", "channels_last", 1, 21, 12, 13, 67, 4, 64, (3, 3), (1, 1), (2, 2), (2, 2), 128, 1),
+    ("bfloat16", "nchw", 1, 16, 11, 10, 33, 2, 24, (3, 3), (2, 2), (1, 1), (1, 1), 64, 0),  # stride 2, one chunk
+    ("bfloat16", "nchw", 1, 24, 17, 5, 10, 2, 8, (3, 3), (1, 1), (1, 1), (1, 1), 128, 1),  # narrow: 5 columns
+    ("bfloat16", "channels_last", 1, 130, 6, 7, 12, 2, 32, (1, 1), (1, 1), (0, 0), (1, 1), 64, 1),  # 1x1, C > 128
+    ("bfloat16", "nchw", 3, 9, 4, 4, 5, 2, 2, (2, 2), (1, 1), (0, 0), (1, 1), 64, 1),  # R = 2, even kernel
+]
+
+
+def _emu_id(c):
+    return "{}_{}_N{}_C{}_{}x{}_O{}_T{}_R{}_k{}x{}_s{}{}_p{}{}_d{}{}_bm{}".format(*c[:9], *c[9], *c[10], *c[11], *c[12], c[13])
+
+
+@pytest.mark.parametrize("case", EMU_CASES, ids=_emu_id)
+def test_halo_kernels_under_emulation(conv_emulator, case):
+    """sketched_conv2d_fwd_halo (y) and conv_rank_halo (z) with the plan the host code picks, against float64."""
+    mode, layout, N, C, H, W, O, terms, R, ks, st, pd, dl, bm, bias = case
+    dtype = EMU_DTYPES[mode]
+    x = torch.empty(N, C, H, W, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    S = torch.empty(R, C * ks[0] * ks[1], dtype=dtype)
+    Ho, Wo = (forward.output_size(n, k, s, p, d) for n, k, s, p, d in zip((H, W), ks, st, pd, dl))
+    plan = forward.halo_plan(x, S, R, ks, st, dl, (Ho, Wo), bm)
+    assert plan is not None
+    th, tw, cc, flags, hb = plan
+    rp = next(w for w in forward.HALO_RANKS if w >= R)
+    shared = forward.halo_shared_bytes(dtype, rp, bm, hb)
+    args = [mode, layout, N, C, H, W, O, terms, R, *ks, *st, *pd, *dl, bm, th, tw, cc, flags, shared, bias]
+    r = subprocess.run([str(conv_emulator), *map(str, args)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    errs = {name: float(v) for name, v in (line.split() for line in r.stdout.split("\n") if line.strip())}
+    assert set(errs) == {"y", "z"}
+    bad = {k: v for k, v in errs.items() if not v <= EMU_TOL[mode]}
+    assert not bad, f"errors above {EMU_TOL[mode]:g}: {bad} (all: {errs}; plan {plan})"

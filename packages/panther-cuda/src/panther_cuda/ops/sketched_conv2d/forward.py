@@ -1,9 +1,16 @@
 """Launchers of the sketched conv2d kernels (``sketched_conv2d.cu``) and the forward pass.
 
 * :func:`sketched_conv2d_forward` — y = U1ᵀ conv(x, S1) / (2L) + b in one fused kernel; the intermediate
-  Z = conv(x, S1) (2·L·k channels) stays in shared memory.
+  Z = conv(x, S1) (2·L·k channels) stays on chip.
 * :func:`conv_rank` — Z = scale · conv(x, S) written to memory (the backward's dZ and recomputed Z).
 * :func:`forward_outputs` — the output, allocated in the input's memory format (also the fake kernel).
+
+Two kernel families compute the same math. The halo kernels (``*_halo``, R <= 64) take a tile of TH x TW
+output pixels of one image per block and load the input halo of those pixels, a chunk of CC channels at
+a time, into shared memory with coalesced loads; :func:`halo_plan` picks the tile and the chunk, or
+returns None where the limits of those kernels are passed (R > 64, a kernel window of more than 144
+taps, a halo row too wide), and the generic kernels (``sketched_conv2d_fwd``, ``conv_rank``: 64 output
+pixels per block gathered element by element) take the rest. :data:`VARIANT` forces one of them.
 
 Tensors in the kernels: x and the output by strides (NCHW, channels_last or any other); S1s, U1s and
 bias made contiguous here (they are small).
@@ -11,6 +18,7 @@ bias made contiguous here (they are small).
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -26,15 +34,27 @@ BN = 64  # output channels per epilogue tile (conv::BN)
 THREADS = 128
 RANK_TILES = (16, 32, 64, 128, 192, 256)  # the fused forward's on-chip widths RP of Z (>= R)
 
+HALO_TILES = (64, 128)  # output pixels per block of the halo kernels (template parameter BM)
+HALO_RANKS = (16, 32, 64)  # their widths RP of Z (>= R)
+HALO_PASSES = 16  # halo elements one thread loads per channel chunk, at most (conv::HALO_PASSES)
+KC_MAX = 144  # im2col depth of one channel chunk, CC·kh·kw, at most (conv::KC_MAX)
+HALO_CHANNELS_INNER, S_VECTOR = 1, 2  # the halo kernels' flags (conv::HALO_CHANNELS_INNER, conv::S_VECTOR)
+MAX_SHARED = 99 * 1024  # dynamic shared memory a plan may take (the opt-in limit of sm_86 / sm_89)
+# None: the halo kernels with BM = 64 where halo_plan allows, else the generic ones; "halo64" /
+# "halo128": that many pixels per block where allowed (else generic), "halo64:4x16": with that tile of
+# TH x TW output pixels (clipped to the output) where allowed; "generic": the generic kernels. For timing.
+VARIANT: Optional[str] = None
+
 _CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 _kernels: Dict[Tuple[str, str, int, bool], Kernel] = {}
 
 
-def _kernel(name: str, dtype: torch.dtype, width: int, exact: bool) -> Kernel:
-    key = (name, _CTYPES[dtype], width, exact)
+def _kernel(name: str, dtype: torch.dtype, width: int, exact: bool, bm: Optional[int] = None) -> Kernel:
+    key = (name, _CTYPES[dtype], width, exact, bm)
     kernel = _kernels.get(key)
     if kernel is None:
-        expression = f"panther::{name}<{key[1]}, {width}, {'true' if exact else 'false'}>"
+        tail = "" if bm is None else f", {bm}"
+        expression = f"panther::{name}<{key[1]}, {width}, {'true' if exact else 'false'}{tail}>"
         kernel = _kernels[key] = Kernel(SOURCE, expression)
     return kernel
 
@@ -55,6 +75,97 @@ def fwd_shared_bytes(dtype: torch.dtype, rp: int) -> int:
     pad, size = _pad(dtype), torch.empty((), dtype=dtype).element_size()
     rc = min(rp, 64)
     return size * BM * (rp + pad) + max(rank_shared_bytes(dtype, rc), size * rc * (BN + pad))
+
+
+def halo_shared_bytes(dtype: torch.dtype, rp: int, bm: int, hb: int) -> int:
+    """Dynamic shared memory of the halo kernels <T, rp, ., bm> with halo buffers of ``hb`` elements: the
+    column and pixel tables (KC_MAX + bm ints), then the larger of the main loop's two halo buffers and
+    two S buffers (rp x (KC_MAX + pad)) and the epilogue's Z (bm x (rp + pad)) and U tile (rp x (BN + pad))."""
+    pad, size = _pad(dtype), torch.empty((), dtype=dtype).element_size()
+    loop = 2 * hb + 2 * rp * (KC_MAX + pad)
+    epilogue = bm * (rp + pad) + rp * (BN + pad)
+    return 4 * (KC_MAX + bm) + size * max(loop, epilogue)
+
+
+def halo_extent(tile: int, kernel: int, stride: int, dilation: int) -> int:
+    """Input rows (columns) that ``tile`` output rows (columns) read."""
+    return (tile - 1) * stride + (kernel - 1) * dilation + 1
+
+
+def _halo_chunk(C: int, KK: int, IH: int, IW: int, channels_inner: bool) -> int:
+    """The most channels per chunk (0: none fit): CC·kh·kw <= KC_MAX and each thread's share of the chunk's
+    halo <= HALO_PASSES, with lanes along iw (a row of IW <= THREADS) or along c (CC <= THREADS)."""
+    most = min(C, KC_MAX // KK)
+    if channels_inner:  # passes cdiv(IH IW, THREADS // CC) <= HALO_PASSES
+        return min(most, THREADS, THREADS // cdiv(IH * IW, HALO_PASSES))
+    if IW > THREADS:
+        return 0
+    return max(0, min(most, HALO_PASSES * (THREADS // IW) // IH))
+
+
+def halo_plan(x: Tensor, S: Tensor, R: int, kernel_size, stride, dilation, out_hw, bm: int, tile=None):
+    """``(TH, TW, CC, flags, hb)`` of the halo kernels with ``bm`` pixels per block for x (N, C, H, W) and
+    S (R, C·kh·kw) contiguous, or None where they cannot run. The tile (``tile`` = (TH, TW) forces one):
+    fewest blocks, then the widest (longer contiguous halo rows); for a 1x1 kernel on rows along W (no
+    halo to share, the loads are the cost), rows of 128 bytes first. The chunk: the most channels,
+    16-byte S copies where aligned."""
+    N, C = x.shape[:2]
+    channels_inner = x.stride(1) < x.stride(3)
+    s_aligned = S.data_ptr() % 16 == 0
+    return _plan(int(N), int(C), x.dtype, channels_inner, s_aligned, int(R), *(int(v) for v in kernel_size),
+                 *(int(v) for v in stride), *(int(v) for v in dilation), *(int(v) for v in out_hw), int(bm),
+                 None if tile is None else tuple(tile))
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(N, C, dtype, channels_inner, s_aligned, R, kh, kw, sh, sw, dh, dw, Ho, Wo, bm, tile):
+    """halo_plan from plain values (cached: the search runs once per shape)."""
+    KK = kh * kw
+    if R > HALO_RANKS[-1] or KK > KC_MAX or Ho * Wo == 0:
+        return None
+    size = torch.empty((), dtype=dtype).element_size()
+    best = None
+    if tile is not None:
+        tiles = [(min(tile[0], Ho), min(tile[1], Wo))] if tile[0] * tile[1] <= bm else []
+    else:
+        tiles = [(min(bm // tw, Ho), tw) for tw in range(1, min(Wo, bm) + 1)]
+    for th, tw in tiles:
+        IH, IW = halo_extent(th, kh, sh, dh), halo_extent(tw, kw, sw, dw)
+        cc = _halo_chunk(C, KK, IH, IW, channels_inner)
+        key = (cdiv(Ho, th) * cdiv(Wo, tw), -tw)
+        if KK == 1 and not channels_inner:  # 32-byte sectors of a halo row, up to 128 bytes
+            key = (-min(IW * size, 128) // 32,) + key
+        if cc > 0 and (best is None or key < best[0]):
+            best = (key, th, tw, cc, IH * IW)
+    if best is None:
+        return None
+    _, th, tw, cc, hs = best
+    flags = HALO_CHANNELS_INNER if channels_inner else 0
+    ve = 16 // size  # elements of one 16-byte copy
+    if (C * KK) % ve == 0 and s_aligned:
+        aligned = next((c for c in range(cc, 0, -1) if (c * KK) % ve == 0), 0)
+        if 2 * aligned >= cc:  # at most half the chunk given up for the wide copies
+            cc, flags = aligned, flags | S_VECTOR
+    hb = cdiv((cc + 1) * hs, 8) * 8
+    rp = next(w for w in HALO_RANKS if w >= R)
+    if halo_shared_bytes(dtype, rp, bm, hb) > MAX_SHARED:
+        return None
+    if N * cdiv(Ho, th) * cdiv(Wo, tw) >= 2**31:
+        return None
+    return th, tw, cc, flags, hb
+
+
+def _halo(x: Tensor, S: Tensor, R: int, kernel_size, stride, dilation, out_hw):
+    """(bm, plan) of the halo kernels that VARIANT asks for, or None for the generic kernels."""
+    if VARIANT == "generic":
+        return None
+    bm, tile = 64, None
+    if VARIANT is not None:
+        family, _, shape = VARIANT.partition(":")
+        bm = int(family[len("halo"):])
+        tile = tuple(int(n) for n in shape.split("x")) if shape else None
+    plan = halo_plan(x, S, R, kernel_size, stride, dilation, out_hw, bm, tile)
+    return None if plan is None else (bm, plan)
 
 
 def rank_tile(R: int) -> int:
@@ -112,11 +223,25 @@ def sketched_conv2d_forward(y: Tensor, x: Tensor, S1s: Tensor, U1s: Tensor, bias
     M = y.shape[0] * y.shape[2] * y.shape[3]
     if M == 0:
         return
-    rp = rank_tile(R)
-    kernel = _kernel("sketched_conv2d_fwd", x.dtype, rp, exact_float32(x.dtype, allow_tf32))
+    exact = exact_float32(x.dtype, allow_tf32)
     S = S1s.contiguous()
     U = U1s.contiguous()
     b = bias.contiguous() if bias is not None else None
+    halo = _halo(x, S.view(R, -1), R, (kh, kw), stride, dilation, y.shape[2:])
+    if halo is not None:
+        bm, (th, tw, cc, flags, hb) = halo
+        rp = next(w for w in HALO_RANKS if w >= R)
+        kernel = _kernel("sketched_conv2d_fwd_halo", x.dtype, rp, exact, bm)
+        grid = y.shape[0] * cdiv(y.shape[2], th) * cdiv(y.shape[3], tw)
+        with device_guard(x):
+            kernel(
+                (grid,), (THREADS,), x, S, U, b, y, *_geometry(x, kh, kw, y, stride, padding, dilation),
+                i32(R), i32(O), *_strides(x), *_strides(y), f32(1.0 / terms), i32(th), i32(tw), i32(cc), i32(flags),
+                shared_mem=halo_shared_bytes(x.dtype, rp, bm, hb),
+            )
+        return
+    rp = rank_tile(R)
+    kernel = _kernel("sketched_conv2d_fwd", x.dtype, rp, exact)
     with device_guard(x):
         kernel(
             (cdiv(M, BM),), (THREADS,), x, S, U, b, y, *_geometry(x, kh, kw, y, stride, padding, dilation),
@@ -132,8 +257,22 @@ def conv_rank(z: Tensor, x: Tensor, S: Tensor, kernel_size: Tuple[int, int], str
     M = N * Ho * Wo
     if M == 0:
         return
+    exact = exact_float32(x.dtype, allow_tf32)
+    halo = _halo(x, S, R, kernel_size, stride, dilation, (Ho, Wo))
+    if halo is not None:
+        bm, (th, tw, cc, flags, hb) = halo
+        rp = next(w for w in HALO_RANKS if w >= R)
+        kernel = _kernel("conv_rank_halo", x.dtype, rp, exact, bm)
+        with device_guard(x):
+            kernel(
+                (N * cdiv(Ho, th) * cdiv(Wo, tw),), (THREADS,), x, S, z,
+                *_geometry(x, kernel_size[0], kernel_size[1], z, stride, padding, dilation), i32(R),
+                *_strides(x), *_strides(z), f32(scale), i32(th), i32(tw), i32(cc), i32(flags),
+                shared_mem=halo_shared_bytes(x.dtype, rp, bm, hb),
+            )
+        return
     rc = 16 if R <= 16 else 32 if R <= 32 else 64
-    kernel = _kernel("conv_rank", x.dtype, rc, exact_float32(x.dtype, allow_tf32))
+    kernel = _kernel("conv_rank", x.dtype, rc, exact)
     with device_guard(x):
         kernel(
             (cdiv(M, BM), cdiv(R, rc)), (THREADS,), x, S, z,

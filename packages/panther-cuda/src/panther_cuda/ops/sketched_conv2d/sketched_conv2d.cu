@@ -311,6 +311,458 @@ conv_rank(const T* __restrict__ x, const T* __restrict__ S, T* __restrict__ z, i
     }
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Halo kernels: a block takes a tile of TH x TW output pixels of one image (TH TW <= BM), loads the input
+// halo those pixels read, CC channels at a time, into shared memory with coalesced loads, and builds the
+// tensor-core A fragments of every tap (i, j) from there: each input element is read from global memory
+// once per block and kh kw times from shared memory. Channel chunks are double-buffered: the next chunk's
+// halo is loaded into registers and its S rows copied (cp.async, 16 bytes, where aligned) while the
+// tensor cores work on this chunk. Z (BM x RP) stays in registers until the epilogue.
+//
+// Halo of a chunk: CC x IH x IW, IH = (TH - 1) sh + (kh - 1) dh + 1, IW = (TW - 1) sw + (kw - 1) dw + 1,
+// stored [c][ih][iw] (HS = IH IW elements a channel), then a block of zeros (HS elements) that the
+// columns past the chunk's depth point at. im2col column kl = c kh kw + i kw + j of the chunk reads
+// halo offset koff[kl] = c HS + i dh IW + j dw from pixel m's corner poff[m] = (m / TW) sh IW + (m % TW) sw.
+// Loads: lanes run along the input's contiguous axis, iw (flag HALO_CHANNELS_INNER off: NCHW rows) or c
+// (on: channels_last pixels); each thread loads at most HALO_PASSES elements of a chunk. The host
+// (forward.py: halo_plan) picks TH, TW, CC within these limits.
+namespace conv {
+
+constexpr int HALO_PASSES = 16;      // halo elements one thread loads per chunk, at most
+constexpr int KC_MAX = 144;          // im2col depth of one chunk, CC kh kw rounded up to 16, at most
+constexpr int HALO_CHANNELS_INNER = 1;  // flags: lanes along channels (channels_last input)
+constexpr int S_VECTOR = 2;             // flags: S rows copied 16 bytes at a time (K, CC kh kw, S aligned)
+
+#ifndef PANTHER_PTX_EMULATED
+// 16 bytes from global to shared memory without a register round trip (sm_80 cp.async, L2 only).
+__device__ __forceinline__ void cp_async16(void* s, const void* g) {
+    const unsigned sa = static_cast<unsigned>(__cvta_generic_to_shared(s));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(g) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+#endif
+
+// Two adjacent outputs in one store (p aligned to two elements).
+template <typename T> __device__ __forceinline__ void store_pair(T* p, float a, float b) {
+    if constexpr (sizeof(T) == 2) {
+        *reinterpret_cast<unsigned*>(p) = pack2<T>(from_float<T>(a), from_float<T>(b));
+    } else {
+        *reinterpret_cast<float2*>(p) = make_float2(a, b);
+    }
+}
+
+// Row length of the S chunk in shared memory: KC_MAX plus the padding that spreads rows over the banks.
+template <typename T> struct HaloLd { static constexpr int value = KC_MAX + Pad<T>::value; };
+
+// The block's tile and the chunk geometry derived from TH, TW, CC (the host derives the same).
+struct HaloTile {
+    int TH, TW, CC, IH, IW, HS, KK, KC, KCP, HB;  // HB: elements of one halo buffer (a multiple of 8)
+    long long n;
+    int oh0, ow0, ih0, iw0;
+};
+
+__device__ __forceinline__ HaloTile halo_tile(const Geometry& g, int TH, int TW, int CC) {
+    HaloTile h;
+    h.TH = TH;
+    h.TW = TW;
+    h.CC = CC;
+    h.IH = (TH - 1) * g.sh + (g.kh - 1) * g.dh + 1;
+    h.IW = (TW - 1) * g.sw + (g.kw - 1) * g.dw + 1;
+    h.HS = h.IH * h.IW;
+    h.KK = g.kh * g.kw;
+    h.KC = CC * h.KK;
+    h.KCP = (h.KC + 15) / 16 * 16;
+    h.HB = ((CC + 1) * h.HS + 7) / 8 * 8;
+    const int tiles_w = (g.Wo + TW - 1) / TW, tiles_h = (g.Ho + TH - 1) / TH;
+    long long b = blockIdx.x;
+    const int tw = static_cast<int>(b % tiles_w);
+    b /= tiles_w;
+    const int th = static_cast<int>(b % tiles_h);
+    h.n = b / tiles_h;
+    h.oh0 = th * TH;
+    h.ow0 = tw * TW;
+    h.ih0 = h.oh0 * g.sh - g.ph;
+    h.iw0 = h.ow0 * g.sw - g.pw;
+    return h;
+}
+
+// Output pixel of row m of the block's tile: (oh, ow), and whether it is an output pixel at all.
+__device__ __forceinline__ bool halo_pixel(const Geometry& g, const HaloTile& h, int m, int& oh, int& ow) {
+    const int r = m / h.TW;
+    oh = h.oh0 + r;
+    ow = h.ow0 + (m - r * h.TW);
+    return m < h.TH * h.TW && oh < g.Ho && ow < g.Wo;
+}
+
+// acc[mt] (this warp's m-tile mt: rows warp BM/4 + 16 mt + 0..15 of the tile; RP columns of Z) =
+// im2col(x) S[0:RP]ᵀ over all of K. Every thread of the block calls it (it synchronises the block).
+// Shared memory (`smem`, 16-byte aligned): koff [KC_MAX] ints, poff [BM] ints, the halo buffers
+// (2 HB elements), the S buffers (2 x RP x HaloLd); forward.py: halo_shared_bytes.
+template <typename T, int RP, bool EXACT, int BM>
+__device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], const T* __restrict__ x,
+                                          const T* __restrict__ S, const Geometry& g, int R, const HaloTile& h,
+                                          int flags, unsigned char* smem) {
+    constexpr int MT = BM / 64;
+    constexpr int NT = RP / 8;
+    constexpr int LD = HaloLd<T>::value;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int K = g.C * h.KK;
+    const T zero = from_float<T>(0.f);
+    int* koff = reinterpret_cast<int*>(smem);
+    int* poff = koff + KC_MAX;
+    T* Hs = reinterpret_cast<T*>(poff + BM);
+    T* Ss = Hs + 2 * h.HB;
+    const bool vec_s = (flags & S_VECTOR) != 0;
+    constexpr int VE = 16 / static_cast<int>(sizeof(T));  // elements of a 16-byte copy
+
+    for (int k = tid; k < h.KCP; k += THREADS) {
+        int off = h.CC * h.HS;  // past the chunk's depth: the zero block
+        if (k < h.KC) {
+            const int c = k / h.KK;
+            const int rem = k - c * h.KK;
+            const int i = rem / g.kw;
+            const int j = rem - i * g.kw;
+            off = c * h.HS + i * g.dh * h.IW + j * g.dw;
+        }
+        koff[k] = off;
+    }
+    for (int m = tid; m < BM; m += THREADS) {
+        const int r = m / h.TW;
+        poff[m] = m < h.TH * h.TW ? r * g.sh * h.IW + (m - r * h.TW) * g.sw : 0;
+    }
+    for (int e = h.CC * h.HS + tid; e < h.HB; e += THREADS) {  // the zero blocks of both buffers
+        Hs[e] = zero;
+        Hs[h.HB + e] = zero;
+    }
+    if (vec_s)  // columns KC..KCP of both S buffers, never copied into: zero
+        for (int e = tid; e < 2 * RP * (h.KCP - h.KC); e += THREADS) {
+            const int row = e / (h.KCP - h.KC);
+            Ss[row * LD + h.KC + (e - row * (h.KCP - h.KC))] = zero;
+        }
+
+    // This thread's halo elements: lanes along the inner (contiguous) axis, items of the outer one by passes.
+    const bool cinner = (flags & HALO_CHANNELS_INNER) != 0;
+    const int lin = cinner ? h.CC : h.IW;
+    const int outer = cinner ? h.HS : h.CC * h.IH;
+    const int opp = THREADS / lin;  // outer items per pass
+    const int inner = tid % lin;
+    int hq[HALO_PASSES];  // (c << 16 | ih) with iw = inner, or (ih << 16 | iw) with c = inner; -1: none
+#pragma unroll
+    for (int u = 0; u < HALO_PASSES; ++u) {
+        const int o = tid / lin + u * opp;
+        hq[u] = -1;
+        if (tid < opp * lin && o < outer) {
+            const int d = cinner ? h.IW : h.IH;
+            const int hi = o / d;
+            hq[u] = (hi << 16) | (o - hi * d);
+        }
+    }
+    const T* __restrict__ xn = x + h.n * g.sxn;
+    T hr[HALO_PASSES];
+    auto halo_coords = [&](int q, int& c, int& a, int& b) {
+        if (cinner) {
+            c = inner;
+            a = q >> 16;
+            b = q & 0xffff;
+        } else {
+            c = q >> 16;
+            a = q & 0xffff;
+            b = inner;
+        }
+    };
+    auto load_halo = [&](int c0) {
+#pragma unroll
+        for (int u = 0; u < HALO_PASSES; ++u) {
+            T v = zero;
+            if (hq[u] >= 0) {
+                int c, a, b;
+                halo_coords(hq[u], c, a, b);
+                const int ih = h.ih0 + a, iw = h.iw0 + b;
+                if (c0 + c < g.C && static_cast<unsigned>(ih) < static_cast<unsigned>(g.H) &&
+                    static_cast<unsigned>(iw) < static_cast<unsigned>(g.W))
+                    v = xn[(c0 + c) * g.sxc + ih * g.sxh + iw * g.sxw];
+            }
+            hr[u] = v;
+        }
+    };
+    auto store_halo = [&](int buf) {
+#pragma unroll
+        for (int u = 0; u < HALO_PASSES; ++u)
+            if (hq[u] >= 0) {
+                int c, a, b;
+                halo_coords(hq[u], c, a, b);
+                Hs[buf * h.HB + c * h.HS + a * h.IW + b] = hr[u];
+            }
+    };
+    // S[0:RP, c0 kh kw + 0..KCP) -> S buffer `buf` (zero past R, K and the chunk's depth). 16-byte copies
+    // (cp.async, one group) when aligned, else loads through registers, RP / 4 in flight per thread.
+    auto load_s = [&](int buf, int c0) {
+        T* Sb = Ss + buf * RP * LD;
+        const long long k0 = static_cast<long long>(c0) * h.KK;
+        if (vec_s) {
+            const int nv = h.KC / VE;
+            for (int e = tid; e < RP * nv; e += THREADS) {
+                const int r = e / nv, kl = (e - r * nv) * VE;
+                T* dst = Sb + r * LD + kl;
+                if (r < R && k0 + kl < K) {
+                    cp_async16(dst, S + static_cast<long long>(r) * K + k0 + kl);
+                } else {
+#pragma unroll
+                    for (int v = 0; v < VE; ++v) dst[v] = zero;
+                }
+            }
+            cp_async_commit();
+        } else {
+            for (int kl = lane; kl < h.KCP; kl += 32) {
+                const long long kg = k0 + kl;
+                T v[RP / 4];
+#pragma unroll
+                for (int i = 0; i < RP / 4; ++i) {
+                    const int r = warp + 4 * i;
+                    v[i] = (r < R && kl < h.KC && kg < K) ? S[static_cast<long long>(r) * K + kg] : zero;
+                }
+#pragma unroll
+                for (int i = 0; i < RP / 4; ++i) Sb[(warp + 4 * i) * LD + kl] = v[i];
+            }
+        }
+    };
+
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+
+    load_halo(0);
+    load_s(0, 0);
+    store_halo(0);
+    if (vec_s) cp_async_wait<0>();
+    __syncthreads();
+    int p[MT][2];  // halo offsets of this lane's fragment rows g and g + 8 of each m-tile
+    const int gq = lane >> 2, tq = lane & 3;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        p[mt][0] = poff[warp * 16 * MT + mt * 16 + gq];
+        p[mt][1] = poff[warp * 16 * MT + mt * 16 + gq + 8];
+    }
+
+    int buf = 0;
+    for (int c0 = 0; c0 < g.C; c0 += h.CC, buf ^= 1) {
+        const bool more = c0 + h.CC < g.C;
+        if (more) {  // in flight during the products below; buffer buf ^ 1 was last read before the barrier
+            load_halo(c0 + h.CC);
+            load_s(buf ^ 1, c0 + h.CC);
+        }
+        const T* Hb = Hs + buf * h.HB;
+        const T* Sb = Ss + buf * RP * LD;
+        if constexpr (EXACT) {
+            for (int k = 0; k < h.KCP; ++k) {
+                const int ko = koff[k];
+                float b0[NT], b1[NT];
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    b0[nt] = to_float<T>(Sb[(nt * 8 + 2 * tq) * LD + k]);
+                    b1[nt] = to_float<T>(Sb[(nt * 8 + 2 * tq + 1) * LD + k]);
+                }
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    const float a0 = to_float<T>(Hb[p[mt][0] + ko]), a1 = to_float<T>(Hb[p[mt][1] + ko]);
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) {
+                        acc[mt][nt][0] = fmaf(a0, b0[nt], acc[mt][nt][0]);
+                        acc[mt][nt][1] = fmaf(a0, b1[nt], acc[mt][nt][1]);
+                        acc[mt][nt][2] = fmaf(a1, b0[nt], acc[mt][nt][2]);
+                        acc[mt][nt][3] = fmaf(a1, b1[nt], acc[mt][nt][3]);
+                    }
+                }
+            }
+        } else if constexpr (sizeof(T) == 2) {
+            for (int k0 = 0; k0 < h.KCP; k0 += 16) {
+                const int k00 = koff[k0 + 2 * tq], k01 = koff[k0 + 2 * tq + 1];
+                const int k10 = koff[k0 + 2 * tq + 8], k11 = koff[k0 + 2 * tq + 9];
+                unsigned a[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    a[mt][0] = pack2<T>(Hb[p[mt][0] + k00], Hb[p[mt][0] + k01]);
+                    a[mt][1] = pack2<T>(Hb[p[mt][1] + k00], Hb[p[mt][1] + k01]);
+                    a[mt][2] = pack2<T>(Hb[p[mt][0] + k10], Hb[p[mt][0] + k11]);
+                    a[mt][3] = pack2<T>(Hb[p[mt][1] + k10], Hb[p[mt][1] + k11]);
+                }
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    // B (k x r) = S rows: two consecutive k of row r = nt 8 + g in one 32-bit word
+                    const T* sr = Sb + (nt * 8 + gq) * LD + k0 + 2 * tq;
+                    unsigned b[2];
+                    b[0] = *reinterpret_cast<const unsigned*>(sr);
+                    b[1] = *reinterpret_cast<const unsigned*>(sr + 8);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) Mma<T>::run(acc[mt][nt], a[mt], b);
+                }
+            }
+        } else {
+            for (int k0 = 0; k0 < h.KCP; k0 += 8) {
+                const int ka = koff[k0 + tq], kb = koff[k0 + tq + 4];
+                unsigned a[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    a[mt][0] = to_tf32(Hb[p[mt][0] + ka]);
+                    a[mt][1] = to_tf32(Hb[p[mt][1] + ka]);
+                    a[mt][2] = to_tf32(Hb[p[mt][0] + kb]);
+                    a[mt][3] = to_tf32(Hb[p[mt][1] + kb]);
+                }
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    const T* sr = Sb + (nt * 8 + gq) * LD + k0 + tq;
+                    unsigned b[2];
+                    b[0] = to_tf32(sr[0]);
+                    b[1] = to_tf32(sr[4]);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) Mma<T>::run(acc[mt][nt], a[mt], b);
+                }
+            }
+        }
+        if (more) {
+            store_halo(buf ^ 1);
+            if (vec_s) cp_async_wait<0>();
+        }
+        __syncthreads();
+    }
+}
+
+}  // namespace conv
+
+// y (strides sy*) = scale · im2col(x) Sᵀ U + bias through the halo tiles above, for RP >= R (16, 32, 64).
+// Grid: (N ceil(Ho / TH) ceil(Wo / TW)); block: 128; dynamic shared memory: halo_shared_bytes (forward.py).
+// TH TW <= BM; CC, flags: see halo_rank and forward.py's halo_plan.
+template <typename T, int RP, bool EXACT, int BM>
+__global__ void __launch_bounds__(conv::THREADS, BM == 64 ? 3 : 2)
+sketched_conv2d_fwd_halo(const T* __restrict__ x, const T* __restrict__ S, const T* __restrict__ U,
+                         const T* __restrict__ bias, T* __restrict__ y, int C, int H, int W, int Ho, int Wo,
+                         int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw, long long M, int R, int O,
+                         long long sxn, long long sxc, long long sxh, long long sxw, long long syn, long long syc,
+                         long long syh, long long syw, float scale, int TH, int TW, int CC, int flags) {
+    using namespace conv;
+    static_assert(RP == 16 || RP == 32 || RP == 64, "RP: 16, 32 or 64");
+    static_assert(BM == 64 || BM == 128, "BM: 64 or 128");
+    constexpr int MT = BM / 64;
+    constexpr int ZLD = RP + Pad<T>::value;
+    constexpr int ULD = BN + Pad<T>::value;
+    extern __shared__ __align__(16) unsigned char smem[];
+    const Geometry g{C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, M, sxn, sxc, sxh, sxw};
+    const HaloTile h = halo_tile(g, TH, TW, CC);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+    float acc[MT][RP / 8][4];
+    halo_rank<T, RP, EXACT, BM>(acc, x, S, g, R, h, flags, smem);
+
+    // Z -> shared memory (rounded to T), over the halo region; the loop above ended with a barrier
+    T* Zs = reinterpret_cast<T*>(smem + (KC_MAX + BM) * sizeof(int));  // BM x RP (ZLD)
+    T* Us = Zs + BM * ZLD;                                            // RP x BN (ULD)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < RP / 8; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+                Zs[(warp * 16 * MT + mt * 16 + acc_row(lane, i)) * ZLD + nt * 8 + acc_col(lane, i)] =
+                    from_float<T>(acc[mt][nt][i]);
+
+    long long ybase[MT][2];
+    bool yvalid[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            int oh, ow;
+            yvalid[mt][hh] = halo_pixel(g, h, warp * 16 * MT + mt * 16 + (lane >> 2) + 8 * hh, oh, ow);
+            ybase[mt][hh] = h.n * syn + oh * syh + ow * syw;
+        }
+
+    // channels contiguous in y (channels_last), O even, y aligned: columns o, o + 1 in one store
+    const bool pair = syc == 1 && (O & 1) == 0 && ((syn | syh | syw) & 1) == 0 &&
+                      (reinterpret_cast<unsigned long long>(y) & (2 * sizeof(T) - 1)) == 0;
+    const T zero = from_float<T>(0.f);
+    for (int o0 = 0; o0 < O; o0 += BN) {
+        __syncthreads();  // Zs written (first pass) / the previous U tile read
+        for (int e = tid; e < RP * BN; e += THREADS) {
+            const int r = e / BN, oo = e - (e / BN) * BN;
+            const int o = o0 + oo;
+            Us[r * ULD + oo] = (r < R && o < O) ? U[static_cast<long long>(r) * O + o] : zero;
+        }
+        __syncthreads();
+        float acc2[BN / 8][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc2[nt][i] = 0.f;
+            warp_product<T, EXACT, BN / 8>(
+                acc2, [&](int r, int c) { return Zs[(warp * 16 * MT + mt * 16 + r) * ZLD + c]; },
+                [&](int k, int n) { return Us[k * ULD + n]; }, RP, lane);
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int o = o0 + nt * 8 + 2 * (lane & 3);  // this lane's columns o, o + 1
+                    if (!yvalid[mt][hh] || o >= O) continue;
+                    float v0 = acc2[nt][2 * hh] * scale, v1 = acc2[nt][2 * hh + 1] * scale;
+                    if (bias != nullptr) {
+                        v0 += to_float<T>(bias[o]);
+                        if (o + 1 < O) v1 += to_float<T>(bias[o + 1]);
+                    }
+                    if (pair) {
+                        store_pair<T>(y + ybase[mt][hh] + o, v0, v1);
+                    } else {
+                        y[ybase[mt][hh] + o * syc] = from_float<T>(v0);
+                        if (o + 1 < O) y[ybase[mt][hh] + (o + 1) * syc] = from_float<T>(v1);
+                    }
+                }
+        }
+    }
+}
+
+// z[n, r, oh, ow] (strides sz*) = scale · Σ_κ im2col(x)[m, κ] S[r, κ] for r < R <= RP, through the halo
+// tiles (the backward's dZ, a 1x1 convolution of g, and its recomputed Z). Grid, block, shared memory:
+// as sketched_conv2d_fwd_halo's.
+template <typename T, int RP, bool EXACT, int BM>
+__global__ void __launch_bounds__(conv::THREADS, BM == 64 ? 3 : 2)
+conv_rank_halo(const T* __restrict__ x, const T* __restrict__ S, T* __restrict__ z, int C, int H, int W, int Ho,
+               int Wo, int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw, long long M, int R,
+               long long sxn, long long sxc, long long sxh, long long sxw, long long szn, long long szr,
+               long long szh, long long szw, float scale, int TH, int TW, int CC, int flags) {
+    using namespace conv;
+    static_assert(RP == 16 || RP == 32 || RP == 64, "RP: 16, 32 or 64");
+    static_assert(BM == 64 || BM == 128, "BM: 64 or 128");
+    constexpr int MT = BM / 64;
+    extern __shared__ __align__(16) unsigned char smem[];
+    const Geometry g{C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, M, sxn, sxc, sxh, sxw};
+    const HaloTile h = halo_tile(g, TH, TW, CC);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+
+    float acc[MT][RP / 8][4];
+    halo_rank<T, RP, EXACT, BM>(acc, x, S, g, R, h, flags, smem);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            int oh, ow;
+            if (!halo_pixel(g, h, warp * 16 * MT + mt * 16 + (lane >> 2) + 8 * hh, oh, ow)) continue;
+            const long long base = h.n * szn + oh * szh + ow * szw;
+#pragma unroll
+            for (int nt = 0; nt < RP / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int r = nt * 8 + acc_col(lane, 2 * hh + e);
+                    if (r < R) z[base + r * szr] = from_float<T>(acc[mt][nt][2 * hh + e] * scale);
+                }
+        }
+}
+
 }  // namespace panther
 
 #ifdef PANTHER_NVCC_CHECK
@@ -319,6 +771,15 @@ conv_rank(const T* __restrict__ x, const T* __restrict__ S, T* __restrict__ z, i
 #define RANK(T, RC, E) template __global__ void panther::conv_rank<T, RC, E>(const T*, const T*, T*, int, int, int, int, int, int, int, int, int, int, int, int, int, long long, int, long long, long long, long long, long long, long long, long long, long long, long long, float);
 #define ALLRP(T, E) FWD(T, 16, E) FWD(T, 32, E) FWD(T, 64, E) FWD(T, 128, E) FWD(T, 192, E) FWD(T, 256, E) \
     RANK(T, 16, E) RANK(T, 32, E) RANK(T, 64, E)
+#define HALO(T, RP, E, BM) \
+    template __global__ void panther::sketched_conv2d_fwd_halo<T, RP, E, BM>(const T*, const T*, const T*, const T*, T*, int, int, int, int, int, int, int, int, int, int, int, int, int, long long, int, int, long long, long long, long long, long long, long long, long long, long long, long long, float, int, int, int, int); \
+    template __global__ void panther::conv_rank_halo<T, RP, E, BM>(const T*, const T*, T*, int, int, int, int, int, int, int, int, int, int, int, int, int, long long, int, long long, long long, long long, long long, long long, long long, long long, long long, float, int, int, int, int);
+#define ALLHALO(T, E) HALO(T, 16, E, 64) HALO(T, 32, E, 64) HALO(T, 64, E, 64) \
+    HALO(T, 16, E, 128) HALO(T, 32, E, 128) HALO(T, 64, E, 128)
+ALLHALO(float, true)
+ALLHALO(float, false)
+ALLHALO(__half, false)
+ALLHALO(__nv_bfloat16, false)
 ALLRP(float, true)
 ALLRP(float, false)
 ALLRP(__half, false)

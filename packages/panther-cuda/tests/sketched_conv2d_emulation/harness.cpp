@@ -1,0 +1,178 @@
+// Runs the halo kernels of sketched_conv2d.cu (sketched_conv2d_fwd_halo, conv_rank_halo) on the CPU under
+// ../sketched_linear_emulation/cuda_emulation.h and prints, for y and z, the max-normalised error against
+// float64 loops written here from the op's definition (|got - ref|max / |ref|max). Outputs start as NaN
+// and shared memory as NaN bytes before every block, so a value a kernel forgets to write, or reads before
+// writing, shows. The tile plan (TH, TW, CC, flags, halo buffer) comes from the host code (forward.py).
+#include "cuda_emulation.h"
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+#include <thread>
+#include <vector>
+#include <random>
+#include <functional>
+#include <algorithm>
+#include <string>
+struct alignas(8) float2 { float x, y; };  // the CUDA vector type the epilogue's paired stores use
+inline float2 make_float2(float a, float b) { return float2{a, b}; }
+namespace panther { alignas(16) unsigned char smem[1 << 20]; }
+#include "sketched_conv2d.cu"
+using namespace panther;
+
+constexpr int NTHREADS = conv::THREADS;
+
+static void launch(long long blocks, unsigned shared, const std::function<void()>& body) {
+    g_dynamic_smem = shared;
+    gridDim.x = (unsigned)blocks;
+    if (shared > sizeof(panther::smem)) { std::printf("shared too big\n"); std::abort(); }
+    std::barrier<> block_bar(NTHREADS);
+    std::barrier<> wb0(32), wb1(32), wb2(32), wb3(32);
+    g_block_barrier = &block_bar;
+    g_warp_barrier[0] = &wb0; g_warp_barrier[1] = &wb1; g_warp_barrier[2] = &wb2; g_warp_barrier[3] = &wb3;
+    for (long long b = 0; b < blocks; ++b) {
+        std::memset(panther::smem, 0xff, shared);  // NaN garbage: the kernels must not read what they did not write
+        std::vector<std::thread> th;
+        for (int t = 0; t < NTHREADS; ++t)
+            th.emplace_back([&, t, b] {
+                threadIdx.x = t; blockIdx.x = (unsigned)b; body();
+                if (!emu_cp_async_idle()) { std::printf("cp.async copies left in flight\n"); std::abort(); }
+            });
+        for (auto& x : th) x.join();
+    }
+}
+static long long cdv(long long a, long long b) { return (a + b - 1) / b; }
+
+template <typename T> struct Buf {
+    std::vector<T> v;
+    explicit Buf(size_t n) : v(n) { for (auto& e : v) e = from_float<T>(NAN); }
+    T* p() { return v.empty() ? nullptr : v.data(); }
+    double at(size_t i) const { return to_float(v[i]); }
+};
+
+template <typename T> static Buf<T> rnd(size_t n, double scale, std::mt19937& g) {
+    std::normal_distribution<double> N(0, 1);
+    Buf<T> b(n);
+    for (auto& e : b.v) e = from_float<T>((float)(N(g) * scale));
+    return b;
+}
+
+static void report(const char* what, const std::vector<double>& got, const std::vector<double>& ref) {
+    double m = 0, r = 1e-30;
+    bool nan = false;
+    for (size_t i = 0; i < ref.size(); ++i) {
+        nan |= !std::isfinite(got[i]);
+        m = std::max(m, std::fabs(got[i] - ref[i]));
+        r = std::max(r, std::fabs(ref[i]));
+    }
+    std::printf("%s %.6e\n", what, nan ? 1e30 : m / r);
+}
+
+struct Args {
+    bool clast;
+    long long N;
+    int C, H, W, O, R, terms, kh, kw, sh, sw, ph, pw, dh, dw, bm, TH, TW, CC, flags;
+    unsigned shared;
+    bool bias;
+};
+
+// Strides (n, c, h, w) of an (N, C, H, W) tensor, NCHW or channels_last.
+static void strides(bool clast, long long C, long long H, long long W, long long (&s)[4]) {
+    if (clast) { s[0] = H * W * C; s[1] = 1; s[2] = W * C; s[3] = C; }
+    else { s[0] = C * H * W; s[1] = H * W; s[2] = W; s[3] = 1; }
+}
+
+template <typename T, bool EXACT, int RP, int BM>
+static void run(const Args& a) {
+    std::mt19937 gen(1234);
+    const int K = a.C * a.kh * a.kw;
+    const int Ho = (a.H + 2 * a.ph - a.dh * (a.kh - 1) - 1) / a.sh + 1;
+    const int Wo = (a.W + 2 * a.pw - a.dw * (a.kw - 1) - 1) / a.sw + 1;
+    const long long M = a.N * Ho * Wo;
+    long long sx[4], sy[4], sz[4];
+    strides(a.clast, a.C, a.H, a.W, sx);
+    strides(a.clast, a.O, Ho, Wo, sy);
+    strides(a.clast, a.R, Ho, Wo, sz);
+    auto x = rnd<T>(a.N * a.C * a.H * a.W, 1.0, gen);
+    auto S = rnd<T>((size_t)a.R * K, 1 / std::sqrt((double)K), gen);
+    auto U = rnd<T>((size_t)a.R * a.O, 1 / std::sqrt((double)a.R), gen);
+    auto b = rnd<T>(a.O, 1.0, gen);
+    Buf<T> y(M * a.O), z(M * a.R);
+    const float scale = 1.0f / a.terms, zscale = 0.75f;
+    const long long blocks = a.N * cdv(Ho, a.TH) * cdv(Wo, a.TW);
+    launch(blocks, a.shared, [&] {
+        sketched_conv2d_fwd_halo<T, RP, EXACT, BM>(x.p(), S.p(), U.p(), a.bias ? b.p() : nullptr, y.p(), a.C, a.H, a.W, Ho,
+                                                   Wo, a.kh, a.kw, a.sh, a.sw, a.ph, a.pw, a.dh, a.dw, M, a.R, a.O, sx[0],
+                                                   sx[1], sx[2], sx[3], sy[0], sy[1], sy[2], sy[3], scale, a.TH, a.TW,
+                                                   a.CC, a.flags);
+    });
+    launch(blocks, a.shared, [&] {
+        conv_rank_halo<T, RP, EXACT, BM>(x.p(), S.p(), z.p(), a.C, a.H, a.W, Ho, Wo, a.kh, a.kw, a.sh, a.sw, a.ph, a.pw,
+                                         a.dh, a.dw, M, a.R, sx[0], sx[1], sx[2], sx[3], sz[0], sz[1], sz[2], sz[3], zscale,
+                                         a.TH, a.TW, a.CC, a.flags);
+    });
+    // float64 reference from the definition: Z[n, r, oh, ow] = Σ_{c, i, j} x[n, c, oh sh - ph + i dh, ...] S[r, c, i, j]
+    std::vector<double> Z(M * a.R), gy(M * a.O), ry(M * a.O), gz(M * a.R), rz(M * a.R);
+    for (long long n = 0; n < a.N; ++n)
+        for (int oh = 0; oh < Ho; ++oh)
+            for (int ow = 0; ow < Wo; ++ow) {
+                const long long m = (n * Ho + oh) * Wo + ow;
+                for (int r = 0; r < a.R; ++r) {
+                    double s = 0;
+                    for (int c = 0; c < a.C; ++c)
+                        for (int i = 0; i < a.kh; ++i)
+                            for (int j = 0; j < a.kw; ++j) {
+                                const int ih = oh * a.sh - a.ph + i * a.dh, iw = ow * a.sw - a.pw + j * a.dw;
+                                if (ih < 0 || ih >= a.H || iw < 0 || iw >= a.W) continue;
+                                s += x.at(n * sx[0] + c * sx[1] + ih * sx[2] + iw * sx[3]) *
+                                     S.at((size_t)r * K + (c * a.kh + i) * a.kw + j);
+                            }
+                    Z[m * a.R + r] = s;
+                    const long long zi = n * sz[0] + r * sz[1] + oh * sz[2] + ow * sz[3];
+                    rz[m * a.R + r] = s * zscale;
+                    gz[m * a.R + r] = z.at(zi);
+                }
+                for (int o = 0; o < a.O; ++o) {
+                    double s = 0;
+                    for (int r = 0; r < a.R; ++r) s += Z[m * a.R + r] * U.at((size_t)r * a.O + o);
+                    ry[m * a.O + o] = s * scale + (a.bias ? b.at(o) : 0.0);
+                    gy[m * a.O + o] = y.at(n * sy[0] + o * sy[1] + oh * sy[2] + ow * sy[3]);
+                }
+            }
+    report("y", gy, ry);
+    report("z", gz, rz);
+}
+
+template <typename T, bool EXACT, int RP>
+static void run_bm(const Args& a) {
+    if (a.bm == 64) run<T, EXACT, RP, 64>(a);
+    else if (a.bm == 128) run<T, EXACT, RP, 128>(a);
+    else { std::fprintf(stderr, "BM: 64 or 128\n"); std::exit(2); }
+}
+
+template <typename T, bool EXACT>
+static void run_rp(const Args& a) {
+    if (a.R <= 16) run_bm<T, EXACT, 16>(a);
+    else if (a.R <= 32) run_bm<T, EXACT, 32>(a);
+    else if (a.R <= 64) run_bm<T, EXACT, 64>(a);
+    else { std::fprintf(stderr, "R <= 64\n"); std::exit(2); }
+}
+
+// usage: harness MODE LAYOUT N C H W O TERMS R KH KW SH SW PH PW DH DW BM TH TW CC FLAGS SHARED BIAS
+// (MODE float32|tf32|float16|bfloat16; LAYOUT nchw|channels_last; y's scale is 1/TERMS, z's 0.75)
+int main(int argc, char** argv) {
+    if (argc != 25) { std::fprintf(stderr, "usage: harness MODE LAYOUT N C H W O TERMS R KH KW SH SW PH PW DH DW BM TH TW CC FLAGS SHARED BIAS\n"); return 2; }
+    const std::string mode = argv[1];
+    Args a;
+    a.clast = std::string(argv[2]) == "channels_last";
+    a.N = std::atoll(argv[3]);
+    int* f[] = {&a.C, &a.H, &a.W, &a.O, &a.terms, &a.R, &a.kh, &a.kw, &a.sh, &a.sw, &a.ph, &a.pw, &a.dh, &a.dw,
+                &a.bm, &a.TH, &a.TW, &a.CC, &a.flags};
+    for (int i = 0; i < 19; ++i) *f[i] = std::atoi(argv[4 + i]);
+    a.shared = (unsigned)std::atol(argv[23]);
+    a.bias = std::atoi(argv[24]) != 0;
+    if (mode == "float32") run_rp<float, true>(a);
+    else if (mode == "tf32") run_rp<float, false>(a);
+    else if (mode == "float16") run_rp<__half, false>(a);
+    else if (mode == "bfloat16") run_rp<__nv_bfloat16, false>(a);
+    else { std::fprintf(stderr, "unknown mode %s\n", mode.c_str()); return 2; }
+    return 0;
+}

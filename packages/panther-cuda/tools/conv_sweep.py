@@ -1,0 +1,187 @@
+"""Times the cuda backend's sketched_conv2d, each kernel family forced, against F.conv2d and the torch backend.
+
+    python packages/panther-cuda/tools/conv_sweep.py --out conv_sweep.json [--compiled] [--reps 30]
+
+For the two benchmark shapes (N=32 64->128 56x56 L=1 k=16; N=64 256->256 28x28 L=1 k=32; 3x3, padding 1,
+bf16), NCHW and channels_last: the forward (under no_grad) and forward+backward (gradients of x, S1s /
+W and bias, as a training step asks) of each implementation, each captured in a CUDA graph and replayed;
+the L2 is flushed before each replay, outside the timed events; median and 20th / 80th percentiles of
+--reps replays after warm-up. Implementations: ``cuda`` (the default choice), ``cuda:<variant>`` for each
+forward.VARIANT in VARIANTS (halo64, halo128, generic, forced tiles), ``torch`` (the torch backend), ``F.conv2d``
+(the dense layer), and with --compiled the peer a user would write (one conv to 2Lk channels, then the
+1x1 projection, under torch.compile). Each cuda variant's y is checked against a float32 reference
+first (max-normalised error printed). Prints a table; writes every number and the halo plan to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import panther.ops
+from panther_cuda.ops.sketched_conv2d import forward
+
+CASES = [  # (N, C, O, H, W, L, k)
+    (32, 64, 128, 56, 56, 1, 16),
+    (64, 256, 256, 28, 28, 1, 32),
+]
+# forward.VARIANT values: the default choice, each family, and a few forced tiles (TH x TW output pixels)
+VARIANTS = [None, "halo64", "halo128", "generic", "halo64:4x16", "halo64:2x32", "halo64:1x64", "halo128:4x32"]
+FLUSH = torch.empty(0)
+
+
+def inputs(N, C, O, H, W, L, k, layout, dtype=torch.bfloat16, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(0)
+    new = lambda *s: torch.randn(*s, device=device, dtype=dtype, generator=g)  # noqa: E731
+    terms = 2 * L
+    x = new(N, C, H, W).contiguous(memory_format=layout)
+    S1s = new(terms, k, C, 3, 3) / math.sqrt(C * 9)
+    U1s = ((torch.randint(0, 2, (terms, k, O), device=device, generator=g) * 2 - 1) / math.sqrt(k)).to(dtype)
+    W_ = new(O, C, 3, 3) / math.sqrt(C * 9)
+    b = new(O) * 0.1
+    gy = new(N, O, H, W).contiguous(memory_format=layout)
+    return x, S1s, U1s, W_, b, gy
+
+
+def concat_conv2d(x, S1s, U1s, b):
+    terms, k = S1s.shape[:2]
+    z = F.conv2d(x, S1s.reshape(terms * k, *S1s.shape[2:]), None, 1, 1)
+    return F.conv2d(z, U1s.reshape(terms * k, -1).t()[:, :, None, None]) / terms + b.view(1, -1, 1, 1)
+
+
+def graph_of(fn, before=None):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            if before:
+                before()
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    if before:
+        before()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def time_graph(graph, reps):
+    for _ in range(5):
+        graph.replay()
+    samples = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        FLUSH.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end))
+    samples.sort()
+    q = lambda p: samples[min(len(samples) - 1, int(p * len(samples)))]  # noqa: E731
+    return {"median_ms": statistics.median(samples), "p20_ms": q(0.2), "p80_ms": q(0.8)}
+
+
+@contextlib.contextmanager
+def variant(v):
+    """forward.VARIANT = v while the graphs are captured (the forward and the backward's launches)."""
+    previous = forward.VARIANT
+    forward.VARIANT = v
+    try:
+        yield
+    finally:
+        forward.VARIANT = previous
+
+
+def measure(fn, args, grads_of, gy, reps):
+    """(fwd, fwd+bwd) timings of fn(*args); grads_of: the indices of args that get gradients."""
+    with torch.no_grad():
+        fwd = time_graph(graph_of(lambda: fn(*args)), reps)
+    leaves = [a.detach().requires_grad_(i in grads_of) for i, a in enumerate(args)]
+
+    def clear():
+        for t in leaves:
+            t.grad = None
+
+    def step():
+        fn(*leaves).backward(gy)
+
+    both = time_graph(graph_of(step, clear), reps)
+    return fwd, both
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="conv_sweep.json")
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--compiled", action="store_true", help="also the torch.compile peer (adds compile time)")
+    a = parser.parse_args()
+    global FLUSH
+    FLUSH = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    t0 = time.time()
+    rows = []
+    for N, C, O, H, W, L, k in CASES:
+        for layout_name, layout in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
+            x, S1s, U1s, W_, b, gy = inputs(N, C, O, H, W, L, k, layout)
+            label = f"N={N} {C}->{O} {H}x{W} L={L} k={k} {layout_name}"
+            R = 2 * L * k
+            ref = concat_conv2d(x.float(), S1s.float(), U1s.float(), b.float())
+            impls = []
+            for v in VARIANTS:
+                name = "cuda" if v is None else f"cuda:{v}"
+
+                def run(x, S1s, U1s, b):
+                    return panther.ops.sketched_conv2d(x, S1s, U1s, b, 1, 1, backend="cuda")
+
+                extra = {"variant": v}
+                with variant(v):
+                    halo = forward._halo(x, S1s.reshape(R, -1), R, (3, 3), (1, 1), (1, 1), (H, W))
+                extra["plan"] = None if halo is None else dict(zip(("BM", "TH", "TW", "CC", "flags", "hb"),
+                                                                   (halo[0], *halo[1])))
+                with torch.no_grad(), variant(v):
+                    y = run(x, S1s, U1s, b)
+                extra["rel_err"] = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                impls.append((name, run, (x, S1s, U1s, b), (0, 1, 3), extra))
+            torch_fn = lambda x, S1s, U1s, b: panther.ops.sketched_conv2d(x, S1s, U1s, b, 1, 1, backend="torch")  # noqa: E731
+            impls.append(("torch", torch_fn, (x, S1s, U1s, b), (0, 1, 3), {}))
+            impls.append(("F.conv2d", lambda x, W_, b: F.conv2d(x, W_, b, 1, 1), (x, W_, b), (0, 1, 2), {}))
+            if a.compiled:
+                impls.append(("compiled", torch.compile(concat_conv2d), (x, S1s, U1s, b), (0, 1, 3), {}))
+            for name, fn, args, grads_of, extra in impls:
+                try:
+                    with variant(extra.get("variant")):
+                        fwd, both = measure(fn, args, grads_of, gy, a.reps)
+                    rows.append({"case": label, "impl": name, "fwd": fwd, "fwd_bwd": both, **extra})
+                except Exception as e:  # a failing variant is reported, the sweep goes on
+                    rows.append({"case": label, "impl": name, "error": f"{type(e).__name__}: {e}", **extra})
+    print(f"{'case':44s} {'impl':14s} {'fwd ms':>8s} {'fwd+bwd':>8s} {'x conv':>7s} {'rel err':>9s}  plan")
+    base = {r["case"]: r for r in rows if r["impl"] == "F.conv2d" and "fwd" in r}
+    for r in rows:
+        if "error" in r:
+            print(f"{r['case']:44s} {r['impl']:14s} ERROR {r['error'][:120]}")
+            continue
+        b_ = base.get(r["case"])
+        speed = b_["fwd_bwd"]["median_ms"] / r["fwd_bwd"]["median_ms"] if b_ else float("nan")
+        err = f"{r['rel_err']:.2e}" if "rel_err" in r else ""
+        plan = r.get("plan")
+        plan_s = "" if plan is None else f"BM={plan['BM']} {plan['TH']}x{plan['TW']} CC={plan['CC']} flags={plan['flags']}"
+        print(f"{r['case']:44s} {r['impl']:14s} {r['fwd']['median_ms']:8.3f} {r['fwd_bwd']['median_ms']:8.3f} "
+              f"{speed:6.2f}x {err:>9s}  {plan_s}")
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "reps": a.reps,
+            "seconds": round(time.time() - t0, 1)}
+    with open(a.out, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print(f"wrote {a.out} ({meta['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()
