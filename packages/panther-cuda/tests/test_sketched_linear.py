@@ -228,14 +228,11 @@ def test_large_tiles_on_ragged_shapes(shape, mode):
 
 @on_gpu
 def test_rule_picks_large_tiles_at_4096_rows():
-    """T = 4096, I = O = 1024 (bfloat16): both directions on 128 x 128 tiles by the rule, end to end."""
-    from panther_cuda.ops.sketched_linear.backward import backward_config
+    """T = 4096, I = O = 1024 (bfloat16): the forward on 128 x 128 tiles by the rule, end to end."""
     from panther_cuda.ops.sketched_linear.forward import plan_forward
-    from panther.backends.toolkit import multiprocessors, shared_memory_per_block
 
     inputs = make_inputs(4096, 1024, 1024, 1, 64, torch.bfloat16)
     assert plan_forward(4096, 1024, 1024, 128, torch.bfloat16, inputs[0].device).tiles == "large"
-    assert backward_config(4096, 1024, 1024, torch.bfloat16, multiprocessors(), shared_memory_per_block()) == limits.LARGE
     run_and_compare(cuda_op, inputs, ALL, "bfloat16")
 
 
@@ -478,13 +475,13 @@ def test_host_tile_configs_match_the_kernels():
 
 def test_forward_rule():
     big = 1 << 20
-    # T = 4096: y's 128 x 128 tiles fill the SMs (LARGE); H's 32 tiles of 128 rows in 8 shares of I (2 blocks per SM)
-    large = ForwardPlan(fused=False, h_splits=8, tiles="large")
+    # T = 4096: y's 128 x 128 tiles fill the SMs (LARGE); H's 32 tiles of 128 rows in 4 shares of I (1 block per SM)
+    large = ForwardPlan(fused=False, h_splits=4, tiles="large")
     assert forward_rule(4096, 4096, 4096, 128, torch.bfloat16, 132, big) == large
     assert forward_rule(4096, 8192, 8192, 128, torch.bfloat16, 132, big) == large
     assert forward_rule(4096, 4096, 4096, 128, torch.float32, 132, big) == large
-    # LARGE's float32 ring (160 KiB) does not fit 100 KiB: SMALL, 128 tiles of H in 8 shares (8 blocks per SM)
-    assert forward_rule(4096, 4096, 4096, 128, torch.float32, 132, 100 << 10) == ForwardPlan(fused=False, h_splits=8)
+    # LARGE's float32 ring (160 KiB) does not fit 100 KiB: SMALL, 128 tiles of H in 4 shares (4 blocks per SM)
+    assert forward_rule(4096, 4096, 4096, 128, torch.float32, 132, 100 << 10) == ForwardPlan(fused=False, h_splits=4)
     # small T keeps the 64 x 64 tiles: y has 64 tiles of 128 x 128, fewer than the SMs
     assert forward_rule(128, 8192, 8192, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=False, h_splits=32)
     assert forward_rule(128, 1024, 1024, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=False, h_splits=4)
@@ -504,13 +501,10 @@ def test_forward_plan_names_its_tiles():
         ForwardPlan(fused=False, tiles="huge")
 
 
-def test_backward_config():
-    from panther_cuda.ops.sketched_linear.backward import backward_config
+def test_backward_tiles_are_a_launched_shape():
+    from panther_cuda.ops.sketched_linear.backward import BACKWARD_TILES
 
-    assert backward_config(4096, 4096, 4096, torch.bfloat16, 132, 1 << 20) == limits.LARGE
-    assert backward_config(4096, 64, 8192, torch.bfloat16, 132, 1 << 20) == limits.LARGE  # g's side is wide
-    assert backward_config(128, 8192, 8192, torch.bfloat16, 132, 1 << 20) == limits.SMALL  # 64 tiles of 128 x 128
-    assert backward_config(4096, 4096, 4096, torch.float32, 132, 100 << 10) == limits.SMALL  # LARGE does not fit
+    assert BACKWARD_TILES in limits.CONFIGS
 
 
 def test_backward_refuses_unknown_tiles():
@@ -693,13 +687,14 @@ def test_backward_launch_arguments(recorder, needs, split, tiles):
 def test_split_rule():
     from panther_cuda.ops.sketched_linear.common import split_rule
 
-    assert split_rule(4096, 128, 132) == 8  # 128 tiles: 1024 blocks, about 8 per SM, 512 deep each
-    assert split_rule(4096, 64, 132) == 16  # at most depth / 256
-    assert split_rule(65536, 12, 132) == 64  # few tiles, a long reduction: at most MAX_SPLIT
+    assert split_rule(4096, 128, 132) == 4  # 128 tiles: 512 blocks, about 4 per SM, 1024 deep each
+    assert split_rule(4096, 32, 132) == 16  # at most depth / 256
+    assert split_rule(65536, 12, 132) == 32  # few tiles, a long reduction: 384 blocks
+    assert split_rule(2**20, 2, 132) == 64  # at most MAX_SPLIT
     assert split_rule(300, 1, 132) == 1  # too short to share
     assert split_rule(65536, 600, 132) == 1  # the tiles alone fill the SMs
-    # LARGE blocks aim for 2 per SM: 32 tiles (4096 rows of 128) x 8 = 256 <= 264 blocks
-    assert split_rule(4096, 32, 132, limits.LARGE) == 8
+    # LARGE blocks aim for 1 per SM: 32 tiles (4096 rows of 128) x 4 = 128 <= 132 blocks
+    assert split_rule(4096, 32, 132, limits.LARGE) == 4
     assert split_rule(65536, 300, 132, limits.LARGE) == 1
 
 
@@ -864,14 +859,14 @@ def test_sweep_tool_plans_and_floor():
     sweep = _sweep_tool()
     plans = sweep.forward_plans(4096, 4096, 4096, 128, torch.bfloat16, 132, 227 << 10)
     assert plans["default"] == forward_rule(4096, 4096, 4096, 128, torch.bfloat16, 132, 227 << 10)
-    assert plans["large"] == ForwardPlan(fused=False, h_splits=8, tiles="large")
-    assert plans["large h_splits=4"].h_splits == 4 and plans["large h_splits=16"].h_splits == 16
+    assert plans["large"] == ForwardPlan(fused=False, h_splits=4, tiles="large")
+    assert plans["large h_splits=2"].h_splits == 2 and plans["large h_splits=8"].h_splits == 8
     assert plans["fused"] == ForwardPlan(fused=True, o_groups=2)  # 64 row tiles x 2 groups fill 132 SMs
     # a device whose shared memory takes only the small tiles: no large plans
     assert not any("large" in n for n in sweep.forward_plans(4096, 4096, 4096, 128, torch.float32, 132, 64 << 10))
     bwd = sweep.backward_plans(4096, 4096, 4096, 128, torch.bfloat16, 132, 227 << 10)
-    assert bwd["default"] == (None, None, None) and bwd["large"] == ("large", 8, 8)
-    assert bwd["large split=4 dh_split=4"] == ("large", 4, 4)
+    assert bwd["default"] == (None, None, None) and bwd["small"] == ("small", 8, 4)
+    assert bwd["large"] == ("large", 4, 4) and bwd["large split=2 dh_split=2"] == ("large", 2, 2)
     # HBM floor at 4.8 TB/s: forward reads x and writes y (2 x 32 MiB), backward reads g, x and writes dx
     assert sweep.floor_ms(4096, 4096, 4096, 2, 4.8, "fwd") == pytest.approx(2 * 4096 * 4096 * 2 / 4.8e9)
     assert sweep.floor_ms(4096, 4096, 4096, 2, 4.8, "fwd+bwd") == pytest.approx(5 * 4096 * 4096 * 2 / 4.8e9)

@@ -134,7 +134,7 @@ def backward_plans(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int,
 def cuda_rows(T, I, O, inputs, replays) -> List[dict]:
     from panther.backends.toolkit import multiprocessors, shared_memory_per_block
     from panther_cuda.ops.sketched_linear import limits
-    from panther_cuda.ops.sketched_linear.backward import backward_config, sketched_linear_backward
+    from panther_cuda.ops.sketched_linear.backward import BACKWARD_TILES, sketched_linear_backward
     from panther_cuda.ops.sketched_linear.forward import sketched_linear_forward
 
     x, S1s, S2s, U1s, U2s, bias, grad = inputs
@@ -142,7 +142,7 @@ def cuda_rows(T, I, O, inputs, replays) -> List[dict]:
     sms, shared = multiprocessors(), shared_memory_per_block()
     plans = forward_plans(T, I, O, R, x.dtype, sms, shared)
     default = plans["default"]
-    rule_tiles = next(n for n, c in limits.CONFIGS.items() if c == backward_config(T, I, O, x.dtype, sms, shared))
+    rule_tiles = BACKWARD_TILES
     rows = []
 
     def forward(plan):

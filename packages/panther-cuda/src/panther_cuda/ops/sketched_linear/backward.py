@@ -12,8 +12,8 @@ the input dtype (rounded once, as the reference's dH). g and x are read as conti
 
 The weight gradients reduce over all T rows, on few tiles when I, O and R are small: common.split_rule
 splits T into shares (summed by launch 3) until their blocks fill the SMs; dH (few tiles when R is small)
-reduces over O and is split the same way. Every launch runs on one tile shape (limits.CONFIGS), chosen by
-:func:`backward_config`: "large" when the widest output has 128 x 128 tiles enough to fill the SMs.
+reduces over O and is split the same way. Every launch runs on one tile shape (limits.CONFIGS):
+:data:`BACKWARD_TILES` unless one is forced.
 """
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from panther.backends.toolkit import cdiv, multiprocessors, shared_memory_per_block
+from panther.backends.toolkit import cdiv, multiprocessors
 from panther_cuda._nvrtc import f32, i32, i64
 from panther_cuda.ops.sketched_linear.common import (
     SUM_BLOCKS,
-    choose_config,
     contiguous_2d,
     is_exact,
     kernel,
@@ -34,7 +33,7 @@ from panther_cuda.ops.sketched_linear.common import (
     split_rule,
     sum_shares,
 )
-from panther_cuda.ops.sketched_linear.limits import CONFIGS, LARGE, SUM_THREADS, TileConfig
+from panther_cuda.ops.sketched_linear.limits import CONFIGS, SUM_THREADS, TileConfig
 
 Grads = Tuple[Optional[torch.Tensor], ...]
 
@@ -43,10 +42,10 @@ def _index(t: torch.Tensor) -> int:
     return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
 
-def backward_config(T: int, I: int, O: int, dtype: torch.dtype, sms: int, shared_limit: int) -> TileConfig:
-    """The tile shape of the backward's launches: LARGE when the widest output (dx, T x I, or the g side's
-    O columns) has LARGE tiles enough to fill the SMs (common.choose_config), else SMALL."""
-    return choose_config(cdiv(T, LARGE.bm), cdiv(max(I, O), LARGE.bn), dtype, sms, shared_limit)
+# The backward's tile shape: SMALL at every size. Its launches mix long weight-gradient reductions with many
+# short dx / dH tiles, which four times the blocks balance better than LARGE tiles do (tools/linear_sweep.py
+# times both shapes).
+BACKWARD_TILES = "small"
 
 
 def _tiles(I: int, O: int, T: int, R: int, needs: Sequence[bool], c: TileConfig) -> Tuple[int, int, int]:
@@ -104,7 +103,7 @@ def sketched_linear_backward(
     the gradients to write (contiguous tensors of their inputs' shapes where wanted; allocated here
     when None). ``split``: shares of T for the weight gradients; ``dh_split``: shares of O for dH (defaults:
     common.split_rule); ``tiles``: the tile shape of every launch, a key of limits.CONFIGS (default:
-    :func:`backward_config`).
+    :data:`BACKWARD_TILES`).
     """
     L, I, k = S1s.shape
     O = S2s.shape[-1]
@@ -126,8 +125,7 @@ def sketched_linear_backward(
     need_dh = need_x or need_s1 or need_u2
     exact = is_exact(x.dtype, allow_tf32)
     if tiles is None:
-        index = _index(g)
-        c = backward_config(T, I, O, x.dtype, multiprocessors(index), shared_memory_per_block(index))
+        c = CONFIGS[BACKWARD_TILES]
     elif tiles in CONFIGS:
         c = CONFIGS[tiles]
     else:

@@ -61,9 +61,10 @@ def allow_tf32() -> bool:
 
 SPLIT_DEPTH = 256  # depth (rows of T, or columns of I or O) a share of a split reduction keeps at least (about)
 MAX_SPLIT = 64
-# Blocks a split aims for per SM: several resident at once, two waves or so (SMALL); two resident 8-warp
-# blocks of LARGE, whose deeper ring keeps more bytes in flight per block, and fewer fp32 shares to sum.
-BLOCKS_PER_SM = {SMALL: 8, LARGE: 2}
+# Blocks a split aims for per SM: about four SMALL blocks (several resident at once), one LARGE block: past
+# that, more shares add fp32 traffic and summing faster than they add parallelism (tools/linear_sweep.py
+# times the rule's split against half and twice of it).
+BLOCKS_PER_SM = {SMALL: 4, LARGE: 1}
 SUM_BLOCKS = 4096  # grid of the share-summing launches (grid-stride loops over the elements)
 
 
