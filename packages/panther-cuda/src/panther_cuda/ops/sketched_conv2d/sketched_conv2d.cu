@@ -746,6 +746,9 @@ conv_rank_halo(const T* __restrict__ x, const T* __restrict__ S, T* __restrict__
 
     float acc[MT][RP / 8][4];
     halo_rank<T, RP, EXACT, BM>(acc, x, S, g, R, h, flags, smem);
+    // channels contiguous in z (pixel-major), R even, z aligned: columns r, r + 1 in one store
+    const bool pair = szr == 1 && (R & 1) == 0 && ((szn | szh | szw) & 1) == 0 &&
+                      (reinterpret_cast<unsigned long long>(z) & (2 * sizeof(T) - 1)) == 0;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -754,12 +757,17 @@ conv_rank_halo(const T* __restrict__ x, const T* __restrict__ S, T* __restrict__
             if (!halo_pixel(g, h, warp * 16 * MT + mt * 16 + (lane >> 2) + 8 * hh, oh, ow)) continue;
             const long long base = h.n * szn + oh * szh + ow * szw;
 #pragma unroll
-            for (int nt = 0; nt < RP / 8; ++nt)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int r = nt * 8 + acc_col(lane, 2 * hh + e);
-                    if (r < R) z[base + r * szr] = from_float<T>(acc[mt][nt][2 * hh + e] * scale);
+            for (int nt = 0; nt < RP / 8; ++nt) {
+                const int r = nt * 8 + 2 * (lane & 3);  // this lane's columns r, r + 1
+                if (r >= R) continue;
+                const float v0 = acc[mt][nt][2 * hh] * scale, v1 = acc[mt][nt][2 * hh + 1] * scale;
+                if (pair) {
+                    store_pair<T>(z + base + r, v0, v1);
+                } else {
+                    z[base + r * szr] = from_float<T>(v0);
+                    if (r + 1 < R) z[base + (r + 1) * szr] = from_float<T>(v1);
                 }
+            }
         }
 }
 
