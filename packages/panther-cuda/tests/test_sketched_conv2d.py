@@ -53,9 +53,13 @@ CASES = {
     "R256": (1, 3, 6, 6, 4, 4, 64, (3, 3), (1, 1), (1, 1), (1, 1)),
     # 40 channels: chunks of 8 (16-byte S copies in 16-bit types) or 16, the last one partial
     "chunks_C40_R30_O70": (2, 40, 9, 11, 70, 2, 15, (3, 3), (1, 1), (1, 1), (1, 1)),
+    # W = 16: NCHW rows in 8-byte loads (the 1x1 forward; the backward's dZ of both)
+    "1x1_rows8_R32": (2, 24, 6, 16, 20, 2, 16, (1, 1), (1, 1), (0, 0), (1, 1)),
+    "3x3_W16_R24": (2, 12, 10, 16, 33, 2, 12, (3, 3), (1, 1), (1, 1), (1, 1)),
 }
 # Cases every kernel family takes (R <= 64): run with each forced (forward.VARIANT).
-HALO_CASES = ["3x3_R6", "1x1_N1_R20", "5x5_pad2_R48", "stride2_R6", "dilation2_pad2", "chunks_C40_R30_O70"]
+HALO_CASES = ["3x3_R6", "1x1_N1_R20", "5x5_pad2_R48", "stride2_R6", "dilation2_pad2", "chunks_C40_R30_O70",
+              "1x1_rows8_R32", "3x3_W16_R24"]
 VARIANTS = ["halo64", "halo128", "halo64:1x64", "generic"]
 
 
@@ -172,7 +176,7 @@ def test_each_kernel_family(name, dtype, layout, variant, ieee_float32):
         S = inputs[1].reshape(R, -1)
         Ho, Wo = torch.nn.functional.conv2d(x[:1].float(), S.float().view(R, x.shape[1], *inputs[1].shape[3:]),
                                             None, *conv).shape[2:]
-        assert forward._halo(x, S, R, inputs[1].shape[3:], conv[0], conv[2], (Ho, Wo)) is not None
+        assert forward._halo(x, S, R, inputs[1].shape[3:], *conv, (Ho, Wo)) is not None
     run_and_compare((x, *inputs[1:]), conv, GRADS, TOL[dtype])
 
 
@@ -545,12 +549,12 @@ def test_halo_launch_arguments(channels_last):
                                                  "panther::conv_rank<__nv_bfloat16, 32, false>"]
             continue
         assert fwd_call[0] == f"panther::sketched_conv2d_fwd_halo<__nv_bfloat16, 32, false, {bm}>"
-        assert dz_call[0] == z_call[0] == f"panther::conv_rank_halo<__nv_bfloat16, 32, false, {bm}>"
+        assert dz_call[0] == z_call[0] == f"panther::conv_rank_halo<__nv_bfloat16, 32, false, {bm}, false>"
         _check_arguments(fwd_call, "sketched_conv2d_fwd_halo")
         _check_arguments(dz_call, "conv_rank_halo")
         _check_arguments(z_call, "conv_rank_halo")
         tile = (4, 16) if variant == "halo64:4x16" else None
-        th, tw, cc, flags, hb = forward.halo_plan(x, S1s.reshape(R, -1), R, (3, 3), (1, 1), (1, 1), (9, 11), bm, tile)
+        th, tw, cc, flags, hb = forward.halo_plan(x, S1s.reshape(R, -1), R, (3, 3), *conv, (9, 11), bm, tile)
         assert tile is None or (th, tw) == (4, 11)  # the forced tile, clipped to the output's 11 columns
         assert [int(a) for a in fwd_call[3][-4:]] == [th, tw, cc, flags]
         assert fwd_call[1] == (2 * -(-9 // th) * -(-11 // tw),)
@@ -560,42 +564,70 @@ def test_halo_launch_arguments(channels_last):
         assert [int(a) for a in dz_call[3][3:16]] == [70, 9, 11, 9, 11, 1, 1, 1, 1, 0, 0, 1, 1]  # g: a 1x1 conv
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_backward_reads_nchw_rows_of_g_in_8_byte_loads(channels_last):
+    """The dZ launch (a 1x1 conv of g, W' = 16) takes conv_rank_halo's 8-byte loader for an NCHW g; the
+    forward (padding 1: its halo rows start off the 8-byte grid) and a channels_last g do not."""
+    (x, S1s, U1s, b), conv = _case("3x3_W16_R24", torch.bfloat16, device="cpu")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    rec = _Recorder()
+    with mock.patch.object(forward.Kernel, "__call__", lambda self, *a, **k: rec(self, *a, **k)):
+        (y,) = forward.forward_outputs(x, S1s, U1s, b, 1, 1, 1, 1, 1, 1, True)
+        forward.sketched_conv2d_forward(y, x, S1s, U1s, b, *conv, True)
+        grads = [torch.empty_like(t) for t in (x, S1s, U1s, b)]
+        g = torch.randn(y.shape, dtype=y.dtype).contiguous(memory_format=forward.memory_format(x))
+        backward.sketched_conv2d_backward(grads, g, x, S1s, U1s, *conv, (True,) * 4, True)
+    fwd_call, dz_call, z_call = rec.calls
+    assert fwd_call[0] == "panther::sketched_conv2d_fwd_halo<__nv_bfloat16, 32, false, 64>"
+    assert not int(fwd_call[3][-1]) & forward.HALO_VECTOR
+    vector = not channels_last
+    assert dz_call[0] == f"panther::conv_rank_halo<__nv_bfloat16, 32, false, 64, {'true' if vector else 'false'}>"
+    assert bool(int(dz_call[3][-1]) & forward.HALO_VECTOR) == vector
+    assert z_call[0] == "panther::conv_rank_halo<__nv_bfloat16, 32, false, 64, false>"  # x padded by 1
+
+
 def test_halo_plans_of_the_benchmark_cases():
     """The tiles the halo kernels take at the two benchmark shapes (bf16): whole blocks of 8 x 8 pixels at
     56 x 56, 2 x 28 at 28 x 28; 16 channels (144 = C·kh·kw rows of S, copied 16 bytes at a time)."""
     for layout in (torch.contiguous_format, torch.channels_last):
         x1 = torch.empty(32, 64, 56, 56, dtype=torch.bfloat16).contiguous(memory_format=layout)
         plan1 = forward.halo_plan(x1, torch.empty(32, 576, dtype=torch.bfloat16), 32, (3, 3), (1, 1), (1, 1),
-                                  (56, 56), 64)
+                                  (1, 1), (56, 56), 64)
         x2 = torch.empty(64, 256, 28, 28, dtype=torch.bfloat16).contiguous(memory_format=layout)
         plan2 = forward.halo_plan(x2, torch.empty(64, 2304, dtype=torch.bfloat16), 64, (3, 3), (1, 1), (1, 1),
-                                  (28, 28), 64)
+                                  (1, 1), (28, 28), 64)
         inner = forward.HALO_CHANNELS_INNER if layout == torch.channels_last else 0
         assert plan1[:4] == (8, 8, 16, forward.S_VECTOR | inner)
         assert plan2[:4] == (2, 28, 16, forward.S_VECTOR | inner)
         # the backward's dZ: g (N, O, H', W') by U (R, O) as a 1x1 conv; NCHW rows of 112 and 56 bytes
         g1 = torch.empty(32, 128, 56, 56, dtype=torch.bfloat16).contiguous(memory_format=layout)
-        dz1 = forward.halo_plan(g1, torch.empty(32, 128, dtype=torch.bfloat16), 32, (1, 1), (1, 1), (1, 1), (56, 56), 64)
+        dz1 = forward.halo_plan(g1, torch.empty(32, 128, dtype=torch.bfloat16), 32, (1, 1), (1, 1), (0, 0), (1, 1),
+                                (56, 56), 64, vector_rows=True)
         g2 = torch.empty(64, 256, 28, 28, dtype=torch.bfloat16).contiguous(memory_format=layout)
-        dz2 = forward.halo_plan(g2, torch.empty(64, 256, dtype=torch.bfloat16), 64, (1, 1), (1, 1), (1, 1), (28, 28), 64)
-        assert dz1[:4] == ((8, 8, 32) if inner else (1, 56, 32)) + (forward.S_VECTOR | inner,)
-        assert dz2[:4] == (2, 28, 32, forward.S_VECTOR | inner)
+        dz2 = forward.halo_plan(g2, torch.empty(64, 256, dtype=torch.bfloat16), 64, (1, 1), (1, 1), (0, 0), (1, 1),
+                                (28, 28), 64, vector_rows=True)
+        # NCHW: 8-byte loads of g, 72 channels a chunk (8 passes of 18 rows of 14 loads)
+        vec = forward.S_VECTOR | forward.HALO_VECTOR
+        assert dz1[:4] == ((8, 8, 32, forward.S_VECTOR | inner) if inner else (1, 56, 72, vec))
+        assert dz2[:4] == ((2, 28, 32, forward.S_VECTOR | inner) if inner else (2, 28, 72, vec))
 
 
 def test_halo_plan_refuses_what_the_halo_kernels_cannot_take():
     x = torch.empty(2, 8, 30, 300)
     S = torch.empty(16, 72)
-    assert forward.halo_plan(x, torch.empty(80, 72), 80, (3, 3), (1, 1), (1, 1), (28, 298), 64) is None  # R > 64
-    assert forward.halo_plan(x, torch.empty(16, 8 * 169), 16, (13, 13), (1, 1), (1, 1), (18, 288), 64) is None
+    assert forward.halo_plan(x, torch.empty(80, 72), 80, (3, 3), (1, 1), (0, 0), (1, 1), (28, 298), 64) is None  # R > 64
+    assert forward.halo_plan(x, torch.empty(16, 8 * 169), 16, (13, 13), (1, 1), (0, 0), (1, 1), (18, 288),
+                             64) is None
     # a 1 x 64 tile whose halo row is 64 * 3 + 2 > 128 wide at stride 3 still finds a narrower tile
-    plan = forward.halo_plan(x, S, 16, (3, 3), (3, 3), (1, 1), (10, 100), 64)
+    plan = forward.halo_plan(x, S, 16, (3, 3), (3, 3), (0, 0), (1, 1), (10, 100), 64)
     assert plan is not None and forward.halo_extent(plan[1], 3, 3, 1) <= forward.THREADS
     for bm in forward.HALO_TILES:
         for dtype in DTYPES:
             for shape in [(1, 3, 5, 7), (4, 64, 56, 56), (2, 300, 9, 9), (1, 1, 200, 3)]:
                 xx = torch.empty(shape, dtype=dtype)
                 plan = forward.halo_plan(xx, torch.empty(64, shape[1] * 9, dtype=dtype), 64, (3, 3), (1, 1), (1, 1),
-                                         shape[2:], bm)
+                                         (1, 1), shape[2:], bm)
                 if plan is not None:
                     assert forward.halo_shared_bytes(dtype, 64, bm, plan[4]) <= forward.MAX_SHARED
 
@@ -756,6 +788,11 @@ EMU_CASES = [
     ("bfloat16", "nchw", 1, 24, 17, 5, 10, 2, 8, (3, 3), (1, 1), (1, 1), (1, 1), 128, 1),  # narrow: 5 columns
     ("bfloat16", "channels_last", 1, 130, 6, 7, 12, 2, 32, (1, 1), (1, 1), (0, 0), (1, 1), 64, 1),  # 1x1, C > 128
     ("bfloat16", "nchw", 3, 9, 4, 4, 5, 2, 2, (2, 2), (1, 1), (0, 0), (1, 1), 64, 1),  # R = 2, even kernel
+    # 8-byte halo loads (rows of aligned groups): 1x1 as the backward's dZ, and a 3x3 in float32
+    ("bfloat16", "nchw", 2, 37, 6, 16, 20, 2, 16, (1, 1), (1, 1), (0, 0), (1, 1), 64, 1),
+    ("float16", "nchw", 1, 150, 4, 8, 11, 2, 40, (1, 1), (1, 1), (0, 0), (1, 1), 64, 1),  # chunks 128 + 22
+    ("tf32", "nchw", 1, 70, 5, 6, 9, 2, 30, (1, 1), (1, 1), (0, 0), (1, 1), 128, 0),
+    ("float32", "nchw", 1, 9, 10, 12, 7, 2, 10, (3, 3), (1, 1), (0, 0), (1, 1), 64, 1),
 ]
 
 
@@ -773,15 +810,17 @@ def test_halo_kernels_under_emulation(conv_emulator, case):
         x = x.contiguous(memory_format=torch.channels_last)
     S = torch.empty(R, C * ks[0] * ks[1], dtype=dtype)
     Ho, Wo = (forward.output_size(n, k, s, p, d) for n, k, s, p, d in zip((H, W), ks, st, pd, dl))
-    plan = forward.halo_plan(x, S, R, ks, st, dl, (Ho, Wo), bm)
+    vector = case in EMU_CASES[-4:]  # the cases meant for 8-byte loads: z only (the forward has no such loader)
+    plan = forward.halo_plan(x, S, R, ks, st, pd, dl, (Ho, Wo), bm, vector_rows=vector)
     assert plan is not None
     th, tw, cc, flags, hb = plan
+    assert bool(flags & forward.HALO_VECTOR) == vector
     rp = next(w for w in forward.HALO_RANKS if w >= R)
     shared = forward.halo_shared_bytes(dtype, rp, bm, hb)
     args = [mode, layout, N, C, H, W, O, terms, R, *ks, *st, *pd, *dl, bm, th, tw, cc, flags, shared, bias]
     r = subprocess.run([str(conv_emulator), *map(str, args)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     errs = {name: float(v) for name, v in (line.split() for line in r.stdout.split("\n") if line.strip())}
-    assert set(errs) == {"y", "z"}
+    assert set(errs) == ({"z"} if vector else {"y", "z"})
     bad = {k: v for k, v in errs.items() if not v <= EMU_TOL[mode]}
     assert not bad, f"errors above {EMU_TOL[mode]:g}: {bad} (all: {errs}; plan {plan})"

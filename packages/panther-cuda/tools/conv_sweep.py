@@ -144,7 +144,7 @@ def main():
 
                 extra = {"variant": v}
                 with variant(v):
-                    halo = forward._halo(x, S1s.reshape(R, -1), R, (3, 3), (1, 1), (1, 1), (H, W))
+                    halo = forward._halo(x, S1s.reshape(R, -1), R, (3, 3), (1, 1), (1, 1), (1, 1), (H, W))
                 extra["plan"] = None if halo is None else dict(zip(("BM", "TH", "TW", "CC", "flags", "hb"),
                                                                    (halo[0], *halo[1])))
                 with torch.no_grad(), variant(v):

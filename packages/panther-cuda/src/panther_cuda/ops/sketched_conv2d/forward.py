@@ -38,7 +38,9 @@ HALO_TILES = (64, 128)  # output pixels per block of the halo kernels (template 
 HALO_RANKS = (16, 32, 64)  # their widths RP of Z (>= R)
 HALO_PASSES = 16  # halo elements one thread loads per channel chunk, at most (conv::HALO_PASSES)
 KC_MAX = 144  # im2col depth of one channel chunk, CC·kh·kw, at most (conv::KC_MAX)
-HALO_CHANNELS_INNER, S_VECTOR = 1, 2  # the halo kernels' flags (conv::HALO_CHANNELS_INNER, conv::S_VECTOR)
+# the halo kernels' flags (conv::HALO_CHANNELS_INNER, conv::S_VECTOR, conv::HALO_VECTOR)
+HALO_CHANNELS_INNER, S_VECTOR, HALO_VECTOR = 1, 2, 4
+HALO_VPASSES = HALO_PASSES // 2  # 8-byte halo loads one thread makes per channel chunk, at most
 MAX_SHARED = 99 * 1024  # dynamic shared memory a plan may take (the opt-in limit of sm_86 / sm_89)
 # None: the halo kernels with BM = 64 where halo_plan allows, else the generic ones; "halo64" /
 # "halo128": that many pixels per block where allowed (else generic), "halo64:4x16": with that tile of
@@ -49,12 +51,13 @@ _CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__n
 _kernels: Dict[Tuple[str, str, int, bool], Kernel] = {}
 
 
-def _kernel(name: str, dtype: torch.dtype, width: int, exact: bool, bm: Optional[int] = None) -> Kernel:
-    key = (name, _CTYPES[dtype], width, exact, bm)
+def _kernel(name: str, dtype: torch.dtype, width: int, exact: bool, *more) -> Kernel:
+    """The instance name<T, width, exact, *more> (more: the halo kernels' BM and, for conv_rank_halo, XVEC)."""
+    key = (name, _CTYPES[dtype], width, exact, *more)
     kernel = _kernels.get(key)
     if kernel is None:
-        tail = "" if bm is None else f", {bm}"
-        expression = f"panther::{name}<{key[1]}, {width}, {'true' if exact else 'false'}{tail}>"
+        args = [key[1], str(width)] + ["true" if a is True else "false" if a is False else str(a) for a in (exact, *more)]
+        expression = f"panther::{name}<{', '.join(args)}>"
         kernel = _kernels[key] = Kernel(SOURCE, expression)
     return kernel
 
@@ -103,22 +106,28 @@ def _halo_chunk(C: int, KK: int, IH: int, IW: int, channels_inner: bool) -> int:
     return max(0, min(most, HALO_PASSES * (THREADS // IW) // IH))
 
 
-def halo_plan(x: Tensor, S: Tensor, R: int, kernel_size, stride, dilation, out_hw, bm: int, tile=None):
+def halo_plan(x: Tensor, S: Tensor, R: int, kernel_size, stride, padding, dilation, out_hw, bm: int, tile=None,
+              vector_rows: bool = False):
     """``(TH, TW, CC, flags, hb)`` of the halo kernels with ``bm`` pixels per block for x (N, C, H, W) and
     S (R, C·kh·kw) contiguous, or None where they cannot run. The tile (``tile`` = (TH, TW) forces one):
     fewest blocks, then the widest (longer contiguous halo rows); for a 1x1 kernel on rows along W (no
     halo to share, the loads are the cost), rows of 128 bytes first. The chunk: the most channels,
-    16-byte S copies where aligned."""
-    N, C = x.shape[:2]
+    16-byte S copies where aligned; with ``vector_rows`` (conv_rank_halo has the 8-byte loader, the
+    forward does not) 8-byte halo loads where every row's groups are aligned (x's strides and pointer, W,
+    the left padding and the tile's width)."""
+    N, C, H, W = x.shape
     channels_inner = x.stride(1) < x.stride(3)
     s_aligned = S.data_ptr() % 16 == 0
-    return _plan(int(N), int(C), x.dtype, channels_inner, s_aligned, int(R), *(int(v) for v in kernel_size),
-                 *(int(v) for v in stride), *(int(v) for v in dilation), *(int(v) for v in out_hw), int(bm),
-                 None if tile is None else tuple(tile))
+    xv = 8 // x.element_size()  # elements of an 8-byte load
+    x_rows8 = (vector_rows and not channels_inner and x.stride(3) == 1 and W % xv == 0 and x.data_ptr() % 8 == 0
+               and all(s % xv == 0 for s in x.stride()[:3]))
+    return _plan(int(N), int(C), x.dtype, channels_inner, s_aligned, x_rows8, int(padding[1]), int(R),
+                 *(int(v) for v in kernel_size), *(int(v) for v in stride), *(int(v) for v in dilation),
+                 *(int(v) for v in out_hw), int(bm), None if tile is None else tuple(tile))
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(N, C, dtype, channels_inner, s_aligned, R, kh, kw, sh, sw, dh, dw, Ho, Wo, bm, tile):
+def _plan(N, C, dtype, channels_inner, s_aligned, x_rows8, pw, R, kh, kw, sh, sw, dh, dw, Ho, Wo, bm, tile):
     """halo_plan from plain values (cached: the search runs once per shape)."""
     KK = kh * kw
     if R > HALO_RANKS[-1] or KK > KC_MAX or Ho * Wo == 0:
@@ -141,6 +150,12 @@ def _plan(N, C, dtype, channels_inner, s_aligned, R, kh, kw, sh, sw, dh, dw, Ho,
         return None
     _, th, tw, cc, hs = best
     flags = HALO_CHANNELS_INNER if channels_inner else 0
+    xv = 8 // size
+    IH, IW = halo_extent(th, kh, sh, dh), halo_extent(tw, kw, sw, dw)
+    if x_rows8 and pw % xv == 0 and (tw * sw) % xv == 0 and IW % xv == 0:  # every tile's groups aligned
+        cv = min(C, KC_MAX // KK, HALO_VPASSES * (THREADS // (IW // xv)) // IH)
+        if cv >= cc:
+            cc, flags = cv, flags | HALO_VECTOR
     ve = 16 // size  # elements of one 16-byte copy
     if (C * KK) % ve == 0 and s_aligned:
         aligned = next((c for c in range(cc, 0, -1) if (c * KK) % ve == 0), 0)
@@ -155,7 +170,7 @@ def _plan(N, C, dtype, channels_inner, s_aligned, R, kh, kw, sh, sw, dh, dw, Ho,
     return th, tw, cc, flags, hb
 
 
-def _halo(x: Tensor, S: Tensor, R: int, kernel_size, stride, dilation, out_hw):
+def _halo(x: Tensor, S: Tensor, R: int, kernel_size, stride, padding, dilation, out_hw, vector_rows=False):
     """(bm, plan) of the halo kernels that VARIANT asks for, or None for the generic kernels."""
     if VARIANT == "generic":
         return None
@@ -164,7 +179,7 @@ def _halo(x: Tensor, S: Tensor, R: int, kernel_size, stride, dilation, out_hw):
         family, _, shape = VARIANT.partition(":")
         bm = int(family[len("halo"):])
         tile = tuple(int(n) for n in shape.split("x")) if shape else None
-    plan = halo_plan(x, S, R, kernel_size, stride, dilation, out_hw, bm, tile)
+    plan = halo_plan(x, S, R, kernel_size, stride, padding, dilation, out_hw, bm, tile, vector_rows)
     return None if plan is None else (bm, plan)
 
 
@@ -227,7 +242,7 @@ def sketched_conv2d_forward(y: Tensor, x: Tensor, S1s: Tensor, U1s: Tensor, bias
     S = S1s.contiguous()
     U = U1s.contiguous()
     b = bias.contiguous() if bias is not None else None
-    halo = _halo(x, S.view(R, -1), R, (kh, kw), stride, dilation, y.shape[2:])
+    halo = _halo(x, S.view(R, -1), R, (kh, kw), stride, padding, dilation, y.shape[2:])
     if halo is not None:
         bm, (th, tw, cc, flags, hb) = halo
         rp = next(w for w in HALO_RANKS if w >= R)
@@ -258,11 +273,11 @@ def conv_rank(z: Tensor, x: Tensor, S: Tensor, kernel_size: Tuple[int, int], str
     if M == 0:
         return
     exact = exact_float32(x.dtype, allow_tf32)
-    halo = _halo(x, S, R, kernel_size, stride, dilation, (Ho, Wo))
+    halo = _halo(x, S, R, kernel_size, stride, padding, dilation, (Ho, Wo), vector_rows=True)
     if halo is not None:
         bm, (th, tw, cc, flags, hb) = halo
         rp = next(w for w in HALO_RANKS if w >= R)
-        kernel = _kernel("conv_rank_halo", x.dtype, rp, exact, bm)
+        kernel = _kernel("conv_rank_halo", x.dtype, rp, exact, bm, bool(flags & HALO_VECTOR))
         with device_guard(x):
             kernel(
                 (N * cdiv(Ho, th) * cdiv(Wo, tw),), (THREADS,), x, S, z,

@@ -324,14 +324,37 @@ conv_rank(const T* __restrict__ x, const T* __restrict__ S, T* __restrict__ z, i
 // columns past the chunk's depth point at. im2col column kl = c kh kw + i kw + j of the chunk reads
 // halo offset koff[kl] = c HS + i dh IW + j dw from pixel m's corner poff[m] = (m / TW) sh IW + (m % TW) sw.
 // Loads: lanes run along the input's contiguous axis, iw (flag HALO_CHANNELS_INNER off: NCHW rows) or c
-// (on: channels_last pixels); each thread loads at most HALO_PASSES elements of a chunk. The host
-// (forward.py: halo_plan) picks TH, TW, CC within these limits.
+// (on: channels_last pixels); each thread loads at most HALO_PASSES elements of a chunk, or with
+// XVEC (conv_rank_halo's template flag, with flag HALO_VECTOR: NCHW rows whose every 8-byte group lies
+// wholly inside or outside the image, aligned) at most HALO_VPASSES groups of 8 bytes; a template flag,
+// as both loaders in one kernel would cost registers. The host (forward.py: halo_plan) picks TH, TW, CC,
+// the flags.
 namespace conv {
 
 constexpr int HALO_PASSES = 16;      // halo elements one thread loads per chunk, at most
 constexpr int KC_MAX = 144;          // im2col depth of one chunk, CC kh kw rounded up to 16, at most
 constexpr int HALO_CHANNELS_INNER = 1;  // flags: lanes along channels (channels_last input)
 constexpr int S_VECTOR = 2;             // flags: S rows copied 16 bytes at a time (K, CC kh kw, S aligned)
+constexpr int HALO_VECTOR = 4;          // flags: halo rows loaded 8 bytes at a time (with XVEC)
+constexpr int HALO_VPASSES = HALO_PASSES / 2;  // 8-byte loads per thread and chunk (the same registers)
+
+// The bits of a T in the low bits of a 32-bit word, and back.
+template <typename T> __device__ __forceinline__ unsigned to_bits(T v) {
+    if constexpr (sizeof(T) == 2) {
+        return *reinterpret_cast<unsigned short*>(&v);
+    } else {
+        return *reinterpret_cast<unsigned*>(&v);
+    }
+}
+template <typename T> __device__ __forceinline__ T from_bits(unsigned w) {
+    T v;
+    if constexpr (sizeof(T) == 2) {
+        *reinterpret_cast<unsigned short*>(&v) = static_cast<unsigned short>(w);
+    } else {
+        *reinterpret_cast<unsigned*>(&v) = w;
+    }
+    return v;
+}
 
 #ifndef PANTHER_PTX_EMULATED
 // 16 bytes from global to shared memory without a register round trip (sm_80 cp.async, L2 only).
@@ -401,7 +424,7 @@ __device__ __forceinline__ bool halo_pixel(const Geometry& g, const HaloTile& h,
 // im2col(x) S[0:RP]ᵀ over all of K. Every thread of the block calls it (it synchronises the block).
 // Shared memory (`smem`, 16-byte aligned): koff [KC_MAX] ints, poff [BM] ints, the halo buffers
 // (2 HB elements), the S buffers (2 x RP x HaloLd); forward.py: halo_shared_bytes.
-template <typename T, int RP, bool EXACT, int BM>
+template <typename T, int RP, bool EXACT, int BM, bool XVEC>
 __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], const T* __restrict__ x,
                                           const T* __restrict__ S, const Geometry& g, int R, const HaloTile& h,
                                           int flags, unsigned char* smem) {
@@ -445,23 +468,27 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
 
     // This thread's halo elements: lanes along the inner (contiguous) axis, items of the outer one by passes.
     const bool cinner = (flags & HALO_CHANNELS_INNER) != 0;
-    const int lin = cinner ? h.CC : h.IW;
+    constexpr bool vec_x = XVEC;  // rows along iw in 8-byte groups (never with cinner)
+    constexpr int XV = 8 / static_cast<int>(sizeof(T));  // elements of an 8-byte load
+    const int lin = cinner ? h.CC : vec_x ? h.IW / XV : h.IW;
     const int outer = cinner ? h.HS : h.CC * h.IH;
     const int opp = THREADS / lin;  // outer items per pass
     const int inner = tid % lin;
-    int hq[HALO_PASSES];  // (c << 16 | ih) with iw = inner, or (ih << 16 | iw) with c = inner; -1: none
+    const int icol = vec_x ? inner * XV : inner;  // NCHW: this thread's (first) halo column
+    const int passes = vec_x ? HALO_VPASSES : HALO_PASSES;
+    int hq[HALO_PASSES];  // (c << 16 | ih) with iw = icol, or (ih << 16 | iw) with c = inner; -1: none
 #pragma unroll
     for (int u = 0; u < HALO_PASSES; ++u) {
         const int o = tid / lin + u * opp;
         hq[u] = -1;
-        if (tid < opp * lin && o < outer) {
+        if (tid < opp * lin && o < outer && u < passes) {
             const int d = cinner ? h.IW : h.IH;
             const int hi = o / d;
             hq[u] = (hi << 16) | (o - hi * d);
         }
     }
     const T* __restrict__ xn = x + h.n * g.sxn;
-    T hr[HALO_PASSES];
+    unsigned hr[HALO_PASSES];  // the elements' bits, or with vec_x two words per 8-byte load
     auto halo_coords = [&](int q, int& c, int& a, int& b) {
         if (cinner) {
             c = inner;
@@ -470,10 +497,28 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
         } else {
             c = q >> 16;
             a = q & 0xffff;
-            b = inner;
+            b = icol;
         }
     };
     auto load_halo = [&](int c0) {
+        if constexpr (vec_x) {  // an 8-byte group lies wholly inside or outside the image (the host's condition)
+#pragma unroll
+            for (int u = 0; u < HALO_VPASSES; ++u) {
+                uint2 v;
+                v.x = 0u;
+                v.y = 0u;
+                if (hq[u] >= 0) {
+                    int c, a, b;
+                    halo_coords(hq[u], c, a, b);
+                    const int ih = h.ih0 + a, iw = h.iw0 + b;
+                    if (c0 + c < g.C && static_cast<unsigned>(ih) < static_cast<unsigned>(g.H) &&
+                        static_cast<unsigned>(iw) < static_cast<unsigned>(g.W))
+                        v = *reinterpret_cast<const uint2*>(xn + (c0 + c) * g.sxc + ih * g.sxh + iw);
+                }
+                hr[2 * u] = v.x;
+                hr[2 * u + 1] = v.y;
+            }
+        } else {
 #pragma unroll
         for (int u = 0; u < HALO_PASSES; ++u) {
             T v = zero;
@@ -485,17 +530,31 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
                     static_cast<unsigned>(iw) < static_cast<unsigned>(g.W))
                     v = xn[(c0 + c) * g.sxc + ih * g.sxh + iw * g.sxw];
             }
-            hr[u] = v;
+            hr[u] = to_bits<T>(v);
+        }
         }
     };
     auto store_halo = [&](int buf) {
+        if constexpr (vec_x) {
 #pragma unroll
-        for (int u = 0; u < HALO_PASSES; ++u)
-            if (hq[u] >= 0) {
-                int c, a, b;
-                halo_coords(hq[u], c, a, b);
-                Hs[buf * h.HB + c * h.HS + a * h.IW + b] = hr[u];
-            }
+            for (int u = 0; u < HALO_VPASSES; ++u)
+                if (hq[u] >= 0) {
+                    int c, a, b;
+                    halo_coords(hq[u], c, a, b);
+                    uint2 v;
+                    v.x = hr[2 * u];
+                    v.y = hr[2 * u + 1];
+                    *reinterpret_cast<uint2*>(Hs + buf * h.HB + c * h.HS + a * h.IW + b) = v;
+                }
+        } else {
+#pragma unroll
+            for (int u = 0; u < HALO_PASSES; ++u)
+                if (hq[u] >= 0) {
+                    int c, a, b;
+                    halo_coords(hq[u], c, a, b);
+                    Hs[buf * h.HB + c * h.HS + a * h.IW + b] = from_bits<T>(hr[u]);
+                }
+        }
     };
     // S[0:RP, c0 kh kw + 0..KCP) -> S buffer `buf` (zero past R, K and the chunk's depth). 16-byte copies
     // (cp.async, one group) when aligned, else loads through registers, RP / 4 in flight per thread.
@@ -657,7 +716,7 @@ sketched_conv2d_fwd_halo(const T* __restrict__ x, const T* __restrict__ S, const
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
     float acc[MT][RP / 8][4];
-    halo_rank<T, RP, EXACT, BM>(acc, x, S, g, R, h, flags, smem);
+    halo_rank<T, RP, EXACT, BM, false>(acc, x, S, g, R, h, flags, smem);
 
     // Z -> shared memory (rounded to T), over the halo region; the loop above ended with a barrier
     T* Zs = reinterpret_cast<T*>(smem + (KC_MAX + BM) * sizeof(int));  // BM x RP (ZLD)
@@ -728,8 +787,8 @@ sketched_conv2d_fwd_halo(const T* __restrict__ x, const T* __restrict__ S, const
 
 // z[n, r, oh, ow] (strides sz*) = scale · Σ_κ im2col(x)[m, κ] S[r, κ] for r < R <= RP, through the halo
 // tiles (the backward's dZ, a 1x1 convolution of g, and its recomputed Z). Grid, block, shared memory:
-// as sketched_conv2d_fwd_halo's.
-template <typename T, int RP, bool EXACT, int BM>
+// as sketched_conv2d_fwd_halo's. XVEC: the halo in 8-byte loads (the plan's flag HALO_VECTOR).
+template <typename T, int RP, bool EXACT, int BM, bool XVEC>
 __global__ void __launch_bounds__(conv::THREADS, BM == 64 ? 3 : 2)
 conv_rank_halo(const T* __restrict__ x, const T* __restrict__ S, T* __restrict__ z, int C, int H, int W, int Ho,
                int Wo, int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw, long long M, int R,
@@ -745,7 +804,10 @@ conv_rank_halo(const T* __restrict__ x, const T* __restrict__ S, T* __restrict__
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
     float acc[MT][RP / 8][4];
-    halo_rank<T, RP, EXACT, BM>(acc, x, S, g, R, h, flags, smem);
+    halo_rank<T, RP, EXACT, BM, XVEC>(acc, x, S, g, R, h, flags, smem);
+    // channels contiguous in z (pixel-major), R even, z aligned: columns r, r + 1 in one store
+    const bool pair = szr == 1 && (R & 1) == 0 && ((szn | szh | szw) & 1) == 0 &&
+                      (reinterpret_cast<unsigned long long>(z) & (2 * sizeof(T) - 1)) == 0;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -754,12 +816,17 @@ conv_rank_halo(const T* __restrict__ x, const T* __restrict__ S, T* __restrict__
             if (!halo_pixel(g, h, warp * 16 * MT + mt * 16 + (lane >> 2) + 8 * hh, oh, ow)) continue;
             const long long base = h.n * szn + oh * szh + ow * szw;
 #pragma unroll
-            for (int nt = 0; nt < RP / 8; ++nt)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int r = nt * 8 + acc_col(lane, 2 * hh + e);
-                    if (r < R) z[base + r * szr] = from_float<T>(acc[mt][nt][2 * hh + e] * scale);
+            for (int nt = 0; nt < RP / 8; ++nt) {
+                const int r = nt * 8 + 2 * (lane & 3);  // this lane's columns r, r + 1
+                if (r >= R) continue;
+                const float v0 = acc[mt][nt][2 * hh] * scale, v1 = acc[mt][nt][2 * hh + 1] * scale;
+                if (pair) {
+                    store_pair<T>(z + base + r, v0, v1);
+                } else {
+                    z[base + r * szr] = from_float<T>(v0);
+                    if (r + 1 < R) z[base + (r + 1) * szr] = from_float<T>(v1);
                 }
+            }
         }
 }
 
@@ -773,7 +840,8 @@ conv_rank_halo(const T* __restrict__ x, const T* __restrict__ S, T* __restrict__
     RANK(T, 16, E) RANK(T, 32, E) RANK(T, 64, E)
 #define HALO(T, RP, E, BM) \
     template __global__ void panther::sketched_conv2d_fwd_halo<T, RP, E, BM>(const T*, const T*, const T*, const T*, T*, int, int, int, int, int, int, int, int, int, int, int, int, int, long long, int, int, long long, long long, long long, long long, long long, long long, long long, long long, float, int, int, int, int); \
-    template __global__ void panther::conv_rank_halo<T, RP, E, BM>(const T*, const T*, T*, int, int, int, int, int, int, int, int, int, int, int, int, int, long long, int, long long, long long, long long, long long, long long, long long, long long, long long, float, int, int, int, int);
+    template __global__ void panther::conv_rank_halo<T, RP, E, BM, false>(const T*, const T*, T*, int, int, int, int, int, int, int, int, int, int, int, int, int, long long, int, long long, long long, long long, long long, long long, long long, long long, long long, float, int, int, int, int); \
+    template __global__ void panther::conv_rank_halo<T, RP, E, BM, true>(const T*, const T*, T*, int, int, int, int, int, int, int, int, int, int, int, int, int, long long, int, long long, long long, long long, long long, long long, long long, long long, long long, float, int, int, int, int);
 #define ALLHALO(T, E) HALO(T, 16, E, 64) HALO(T, 32, E, 64) HALO(T, 64, E, 64) \
     HALO(T, 16, E, 128) HALO(T, 32, E, 128) HALO(T, 64, E, 128)
 ALLHALO(float, true)
