@@ -6,14 +6,13 @@ size; several pixel blocks with a partial last one; O over one and over several 
 on-chip width of the fused forward (RP = 16, 32, 64, 128, 192, 256) and of the rank kernel (16, 32, 64)
 runs at least once; each kernel family (halo tiles of 64 and 128 pixels, generic) is forced in turn.
 CPU tests check the limits and the allocation rules (fake kernels, on meta tensors), and run the halo
-kernels themselves on the CPU under the CUDA emulation of sketched_linear_emulation/cuda_emulation.h
+kernels themselves on the CPU under the CUDA emulation of emulation/cuda_emulation.h
 (harness: sketched_conv2d_emulation/harness.cpp) against float64 loops.
 """
 
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from unittest import mock
@@ -25,6 +24,7 @@ import torch
 from panther.backends.torch_backend.sketched_conv2d import sketched_conv2d as reference_op
 from panther_cuda.ops.sketched_conv2d import backward, forward, limits
 from panther_cuda.ops.sketched_conv2d.forward import RANK_TILES, fwd_shared_bytes, rank_tile
+from emulation import build_harness  # tests/emulation (conftest.py puts tests/ on sys.path)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Max-normalised error bounds against float64 math on the same rounded inputs: a few roundings of Z, y
@@ -721,53 +721,16 @@ def test_op_around_emulated_kernels_compiles_fullgraph(emulated_kernels):
 # --- CPU: the halo kernels under the CUDA emulation ------------------------------------------------------------
 
 EMU_DIR = Path(__file__).resolve().parent / "sketched_conv2d_emulation"
-EMU_INCLUDE = Path(__file__).resolve().parent / "sketched_linear_emulation"  # cuda_emulation.h
 OP_DIR = Path(forward.__file__).resolve().parent
-COMMON = OP_DIR.parents[1] / "include" / "panther_cuda" / "common.cuh"
-EMULATED_MMA = """template <> struct Mma<bf16> { static constexpr int K = 16;
-  static void run(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) { emu_mma<bf16, 16>(d, a, b); } };
-template <> struct Mma<f16> { static constexpr int K = 16;
-  static void run(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) { emu_mma<f16, 16>(d, a, b); } };
-template <> struct Mma<float> { static constexpr int K = 8;
-  static void run(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) { emu_mma<float, 8>(d, a, b); } };
-
-"""
 EMU_DTYPES = {"float32": torch.float32, "tf32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 EMU_TOL = {"float32": 2e-5, "tf32": 8e-3, "float16": 8e-3, "bfloat16": 3e-2}
-
-
-def emulated_common(text: str) -> str:
-    """common.cuh for the host: the emulation's types, and its tf32 conversion and mma in place of the
-    inline assembly; the fragment loaders and every other line as they are."""
-    text = text.replace("#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n", '#include "cuda_emulation.h"\n')
-    text, n = re.subn(r"__device__ __forceinline__ unsigned to_tf32\(float v\) \{.*?\n\}\n",
-                      "__device__ __forceinline__ unsigned to_tf32(float v) { return emu_to_tf32(v); }\n", text, flags=re.S)
-    start, end = text.index("template <> struct Mma<bf16>"), text.index("// Fragments from tiles")
-    text = text[:start] + EMULATED_MMA + text[end:]
-    assert n == 1 and "asm" not in text, "common.cuh changed shape: update emulated_common()"
-    return text
 
 
 @pytest.fixture(scope="module")
 def conv_emulator(tmp_path_factory):
     """The conv harness binary: sketched_conv2d.cu compiled for the host (skips without a C++20 compiler
     with _Float16 and <barrier>)."""
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler")
-    d = tmp_path_factory.mktemp("sketched_conv2d_emulation")
-    probe = d / "probe.cpp"
-    probe.write_text("#include <barrier>\nint main() { _Float16 h = 1; std::barrier<> b(1); return (int)(float)h - 1; }\n")
-    if subprocess.run([cxx, "-std=c++20", "-pthread", str(probe), "-o", str(d / "probe")], capture_output=True).returncode:
-        pytest.skip(f"{cxx} lacks C++20 <barrier> or _Float16")
-    (d / "panther_cuda").mkdir()
-    (d / "panther_cuda" / "common.cuh").write_text(emulated_common(COMMON.read_text()))
-    exe = d / "harness"
-    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas", f"-I{d}", f"-I{EMU_INCLUDE}", f"-I{OP_DIR}",
-           str(EMU_DIR / "harness.cpp"), "-o", str(exe)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0, f"the kernels do not compile for the host:\n{r.stderr[-6000:]}"
-    return exe
+    return build_harness(tmp_path_factory.mktemp("sketched_conv2d_emulation"), EMU_DIR / "harness.cpp", OP_DIR)
 
 
 # (mode, layout, N, C, H, W, O, terms, R, (kh, kw), stride, padding, dilation, BM, bias)

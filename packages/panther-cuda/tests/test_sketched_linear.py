@@ -4,7 +4,7 @@ GPU tests (marker ``gpu``) run the kernels: every dtype (float32 exact and TF32,
 ragged shapes (T = 1, 3-D x, I and O off the 64- and 128-wide tiles, k = 1, L = 3, R beyond the fused
 limit), every launch path and tile shape (limits.CONFIGS, forced), every gradient, and the integration points
 (torch.compile, CUDA graphs, streams, devices). CPU tests check what can be checked without a GPU: the
-kernels themselves, compiled for the host under an emulation of CUDA (sketched_linear_emulation/: threads,
+kernels themselves, compiled for the host under an emulation of CUDA (emulation/cuda_emulation.h: threads,
 barriers, shared memory, cp.async, ldmatrix, mma.sync) against float64 loops, every kernel, path and tile
 shape; the refusals of limits.py; the launch arguments against the kernels' C++ signatures; the tile
 configs, the plans, the fake (meta) path; the sweep tool's plans.
@@ -16,7 +16,6 @@ Run the GPU tests on a GPU machine with:
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from panther_cuda.ops.sketched_linear import forward as fwd_module
 from panther_cuda.ops.sketched_linear import limits
 from panther_cuda.ops.sketched_linear.backward import half_range, sketched_linear_backward
 from panther_cuda.ops.sketched_linear.forward import ForwardPlan, forward_rule, sketched_linear_forward
+from emulation import build_harness  # tests/emulation (conftest.py puts tests/ on sys.path)
 
 OP_DIR = Path(common_module.__file__).resolve().parent
 
@@ -731,52 +731,16 @@ def test_kernel_names():
 
 
 # ---------------------------------------------------------------------------------------------------
-# CPU: the kernels themselves, compiled for the host under sketched_linear_emulation/cuda_emulation.h
+# CPU: the kernels themselves, compiled for the host under emulation/cuda_emulation.h (sketched_linear_emulation/harness.cpp)
 
 EMU_DIR = Path(__file__).resolve().parent / "sketched_linear_emulation"
-COMMON = OP_DIR.parents[1] / "include" / "panther_cuda" / "common.cuh"
-EMULATED_MMA = """template <> struct Mma<bf16> { static constexpr int K = 16;
-  static void run(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) { emu_mma<bf16, 16>(d, a, b); } };
-template <> struct Mma<f16> { static constexpr int K = 16;
-  static void run(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) { emu_mma<f16, 16>(d, a, b); } };
-template <> struct Mma<float> { static constexpr int K = 8;
-  static void run(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) { emu_mma<float, 8>(d, a, b); } };
-
-"""
-
-
-def emulated_common(text: str) -> str:
-    """common.cuh for the host: the emulation's types, and its tf32 conversion and mma in place of the
-    inline assembly; the fragment loaders and every other line as they are."""
-    text = text.replace("#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n", '#include "cuda_emulation.h"\n')
-    text, n = re.subn(r"__device__ __forceinline__ unsigned to_tf32\(float v\) \{.*?\n\}\n",
-                      "__device__ __forceinline__ unsigned to_tf32(float v) { return emu_to_tf32(v); }\n", text, flags=re.S)
-    start, end = text.index("template <> struct Mma<bf16>"), text.index("// Fragments from tiles")
-    text = text[:start] + EMULATED_MMA + text[end:]
-    assert n == 1 and "asm" not in text, "common.cuh changed shape: update emulated_common()"
-    return text
 
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
     """The harness binary: forward.cu and backward.cu compiled for the host (skips without a C++20
     compiler with _Float16 and <barrier>)."""
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler")
-    d = tmp_path_factory.mktemp("sketched_linear_emulation")
-    probe = d / "probe.cpp"
-    probe.write_text("#include <barrier>\nint main() { _Float16 h = 1; std::barrier<> b(1); return (int)(float)h - 1; }\n")
-    if subprocess.run([cxx, "-std=c++20", "-pthread", str(probe), "-o", str(d / "probe")], capture_output=True).returncode:
-        pytest.skip(f"{cxx} lacks C++20 <barrier> or _Float16")
-    (d / "panther_cuda").mkdir()
-    (d / "panther_cuda" / "common.cuh").write_text(emulated_common(COMMON.read_text()))
-    exe = d / "harness"
-    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas", f"-I{d}", f"-I{EMU_DIR}", f"-I{OP_DIR}",
-           str(EMU_DIR / "harness.cpp"), "-o", str(exe)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0, f"the kernels do not compile for the host:\n{r.stderr[-6000:]}"
-    return exe
+    return build_harness(tmp_path_factory.mktemp("sketched_linear_emulation"), EMU_DIR / "harness.cpp", OP_DIR)
 
 
 # (mode, tiles, plan, split, T, I, O, L, k, bias, needs): tiles = limits.CONFIGS key of every kernel but the fused

@@ -1,18 +1,12 @@
 // Runs the halo kernels of sketched_conv2d.cu (sketched_conv2d_fwd_halo, conv_rank_halo; with the plan's
 // flag HALO_VECTOR conv_rank_halo's 8-byte loader alone, which the forward does not have) on the CPU under
-// ../sketched_linear_emulation/cuda_emulation.h and prints, for y and z, the max-normalised error against
+// ../emulation/cuda_emulation.h and prints, for y and z, the max-normalised error against
 // float64 loops written here from the op's definition (|got - ref|max / |ref|max). Outputs start as NaN
 // and shared memory as NaN bytes before every block, so a value a kernel forgets to write, or reads before
 // writing, shows. The tile plan (TH, TW, CC, flags, halo buffer) comes from the host code (forward.py).
-#include "cuda_emulation.h"
+#include "harness.h"
 #undef __launch_bounds__
 #define __launch_bounds__(...)
-#include <thread>
-#include <vector>
-#include <random>
-#include <functional>
-#include <algorithm>
-#include <string>
 struct alignas(8) float2 { float x, y; };  // the CUDA vector types of the paired stores and 8-byte loads
 struct alignas(8) uint2 { unsigned x, y; };
 inline float2 make_float2(float a, float b) { return float2{a, b}; }
@@ -23,49 +17,7 @@ using namespace panther;
 constexpr int NTHREADS = conv::THREADS;
 
 static void launch(long long blocks, unsigned shared, const std::function<void()>& body) {
-    g_dynamic_smem = shared;
-    gridDim.x = (unsigned)blocks;
-    if (shared > sizeof(panther::smem)) { std::printf("shared too big\n"); std::abort(); }
-    std::barrier<> block_bar(NTHREADS);
-    std::barrier<> wb0(32), wb1(32), wb2(32), wb3(32);
-    g_block_barrier = &block_bar;
-    g_warp_barrier[0] = &wb0; g_warp_barrier[1] = &wb1; g_warp_barrier[2] = &wb2; g_warp_barrier[3] = &wb3;
-    for (long long b = 0; b < blocks; ++b) {
-        std::memset(panther::smem, 0xff, shared);  // NaN garbage: the kernels must not read what they did not write
-        std::vector<std::thread> th;
-        for (int t = 0; t < NTHREADS; ++t)
-            th.emplace_back([&, t, b] {
-                threadIdx.x = t; blockIdx.x = (unsigned)b; body();
-                if (!emu_cp_async_idle()) { std::printf("cp.async copies left in flight\n"); std::abort(); }
-            });
-        for (auto& x : th) x.join();
-    }
-}
-static long long cdv(long long a, long long b) { return (a + b - 1) / b; }
-
-template <typename T> struct Buf {
-    std::vector<T> v;
-    explicit Buf(size_t n) : v(n) { for (auto& e : v) e = from_float<T>(NAN); }
-    T* p() { return v.empty() ? nullptr : v.data(); }
-    double at(size_t i) const { return to_float(v[i]); }
-};
-
-template <typename T> static Buf<T> rnd(size_t n, double scale, std::mt19937& g) {
-    std::normal_distribution<double> N(0, 1);
-    Buf<T> b(n);
-    for (auto& e : b.v) e = from_float<T>((float)(N(g) * scale));
-    return b;
-}
-
-static void report(const char* what, const std::vector<double>& got, const std::vector<double>& ref) {
-    double m = 0, r = 1e-30;
-    bool nan = false;
-    for (size_t i = 0; i < ref.size(); ++i) {
-        nan |= !std::isfinite(got[i]);
-        m = std::max(m, std::fabs(got[i] - ref[i]));
-        r = std::max(r, std::fabs(ref[i]));
-    }
-    std::printf("%s %.6e\n", what, nan ? 1e30 : m / r);
+    emu_launch(blocks, NTHREADS, shared, panther::smem, sizeof(panther::smem), body);
 }
 
 struct Args {

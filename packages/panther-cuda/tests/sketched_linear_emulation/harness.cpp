@@ -1,15 +1,8 @@
-// Runs the sketched linear kernels of forward.cu and backward.cu on the CPU under cuda_emulation.h and
+// Runs the sketched linear kernels of forward.cu and backward.cu on the CPU under ../emulation/cuda_emulation.h and
 // prints, for H, y and each gradient asked for, the max-normalised error against float64 loops written
 // here from the op's definition (|got - ref|max / |ref|max). Outputs start as NaN and shared memory as
 // NaN bytes before every block, so a value a kernel forgets to write, or reads before writing, shows.
-#include "cuda_emulation.h"
-#include <thread>
-#include <vector>
-#include <random>
-#include <functional>
-#include <algorithm>
-#include <string>
-#include <memory>
+#include "harness.h"
 namespace panther { namespace sl { alignas(16) unsigned char smem[1 << 20]; } }
 #include "forward.cu"
 #include "backward.cu"
@@ -21,51 +14,7 @@ using Large = Tile<128, 128, 32, 2, 4, 4>;
 
 
 static void launch(long long blocks, int nt, unsigned shared, const std::function<void()>& body) {
-    g_dynamic_smem = shared;
-    gridDim.x = (unsigned)blocks;
-    if (shared > sizeof(sl::smem)) { std::printf("shared too big\n"); std::abort(); }
-    if (nt % 32 || nt / 32 > EMU_MAX_WARPS) { std::printf("bad block size\n"); std::abort(); }
-    std::barrier<> block_bar(nt);
-    std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
-    for (int w = 0; w < nt / 32; ++w) {
-        warp_bars.push_back(std::make_unique<std::barrier<>>(32));
-        g_warp_barrier[w] = warp_bars.back().get();
-    }
-    g_block_barrier = &block_bar;
-    for (long long b = 0; b < blocks; ++b) {
-        std::memset(sl::smem, 0xff, shared);  // garbage: the kernels must not read shared memory they did not write
-        std::vector<std::thread> th;
-        for (int t = 0; t < nt; ++t)
-            th.emplace_back([&, t, b] {
-                threadIdx.x = t; blockIdx.x = (unsigned)b; body();
-                if (!emu_cp_async_idle()) { std::printf("cp.async copies left in flight\n"); std::abort(); }
-            });
-        for (auto& x : th) x.join();
-    }
-}
-static long long cdv(long long a, long long b) { return (a + b - 1) / b; }
-
-template <typename T> struct Buf {
-    std::vector<T> v;
-    explicit Buf(size_t n) : v(n) { for (auto& e : v) e = from_float<T>(NAN); }
-    T* p() { return v.empty() ? nullptr : v.data(); }
-    double at(size_t i) const { return to_float(v[i]); }
-};
-
-template <typename T> static Buf<T> rnd(size_t n, double scale, std::mt19937& g) {
-    std::normal_distribution<double> N(0, 1);
-    Buf<T> b(n);
-    for (auto& e : b.v) e = from_float<T>((float)(N(g) * scale));
-    return b;
-}
-
-static void report(const char* what, const std::vector<double>& got, const std::vector<double>& ref) {
-    double m = 0, r = 1e-30;
-    for (size_t i = 0; i < ref.size(); ++i) { m = std::max(m, std::fabs(got[i] - ref[i])); r = std::max(r, std::fabs(ref[i])); }
-    bool nan = false;
-    for (double v : got) nan |= !std::isfinite(v);
-    double e = nan ? 1e30 : m / r;
-    std::printf("%s %.6e\n", what, e);
+    emu_launch(blocks, nt, shared, sl::smem, sizeof(sl::smem), body);
 }
 
 template <typename T, bool EXACT, typename C>

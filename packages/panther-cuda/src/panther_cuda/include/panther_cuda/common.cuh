@@ -123,4 +123,18 @@ __device__ __forceinline__ int acc_col(int lane, int i) { return 2 * (lane & 3) 
 
 __device__ __forceinline__ long long cdiv(long long a, long long b) { return (a + b - 1) / b; }
 
+#ifndef PANTHER_PTX_EMULATED
+// 16 bytes from global to shared memory with no register round trip (sm_80 cp.async, L2 only); the copies
+// a thread issued since its last commit form one group; wait<N> returns once at most N of its groups are
+// still in flight (the copies are visible to the block after a __syncthreads that follows).
+__device__ __forceinline__ void cp_async16(void* s, const void* g) {
+    const unsigned sa = static_cast<unsigned>(__cvta_generic_to_shared(s));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(g) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+#endif  // PANTHER_PTX_EMULATED
+
 }  // namespace panther

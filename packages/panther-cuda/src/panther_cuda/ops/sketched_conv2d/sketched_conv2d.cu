@@ -356,17 +356,6 @@ template <typename T> __device__ __forceinline__ T from_bits(unsigned w) {
     return v;
 }
 
-#ifndef PANTHER_PTX_EMULATED
-// 16 bytes from global to shared memory without a register round trip (sm_80 cp.async, L2 only).
-__device__ __forceinline__ void cp_async16(void* s, const void* g) {
-    const unsigned sa = static_cast<unsigned>(__cvta_generic_to_shared(s));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(g) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-#endif
 
 // Two adjacent outputs in one store (p aligned to two elements).
 template <typename T> __device__ __forceinline__ void store_pair(T* p, float a, float b) {
@@ -500,6 +489,15 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
             b = icol;
         }
     };
+    // offset in xn of halo element q of the chunk at channel c0; -1 where it is zero (past C, or padding)
+    auto halo_at = [&](int q, int c0) -> long long {
+        int c, a, b;
+        halo_coords(q, c, a, b);
+        const int ih = h.ih0 + a, iw = h.iw0 + b;
+        const bool inside = c0 + c < g.C && static_cast<unsigned>(ih) < static_cast<unsigned>(g.H) &&
+                            static_cast<unsigned>(iw) < static_cast<unsigned>(g.W);
+        return inside ? (c0 + c) * g.sxc + ih * g.sxh + iw * g.sxw : -1;
+    };
     auto load_halo = [&](int c0) {
         if constexpr (vec_x) {  // an 8-byte group lies wholly inside or outside the image (the host's condition)
 #pragma unroll
@@ -507,14 +505,8 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
                 uint2 v;
                 v.x = 0u;
                 v.y = 0u;
-                if (hq[u] >= 0) {
-                    int c, a, b;
-                    halo_coords(hq[u], c, a, b);
-                    const int ih = h.ih0 + a, iw = h.iw0 + b;
-                    if (c0 + c < g.C && static_cast<unsigned>(ih) < static_cast<unsigned>(g.H) &&
-                        static_cast<unsigned>(iw) < static_cast<unsigned>(g.W))
-                        v = *reinterpret_cast<const uint2*>(xn + (c0 + c) * g.sxc + ih * g.sxh + iw);
-                }
+                const long long at = hq[u] >= 0 ? halo_at(hq[u], c0) : -1;
+                if (at >= 0) v = *reinterpret_cast<const uint2*>(xn + at);
                 hr[2 * u] = v.x;
                 hr[2 * u + 1] = v.y;
             }
@@ -522,14 +514,8 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
 #pragma unroll
         for (int u = 0; u < HALO_PASSES; ++u) {
             T v = zero;
-            if (hq[u] >= 0) {
-                int c, a, b;
-                halo_coords(hq[u], c, a, b);
-                const int ih = h.ih0 + a, iw = h.iw0 + b;
-                if (c0 + c < g.C && static_cast<unsigned>(ih) < static_cast<unsigned>(g.H) &&
-                    static_cast<unsigned>(iw) < static_cast<unsigned>(g.W))
-                    v = xn[(c0 + c) * g.sxc + ih * g.sxh + iw * g.sxw];
-            }
+            const long long at = hq[u] >= 0 ? halo_at(hq[u], c0) : -1;
+            if (at >= 0) v = xn[at];
             hr[u] = to_bits<T>(v);
         }
         }

@@ -53,18 +53,6 @@ template <typename T> struct Vec {
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<unsigned long long>(p) & 15) == 0; }
 
 #ifndef PANTHER_PTX_EMULATED
-// 16 bytes from global to shared memory with no register round trip (sm_80 cp.async, L2 only); the copies
-// a thread issued since its last commit form one group; wait<N> returns once at most N of its groups are
-// still in flight (the copies are visible to the block after a __syncthreads that follows).
-__device__ __forceinline__ void cp_async16(void* s, const void* g) {
-    const unsigned sa = static_cast<unsigned>(__cvta_generic_to_shared(s));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(g) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 // Four 8 x 8 matrices of 16-bit elements from shared memory, one warp: lanes 8j .. 8j + 7 give the
 // (16-byte aligned) addresses of matrix j's rows 0 .. 7; r[j] gets lane l's part of matrix j, per PTX
 // "ldmatrix": (row l / 4, columns 2 (l % 4), +1), or with TRANS (rows 2 (l % 4), +1, column l / 4),
