@@ -222,9 +222,10 @@ def main(argv=None) -> int:
                                "steady state: the harness's Clock.measure, auto and each backend interleaved"},
         "results": [], "skipped_cases": [],
     }
+    deadline = args.max_minutes if args.max_minutes is not None else preset.deadline_min
     for case in cases:
         for mode in modes:
-            if args.max_minutes is not None and time.time() - started > 60 * args.max_minutes:
+            if deadline is not None and time.time() - started > 60 * deadline:
                 doc["skipped_cases"].append({"case": case.label, "op": case.op, "mode": mode, "reason": "deadline"})
                 continue
             with only_backends(backends):

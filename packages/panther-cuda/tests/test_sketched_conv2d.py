@@ -589,7 +589,7 @@ def test_backward_reads_nchw_rows_of_g_in_8_byte_loads(channels_last):
 
 def test_halo_plans_of_the_benchmark_cases():
     """The tiles the halo kernels take at the two benchmark shapes (bf16): whole blocks of 8 x 8 pixels at
-    56 x 56, 2 x 28 at 28 x 28; 16 channels (144 = C·kh·kw rows of S, copied 16 bytes at a time)."""
+    56 x 56, 2 x 28 at 28 x 28; 16 channels a chunk (each S row's 144 = C·kh·kw columns of a chunk copied 16 bytes at a time)."""
     for layout in (torch.contiguous_format, torch.channels_last):
         x1 = torch.empty(32, 64, 56, 56, dtype=torch.bfloat16).contiguous(memory_format=layout)
         plan1 = forward.halo_plan(x1, torch.empty(32, 576, dtype=torch.bfloat16), 32, (3, 3), (1, 1), (1, 1),
@@ -607,7 +607,7 @@ def test_halo_plans_of_the_benchmark_cases():
         g2 = torch.empty(64, 256, 28, 28, dtype=torch.bfloat16).contiguous(memory_format=layout)
         dz2 = forward.halo_plan(g2, torch.empty(64, 256, dtype=torch.bfloat16), 64, (1, 1), (1, 1), (0, 0), (1, 1),
                                 (28, 28), 64, vector_rows=True)
-        # NCHW: 8-byte loads of g, 72 channels a chunk (8 passes of 18 rows of 14 loads)
+        # NCHW: 8-byte loads of g, 72 channels a chunk
         vec = forward.S_VECTOR | forward.HALO_VECTOR
         assert dz1[:4] == ((8, 8, 32, forward.S_VECTOR | inner) if inner else (1, 56, 72, vec))
         assert dz2[:4] == ((2, 28, 32, forward.S_VECTOR | inner) if inner else (2, 28, 72, vec))
@@ -622,14 +622,6 @@ def test_halo_plan_refuses_what_the_halo_kernels_cannot_take():
     # a 1 x 64 tile whose halo row is 64 * 3 + 2 > 128 wide at stride 3 still finds a narrower tile
     plan = forward.halo_plan(x, S, 16, (3, 3), (3, 3), (0, 0), (1, 1), (10, 100), 64)
     assert plan is not None and forward.halo_extent(plan[1], 3, 3, 1) <= forward.THREADS
-    for bm in forward.HALO_TILES:
-        for dtype in DTYPES:
-            for shape in [(1, 3, 5, 7), (4, 64, 56, 56), (2, 300, 9, 9), (1, 1, 200, 3)]:
-                xx = torch.empty(shape, dtype=dtype)
-                plan = forward.halo_plan(xx, torch.empty(64, shape[1] * 9, dtype=dtype), 64, (3, 3), (1, 1), (1, 1),
-                                         (1, 1), shape[2:], bm)
-                if plan is not None:
-                    assert forward.halo_shared_bytes(dtype, 64, bm, plan[4]) <= forward.MAX_SHARED
 
 
 # --- CPU: the op's host side around kernels emulated in torch ---------------------------------------------------

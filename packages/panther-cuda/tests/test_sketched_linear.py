@@ -576,7 +576,29 @@ def recorder(monkeypatch):
     rec = _Recorder()
     monkeypatch.setattr(bwd_module, "kernel", rec.kernel)
     monkeypatch.setattr(common_module, "kernel", rec.kernel)  # common.launch's too
+    monkeypatch.setattr(common_module, "shared_limit", lambda device: 227 << 10)  # an H100's, for forced plans
     return rec
+
+
+def test_forced_plans_that_do_not_fit_the_device_fall_back(recorder, monkeypatch):
+    """A forced LARGE float32 ring (160 KiB) runs on the small tiles where 100 KiB per block is all there is, a
+    forced fused forward whose H does not fit on two launches; the launches' shared memory fits."""
+    monkeypatch.setattr(common_module, "shared_limit", lambda device: 100 << 10)
+    inputs = make_inputs(70, 90, 200, 2, 9, torch.float32, device="cpu")
+    sketched_linear_forward(*inputs, plan=ForwardPlan(fused=False, tiles="large"))
+    assert {s for *_, s in recorder.calls} == {limits.SMALL.shared_bytes(torch.float32)}
+    recorder.calls.clear()
+    monkeypatch.setattr(common_module, "shared_limit", lambda device: 64 << 10)  # the small ring's 60 KiB fit
+    x, S1s, S2s, U1s, U2s, b = make_inputs(70, 90, 200, 8, 16, torch.float32, device="cpu")  # R = 256
+    assert limits.SMALL.fused_bytes(256, torch.float32) > 64 << 10 >= limits.SMALL.shared_bytes(torch.float32)
+    sketched_linear_forward(x, S1s, S2s, U1s, U2s, b, plan=ForwardPlan(fused=True, o_groups=2))
+    assert "sketched_linear_fwd_fused" not in [n for n, *_ in recorder.calls]
+    recorder.calls.clear()
+    g = torch.randn(70, 200)
+    h = torch.randn(70, 2 * 2 * 9)
+    monkeypatch.setattr(common_module, "shared_limit", lambda device: 100 << 10)
+    sketched_linear_backward(g, inputs[0], h, *inputs[1:5], tiles="large", split=2, dh_split=2)
+    assert recorder.calls and all(s <= 100 << 10 for *_, s in recorder.calls)
 
 
 @pytest.mark.parametrize("plan", [ForwardPlan(fused=True, o_groups=3), ForwardPlan(fused=False),

@@ -15,7 +15,7 @@ For each shape, on one GPU, in CUDA-graph replay (each call captured once after 
 * the triton backend and F.linear (dense weight O x I) forward and forward + backward, for reference.
 Prints one table per shape (ms; the share of the HBM floor: forward reads x and writes y, backward reads g and
 x and writes dx, at --hbm TB/s) and writes every number to --out as JSON. Each kernel instance compiles once
-(NVRTC, CuPy's disk cache); the whole sweep is meant to take about a minute on an H200.
+(NVRTC, CuPy's disk cache).
 """
 
 from __future__ import annotations
@@ -210,8 +210,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--quick", action="store_true", help="two shapes, 20 replays")
-    ap.add_argument("--replays", type=int, default=None, help="timed replays per call (default 50, --quick 20)")
-    ap.add_argument("--hbm", type=float, default=4.8, help="HBM bandwidth for the floor, TB/s (H200: 4.8)")
+    ap.add_argument("--replays", type=int, default=None, help="timed replays per call, at least 20 (default 50, --quick 20)")
+    ap.add_argument("--hbm", type=float, default=4.8, help="HBM bandwidth for the floor, TB/s (default: the H200's specified 4.8)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("linear_sweep needs a CUDA GPU", file=sys.stderr)

@@ -1,4 +1,4 @@
-// Host emulation of the CUDA features the sketched linear kernels use, so that the real .cu sources
+// Host emulation of the CUDA features the kernels of panther-cuda use, so that the real .cu sources
 // compile with a C++20 host compiler and run on the CPU: thread and block indices (one std::thread per
 // CUDA thread), __syncthreads (a barrier per block), dynamic shared memory, __half / __nv_bfloat16
 // with round-to-nearest conversions, cvt.rna.tf32, and mma.sync (each lane's fragments are gathered
@@ -33,8 +33,8 @@ inline unsigned g_dynamic_smem;
 // the one inline assembly left in the kernels, tile.cuh's require_shared: `have` = the dynamic shared memory
 #define asm(...) (have = g_dynamic_smem)
 
-// cp.async.cg.shared.global 16 / commit_group / wait_group, per thread, and ldmatrix below (tile.cuh
-// uses these in place of its inline assembly when PANTHER_PTX_EMULATED is defined): cp.async's two
+// cp.async.cg.shared.global 16 / commit_group / wait_group, per thread, and ldmatrix below (the kernels
+// use these in place of the inline assembly of common.cuh and tile.cuh when PANTHER_PTX_EMULATED is defined): cp.async's two
 // addresses must be 16-byte aligned.
 #define PANTHER_PTX_EMULATED 1
 struct EmuCopy { void* dst; unsigned char data[16]; };

@@ -1,8 +1,8 @@
 """What the sketched conv2d kernels cannot take, as reasons for the backend's capability check.
 
-The fused forward keeps a block's whole intermediate Z (64 output pixels x R = 2·L·k channels) on chip,
-so R is bounded by :data:`MAX_RANK` (up to R = 64 the halo kernels take it, above it the generic ones); the im2col depth C·kh·kw is a 32-bit index in the kernels
-(:data:`MAX_DEPTH`).
+The fused forward keeps a block's whole intermediate Z (its output pixels x R = 2·L·k channels) on chip,
+so R is bounded by :data:`MAX_RANK` (up to R = 64 the halo kernels take it, above it the generic ones);
+the im2col depth C·kh·kw is a 32-bit index in the kernels (:data:`MAX_DEPTH`).
 """
 
 from __future__ import annotations

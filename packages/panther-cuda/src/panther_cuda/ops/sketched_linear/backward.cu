@@ -1,4 +1,4 @@
-// Backward of the sketched linear op in two or three launches (backward.py launches these).
+// Backward of the sketched linear op in two to four launches (backward.py launches these).
 //
 // g = dL/dy (T, O) contiguous, s = 1/(2L), A = [S1 | U2] (I x R), B = [U1; S2] (R x O), H (T, R) saved
 // by the forward, R = 2Lk, column c = h Lk + l k + j:

@@ -27,6 +27,7 @@ from panther_cuda._nvrtc import f32, i32, i64
 from panther_cuda.ops.sketched_linear.common import (
     SUM_BLOCKS,
     contiguous_2d,
+    fitting,
     is_exact,
     kernel,
     launch,
@@ -103,7 +104,7 @@ def sketched_linear_backward(
     the gradients to write (contiguous tensors of their inputs' shapes where wanted; allocated here
     when None). ``split``: shares of T for the weight gradients; ``dh_split``: shares of O for dH (defaults:
     common.split_rule); ``tiles``: the tile shape of every launch, a key of limits.CONFIGS (default:
-    :data:`BACKWARD_TILES`).
+    :data:`BACKWARD_TILES`; tiles whose shared memory does not fit the device run as the small ones).
     """
     L, I, k = S1s.shape
     O = S2s.shape[-1]
@@ -127,7 +128,7 @@ def sketched_linear_backward(
     if tiles is None:
         c = CONFIGS[BACKWARD_TILES]
     elif tiles in CONFIGS:
-        c = CONFIGS[tiles]
+        c = fitting(CONFIGS[tiles], x.dtype, x.device)  # forced tiles that do not fit the device: the small ones
     else:
         raise ValueError(f"sketched_linear_backward tiles={tiles!r}: expected one of {sorted(CONFIGS)}")
     BM, BN = c.bm, c.bn

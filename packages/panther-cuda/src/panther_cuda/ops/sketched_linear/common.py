@@ -8,7 +8,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from panther.backends.toolkit import cdiv
+from panther.backends.toolkit import cdiv, shared_memory_per_block
 from panther_cuda._nvrtc import Kernel, f32, i32, i64
 from panther_cuda.ops.sketched_linear.limits import LARGE, SMALL, SUM_THREADS, TileConfig
 
@@ -36,6 +36,22 @@ def launch(source: str, name: str, dtype: torch.dtype, exact: bool, config: Tile
     memory of its tiles (``config.shared_bytes``) unless ``shared_mem`` says otherwise (the fused forward)."""
     shared = config.shared_bytes(dtype) if shared_mem is None else shared_mem
     kernel(source, name, dtype, exact, config)((blocks,), (config.threads,), *args, shared_mem=shared)
+
+
+def shared_limit(device: torch.device) -> int:
+    """Bytes of shared memory a block may use on ``device`` (a CUDA device; None index: the current one)."""
+    return shared_memory_per_block(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def fitting(config: TileConfig, dtype: torch.dtype, device: torch.device) -> TileConfig:
+    """``config`` where its shared memory fits a block on ``device``, else SMALL (a forced LARGE float32 ring
+    does not fit GPUs of 100 KiB per block)."""
+    return config if config.shared_bytes(dtype) <= shared_limit(device) else SMALL
+
+
+def fused_fits(R: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the fused forward's shared memory (its tiles and H, R wide) fits a block on ``device``."""
+    return SMALL.fused_bytes(R, dtype) <= shared_limit(device)
 
 
 def choose_config(row_tiles_large: int, col_tiles_large: int, dtype: torch.dtype, sms: int, shared_limit: int

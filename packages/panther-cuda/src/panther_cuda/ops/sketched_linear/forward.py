@@ -28,6 +28,8 @@ from panther_cuda._nvrtc import f32, i32, i64
 from panther_cuda.ops.sketched_linear.common import (
     choose_config,
     contiguous_2d,
+    fitting,
+    fused_fits,
     is_exact,
     launch,
     split_rule,
@@ -102,7 +104,8 @@ def sketched_linear_forward(
     """Launch the forward kernels on the current CUDA device and stream; returns (y, H).
 
     ``out``: what :func:`forward_outputs` returns (allocated here when None). ``plan`` forces a plan
-    (tests covering both paths); a fused plan whose H does not fit falls back to two launches.
+    (tests covering both paths); a fused plan whose H does not fit falls back to two launches, and tiles whose
+    shared memory does not fit the device to the small ones.
     """
     y, h = forward_outputs(x, S1s, S2s) if out is None else out
     L, I, k = S1s.shape
@@ -116,8 +119,10 @@ def sketched_linear_forward(
     b = bias.contiguous() if bias is not None else None
     if plan is None:
         plan = plan_forward(T, I, O, R, x.dtype, x.device)
-    elif plan.fused and R > FUSED_MAX_R:
+    elif plan.fused and (R > FUSED_MAX_R or not fused_fits(R, x.dtype, x.device)):
         plan = ForwardPlan(fused=False)
+    elif not plan.fused and fitting(CONFIGS[plan.tiles], x.dtype, x.device) is not CONFIGS[plan.tiles]:
+        plan = dataclasses.replace(plan, tiles="small")
     exact = is_exact(x.dtype, allow_tf32)
     scale = f32(1.0 / (2 * L))
     if plan.fused:

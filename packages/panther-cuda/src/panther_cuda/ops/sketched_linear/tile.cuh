@@ -79,7 +79,7 @@ template <bool TRANS> __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[
 // multiples of Vec<T>::N, are 16-byte aligned in memory: one 16-byte load each, the scalar path for a
 // run cut by an edge; r0 and c0 are multiples of Vec<T>::N (tile origins and BK-aligned row shares).
 // ASYNC: whole runs of an operand contiguous along the tile's rows go by cp.async (the caller commits and
-// waits); the rest, stored by the thread itself, as before.
+// waits); the rest the thread loads and stores itself, as in the synchronous path.
 template <typename T, int NT, int ROWS, int COLS, bool ASYNC = false, typename F>
 __device__ __forceinline__ void fill_tile(T* s, int ld, const F& f, bool vec, long long r0, long long c0, long long nr,
                                           long long nc) {
