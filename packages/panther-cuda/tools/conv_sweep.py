@@ -20,13 +20,18 @@ import contextlib
 import json
 import math
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import panther.ops
 from panther_cuda.ops.sketched_conv2d import forward
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # graph_timing, beside this file
+from graph_timing import capture, replay_ms  # noqa: E402
 
 CASES = [  # (N, C, O, H, W, L, k)
     (32, 64, 128, 56, 56, 1, 16),
@@ -56,37 +61,9 @@ def concat_conv2d(x, S1s, U1s, b):
     return F.conv2d(z, U1s.reshape(terms * k, -1).t()[:, :, None, None]) / terms + b.view(1, -1, 1, 1)
 
 
-def graph_of(fn, before=None):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            if before:
-                before()
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    if before:
-        before()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
-
-
 def time_graph(graph, reps):
-    for _ in range(5):
-        graph.replay()
-    samples = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        FLUSH.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end))
-    samples.sort()
+    """Median and 20th / 80th percentiles of ``reps`` replays, the L2 flushed before each."""
+    samples = sorted(replay_ms(graph, reps, flush=FLUSH))
     q = lambda p: samples[min(len(samples) - 1, int(p * len(samples)))]  # noqa: E731
     return {"median_ms": statistics.median(samples), "p20_ms": q(0.2), "p80_ms": q(0.8)}
 
@@ -105,7 +82,7 @@ def variant(v):
 def measure(fn, args, grads_of, gy, reps):
     """(fwd, fwd+bwd) timings of fn(*args); grads_of: the indices of args that get gradients."""
     with torch.no_grad():
-        fwd = time_graph(graph_of(lambda: fn(*args)), reps)
+        fwd = time_graph(capture(lambda: fn(*args)), reps)
     leaves = [a.detach().requires_grad_(i in grads_of) for i, a in enumerate(args)]
 
     def clear():
@@ -115,7 +92,7 @@ def measure(fn, args, grads_of, gy, reps):
     def step():
         fn(*leaves).backward(gy)
 
-    both = time_graph(graph_of(step, clear), reps)
+    both = time_graph(capture(step, clear), reps)
     return fwd, both
 
 

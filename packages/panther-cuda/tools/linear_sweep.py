@@ -25,9 +25,13 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # graph_timing, beside this file
+from graph_timing import capture, replay_ms  # noqa: E402
 
 SHAPES = [(4096, 4096, 4096), (4096, 8192, 8192), (128, 1024, 1024), (128, 8192, 8192)]
 QUICK_SHAPES = [(4096, 4096, 4096), (128, 1024, 1024)]
@@ -36,32 +40,9 @@ NEEDS = (True, True, True, False, False, True)  # x, S1s, S2s, U1s, U2s, bias: w
 
 
 def graph_time(fn: Callable[[], object], replays: int, before: Optional[Callable[[], None]] = None) -> float:
-    """Median milliseconds of one replay of ``fn`` captured in a CUDA graph (warm-up on a side stream first)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            if before is not None:
-                before()
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    if before is not None:
-        before()  # what `before` resets is then allocated inside the graph and rewritten by each replay
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(3):
-        graph.replay()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
-    for start, end in events:
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    times = [start.elapsed_time(end) for start, end in events]
-    del graph
-    return statistics.median(times)
+    """Median milliseconds of one replay of ``fn`` captured in a CUDA graph."""
+    graph = capture(fn, before)
+    return statistics.median(replay_ms(graph, replays))
 
 
 def floor_ms(T: int, I: int, O: int, itemsize: int, tbps: float, what: str) -> float:
@@ -91,15 +72,12 @@ def forward_plans(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, 
     launches on each tile shape that fits, with the split of H that split_rule gives that shape."""
     from panther_cuda.ops.sketched_linear import limits
     from panther_cuda.ops.sketched_linear.common import split_rule
-    from panther_cuda.ops.sketched_linear.forward import ForwardPlan, forward_rule
+    from panther_cuda.ops.sketched_linear.forward import ForwardPlan, forward_rule, fused_groups
 
     default = forward_rule(T, I, O, R, dtype, sms, shared)
     plans = {"default": default}
     if R <= limits.FUSED_MAX_R and limits.SMALL.fused_bytes(R, dtype) <= shared:
-        groups = default.o_groups if default.fused else 1
-        while not default.fused and 2 * groups <= -(-O // limits.SMALL.bn) and -(-T // limits.SMALL.bm) * 2 * groups <= sms:
-            groups *= 2  # the rule's groups: blocks per row tile until the grid fills the SMs
-        plans["fused"] = ForwardPlan(fused=True, o_groups=groups)
+        plans["fused"] = ForwardPlan(fused=True, o_groups=fused_groups(T, O, sms))
     for name, c in limits.CONFIGS.items():
         if c.shared_bytes(dtype) <= shared:
             rule = split_rule(I, -(-T // c.bm) * -(-R // c.bn), sms, c)

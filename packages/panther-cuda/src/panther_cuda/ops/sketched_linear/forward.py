@@ -63,10 +63,16 @@ def forward_rule(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, s
         return ForwardPlan(fused=False, h_splits=h_splits, tiles=tiles)
     if R > FUSED_MAX_R or SMALL.fused_bytes(R, dtype) > shared_limit:
         return ForwardPlan(fused=False, tiles=tiles)
+    return ForwardPlan(fused=True, o_groups=fused_groups(T, O, sms))
+
+
+def fused_groups(T: int, O: int, sms: int) -> int:
+    """Blocks of the fused forward per row tile (each recomputing H, each writing a share of y's columns): the
+    largest power of two, at most one per BN columns, whose grid still fits the SMs."""
     row_tiles, groups, cap = cdiv(T, SMALL.bm), 1, cdiv(O, SMALL.bn)
     while 2 * groups <= cap and row_tiles * 2 * groups <= sms:
         groups *= 2
-    return ForwardPlan(fused=True, o_groups=groups)
+    return groups
 
 
 _plans = BoundedCache()
