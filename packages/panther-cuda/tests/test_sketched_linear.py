@@ -522,7 +522,7 @@ def test_half_range():
 
 
 # C++ parameter types of the kernels, read from the .cu files
-_SIGNATURE = re.compile(r"__global__ void __launch_bounds__\((?:C::NT|SUM_NT)\) (\w+)\((.*?)\)\s*\{", re.S)
+_SIGNATURE = re.compile(r"__global__ void __launch_bounds__\((?:C::NT[^\n]*?|SUM_NT)\) (\w+)\((.*?)\)\s*\{", re.S)
 
 
 def _signatures():

@@ -1,9 +1,10 @@
 """Time the cuda sketched linear op under each launch plan it can take, next to the triton backend and F.linear.
 
-    python packages/panther-cuda/tools/linear_sweep.py --out sweep.json [--quick] [--replays 30]
+    python packages/panther-cuda/tools/linear_sweep.py --out sweep.json [--quick | --shape TxIxO ...] [--replays 30]
 
 Shapes (bfloat16, L = 1, k = 64, so R = 128): T = 4096 rows with I = O in (4096, 8192), and T = 128 rows with
-I = O in (1024, 8192); --quick keeps one of each (4096 x 4096, 128 x 1024) and fewer replays.
+I = O in (1024, 8192); --quick keeps one of each (4096 x 4096, 128 x 1024) and fewer replays; --shape picks
+others (repeatable, T x I x O with I = O not required).
 
 For each shape, on one GPU, in CUDA-graph replay (each call captured once after a warm-up, then the median of
 --replays replays timed by CUDA events):
@@ -12,10 +13,12 @@ For each shape, on one GPU, in CUDA-graph replay (each call captured once after 
 * cuda backward on each tile shape (the rule's splits), given the H of the default forward, with the gradients
   an SKLinear trains (x, S1s, S2s, bias);
 * cuda forward + backward: the default plans, and each tile shape in both directions;
-* the triton backend and F.linear (dense weight O x I) forward and forward + backward, for reference.
+* for reference, forward and forward + backward of: the triton backend; the compiled peer (the same math in
+  plain PyTorch under torch.compile: x [S1 | U2], then that times [U1; S2] / (2L) + b); F.linear (dense weight
+  O x I).
 Prints one table per shape (ms; the share of the HBM floor: forward reads x and writes y, backward reads g and
 x and writes dx, at --hbm TB/s) and writes every number to --out as JSON. Each kernel instance compiles once
-(NVRTC, CuPy's disk cache).
+(NVRTC, CuPy's disk cache). The JSON is rewritten after each shape, so a run cut short keeps what it timed.
 """
 
 from __future__ import annotations
@@ -166,6 +169,14 @@ def autograd_rows(impl: str, fn, leaves: list, grad, replays) -> List[dict]:
             {"impl": impl, "what": "fwd+bwd", "plan": "-", "detail": "", "ms": graph_time(step, replays, reset)}]
 
 
+def compiled_peer(x, S1s, S2s, U1s, U2s, bias):
+    """The sketched linear op as a user would write it in plain PyTorch: (x [S1 | U2]) [U1; S2] / (2L) + b."""
+    L = S1s.shape[0]
+    a = torch.cat([*S1s.unbind(0), *U2s.unbind(0)], dim=1)  # I x 2Lk
+    b = torch.cat([*U1s.unbind(0), *S2s.unbind(0)], dim=0)  # 2Lk x O
+    return (x @ a) @ b * (1.0 / (2 * L)) + bias
+
+
 def reference_rows(inputs, replays) -> List[dict]:
     x, S1s, S2s, U1s, U2s, bias, grad = inputs
     rows = []
@@ -177,6 +188,9 @@ def reference_rows(inputs, replays) -> List[dict]:
                               [xs, s1, s2, b], grad, replays)
     except Exception as e:  # reported, not fatal: the cuda rows are what the sweep is for
         print(f"triton skipped: {type(e).__name__}: {e}", file=sys.stderr)
+    peer = torch.compile(compiled_peer, fullgraph=True)
+    xp, s1p, s2p, bp = (t.detach().clone().requires_grad_() for t in (x, S1s, S2s, bias))
+    rows += autograd_rows("compiled peer", lambda: peer(xp, s1p, s2p, U1s, U2s, bp), [xp, s1p, s2p, bp], grad, replays)
     O, I = grad.shape[1], x.shape[1]
     w = (torch.randn(O, I, device=x.device) * I**-0.5).to(x.dtype).requires_grad_()
     xd, bd = x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
@@ -188,6 +202,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--quick", action="store_true", help="two shapes, 20 replays")
+    ap.add_argument("--shape", action="append", default=None, metavar="TxIxO",
+                    help="a shape to time in place of the default ones (repeatable)")
     ap.add_argument("--replays", type=int, default=None, help="timed replays per call, at least 20 (default 50, --quick 20)")
     ap.add_argument("--hbm", type=float, default=4.8, help="HBM bandwidth for the floor, TB/s (default: the H200's specified 4.8)")
     args = ap.parse_args(argv)
@@ -199,7 +215,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.time()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bfloat16", "L": L,
               "k": K, "replays": replays, "hbm_tbps": args.hbm, "shapes": []}
-    for T, I, O in QUICK_SHAPES if args.quick else SHAPES:
+    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shape] if args.shape else (
+        QUICK_SHAPES if args.quick else SHAPES)
+    for T, I, O in shapes:
         inputs = make(T, I, O, dtype, device)
         rows = cuda_rows(T, I, O, inputs, replays) + reference_rows(inputs, replays)
         for r in rows:
@@ -213,9 +231,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                   f"{r['detail']} |")
         del inputs
         torch.cuda.empty_cache()
-    result["seconds"] = time.time() - started
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+        result["seconds"] = time.time() - started
+        with open(args.out, "w") as f:  # after each shape: a run cut short keeps what it timed
+            json.dump(result, f, indent=1)
     print(f"\n{args.out}: {len(result['shapes'])} shapes in {result['seconds']:.0f} s")
     return 0
 

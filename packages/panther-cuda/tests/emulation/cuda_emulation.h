@@ -17,7 +17,7 @@
 #define __device__
 #define __global__
 #define __forceinline__ inline
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #define __shared__
 #define __align__(n) __attribute__((aligned(n)))
 struct Dim { unsigned x = 0, y = 0, z = 0; };
@@ -48,6 +48,18 @@ inline void cp_async16(void* s, const void* g) {
     EmuCopy c;
     c.dst = s;
     std::memcpy(c.data, g, 16);
+    g_cp_open.push_back(c);
+}
+// the src-size form: `bytes` (0..16) read from g, the rest of the 16 zero; g is not read when bytes is 0
+inline void cp_async16_zfill(void* s, const void* g, unsigned bytes) {
+    if ((reinterpret_cast<unsigned long long>(s) | reinterpret_cast<unsigned long long>(g)) & 15 || bytes > 16) {
+        std::fprintf(stderr, "cp.async: misaligned address or src-size over 16\n");
+        std::abort();
+    }
+    EmuCopy c;
+    c.dst = s;
+    std::memset(c.data, 0, 16);
+    if (bytes) std::memcpy(c.data, g, bytes);
     g_cp_open.push_back(c);
 }
 inline void cp_async_commit() { g_cp_groups.push_back(std::move(g_cp_open)); g_cp_open.clear(); }

@@ -131,6 +131,12 @@ __device__ __forceinline__ void cp_async16(void* s, const void* g) {
     const unsigned sa = static_cast<unsigned>(__cvta_generic_to_shared(s));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(g) : "memory");
 }
+// The same with a source size: the first `bytes` (0..16) of the 16 come from g, the rest are zero (g is not
+// read when bytes is 0): the edges of a tile without a branch.
+__device__ __forceinline__ void cp_async16_zfill(void* s, const void* g, unsigned bytes) {
+    const unsigned sa = static_cast<unsigned>(__cvta_generic_to_shared(s));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(g), "r"(bytes) : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");

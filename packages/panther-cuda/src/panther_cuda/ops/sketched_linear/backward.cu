@@ -23,7 +23,7 @@ namespace panther {
 namespace sl {
 
 template <typename T, bool EXACT, typename C>
-__global__ void __launch_bounds__(C::NT) sketched_linear_bwd_g(
+__global__ void __launch_bounds__(C::NT, (MIN_BLOCKS<T, C>)) sketched_linear_bwd_g(
     const T* __restrict__ g, const T* __restrict__ h, const T* __restrict__ U1, const T* __restrict__ S2,
     T* __restrict__ dh, T* __restrict__ dU1, T* __restrict__ dS2, T* __restrict__ db, float* __restrict__ ws,
     long long Tn, long long O, int L, int k, float scale, long long n_dh_blocks, int c_lo, int c_n, int n_splits,
@@ -112,11 +112,11 @@ __global__ void __launch_bounds__(C::NT) sketched_linear_bwd_g(
 }
 
 template <typename T, bool EXACT, typename C>
-__global__ void __launch_bounds__(C::NT) sketched_linear_bwd_x(
+__global__ void __launch_bounds__(C::NT, (MIN_BLOCKS<T, C>)) sketched_linear_bwd_x(
     const T* __restrict__ x, const T* __restrict__ dh, const T* __restrict__ S1, const T* __restrict__ U2,
     T* __restrict__ dx, T* __restrict__ dS1, T* __restrict__ dU2, float* __restrict__ ws, long long Tn, long long I,
     int L, int k, long long n_dx_blocks, int c_lo, int c_n, int n_splits) {
-    constexpr int BM = C::BM, BN = C::BN, BK = C::BK, NT = C::NT;
+    constexpr int BM = C::BM, BN = C::BN, BK = C::BK;
     extern __shared__ __align__(16) unsigned char smem[];
     require_shared(static_cast<unsigned>(C::SHARED_ELEMENTS * sizeof(T)));
     T* As = reinterpret_cast<T*>(smem);
@@ -133,7 +133,12 @@ __global__ void __launch_bounds__(C::NT) sketched_linear_bwd_x(
         const long long m0 = block / n_col_tiles * BM, n0 = block % n_col_tiles * BN;
         Acc<T, EXACT, C> acc;
         acc.zero();
-        gemm(acc, As, Bs, Dense<T, false>{dh, R}, Transposed<Side<T>>{{S1, U2, I, L, k}}, m0, n0, Tn, I, R);
+        // dH Aᵀ = Σ over the 2L terms W of dH[:, c .. c + k] Wᵀ (W = S1[l] or U2[l], an (I, k) matrix; c its
+        // first column of R): products whose operands step along K by a constant stride (gemm()'s cursors)
+        for (int term = 0; term < 2 * L; ++term) {
+            const T* w = (term < L ? S1 : U2) + static_cast<long long>(term % L) * I * k;
+            gemm(acc, As, Bs, Dense<T, false>{dh + term * k, R}, Dense<T, true>{w, k}, m0, n0, Tn, I, k);
+        }
         store_tile(acc, As, dx, I, m0, n0, Tn, I, [](int, int, float v) { return from_float<T>(v); });
         return;
     }

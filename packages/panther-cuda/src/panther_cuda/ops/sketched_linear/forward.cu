@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(C::NT) sketched_linear_fwd_fused(
 // n_splits > 1, block split = blockIdx.x / tiles sums the BK-aligned share `split` of I into
 // ws[split] (fp32, T x R) and sketched_linear_sum_shares writes H from the shares.
 template <typename T, bool EXACT, typename C>
-__global__ void __launch_bounds__(C::NT) sketched_linear_fwd_h(
+__global__ void __launch_bounds__(C::NT, (MIN_BLOCKS<T, C>)) sketched_linear_fwd_h(
     const T* __restrict__ x, const T* __restrict__ S1, const T* __restrict__ U2, T* __restrict__ h,
     float* __restrict__ ws, long long Tn, long long I, int L, int k, int n_splits) {
     constexpr int BM = C::BM, BN = C::BN;
@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(C::NT) sketched_linear_fwd_h(
 
 // y = H B / (2L) + b, tile (blockIdx.x / n_col_tiles, blockIdx.x % n_col_tiles) of (T, O).
 template <typename T, bool EXACT, typename C>
-__global__ void __launch_bounds__(C::NT) sketched_linear_fwd_y(
+__global__ void __launch_bounds__(C::NT, (MIN_BLOCKS<T, C>)) sketched_linear_fwd_y(
     const T* __restrict__ h, const T* __restrict__ U1, const T* __restrict__ S2, const T* __restrict__ bias,
     T* __restrict__ y, long long Tn, long long O, int L, int k, float scale) {
     constexpr int BM = C::BM, BN = C::BN;
@@ -137,7 +137,10 @@ __global__ void __launch_bounds__(C::NT) sketched_linear_fwd_y(
     const long long n0 = static_cast<long long>(blockIdx.x % n_col_tiles) * BN;
     Acc<T, EXACT, C> acc;
     acc.zero();
-    gemm(acc, As, Bs, Dense<T, false>{h, R}, Stack<T>{U1, S2, O, Lk}, m0, n0, Tn, O, R);
+    // H B = H[:, :Lk] U1 + H[:, Lk:] S2, U1 and S2 read as (Lk, O) matrices: two products whose operands
+    // step along K by a constant stride (gemm()'s cursors)
+    gemm(acc, As, Bs, Dense<T, false>{h, R}, Dense<T, false>{U1, O}, m0, n0, Tn, O, Lk);
+    gemm(acc, As, Bs, Dense<T, false>{h + Lk, R}, Dense<T, false>{S2, O}, m0, n0, Tn, O, Lk);
     store_tile(acc, As, y, O, m0, n0, Tn, O, [&](int, int c, float v) {
         const long long o = n0 + c;
         return from_float<T>(v * scale + (bias != nullptr && o < O ? to_float(bias[o]) : 0.0f));

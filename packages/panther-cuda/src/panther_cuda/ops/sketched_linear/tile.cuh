@@ -41,6 +41,12 @@ template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int STAGES_> st
                   "a tile is whole mma tiles per warp, at least two stages");
 };
 
+// Blocks per SM that the registers must allow (the tiled kernels' launch bounds): for 16-bit operands at most
+// 128 registers a thread, so that two 256-thread or four 128-thread blocks stay resident and one block's copies
+// overlap another's products; float32 tiles (TF32 fragments converted in registers, or FFMA) keep the registers
+// they would otherwise spill.
+template <typename T, typename C> constexpr int MIN_BLOCKS = sizeof(T) == 2 && C::NT <= 512 ? 512 / C::NT : 1;
+
 constexpr int SUM_NT = 128;  // threads of a block of the kernels that sum fp32 shares (no tiles)
 
 __device__ __forceinline__ long long min_ll(long long a, long long b) { return a < b ? a : b; }
@@ -120,6 +126,62 @@ __device__ __forceinline__ void fill_tile(T* s, int ld, const F& f, bool vec, lo
         }
     }
 }
+
+// One operand's tile loads in the ring of gemm(), with the address arithmetic done once: each run of
+// Vec<T>::N elements that a thread copies (fill_tile's runs, for the tile at (r0, c0)) keeps its source
+// address, its place in the tile and how many of its elements lie inside the edge that is not K; the tile
+// `dk` further along K (along its columns when K_COLS: the A operand; its rows otherwise: B) is `dk * step`
+// elements further, `step` the operand's constant stride along K (F::col_step() / row_step()). Every run
+// goes by one cp.async whose source size stops at the edges (the rest of the 16 bytes zero), so edges
+// cost no branch. For operands whose runs are 16-byte aligned (vec_ok(): a run cut by an edge starts
+// aligned too) and whose stride along K is the same everywhere (usable()); gemm() fills the tiles of the
+// others with fill_tile.
+template <typename T, int NT, int ROWS, int COLS, bool K_COLS, typename F> struct TileCursor {
+    static constexpr bool RC = F::ROW_CONTIGUOUS;
+    static constexpr bool ALONG_K = RC != K_COLS;  // a run's V elements lie along K
+    static constexpr int V = Vec<T>::N, RUNS = ROWS * COLS / V, PER = (RUNS + NT - 1) / NT;
+    static_assert((RC ? ROWS : COLS) % V == 0 && COLS % V == 0, "tiles are whole runs of 16 bytes");
+    const T* src[PER];  // run i's source at dk = 0
+    int dst[PER];       // run i's first element in the tile
+    int kpos[PER];      // run i's first index along K, from the tile's origin
+    int inside[PER];    // run i's elements inside the edge that is not K (0 .. V)
+    long long step;
+
+    __device__ __forceinline__ static bool usable(const F& f) {
+        return f.vec_ok() && (K_COLS ? f.col_step() : f.row_step()) >= 0;
+    }
+
+    __device__ __forceinline__ static int clamp_run(long long n) { return n < 0 ? 0 : n > V ? V : static_cast<int>(n); }
+
+    __device__ __forceinline__ TileCursor(const F& f, int ld, long long r0, long long c0, long long nr, long long nc) {
+        step = K_COLS ? f.col_step() : f.row_step();
+#pragma unroll
+        for (int i = 0; i < PER; ++i) {
+            const int run = threadIdx.x + i * NT;
+            const int r = RC ? run % (ROWS / V) * V : run / (COLS / V);
+            const int c = RC ? run / (ROWS / V) : run % (COLS / V) * V;
+            const long long gr = r0 + r, gc = c0 + c;
+            dst[i] = RC ? c * ld + r : r * ld + c;
+            kpos[i] = K_COLS ? c : r;
+            // across the edge that is not K: a run along it counts its elements inside, a run across it is all in or out
+            const long long room = K_COLS ? nr - gr : nc - gc;
+            inside[i] = run >= RUNS ? 0 : ALONG_K ? (room > 0 ? V : 0) : clamp_run(room);
+            src[i] = inside[i] > 0 ? f.ptr(gr, gc) : f.ptr(r0, c0);
+        }
+    }
+
+    // The tile moved dk along K into s; k0 the tile's origin along K at dk = 0, nk the K edge.
+    __device__ __forceinline__ void load(T* s, long long dk, long long k0, long long nk) const {
+#pragma unroll
+        for (int i = 0; i < PER; ++i) {
+            if (RUNS % NT != 0 && threadIdx.x + i * NT >= RUNS) continue;
+            const long long room = nk - (k0 + dk + kpos[i]);
+            const int kin = ALONG_K ? clamp_run(room) : (room > 0 ? V : 0);
+            const int n = kin < inside[i] ? kin : inside[i];
+            cp_async16_zfill(s + dst[i], n > 0 ? src[i] + dk * step : src[i], static_cast<unsigned>(n * sizeof(T)));
+        }
+    }
+};
 
 template <typename T, bool EXACT, typename C> struct Acc;
 
@@ -251,40 +313,65 @@ struct NoHook {
     template <typename T> __device__ __forceinline__ void operator()(const T*, const T*) const {}
 };
 
-// acc += Σ_{k_begin <= k < K} a(m0 + r, k) b(k, n0 + c) for the tile at (m0, n0) of an M x N product,
-// through a ring of STAGES pairs of shared tiles As (STAGES x STAGE_A) and Bs (STAGES x STAGE_B): step i
-// reads stage i % STAGES while the copies (cp.async) of the next STAGES - 1 steps are in flight. One
-// barrier per step: after it, every thread has left step i - 1, so its stage takes step i + STAGES - 1's
-// tiles. hook(As, Bs) sees each step's tiles (for a sum taken on the side). Every thread of the block
-// must call it (it synchronises); on return no copy is in flight and the whole ring is free to reuse.
-template <typename T, bool EXACT, typename C, typename FA, typename FB, typename Hook = NoHook>
-__device__ __forceinline__ void gemm(Acc<T, EXACT, C>& acc, T* As, T* Bs, const FA& fa, const FB& fb, long long m0,
-                                     long long n0, long long M, long long N, long long K, long long k_begin = 0,
-                                     Hook hook = {}) {
-    constexpr int S = C::STAGES, SA = C::STAGE_A, SB = C::STAGE_B, BM = C::BM, BN = C::BN, BK = C::BK, NT = C::NT;
-    constexpr bool AT = FA::ROW_CONTIGUOUS, BT = FB::ROW_CONTIGUOUS;  // tiles stored transposed
+// The ring of gemm(): load(stage, k0) fills stage `stage` with the tiles of step k0 (k0 < K; the copies a
+// thread issues form its group of the step).
+template <typename C, bool AT, bool BT, typename T, typename A, typename Load, typename Hook>
+__device__ __forceinline__ void ring(A& acc, T* As, T* Bs, long long k_begin, long long K, const Load& load,
+                                     const Hook& hook) {
+    constexpr int S = C::STAGES, SA = C::STAGE_A, SB = C::STAGE_B, BK = C::BK;
     constexpr int lda = AT ? C::LDA_T : C::LDA, ldb = BT ? C::LDB_T : C::LDB;
-    const bool va = fa.vec_ok(), vb = fb.vec_ok();
-    auto load = [&](int stage, long long k0) {
-        if (k0 < K) {
-            fill_tile<T, NT, BM, BK, true>(As + stage * SA, lda, fa, va, m0, k0, M, K);
-            fill_tile<T, NT, BK, BN, true>(Bs + stage * SB, ldb, fb, vb, k0, n0, K, N);
-        }
-        cp_async_commit();  // one group per step, empty past K: the wait below counts steps
-    };
 #pragma unroll
-    for (int s = 0; s < S - 1; ++s) load(s, k_begin + static_cast<long long>(s) * BK);
+    for (int s = 0; s < S - 1; ++s) {
+        const long long k0 = k_begin + static_cast<long long>(s) * BK;
+        if (k0 < K) load(s, k0);
+        cp_async_commit();  // one group per step, empty past K: the wait below counts steps
+    }
     int stage = 0;
     for (long long k0 = k_begin; k0 < K; k0 += BK) {
         cp_async_wait<S - 2>();  // this step's group is in (only the S - 2 later ones may still fly)
         __syncthreads();
-        load(stage == 0 ? S - 1 : stage - 1, k0 + static_cast<long long>(S - 1) * BK);
+        const long long next = k0 + static_cast<long long>(S - 1) * BK;
+        if (next < K) load(stage == 0 ? S - 1 : stage - 1, next);
+        cp_async_commit();
         acc.template step<AT, BT>(As + stage * SA, lda, Bs + stage * SB, ldb);
         hook(As + stage * SA, Bs + stage * SB);
         stage = stage == S - 1 ? 0 : stage + 1;
     }
     cp_async_wait<0>();
     __syncthreads();
+}
+
+// acc += Σ_{k_begin <= k < K} a(m0 + r, k) b(k, n0 + c) for the tile at (m0, n0) of an M x N product,
+// through a ring of STAGES pairs of shared tiles As (STAGES x STAGE_A) and Bs (STAGES x STAGE_B): step i
+// reads stage i % STAGES while the copies (cp.async) of the next STAGES - 1 steps are in flight. One
+// barrier per step: after it, every thread has left step i - 1, so its stage takes step i + STAGES - 1's
+// tiles. The tiles come through TileCursors where both operands allow them (every long reduction of the
+// op: its addresses are computed once, then advanced), else through fill_tile. hook(As, Bs) sees each
+// step's tiles (for a sum taken on the side). Every thread of the block must call it (it synchronises);
+// on return no copy is in flight and the whole ring is free to reuse.
+template <typename T, bool EXACT, typename C, typename FA, typename FB, typename Hook = NoHook>
+__device__ __forceinline__ void gemm(Acc<T, EXACT, C>& acc, T* As, T* Bs, const FA& fa, const FB& fb, long long m0,
+                                     long long n0, long long M, long long N, long long K, long long k_begin = 0,
+                                     Hook hook = {}) {
+    constexpr int SA = C::STAGE_A, SB = C::STAGE_B, BM = C::BM, BN = C::BN, BK = C::BK, NT = C::NT;
+    constexpr bool AT = FA::ROW_CONTIGUOUS, BT = FB::ROW_CONTIGUOUS;  // tiles stored transposed
+    constexpr int lda = AT ? C::LDA_T : C::LDA, ldb = BT ? C::LDB_T : C::LDB;
+    using CursorA = TileCursor<T, NT, BM, BK, true, FA>;
+    using CursorB = TileCursor<T, NT, BK, BN, false, FB>;
+    if (CursorA::usable(fa) && CursorB::usable(fb)) {  // the same for the whole block
+        const CursorA ca(fa, lda, m0, k_begin, M, K);
+        const CursorB cb(fb, ldb, k_begin, n0, K, N);
+        ring<C, AT, BT>(acc, As, Bs, k_begin, K, [&](int stage, long long k0) {
+            ca.load(As + stage * SA, k0 - k_begin, k_begin, K);
+            cb.load(Bs + stage * SB, k0 - k_begin, k_begin, K);
+        }, hook);
+    } else {
+        const bool va = fa.vec_ok(), vb = fb.vec_ok();
+        ring<C, AT, BT>(acc, As, Bs, k_begin, K, [&](int stage, long long k0) {
+            fill_tile<T, NT, BM, BK, true>(As + stage * SA, lda, fa, va, m0, k0, M, K);
+            fill_tile<T, NT, BK, BN, true>(Bs + stage * SB, ldb, fb, vb, k0, n0, K, N);
+        }, hook);
+    }
 }
 
 // Rows [begin, end) of T that split s of n_splits sums over: BK-aligned shares (empty past T).
@@ -298,7 +385,9 @@ struct RowSplit {
 };
 
 // Operands, read in place: ptr(r, c) is the address of element (r, c); ROW_CONTIGUOUS says along which
-// index consecutive elements sit in memory; vec_ok() whether fill_tile may read runs of 16 bytes.
+// index consecutive elements sit in memory; vec_ok() whether fill_tile may read runs of 16 bytes;
+// row_step() / col_step() the elements between (r, c) and (r + 1, c) / (r, c + 1) where that is the same
+// everywhere, else -1 (TileCursor walks the K axis by it).
 
 // The (L, rows, k) weights [W1 | W2] as one rows x 2Lk matrix: element (i, c), c = h Lk + l k + j, is
 // W_h[l, i, j] (S1s and U2s as A = [S1 | U2]); contiguous along c within a term.
@@ -320,6 +409,8 @@ template <typename T> struct Side {
     }
     // runs of Vec<T>::N columns stay in one term of one half when k is a multiple of it
     __device__ __forceinline__ bool vec_ok() const { return k % Vec<T>::N == 0 && aligned16(w1) && aligned16(w2); }
+    __device__ __forceinline__ long long row_step() const { return k; }
+    __device__ __forceinline__ long long col_step() const { return -1; }  // terms and halves apart
 };
 
 // The (L, k, cols) weights [W1; W2] as one 2Lk x cols matrix: element (c, o), c = h Lk + l k + j, is
@@ -337,6 +428,8 @@ template <typename T> struct Stack {
     __device__ __forceinline__ bool vec_ok() const {
         return cols % Vec<T>::N == 0 && aligned16(w1) && aligned16(w2);
     }
+    __device__ __forceinline__ long long row_step() const { return -1; }  // the halves apart
+    __device__ __forceinline__ long long col_step() const { return 1; }
 };
 
 // A contiguous rows x cols matrix with leading dimension ld, read as (r, c) or, TRANSPOSED, as its
@@ -349,6 +442,8 @@ template <typename T, bool TRANSPOSED> struct Dense {
         return TRANSPOSED ? p + c * ld + r : p + r * ld + c;
     }
     __device__ __forceinline__ bool vec_ok() const { return ld % Vec<T>::N == 0 && aligned16(p); }
+    __device__ __forceinline__ long long row_step() const { return TRANSPOSED ? 1 : ld; }
+    __device__ __forceinline__ long long col_step() const { return TRANSPOSED ? ld : 1; }
 };
 
 // The transpose of another operand: element (r, c) is f's (c, r).
@@ -357,6 +452,8 @@ template <typename F> struct Transposed {
     F f;
     __device__ __forceinline__ auto ptr(long long r, long long c) const { return f.ptr(c, r); }
     __device__ __forceinline__ bool vec_ok() const { return f.vec_ok(); }
+    __device__ __forceinline__ long long row_step() const { return f.col_step(); }
+    __device__ __forceinline__ long long col_step() const { return f.row_step(); }
 };
 
 // The BM x BN tile at (m0, n0) of an M x N row-major output (leading dimension ld): f(r, c, v) makes each
