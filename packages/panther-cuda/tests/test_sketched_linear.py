@@ -501,10 +501,19 @@ def test_forward_plan_names_its_tiles():
         ForwardPlan(fused=False, tiles="huge")
 
 
-def test_backward_tiles_are_a_launched_shape():
-    from panther_cuda.ops.sketched_linear.backward import BACKWARD_TILES
+def test_backward_tiles_follow_the_forward_rule(monkeypatch):
+    from panther_cuda.ops.sketched_linear import backward
 
-    assert BACKWARD_TILES in limits.CONFIGS
+    monkeypatch.setattr(backward, "multiprocessors", lambda index: 132)
+    monkeypatch.setattr(backward, "shared_limit", lambda device: 227 * 1024)
+    cpu = torch.device("cpu", 0)
+    assert backward.backward_tiles(4096, 4096, 4096, torch.bfloat16, cpu) == "large"  # 32 x 32 tiles of 128
+    assert backward.backward_tiles(128, 1024, 1024, torch.bfloat16, cpu) == "small"  # 1 x 8
+    assert backward.backward_tiles(512, 4096, 64, torch.bfloat16, cpu) == "small"  # 4 x 32 < 132 SMs
+    assert backward.backward_tiles(512, 64, 4224, torch.bfloat16, cpu) == "large"  # 4 x 33 = 132: O counts
+    monkeypatch.setattr(backward, "shared_limit", lambda device: 100 * 1024)  # LARGE's fp32 ring does not fit
+    assert backward.backward_tiles(4096, 4096, 4096, torch.float32, cpu) == "small"
+    assert backward.backward_tiles(4096, 4096, 4096, torch.bfloat16, cpu) == "large"
 
 
 def test_backward_refuses_unknown_tiles():

@@ -13,6 +13,7 @@ For each shape, on one GPU, in CUDA-graph replay (each call captured once after 
 * cuda backward on each tile shape (the rule's splits), given the H of the default forward, with the gradients
   an SKLinear trains (x, S1s, S2s, bias);
 * cuda forward + backward: the default plans, and each tile shape in both directions;
+* the kernels of the default forward and backward, each one's mean time (torch.profiler over eager calls);
 * for reference, forward and forward + backward of: the triton backend; the compiled peer (the same math in
   plain PyTorch under torch.compile: x [S1 | U2], then that times [U1; S2] / (2L) + b); F.linear (dense weight
   O x I).
@@ -29,7 +30,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -112,10 +113,10 @@ def backward_plans(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int,
     return plans
 
 
-def cuda_rows(T, I, O, inputs, replays) -> List[dict]:
+def cuda_rows(T, I, O, inputs, replays) -> Tuple[List[dict], dict]:
     from panther.backends.toolkit import multiprocessors, shared_memory_per_block
     from panther_cuda.ops.sketched_linear import limits
-    from panther_cuda.ops.sketched_linear.backward import BACKWARD_TILES, sketched_linear_backward
+    from panther_cuda.ops.sketched_linear.backward import backward_tiles, sketched_linear_backward
     from panther_cuda.ops.sketched_linear.forward import sketched_linear_forward
 
     x, S1s, S2s, U1s, U2s, bias, grad = inputs
@@ -123,7 +124,7 @@ def cuda_rows(T, I, O, inputs, replays) -> List[dict]:
     sms, shared = multiprocessors(), shared_memory_per_block()
     plans = forward_plans(T, I, O, R, x.dtype, sms, shared)
     default = plans["default"]
-    rule_tiles = BACKWARD_TILES
+    rule_tiles = backward_tiles(T, I, O, x.dtype, x.device)
     rows = []
 
     def forward(plan):
@@ -151,7 +152,30 @@ def cuda_rows(T, I, O, inputs, replays) -> List[dict]:
 
         rows.append({"impl": "cuda", "what": "fwd+bwd", "plan": label,
                      "detail": f"{plan!r}, backward tiles={tiles or rule_tiles}", "ms": graph_time(step, replays)})
-    return rows
+    kernels = {"fwd": kernel_times(forward(default)),
+               "bwd": kernel_times(lambda: sketched_linear_backward(grad, x, h, S1s, S2s, U1s, U2s, NEEDS))}
+    return rows, kernels
+
+
+def kernel_times(fn: Callable[[], object], calls: int = 10) -> List[dict]:
+    """Each kernel ``fn`` launches, with its launches per call and mean microseconds (torch.profiler, CUPTI,
+    over ``calls`` eager calls after one untimed call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    out = []
+    for e in prof.key_averages():
+        total = getattr(e, "device_time_total", None)
+        if total is None:
+            total = getattr(e, "cuda_time_total", 0)
+        if total > 0 and e.count:
+            out.append({"kernel": e.key, "per_call": e.count / calls, "us": total / e.count})
+    return sorted(out, key=lambda r: -r["us"] * r["per_call"])
 
 
 def autograd_rows(impl: str, fn, leaves: list, grad, replays) -> List[dict]:
@@ -219,16 +243,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         QUICK_SHAPES if args.quick else SHAPES)
     for T, I, O in shapes:
         inputs = make(T, I, O, dtype, device)
-        rows = cuda_rows(T, I, O, inputs, replays) + reference_rows(inputs, replays)
+        rows, kernels = cuda_rows(T, I, O, inputs, replays)
+        rows += reference_rows(inputs, replays)
         for r in rows:
             r["floor_ms"] = floor_ms(T, I, O, 2, args.hbm, r["what"])
             r["of_floor"] = r["floor_ms"] / r["ms"]
-        result["shapes"].append({"T": T, "I": I, "O": O, "rows": rows})
+        result["shapes"].append({"T": T, "I": I, "O": O, "rows": rows, "kernels": kernels})
         print(f"\nT={T} I=O={I} (L={L}, k={K}, bf16; CUDA graph, median of {replays} replays)")
         print(f"| impl | pass | plan | ms | of HBM floor | detail |\n|---|---|---|---:|---:|---|")
         for r in rows:
             print(f"| {r['impl']} | {r['what']} | {r['plan']} | {r['ms']:.4f} | {100 * r['of_floor']:.0f} % | "
                   f"{r['detail']} |")
+        print("\ncuda kernels of the default plans (torch.profiler, eager calls)\n| pass | kernel | per call | us |\n"
+              "|---|---|---:|---:|")
+        for what, ks in kernels.items():
+            for r in ks:
+                print(f"| {what} | {r['kernel'][:110]} | {r['per_call']:g} | {r['us']:.1f} |")
         del inputs
         torch.cuda.empty_cache()
         result["seconds"] = time.time() - started

@@ -12,8 +12,8 @@ the input dtype (rounded once, as the reference's dH). g and x are read as conti
 
 The weight gradients reduce over all T rows, on few tiles when I, O and R are small: common.split_rule
 splits T into shares (summed by launch 3) until their blocks fill the SMs; dH (few tiles when R is small)
-reduces over O and is split the same way. Every launch runs on one tile shape (limits.CONFIGS):
-:data:`BACKWARD_TILES` unless one is forced.
+reduces over O and is split the same way. Every launch runs on one tile shape (limits.CONFIGS), the one
+:func:`backward_tiles` gives unless one is forced.
 """
 
 from __future__ import annotations
@@ -26,27 +26,32 @@ from panther.backends.toolkit import cdiv, multiprocessors
 from panther_cuda._nvrtc import f32, i32, i64
 from panther_cuda.ops.sketched_linear.common import (
     SUM_BLOCKS,
+    choose_config,
     contiguous_2d,
     fitting,
     is_exact,
     kernel,
     launch,
+    shared_limit,
     split_rule,
     sum_shares,
 )
-from panther_cuda.ops.sketched_linear.limits import CONFIGS, SUM_THREADS, TileConfig
+from panther_cuda.ops.sketched_linear.limits import CONFIGS, LARGE, SUM_THREADS, TileConfig
 
 Grads = Tuple[Optional[torch.Tensor], ...]
 
 
-def _index(t: torch.Tensor) -> int:
-    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
-# The backward's tile shape: SMALL at every size. Its launches mix long weight-gradient reductions with many
-# short dx / dH tiles, which four times the blocks balance better than LARGE tiles do (tools/linear_sweep.py
-# times both shapes).
-BACKWARD_TILES = "small"
+def backward_tiles(T: int, I: int, O: int, dtype: torch.dtype, device: torch.device) -> str:
+    """The backward's tile shape, a key of limits.CONFIGS: "large" when T x max(I, O) (the size of dx, T x I,
+    the largest output, or of g, T x O, the longest operand) in LARGE tiles fills the SMs and fits the device
+    (common.choose_config, the forward's rule), else "small" (tools/linear_sweep.py times both)."""
+    config = choose_config(cdiv(T, LARGE.bm), cdiv(max(I, O), LARGE.bn), dtype, multiprocessors(_device_index(device)),
+                           shared_limit(device))
+    return "large" if config == LARGE else "small"
 
 
 def _tiles(I: int, O: int, T: int, R: int, needs: Sequence[bool], c: TileConfig) -> Tuple[int, int, int]:
@@ -104,7 +109,7 @@ def sketched_linear_backward(
     the gradients to write (contiguous tensors of their inputs' shapes where wanted; allocated here
     when None). ``split``: shares of T for the weight gradients; ``dh_split``: shares of O for dH (defaults:
     common.split_rule); ``tiles``: the tile shape of every launch, a key of limits.CONFIGS (default:
-    :data:`BACKWARD_TILES`; tiles whose shared memory does not fit the device run as the small ones).
+    :func:`backward_tiles`; tiles whose shared memory does not fit the device run as the small ones).
     """
     L, I, k = S1s.shape
     O = S2s.shape[-1]
@@ -126,7 +131,7 @@ def sketched_linear_backward(
     need_dh = need_x or need_s1 or need_u2
     exact = is_exact(x.dtype, allow_tf32)
     if tiles is None:
-        c = CONFIGS[BACKWARD_TILES]
+        c = CONFIGS[backward_tiles(T, I, O, x.dtype, x.device)]
     elif tiles in CONFIGS:
         c = fitting(CONFIGS[tiles], x.dtype, x.device)  # forced tiles that do not fit the device: the small ones
     else:
@@ -139,7 +144,7 @@ def sketched_linear_backward(
     c_lo, c_n = half_range(need_s1, need_u2, Lk)  # columns of d[S1 | U2]
     tiles_g, tiles_x, tiles_dh = _tiles(I, O, T, R, needs, c)
     if split is None or dh_split is None:
-        rule = backward_splits(T, I, O, R, needs, c, multiprocessors(_index(g)))
+        rule = backward_splits(T, I, O, R, needs, c, multiprocessors(_device_index(g.device)))
         split = rule[0] if split is None else split
         dh_split = rule[1] if dh_split is None else dh_split
     split = max(1, min(int(split), T))
