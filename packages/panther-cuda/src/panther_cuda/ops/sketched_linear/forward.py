@@ -8,10 +8,12 @@ Plans (:func:`plan_forward`):
 * split (H has few tiles and I is long: common.split_rule gives more than one share of I): H = x A
   as fp32 shares of I on ``h_splits`` blocks per tile, summed into H by a second launch, then
   y = H B / (2L) + b; each block's loop over I is ``h_splits`` times shorter;
-* fused (R <= FUSED_MAX_R and its shared memory fits the device): one launch, H on chip; ``o_groups``
-  blocks per row tile of BM rows (each recomputing H) until the grid fills the SMs, at most one per
-  BN output columns;
-* otherwise two launches: H = x A, then y = H B / (2L) + b.
+* otherwise two launches: H = x A, then y = H B / (2L) + b;
+* fused, only when forced (R <= FUSED_MAX_R and its shared memory fits the device): one launch, H on chip;
+  ``o_groups`` blocks per row tile of BM rows (each recomputing H), at most one per BN output columns. The
+  rule never picks it: its operand tiles load synchronously, without the ring of the other kernels, and
+  it lost to the two launches at every shape timed on the H200 (1.6x at 64 x 256 -> 1024, 5x at
+  4096 x 256 -> 4096, 9x at 4096 x 4096 -> 4096; tools/linear_sweep.py).
 The two-launch plans run on the tile shape ``tiles`` (limits.CONFIGS): "large" (128 x 128) when y's large
 tiles alone fill the SMs, else "small" (64 x 64, also the fused kernel's).
 """
@@ -53,17 +55,13 @@ class ForwardPlan:
 def forward_rule(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, shared_limit: int) -> ForwardPlan:
     """The plan for a shape on a device with ``sms`` SMs and ``shared_limit`` bytes of shared memory per block.
 
-    Tiles: LARGE when y's LARGE tiles alone fill the SMs (common.choose_config), else SMALL. H = x A is
-    split into shares of I when its tiles (of that shape) leave the SMs idle and I is long (split_rule);
-    otherwise the fused kernel (SMALL tiles) when H fits on chip, else two launches."""
+    Two launches, on LARGE tiles when y's LARGE tiles alone fill the SMs (common.choose_config), else
+    SMALL; H = x A is split into shares of I when its tiles (of that shape) leave the SMs idle and I is
+    long (split_rule)."""
     config = choose_config(cdiv(T, LARGE.bm), cdiv(O, LARGE.bn), dtype, sms, shared_limit)
     tiles = "large" if config == LARGE else "small"
-    h_splits = split_rule(I, cdiv(T, config.bm) * cdiv(R, config.bn), sms, config)
-    if h_splits > 1:
-        return ForwardPlan(fused=False, h_splits=h_splits, tiles=tiles)
-    if R > FUSED_MAX_R or SMALL.fused_bytes(R, dtype) > shared_limit:
-        return ForwardPlan(fused=False, tiles=tiles)
-    return ForwardPlan(fused=True, o_groups=fused_groups(T, O, sms))
+    return ForwardPlan(fused=False, h_splits=split_rule(I, cdiv(T, config.bm) * cdiv(R, config.bn), sms, config),
+                       tiles=tiles)
 
 
 def fused_groups(T: int, O: int, sms: int) -> int:
