@@ -15,7 +15,6 @@ Run the GPU tests on a GPU machine with:
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import subprocess
 from pathlib import Path
@@ -476,40 +475,23 @@ def test_host_tile_configs_match_the_kernels():
 
 def test_forward_rule():
     big = 1 << 20
-    # T = 4096: y's 128 x 128 tiles fill the SMs (LARGE); H's 32 tiles of 128 rows in 4 shares of I (1 block per
-    # SM); y streamed by 4 blocks per row tile (128 blocks, 8 column tiles each)
-    large = ForwardPlan(fused=False, h_splits=4, tiles="large", stream_y=True, o_groups=4)
+    # T = 4096: y's 128 x 128 tiles fill the SMs (LARGE); H's 32 tiles of 128 rows in 4 shares of I (1 block per SM)
+    large = ForwardPlan(fused=False, h_splits=4, tiles="large")
     assert forward_rule(4096, 4096, 4096, 128, torch.bfloat16, 132, big) == large
     assert forward_rule(4096, 8192, 8192, 128, torch.bfloat16, 132, big) == large
     assert forward_rule(4096, 4096, 4096, 128, torch.float32, 132, big) == large
-    # LARGE's float32 ring (160 KiB) does not fit 100 KiB: SMALL, 128 tiles of H in 4 shares (4 blocks per SM);
-    # nor does SMALL's streamed y in float32 (108.5 KiB): one block per tile of y
+    # LARGE's float32 ring (160 KiB) does not fit 100 KiB: SMALL, 128 tiles of H in 4 shares (4 blocks per SM)
     assert forward_rule(4096, 4096, 4096, 128, torch.float32, 132, 100 << 10) == ForwardPlan(fused=False, h_splits=4)
-    assert limits.SMALL.stream_bytes(128, torch.float32) == (64 * 136 + 2 * 128 * 72) * 4
-    # small T keeps the 64 x 64 tiles: y has 64 tiles of 128 x 128, fewer than the SMs; one group per column tile
-    assert forward_rule(128, 8192, 8192, 128, torch.bfloat16, 132, big) == ForwardPlan(
-        fused=False, h_splits=32, stream_y=True, o_groups=128)
-    assert forward_rule(128, 1024, 1024, 128, torch.bfloat16, 132, big) == ForwardPlan(
-        fused=False, h_splits=4, stream_y=True, o_groups=16)
-    assert forward_rule(64, 4096, 100, 128, torch.bfloat16, 132, big) == ForwardPlan(
-        fused=False, h_splits=16, stream_y=True, o_groups=2)
+    # small T keeps the 64 x 64 tiles: y has 64 tiles of 128 x 128, fewer than the SMs
+    assert forward_rule(128, 8192, 8192, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=False, h_splits=32)
+    assert forward_rule(128, 1024, 1024, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=False, h_splits=4)
+    assert forward_rule(64, 4096, 100, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=False, h_splits=16)
     # a short I: two launches, unsplit (the fused kernel is never the rule's: it is slower everywhere timed)
-    assert forward_rule(4096, 256, 4096, 128, torch.bfloat16, 132, big) == dataclasses.replace(large, h_splits=1)
+    assert forward_rule(4096, 256, 4096, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=False, tiles="large")
+    assert forward_rule(64, 300, 4096, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=False)
+    assert forward_rule(64, 100, 100, 258, torch.bfloat16, 132, big) == ForwardPlan(fused=False)
     assert not any(forward_rule(T, I, 4096, R, torch.bfloat16, 132, big).fused
                    for T in (1, 64, 4096) for I in (16, 256, 4096) for R in (2, 128, 256))
-    # R too wide for H's row tile and two B buffers in 100 KiB: y by one block per tile
-    assert forward_rule(64, 100, 100, 520, torch.bfloat16, 132, 100 << 10) == ForwardPlan(fused=False)
-    assert forward_rule(64, 100, 100, 258, torch.bfloat16, 132, big).stream_y
-
-
-def test_stream_groups():
-    from panther_cuda.ops.sketched_linear.forward import stream_groups
-
-    assert stream_groups(4096, 4096, limits.LARGE, 132) == 4  # 32 row tiles x 4 <= 132
-    assert stream_groups(4096, 4096, limits.SMALL, 132) == 8  # 64 x 8 <= 4 x 132
-    assert stream_groups(1, 100, limits.SMALL, 132) == 2  # at most one group per column tile
-    assert stream_groups(1, 64, limits.SMALL, 132) == 1
-    assert stream_groups(100000, 4096, limits.LARGE, 132) == 1  # the row tiles alone fill the SMs
 
 
 def test_forward_plan_names_its_tiles():
@@ -845,8 +827,7 @@ def test_kernels_under_emulation(emulator, case):
     assert r.returncode == 0, r.stderr
     errs = {name: float(v) for name, v in (line.split() for line in r.stdout.split("\n") if line.strip())}
     wanted = [n == "1" for n in needs]
-    expected = {"H", "y"} | ({"y_stream"} if case[2] <= 0 else set())  # two launches: y streamed too
-    expected |= {"dH"} if wanted[0] or wanted[1] or wanted[4] else set()
+    expected = {"H", "y"} | ({"dH"} if wanted[0] or wanted[1] or wanted[4] else set())
     expected |= {g for g, w in zip(("dx", "dS1", "dS2", "dU1", "dU2", "db"), wanted) if w}
     assert set(errs) == expected
     bad = {k: v for k, v in errs.items() if not v <= TOL[mode]}

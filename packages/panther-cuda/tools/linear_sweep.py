@@ -9,8 +9,7 @@ others (repeatable, T x I x O with I = O not required).
 For each shape, on one GPU, in CUDA-graph replay (each call captured once after a warm-up, then the median of
 --replays replays timed by CUDA events):
 * cuda forward under each plan: the rule's (default), the fused kernel, and the two launches on each tile
-  shape of limits.CONFIGS with the split of H that common.split_rule gives that shape, y by one block per
-  tile or streamed (forward.stream_groups' groups, halved and doubled);
+  shape of limits.CONFIGS with the split of H that common.split_rule gives that shape;
 * cuda backward on each tile shape (the rule's splits), given the H of the default forward, with the gradients
   an SKLinear trains (x, S1s, S2s, bias);
 * cuda forward + backward: the default plans, and each tile shape in both directions;
@@ -77,7 +76,7 @@ def forward_plans(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, 
     launches on each tile shape that fits, with the split of H that split_rule gives that shape."""
     from panther_cuda.ops.sketched_linear import limits
     from panther_cuda.ops.sketched_linear.common import split_rule
-    from panther_cuda.ops.sketched_linear.forward import ForwardPlan, forward_rule, fused_groups, stream_groups
+    from panther_cuda.ops.sketched_linear.forward import ForwardPlan, forward_rule, fused_groups
 
     default = forward_rule(T, I, O, R, dtype, sms, shared)
     plans = {"default": default}
@@ -89,11 +88,6 @@ def forward_plans(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, 
             plans[name] = ForwardPlan(fused=False, h_splits=rule, tiles=name)
             for s in _around(rule):  # the rule's split halved and doubled: is it the best one?
                 plans[f"{name} h_splits={s}"] = ForwardPlan(fused=False, h_splits=s, tiles=name)
-            if c.stream_bytes(R, dtype) <= shared:  # y streamed: the rule's groups, halved and doubled
-                groups = stream_groups(T, O, c, sms)
-                for g in (groups, *_around(groups)):
-                    plans[f"{name} stream o_groups={g}"] = ForwardPlan(fused=False, h_splits=rule, tiles=name,
-                                                                      stream_y=True, o_groups=g)
     return plans
 
 

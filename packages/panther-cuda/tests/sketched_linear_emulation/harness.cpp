@@ -26,7 +26,7 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
     auto U1 = rnd<T>((size_t)L * k * O, 1 / std::sqrt((double)k), gen), S2 = rnd<T>((size_t)L * k * O, 1 / std::sqrt((double)k), gen);
     auto b = rnd<T>(O, 1.0, gen);
     auto g = rnd<T>(Tn * O, 1.0, gen);
-    Buf<T> y(Tn * O), h(Tn * R), ys(plan > 0 ? 0 : Tn * O);  // ys: the streamed y (two-launch plans)
+    Buf<T> y(Tn * O), h(Tn * R);
     const float scale = 1.0f / (2 * L);
     const T* bp = bias_on ? b.p() : nullptr;
     const unsigned tile = C::SHARED_ELEMENTS * sizeof(T);
@@ -44,13 +44,6 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
         launch(cdv(Tn, BM) * cdv(R, BN) * hs, NT, tile, [&] { sketched_linear_fwd_h<T, EXACT, C>(x.p(), S1.p(), U2.p(), h.p(), wshp, Tn, I, L, k, hs); });
         if (hs > 1) launch(5, SUM_NT, 0, [&] { sketched_linear_sum_shares<T>(wshp, h.p(), Tn * R, hs, 1.0f); });
         launch(cdv(Tn, BM) * cdv(O, BN), NT, tile, [&] { sketched_linear_fwd_y<T, EXACT, C>(h.p(), U1.p(), S2.p(), bp, y.p(), Tn, O, L, k, scale); });
-        // the streamed y from the same H, with 1, 2 or 3 blocks per row tile (by T): groups of several column
-        // tiles, a last group short or empty
-        const int groups = 1 + (int)(Tn % 3), RP = (int)cdv(R, C::BK) * C::BK;
-        const unsigned stream = (BM * (RP + C::PAD) + 2 * std::max(RP, BM) * C::LDB) * sizeof(T);
-        launch(cdv(Tn, BM) * groups, NT, stream, [&] {
-            sketched_linear_fwd_y_stream<T, EXACT, C>(h.p(), U1.p(), S2.p(), bp, ys.p(), Tn, O, L, k, scale, groups);
-        });
     }
     // reference in double
     auto A = [&](long long i, int c) { int cc = c % Lk; const auto& w = c < Lk ? S1 : U2; return w.at(((long long)(cc / k) * I + i) * k + cc % k); };
@@ -67,10 +60,6 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
     for (size_t i = 0; i < Y.size(); ++i) gy[i] = y.at(i);
     report("H", gh, H);
     report("y", gy, Y);
-    if (plan <= 0) {
-        for (size_t i = 0; i < Y.size(); ++i) gy[i] = ys.at(i);
-        report("y_stream", gy, Y);
-    }
 
     // backward
     const bool nx = needs[0], ns1 = needs[1], ns2 = needs[2], nu1 = needs[3], nu2 = needs[4], nb = needs[5];

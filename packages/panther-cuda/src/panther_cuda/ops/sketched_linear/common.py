@@ -54,12 +54,6 @@ def fused_fits(R: int, dtype: torch.dtype, device: torch.device) -> bool:
     return SMALL.fused_bytes(R, dtype) <= shared_limit(device)
 
 
-def stream_fits(config: TileConfig, R: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the streamed y launch's shared memory (a row tile of H, R wide, and two B buffers) fits a block on
-    ``device``."""
-    return config.stream_bytes(R, dtype) <= shared_limit(device)
-
-
 def choose_config(row_tiles_large: int, col_tiles_large: int, dtype: torch.dtype, sms: int, shared_limit: int
                   ) -> TileConfig:
     """The tile shape of a launch whose widest output has these many LARGE tiles (rows x columns): LARGE

@@ -8,10 +8,9 @@
 //   its BM x R tile of H into shared memory, 2 BN columns per pass over I, then streams
 //   y over its group's share of O (o_groups blocks of a row tile each recompute H: more blocks fill
 //   the SMs when T is small); 1/(2L) and the bias in the epilogue. Group 0 writes H.
-// * sketched_linear_fwd_h, then sketched_linear_fwd_y_stream (R whose H tile fits on chip) or
-//   sketched_linear_fwd_y (any R) — two launches: H = x A written to memory, then y = H B / (2L) + b read
-//   from it. When I is long and H has few tiles, fwd_h splits I into shares summed in fp32 by
-//   sketched_linear_sum_shares (a launch in between).
+// * sketched_linear_fwd_h, then sketched_linear_fwd_y — two launches for any R: H = x A written to
+//   memory, then y = H B / (2L) + b read from it. When I is long and H has few tiles, fwd_h splits I
+//   into shares summed in fp32 by sketched_linear_sum_shares (a launch in between).
 #include "tile.cuh"
 
 namespace panther {
@@ -148,59 +147,6 @@ __global__ void __launch_bounds__(C::NT, (MIN_BLOCKS<T, C>)) sketched_linear_fwd
     });
 }
 
-// y = H B / (2L) + b streamed over y's column tiles: block (row tile, group) copies its BM x R tile of H into
-// shared memory once, then walks its group's BN-aligned share of O one column tile at a time, copying the next
-// tile's R x BN slice of B while it multiplies the current one, so a block's copies, products and stores
-// overlap; each y tile leaves through store_tile, staged in the B buffer it was computed from. For R whose H
-// tile and two B buffers fit shared memory (limits.TileConfig.stream_bytes); sketched_linear_fwd_y takes
-// any R.
-template <typename T, bool EXACT, typename C>
-__global__ void __launch_bounds__(C::NT, (MIN_BLOCKS<T, C>)) sketched_linear_fwd_y_stream(
-    const T* __restrict__ h, const T* __restrict__ U1, const T* __restrict__ S2, const T* __restrict__ bias,
-    T* __restrict__ y, long long Tn, long long O, int L, int k, float scale, int o_groups) {
-    constexpr int BM = C::BM, BN = C::BN, BK = C::BK, NT = C::NT, LDB = C::LDB;
-    static_assert(C::LDC == C::LDB, "a B buffer stages a y tile");
-    extern __shared__ __align__(16) unsigned char smem[];
-    const int Lk = L * k, R = 2 * Lk;
-    const int RP = (R + BK - 1) / BK * BK;  // H's columns and B's rows, zero past R: whole steps
-    const int ldh = RP + C::PAD;
-    const int rows_b = RP > BM ? RP : BM;  // a B buffer's rows: enough to stage a BM x BN tile of y too
-    require_shared(static_cast<unsigned>((BM * ldh + 2 * rows_b * LDB) * sizeof(T)));
-    T* Hs = reinterpret_cast<T*>(smem);
-    T* const bufs[2] = {Hs + BM * ldh, Hs + BM * ldh + rows_b * LDB};
-
-    const long long m0 = static_cast<long long>(blockIdx.x / o_groups) * BM;
-    const int group = blockIdx.x % o_groups;
-    const long long o_per = cdiv(cdiv(O, o_groups), BN) * BN;
-    const long long o_begin = min_ll(O, group * o_per), o_end = min_ll(O, o_begin + o_per);
-    const Dense<T, false> hs{h, R};
-    const Stack<T> b{U1, S2, O, Lk};
-    const bool vh = hs.vec_ok(), vb = b.vec_ok();
-    auto load_b = [&](T* buf, long long n0) {
-        for (int c0 = 0; c0 < RP; c0 += BK) fill_tile<T, NT, BK, BN, true>(buf + c0 * LDB, LDB, b, vb, c0, n0, R, O);
-    };
-    for (int c0 = 0; c0 < RP; c0 += BK) fill_tile<T, NT, BM, BK, true>(Hs + c0, ldh, hs, vh, m0, c0, Tn, R);
-    if (o_begin < o_end) load_b(bufs[0], o_begin);
-    cp_async_commit();
-    int cur = 0;
-    for (long long n0 = o_begin; n0 < o_end; n0 += BN) {
-        cp_async_wait<0>();
-        __syncthreads();  // this tile's B (and H) in; every thread is past the last tile's store, staged in bufs[cur ^ 1]
-        if (n0 + BN < o_end) load_b(bufs[cur ^ 1], n0 + BN);
-        cp_async_commit();
-        Acc<T, EXACT, C> acc;
-        acc.zero();
-        for (int c0 = 0; c0 < RP; c0 += BK) acc.step(Hs + c0, ldh, bufs[cur] + c0 * LDB, LDB);
-        __syncthreads();  // every warp is done with this tile's B: its buffer stages the tile of y
-        store_tile(acc, bufs[cur], y, O, m0, n0, Tn, O, [&](int, int c, float v) {
-            const long long o = n0 + c;
-            return from_float<T>(v * scale + (bias != nullptr && o < O ? to_float(bias[o]) : 0.0f));
-        });
-        cur ^= 1;
-    }
-    cp_async_wait<0>();
-}
-
 // out[e] = scale Σ_s ws[s n + e] for e < n, rounded once: a split reduction's fp32 shares summed (H here,
 // dH in the backward); one element per thread, grid-stride.
 template <typename T>
@@ -229,9 +175,7 @@ __global__ void __launch_bounds__(SUM_NT) sketched_linear_sum_shares(const float
     template __global__ void panther::sl::sketched_linear_fwd_h<T, E, C>(const T*, const T*, const T*, T*, float*, \
         long long, long long, int, int, int); \
     template __global__ void panther::sl::sketched_linear_fwd_y<T, E, C>(const T*, const T*, const T*, const T*, T*, \
-        long long, long long, int, int, float); \
-    template __global__ void panther::sl::sketched_linear_fwd_y_stream<T, E, C>(const T*, const T*, const T*, \
-        const T*, T*, long long, long long, int, int, float, int);
+        long long, long long, int, int, float);
 #define ALL(T, E) FUSED(T, E) INST(T, E, SMALL) INST(T, E, LARGE)
 ALL(float, false) ALL(float, true) ALL(__half, false) ALL(__nv_bfloat16, false)
 #define SUM(T) template __global__ void panther::sl::sketched_linear_sum_shares<T>(const float*, T*, long long, int, \

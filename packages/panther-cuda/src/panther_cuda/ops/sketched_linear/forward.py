@@ -8,9 +8,7 @@ Plans (:func:`plan_forward`):
 * split (H has few tiles and I is long: common.split_rule gives more than one share of I): H = x A
   as fp32 shares of I on ``h_splits`` blocks per tile, summed into H by a second launch, then
   y = H B / (2L) + b; each block's loop over I is ``h_splits`` times shorter;
-* otherwise two launches: H = x A, then y = H B / (2L) + b; y streamed (``stream_y``: a block keeps its row
-  tile of H in shared memory and walks ``o_groups``-th of y's column tiles, the next tile's B copied while the
-  current one is multiplied) where that fits shared memory, else one block per tile of y;
+* otherwise two launches: H = x A, then y = H B / (2L) + b;
 * fused, only when forced (R <= FUSED_MAX_R and its shared memory fits the device): one launch, H on chip;
   ``o_groups`` blocks per row tile of BM rows (each recomputing H), at most one per BN output columns. The
   rule never picks it: its operand tiles load synchronously, without the ring of the other kernels, and
@@ -30,7 +28,6 @@ import torch
 from panther.backends.toolkit import BoundedCache, cdiv, multiprocessors, shared_memory_per_block
 from panther_cuda._nvrtc import f32, i32, i64
 from panther_cuda.ops.sketched_linear.common import (
-    BLOCKS_PER_SM,
     choose_config,
     contiguous_2d,
     fitting,
@@ -38,10 +35,9 @@ from panther_cuda.ops.sketched_linear.common import (
     is_exact,
     launch,
     split_rule,
-    stream_fits,
     sum_shares,
 )
-from panther_cuda.ops.sketched_linear.limits import CONFIGS, FUSED_MAX_R, LARGE, SMALL, TileConfig
+from panther_cuda.ops.sketched_linear.limits import CONFIGS, FUSED_MAX_R, LARGE, SMALL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +46,6 @@ class ForwardPlan:
     o_groups: int = 1  # fused: blocks sharing a row tile, each writing a share of y's columns
     h_splits: int = 1  # not fused: shares of I of H = x A (fp32, summed by a launch of their own)
     tiles: str = "small"  # not fused: the tile shape of both launches, a key of limits.CONFIGS (fused: small)
-    stream_y: bool = False  # not fused: y by the streamed launch, o_groups blocks per row tile
 
     def __post_init__(self):
         if self.tiles not in CONFIGS:
@@ -62,24 +57,11 @@ def forward_rule(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, s
 
     Two launches, on LARGE tiles when y's LARGE tiles alone fill the SMs (common.choose_config), else
     SMALL; H = x A is split into shares of I when its tiles (of that shape) leave the SMs idle and I is
-    long (split_rule); y streamed over ``stream_groups`` blocks per row tile where its shared memory fits."""
+    long (split_rule)."""
     config = choose_config(cdiv(T, LARGE.bm), cdiv(O, LARGE.bn), dtype, sms, shared_limit)
     tiles = "large" if config == LARGE else "small"
-    h_splits = split_rule(I, cdiv(T, config.bm) * cdiv(R, config.bn), sms, config)
-    if config.stream_bytes(R, dtype) > shared_limit:
-        return ForwardPlan(fused=False, h_splits=h_splits, tiles=tiles)
-    return ForwardPlan(fused=False, h_splits=h_splits, tiles=tiles, stream_y=True,
-                       o_groups=stream_groups(T, O, config, sms))
-
-
-def stream_groups(T: int, O: int, config: TileConfig, sms: int) -> int:
-    """Blocks per row tile of the streamed y launch: the largest power of two, at most one per column tile of
-    y, whose grid stays within common.BLOCKS_PER_SM[config] blocks per SM (each block then walks several
-    column tiles, its copies overlapping its products)."""
-    row_tiles, groups, cap = cdiv(T, config.bm), 1, cdiv(O, config.bn)
-    while 2 * groups <= cap and row_tiles * 2 * groups <= BLOCKS_PER_SM[config] * sms:
-        groups *= 2
-    return groups
+    return ForwardPlan(fused=False, h_splits=split_rule(I, cdiv(T, config.bm) * cdiv(R, config.bn), sms, config),
+                       tiles=tiles)
 
 
 def fused_groups(T: int, O: int, sms: int) -> int:
@@ -159,12 +141,6 @@ def sketched_linear_forward(
                x2, S1c, U2c, h, ws, i64(T), i64(I), i32(L), i32(k), i32(splits))
         if ws is not None:
             sum_shares(ws, h)
-        if plan.stream_y and stream_fits(c, R, x.dtype, x.device):
-            groups = max(1, min(int(plan.o_groups), cdiv(O, c.bn)))
-            launch("forward.cu", "sketched_linear_fwd_y_stream", x.dtype, exact, c, cdiv(T, c.bm) * groups,
-                   h, U1c, S2c, b, y, i64(T), i64(O), i32(L), i32(k), scale, i32(groups),
-                   shared_mem=c.stream_bytes(R, x.dtype))
-        else:
-            launch("forward.cu", "sketched_linear_fwd_y", x.dtype, exact, c, cdiv(T, c.bm) * cdiv(O, c.bn),
-                   h, U1c, S2c, b, y, i64(T), i64(O), i32(L), i32(k), scale)
+        launch("forward.cu", "sketched_linear_fwd_y", x.dtype, exact, c, cdiv(T, c.bm) * cdiv(O, c.bn),
+               h, U1c, S2c, b, y, i64(T), i64(O), i32(L), i32(k), scale)
     return y, h

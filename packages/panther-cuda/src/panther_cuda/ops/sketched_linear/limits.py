@@ -52,13 +52,6 @@ class TileConfig:
     def shared_bytes(self, dtype: torch.dtype) -> int:
         return self.shared_elements() * dtype.itemsize
 
-    def stream_bytes(self, R: int, dtype: torch.dtype) -> int:
-        """Dynamic shared memory of the streamed y launch (forward.cu's sketched_linear_fwd_y_stream): the bm x R
-        tile of H and two buffers of R x bn of B (R rounded up to bk; a buffer at least bm rows: it stages a
-        tile of y), rows padded."""
-        p, rp = self.PAD, _cdiv(R, self.bk) * self.bk
-        return (self.bm * (rp + p) + 2 * max(rp, self.bm) * (self.bn + p)) * dtype.itemsize
-
     def fused_bytes(self, R: int, dtype: torch.dtype) -> int:
         """Dynamic shared memory of the fused forward: an A and two B tiles and the bm x R tile of H (R
         rounded up to bn, rows padded)."""
