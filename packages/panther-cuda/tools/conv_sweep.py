@@ -31,7 +31,9 @@ import panther.ops
 from panther_cuda.ops.sketched_conv2d import forward
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # graph_timing, beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))  # harness: benchmarks/run.py's peers
 from graph_timing import capture, replay_ms  # noqa: E402
+from harness.cases import concat_conv2d as _concat_conv2d  # noqa: E402
 
 CASES = [  # (N, C, O, H, W, L, k)
     (32, 64, 128, 56, 56, 1, 16),
@@ -56,9 +58,9 @@ def inputs(N, C, O, H, W, L, k, layout, dtype=torch.bfloat16, device="cuda"):
 
 
 def concat_conv2d(x, S1s, U1s, b):
-    terms, k = S1s.shape[:2]
-    z = F.conv2d(x, S1s.reshape(terms * k, *S1s.shape[2:]), None, 1, 1)
-    return F.conv2d(z, U1s.reshape(terms * k, -1).t()[:, :, None, None]) / terms + b.view(1, -1, 1, 1)
+    """The harness's `compiled` peer (one conv to 2Lk channels, then the 1x1 projection) at this tool's stride 1,
+    padding 1."""
+    return _concat_conv2d(x, S1s, U1s, b, stride=1, padding=1)
 
 
 def time_graph(graph, reps):

@@ -35,7 +35,9 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # graph_timing, beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))  # harness: benchmarks/run.py's peers
 from graph_timing import capture, replay_ms  # noqa: E402
+from harness.cases import concat_linear  # noqa: E402
 
 SHAPES = [(4096, 4096, 4096), (4096, 8192, 8192), (128, 1024, 1024), (128, 8192, 8192)]
 QUICK_SHAPES = [(4096, 4096, 4096), (128, 1024, 1024)]
@@ -193,14 +195,6 @@ def autograd_rows(impl: str, fn, leaves: list, grad, replays) -> List[dict]:
             {"impl": impl, "what": "fwd+bwd", "plan": "-", "detail": "", "ms": graph_time(step, replays, reset)}]
 
 
-def compiled_peer(x, S1s, S2s, U1s, U2s, bias):
-    """The sketched linear op as a user would write it in plain PyTorch: (x [S1 | U2]) [U1; S2] / (2L) + b."""
-    L = S1s.shape[0]
-    a = torch.cat([*S1s.unbind(0), *U2s.unbind(0)], dim=1)  # I x 2Lk
-    b = torch.cat([*U1s.unbind(0), *S2s.unbind(0)], dim=0)  # 2Lk x O
-    return (x @ a) @ b * (1.0 / (2 * L)) + bias
-
-
 def reference_rows(inputs, replays) -> List[dict]:
     x, S1s, S2s, U1s, U2s, bias, grad = inputs
     rows = []
@@ -212,7 +206,7 @@ def reference_rows(inputs, replays) -> List[dict]:
                               [xs, s1, s2, b], grad, replays)
     except Exception as e:  # reported, not fatal: the cuda rows are what the sweep is for
         print(f"triton skipped: {type(e).__name__}: {e}", file=sys.stderr)
-    peer = torch.compile(compiled_peer, fullgraph=True)
+    peer = torch.compile(concat_linear, fullgraph=True)  # the harness's `compiled` peer
     xp, s1p, s2p, bp = (t.detach().clone().requires_grad_() for t in (x, S1s, S2s, bias))
     rows += autograd_rows("compiled peer", lambda: peer(xp, s1p, s2p, U1s, U2s, bp), [xp, s1p, s2p, bp], grad, replays)
     O, I = grad.shape[1], x.shape[1]
@@ -222,11 +216,19 @@ def reference_rows(inputs, replays) -> List[dict]:
     return rows
 
 
+def _shape(text: str) -> Tuple[int, int, int]:
+    """--shape's value, "TxIxO" (three positive integers)."""
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"--shape {text!r}: expected TxIxO, three positive integers (e.g. 4096x4096x4096)")
+    return tuple(int(p) for p in parts)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--quick", action="store_true", help="two shapes, 20 replays")
-    ap.add_argument("--shape", action="append", default=None, metavar="TxIxO",
+    ap.add_argument("--shape", action="append", default=None, metavar="TxIxO", type=_shape,
                     help="a shape to time in place of the default ones (repeatable)")
     ap.add_argument("--replays", type=int, default=None, help="timed replays per call, at least 20 (default 50, --quick 20)")
     ap.add_argument("--hbm", type=float, default=4.8, help="HBM bandwidth for the floor, TB/s (default: the H200's specified 4.8)")
@@ -239,8 +241,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.time()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bfloat16", "L": L,
               "k": K, "replays": replays, "hbm_tbps": args.hbm, "shapes": []}
-    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shape] if args.shape else (
-        QUICK_SHAPES if args.quick else SHAPES)
+    shapes = args.shape or (QUICK_SHAPES if args.quick else SHAPES)
     for T, I, O in shapes:
         inputs = make(T, I, O, dtype, device)
         rows, kernels = cuda_rows(T, I, O, inputs, replays)
@@ -249,7 +250,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             r["floor_ms"] = floor_ms(T, I, O, 2, args.hbm, r["what"])
             r["of_floor"] = r["floor_ms"] / r["ms"]
         result["shapes"].append({"T": T, "I": I, "O": O, "rows": rows, "kernels": kernels})
-        print(f"\nT={T} I=O={I} (L={L}, k={K}, bf16; CUDA graph, median of {replays} replays)")
+        print(f"\nT={T} I={I} O={O} (L={L}, k={K}, bf16; CUDA graph, median of {replays} replays)")
         print(f"| impl | pass | plan | ms | of HBM floor | detail |\n|---|---|---|---:|---:|---|")
         for r in rows:
             print(f"| {r['impl']} | {r['what']} | {r['plan']} | {r['ms']:.4f} | {100 * r['of_floor']:.0f} % | "

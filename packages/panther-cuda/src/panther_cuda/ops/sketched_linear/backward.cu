@@ -9,9 +9,10 @@
 // dH reduces over O: with dh_splits > 1 its tiles have dh_splits blocks each, summing a share of O into an
 // fp32 workspace (ws_dh[split], T x R) that forward.cu's sketched_linear_sum_shares sums, scales and writes
 // as dH before the second launch.
-// Each launch runs several roles, told apart by blockIdx.x: the first blocks take one product's
-// tiles, the next ones another's (launch 2: the weight gradient's long reductions first, then dx). A gradient not asked for has no blocks (and a null pointer); the
-// weight gradients cover only the columns c_lo .. c_lo + c_n of R that are asked for (one half or both).
+// Each launch runs several roles, told apart by blockIdx.x: the first blocks take one product's tiles, the
+// next ones another's (launch 2: the weight gradient's long reductions first, then dx). A gradient not asked
+// for has no blocks (and a null pointer); the weight gradients cover only the columns c_lo .. c_lo + c_n of R
+// that are asked for (one half or both).
 // The weight gradients reduce over T: with n_splits > 1 each tile has n_splits blocks, each summing a
 // share of the rows into an fp32 workspace (ws[split] of the tile's product, db as one more row of
 // d[U1; S2]'s), and a third launch,

@@ -28,6 +28,7 @@ from panther_cuda.ops.sketched_linear.common import (
     SUM_BLOCKS,
     choose_config,
     contiguous_2d,
+    device_index,
     fitting,
     is_exact,
     kernel,
@@ -41,15 +42,11 @@ from panther_cuda.ops.sketched_linear.limits import CONFIGS, LARGE, SUM_THREADS,
 Grads = Tuple[Optional[torch.Tensor], ...]
 
 
-def _device_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
 def backward_tiles(T: int, I: int, O: int, dtype: torch.dtype, device: torch.device) -> str:
     """The backward's tile shape, a key of limits.CONFIGS: "large" when T x max(I, O) (the size of dx, T x I,
     the largest output, or of g, T x O, the longest operand) in LARGE tiles fills the SMs and fits the device
     (common.choose_config, the forward's rule), else "small" (tools/linear_sweep.py times both)."""
-    config = choose_config(cdiv(T, LARGE.bm), cdiv(max(I, O), LARGE.bn), dtype, multiprocessors(_device_index(device)),
+    config = choose_config(cdiv(T, LARGE.bm), cdiv(max(I, O), LARGE.bn), dtype, multiprocessors(device_index(device)),
                            shared_limit(device))
     return "large" if config == LARGE else "small"
 
@@ -144,7 +141,7 @@ def sketched_linear_backward(
     c_lo, c_n = half_range(need_s1, need_u2, Lk)  # columns of d[S1 | U2]
     tiles_g, tiles_x, tiles_dh = _tiles(I, O, T, R, needs, c)
     if split is None or dh_split is None:
-        rule = backward_splits(T, I, O, R, needs, c, multiprocessors(_device_index(g.device)))
+        rule = backward_splits(T, I, O, R, needs, c, multiprocessors(device_index(g.device)))
         split = rule[0] if split is None else split
         dh_split = rule[1] if dh_split is None else dh_split
     split = max(1, min(int(split), T))

@@ -38,9 +38,14 @@ def launch(source: str, name: str, dtype: torch.dtype, exact: bool, config: Tile
     kernel(source, name, dtype, exact, config)((blocks,), (config.threads,), *args, shared_mem=shared)
 
 
+def device_index(device: torch.device) -> int:
+    """The index of a CUDA ``device`` (None index: the current device's)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def shared_limit(device: torch.device) -> int:
     """Bytes of shared memory a block may use on ``device`` (a CUDA device; None index: the current one)."""
-    return shared_memory_per_block(device.index if device.index is not None else torch.cuda.current_device())
+    return shared_memory_per_block(device_index(device))
 
 
 def fitting(config: TileConfig, dtype: torch.dtype, device: torch.device) -> TileConfig:

@@ -12,8 +12,7 @@ Plans (:func:`plan_forward`):
 * fused, only when forced (R <= FUSED_MAX_R and its shared memory fits the device): one launch, H on chip;
   ``o_groups`` blocks per row tile of BM rows (each recomputing H), at most one per BN output columns. The
   rule never picks it: its operand tiles load synchronously, without the ring of the other kernels, and
-  it lost to the two launches at every shape timed on the H200 (1.6x at 64 x 256 -> 1024, 5x at
-  4096 x 256 -> 4096, 9x at 4096 x 4096 -> 4096; tools/linear_sweep.py).
+  tools/linear_sweep.py times it slower than the two launches (benchmarks/results/NOTES.md).
 The two-launch plans run on the tile shape ``tiles`` (limits.CONFIGS): "large" (128 x 128) when y's large
 tiles alone fill the SMs, else "small" (64 x 64, also the fused kernel's).
 """
@@ -30,6 +29,7 @@ from panther_cuda._nvrtc import f32, i32, i64
 from panther_cuda.ops.sketched_linear.common import (
     choose_config,
     contiguous_2d,
+    device_index,
     fitting,
     fused_fits,
     is_exact,
@@ -77,7 +77,7 @@ _plans = BoundedCache()
 
 
 def plan_forward(T: int, I: int, O: int, R: int, dtype: torch.dtype, device: torch.device) -> ForwardPlan:
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = device_index(device)
     key = (T, I, O, R, dtype, index)
     plan = _plans.get(key)
     if plan is None:

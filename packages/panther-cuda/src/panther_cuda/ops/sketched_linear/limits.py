@@ -1,7 +1,7 @@
 """What the sketched linear kernels cannot take beyond device and dtype (the backend's capability check).
 
-Every size is covered otherwise: R = 2Lk up to :data:`FUSED_MAX_R` may run the fused forward (H on chip;
-forward.forward_rule chooses), any larger R the two-launch forward; ragged edges are masked. Refused, with the reason, are:
+Every size is covered otherwise: the two-launch forward takes any R = 2Lk, the fused forward (H on chip, a
+forced plan) R up to :data:`FUSED_MAX_R`; ragged edges are masked. Refused, with the reason, are:
 
 * an empty L, k or O (an empty product; backend ``torch`` returns the bias for it);
 * launches of 2**31 blocks or more (the kernels number their blocks along one grid axis).
