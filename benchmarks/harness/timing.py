@@ -74,7 +74,7 @@ class Clock:
         for key, st in stamps.items():
             if key in results:
                 continue
-            times = [s.elapsed_time(e) for s, e in st] if self.cuda else st
+            times = [self._ms(stamp) for stamp in st]
             q = statistics.quantiles(times, n=5)  # 20th, 40th, 60th, 80th percentiles
             results[key] = {"median_ms": statistics.median(times), "q20_ms": q[0], "q80_ms": q[3], "reps": len(times)}
         return results
@@ -109,6 +109,30 @@ class Clock:
         fn()
         end.record()
         return start, end
+
+    def ratio(self, a: Call, b: Call, budget: Budget) -> dict:
+        """The median, over pairs timed back to back, of ``a``'s time over ``b``'s (the order alternating
+        from pair to pair): load that comes and goes, and the clock's drift, fall on both members of a
+        pair alike, so a small steady difference (a dispatch's host overhead) shows through noise that
+        is larger than it. Both calls are warmed up first; as many pairs as :meth:`measure` would time
+        the slower call, times two. Raises what a call raises."""
+        slowest = max(self._warm_up(*a, budget), self._warm_up(*b, budget))
+        n = 2 * max(budget.min_reps, min(budget.max_reps, int(budget.run_s / max(slowest, 1e-6))))
+        pairs = []
+        for i in range(n):
+            if i % 2 == 0:
+                pairs.append((self._time_one(*a), self._time_one(*b)))
+            else:
+                second = self._time_one(*b)
+                pairs.append((self._time_one(*a), second))
+        self.sync()
+        ratios = [self._ms(ta) / self._ms(tb) for ta, tb in pairs]
+        q = statistics.quantiles(ratios, n=5)
+        return {"median": statistics.median(ratios), "q20": q[0], "q80": q[3], "pairs": n}
+
+    def _ms(self, stamp) -> float:
+        """Milliseconds of one :meth:`_time_one` result."""
+        return stamp[0].elapsed_time(stamp[1]) if self.cuda else stamp
 
     def measure_one(self, fn: Callable[[], object], budget: Budget, before=None) -> dict:
         """:meth:`measure` of a single call; raises what the call raises."""

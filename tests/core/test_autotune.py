@@ -1,11 +1,14 @@
 """auto dispatch by measurement (panther.backends.autotune), on the CPU, through its seam.
 
-The registry is replaced by fake backends that run the reference op and charge a fake clock with a cost
-of their own; the measurer is replaced by one that counts every CPU call as a GPU call (or not) and reads
-that clock. What is checked: the faster is chosen, keys, the disk cache, the switches, tracing,
-threads, and that measuring leaves results, inputs and the random generators alone.
+The registry is replaced by fake backends that run the reference op and charge two fake clocks (eager
+time and device time) with costs of their own; the measurer is replaced by one that counts every CPU call
+as a GPU call (or not), says whether a CUDA graph is being captured, and reads those clocks. What is
+checked: the faster is chosen (by eager time, and by device time for captured calls), keys, the disk
+cache, the switches, tracing, threads, and that measuring leaves results, inputs and the random
+generators alone. The real measurer's device-time rounds run here against a simulated device.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -13,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import pytest
 import torch
@@ -23,16 +27,18 @@ from panther.backends import autotune, registry
 from panther.backends.base import Backend, tensor_reasons
 from panther.backends.torch_backend import sketched_linear as reference_linear
 
-CLOCK = [0.0]  # fake milliseconds, charged by the fake backends
+CLOCK = [0.0]  # fake milliseconds of eager calls, charged by the fake backends
+GPU_CLOCK = [0.0]  # fake milliseconds of device time
 CALLS = []  # (backend, op) of every op call
 
 
 class Fake(Backend):
     """Runs the reference linear; ``offset`` is added to the output so that results tell backends apart."""
 
-    def __init__(self, name, priority, cost, offset=0.0, accepts=lambda x: True, fails=False):
+    def __init__(self, name, priority, cost, offset=0.0, accepts=lambda x: True, fails=False, gpu_cost=None):
         self.name, self.priority, self.version = name, priority, "1.0"
         self.cost, self.offset, self.accepts, self.fails = cost, offset, accepts, fails
+        self.gpu_cost = gpu_cost or cost  # device time: by default the eager time (a device-bound call)
 
     def reasons_cannot_run(self, op, *args, **kwargs):
         reasons = super().reasons_cannot_run(op) + tensor_reasons(*args)
@@ -43,32 +49,39 @@ class Fake(Backend):
     def sketched_linear(self, x, *rest):
         CALLS.append(self.name)
         CLOCK[0] += self.cost(x)
+        GPU_CLOCK[0] += self.gpu_cost(x)
         if self.fails:
             raise RuntimeError(f"{self.name} ran out of memory")
         return reference_linear(x, *rest) + self.offset
 
 
 class FakeMeasurer(autotune.Measurer):
-    """Times each candidate by the fake clock; ``gpu`` says whether CPU calls count as GPU calls."""
+    """Times each candidate by the fake clocks; ``gpu`` says whether CPU calls count as GPU calls,
+    ``capturing`` whether they are being captured into a CUDA graph, ``device_times`` whether the device
+    times were measured."""
 
-    def __init__(self, gpu=True, delay_s=0.0):
-        self.gpu, self.delay_s, self.timed = gpu, delay_s, []
+    def __init__(self, gpu=True, delay_s=0.0, device_times=True):
+        self.gpu, self.delay_s, self.device_times, self.timed = gpu, delay_s, device_times, []
+        self.capturing = False
 
     def is_gpu_call(self, args, kwargs):
         return True if self.gpu else super().is_gpu_call(args, kwargs)
+
+    def is_capturing(self, device):
+        return self.capturing
 
     def time(self, runs, device):
         self.timed.append(tuple(runs))
         time.sleep(self.delay_s)  # a wider window for threads to race
         out = {}
         for name, run in runs.items():
-            t0 = CLOCK[0]
+            t0, g0 = CLOCK[0], GPU_CLOCK[0]
             try:
                 run()
             except Exception as exc:  # noqa: BLE001 - as the real measurer does
                 out[name] = exc
                 continue
-            out[name] = CLOCK[0] - t0
+            out[name] = autotune.Timing(CLOCK[0] - t0, GPU_CLOCK[0] - g0 if self.device_times else None)
         return out
 
 
@@ -91,6 +104,7 @@ def _clean(monkeypatch, tmp_path):
     monkeypatch.setattr(autotune, "_default", None)
     autotune.clear_dispatch_cache(disk=False)
     CALLS.clear()
+    CLOCK[0] = GPU_CLOCK[0] = 0.0
     yield
     autotune.clear_dispatch_cache(disk=False)
 
@@ -131,7 +145,8 @@ def test_auto_takes_the_measured_faster_where_the_fixed_bid_takes_the_slower(mon
     assert m.timed == [("slow", "fast")]  # both measured, in the registry's order
     ((_, key), entry), = autotune._table.items()
     assert entry.winner == "fast" and entry.fixed == "slow"
-    assert entry.times_ms == {"slow": 3.0, "fast": 1.0}
+    assert entry.times_ms == {"slow": 3.0, "fast": 1.0} and entry.gpu_ms == entry.times_ms
+    assert entry.gpu_winner == "fast"
     assert key.startswith("sketched_linear[slow,fast] dtype=float32 rows=8 in=8 out=8 L=2 k=3 bias=True grad=none")
 
 
@@ -205,6 +220,139 @@ def test_a_failing_candidate_is_left_out_and_nothing_is_written(monkeypatch, tmp
     (entry,) = autotune._table.values()
     assert entry.errors == {"broken": "RuntimeError: broken ran out of memory"} and entry.times_ms == {"ok": 1.0}
     assert cache_files(tmp_path) == []  # measured again by the next process
+
+
+# --- CUDA graphs: the device-time winner ------------------------------------------------------------
+
+
+def launchy_and_kernely():
+    """``launchy``: costly launches, fast kernels; ``kernely``: cheap launches, slow kernels. Eager calls
+    (host-bound here) favour kernely, CUDA graphs (device time only) favour launchy."""
+    return (Fake("launchy", 10, lambda x: 3.0, gpu_cost=lambda x: 0.5, offset=1.0),
+            Fake("kernely", 5, lambda x: 1.2, gpu_cost=lambda x: 1.0))
+
+
+def test_captured_calls_run_the_device_time_winner_and_eager_calls_the_eager_one(monkeypatch):
+    m = world(monkeypatch, *launchy_and_kernely())
+    x = linear_inputs()
+    assert chosen(*x) == "kernely"  # eager: measured
+    (entry,) = autotune._table.values()
+    assert entry.times_ms == pytest.approx({"launchy": 3.0, "kernely": 1.2})
+    assert entry.gpu_ms == pytest.approx({"launchy": 0.5, "kernely": 1.0})
+    assert (entry.winner, entry.gpu_winner) == ("kernely", "launchy")
+    m.capturing = True
+    assert chosen(*x) == "launchy"  # captured: the same entry, its device-time winner
+    m.capturing = False
+    assert chosen(*x) == "kernely"  # each regime remembers its own pick
+    m.capturing = True
+    assert chosen(*x) == "launchy"
+    assert len(m.timed) == 1
+
+
+def test_a_captured_call_with_nothing_cached_takes_the_fixed_bid_without_measuring(monkeypatch):
+    m = world(monkeypatch, *launchy_and_kernely())
+    m.capturing = True
+    assert chosen(*linear_inputs()) == "launchy"  # the fixed bid (a coincidence of this pair)
+    assert m.timed == [] and autotune._table == {}
+    m.capturing = False
+    assert chosen(*linear_inputs()) == "kernely"  # not remembered from the captured call: measured now
+    assert len(m.timed) == 1
+
+
+def test_without_device_times_captured_calls_run_the_eager_winner(monkeypatch):
+    m = world(monkeypatch, *launchy_and_kernely(), measurer=FakeMeasurer(device_times=False))
+    chosen(*linear_inputs())
+    (entry,) = autotune._table.values()
+    assert entry.gpu_ms == {} and entry.gpu_winner == ""
+    m.capturing = True
+    assert chosen(*linear_inputs()) == "kernely"
+
+
+def test_device_times_of_only_some_candidates_rank_nothing(monkeypatch):
+    class Partial(FakeMeasurer):
+        def time(self, runs, device):
+            out = super().time(runs, device)
+            out["launchy"] = autotune.Timing(out["launchy"].eager_ms, None)
+            return out
+
+    world(monkeypatch, *launchy_and_kernely(), measurer=Partial())
+    chosen(*linear_inputs())
+    (entry,) = autotune._table.values()
+    assert entry.gpu_ms == {} and entry.gpu_winner == ""
+
+
+class SimDevice:
+    """A host and a device, in simulated milliseconds, behind torch.cuda's calls that the real measurer
+    makes. A call costs host time, then queues device work, which starts when the device is free and
+    not before it was queued; events stamp the moment the device reaches them. ``_sleep`` runs at
+    ``actual_hz`` while the device reports ``clock_rate`` kHz."""
+
+    def __init__(self, monkeypatch, clock_khz=1_000_000, actual_hz=1e9):
+        self.host = self.free = 0.0
+        self.clock_khz, self.actual_hz, self.sleeps = clock_khz, actual_hz, []
+        sim = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.at = None
+
+            def record(self):
+                self.at = max(sim.host, sim.free)
+
+            def query(self):
+                return self.at <= sim.host
+
+            def elapsed_time(self, end):
+                return end.at - self.at
+
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: setattr(self, "host", max(self.host, self.free)))
+        monkeypatch.setattr(torch.cuda, "_sleep", self.sleep)
+        monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(clock_rate=clock_khz))
+        monkeypatch.setattr(autotune, "time", types.SimpleNamespace(perf_counter=lambda: self.host / 1e3))
+
+    def call(self, host_ms, device_ms):
+        self.host += host_ms
+        self.free = max(self.host, self.free) + device_ms
+
+    def sleep(self, cycles):
+        self.sleeps.append(cycles)
+        self.call(0.0, cycles / self.actual_hz * 1e3)
+
+
+def test_the_measurer_times_device_work_alone_behind_a_device_side_wait(monkeypatch):
+    sim = SimDevice(monkeypatch)
+    runs = {"launchy": lambda: sim.call(2.0, 0.1), "kernely": lambda: sim.call(0.05, 1.0),
+            "fails": lambda: (_ for _ in ()).throw(RuntimeError("no"))}
+    got = autotune.Measurer().time(runs, torch.device("cpu"))
+    assert isinstance(got["fails"], RuntimeError)
+    assert got["launchy"].eager_ms == pytest.approx(2.1) and got["kernely"].eager_ms == pytest.approx(1.05)
+    assert got["launchy"].gpu_ms == pytest.approx(0.1) and got["kernely"].gpu_ms == pytest.approx(1.0)
+    # the wait covers twice the eager calls' time, plus 1 ms: one try per round
+    assert len(set(sim.sleeps)) == 1 and sim.sleeps[0] == pytest.approx((1e-3 + 2 * 3.15e-3) * 1e9, abs=2)
+
+
+def test_a_wait_too_short_is_doubled_until_the_host_gets_ahead(monkeypatch):
+    sim = SimDevice(monkeypatch, actual_hz=8e9)  # the wait runs 8x faster than the reported clock
+    runs = {"launchy": lambda: sim.call(2.0, 0.1), "kernely": lambda: sim.call(0.05, 1.0)}
+    got = autotune.Measurer().time(runs, torch.device("cpu"))
+    assert got["launchy"].gpu_ms == pytest.approx(0.1) and got["kernely"].gpu_ms == pytest.approx(1.0)
+    first = sim.sleeps[0]
+    assert first == pytest.approx((1e-3 + 2 * 3.15e-3) * 1e9, abs=2)
+    # 7.3 ms as reported, 0.9 ms as run: shorter than the round's 2.05 ms of host time; doubled, still; then enough
+    assert sim.sleeps[1:3] == [pytest.approx(2 * first, abs=2), pytest.approx(4 * first, abs=4)]
+    assert len(set(sim.sleeps[3:])) == 1 and sim.sleeps[3] == pytest.approx(4 * first, abs=4)
+
+
+def test_device_times_stay_unknown_when_the_host_never_gets_ahead(monkeypatch):
+    sim = SimDevice(monkeypatch, actual_hz=1e15)  # the wait takes no time at all
+    runs = {"launchy": lambda: sim.call(2.0, 0.1), "kernely": lambda: sim.call(0.05, 1.0)}
+    got = autotune.Measurer().time(runs, torch.device("cpu"))
+    assert got["launchy"].gpu_ms is None and got["kernely"].gpu_ms is None
+    assert got["kernely"].eager_ms == pytest.approx(1.05)
+    assert len(sim.sleeps) == autotune.Measurer.spin_tries  # one round's attempts, then it gives up
 
 
 # --- where it never measures -----------------------------------------------------------------------

@@ -3,8 +3,12 @@
 A test backend ``sleepy`` bids above every other and computes the reference after spinning the GPU for
 about a millisecond; auto must measure it slower (CUDA events) and run the fastest competitor instead,
 with results equal to that backend's, the caller's tensors and random generators untouched, and
-torch.compile using the measured choice. Marked ``gpu``: skipped without CUDA.
+torch.compile using the measured choice. Two more test backends, ``hosty`` (the host sleeps before each
+launch, the kernels are quick) and ``spinny`` (a quick launch of a slow kernel), show the two regimes:
+eager calls run spinny, calls captured into a CUDA graph run hosty. Marked ``gpu``: skipped without CUDA.
 """
+
+import time
 
 import pytest
 import torch
@@ -17,6 +21,7 @@ from panther.nn import SKLinear
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore:.*not fewer than the:UserWarning")]
 
 SPIN_CYCLES = 2_000_000  # about 1 ms at H200 clocks: far above the op itself at these sizes
+HOST_SLEEP_S = 0.003  # hosty's launch: three times spinny's kernel
 
 
 class Sleepy(Backend):
@@ -37,11 +42,25 @@ class Sleepy(Backend):
         return reference_linear(*args)
 
 
-@pytest.fixture
-def with_sleepy(monkeypatch, tmp_path):
-    registry._discover()
-    found = dict(registry._registry)
-    found["sleepy"] = registry.BackendInfo("sleepy", "tests", None, "1", backend=Sleepy())
+class Hosty(Sleepy):
+    """A slow launch (the host sleeps) of quick kernels: slower eager calls, faster CUDA-graph replays."""
+
+    name = "hosty"
+    priority = 800
+
+    def sketched_linear(self, *args):
+        time.sleep(HOST_SLEEP_S)
+        return reference_linear(*args)
+
+
+class Spinny(Sleepy):
+    """A quick launch of a slow kernel: faster eager calls, slower CUDA-graph replays."""
+
+    name = "spinny"
+    priority = 900  # the fixed bids' choice: a captured call that runs hosty ran the measured winner
+
+
+def _isolate(monkeypatch, tmp_path, found):
     monkeypatch.setattr(registry, "_registry", found)
     for var in ("PANTHER_BACKEND", "PANTHER_AUTOTUNE"):
         monkeypatch.delenv(var, raising=False)
@@ -49,6 +68,23 @@ def with_sleepy(monkeypatch, tmp_path):
     monkeypatch.setattr(registry, "_default", None)
     monkeypatch.setattr(autotune, "_default", None)
     autotune.clear_dispatch_cache(disk=False)
+
+
+@pytest.fixture
+def with_regimes(monkeypatch, tmp_path):
+    registry._discover()
+    _isolate(monkeypatch, tmp_path, {be.name: registry.BackendInfo(be.name, "tests", None, "1", backend=be)
+                                     for be in (Hosty(), Spinny())})
+    yield
+    autotune.clear_dispatch_cache(disk=False)
+
+
+@pytest.fixture
+def with_sleepy(monkeypatch, tmp_path):
+    registry._discover()
+    found = dict(registry._registry)
+    found["sleepy"] = registry.BackendInfo("sleepy", "tests", None, "1", backend=Sleepy())
+    _isolate(monkeypatch, tmp_path, found)
     yield found["sleepy"].backend
     autotune.clear_dispatch_cache(disk=False)
 
@@ -138,4 +174,33 @@ def test_the_cuda_measurer_times_with_events():
         {"spin": lambda: torch.cuda._sleep(SPIN_CYCLES), "matmul": lambda: x @ x,
          "fails": lambda: (_ for _ in ()).throw(RuntimeError("no"))}, x.device)
     assert isinstance(times["fails"], RuntimeError)
-    assert times["spin"] > 0.3 and times["matmul"] < times["spin"] / 3
+    spin, matmul = times["spin"], times["matmul"]
+    assert spin.eager_ms > 0.3 and matmul.eager_ms < spin.eager_ms / 3
+    assert spin.gpu_ms > 0.3 and matmul.gpu_ms < spin.gpu_ms / 3
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "forward+backward"])
+def test_eager_calls_run_the_eager_winner_and_captured_calls_the_device_time_winner(with_regimes, grad):
+    x = linear_args(grad=grad)
+    assert registry.select("sketched_linear", *x).name == "spinny"  # eager: measured here
+    entry = only_entry()
+    assert (entry.winner, entry.gpu_winner) == ("spinny", "hosty"), entry
+    assert entry.times_ms["hosty"] > HOST_SLEEP_S * 1e3 > entry.times_ms["spinny"]  # the host's sleep counts ...
+    assert entry.gpu_ms["hosty"] < 0.3 < entry.gpu_ms["spinny"]  # ... the device's time alone does not show it
+    with torch.no_grad():
+        expected = registry._registry["hosty"].backend.sketched_linear(*x)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up before capture, as torch.cuda.graph asks
+        registry.dispatch("sketched_linear", *x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph, picked = torch.cuda.CUDAGraph(), []
+    with torch.cuda.graph(graph):  # grad mode as measured: the same key
+        picked.append(registry.select("sketched_linear", *x).name)
+        y = registry.dispatch("sketched_linear", *x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert picked == ["hosty"]
+    torch.testing.assert_close(y.detach(), expected)
+    assert registry.select("sketched_linear", *x).name == "spinny"  # eager again
+    assert len(autotune._table) == 1

@@ -19,17 +19,27 @@ to call and exact where they define the kernel, and the state that changes which
 
 Measurement: on copies of the call's inputs (the caller's tensors and the random number generators are
 untouched), each candidate runs a few times to warm up (compilation, autotuning of kernels), then is timed
-with CUDA events, each timed call starting from an idle device, the candidates interleaved; forward under
-``no_grad``, or forward and backward when gradients are needed. The median decides. A candidate that fails
-is left out (the failure is recorded); if all fail, the fixed bid decides. Results never change: the
-call itself then runs on the chosen backend as any call would.
+with CUDA events, forward under ``no_grad``, or forward and backward when gradients are needed, twice:
 
-Never measured (the cached choice, else the fixed bid, is used): calls without a CUDA tensor, calls that
-only one backend accepts, calls under ``torch.compile`` tracing (the choice is baked into the compiled
-code, without a graph break; symbolic sizes add guards on their power-of-two bucket), under other tracing
-(``torch.jit.trace``, ``make_fx``, fake tensors, any ``TorchDispatchMode``) and during CUDA-graph
-capture. Measuring is serialised by one lock: threads never time the same key twice, nor two keys at once
-(concurrent timings on one device would distort each other).
+* eager time: each timed call starts from an idle device, the candidates interleaved, so the host's work
+  counts as an eager caller sees it;
+* device time: rounds of one call per candidate queued behind a device-side wait that outlasts the host's
+  queuing, so the events time the device's work alone, as a replayed CUDA graph sees it.
+
+Medians decide: eager calls run the fastest by eager time; calls being captured into a CUDA graph
+(``torch.cuda.graph``, ``make_graphed_callables``) run the fastest by device time, which is what each
+replay costs. On a host-bound machine the two differ (a backend of cheaper launches wins eager calls,
+one of faster kernels wins graphs). A candidate that fails is left out (the failure is recorded); if all
+fail, the fixed bid decides. Results never change: the call itself then runs on the chosen backend as
+any call would.
+
+Never measured (the cached choice, else the fixed bid, is used): calls whose first tensor is not on a
+CUDA device, calls that only one backend accepts, calls under ``torch.compile`` tracing (the eager winner
+is baked into the compiled code, without a graph break; symbolic sizes add guards on their power-of-two
+bucket), under other tracing (``torch.jit.trace``, ``make_fx``, fake tensors, any ``TorchDispatchMode``)
+and during CUDA-graph capture (graphs are captured after eager warm-up calls, which measure). Measuring is
+serialised by one lock: threads never time the same key twice, nor two keys at once (concurrent timings
+on one device would distort each other).
 
 Switch: the environment variable ``PANTHER_AUTOTUNE=0`` turns measuring off (fixed bids, as before
 measurement existed); :func:`set_autotune` (process default) and :func:`use_autotune` (context-local)
@@ -73,7 +83,7 @@ from panther.backends.base import Backend
 
 ENV_VAR = "PANTHER_AUTOTUNE"
 CACHE_ENV_VAR = "PANTHER_CACHE_DIR"
-FORMAT = 1  # of the cache files; a change opens new files
+FORMAT = 2  # of the cache files; a change opens new files
 _FILE_PREFIX = "dispatch-"
 _MEMO_LIMIT = 4096  # exact call signatures remembered before the memo starts over
 
@@ -139,22 +149,32 @@ def autotune_enabled() -> bool:
     env = os.environ.get(ENV_VAR)
     if not env:
         return True
-    value = _ENV_VALUES.get(env.strip().lower())
+    value = _ENV_VALUES.get(env)
     if value is None:
-        raise ValueError(
-            f"the environment variable {ENV_VAR} must be 1 or 0 (or true/false, on/off, yes/no), got {env!r}"
-        )
+        value = _ENV_VALUES.get(env.strip().lower())
+        if value is None:
+            raise ValueError(
+                f"the environment variable {ENV_VAR} must be 1 or 0 (or true/false, on/off, yes/no), got {env!r}"
+            )
     return value
 
 
 # --- the seam: which calls are measured, and how ----------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """One candidate's measured milliseconds per call (medians)."""
+
+    eager_ms: float  # from an idle device: the host's work and the device's, as an eager call sees them
+    gpu_ms: Optional[float] = None  # the device's work alone, as a replayed CUDA graph sees it (None: unknown)
+
+
 class Measurer:
     """Decides which calls are GPU calls and times the candidates of one; :data:`measurer` is the one used.
 
     ``time`` gets one callable per candidate (each runs the op on copies of the inputs, forward or forward
-    and backward) and returns each candidate's median milliseconds, or the exception it raised.
+    and backward) and returns each candidate's :class:`Timing`, or the exception it raised.
     """
 
     warmup_calls = 2  # untimed calls first: compilation and the kernels' own autotuning stay out ...
@@ -162,18 +182,29 @@ class Measurer:
     min_reps = 7
     max_reps = 50
     budget_s = 0.03  # timed calls per candidate: about this long, within [min_reps, max_reps]
+    spin_tries = 4  # device-time rounds: attempts, doubling the device-side wait, before giving up on one
 
     def is_gpu_call(self, args: tuple, kwargs: dict) -> bool:
-        """Whether any tensor of the call is on a CUDA device."""
-        for a in (*args, *kwargs.values()):
-            if isinstance(a, torch.Tensor) and a.device.type == "cuda":
-                return True
+        """Whether the call's first tensor is on a CUDA device (backends refuse calls on mixed devices)."""
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                return a.is_cuda
+        for a in kwargs.values():
+            if isinstance(a, torch.Tensor):
+                return a.is_cuda
         return False
 
-    def time(self, runs: Dict[str, Callable[[], object]], device: torch.device) -> Dict[str, Union[float, Exception]]:
-        """CUDA events around each call, after a device synchronisation; calls interleaved across candidates."""
-        results: Dict[str, Union[float, Exception]] = {}
+    def is_capturing(self, device: torch.device) -> bool:
+        """Whether work on ``device``'s current stream is being captured into a CUDA graph."""
+        return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+    def time(self, runs: Dict[str, Callable[[], object]], device: torch.device) -> Dict[str, Union[Timing, Exception]]:
+        """Each candidate's eager time (CUDA events around a call from an idle device, candidates interleaved)
+        and device time (:meth:`_device_times`)."""
+        results: Dict[str, Union[Timing, Exception]] = {}
+        failed: Dict[str, Exception] = {}
         reps: Dict[str, int] = {}
+        host_s: Dict[str, float] = {}
         with torch.cuda.device(device):
             for name, run in runs.items():
                 try:
@@ -185,13 +216,14 @@ class Measurer:
                         took = time.perf_counter() - t0
                         fastest, spent, calls = min(fastest, took), spent + (took if calls else 0.0), calls + 1
                 except Exception as exc:  # noqa: BLE001 - a failing candidate is left out, the others go on
-                    results[name] = exc
+                    failed[name] = exc
                     continue
+                host_s[name] = fastest
                 reps[name] = max(self.min_reps, min(self.max_reps, int(self.budget_s / max(fastest, 1e-6))))
             events: Dict[str, list] = {name: [] for name in reps}
             for i in range(max(reps.values(), default=0)):
                 for name in reps:
-                    if i >= reps[name] or name in results:
+                    if i >= reps[name] or name in failed:
                         continue
                     torch.cuda.synchronize()  # each call from an idle device: its host-side time counts
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -200,14 +232,64 @@ class Measurer:
                         runs[name]()
                         end.record()
                     except Exception as exc:  # noqa: BLE001
-                        results[name] = exc
+                        failed[name] = exc
                         continue
                     events[name].append((start, end))
             torch.cuda.synchronize()
+            ok = [name for name in reps if name not in failed]
+            rounds = max(self.min_reps, min((reps[n] for n in ok), default=0))
+            device_ms = self._device_times({n: runs[n] for n in ok}, host_s, rounds, failed)
         for name, ev in events.items():
-            if name not in results:
-                results[name] = statistics.median(s.elapsed_time(e) for s, e in ev)
+            if name not in failed:
+                eager = statistics.median(s.elapsed_time(e) for s, e in ev)
+                results[name] = Timing(eager, device_ms.get(name))
+        results.update(failed)
         return results
+
+    def _device_times(self, runs: Dict[str, Callable[[], object]], host_s: Dict[str, float], rounds: int,
+                      failed: Dict[str, Exception]) -> Dict[str, float]:
+        """Each candidate's median device time: rounds of one call of each candidate (their order rotating),
+        queued behind a device-side wait (``torch.cuda._sleep``) that outlasts the host's queuing of the
+        round, so that the events around each call time the device's work alone. A round whose wait ended
+        before the host had queued it all is done again with twice the wait; after :attr:`spin_tries`
+        attempts the device times stay unknown (an empty dict). A candidate that raises goes to ``failed``.
+        """
+        names = list(runs)
+        if not names:
+            return {}
+        hz = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "clock_rate", 0) * 1e3 or 2e9
+        wait_s = 1e-3 + 2.0 * sum(host_s[n] for n in names)  # the eager call bounds its host time from above
+        samples: Dict[str, List[float]] = {n: [] for n in names}
+        for r in range(rounds):
+            order = [n for n in names[r % len(names):] + names[:r % len(names)] if n not in failed]
+            if not order:
+                return {}
+            for _ in range(self.spin_tries):
+                torch.cuda.synchronize()
+                torch.cuda._sleep(int(wait_s * hz))
+                gate = torch.cuda.Event()
+                gate.record()
+                queued = []
+                for name in order:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    try:
+                        start.record()
+                        runs[name]()
+                        end.record()
+                    except Exception as exc:  # noqa: BLE001
+                        failed[name] = exc
+                        continue
+                    queued.append((name, start, end))
+                if not gate.query():  # still waiting: every call of the round was queued ahead of the device
+                    break
+                wait_s *= 2
+            else:
+                torch.cuda.synchronize()
+                return {}
+            torch.cuda.synchronize()
+            for name, start, end in queued:
+                samples[name].append(start.elapsed_time(end))
+        return {n: statistics.median(v) for n, v in samples.items() if v and n not in failed}
 
 
 measurer = Measurer()
@@ -415,24 +497,35 @@ def _file_for(fp: dict) -> Path:
 
 @dataclasses.dataclass
 class Entry:
-    """The outcome of one measurement."""
+    """The outcome of one measurement: the fastest eager call (``winner``) and the fastest device time
+    (``gpu_winner``, which calls captured into a CUDA graph run; empty where device times are unknown)."""
 
     winner: str
-    times_ms: Dict[str, float]  # median per candidate that ran
+    times_ms: Dict[str, float]  # eager median per candidate that ran
     fixed: str  # what the fixed bids would have chosen
     errors: Dict[str, str] = dataclasses.field(default_factory=dict)  # candidates that failed
     shapes: str = ""  # the call it was measured on
     utc: str = ""
+    gpu_ms: Dict[str, float] = dataclasses.field(default_factory=dict)  # device-time median per candidate
+    gpu_winner: str = ""
+
+    def pick(self, captured: bool) -> str:
+        """The winner for an eager call, or for one captured into a CUDA graph."""
+        return self.gpu_winner if captured and self.gpu_winner else self.winner
 
     @classmethod
     def from_json(cls, d) -> Optional["Entry"]:
         try:
             times = {str(k): float(v) for k, v in d["times_ms"].items()}
+            gpu = {str(k): float(v) for k, v in d.get("gpu_ms", {}).items()}
             errors = {str(k): str(v) for k, v in d.get("errors", {}).items()}
-            entry = cls(str(d["winner"]), times, str(d["fixed"]), errors, str(d.get("shapes", "")), str(d.get("utc", "")))
+            entry = cls(str(d["winner"]), times, str(d["fixed"]), errors, str(d.get("shapes", "")), str(d.get("utc", "")),
+                        gpu, str(d.get("gpu_winner", "")))
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
-        return entry if entry.winner in times else None
+        if entry.winner not in times or (entry.gpu_winner and entry.gpu_winner not in gpu):
+            return None
+        return entry
 
 
 def read_file(path: Path) -> Tuple[Optional[dict], Dict[str, Entry]]:
@@ -548,24 +641,26 @@ def clear_dispatch_cache(*, disk: bool = True) -> List[Path]:
 
 def _exact_signature(op: str, args: tuple, kwargs: dict):
     """What decides one call's choice: shapes, which inputs need gradients, dtype and device (of the first
-    tensor: backends refuse mixed ones), autocast, float32 math. A hit is still checked by the backend
-    (:func:`remembered`), so this only has to tell preferences apart; it is on the path of every call
-    that a measurement decided, hence cheap reads only.
+    tensor: backends refuse mixed ones), autocast, float32 math, and whether the call is being captured into
+    a CUDA graph (:meth:`Entry.pick`). A hit is still checked by the backend (:func:`remembered`), so this
+    only has to tell preferences apart; it is on the path of every call that a measurement decided, hence
+    cheap reads only.
     """
-    sig = [op, torch.is_grad_enabled()]
     first = None
-    for a in (*args, *kwargs.values()):
+    sig = [op, torch.is_grad_enabled()]
+    for a in (*args, *kwargs.values()) if kwargs else args:
         if isinstance(a, torch.Tensor):
-            sig.append((a.shape, a.requires_grad))
+            sig += (a.shape, a.requires_grad)
             if first is None:
                 first = a
-                sig.append((a.dtype, a.device))
         else:
             sig.append(a)
     if first is not None:
-        if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(first.device.type):
-            sig.append(torch.get_autocast_dtype(first.device.type))
-        if first.dtype == torch.float32:
+        device, dtype = first.device, first.dtype
+        sig += (dtype, device, measurer.is_capturing(device))
+        if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(device.type):
+            sig.append(torch.get_autocast_dtype(device.type))
+        if dtype == torch.float32:
             sig.append(_float32_math())
     return tuple(sig)
 
@@ -582,7 +677,7 @@ def remembered(op: str, args: tuple, kwargs: dict) -> Optional[Backend]:
     if torch.compiler.is_compiling():
         return None
     try:
-        hit = _memo.get(_exact_signature(op, args, kwargs))
+        hit = _memo.get(_exact_signature(op, args, kwargs))  # eager calls only (see choose)
     except TypeError:  # an unhashable argument
         return None
     if hit is None or hit[0] is not _registry_now():
@@ -604,7 +699,7 @@ def _fixed(accepted: Sequence[Tuple[Backend, int]]) -> Backend:
 
 
 def _no_measuring_here(args: tuple, kwargs: dict) -> bool:
-    """Tracing of any kind, tensor subclasses (fake, functional, ...) or CUDA-graph capture."""
+    """Tracing of any kind, or tensor subclasses (fake, functional, ...)."""
     from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
     if torch.jit.is_tracing() or is_in_torch_dispatch_mode():
@@ -612,12 +707,16 @@ def _no_measuring_here(args: tuple, kwargs: dict) -> bool:
     for a in (*args, *kwargs.values()):
         if isinstance(a, torch.Tensor) and type(a) not in (torch.Tensor, torch.nn.Parameter):
             return True
-    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+    return False
 
 
 @_constant_under_compile
 def _compiled_choice(op: str, candidates: tuple, fields: tuple, device: torch.device) -> Optional[str]:
-    """Under torch.compile: the cached winner for this key (no measuring), else None for the fixed bid."""
+    """Under torch.compile: the cached winner for this key (no measuring), else None for the fixed bid.
+
+    The eager winner: compiled code still launches each op from the host (a graph captured later, as
+    mode="reduce-overhead" does, keeps the choice made here).
+    """
     if not autotune_enabled():
         return None
     entry = _lookup(device_name(device), key_string(op, candidates, fields))
@@ -654,6 +753,7 @@ def choose(op: str, accepted: Sequence[Tuple[Backend, int]], args: tuple, kwargs
     else:
         chosen, settled = _measured_choice(op, accepted, fixed, candidates, first.device, args, kwargs)
     if settled:  # not a fallback for a call that could not be measured (tracing, capture)
+        # (the signature tells captured calls from eager ones: each regime remembers its own pick)
         with contextlib.suppress(TypeError):  # an unhashable argument: nothing remembered
             if len(_memo) >= _MEMO_LIMIT:
                 _memo.clear()
@@ -662,11 +762,16 @@ def choose(op: str, accepted: Sequence[Tuple[Backend, int]], args: tuple, kwargs
 
 
 def _measured_choice(op, accepted, fixed, candidates, device, args, kwargs) -> Tuple[Backend, bool]:
-    """(backend, whether it was measured or cached: False for the fixed bid of a call not measured here)."""
+    """(backend, whether it was measured or cached: False for the fixed bid of a call not measured here).
+
+    A call being captured into a CUDA graph is never measured (the device cannot be synchronised) and runs
+    the cached winner by device time; the others run the winner by eager time (:meth:`Entry.pick`).
+    """
     name = device_name(device)
     key = key_string(op, candidates, call_fields(op, args, kwargs))
     entry = _lookup(name, key)
-    if entry is None and not _no_measuring_here(args, kwargs):
+    captured = measurer.is_capturing(device)
+    if entry is None and not captured and not _no_measuring_here(args, kwargs):
         with _lock:
             entry = _table.get((name, key))
             if entry is None:  # not measured by another thread meanwhile
@@ -676,8 +781,9 @@ def _measured_choice(op, accepted, fixed, candidates, device, args, kwargs) -> T
                     fp, path = _file_state(name)
                     _write_file(path, fp, {key: entry})
     if entry is not None:
+        winner = entry.pick(captured)
         for be, _ in accepted:
-            if be.name == entry.winner:
+            if be.name == winner:
                 return be, True
     return fixed, entry is not None
 
@@ -724,15 +830,20 @@ def _measure(op, accepted, fixed, device, args, kwargs) -> Entry:
         runs = {be.name: _make_run(be, op, c_args, c_kwargs, grad) for be, _ in accepted}
         got = measurer.time(runs, device)
         del runs, c_args, c_kwargs
-    times = {n: float(t) for n, t in got.items() if not isinstance(t, BaseException)}
+    timings = {n: t for n, t in got.items() if not isinstance(t, BaseException)}
+    times = {n: float(t.eager_ms) for n, t in timings.items()}
+    gpu = {n: float(t.gpu_ms) for n, t in timings.items() if t.gpu_ms is not None}
+    if len(gpu) != len(times):  # device times of only some candidates do not rank them
+        gpu = {}
     errors = {n: f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
               for n, e in got.items() if isinstance(e, BaseException)}
     errors.update({be.name: "not timed" for be, _ in accepted if be.name not in got})
     order = {be.name: i for i, (be, _) in enumerate(accepted)}
     # fastest; on a tie the higher bid (the fixed choice first, then registry order)
     winner = min(times, key=lambda n: (times[n], n != fixed.name, order[n])) if times else fixed.name
+    gpu_winner = min(gpu, key=lambda n: (gpu[n], n != fixed.name, order[n])) if gpu else ""
     return Entry(winner, times, fixed.name, errors, shapes,
-                 datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+                 datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), gpu, gpu_winner)
 
 
 # --- reading the cache back -------------------------------------------------------------------------
@@ -764,4 +875,7 @@ def cache_report() -> str:
             times = ", ".join(f"{n} {t:.4g} ms" for n, t in sorted(e.times_ms.items(), key=lambda kv: kv[1]))
             note = "" if e.winner == e.fixed else f" (fixed bid: {e.fixed})"
             lines.append(f"  {key} -> {e.winner}{note}: {times}")
+            if e.gpu_ms:
+                gpu = ", ".join(f"{n} {t:.4g} ms" for n, t in sorted(e.gpu_ms.items(), key=lambda kv: kv[1]))
+                lines.append(f"    in CUDA graphs -> {e.gpu_winner}: device time {gpu}")
     return "\n".join(lines)
