@@ -268,17 +268,38 @@ def test_without_device_times_captured_calls_run_the_eager_winner(monkeypatch):
     assert chosen(*linear_inputs()) == "kernely"
 
 
-def test_device_times_of_only_some_candidates_rank_nothing(monkeypatch):
-    class Partial(FakeMeasurer):
+def test_device_times_rank_the_candidates_that_have_one(monkeypatch):
+    class Partial(FakeMeasurer):  # launchy could not be timed so (it synchronises: it cannot be captured either)
         def time(self, runs, device):
             out = super().time(runs, device)
             out["launchy"] = autotune.Timing(out["launchy"].eager_ms, None)
             return out
 
-    world(monkeypatch, *launchy_and_kernely(), measurer=Partial())
+    m = world(monkeypatch, *launchy_and_kernely(), measurer=Partial())
     chosen(*linear_inputs())
     (entry,) = autotune._table.values()
-    assert entry.gpu_ms == {} and entry.gpu_winner == ""
+    assert entry.gpu_ms == pytest.approx({"kernely": 1.0}) and entry.gpu_winner == "kernely"
+    m.capturing = True
+    assert chosen(*linear_inputs()) == "kernely"
+
+
+def test_a_cached_device_time_winner_runs_once_before_any_capture(monkeypatch):
+    """Read back from the disk cache, the device-time winner has not run in this process: the first eager call
+    runs it once (its one-time setup must not happen during a capture); a capture before that runs the eager
+    winner."""
+    m = world(monkeypatch, *launchy_and_kernely())
+    x = linear_inputs()
+    chosen(*x)  # measured (every candidate ran) and written
+    autotune.clear_dispatch_cache(disk=False)  # a fresh process: the file stays
+    CALLS.clear()
+    m.capturing = True
+    assert chosen(*x) == "kernely" and CALLS == []  # launchy never ran here: not captured first
+    m.capturing = False
+    assert chosen(*x) == "kernely" and CALLS == ["launchy"]  # eager, and launchy run once on copies
+    assert chosen(*x) == "kernely" and CALLS == ["launchy"]  # once
+    m.capturing = True
+    assert chosen(*x) == "launchy"
+    assert len(m.timed) == 1  # nothing measured again
 
 
 class SimDevice:
@@ -330,8 +351,8 @@ def test_the_measurer_times_device_work_alone_behind_a_device_side_wait(monkeypa
     assert isinstance(got["fails"], RuntimeError)
     assert got["launchy"].eager_ms == pytest.approx(2.1) and got["kernely"].eager_ms == pytest.approx(1.05)
     assert got["launchy"].gpu_ms == pytest.approx(0.1) and got["kernely"].gpu_ms == pytest.approx(1.0)
-    # the wait covers twice the eager calls' time, plus 1 ms: one try per round
-    assert len(set(sim.sleeps)) == 1 and sim.sleeps[0] == pytest.approx((1e-3 + 2 * 3.15e-3) * 1e9, abs=2)
+    # the wait covers twice the host's queuing of a round (2.05 ms), plus 1 ms: one try per round
+    assert len(set(sim.sleeps)) == 1 and sim.sleeps[0] == pytest.approx((1e-3 + 2 * 2.05e-3) * 1e9, abs=2)
 
 
 def test_a_wait_too_short_is_doubled_until_the_host_gets_ahead(monkeypatch):
@@ -340,8 +361,8 @@ def test_a_wait_too_short_is_doubled_until_the_host_gets_ahead(monkeypatch):
     got = autotune.Measurer().time(runs, torch.device("cpu"))
     assert got["launchy"].gpu_ms == pytest.approx(0.1) and got["kernely"].gpu_ms == pytest.approx(1.0)
     first = sim.sleeps[0]
-    assert first == pytest.approx((1e-3 + 2 * 3.15e-3) * 1e9, abs=2)
-    # 7.3 ms as reported, 0.9 ms as run: shorter than the round's 2.05 ms of host time; doubled, still; then enough
+    assert first == pytest.approx((1e-3 + 2 * 2.05e-3) * 1e9, abs=2)
+    # 5.1 ms as reported, 0.64 ms as run: shorter than launchy's 2 ms of queuing; doubled, still; then enough
     assert sim.sleeps[1:3] == [pytest.approx(2 * first, abs=2), pytest.approx(4 * first, abs=4)]
     assert len(set(sim.sleeps[3:])) == 1 and sim.sleeps[3] == pytest.approx(4 * first, abs=4)
 
@@ -352,7 +373,20 @@ def test_device_times_stay_unknown_when_the_host_never_gets_ahead(monkeypatch):
     got = autotune.Measurer().time(runs, torch.device("cpu"))
     assert got["launchy"].gpu_ms is None and got["kernely"].gpu_ms is None
     assert got["kernely"].eager_ms == pytest.approx(1.05)
-    assert len(sim.sleeps) == autotune.Measurer.spin_tries  # one round's attempts, then it gives up
+    # each left out after spin_tries attempts (the wait doubled between them, and kept for the next round),
+    # the waits queued in pieces of 50 ms at most
+    piece = autotune.Measurer.spin_piece_s * 1e9
+    waits = [5.1e-3 * 2 ** i for i in (0, 1, 2, 3, 3, 4, 5, 6)]
+    assert max(sim.sleeps) <= piece + 1 and sum(sim.sleeps) == pytest.approx(sum(waits) * 1e9, rel=1e-6)
+
+
+def test_a_candidate_that_synchronises_gets_no_device_time(monkeypatch):
+    sim = SimDevice(monkeypatch)
+    runs = {"launchy": lambda: sim.call(2.0, 0.1), "syncy": lambda: (sim.call(0.05, 0.2), torch.cuda.synchronize()),
+            "kernely": lambda: sim.call(0.05, 1.0)}
+    got = autotune.Measurer().time(runs, torch.device("cpu"))
+    assert got["syncy"].gpu_ms is None and got["syncy"].eager_ms == pytest.approx(0.25)
+    assert got["launchy"].gpu_ms == pytest.approx(0.1) and got["kernely"].gpu_ms == pytest.approx(1.0)
 
 
 # --- where it never measures -----------------------------------------------------------------------

@@ -43,14 +43,15 @@ class Sleepy(Backend):
 
 
 class Hosty(Sleepy):
-    """A slow launch (the host sleeps) of quick kernels: slower eager calls, faster CUDA-graph replays."""
+    """A slow launch (the host sleeps) of quick kernels: slower eager calls, faster CUDA-graph replays. Its
+    output is the reference plus one, so that results tell it from spinny's."""
 
     name = "hosty"
     priority = 800
 
     def sketched_linear(self, *args):
         time.sleep(HOST_SLEEP_S)
-        return reference_linear(*args)
+        return reference_linear(*args) + 1
 
 
 class Spinny(Sleepy):
@@ -189,6 +190,7 @@ def test_eager_calls_run_the_eager_winner_and_captured_calls_the_device_time_win
     assert entry.gpu_ms["hosty"] < 0.3 < entry.gpu_ms["spinny"]  # ... the device's time alone does not show it
     with torch.no_grad():
         expected = registry._registry["hosty"].backend.sketched_linear(*x)
+        spinny_y = registry._registry["spinny"].backend.sketched_linear(*x)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up before capture, as torch.cuda.graph asks
@@ -201,6 +203,7 @@ def test_eager_calls_run_the_eager_winner_and_captured_calls_the_device_time_win
     graph.replay()
     torch.cuda.synchronize()
     assert picked == ["hosty"]
-    torch.testing.assert_close(y.detach(), expected)
+    torch.testing.assert_close(y.detach(), expected)  # the replay ran hosty's kernels ...
+    assert not torch.allclose(y.detach(), spinny_y)  # ... not spinny's
     assert registry.select("sketched_linear", *x).name == "spinny"  # eager again
     assert len(autotune._table) == 1

@@ -24,14 +24,16 @@ with CUDA events, forward under ``no_grad``, or forward and backward when gradie
 * eager time: each timed call starts from an idle device, the candidates interleaved, so the host's work
   counts as an eager caller sees it;
 * device time: rounds of one call per candidate queued behind a device-side wait that outlasts the host's
-  queuing, so the events time the device's work alone, as a replayed CUDA graph sees it.
+  queuing, so the events time the device's work alone, as a replayed CUDA graph sees it (a candidate the
+  host cannot queue ahead of the device, one that synchronises, gets no device time).
 
 Medians decide: eager calls run the fastest by eager time; calls being captured into a CUDA graph
 (``torch.cuda.graph``, ``make_graphed_callables``) run the fastest by device time, which is what each
-replay costs. On a host-bound machine the two differ (a backend of cheaper launches wins eager calls,
-one of faster kernels wins graphs). A candidate that fails is left out (the failure is recorded); if all
-fail, the fixed bid decides. Results never change: the call itself then runs on the chosen backend as
-any call would.
+replay costs, once it has run in the process (the first eager call with a key read from the disk cache
+runs it once, untimed, so that its one-time setup happens before any capture). On a host-bound machine
+the two differ (a backend of cheaper launches wins eager calls, one of faster kernels wins graphs). A
+candidate that fails is left out (the failure is recorded); if all fail, the fixed bid decides. Results
+never change: the call itself then runs on the chosen backend as any call would.
 
 Never measured (the cached choice, else the fixed bid, is used): calls whose first tensor is not on a
 CUDA device, calls that only one backend accepts, calls under ``torch.compile`` tracing (the eager winner
@@ -182,7 +184,9 @@ class Measurer:
     min_reps = 7
     max_reps = 50
     budget_s = 0.03  # timed calls per candidate: about this long, within [min_reps, max_reps]
-    spin_tries = 4  # device-time rounds: attempts, doubling the device-side wait, before giving up on one
+    spin_tries = 4  # device-time rounds: attempts, doubling the device-side wait, before a candidate is left out
+    spin_piece_s = 0.05  # the device-side wait is queued as waits of at most this long (no watchdog sees a long one)
+    max_wait_s = 2.0  # and at most this long in all
 
     def is_gpu_call(self, args: tuple, kwargs: dict) -> bool:
         """Whether the call's first tensor is on a CUDA device (backends refuse calls on mixed devices)."""
@@ -208,17 +212,19 @@ class Measurer:
         with torch.cuda.device(device):
             for name, run in runs.items():
                 try:
-                    fastest, spent, calls = float("inf"), 0.0, 0
+                    fastest, queued, spent, calls = float("inf"), float("inf"), 0.0, 0
                     while calls < self.warmup_calls or (spent < self.warmup_s and calls < 100):
                         t0 = time.perf_counter()
                         run()
+                        t1 = time.perf_counter()  # the host's part: the call queued
                         torch.cuda.synchronize()
                         took = time.perf_counter() - t0
                         fastest, spent, calls = min(fastest, took), spent + (took if calls else 0.0), calls + 1
+                        queued = min(queued, t1 - t0)
                 except Exception as exc:  # noqa: BLE001 - a failing candidate is left out, the others go on
                     failed[name] = exc
                     continue
-                host_s[name] = fastest
+                host_s[name] = queued
                 reps[name] = max(self.min_reps, min(self.max_reps, int(self.budget_s / max(fastest, 1e-6))))
             events: Dict[str, list] = {name: [] for name in reps}
             for i in range(max(reps.values(), default=0)):
@@ -249,27 +255,30 @@ class Measurer:
     def _device_times(self, runs: Dict[str, Callable[[], object]], host_s: Dict[str, float], rounds: int,
                       failed: Dict[str, Exception]) -> Dict[str, float]:
         """Each candidate's median device time: rounds of one call of each candidate (their order rotating),
-        queued behind a device-side wait (``torch.cuda._sleep``) that outlasts the host's queuing of the
-        round, so that the events around each call time the device's work alone. A round whose wait ended
-        before the host had queued it all is done again with twice the wait; after :attr:`spin_tries`
-        attempts the device times stay unknown (an empty dict). A candidate that raises goes to ``failed``.
+        queued behind a device-side wait (``torch.cuda._sleep``) sized to outlast the host's queuing of the
+        round, so that the events around each call time the device's work alone. The wait is checked after
+        each call is queued: one that ran out before the round was queued makes the round start again with
+        twice the wait (at most :attr:`max_wait_s`); a candidate still being queued when the wait runs out on
+        the last of :attr:`spin_tries` attempts (it synchronises, or queues for longer than any wait) is left
+        out (no device time). A candidate that raises goes to ``failed``.
         """
         names = list(runs)
-        if not names:
-            return {}
-        hz = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "clock_rate", 0) * 1e3 or 2e9
-        wait_s = 1e-3 + 2.0 * sum(host_s[n] for n in names)  # the eager call bounds its host time from above
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        hz = (getattr(props, "clock_rate", 0) or 0) * 1e3 or 2e9  # kHz, as CUDA reports it
+        wait_s = 1e-3 + 2.0 * sum(host_s[n] for n in names)
         samples: Dict[str, List[float]] = {n: [] for n in names}
+        left_out: set = set()
         for r in range(rounds):
-            order = [n for n in names[r % len(names):] + names[:r % len(names)] if n not in failed]
-            if not order:
-                return {}
-            for _ in range(self.spin_tries):
+            queued: list = []
+            for attempt in range(self.spin_tries):
+                order = [n for n in names[r % len(names):] + names[:r % len(names)] if n not in failed and n not in left_out]
+                if not order:
+                    break
                 torch.cuda.synchronize()
-                torch.cuda._sleep(int(wait_s * hz))
+                self._wait(min(wait_s, self.max_wait_s), hz)
                 gate = torch.cuda.Event()
                 gate.record()
-                queued = []
+                queued, late = [], None
                 for name in order:
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     try:
@@ -279,17 +288,28 @@ class Measurer:
                     except Exception as exc:  # noqa: BLE001
                         failed[name] = exc
                         continue
+                    if gate.query():  # the wait ran out while this call was queued: its events may hold host time
+                        late = name
+                        break
                     queued.append((name, start, end))
-                if not gate.query():  # still waiting: every call of the round was queued ahead of the device
+                if late is None:
+                    break
+                queued = []
+                if attempt == self.spin_tries - 1 or wait_s >= self.max_wait_s:
+                    left_out.add(late)
                     break
                 wait_s *= 2
-            else:
-                torch.cuda.synchronize()
-                return {}
             torch.cuda.synchronize()
             for name, start, end in queued:
                 samples[name].append(start.elapsed_time(end))
-        return {n: statistics.median(v) for n, v in samples.items() if v and n not in failed}
+        return {n: statistics.median(v) for n, v in samples.items() if v and n not in failed and n not in left_out}
+
+    def _wait(self, seconds: float, hz: float) -> None:
+        """A device-side wait of about ``seconds``, queued as waits of at most :attr:`spin_piece_s`."""
+        while seconds > 0:
+            piece = min(seconds, self.spin_piece_s)
+            torch.cuda._sleep(max(1, int(piece * hz)))
+            seconds -= piece
 
 
 measurer = Measurer()
@@ -523,7 +543,7 @@ class Entry:
                         gpu, str(d.get("gpu_winner", "")))
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
-        if entry.winner not in times or (entry.gpu_winner and entry.gpu_winner not in gpu):
+        if entry.winner not in times or not set(gpu) <= set(times) or (entry.gpu_winner and entry.gpu_winner not in gpu):
             return None
         return entry
 
@@ -582,6 +602,7 @@ _lock = threading.RLock()  # loading files, measuring, clearing
 _table: Dict[Tuple[str, str], Entry] = {}  # (device name, key string) -> entry
 _files: Dict[str, Tuple[object, dict, Path]] = {}  # device name -> (registry it was made for, fingerprint, file)
 _memo: Dict[tuple, Tuple[object, str]] = {}  # exact call signature -> (registry, winner name)
+_ran: set = set()  # (device name, key) whose device-time winner has run in this process
 
 
 _registry_module = None
@@ -606,6 +627,7 @@ def _file_state(name: str) -> Tuple[dict, Path]:
         if state is not None:  # backends discovered again (a plugin installed): versions may differ
             for stale in [k for k in _table if k[0] == name]:
                 del _table[stale]
+            _ran.difference_update([k for k in _ran if k[0] == name])
         fp = fingerprint(name)
         path = _file_for(fp)
         disk_fp, entries = read_file(path)
@@ -628,6 +650,7 @@ def clear_dispatch_cache(*, disk: bool = True) -> List[Path]:
         _table.clear()
         _files.clear()
         _memo.clear()
+        _ran.clear()
         if disk:
             for path in sorted(cache_dir().glob(f"{_FILE_PREFIX}*.json")):
                 with contextlib.suppress(OSError):
@@ -650,7 +673,7 @@ def _exact_signature(op: str, args: tuple, kwargs: dict):
     sig = [op, torch.is_grad_enabled()]
     for a in (*args, *kwargs.values()) if kwargs else args:
         if isinstance(a, torch.Tensor):
-            sig += (a.shape, a.requires_grad)
+            sig.append((a.shape, a.requires_grad))
             if first is None:
                 first = a
         else:
@@ -752,8 +775,7 @@ def choose(op: str, accepted: Sequence[Tuple[Backend, int]], args: tuple, kwargs
         return fixed
     else:
         chosen, settled = _measured_choice(op, accepted, fixed, candidates, first.device, args, kwargs)
-    if settled:  # not a fallback for a call that could not be measured (tracing, capture)
-        # (the signature tells captured calls from eager ones: each regime remembers its own pick)
+    if settled:  # not a fallback for a call that could not be measured (tracing), nor a captured call
         with contextlib.suppress(TypeError):  # an unhashable argument: nothing remembered
             if len(_memo) >= _MEMO_LIMIT:
                 _memo.clear()
@@ -762,30 +784,42 @@ def choose(op: str, accepted: Sequence[Tuple[Backend, int]], args: tuple, kwargs
 
 
 def _measured_choice(op, accepted, fixed, candidates, device, args, kwargs) -> Tuple[Backend, bool]:
-    """(backend, whether it was measured or cached: False for the fixed bid of a call not measured here).
+    """(backend, whether to remember it for this exact signature: False for the fixed bid of a call not
+    measured here, and for calls being captured).
 
     A call being captured into a CUDA graph is never measured (the device cannot be synchronised) and runs
-    the cached winner by device time; the others run the winner by eager time (:meth:`Entry.pick`).
+    the cached winner by device time, provided that backend has run in this process (first runs set up
+    what they need: compiling, autotuning, which cannot happen during a capture), else the winner by eager
+    time; the others run the winner by eager time (:meth:`Entry.pick`), and the first eager call with a
+    cached key whose device-time winner has not run here runs it once, untimed, on copies of its inputs
+    (graphs are captured after eager warm-up calls, as torch.cuda.graph asks).
     """
     name = device_name(device)
     key = key_string(op, candidates, call_fields(op, args, kwargs))
     entry = _lookup(name, key)
     captured = measurer.is_capturing(device)
-    if entry is None and not captured and not _no_measuring_here(args, kwargs):
-        with _lock:
-            entry = _table.get((name, key))
-            if entry is None:  # not measured by another thread meanwhile
-                entry = _measure(op, accepted, fixed, device, args, kwargs)
-                _table[(name, key)] = entry
-                if not entry.errors:  # a failure (out of memory, ...) may pass: measure again next process
-                    fp, path = _file_state(name)
-                    _write_file(path, fp, {key: entry})
+    if not captured and not _no_measuring_here(args, kwargs):
+        if entry is None:
+            with _lock:
+                entry = _table.get((name, key))
+                if entry is None:  # not measured by another thread meanwhile
+                    entry = _measure(op, accepted, fixed, device, args, kwargs)
+                    _table[(name, key)] = entry
+                    _ran.add((name, key))  # every candidate ran
+                    if not entry.errors:  # a failure (out of memory, ...) may pass: measure again next process
+                        fp, path = _file_state(name)
+                        _write_file(path, fp, {key: entry})
+        elif entry.gpu_winner and entry.gpu_winner != entry.winner and (name, key) not in _ran:
+            with _lock:
+                if (name, key) not in _ran:
+                    _warm(op, [be for be, _ in accepted if be.name == entry.gpu_winner], device, args, kwargs)
+                    _ran.add((name, key))
     if entry is not None:
-        winner = entry.pick(captured)
+        winner = entry.pick(captured and (name, key) in _ran)
         for be, _ in accepted:
             if be.name == winner:
-                return be, True
-    return fixed, entry is not None
+                return be, not captured
+    return fixed, entry is not None and not captured
 
 
 def _copy(a, grad: bool):
@@ -819,22 +853,35 @@ def _make_run(be: Backend, op: str, args: tuple, kwargs: dict, grad: bool) -> Ca
     return run
 
 
-def _measure(op, accepted, fixed, device, args, kwargs) -> Entry:
+@contextlib.contextmanager
+def _runs_on_copies(op, backends, device, args, kwargs) -> Iterator[Dict[str, Callable[[], None]]]:
+    """One run per backend (:func:`_make_run`) on copies of the call's inputs, forward and backward when the
+    call needs gradients, with the random number generators restored afterwards."""
     grad = torch.is_grad_enabled() and any(
         isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values()))
-    shapes = " ".join(f"{tuple(a.shape)}" for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
         c_args = tuple(_copy(a, grad) for a in args)
         c_kwargs = {k: _copy(v, grad) for k, v in kwargs.items()}
-        runs = {be.name: _make_run(be, op, c_args, c_kwargs, grad) for be, _ in accepted}
+        yield {be.name: _make_run(be, op, c_args, c_kwargs, grad) for be in backends}
+
+
+def _warm(op, backends, device, args, kwargs) -> None:
+    """Run each backend once on copies of the call's inputs (a failure is left to the call that meets it)."""
+    with _runs_on_copies(op, backends, device, args, kwargs) as runs:
+        for run in runs.values():
+            with contextlib.suppress(Exception):
+                run()
+
+
+def _measure(op, accepted, fixed, device, args, kwargs) -> Entry:
+    shapes = " ".join(f"{tuple(a.shape)}" for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+    with _runs_on_copies(op, [be for be, _ in accepted], device, args, kwargs) as runs:
         got = measurer.time(runs, device)
-        del runs, c_args, c_kwargs
     timings = {n: t for n, t in got.items() if not isinstance(t, BaseException)}
     times = {n: float(t.eager_ms) for n, t in timings.items()}
+    # device times of the candidates that could be timed so (one that synchronises cannot be captured either)
     gpu = {n: float(t.gpu_ms) for n, t in timings.items() if t.gpu_ms is not None}
-    if len(gpu) != len(times):  # device times of only some candidates do not rank them
-        gpu = {}
     errors = {n: f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
               for n, e in got.items() if isinstance(e, BaseException)}
     errors.update({be.name: "not timed" for be, _ in accepted if be.name not in got})
