@@ -226,6 +226,35 @@ def test_large_tiles_on_ragged_shapes(shape, mode):
     assert all(e <= TOL[mode] for e in errs.values()), errs
 
 
+HOPPER_SHAPES = [
+    (170, 90, 200, 2, 8),  # R = 32: the shallowest instance; O = 200 in two column tiles, the second short
+    (1030, 1000, 1032, 1, 64),  # R = 128, the SKLinear default; ragged T and O: every block walks several tiles
+    (700, 136, 264, 2, 40),  # R = 160 in the 256-deep instance: K zero past R
+    (64, 64, 8, 1, 4),  # R = 8, O = 8: one short row tile, one narrow column tile
+]
+
+
+@on_gpu
+@pytest.mark.parametrize("mode", ["bfloat16", "float16"])
+@pytest.mark.parametrize("shape", HOPPER_SHAPES, ids=lambda s: "T{}_I{}_O{}_L{}_k{}".format(*s))
+def test_hopper_forward(shape, mode, monkeypatch):
+    """A forced hopper plan: y by forward_sm90.cu's wgmma kernel where the device is sm_90 (it must have run
+    there), else forward.cu's; against the float64 reference, H's rounding included."""
+    launched = []
+    real = fwd_module.sm90_kernel
+    monkeypatch.setattr(fwd_module, "sm90_kernel", lambda dtype, depth: launched.append(depth) or real(dtype, depth))
+    inputs = make_inputs(*shape, DTYPES[mode])
+    y, h = sketched_linear_forward(*inputs, plan=ForwardPlan(fused=False, tiles="large", hopper=True))
+    assert launched == ([fwd_module.sm90_depth(2 * shape[3] * shape[4])]
+                        if torch.cuda.get_device_capability() == (9, 0) else [])
+    _, S1s, S2s, U1s, U2s, b = (t.detach().cpu().double() for t in inputs)
+    from panther.backends.torch_backend.sketched_linear import concat_right
+
+    L = shape[3]
+    y_ref = h.double().cpu() @ concat_right(U1s, S2s) / (2 * L) + b  # y from the kernels' own (rounded) H
+    assert rel_err(y, y_ref) <= TOL[mode]
+
+
 @on_gpu
 def test_rule_picks_large_tiles_at_4096_rows():
     """T = 4096, I = O = 1024 (bfloat16): the forward on 128 x 128 tiles by the rule, end to end."""
@@ -643,6 +672,71 @@ def test_forward_launch_arguments(recorder, plan):
             assert a3[0] is a1[4] and a3[1] is h and [int(a3[2]), int(a3[3]), float(a3[4])] == [T * R, splits, 1.0]
 
 
+@pytest.fixture
+def sm90_device(recorder, monkeypatch):
+    """An sm_90 device of 132 SMs and 227 KiB per block for the forward's Hopper plan; its launches recorded."""
+    launches = []
+
+    def kernel(dtype, depth):
+        def launch(grid, block, *args, shared_mem=0):
+            launches.append((dtype, depth, grid, block, args, shared_mem))
+
+        return launch
+
+    monkeypatch.setattr(fwd_module, "sm90_kernel", kernel)
+    monkeypatch.setattr(fwd_module, "device_index", lambda device: 0)
+    monkeypatch.setattr(fwd_module, "multiprocessors", lambda index: 132)
+    monkeypatch.setattr(fwd_module, "shared_memory_per_block", lambda index: 227 << 10)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    return launches
+
+
+HOPPER = ForwardPlan(fused=False, tiles="large", hopper=True)
+
+
+def test_hopper_plan_launches_the_sm90_kernel(recorder, sm90_device):
+    x, S1s, S2s, U1s, U2s, b = make_inputs(300, 90, 200, 2, 8, torch.bfloat16, device="cpu")  # R = 32
+    y, h = sketched_linear_forward(x, S1s, S2s, U1s, U2s, b, plan=HOPPER)
+    assert [n for n, *_ in recorder.calls] == ["sketched_linear_fwd_h"]  # H as before, y by the sm_90a kernel
+    ((dtype, depth, grid, block, args, shared),) = sm90_device
+    assert dtype == torch.bfloat16 and depth == 32 and block == (256,)
+    assert grid == (3 * 2,)  # 3 row tiles of 128 x groups = min(2 column tiles, 2 x 132 // 3)
+    assert args[0] is h and args[3] is b and args[4] is y
+    assert all(a.is_contiguous() for a in args[:5]) and torch.equal(args[1], U1s) and torch.equal(args[2], S2s)
+    assert [type(a) for a in args[5:]] == [np.int64, np.int64, np.int32, np.int32, np.float32]
+    assert [int(a) for a in args[5:9]] == [300, 200, 16, 2] and float(args[9]) == 0.25
+    assert shared == (128 * 32 + 2 * 32 * 128) * 2 == fwd_module.sm90_shared_bytes(32, torch.bfloat16)
+    # R = 128: the 128-deep instance (96 KiB: two blocks per SM); T = 4096 in 32 row tiles, 8 groups of 4 tiles
+    assert fwd_module.sm90_depth(128) == 128 and fwd_module.sm90_groups(4096, 4096, 128, torch.bfloat16, 132) == 8
+    assert fwd_module.sm90_groups(4096, 4096, 256, torch.bfloat16, 132) == 4  # 192 KiB: one block per SM
+    assert fwd_module.sm90_groups(64, 300, 128, torch.bfloat16, 132) == 3  # at most one per column tile
+
+
+@pytest.mark.parametrize("why", ["sm_80", "float32", "O off 8", "R off 8", "R past 256", "misaligned U1s"])
+def test_hopper_plan_falls_back_to_the_forward_y_kernel(recorder, sm90_device, monkeypatch, why):
+    shape, dtype = [70, 90, 200, 2, 8], torch.bfloat16
+    if why == "sm_80":
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 0))
+    elif why == "float32":
+        dtype = torch.float32
+    elif why == "O off 8":
+        shape[2] = 202
+    elif why == "R off 8":
+        shape[4] = 9
+    elif why == "R past 256":
+        shape[3:] = [3, 48]
+    x, S1s, S2s, U1s, U2s, b = make_inputs(*shape, dtype, device="cpu")
+    if why == "misaligned U1s":
+        U1s = torch.empty(U1s.numel() + 1, dtype=dtype)[1:].view_as(U1s).copy_(U1s)
+    sketched_linear_forward(x, S1s, S2s, U1s, U2s, b, plan=HOPPER)
+    assert sm90_device == [] and [n for n, *_ in recorder.calls] == ["sketched_linear_fwd_h", "sketched_linear_fwd_y"]
+
+
+def test_hopper_plan_is_a_plan_of_two_launches():
+    with pytest.raises(ValueError, match="hopper=True is a plan of two launches"):
+        ForwardPlan(fused=True, hopper=True)
+
+
 @pytest.mark.parametrize("tiles", ["small", "large"])
 @pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("needs", [
@@ -757,6 +851,9 @@ def test_kernel_names():
     assert common_module.kernel("backward.cu", "sketched_linear_bwd_x", torch.float32, True, limits.LARGE).name.endswith(
         "<float, true, panther::sl::Tile<128, 128, 32, 2, 4, 4>>")
     assert common_module.kernel("forward.cu", "sketched_linear_sum_shares", torch.float16).name.endswith("<__half>")
+    k = fwd_module.sm90_kernel(torch.bfloat16, 128)
+    assert (k.source, k.name, k.arch) == ("ops/sketched_linear/forward_sm90.cu",
+                                          "panther::sl::sketched_linear_fwd_y_sm90<__nv_bfloat16, 128>", "sm_90a")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -817,6 +914,13 @@ EMU_CASES = [
     ("bfloat16", "large", -2, 1, 130, 200, 72, 1, 16, 0, "100110"),  # the U halves alone
     ("float16", "large", 1, 2, 100, 56, 136, 3, 8, 1, "111111"),  # fused forward, then the large backward
     ("bfloat16", "large", 0, 2, 70, 20, 30, 1, 3, 1, "000001"),  # db alone, 256 threads summing g tiles
+    # y by forward_sm90.cu's wgmma kernel ("sm90:G": G blocks per row tile; R and O multiples of 8): the depths
+    # 32, 64, 128 and 256 (zero past R), ragged T and O, blocks walking several column tiles (two stages)
+    ("bfloat16", "sm90:2", 0, 1, 200, 40, 264, 1, 16, 1, "100000"),  # R = 32; O = 264: three tiles, the last short
+    ("float16", "sm90:1", 0, 1, 130, 50, 136, 3, 8, 1, "100000"),  # R = 48 in the 64-deep instance
+    ("bfloat16", "sm90:3", 0, 1, 129, 64, 400, 1, 64, 1, "100000"),  # R = 128; four tiles over three groups
+    ("float16", "sm90:1", -2, 1, 65, 96, 24, 2, 40, 1, "100000"),  # R = 160 in the 256-deep instance
+    ("bfloat16", "sm90:1", 0, 1, 70, 32, 1024, 3, 32, 0, "000000"),  # R = 192, no bias; one block, eight tiles
 ]
 
 
@@ -857,6 +961,11 @@ def test_sweep_tool_plans_and_floor():
     assert plans["fused"] == ForwardPlan(fused=True, o_groups=2)  # 64 row tiles x 2 groups fill 132 SMs
     # a device whose shared memory takes only the small tiles: no large plans
     assert not any("large" in n for n in sweep.forward_plans(4096, 4096, 4096, 128, torch.float32, 132, 64 << 10))
+    hopper = sweep.forward_plans(4096, 4096, 4096, 128, torch.bfloat16, 132, 227 << 10, hopper=True)
+    assert hopper["large hopper"] == ForwardPlan(fused=False, h_splits=4, tiles="large", hopper=True)
+    assert hopper["default hopper"].hopper and "large h_splits=2 hopper" not in hopper and "fused hopper" not in hopper
+    assert not any(p.hopper for p in sweep.forward_plans(4096, 4096, 4096, 128, torch.float32, 132, 227 << 10,
+                                                         hopper=True).values())
     bwd = sweep.backward_plans(4096, 4096, 4096, 128, torch.bfloat16, 132, 227 << 10)
     assert bwd["default"] == (None, None, None) and bwd["small"] == ("small", 8, 4)
     assert bwd["large"] == ("large", 4, 4) and bwd["large split=2 dh_split=2"] == ("large", 2, 2)

@@ -9,11 +9,13 @@ others (repeatable, T x I x O with I = O not required).
 For each shape, on one GPU, in CUDA-graph replay (each call captured once after a warm-up, then the median of
 --replays replays timed by CUDA events):
 * cuda forward under each plan: the rule's (default), the fused kernel, and the two launches on each tile
-  shape of limits.CONFIGS with the split of H that common.split_rule gives that shape;
+  shape of limits.CONFIGS with the split of H that common.split_rule gives that shape; on an sm_90 device, each
+  plan of two launches also with y by forward_sm90.cu's wgmma kernel ("... hopper", forward + backward too);
 * cuda backward on each tile shape (the rule's splits), given the H of the default forward, with the gradients
   an SKLinear trains (x, S1s, S2s, bias);
 * cuda forward + backward: the default plans, and each tile shape in both directions;
-* the kernels of the default forward and backward, each one's mean time (torch.profiler over eager calls);
+* the kernels of the default forward and backward (and of the default forward with hopper), each one's mean
+  time (torch.profiler over eager calls);
 * for reference, forward and forward + backward of: the triton backend; the compiled peer (the same math in
   plain PyTorch under torch.compile: x [S1 | U2], then that times [U1; S2] / (2L) + b); F.linear (dense weight
   O x I).
@@ -25,6 +27,7 @@ x and writes dx, at --hbm TB/s) and writes every number to --out as JSON. Each k
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -73,9 +76,12 @@ def make(T: int, I: int, O: int, dtype: torch.dtype, device: torch.device):
     return x, S1s, S2s, U1s, U2s, bias, grad
 
 
-def forward_plans(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, shared: int) -> dict:
+def forward_plans(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, shared: int,
+                  hopper: bool = False) -> dict:
     """The forward plans the sweep times: the rule's ("default"), the fused kernel (where H fits), and the two
-    launches on each tile shape that fits, with the split of H that split_rule gives that shape."""
+    launches on each tile shape that fits, with the split of H that split_rule gives that shape; with
+    ``hopper`` (an sm_90 device, 16-bit inputs), each plan of two launches also with y by forward_sm90.cu
+    ("<name> hopper")."""
     from panther_cuda.ops.sketched_linear import limits
     from panther_cuda.ops.sketched_linear.common import split_rule
     from panther_cuda.ops.sketched_linear.forward import ForwardPlan, forward_rule, fused_groups
@@ -90,6 +96,10 @@ def forward_plans(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, 
             plans[name] = ForwardPlan(fused=False, h_splits=rule, tiles=name)
             for s in _around(rule):  # the rule's split halved and doubled: is it the best one?
                 plans[f"{name} h_splits={s}"] = ForwardPlan(fused=False, h_splits=s, tiles=name)
+    if hopper and dtype in (torch.float16, torch.bfloat16):
+        for name, plan in list(plans.items()):
+            if not plan.fused and "h_splits=" not in name:
+                plans[f"{name} hopper"] = dataclasses.replace(plan, hopper=True)
     return plans
 
 
@@ -124,7 +134,7 @@ def cuda_rows(T, I, O, inputs, replays) -> Tuple[List[dict], dict]:
     x, S1s, S2s, U1s, U2s, bias, grad = inputs
     R = 2 * L * K
     sms, shared = multiprocessors(), shared_memory_per_block()
-    plans = forward_plans(T, I, O, R, x.dtype, sms, shared)
+    plans = forward_plans(T, I, O, R, x.dtype, sms, shared, hopper=torch.cuda.get_device_capability() == (9, 0))
     default = plans["default"]
     rule_tiles = backward_tiles(T, I, O, x.dtype, x.device)
     rows = []
@@ -147,6 +157,8 @@ def cuda_rows(T, I, O, inputs, replays) -> Tuple[List[dict], dict]:
     for name in limits.CONFIGS:
         if name in plans:
             pairs[name] = (plans[name], name)
+        if f"{name} hopper" in plans:
+            pairs[f"{name} hopper"] = (plans[f"{name} hopper"], name)
     for label, (plan, tiles) in pairs.items():
         def step(plan=plan, tiles=tiles):
             _, hh = sketched_linear_forward(x, S1s, S2s, U1s, U2s, bias, plan=plan)
@@ -156,6 +168,8 @@ def cuda_rows(T, I, O, inputs, replays) -> Tuple[List[dict], dict]:
                      "detail": f"{plan!r}, backward tiles={tiles or rule_tiles}", "ms": graph_time(step, replays)})
     kernels = {"fwd": kernel_times(forward(default)),
                "bwd": kernel_times(lambda: sketched_linear_backward(grad, x, h, S1s, S2s, U1s, U2s, NEEDS))}
+    if "default hopper" in plans:
+        kernels["fwd hopper"] = kernel_times(forward(plans["default hopper"]))
     return rows, kernels
 
 

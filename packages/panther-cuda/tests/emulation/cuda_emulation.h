@@ -4,9 +4,11 @@
 // with round-to-nearest conversions, cvt.rna.tf32, and mma.sync (each lane's fragments are gathered
 // per warp and the product taken from the PTX ISA fragment layouts, written out here independently of
 // common.cuh's loaders), ldmatrix (each lane's row addresses gathered per warp, the PTX ISA layout
-// applied), and cp.async (each copy's 16 bytes read at issue and written to shared memory
-// only when a wait_group retires its group: a read of a stage before its wait sees stale bytes). The
-// test substitutes this for common.cuh's includes and inline assembly.
+// applied), cp.async (each copy's 16 bytes read at issue and written to shared memory
+// only when a wait_group retires its group: a read of a stage before its wait sees stale bytes), and the
+// sm_90a warpgroup MMA of wgmma.cuh (descriptors decoded per the PTX ISA's no-swizzle canonical layouts,
+// each product taken when a wait_group retires its group: shared memory rewritten before the wait shows).
+// The test substitutes this for common.cuh's includes and inline assembly.
 #pragma once
 #include <barrier>
 #include <vector>
@@ -152,3 +154,68 @@ template <bool TRANS> inline void ldmatrix_x4(unsigned (&r)[4], const void* p) {
         r[j] = TRANS ? at(j, 2 * t, g) | (at(j, 2 * t + 1, g) << 16) : at(j, g, 2 * t) | (at(j, g, 2 * t + 1) << 16);
     g_warp_barrier[w]->arrive_and_wait();
 }
+
+// --- sm_90a: wgmma.mma_async from shared-memory descriptors (wgmma.cuh's panther::sm90, emulated) ---------
+// Descriptors hold shared-memory offsets from the block's dynamic shared memory (g_emu_smem, set by
+// emu_launch), >> 4 in 14 bits as on the device. Each thread computes its own accumulator elements (the
+// warpgroup layout of wgmma.cuh) from the operands as the canonical layouts place them; a product is taken
+// when wgmma_wait retires its group, reading shared memory then.
+inline unsigned char* g_emu_smem;
+namespace panther { namespace sm90 {
+inline unsigned long long descriptor(const void* p, unsigned lbo, unsigned sbo) {
+    const long long off = static_cast<const unsigned char*>(p) - g_emu_smem;
+    if (off < 0 || off % 16 || off >= (1 << 18) || lbo % 16 || sbo % 16 || lbo >= (1 << 18) || sbo >= (1 << 18)) {
+        std::fprintf(stderr, "wgmma descriptor: address or offsets not 16-byte multiples in range\n");
+        std::abort();
+    }
+    return (unsigned long long)((off >> 4) & 0x3FFF) | ((unsigned long long)((lbo >> 4) & 0x3FFF) << 16) |
+           ((unsigned long long)((sbo >> 4) & 0x3FFF) << 32);
+}
+inline void fence_proxy_async() {}
+inline void wgmma_fence() {}
+struct EmuWgmma { float* d; unsigned long long a, b; int accumulate; bool trans_b, bf; };
+inline thread_local std::vector<EmuWgmma> g_wg_open;
+inline thread_local std::vector<std::vector<EmuWgmma>> g_wg_groups;
+// element (row, col) of a 16-bit operand: K-major (row = M or N index, col = K) or MN-major (row = K, col = M or N)
+inline float emu_operand(unsigned long long desc, bool mn_major, int row, int col, bool bf) {
+    if (desc >> 62) { std::fprintf(stderr, "wgmma descriptor: only the no-swizzle layout is emulated\n"); std::abort(); }
+    const long long start = (long long)(desc & 0x3FFF) << 4, lbo = (long long)((desc >> 16) & 0x3FFF) << 4,
+                    sbo = (long long)((desc >> 32) & 0x3FFF) << 4;
+    // K-major: (mn, k) at ((mn % 8) 8 + k % 8) 2 + (mn / 8) SBO + (k / 8) LBO bytes;
+    // MN-major: (k, mn) at ((k % 8) 8 + mn % 8) 2 + (mn / 8) SBO + (k / 8) LBO bytes
+    const int mn = mn_major ? col : row, k = mn_major ? row : col;
+    const long long off = start + (mn_major ? ((k % 8) * 8 + mn % 8) * 2 : ((mn % 8) * 8 + k % 8) * 2) +
+                          (mn / 8) * sbo + (k / 8) * lbo;
+    if (off + 2 > (long long)g_dynamic_smem) { std::fprintf(stderr, "wgmma: operand outside shared memory\n"); std::abort(); }
+    unsigned short bits;
+    std::memcpy(&bits, g_emu_smem + off, 2);
+    return bf ? emu_half_value<__nv_bfloat16>(bits) : emu_half_value<__half>(bits);
+}
+inline void emu_wgmma_run(const EmuWgmma& op) {
+    const int t = threadIdx.x & 127, w = t >> 5, lane = t & 31;
+    for (int i = 0; i < 16; ++i)
+        for (int v = 0; v < 4; ++v) {
+            const int m = 16 * w + (lane >> 2) + 8 * (v >> 1), n = 8 * i + 2 * (lane & 3) + (v & 1);
+            float s = 0.0f;
+            for (int k = 0; k < 16; ++k)
+                s += emu_operand(op.a, false, m, k, op.bf) *
+                     (op.trans_b ? emu_operand(op.b, true, k, n, op.bf) : emu_operand(op.b, false, n, k, op.bf));
+            op.d[4 * i + v] = (op.accumulate ? op.d[4 * i + v] : 0.0f) + s;
+        }
+}
+inline void wgmma_commit() { g_wg_groups.push_back(std::move(g_wg_open)); g_wg_open.clear(); }
+template <int N> inline void wgmma_wait() {
+    while (g_wg_groups.size() > static_cast<size_t>(N)) {
+        for (const EmuWgmma& op : g_wg_groups.front()) emu_wgmma_run(op);
+        g_wg_groups.erase(g_wg_groups.begin());
+    }
+}
+template <typename T, bool TRANS_B> struct Wgmma {
+    static void m64n128k16(float (&d)[64], unsigned long long a, unsigned long long b, int accumulate) {
+        static_assert(sizeof(T) == 2, "wgmma here: 16-bit operands");
+        constexpr bool bf = requires(T x) { x.bits; };
+        g_wg_open.push_back(EmuWgmma{d, a, b, accumulate, TRANS_B, bf});
+    }
+};
+inline bool emu_wgmma_idle() { return g_wg_open.empty() && g_wg_groups.empty(); }
+}}  // namespace panther::sm90

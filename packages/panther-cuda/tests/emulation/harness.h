@@ -26,6 +26,7 @@ inline void emu_launch(long long blocks, int nt, unsigned shared, unsigned char*
         g_warp_barrier[w] = warp_bars.back().get();
     }
     g_block_barrier = &block_bar;
+    g_emu_smem = smem;
     for (long long b = 0; b < blocks; ++b) {
         std::memset(smem, 0xff, shared);
         std::vector<std::thread> th;
@@ -33,6 +34,7 @@ inline void emu_launch(long long blocks, int nt, unsigned shared, unsigned char*
             th.emplace_back([&, t, b] {
                 threadIdx.x = t; blockIdx.x = (unsigned)b; body();
                 if (!emu_cp_async_idle()) { std::printf("cp.async copies left in flight\n"); std::abort(); }
+                if (!panther::sm90::emu_wgmma_idle()) { std::printf("wgmma products left in flight\n"); std::abort(); }
             });
         for (auto& x : th) x.join();
     }

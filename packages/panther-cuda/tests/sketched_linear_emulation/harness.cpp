@@ -5,6 +5,7 @@
 #include "harness.h"
 namespace panther { namespace sl { alignas(16) unsigned char smem[1 << 20]; } }
 #include "forward.cu"
+#include "forward_sm90.cu"
 #include "backward.cu"
 using namespace panther;
 using namespace panther::sl;
@@ -15,6 +16,26 @@ using Large = Tile<128, 128, 32, 2, 4, 4>;
 
 static void launch(long long blocks, int nt, unsigned shared, const std::function<void()>& body) {
     emu_launch(blocks, nt, shared, sl::smem, sizeof(sl::smem), body);
+}
+
+static int g_sm90_groups = 0;  // > 0: y by forward_sm90.cu's kernel, that many blocks per row tile
+
+// y = H B / (2L) + b by sketched_linear_fwd_y_sm90<T, KP>, KP the depth forward.py picks (R rounded up to 32,
+// 64, 128 or 256)
+template <typename T>
+static void fwd_y_sm90(const T* h, const T* U1, const T* S2, const T* bias, T* y, long long Tn, long long O, int Lk,
+                       float scale) {
+    const int R = 2 * Lk, groups = g_sm90_groups;
+    const int KP = R <= 32 ? 32 : R <= 64 ? 64 : R <= 128 ? 128 : 256;
+    const unsigned shared = (128 * KP + 2 * KP * 128) * sizeof(T);
+    launch(cdv(Tn, 128) * groups, SM90_NT, shared, [&] {
+        switch (KP) {
+            case 32: sketched_linear_fwd_y_sm90<T, 32>(h, U1, S2, bias, y, Tn, O, Lk, groups, scale); break;
+            case 64: sketched_linear_fwd_y_sm90<T, 64>(h, U1, S2, bias, y, Tn, O, Lk, groups, scale); break;
+            case 128: sketched_linear_fwd_y_sm90<T, 128>(h, U1, S2, bias, y, Tn, O, Lk, groups, scale); break;
+            default: sketched_linear_fwd_y_sm90<T, 256>(h, U1, S2, bias, y, Tn, O, Lk, groups, scale); break;
+        }
+    });
 }
 
 template <typename T, bool EXACT, typename C>
@@ -43,7 +64,15 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
         float* wshp = wsh.empty() ? nullptr : wsh.data();
         launch(cdv(Tn, BM) * cdv(R, BN) * hs, NT, tile, [&] { sketched_linear_fwd_h<T, EXACT, C>(x.p(), S1.p(), U2.p(), h.p(), wshp, Tn, I, L, k, hs); });
         if (hs > 1) launch(5, SUM_NT, 0, [&] { sketched_linear_sum_shares<T>(wshp, h.p(), Tn * R, hs, 1.0f); });
-        launch(cdv(Tn, BM) * cdv(O, BN), NT, tile, [&] { sketched_linear_fwd_y<T, EXACT, C>(h.p(), U1.p(), S2.p(), bp, y.p(), Tn, O, L, k, scale); });
+        if constexpr (sizeof(T) == 2) {
+            if (g_sm90_groups > 0) {
+                fwd_y_sm90<T>(h.p(), U1.p(), S2.p(), bp, y.p(), Tn, O, Lk, scale);
+            } else {
+                launch(cdv(Tn, BM) * cdv(O, BN), NT, tile, [&] { sketched_linear_fwd_y<T, EXACT, C>(h.p(), U1.p(), S2.p(), bp, y.p(), Tn, O, L, k, scale); });
+            }
+        } else {
+            launch(cdv(Tn, BM) * cdv(O, BN), NT, tile, [&] { sketched_linear_fwd_y<T, EXACT, C>(h.p(), U1.p(), S2.p(), bp, y.p(), Tn, O, L, k, scale); });
+        }
     }
     // reference in double
     auto A = [&](long long i, int c) { int cc = c % Lk; const auto& w = c < Lk ? S1 : U2; return w.at(((long long)(cc / k) * I + i) * k + cc % k); };
@@ -147,7 +176,8 @@ static int run_mode(const std::string& mode, long long Tn, long long I, long lon
 }
 
 // usage: harness MODE TILES PLAN SPLIT T I O L K BIAS NEEDS   (MODE float32|tf32|float16|bfloat16; TILES small|large:
-// the tile shape of every kernel but the fused one (always small); PLAN 0: two
+// the tile shape of every kernel but the fused one (always small), or sm90:G: large, with y by the sm_90a kernel on
+// G blocks per row tile (16-bit modes, two launches); PLAN 0: two
 // launches, -n: two launches with H in n shares of I, n > 0: fused with n groups; SPLIT: shares of T of the
 // weight gradients and of O of dH; NEEDS six 0/1 digits
 // for x, S1s, S2s, U1s, U2s, bias)
@@ -162,6 +192,11 @@ int main(int argc, char** argv) {
     for (int i = 0; i < 6; ++i) needs[i] = argv[11][i] == '1';
     if (tiles == "small") return run_mode<Small>(mode, Tn, I, O, L, k, plan, split, bias, needs);
     if (tiles == "large") return run_mode<Large>(mode, Tn, I, O, L, k, plan, split, bias, needs);
+    if (tiles.rfind("sm90:", 0) == 0) {
+        g_sm90_groups = std::atoi(tiles.c_str() + 5);
+        if (g_sm90_groups < 1 || plan > 0 || (mode != "float16" && mode != "bfloat16")) { std::fprintf(stderr, "bad sm90 case\n"); return 2; }
+        return run_mode<Large>(mode, Tn, I, O, L, k, plan, split, bias, needs);
+    }
     std::fprintf(stderr, "unknown tiles %s\n", tiles.c_str());
     return 2;
 }

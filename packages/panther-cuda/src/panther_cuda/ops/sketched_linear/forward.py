@@ -15,6 +15,10 @@ Plans (:func:`plan_forward`):
   tools/linear_sweep.py times it slower than the two launches (benchmarks/results/NOTES.md).
 The two-launch plans run on the tile shape ``tiles`` (limits.CONFIGS): "large" (128 x 128) when y's large
 tiles alone fill the SMs, else "small" (64 x 64, also the fused kernel's).
+
+Hopper (``hopper``, forced only for now): y by forward_sm90.cu's kernel, warpgroup MMA (wgmma) from shared
+memory on sm_90 devices, for 16-bit inputs whose shapes :func:`sm90_fits` allows; elsewhere the plan runs
+forward.cu's y kernel. The rule takes it once it has been timed on the GPU against forward.cu's.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from typing import Optional, Tuple
 import torch
 
 from panther.backends.toolkit import BoundedCache, cdiv, multiprocessors, shared_memory_per_block
-from panther_cuda._nvrtc import f32, i32, i64
+from panther_cuda._nvrtc import Kernel, f32, i32, i64
 from panther_cuda.ops.sketched_linear.common import (
+    CTYPES,
     choose_config,
     contiguous_2d,
     device_index,
@@ -46,10 +51,13 @@ class ForwardPlan:
     o_groups: int = 1  # fused: blocks sharing a row tile, each writing a share of y's columns
     h_splits: int = 1  # not fused: shares of I of H = x A (fp32, summed by a launch of their own)
     tiles: str = "small"  # not fused: the tile shape of both launches, a key of limits.CONFIGS (fused: small)
+    hopper: bool = False  # not fused: y by forward_sm90.cu's wgmma kernel where sm90_fits allows it
 
     def __post_init__(self):
         if self.tiles not in CONFIGS:
             raise ValueError(f"ForwardPlan tiles={self.tiles!r}: expected one of {sorted(CONFIGS)}")
+        if self.fused and self.hopper:
+            raise ValueError("ForwardPlan hopper=True is a plan of two launches: expected fused=False")
 
 
 def forward_rule(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, shared_limit: int) -> ForwardPlan:
@@ -71,6 +79,56 @@ def fused_groups(T: int, O: int, sms: int) -> int:
     while 2 * groups <= cap and row_tiles * 2 * groups <= sms:
         groups *= 2
     return groups
+
+
+# --- Hopper: y by forward_sm90.cu ------------------------------------------------------------------
+
+SM90_SOURCE = "ops/sketched_linear/forward_sm90.cu"
+SM90_BM = SM90_BN = 128  # the kernel's tile of y (forward_sm90.cu)
+SM90_THREADS = 256  # two warpgroups (SM90_NT)
+SM90_DEPTHS = (32, 64, 128, 256)  # the instances' depths KP: R rounded up to one of them, zero past R
+SM90_SMALL_BYTES = 100 << 10  # up to this much shared memory, two blocks stay resident per SM (228 KiB)
+_sm90_kernels = {}
+
+
+def sm90_depth(R: int) -> Optional[int]:
+    """The depth of the instance that takes R = 2Lk, None past the deepest."""
+    return next((d for d in SM90_DEPTHS if R <= d), None)
+
+
+def sm90_shared_bytes(depth: int, dtype: torch.dtype) -> int:
+    """H's tile (128 x depth) and two stages of B's (depth x 128)."""
+    return (SM90_BM * depth + 2 * depth * SM90_BN) * torch.empty((), dtype=dtype).element_size()
+
+
+def sm90_fits(R: int, O: int, dtype: torch.dtype, device: torch.device, *tensors: torch.Tensor) -> bool:
+    """Whether forward_sm90.cu's kernel takes y here: an sm_90 device, 16-bit inputs, R a multiple of 8 up to the
+    deepest instance, O a multiple of 8 (16-byte rows of B), 16-byte aligned tensors, and its shared memory."""
+    depth = sm90_depth(R)
+    if dtype not in (torch.float16, torch.bfloat16) or depth is None or R % 8 or O % 8:
+        return False
+    if any(t.data_ptr() % 16 for t in tensors):
+        return False
+    index = device_index(device)
+    return (torch.cuda.get_device_capability(index) == (9, 0)
+            and sm90_shared_bytes(depth, dtype) <= shared_memory_per_block(index))
+
+
+def sm90_groups(T: int, O: int, depth: int, dtype: torch.dtype, sms: int) -> int:
+    """Blocks per row tile of 128 (each walking every ``groups``-th column tile): as many as fill the SMs once
+    (two blocks each where the shared memory allows), at most one per column tile."""
+    resident = 2 if sm90_shared_bytes(depth, dtype) <= SM90_SMALL_BYTES else 1
+    return max(1, min(cdiv(O, SM90_BN), resident * sms // cdiv(T, SM90_BM)))
+
+
+def sm90_kernel(dtype: torch.dtype, depth: int) -> Kernel:
+    """The instance sketched_linear_fwd_y_sm90<T, depth>, compiled for sm_90a."""
+    key = (dtype, depth)
+    k = _sm90_kernels.get(key)
+    if k is None:
+        k = _sm90_kernels[key] = Kernel(
+            SM90_SOURCE, f"panther::sl::sketched_linear_fwd_y_sm90<{CTYPES[dtype]}, {depth}>", arch="sm_90a")
+    return k
 
 
 _plans = BoundedCache()
@@ -141,6 +199,13 @@ def sketched_linear_forward(
                x2, S1c, U2c, h, ws, i64(T), i64(I), i32(L), i32(k), i32(splits))
         if ws is not None:
             sum_shares(ws, h)
-        launch("forward.cu", "sketched_linear_fwd_y", x.dtype, exact, c, cdiv(T, c.bm) * cdiv(O, c.bn),
-               h, U1c, S2c, b, y, i64(T), i64(O), i32(L), i32(k), scale)
+        if plan.hopper and sm90_fits(R, O, x.dtype, x.device, h, U1c, S2c):
+            depth = sm90_depth(R)
+            groups = sm90_groups(T, O, depth, x.dtype, multiprocessors(device_index(x.device)))
+            sm90_kernel(x.dtype, depth)((cdiv(T, SM90_BM) * groups,), (SM90_THREADS,), h, U1c, S2c, b, y, i64(T),
+                                        i64(O), i32(L * k), i32(groups), scale,
+                                        shared_mem=sm90_shared_bytes(depth, x.dtype))
+        else:
+            launch("forward.cu", "sketched_linear_fwd_y", x.dtype, exact, c, cdiv(T, c.bm) * cdiv(O, c.bn),
+                   h, U1c, S2c, b, y, i64(T), i64(O), i32(L), i32(k), scale)
     return y, h

@@ -1,0 +1,77 @@
+// Hopper (sm_90a) warpgroup matrix products: wgmma.mma_async reads its operands from shared memory through
+// 64-bit matrix descriptors and accumulates in registers, issued by the 128 threads of a warpgroup (four
+// consecutive warps from a warp index divisible by 4). Used by forward_sm90.cu; compiled for sm_90a only
+// (PANTHER_SM90A below; elsewhere the kernels that use it trap, and the host never launches them).
+//
+// Operand layouts, no swizzle (PTX ISA, "Shared Memory Matrix Layout"; T = 8 elements of 16 bits = 16 bytes):
+// a core matrix is 8 rows of 16 contiguous bytes (128 bytes in all). K-major (A: row m, K contiguous):
+// element (m, k) at (m % 8) T + (m / 8) SBO + (k % 8) + (k / 8) LBO, in elements. MN-major (B read with
+// transpose: row k of a row-major K x N matrix, N contiguous): element (k, n) at (n % 8) + (n / 8) SBO +
+// (k % 8) T + (k / 8) LBO. LBO and SBO are byte offsets in the descriptor (multiples of 16).
+#pragma once
+
+#include "panther_cuda/common.cuh"
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(PANTHER_PTX_EMULATED)
+#define PANTHER_SM90A 1
+#endif
+
+namespace panther {
+namespace sm90 {
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// The descriptor of a no-swizzle operand starting at `p` (shared memory, 16-byte aligned): bits 0-13 the
+// start address, 16-29 the leading byte offset, 32-45 the stride byte offset, each >> 4; base offset 0,
+// layout type 0 (no swizzle) in bits 62-63.
+__device__ __forceinline__ unsigned long long descriptor(const void* p, unsigned lbo, unsigned sbo) {
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    return static_cast<unsigned long long>((a >> 4) & 0x3FFF) |
+           (static_cast<unsigned long long>((lbo >> 4) & 0x3FFF) << 16) |
+           (static_cast<unsigned long long>((sbo >> 4) & 0x3FFF) << 32);
+}
+
+// Orders this thread's earlier ordinary (generic-proxy) writes of shared memory, cp.async's included once
+// waited for, before later reads by the tensor cores (async proxy); a barrier after it publishes them.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Before the first wgmma of a group: the accumulator registers' earlier writes are ordered before it.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+// Returns once at most N committed groups of this warpgroup are pending: their accumulators may be read and
+// the shared memory they read rewritten.
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// d (64 rows x 128 columns of fp32 per warpgroup) += A (64 x 16, K-major) B (16 x 128; MN-major when
+// TRANS_B), or = when accumulate is 0. Thread t of the warpgroup (warp w = t / 32, lane l) holds
+// d[4 i + v] = element (16 w + l / 4 + 8 (v / 2), 8 i + 2 (l % 4) + v % 2), i < 16 (acc_row / acc_col's
+// 16 x 8 layout, repeated along N).
+template <typename T, bool TRANS_B> struct Wgmma;
+
+template <bool TRANS_B> struct Wgmma<bf16, TRANS_B> {
+    __device__ __forceinline__ static void m64n128k16(float (&d)[64], unsigned long long a, unsigned long long b,
+                                                       int accumulate) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, %67;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "l"(a), "l"(b), "r"(accumulate), "n"(TRANS_B ? 1 : 0));
+    }
+};
+
+template <bool TRANS_B> struct Wgmma<f16, TRANS_B> {
+    __device__ __forceinline__ static void m64n128k16(float (&d)[64], unsigned long long a, unsigned long long b,
+                                                       int accumulate) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, %67;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "l"(a), "l"(b), "r"(accumulate), "n"(TRANS_B ? 1 : 0));
+    }
+};
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+}  // namespace sm90
+}  // namespace panther
