@@ -15,6 +15,7 @@ Run the GPU tests on a GPU machine with:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 from pathlib import Path
@@ -226,32 +227,37 @@ def test_large_tiles_on_ragged_shapes(shape, mode):
     assert all(e <= TOL[mode] for e in errs.values()), errs
 
 
-HOPPER_SHAPES = [
-    (170, 90, 200, 2, 8),  # R = 32: the shallowest instance; O = 200 in two column tiles, the second short
-    (1030, 1000, 1032, 1, 64),  # R = 128, the SKLinear default; ragged T and O: every block walks several tiles
-    (700, 136, 264, 2, 40),  # R = 160 in the 256-deep instance: K zero past R
-    (64, 64, 8, 1, 4),  # R = 8, O = 8: one short row tile, one narrow column tile
+HOPPER_SHAPES = [  # (T, I, O, L, k, h_splits)
+    (170, 90, 200, 2, 8, 1),  # R = 32, the shallowest y; I off 8: H by forward.cu; O = 200: the second tile short
+    (1030, 1000, 1032, 1, 64, 1),  # R = 128, the SKLinear default; ragged T and O: every block walks several tiles
+    (700, 136, 264, 2, 40, 3),  # R = 160: the 256-deep y, K zero past R; H in two column tiles, three shares of I
+    (64, 64, 8, 1, 4, 1),  # R = 8, O = 8: one short row tile, one narrow column tile; k off 8: H by forward.cu
+    (300, 200, 64, 1, 16, 4),  # H in four shares of I (64, 64, 64, 8 deep)
 ]
 
 
 @on_gpu
 @pytest.mark.parametrize("mode", ["bfloat16", "float16"])
-@pytest.mark.parametrize("shape", HOPPER_SHAPES, ids=lambda s: "T{}_I{}_O{}_L{}_k{}".format(*s))
+@pytest.mark.parametrize("shape", HOPPER_SHAPES, ids=lambda s: "T{}_I{}_O{}_L{}_k{}_split{}".format(*s))
 def test_hopper_forward(shape, mode, monkeypatch):
-    """A forced hopper plan: y by forward_sm90.cu's wgmma kernel where the device is sm_90 (it must have run
-    there), else forward.cu's; against the float64 reference, H's rounding included."""
+    """A forced hopper plan: H and y by forward_sm90.cu's wgmma kernels where the device is sm_90 and the shapes
+    allow (they must have run there), else forward.cu's; H against x A, y against the float64 reference from
+    the kernels' own (rounded) H."""
+    T, I, O, L, k, splits = shape
     launched = []
     real = fwd_module.sm90_kernel
     monkeypatch.setattr(fwd_module, "sm90_kernel", lambda dtype, depth: launched.append(depth) or real(dtype, depth))
-    inputs = make_inputs(*shape, DTYPES[mode])
-    y, h = sketched_linear_forward(*inputs, plan=ForwardPlan(fused=False, tiles="large", hopper=True))
-    assert launched == ([fwd_module.sm90_depth(2 * shape[3] * shape[4])]
-                        if torch.cuda.get_device_capability() == (9, 0) else [])
-    _, S1s, S2s, U1s, U2s, b = (t.detach().cpu().double() for t in inputs)
-    from panther.backends.torch_backend.sketched_linear import concat_right
+    inputs = make_inputs(T, I, O, L, k, DTYPES[mode])
+    y, h = sketched_linear_forward(*inputs, plan=ForwardPlan(fused=False, tiles="large", h_splits=splits, hopper=True))
+    expected = []
+    if torch.cuda.get_device_capability() == (9, 0):
+        expected = ([None] if I % 8 == 0 and k % 8 == 0 else []) + [fwd_module.sm90_depth(2 * L * k)]
+    assert launched == expected
+    x, S1s, S2s, U1s, U2s, b = (t.detach().cpu().double() for t in inputs)
+    from panther.backends.torch_backend.sketched_linear import concat_left, concat_right
 
-    L = shape[3]
-    y_ref = h.double().cpu() @ concat_right(U1s, S2s) / (2 * L) + b  # y from the kernels' own (rounded) H
+    assert rel_err(h, x @ concat_left(S1s, U2s)) <= TOL[mode]
+    y_ref = h.double().cpu() @ concat_right(U1s, S2s) / (2 * L) + b
     assert rel_err(y, y_ref) <= TOL[mode]
 
 
@@ -712,6 +718,21 @@ def test_hopper_plan_launches_the_sm90_kernel(recorder, sm90_device):
     assert fwd_module.sm90_groups(64, 300, 128, torch.bfloat16, 132) == 3  # at most one per column tile
 
 
+def test_hopper_plan_launches_the_sm90_h_kernel(recorder, sm90_device):
+    x, S1s, S2s, U1s, U2s, b = make_inputs(300, 96, 200, 2, 8, torch.bfloat16, device="cpu")  # I, k multiples of 8
+    y, h = sketched_linear_forward(x, S1s, S2s, U1s, U2s, b, plan=dataclasses.replace(HOPPER, h_splits=3))
+    (dtype, depth, grid, block, args, shared), (_, depth_y, *_) = sm90_device
+    assert (dtype, depth, depth_y, block) == (torch.bfloat16, None, 32, (256,))
+    assert grid == (3 * 1 * 3,)  # row tiles of 128 x column tiles of 128 (R = 32) x shares of I
+    ws = args[4]
+    assert args[0].data_ptr() == x.data_ptr() and args[3] is h and ws.shape == (3, 300, 32) and ws.dtype == torch.float32
+    assert [type(a) for a in args[5:]] == [np.int64, np.int64, np.int32, np.int32, np.int32]
+    assert [int(a) for a in args[5:]] == [300, 96, 2, 8, 3]
+    assert shared == 3 * (128 * 64 + 64 * 128) * 2 == fwd_module.sm90_h_shared_bytes(torch.bfloat16)
+    ((name, _, sum_args, _),) = recorder.calls  # the shares summed into H by forward.cu's launch
+    assert name == "sketched_linear_sum_shares" and sum_args[0] is ws and sum_args[1] is h
+
+
 @pytest.mark.parametrize("why", ["sm_80", "float32", "O off 8", "R off 8", "R past 256", "misaligned U1s"])
 def test_hopper_plan_falls_back_to_the_forward_y_kernel(recorder, sm90_device, monkeypatch, why):
     shape, dtype = [70, 90, 200, 2, 8], torch.bfloat16
@@ -854,6 +875,7 @@ def test_kernel_names():
     k = fwd_module.sm90_kernel(torch.bfloat16, 128)
     assert (k.source, k.name, k.arch) == ("ops/sketched_linear/forward_sm90.cu",
                                           "panther::sl::sketched_linear_fwd_y_sm90<__nv_bfloat16, 128>", "sm_90a")
+    assert fwd_module.sm90_kernel(torch.float16, None).name == "panther::sl::sketched_linear_fwd_h_sm90<__half>"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -921,6 +943,12 @@ EMU_CASES = [
     ("bfloat16", "sm90:3", 0, 1, 129, 64, 400, 1, 64, 1, "100000"),  # R = 128; four tiles over three groups
     ("float16", "sm90:1", -2, 1, 65, 96, 24, 2, 40, 1, "100000"),  # R = 160 in the 256-deep instance
     ("bfloat16", "sm90:1", 0, 1, 70, 32, 1024, 3, 32, 0, "000000"),  # R = 192, no bias; one block, eight tiles
+    # H by forward_sm90.cu's kernel too ("sm90h:G"; I and k multiples of 8): its ring over I, shares of I (an empty
+    # one), R past one column tile, I shorter than one step
+    ("bfloat16", "sm90h:1", 0, 1, 130, 64, 136, 1, 64, 1, "100000"),
+    ("float16", "sm90h:2", -3, 1, 200, 200, 264, 1, 16, 1, "100000"),  # I = 200 in shares of 128, 72 and 0
+    ("bfloat16", "sm90h:1", -2, 1, 65, 24, 24, 2, 40, 1, "000000"),  # R = 160: two column tiles of H; I = 24
+    ("float16", "sm90h:1", 0, 1, 300, 136, 40, 3, 8, 0, "100000"),  # three row tiles, three steps of the ring
 ]
 
 
@@ -963,7 +991,8 @@ def test_sweep_tool_plans_and_floor():
     assert not any("large" in n for n in sweep.forward_plans(4096, 4096, 4096, 128, torch.float32, 132, 64 << 10))
     hopper = sweep.forward_plans(4096, 4096, 4096, 128, torch.bfloat16, 132, 227 << 10, hopper=True)
     assert hopper["large hopper"] == ForwardPlan(fused=False, h_splits=4, tiles="large", hopper=True)
-    assert hopper["default hopper"].hopper and "large h_splits=2 hopper" not in hopper and "fused hopper" not in hopper
+    assert hopper["default hopper"].hopper and hopper["large h_splits=8 hopper"].h_splits == 8
+    assert "fused hopper" not in hopper
     assert not any(p.hopper for p in sweep.forward_plans(4096, 4096, 4096, 128, torch.float32, 132, 227 << 10,
                                                          hopper=True).values())
     bwd = sweep.backward_plans(4096, 4096, 4096, 128, torch.bfloat16, 132, 227 << 10)

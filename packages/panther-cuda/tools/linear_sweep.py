@@ -10,7 +10,8 @@ For each shape, on one GPU, in CUDA-graph replay (each call captured once after 
 --replays replays timed by CUDA events):
 * cuda forward under each plan: the rule's (default), the fused kernel, and the two launches on each tile
   shape of limits.CONFIGS with the split of H that common.split_rule gives that shape; on an sm_90 device, each
-  plan of two launches also with y by forward_sm90.cu's wgmma kernel ("... hopper", forward + backward too);
+  plan of two launches also with H and y by forward_sm90.cu's wgmma kernels ("... hopper", forward + backward
+  too);
 * cuda backward on each tile shape (the rule's splits), given the H of the default forward, with the gradients
   an SKLinear trains (x, S1s, S2s, bias);
 * cuda forward + backward: the default plans, and each tile shape in both directions;
@@ -80,7 +81,7 @@ def forward_plans(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, 
                   hopper: bool = False) -> dict:
     """The forward plans the sweep times: the rule's ("default"), the fused kernel (where H fits), and the two
     launches on each tile shape that fits, with the split of H that split_rule gives that shape; with
-    ``hopper`` (an sm_90 device, 16-bit inputs), each plan of two launches also with y by forward_sm90.cu
+    ``hopper`` (an sm_90 device, 16-bit inputs), each plan of two launches also with H and y by forward_sm90.cu
     ("<name> hopper")."""
     from panther_cuda.ops.sketched_linear import limits
     from panther_cuda.ops.sketched_linear.common import split_rule
@@ -98,7 +99,7 @@ def forward_plans(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, 
                 plans[f"{name} h_splits={s}"] = ForwardPlan(fused=False, h_splits=s, tiles=name)
     if hopper and dtype in (torch.float16, torch.bfloat16):
         for name, plan in list(plans.items()):
-            if not plan.fused and "h_splits=" not in name:
+            if not plan.fused:
                 plans[f"{name} hopper"] = dataclasses.replace(plan, hopper=True)
     return plans
 

@@ -19,6 +19,7 @@ static void launch(long long blocks, int nt, unsigned shared, const std::functio
 }
 
 static int g_sm90_groups = 0;  // > 0: y by forward_sm90.cu's kernel, that many blocks per row tile
+static bool g_sm90_h = false;  // H by forward_sm90.cu's kernel too
 
 // y = H B / (2L) + b by sketched_linear_fwd_y_sm90<T, KP>, KP the depth forward.py picks (R rounded up to 32,
 // 64, 128 or 256)
@@ -62,7 +63,17 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
         const int hs = plan < -1 ? -plan : 1;
         std::vector<float> wsh(hs > 1 ? (size_t)hs * Tn * R : 0, NAN);
         float* wshp = wsh.empty() ? nullptr : wsh.data();
-        launch(cdv(Tn, BM) * cdv(R, BN) * hs, NT, tile, [&] { sketched_linear_fwd_h<T, EXACT, C>(x.p(), S1.p(), U2.p(), h.p(), wshp, Tn, I, L, k, hs); });
+        bool h_done = false;
+        if constexpr (sizeof(T) == 2) {
+            if (g_sm90_h) {  // 128 x 128 tiles, three stages of 64-deep x and A tiles
+                launch(cdv(Tn, 128) * cdv(R, 128) * hs, SM90_NT, 3 * (128 * 64 + 64 * 128) * sizeof(T), [&] {
+                    sketched_linear_fwd_h_sm90<T>(x.p(), S1.p(), U2.p(), h.p(), wshp, Tn, I, L, k, hs);
+                });
+                h_done = true;
+            }
+        }
+        if (!h_done)
+            launch(cdv(Tn, BM) * cdv(R, BN) * hs, NT, tile, [&] { sketched_linear_fwd_h<T, EXACT, C>(x.p(), S1.p(), U2.p(), h.p(), wshp, Tn, I, L, k, hs); });
         if (hs > 1) launch(5, SUM_NT, 0, [&] { sketched_linear_sum_shares<T>(wshp, h.p(), Tn * R, hs, 1.0f); });
         if constexpr (sizeof(T) == 2) {
             if (g_sm90_groups > 0) {
@@ -177,7 +188,7 @@ static int run_mode(const std::string& mode, long long Tn, long long I, long lon
 
 // usage: harness MODE TILES PLAN SPLIT T I O L K BIAS NEEDS   (MODE float32|tf32|float16|bfloat16; TILES small|large:
 // the tile shape of every kernel but the fused one (always small), or sm90:G: large, with y by the sm_90a kernel on
-// G blocks per row tile (16-bit modes, two launches); PLAN 0: two
+// G blocks per row tile (16-bit modes, two launches), or sm90h:G: H by the sm_90a kernel too; PLAN 0: two
 // launches, -n: two launches with H in n shares of I, n > 0: fused with n groups; SPLIT: shares of T of the
 // weight gradients and of O of dH; NEEDS six 0/1 digits
 // for x, S1s, S2s, U1s, U2s, bias)
@@ -192,8 +203,9 @@ int main(int argc, char** argv) {
     for (int i = 0; i < 6; ++i) needs[i] = argv[11][i] == '1';
     if (tiles == "small") return run_mode<Small>(mode, Tn, I, O, L, k, plan, split, bias, needs);
     if (tiles == "large") return run_mode<Large>(mode, Tn, I, O, L, k, plan, split, bias, needs);
-    if (tiles.rfind("sm90:", 0) == 0) {
-        g_sm90_groups = std::atoi(tiles.c_str() + 5);
+    if (tiles.rfind("sm90:", 0) == 0 || tiles.rfind("sm90h:", 0) == 0) {
+        g_sm90_h = tiles[4] == 'h';
+        g_sm90_groups = std::atoi(tiles.c_str() + (g_sm90_h ? 6 : 5));
         if (g_sm90_groups < 1 || plan > 0 || (mode != "float16" && mode != "bfloat16")) { std::fprintf(stderr, "bad sm90 case\n"); return 2; }
         return run_mode<Large>(mode, Tn, I, O, L, k, plan, split, bias, needs);
     }

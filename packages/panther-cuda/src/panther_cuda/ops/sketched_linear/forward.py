@@ -16,9 +16,11 @@ Plans (:func:`plan_forward`):
 The two-launch plans run on the tile shape ``tiles`` (limits.CONFIGS): "large" (128 x 128) when y's large
 tiles alone fill the SMs, else "small" (64 x 64, also the fused kernel's).
 
-Hopper (``hopper``, forced only for now): y by forward_sm90.cu's kernel, warpgroup MMA (wgmma) from shared
-memory on sm_90 devices, for 16-bit inputs whose shapes :func:`sm90_fits` allows; elsewhere the plan runs
-forward.cu's y kernel. The rule takes it once it has been timed on the GPU against forward.cu's.
+Hopper (``hopper``, forced only for now): H and y by forward_sm90.cu's kernels, warpgroup MMA (wgmma) from
+shared memory on sm_90 devices, for 16-bit inputs whose shapes :func:`sm90_h_fits` and :func:`sm90_fits` allow
+(each launch on its own: where one does not fit, forward.cu's kernel of the plan's tiles runs it); H in
+``h_splits`` shares of I as in the other plans. The rule takes it once it has been timed on the GPU against
+forward.cu's.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class ForwardPlan:
     o_groups: int = 1  # fused: blocks sharing a row tile, each writing a share of y's columns
     h_splits: int = 1  # not fused: shares of I of H = x A (fp32, summed by a launch of their own)
     tiles: str = "small"  # not fused: the tile shape of both launches, a key of limits.CONFIGS (fused: small)
-    hopper: bool = False  # not fused: y by forward_sm90.cu's wgmma kernel where sm90_fits allows it
+    hopper: bool = False  # not fused: H and y by forward_sm90.cu's wgmma kernels where they fit
 
     def __post_init__(self):
         if self.tiles not in CONFIGS:
@@ -88,6 +90,7 @@ SM90_BM = SM90_BN = 128  # the kernel's tile of y (forward_sm90.cu)
 SM90_THREADS = 256  # two warpgroups (SM90_NT)
 SM90_DEPTHS = (32, 64, 128, 256)  # the instances' depths KP: R rounded up to one of them, zero past R
 SM90_SMALL_BYTES = 100 << 10  # up to this much shared memory, two blocks stay resident per SM (228 KiB)
+SM90_H_BK, SM90_H_STAGES = 64, 3  # fwd_h_sm90's depth per step and ring stages
 _sm90_kernels = {}
 
 
@@ -114,6 +117,21 @@ def sm90_fits(R: int, O: int, dtype: torch.dtype, device: torch.device, *tensors
             and sm90_shared_bytes(depth, dtype) <= shared_memory_per_block(index))
 
 
+def sm90_h_shared_bytes(dtype: torch.dtype) -> int:
+    """fwd_h_sm90's ring: SM90_H_STAGES stages of x's 128 x 64 tile and A's 64 x 128 tile."""
+    return SM90_H_STAGES * (SM90_BM * SM90_H_BK + SM90_H_BK * SM90_BN) * torch.empty((), dtype=dtype).element_size()
+
+
+def sm90_h_fits(I: int, k: int, dtype: torch.dtype, device: torch.device, *tensors: torch.Tensor) -> bool:
+    """Whether forward_sm90.cu's H = x A takes these inputs: an sm_90 device, 16-bit inputs, I and k multiples of
+    8 (16-byte rows of x; runs of A's columns within one term), 16-byte aligned tensors, and its shared memory."""
+    if dtype not in (torch.float16, torch.bfloat16) or I % 8 or k % 8 or any(t.data_ptr() % 16 for t in tensors):
+        return False
+    index = device_index(device)
+    return (torch.cuda.get_device_capability(index) == (9, 0)
+            and sm90_h_shared_bytes(dtype) <= shared_memory_per_block(index))
+
+
 def sm90_groups(T: int, O: int, depth: int, dtype: torch.dtype, sms: int) -> int:
     """Blocks per row tile of 128 (each walking every ``groups``-th column tile): as many as fill the SMs once
     (two blocks each where the shared memory allows), at most one per column tile."""
@@ -121,13 +139,15 @@ def sm90_groups(T: int, O: int, depth: int, dtype: torch.dtype, sms: int) -> int
     return max(1, min(cdiv(O, SM90_BN), resident * sms // cdiv(T, SM90_BM)))
 
 
-def sm90_kernel(dtype: torch.dtype, depth: int) -> Kernel:
-    """The instance sketched_linear_fwd_y_sm90<T, depth>, compiled for sm_90a."""
+def sm90_kernel(dtype: torch.dtype, depth: Optional[int]) -> Kernel:
+    """The instance sketched_linear_fwd_y_sm90<T, depth>, or with depth None sketched_linear_fwd_h_sm90<T>,
+    compiled for sm_90a."""
     key = (dtype, depth)
     k = _sm90_kernels.get(key)
     if k is None:
+        name = "fwd_h_sm90<{}>" if depth is None else "fwd_y_sm90<{}, " + str(depth) + ">"
         k = _sm90_kernels[key] = Kernel(
-            SM90_SOURCE, f"panther::sl::sketched_linear_fwd_y_sm90<{CTYPES[dtype]}, {depth}>", arch="sm_90a")
+            SM90_SOURCE, "panther::sl::sketched_linear_" + name.format(CTYPES[dtype]), arch="sm_90a")
     return k
 
 
@@ -195,8 +215,13 @@ def sketched_linear_forward(
         c = CONFIGS[plan.tiles]
         splits = max(1, int(plan.h_splits))
         ws = torch.empty((splits, T, R), device=x.device, dtype=torch.float32) if splits > 1 else None
-        launch("forward.cu", "sketched_linear_fwd_h", x.dtype, exact, c, cdiv(T, c.bm) * cdiv(R, c.bn) * splits,
-               x2, S1c, U2c, h, ws, i64(T), i64(I), i32(L), i32(k), i32(splits))
+        if plan.hopper and sm90_h_fits(I, k, x.dtype, x.device, x2, S1c, U2c):
+            sm90_kernel(x.dtype, None)((cdiv(T, SM90_BM) * cdiv(R, SM90_BN) * splits,), (SM90_THREADS,), x2, S1c, U2c,
+                                       h, ws, i64(T), i64(I), i32(L), i32(k), i32(splits),
+                                       shared_mem=sm90_h_shared_bytes(x.dtype))
+        else:
+            launch("forward.cu", "sketched_linear_fwd_h", x.dtype, exact, c, cdiv(T, c.bm) * cdiv(R, c.bn) * splits,
+                   x2, S1c, U2c, h, ws, i64(T), i64(I), i32(L), i32(k), i32(splits))
         if ws is not None:
             sum_shares(ws, h)
         if plan.hopper and sm90_fits(R, O, x.dtype, x.device, h, U1c, S2c):

@@ -1,18 +1,23 @@
-// Forward of the sketched linear op on Hopper (sm_90a): y = H B / (2L) + b with warpgroup MMA (wgmma.cuh), for
-// 16-bit inputs. forward.py launches it in place of forward.cu's sketched_linear_fwd_y where the plan asks
-// (ForwardPlan.hopper) and the shapes allow (sm90_fits): R = 2Lk <= 256 and a multiple of 8, O a multiple of 8,
-// 16-byte aligned H, U1 and S2 (contiguous).
+// Forward of the sketched linear op on Hopper (sm_90a), warpgroup MMA (wgmma.cuh) for 16-bit inputs; forward.py
+// launches these in place of forward.cu's kernels where the plan asks (ForwardPlan.hopper) and the shapes allow:
 //
-// A block is two warpgroups (256 threads) on a 128-row tile of y, warpgroup g its rows 64 g .. 64 g + 63. H's
-// 128 x KP tile (KP = R rounded up to 16; zero past R and past T) is loaded once; the block then walks its
-// column tiles of BN = 128 (group, group + groups, ...), B's KP x BN tile of each double-buffered: the copy of
-// the next tile is in flight while the tensor cores multiply this one and the epilogue writes it.
+// * sketched_linear_fwd_h_sm90 — H = x A (sm90_h_fits: I and k multiples of 8): a block is a 128 x 128 tile of
+//   H (T x R), or its fp32 share of I (n_splits > 1, summed by forward.cu's sketched_linear_sum_shares); x's and
+//   A's tiles 64 deep through a ring of SM90_STAGES stages of cp.async.
+// * sketched_linear_fwd_y_sm90 — y = H B / (2L) + b (sm90_fits: R = 2Lk <= 256, R and O multiples of 8): a block
+//   is a 128-row tile of y; H's 128 x KP tile (KP = R rounded up to a depth of SM90_DEPTHS; zero past R and T)
+//   is loaded once; the block then walks its column tiles of BN = 128 (group, group + groups, ...), B's KP x BN
+//   tile of each double-buffered: the copy of the next tile is in flight while the tensor cores multiply this
+//   one and the epilogue writes it.
 //
-// Shared memory, in the no-swizzle layouts of wgmma.cuh, every 16-byte run written by one cp.async (zero-filled
-// past the edges), eight consecutive threads filling one 128-byte core matrix:
-//   As (BM x KP, K-major): (m, k) at (m % 8) 8 + (k % 8) + (k / 8) 64 + (m / 8) KP 8   (LBO 128 B, SBO 16 KP B)
-//   Bs (2 stages of KP x BN, MN-major): (k, n) at (k % 8) 8 + (n % 8) + (n / 8) 64 + (k / 8) BN 8
-//                                                                                       (SBO 128 B, LBO 16 BN B)
+// A block is two warpgroups (256 threads), warpgroup g on rows 64 g .. 64 g + 63 of the tile. Shared memory is
+// in the no-swizzle layouts of wgmma.cuh, every 16-byte run written by one cp.async (zero-filled past the
+// edges), eight consecutive threads filling one 128-byte core matrix:
+//   K-major tiles, ROWS x KD (x's, H's): (m, k) at (m % 8) 8 + (k % 8) + (k / 8) 64 + (m / 8) KD 8
+//                                                                                   (LBO 128 B, SBO 16 KD B)
+//   MN-major tiles, KD x 128 (A's, B's): (k, n) at (k % 8) 8 + (n % 8) + (n / 8) 64 + (k / 8) 128 8
+//                                                                                   (SBO 128 B, LBO 2048 B)
+// The operands' tensors must be 16-byte aligned (the host checks).
 #include "tile.cuh"
 #include "wgmma.cuh"
 
@@ -20,6 +25,130 @@ namespace panther {
 namespace sl {
 
 constexpr int SM90_NT = 256;  // threads of a block: two warpgroups (forward.py's SM90_THREADS)
+
+#ifdef PANTHER_SM90A
+// Run i (16 bytes) of a K-major tile ROWS x KD, as it lands at tile + 8 i: row (i / KD) 8 + i % 8, 8-element
+// chunk (i / 8) % (KD / 8) along K.
+template <int KD> __device__ __forceinline__ void kmajor_run(int i, int& row, int& chunk) {
+    row = i / KD * 8 + i % 8;
+    chunk = i / 8 % (KD / 8);
+}
+// Run i of an MN-major tile KD x 128, as it lands at tile + 8 i: K row (i / 128) 8 + i % 8, 8-element chunk
+// (i / 8) % 16 along N.
+__device__ __forceinline__ void mnmajor_run(int i, int& k, int& chunk) {
+    k = i / 128 * 8 + i % 8;
+    chunk = i / 8 % 16;
+}
+// d (this warpgroup's 64 x 128 fp32) = A (64 x KD, K-major, at a) B (KD x 128, MN-major, at b), plus d itself
+// when ACCUMULATE; KD / 16 wgmma, waited for.
+template <typename T, int KD, bool ACCUMULATE>
+__device__ __forceinline__ void product(float (&d)[64], const T* a, const T* b) {
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int k0 = 0; k0 < KD; k0 += 16) {  // 16 deep: two core matrices along K of each operand
+        const unsigned long long da = sm90::descriptor(a + k0 * 8, 128u, 16u * KD);
+        const unsigned long long db = sm90::descriptor(b + k0 * 128, 16u * 128, 128u);
+        sm90::Wgmma<T, true>::m64n128k16(d, da, db, ACCUMULATE || k0 > 0 ? 1 : 0);
+    }
+    sm90::wgmma_commit();
+    sm90::wgmma_wait<0>();
+}
+// f(row, col, v0, v1) for each pair of neighbouring columns this thread holds of its warpgroup's 64 x 128 tile
+// (row and col from the tile's origin; col even).
+template <typename F> __device__ __forceinline__ void each_pair(const float (&d)[64], F f) {
+    const int lane = threadIdx.x & 31, warp = (threadIdx.x & 127) >> 5;
+    const int row0 = (threadIdx.x >> 7) * 64 + warp * 16 + (lane >> 2);
+#pragma unroll
+    for (int i = 0; i < 16; ++i)
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+            f(row0 + 8 * half, 8 * i + 2 * (lane & 3), d[4 * i + 2 * half], d[4 * i + 2 * half + 1]);
+}
+#endif
+
+// H = x A: block b is tile b % tiles of H (row tile of 128 x column tile of 128: tiles = row tiles x column
+// tiles, columns fastest), summing the BK-aligned share b / tiles of I (RowSplit) into ws[share] (fp32, T x R)
+// when n_splits > 1, else into H (rounded once). A = [S1 | U2] (I x R) read in place: row i, column c = h Lk +
+// l k + j is W_h[l, i, j], k a multiple of 8 so that a 16-byte run stays in one term.
+template <typename T>
+__global__ void __launch_bounds__(SM90_NT) sketched_linear_fwd_h_sm90(
+    const T* __restrict__ x, const T* __restrict__ S1, const T* __restrict__ U2, T* __restrict__ h,
+    float* __restrict__ ws, long long Tn, long long I, int L, int k, int n_splits) {
+#ifdef PANTHER_SM90A
+    // the tile, its depth per step and the ring's stages (forward.py's SM90_BM, SM90_BN, SM90_H_BK, SM90_H_STAGES)
+    constexpr int BM = 128, BN = 128, BK = 64, S = 3, NT = SM90_NT;
+    constexpr int SA = BM * BK, SB = BK * BN;  // elements of a stage's tiles
+    extern __shared__ __align__(128) unsigned char smem[];
+    require_shared(static_cast<unsigned>(S * (SA + SB) * sizeof(T)));
+    T* As = reinterpret_cast<T*>(smem);  // stage s at As + s SA
+    T* Bs = As + S * SA;                 // stage s at Bs + s SB
+    const int Lk = L * k, R = 2 * Lk;
+    const int n_col_tiles = (R + BN - 1) / BN;
+    const long long tiles = cdiv(Tn, BM) * n_col_tiles;
+    const long long tile = blockIdx.x % tiles;
+    const int split = static_cast<int>(blockIdx.x / tiles);
+    const long long m0 = tile / n_col_tiles * BM;
+    const int n0 = static_cast<int>(tile % n_col_tiles) * BN;
+    const RowSplit share(I, split, n_splits, BK);
+
+    auto load = [&](int s, long long i0) {  // the tiles of the step at i0 into stage s
+        for (int i = threadIdx.x; i < SA / 8; i += NT) {
+            int r, c;
+            kmajor_run<BK>(i, r, c);
+            const long long t = m0 + r, col = i0 + 8 * c;
+            const bool in = t < Tn && col < share.end;
+            cp_async16_zfill(As + s * SA + 8 * i, in ? x + t * I + col : x, in ? 16u : 0u);
+        }
+        for (int i = threadIdx.x; i < SB / 8; i += NT) {
+            int kk, c;
+            mnmajor_run(i, kk, c);
+            const long long row = i0 + kk;
+            const int col = n0 + 8 * c;  // column of A: term l, element j of half hh
+            const bool in = row < share.end && col < R;
+            const int hh = col >= Lk, cc = col - hh * Lk;
+            const T* w = hh ? U2 : S1;
+            cp_async16_zfill(Bs + s * SB + 8 * i, in ? w + (static_cast<long long>(cc / k) * I + row) * k + cc % k : S1,
+                             in ? 16u : 0u);
+        }
+    };
+    const long long steps = cdiv(share.end - share.begin, BK);
+#pragma unroll
+    for (int s = 0; s < S - 1; ++s) {
+        if (s < steps) load(s, share.begin + static_cast<long long>(s) * BK);
+        cp_async_commit();
+    }
+    float d[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) d[i] = 0.0f;  // an empty share (past I) writes zeros
+    const int wg = threadIdx.x / 128;
+    int stage = 0;
+    for (long long step = 0; step < steps; ++step) {
+        cp_async_wait<S - 2>();  // this step's tiles are in
+        sm90::fence_proxy_async();
+        __syncthreads();  // ... for every thread, and every warpgroup is done with the stage loaded next
+        const long long next = step + S - 1;
+        if (next < steps) load(stage == 0 ? S - 1 : stage - 1, share.begin + next * BK);
+        cp_async_commit();
+        product<T, BK, true>(d, As + stage * SA + wg * 64 * BK, Bs + stage * SB);
+        stage = stage == S - 1 ? 0 : stage + 1;
+    }
+    cp_async_wait<0>();
+    each_pair(d, [&](int r, int c, float v0, float v1) {
+        const long long t = m0 + r;
+        const int col = n0 + c;
+        if (t >= Tn || col >= R) return;  // R even: both columns inside
+        if (n_splits > 1) {
+            float* out = ws + (split * Tn + t) * R + col;
+            out[0] = v0;
+            out[1] = v1;
+        } else {
+            *reinterpret_cast<unsigned*>(h + t * R + col) = pack2(from_float<T>(v0), from_float<T>(v1));
+        }
+    });
+#else
+    __trap();  // sm_90a only: the host launches it nowhere else
+#endif
+}
 
 // KP: the depth of the products, R rounded up to one of SM90_DEPTHS (forward.py), zero past R.
 template <typename T, int KP>
@@ -39,20 +168,20 @@ __global__ void __launch_bounds__(SM90_NT) sketched_linear_fwd_y_sm90(
     const int group = static_cast<int>(blockIdx.x % groups);
     const long long n_tiles = cdiv(O, BN);
 
-    // H's tile: run i (16 bytes) = row (i / (8 KC)) 8 + i % 8, chunk (i / 8) % KC; lands at As + 8 i
-    constexpr int KC = KP / 8;
-    for (int i = threadIdx.x; i < BM * KC; i += NT) {
-        const int r = i / (8 * KC) * 8 + i % 8, c = i / 8 % KC;
+    // H's tile, K-major
+    for (int i = threadIdx.x; i < BM * KP / 8; i += NT) {
+        int r, c;
+        kmajor_run<KP>(i, r, c);
         const long long t = m0 + r;
         const bool in = t < Tn && 8 * c < R;
         cp_async16_zfill(As + 8 * i, in ? h + t * R + 8 * c : h, in ? 16u : 0u);
     }
-    // B's tile at column n0 into stage s: run i = row (i / (8 BN / 8)) 8 + i % 8, column chunk (i / 8) % (BN / 8);
-    // lands at Bs_s + 8 i. Row k of B = [U1; S2] is U1's row k, or S2's row k - Lk.
+    // B's tile at column n0 into stage s, MN-major; row k of B = [U1; S2] is U1's row k, or S2's row k - Lk
     auto load_b = [&](long long n0, int s) {
         T* dst = Bs + s * KP * BN;
         for (int i = threadIdx.x; i < KP * BN / 8; i += NT) {
-            const int k = i / BN * 8 + i % 8, j = i / 8 % (BN / 8);
+            int k, j;
+            mnmajor_run(i, k, j);
             const long long o = n0 + 8 * j;
             const bool in = k < R && o < O;
             const T* src = k < Lk ? U1 + static_cast<long long>(k) * O : S2 + static_cast<long long>(k - Lk) * O;
@@ -62,8 +191,7 @@ __global__ void __launch_bounds__(SM90_NT) sketched_linear_fwd_y_sm90(
     if (group < n_tiles) load_b(group * BN, 0);
     cp_async_commit();
 
-    const int wg = threadIdx.x / 128, lane = threadIdx.x & 31, warp = (threadIdx.x & 127) >> 5;
-    const T* a_tile = As + wg * 64 * KP;  // this warpgroup's 64 rows: 8 core-matrix rows of KP 8 elements each
+    const T* a_tile = As + threadIdx.x / 128 * 64 * KP;  // this warpgroup's 64 rows
     int stage = 0;
     for (long long nt = group; nt < n_tiles; nt += groups) {
         const long long n0 = nt * BN;
@@ -74,40 +202,16 @@ __global__ void __launch_bounds__(SM90_NT) sketched_linear_fwd_y_sm90(
         __syncthreads();
 
         float d[64];  // written by the first step (accumulate 0), then accumulated
-        sm90::wgmma_fence();
-        const T* b_tile = Bs + stage * KP * BN;
-#pragma unroll
-        for (int k0 = 0; k0 < KP; k0 += 16) {  // 16 deep: two core matrices along K of each operand
-            const unsigned long long da = sm90::descriptor(a_tile + k0 * 8, 128u, 16u * KP);
-            const unsigned long long db = sm90::descriptor(b_tile + k0 * BN, 16u * BN, 128u);
-            sm90::Wgmma<T, true>::m64n128k16(d, da, db, k0 > 0 ? 1 : 0);
-        }
-        sm90::wgmma_commit();
-        sm90::wgmma_wait<0>();
+        product<T, KP, false>(d, a_tile, Bs + stage * KP * BN);
 
-        // epilogue: element (16 warp + lane / 4 + 8 (v / 2), 8 i + 2 (lane % 4) + v % 2) of this warpgroup's rows,
-        // two neighbouring columns per 4-byte store where both lie inside O
-        const long long row0 = m0 + wg * 64 + warp * 16 + (lane >> 2);
-#pragma unroll
-        for (int i = 0; i < 16; ++i) {
-            const long long o = n0 + 8 * i + 2 * (lane & 3);
-            if (o >= O) continue;
+        // epilogue: two neighbouring columns per 4-byte store (O is even)
+        each_pair(d, [&](int r, int c, float v0, float v1) {
+            const long long t = m0 + r, o = n0 + c;
+            if (t >= Tn || o >= O) return;
             const float b0 = bias != nullptr ? to_float(bias[o]) : 0.0f;
-            const float b1 = bias != nullptr && o + 1 < O ? to_float(bias[o + 1]) : 0.0f;
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                const long long t = row0 + 8 * half;
-                if (t >= Tn) continue;
-                const T v0 = from_float<T>(d[4 * i + 2 * half] * scale + b0);
-                const T v1 = from_float<T>(d[4 * i + 2 * half + 1] * scale + b1);
-                T* out = y + t * O + o;
-                if (o + 1 < O) {
-                    *reinterpret_cast<unsigned*>(out) = pack2(v0, v1);
-                } else {
-                    out[0] = v0;
-                }
-            }
-        }
+            const float b1 = bias != nullptr ? to_float(bias[o + 1]) : 0.0f;
+            *reinterpret_cast<unsigned*>(y + t * O + o) = pack2(from_float<T>(v0 * scale + b0), from_float<T>(v1 * scale + b1));
+        });
         __syncthreads();  // every warpgroup is done with this stage before the next tile's copy lands in it
         stage ^= 1;
     }
@@ -121,9 +225,12 @@ __global__ void __launch_bounds__(SM90_NT) sketched_linear_fwd_y_sm90(
 }  // namespace panther
 
 #ifdef PANTHER_NVCC_CHECK
-// The instances forward.py launches (16-bit inputs; each depth of SM90_DEPTHS).
+// The instances forward.py launches (16-bit inputs; y at each depth of SM90_DEPTHS).
 #define SM90_Y(T, KP) template __global__ void panther::sl::sketched_linear_fwd_y_sm90<T, KP>(const T*, const T*, \
     const T*, const T*, T*, long long, long long, int, int, float);
 #define SM90_ALL(T) SM90_Y(T, 32) SM90_Y(T, 64) SM90_Y(T, 128) SM90_Y(T, 256)
 SM90_ALL(__half) SM90_ALL(__nv_bfloat16)
+#define SM90_H(T) template __global__ void panther::sl::sketched_linear_fwd_h_sm90<T>(const T*, const T*, const T*, T*, \
+    float*, long long, long long, int, int, int);
+SM90_H(__half) SM90_H(__nv_bfloat16)
 #endif  // PANTHER_NVCC_CHECK
