@@ -31,6 +31,7 @@ from panther_cuda.ops.sketched_linear import backward as bwd_module
 from panther_cuda.ops.sketched_linear import common as common_module
 from panther_cuda.ops.sketched_linear import forward as fwd_module
 from panther_cuda.ops.sketched_linear import limits
+from panther_cuda.ops.sketched_linear import sm90 as sm90_module
 from panther_cuda.ops.sketched_linear.backward import half_range, sketched_linear_backward
 from panther_cuda.ops.sketched_linear.forward import ForwardPlan, forward_rule, sketched_linear_forward
 from emulation import build_harness  # tests/emulation (conftest.py puts tests/ on sys.path)
@@ -227,6 +228,14 @@ def test_large_tiles_on_ragged_shapes(shape, mode):
     assert all(e <= TOL[mode] for e in errs.values()), errs
 
 
+def spy_sm90(monkeypatch):
+    """The names of the sm_90a kernels launched from now on (a list that fills)."""
+    launched = []
+    real = sm90_module.kernel
+    monkeypatch.setattr(sm90_module, "kernel", lambda source, name, *a: launched.append(name) or real(source, name, *a))
+    return launched
+
+
 HOPPER_SHAPES = [  # (T, I, O, L, k, h_splits)
     (170, 90, 200, 2, 8, 1),  # R = 32, the shallowest y; I off 8: H by forward.cu; O = 200: the second tile short
     (1030, 1000, 1032, 1, 64, 1),  # R = 128, the SKLinear default; ragged T and O: every block walks several tiles
@@ -244,14 +253,12 @@ def test_hopper_forward(shape, mode, monkeypatch):
     allow (they must have run there), else forward.cu's; H against x A, y against the float64 reference from
     the kernels' own (rounded) H."""
     T, I, O, L, k, splits = shape
-    launched = []
-    real = fwd_module.sm90_kernel
-    monkeypatch.setattr(fwd_module, "sm90_kernel", lambda dtype, depth: launched.append(depth) or real(dtype, depth))
+    launched = spy_sm90(monkeypatch)
     inputs = make_inputs(T, I, O, L, k, DTYPES[mode])
     y, h = sketched_linear_forward(*inputs, plan=ForwardPlan(fused=False, tiles="large", h_splits=splits, hopper=True))
     expected = []
     if torch.cuda.get_device_capability() == (9, 0):
-        expected = ([None] if I % 8 == 0 and k % 8 == 0 else []) + [fwd_module.sm90_depth(2 * L * k)]
+        expected = (["sketched_linear_fwd_h_sm90"] if I % 8 == 0 and k % 8 == 0 else []) + ["sketched_linear_fwd_y_sm90"]
     assert launched == expected
     x, S1s, S2s, U1s, U2s, b = (t.detach().cpu().double() for t in inputs)
     from panther.backends.torch_backend.sketched_linear import concat_left, concat_right
@@ -259,6 +266,30 @@ def test_hopper_forward(shape, mode, monkeypatch):
     assert rel_err(h, x @ concat_left(S1s, U2s)) <= TOL[mode]
     y_ref = h.double().cpu() @ concat_right(U1s, S2s) / (2 * L) + b
     assert rel_err(y, y_ref) <= TOL[mode]
+
+
+@on_gpu
+@pytest.mark.parametrize("mode", ["bfloat16", "float16"])
+@pytest.mark.parametrize("shape", [(200, 136, 264, 1, 64, 1), (300, 96, 40, 2, 40, 3), (130, 64, 136, 3, 8, 2),
+                                   (130, 90, 136, 1, 16, 1)], ids=lambda s: "T{}_I{}_O{}_L{}_k{}_split{}".format(*s))
+def test_hopper_backward(shape, mode, monkeypatch):
+    """The backward with hopper=True: both product launches by backward_sm90.cu's kernels where the device is sm_90
+    and the shapes allow (I = 90, off 8: the second by backward.cu's), every gradient, the weight gradients and dH
+    in shares where split; against the float64 reference."""
+    T, I, O, L, k, split = shape
+    launched = spy_sm90(monkeypatch)
+    inputs = make_inputs(T, I, O, L, k, DTYPES[mode])
+    g = torch.randn(T, O, device="cuda").to(DTYPES[mode])
+    _, h = sketched_linear_forward(*inputs)
+    grads = sketched_linear_backward(g, inputs[0], h, *inputs[1:5], (True,) * 6, split=split, dh_split=split,
+                                     hopper=True)
+    expected = []
+    if torch.cuda.get_device_capability() == (9, 0):
+        expected = ["sketched_linear_bwd_g_sm90"] + (["sketched_linear_bwd_x_sm90"] if I % 8 == 0 else [])
+    assert launched == expected
+    _, grads_ref = reference(inputs, g, ALL)
+    errs = {NAMES[i]: rel_err(got, ref) for i, (got, ref) in enumerate(zip(grads, grads_ref))}
+    assert all(e <= TOL[mode] for e in errs.values()), errs
 
 
 @on_gpu
@@ -683,16 +714,18 @@ def sm90_device(recorder, monkeypatch):
     """An sm_90 device of 132 SMs and 227 KiB per block for the forward's Hopper plan; its launches recorded."""
     launches = []
 
-    def kernel(dtype, depth):
+    def kernel(source, name, dtype, depth=None):
         def launch(grid, block, *args, shared_mem=0):
-            launches.append((dtype, depth, grid, block, args, shared_mem))
+            launches.append((name, dtype, depth, grid, block, args, shared_mem))
 
         return launch
 
-    monkeypatch.setattr(fwd_module, "sm90_kernel", kernel)
+    monkeypatch.setattr(sm90_module, "kernel", kernel)
+    monkeypatch.setattr(sm90_module, "device_index", lambda device: 0)
     monkeypatch.setattr(fwd_module, "device_index", lambda device: 0)
     monkeypatch.setattr(fwd_module, "multiprocessors", lambda index: 132)
-    monkeypatch.setattr(fwd_module, "shared_memory_per_block", lambda index: 227 << 10)
+    monkeypatch.setattr(bwd_module, "multiprocessors", lambda index: 132)
+    monkeypatch.setattr(sm90_module, "shared_memory_per_block", lambda index: 227 << 10)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
     return launches
 
@@ -704,31 +737,32 @@ def test_hopper_plan_launches_the_sm90_kernel(recorder, sm90_device):
     x, S1s, S2s, U1s, U2s, b = make_inputs(300, 90, 200, 2, 8, torch.bfloat16, device="cpu")  # R = 32
     y, h = sketched_linear_forward(x, S1s, S2s, U1s, U2s, b, plan=HOPPER)
     assert [n for n, *_ in recorder.calls] == ["sketched_linear_fwd_h"]  # H as before, y by the sm_90a kernel
-    ((dtype, depth, grid, block, args, shared),) = sm90_device
-    assert dtype == torch.bfloat16 and depth == 32 and block == (256,)
+    ((name, dtype, depth, grid, block, args, shared),) = sm90_device
+    assert name == "sketched_linear_fwd_y_sm90" and dtype == torch.bfloat16 and depth == 32 and block == (256,)
     assert grid == (3 * 2,)  # 3 row tiles of 128 x groups = min(2 column tiles, 2 x 132 // 3)
     assert args[0] is h and args[3] is b and args[4] is y
     assert all(a.is_contiguous() for a in args[:5]) and torch.equal(args[1], U1s) and torch.equal(args[2], S2s)
     assert [type(a) for a in args[5:]] == [np.int64, np.int64, np.int32, np.int32, np.float32]
     assert [int(a) for a in args[5:9]] == [300, 200, 16, 2] and float(args[9]) == 0.25
-    assert shared == (128 * 32 + 2 * 32 * 128) * 2 == fwd_module.sm90_shared_bytes(32, torch.bfloat16)
+    assert shared == (128 * 32 + 2 * 32 * 128) * 2 == sm90_module.y_shared_bytes(32, torch.bfloat16)
     # R = 128: the 128-deep instance (96 KiB: two blocks per SM); T = 4096 in 32 row tiles, 8 groups of 4 tiles
-    assert fwd_module.sm90_depth(128) == 128 and fwd_module.sm90_groups(4096, 4096, 128, torch.bfloat16, 132) == 8
-    assert fwd_module.sm90_groups(4096, 4096, 256, torch.bfloat16, 132) == 4  # 192 KiB: one block per SM
-    assert fwd_module.sm90_groups(64, 300, 128, torch.bfloat16, 132) == 3  # at most one per column tile
+    assert sm90_module.depth(128) == 128 and sm90_module.groups(4096, 4096, 128, torch.bfloat16, 132) == 8
+    assert sm90_module.groups(4096, 4096, 256, torch.bfloat16, 132) == 4  # 192 KiB: one block per SM
+    assert sm90_module.groups(64, 300, 128, torch.bfloat16, 132) == 3  # at most one per column tile
 
 
 def test_hopper_plan_launches_the_sm90_h_kernel(recorder, sm90_device):
     x, S1s, S2s, U1s, U2s, b = make_inputs(300, 96, 200, 2, 8, torch.bfloat16, device="cpu")  # I, k multiples of 8
     y, h = sketched_linear_forward(x, S1s, S2s, U1s, U2s, b, plan=dataclasses.replace(HOPPER, h_splits=3))
-    (dtype, depth, grid, block, args, shared), (_, depth_y, *_) = sm90_device
+    (name, dtype, depth, grid, block, args, shared), (name_y, _, depth_y, *_) = sm90_device
+    assert (name, name_y) == ("sketched_linear_fwd_h_sm90", "sketched_linear_fwd_y_sm90")
     assert (dtype, depth, depth_y, block) == (torch.bfloat16, None, 32, (256,))
     assert grid == (3 * 1 * 3,)  # row tiles of 128 x column tiles of 128 (R = 32) x shares of I
     ws = args[4]
     assert args[0].data_ptr() == x.data_ptr() and args[3] is h and ws.shape == (3, 300, 32) and ws.dtype == torch.float32
     assert [type(a) for a in args[5:]] == [np.int64, np.int64, np.int32, np.int32, np.int32]
     assert [int(a) for a in args[5:]] == [300, 96, 2, 8, 3]
-    assert shared == 3 * (128 * 64 + 64 * 128) * 2 == fwd_module.sm90_h_shared_bytes(torch.bfloat16)
+    assert shared == 3 * (128 * 64 + 64 * 128) * 2 == sm90_module.ring_shared_bytes(torch.bfloat16)
     ((name, _, sum_args, _),) = recorder.calls  # the shares summed into H by forward.cu's launch
     assert name == "sketched_linear_sum_shares" and sum_args[0] is ws and sum_args[1] is h
 
@@ -751,6 +785,51 @@ def test_hopper_plan_falls_back_to_the_forward_y_kernel(recorder, sm90_device, m
         U1s = torch.empty(U1s.numel() + 1, dtype=dtype)[1:].view_as(U1s).copy_(U1s)
     sketched_linear_forward(x, S1s, S2s, U1s, U2s, b, plan=HOPPER)
     assert sm90_device == [] and [n for n, *_ in recorder.calls] == ["sketched_linear_fwd_h", "sketched_linear_fwd_y"]
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_hopper_backward_launches_the_sm90_kernels(recorder, sm90_device, split):
+    """hopper=True: the two product launches by backward_sm90.cu's kernels with the arguments and grids of
+    backward.cu's on the large tiles (forced whatever tiles says), the third launch (shares) by backward.cu."""
+    x, S1s, S2s, U1s, U2s, _ = make_inputs(300, 96, 200, 2, 8, torch.bfloat16, device="cpu")
+    g, h = torch.randn(300, 200).bfloat16(), torch.randn(300, 32).bfloat16()
+    grads = sketched_linear_backward(g, x, h, S1s, S2s, U1s, U2s, (True,) * 6, split=split, dh_split=1,
+                                     tiles="small", hopper=True)
+    hopper = [(name, grid, block, args, shared) for name, _, _, grid, block, args, shared in sm90_device]
+    recorder.calls.clear()
+    sketched_linear_backward(g, x, h, S1s, S2s, U1s, U2s, (True,) * 6, split=split, dh_split=1, tiles="large")
+    large = [c for c in recorder.calls if c[0] in ("sketched_linear_bwd_g", "sketched_linear_bwd_x")]
+    assert [n for n, *_ in hopper] == ["sketched_linear_bwd_g_sm90", "sketched_linear_bwd_x_sm90"]
+    for (name, grid, block, args, shared), (name_l, blocks_l, args_l, _) in zip(hopper, large):
+        assert name == name_l + "_sm90" and grid == (blocks_l,) and block == (256,)
+        assert shared == sm90_module.ring_shared_bytes(torch.bfloat16)
+        assert len(args) == len(args_l) and all(
+            type(a) is type(b) and (a == b if isinstance(a, np.generic) else (a is None) == (b is None))
+            for a, b in zip(args, args_l))
+    assert grads[0] is hopper[1][3][4] and grads[5] is hopper[0][3][7]  # dx, db written by the sm_90a kernels
+
+
+@pytest.mark.parametrize("why", ["sm_80", "float32", "O off 8", "I off 8", "k off 8"])
+def test_hopper_backward_falls_back(recorder, sm90_device, monkeypatch, why):
+    shape, dtype = [70, 96, 200, 2, 8], torch.bfloat16
+    if why == "sm_80":
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 0))
+    elif why == "float32":
+        dtype = torch.float32
+    elif why == "O off 8":
+        shape[2] = 202
+    elif why == "I off 8":
+        shape[1] = 90
+    elif why == "k off 8":
+        shape[4] = 9
+    x, S1s, S2s, U1s, U2s, _ = make_inputs(*shape, dtype, device="cpu")
+    T, I, O, L, k = shape
+    g, h = torch.randn(T, O).to(dtype), torch.randn(T, 2 * L * k).to(dtype)
+    sketched_linear_backward(g, x, h, S1s, S2s, U1s, U2s, (True,) * 6, split=1, dh_split=1, tiles="large", hopper=True)
+    names = {n for n, *_ in sm90_device} | {n for n, *_ in recorder.calls}
+    expected = {"I off 8": {"sketched_linear_bwd_g_sm90", "sketched_linear_bwd_x"},  # each launch on its own
+                "O off 8": {"sketched_linear_bwd_g", "sketched_linear_bwd_x_sm90"}}
+    assert names == expected.get(why, {"sketched_linear_bwd_g", "sketched_linear_bwd_x"})
 
 
 def test_hopper_plan_is_a_plan_of_two_launches():
@@ -872,10 +951,11 @@ def test_kernel_names():
     assert common_module.kernel("backward.cu", "sketched_linear_bwd_x", torch.float32, True, limits.LARGE).name.endswith(
         "<float, true, panther::sl::Tile<128, 128, 32, 2, 4, 4>>")
     assert common_module.kernel("forward.cu", "sketched_linear_sum_shares", torch.float16).name.endswith("<__half>")
-    k = fwd_module.sm90_kernel(torch.bfloat16, 128)
+    k = sm90_module.kernel("forward_sm90.cu", "sketched_linear_fwd_y_sm90", torch.bfloat16, 128)
     assert (k.source, k.name, k.arch) == ("ops/sketched_linear/forward_sm90.cu",
                                           "panther::sl::sketched_linear_fwd_y_sm90<__nv_bfloat16, 128>", "sm_90a")
-    assert fwd_module.sm90_kernel(torch.float16, None).name == "panther::sl::sketched_linear_fwd_h_sm90<__half>"
+    k = sm90_module.kernel("backward_sm90.cu", "sketched_linear_bwd_x_sm90", torch.float16)
+    assert (k.source, k.name) == ("ops/sketched_linear/backward_sm90.cu", "panther::sl::sketched_linear_bwd_x_sm90<__half>")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -943,12 +1023,14 @@ EMU_CASES = [
     ("bfloat16", "sm90:3", 0, 1, 129, 64, 400, 1, 64, 1, "100000"),  # R = 128; four tiles over three groups
     ("float16", "sm90:1", -2, 1, 65, 96, 24, 2, 40, 1, "100000"),  # R = 160 in the 256-deep instance
     ("bfloat16", "sm90:1", 0, 1, 70, 32, 1024, 3, 32, 0, "000000"),  # R = 192, no bias; one block, eight tiles
-    # H by forward_sm90.cu's kernel too ("sm90h:G"; I and k multiples of 8): its ring over I, shares of I (an empty
-    # one), R past one column tile, I shorter than one step
-    ("bfloat16", "sm90h:1", 0, 1, 130, 64, 136, 1, 64, 1, "100000"),
-    ("float16", "sm90h:2", -3, 1, 200, 200, 264, 1, 16, 1, "100000"),  # I = 200 in shares of 128, 72 and 0
-    ("bfloat16", "sm90h:1", -2, 1, 65, 24, 24, 2, 40, 1, "000000"),  # R = 160: two column tiles of H; I = 24
-    ("float16", "sm90h:1", 0, 1, 300, 136, 40, 3, 8, 0, "100000"),  # three row tiles, three steps of the ring
+    # H and the backward by the sm_90a kernels too ("sm90h:G"; I, O and k multiples of 8): the rings over I, O and
+    # T, shares of I, of O (dH) and of T (weight gradients) with empty ones, R past one column tile, I shorter than
+    # a step, each half of a weight gradient alone, db alone
+    ("bfloat16", "sm90h:1", 0, 1, 130, 64, 136, 1, 64, 1, "111111"),
+    ("float16", "sm90h:2", -3, 3, 200, 200, 264, 1, 16, 1, "111111"),  # I = 200 in shares of 128, 72 and 0
+    ("bfloat16", "sm90h:1", -2, 2, 65, 24, 24, 2, 40, 1, "110011"),  # R = 160: two column tiles of H; I = 24
+    ("float16", "sm90h:1", 0, 1, 300, 136, 40, 3, 8, 0, "001100"),  # three row tiles; the U1 / S2 halves alone
+    ("bfloat16", "sm90h:1", 0, 2, 150, 40, 136, 1, 8, 1, "000001"),  # db alone, in shares of T
 ]
 
 

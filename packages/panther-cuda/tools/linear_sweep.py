@@ -10,13 +10,13 @@ For each shape, on one GPU, in CUDA-graph replay (each call captured once after 
 --replays replays timed by CUDA events):
 * cuda forward under each plan: the rule's (default), the fused kernel, and the two launches on each tile
   shape of limits.CONFIGS with the split of H that common.split_rule gives that shape; on an sm_90 device, each
-  plan of two launches also with H and y by forward_sm90.cu's wgmma kernels ("... hopper", forward + backward
-  too);
+  plan of two launches also with H and y by forward_sm90.cu's wgmma kernels ("... hopper"; with the backward by
+  backward_sm90.cu's in forward + backward, and that backward alone);
 * cuda backward on each tile shape (the rule's splits), given the H of the default forward, with the gradients
   an SKLinear trains (x, S1s, S2s, bias);
 * cuda forward + backward: the default plans, and each tile shape in both directions;
-* the kernels of the default forward and backward (and of the default forward with hopper), each one's mean
-  time (torch.profiler over eager calls);
+* the kernels of the default forward and backward (and of both with hopper), each one's mean time
+  (torch.profiler over eager calls);
 * for reference, forward and forward + backward of: the triton backend; the compiled peer (the same math in
   plain PyTorch under torch.compile: x [S1 | U2], then that times [U1; S2] / (2L) + b); F.linear (dense weight
   O x I).
@@ -135,7 +135,8 @@ def cuda_rows(T, I, O, inputs, replays) -> Tuple[List[dict], dict]:
     x, S1s, S2s, U1s, U2s, bias, grad = inputs
     R = 2 * L * K
     sms, shared = multiprocessors(), shared_memory_per_block()
-    plans = forward_plans(T, I, O, R, x.dtype, sms, shared, hopper=torch.cuda.get_device_capability() == (9, 0))
+    hopper = torch.cuda.get_device_capability() == (9, 0) and x.dtype in (torch.float16, torch.bfloat16)
+    plans = forward_plans(T, I, O, R, x.dtype, sms, shared, hopper=hopper)
     default = plans["default"]
     rule_tiles = backward_tiles(T, I, O, x.dtype, x.device)
     rows = []
@@ -154,6 +155,12 @@ def cuda_rows(T, I, O, inputs, replays) -> Tuple[List[dict], dict]:
 
         detail = f"tiles={tiles or rule_tiles} split={split or 'rule'} dh_split={dh_split or 'rule'}"
         rows.append({"impl": "cuda", "what": "bwd", "plan": label, "detail": detail, "ms": graph_time(bwd, replays)})
+    if hopper:  # backward_sm90.cu's kernels, the rule's splits for the large tiles
+        def bwd_hopper():
+            sketched_linear_backward(grad, x, h, S1s, S2s, U1s, U2s, NEEDS, hopper=True)
+
+        rows.append({"impl": "cuda", "what": "bwd", "plan": "large hopper", "detail": "hopper=True split=rule",
+                     "ms": graph_time(bwd_hopper, replays)})
     pairs = {"default": (default, None)}
     for name in limits.CONFIGS:
         if name in plans:
@@ -163,7 +170,7 @@ def cuda_rows(T, I, O, inputs, replays) -> Tuple[List[dict], dict]:
     for label, (plan, tiles) in pairs.items():
         def step(plan=plan, tiles=tiles):
             _, hh = sketched_linear_forward(x, S1s, S2s, U1s, U2s, bias, plan=plan)
-            sketched_linear_backward(grad, x, hh, S1s, S2s, U1s, U2s, NEEDS, tiles=tiles)
+            sketched_linear_backward(grad, x, hh, S1s, S2s, U1s, U2s, NEEDS, tiles=tiles, hopper=plan.hopper)
 
         rows.append({"impl": "cuda", "what": "fwd+bwd", "plan": label,
                      "detail": f"{plan!r}, backward tiles={tiles or rule_tiles}", "ms": graph_time(step, replays)})
@@ -171,6 +178,8 @@ def cuda_rows(T, I, O, inputs, replays) -> Tuple[List[dict], dict]:
                "bwd": kernel_times(lambda: sketched_linear_backward(grad, x, h, S1s, S2s, U1s, U2s, NEEDS))}
     if "default hopper" in plans:
         kernels["fwd hopper"] = kernel_times(forward(plans["default hopper"]))
+        kernels["bwd hopper"] = kernel_times(
+            lambda: sketched_linear_backward(grad, x, h, S1s, S2s, U1s, U2s, NEEDS, hopper=True))
     return rows, kernels
 
 

@@ -173,7 +173,7 @@ inline unsigned long long descriptor(const void* p, unsigned lbo, unsigned sbo) 
 }
 inline void fence_proxy_async() {}
 inline void wgmma_fence() {}
-struct EmuWgmma { float* d; unsigned long long a, b; int accumulate; bool trans_b, bf; };
+struct EmuWgmma { float* d; unsigned long long a, b; int accumulate; bool trans_a, trans_b, bf; };
 inline thread_local std::vector<EmuWgmma> g_wg_open;
 inline thread_local std::vector<std::vector<EmuWgmma>> g_wg_groups;
 // element (row, col) of a 16-bit operand: K-major (row = M or N index, col = K) or MN-major (row = K, col = M or N)
@@ -198,7 +198,7 @@ inline void emu_wgmma_run(const EmuWgmma& op) {
             const int m = 16 * w + (lane >> 2) + 8 * (v >> 1), n = 8 * i + 2 * (lane & 3) + (v & 1);
             float s = 0.0f;
             for (int k = 0; k < 16; ++k)
-                s += emu_operand(op.a, false, m, k, op.bf) *
+                s += (op.trans_a ? emu_operand(op.a, true, k, m, op.bf) : emu_operand(op.a, false, m, k, op.bf)) *
                      (op.trans_b ? emu_operand(op.b, true, k, n, op.bf) : emu_operand(op.b, false, n, k, op.bf));
             op.d[4 * i + v] = (op.accumulate ? op.d[4 * i + v] : 0.0f) + s;
         }
@@ -210,11 +210,11 @@ template <int N> inline void wgmma_wait() {
         g_wg_groups.erase(g_wg_groups.begin());
     }
 }
-template <typename T, bool TRANS_B> struct Wgmma {
+template <typename T, bool TRANS_A, bool TRANS_B> struct Wgmma {
     static void m64n128k16(float (&d)[64], unsigned long long a, unsigned long long b, int accumulate) {
         static_assert(sizeof(T) == 2, "wgmma here: 16-bit operands");
         constexpr bool bf = requires(T x) { x.bits; };
-        g_wg_open.push_back(EmuWgmma{d, a, b, accumulate, TRANS_B, bf});
+        g_wg_open.push_back(EmuWgmma{d, a, b, accumulate, TRANS_A, TRANS_B, bf});
     }
 };
 inline bool emu_wgmma_idle() { return g_wg_open.empty() && g_wg_groups.empty(); }

@@ -7,6 +7,7 @@ namespace panther { namespace sl { alignas(16) unsigned char smem[1 << 20]; } }
 #include "forward.cu"
 #include "forward_sm90.cu"
 #include "backward.cu"
+#include "backward_sm90.cu"
 using namespace panther;
 using namespace panther::sl;
 // The tile shapes of limits.py's CONFIGS.
@@ -120,15 +121,33 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
     std::vector<float> wsd(split > 1 && need_dh ? (size_t)split * Tn * R : 0, NAN);
     float* wsdp = wsd.empty() ? nullptr : wsd.data();
     n_dh *= split;
+    // sm90h: the backward by backward_sm90.cu's kernels, on the large tiles' grids (128 x 128, 256 threads)
+    bool sm90 = false;
+    if constexpr (sizeof(T) == 2) sm90 = g_sm90_h;
+    const unsigned sm90_shared = 3 * (128 * 64 + 64 * 128) * sizeof(T);
     if (n_dh + tiles_g)
-        launch(n_dh + tiles_g * split, NT, tile, [&] {
+        launch(n_dh + tiles_g * split, NT, sm90 ? sm90_shared : tile, [&] {
+            if constexpr (sizeof(T) == 2) {
+                if (sm90) {
+                    sketched_linear_bwd_g_sm90<T>(g.p(), h.p(), U1.p(), S2.p(), dh.p(), dU1.p(), dS2.p(), db.p(), ws2p, Tn, O,
+                                                  L, k, scale, n_dh, w_lo, w_n, split, wsdp, split);
+                    return;
+                }
+            }
             sketched_linear_bwd_g<T, EXACT, C>(g.p(), h.p(), U1.p(), S2.p(), dh.p(), dU1.p(), dS2.p(), db.p(), ws2p, Tn, O, L, k,
                                             scale, n_dh, w_lo, w_n, split, wsdp, split);
         });
     if (wsdp) launch(3, SUM_NT, 0, [&] { sketched_linear_sum_shares<T>(wsdp, dh.p(), Tn * R, split, scale); });
     if (need_dh) {
         long long n_dx = nx ? cdv(Tn, BM) * cdv(I, BN) : 0, n_dw1 = cdv(I, BM) * cdv(c_n, BN) * split;
-        launch(n_dx + n_dw1, NT, tile, [&] {
+        launch(n_dx + n_dw1, NT, sm90 ? sm90_shared : tile, [&] {
+            if constexpr (sizeof(T) == 2) {
+                if (sm90) {
+                    sketched_linear_bwd_x_sm90<T>(x.p(), dh.p(), S1.p(), U2.p(), dx.p(), dS1.p(), dU2.p(), ws1p, Tn, I, L, k,
+                                                  n_dx, c_lo, c_n, split);
+                    return;
+                }
+            }
             sketched_linear_bwd_x<T, EXACT, C>(x.p(), dh.p(), S1.p(), U2.p(), dx.p(), dS1.p(), dU2.p(), ws1p, Tn, I, L, k, n_dx,
                                             c_lo, c_n, split);
         });
@@ -188,7 +207,8 @@ static int run_mode(const std::string& mode, long long Tn, long long I, long lon
 
 // usage: harness MODE TILES PLAN SPLIT T I O L K BIAS NEEDS   (MODE float32|tf32|float16|bfloat16; TILES small|large:
 // the tile shape of every kernel but the fused one (always small), or sm90:G: large, with y by the sm_90a kernel on
-// G blocks per row tile (16-bit modes, two launches), or sm90h:G: H by the sm_90a kernel too; PLAN 0: two
+// G blocks per row tile (16-bit modes, two launches), or sm90h:G: H and the backward by the sm_90a kernels too
+// (I, O and k multiples of 8); PLAN 0: two
 // launches, -n: two launches with H in n shares of I, n > 0: fused with n groups; SPLIT: shares of T of the
 // weight gradients and of O of dH; NEEDS six 0/1 digits
 // for x, S1s, S2s, U1s, U2s, bias)

@@ -14,6 +14,10 @@ The weight gradients reduce over all T rows, on few tiles when I, O and R are sm
 splits T into shares (summed by launch 3) until their blocks fill the SMs; dH (few tiles when R is small)
 reduces over O and is split the same way. Every launch runs on one tile shape (limits.CONFIGS), the one
 :func:`backward_tiles` gives unless one is forced.
+
+Hopper (``hopper=True``, forced only for now): launches 1 and 2 by backward_sm90.cu's kernels (warpgroup MMA, the
+same roles and arguments on LARGE's 128 x 128 tiles), each where sm90.bwd_g_fits / sm90.bwd_x_fits allows, else
+backward.cu's on LARGE tiles.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 
 from panther.backends.toolkit import cdiv, multiprocessors
 from panther_cuda._nvrtc import f32, i32, i64
+from panther_cuda.ops.sketched_linear import sm90
 from panther_cuda.ops.sketched_linear.common import (
     SUM_BLOCKS,
     choose_config,
@@ -98,6 +103,7 @@ def sketched_linear_backward(
     split: Optional[int] = None,
     dh_split: Optional[int] = None,
     tiles: Optional[str] = None,
+    hopper: bool = False,
 ) -> Grads:
     """Launch the backward kernels on the current CUDA device and stream for dL/dy = g (..., O).
 
@@ -106,7 +112,8 @@ def sketched_linear_backward(
     the gradients to write (contiguous tensors of their inputs' shapes where wanted; allocated here
     when None). ``split``: shares of T for the weight gradients; ``dh_split``: shares of O for dH (defaults:
     common.split_rule); ``tiles``: the tile shape of every launch, a key of limits.CONFIGS (default:
-    :func:`backward_tiles`; tiles whose shared memory does not fit the device run as the small ones).
+    :func:`backward_tiles`; tiles whose shared memory does not fit the device run as the small ones); ``hopper``:
+    launches 1 and 2 by backward_sm90.cu's kernels where they fit (on LARGE tiles: ``tiles`` is then ignored).
     """
     L, I, k = S1s.shape
     O = S2s.shape[-1]
@@ -127,6 +134,12 @@ def sketched_linear_backward(
         return grads
     need_dh = need_x or need_s1 or need_u2
     exact = is_exact(x.dtype, allow_tf32)
+    S1c, S2c, U1c, U2c = S1s.contiguous(), S2s.contiguous(), U1s.contiguous(), U2s.contiguous()
+    x2 = contiguous_2d(x, I) if need_dh else None
+    hopper_g = hopper and sm90.bwd_g_fits(O, k, x.dtype, g.device, g2, h, U1c, S2c)
+    hopper_x = hopper and need_dh and sm90.bwd_x_fits(I, k, x.dtype, g.device, x2, S1c, U2c)
+    if hopper_g or hopper_x:
+        tiles = "large"  # the grids of the sm_90a kernels (128 x 128 tiles)
     if tiles is None:
         c = CONFIGS[backward_tiles(T, I, O, x.dtype, x.device)]
     elif tiles in CONFIGS:
@@ -134,7 +147,6 @@ def sketched_linear_backward(
     else:
         raise ValueError(f"sketched_linear_backward tiles={tiles!r}: expected one of {sorted(CONFIGS)}")
     BM, BN = c.bm, c.bn
-    S1c, S2c, U1c, U2c = S1s.contiguous(), S2s.contiguous(), U1s.contiguous(), U2s.contiguous()
     scale = f32(1.0 / (2 * L))
 
     w_lo, w_n = half_range(need_u1, need_s2, Lk)  # rows of d[U1; S2]
@@ -156,17 +168,24 @@ def sketched_linear_backward(
     n_dh = tiles_dh * dh_split
     dh = g2.new_empty((T, R)) if need_dh else None
     if n_dh + tiles_g:
-        launch("backward.cu", "sketched_linear_bwd_g", x.dtype, exact, c, n_dh + tiles_g * split,
-               g2, h, U1c, S2c, dh, dU1, dS2, db, ws2, i64(T), i64(O), i32(L), i32(k), scale,
-               i64(n_dh), i32(w_lo), i32(w_n), i32(split), ws_dh, i32(dh_split))
+        args = (g2, h, U1c, S2c, dh, dU1, dS2, db, ws2, i64(T), i64(O), i32(L), i32(k), scale, i64(n_dh), i32(w_lo),
+                i32(w_n), i32(split), ws_dh, i32(dh_split))
+        if hopper_g:
+            sm90.kernel("backward_sm90.cu", "sketched_linear_bwd_g_sm90", x.dtype)(
+                (n_dh + tiles_g * split,), (sm90.THREADS,), *args, shared_mem=sm90.ring_shared_bytes(x.dtype))
+        else:
+            launch("backward.cu", "sketched_linear_bwd_g", x.dtype, exact, c, n_dh + tiles_g * split, *args)
     if ws_dh is not None:
         sum_shares(ws_dh, dh, float(scale))
     if need_dh:
-        x2 = contiguous_2d(x, I)
         n_dx = cdiv(T, BM) * cdiv(I, BN) if need_x else 0
-        launch("backward.cu", "sketched_linear_bwd_x", x.dtype, exact, c, n_dx + tiles_x * split,
-               x2, dh, S1c, U2c, dx, dS1, dU2, ws1, i64(T), i64(I), i32(L), i32(k), i64(n_dx), i32(c_lo), i32(c_n),
-               i32(split))
+        args = (x2, dh, S1c, U2c, dx, dS1, dU2, ws1, i64(T), i64(I), i32(L), i32(k), i64(n_dx), i32(c_lo), i32(c_n),
+                i32(split))
+        if hopper_x:
+            sm90.kernel("backward_sm90.cu", "sketched_linear_bwd_x_sm90", x.dtype)(
+                (n_dx + tiles_x * split,), (sm90.THREADS,), *args, shared_mem=sm90.ring_shared_bytes(x.dtype))
+        else:
+            launch("backward.cu", "sketched_linear_bwd_x", x.dtype, exact, c, n_dx + tiles_x * split, *args)
     if ws1 is not None or ws2 is not None:
         n = I * c_n + (w_n + (1 if need_b else 0)) * O
         kernel("backward.cu", "sketched_linear_bwd_sum", x.dtype)(

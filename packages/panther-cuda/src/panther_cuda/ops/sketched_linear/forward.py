@@ -17,8 +17,8 @@ The two-launch plans run on the tile shape ``tiles`` (limits.CONFIGS): "large" (
 tiles alone fill the SMs, else "small" (64 x 64, also the fused kernel's).
 
 Hopper (``hopper``, forced only for now): H and y by forward_sm90.cu's kernels, warpgroup MMA (wgmma) from
-shared memory on sm_90 devices, for 16-bit inputs whose shapes :func:`sm90_h_fits` and :func:`sm90_fits` allow
-(each launch on its own: where one does not fit, forward.cu's kernel of the plan's tiles runs it); H in
+shared memory on sm_90 devices, for 16-bit inputs whose shapes sm90.h_fits and sm90.y_fits allow (each launch
+on its own: where one does not fit, forward.cu's kernel of the plan's tiles runs it); H in
 ``h_splits`` shares of I as in the other plans. The rule takes it once it has been timed on the GPU against
 forward.cu's.
 """
@@ -31,9 +31,9 @@ from typing import Optional, Tuple
 import torch
 
 from panther.backends.toolkit import BoundedCache, cdiv, multiprocessors, shared_memory_per_block
-from panther_cuda._nvrtc import Kernel, f32, i32, i64
+from panther_cuda._nvrtc import f32, i32, i64
+from panther_cuda.ops.sketched_linear import sm90
 from panther_cuda.ops.sketched_linear.common import (
-    CTYPES,
     choose_config,
     contiguous_2d,
     device_index,
@@ -81,74 +81,6 @@ def fused_groups(T: int, O: int, sms: int) -> int:
     while 2 * groups <= cap and row_tiles * 2 * groups <= sms:
         groups *= 2
     return groups
-
-
-# --- Hopper: y by forward_sm90.cu ------------------------------------------------------------------
-
-SM90_SOURCE = "ops/sketched_linear/forward_sm90.cu"
-SM90_BM = SM90_BN = 128  # the kernel's tile of y (forward_sm90.cu)
-SM90_THREADS = 256  # two warpgroups (SM90_NT)
-SM90_DEPTHS = (32, 64, 128, 256)  # the instances' depths KP: R rounded up to one of them, zero past R
-SM90_SMALL_BYTES = 100 << 10  # up to this much shared memory, two blocks stay resident per SM (228 KiB)
-SM90_H_BK, SM90_H_STAGES = 64, 3  # fwd_h_sm90's depth per step and ring stages
-_sm90_kernels = {}
-
-
-def sm90_depth(R: int) -> Optional[int]:
-    """The depth of the instance that takes R = 2Lk, None past the deepest."""
-    return next((d for d in SM90_DEPTHS if R <= d), None)
-
-
-def sm90_shared_bytes(depth: int, dtype: torch.dtype) -> int:
-    """H's tile (128 x depth) and two stages of B's (depth x 128)."""
-    return (SM90_BM * depth + 2 * depth * SM90_BN) * torch.empty((), dtype=dtype).element_size()
-
-
-def sm90_fits(R: int, O: int, dtype: torch.dtype, device: torch.device, *tensors: torch.Tensor) -> bool:
-    """Whether forward_sm90.cu's kernel takes y here: an sm_90 device, 16-bit inputs, R a multiple of 8 up to the
-    deepest instance, O a multiple of 8 (16-byte rows of B), 16-byte aligned tensors, and its shared memory."""
-    depth = sm90_depth(R)
-    if dtype not in (torch.float16, torch.bfloat16) or depth is None or R % 8 or O % 8:
-        return False
-    if any(t.data_ptr() % 16 for t in tensors):
-        return False
-    index = device_index(device)
-    return (torch.cuda.get_device_capability(index) == (9, 0)
-            and sm90_shared_bytes(depth, dtype) <= shared_memory_per_block(index))
-
-
-def sm90_h_shared_bytes(dtype: torch.dtype) -> int:
-    """fwd_h_sm90's ring: SM90_H_STAGES stages of x's 128 x 64 tile and A's 64 x 128 tile."""
-    return SM90_H_STAGES * (SM90_BM * SM90_H_BK + SM90_H_BK * SM90_BN) * torch.empty((), dtype=dtype).element_size()
-
-
-def sm90_h_fits(I: int, k: int, dtype: torch.dtype, device: torch.device, *tensors: torch.Tensor) -> bool:
-    """Whether forward_sm90.cu's H = x A takes these inputs: an sm_90 device, 16-bit inputs, I and k multiples of
-    8 (16-byte rows of x; runs of A's columns within one term), 16-byte aligned tensors, and its shared memory."""
-    if dtype not in (torch.float16, torch.bfloat16) or I % 8 or k % 8 or any(t.data_ptr() % 16 for t in tensors):
-        return False
-    index = device_index(device)
-    return (torch.cuda.get_device_capability(index) == (9, 0)
-            and sm90_h_shared_bytes(dtype) <= shared_memory_per_block(index))
-
-
-def sm90_groups(T: int, O: int, depth: int, dtype: torch.dtype, sms: int) -> int:
-    """Blocks per row tile of 128 (each walking every ``groups``-th column tile): as many as fill the SMs once
-    (two blocks each where the shared memory allows), at most one per column tile."""
-    resident = 2 if sm90_shared_bytes(depth, dtype) <= SM90_SMALL_BYTES else 1
-    return max(1, min(cdiv(O, SM90_BN), resident * sms // cdiv(T, SM90_BM)))
-
-
-def sm90_kernel(dtype: torch.dtype, depth: Optional[int]) -> Kernel:
-    """The instance sketched_linear_fwd_y_sm90<T, depth>, or with depth None sketched_linear_fwd_h_sm90<T>,
-    compiled for sm_90a."""
-    key = (dtype, depth)
-    k = _sm90_kernels.get(key)
-    if k is None:
-        name = "fwd_h_sm90<{}>" if depth is None else "fwd_y_sm90<{}, " + str(depth) + ">"
-        k = _sm90_kernels[key] = Kernel(
-            SM90_SOURCE, "panther::sl::sketched_linear_" + name.format(CTYPES[dtype]), arch="sm_90a")
-    return k
 
 
 _plans = BoundedCache()
@@ -215,21 +147,21 @@ def sketched_linear_forward(
         c = CONFIGS[plan.tiles]
         splits = max(1, int(plan.h_splits))
         ws = torch.empty((splits, T, R), device=x.device, dtype=torch.float32) if splits > 1 else None
-        if plan.hopper and sm90_h_fits(I, k, x.dtype, x.device, x2, S1c, U2c):
-            sm90_kernel(x.dtype, None)((cdiv(T, SM90_BM) * cdiv(R, SM90_BN) * splits,), (SM90_THREADS,), x2, S1c, U2c,
-                                       h, ws, i64(T), i64(I), i32(L), i32(k), i32(splits),
-                                       shared_mem=sm90_h_shared_bytes(x.dtype))
+        if plan.hopper and sm90.h_fits(I, k, x.dtype, x.device, x2, S1c, U2c):
+            sm90.kernel("forward_sm90.cu", "sketched_linear_fwd_h_sm90", x.dtype)(
+                (cdiv(T, sm90.BM) * cdiv(R, sm90.BN) * splits,), (sm90.THREADS,), x2, S1c, U2c, h, ws, i64(T), i64(I),
+                i32(L), i32(k), i32(splits), shared_mem=sm90.ring_shared_bytes(x.dtype))
         else:
             launch("forward.cu", "sketched_linear_fwd_h", x.dtype, exact, c, cdiv(T, c.bm) * cdiv(R, c.bn) * splits,
                    x2, S1c, U2c, h, ws, i64(T), i64(I), i32(L), i32(k), i32(splits))
         if ws is not None:
             sum_shares(ws, h)
-        if plan.hopper and sm90_fits(R, O, x.dtype, x.device, h, U1c, S2c):
-            depth = sm90_depth(R)
-            groups = sm90_groups(T, O, depth, x.dtype, multiprocessors(device_index(x.device)))
-            sm90_kernel(x.dtype, depth)((cdiv(T, SM90_BM) * groups,), (SM90_THREADS,), h, U1c, S2c, b, y, i64(T),
-                                        i64(O), i32(L * k), i32(groups), scale,
-                                        shared_mem=sm90_shared_bytes(depth, x.dtype))
+        if plan.hopper and sm90.y_fits(R, O, x.dtype, x.device, h, U1c, S2c):
+            depth = sm90.depth(R)
+            groups = sm90.groups(T, O, depth, x.dtype, multiprocessors(device_index(x.device)))
+            sm90.kernel("forward_sm90.cu", "sketched_linear_fwd_y_sm90", x.dtype, depth)(
+                (cdiv(T, sm90.BM) * groups,), (sm90.THREADS,), h, U1c, S2c, b, y, i64(T), i64(O), i32(L * k),
+                i32(groups), scale, shared_mem=sm90.y_shared_bytes(depth, x.dtype))
         else:
             launch("forward.cu", "sketched_linear_fwd_y", x.dtype, exact, c, cdiv(T, c.bm) * cdiv(O, c.bn),
                    h, U1c, S2c, b, y, i64(T), i64(O), i32(L), i32(k), scale)

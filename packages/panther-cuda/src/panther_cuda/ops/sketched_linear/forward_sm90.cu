@@ -10,61 +10,11 @@
 //   tile of each double-buffered: the copy of the next tile is in flight while the tensor cores multiply this
 //   one and the epilogue writes it.
 //
-// A block is two warpgroups (256 threads), warpgroup g on rows 64 g .. 64 g + 63 of the tile. Shared memory is
-// in the no-swizzle layouts of wgmma.cuh, every 16-byte run written by one cp.async (zero-filled past the
-// edges), eight consecutive threads filling one 128-byte core matrix:
-//   K-major tiles, ROWS x KD (x's, H's): (m, k) at (m % 8) 8 + (k % 8) + (k / 8) 64 + (m / 8) KD 8
-//                                                                                   (LBO 128 B, SBO 16 KD B)
-//   MN-major tiles, KD x 128 (A's, B's): (k, n) at (k % 8) 8 + (n % 8) + (n / 8) 64 + (k / 8) 128 8
-//                                                                                   (SBO 128 B, LBO 2048 B)
-// The operands' tensors must be 16-byte aligned (the host checks).
-#include "tile.cuh"
-#include "wgmma.cuh"
+// Tiles (tile_sm90.cuh): x's and H's K-major, A's and B's MN-major.
+#include "tile_sm90.cuh"
 
 namespace panther {
 namespace sl {
-
-constexpr int SM90_NT = 256;  // threads of a block: two warpgroups (forward.py's SM90_THREADS)
-
-#ifdef PANTHER_SM90A
-// Run i (16 bytes) of a K-major tile ROWS x KD, as it lands at tile + 8 i: row (i / KD) 8 + i % 8, 8-element
-// chunk (i / 8) % (KD / 8) along K.
-template <int KD> __device__ __forceinline__ void kmajor_run(int i, int& row, int& chunk) {
-    row = i / KD * 8 + i % 8;
-    chunk = i / 8 % (KD / 8);
-}
-// Run i of an MN-major tile KD x 128, as it lands at tile + 8 i: K row (i / 128) 8 + i % 8, 8-element chunk
-// (i / 8) % 16 along N.
-__device__ __forceinline__ void mnmajor_run(int i, int& k, int& chunk) {
-    k = i / 128 * 8 + i % 8;
-    chunk = i / 8 % 16;
-}
-// d (this warpgroup's 64 x 128 fp32) = A (64 x KD, K-major, at a) B (KD x 128, MN-major, at b), plus d itself
-// when ACCUMULATE; KD / 16 wgmma, waited for.
-template <typename T, int KD, bool ACCUMULATE>
-__device__ __forceinline__ void product(float (&d)[64], const T* a, const T* b) {
-    sm90::wgmma_fence();
-#pragma unroll
-    for (int k0 = 0; k0 < KD; k0 += 16) {  // 16 deep: two core matrices along K of each operand
-        const unsigned long long da = sm90::descriptor(a + k0 * 8, 128u, 16u * KD);
-        const unsigned long long db = sm90::descriptor(b + k0 * 128, 16u * 128, 128u);
-        sm90::Wgmma<T, true>::m64n128k16(d, da, db, ACCUMULATE || k0 > 0 ? 1 : 0);
-    }
-    sm90::wgmma_commit();
-    sm90::wgmma_wait<0>();
-}
-// f(row, col, v0, v1) for each pair of neighbouring columns this thread holds of its warpgroup's 64 x 128 tile
-// (row and col from the tile's origin; col even).
-template <typename F> __device__ __forceinline__ void each_pair(const float (&d)[64], F f) {
-    const int lane = threadIdx.x & 31, warp = (threadIdx.x & 127) >> 5;
-    const int row0 = (threadIdx.x >> 7) * 64 + warp * 16 + (lane >> 2);
-#pragma unroll
-    for (int i = 0; i < 16; ++i)
-#pragma unroll
-        for (int half = 0; half < 2; ++half)
-            f(row0 + 8 * half, 8 * i + 2 * (lane & 3), d[4 * i + 2 * half], d[4 * i + 2 * half + 1]);
-}
-#endif
 
 // H = x A: block b is tile b % tiles of H (row tile of 128 x column tile of 128: tiles = row tiles x column
 // tiles, columns fastest), summing the BK-aligned share b / tiles of I (RowSplit) into ws[share] (fp32, T x R)
@@ -91,7 +41,8 @@ __global__ void __launch_bounds__(SM90_NT) sketched_linear_fwd_h_sm90(
     const int n0 = static_cast<int>(tile % n_col_tiles) * BN;
     const RowSplit share(I, split, n_splits, BK);
 
-    auto load = [&](int s, long long i0) {  // the tiles of the step at i0 into stage s
+    auto load = [&](int s, long long step) {  // the tiles of a step into stage s
+        const long long i0 = share.begin + step * BK;
         for (int i = threadIdx.x; i < SA / 8; i += NT) {
             int r, c;
             kmajor_run<BK>(i, r, c);
@@ -111,28 +62,10 @@ __global__ void __launch_bounds__(SM90_NT) sketched_linear_fwd_h_sm90(
                              in ? 16u : 0u);
         }
     };
-    const long long steps = cdiv(share.end - share.begin, BK);
-#pragma unroll
-    for (int s = 0; s < S - 1; ++s) {
-        if (s < steps) load(s, share.begin + static_cast<long long>(s) * BK);
-        cp_async_commit();
-    }
     float d[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) d[i] = 0.0f;  // an empty share (past I) writes zeros
-    const int wg = threadIdx.x / 128;
-    int stage = 0;
-    for (long long step = 0; step < steps; ++step) {
-        cp_async_wait<S - 2>();  // this step's tiles are in
-        sm90::fence_proxy_async();
-        __syncthreads();  // ... for every thread, and every warpgroup is done with the stage loaded next
-        const long long next = step + S - 1;
-        if (next < steps) load(stage == 0 ? S - 1 : stage - 1, share.begin + next * BK);
-        cp_async_commit();
-        product<T, BK, true>(d, As + stage * SA + wg * 64 * BK, Bs + stage * SB);
-        stage = stage == S - 1 ? 0 : stage + 1;
-    }
-    cp_async_wait<0>();
+    ring_sm90<T, false, true, BK, S>(d, As, Bs, cdiv(share.end - share.begin, BK), load, [](int) {});
     each_pair(d, [&](int r, int c, float v0, float v1) {
         const long long t = m0 + r;
         const int col = n0 + c;
@@ -191,7 +124,6 @@ __global__ void __launch_bounds__(SM90_NT) sketched_linear_fwd_y_sm90(
     if (group < n_tiles) load_b(group * BN, 0);
     cp_async_commit();
 
-    const T* a_tile = As + threadIdx.x / 128 * 64 * KP;  // this warpgroup's 64 rows
     int stage = 0;
     for (long long nt = group; nt < n_tiles; nt += groups) {
         const long long n0 = nt * BN;
@@ -202,7 +134,7 @@ __global__ void __launch_bounds__(SM90_NT) sketched_linear_fwd_y_sm90(
         __syncthreads();
 
         float d[64];  // written by the first step (accumulate 0), then accumulated
-        product<T, KP, false>(d, a_tile, Bs + stage * KP * BN);
+        product<T, false, true, KP, false>(d, As, Bs + stage * KP * BN);
 
         // epilogue: two neighbouring columns per 4-byte store (O is even)
         each_pair(d, [&](int r, int c, float v0, float v1) {

@@ -1,0 +1,93 @@
+"""The Hopper (sm_90a) kernels' host side: which launches they take, their grids, shared memory and instances.
+
+forward_sm90.cu (H = x A, y = H B / (2L) + b) and backward_sm90.cu (the backward's two product launches) use
+warpgroup MMA (wgmma) from shared memory, compiled for sm_90a, for 16-bit inputs. Each launch of a plan that
+asks for them (``ForwardPlan.hopper``, ``sketched_linear_backward(hopper=True)``) runs them where its ``*_fits``
+allows (an sm_90 device, 16-bit inputs, the sizes their 16-byte copies need, 16-byte aligned tensors, their
+shared memory), else forward.cu's or backward.cu's kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from panther.backends.toolkit import cdiv, shared_memory_per_block
+from panther_cuda._nvrtc import Kernel
+from panther_cuda.ops.sketched_linear.common import CTYPES, device_index
+
+BM = BN = 128  # every kernel's tile (tile_sm90.cuh); the backward's grids are LARGE's (limits.py)
+THREADS = 256  # two warpgroups (SM90_NT)
+DEPTHS = (32, 64, 128, 256)  # fwd_y_sm90's instances: R rounded up to one of them, zero past R
+RING_BK, RING_STAGES = 64, 3  # the ring of the other kernels (tile_sm90.cuh's ring_sm90): depth per step, stages
+TWO_BLOCKS_BYTES = 100 << 10  # up to this much shared memory, two blocks stay resident per SM (228 KiB)
+
+_kernels: Dict[Tuple[str, str, torch.dtype, Optional[int]], Kernel] = {}
+
+
+def kernel(source: str, name: str, dtype: torch.dtype, depth: Optional[int] = None) -> Kernel:
+    """The instance ``panther::sl::<name><T>`` (``<T, depth>`` with a depth) of ``<source>``, compiled for
+    sm_90a."""
+    key = (source, name, dtype, depth)
+    k = _kernels.get(key)
+    if k is None:
+        args = CTYPES[dtype] if depth is None else f"{CTYPES[dtype]}, {depth}"
+        k = _kernels[key] = Kernel(f"ops/sketched_linear/{source}", f"panther::sl::{name}<{args}>", arch="sm_90a")
+    return k
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def depth(R: int) -> Optional[int]:
+    """The depth of the fwd_y_sm90 instance that takes R = 2Lk, None past the deepest."""
+    return next((d for d in DEPTHS if R <= d), None)
+
+
+def y_shared_bytes(depth_: int, dtype: torch.dtype) -> int:
+    """fwd_y_sm90: H's tile (128 x depth) and two stages of B's (depth x 128)."""
+    return (BM * depth_ + 2 * depth_ * BN) * _itemsize(dtype)
+
+
+def ring_shared_bytes(dtype: torch.dtype) -> int:
+    """The ring kernels (fwd_h_sm90, bwd_g_sm90, bwd_x_sm90): RING_STAGES stages of a 128 x 64 and a 64 x 128 tile."""
+    return RING_STAGES * (BM * RING_BK + RING_BK * BN) * _itemsize(dtype)
+
+
+def _takes(dtype: torch.dtype, device: torch.device, shared: int, sizes_ok: bool, tensors) -> bool:
+    if dtype not in (torch.float16, torch.bfloat16) or not sizes_ok:
+        return False
+    if any(t is not None and t.data_ptr() % 16 for t in tensors):
+        return False
+    index = device_index(device)
+    return torch.cuda.get_device_capability(index) == (9, 0) and shared <= shared_memory_per_block(index)
+
+
+def y_fits(R: int, O: int, dtype: torch.dtype, device: torch.device, *tensors: torch.Tensor) -> bool:
+    """fwd_y_sm90: R a multiple of 8 up to the deepest instance, O a multiple of 8 (16-byte rows of B)."""
+    d = depth(R)
+    return d is not None and _takes(dtype, device, y_shared_bytes(d, dtype), R % 8 == 0 and O % 8 == 0, tensors)
+
+
+def h_fits(I: int, k: int, dtype: torch.dtype, device: torch.device, *tensors: torch.Tensor) -> bool:
+    """fwd_h_sm90: I and k multiples of 8 (16-byte rows of x; runs of A's columns within one term)."""
+    return _takes(dtype, device, ring_shared_bytes(dtype), I % 8 == 0 and k % 8 == 0, tensors)
+
+
+def bwd_g_fits(O: int, k: int, dtype: torch.dtype, device: torch.device, *tensors: torch.Tensor) -> bool:
+    """bwd_g_sm90: O and k multiples of 8 (16-byte rows of g and B; runs of H's columns from either half)."""
+    return _takes(dtype, device, ring_shared_bytes(dtype), O % 8 == 0 and k % 8 == 0, tensors)
+
+
+def bwd_x_fits(I: int, k: int, dtype: torch.dtype, device: torch.device, *tensors: torch.Tensor) -> bool:
+    """bwd_x_sm90: I and k multiples of 8 (16-byte rows of x; runs of A's columns and dH's within one term)."""
+    return _takes(dtype, device, ring_shared_bytes(dtype), I % 8 == 0 and k % 8 == 0, tensors)
+
+
+def groups(T: int, O: int, depth_: int, dtype: torch.dtype, sms: int) -> int:
+    """fwd_y_sm90's blocks per row tile of 128 (each walking every ``groups``-th column tile): as many as fill the
+    SMs once (two blocks each where the shared memory allows), at most one per column tile."""
+    resident = 2 if y_shared_bytes(depth_, dtype) <= TWO_BLOCKS_BYTES else 1
+    return max(1, min(cdiv(O, BN), resident * sms // cdiv(T, BM)))
