@@ -767,20 +767,26 @@ def test_hopper_plan_launches_the_sm90_h_kernel(recorder, sm90_device):
     assert name == "sketched_linear_sum_shares" and sum_args[0] is ws and sum_args[1] is h
 
 
-@pytest.mark.parametrize("why", ["sm_80", "float32", "O off 8", "R off 8", "R past 256", "misaligned U1s"])
-def test_hopper_plan_falls_back_to_the_forward_y_kernel(recorder, sm90_device, monkeypatch, why):
-    shape, dtype = [70, 90, 200, 2, 8], torch.bfloat16
+# Why a Hopper launch falls back: the change it makes to (T, I, O, L, k) and the dtype, or to the device
+UNFIT = {"sm_80": {}, "float32": {"dtype": torch.float32}, "O off 8": {2: 202}, "I off 8": {1: 90}, "k off 8": {4: 9},
+         "R past 256": {3: 3, 4: 48}, "misaligned U1s": {}}
+
+
+def unfit_inputs(why, shape, monkeypatch):
+    """make_inputs (on the CPU) of ``shape`` changed as UNFIT[why] says."""
+    change, shape = UNFIT[why], list(shape)
     if why == "sm_80":
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 0))
-    elif why == "float32":
-        dtype = torch.float32
-    elif why == "O off 8":
-        shape[2] = 202
-    elif why == "R off 8":
-        shape[4] = 9
-    elif why == "R past 256":
-        shape[3:] = [3, 48]
-    x, S1s, S2s, U1s, U2s, b = make_inputs(*shape, dtype, device="cpu")
+    for i, v in change.items():
+        if i != "dtype":
+            shape[i] = v
+    return shape, make_inputs(*shape, change.get("dtype", torch.bfloat16), device="cpu")
+
+
+@pytest.mark.parametrize("why", ["sm_80", "float32", "O off 8", "k off 8", "R past 256", "misaligned U1s"])
+def test_hopper_plan_falls_back_to_the_forward_y_kernel(recorder, sm90_device, monkeypatch, why):
+    _, (x, S1s, S2s, U1s, U2s, b) = unfit_inputs(why, (70, 90, 200, 2, 8), monkeypatch)
+    dtype = x.dtype
     if why == "misaligned U1s":
         U1s = torch.empty(U1s.numel() + 1, dtype=dtype)[1:].view_as(U1s).copy_(U1s)
     sketched_linear_forward(x, S1s, S2s, U1s, U2s, b, plan=HOPPER)
@@ -811,20 +817,8 @@ def test_hopper_backward_launches_the_sm90_kernels(recorder, sm90_device, split)
 
 @pytest.mark.parametrize("why", ["sm_80", "float32", "O off 8", "I off 8", "k off 8"])
 def test_hopper_backward_falls_back(recorder, sm90_device, monkeypatch, why):
-    shape, dtype = [70, 96, 200, 2, 8], torch.bfloat16
-    if why == "sm_80":
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 0))
-    elif why == "float32":
-        dtype = torch.float32
-    elif why == "O off 8":
-        shape[2] = 202
-    elif why == "I off 8":
-        shape[1] = 90
-    elif why == "k off 8":
-        shape[4] = 9
-    x, S1s, S2s, U1s, U2s, _ = make_inputs(*shape, dtype, device="cpu")
-    T, I, O, L, k = shape
-    g, h = torch.randn(T, O).to(dtype), torch.randn(T, 2 * L * k).to(dtype)
+    (T, I, O, L, k), (x, S1s, S2s, U1s, U2s, _) = unfit_inputs(why, (70, 96, 200, 2, 8), monkeypatch)
+    g, h = torch.randn(T, O).to(x.dtype), torch.randn(T, 2 * L * k).to(x.dtype)
     sketched_linear_backward(g, x, h, S1s, S2s, U1s, U2s, (True,) * 6, split=1, dh_split=1, tiles="large", hopper=True)
     names = {n for n, *_ in sm90_device} | {n for n, *_ in recorder.calls}
     expected = {"I off 8": {"sketched_linear_bwd_g_sm90", "sketched_linear_bwd_x"},  # each launch on its own

@@ -232,15 +232,9 @@ class Measurer:
                     if i >= reps[name] or name in failed:
                         continue
                     torch.cuda.synchronize()  # each call from an idle device: its host-side time counts
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    try:
-                        start.record()
-                        runs[name]()
-                        end.record()
-                    except Exception as exc:  # noqa: BLE001
-                        failed[name] = exc
-                        continue
-                    events[name].append((start, end))
+                    stamps = self._call(runs[name], name, failed)
+                    if stamps is not None:
+                        events[name].append(stamps)
             torch.cuda.synchronize()
             ok = [name for name in reps if name not in failed]
             rounds = max(self.min_reps, min((reps[n] for n in ok), default=0))
@@ -280,18 +274,13 @@ class Measurer:
                 gate.record()
                 queued, late = [], None
                 for name in order:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    try:
-                        start.record()
-                        runs[name]()
-                        end.record()
-                    except Exception as exc:  # noqa: BLE001
-                        failed[name] = exc
+                    stamps = self._call(runs[name], name, failed)
+                    if stamps is None:
                         continue
                     if gate.query():  # the wait ran out while this call was queued: its events may hold host time
                         late = name
                         break
-                    queued.append((name, start, end))
+                    queued.append((name, *stamps))
                 if late is None:
                     break
                 queued = []
@@ -303,6 +292,19 @@ class Measurer:
             for name, start, end in queued:
                 samples[name].append(start.elapsed_time(end))
         return {n: statistics.median(v) for n, v in samples.items() if v and n not in failed and n not in left_out}
+
+    @staticmethod
+    def _call(run: Callable[[], object], name: str, failed: Dict[str, Exception]):
+        """(start, end) CUDA events around one call of ``run``; None, with the exception in ``failed``, if it raises."""
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        try:
+            start.record()
+            run()
+            end.record()
+        except Exception as exc:  # noqa: BLE001 - a failing candidate is left out, the others go on
+            failed[name] = exc
+            return None
+        return start, end
 
     def _wait(self, seconds: float, hz: float) -> None:
         """A device-side wait of about ``seconds``, queued as waits of at most :attr:`spin_piece_s`."""

@@ -15,22 +15,18 @@ namespace panther {
 namespace sl {
 
 template <typename T>
-__global__ void __launch_bounds__(SM90_NT) sketched_linear_bwd_g_sm90(
+__global__ void __launch_bounds__(SM90_NT, 2) sketched_linear_bwd_g_sm90(
     const T* __restrict__ g, const T* __restrict__ h, const T* __restrict__ U1, const T* __restrict__ S2,
     T* __restrict__ dh, T* __restrict__ dU1, T* __restrict__ dS2, T* __restrict__ db, float* __restrict__ ws,
     long long Tn, long long O, int L, int k, float scale, long long n_dh_blocks, int c_lo, int c_n, int n_splits,
     float* __restrict__ ws_dh, int dh_splits) {
 #ifdef PANTHER_SM90A
-    constexpr int BM = 128, BN = 128, BK = 64, S = 3, NT = SM90_NT, SA = BM * BK, SB = BK * BN;
+    constexpr int BM = 128, BN = 128;
     extern __shared__ __align__(128) unsigned char smem[];
-    require_shared(static_cast<unsigned>(S * (SA + SB) * sizeof(T)));
-    T* As = reinterpret_cast<T*>(smem);
-    T* Bs = As + S * SA;
+    float d[64];
+    T* ring = ring_memory<T>(smem, d);
     const int Lk = L * k, R = 2 * Lk;
     long long block = blockIdx.x;
-    float d[64];
-#pragma unroll
-    for (int i = 0; i < 64; ++i) d[i] = 0.0f;
 
     if (block < n_dh_blocks) {  // dH = s g Bᵀ: A(t, o) = g[t, o]; B(o, c) = [U1; S2](c, o), rows c K-major
         const int n_col_tiles = (R + BN - 1) / BN;
@@ -39,27 +35,9 @@ __global__ void __launch_bounds__(SM90_NT) sketched_linear_bwd_g_sm90(
         const int split = static_cast<int>(block / dh_tiles);
         const long long m0 = tile / n_col_tiles * BM;
         const int n0 = static_cast<int>(tile % n_col_tiles) * BN;
-        const RowSplit share(O, split, dh_splits, BK);
-        auto load = [&](int s, long long step) {
-            const long long o0 = share.begin + step * BK;
-            for (int i = threadIdx.x; i < SA / 8; i += NT) {
-                int r, c;
-                kmajor_run<BK>(i, r, c);
-                const long long t = m0 + r, o = o0 + 8 * c;
-                const bool in = t < Tn && o < share.end;
-                cp_async16_zfill(As + s * SA + 8 * i, in ? g + t * O + o : g, in ? 16u : 0u);
-            }
-            for (int i = threadIdx.x; i < SB / 8; i += NT) {
-                int r, c;
-                kmajor_run<BK>(i, r, c);
-                const int row = n0 + r;
-                const long long o = o0 + 8 * c;
-                const bool in = row < R && o < share.end;
-                const T* src = row < Lk ? U1 + static_cast<long long>(row) * O : S2 + static_cast<long long>(row - Lk) * O;
-                cp_async16_zfill(Bs + s * SB + 8 * i, in ? src + o : U1, in ? 16u : 0u);
-            }
-        };
-        ring_sm90<T, false, false, BK, S>(d, As, Bs, cdiv(share.end - share.begin, BK), load, [](int) {});
+        const RowSplit share(O, split, dh_splits, RING_BK);
+        ring_sm90<T, false, false>(d, ring, Dense<T, false>{g, O}, Stack<T>{U1, S2, O, Lk}, m0, n0, Tn, R, share.begin,
+                                   share.end, [](const T*) {});
         each_pair(d, [&](int r, int c, float v0, float v1) {
             const long long t = m0 + r;
             const int col = n0 + c;
@@ -82,36 +60,21 @@ __global__ void __launch_bounds__(SM90_NT) sketched_linear_bwd_g_sm90(
     const long long tile = block % n_tiles;
     const int split = static_cast<int>(block / n_tiles);
     const long long m0 = tile / n_col_tiles * BM, n0 = tile % n_col_tiles * BN;
-    const RowSplit rows(Tn, split, n_splits, BK);
+    const RowSplit rows(Tn, split, n_splits, RING_BK);
     const bool with_db = db != nullptr && m0 == 0;  // the same for the whole block
     const int rows_ws = c_n + (db != nullptr ? 1 : 0);  // rows of a share in ws: d[U1; S2]'s, then db's
-    auto load = [&](int s, long long step) {
-        const long long t0 = rows.begin + step * BK;
-        for (int i = threadIdx.x; i < SA / 8; i += NT) {
-            int kk, c;
-            mnmajor_run(i, kk, c);
-            const long long t = t0 + kk, m = m0 + 8 * c;
-            const bool in = t < rows.end && m < c_n;
-            cp_async16_zfill(As + s * SA + 8 * i, in ? h + t * R + c_lo + m : h, in ? 16u : 0u);
-        }
-        for (int i = threadIdx.x; i < SB / 8; i += NT) {
-            int kk, c;
-            mnmajor_run(i, kk, c);
-            const long long t = t0 + kk, o = n0 + 8 * c;
-            const bool in = t < rows.end && o < O;
-            cp_async16_zfill(Bs + s * SB + 8 * i, in ? g + t * O + o : g, in ? 16u : 0u);
-        }
-    };
-    // db: thread tid sums column tid % 128 of rows (tid / 128) 32 .. + 31 of each g tile (zero past the edges)
+    // db: thread tid sums column tid % 128 of rows (tid / 128) 32 .. + 31 of each g tile (MN-major, zero past
+    // the edges)
     float db_part = 0.0f;
-    const int db_col = threadIdx.x % BN, db_row = threadIdx.x / BN * (BK / 2);
-    auto hook = [&](int stage) {
+    const int db_col = threadIdx.x % BN, db_row = threadIdx.x / BN * (RING_BK / 2);
+    auto hook = [&](const T* g_tile) {
         if (!with_db) return;
-        const T* gs = Bs + stage * SB + (db_col % 8) + db_col / 8 * 64;
+        const T* gs = g_tile + (db_col % 8) + db_col / 8 * 64;
 #pragma unroll 8
-        for (int r = db_row; r < db_row + BK / 2; ++r) db_part += to_float(gs[(r % 8) * 8 + r / 8 * 1024]);
+        for (int r = db_row; r < db_row + RING_BK / 2; ++r) db_part += to_float(gs[(r % 8) * 8 + r / 8 * 1024]);
     };
-    ring_sm90<T, true, true, BK, S>(d, As, Bs, cdiv(rows.end - rows.begin, BK), load, hook);
+    ring_sm90<T, true, true>(d, ring, Dense<T, false>{h + c_lo, R}, Dense<T, false>{g, O}, m0, n0, c_n, O, rows.begin,
+                             rows.end, hook);
     each_pair(d, [&](int r, int c, float v0, float v1) {
         const long long m = m0 + r, o = n0 + c;
         if (m >= c_n || o >= O) return;
@@ -126,7 +89,7 @@ __global__ void __launch_bounds__(SM90_NT) sketched_linear_bwd_g_sm90(
         }
     });
     if (with_db) {
-        float* part = reinterpret_cast<float*>(As);  // free: the ring returns behind a barrier
+        float* part = reinterpret_cast<float*>(ring);  // free: the ring returns behind a barrier
         part[threadIdx.x] = db_part;
         __syncthreads();
         const long long o = n0 + threadIdx.x;
@@ -145,51 +108,26 @@ __global__ void __launch_bounds__(SM90_NT) sketched_linear_bwd_g_sm90(
 }
 
 template <typename T>
-__global__ void __launch_bounds__(SM90_NT) sketched_linear_bwd_x_sm90(
+__global__ void __launch_bounds__(SM90_NT, 2) sketched_linear_bwd_x_sm90(
     const T* __restrict__ x, const T* __restrict__ dh, const T* __restrict__ S1, const T* __restrict__ U2,
     T* __restrict__ dx, T* __restrict__ dS1, T* __restrict__ dU2, float* __restrict__ ws, long long Tn, long long I,
     int L, int k, long long n_dx_blocks, int c_lo, int c_n, int n_splits) {
 #ifdef PANTHER_SM90A
-    constexpr int BM = 128, BN = 128, BK = 64, S = 3, NT = SM90_NT, SA = BM * BK, SB = BK * BN;
+    constexpr int BM = 128, BN = 128;
     extern __shared__ __align__(128) unsigned char smem[];
-    require_shared(static_cast<unsigned>(S * (SA + SB) * sizeof(T)));
-    T* As = reinterpret_cast<T*>(smem);
-    T* Bs = As + S * SA;
+    float d[64];
+    T* ring = ring_memory<T>(smem, d);
     const int Lk = L * k, R = 2 * Lk;
     // the weight gradient's blocks first (long reductions over T), then dx's (R deep), as backward.cu
     const long long n_w_blocks = static_cast<long long>(gridDim.x) - n_dx_blocks;
     long long block = blockIdx.x;
-    float d[64];
-#pragma unroll
-    for (int i = 0; i < 64; ++i) d[i] = 0.0f;
 
     if (block >= n_w_blocks) {  // dx = dH Aᵀ: A(t, c) = dH[t, c]; B(c, i) = A(i, c), rows i K-major
         block -= n_w_blocks;
         const long long n_col_tiles = cdiv(I, BN);
         const long long m0 = block / n_col_tiles * BM, n0 = block % n_col_tiles * BN;
-        auto load = [&](int s, long long step) {
-            const int c0 = static_cast<int>(step) * BK;
-            for (int i = threadIdx.x; i < SA / 8; i += NT) {
-                int r, c;
-                kmajor_run<BK>(i, r, c);
-                const long long t = m0 + r;
-                const int col = c0 + 8 * c;
-                const bool in = t < Tn && col < R;
-                cp_async16_zfill(As + s * SA + 8 * i, in ? dh + t * R + col : dh, in ? 16u : 0u);
-            }
-            for (int i = threadIdx.x; i < SB / 8; i += NT) {
-                int r, c;
-                kmajor_run<BK>(i, r, c);
-                const long long row = n0 + r;  // i
-                const int col = c0 + 8 * c;    // term l, element j of half hh
-                const bool in = row < I && col < R;
-                const int hh = col >= Lk, cc = col - hh * Lk;
-                const T* w = hh ? U2 : S1;
-                cp_async16_zfill(Bs + s * SB + 8 * i, in ? w + (static_cast<long long>(cc / k) * I + row) * k + cc % k : S1,
-                                 in ? 16u : 0u);
-            }
-        };
-        ring_sm90<T, false, false, BK, S>(d, As, Bs, cdiv(R, BK), load, [](int) {});
+        ring_sm90<T, false, false>(d, ring, Dense<T, false>{dh, R}, Side<T>{S1, U2, I, L, k}, m0, n0, Tn, I, 0, R,
+                                   [](const T*) {});
         each_pair(d, [&](int r, int c, float v0, float v1) {
             const long long t = m0 + r, i = n0 + c;
             if (t < Tn && i < I) *reinterpret_cast<unsigned*>(dx + t * I + i) = pack2(from_float<T>(v0), from_float<T>(v1));
@@ -204,26 +142,9 @@ __global__ void __launch_bounds__(SM90_NT) sketched_linear_bwd_x_sm90(
     const int split = static_cast<int>(block / n_tiles);
     const long long m0 = tile / n_col_tiles * BM;
     const int n0 = static_cast<int>(tile % n_col_tiles) * BN;
-    const RowSplit rows(Tn, split, n_splits, BK);
-    auto load = [&](int s, long long step) {
-        const long long t0 = rows.begin + step * BK;
-        for (int i = threadIdx.x; i < SA / 8; i += NT) {
-            int kk, c;
-            mnmajor_run(i, kk, c);
-            const long long t = t0 + kk, col = m0 + 8 * c;
-            const bool in = t < rows.end && col < I;
-            cp_async16_zfill(As + s * SA + 8 * i, in ? x + t * I + col : x, in ? 16u : 0u);
-        }
-        for (int i = threadIdx.x; i < SB / 8; i += NT) {
-            int kk, c;
-            mnmajor_run(i, kk, c);
-            const long long t = t0 + kk;
-            const int n = n0 + 8 * c;
-            const bool in = t < rows.end && n < c_n;
-            cp_async16_zfill(Bs + s * SB + 8 * i, in ? dh + t * R + c_lo + n : dh, in ? 16u : 0u);
-        }
-    };
-    ring_sm90<T, true, true, BK, S>(d, As, Bs, cdiv(rows.end - rows.begin, BK), load, [](int) {});
+    const RowSplit rows(Tn, split, n_splits, RING_BK);
+    ring_sm90<T, true, true>(d, ring, Dense<T, false>{x, I}, Dense<T, false>{dh + c_lo, R}, m0, n0, I, c_n, rows.begin,
+                             rows.end, [](const T*) {});
     each_pair(d, [&](int r, int c, float v0, float v1) {
         const long long i = m0 + r;
         const int n = n0 + c;

@@ -21,51 +21,24 @@ namespace sl {
 // when n_splits > 1, else into H (rounded once). A = [S1 | U2] (I x R) read in place: row i, column c = h Lk +
 // l k + j is W_h[l, i, j], k a multiple of 8 so that a 16-byte run stays in one term.
 template <typename T>
-__global__ void __launch_bounds__(SM90_NT) sketched_linear_fwd_h_sm90(
+__global__ void __launch_bounds__(SM90_NT, 2) sketched_linear_fwd_h_sm90(
     const T* __restrict__ x, const T* __restrict__ S1, const T* __restrict__ U2, T* __restrict__ h,
     float* __restrict__ ws, long long Tn, long long I, int L, int k, int n_splits) {
 #ifdef PANTHER_SM90A
-    // the tile, its depth per step and the ring's stages (forward.py's SM90_BM, SM90_BN, SM90_H_BK, SM90_H_STAGES)
-    constexpr int BM = 128, BN = 128, BK = 64, S = 3, NT = SM90_NT;
-    constexpr int SA = BM * BK, SB = BK * BN;  // elements of a stage's tiles
+    constexpr int BM = 128, BN = 128;  // the tile (sm90.py's BM, BN)
     extern __shared__ __align__(128) unsigned char smem[];
-    require_shared(static_cast<unsigned>(S * (SA + SB) * sizeof(T)));
-    T* As = reinterpret_cast<T*>(smem);  // stage s at As + s SA
-    T* Bs = As + S * SA;                 // stage s at Bs + s SB
-    const int Lk = L * k, R = 2 * Lk;
+    float d[64];  // zero: an empty share (past I) writes zeros
+    T* ring = ring_memory<T>(smem, d);
+    const int R = 2 * L * k;
     const int n_col_tiles = (R + BN - 1) / BN;
     const long long tiles = cdiv(Tn, BM) * n_col_tiles;
     const long long tile = blockIdx.x % tiles;
     const int split = static_cast<int>(blockIdx.x / tiles);
     const long long m0 = tile / n_col_tiles * BM;
     const int n0 = static_cast<int>(tile % n_col_tiles) * BN;
-    const RowSplit share(I, split, n_splits, BK);
-
-    auto load = [&](int s, long long step) {  // the tiles of a step into stage s
-        const long long i0 = share.begin + step * BK;
-        for (int i = threadIdx.x; i < SA / 8; i += NT) {
-            int r, c;
-            kmajor_run<BK>(i, r, c);
-            const long long t = m0 + r, col = i0 + 8 * c;
-            const bool in = t < Tn && col < share.end;
-            cp_async16_zfill(As + s * SA + 8 * i, in ? x + t * I + col : x, in ? 16u : 0u);
-        }
-        for (int i = threadIdx.x; i < SB / 8; i += NT) {
-            int kk, c;
-            mnmajor_run(i, kk, c);
-            const long long row = i0 + kk;
-            const int col = n0 + 8 * c;  // column of A: term l, element j of half hh
-            const bool in = row < share.end && col < R;
-            const int hh = col >= Lk, cc = col - hh * Lk;
-            const T* w = hh ? U2 : S1;
-            cp_async16_zfill(Bs + s * SB + 8 * i, in ? w + (static_cast<long long>(cc / k) * I + row) * k + cc % k : S1,
-                             in ? 16u : 0u);
-        }
-    };
-    float d[64];
-#pragma unroll
-    for (int i = 0; i < 64; ++i) d[i] = 0.0f;  // an empty share (past I) writes zeros
-    ring_sm90<T, false, true, BK, S>(d, As, Bs, cdiv(share.end - share.begin, BK), load, [](int) {});
+    const RowSplit share(I, split, n_splits, RING_BK);
+    ring_sm90<T, false, true>(d, ring, Dense<T, false>{x, I}, Side<T>{S1, U2, I, L, k}, m0, n0,
+                              Tn, R, share.begin, share.end, [](const T*) {});
     each_pair(d, [&](int r, int c, float v0, float v1) {
         const long long t = m0 + r;
         const int col = n0 + c;
@@ -85,11 +58,11 @@ __global__ void __launch_bounds__(SM90_NT) sketched_linear_fwd_h_sm90(
 
 // KP: the depth of the products, R rounded up to one of SM90_DEPTHS (forward.py), zero past R.
 template <typename T, int KP>
-__global__ void __launch_bounds__(SM90_NT) sketched_linear_fwd_y_sm90(
+__global__ void __launch_bounds__(SM90_NT, (KP <= 128 ? 2 : 1)) sketched_linear_fwd_y_sm90(
     const T* __restrict__ h, const T* __restrict__ U1, const T* __restrict__ S2, const T* __restrict__ bias,
     T* __restrict__ y, long long Tn, long long O, int Lk, int groups, float scale) {
 #ifdef PANTHER_SM90A
-    constexpr int BM = 128, BN = 128, NT = SM90_NT;  // the tile (forward.py's SM90_BM, SM90_BN)
+    constexpr int BM = 128, BN = 128;  // the tile (sm90.py's BM, BN)
     extern __shared__ __align__(128) unsigned char smem[];
     static_assert(KP % 16 == 0 && KP <= 256, "whole wgmma steps, H's row in one tile");
     const int R = 2 * Lk;
@@ -101,26 +74,9 @@ __global__ void __launch_bounds__(SM90_NT) sketched_linear_fwd_y_sm90(
     const int group = static_cast<int>(blockIdx.x % groups);
     const long long n_tiles = cdiv(O, BN);
 
-    // H's tile, K-major
-    for (int i = threadIdx.x; i < BM * KP / 8; i += NT) {
-        int r, c;
-        kmajor_run<KP>(i, r, c);
-        const long long t = m0 + r;
-        const bool in = t < Tn && 8 * c < R;
-        cp_async16_zfill(As + 8 * i, in ? h + t * R + 8 * c : h, in ? 16u : 0u);
-    }
-    // B's tile at column n0 into stage s, MN-major; row k of B = [U1; S2] is U1's row k, or S2's row k - Lk
-    auto load_b = [&](long long n0, int s) {
-        T* dst = Bs + s * KP * BN;
-        for (int i = threadIdx.x; i < KP * BN / 8; i += NT) {
-            int k, j;
-            mnmajor_run(i, k, j);
-            const long long o = n0 + 8 * j;
-            const bool in = k < R && o < O;
-            const T* src = k < Lk ? U1 + static_cast<long long>(k) * O : S2 + static_cast<long long>(k - Lk) * O;
-            cp_async16_zfill(dst + 8 * i, in ? src + o : U1, in ? 16u : 0u);
-        }
-    };
+    load_kmajor<T, BM, KP>(As, Dense<T, false>{h, R}, m0, 0, Tn, R);  // H's tile, once
+    const Stack<T> b{U1, S2, O, Lk};  // B = [U1; S2]: row c is U1's row c, or S2's row c - Lk
+    auto load_b = [&](long long n0, int s) { load_mnmajor<T, KP>(Bs + s * KP * BN, b, 0, n0, R, O); };
     if (group < n_tiles) load_b(group * BN, 0);
     cp_async_commit();
 

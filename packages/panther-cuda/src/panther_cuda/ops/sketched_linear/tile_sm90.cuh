@@ -16,7 +16,9 @@
 namespace panther {
 namespace sl {
 
-constexpr int SM90_NT = 256;  // threads of a block: two warpgroups (forward.py's SM90_THREADS)
+// Threads of a block: two warpgroups (sm90.py's THREADS); the kernels ask for two blocks per SM (at most 128
+// registers a thread) where their shared memory allows it.
+constexpr int SM90_NT = 256;
 
 #ifdef PANTHER_SM90A
 // Run i of a K-major tile ROWS x KD: row (i / KD) 8 + i % 8, 8-element chunk (i / 8) % (KD / 8) along K.
@@ -28,6 +30,32 @@ template <int KD> __device__ __forceinline__ void kmajor_run(int i, int& row, in
 __device__ __forceinline__ void mnmajor_run(int i, int& k, int& chunk) {
     k = i / 128 * 8 + i % 8;
     chunk = i / 8 % 16;
+}
+
+// Fill tile (a K-major ROWS x KD tile; ROWS a multiple of 8) with the operand f's elements (r0 + r, k0 + k), f
+// in (row, K) orientation (tile.cuh's Dense, Side, Stack: ptr(r, k), 16-byte runs along k), zero where
+// r0 + r >= nr or k0 + k >= nk; by cp.async (the caller commits and waits).
+template <typename T, int ROWS, int KD, typename F>
+__device__ __forceinline__ void load_kmajor(T* tile, const F& f, long long r0, long long k0, long long nr, long long nk) {
+    for (int i = threadIdx.x; i < ROWS * KD / 8; i += SM90_NT) {
+        int r, c;
+        kmajor_run<KD>(i, r, c);
+        const long long gr = r0 + r, gk = k0 + 8 * c;
+        const bool in = gr < nr && gk < nk;
+        cp_async16_zfill(tile + 8 * i, in ? f.ptr(gr, gk) : f.ptr(0, 0), in ? 16u : 0u);
+    }
+}
+// Fill tile (an MN-major KD x 128 tile) with f's elements (k0 + k, n0 + n), f in (K, column) orientation (16-byte
+// runs along the columns), zero where k0 + k >= nk or n0 + n >= nn.
+template <typename T, int KD, typename F>
+__device__ __forceinline__ void load_mnmajor(T* tile, const F& f, long long k0, long long n0, long long nk, long long nn) {
+    for (int i = threadIdx.x; i < KD * 128 / 8; i += SM90_NT) {
+        int kk, c;
+        mnmajor_run(i, kk, c);
+        const long long gk = k0 + kk, gn = n0 + 8 * c;
+        const bool in = gk < nk && gn < nn;
+        cp_async16_zfill(tile + 8 * i, in ? f.ptr(gk, gn) : f.ptr(0, 0), in ? 16u : 0u);
+    }
 }
 
 // An operand tile's descriptor, its first 16 steps along K from `tile`, warpgroup-row offset `row0` (A: 64 g).
@@ -52,14 +80,29 @@ __device__ __forceinline__ void product(float (&d)[64], const T* a, const T* b) 
     sm90::wgmma_wait<0>();
 }
 
-// d += Σ over `steps` steps of KD: load(stage, step) fills stage `stage` (A's tile at As + stage 128 KD, B's at
-// Bs + stage KD 128) with the tiles of step `step` by cp.async, S stages deep (one barrier per step, as
-// tile.cuh's ring); hook(stage) sees each step's tiles once they are in. Every thread of the block must call
-// it; on return no copy is in flight.
-template <typename T, bool A_MN, bool B_MN, int KD, int S, typename Load, typename Hook>
-__device__ __forceinline__ void ring_sm90(float (&d)[64], T* As, T* Bs, long long steps, const Load& load,
-                                          const Hook& hook) {
-    constexpr int SA = 128 * KD, SB = KD * 128;
+// The ring's depth per step and stages (sm90.py's RING_BK, RING_STAGES), and its shared memory in elements.
+constexpr int RING_BK = 64, RING_STAGES = 3, RING_ELEMENTS = RING_STAGES * 2 * 128 * RING_BK;
+
+// d += A B over K in [k_begin, k_end), RING_BK per step, through a ring of RING_STAGES stages in smem (A's tiles
+// first, then B's): A = fa (M x K: (m, k) = fa.ptr(m0 + m, k), or (k, m) when A_MN) and B = fb ((k, n) =
+// fb.ptr(k, n0 + n) when B_MN, else (n, k)), zero past M = ma, N = nb and k_end (load_kmajor / load_mnmajor),
+// one barrier per step as tile.cuh's ring; hook(stage tile of B) sees each step's B tile once it is in. Every
+// thread of the block must call it; on return no copy is in flight and the ring is free to reuse.
+template <typename T, bool A_MN, bool B_MN, typename FA, typename FB, typename Hook>
+__device__ __forceinline__ void ring_sm90(float (&d)[64], T* smem, const FA& fa, const FB& fb, long long m0,
+                                          long long n0, long long ma, long long nb, long long k_begin,
+                                          long long k_end, const Hook& hook) {
+    constexpr int S = RING_STAGES, KD = RING_BK, SA = 128 * KD, SB = KD * 128;
+    T* As = smem;
+    T* Bs = smem + S * SA;
+    const long long steps = cdiv(k_end - k_begin, KD);
+    auto load = [&](int s, long long step) {
+        const long long k0 = k_begin + step * KD;
+        if (A_MN) load_mnmajor<T, KD>(As + s * SA, fa, k0, m0, k_end, ma);
+        else load_kmajor<T, 128, KD>(As + s * SA, fa, m0, k0, ma, k_end);
+        if (B_MN) load_mnmajor<T, KD>(Bs + s * SB, fb, k0, n0, k_end, nb);
+        else load_kmajor<T, 128, KD>(Bs + s * SB, fb, n0, k0, nb, k_end);
+    };
 #pragma unroll
     for (int s = 0; s < S - 1; ++s) {
         if (s < steps) load(s, static_cast<long long>(s));
@@ -72,12 +115,20 @@ __device__ __forceinline__ void ring_sm90(float (&d)[64], T* As, T* Bs, long lon
         __syncthreads();  // ... for every thread, and every warpgroup is done with the stage loaded next
         if (step + S - 1 < steps) load(stage == 0 ? S - 1 : stage - 1, step + S - 1);
         cp_async_commit();
-        hook(stage);
+        hook(Bs + stage * SB);
         product<T, A_MN, B_MN, KD, true>(d, As + stage * SA, Bs + stage * SB);
         stage = stage == S - 1 ? 0 : stage + 1;
     }
     cp_async_wait<0>();
     __syncthreads();
+}
+
+// The ring's dynamic shared memory (checked against what the launch gave) and a zeroed accumulator.
+template <typename T> __device__ __forceinline__ T* ring_memory(unsigned char* smem, float (&d)[64]) {
+    require_shared(static_cast<unsigned>(RING_ELEMENTS * sizeof(T)));
+#pragma unroll
+    for (int i = 0; i < 64; ++i) d[i] = 0.0f;
+    return reinterpret_cast<T*>(smem);
 }
 
 // f(row, col, v0, v1) for each pair of neighbouring columns this thread holds of the block's 128 x 128 tile
