@@ -4,7 +4,8 @@ GPU tests (marked `gpu`) compare each dtype with the torch backend's op run in f
 (rounded) inputs, as max-normalised errors. The shapes are ragged (channels, H, W and 2·L·k off every tile
 size; several pixel blocks with a partial last one; O over one and over several epilogue tiles) and each
 on-chip width of the fused forward (RP = 16, 32, 64, 128, 192, 256) and of the rank kernel (16, 32, 64)
-runs at least once; each kernel family (halo tiles of 64 and 128 pixels, generic) is forced in turn.
+runs at least once; each kernel family (halo tiles of 64 and 128 pixels, their halo loaded through registers
+or copied by cp.async, generic) is forced in turn.
 CPU tests check the limits and the allocation rules (fake kernels, on meta tensors), and run the halo
 kernels themselves on the CPU under the CUDA emulation of emulation/cuda_emulation.h
 (harness: sketched_conv2d_emulation/harness.cpp) against float64 loops.
@@ -60,7 +61,7 @@ CASES = {
 # Cases every kernel family takes (R <= 64): run with each forced (forward.VARIANT).
 HALO_CASES = ["3x3_R6", "1x1_N1_R20", "5x5_pad2_R48", "stride2_R6", "dilation2_pad2", "chunks_C40_R30_O70",
               "1x1_rows8_R32", "3x3_W16_R24"]
-VARIANTS = ["halo64", "halo128", "halo64:1x64", "generic"]
+VARIANTS = ["halo64", "halo128", "halo64:1x64", "async64", "async128", "generic"]
 
 
 def make_inputs(N, C, H, W, O, terms, k, ks, dtype, device="cuda", bias=True, seed=0):
@@ -155,7 +156,7 @@ def test_matches_float64_reference(name, dtype, ieee_float32):
 
 @pytest.fixture
 def variant(request):
-    """forward.VARIANT forced for the test (the kernel family: halo64, halo128, generic)."""
+    """forward.VARIANT forced for the test (the kernel family: halo64, halo128, async64, async128, generic)."""
     previous = forward.VARIANT
     forward.VARIANT = request.param
     yield request.param
@@ -176,7 +177,9 @@ def test_each_kernel_family(name, dtype, layout, variant, ieee_float32):
         S = inputs[1].reshape(R, -1)
         Ho, Wo = torch.nn.functional.conv2d(x[:1].float(), S.float().view(R, x.shape[1], *inputs[1].shape[3:]),
                                             None, *conv).shape[2:]
-        assert forward._halo(x, S, R, inputs[1].shape[3:], *conv, (Ho, Wo)) is not None
+        _, plan = forward._halo(x, S, R, inputs[1].shape[3:], *conv, (Ho, Wo))
+        copy = forward.async_copy_bytes(x, x.stride(1) < x.stride(3)) if variant.startswith("async") else 0
+        assert forward.halo_loader(plan[3]) == (forward.LOAD_ASYNC if copy else forward.LOAD_ELEMENTS), plan
     run_and_compare((x, *inputs[1:]), conv, GRADS, TOL[dtype])
 
 
@@ -519,9 +522,9 @@ def test_exact_float32_selects_the_ffma_kernels():
         (y,) = forward.forward_outputs(x.half(), S1s.half(), U1s.half(), None, 1, 1, 1, 1, 1, 1, False)
         forward.sketched_conv2d_forward(y, x.half(), S1s.half(), U1s.half(), None, *conv, False)
     assert [c[0] for c in rec.calls] == [
-        "panther::sketched_conv2d_fwd_halo<float, 16, true, 64>",
-        "panther::sketched_conv2d_fwd_halo<float, 16, false, 64>",
-        "panther::sketched_conv2d_fwd_halo<__half, 16, false, 64>",
+        "panther::sketched_conv2d_fwd_halo<float, 16, true, 64, 0>",
+        "panther::sketched_conv2d_fwd_halo<float, 16, false, 64, 0>",
+        "panther::sketched_conv2d_fwd_halo<__half, 16, false, 64, 0>",
     ]
 
 
@@ -533,7 +536,8 @@ def test_halo_launch_arguments(channels_last):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     R = 30
-    for variant, bm in ((None, 64), ("halo64", 64), ("halo128", 128), ("halo64:4x16", 64), ("generic", None)):
+    for variant, bm in ((None, 64), ("halo64", 64), ("halo128", 128), ("halo64:4x16", 64), ("async64", 64),
+                        ("generic", None)):
         rec = _Recorder()
         with mock.patch.object(forward.Kernel, "__call__", lambda self, *a, **k: rec(self, *a, **k)), \
                 mock.patch.object(forward, "VARIANT", variant):
@@ -548,13 +552,18 @@ def test_halo_launch_arguments(channels_last):
                                                  "panther::conv_rank<__nv_bfloat16, 32, false>",
                                                  "panther::conv_rank<__nv_bfloat16, 32, false>"]
             continue
-        assert fwd_call[0] == f"panther::sketched_conv2d_fwd_halo<__nv_bfloat16, 32, false, {bm}>"
-        assert dz_call[0] == z_call[0] == f"panther::conv_rank_halo<__nv_bfloat16, 32, false, {bm}, false>"
+        copies = variant == "async64"  # x (2, 40, 9, 11): NCHW rows of 11 take no copies, channels_last 8 channels
+        load = forward.LOAD_ASYNC if copies and channels_last else forward.LOAD_ELEMENTS
+        assert fwd_call[0] == f"panther::sketched_conv2d_fwd_halo<__nv_bfloat16, 32, false, {bm}, {load}>"
+        assert z_call[0] == f"panther::conv_rank_halo<__nv_bfloat16, 32, false, {bm}, {load}>"
+        # g: NCHW rows of 11, no copies
+        assert dz_call[0] == f"panther::conv_rank_halo<__nv_bfloat16, 32, false, {bm}, {forward.LOAD_ELEMENTS}>"
         _check_arguments(fwd_call, "sketched_conv2d_fwd_halo")
         _check_arguments(dz_call, "conv_rank_halo")
         _check_arguments(z_call, "conv_rank_halo")
         tile = (4, 16) if variant == "halo64:4x16" else None
-        th, tw, cc, flags, hb = forward.halo_plan(x, S1s.reshape(R, -1), R, (3, 3), *conv, (9, 11), bm, tile)
+        th, tw, cc, flags, hb = forward.halo_plan(x, S1s.reshape(R, -1), R, (3, 3), *conv, (9, 11), bm, tile,
+                                                  copies=copies and channels_last)
         assert tile is None or (th, tw) == (4, 11)  # the forced tile, clipped to the output's 11 columns
         assert [int(a) for a in fwd_call[3][-4:]] == [th, tw, cc, flags]
         assert fwd_call[1] == (2 * -(-9 // th) * -(-11 // tw),)
@@ -579,12 +588,12 @@ def test_backward_reads_nchw_rows_of_g_in_8_byte_loads(channels_last):
         g = torch.randn(y.shape, dtype=y.dtype).contiguous(memory_format=forward.memory_format(x))
         backward.sketched_conv2d_backward(grads, g, x, S1s, U1s, *conv, (True,) * 4, True)
     fwd_call, dz_call, z_call = rec.calls
-    assert fwd_call[0] == "panther::sketched_conv2d_fwd_halo<__nv_bfloat16, 32, false, 64>"
+    assert fwd_call[0] == "panther::sketched_conv2d_fwd_halo<__nv_bfloat16, 32, false, 64, 0>"
     assert not int(fwd_call[3][-1]) & forward.HALO_VECTOR
     vector = not channels_last
-    assert dz_call[0] == f"panther::conv_rank_halo<__nv_bfloat16, 32, false, 64, {'true' if vector else 'false'}>"
+    assert dz_call[0] == f"panther::conv_rank_halo<__nv_bfloat16, 32, false, 64, {1 if vector else 0}>"
     assert bool(int(dz_call[3][-1]) & forward.HALO_VECTOR) == vector
-    assert z_call[0] == "panther::conv_rank_halo<__nv_bfloat16, 32, false, 64, false>"  # x padded by 1
+    assert z_call[0] == "panther::conv_rank_halo<__nv_bfloat16, 32, false, 64, 0>"  # x padded by 1
 
 
 def test_halo_plans_of_the_benchmark_cases():
@@ -755,21 +764,39 @@ def _emu_id(c):
     return "{}_{}_N{}_C{}_{}x{}_O{}_T{}_R{}_k{}x{}_s{}{}_p{}{}_d{}{}_bm{}".format(*c[:9], *c[9], *c[10], *c[11], *c[12], c[13])
 
 
-@pytest.mark.parametrize("case", EMU_CASES, ids=_emu_id)
-def test_halo_kernels_under_emulation(conv_emulator, case):
-    """sketched_conv2d_fwd_halo (y) and conv_rank_halo (z) with the plan the host code picks, against float64."""
-    mode, layout, N, C, H, W, O, terms, R, ks, st, pd, dl, bm, bias = case
+# The halo copied by cp.async (the `async` variants), with the copy size x's alignment allows (last item):
+# NCHW rows in 16-, 8- and 4-byte copies from an aligned column left of the tile, channels_last pixels in
+# whole copies of channels (chunks past C zero-filled), zero padding, strides, dilation, 1x1.
+EMU_ASYNC_CASES = [
+    ("bfloat16", "nchw", 2, 40, 9, 16, 70, 2, 30, (3, 3), (1, 1), (1, 1), (1, 1), 64, 1, 16),  # chunks 16+16+8
+    ("bfloat16", "nchw", 1, 20, 11, 12, 9, 2, 17, (3, 3), (2, 2), (1, 1), (1, 1), 128, 0, 8),  # stride 2
+    ("float16", "nchw", 2, 7, 8, 6, 9, 2, 12, (3, 3), (1, 1), (2, 2), (2, 2), 64, 1, 4),  # dilation 2, 2 elements
+    ("float16", "nchw", 1, 150, 4, 16, 11, 2, 40, (1, 1), (1, 1), (0, 0), (1, 1), 64, 1, 16),  # 1x1, the dZ shape
+    ("float32", "nchw", 1, 9, 10, 10, 7, 2, 10, (3, 3), (1, 1), (0, 0), (1, 1), 64, 1, 8),
+    ("float32", "nchw", 2, 5, 9, 11, 7, 2, 6, (5, 5), (1, 1), (2, 2), (1, 1), 64, 1, 4),  # 4-byte copies, odd W
+    ("tf32", "nchw", 1, 24, 7, 12, 66, 4, 64, (3, 3), (1, 1), (1, 1), (1, 1), 128, 1, 16),  # RP = 64, O = 66
+    ("bfloat16", "channels_last", 1, 40, 9, 11, 70, 2, 30, (3, 3), (1, 1), (1, 1), (1, 1), 64, 1, 16),
+    ("float16", "channels_last", 2, 12, 7, 9, 9, 2, 16, (3, 3), (2, 1), (1, 0), (1, 1), 128, 1, 8),
+    ("float32", "channels_last", 1, 19, 13, 12, 9, 2, 17, (3, 3), (2, 2), (0, 0), (1, 1), 64, 0, 4),
+    ("tf32", "channels_last", 2, 20, 8, 8, 33, 2, 24, (3, 3), (1, 1), (1, 1), (1, 1), 64, 1, 16),
+    ("bfloat16", "channels_last", 1, 136, 6, 7, 12, 2, 32, (1, 1), (1, 1), (0, 0), (1, 1), 64, 1, 16),
+]
+
+
+def _run_harness(conv_emulator, case, vector=False, copy=0):
+    """Runs the harness on the plan the host code picks for ``case``; checks y and z against float64."""
+    mode, layout, N, C, H, W, O, terms, R, ks, st, pd, dl, bm, bias = case[:15]
     dtype = EMU_DTYPES[mode]
     x = torch.empty(N, C, H, W, dtype=dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     S = torch.empty(R, C * ks[0] * ks[1], dtype=dtype)
     Ho, Wo = (forward.output_size(n, k, s, p, d) for n, k, s, p, d in zip((H, W), ks, st, pd, dl))
-    vector = case in EMU_CASES[-4:]  # the cases meant for 8-byte loads: z only (the forward has no such loader)
-    plan = forward.halo_plan(x, S, R, ks, st, pd, dl, (Ho, Wo), bm, vector_rows=vector)
+    plan = forward.halo_plan(x, S, R, ks, st, pd, dl, (Ho, Wo), bm, vector_rows=vector, copies=copy > 0)
     assert plan is not None
     th, tw, cc, flags, hb = plan
     assert bool(flags & forward.HALO_VECTOR) == vector
+    assert flags & sum(forward.HALO_ASYNC.values()) == forward.HALO_ASYNC.get(copy, 0), plan
     rp = next(w for w in forward.HALO_RANKS if w >= R)
     shared = forward.halo_shared_bytes(dtype, rp, bm, hb)
     args = [mode, layout, N, C, H, W, O, terms, R, *ks, *st, *pd, *dl, bm, th, tw, cc, flags, shared, bias]
@@ -779,3 +806,15 @@ def test_halo_kernels_under_emulation(conv_emulator, case):
     assert set(errs) == ({"z"} if vector else {"y", "z"})
     bad = {k: v for k, v in errs.items() if not v <= EMU_TOL[mode]}
     assert not bad, f"errors above {EMU_TOL[mode]:g}: {bad} (all: {errs}; plan {plan})"
+
+
+@pytest.mark.parametrize("case", EMU_CASES, ids=_emu_id)
+def test_halo_kernels_under_emulation(conv_emulator, case):
+    """sketched_conv2d_fwd_halo (y) and conv_rank_halo (z) with the plan the host code picks, against float64."""
+    _run_harness(conv_emulator, case, vector=case in EMU_CASES[-4:])  # 8-byte loads: z only (no such forward)
+
+
+@pytest.mark.parametrize("case", EMU_ASYNC_CASES, ids=_emu_id)
+def test_async_halo_kernels_under_emulation(conv_emulator, case):
+    """The same with the halo copied by cp.async, in the copies the case's alignment allows."""
+    _run_harness(conv_emulator, case, copy=case[-1])

@@ -7,10 +7,12 @@ bf16), NCHW and channels_last: the forward (under no_grad) and forward+backward 
 W and bias, as a training step asks) of each implementation, each captured in a CUDA graph and replayed;
 the L2 is flushed before each replay, outside the timed events; median and 20th / 80th percentiles of
 --reps replays after warm-up. Implementations: ``cuda`` (the default choice), ``cuda:<variant>`` for each
-forward.VARIANT in VARIANTS (halo64, halo128, generic, forced tiles), ``torch`` (the torch backend), ``F.conv2d``
-(the dense layer), and with --compiled the peer a user would write (one conv to 2Lk channels, then the
-1x1 projection, under torch.compile). Each cuda variant's y is checked against a float32 reference
-first (max-normalised error printed). Prints a table; writes every number and the halo plan to --out.
+forward.VARIANT in VARIANTS (halo64, halo128, their cp.async loaders async64 and async128, generic, forced
+tiles), ``torch`` (the torch backend), ``F.conv2d`` (the dense layer), and with --compiled the peer a user
+would write (one conv to 2Lk channels, then the 1x1 projection, under torch.compile). Each cuda variant's y
+is checked against a float32 reference first (max-normalised error printed). For ``cuda`` and ``F.conv2d``
+also each kernel's time (torch.profiler, eager calls, L2 not flushed), forward and fwd+bwd: where the time
+goes. Prints tables; writes every number and the halo plan to --out.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from panther_cuda.ops.sketched_conv2d import forward
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # graph_timing, beside this file
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))  # harness: benchmarks/run.py's peers
-from graph_timing import capture, replay_ms  # noqa: E402
+from graph_timing import capture, kernel_times, replay_ms  # noqa: E402
 from harness.cases import concat_conv2d as _concat_conv2d  # noqa: E402
 
 CASES = [  # (N, C, O, H, W, L, k)
@@ -40,7 +42,8 @@ CASES = [  # (N, C, O, H, W, L, k)
     (64, 256, 256, 28, 28, 1, 32),
 ]
 # forward.VARIANT values: the default choice, each family, and a few forced tiles (TH x TW output pixels)
-VARIANTS = [None, "halo64", "halo128", "generic", "halo64:4x16", "halo64:2x32", "halo64:1x64", "halo128:4x32"]
+VARIANTS = [None, "halo64", "halo128", "async64", "async128", "generic", "halo64:4x16", "async64:4x16", "halo64:2x32",
+            "halo64:1x64", "halo128:4x32"]
 FLUSH = torch.empty(0)
 
 
@@ -98,6 +101,22 @@ def measure(fn, args, grads_of, gy, reps):
     return fwd, both
 
 
+def kernels(fn, args, grads_of, gy):
+    """The kernels of fn(*args): forward (no_grad) and fwd+bwd, each with its launches per call and microseconds."""
+    leaves = [a.detach().requires_grad_(i in grads_of) for i, a in enumerate(args)]
+
+    def fwd():
+        with torch.no_grad():
+            fn(*args)
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        fn(*leaves).backward(gy)
+
+    return {"fwd": kernel_times(fwd), "fwd+bwd": kernel_times(step)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="conv_sweep.json")
@@ -139,7 +158,10 @@ def main():
                 try:
                     with variant(extra.get("variant")):
                         fwd, both = measure(fn, args, grads_of, gy, a.reps)
-                    rows.append({"case": label, "impl": name, "fwd": fwd, "fwd_bwd": both, **extra})
+                    row = {"case": label, "impl": name, "fwd": fwd, "fwd_bwd": both, **extra}
+                    if name in ("cuda", "F.conv2d"):
+                        row["kernels"] = kernels(fn, args, grads_of, gy)
+                    rows.append(row)
                 except Exception as e:  # a failing variant is reported, the sweep goes on
                     rows.append({"case": label, "impl": name, "error": f"{type(e).__name__}: {e}", **extra})
     print(f"{'case':44s} {'impl':14s} {'fwd ms':>8s} {'fwd+bwd':>8s} {'x conv':>7s} {'rel err':>9s}  plan")
@@ -155,6 +177,12 @@ def main():
         plan_s = "" if plan is None else f"BM={plan['BM']} {plan['TH']}x{plan['TW']} CC={plan['CC']} flags={plan['flags']}"
         print(f"{r['case']:44s} {r['impl']:14s} {r['fwd']['median_ms']:8.3f} {r['fwd_bwd']['median_ms']:8.3f} "
               f"{speed:6.2f}x {err:>9s}  {plan_s}")
+    print("\nkernels of the default cuda plan and of F.conv2d (torch.profiler, eager calls, L2 not flushed)\n"
+          "| case | impl | pass | kernel | per call | us |\n|---|---|---|---|---:|---:|")
+    for r in rows:
+        for what, ks in r.get("kernels", {}).items():
+            for k in ks:
+                print(f"| {r['case']} | {r['impl']} | {what} | {k['kernel'][:90]} | {k['per_call']:g} | {k['us']:.1f} |")
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "reps": a.reps,
             "seconds": round(time.time() - t0, 1)}
     with open(a.out, "w") as f:

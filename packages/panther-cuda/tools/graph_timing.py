@@ -1,5 +1,5 @@
-"""CUDA-graph timing shared by the sweep tools: a call captured once in a CUDA graph, its replays timed by CUDA
-events (the device's time, without the host's)."""
+"""Timing shared by the sweep tools: a call captured once in a CUDA graph, its replays timed by CUDA events (the
+device's time, without the host's); the kernels a call launches, each timed by torch.profiler."""
 
 from __future__ import annotations
 
@@ -43,3 +43,24 @@ def replay_ms(graph: "torch.cuda.CUDAGraph", reps: int, flush: Optional[torch.Te
         end.record()
     torch.cuda.synchronize()
     return [start.elapsed_time(end) for start, end in events]
+
+
+def kernel_times(fn: Callable[[], object], calls: int = 10) -> List[dict]:
+    """Each kernel ``fn`` launches, with its launches per call and mean microseconds (torch.profiler, CUPTI,
+    over ``calls`` eager calls after one untimed call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    out = []
+    for e in prof.key_averages():
+        total = getattr(e, "device_time_total", None)
+        if total is None:
+            total = getattr(e, "cuda_time_total", 0)
+        if total > 0 and e.count:
+            out.append({"kernel": e.key, "per_call": e.count / calls, "us": total / e.count})
+    return sorted(out, key=lambda r: -r["us"] * r["per_call"])

@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # graph_timing, beside this file
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))  # harness: benchmarks/run.py's peers
-from graph_timing import capture, replay_ms  # noqa: E402
+from graph_timing import capture, kernel_times, replay_ms  # noqa: E402
 from harness.cases import concat_linear  # noqa: E402
 
 SHAPES = [(4096, 4096, 4096), (4096, 8192, 8192), (128, 1024, 1024), (128, 8192, 8192)]
@@ -181,27 +181,6 @@ def cuda_rows(T, I, O, inputs, replays) -> Tuple[List[dict], dict]:
         kernels["bwd hopper"] = kernel_times(
             lambda: sketched_linear_backward(grad, x, h, S1s, S2s, U1s, U2s, NEEDS, hopper=True))
     return rows, kernels
-
-
-def kernel_times(fn: Callable[[], object], calls: int = 10) -> List[dict]:
-    """Each kernel ``fn`` launches, with its launches per call and mean microseconds (torch.profiler, CUPTI,
-    over ``calls`` eager calls after one untimed call)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    out = []
-    for e in prof.key_averages():
-        total = getattr(e, "device_time_total", None)
-        if total is None:
-            total = getattr(e, "cuda_time_total", 0)
-        if total > 0 and e.count:
-            out.append({"kernel": e.key, "per_call": e.count / calls, "us": total / e.count})
-    return sorted(out, key=lambda r: -r["us"] * r["per_call"])
 
 
 def autograd_rows(impl: str, fn, leaves: list, grad, replays) -> List[dict]:

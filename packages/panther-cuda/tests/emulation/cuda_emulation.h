@@ -4,7 +4,7 @@
 // with round-to-nearest conversions, cvt.rna.tf32, and mma.sync (each lane's fragments are gathered
 // per warp and the product taken from the PTX ISA fragment layouts, written out here independently of
 // common.cuh's loaders), ldmatrix (each lane's row addresses gathered per warp, the PTX ISA layout
-// applied), cp.async (each copy's 16 bytes read at issue and written to shared memory
+// applied), cp.async (each copy's 4, 8 or 16 bytes read at issue and written to shared memory
 // only when a wait_group retires its group: a read of a stage before its wait sees stale bytes), and the
 // sm_90a warpgroup MMA of wgmma.cuh (descriptors decoded per the PTX ISA's no-swizzle canonical layouts,
 // each product taken when a wait_group retires its group: shared memory rewritten before the wait shows).
@@ -35,11 +35,11 @@ inline unsigned g_dynamic_smem;
 // the one inline assembly left in the kernels, tile.cuh's require_shared: `have` = the dynamic shared memory
 #define asm(...) (have = g_dynamic_smem)
 
-// cp.async.cg.shared.global 16 / commit_group / wait_group, per thread, and ldmatrix below (the kernels
-// use these in place of the inline assembly of common.cuh and tile.cuh when PANTHER_PTX_EMULATED is defined): cp.async's two
-// addresses must be 16-byte aligned.
+// cp.async (16 bytes, and 4, 8 or 16 bytes with a source size) / commit_group / wait_group, per thread, and
+// ldmatrix below (the kernels use these in place of the inline assembly of common.cuh and tile.cuh when
+// PANTHER_PTX_EMULATED is defined): cp.async's two addresses must be aligned to the copy's size.
 #define PANTHER_PTX_EMULATED 1
-struct EmuCopy { void* dst; unsigned char data[16]; };
+struct EmuCopy { void* dst; unsigned size; unsigned char data[16]; };
 inline thread_local std::vector<EmuCopy> g_cp_open;                  // issued since the last commit
 inline thread_local std::vector<std::vector<EmuCopy>> g_cp_groups;  // committed, oldest first
 inline void cp_async16(void* s, const void* g) {
@@ -49,6 +49,7 @@ inline void cp_async16(void* s, const void* g) {
     }
     EmuCopy c;
     c.dst = s;
+    c.size = 16;
     std::memcpy(c.data, g, 16);
     g_cp_open.push_back(c);
 }
@@ -60,14 +61,29 @@ inline void cp_async16_zfill(void* s, const void* g, unsigned bytes) {
     }
     EmuCopy c;
     c.dst = s;
+    c.size = 16;
     std::memset(c.data, 0, 16);
     if (bytes) std::memcpy(c.data, g, bytes);
+    g_cp_open.push_back(c);
+}
+// cp.async of B = 4, 8 or 16 bytes with a source size of 0 (zeros, g not read) or B; addresses aligned to B
+template <int B> inline void cp_async_zfill(void* s, const void* g, unsigned bytes) {
+    static_assert(B == 4 || B == 8 || B == 16, "cp.async copies 4, 8 or 16 bytes");
+    if ((reinterpret_cast<unsigned long long>(s) | reinterpret_cast<unsigned long long>(g)) % B || (bytes != 0 && bytes != B)) {
+        std::fprintf(stderr, "cp.async: misaligned address or a partial source size\n");
+        std::abort();
+    }
+    EmuCopy c;
+    c.dst = s;
+    c.size = B;
+    std::memset(c.data, 0, 16);
+    if (bytes) std::memcpy(c.data, g, B);
     g_cp_open.push_back(c);
 }
 inline void cp_async_commit() { g_cp_groups.push_back(std::move(g_cp_open)); g_cp_open.clear(); }
 template <int N> inline void cp_async_wait() {
     while (g_cp_groups.size() > static_cast<size_t>(N)) {
-        for (const EmuCopy& c : g_cp_groups.front()) std::memcpy(c.dst, c.data, 16);
+        for (const EmuCopy& c : g_cp_groups.front()) std::memcpy(c.dst, c.data, c.size);
         g_cp_groups.erase(g_cp_groups.begin());
     }
 }

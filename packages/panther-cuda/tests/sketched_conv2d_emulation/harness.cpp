@@ -1,5 +1,6 @@
-// Runs the halo kernels of sketched_conv2d.cu (sketched_conv2d_fwd_halo, conv_rank_halo; with the plan's
-// flag HALO_VECTOR conv_rank_halo's 8-byte loader alone, which the forward does not have) on the CPU under
+// Runs the halo kernels of sketched_conv2d.cu (sketched_conv2d_fwd_halo, conv_rank_halo, with the loader the
+// plan's flags name: HALO_ASYNC* the cp.async copies, HALO_VECTOR conv_rank_halo's 8-byte loader alone,
+// which the forward does not have, else element loads) on the CPU under
 // ../emulation/cuda_emulation.h and prints, for y and z, the max-normalised error against
 // float64 loops written here from the op's definition (|got - ref|max / |ref|max). Outputs start as NaN
 // and shared memory as NaN bytes before every block, so a value a kernel forgets to write, or reads before
@@ -52,22 +53,22 @@ static void run(const Args& a) {
     Buf<T> y(M * a.O), z(M * a.R);
     const float scale = 1.0f / a.terms, zscale = 0.75f;
     const long long blocks = a.N * cdv(Ho, a.TH) * cdv(Wo, a.TW);
-    const bool xvec = (a.flags & conv::HALO_VECTOR) != 0;  // conv_rank_halo's 8-byte loader; no forward then
+    const bool async = (a.flags & conv::HALO_ASYNC) != 0;
+    const bool xvec = !async && (a.flags & conv::HALO_VECTOR) != 0;  // conv_rank_halo's 8-byte loader; no forward then
+    auto fwd = async ? sketched_conv2d_fwd_halo<T, RP, EXACT, BM, conv::LOAD_ASYNC>
+                     : sketched_conv2d_fwd_halo<T, RP, EXACT, BM, conv::LOAD_ELEMENTS>;
+    auto rank = async ? conv_rank_halo<T, RP, EXACT, BM, conv::LOAD_ASYNC>
+                : xvec ? conv_rank_halo<T, RP, EXACT, BM, conv::LOAD_ROWS8>
+                       : conv_rank_halo<T, RP, EXACT, BM, conv::LOAD_ELEMENTS>;
     if (!xvec) launch(blocks, a.shared, [&] {
-        sketched_conv2d_fwd_halo<T, RP, EXACT, BM>(x.p(), S.p(), U.p(), a.bias ? b.p() : nullptr, y.p(), a.C, a.H, a.W, Ho,
+        fwd(x.p(), S.p(), U.p(), a.bias ? b.p() : nullptr, y.p(), a.C, a.H, a.W, Ho,
                                                    Wo, a.kh, a.kw, a.sh, a.sw, a.ph, a.pw, a.dh, a.dw, M, a.R, a.O, sx[0],
                                                    sx[1], sx[2], sx[3], sy[0], sy[1], sy[2], sy[3], scale, a.TH, a.TW,
                                                    a.CC, a.flags);
     });
     launch(blocks, a.shared, [&] {
-        if (xvec)
-            conv_rank_halo<T, RP, EXACT, BM, true>(x.p(), S.p(), z.p(), a.C, a.H, a.W, Ho, Wo, a.kh, a.kw, a.sh, a.sw, a.ph,
-                                                   a.pw, a.dh, a.dw, M, a.R, sx[0], sx[1], sx[2], sx[3], sz[0], sz[1], sz[2],
-                                                   sz[3], zscale, a.TH, a.TW, a.CC, a.flags);
-        else
-            conv_rank_halo<T, RP, EXACT, BM, false>(x.p(), S.p(), z.p(), a.C, a.H, a.W, Ho, Wo, a.kh, a.kw, a.sh, a.sw, a.ph,
-                                                    a.pw, a.dh, a.dw, M, a.R, sx[0], sx[1], sx[2], sx[3], sz[0], sz[1], sz[2],
-                                                    sz[3], zscale, a.TH, a.TW, a.CC, a.flags);
+        rank(x.p(), S.p(), z.p(), a.C, a.H, a.W, Ho, Wo, a.kh, a.kw, a.sh, a.sw, a.ph, a.pw, a.dh, a.dw, M, a.R, sx[0],
+             sx[1], sx[2], sx[3], sz[0], sz[1], sz[2], sz[3], zscale, a.TH, a.TW, a.CC, a.flags);
     });
     // float64 reference from the definition: Z[n, r, oh, ow] = Σ_{c, i, j} x[n, c, oh sh - ph + i dh, ...] S[r, c, i, j]
     std::vector<double> Z(M * a.R), gy(M * a.O), ry(M * a.O), gz(M * a.R), rz(M * a.R);

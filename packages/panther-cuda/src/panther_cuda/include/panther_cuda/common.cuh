@@ -137,6 +137,17 @@ __device__ __forceinline__ void cp_async16_zfill(void* s, const void* g, unsigne
     const unsigned sa = static_cast<unsigned>(__cvta_generic_to_shared(s));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(g), "r"(bytes) : "memory");
 }
+// B = 4, 8 or 16 bytes (s and g aligned to B) with a source size of 0 or B: zeros, or a copy (the narrow
+// copies go through L1, .ca; cp.async has no 4- or 8-byte .cg).
+template <int B> __device__ __forceinline__ void cp_async_zfill(void* s, const void* g, unsigned bytes) {
+    static_assert(B == 4 || B == 8 || B == 16, "cp.async copies 4, 8 or 16 bytes");
+    const unsigned sa = static_cast<unsigned>(__cvta_generic_to_shared(s));
+    if constexpr (B == 16) {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(g), "r"(bytes) : "memory");
+    } else {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(sa), "l"(g), "n"(B), "r"(bytes) : "memory");
+    }
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");

@@ -7,7 +7,8 @@
 
 Two kernel families compute the same math. The halo kernels (``*_halo``, R <= 64) take a tile of TH x TW
 output pixels of one image per block and load the input halo of those pixels, a chunk of CC channels at
-a time, into shared memory with coalesced loads; :func:`halo_plan` picks the tile and the chunk, or
+a time, into shared memory with coalesced loads (through registers, or with the ``async`` variants by
+cp.async copies of 4, 8 or 16 bytes); :func:`halo_plan` picks the tile and the chunk, or
 returns None where the limits of those kernels are passed (R > 64, a kernel window of more than 144
 taps, a halo row too wide), and the generic kernels (``sketched_conv2d_fwd``, ``conv_rank``: 64 output
 pixels per block gathered element by element) take the rest. :data:`VARIANT` forces one of them.
@@ -38,13 +39,17 @@ HALO_TILES = (64, 128)  # output pixels per block of the halo kernels (template 
 HALO_RANKS = (16, 32, 64)  # their widths RP of Z (>= R)
 HALO_PASSES = 16  # halo elements one thread loads per channel chunk, at most (conv::HALO_PASSES)
 KC_MAX = 144  # im2col depth of one channel chunk, CC·kh·kw, at most (conv::KC_MAX)
-# the halo kernels' flags (conv::HALO_CHANNELS_INNER, conv::S_VECTOR, conv::HALO_VECTOR)
+# the halo kernels' flags (conv::HALO_CHANNELS_INNER, conv::S_VECTOR, conv::HALO_VECTOR, conv::HALO_ASYNC*)
 HALO_CHANNELS_INNER, S_VECTOR, HALO_VECTOR = 1, 2, 4
+HALO_ASYNC = {4: 8, 8: 16, 16: 32}  # bytes per cp.async copy -> flag
 HALO_VPASSES = HALO_PASSES // 2  # 8-byte halo loads one thread makes per channel chunk, at most
+ASYNC_PASSES = 8  # cp.async copies of the halo one thread issues per channel chunk, at most (conv::ASYNC_PASSES)
+LOAD_ELEMENTS, LOAD_ROWS8, LOAD_ASYNC = 0, 1, 2  # the halo loaders (the kernels' template parameter LOAD)
 MAX_SHARED = 99 * 1024  # dynamic shared memory a plan may take (the opt-in limit of sm_86 / sm_89)
 # None: the halo kernels with BM = 64 where halo_plan allows, else the generic ones; "halo64" /
 # "halo128": that many pixels per block where allowed (else generic), "halo64:4x16": with that tile of
-# TH x TW output pixels (clipped to the output) where allowed; "generic": the generic kernels. For timing.
+# TH x TW output pixels (clipped to the output) where allowed; "async64", "async128", "async64:8x8": the
+# same with the halo copied by cp.async where x is aligned for it; "generic": the generic kernels. For timing.
 VARIANT: Optional[str] = None
 
 _CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
@@ -52,7 +57,7 @@ _kernels: Dict[Tuple[str, str, int, bool], Kernel] = {}
 
 
 def _kernel(name: str, dtype: torch.dtype, width: int, exact: bool, *more) -> Kernel:
-    """The instance name<T, width, exact, *more> (more: the halo kernels' BM and, for conv_rank_halo, XVEC)."""
+    """The instance name<T, width, exact, *more> (more: the halo kernels' BM and LOAD)."""
     key = (name, _CTYPES[dtype], width, exact, *more)
     kernel = _kernels.get(key)
     if kernel is None:
@@ -95,6 +100,32 @@ def halo_extent(tile: int, kernel: int, stride: int, dilation: int) -> int:
     return (tile - 1) * stride + (kernel - 1) * dilation + 1
 
 
+def halo_buffer(cc: int, IH: int, IW: int, channels_inner: bool, copy: int, size: int) -> Tuple[int, int]:
+    """(elements of one halo buffer, row width) of the halo kernels (sketched_conv2d.cu: halo_tile): channel
+    planes of IH rows of IW elements, plus a zero plane; with cp.async copies of ``copy`` bytes, NCHW rows
+    widened to hold every aligned copy, or channels_last pixels of CCP channels (whole 16-byte units, an odd
+    count, at least one zero channel)."""
+    V = copy // size
+    if copy and channels_inner:
+        units = cc * size // 16 + 1
+        ccp = (units + 1 - units % 2) * 16 // size
+        return cdiv(IH * IW * ccp, 8) * 8, ccp
+    width = (IW + 2 * V - 2) // V * V if copy else IW
+    return cdiv((cc + 1) * IH * width, 8) * 8, width
+
+
+def _async_chunk(C: int, KK: int, IH: int, IW: int, channels_inner: bool, V: int) -> int:
+    """The most channels per chunk of the cp.async loader (0: none fit): CC·kh·kw <= KC_MAX, at most
+    ASYNC_PASSES copies of V elements per thread, a whole number of copies per pixel (channels_last)."""
+    most = min(C, KC_MAX // KK)
+    if channels_inner:
+        return min(most, ASYNC_PASSES * THREADS // (IH * IW) * V) // V * V
+    width = (IW + 2 * V - 2) // V * V
+    if max(IH, IW, width // V) >= 2048:  # the copies' coordinates are packed in 11 bits
+        return 0
+    return max(0, min(most, ASYNC_PASSES * THREADS // (IH * width // V)))
+
+
 def _halo_chunk(C: int, KK: int, IH: int, IW: int, channels_inner: bool) -> int:
     """The most channels per chunk (0: none fit): CC·kh·kw <= KC_MAX and each thread's share of the chunk's
     halo <= HALO_PASSES, with lanes along iw (a row of IW <= THREADS) or along c (CC <= THREADS)."""
@@ -106,33 +137,54 @@ def _halo_chunk(C: int, KK: int, IH: int, IW: int, channels_inner: bool) -> int:
     return max(0, min(most, HALO_PASSES * (THREADS // IW) // IH))
 
 
+def async_copy_bytes(x: Tensor, channels_inner: bool) -> int:
+    """The widest cp.async copy (16, 8 or 4 bytes) that every copy of x's halo can make aligned, or 0: x's
+    pointer and strides (but the innermost, 1) aligned to it, and whole copies along the innermost axis
+    (W for NCHW, C for channels_last), which then lie wholly inside or outside the image."""
+    size = x.element_size()
+    inner = 1 if channels_inner else 3
+    if x.stride(inner) != 1:
+        return 0
+    for copy in (16, 8, 4):
+        V = copy // size
+        if V >= 1 and x.data_ptr() % copy == 0 and x.shape[inner] % V == 0 and all(
+                s % V == 0 for d, s in enumerate(x.stride()) if d != inner):
+            return copy
+    return 0
+
+
 def halo_plan(x: Tensor, S: Tensor, R: int, kernel_size, stride, padding, dilation, out_hw, bm: int, tile=None,
-              vector_rows: bool = False):
+              vector_rows: bool = False, copies: bool = False):
     """``(TH, TW, CC, flags, hb)`` of the halo kernels with ``bm`` pixels per block for x (N, C, H, W) and
     S (R, C·kh·kw) contiguous, or None where they cannot run. The tile (``tile`` = (TH, TW) forces one):
     fewest blocks, then the widest (longer contiguous halo rows); for a 1x1 kernel on rows along W (no
     halo to share, the loads are the cost), rows of 128 bytes first. The chunk: the most channels,
-    16-byte S copies where aligned; with ``vector_rows`` (conv_rank_halo has the 8-byte loader, the
-    forward does not) 8-byte halo loads where every row's groups are aligned (x's strides and pointer, W,
-    the left padding and the tile's width)."""
+    16-byte S copies where aligned; with ``copies`` the halo by cp.async where x is aligned for it
+    (:func:`async_copy_bytes`; else None); else with ``vector_rows`` (conv_rank_halo has the 8-byte loader,
+    the forward does not) 8-byte halo loads where every row's groups are aligned (x's strides and pointer,
+    W, the left padding and the tile's width)."""
     N, C, H, W = x.shape
     channels_inner = x.stride(1) < x.stride(3)
     s_aligned = S.data_ptr() % 16 == 0
+    copy = async_copy_bytes(x, channels_inner) if copies else 0
+    if copies and not copy:
+        return None
     xv = 8 // x.element_size()  # elements of an 8-byte load
     x_rows8 = (vector_rows and not channels_inner and x.stride(3) == 1 and W % xv == 0 and x.data_ptr() % 8 == 0
                and all(s % xv == 0 for s in x.stride()[:3]))
-    return _plan(int(N), int(C), x.dtype, channels_inner, s_aligned, x_rows8, int(padding[1]), int(R),
+    return _plan(int(N), int(C), x.dtype, channels_inner, s_aligned, x_rows8, copy, int(padding[1]), int(R),
                  *(int(v) for v in kernel_size), *(int(v) for v in stride), *(int(v) for v in dilation),
                  *(int(v) for v in out_hw), int(bm), None if tile is None else tuple(tile))
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(N, C, dtype, channels_inner, s_aligned, x_rows8, pw, R, kh, kw, sh, sw, dh, dw, Ho, Wo, bm, tile):
+def _plan(N, C, dtype, channels_inner, s_aligned, x_rows8, copy, pw, R, kh, kw, sh, sw, dh, dw, Ho, Wo, bm, tile):
     """halo_plan from plain values (cached: the search runs once per shape)."""
     KK = kh * kw
     if R > HALO_RANKS[-1] or KK > KC_MAX or Ho * Wo == 0:
         return None
     size = torch.empty((), dtype=dtype).element_size()
+    V = copy // size
     best = None
     if tile is not None:
         tiles = [(min(tile[0], Ho), min(tile[1], Wo))] if tile[0] * tile[1] <= bm else []
@@ -140,28 +192,31 @@ def _plan(N, C, dtype, channels_inner, s_aligned, x_rows8, pw, R, kh, kw, sh, sw
         tiles = [(min(bm // tw, Ho), tw) for tw in range(1, min(Wo, bm) + 1)]
     for th, tw in tiles:
         IH, IW = halo_extent(th, kh, sh, dh), halo_extent(tw, kw, sw, dw)
-        cc = _halo_chunk(C, KK, IH, IW, channels_inner)
+        cc = _async_chunk(C, KK, IH, IW, channels_inner, V) if copy else _halo_chunk(C, KK, IH, IW, channels_inner)
         key = (cdiv(Ho, th) * cdiv(Wo, tw), -tw)
         if KK == 1 and not channels_inner:  # 32-byte sectors of a halo row, up to 128 bytes
             key = (-min(IW * size, 128) // 32,) + key
         if cc > 0 and (best is None or key < best[0]):
-            best = (key, th, tw, cc, IH * IW)
+            best = (key, th, tw, cc)
     if best is None:
         return None
-    _, th, tw, cc, hs = best
+    _, th, tw, cc = best
     flags = HALO_CHANNELS_INNER if channels_inner else 0
     xv = 8 // size
     IH, IW = halo_extent(th, kh, sh, dh), halo_extent(tw, kw, sw, dw)
-    if x_rows8 and pw % xv == 0 and (tw * sw) % xv == 0 and IW % xv == 0:  # every tile's groups aligned
+    if copy:
+        flags |= HALO_ASYNC[copy]
+    elif x_rows8 and pw % xv == 0 and (tw * sw) % xv == 0 and IW % xv == 0:  # every tile's groups aligned
         cv = min(C, KC_MAX // KK, HALO_VPASSES * (THREADS // (IW // xv)) // IH)
         if cv >= cc:
             cc, flags = cv, flags | HALO_VECTOR
     ve = 16 // size  # elements of one 16-byte copy
+    whole = V if copy and channels_inner else 1  # the chunk a whole number of halo copies per pixel
     if (C * KK) % ve == 0 and s_aligned:
-        aligned = next((c for c in range(cc, 0, -1) if (c * KK) % ve == 0), 0)
+        aligned = next((c for c in range(cc, 0, -1) if (c * KK) % ve == 0 and c % whole == 0), 0)
         if 2 * aligned >= cc:  # at most half the chunk given up for the wide copies
             cc, flags = aligned, flags | S_VECTOR
-    hb = cdiv((cc + 1) * hs, 8) * 8
+    hb, _ = halo_buffer(cc, IH, IW, channels_inner, copy, size)
     rp = next(w for w in HALO_RANKS if w >= R)
     if halo_shared_bytes(dtype, rp, bm, hb) > MAX_SHARED:
         return None
@@ -174,13 +229,23 @@ def _halo(x: Tensor, S: Tensor, R: int, kernel_size, stride, padding, dilation, 
     """(bm, plan) of the halo kernels that VARIANT asks for, or None for the generic kernels."""
     if VARIANT == "generic":
         return None
-    bm, tile = 64, None
+    bm, tile, copies = 64, None, False
     if VARIANT is not None:
         family, _, shape = VARIANT.partition(":")
-        bm = int(family[len("halo"):])
+        copies = family.startswith("async")
+        bm = int(family[len("async" if copies else "halo"):])
         tile = tuple(int(n) for n in shape.split("x")) if shape else None
-    plan = halo_plan(x, S, R, kernel_size, stride, padding, dilation, out_hw, bm, tile, vector_rows)
+    plan = halo_plan(x, S, R, kernel_size, stride, padding, dilation, out_hw, bm, tile, vector_rows, copies)
+    if plan is None and copies:  # x not aligned for the copies: the loads through registers
+        plan = halo_plan(x, S, R, kernel_size, stride, padding, dilation, out_hw, bm, tile, vector_rows)
     return None if plan is None else (bm, plan)
+
+
+def halo_loader(flags: int) -> int:
+    """The kernels' template parameter LOAD for a plan's flags."""
+    if flags & sum(HALO_ASYNC.values()):
+        return LOAD_ASYNC
+    return LOAD_ROWS8 if flags & HALO_VECTOR else LOAD_ELEMENTS
 
 
 def rank_tile(R: int) -> int:
@@ -246,7 +311,7 @@ def sketched_conv2d_forward(y: Tensor, x: Tensor, S1s: Tensor, U1s: Tensor, bias
     if halo is not None:
         bm, (th, tw, cc, flags, hb) = halo
         rp = next(w for w in HALO_RANKS if w >= R)
-        kernel = _kernel("sketched_conv2d_fwd_halo", x.dtype, rp, exact, bm)
+        kernel = _kernel("sketched_conv2d_fwd_halo", x.dtype, rp, exact, bm, halo_loader(flags))
         grid = y.shape[0] * cdiv(y.shape[2], th) * cdiv(y.shape[3], tw)
         with device_guard(x):
             kernel(
@@ -277,7 +342,7 @@ def conv_rank(z: Tensor, x: Tensor, S: Tensor, kernel_size: Tuple[int, int], str
     if halo is not None:
         bm, (th, tw, cc, flags, hb) = halo
         rp = next(w for w in HALO_RANKS if w >= R)
-        kernel = _kernel("conv_rank_halo", x.dtype, rp, exact, bm, bool(flags & HALO_VECTOR))
+        kernel = _kernel("conv_rank_halo", x.dtype, rp, exact, bm, halo_loader(flags))
         with device_guard(x):
             kernel(
                 (N * cdiv(Ho, th) * cdiv(Wo, tw),), (THREADS,), x, S, z,

@@ -325,10 +325,14 @@ conv_rank(const T* __restrict__ x, const T* __restrict__ S, T* __restrict__ z, i
 // halo offset koff[kl] = c HS + i dh IW + j dw from pixel m's corner poff[m] = (m / TW) sh IW + (m % TW) sw.
 // Loads: lanes run along the input's contiguous axis, iw (flag HALO_CHANNELS_INNER off: NCHW rows) or c
 // (on: channels_last pixels); each thread loads at most HALO_PASSES elements of a chunk, or with
-// XVEC (conv_rank_halo's template flag, with flag HALO_VECTOR: NCHW rows whose every 8-byte group lies
-// wholly inside or outside the image, aligned) at most HALO_VPASSES groups of 8 bytes; a template flag,
-// as both loaders in one kernel would cost registers. The host (forward.py: halo_plan) picks TH, TW, CC,
-// the flags.
+// LOAD = LOAD_ROWS8 (conv_rank_halo, with flag HALO_VECTOR: NCHW rows whose every 8-byte group lies
+// wholly inside or outside the image, aligned) at most HALO_VPASSES groups of 8 bytes. LOAD = LOAD_ASYNC
+// (flag HALO_ASYNC4/8/16): no registers in between; each thread issues at most ASYNC_PASSES cp.async
+// copies of 4, 8 or 16 bytes per chunk, zero-filled outside the image, into a layout whose copies are
+// aligned: NCHW rows widened to IWP (a multiple of the copy, from the aligned column iwa at or left of
+// iw0), channels_last pixels of CCP channels (the chunk's CC, whole copies, and at least one zero slot).
+// The loader is a template parameter, as two loaders in one kernel would cost registers. The host
+// (forward.py: halo_plan) picks TH, TW, CC, the flags.
 namespace conv {
 
 constexpr int HALO_PASSES = 16;      // halo elements one thread loads per chunk, at most
@@ -337,6 +341,11 @@ constexpr int HALO_CHANNELS_INNER = 1;  // flags: lanes along channels (channels
 constexpr int S_VECTOR = 2;             // flags: S rows copied 16 bytes at a time (K, CC kh kw, S aligned)
 constexpr int HALO_VECTOR = 4;          // flags: halo rows loaded 8 bytes at a time (with XVEC)
 constexpr int HALO_VPASSES = HALO_PASSES / 2;  // 8-byte loads per thread and chunk (the same registers)
+constexpr int HALO_ASYNC4 = 8, HALO_ASYNC8 = 16, HALO_ASYNC16 = 32;  // flags: cp.async copies of that many bytes
+constexpr int HALO_ASYNC = HALO_ASYNC4 | HALO_ASYNC8 | HALO_ASYNC16;
+constexpr int ASYNC_PASSES = 8;  // cp.async copies one thread issues per chunk, at most
+constexpr int LOAD_ELEMENTS = 0, LOAD_ROWS8 = 1, LOAD_ASYNC = 2;  // halo loaders (template parameter LOAD)
+template <int B> struct Bytes { static constexpr int value = B; };
 
 // The bits of a T in the low bits of a 32-bit word, and back.
 template <typename T> __device__ __forceinline__ unsigned to_bits(T v) {
@@ -369,25 +378,50 @@ template <typename T> __device__ __forceinline__ void store_pair(T* p, float a, 
 // Row length of the S chunk in shared memory: KC_MAX plus the padding that spreads rows over the banks.
 template <typename T> struct HaloLd { static constexpr int value = KC_MAX + Pad<T>::value; };
 
-// The block's tile and the chunk geometry derived from TH, TW, CC (the host derives the same).
+// The block's tile and the chunk geometry derived from TH, TW, CC and the flags (the host derives the same:
+// forward.py, halo_buffer). Halo element (channel c of the chunk, row a, column b) lies at shared offset
+// c sc + a sa + b sb + base of a halo buffer; column offset `zero` reads 0 from every pixel's corner.
 struct HaloTile {
     int TH, TW, CC, IH, IW, HS, KK, KC, KCP, HB;  // HB: elements of one halo buffer (a multiple of 8)
+    int sc, sa, sb, base, zero;
+    int VB, RW;  // LOAD_ASYNC: bytes per copy; the row width IWP (NCHW) or the pixel's channels CCP
     long long n;
-    int oh0, ow0, ih0, iw0;
+    int oh0, ow0, ih0, iw0, iwa;  // iwa: LOAD_ASYNC, NCHW: the aligned column of the buffers' column 0
 };
 
-__device__ __forceinline__ HaloTile halo_tile(const Geometry& g, int TH, int TW, int CC) {
+template <int LOAD>
+__device__ __forceinline__ HaloTile halo_tile(const Geometry& g, int TH, int TW, int CC, int flags, int size) {
     HaloTile h;
     h.TH = TH;
     h.TW = TW;
     h.CC = CC;
     h.IH = (TH - 1) * g.sh + (g.kh - 1) * g.dh + 1;
     h.IW = (TW - 1) * g.sw + (g.kw - 1) * g.dw + 1;
-    h.HS = h.IH * h.IW;
     h.KK = g.kh * g.kw;
     h.KC = CC * h.KK;
     h.KCP = (h.KC + 15) / 16 * 16;
-    h.HB = ((CC + 1) * h.HS + 7) / 8 * 8;
+    h.VB = LOAD != LOAD_ASYNC ? 0 : (flags & HALO_ASYNC16) ? 16 : (flags & HALO_ASYNC8) ? 8 : 4;
+    const int V = h.VB / size;  // elements per copy (0: the loaders through registers, a plain layout)
+    h.RW = h.IW;
+    h.base = 0;
+    if (V > 0 && (flags & HALO_CHANNELS_INNER)) {  // pixels of CCP channels: whole 16-byte units, an odd count
+        const int units = CC * size / 16 + 1;
+        h.RW = (units + 1 - units % 2) * 16 / size;
+        h.HS = h.IH * h.IW;
+        h.sc = 1;
+        h.sa = h.IW * h.RW;
+        h.sb = h.RW;
+        h.zero = CC;
+        h.HB = (h.HS * h.RW + 7) / 8 * 8;
+    } else {  // channel planes of IH rows; rows of RW = IW, or IWP for the copies
+        if (V > 0) h.RW = (h.IW + 2 * V - 2) / V * V;
+        h.HS = h.IH * h.RW;
+        h.sc = h.HS;
+        h.sa = h.RW;
+        h.sb = 1;
+        h.zero = CC * h.HS;
+        h.HB = ((CC + 1) * h.HS + 7) / 8 * 8;
+    }
     const int tiles_w = (g.Wo + TW - 1) / TW, tiles_h = (g.Ho + TH - 1) / TH;
     long long b = blockIdx.x;
     const int tw = static_cast<int>(b % tiles_w);
@@ -398,6 +432,11 @@ __device__ __forceinline__ HaloTile halo_tile(const Geometry& g, int TH, int TW,
     h.ow0 = tw * TW;
     h.ih0 = h.oh0 * g.sh - g.ph;
     h.iw0 = h.ow0 * g.sw - g.pw;
+    h.iwa = h.iw0;
+    if (V > 0 && !(flags & HALO_CHANNELS_INNER)) {  // floor to a multiple of V; the tile starts base columns in
+        h.iwa = h.iw0 - ((h.iw0 % V) + V) % V;
+        h.base = h.iw0 - h.iwa;
+    }
     return h;
 }
 
@@ -413,7 +452,7 @@ __device__ __forceinline__ bool halo_pixel(const Geometry& g, const HaloTile& h,
 // im2col(x) S[0:RP]ᵀ over all of K. Every thread of the block calls it (it synchronises the block).
 // Shared memory (`smem`, 16-byte aligned): koff [KC_MAX] ints, poff [BM] ints, the halo buffers
 // (2 HB elements), the S buffers (2 x RP x HaloLd); forward.py: halo_shared_bytes.
-template <typename T, int RP, bool EXACT, int BM, bool XVEC>
+template <typename T, int RP, bool EXACT, int BM, int LOAD>
 __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], const T* __restrict__ x,
                                           const T* __restrict__ S, const Geometry& g, int R, const HaloTile& h,
                                           int flags, unsigned char* smem) {
@@ -428,26 +467,35 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
     T* Hs = reinterpret_cast<T*>(poff + BM);
     T* Ss = Hs + 2 * h.HB;
     const bool vec_s = (flags & S_VECTOR) != 0;
+    const bool cinner = (flags & HALO_CHANNELS_INNER) != 0;  // x channels_last: lanes along channels
     constexpr int VE = 16 / static_cast<int>(sizeof(T));  // elements of a 16-byte copy
 
     for (int k = tid; k < h.KCP; k += THREADS) {
-        int off = h.CC * h.HS;  // past the chunk's depth: the zero block
+        int off = h.zero;  // past the chunk's depth: zeros
         if (k < h.KC) {
             const int c = k / h.KK;
             const int rem = k - c * h.KK;
             const int i = rem / g.kw;
             const int j = rem - i * g.kw;
-            off = c * h.HS + i * g.dh * h.IW + j * g.dw;
+            off = c * h.sc + i * g.dh * h.sa + j * g.dw * h.sb;
         }
         koff[k] = off;
     }
     for (int m = tid; m < BM; m += THREADS) {
         const int r = m / h.TW;
-        poff[m] = m < h.TH * h.TW ? r * g.sh * h.IW + (m - r * h.TW) * g.sw : 0;
+        poff[m] = h.base + (m < h.TH * h.TW ? r * g.sh * h.sa + (m - r * h.TW) * g.sw * h.sb : 0);
     }
-    for (int e = h.CC * h.HS + tid; e < h.HB; e += THREADS) {  // the zero blocks of both buffers
-        Hs[e] = zero;
-        Hs[h.HB + e] = zero;
+    if (LOAD == LOAD_ASYNC && cinner) {  // pixels of RW channels: channels CC.. of every pixel of both buffers
+        const int pad = h.RW - h.CC;
+        for (int e = tid; e < 2 * h.HS * pad; e += THREADS) {
+            const int p = e / pad;  // pixel of buffer p / HS
+            Hs[(p / h.HS) * h.HB + (p % h.HS) * h.RW + h.CC + (e - p * pad)] = zero;
+        }
+    } else {
+        for (int e = h.zero + tid; e < h.HB; e += THREADS) {  // the zero blocks of both buffers
+            Hs[e] = zero;
+            Hs[h.HB + e] = zero;
+        }
     }
     if (vec_s)  // columns KC..KCP of both S buffers, never copied into: zero
         for (int e = tid; e < 2 * RP * (h.KCP - h.KC); e += THREADS) {
@@ -456,8 +504,7 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
         }
 
     // This thread's halo elements: lanes along the inner (contiguous) axis, items of the outer one by passes.
-    const bool cinner = (flags & HALO_CHANNELS_INNER) != 0;
-    constexpr bool vec_x = XVEC;  // rows along iw in 8-byte groups (never with cinner)
+    constexpr bool vec_x = LOAD == LOAD_ROWS8;  // rows along iw in 8-byte groups (never with cinner)
     constexpr int XV = 8 / static_cast<int>(sizeof(T));  // elements of an 8-byte load
     const int lin = cinner ? h.CC : vec_x ? h.IW / XV : h.IW;
     const int outer = cinner ? h.HS : h.CC * h.IH;
@@ -470,7 +517,7 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
     for (int u = 0; u < HALO_PASSES; ++u) {
         const int o = tid / lin + u * opp;
         hq[u] = -1;
-        if (tid < opp * lin && o < outer && u < passes) {
+        if (LOAD != LOAD_ASYNC && tid < opp * lin && o < outer && u < passes) {
             const int d = cinner ? h.IW : h.IH;
             const int hi = o / d;
             hq[u] = (hi << 16) | (o - hi * d);
@@ -542,6 +589,63 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
                 }
         }
     };
+    // LOAD_ASYNC: this thread's copies, (p << 22 | a << 11 | b) with p the chunk's channel (NCHW) or the
+    // pixel's copy (channels_last), a the row, b the row's copy (NCHW) or column; ad: where they land
+    int aq[ASYNC_PASSES], ad[ASYNC_PASSES];
+    const int V = h.VB / static_cast<int>(sizeof(T));
+#pragma unroll
+    for (int u = 0; u < ASYNC_PASSES; ++u) {
+        aq[u] = -1;
+        ad[u] = 0;
+        if constexpr (LOAD == LOAD_ASYNC) {
+            const int e = tid + u * THREADS;
+            const int per = cinner ? h.CC / V : h.RW / V;  // copies per pixel / per row
+            if (e < (cinner ? h.HS : h.CC * h.IH) * per) {
+                const int b = e % per, rest = e / per;  // rest: pixel a IW + column, or row c IH + a
+                if (cinner) {
+                    aq[u] = b << 22 | (rest / h.IW) << 11 | (rest % h.IW);
+                    ad[u] = rest * h.RW + b * V;
+                } else {
+                    aq[u] = (rest / h.IH) << 22 | (rest % h.IH) << 11 | b;
+                    ad[u] = rest * h.RW + b * V;
+                }
+            }
+        }
+    }
+    // the chunk at channel c0 -> halo buffer `buf` by cp.async (zeros outside the image and past C)
+    auto copy_halo = [&](int buf, int c0, auto bytes) {
+        constexpr int B = decltype(bytes)::value;
+        T* Hb = Hs + buf * h.HB;
+#pragma unroll
+        for (int u = 0; u < ASYNC_PASSES; ++u) {
+            const int q = aq[u];
+            if (q < 0) continue;
+            const int p = q >> 22, ih = h.ih0 + ((q >> 11) & 2047), b = q & 2047;
+            long long at;
+            bool inside;
+            if (cinner) {
+                const int iw = h.iw0 + b, c = c0 + p * V;
+                inside = c < g.C && static_cast<unsigned>(ih) < static_cast<unsigned>(g.H) &&
+                         static_cast<unsigned>(iw) < static_cast<unsigned>(g.W);
+                at = ih * g.sxh + iw * g.sxw + c;
+            } else {
+                const int iw = h.iwa + b * V, c = c0 + p;  // W is a multiple of V: a copy is inside or outside
+                inside = c < g.C && static_cast<unsigned>(ih) < static_cast<unsigned>(g.H) &&
+                         static_cast<unsigned>(iw) < static_cast<unsigned>(g.W);
+                at = c * g.sxc + ih * g.sxh + iw;
+            }
+            cp_async_zfill<B>(Hb + ad[u], inside ? xn + at : xn, inside ? B : 0);
+        }
+    };
+    auto load_halo_async = [&](int buf, int c0) {
+        if (h.VB == 16) {
+            copy_halo(buf, c0, Bytes<16>{});
+        } else if (h.VB == 8) {
+            copy_halo(buf, c0, Bytes<8>{});
+        } else {
+            copy_halo(buf, c0, Bytes<4>{});
+        }
+    };
     // S[0:RP, c0 kh kw + 0..KCP) -> S buffer `buf` (zero past R, K and the chunk's depth). 16-byte copies
     // (cp.async, one group) when aligned, else loads through registers, RP / 4 in flight per thread.
     auto load_s = [&](int buf, int c0) {
@@ -582,10 +686,17 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
 
-    load_halo(0);
-    load_s(0, 0);
-    store_halo(0);
-    if (vec_s) cp_async_wait<0>();
+    if constexpr (LOAD == LOAD_ASYNC) {
+        load_halo_async(0, 0);
+        load_s(0, 0);
+        cp_async_commit();  // the halo's copies (with the S copies, where load_s committed them)
+        cp_async_wait<0>();
+    } else {
+        load_halo(0);
+        load_s(0, 0);
+        store_halo(0);
+        if (vec_s) cp_async_wait<0>();
+    }
     __syncthreads();
     int p[MT][2];  // halo offsets of this lane's fragment rows g and g + 8 of each m-tile
     const int gq = lane >> 2, tq = lane & 3;
@@ -599,8 +710,14 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
     for (int c0 = 0; c0 < g.C; c0 += h.CC, buf ^= 1) {
         const bool more = c0 + h.CC < g.C;
         if (more) {  // in flight during the products below; buffer buf ^ 1 was last read before the barrier
-            load_halo(c0 + h.CC);
-            load_s(buf ^ 1, c0 + h.CC);
+            if constexpr (LOAD == LOAD_ASYNC) {
+                load_halo_async(buf ^ 1, c0 + h.CC);
+                load_s(buf ^ 1, c0 + h.CC);
+                cp_async_commit();
+            } else {
+                load_halo(c0 + h.CC);
+                load_s(buf ^ 1, c0 + h.CC);
+            }
         }
         const T* Hb = Hs + buf * h.HB;
         const T* Sb = Ss + buf * RP * LD;
@@ -671,8 +788,8 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
             }
         }
         if (more) {
-            store_halo(buf ^ 1);
-            if (vec_s) cp_async_wait<0>();
+            if constexpr (LOAD != LOAD_ASYNC) store_halo(buf ^ 1);
+            if (vec_s || LOAD == LOAD_ASYNC) cp_async_wait<0>();
         }
         __syncthreads();
     }
@@ -682,8 +799,8 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
 
 // y (strides sy*) = scale · im2col(x) Sᵀ U + bias through the halo tiles above, for RP >= R (16, 32, 64).
 // Grid: (N ceil(Ho / TH) ceil(Wo / TW)); block: 128; dynamic shared memory: halo_shared_bytes (forward.py).
-// TH TW <= BM; CC, flags: see halo_rank and forward.py's halo_plan.
-template <typename T, int RP, bool EXACT, int BM>
+// TH TW <= BM; CC, flags: see halo_rank and forward.py's halo_plan; LOAD: LOAD_ELEMENTS or LOAD_ASYNC.
+template <typename T, int RP, bool EXACT, int BM, int LOAD>
 __global__ void __launch_bounds__(conv::THREADS, BM == 64 ? 3 : 2)
 sketched_conv2d_fwd_halo(const T* __restrict__ x, const T* __restrict__ S, const T* __restrict__ U,
                          const T* __restrict__ bias, T* __restrict__ y, int C, int H, int W, int Ho, int Wo,
@@ -693,16 +810,17 @@ sketched_conv2d_fwd_halo(const T* __restrict__ x, const T* __restrict__ S, const
     using namespace conv;
     static_assert(RP == 16 || RP == 32 || RP == 64, "RP: 16, 32 or 64");
     static_assert(BM == 64 || BM == 128, "BM: 64 or 128");
+    static_assert(LOAD == LOAD_ELEMENTS || LOAD == LOAD_ASYNC, "the forward's halo loaders");
     constexpr int MT = BM / 64;
     constexpr int ZLD = RP + Pad<T>::value;
     constexpr int ULD = BN + Pad<T>::value;
     extern __shared__ __align__(16) unsigned char smem[];
     const Geometry g{C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, M, sxn, sxc, sxh, sxw};
-    const HaloTile h = halo_tile(g, TH, TW, CC);
+    const HaloTile h = halo_tile<LOAD>(g, TH, TW, CC, flags, static_cast<int>(sizeof(T)));
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
     float acc[MT][RP / 8][4];
-    halo_rank<T, RP, EXACT, BM, false>(acc, x, S, g, R, h, flags, smem);
+    halo_rank<T, RP, EXACT, BM, LOAD>(acc, x, S, g, R, h, flags, smem);
 
     // Z -> shared memory (rounded to T), over the halo region; the loop above ended with a barrier
     T* Zs = reinterpret_cast<T*>(smem + (KC_MAX + BM) * sizeof(int));  // BM x RP (ZLD)
@@ -773,8 +891,9 @@ sketched_conv2d_fwd_halo(const T* __restrict__ x, const T* __restrict__ S, const
 
 // z[n, r, oh, ow] (strides sz*) = scale · Σ_κ im2col(x)[m, κ] S[r, κ] for r < R <= RP, through the halo
 // tiles (the backward's dZ, a 1x1 convolution of g, and its recomputed Z). Grid, block, shared memory:
-// as sketched_conv2d_fwd_halo's. XVEC: the halo in 8-byte loads (the plan's flag HALO_VECTOR).
-template <typename T, int RP, bool EXACT, int BM, bool XVEC>
+// as sketched_conv2d_fwd_halo's. LOAD: the halo loader (LOAD_ROWS8 with the plan's flag HALO_VECTOR,
+// LOAD_ASYNC with HALO_ASYNC*, else LOAD_ELEMENTS).
+template <typename T, int RP, bool EXACT, int BM, int LOAD>
 __global__ void __launch_bounds__(conv::THREADS, BM == 64 ? 3 : 2)
 conv_rank_halo(const T* __restrict__ x, const T* __restrict__ S, T* __restrict__ z, int C, int H, int W, int Ho,
                int Wo, int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw, long long M, int R,
@@ -786,11 +905,11 @@ conv_rank_halo(const T* __restrict__ x, const T* __restrict__ S, T* __restrict__
     constexpr int MT = BM / 64;
     extern __shared__ __align__(16) unsigned char smem[];
     const Geometry g{C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, M, sxn, sxc, sxh, sxw};
-    const HaloTile h = halo_tile(g, TH, TW, CC);
+    const HaloTile h = halo_tile<LOAD>(g, TH, TW, CC, flags, static_cast<int>(sizeof(T)));
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
     float acc[MT][RP / 8][4];
-    halo_rank<T, RP, EXACT, BM, XVEC>(acc, x, S, g, R, h, flags, smem);
+    halo_rank<T, RP, EXACT, BM, LOAD>(acc, x, S, g, R, h, flags, smem);
     // channels contiguous in z (pixel-major), R even, z aligned: columns r, r + 1 in one store
     const bool pair = szr == 1 && (R & 1) == 0 && ((szn | szh | szw) & 1) == 0 &&
                       (reinterpret_cast<unsigned long long>(z) & (2 * sizeof(T) - 1)) == 0;
@@ -824,10 +943,12 @@ conv_rank_halo(const T* __restrict__ x, const T* __restrict__ S, T* __restrict__
 #define RANK(T, RC, E) template __global__ void panther::conv_rank<T, RC, E>(const T*, const T*, T*, int, int, int, int, int, int, int, int, int, int, int, int, int, long long, int, long long, long long, long long, long long, long long, long long, long long, long long, float);
 #define ALLRP(T, E) FWD(T, 16, E) FWD(T, 32, E) FWD(T, 64, E) FWD(T, 128, E) FWD(T, 192, E) FWD(T, 256, E) \
     RANK(T, 16, E) RANK(T, 32, E) RANK(T, 64, E)
-#define HALO(T, RP, E, BM) \
-    template __global__ void panther::sketched_conv2d_fwd_halo<T, RP, E, BM>(const T*, const T*, const T*, const T*, T*, int, int, int, int, int, int, int, int, int, int, int, int, int, long long, int, int, long long, long long, long long, long long, long long, long long, long long, long long, float, int, int, int, int); \
-    template __global__ void panther::conv_rank_halo<T, RP, E, BM, false>(const T*, const T*, T*, int, int, int, int, int, int, int, int, int, int, int, int, int, long long, int, long long, long long, long long, long long, long long, long long, long long, long long, float, int, int, int, int); \
-    template __global__ void panther::conv_rank_halo<T, RP, E, BM, true>(const T*, const T*, T*, int, int, int, int, int, int, int, int, int, int, int, int, int, long long, int, long long, long long, long long, long long, long long, long long, long long, long long, float, int, int, int, int);
+#define HALO_FWD(T, RP, E, BM, LD) \
+    template __global__ void panther::sketched_conv2d_fwd_halo<T, RP, E, BM, LD>(const T*, const T*, const T*, const T*, T*, int, int, int, int, int, int, int, int, int, int, int, int, int, long long, int, int, long long, long long, long long, long long, long long, long long, long long, long long, float, int, int, int, int);
+#define HALO_RANK(T, RP, E, BM, LD) \
+    template __global__ void panther::conv_rank_halo<T, RP, E, BM, LD>(const T*, const T*, T*, int, int, int, int, int, int, int, int, int, int, int, int, int, long long, int, long long, long long, long long, long long, long long, long long, long long, long long, float, int, int, int, int);
+#define HALO(T, RP, E, BM) HALO_FWD(T, RP, E, BM, 0) HALO_FWD(T, RP, E, BM, 2) \
+    HALO_RANK(T, RP, E, BM, 0) HALO_RANK(T, RP, E, BM, 1) HALO_RANK(T, RP, E, BM, 2)
 #define ALLHALO(T, E) HALO(T, 16, E, 64) HALO(T, 32, E, 64) HALO(T, 64, E, 64) \
     HALO(T, 16, E, 128) HALO(T, 32, E, 128) HALO(T, 64, E, 128)
 ALLHALO(float, true)
