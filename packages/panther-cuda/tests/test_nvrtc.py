@@ -41,7 +41,8 @@ def test_compile_options(tmp_path):
     assert f"-DPANTHER_HEADERS_DIGEST=0x{_nvrtc.headers_digest()}ULL" in opts
     assert not any(o.startswith("-arch") for o in opts)  # CuPy targets the device's own architecture
     with_arch = compile_options("sm_90a", ("-DTILE=64",))
-    assert with_arch[:-2] == opts and with_arch[-2:] == ("-arch=sm_90a", "-DTILE=64")
+    assert with_arch[:-3] == opts and with_arch[-3:] == ("-arch=sm_90a", "-DPANTHER_REQUIRE_SM90A", "-DTILE=64")
+    assert compile_options("sm_80")[-1] == "-arch=sm_80"  # no architecture-specific features to require
     beside = compile_options(source_dir=tmp_path)
     assert beside == (*_nvrtc.BASE_OPTIONS, f"-I{tmp_path}", *opts[len(_nvrtc.BASE_OPTIONS):])
 

@@ -136,6 +136,29 @@ def compile_entries(nvcc: str, path: Path, out: Path) -> Dict[str, List[str]]:
     return entries
 
 
+def nvrtc_ptx(lib, path: Path, options) -> str:
+    """``path`` compiled by NVRTC with ``options`` (the guard among them): its PTX."""
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), path.read_bytes(), path.name.encode(), 0, None, None) == 0
+    try:
+        argv = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
+        status = lib.nvrtcCompileProgram(prog, len(options), argv)
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        assert status == 0, (
+            f"{path.name} does not compile with NVRTC ({lib.nvrtcGetErrorString(status).decode()}), "
+            f"options {' '.join(options)}:\n{log.value.decode(errors='replace')}"
+        )
+        lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+        ptx = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetPTX(prog, ptx)
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return ptx.value.decode(errors="replace")
+
+
 def nvrtc_entries(lib, path: Path) -> Dict[str, List[str]]:
     """Compile ``path`` with NVRTC as the package does at run time (its options, the guard defined), to
     PTX for each architecture; the kernel entry functions per architecture."""
@@ -143,27 +166,8 @@ def nvrtc_entries(lib, path: Path) -> Dict[str, List[str]]:
 
     entries = {}
     for arch in ARCHS:
-        virtual = "compute_" + arch[3:]
-        options = compile_options(virtual, (f"-D{GUARD}",), path.parent)
-        prog = ctypes.c_void_p()
-        assert lib.nvrtcCreateProgram(ctypes.byref(prog), path.read_bytes(), path.name.encode(), 0, None, None) == 0
-        try:
-            argv = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
-            status = lib.nvrtcCompileProgram(prog, len(options), argv)
-            size = ctypes.c_size_t()
-            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-            log = ctypes.create_string_buffer(size.value)
-            lib.nvrtcGetProgramLog(prog, log)
-            assert status == 0, (
-                f"{path.name} does not compile with NVRTC ({lib.nvrtcGetErrorString(status).decode()}) for {virtual}, "
-                f"options {' '.join(options)}:\n{log.value.decode(errors='replace')}"
-            )
-            lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
-            ptx = ctypes.create_string_buffer(size.value)
-            lib.nvrtcGetPTX(prog, ptx)
-        finally:
-            lib.nvrtcDestroyProgram(ctypes.byref(prog))
-        entries[arch] = re.findall(r"\.entry\s+(\w+)\s*\(", ptx.value.decode(errors="replace"))
+        ptx = nvrtc_ptx(lib, path, compile_options("compute_" + arch[3:], (f"-D{GUARD}",), path.parent))
+        entries[arch] = re.findall(r"\.entry\s+(\w+)\s*\(", ptx)
     return entries
 
 
@@ -274,3 +278,29 @@ def test_nvrtc_check_compiles_what_the_runtime_would(nvrtc, tmp_path):
     host.write_text("#include <cstdio>\n" + KERNEL + INSTANTIATIONS)
     with pytest.raises(AssertionError, match=r"(?s)does not compile with NVRTC.*cstdio"):
         nvrtc_entries(nvrtc, host)
+
+
+def quoted_includes(path: Path) -> set:
+    """The files ``path`` includes with quotes from its own folder, transitively."""
+    found, todo = set(), [path]
+    while todo:
+        for name in re.findall(r'^\s*#\s*include\s*"([^"]+)"', todo.pop().read_text(), re.M):
+            header = path.parent / name
+            if header.exists() and name not in found:
+                found.add(name)
+                todo.append(header)
+    return found
+
+
+@pytest.mark.parametrize("path", [p for p in cu_files() if "wgmma.cuh" in quoted_includes(p)], ids=relative)
+def test_sm90a_sources_compile_to_wgmma_under_cupys_arch(nvrtc, path):
+    """CuPy appends the device's own -arch (compute_90 / sm_90 on an H100 or H200) after the package's
+    -arch=sm_90a: the kernels must still get sm_90a's features (wgmma in the PTX), never their trap; with
+    another architecture winning, PANTHER_REQUIRE_SM90A makes the compile fail instead."""
+    from panther_cuda._nvrtc import compile_options
+
+    options = (*compile_options("compute_90a", (f"-D{GUARD}",), path.parent), "-arch=compute_90")
+    assert "-DPANTHER_REQUIRE_SM90A" in options
+    assert "wgmma.mma_async" in nvrtc_ptx(nvrtc, path, options)
+    with pytest.raises(AssertionError, match="without sm_90a features"):
+        nvrtc_ptx(nvrtc, path, (*compile_options("compute_90a", (f"-D{GUARD}",), path.parent), "-arch=compute_100"))

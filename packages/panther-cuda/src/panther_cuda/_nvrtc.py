@@ -109,7 +109,8 @@ def compile_options(
     compiles a string, so quoted includes of files beside the source resolve only through it, as nvcc
     resolves them by itself); the package's include folder and the CUDA headers; the headers' digest
     (:func:`headers_digest`); ``-arch=<arch>`` where one is asked for (e.g. ``sm_90a`` for wgmma/TMA;
-    else CuPy targets the device's own architecture); and ``extra``."""
+    else CuPy targets the device's own architecture), with ``-DPANTHER_REQUIRE_SM90A`` for ``sm_90a`` (the
+    sources fail to compile without its features, as when CuPy's own ``-arch`` wins); and ``extra``."""
     global _include_options
     if _include_options is None:
         _include_options = (
@@ -118,6 +119,8 @@ def compile_options(
         )
     source_options = (f"-I{source_dir}",) if source_dir is not None else ()
     arch_options = (f"-arch={arch}",) if arch else ()
+    if arch and arch.endswith("a"):  # architecture-specific features (sm_90a: wgmma): the sources check they got them
+        arch_options += (f"-DPANTHER_REQUIRE_SM{arch.rsplit('_', 1)[1].upper()}",)
     return (*BASE_OPTIONS, *source_options, *_include_options, *arch_options, *extra)
 
 

@@ -25,13 +25,13 @@
 struct Dim { unsigned x = 0, y = 0, z = 0; };
 struct alignas(16) uint4 { unsigned x, y, z, w; };
 inline thread_local Dim threadIdx, blockIdx;
-inline Dim gridDim;
+inline Dim gridDim, blockDim;
 inline std::barrier<>* g_block_barrier;
 constexpr int EMU_MAX_WARPS = 8;
 inline std::barrier<>* g_warp_barrier[EMU_MAX_WARPS];
 inline unsigned g_dynamic_smem;
 #define __syncthreads() g_block_barrier->arrive_and_wait()
-#define __trap() (std::fprintf(stderr, "trap: dynamic shared memory too small\n"), std::abort())
+#define __trap() (std::fprintf(stderr, "trap: a launch check failed (dynamic shared memory, block size)\n"), std::abort())
 // the one inline assembly left in the kernels, tile.cuh's require_shared: `have` = the dynamic shared memory
 #define asm(...) (have = g_dynamic_smem)
 
@@ -189,6 +189,7 @@ inline unsigned long long descriptor(const void* p, unsigned lbo, unsigned sbo) 
 }
 inline void fence_proxy_async() {}
 inline void wgmma_fence() {}
+inline void fence_operand(float (&)[64]) {}
 struct EmuWgmma { float* d; unsigned long long a, b; int accumulate; bool trans_a, trans_b, bf; };
 inline thread_local std::vector<EmuWgmma> g_wg_open;
 inline thread_local std::vector<std::vector<EmuWgmma>> g_wg_groups;

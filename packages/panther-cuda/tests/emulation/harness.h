@@ -17,6 +17,7 @@ inline void emu_launch(long long blocks, int nt, unsigned shared, unsigned char*
                        const std::function<void()>& body) {
     g_dynamic_smem = shared;
     gridDim.x = (unsigned)blocks;
+    blockDim.x = (unsigned)nt;
     if (shared > capacity) { std::printf("shared too big\n"); std::abort(); }
     if (nt % 32 || nt / 32 > EMU_MAX_WARPS) { std::printf("bad block size\n"); std::abort(); }
     std::barrier<> block_bar(nt);

@@ -67,6 +67,7 @@ __global__ void __launch_bounds__(SM90_NT, (KP <= 128 ? 2 : 1)) sketched_linear_
     static_assert(KP % 16 == 0 && KP <= 256, "whole wgmma steps, H's row in one tile");
     const int R = 2 * Lk;
     require_shared(static_cast<unsigned>((BM * KP + 2 * KP * BN) * sizeof(T)));
+    if (blockDim.x != SM90_NT) __trap();  // the loaders and the warpgroups assume SM90_NT threads
     T* As = reinterpret_cast<T*>(smem);
     T* Bs = As + BM * KP;  // stage s at Bs + s KP BN
 

@@ -70,6 +70,7 @@ template <bool MN, int KD> __device__ __forceinline__ unsigned long long tile_de
 template <typename T, bool A_MN, bool B_MN, int KD, bool ACCUMULATE>
 __device__ __forceinline__ void product(float (&d)[64], const T* a, const T* b) {
     const int row0 = threadIdx.x / 128 * 64;
+    sm90::fence_operand(d);
     sm90::wgmma_fence();
 #pragma unroll
     for (int k0 = 0; k0 < KD; k0 += 16) {  // 16 deep: two core matrices along K of each operand
@@ -78,6 +79,7 @@ __device__ __forceinline__ void product(float (&d)[64], const T* a, const T* b) 
     }
     sm90::wgmma_commit();
     sm90::wgmma_wait<0>();
+    sm90::fence_operand(d);
 }
 
 // The ring's depth per step and stages (sm90.py's RING_BK, RING_STAGES), and its shared memory in elements.
@@ -126,6 +128,7 @@ __device__ __forceinline__ void ring_sm90(float (&d)[64], T* smem, const FA& fa,
 // The ring's dynamic shared memory (checked against what the launch gave) and a zeroed accumulator.
 template <typename T> __device__ __forceinline__ T* ring_memory(unsigned char* smem, float (&d)[64]) {
     require_shared(static_cast<unsigned>(RING_ELEMENTS * sizeof(T)));
+    if (blockDim.x != SM90_NT) __trap();  // the loaders and the warpgroups assume SM90_NT threads
 #pragma unroll
     for (int i = 0; i < 64; ++i) d[i] = 0.0f;
     return reinterpret_cast<T*>(smem);

@@ -15,6 +15,11 @@
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(PANTHER_PTX_EMULATED)
 #define PANTHER_SM90A 1
 #endif
+// The host compiles these kernels with -arch=sm_90a, which defines PANTHER_REQUIRE_SM90A (_nvrtc.compile_options);
+// should another -arch win (CuPy appends the device's own), fail the compile rather than build the trap.
+#if defined(__CUDA_ARCH__) && defined(PANTHER_REQUIRE_SM90A) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "the sm_90a kernels compiled without sm_90a features: another -arch option overrode -arch=sm_90a"
+#endif
 
 namespace panther {
 namespace sm90 {
@@ -40,6 +45,12 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 // the shared memory they read rewritten.
 template <int N> __device__ __forceinline__ void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Pins every accumulator register at this point, so that the compiler moves no access of d across the wgmma
+// fence before the products or the wait after them (the fence and the wait do not name d).
+__device__ __forceinline__ void fence_operand(float (&d)[64]) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
 // d (64 rows x 128 columns of fp32 per warpgroup) += A (64 x 16; K-major, or MN-major when TRANS_A) B (16 x
