@@ -6,10 +6,11 @@
 #     PANTHER_COMMIT=<short sha> bash benchmarks/gpu_runner.sh
 #
 # $OUT receives runner.log (everything), junit-gpu-only.xml and junit-rest.xml (tests), and the
-# benchmark's <date>_<device>_<commit>.json with one PNG per op (with TOOLS_S > 0 also the tools'
-# profile and plan timings).
+# benchmark's <date>_<device>_<commit>.json with one PNG per op (with TOOLS_S > 0 also the triton tools'
+# profile and plan timings; with CUDA_TOOLS_S > 0 the cuda backend's sweeps, linear_sweep.json and
+# conv_sweep.json: every launch plan and kernel family timed in CUDA graphs, with each kernel's time).
 # Worst case 45+20+250+250+30 s (replot after a cut-short benchmark), under the 10-minute call;
-# TOOLS_S > 0 needs the other limits lowered to stay under it.
+# TOOLS_S > 0 or CUDA_TOOLS_S > 0 needs the other limits lowered to stay under it.
 set -u
 : "${OUT:?set OUT to an empty folder}"
 export PYTHONUNBUFFERED=1
@@ -18,6 +19,7 @@ export PYTHONUNBUFFERED=1
 INSTALL_S=${INSTALL_S:-45} INFO_S=${INFO_S:-20} TESTS_S=${TESTS_S:-250} BENCH_S=${BENCH_S:-250}  # TESTS_S=0: no tests; BENCH_S=0: no benchmarks
 TEST_WORKERS=${TEST_WORKERS:-4}  # pytest-xdist processes for the GPU tests, where xdist is installed (1: none)
 TOOLS_S=${TOOLS_S:-0}  # > 0: also the triton tools (host overhead per call, launch plans timed from CUDA graphs)
+CUDA_TOOLS_S=${CUDA_TOOLS_S:-0}  # > 0: also the cuda backend's sweeps (linear_sweep --quick, conv_sweep --compiled), half each
 BENCH_ARGS=${BENCH_ARGS:---preset gpu-quick --max-minutes 3.5}  # last case starts by 210 s  # e.g. "--preset gpu --filter rfa_attention --max-minutes 7"
 shopt -s nullglob
 
@@ -74,6 +76,15 @@ step() { echo; echo "=== $* [$(date -u +%H:%M:%S) UTC]"; }
       python3 $tools/host_overhead.py --T 4096 --features 8192 &&
       python3 $tools/check_gpu.py --plans --quick --json '$OUT/triton-plans.json'"
     echo "tools rc=$? (124: timed out)"
+  fi
+
+  if [ "$CUDA_TOOLS_S" -gt 0 ] && [ -d packages/panther-cuda ]; then
+    step "cuda tools (limit ${CUDA_TOOLS_S}s, half each)"
+    tools=packages/panther-cuda/tools
+    timeout -k 5 $((CUDA_TOOLS_S / 2)) python3 $tools/conv_sweep.py --compiled --out "$OUT/conv_sweep.json"
+    echo "conv_sweep rc=$? (124: timed out)"
+    timeout -k 5 $((CUDA_TOOLS_S / 2)) python3 $tools/linear_sweep.py --quick --out "$OUT/linear_sweep.json"
+    echo "linear_sweep rc=$? (124: timed out; the JSON holds every shape finished before)"
   fi
 
   if [ "$BENCH_S" -gt 0 ]; then
