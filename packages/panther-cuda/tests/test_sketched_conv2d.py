@@ -49,6 +49,7 @@ CASES = {
     "5x5_pad2_R48": (2, 4, 13, 12, 7, 2, 24, (5, 5), (1, 1), (2, 2), (1, 1)),
     "stride2_R6": (3, 6, 11, 10, 9, 2, 3, (3, 3), (2, 2), (1, 1), (1, 1)),
     "dilation2_pad2": (2, 5, 12, 13, 6, 2, 5, (3, 3), (1, 1), (2, 2), (2, 2)),
+    "3x2_pad01_R8": (2, 4, 9, 10, 5, 2, 4, (3, 2), (1, 1), (0, 1), (1, 1)),  # dx's mirrored padding: (2, 0)
     "mixed_pairs_R66_O70": (1, 17, 7, 9, 70, 6, 11, (3, 2), (2, 1), (0, 1), (1, 2)),
     "deep_R192_O130": (2, 64, 10, 9, 130, 8, 24, (3, 3), (1, 1), (1, 1), (1, 1)),
     "R256": (1, 3, 6, 6, 4, 4, 64, (3, 3), (1, 1), (1, 1), (1, 1)),
@@ -189,6 +190,25 @@ def test_each_kernel_family(name, dtype, layout, variant, ieee_float32):
 def test_halo_kernels_as_tf32(name, variant, tf32):
     inputs, conv = _case(name, torch.float32)
     run_and_compare(inputs, conv, GRADS, TOL_TF32)
+
+
+@pytest.fixture
+def dx_by_kernels():
+    """backward.DX = "kernels" for the test: dx by conv_rank where it is a plain convolution of dZ."""
+    with mock.patch.object(backward, "DX", "kernels"):
+        yield
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["halo64", "async64", "generic"], indirect=True)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["3x3_R6", "5x5_pad2_R48", "3x2_pad01_R8", "chunks_C40_R30_O70", "deep_R192_O130"])
+def test_dx_by_kernels(name, dtype, layout, variant, dx_by_kernels, ieee_float32):
+    """dx by the conv_rank kernels (backward.DX = "kernels"): every gradient against float64."""
+    inputs, conv = _case(name, dtype)
+    x = inputs[0].contiguous(memory_format=torch.channels_last) if layout == "channels_last" else inputs[0]
+    run_and_compare((x, *inputs[1:]), conv, GRADS, TOL[dtype])
 
 
 @pytest.mark.gpu
@@ -483,33 +503,45 @@ def _check_arguments(call, kernel):
     assert block == (forward.THREADS,) and shared > 0
 
 
+@pytest.mark.parametrize("variant", [None, "generic"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_launchers_pass_the_declared_arguments(channels_last):
+def test_launchers_pass_the_declared_arguments(channels_last, variant):
     """On the CPU with the launch recorded: argument count and widths as sketched_conv2d.cu declares them,
-    the grids, output strides in the kernels' arguments; the backward's every path runs."""
+    the grids, output strides in the kernels' arguments; the backward's every path runs. 2Lk = 66: the
+    forward on the generic kernel, the backward's dZ and Z by the halo kernel in two column blocks (or with
+    VARIANT generic by conv_rank in two)."""
     (x, S1s, U1s, b), conv = _case("mixed_pairs_R66_O70", torch.float32, device="cpu")
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     rec = _Recorder()
-    with mock.patch.object(forward.Kernel, "__call__", lambda self, *a, **k: rec(self, *a, **k)):
+    with mock.patch.object(forward.Kernel, "__call__", lambda self, *a, **k: rec(self, *a, **k)), \
+            mock.patch.object(forward, "VARIANT", variant):
         (y,) = forward.forward_outputs(x, S1s, U1s, b, 2, 1, 0, 1, 1, 2, True)
         forward.sketched_conv2d_forward(y, x, S1s, U1s, b, *conv, True)
         grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, S1s, U1s, b)]
         backward.sketched_conv2d_backward(grads, torch.randn(y.shape), x, S1s, U1s, *conv, (True,) * 4, True)
     (fwd_call, dz_call, z_call) = rec.calls
     M = y.shape[0] * y.shape[2] * y.shape[3]
+    Ho, Wo = y.shape[2:]
     assert fwd_call[0] == "panther::sketched_conv2d_fwd<float, 128, false>" and fwd_call[1] == (-(-M // 64),)
     _check_arguments(fwd_call, "sketched_conv2d_fwd")
     assert tuple(int(s) for s in fwd_call[3][-9:-1]) == (*x.stride(), *y.stride())
     assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    scale_at = -1
     for call in (dz_call, z_call):
-        assert call[0] == "panther::conv_rank<float, 64, false>" and call[1] == (-(-M // 64), 2)
-        _check_arguments(call, "conv_rank")
-    Ho, Wo = y.shape[2:]
+        if variant == "generic":
+            assert call[0] == "panther::conv_rank<float, 64, false>" and call[1] == (-(-M // 64), 2)
+            _check_arguments(call, "conv_rank")
+        else:
+            th, tw = (int(a) for a in call[3][-4:-2])
+            assert call[0] == "panther::conv_rank_halo<float, 64, false, 64, 0>"
+            assert call[1] == (y.shape[0] * -(-Ho // th) * -(-Wo // tw), 2)  # columns 0..63, 64..65
+            _check_arguments(call, "conv_rank_halo")
+            scale_at = -5
     assert (Ho, Wo) == torch.nn.functional.conv2d(x, S1s[0], None, *conv).shape[2:]
     assert [int(a) for a in dz_call[3][3:16]] == [70, Ho, Wo, Ho, Wo, 1, 1, 1, 1, 0, 0, 1, 1]  # g: a 1x1 conv
     assert [int(a) for a in z_call[3][3:16]] == [17, 7, 9, Ho, Wo, 3, 2, 2, 1, 0, 1, 1, 2]
-    assert float(dz_call[3][-1]) == pytest.approx(1 / 6) and float(z_call[3][-1]) == 1.0
+    assert float(dz_call[3][scale_at]) == pytest.approx(1 / 6) and float(z_call[3][scale_at]) == 1.0
 
 
 def test_exact_float32_selects_the_ffma_kernels():
@@ -686,6 +718,22 @@ def test_op_around_emulated_kernels_matches_reference(name, layout, emulated_ker
         run_and_compare((x, *inputs[1:]), conv, wants, EMULATED_TOL)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("name", ["3x3_R6", "5x5_pad2_R48", "dilation2_pad2", "3x2_pad01_R8", "1x1_N1_R20",
+                                  "stride2_R6"])
+def test_dx_by_kernels_around_emulated_kernels(name, layout, emulated_kernels, dx_by_kernels):
+    """backward.DX = "kernels": dx by conv_rank (S flipped and transposed, the padding mirrored) where the
+    stride is 1, cuDNN's input gradient elsewhere; every gradient against the reference."""
+    inputs, conv = _case(name, torch.float64, device="cpu")
+    x = inputs[0].contiguous(memory_format=torch.channels_last) if layout == "channels_last" else inputs[0]
+    taken = []
+    real = backward.dx_by_kernel
+    with mock.patch.object(backward, "dx_by_kernel", lambda *a: taken.append(real(*a)) or taken[-1]):
+        run_and_compare((x, *inputs[1:]), conv, GRADS, EMULATED_TOL)
+        run_and_compare((x, *inputs[1:]), conv, ("x",), EMULATED_TOL)
+    assert taken == [conv[0] == (1, 1)] * 2
+
+
 def test_op_around_emulated_kernels_expanded_grad_and_empty_batch(emulated_kernels):
     inputs, conv = _case("3x3_R6", torch.float64, device="cpu")
     y = cuda_sketched_conv2d(*inputs, *conv)
@@ -758,6 +806,11 @@ EMU_CASES = [
     ("tf32", "nchw", 1, 70, 5, 6, 9, 2, 30, (1, 1), (1, 1), (0, 0), (1, 1), 128, 0),
     ("float32", "nchw", 1, 9, 10, 12, 7, 2, 10, (3, 3), (1, 1), (0, 0), (1, 1), 64, 1),
 ]
+# z past 64 columns, in column blocks (the backward's Z at large 2Lk, dx of C > 64 channels): z alone
+EMU_COLUMN_CASES = [
+    ("bfloat16", "nchw", 1, 12, 7, 9, 5, 2, 150, (3, 3), (1, 1), (1, 1), (1, 1), 64, 1),  # blocks of 64, 64, 22
+    ("tf32", "channels_last", 1, 9, 6, 5, 5, 2, 80, (3, 3), (1, 1), (1, 1), (1, 1), 128, 1),
+]
 
 
 def _emu_id(c):
@@ -792,18 +845,19 @@ def _run_harness(conv_emulator, case, vector=False, copy=0):
         x = x.contiguous(memory_format=torch.channels_last)
     S = torch.empty(R, C * ks[0] * ks[1], dtype=dtype)
     Ho, Wo = (forward.output_size(n, k, s, p, d) for n, k, s, p, d in zip((H, W), ks, st, pd, dl))
-    plan = forward.halo_plan(x, S, R, ks, st, pd, dl, (Ho, Wo), bm, vector_rows=vector, copies=copy > 0)
+    width = min(R, forward.HALO_RANKS[-1])  # past 64, z alone in column blocks (forward.conv_rank)
+    plan = forward.halo_plan(x, S, width, ks, st, pd, dl, (Ho, Wo), bm, vector_rows=vector, copies=copy > 0)
     assert plan is not None
     th, tw, cc, flags, hb = plan
     assert bool(flags & forward.HALO_VECTOR) == vector
     assert flags & sum(forward.HALO_ASYNC.values()) == forward.HALO_ASYNC.get(copy, 0), plan
-    rp = next(w for w in forward.HALO_RANKS if w >= R)
+    rp = next(w for w in forward.HALO_RANKS if w >= width)
     shared = forward.halo_shared_bytes(dtype, rp, bm, hb)
     args = [mode, layout, N, C, H, W, O, terms, R, *ks, *st, *pd, *dl, bm, th, tw, cc, flags, shared, bias]
     r = subprocess.run([str(conv_emulator), *map(str, args)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     errs = {name: float(v) for name, v in (line.split() for line in r.stdout.split("\n") if line.strip())}
-    assert set(errs) == ({"z"} if vector else {"y", "z"})
+    assert set(errs) == ({"z"} if vector or R > rp else {"y", "z"})
     bad = {k: v for k, v in errs.items() if not v <= EMU_TOL[mode]}
     assert not bad, f"errors above {EMU_TOL[mode]:g}: {bad} (all: {errs}; plan {plan})"
 
@@ -812,6 +866,12 @@ def _run_harness(conv_emulator, case, vector=False, copy=0):
 def test_halo_kernels_under_emulation(conv_emulator, case):
     """sketched_conv2d_fwd_halo (y) and conv_rank_halo (z) with the plan the host code picks, against float64."""
     _run_harness(conv_emulator, case, vector=case in EMU_CASES[-4:])  # 8-byte loads: z only (no such forward)
+
+
+@pytest.mark.parametrize("case", EMU_COLUMN_CASES, ids=_emu_id)
+def test_halo_column_blocks_under_emulation(conv_emulator, case):
+    """conv_rank_halo past 64 columns of z: one grid row per block of 64 (S's rows and z's columns offset)."""
+    _run_harness(conv_emulator, case)
 
 
 @pytest.mark.parametrize("case", EMU_ASYNC_CASES, ids=_emu_id)

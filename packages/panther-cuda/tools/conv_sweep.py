@@ -8,9 +8,9 @@ W and bias, as a training step asks) of each implementation, each captured in a 
 the L2 is flushed before each replay, outside the timed events; median and 20th / 80th percentiles of
 --reps replays after warm-up. Implementations: ``cuda`` (the default choice), ``cuda:<variant>`` for each
 forward.VARIANT in VARIANTS (halo64, halo128, their cp.async loaders async64 and async128, generic, forced
-tiles), ``torch`` (the torch backend), ``F.conv2d`` (the dense layer), and with --compiled the peer a user
+tiles; "+dx": the backward's dx by the halo kernels), ``torch`` (the torch backend), ``F.conv2d`` (the dense layer), and with --compiled the peer a user
 would write (one conv to 2Lk channels, then the 1x1 projection, under torch.compile). Each cuda variant's y
-is checked against a float32 reference first (max-normalised error printed). For ``cuda`` and ``F.conv2d``
+is checked against a float32 reference first (max-normalised error printed). For those in KERNEL_TIMES
 also each kernel's time (torch.profiler, eager calls, L2 not flushed), forward and fwd+bwd: where the time
 goes. Prints tables; writes every number and the halo plan to --out.
 """
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import panther.ops
-from panther_cuda.ops.sketched_conv2d import forward
+from panther_cuda.ops.sketched_conv2d import backward, forward
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # graph_timing, beside this file
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))  # harness: benchmarks/run.py's peers
@@ -42,8 +42,11 @@ CASES = [  # (N, C, O, H, W, L, k)
     (64, 256, 256, 28, 28, 1, 32),
 ]
 # forward.VARIANT values: the default choice, each family, and a few forced tiles (TH x TW output pixels)
-VARIANTS = [None, "halo64", "halo128", "async64", "async128", "generic", "halo64:4x16", "async64:4x16", "halo64:2x32",
-            "halo64:1x64", "halo128:4x32"]
+# "+dx": with the backward's dx by the conv_rank kernels (backward.DX = "kernels") instead of cuDNN
+VARIANTS = [None, "halo64", "halo128", "async64", "async128", "generic", "halo64+dx", "async64+dx", "async128+dx",
+            "halo64:4x16", "async64:4x16", "halo64:2x32", "halo64:1x64", "halo128:4x32"]
+# the implementations whose kernels are timed one by one
+KERNEL_TIMES = ("cuda", "cuda:async64", "cuda:async64+dx", "F.conv2d")
 FLUSH = torch.empty(0)
 
 
@@ -75,13 +78,15 @@ def time_graph(graph, reps):
 
 @contextlib.contextmanager
 def variant(v):
-    """forward.VARIANT = v while the graphs are captured (the forward and the backward's launches)."""
-    previous = forward.VARIANT
-    forward.VARIANT = v
+    """forward.VARIANT = v (and with "+dx" backward.DX = "kernels") while the graphs are captured (the forward
+    and the backward's launches)."""
+    previous = forward.VARIANT, backward.DX
+    family, plus, _ = (v or "").partition("+dx")
+    forward.VARIANT, backward.DX = family or None, "kernels" if plus else "cudnn"
     try:
         yield
     finally:
-        forward.VARIANT = previous
+        forward.VARIANT, backward.DX = previous
 
 
 def measure(fn, args, grads_of, gy, reps):
@@ -158,9 +163,9 @@ def main():
                 try:
                     with variant(extra.get("variant")):
                         fwd, both = measure(fn, args, grads_of, gy, a.reps)
-                    row = {"case": label, "impl": name, "fwd": fwd, "fwd_bwd": both, **extra}
-                    if name in ("cuda", "F.conv2d"):
-                        row["kernels"] = kernels(fn, args, grads_of, gy)
+                        row = {"case": label, "impl": name, "fwd": fwd, "fwd_bwd": both, **extra}
+                        if name in KERNEL_TIMES:
+                            row["kernels"] = kernels(fn, args, grads_of, gy)
                     rows.append(row)
                 except Exception as e:  # a failing variant is reported, the sweep goes on
                     rows.append({"case": label, "impl": name, "error": f"{type(e).__name__}: {e}", **extra})
@@ -177,7 +182,7 @@ def main():
         plan_s = "" if plan is None else f"BM={plan['BM']} {plan['TH']}x{plan['TW']} CC={plan['CC']} flags={plan['flags']}"
         print(f"{r['case']:44s} {r['impl']:14s} {r['fwd']['median_ms']:8.3f} {r['fwd_bwd']['median_ms']:8.3f} "
               f"{speed:6.2f}x {err:>9s}  {plan_s}")
-    print("\nkernels of the default cuda plan and of F.conv2d (torch.profiler, eager calls, L2 not flushed)\n"
+    print("\nkernels of KERNEL_TIMES' implementations (torch.profiler, eager calls, L2 not flushed)\n"
           "| case | impl | pass | kernel | per call | us |\n|---|---|---|---|---:|---:|")
     for r in rows:
         for what, ks in r.get("kernels", {}).items():

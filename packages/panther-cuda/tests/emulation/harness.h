@@ -10,13 +10,14 @@
 #include <string>
 #include <memory>
 
-// body() as `blocks` blocks of `nt` threads, one block after another, with `shared` bytes of dynamic shared
-// memory at `smem` (of `capacity` bytes), filled with NaN bytes before each block: a kernel that reads shared
-// memory it did not write shows.
+// body() as a grid of `blocks` x `blocks_y` blocks of `nt` threads, one block after another, with `shared`
+// bytes of dynamic shared memory at `smem` (of `capacity` bytes), filled with NaN bytes before each block: a
+// kernel that reads shared memory it did not write shows.
 inline void emu_launch(long long blocks, int nt, unsigned shared, unsigned char* smem, size_t capacity,
-                       const std::function<void()>& body) {
+                       const std::function<void()>& body, unsigned blocks_y = 1) {
     g_dynamic_smem = shared;
     gridDim.x = (unsigned)blocks;
+    gridDim.y = blocks_y;
     blockDim.x = (unsigned)nt;
     if (shared > capacity) { std::printf("shared too big\n"); std::abort(); }
     if (nt % 32 || nt / 32 > EMU_MAX_WARPS) { std::printf("bad block size\n"); std::abort(); }
@@ -28,12 +29,12 @@ inline void emu_launch(long long blocks, int nt, unsigned shared, unsigned char*
     }
     g_block_barrier = &block_bar;
     g_emu_smem = smem;
-    for (long long b = 0; b < blocks; ++b) {
+    for (long long b = 0; b < blocks * blocks_y; ++b) {
         std::memset(smem, 0xff, shared);
         std::vector<std::thread> th;
         for (int t = 0; t < nt; ++t)
             th.emplace_back([&, t, b] {
-                threadIdx.x = t; blockIdx.x = (unsigned)b; body();
+                threadIdx.x = t; blockIdx.x = (unsigned)(b % blocks); blockIdx.y = (unsigned)(b / blocks); body();
                 if (!emu_cp_async_idle()) { std::printf("cp.async copies left in flight\n"); std::abort(); }
                 if (!panther::sm90::emu_wgmma_idle()) { std::printf("wgmma products left in flight\n"); std::abort(); }
             });

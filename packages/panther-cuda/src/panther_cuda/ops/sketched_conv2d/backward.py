@@ -2,7 +2,9 @@
 
 With R = 2·L·k, S = S1s as (R, C, kh, kw), U = U1s as (R, O) and g = dL/dy (N, O, H', W'):
     dZ = U g / (2L)                       conv_rank kernel: a 1x1 convolution of g by U (N, R, H', W')
-    dx, dS = the convolution's input and weight gradients given dZ: aten.convolution_backward (cuDNN)
+    dx, dS = the convolution's input and weight gradients given dZ: aten.convolution_backward (cuDNN);
+                                          with DX = "kernels", dx by the conv_rank kernel where it is a plain
+                                          convolution of dZ (stride 1): by S flipped and transposed
     dU = Zᵀ g / (2L)                      Z = conv(x, S) recomputed by the conv_rank kernel, then one matmul
     db = Σ_{n, h, w} g                    a torch reduction
 Z is recomputed only when U1s needs a gradient (the forward never writes it).
@@ -17,6 +19,10 @@ from torch import Tensor
 
 from panther_cuda.ops.sketched_conv2d.forward import conv_rank, exact_float32, memory_format
 
+# "cudnn": dx from aten.convolution_backward with dS; "kernels": dx by conv_rank where dx_by_kernel takes it
+# (forced for timing until a GPU run says which is faster)
+DX = "cudnn"
+
 
 @contextlib.contextmanager
 def _cudnn_exact(exact: bool):
@@ -30,6 +36,19 @@ def _cudnn_exact(exact: bool):
         yield
     finally:
         torch.backends.cudnn.allow_tf32 = previous
+
+
+def dx_by_kernel(dx: Tensor, dZ: Tensor, S: Tensor, stride, padding, dilation, allow_tf32: bool) -> bool:
+    """Writes dx = conv_transpose(dZ, S) by conv_rank and returns True where that is a plain convolution:
+    stride 1 and padding p <= d (k - 1) per axis; then dx = conv(dZ, S', padding d (k - 1) - p, dilation d)
+    with S'[c, r, i, j] = S[r, c, k - 1 - i, k - 1 - j]. False (nothing written) elsewhere."""
+    R, C, kh, kw = S.shape
+    if tuple(stride) != (1, 1) or any(p > d * (k - 1) for p, d, k in zip(padding, dilation, (kh, kw))):
+        return False
+    St = S.flip(2, 3).transpose(0, 1).reshape(C, R * kh * kw)  # contiguous (C, R kh kw)
+    pad = tuple(d * (k - 1) - p for p, d, k in zip(padding, dilation, (kh, kw)))
+    conv_rank(dx, dZ, St, (kh, kw), (1, 1), pad, tuple(dilation), 1.0, allow_tf32)
+    return True
 
 
 def sketched_conv2d_backward(grads, g: Tensor, x: Tensor, S1s: Tensor, U1s: Tensor, stride, padding, dilation,
@@ -50,15 +69,18 @@ def sketched_conv2d_backward(grads, g: Tensor, x: Tensor, S1s: Tensor, U1s: Tens
     if need_x or need_S:
         dZ = torch.empty((N, R, Ho, Wo), dtype=g.dtype, device=g.device, memory_format=memory_format(x))
         conv_rank(dZ, g, U1s.reshape(R, O).contiguous(), (1, 1), (1, 1), (0, 0), (1, 1), 1.0 / terms, allow_tf32)
-        with _cudnn_exact(exact):
-            gx, gS, _ = torch.ops.aten.convolution_backward(
-                dZ, x, S, None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
-                [bool(need_x), bool(need_S), False],
-            )
-        if need_x:
-            dx.copy_(gx)
-        if need_S:
-            dS1s.view(R, C, kh, kw).copy_(gS)
+        if need_x and DX == "kernels" and dx_by_kernel(dx, dZ, S, stride, padding, dilation, allow_tf32):
+            need_x = False  # written
+        if need_x or need_S:
+            with _cudnn_exact(exact):
+                gx, gS, _ = torch.ops.aten.convolution_backward(
+                    dZ, x, S, None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
+                    [bool(need_x), bool(need_S), False],
+                )
+            if need_x:
+                dx.copy_(gx)
+            if need_S:
+                dS1s.view(R, C, kh, kw).copy_(gS)
     if need_U:
         Z = torch.empty((N, Ho, Wo, R), dtype=g.dtype, device=g.device)  # pixel-major: Z as (M, R)
         conv_rank(Z.permute(0, 3, 1, 2), x, S.view(R, -1), (kh, kw), stride, padding, dilation, 1.0, allow_tf32)

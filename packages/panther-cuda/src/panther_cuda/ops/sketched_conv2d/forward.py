@@ -332,20 +332,22 @@ def sketched_conv2d_forward(y: Tensor, x: Tensor, S1s: Tensor, U1s: Tensor, bias
 
 def conv_rank(z: Tensor, x: Tensor, S: Tensor, kernel_size: Tuple[int, int], stride: Tuple[int, int],
               padding: Tuple[int, int], dilation: Tuple[int, int], scale: float, allow_tf32: bool) -> None:
-    """Writes z (N, R, H', W'), any strides, = scale · conv2d(x, S) with S contiguous (R, C·kh·kw)."""
+    """Writes z (N, R, H', W'), any strides, = scale · conv2d(x, S) with S contiguous (R, C·kh·kw). The halo
+    kernels take R in column blocks of up to 64 (one grid row each)."""
     N, R, Ho, Wo = z.shape
     M = N * Ho * Wo
     if M == 0:
         return
     exact = exact_float32(x.dtype, allow_tf32)
-    halo = _halo(x, S, R, kernel_size, stride, padding, dilation, (Ho, Wo), vector_rows=True)
+    width = min(R, HALO_RANKS[-1])  # the columns one block takes
+    halo = _halo(x, S, width, kernel_size, stride, padding, dilation, (Ho, Wo), vector_rows=True)
     if halo is not None:
         bm, (th, tw, cc, flags, hb) = halo
-        rp = next(w for w in HALO_RANKS if w >= R)
+        rp = next(w for w in HALO_RANKS if w >= width)
         kernel = _kernel("conv_rank_halo", x.dtype, rp, exact, bm, halo_loader(flags))
         with device_guard(x):
             kernel(
-                (N * cdiv(Ho, th) * cdiv(Wo, tw),), (THREADS,), x, S, z,
+                (N * cdiv(Ho, th) * cdiv(Wo, tw), cdiv(R, rp)), (THREADS,), x, S, z,
                 *_geometry(x, kernel_size[0], kernel_size[1], z, stride, padding, dilation), i32(R),
                 *_strides(x), *_strides(z), f32(scale), i32(th), i32(tw), i32(cc), i32(flags),
                 shared_mem=halo_shared_bytes(x.dtype, rp, bm, hb),

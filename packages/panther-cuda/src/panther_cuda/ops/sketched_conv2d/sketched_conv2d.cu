@@ -889,10 +889,11 @@ sketched_conv2d_fwd_halo(const T* __restrict__ x, const T* __restrict__ S, const
     }
 }
 
-// z[n, r, oh, ow] (strides sz*) = scale · Σ_κ im2col(x)[m, κ] S[r, κ] for r < R <= RP, through the halo
-// tiles (the backward's dZ, a 1x1 convolution of g, and its recomputed Z). Grid, block, shared memory:
-// as sketched_conv2d_fwd_halo's. LOAD: the halo loader (LOAD_ROWS8 with the plan's flag HALO_VECTOR,
-// LOAD_ASYNC with HALO_ASYNC*, else LOAD_ELEMENTS).
+// z[n, r, oh, ow] (strides sz*) = scale · Σ_κ im2col(x)[m, κ] S[r, κ] for r < R, through the halo tiles
+// (the backward's dZ, a 1x1 convolution of g; its recomputed Z; dx, a convolution of dZ). Grid: (N
+// ceil(Ho / TH) ceil(Wo / TW), ceil(R / RP)): blockIdx.y takes columns RP blockIdx.y .. of z; block and
+// shared memory as sketched_conv2d_fwd_halo's. LOAD: the halo loader (LOAD_ROWS8 with the plan's flag
+// HALO_VECTOR, LOAD_ASYNC with HALO_ASYNC*, else LOAD_ELEMENTS).
 template <typename T, int RP, bool EXACT, int BM, int LOAD>
 __global__ void __launch_bounds__(conv::THREADS, BM == 64 ? 3 : 2)
 conv_rank_halo(const T* __restrict__ x, const T* __restrict__ S, T* __restrict__ z, int C, int H, int W, int Ho,
@@ -907,6 +908,10 @@ conv_rank_halo(const T* __restrict__ x, const T* __restrict__ S, T* __restrict__
     const Geometry g{C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, M, sxn, sxc, sxh, sxw};
     const HaloTile h = halo_tile<LOAD>(g, TH, TW, CC, flags, static_cast<int>(sizeof(T)));
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int r0 = static_cast<int>(blockIdx.y) * RP;  // this block's columns r0 .. r0 + RP of z: rows of S
+    S += static_cast<long long>(r0) * C * kh * kw;
+    z += r0 * szr;
+    R = R - r0 < RP ? R - r0 : RP;
 
     float acc[MT][RP / 8][4];
     halo_rank<T, RP, EXACT, BM, LOAD>(acc, x, S, g, R, h, flags, smem);
