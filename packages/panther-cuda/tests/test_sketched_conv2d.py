@@ -62,7 +62,7 @@ CASES = {
 # Cases every kernel family takes (R <= 64): run with each forced (forward.VARIANT).
 HALO_CASES = ["3x3_R6", "1x1_N1_R20", "5x5_pad2_R48", "stride2_R6", "dilation2_pad2", "chunks_C40_R30_O70",
               "1x1_rows8_R32", "3x3_W16_R24"]
-VARIANTS = ["halo64", "halo128", "halo64:1x64", "async64", "async128", "generic"]
+VARIANTS = ["halo64", "halo128", "halo64:1x64", "async64", "async128", "taps64", "taps128", "generic"]
 
 
 def make_inputs(N, C, H, W, O, terms, k, ks, dtype, device="cuda", bias=True, seed=0):
@@ -157,7 +157,8 @@ def test_matches_float64_reference(name, dtype, ieee_float32):
 
 @pytest.fixture
 def variant(request):
-    """forward.VARIANT forced for the test (the kernel family: halo64, halo128, async64, async128, generic)."""
+    """forward.VARIANT forced for the test (the kernel family: halo64, halo128, async64, async128, taps64,
+    taps128, generic)."""
     previous = forward.VARIANT
     forward.VARIANT = request.param
     yield request.param
@@ -179,8 +180,12 @@ def test_each_kernel_family(name, dtype, layout, variant, ieee_float32):
         Ho, Wo = torch.nn.functional.conv2d(x[:1].float(), S.float().view(R, x.shape[1], *inputs[1].shape[3:]),
                                             None, *conv).shape[2:]
         _, plan = forward._halo(x, S, R, inputs[1].shape[3:], *conv, (Ho, Wo))
-        copy = forward.async_copy_bytes(x, x.stride(1) < x.stride(3)) if variant.startswith("async") else 0
-        assert forward.halo_loader(plan[3]) == (forward.LOAD_ASYNC if copy else forward.LOAD_ELEMENTS), plan
+        kh, kw = inputs[1].shape[3:]
+        if variant.startswith("taps"):  # 16-bit and at most 9 taps, else the plan through registers
+            assert bool(plan[3] & forward.HALO_TAPS) == (x.element_size() == 2 and kh * kw <= 9), plan
+        else:
+            copy = forward.async_copy_bytes(x, x.stride(1) < x.stride(3)) if variant.startswith("async") else 0
+            assert forward.halo_loader(plan[3]) == (forward.LOAD_ASYNC if copy else forward.LOAD_ELEMENTS), plan
     run_and_compare((x, *inputs[1:]), conv, GRADS, TOL[dtype])
 
 
@@ -200,7 +205,7 @@ def dx_by_kernels():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["halo64", "async64", "generic"], indirect=True)
+@pytest.mark.parametrize("variant", ["halo64", "async64", "taps64", "generic"], indirect=True)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", ["3x3_R6", "5x5_pad2_R48", "3x2_pad01_R8", "chunks_C40_R30_O70", "deep_R192_O130"])
@@ -569,7 +574,7 @@ def test_halo_launch_arguments(channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     R = 30
     for variant, bm in ((None, 64), ("halo64", 64), ("halo128", 128), ("halo64:4x16", 64), ("async64", 64),
-                        ("generic", None)):
+                        ("taps64", 64), ("generic", None)):
         rec = _Recorder()
         with mock.patch.object(forward.Kernel, "__call__", lambda self, *a, **k: rec(self, *a, **k)), \
                 mock.patch.object(forward, "VARIANT", variant):
@@ -585,17 +590,23 @@ def test_halo_launch_arguments(channels_last):
                                                  "panther::conv_rank<__nv_bfloat16, 32, false>"]
             continue
         copies = variant == "async64"  # x (2, 40, 9, 11): NCHW rows of 11 take no copies, channels_last 8 channels
-        load = forward.LOAD_ASYNC if copies and channels_last else forward.LOAD_ELEMENTS
+        taps = variant == "taps64"  # tap-major, copied where channels_last (S passed as (R, kh, kw, C))
+        load = forward.LOAD_ASYNC if (copies or taps) and channels_last else forward.LOAD_ELEMENTS
+        load |= forward.LOAD_TAPS if taps else 0
         assert fwd_call[0] == f"panther::sketched_conv2d_fwd_halo<__nv_bfloat16, 32, false, {bm}, {load}>"
         assert z_call[0] == f"panther::conv_rank_halo<__nv_bfloat16, 32, false, {bm}, {load}>"
         # g: NCHW rows of 11, no copies
-        assert dz_call[0] == f"panther::conv_rank_halo<__nv_bfloat16, 32, false, {bm}, {forward.LOAD_ELEMENTS}>"
+        g_load = forward.LOAD_TAPS if taps else forward.LOAD_ELEMENTS
+        assert dz_call[0] == f"panther::conv_rank_halo<__nv_bfloat16, 32, false, {bm}, {g_load}>"
         _check_arguments(fwd_call, "sketched_conv2d_fwd_halo")
         _check_arguments(dz_call, "conv_rank_halo")
         _check_arguments(z_call, "conv_rank_halo")
+        S = S1s.reshape(R, -1)
+        want_S = S.view(R, 40, 3, 3).permute(0, 2, 3, 1).reshape(R, -1) if taps else S
+        assert torch.equal(fwd_call[3][1].reshape(R, -1), want_S) and torch.equal(z_call[3][1].reshape(R, -1), want_S)
         tile = (4, 16) if variant == "halo64:4x16" else None
-        th, tw, cc, flags, hb = forward.halo_plan(x, S1s.reshape(R, -1), R, (3, 3), *conv, (9, 11), bm, tile,
-                                                  copies=copies and channels_last)
+        th, tw, cc, flags, hb = forward.halo_plan(x, S, R, (3, 3), *conv, (9, 11), bm, tile,
+                                                  copies=copies and channels_last, taps=taps)
         assert tile is None or (th, tw) == (4, 11)  # the forced tile, clipped to the output's 11 columns
         assert [int(a) for a in fwd_call[3][-4:]] == [th, tw, cc, flags]
         assert fwd_call[1] == (2 * -(-9 // th) * -(-11 // tw),)
@@ -836,7 +847,19 @@ EMU_ASYNC_CASES = [
 ]
 
 
-def _run_harness(conv_emulator, case, vector=False, copy=0):
+# The tap-major plans (16-bit): pixel-major halos through registers (NCHW, or channels_last not aligned for
+# copies) or copies (channels_last), C past a multiple of 16 (zero channels), chunks, taps of 1 to 9, strides
+EMU_TAPS_CASES = [
+    ("bfloat16", "nchw", 2, 40, 9, 16, 70, 2, 30, (3, 3), (1, 1), (1, 1), (1, 1), 64, 1),  # chunks 16+16+16
+    ("bfloat16", "channels_last", 1, 40, 9, 11, 70, 2, 30, (3, 3), (1, 1), (1, 1), (1, 1), 64, 1),  # copies
+    ("float16", "channels_last", 2, 3, 8, 7, 9, 2, 12, (3, 3), (2, 1), (1, 0), (1, 1), 128, 1),  # C = 3, elements
+    ("float16", "nchw", 1, 150, 4, 16, 11, 2, 40, (1, 1), (1, 1), (0, 0), (1, 1), 64, 1),  # 1x1, the dZ shape
+    ("bfloat16", "nchw", 1, 20, 9, 10, 9, 2, 64, (3, 2), (1, 1), (0, 1), (2, 1), 128, 0),  # RP = 64, dilation
+    ("float16", "channels_last", 1, 24, 7, 6, 9, 2, 150, (3, 3), (1, 1), (1, 1), (1, 1), 64, 1),  # column blocks
+]
+
+
+def _run_harness(conv_emulator, case, vector=False, copy=0, taps=False):
     """Runs the harness on the plan the host code picks for ``case``; checks y and z against float64."""
     mode, layout, N, C, H, W, O, terms, R, ks, st, pd, dl, bm, bias = case[:15]
     dtype = EMU_DTYPES[mode]
@@ -846,11 +869,13 @@ def _run_harness(conv_emulator, case, vector=False, copy=0):
     S = torch.empty(R, C * ks[0] * ks[1], dtype=dtype)
     Ho, Wo = (forward.output_size(n, k, s, p, d) for n, k, s, p, d in zip((H, W), ks, st, pd, dl))
     width = min(R, forward.HALO_RANKS[-1])  # past 64, z alone in column blocks (forward.conv_rank)
-    plan = forward.halo_plan(x, S, width, ks, st, pd, dl, (Ho, Wo), bm, vector_rows=vector, copies=copy > 0)
+    plan = forward.halo_plan(x, S, width, ks, st, pd, dl, (Ho, Wo), bm, vector_rows=vector, copies=copy > 0,
+                             taps=taps)
     assert plan is not None
     th, tw, cc, flags, hb = plan
-    assert bool(flags & forward.HALO_VECTOR) == vector
-    assert flags & sum(forward.HALO_ASYNC.values()) == forward.HALO_ASYNC.get(copy, 0), plan
+    assert bool(flags & forward.HALO_VECTOR) == vector and bool(flags & forward.HALO_TAPS) == taps
+    if not taps:
+        assert flags & sum(forward.HALO_ASYNC.values()) == forward.HALO_ASYNC.get(copy, 0), plan
     rp = next(w for w in forward.HALO_RANKS if w >= width)
     shared = forward.halo_shared_bytes(dtype, rp, bm, hb)
     args = [mode, layout, N, C, H, W, O, terms, R, *ks, *st, *pd, *dl, bm, th, tw, cc, flags, shared, bias]
@@ -872,6 +897,12 @@ def test_halo_kernels_under_emulation(conv_emulator, case):
 def test_halo_column_blocks_under_emulation(conv_emulator, case):
     """conv_rank_halo past 64 columns of z: one grid row per block of 64 (S's rows and z's columns offset)."""
     _run_harness(conv_emulator, case)
+
+
+@pytest.mark.parametrize("case", EMU_TAPS_CASES, ids=_emu_id)
+def test_tap_major_halo_kernels_under_emulation(conv_emulator, case):
+    """The tap-major plans: A and B fragments by ldmatrix from a pixel-major halo, S as (R, kh, kw, C)."""
+    _run_harness(conv_emulator, case, taps=True)
 
 
 @pytest.mark.parametrize("case", EMU_ASYNC_CASES, ids=_emu_id)

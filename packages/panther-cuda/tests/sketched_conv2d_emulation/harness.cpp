@@ -1,6 +1,7 @@
 // Runs the halo kernels of sketched_conv2d.cu (sketched_conv2d_fwd_halo, conv_rank_halo, with the loader the
 // plan's flags name: HALO_ASYNC* the cp.async copies, HALO_VECTOR conv_rank_halo's 8-byte loader alone,
-// which the forward does not have, else element loads) on the CPU under
+// which the forward does not have, else element loads; HALO_TAPS the tap-major plans, S passed to them as
+// (R, kh, kw, C)) on the CPU under
 // ../emulation/cuda_emulation.h and prints, for y and z, the max-normalised error against
 // float64 loops written here from the op's definition (|got - ref|max / |ref|max). Outputs start as NaN
 // and shared memory as NaN bytes before every block, so a value a kernel forgets to write, or reads before
@@ -54,22 +55,38 @@ static void run(const Args& a) {
     Buf<T> y(M * a.O), z(M * a.R);
     const float scale = 1.0f / a.terms, zscale = 0.75f;
     const long long blocks = a.N * cdv(Ho, a.TH) * cdv(Wo, a.TW);
-    const bool async = (a.flags & conv::HALO_ASYNC) != 0;
+    const bool async = (a.flags & conv::HALO_ASYNC) != 0, taps = (a.flags & conv::HALO_TAPS) != 0;
     const bool xvec = !async && (a.flags & conv::HALO_VECTOR) != 0;  // conv_rank_halo's 8-byte loader; no forward then
     auto fwd = async ? sketched_conv2d_fwd_halo<T, RP, EXACT, BM, conv::LOAD_ASYNC>
                      : sketched_conv2d_fwd_halo<T, RP, EXACT, BM, conv::LOAD_ELEMENTS>;
     auto rank = async ? conv_rank_halo<T, RP, EXACT, BM, conv::LOAD_ASYNC>
                 : xvec ? conv_rank_halo<T, RP, EXACT, BM, conv::LOAD_ROWS8>
                        : conv_rank_halo<T, RP, EXACT, BM, conv::LOAD_ELEMENTS>;
+    Buf<T> St((size_t)a.R * K);  // the tap-major plans read S as (R, kh, kw, C)
+    for (int r = 0; r < a.R; ++r)
+        for (int c = 0; c < a.C; ++c)
+            for (int t = 0; t < a.kh * a.kw; ++t) St.v[(size_t)r * K + (size_t)t * a.C + c] = S.v[(size_t)r * K + (size_t)c * a.kh * a.kw + t];
+    if (taps) {
+        if constexpr (sizeof(T) == 2 && !EXACT) {
+            fwd = async ? sketched_conv2d_fwd_halo<T, RP, EXACT, BM, conv::LOAD_TAPS | conv::LOAD_ASYNC>
+                        : sketched_conv2d_fwd_halo<T, RP, EXACT, BM, conv::LOAD_TAPS>;
+            rank = async ? conv_rank_halo<T, RP, EXACT, BM, conv::LOAD_TAPS | conv::LOAD_ASYNC>
+                         : conv_rank_halo<T, RP, EXACT, BM, conv::LOAD_TAPS>;
+        } else {
+            std::fprintf(stderr, "HALO_TAPS: 16-bit types\n");
+            std::exit(2);
+        }
+    }
+    const T* Sk = taps ? St.p() : S.p();
     const bool fused = !xvec && a.R <= RP;  // the forward keeps Z on chip: R <= RP; z alone takes column blocks
     if (fused) launch(blocks, a.shared, [&] {
-        fwd(x.p(), S.p(), U.p(), a.bias ? b.p() : nullptr, y.p(), a.C, a.H, a.W, Ho,
+        fwd(x.p(), Sk, U.p(), a.bias ? b.p() : nullptr, y.p(), a.C, a.H, a.W, Ho,
                                                    Wo, a.kh, a.kw, a.sh, a.sw, a.ph, a.pw, a.dh, a.dw, M, a.R, a.O, sx[0],
                                                    sx[1], sx[2], sx[3], sy[0], sy[1], sy[2], sy[3], scale, a.TH, a.TW,
                                                    a.CC, a.flags);
     });
     launch(blocks, a.shared, [&] {
-        rank(x.p(), S.p(), z.p(), a.C, a.H, a.W, Ho, Wo, a.kh, a.kw, a.sh, a.sw, a.ph, a.pw, a.dh, a.dw, M, a.R, sx[0],
+        rank(x.p(), Sk, z.p(), a.C, a.H, a.W, Ho, Wo, a.kh, a.kw, a.sh, a.sw, a.ph, a.pw, a.dh, a.dw, M, a.R, sx[0],
              sx[1], sx[2], sx[3], sz[0], sz[1], sz[2], sz[3], zscale, a.TH, a.TW, a.CC, a.flags);
     }, (unsigned)cdv(a.R, RP));
     // float64 reference from the definition: Z[n, r, oh, ow] = Σ_{c, i, j} x[n, c, oh sh - ph + i dh, ...] S[r, c, i, j]

@@ -152,6 +152,22 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
+// Four 8 x 8 matrices of 16-bit elements from shared memory, one warp: lanes 8j .. 8j + 7 give the
+// (16-byte aligned) addresses of matrix j's rows 0 .. 7; r[j] gets lane l's part of matrix j, per PTX
+// "ldmatrix": (row l / 4, columns 2 (l % 4), +1), or with TRANS (rows 2 (l % 4), +1, column l / 4),
+// the lower index in the low half.
+template <bool TRANS> __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    if (TRANS) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    } else {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    }
+}
 #endif  // PANTHER_PTX_EMULATED
 
 }  // namespace panther

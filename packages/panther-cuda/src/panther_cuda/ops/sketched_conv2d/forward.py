@@ -8,7 +8,8 @@
 Two kernel families compute the same math. The halo kernels (``*_halo``, R <= 64) take a tile of TH x TW
 output pixels of one image per block and load the input halo of those pixels, a chunk of CC channels at
 a time, into shared memory with coalesced loads (through registers, or with the ``async`` variants by
-cp.async copies of 4, 8 or 16 bytes); :func:`halo_plan` picks the tile and the chunk, or
+cp.async copies of 4, 8 or 16 bytes; with the ``taps`` variants (16-bit) pixel-major, the depth tap by tap,
+A and B fragments by ldmatrix); :func:`halo_plan` picks the tile and the chunk, or
 returns None where the limits of those kernels are passed (R > 64, a kernel window of more than 144
 taps, a halo row too wide), and the generic kernels (``sketched_conv2d_fwd``, ``conv_rank``: 64 output
 pixels per block gathered element by element) take the rest. :data:`VARIANT` forces one of them.
@@ -42,14 +43,17 @@ KC_MAX = 144  # im2col depth of one channel chunk, CC·kh·kw, at most (conv::KC
 # the halo kernels' flags (conv::HALO_CHANNELS_INNER, conv::S_VECTOR, conv::HALO_VECTOR, conv::HALO_ASYNC*)
 HALO_CHANNELS_INNER, S_VECTOR, HALO_VECTOR = 1, 2, 4
 HALO_ASYNC = {4: 8, 8: 16, 16: 32}  # bytes per cp.async copy -> flag
+HALO_TAPS = 64  # flag: pixel-major halo, the depth tap by tap (conv::HALO_TAPS); S passed as (R, kh, kw, C)
 HALO_VPASSES = HALO_PASSES // 2  # 8-byte halo loads one thread makes per channel chunk, at most
 ASYNC_PASSES = 8  # cp.async copies of the halo one thread issues per channel chunk, at most (conv::ASYNC_PASSES)
-LOAD_ELEMENTS, LOAD_ROWS8, LOAD_ASYNC = 0, 1, 2  # the halo loaders (the kernels' template parameter LOAD)
+LOAD_ELEMENTS, LOAD_ROWS8, LOAD_ASYNC, LOAD_TAPS = 0, 1, 2, 4  # the kernels' template parameter LOAD (bits)
 MAX_SHARED = 99 * 1024  # dynamic shared memory a plan may take (the opt-in limit of sm_86 / sm_89)
 # None: the halo kernels with BM = 64 where halo_plan allows, else the generic ones; "halo64" /
 # "halo128": that many pixels per block where allowed (else generic), "halo64:4x16": with that tile of
 # TH x TW output pixels (clipped to the output) where allowed; "async64", "async128", "async64:8x8": the
-# same with the halo copied by cp.async where x is aligned for it; "generic": the generic kernels. For timing.
+# same with the halo copied by cp.async where x is aligned for it; "taps64", "taps128", "taps64:8x8": pixel-major
+# halos, the depth tap by tap (16-bit; copied where x is channels_last and aligned); "generic": the generic
+# kernels. For timing.
 VARIANT: Optional[str] = None
 
 _CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
@@ -100,13 +104,14 @@ def halo_extent(tile: int, kernel: int, stride: int, dilation: int) -> int:
     return (tile - 1) * stride + (kernel - 1) * dilation + 1
 
 
-def halo_buffer(cc: int, IH: int, IW: int, channels_inner: bool, copy: int, size: int) -> Tuple[int, int]:
+def halo_buffer(cc: int, IH: int, IW: int, channels_inner: bool, copy: int, size: int,
+                taps: bool = False) -> Tuple[int, int]:
     """(elements of one halo buffer, row width) of the halo kernels (sketched_conv2d.cu: halo_tile): channel
     planes of IH rows of IW elements, plus a zero plane; with cp.async copies of ``copy`` bytes, NCHW rows
-    widened to hold every aligned copy, or channels_last pixels of CCP channels (whole 16-byte units, an odd
-    count, at least one zero channel)."""
+    widened to hold every aligned copy; with copies of channels_last pixels or with ``taps``, pixels of CCP
+    channels (whole 16-byte units, an odd count, at least one zero channel)."""
     V = copy // size
-    if copy and channels_inner:
+    if taps or (copy and channels_inner):
         units = cc * size // 16 + 1
         ccp = (units + 1 - units % 2) * 16 // size
         return cdiv(IH * IW * ccp, 8) * 8, ccp
@@ -154,7 +159,7 @@ def async_copy_bytes(x: Tensor, channels_inner: bool) -> int:
 
 
 def halo_plan(x: Tensor, S: Tensor, R: int, kernel_size, stride, padding, dilation, out_hw, bm: int, tile=None,
-              vector_rows: bool = False, copies: bool = False):
+              vector_rows: bool = False, copies: bool = False, taps: bool = False):
     """``(TH, TW, CC, flags, hb)`` of the halo kernels with ``bm`` pixels per block for x (N, C, H, W) and
     S (R, C·kh·kw) contiguous, or None where they cannot run. The tile (``tile`` = (TH, TW) forces one):
     fewest blocks, then the widest (longer contiguous halo rows); for a 1x1 kernel on rows along W (no
@@ -162,29 +167,39 @@ def halo_plan(x: Tensor, S: Tensor, R: int, kernel_size, stride, padding, dilati
     16-byte S copies where aligned; with ``copies`` the halo by cp.async where x is aligned for it
     (:func:`async_copy_bytes`; else None); else with ``vector_rows`` (conv_rank_halo has the 8-byte loader,
     the forward does not) 8-byte halo loads where every row's groups are aligned (x's strides and pointer,
-    W, the left padding and the tile's width)."""
+    W, the left padding and the tile's width). With ``taps`` (16-bit x; kernels of at most 9 taps) the
+    tap-major plan: chunks of a multiple of 16 channels, copied where x is channels_last and aligned, else
+    loaded through registers; its flags carry HALO_TAPS and the launch passes S as (R, kh, kw, C)."""
     N, C, H, W = x.shape
     channels_inner = x.stride(1) < x.stride(3)
     s_aligned = S.data_ptr() % 16 == 0
-    copy = async_copy_bytes(x, channels_inner) if copies else 0
-    if copies and not copy:
-        return None
+    if taps:
+        copy = async_copy_bytes(x, channels_inner) if channels_inner else 0
+        vector_rows = False
+    else:
+        copy = async_copy_bytes(x, channels_inner) if copies else 0
+        if copies and not copy:
+            return None
     xv = 8 // x.element_size()  # elements of an 8-byte load
     x_rows8 = (vector_rows and not channels_inner and x.stride(3) == 1 and W % xv == 0 and x.data_ptr() % 8 == 0
                and all(s % xv == 0 for s in x.stride()[:3]))
-    return _plan(int(N), int(C), x.dtype, channels_inner, s_aligned, x_rows8, copy, int(padding[1]), int(R),
-                 *(int(v) for v in kernel_size), *(int(v) for v in stride), *(int(v) for v in dilation),
+    return _plan(int(N), int(C), x.dtype, channels_inner, s_aligned, x_rows8, copy, bool(taps), int(padding[1]),
+                 int(R), *(int(v) for v in kernel_size), *(int(v) for v in stride), *(int(v) for v in dilation),
                  *(int(v) for v in out_hw), int(bm), None if tile is None else tuple(tile))
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(N, C, dtype, channels_inner, s_aligned, x_rows8, copy, pw, R, kh, kw, sh, sw, dh, dw, Ho, Wo, bm, tile):
+def _plan(N, C, dtype, channels_inner, s_aligned, x_rows8, copy, taps, pw, R, kh, kw, sh, sw, dh, dw, Ho, Wo, bm,
+          tile):
     """halo_plan from plain values (cached: the search runs once per shape)."""
     KK = kh * kw
     if R > HALO_RANKS[-1] or KK > KC_MAX or Ho * Wo == 0:
         return None
     size = torch.empty((), dtype=dtype).element_size()
+    if taps and (size != 2 or 16 * KK > KC_MAX):
+        return None
     V = copy // size
+    C16 = cdiv(C, 16) * 16  # taps: chunks of whole 16-channel steps (the channels past C zero)
     best = None
     if tile is not None:
         tiles = [(min(tile[0], Ho), min(tile[1], Wo))] if tile[0] * tile[1] <= bm else []
@@ -192,7 +207,11 @@ def _plan(N, C, dtype, channels_inner, s_aligned, x_rows8, copy, pw, R, kh, kw, 
         tiles = [(min(bm // tw, Ho), tw) for tw in range(1, min(Wo, bm) + 1)]
     for th, tw in tiles:
         IH, IW = halo_extent(th, kh, sh, dh), halo_extent(tw, kw, sw, dw)
-        cc = _async_chunk(C, KK, IH, IW, channels_inner, V) if copy else _halo_chunk(C, KK, IH, IW, channels_inner)
+        if taps:
+            cc = _async_chunk(C16, KK, IH, IW, True, V) if copy else _halo_chunk(C16, KK, IH, IW, channels_inner)
+            cc = cc // 16 * 16
+        else:
+            cc = _async_chunk(C, KK, IH, IW, channels_inner, V) if copy else _halo_chunk(C, KK, IH, IW, channels_inner)
         key = (cdiv(Ho, th) * cdiv(Wo, tw), -tw)
         if KK == 1 and not channels_inner:  # 32-byte sectors of a halo row, up to 128 bytes
             key = (-min(IW * size, 128) // 32,) + key
@@ -204,6 +223,8 @@ def _plan(N, C, dtype, channels_inner, s_aligned, x_rows8, copy, pw, R, kh, kw, 
     flags = HALO_CHANNELS_INNER if channels_inner else 0
     xv = 8 // size
     IH, IW = halo_extent(th, kh, sh, dh), halo_extent(tw, kw, sw, dw)
+    if taps:
+        flags |= HALO_TAPS
     if copy:
         flags |= HALO_ASYNC[copy]
     elif x_rows8 and pw % xv == 0 and (tw * sw) % xv == 0 and IW % xv == 0:  # every tile's groups aligned
@@ -212,11 +233,14 @@ def _plan(N, C, dtype, channels_inner, s_aligned, x_rows8, copy, pw, R, kh, kw, 
             cc, flags = cv, flags | HALO_VECTOR
     ve = 16 // size  # elements of one 16-byte copy
     whole = V if copy and channels_inner else 1  # the chunk a whole number of halo copies per pixel
-    if (C * KK) % ve == 0 and s_aligned:
+    if taps:  # S (R, kh, kw, C): a chunk's channels of one tap in 16-byte copies where C is whole copies
+        if C % ve == 0 and s_aligned:
+            flags |= S_VECTOR
+    elif (C * KK) % ve == 0 and s_aligned:
         aligned = next((c for c in range(cc, 0, -1) if (c * KK) % ve == 0 and c % whole == 0), 0)
         if 2 * aligned >= cc:  # at most half the chunk given up for the wide copies
             cc, flags = aligned, flags | S_VECTOR
-    hb, _ = halo_buffer(cc, IH, IW, channels_inner, copy, size)
+    hb, _ = halo_buffer(cc, IH, IW, channels_inner, copy, size, taps)
     rp = next(w for w in HALO_RANKS if w >= R)
     if halo_shared_bytes(dtype, rp, bm, hb) > MAX_SHARED:
         return None
@@ -229,13 +253,19 @@ def _halo(x: Tensor, S: Tensor, R: int, kernel_size, stride, padding, dilation, 
     """(bm, plan) of the halo kernels that VARIANT asks for, or None for the generic kernels."""
     if VARIANT == "generic":
         return None
-    bm, tile, copies = 64, None, False
+    bm, tile, copies, taps = 64, None, False, False
     if VARIANT is not None:
         family, _, shape = VARIANT.partition(":")
-        copies = family.startswith("async")
-        bm = int(family[len("async" if copies else "halo"):])
+        name = family.rstrip("0123456789")
+        if name not in ("halo", "async", "taps"):
+            raise ValueError(f"forward.VARIANT: {VARIANT!r} is not a kernel family (halo, async, taps + 64 or 128)")
+        copies, taps, bm = name == "async", name == "taps", int(family[len(name):])
         tile = tuple(int(n) for n in shape.split("x")) if shape else None
-    plan = halo_plan(x, S, R, kernel_size, stride, padding, dilation, out_hw, bm, tile, vector_rows, copies)
+    plan = None
+    if taps:
+        plan = halo_plan(x, S, R, kernel_size, stride, padding, dilation, out_hw, bm, tile, taps=True)
+    if plan is None:
+        plan = halo_plan(x, S, R, kernel_size, stride, padding, dilation, out_hw, bm, tile, vector_rows, copies)
     if plan is None and copies:  # x not aligned for the copies: the loads through registers
         plan = halo_plan(x, S, R, kernel_size, stride, padding, dilation, out_hw, bm, tile, vector_rows)
     return None if plan is None else (bm, plan)
@@ -243,9 +273,15 @@ def _halo(x: Tensor, S: Tensor, R: int, kernel_size, stride, padding, dilation, 
 
 def halo_loader(flags: int) -> int:
     """The kernels' template parameter LOAD for a plan's flags."""
+    taps = LOAD_TAPS if flags & HALO_TAPS else 0
     if flags & sum(HALO_ASYNC.values()):
-        return LOAD_ASYNC
-    return LOAD_ROWS8 if flags & HALO_VECTOR else LOAD_ELEMENTS
+        return LOAD_ASYNC | taps
+    return (LOAD_ROWS8 if flags & HALO_VECTOR else LOAD_ELEMENTS) | taps
+
+
+def tap_major(S: Tensor, C: int, kh: int, kw: int) -> Tensor:
+    """S (R, C·kh·kw) as the tap-major plans read it: (R, kh, kw, C), contiguous."""
+    return S.reshape(S.shape[0], C, kh, kw).permute(0, 2, 3, 1).contiguous().view(S.shape[0], -1)
 
 
 def rank_tile(R: int) -> int:
@@ -313,9 +349,10 @@ def sketched_conv2d_forward(y: Tensor, x: Tensor, S1s: Tensor, U1s: Tensor, bias
         rp = next(w for w in HALO_RANKS if w >= R)
         kernel = _kernel("sketched_conv2d_fwd_halo", x.dtype, rp, exact, bm, halo_loader(flags))
         grid = y.shape[0] * cdiv(y.shape[2], th) * cdiv(y.shape[3], tw)
+        Sk = tap_major(S.view(R, -1), C, kh, kw) if flags & HALO_TAPS else S
         with device_guard(x):
             kernel(
-                (grid,), (THREADS,), x, S, U, b, y, *_geometry(x, kh, kw, y, stride, padding, dilation),
+                (grid,), (THREADS,), x, Sk, U, b, y, *_geometry(x, kh, kw, y, stride, padding, dilation),
                 i32(R), i32(O), *_strides(x), *_strides(y), f32(1.0 / terms), i32(th), i32(tw), i32(cc), i32(flags),
                 shared_mem=halo_shared_bytes(x.dtype, rp, bm, hb),
             )
@@ -345,9 +382,10 @@ def conv_rank(z: Tensor, x: Tensor, S: Tensor, kernel_size: Tuple[int, int], str
         bm, (th, tw, cc, flags, hb) = halo
         rp = next(w for w in HALO_RANKS if w >= width)
         kernel = _kernel("conv_rank_halo", x.dtype, rp, exact, bm, halo_loader(flags))
+        Sk = tap_major(S, x.shape[1], *kernel_size) if flags & HALO_TAPS else S
         with device_guard(x):
             kernel(
-                (N * cdiv(Ho, th) * cdiv(Wo, tw), cdiv(R, rp)), (THREADS,), x, S, z,
+                (N * cdiv(Ho, th) * cdiv(Wo, tw), cdiv(R, rp)), (THREADS,), x, Sk, z,
                 *_geometry(x, kernel_size[0], kernel_size[1], z, stride, padding, dilation), i32(R),
                 *_strides(x), *_strides(z), f32(scale), i32(th), i32(tw), i32(cc), i32(flags),
                 shared_mem=halo_shared_bytes(x.dtype, rp, bm, hb),

@@ -331,8 +331,11 @@ conv_rank(const T* __restrict__ x, const T* __restrict__ S, T* __restrict__ z, i
 // copies of 4, 8 or 16 bytes per chunk, zero-filled outside the image, into a layout whose copies are
 // aligned: NCHW rows widened to IWP (a multiple of the copy, from the aligned column iwa at or left of
 // iw0), channels_last pixels of CCP channels (the chunk's CC, whole copies, and at least one zero slot).
-// The loader is a template parameter, as two loaders in one kernel would cost registers. The host
-// (forward.py: halo_plan) picks TH, TW, CC, the flags.
+// The loader is a template parameter, as two loaders in one kernel would cost registers. With LOAD_TAPS
+// (flag HALO_TAPS; 16-bit types; S given as (R, kh, kw, C)) the halo is pixel-major whatever the loader
+// and the chunk's depth runs tap by tap, CC (a multiple of 16) channels each: every A fragment (16 pixels x
+// 16 channels of one tap) is one ldmatrix, as is every pair of B fragments. The host (forward.py:
+// halo_plan) picks TH, TW, CC, the flags.
 namespace conv {
 
 constexpr int HALO_PASSES = 16;      // halo elements one thread loads per chunk, at most
@@ -343,9 +346,17 @@ constexpr int HALO_VECTOR = 4;          // flags: halo rows loaded 8 bytes at a 
 constexpr int HALO_VPASSES = HALO_PASSES / 2;  // 8-byte loads per thread and chunk (the same registers)
 constexpr int HALO_ASYNC4 = 8, HALO_ASYNC8 = 16, HALO_ASYNC16 = 32;  // flags: cp.async copies of that many bytes
 constexpr int HALO_ASYNC = HALO_ASYNC4 | HALO_ASYNC8 | HALO_ASYNC16;
+constexpr int HALO_TAPS = 64;  // flags: the chunk's depth tap by tap from a pixel-major halo (LOAD_TAPS)
 constexpr int ASYNC_PASSES = 8;  // cp.async copies one thread issues per chunk, at most
-constexpr int LOAD_ELEMENTS = 0, LOAD_ROWS8 = 1, LOAD_ASYNC = 2;  // halo loaders (template parameter LOAD)
+// halo loaders, the template parameter LOAD: element loads (0), or bits LOAD_ROWS8 (8-byte row loads),
+// LOAD_ASYNC (cp.async copies), LOAD_TAPS (pixel-major, tap-major depth; with elements or copies)
+constexpr int LOAD_ELEMENTS = 0, LOAD_ROWS8 = 1, LOAD_ASYNC = 2, LOAD_TAPS = 4;
 template <int B> struct Bytes { static constexpr int value = B; };
+// Blocks per SM the halo kernels are bound to: 3 of 64 pixels (168 registers), 2 of 128; 2 for the tap-major
+// plan loading through registers (its register loader and ldmatrix fragments need ~200)
+__host__ __device__ constexpr int halo_blocks(int bm, int load) {
+    return (load & LOAD_TAPS) && !(load & LOAD_ASYNC) ? 2 : bm == 64 ? 3 : 2;
+}
 
 // The bits of a T in the low bits of a 32-bit word, and back.
 template <typename T> __device__ __forceinline__ unsigned to_bits(T v) {
@@ -400,11 +411,12 @@ __device__ __forceinline__ HaloTile halo_tile(const Geometry& g, int TH, int TW,
     h.KK = g.kh * g.kw;
     h.KC = CC * h.KK;
     h.KCP = (h.KC + 15) / 16 * 16;
-    h.VB = LOAD != LOAD_ASYNC ? 0 : (flags & HALO_ASYNC16) ? 16 : (flags & HALO_ASYNC8) ? 8 : 4;
-    const int V = h.VB / size;  // elements per copy (0: the loaders through registers, a plain layout)
+    h.VB = !(LOAD & LOAD_ASYNC) ? 0 : (flags & HALO_ASYNC16) ? 16 : (flags & HALO_ASYNC8) ? 8 : 4;
+    const int V = h.VB / size;  // elements per copy (0: the loaders through registers)
     h.RW = h.IW;
     h.base = 0;
-    if (V > 0 && (flags & HALO_CHANNELS_INNER)) {  // pixels of CCP channels: whole 16-byte units, an odd count
+    if ((LOAD & LOAD_TAPS) || (V > 0 && (flags & HALO_CHANNELS_INNER))) {  // pixels of CCP channels: whole
+                                                                            // 16-byte units, an odd count
         const int units = CC * size / 16 + 1;
         h.RW = (units + 1 - units % 2) * 16 / size;
         h.HS = h.IH * h.IW;
@@ -433,7 +445,8 @@ __device__ __forceinline__ HaloTile halo_tile(const Geometry& g, int TH, int TW,
     h.ih0 = h.oh0 * g.sh - g.ph;
     h.iw0 = h.ow0 * g.sw - g.pw;
     h.iwa = h.iw0;
-    if (V > 0 && !(flags & HALO_CHANNELS_INNER)) {  // floor to a multiple of V; the tile starts base columns in
+    if (V > 0 && !(LOAD & LOAD_TAPS) && !(flags & HALO_CHANNELS_INNER)) {  // floor to a multiple of V; the tile
+                                                                             // starts base columns in
         h.iwa = h.iw0 - ((h.iw0 % V) + V) % V;
         h.base = h.iw0 - h.iwa;
     }
@@ -468,11 +481,15 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
     T* Ss = Hs + 2 * h.HB;
     const bool vec_s = (flags & S_VECTOR) != 0;
     const bool cinner = (flags & HALO_CHANNELS_INNER) != 0;  // x channels_last: lanes along channels
+    constexpr bool ASYNC = (LOAD & LOAD_ASYNC) != 0, TAPS = (LOAD & LOAD_TAPS) != 0;
+    static_assert(!TAPS || (sizeof(T) == 2 && !EXACT), "LOAD_TAPS: 16-bit types (ldmatrix)");
     constexpr int VE = 16 / static_cast<int>(sizeof(T));  // elements of a 16-byte copy
 
     for (int k = tid; k < h.KCP; k += THREADS) {
         int off = h.zero;  // past the chunk's depth: zeros
-        if (k < h.KC) {
+        if (TAPS) {  // koff[t]: tap t's offset (t < KK)
+            if (k < h.KK) off = (k / g.kw) * g.dh * h.sa + (k % g.kw) * g.dw * h.sb;
+        } else if (k < h.KC) {
             const int c = k / h.KK;
             const int rem = k - c * h.KK;
             const int i = rem / g.kw;
@@ -485,7 +502,7 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
         const int r = m / h.TW;
         poff[m] = h.base + (m < h.TH * h.TW ? r * g.sh * h.sa + (m - r * h.TW) * g.sw * h.sb : 0);
     }
-    if (LOAD == LOAD_ASYNC && cinner) {  // pixels of RW channels: channels CC.. of every pixel of both buffers
+    if (TAPS || (ASYNC && cinner)) {  // pixels of RW channels: channels CC.. of every pixel of both buffers
         const int pad = h.RW - h.CC;
         for (int e = tid; e < 2 * h.HS * pad; e += THREADS) {
             const int p = e / pad;  // pixel of buffer p / HS
@@ -504,7 +521,7 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
         }
 
     // This thread's halo elements: lanes along the inner (contiguous) axis, items of the outer one by passes.
-    constexpr bool vec_x = LOAD == LOAD_ROWS8;  // rows along iw in 8-byte groups (never with cinner)
+    constexpr bool vec_x = (LOAD & LOAD_ROWS8) != 0;  // rows along iw in 8-byte groups (never with cinner)
     constexpr int XV = 8 / static_cast<int>(sizeof(T));  // elements of an 8-byte load
     const int lin = cinner ? h.CC : vec_x ? h.IW / XV : h.IW;
     const int outer = cinner ? h.HS : h.CC * h.IH;
@@ -517,7 +534,7 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
     for (int u = 0; u < HALO_PASSES; ++u) {
         const int o = tid / lin + u * opp;
         hq[u] = -1;
-        if (LOAD != LOAD_ASYNC && tid < opp * lin && o < outer && u < passes) {
+        if (!ASYNC && tid < opp * lin && o < outer && u < passes) {
             const int d = cinner ? h.IW : h.IH;
             const int hi = o / d;
             hq[u] = (hi << 16) | (o - hi * d);
@@ -577,7 +594,7 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
                     uint2 v;
                     v.x = hr[2 * u];
                     v.y = hr[2 * u + 1];
-                    *reinterpret_cast<uint2*>(Hs + buf * h.HB + c * h.HS + a * h.IW + b) = v;
+                    *reinterpret_cast<uint2*>(Hs + buf * h.HB + c * h.sc + a * h.sa + b) = v;
                 }
         } else {
 #pragma unroll
@@ -585,7 +602,7 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
                 if (hq[u] >= 0) {
                     int c, a, b;
                     halo_coords(hq[u], c, a, b);
-                    Hs[buf * h.HB + c * h.HS + a * h.IW + b] = from_bits<T>(hr[u]);
+                    Hs[buf * h.HB + c * h.sc + a * h.sa + b * h.sb] = from_bits<T>(hr[u]);
                 }
         }
     };
@@ -597,7 +614,7 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
     for (int u = 0; u < ASYNC_PASSES; ++u) {
         aq[u] = -1;
         ad[u] = 0;
-        if constexpr (LOAD == LOAD_ASYNC) {
+        if constexpr (ASYNC) {
             const int e = tid + u * THREADS;
             const int per = cinner ? h.CC / V : h.RW / V;  // copies per pixel / per row
             if (e < (cinner ? h.HS : h.CC * h.IH) * per) {
@@ -648,7 +665,34 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
     };
     // S[0:RP, c0 kh kw + 0..KCP) -> S buffer `buf` (zero past R, K and the chunk's depth). 16-byte copies
     // (cp.async, one group) when aligned, else loads through registers, RP / 4 in flight per thread.
+    // TAPS: S is (R, kh, kw, C); the chunk's column t CC + cl is S[r, t, c0 + cl] (zero past R and C), in
+    // 16-byte copies of VE channels where aligned (C a multiple of VE)
+    auto load_s_taps = [&](int buf, int c0) {
+        T* Sb = Ss + buf * RP * LD;
+        if (vec_s) {
+            const int per = h.CC / VE, row = h.KK * per;  // copies per tap, per row
+            for (int e = tid; e < RP * row; e += THREADS) {
+                const int r = e / row, t = (e - r * row) / per, v = e - r * row - t * per;
+                const int c = c0 + v * VE;
+                const bool in = r < R && c < g.C;
+                cp_async16_zfill(Sb + r * LD + t * h.CC + v * VE,
+                                 in ? S + static_cast<long long>(r) * K + static_cast<long long>(t) * g.C + c : S,
+                                 in ? 16u : 0u);
+            }
+            cp_async_commit();
+        } else {
+            for (int e = tid; e < RP * h.KC; e += THREADS) {
+                const int r = e / h.KC, kl = e - r * h.KC, t = kl / h.CC, c = c0 + kl - t * h.CC;
+                Sb[r * LD + kl] = (r < R && c < g.C) ? S[static_cast<long long>(r) * K + static_cast<long long>(t) * g.C + c]
+                                                     : zero;
+            }
+        }
+    };
     auto load_s = [&](int buf, int c0) {
+        if constexpr (TAPS) {
+            load_s_taps(buf, c0);
+            return;
+        }
         T* Sb = Ss + buf * RP * LD;
         const long long k0 = static_cast<long long>(c0) * h.KK;
         if (vec_s) {
@@ -686,7 +730,7 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
 
-    if constexpr (LOAD == LOAD_ASYNC) {
+    if constexpr (ASYNC) {
         load_halo_async(0, 0);
         load_s(0, 0);
         cp_async_commit();  // the halo's copies (with the S copies, where load_s committed them)
@@ -699,18 +743,20 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
     }
     __syncthreads();
     int p[MT][2];  // halo offsets of this lane's fragment rows g and g + 8 of each m-tile
+    int pl[MT];    // TAPS: of the pixel whose row this lane gives ldmatrix (row l % 16 of each m-tile)
     const int gq = lane >> 2, tq = lane & 3;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         p[mt][0] = poff[warp * 16 * MT + mt * 16 + gq];
         p[mt][1] = poff[warp * 16 * MT + mt * 16 + gq + 8];
+        pl[mt] = poff[warp * 16 * MT + mt * 16 + (lane & 15)];
     }
 
     int buf = 0;
     for (int c0 = 0; c0 < g.C; c0 += h.CC, buf ^= 1) {
         const bool more = c0 + h.CC < g.C;
         if (more) {  // in flight during the products below; buffer buf ^ 1 was last read before the barrier
-            if constexpr (LOAD == LOAD_ASYNC) {
+            if constexpr (ASYNC) {
                 load_halo_async(buf ^ 1, c0 + h.CC);
                 load_s(buf ^ 1, c0 + h.CC);
                 cp_async_commit();
@@ -721,7 +767,31 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
         }
         const T* Hb = Hs + buf * h.HB;
         const T* Sb = Ss + buf * RP * LD;
-        if constexpr (EXACT) {
+        if constexpr (TAPS) {
+            // A (16 pixels x 16 channels of tap t): lane l gives row l % 16 (pixel) at channel 8 (l / 16); B (16
+            // columns of S x 16 channels): lane l gives row 8 (l / 16) + l % 8 at channel 8 ((l / 8) % 2)
+#pragma unroll 1
+            for (int t = 0; t < h.KK; ++t) {
+                const T* At = Hb + koff[t] + 8 * (lane >> 4);
+                const T* Bt = Sb + ((lane >> 4) * 8 + (lane & 7)) * LD + t * h.CC + 8 * ((lane >> 3) & 1);
+                for (int cb = 0; cb < h.CC; cb += 16) {
+                    unsigned a[MT][4];
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) ldmatrix_x4<false>(a[mt], At + pl[mt] + cb);
+#pragma unroll
+                    for (int np = 0; np < NT / 2; ++np) {  // columns 16 np .. 16 np + 15 of S: tiles 2 np, 2 np + 1
+                        unsigned q[4];
+                        ldmatrix_x4<false>(q, Bt + np * 16 * LD + cb);
+                        const unsigned b0[2] = {q[0], q[1]}, b1[2] = {q[2], q[3]};
+#pragma unroll
+                        for (int mt = 0; mt < MT; ++mt) {
+                            Mma<T>::run(acc[mt][2 * np], a[mt], b0);
+                            Mma<T>::run(acc[mt][2 * np + 1], a[mt], b1);
+                        }
+                    }
+                }
+            }
+        } else if constexpr (EXACT) {
             for (int k = 0; k < h.KCP; ++k) {
                 const int ko = koff[k];
                 float b0[NT], b1[NT];
@@ -788,8 +858,8 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
             }
         }
         if (more) {
-            if constexpr (LOAD != LOAD_ASYNC) store_halo(buf ^ 1);
-            if (vec_s || LOAD == LOAD_ASYNC) cp_async_wait<0>();
+            if constexpr (!ASYNC) store_halo(buf ^ 1);
+            if (vec_s || ASYNC) cp_async_wait<0>();
         }
         __syncthreads();
     }
@@ -799,9 +869,10 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
 
 // y (strides sy*) = scale · im2col(x) Sᵀ U + bias through the halo tiles above, for RP >= R (16, 32, 64).
 // Grid: (N ceil(Ho / TH) ceil(Wo / TW)); block: 128; dynamic shared memory: halo_shared_bytes (forward.py).
-// TH TW <= BM; CC, flags: see halo_rank and forward.py's halo_plan; LOAD: LOAD_ELEMENTS or LOAD_ASYNC.
+// TH TW <= BM; CC, flags: see halo_rank and forward.py's halo_plan; LOAD: LOAD_ELEMENTS or LOAD_ASYNC, either
+// with LOAD_TAPS.
 template <typename T, int RP, bool EXACT, int BM, int LOAD>
-__global__ void __launch_bounds__(conv::THREADS, BM == 64 ? 3 : 2)
+__global__ void __launch_bounds__(conv::THREADS, conv::halo_blocks(BM, LOAD))
 sketched_conv2d_fwd_halo(const T* __restrict__ x, const T* __restrict__ S, const T* __restrict__ U,
                          const T* __restrict__ bias, T* __restrict__ y, int C, int H, int W, int Ho, int Wo,
                          int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw, long long M, int R, int O,
@@ -810,7 +881,7 @@ sketched_conv2d_fwd_halo(const T* __restrict__ x, const T* __restrict__ S, const
     using namespace conv;
     static_assert(RP == 16 || RP == 32 || RP == 64, "RP: 16, 32 or 64");
     static_assert(BM == 64 || BM == 128, "BM: 64 or 128");
-    static_assert(LOAD == LOAD_ELEMENTS || LOAD == LOAD_ASYNC, "the forward's halo loaders");
+    static_assert(!(LOAD & LOAD_ROWS8), "the forward's halo loaders: elements, copies, either with taps");
     constexpr int MT = BM / 64;
     constexpr int ZLD = RP + Pad<T>::value;
     constexpr int ULD = BN + Pad<T>::value;
@@ -893,9 +964,9 @@ sketched_conv2d_fwd_halo(const T* __restrict__ x, const T* __restrict__ S, const
 // (the backward's dZ, a 1x1 convolution of g; its recomputed Z; dx, a convolution of dZ). Grid: (N
 // ceil(Ho / TH) ceil(Wo / TW), ceil(R / RP)): blockIdx.y takes columns RP blockIdx.y .. of z; block and
 // shared memory as sketched_conv2d_fwd_halo's. LOAD: the halo loader (LOAD_ROWS8 with the plan's flag
-// HALO_VECTOR, LOAD_ASYNC with HALO_ASYNC*, else LOAD_ELEMENTS).
+// HALO_VECTOR, LOAD_ASYNC with HALO_ASYNC*, else LOAD_ELEMENTS; with HALO_TAPS, LOAD_TAPS added).
 template <typename T, int RP, bool EXACT, int BM, int LOAD>
-__global__ void __launch_bounds__(conv::THREADS, BM == 64 ? 3 : 2)
+__global__ void __launch_bounds__(conv::THREADS, conv::halo_blocks(BM, LOAD))
 conv_rank_halo(const T* __restrict__ x, const T* __restrict__ S, T* __restrict__ z, int C, int H, int W, int Ho,
                int Wo, int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw, long long M, int R,
                long long sxn, long long sxc, long long sxh, long long sxw, long long szn, long long szr,
@@ -954,12 +1025,17 @@ conv_rank_halo(const T* __restrict__ x, const T* __restrict__ S, T* __restrict__
     template __global__ void panther::conv_rank_halo<T, RP, E, BM, LD>(const T*, const T*, T*, int, int, int, int, int, int, int, int, int, int, int, int, int, long long, int, long long, long long, long long, long long, long long, long long, long long, long long, float, int, int, int, int);
 #define HALO(T, RP, E, BM) HALO_FWD(T, RP, E, BM, 0) HALO_FWD(T, RP, E, BM, 2) \
     HALO_RANK(T, RP, E, BM, 0) HALO_RANK(T, RP, E, BM, 1) HALO_RANK(T, RP, E, BM, 2)
+#define TAPS(T, RP, BM) HALO_FWD(T, RP, false, BM, 4) HALO_FWD(T, RP, false, BM, 6) \
+    HALO_RANK(T, RP, false, BM, 4) HALO_RANK(T, RP, false, BM, 6)
+#define ALLTAPS(T) TAPS(T, 16, 64) TAPS(T, 32, 64) TAPS(T, 64, 64) TAPS(T, 16, 128) TAPS(T, 32, 128) TAPS(T, 64, 128)
 #define ALLHALO(T, E) HALO(T, 16, E, 64) HALO(T, 32, E, 64) HALO(T, 64, E, 64) \
     HALO(T, 16, E, 128) HALO(T, 32, E, 128) HALO(T, 64, E, 128)
 ALLHALO(float, true)
 ALLHALO(float, false)
 ALLHALO(__half, false)
 ALLHALO(__nv_bfloat16, false)
+ALLTAPS(__half)
+ALLTAPS(__nv_bfloat16)
 ALLRP(float, true)
 ALLRP(float, false)
 ALLRP(__half, false)

@@ -58,25 +58,6 @@ template <typename T> struct Vec {
 
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<unsigned long long>(p) & 15) == 0; }
 
-#ifndef PANTHER_PTX_EMULATED
-// Four 8 x 8 matrices of 16-bit elements from shared memory, one warp: lanes 8j .. 8j + 7 give the
-// (16-byte aligned) addresses of matrix j's rows 0 .. 7; r[j] gets lane l's part of matrix j, per PTX
-// "ldmatrix": (row l / 4, columns 2 (l % 4), +1), or with TRANS (rows 2 (l % 4), +1, column l / 4),
-// the lower index in the low half.
-template <bool TRANS> __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
-    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
-    if (TRANS) {
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                     : "r"(a));
-    } else {
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                     : "r"(a));
-    }
-}
-#endif
-
 // Fill the ROWS x COLS tile `s` (leading dimension ld) with f(r0 + r, c0 + c), zero where r0 + r >= nr
 // or c0 + c >= nc. Consecutive threads take consecutive elements along the direction in which the
 // operand is contiguous (F::ROW_CONTIGUOUS: down its rows, e.g. a transposed view; else along them),
