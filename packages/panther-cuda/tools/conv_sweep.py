@@ -147,13 +147,18 @@ def main():
                     return panther.ops.sketched_conv2d(x, S1s, U1s, b, 1, 1, backend="cuda")
 
                 extra = {"variant": v}
-                with variant(v):
-                    halo = forward._halo(x, S1s.reshape(R, -1), R, (3, 3), (1, 1), (1, 1), (1, 1), (H, W))
-                extra["plan"] = None if halo is None else dict(zip(("BM", "TH", "TW", "CC", "flags", "hb"),
-                                                                   (halo[0], *halo[1])))
-                with torch.no_grad(), variant(v):
-                    y = run(x, S1s, U1s, b)
-                extra["rel_err"] = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                try:
+                    with variant(v):
+                        halo = forward._halo(x, S1s.reshape(R, -1), R, (3, 3), (1, 1), (1, 1), (1, 1), (H, W))
+                    extra["plan"] = None if halo is None else dict(zip(("BM", "TH", "TW", "CC", "flags", "hb"),
+                                                                       (halo[0], *halo[1])))
+                    with torch.no_grad(), variant(v):
+                        y = run(x, S1s, U1s, b)
+                    extra["rel_err"] = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                except Exception as e:  # reported, the sweep goes on
+                    rows.append({"case": label, "impl": name, "error": f"{type(e).__name__}: {e}", **extra})
+                    print(f"{label:44s} {name:14s} ERROR {rows[-1]['error'][:100]}", flush=True)
+                    continue
                 impls.append((name, run, (x, S1s, U1s, b), (0, 1, 3), extra))
             torch_fn = lambda x, S1s, U1s, b: panther.ops.sketched_conv2d(x, S1s, U1s, b, 1, 1, backend="torch")  # noqa: E731
             impls.append(("torch", torch_fn, (x, S1s, U1s, b), (0, 1, 3), {}))
@@ -167,9 +172,12 @@ def main():
                         row = {"case": label, "impl": name, "fwd": fwd, "fwd_bwd": both, **extra}
                         if name in KERNEL_TIMES:
                             row["kernels"] = kernels(fn, args, grads_of, gy)
-                    rows.append(row)
                 except Exception as e:  # a failing variant is reported, the sweep goes on
-                    rows.append({"case": label, "impl": name, "error": f"{type(e).__name__}: {e}", **extra})
+                    row = {"case": label, "impl": name, "error": f"{type(e).__name__}: {e}", **extra}
+                rows.append(row)
+                print(f"{label:44s} {name:14s} " + (f"ERROR {row['error'][:100]}" if "error" in row else
+                      f"fwd {row['fwd']['median_ms']:.3f} ms, fwd+bwd {row['fwd_bwd']['median_ms']:.3f} ms"), flush=True)
+            save(a.out, rows, a.reps, t0)  # after each case: a sweep cut short keeps the cases finished
     print(f"{'case':44s} {'impl':14s} {'fwd ms':>8s} {'fwd+bwd':>8s} {'x conv':>7s} {'rel err':>9s}  plan")
     base = {r["case"]: r for r in rows if r["impl"] == "F.conv2d" and "fwd" in r}
     for r in rows:
@@ -189,11 +197,16 @@ def main():
         for what, ks in r.get("kernels", {}).items():
             for k in ks:
                 print(f"| {r['case']} | {r['impl']} | {what} | {k['kernel'][:90]} | {k['per_call']:g} | {k['us']:.1f} |")
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "reps": a.reps,
+    print(f"wrote {a.out} ({save(a.out, rows, a.reps, t0)} s)")
+
+
+def save(path, rows, reps, t0):
+    """Writes the rows so far to path; returns the seconds since t0."""
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "reps": reps,
             "seconds": round(time.time() - t0, 1)}
-    with open(a.out, "w") as f:
+    with open(path, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print(f"wrote {a.out} ({meta['seconds']} s)")
+    return meta["seconds"]
 
 
 if __name__ == "__main__":
