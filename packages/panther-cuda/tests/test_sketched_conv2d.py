@@ -46,6 +46,7 @@ def cuda_sketched_conv2d(*args):
 CASES = {
     "3x3_R6": (2, 3, 9, 11, 5, 2, 3, (3, 3), (1, 1), (1, 1), (1, 1)),
     "1x1_N1_R20": (1, 5, 8, 7, 10, 2, 10, (1, 1), (1, 1), (0, 0), (1, 1)),
+    "1x1_pad1_R8": (2, 3, 6, 5, 7, 2, 4, (1, 1), (1, 1), (1, 1), (1, 1)),  # padding > d (k - 1): no dx by conv_rank
     "5x5_pad2_R48": (2, 4, 13, 12, 7, 2, 24, (5, 5), (1, 1), (2, 2), (1, 1)),
     "stride2_R6": (3, 6, 11, 10, 9, 2, 3, (3, 3), (2, 2), (1, 1), (1, 1)),
     "dilation2_pad2": (2, 5, 12, 13, 6, 2, 5, (3, 3), (1, 1), (2, 2), (2, 2)),
@@ -676,6 +677,15 @@ def test_halo_plan_refuses_what_the_halo_kernels_cannot_take():
     assert plan is not None and forward.halo_extent(plan[1], 3, 3, 1) <= forward.THREADS
 
 
+@pytest.mark.parametrize("variant", ["taps", "async32", "halo64:4", "halo64:0x16", "conv64", "halo64x"])
+def test_variant_names_a_family_or_is_refused(variant):
+    x, S = torch.empty(1, 8, 10, 10), torch.empty(16, 72)
+    with mock.patch.object(forward, "VARIANT", variant), pytest.raises(ValueError, match=rf"forward\.VARIANT: '{variant}'"):
+        forward._halo(x, S, 16, (3, 3), (1, 1), (1, 1), (1, 1), (10, 10))
+    with mock.patch.object(forward, "VARIANT", "taps64:4x16"):  # a 16-bit family on float32: the plain halo plan
+        assert forward._halo(x, S, 16, (3, 3), (1, 1), (1, 1), (1, 1), (10, 10))[1][:2] == (4, 10)
+
+
 # --- CPU: the op's host side around kernels emulated in torch ---------------------------------------------------
 
 
@@ -731,10 +741,11 @@ def test_op_around_emulated_kernels_matches_reference(name, layout, emulated_ker
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("name", ["3x3_R6", "5x5_pad2_R48", "dilation2_pad2", "3x2_pad01_R8", "1x1_N1_R20",
-                                  "stride2_R6"])
+                                  "stride2_R6", "1x1_pad1_R8"])
 def test_dx_by_kernels_around_emulated_kernels(name, layout, emulated_kernels, dx_by_kernels):
     """backward.DX = "kernels": dx by conv_rank (S flipped and transposed, the padding mirrored) where the
-    stride is 1, cuDNN's input gradient elsewhere; every gradient against the reference."""
+    stride is 1 and the padding at most d (k - 1), cuDNN's input gradient elsewhere; every gradient against
+    the reference."""
     inputs, conv = _case(name, torch.float64, device="cpu")
     x = inputs[0].contiguous(memory_format=torch.channels_last) if layout == "channels_last" else inputs[0]
     taken = []
@@ -742,7 +753,11 @@ def test_dx_by_kernels_around_emulated_kernels(name, layout, emulated_kernels, d
     with mock.patch.object(backward, "dx_by_kernel", lambda *a: taken.append(real(*a)) or taken[-1]):
         run_and_compare((x, *inputs[1:]), conv, GRADS, EMULATED_TOL)
         run_and_compare((x, *inputs[1:]), conv, ("x",), EMULATED_TOL)
-    assert taken == [conv[0] == (1, 1)] * 2
+    stride, padding, dilation = conv
+    ks = CASES[name][7]
+    plain = stride == (1, 1) and all(p <= d * (k - 1) for p, d, k in zip(padding, dilation, ks))
+    assert plain == (name not in ("stride2_R6", "1x1_pad1_R8"))
+    assert taken == [plain] * 2
 
 
 def test_op_around_emulated_kernels_expanded_grad_and_empty_batch(emulated_kernels):

@@ -21,6 +21,7 @@ bias made contiguous here (they are small).
 from __future__ import annotations
 
 import functools
+import re
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -255,12 +256,14 @@ def _halo(x: Tensor, S: Tensor, R: int, kernel_size, stride, padding, dilation, 
         return None
     bm, tile, copies, taps = 64, None, False, False
     if VARIANT is not None:
-        family, _, shape = VARIANT.partition(":")
-        name = family.rstrip("0123456789")
-        if name not in ("halo", "async", "taps"):
-            raise ValueError(f"forward.VARIANT: {VARIANT!r} is not a kernel family (halo, async, taps + 64 or 128)")
-        copies, taps, bm = name == "async", name == "taps", int(family[len(name):])
-        tile = tuple(int(n) for n in shape.split("x")) if shape else None
+        m = re.fullmatch(r"(halo|async|taps)(64|128)(?::([1-9][0-9]*)x([1-9][0-9]*))?", VARIANT)
+        if m is None:
+            raise ValueError(f"forward.VARIANT: {VARIANT!r} is not a kernel family: expected 'generic' or halo, async "
+                             "or taps followed by the block's pixels, 64 or 128, and optionally a tile ':THxTW' "
+                             "(e.g. 'taps64:4x16')")
+        name, bm = m[1], int(m[2])
+        copies, taps = name == "async", name == "taps"
+        tile = (int(m[3]), int(m[4])) if m[3] else None
     plan = None
     if taps:
         plan = halo_plan(x, S, R, kernel_size, stride, padding, dilation, out_hw, bm, tile, taps=True)
