@@ -40,6 +40,17 @@ inline unsigned g_dynamic_smem;
 // ldmatrix below (the kernels use these in place of the inline assembly of common.cuh and tile.cuh when
 // PANTHER_PTX_EMULATED is defined): cp.async's two addresses must be aligned to the copy's size.
 #define PANTHER_PTX_EMULATED 1
+// the block's dynamic shared memory (set by emu_launch): every cp.async destination and ldmatrix row must lie
+// in its first g_dynamic_smem bytes, the size the launch asked for
+inline unsigned char* g_emu_smem;
+inline void emu_check_shared(const void* p, unsigned bytes, const char* what) {
+    const long long off = static_cast<const unsigned char*>(p) - g_emu_smem;
+    if (off < 0 || off + bytes > (long long)g_dynamic_smem) {
+        std::fprintf(stderr, "%s: %u bytes at shared offset %lld, outside the %u bytes of dynamic shared memory\n",
+                     what, bytes, off, g_dynamic_smem);
+        std::abort();
+    }
+}
 struct EmuCopy { void* dst; unsigned size; unsigned char data[16]; };
 inline thread_local std::vector<EmuCopy> g_cp_open;                  // issued since the last commit
 inline thread_local std::vector<std::vector<EmuCopy>> g_cp_groups;  // committed, oldest first
@@ -48,6 +59,7 @@ inline void cp_async16(void* s, const void* g) {
         std::fprintf(stderr, "cp.async: misaligned address\n");
         std::abort();
     }
+    emu_check_shared(s, 16, "cp.async");
     EmuCopy c;
     c.dst = s;
     c.size = 16;
@@ -60,6 +72,7 @@ inline void cp_async16_zfill(void* s, const void* g, unsigned bytes) {
         std::fprintf(stderr, "cp.async: misaligned address or src-size over 16\n");
         std::abort();
     }
+    emu_check_shared(s, 16, "cp.async");
     EmuCopy c;
     c.dst = s;
     c.size = 16;
@@ -74,6 +87,7 @@ template <int B> inline void cp_async_zfill(void* s, const void* g, unsigned byt
         std::fprintf(stderr, "cp.async: misaligned address or a partial source size\n");
         std::abort();
     }
+    emu_check_shared(s, B, "cp.async");
     EmuCopy c;
     c.dst = s;
     c.size = B;
@@ -159,6 +173,7 @@ template <bool TRANS> inline void ldmatrix_x4(unsigned (&r)[4], const void* p) {
         std::fprintf(stderr, "ldmatrix: misaligned row address\n");
         std::abort();
     }
+    emu_check_shared(p, 16, "ldmatrix row");
     g_ldm_rows[w][lane] = static_cast<const unsigned char*>(p);
     g_warp_barrier[w]->arrive_and_wait();
     auto at = [&](int j, int row, int col) {  // element (row, col) of matrix j, as its 16 bits
@@ -177,7 +192,6 @@ template <bool TRANS> inline void ldmatrix_x4(unsigned (&r)[4], const void* p) {
 // emu_launch), >> 4 in 14 bits as on the device. Each thread computes its own accumulator elements (the
 // warpgroup layout of wgmma.cuh) from the operands as the canonical layouts place them; a product is taken
 // when wgmma_wait retires its group, reading shared memory then.
-inline unsigned char* g_emu_smem;
 namespace panther { namespace sm90 {
 inline unsigned long long descriptor(const void* p, unsigned lbo, unsigned sbo) {
     const long long off = static_cast<const unsigned char*>(p) - g_emu_smem;

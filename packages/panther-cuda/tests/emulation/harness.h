@@ -11,8 +11,8 @@
 #include <memory>
 
 // body() as a grid of `blocks` x `blocks_y` blocks of `nt` threads, one block after another, with `shared`
-// bytes of dynamic shared memory at `smem` (of `capacity` bytes), filled with NaN bytes before each block: a
-// kernel that reads shared memory it did not write shows.
+// bytes of dynamic shared memory at `smem` (of `capacity` bytes), all of it filled with NaN bytes before each
+// block: a kernel that reads shared memory it did not write, or beyond the `shared` bytes, shows.
 inline void emu_launch(long long blocks, int nt, unsigned shared, unsigned char* smem, size_t capacity,
                        const std::function<void()>& body, unsigned blocks_y = 1) {
     g_dynamic_smem = shared;
@@ -30,7 +30,7 @@ inline void emu_launch(long long blocks, int nt, unsigned shared, unsigned char*
     g_block_barrier = &block_bar;
     g_emu_smem = smem;
     for (long long b = 0; b < blocks * blocks_y; ++b) {
-        std::memset(smem, 0xff, shared);
+        std::memset(smem, 0xff, capacity);
         std::vector<std::thread> th;
         for (int t = 0; t < nt; ++t)
             th.emplace_back([&, t, b] {
