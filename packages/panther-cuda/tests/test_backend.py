@@ -169,8 +169,13 @@ def test_ops_it_lacks_are_refused():
     assert any("does not implement" in r for r in CudaBackend().reasons_cannot_run("rfa_attention"))
 
 
-def test_auto_never_gets_the_kernels_yet():
-    """Kept out of auto until validated on a GPU: the bid is None for every op and input."""
+def test_auto_measures_the_kernels_but_the_fixed_bids_never_pick_them():
+    """Offered to auto (a bid, not None: measured auto times the kernels) with a fixed bid below torch's, so
+    that auto without measuring keeps to the other backends."""
+    from panther.backends.torch_backend import TorchBackend
+
     be = CudaBackend()
-    assert be.auto_priority("sketched_linear", *linear_args()) is None
-    assert be.auto_priority("sketched_conv2d", *conv_args()) is None
+    torch_bid = TorchBackend().auto_priority("sketched_linear", *linear_args())
+    for op, args in (("sketched_linear", linear_args()), ("sketched_conv2d", conv_args())):
+        bid = be.auto_priority(op, *args)
+        assert bid is not None and bid < torch_bid
