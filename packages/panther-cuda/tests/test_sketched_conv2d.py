@@ -539,8 +539,9 @@ def test_launchers_pass_the_declared_arguments(channels_last, variant):
             assert call[0] == "panther::conv_rank<float, 64, false>" and call[1] == (-(-M // 64), 2)
             _check_arguments(call, "conv_rank")
         else:
-            th, tw = (int(a) for a in call[3][-4:-2])
-            assert call[0] == "panther::conv_rank_halo<float, 64, false, 64, 0>"
+            th, tw, flags = int(call[3][-4]), int(call[3][-3]), int(call[3][-1])
+            # 64 columns per block: the default family's 128 pixels, its loader as the plan's flags say
+            assert call[0] == f"panther::conv_rank_halo<float, 64, false, 128, {forward.halo_loader(flags)}>"
             assert call[1] == (y.shape[0] * -(-Ho // th) * -(-Wo // tw), 2)  # columns 0..63, 64..65
             _check_arguments(call, "conv_rank_halo")
             scale_at = -5
@@ -559,10 +560,11 @@ def test_exact_float32_selects_the_ffma_kernels():
             forward.sketched_conv2d_forward(y, x, S1s, U1s, b, *conv, allow_tf32)
         (y,) = forward.forward_outputs(x.half(), S1s.half(), U1s.half(), None, 1, 1, 1, 1, 1, 1, False)
         forward.sketched_conv2d_forward(y, x.half(), S1s.half(), U1s.half(), None, *conv, False)
-    assert [c[0] for c in rec.calls] == [
-        "panther::sketched_conv2d_fwd_halo<float, 16, true, 64, 0>",
-        "panther::sketched_conv2d_fwd_halo<float, 16, false, 64, 0>",
-        "panther::sketched_conv2d_fwd_halo<__half, 16, false, 64, 0>",
+    # the kernels' last template argument (the halo loader) follows x's alignment, not the arithmetic
+    assert [c[0].rsplit(",", 1)[0] for c in rec.calls] == [
+        "panther::sketched_conv2d_fwd_halo<float, 16, true, 64",
+        "panther::sketched_conv2d_fwd_halo<float, 16, false, 64",
+        "panther::sketched_conv2d_fwd_halo<__half, 16, false, 64",
     ]
 
 
@@ -590,7 +592,9 @@ def test_halo_launch_arguments(channels_last):
                                                  "panther::conv_rank<__nv_bfloat16, 32, false>",
                                                  "panther::conv_rank<__nv_bfloat16, 32, false>"]
             continue
-        copies = variant == "async64"  # x (2, 40, 9, 11): NCHW rows of 11 take no copies, channels_last 8 channels
+        # the default (None) is async64 at R = 30; x (2, 40, 9, 11): NCHW rows of 11 take no copies,
+        # channels_last 8 channels
+        copies = variant in (None, "async64")
         taps = variant == "taps64"  # tap-major, copied where channels_last (S passed as (R, kh, kw, C))
         load = forward.LOAD_ASYNC if (copies or taps) and channels_last else forward.LOAD_ELEMENTS
         load |= forward.LOAD_TAPS if taps else 0
@@ -617,15 +621,35 @@ def test_halo_launch_arguments(channels_last):
         assert [int(a) for a in dz_call[3][3:16]] == [70, 9, 11, 9, 11, 1, 1, 1, 1, 0, 0, 1, 1]  # g: a 1x1 conv
 
 
+@pytest.mark.parametrize("name, bm", [("3x3_W16_R24", 64), ("1x1_rows8_R32", 128), ("5x5_pad2_R48", 128)])
+def test_default_family_block_pixels_follow_R(name, bm):
+    """Unforced, the forward and Z launches take the cp.async halo kernels, 64 output pixels per block
+    below R = 32 and 128 from there on (forward.default_family)."""
+    (x, S1s, U1s, b), conv = _case(name, torch.bfloat16, device="cpu")
+    x = x.contiguous(memory_format=torch.channels_last)  # aligned for 16-byte copies (C a multiple of 8)
+    R = S1s.shape[0] * S1s.shape[1]
+    assert forward.default_family(R) == bm
+    rec = _Recorder()
+    with mock.patch.object(forward.Kernel, "__call__", lambda self, *a, **k: rec(self, *a, **k)), \
+            mock.patch.object(forward, "VARIANT", None):
+        (y,) = forward.forward_outputs(x, S1s, U1s, b, *[v for p in conv for v in p], True)
+        forward.sketched_conv2d_forward(y, x, S1s, U1s, b, *conv, True)
+    (fwd_call,) = rec.calls
+    rp = next(w for w in forward.HALO_RANKS if w >= R)
+    assert fwd_call[0] == f"panther::sketched_conv2d_fwd_halo<__nv_bfloat16, {rp}, false, {bm}, {forward.LOAD_ASYNC}>"
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_backward_reads_nchw_rows_of_g_in_8_byte_loads(channels_last):
-    """The dZ launch (a 1x1 conv of g, W' = 16) takes conv_rank_halo's 8-byte loader for an NCHW g; the
-    forward (padding 1: its halo rows start off the 8-byte grid) and a channels_last g do not."""
+    """The halo family (loads through registers; the default copies by cp.async): the dZ launch (a 1x1 conv
+    of g, W' = 16) takes conv_rank_halo's 8-byte loader for an NCHW g; the forward (padding 1: its halo rows
+    start off the 8-byte grid) and a channels_last g do not."""
     (x, S1s, U1s, b), conv = _case("3x3_W16_R24", torch.bfloat16, device="cpu")
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     rec = _Recorder()
-    with mock.patch.object(forward.Kernel, "__call__", lambda self, *a, **k: rec(self, *a, **k)):
+    with mock.patch.object(forward.Kernel, "__call__", lambda self, *a, **k: rec(self, *a, **k)), \
+            mock.patch.object(forward, "VARIANT", "halo64"):
         (y,) = forward.forward_outputs(x, S1s, U1s, b, 1, 1, 1, 1, 1, 1, True)
         forward.sketched_conv2d_forward(y, x, S1s, U1s, b, *conv, True)
         grads = [torch.empty_like(t) for t in (x, S1s, U1s, b)]
