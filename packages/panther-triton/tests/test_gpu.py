@@ -245,6 +245,27 @@ def test_attention_against_float64(shape, dtype, causal, fp32_precision):
     assert all(e <= 2 * ATTN_TOL[dtype] for e in errs.values()), errs
 
 
+# float32 inputs with TF32 products: the feature products' error of the 16-bit cases (float16's bound, whose
+# output rounding is below TF32's)
+ATTN_TOL_TF32 = 1e-2
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", ["D64_m64", "D128_m256"])
+def test_attention_float32_tf32_against_float64(shape, causal, fp32_precision):
+    """float32 at matmul precision "high" (TF32 products, the kernels' widest float32 tiles: the causal
+    backward at D = 64 once needed more shared memory than sm_90 has), forward and gradients."""
+    fp32_precision("high")
+    B, H, T, S, D, Dv, m, per_head = MODERATE[shape]
+    q, k, v, om = _attention_inputs(B, H, T, D, Dv, m, torch.float32, per_head, S=T)
+    kpm = _padding(B, T)
+    out, grads, g = _forward_and_grads(q, k, v, om, causal, kpm, "triton")
+    ref, ref_grads, _ = _forward_and_grads(q, k, v, om, causal, kpm, "float64", g=g.double(), dtype=torch.float64)
+    assert _attention_error(out, ref) <= ATTN_TOL_TF32
+    errs = {name: _attention_error(a, b) for name, a, b in zip("q k v omega".split(), grads, ref_grads)}
+    assert all(e <= 2 * ATTN_TOL_TF32 for e in errs.values()), errs
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("T, D, m", [(16384, 128, 256), (65536, 64, 64)], ids=["16k_D128_m256", "64k_D64_m64"])
 def test_attention_long_sequences_bf16(T, D, m, causal, fp32_precision):

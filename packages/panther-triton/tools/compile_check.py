@@ -101,6 +101,9 @@ class CompileOnlyLaunch:
     def _compile(self, kernel, cfg, args, kwargs):
         fn = kernel if isinstance(kernel, triton.runtime.jit.JITFunction) else kernel.fn
         name = fn.__name__
+        if "num_stages" in kwargs:  # a plain JIT function launched with its own pipelining depth
+            kwargs = dict(kwargs)
+            cfg = triton.Config(cfg.kwargs, num_warps=cfg.num_warps, num_stages=kwargs.pop("num_stages"))
         label = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f",w{cfg.num_warps},s{cfg.num_stages}"
         try:
             k = fn.warmup(
@@ -142,6 +145,7 @@ def _attention_variants(quick: bool):
     64, and the limits (D = Dv = 128 with 32 rows per block, m = 256 in four feature chunks)."""
     out = [
         ("fp32 ieee D64 m64", torch.float32, False, (1000, 64, 64, 64)),
+        ("fp32 tf32 D64 m64", torch.float32, True, (1000, 64, 64, 64)),
         ("bf16 D64 m64", torch.bfloat16, True, (5000, 64, 64, 64)),
         ("bf16 D128 m256", torch.bfloat16, True, (5000, 128, 128, 256)),
         ("fp32 tf32 D128 m256", torch.float32, True, (1000, 128, 128, 256)),
