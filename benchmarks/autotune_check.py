@@ -169,7 +169,10 @@ def check_case(case, mode, clock, preset, backends):
                 else:
                     rec["auto_over_pick_paired"] = paired
                     rec["auto_paired_over_fastest"] = rec["pick_over_fastest"] * paired["median"]
-        graphs = graph_ms(clock, todo, preset.budget)
+        # captured: only the calls that ran eagerly (an error raised inside a capture can leave the device's
+        # capture state, and the random number generator's, broken for the rest of the process)
+        ran = set(rec["backends_ms"]) | ({"auto"} if "auto_ms" in rec else set())
+        graphs = graph_ms(clock, {n: c for n, c in todo.items() if n in ran}, preset.budget)
         if graphs:
             rec["graph_ms"] = graphs
             timed = {n: t for n, t in graphs.items() if n != "auto" and isinstance(t, float)}
