@@ -49,8 +49,8 @@ HALO_VPASSES = HALO_PASSES // 2  # 8-byte halo loads one thread makes per channe
 ASYNC_PASSES = 8  # cp.async copies of the halo one thread issues per channel chunk, at most (conv::ASYNC_PASSES)
 LOAD_ELEMENTS, LOAD_ROWS8, LOAD_ASYNC, LOAD_TAPS = 0, 1, 2, 4  # the kernels' template parameter LOAD (bits)
 MAX_SHARED = 99 * 1024  # dynamic shared memory a plan may take (the opt-in limit of sm_86 / sm_89)
-# None: the default (:func:`default_family`): the cp.async halo kernels, 64 pixels per block for R < 32 and
-# 128 from 32 on, where halo_plan allows, else the generic ones; "halo64" /
+# None: the default (:func:`default_family`): the cp.async halo kernels, 64 pixels per block for R <= 32 and
+# 128 above, where halo_plan allows, else the generic ones; "halo64" /
 # "halo128": that many pixels per block where allowed (else generic), "halo64:4x16": with that tile of
 # TH x TW output pixels (clipped to the output) where allowed; "async64", "async128", "async64:8x8": the
 # same with the halo copied by cp.async where x is aligned for it; "taps64", "taps128", "taps64:8x8": pixel-major
@@ -255,12 +255,12 @@ def default_family(R: int) -> int:
     """Pixels per block of the default halo kernels (cp.async copies) for a width of R columns of Z.
 
     Each block reads all of S (R x C·kh·kw) once per channel chunk, against a halo of C·(TH+kh-1)·(TW+kw-1);
-    from R = 32 on, S's share is the larger, and 128 pixels per block halve its traffic per pixel, while
-    below that the twice as many blocks of 64 fill the device better. Measured (CUDA graph, fwd+bwd, bf16,
-    H100, at 238866a; benchmarks/results/NOTES.md): at R = 16 (the spec's conv, 32x64x56x56 -> 128, k=16)
-    async64 0.312 ms against async128 0.329 and halo64 0.341; at R = 32 (64x256x28x28 -> 256, k=32)
+    above R = 32, S's share is the larger, and 128 pixels per block halve its traffic per pixel, while up to
+    32 the twice as many blocks of 64 fill the device better. Measured (CUDA graph, fwd+bwd, bf16, H100,
+    at 238866a; benchmarks/results/NOTES.md): at R = 32 (the spec's conv, 32x64x56x56 -> 128, L=1, k=16)
+    async64 0.312 ms against async128 0.329 and halo64 0.341; at R = 64 (64x256x28x28 -> 256, k=32)
     async128 0.460 against async64 0.560 and halo64 0.593 (NCHW; channels_last ranks them alike)."""
-    return 128 if R >= 32 else 64
+    return 128 if R > 32 else 64
 
 
 def _halo(x: Tensor, S: Tensor, R: int, kernel_size, stride, padding, dilation, out_hw, vector_rows=False):
