@@ -293,3 +293,19 @@ def test_op_registration_and_fake_outputs():
     for r, f in zip(real, fake):
         assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype)
     assert math.isfinite(real[0].sum().item())
+
+
+def test_pipeline_stages_follow_dtype_and_shared_memory(monkeypatch):
+    """num_stages of the kernels: 3 for 16-bit inputs where a block may take 200 KiB of shared memory
+    (sm_90), one fewer for float32 and one fewer on smaller devices (sm_80's 163 KiB)."""
+    from types import SimpleNamespace
+
+    from panther_triton.ops.rfa_attention import common
+
+    def on(size, optin):
+        monkeypatch.setattr(common, "shared_memory_per_block", lambda device=None: optin)
+        return SimpleNamespace(is_cuda=True, get_device=lambda: 0, element_size=lambda: size)
+
+    assert [common.stages(on(s, 227 * 1024)) for s in (2, 4)] == [3, 2]
+    assert [common.stages(on(s, 163 * 1024)) for s in (2, 4)] == [2, 1]
+    assert common.stages(torch.zeros(1, dtype=torch.bfloat16)) == 3  # no device: the sm_90 figures (tools)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from panther.backends.toolkit import cdiv, next_power_of_2
+from panther.backends.toolkit import cdiv, next_power_of_2, shared_memory_per_block
 from panther_triton._launch import INTERPRETED, launch, layout_key
 from panther_triton.ops.sketched_linear.common import allow_tf32
 
@@ -63,19 +63,27 @@ def precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 and not allow_tf32() else "tf32"
 
 
-# Software-pipelining depth of the kernels' loops (Triton's num_stages) by the inputs' element size: Triton's
-# default of 3 for 16-bit inputs, 2 for float32, whose staged tiles are twice as large. At 3, the causal
-# key-gradient kernel in float32 (D = Dv = 64, m = 64, TF32) needs 245768 bytes of shared memory with Triton
-# 3.6 on sm_90 (229384 with 3.9), past the 232448 a block may have there.
-STAGES = {2: 3, 4: 2}
+# Software-pipelining depth of the kernels' loops (Triton's num_stages): Triton's default of 3 for 16-bit
+# inputs on a device whose block may take LARGE_SHARED bytes of shared memory (sm_90), one fewer for float32
+# (its staged tiles are twice as large) and one fewer on smaller devices. The causal key-gradient kernel
+# (D = Dv = 64, m = 64) bounds them: on sm_90 in float32 with TF32 it needs 245768 bytes at 3 stages with
+# Triton 3.6 (229384 with 3.9), past the 232448 a block may have there, and 180228 at 2; on sm_80 (166912
+# bytes a block) in bfloat16 180232 at 3 stages and 139268 at 2, in float32 131072 at 1 (Triton 3.9,
+# tools/compile_check.py).
+LARGE_SHARED = 200 * 1024
+
+
+def stages(x: torch.Tensor) -> int:
+    """num_stages of the kernels for inputs like ``x``."""
+    large = not x.is_cuda or shared_memory_per_block(x.get_device()) >= LARGE_SHARED
+    return (3 if large else 2) - (x.element_size() > 2)
 
 
 def run(kernel, grid, args, constexprs, in_op: bool) -> None:
     """One kernel launch through the package's launch path (layout: every argument, for eager calls), its
-    pipelining depth by the first tensor argument's element size (:data:`STAGES`)."""
+    pipelining depth from the first tensor argument (:func:`stages`)."""
     if not INTERPRETED:
-        first = next(a for a in args if isinstance(a, torch.Tensor))
-        constexprs = dict(constexprs, num_stages=STAGES[first.element_size()])
+        constexprs = dict(constexprs, num_stages=stages(next(a for a in args if isinstance(a, torch.Tensor))))
     layout = None if in_op else layout_key(*args, *sorted(constexprs.items()))
     launch(kernel, lambda META: grid, args, constexprs, layout)
 
