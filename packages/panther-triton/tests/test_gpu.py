@@ -253,8 +253,8 @@ ATTN_TOL_TF32 = 1e-2
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", ["D64_m64", "D128_m256"])
 def test_attention_float32_tf32_against_float64(shape, causal, fp32_precision):
-    """float32 at matmul precision "high" (TF32 products, the kernels' widest float32 tiles: the causal
-    backward at D = 64 once needed more shared memory than sm_90 has), forward and gradients."""
+    """float32 at matmul precision "high" (TF32 products on the kernels' widest float32 tiles; the causal
+    backward at D = 64 is the kernel nearest the shared-memory limit), forward and gradients."""
     fp32_precision("high")
     B, H, T, S, D, Dv, m, per_head = MODERATE[shape]
     q, k, v, om = _attention_inputs(B, H, T, D, Dv, m, torch.float32, per_head, S=T)

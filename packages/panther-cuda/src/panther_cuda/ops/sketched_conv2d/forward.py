@@ -254,12 +254,10 @@ def _plan(N, C, dtype, channels_inner, s_aligned, x_rows8, copy, taps, pw, R, kh
 def default_family(R: int) -> int:
     """Pixels per block of the default halo kernels (cp.async copies) for a width of R columns of Z.
 
-    Each block reads all of S (R x C·kh·kw) once per channel chunk, against a halo of C·(TH+kh-1)·(TW+kw-1);
-    above R = 32, S's share is the larger, and 128 pixels per block halve its traffic per pixel, while up to
-    32 the twice as many blocks of 64 fill the device better. Measured (CUDA graph, fwd+bwd, bf16, H100,
-    at 238866a; benchmarks/results/NOTES.md): at R = 32 (the spec's conv, 32x64x56x56 -> 128, L=1, k=16)
-    async64 0.312 ms against async128 0.329 and halo64 0.341; at R = 64 (64x256x28x28 -> 256, k=32)
-    async128 0.460 against async64 0.560 and halo64 0.593 (NCHW; channels_last ranks them alike)."""
+    Each block reads all of S (R x C·kh·kw) once per channel chunk, against a halo of C·(TH+kh-1)·(TW+kw-1):
+    above R = 32 S's share is the larger, and 128 pixels per block halve its traffic per pixel; up to 32 the
+    twice as many blocks of 64 fill the device better. The cut rests on tools/conv_sweep.py's ranking of the
+    forced families at the benchmark convs (R = 32 and 64; benchmarks/results/NOTES.md)."""
     return 128 if R > 32 else 64
 
 

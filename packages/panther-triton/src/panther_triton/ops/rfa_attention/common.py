@@ -65,11 +65,9 @@ def precision(dtype: torch.dtype) -> str:
 
 # Software-pipelining depth of the kernels' loops (Triton's num_stages): Triton's default of 3 for 16-bit
 # inputs on a device whose block may take LARGE_SHARED bytes of shared memory (sm_90), one fewer for float32
-# (its staged tiles are twice as large) and one fewer on smaller devices. The causal key-gradient kernel
-# (D = Dv = 64, m = 64) bounds them: on sm_90 in float32 with TF32 it needs 245768 bytes at 3 stages with
-# Triton 3.6 (229384 with 3.9), past the 232448 a block may have there, and 180228 at 2; on sm_80 (166912
-# bytes a block) in bfloat16 180232 at 3 stages and 139268 at 2, in float32 131072 at 1 (Triton 3.9,
-# tools/compile_check.py).
+# (its staged tiles are twice as large) and one fewer on smaller devices (sm_80). The causal key-gradient
+# kernel at D = Dv = 64, m = 64 is the largest: at Triton's default it passes the block's shared memory in
+# float32 on sm_90 and in 16-bit on sm_80 (tools/compile_check.py; figures in benchmarks/results/NOTES.md).
 LARGE_SHARED = 200 * 1024
 
 
