@@ -306,11 +306,14 @@ class SimDevice:
     """A host and a device, in simulated milliseconds, behind torch.cuda's calls that the real measurer
     makes. A call costs host time, then queues device work, which starts when the device is free and
     not before it was queued; events stamp the moment the device reaches them. ``_sleep`` runs at
-    ``actual_hz`` while the device reports ``clock_rate`` kHz."""
+    ``actual_hz`` while the device reports ``clock_rate`` kHz. A capture runs the call without its cost
+    (synchronising raises, as in a real capture) and returns a replay that costs ``replays[call]``
+    ((host ms, device ms)), else what the call costs."""
 
     def __init__(self, monkeypatch, clock_khz=1_000_000, actual_hz=1e9):
         self.host = self.free = 0.0
         self.clock_khz, self.actual_hz, self.sleeps = clock_khz, actual_hz, []
+        self.capturing, self.captured, self.replays = False, [], {}
         sim = self
 
         class Event:
@@ -327,12 +330,29 @@ class SimDevice:
                 return end.at - self.at
 
         monkeypatch.setattr(torch.cuda, "Event", Event)
-        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: setattr(self, "host", max(self.host, self.free)))
+        monkeypatch.setattr(torch.cuda, "synchronize", self.synchronize)
+        monkeypatch.setattr(autotune.Measurer, "_capture", staticmethod(self.capture))
         monkeypatch.setattr(torch.cuda, "_sleep", self.sleep)
         monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(clock_rate=clock_khz))
         monkeypatch.setattr(autotune, "time", types.SimpleNamespace(perf_counter=lambda: self.host / 1e3))
+
+    def synchronize(self, *args):
+        if self.capturing:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.host = max(self.host, self.free)
+
+    def capture(self, run, device):
+        saved, self.capturing = (self.host, self.free), True
+        try:
+            run()
+        finally:
+            (self.host, self.free), self.capturing = saved, False
+        self.captured.append(run)
+        if run in self.replays:
+            return lambda: self.call(*self.replays[run])
+        return run
 
     def call(self, host_ms, device_ms):
         self.host += host_ms
@@ -385,8 +405,39 @@ def test_a_candidate_that_synchronises_gets_no_device_time(monkeypatch):
     runs = {"launchy": lambda: sim.call(2.0, 0.1), "syncy": lambda: (sim.call(0.05, 0.2), torch.cuda.synchronize()),
             "kernely": lambda: sim.call(0.05, 1.0)}
     got = autotune.Measurer().time(runs, torch.device("cpu"))
+    assert runs["syncy"] not in sim.captured and not sim.capturing  # its capture failed, and ended
     assert got["syncy"].gpu_ms is None and got["syncy"].eager_ms == pytest.approx(0.25)
     assert got["launchy"].gpu_ms == pytest.approx(0.1) and got["kernely"].gpu_ms == pytest.approx(1.0)
+
+
+def test_device_time_is_the_graph_replay_after_an_l2_flush(monkeypatch):
+    sim = SimDevice(monkeypatch)
+    runs = {"launchy": lambda: sim.call(2.0, 0.5), "kernely": lambda: sim.call(0.05, 0.4)}
+    # replayed, launchy's kernels run without the gaps between its launches; kernely's as called
+    sim.replays[runs["launchy"]] = (0.01, 0.3)
+    flushes = []
+
+    class Flush:  # the L2 flush: device work queued before each timed replay, outside its events
+        def zero_(self):
+            flushes.append(sim.host)
+            sim.call(0.001, 0.06)
+
+    monkeypatch.setattr(autotune.Measurer, "_flush_buffer", lambda self, device: Flush())
+    m = autotune.Measurer()
+    got = m.time(runs, torch.device("cpu"))
+    assert sim.captured == [runs["launchy"], runs["kernely"]]
+    assert got["launchy"].eager_ms == pytest.approx(2.5) and got["kernely"].eager_ms == pytest.approx(0.45)
+    assert got["launchy"].gpu_ms == pytest.approx(0.3) and got["kernely"].gpu_ms == pytest.approx(0.4)
+    rounds = int(m.budget_s / 2.5e-3)  # as many as the slower eager call gets timed calls
+    assert len(flushes) == 2 * rounds  # one before each timed replay
+
+
+def test_the_flush_buffer_is_twice_the_l2_cache(monkeypatch):
+    props = types.SimpleNamespace(clock_rate=1_000_000, L2_cache_size=3 * 2**10)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: props)
+    assert autotune.Measurer()._flush_buffer(torch.device("cpu")).numel() == 6 * 2**10
+    props.L2_cache_size = 0  # unknown: no flush
+    assert autotune.Measurer()._flush_buffer(torch.device("cpu")) is None
 
 
 # --- where it never measures -----------------------------------------------------------------------

@@ -180,6 +180,17 @@ def test_the_cuda_measurer_times_with_events():
     assert spin.gpu_ms > 0.3 and matmul.gpu_ms < spin.gpu_ms / 3
 
 
+def test_a_candidate_that_cannot_be_captured_gets_no_device_time_and_the_stream_is_kept():
+    x = torch.randn(256, 256, device="cuda")
+    stream = torch.cuda.current_stream()
+    times = autotune.Measurer().time(
+        {"syncs": lambda: (x @ x).sum().item(), "matmul": lambda: x @ x}, x.device)
+    assert times["syncs"].gpu_ms is None and times["syncs"].eager_ms > 0
+    assert 0 < times["matmul"].gpu_ms < 1.0
+    assert torch.cuda.current_stream() == stream and not torch.cuda.is_current_stream_capturing()
+    torch.testing.assert_close(x @ x, x.double().matmul(x.double()).float(), rtol=1e-2, atol=1e-2)  # usable
+
+
 @pytest.mark.parametrize("grad", [False, True], ids=["forward", "forward+backward"])
 def test_eager_calls_run_the_eager_winner_and_captured_calls_the_device_time_winner(with_regimes, grad):
     x = linear_args(grad=grad)

@@ -23,9 +23,11 @@ with CUDA events, forward under ``no_grad``, or forward and backward when gradie
 
 * eager time: each timed call starts from an idle device, the candidates interleaved, so the host's work
   counts as an eager caller sees it;
-* device time: rounds of one call per candidate queued behind a device-side wait that outlasts the host's
-  queuing, so the events time the device's work alone, as a replayed CUDA graph sees it (a candidate the
-  host cannot queue ahead of the device, one that synchronises, gets no device time).
+* device time: each candidate captured into a CUDA graph, then rounds of one replay per candidate, each
+  after a write that flushes the L2 cache, queued behind a device-side wait that outlasts the host's
+  queuing, so that the events time the device's work alone, as a replayed graph costs it, from a cold
+  cache (as the benchmarks time it). A candidate that cannot be captured (it synchronises, or does
+  something else a capture forbids) cannot run in a captured call either: it gets no device time.
 
 Medians decide: eager calls run the fastest by eager time; calls being captured into a CUDA graph
 (``torch.cuda.graph``, ``make_graphed_callables``) run the fastest by device time, which is what each
@@ -85,7 +87,7 @@ from panther.backends.base import Backend
 
 ENV_VAR = "PANTHER_AUTOTUNE"
 CACHE_ENV_VAR = "PANTHER_CACHE_DIR"
-FORMAT = 2  # of the cache files; a change opens new files
+FORMAT = 3  # of the cache files; a change opens new files
 _FILE_PREFIX = "dispatch-"
 _MEMO_LIMIT = 4096  # exact call signatures remembered before the memo starts over
 
@@ -185,6 +187,7 @@ class Measurer:
     max_reps = 50
     budget_s = 0.03  # timed calls per candidate: about this long, within [min_reps, max_reps]
     spin_tries = 4  # device-time rounds: attempts, doubling the device-side wait, before a candidate is left out
+    flush_l2_times = 2  # before each timed replay, a write of this many times the L2 cache's size
     spin_piece_s = 0.05  # the device-side wait is queued as waits of at most this long (no watchdog sees a long one)
     max_wait_s = 2.0  # and at most this long in all
 
@@ -204,7 +207,7 @@ class Measurer:
 
     def time(self, runs: Dict[str, Callable[[], object]], device: torch.device) -> Dict[str, Union[Timing, Exception]]:
         """Each candidate's eager time (CUDA events around a call from an idle device, candidates interleaved)
-        and device time (:meth:`_device_times`)."""
+        and device time (:meth:`_device_times` of its CUDA graph, :meth:`_capture`)."""
         results: Dict[str, Union[Timing, Exception]] = {}
         failed: Dict[str, Exception] = {}
         reps: Dict[str, int] = {}
@@ -238,7 +241,13 @@ class Measurer:
             torch.cuda.synchronize()
             ok = [name for name in reps if name not in failed]
             rounds = max(self.min_reps, min((reps[n] for n in ok), default=0))
-            device_ms = self._device_times({n: runs[n] for n in ok}, host_s, rounds, failed)
+            replays = {}
+            for n in ok:
+                with contextlib.suppress(Exception):  # not capturable: no device time (failures stay eager's)
+                    replays[n] = self._capture(runs[n], device)
+            flush = self._flush_buffer(device)
+            device_ms = self._device_times(replays, host_s, rounds, {}, flush)
+            del replays, flush
         for name, ev in events.items():
             if name not in failed:
                 eager = statistics.median(s.elapsed_time(e) for s, e in ev)
@@ -246,10 +255,36 @@ class Measurer:
         results.update(failed)
         return results
 
+    @staticmethod
+    def _capture(run: Callable[[], object], device: torch.device) -> Callable[[], object]:
+        """``run`` captured into a CUDA graph (after a call on a side stream, as capture asks); returns the
+        graph's ``replay``. Raises what the capture raises. Only this thread's calls are held to the
+        capture's rules: other threads of the process go on as they were."""
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # the outer context puts the current stream back also when the capture fails (torch.cuda.graph's
+        # exit does not when ending the capture raises)
+        with torch.cuda.stream(torch.cuda.current_stream(device)):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                run()
+        return graph.replay
+
+    def _flush_buffer(self, device: torch.device) -> Optional[torch.Tensor]:
+        """A buffer of :attr:`flush_l2_times` the device's L2 cache, written before each timed replay (None
+        where the size is unknown)."""
+        props = torch.cuda.get_device_properties(device)
+        size = int(getattr(props, "L2_cache_size", 0) or 0) * self.flush_l2_times
+        return torch.empty(size, dtype=torch.int8, device=device) if size else None
+
     def _device_times(self, runs: Dict[str, Callable[[], object]], host_s: Dict[str, float], rounds: int,
-                      failed: Dict[str, Exception]) -> Dict[str, float]:
+                      failed: Dict[str, Exception], flush: Optional[torch.Tensor] = None) -> Dict[str, float]:
         """Each candidate's median device time: rounds of one call of each candidate (their order rotating),
-        queued behind a device-side wait (``torch.cuda._sleep``) sized to outlast the host's queuing of the
+        each after a write of ``flush`` (outside its events), queued behind a device-side wait
+        (``torch.cuda._sleep``) sized to outlast the host's queuing of the
         round, so that the events around each call time the device's work alone. The wait is checked after
         each call is queued: one that ran out before the round was queued makes the round start again with
         twice the wait (at most :attr:`max_wait_s`); a candidate still being queued when the wait runs out on
@@ -257,6 +292,8 @@ class Measurer:
         out (no device time). A candidate that raises goes to ``failed``.
         """
         names = list(runs)
+        if not names:
+            return {}
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         hz = (getattr(props, "clock_rate", 0) or 0) * 1e3 or 2e9  # kHz, as CUDA reports it
         wait_s = 1e-3 + 2.0 * sum(host_s[n] for n in names)
@@ -274,6 +311,8 @@ class Measurer:
                 gate.record()
                 queued, late = [], None
                 for name in order:
+                    if flush is not None:
+                        flush.zero_()
                     stamps = self._call(runs[name], name, failed)
                     if stamps is None:
                         continue
