@@ -664,6 +664,27 @@ def test_backward_reads_nchw_rows_of_g_in_8_byte_loads(channels_last):
     assert z_call[0] == "panther::conv_rank_halo<__nv_bfloat16, 32, false, 64, 0>"  # x padded by 1
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "expanded", "sliced"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bias_grad_sums_over_batch_and_pixels(layout, dtype):
+    """backward.bias_grad in every layout of g against float64: the contiguous layouts take their fast
+    reductions, the others torch's; one rounding to the dtype at the end."""
+    torch.manual_seed(0)
+    g = torch.randn(3, 7, 5, 9, dtype=torch.float64)
+    if layout == "channels_last":
+        g = g.contiguous(memory_format=torch.channels_last)
+    elif layout == "expanded":
+        g = torch.randn(1, 7, 1, 1, dtype=torch.float64).expand(3, 7, 5, 9)
+    elif layout == "sliced":
+        g = torch.randn(3, 9, 5, 9, dtype=torch.float64)[:, 1:8]
+    got = backward.bias_grad(g.to(dtype))
+    assert got.dtype == torch.float32 and got.shape == (7,)
+    assert backward.bias_grad(g).dtype == torch.float64  # float64 (the emulated kernels' tests) stays so
+    want = g.to(dtype).double().sum((0, 2, 3))
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
+    assert backward.bias_grad(g[:, :0].to(dtype)).shape == (0,)  # no channels
+
+
 def test_halo_plans_of_the_benchmark_cases():
     """The tiles the halo kernels take at the two benchmark shapes (bf16): whole blocks of 8 x 8 pixels at
     56 x 56, 2 x 28 at 28 x 28; 16 channels a chunk (each S row's 144 = C·kh·kw columns of a chunk copied 16 bytes at a time)."""

@@ -6,7 +6,7 @@ With R = 2·L·k, S = S1s as (R, C, kh, kw), U = U1s as (R, O) and g = dL/dy (N,
                                           with DX = "kernels", dx by the conv_rank kernel where it is a plain
                                           convolution of dZ (stride 1): by S flipped and transposed
     dU = Zᵀ g / (2L)                      Z = conv(x, S) recomputed by the conv_rank kernel, then one matmul
-    db = Σ_{n, h, w} g                    a torch reduction
+    db = Σ_{n, h, w} g                    torch reductions over g's contiguous dims (bias_grad)
 Z is recomputed only when U1s needs a gradient (the forward never writes it).
 """
 
@@ -88,4 +88,18 @@ def sketched_conv2d_backward(grads, g: Tensor, x: Tensor, S1s: Tensor, U1s: Tens
         dU = dU1s.view(R, O)
         torch.addmm(dU, Z.view(-1, R).t(), G, beta=0, alpha=1.0 / terms, out=dU)  # scale in fp32, one rounding
     if need_b:
-        dbias.copy_(g.sum((0, 2, 3)))
+        dbias.copy_(bias_grad(g))
+
+
+def bias_grad(g: Tensor) -> Tensor:
+    """Σ_{n, h, w} g in float32 (float64 for float64 g), as reductions over g's contiguous dims first:
+    NCHW sums each (n, o) plane (H·W contiguous values), then over n; channels_last sums rows of O
+    channels. torch's one reduction over (0, 2, 3) of an NCHW g takes about twice as long
+    (benchmarks/results/NOTES.md)."""
+    N, O, H, W = g.shape
+    acc = torch.promote_types(g.dtype, torch.float32)
+    if g.is_contiguous():
+        return g.view(N, O, H * W).sum(-1, dtype=acc).sum(0)
+    if g.is_contiguous(memory_format=torch.channels_last):
+        return g.permute(0, 2, 3, 1).reshape(N * H * W, O).sum(0, dtype=acc)
+    return g.sum((0, 2, 3), dtype=acc)
