@@ -75,19 +75,21 @@ def only_backends(names):
 
 
 def graph_ms(clock, calls, budget):
-    """{name: median ms of CUDA-graph replays, or the error's description} (GPU only; {} on CPU)."""
-    out = {}
+    """{name: median ms of CUDA-graph replays, or the error's description} (GPU only; {} on CPU). Every
+    call is captured first, then the replays are timed interleaved (Clock.measure), so that the clock's
+    drift falls on all of them alike."""
+    out, graphs = {}, {}
     if not clock.cuda:
         return out
     for name, (fn, before) in calls.items():
-        graph = None
         try:
-            graph = clock.capture(fn, before)
-            out[name] = clock.measure_one(graph.replay, budget)["median_ms"]
+            graphs[name] = clock.capture(fn, before)
         except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
             out[name] = describe(exc)
-        del graph
-        release(clock)
+    for name, res in clock.measure({n: (g.replay, None) for n, g in graphs.items()}, budget).items():
+        out[name] = describe(res) if isinstance(res, Exception) else res["median_ms"]
+    del graphs
+    release(clock)
     return out
 
 

@@ -667,8 +667,8 @@ def test_backward_reads_nchw_rows_of_g_in_8_byte_loads(channels_last):
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "expanded", "sliced"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_bias_grad_sums_over_batch_and_pixels(layout, dtype):
-    """backward.bias_grad in every layout of g against float64: the contiguous layouts take their fast
-    reductions, the others torch's; one rounding to the dtype at the end."""
+    """backward.bias_grad in every layout of g against float64: NCHW takes its two-step reduction, the
+    others torch's; accumulated in float32."""
     torch.manual_seed(0)
     g = torch.randn(3, 7, 5, 9, dtype=torch.float64)
     if layout == "channels_last":

@@ -1,0 +1,88 @@
+"""Pieces of the cuda backend's sketched_conv2d backward, timed alone (GPU only).
+
+    python benchmarks/diagnostics/conv_backward_parts.py
+
+``bias``: the bias gradient Σ_{n,h,w} g of the two conv cases' g (bf16), NCHW and channels_last, by
+torch's reduction over (0, 2, 3) and by the alternatives (NCHW: each (n, o) plane, then the batch, as
+``backward.bias_grad`` does; a batched product with ones; channels_last: rows of channels, and a product
+with a row of ones), each with its error against float64 and the HBM floor of reading g once.
+``cudnn``: aten.convolution_backward for dx and dS given dZ, with dZ and x NCHW (as the op runs it),
+both channels_last (x converted inside the timing, dx copied back to NCHW), or only dZ channels_last.
+Each piece is captured in a CUDA graph and its replays timed by the harness's clock (L2 flushed).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the harness
+
+import torch  # noqa: E402
+
+from harness.timing import Budget, Clock  # noqa: E402
+
+DEV = torch.device("cuda")
+BUDGET = Budget(warmup_calls=3, warmup_s=0.05, run_s=0.2, min_reps=20, max_reps=200)
+HBM_BYTES_PER_S = 3.35e12  # H100 SXM
+
+
+def timed(clock: Clock, variants: dict) -> dict:
+    calls = {name: (clock.capture(fn).replay, None) for name, fn in variants.items()}
+    return {name: r["median_ms"] for name, r in clock.measure(calls, BUDGET).items()}
+
+
+def bias(clock: Clock) -> None:
+    for N, O, H, W in [(32, 128, 56, 56), (64, 256, 28, 28)]:
+        for layout in ["nchw", "channels_last"]:
+            g = torch.randn(N, O, H, W, device=DEV, dtype=torch.bfloat16)
+            if layout == "channels_last":
+                g = g.contiguous(memory_format=torch.channels_last)
+            db = torch.empty(O, device=DEV, dtype=g.dtype)
+            ref = g.double().sum((0, 2, 3))
+            M = N * H * W
+            variants = {"sum023": lambda: db.copy_(g.sum((0, 2, 3), dtype=torch.float32))}
+            if layout == "nchw":
+                ones = torch.ones(H * W, 1, device=DEV, dtype=g.dtype)
+                variants["planes_then_batch"] = lambda: db.copy_(g.view(N, O, -1).sum(-1, dtype=torch.float32).sum(0))
+                variants["bmm_ones"] = lambda: db.copy_((g.view(N, O, -1) @ ones).float().sum((0, 2)))
+            else:
+                ones = torch.ones(1, M, device=DEV, dtype=g.dtype)
+                variants["rows"] = lambda: db.copy_(g.permute(0, 2, 3, 1).reshape(M, O).sum(0, dtype=torch.float32))
+                variants["mm_ones"] = lambda: db.copy_((ones @ g.permute(0, 2, 3, 1).reshape(M, O))[0])
+            errors = {}
+            for name, fn in variants.items():
+                fn()
+                errors[name] = ((db.double() - ref).abs().max() / ref.abs().max()).item()
+            floor = g.numel() * g.element_size() / HBM_BYTES_PER_S * 1e3
+            for name, ms in timed(clock, variants).items():
+                print(f"bias  g={(N, O, H, W)} {layout:<13} {name:<18} {ms:.4f} ms  floor {floor:.4f}  "
+                      f"relerr {errors[name]:.2e}")
+
+
+def cudnn(clock: Clock) -> None:
+    cl = torch.channels_last
+    backward = torch.ops.aten.convolution_backward
+    for N, C, H, R in [(32, 64, 56, 32), (64, 256, 28, 64)]:
+        x = torch.randn(N, C, H, H, device=DEV, dtype=torch.bfloat16)
+        S = torch.randn(R, C, 3, 3, device=DEV, dtype=torch.bfloat16)
+        dZ = torch.randn(N, R, H, H, device=DEV, dtype=torch.bfloat16)
+        dZc = dZ.contiguous(memory_format=cl)
+        dx, dS = torch.empty_like(x), torch.empty_like(S)
+
+        def run(dz, xx, s):
+            gx, gS, _ = backward(dz, xx, s, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
+            dx.copy_(gx)
+            dS.copy_(gS)
+
+        variants = {"nchw": lambda: run(dZ, x, S),
+                    "channels_last": lambda: run(dZc, x.contiguous(memory_format=cl), S.contiguous(memory_format=cl)),
+                    "dZ_channels_last": lambda: run(dZc, x, S)}
+        for name, ms in timed(clock, variants).items():
+            print(f"cudnn x={(N, C, H, H)} R={R:<3} {name:<18} {ms:.4f} ms")
+
+
+if __name__ == "__main__":
+    clock = Clock(DEV)
+    bias(clock)
+    cudnn(clock)
