@@ -2,6 +2,7 @@
 
     python benchmarks/diagnostics/graph_probes.py measurer OUT.json
     python benchmarks/diagnostics/graph_probes.py forms
+    python benchmarks/diagnostics/graph_probes.py order
 
 ``measurer``: for a few shapes (128 rows with TF32 fwd+bwd, where auto's pick and the graph-time winner
 disagreed on the H100; 4096 rows bf16 forward), each backend's call timed three ways on the copies auto
@@ -14,8 +15,14 @@ directly or through ``panther.ops``, its gradients by ``torch.autograd.grad`` (f
 measurement does, or from a fixed gradient) or by ``.backward`` into the leaves (as the harness does);
 each replayed from an idle device (median of 40). Shows whether the form of a call moves its graph time.
 
-Inputs are the harness's (``LinearCase.build``, L=1, k=64); graphs are captured as the harness captures
-them (``Clock.capture``).
+``order``: the spec's conv forward in bf16, captured four times: the cuda backend forced, twice (two
+graphs of the same call), auto (after its first call measured), and the torch backend forced; the four
+replays timed interleaved by the harness's clock (``Clock.measure``, L2 flushed) in two name orders, then
+one after the other (``Clock.measure_one``). Shows whether a graph's place in the interleaving moves its
+time, as two graphs of the same kernels should time alike.
+
+Inputs are the harness's (``LinearCase.build``, L=1, k=64; ``ConvCase``); graphs are captured as the
+harness captures them (``Clock.capture``).
 """
 
 from __future__ import annotations
@@ -120,10 +127,42 @@ def forms_probe() -> None:
             print(f"  {n:7s} " + "  ".join(f"{k} {v:.4f}" for k, v in times.items()))
 
 
+def order_probe() -> None:
+    from harness.cases import PRESETS, spec_conv  # noqa: E402
+
+    clock, budget = Clock(CUDA), PRESETS["gpu-quick"].budget  # as autotune_check times graphs
+    case = spec_conv()
+    x = case.build(CUDA, torch.bfloat16)
+    args = [x[a] for a in case.sketch_args]
+    panther.set_backend("auto")
+    autotune.clear_dispatch_cache(disk=False)
+
+    def call(name):
+        fn = case.backend_fn(name)
+
+        def run():
+            with torch.no_grad():
+                return fn(*args)
+        return run
+
+    call(None)()  # auto measures here
+    graphs = {"cuda": clock.capture(call("cuda")), "cuda_again": clock.capture(call("cuda")),
+              "auto": clock.capture(call(None)), "torch": clock.capture(call("torch"))}
+    for prefix in ("", "z_"):
+        names = {f"{prefix}{n}" if n == "auto" else n: g for n, g in graphs.items()}
+        got = clock.measure({n: (g.replay, None) for n, g in names.items()}, budget)
+        print("interleaved " + "  ".join(f"{n} {r['median_ms']:.4f}" for n, r in sorted(got.items())))
+    one = {n: clock.measure_one(g.replay, budget)["median_ms"] for n, g in graphs.items()}
+    print("one by one  " + "  ".join(f"{n} {v:.4f}" for n, v in one.items()))
+    print("auto's entry", [(k, e.gpu_winner, e.gpu_ms) for k, e in autotune._table.items()])
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["measurer"] and len(sys.argv) == 3:
         measurer_probe(sys.argv[2])
     elif sys.argv[1:] == ["forms"]:
         forms_probe()
+    elif sys.argv[1:] == ["order"]:
+        order_probe()
     else:
         sys.exit(__doc__)
