@@ -10,6 +10,7 @@ head start for every implementation). CPU: time.perf_counter around each call
 from __future__ import annotations
 
 import dataclasses
+import random
 import statistics
 import time
 from typing import Callable, Dict, Hashable, Optional, Tuple, Union
@@ -44,9 +45,11 @@ class Clock:
     def measure(self, calls: Dict[Hashable, Call], budget: Budget) -> Dict[Hashable, Union[dict, Exception]]:
         """Median time in ms of each call ``(fn, before)``; ``before()`` runs untimed before each ``fn()``.
 
-        The calls are warmed up one after the other, then timed interleaved: each next timed call goes to
-        the one furthest behind its number of repetitions, so that load from other processes, which comes
-        and goes, falls on all of them alike. A call that raises gets its exception instead of a timing.
+        The calls are warmed up one after the other, then timed interleaved, in one random order (seeded)
+        of all their repetitions: each call's repetitions spread over the whole timing, so that load from
+        other processes, which comes and goes, falls on all of them alike, and no call always follows the
+        same neighbour (what ran just before can move a call's time: benchmarks/results/NOTES.md). A call
+        that raises gets its exception instead of a timing.
         """
         results: Dict[Hashable, Union[dict, Exception]] = {}
         target = {}
@@ -58,18 +61,16 @@ class Clock:
                 continue
             target[key] = max(budget.min_reps, min(budget.max_reps, int(budget.run_s / max(fastest, 1e-6))))
         stamps = {key: [] for key in target}
-        pending = set(target)
-        while pending:
-            key = min(pending, key=lambda k: (len(stamps[k]) / target[k], str(k)))
+        schedule = [key for key, n in target.items() for _ in range(n)]
+        random.Random(0).shuffle(schedule)
+        for key in schedule:
+            if key in results:
+                continue
             fn, before = calls[key]
             try:
                 stamps[key].append(self._time_one(fn, before))
             except Exception as exc:  # noqa: BLE001
                 results[key] = exc
-                pending.discard(key)
-                continue
-            if len(stamps[key]) == target[key]:
-                pending.discard(key)
         self.sync()
         for key, st in stamps.items():
             if key in results:
