@@ -438,6 +438,13 @@ def test_the_flush_buffer_is_twice_the_l2_cache(monkeypatch):
     assert autotune.Measurer()._flush_buffer(torch.device("cpu")).numel() == 6 * 2**10
     props.L2_cache_size = 0  # unknown: no flush
     assert autotune.Measurer()._flush_buffer(torch.device("cpu")) is None
+    props.L2_cache_size = 2**10
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch, "empty", no_memory)
+    assert autotune.Measurer()._flush_buffer(torch.device("cpu")) is None  # the measurement goes on
 
 
 # --- where it never measures -----------------------------------------------------------------------

@@ -275,10 +275,13 @@ class Measurer:
 
     def _flush_buffer(self, device: torch.device) -> Optional[torch.Tensor]:
         """A buffer of :attr:`flush_l2_times` the device's L2 cache, written before each timed replay (None
-        where the size is unknown)."""
+        where the size is unknown, or the memory is not there: the replays then run from a warm cache)."""
         props = torch.cuda.get_device_properties(device)
         size = int(getattr(props, "L2_cache_size", 0) or 0) * self.flush_l2_times
-        return torch.empty(size, dtype=torch.int8, device=device) if size else None
+        try:
+            return torch.empty(size, dtype=torch.int8, device=device) if size else None
+        except torch.OutOfMemoryError:
+            return None
 
     def _device_times(self, runs: Dict[str, Callable[[], object]], host_s: Dict[str, float], rounds: int,
                       failed: Dict[str, Exception], flush: Optional[torch.Tensor] = None) -> Dict[str, float]:
