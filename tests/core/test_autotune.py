@@ -432,6 +432,20 @@ def test_device_time_is_the_graph_replay_after_an_l2_flush(monkeypatch):
     assert len(flushes) == 2 * rounds  # one before each timed replay
 
 
+def test_replays_come_in_a_new_order_every_round(monkeypatch):
+    sim = SimDevice(monkeypatch)
+    order = []
+    runs = {n: (lambda n=n: (order.append(n), sim.call(0.05, 0.2))) for n in "abc"}
+    got = autotune.Measurer().time(runs, torch.device("cpu"))
+    assert all(got[n].gpu_ms == pytest.approx(0.2) for n in "abc")
+    m = autotune.Measurer
+    replayed = order[-3 * min(m.max_reps, int(m.budget_s / 0.25e-3)):]  # the rounds: after warm-up, eager, capture
+    rounds = [tuple(replayed[i:i + 3]) for i in range(0, len(replayed), 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    follows = {(r[i], r[i + 1]) for r in rounds for i in range(2)}
+    assert len(follows) == 6  # each candidate right after each of the others
+
+
 def test_the_flush_buffer_is_twice_the_l2_cache(monkeypatch):
     props = types.SimpleNamespace(clock_rate=1_000_000, L2_cache_size=3 * 2**10)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: props)

@@ -71,6 +71,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 import re
 import statistics
 import tempfile
@@ -285,10 +286,10 @@ class Measurer:
 
     def _device_times(self, runs: Dict[str, Callable[[], object]], host_s: Dict[str, float], rounds: int,
                       failed: Dict[str, Exception], flush: Optional[torch.Tensor] = None) -> Dict[str, float]:
-        """Each candidate's median device time: rounds of one call of each candidate (their order rotating),
-        each after a write of ``flush`` (outside its events), queued behind a device-side wait
-        (``torch.cuda._sleep``) sized to outlast the host's queuing of the
-        round, so that the events around each call time the device's work alone. The wait is checked after
+        """Each candidate's median device time: rounds of one call of each candidate (in an order shuffled
+        every round, with a fixed seed), each after a write of ``flush`` (outside its events), queued behind
+        a device-side wait (``torch.cuda._sleep``) sized to outlast the host's queuing of the round, so that
+        the events around each call time the device's work alone. The wait is checked after
         each call is queued: one that ran out before the round was queued makes the round start again with
         twice the wait (at most :attr:`max_wait_s`); a candidate still being queued when the wait runs out on
         the last of :attr:`spin_tries` attempts (it synchronises, or queues for longer than any wait) is left
@@ -302,10 +303,13 @@ class Measurer:
         wait_s = 1e-3 + 2.0 * sum(host_s[n] for n in names)
         samples: Dict[str, List[float]] = {n: [] for n in names}
         left_out: set = set()
-        for r in range(rounds):
+        shuffle = random.Random(0).shuffle
+        for _ in range(rounds):
             queued: list = []
+            shuffled = list(names)
+            shuffle(shuffled)  # no candidate always follows the same one: what ran just before can move a time
             for attempt in range(self.spin_tries):
-                order = [n for n in names[r % len(names):] + names[:r % len(names)] if n not in failed and n not in left_out]
+                order = [n for n in shuffled if n not in failed and n not in left_out]
                 if not order:
                     break
                 torch.cuda.synchronize()
