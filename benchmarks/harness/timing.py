@@ -168,7 +168,9 @@ class Clock:
         graph = torch.cuda.CUDAGraph()
         if before:
             before()  # grads set to None here are allocated inside the graph, and each replay rewrites them
-        with torch.cuda.graph(graph):
+        # the outer context puts the current stream back also when the capture fails (torch.cuda.graph's exit
+        # does not when ending the capture raises)
+        with torch.cuda.stream(torch.cuda.current_stream(self.device)), torch.cuda.graph(graph):
             fn()
         return graph
 

@@ -313,7 +313,7 @@ class SimDevice:
     def __init__(self, monkeypatch, clock_khz=1_000_000, actual_hz=1e9):
         self.host = self.free = 0.0
         self.clock_khz, self.actual_hz, self.sleeps = clock_khz, actual_hz, []
-        self.capturing, self.captured, self.replays = False, [], {}
+        self.capturing, self.captured, self.attempted, self.replays, self.mark = False, [], [], {}, 0
         sim = self
 
         class Event:
@@ -332,6 +332,7 @@ class SimDevice:
         monkeypatch.setattr(torch.cuda, "Event", Event)
         monkeypatch.setattr(torch.cuda, "synchronize", self.synchronize)
         monkeypatch.setattr(autotune.Measurer, "_capture", staticmethod(self.capture))
+        monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
         monkeypatch.setattr(torch.cuda, "_sleep", self.sleep)
         monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -343,16 +344,23 @@ class SimDevice:
             raise RuntimeError("operation not permitted when stream is capturing")
         self.host = max(self.host, self.free)
 
-    def capture(self, run, device):
+    def capture(self, run, device, pool):
+        assert pool == "pool"  # one pool, shared by the candidates' graphs
+        self.attempted.append(run)
         saved, self.capturing = (self.host, self.free), True
         try:
             run()
         finally:
             (self.host, self.free), self.capturing = saved, False
         self.captured.append(run)
+        self.mark = len(self.sleeps)  # the device-time rounds' waits follow the last capture
         if run in self.replays:
             return lambda: self.call(*self.replays[run])
         return run
+
+    @property
+    def round_sleeps(self):
+        return self.sleeps[self.mark:]
 
     def call(self, host_ms, device_ms):
         self.host += host_ms
@@ -371,8 +379,11 @@ def test_the_measurer_times_device_work_alone_behind_a_device_side_wait(monkeypa
     assert isinstance(got["fails"], RuntimeError)
     assert got["launchy"].eager_ms == pytest.approx(2.1) and got["kernely"].eager_ms == pytest.approx(1.05)
     assert got["launchy"].gpu_ms == pytest.approx(0.1) and got["kernely"].gpu_ms == pytest.approx(1.0)
-    # the wait covers twice the host's queuing of a round (2.05 ms), plus 1 ms: one try per round
-    assert len(set(sim.sleeps)) == 1 and sim.sleeps[0] == pytest.approx((1e-3 + 2 * 2.05e-3) * 1e9, abs=2)
+    # before capture, each queued once behind a wait of twice its own queuing plus 1 ms (5 and 1.1 ms) ...
+    assert sim.sleeps[:sim.mark] == [pytest.approx(5e6, abs=2), pytest.approx(1.1e6, abs=2)]
+    # ... then the wait covers twice the host's queuing of a round (2.05 ms), plus 1 ms: one try per round
+    rounds = sim.round_sleeps
+    assert len(set(rounds)) == 1 and rounds[0] == pytest.approx((1e-3 + 2 * 2.05e-3) * 1e9, abs=2)
 
 
 def test_a_wait_too_short_is_doubled_until_the_host_gets_ahead(monkeypatch):
@@ -380,11 +391,15 @@ def test_a_wait_too_short_is_doubled_until_the_host_gets_ahead(monkeypatch):
     runs = {"launchy": lambda: sim.call(2.0, 0.1), "kernely": lambda: sim.call(0.05, 1.0)}
     got = autotune.Measurer().time(runs, torch.device("cpu"))
     assert got["launchy"].gpu_ms == pytest.approx(0.1) and got["kernely"].gpu_ms == pytest.approx(1.0)
-    first = sim.sleeps[0]
+    # before capture: launchy's 5 ms as reported run 0.63 ms, shorter than its 2 ms of queuing; doubled,
+    # still; 20 ms (2.5 ms as run) is enough; kernely's 1.1 ms (0.14 as run) outlasts its 0.05 ms at once
+    assert sim.sleeps[:sim.mark] == [pytest.approx(v * 1e6, abs=4) for v in (5, 10, 20, 1.1)]
+    rounds = sim.round_sleeps
+    first = rounds[0]
     assert first == pytest.approx((1e-3 + 2 * 2.05e-3) * 1e9, abs=2)
     # 5.1 ms as reported, 0.64 ms as run: shorter than launchy's 2 ms of queuing; doubled, still; then enough
-    assert sim.sleeps[1:3] == [pytest.approx(2 * first, abs=2), pytest.approx(4 * first, abs=4)]
-    assert len(set(sim.sleeps[3:])) == 1 and sim.sleeps[3] == pytest.approx(4 * first, abs=4)
+    assert rounds[1:3] == [pytest.approx(2 * first, abs=2), pytest.approx(4 * first, abs=4)]
+    assert len(set(rounds[3:])) == 1 and rounds[3] == pytest.approx(4 * first, abs=4)
 
 
 def test_device_times_stay_unknown_when_the_host_never_gets_ahead(monkeypatch):
@@ -393,11 +408,22 @@ def test_device_times_stay_unknown_when_the_host_never_gets_ahead(monkeypatch):
     got = autotune.Measurer().time(runs, torch.device("cpu"))
     assert got["launchy"].gpu_ms is None and got["kernely"].gpu_ms is None
     assert got["kernely"].eager_ms == pytest.approx(1.05)
-    # each left out after spin_tries attempts (the wait doubled between them, and kept for the next round),
-    # the waits queued in pieces of 50 ms at most
+    # each left out before capture, after spin_tries attempts (the wait doubled between them), the waits
+    # queued in pieces of 50 ms at most
+    assert sim.attempted == []
     piece = autotune.Measurer.spin_piece_s * 1e9
-    waits = [5.1e-3 * 2 ** i for i in (0, 1, 2, 3, 3, 4, 5, 6)]
+    waits = [w * 2 ** i for w in (5e-3, 1.1e-3) for i in range(autotune.Measurer.spin_tries)]
     assert max(sim.sleeps) <= piece + 1 and sum(sim.sleeps) == pytest.approx(sum(waits) * 1e9, rel=1e-6)
+
+
+def test_a_replay_the_host_cannot_queue_ahead_is_left_out(monkeypatch):
+    sim = SimDevice(monkeypatch)
+    runs = {"slow_replay": lambda: sim.call(0.05, 0.2), "kernely": lambda: sim.call(0.05, 1.0)}
+    sim.replays[runs["slow_replay"]] = (3000.0, 0.2)  # its graph's launch outlasts the longest wait (2 s)
+    got = autotune.Measurer().time(runs, torch.device("cpu"))
+    assert got["slow_replay"].gpu_ms is None and got["slow_replay"].eager_ms == pytest.approx(0.25)
+    assert got["kernely"].gpu_ms == pytest.approx(1.0)
+    assert max(sim.round_sleeps) <= autotune.Measurer.spin_piece_s * 1e9 + 1  # the waits, in pieces
 
 
 def test_a_candidate_that_synchronises_gets_no_device_time(monkeypatch):
@@ -405,7 +431,7 @@ def test_a_candidate_that_synchronises_gets_no_device_time(monkeypatch):
     runs = {"launchy": lambda: sim.call(2.0, 0.1), "syncy": lambda: (sim.call(0.05, 0.2), torch.cuda.synchronize()),
             "kernely": lambda: sim.call(0.05, 1.0)}
     got = autotune.Measurer().time(runs, torch.device("cpu"))
-    assert runs["syncy"] not in sim.captured and not sim.capturing  # its capture failed, and ended
+    assert runs["syncy"] not in sim.attempted  # found to synchronise first: never captured
     assert got["syncy"].gpu_ms is None and got["syncy"].eager_ms == pytest.approx(0.25)
     assert got["launchy"].gpu_ms == pytest.approx(0.1) and got["kernely"].gpu_ms == pytest.approx(1.0)
 

@@ -180,15 +180,40 @@ def test_the_cuda_measurer_times_with_events():
     assert spin.gpu_ms > 0.3 and matmul.gpu_ms < spin.gpu_ms / 3
 
 
-def test_a_candidate_that_cannot_be_captured_gets_no_device_time_and_the_stream_is_kept():
+def test_a_candidate_that_synchronises_is_never_captured_and_the_stream_is_kept(monkeypatch):
     x = torch.randn(256, 256, device="cuda")
     stream = torch.cuda.current_stream()
-    times = autotune.Measurer().time(
-        {"syncs": lambda: (x @ x).sum().item(), "matmul": lambda: x @ x}, x.device)
+    captured, real = [], autotune.Measurer._capture
+    monkeypatch.setattr(autotune.Measurer, "_capture", staticmethod(lambda run, *a: captured.append(run) or real(run, *a)))
+    runs = {"syncs": lambda: (x @ x).sum().item(), "matmul": lambda: x @ x}
+    times = autotune.Measurer().time(runs, x.device)
+    assert captured == [runs["matmul"]]  # found to synchronise first: a failed capture would leave state behind
     assert times["syncs"].gpu_ms is None and times["syncs"].eager_ms > 0
     assert 0 < times["matmul"].gpu_ms < 1.0
     assert torch.cuda.current_stream() == stream and not torch.cuda.is_current_stream_capturing()
     torch.testing.assert_close(x @ x, x.double().matmul(x.double()).float(), rtol=1e-2, atol=1e-2)  # usable
+
+
+def test_a_capture_that_fails_leaves_no_device_time_and_a_usable_process():
+    """A candidate that queues ahead of the device but does what a capture forbids (querying the capturing
+    stream): its capture fails, it gets no device time, the others are timed, and graphs still work."""
+    x = torch.randn(256, 256, device="cuda")
+    stream = torch.cuda.current_stream()
+    runs = {"queries": lambda: (x @ x, torch.cuda.current_stream().query()), "matmul": lambda: x @ x}
+    times = autotune.Measurer().time(runs, x.device)
+    assert times["queries"].gpu_ms is None and times["queries"].eager_ms > 0
+    assert 0 < times["matmul"].gpu_ms < 1.0
+    assert torch.cuda.current_stream() == stream and not torch.cuda.is_current_stream_capturing()
+    graph, y = torch.cuda.CUDAGraph(), None
+    side = torch.cuda.Stream()
+    side.wait_stream(stream)
+    with torch.cuda.stream(side):
+        x @ x
+    stream.wait_stream(side)
+    with torch.cuda.graph(graph):
+        y = x @ x
+    graph.replay()
+    torch.testing.assert_close(y, x @ x)
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["forward", "forward+backward"])

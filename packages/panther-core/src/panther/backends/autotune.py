@@ -23,11 +23,13 @@ with CUDA events, forward under ``no_grad``, or forward and backward when gradie
 
 * eager time: each timed call starts from an idle device, the candidates interleaved, so the host's work
   counts as an eager caller sees it;
-* device time: each candidate captured into a CUDA graph, then rounds of one replay per candidate, each
-  after a write that flushes the L2 cache, queued behind a device-side wait that outlasts the host's
-  queuing, so that the events time the device's work alone, as a replayed graph costs it, from a cold
-  cache (as the benchmarks time it). A candidate that cannot be captured (it synchronises, or does
-  something else a capture forbids) cannot run in a captured call either: it gets no device time.
+* device time: each candidate captured into a CUDA graph (the graphs share one memory pool), then rounds
+  of one replay per candidate in a shuffled order, each after a write that flushes the L2 cache, queued
+  behind a device-side wait that outlasts the host's queuing, so that the events time the device's work
+  alone, as a replayed graph costs it, from a cold cache (as the benchmarks time it). A candidate that
+  cannot be captured cannot run in a captured call either: it gets no device time. One that synchronises
+  (found before any capture: the host cannot queue a call of it behind a device-side wait) is never
+  captured; one whose capture fails for another reason is left out after it.
 
 Medians decide: eager calls run the fastest by eager time; calls being captured into a CUDA graph
 (``torch.cuda.graph``, ``make_graphed_callables``) run the fastest by device time, which is what each
@@ -242,13 +244,16 @@ class Measurer:
             torch.cuda.synchronize()
             ok = [name for name in reps if name not in failed]
             rounds = max(self.min_reps, min((reps[n] for n in ok), default=0))
-            replays = {}
+            replays, pool = {}, None
             for n in ok:
-                with contextlib.suppress(Exception):  # not capturable: no device time (failures stay eager's)
-                    replays[n] = self._capture(runs[n], device)
-            flush = self._flush_buffer(device)
+                if not self._queues_ahead(runs[n], host_s[n]):
+                    continue  # it synchronises: it cannot be captured (a failed capture leaves state behind)
+                with contextlib.suppress(Exception):  # else not capturable: no device time (failures stay eager's)
+                    pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+                    replays[n] = self._capture(runs[n], device, pool)
+            flush = self._flush_buffer(device) if replays else None
             device_ms = self._device_times(replays, host_s, rounds, {}, flush)
-            del replays, flush
+            del replays, flush, pool
         for name, ev in events.items():
             if name not in failed:
                 eager = statistics.median(s.elapsed_time(e) for s, e in ev)
@@ -256,22 +261,47 @@ class Measurer:
         results.update(failed)
         return results
 
+    def _queues_ahead(self, run: Callable[[], object], host_s: float) -> bool:
+        """Whether the host queues one call of ``run`` while the device is still busy with a device-side wait
+        sized to outlast it (doubled on each of :attr:`spin_tries` attempts): False for a call that
+        synchronises, in its forward or its backward (autograd's device thread), or raises."""
+        wait_s = 1e-3 + 2.0 * host_s
+        for _ in range(self.spin_tries):
+            torch.cuda.synchronize()
+            self._wait(min(wait_s, self.max_wait_s), self._clock_hz())
+            gate = torch.cuda.Event()
+            gate.record()
+            try:
+                run()
+            except Exception:  # noqa: BLE001 - no device time; its eager failure, if any, is recorded
+                return False
+            if not gate.query():
+                torch.cuda.synchronize()
+                return True
+            if wait_s >= self.max_wait_s:
+                break
+            wait_s *= 2
+        return False
+
     @staticmethod
-    def _capture(run: Callable[[], object], device: torch.device) -> Callable[[], object]:
-        """``run`` captured into a CUDA graph (after a call on a side stream, as capture asks); returns the
-        graph's ``replay``. Raises what the capture raises. Only this thread's calls are held to the
-        capture's rules: other threads of the process go on as they were."""
+    def _capture(run: Callable[[], object], device: torch.device, pool) -> Callable[[], object]:
+        """``run`` captured into a CUDA graph on a stream of ``device`` (after a call on it, as capture asks),
+        its memory from ``pool`` (:func:`torch.cuda.graph_pool_handle`: the candidates' graphs share it,
+        since nothing a run allocates outlives it and the replays run one at a time); returns the graph's
+        ``replay``. Raises what the capture raises. Only this thread's calls are held to the capture's rules
+        (other threads of the process go on as they were); unlike ``torch.cuda.graph``, it does not
+        synchronise the device nor empty the allocator's cache first."""
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            run()
-        torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # the outer context puts the current stream back also when the capture fails (torch.cuda.graph's
-        # exit does not when ending the capture raises)
-        with torch.cuda.stream(torch.cuda.current_stream(device)):
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.stream(side):  # puts the caller's stream back, also when the capture fails
+            run()
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            try:
                 run()
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream(device).wait_stream(side)
         return graph.replay
 
     def _flush_buffer(self, device: torch.device) -> Optional[torch.Tensor]:
@@ -281,7 +311,7 @@ class Measurer:
         size = int(getattr(props, "L2_cache_size", 0) or 0) * self.flush_l2_times
         try:
             return torch.empty(size, dtype=torch.int8, device=device) if size else None
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             return None
 
     def _device_times(self, runs: Dict[str, Callable[[], object]], host_s: Dict[str, float], rounds: int,
@@ -298,8 +328,7 @@ class Measurer:
         names = list(runs)
         if not names:
             return {}
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        hz = (getattr(props, "clock_rate", 0) or 0) * 1e3 or 2e9  # kHz, as CUDA reports it
+        hz = self._clock_hz()
         wait_s = 1e-3 + 2.0 * sum(host_s[n] for n in names)
         samples: Dict[str, List[float]] = {n: [] for n in names}
         left_out: set = set()
@@ -351,6 +380,12 @@ class Measurer:
             failed[name] = exc
             return None
         return start, end
+
+    @staticmethod
+    def _clock_hz() -> float:
+        """The current device's clock as CUDA reports it (the rate ``torch.cuda._sleep`` counts cycles at)."""
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return (getattr(props, "clock_rate", 0) or 0) * 1e3 or 2e9  # kHz
 
     def _wait(self, seconds: float, hz: float) -> None:
         """A device-side wait of about ``seconds``, queued as waits of at most :attr:`spin_piece_s`."""
