@@ -184,7 +184,8 @@ def test_a_candidate_that_synchronises_is_never_captured_and_the_stream_is_kept(
     x = torch.randn(256, 256, device="cuda")
     stream = torch.cuda.current_stream()
     captured, real = [], autotune.Measurer._capture
-    monkeypatch.setattr(autotune.Measurer, "_capture", staticmethod(lambda run, *a: captured.append(run) or real(run, *a)))
+    monkeypatch.setattr(autotune.Measurer, "_capture",
+                        staticmethod(lambda run, *a: captured.append(run) or real(run, *a)))
     runs = {"syncs": lambda: (x @ x).sum().item(), "matmul": lambda: x @ x}
     times = autotune.Measurer().time(runs, x.device)
     assert captured == [runs["matmul"]]  # found to synchronise first: a failed capture would leave state behind

@@ -28,8 +28,8 @@ with CUDA events, forward under ``no_grad``, or forward and backward when gradie
   behind a device-side wait that outlasts the host's queuing, so that the events time the device's work
   alone, as a replayed graph costs it, from a cold cache (as the benchmarks time it). A candidate that
   cannot be captured cannot run in a captured call either: it gets no device time. One that synchronises
-  (found before any capture: the host cannot queue a call of it behind a device-side wait) is never
-  captured; one whose capture fails for another reason is left out after it.
+  (found before any capture: one round of the same timing, of its eager call alone, leaves it out) is
+  never captured; one whose capture fails for another reason is left out after it.
 
 Medians decide: eager calls run the fastest by eager time; calls being captured into a CUDA graph
 (``torch.cuda.graph``, ``make_graphed_callables``) run the fastest by device time, which is what each
@@ -246,8 +246,8 @@ class Measurer:
             rounds = max(self.min_reps, min((reps[n] for n in ok), default=0))
             replays, pool = {}, None
             for n in ok:
-                if not self._queues_ahead(runs[n], host_s[n]):
-                    continue  # it synchronises: it cannot be captured (a failed capture leaves state behind)
+                if not self._device_times({n: runs[n]}, host_s, 1, {}):
+                    continue  # never queued ahead: it synchronises (a failed capture leaves state behind)
                 with contextlib.suppress(Exception):  # else not capturable: no device time (failures stay eager's)
                     pool = pool if pool is not None else torch.cuda.graph_pool_handle()
                     replays[n] = self._capture(runs[n], device, pool)
@@ -260,28 +260,6 @@ class Measurer:
                 results[name] = Timing(eager, device_ms.get(name))
         results.update(failed)
         return results
-
-    def _queues_ahead(self, run: Callable[[], object], host_s: float) -> bool:
-        """Whether the host queues one call of ``run`` while the device is still busy with a device-side wait
-        sized to outlast it (doubled on each of :attr:`spin_tries` attempts): False for a call that
-        synchronises, in its forward or its backward (autograd's device thread), or raises."""
-        wait_s = 1e-3 + 2.0 * host_s
-        for _ in range(self.spin_tries):
-            torch.cuda.synchronize()
-            self._wait(min(wait_s, self.max_wait_s), self._clock_hz())
-            gate = torch.cuda.Event()
-            gate.record()
-            try:
-                run()
-            except Exception:  # noqa: BLE001 - no device time; its eager failure, if any, is recorded
-                return False
-            if not gate.query():
-                torch.cuda.synchronize()
-                return True
-            if wait_s >= self.max_wait_s:
-                break
-            wait_s *= 2
-        return False
 
     @staticmethod
     def _capture(run: Callable[[], object], device: torch.device, pool) -> Callable[[], object]:
@@ -328,7 +306,8 @@ class Measurer:
         names = list(runs)
         if not names:
             return {}
-        hz = self._clock_hz()
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        hz = (getattr(props, "clock_rate", 0) or 0) * 1e3 or 2e9  # kHz, as CUDA reports it
         wait_s = 1e-3 + 2.0 * sum(host_s[n] for n in names)
         samples: Dict[str, List[float]] = {n: [] for n in names}
         left_out: set = set()
@@ -380,12 +359,6 @@ class Measurer:
             failed[name] = exc
             return None
         return start, end
-
-    @staticmethod
-    def _clock_hz() -> float:
-        """The current device's clock as CUDA reports it (the rate ``torch.cuda._sleep`` counts cycles at)."""
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        return (getattr(props, "clock_rate", 0) or 0) * 1e3 or 2e9  # kHz
 
     def _wait(self, seconds: float, hz: float) -> None:
         """A device-side wait of about ``seconds``, queued as waits of at most :attr:`spin_piece_s`."""
