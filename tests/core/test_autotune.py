@@ -186,14 +186,16 @@ def test_inputs_needing_gradients_and_grad_mode_are_part_of_the_key(monkeypatch)
 
 
 def test_keys_of_conv_and_attention_bucket_the_sizes_and_keep_the_rest():
-    def conv(N=3, H=10, W=9, stride=(1, 1), k=2, grad=False):
-        x = torch.randn(N, 4, H, W, requires_grad=grad)
+    def conv(N=3, H=10, W=9, stride=(1, 1), k=2, grad=False, layout=False):
+        x = torch.randn(N, 4, H, W).to(memory_format=torch.channels_last if layout else torch.contiguous_format)
+        x.requires_grad_(grad)
         return autotune.call_fields("sketched_conv2d", (x, torch.randn(2, k, 4, 3, 3), torch.randn(2, k, 6), None,
                                                         stride, (1, 1), (1, 1)), {})
 
     assert conv() == conv(N=4, H=16, W=15)
-    for other in (dict(N=5), dict(H=17), dict(stride=(2, 1)), dict(k=3), dict(grad=True)):
+    for other in (dict(N=5), dict(H=17), dict(stride=(2, 1)), dict(k=3), dict(grad=True), dict(layout=True)):
         assert conv(**other) != conv(), other
+    assert dict(conv(layout=True))["layout"] == "channels_last" and dict(conv())["layout"] is None
     assert dict(conv())["kernel"] == (3, 3) and dict(conv())["H"] == 16
 
     def attn(B=2, H=3, T=10, S=10, D=8, m=16, causal=False, mask=False):
@@ -204,6 +206,48 @@ def test_keys_of_conv_and_attention_bucket_the_sizes_and_keep_the_rest():
     assert attn() == attn(B=1, H=7, T=16, S=9)  # B*H 6 and 7: bucket 8
     for other in (dict(B=3), dict(T=17), dict(S=17), dict(D=9), dict(m=17), dict(causal=True), dict(mask=True)):
         assert attn(**other) != attn(), other
+
+
+def test_a_call_of_a_remembered_signature_runs_its_backend_without_asking_again(monkeypatch):
+    asked = []
+
+    class Counting(Fake):
+        def reasons_cannot_run(self, op, *args, **kwargs):
+            asked.append(self.name)
+            return super().reasons_cannot_run(op, *args, **kwargs)
+
+    m = world(monkeypatch, Counting("slow", 10, lambda x: 3.0, offset=1.0), Counting("fast", 5, lambda x: 1.0))
+    x = linear_inputs()
+    assert chosen(*x) == "fast" and len(m.timed) == 1
+    asked.clear()
+    assert chosen(*x) == "fast" and chosen(*linear_inputs()) == "fast"
+    assert asked == []  # remembered: exactly this signature was accepted
+    # anything a backend's answer may follow from is part of the signature: each of these asks again
+    others = {
+        "another dtype of a tensor after the first": lambda t: t.__setitem__(5, t[5].double()),
+        "the first tensor's layout": lambda t: t.__setitem__(0, t[0].t().contiguous().t()),
+        "gradients needed by a tensor after the first": lambda t: t[2].requires_grad_(),
+    }
+    for what, change in others.items():
+        x = linear_inputs()
+        change(x)
+        asked.clear()
+        registry.select("sketched_linear", *x)
+        assert asked, what
+    asked.clear()
+    registry.select("sketched_linear", *linear_inputs()[:5], bias=None)
+    registry.select("sketched_linear", *linear_inputs()[:5], bias=None)
+    assert asked == ["slow", "fast"]  # keyword arguments are remembered too, with their names
+    assert len(m.timed) == 3  # new keys: gradients of S2s, and no bias (the others keep linear's key)
+
+
+def test_backends_discovered_again_are_asked_again(monkeypatch):
+    m = world(monkeypatch, *slow_and_fast())
+    x = linear_inputs()
+    assert chosen(*x) == "fast"
+    picky = Fake("fast", 5, lambda x: 1.0, accepts=lambda x: False)  # an upgrade that refuses these inputs
+    world(monkeypatch, slow_and_fast()[0], picky, measurer=m)
+    assert chosen(*x) == "slow"
 
 
 def test_a_backend_refusing_the_inputs_is_never_measured_nor_chosen(monkeypatch):

@@ -11,7 +11,7 @@ to call and exact where they define the kernel, and the state that changes which
 * ``sketched_linear``: rows (all leading dims of x) and in/out features as powers of two, L and k exact,
   whether there is a bias;
 * ``sketched_conv2d``: batch, channels in/out, height and width as powers of two; kernel size, stride,
-  padding, dilation, 2L and k exact; bias;
+  padding, dilation, 2L and k exact; bias; whether x is channels_last;
 * ``rfa_attention``: B·H, T and S as powers of two; head dims, feature count m, causal, kernel, whether a
   key padding mask is given;
 * for every op: which inputs need gradients (grad mode on and ``requires_grad``), the autocast dtype
@@ -90,7 +90,7 @@ from panther.backends.base import Backend
 
 ENV_VAR = "PANTHER_AUTOTUNE"
 CACHE_ENV_VAR = "PANTHER_CACHE_DIR"
-FORMAT = 3  # of the cache files; a change opens new files
+FORMAT = 4  # of the cache files; a change opens new files
 _FILE_PREFIX = "dispatch-"
 _MEMO_LIMIT = 4096  # exact call signatures remembered before the memo starts over
 
@@ -411,9 +411,17 @@ def _linear_fields(x, S1s, S2s, U1s, U2s, bias=None):
 def _conv_fields(x, S1s, U1s, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
     N, C, H, W = _dims(x)
     terms, k, _, kh, kw = _dims(S1s)
+    layout = "channels_last" if _channels_last(x) else None  # NCHW (the default) is left out of the key
     return (("N", _pow2(N)), ("in", _pow2(C)), ("out", _pow2(U1s.shape[-1])), ("H", _pow2(H)), ("W", _pow2(W)),
             ("kernel", (_exact(kh), _exact(kw))), ("stride", tuple(stride)), ("padding", tuple(padding)),
-            ("dilation", tuple(dilation)), ("terms", _exact(terms)), ("k", _exact(k)), ("bias", bias is not None))
+            ("dilation", tuple(dilation)), ("terms", _exact(terms)), ("k", _exact(k)), ("bias", bias is not None),
+            ("layout", layout))
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether x is laid out channels_last rather than NCHW (a tensor that is both, with C == 1 or H == W
+    == 1, counts as NCHW)."""
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _attention_fields(q, k, v, omega, causal=False, kernel="softmax", key_padding_mask=None):
@@ -719,24 +727,35 @@ def clear_dispatch_cache(*, disk: bool = True) -> List[Path]:
 
 
 def _exact_signature(op: str, args: tuple, kwargs: dict):
-    """What decides one call's choice: shapes, which inputs need gradients, dtype and device (of the first
-    tensor: backends refuse mixed ones), autocast, float32 math, and whether the call is being captured into
-    a CUDA graph (:meth:`Entry.pick`). A hit is still checked by the backend (:func:`remembered`), so this
-    only has to tell preferences apart; it is on the path of every call that a measurement decided, hence
-    cheap reads only.
+    """What decides one call's choice and every backend's acceptance of it: each tensor's shape, dtype,
+    device and whether it needs gradients, the first tensor's strides (its layout), the other arguments
+    (keyword ones with their names), grad mode, autocast, float32 math, and whether the call is being
+    captured into a CUDA graph (:meth:`Entry.pick`). A hit runs the remembered backend without asking it
+    again (:meth:`~panther.backends.base.Backend.reasons_cannot_run` answers from these alone); this is on
+    the path of every call that a measurement decided, hence cheap reads only.
     """
     first = None
     sig = [op, torch.is_grad_enabled()]
-    for a in (*args, *kwargs.values()) if kwargs else args:
+    for a in args:
         if isinstance(a, torch.Tensor):
-            sig.append((a.shape, a.requires_grad))
+            sig.append((a.shape, a.dtype, a.device, a.requires_grad))
             if first is None:
                 first = a
+                sig.append(a.stride())
+        else:
+            sig.append(a)
+    for name, a in kwargs.items():
+        sig.append(name)
+        if isinstance(a, torch.Tensor):
+            sig.append((a.shape, a.dtype, a.device, a.requires_grad))
+            if first is None:
+                first = a
+                sig.append(a.stride())
         else:
             sig.append(a)
     if first is not None:
         device, dtype = first.device, first.dtype
-        sig += (dtype, device, measurer.is_capturing(device))
+        sig.append(measurer.is_capturing(device))
         if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(device.type):
             sig.append(torch.get_autocast_dtype(device.type))
         if dtype == torch.float32:
@@ -752,7 +771,8 @@ def wanted(op: str, args: tuple, kwargs: dict) -> bool:
 
 
 def remembered(op: str, args: tuple, kwargs: dict) -> Optional[Backend]:
-    """The backend chosen before for a call of exactly this signature, if it still accepts the inputs."""
+    """The backend chosen before for a call of exactly this signature (:func:`_exact_signature`), with the
+    same backends discovered; it accepted a call of this signature, so it is not asked again."""
     if torch.compiler.is_compiling():
         return None
     try:
@@ -762,10 +782,7 @@ def remembered(op: str, args: tuple, kwargs: dict) -> Optional[Backend]:
     if hit is None or hit[0] is not _registry_now():
         return None
     info = hit[0].get(hit[1])
-    be = info.backend if info is not None else None
-    if be is None or be.reasons_cannot_run(op, *args, **kwargs):
-        return None
-    return be
+    return info.backend if info is not None else None
 
 
 def _fixed(accepted: Sequence[Tuple[Backend, int]]) -> Backend:

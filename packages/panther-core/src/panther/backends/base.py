@@ -39,7 +39,12 @@ class Backend:
         return callable(getattr(self, op, None))
 
     def reasons_cannot_run(self, op: str, *args, **kwargs) -> List[str]:
-        """Reasons this backend cannot run ``op`` on these inputs (empty list: it can)."""
+        """Reasons this backend cannot run ``op`` on these inputs (empty list: it can).
+
+        The answer must follow from each tensor's shape, dtype, device and ``requires_grad`` and from the
+        other arguments (and from the machine): ``auto`` dispatch remembers a backend it chose for calls
+        of that exact signature and does not ask again.
+        """
         if not self.implements(op):
             return [f"{self.name} does not implement {op}"]
         return []
