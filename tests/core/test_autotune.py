@@ -352,12 +352,14 @@ class SimDevice:
     not before it was queued; events stamp the moment the device reaches them. ``_sleep`` runs at
     ``actual_hz`` while the device reports ``clock_rate`` kHz. A capture runs the call without its cost
     (synchronising raises, as in a real capture) and returns a replay that costs ``replays[call]``
-    ((host ms, device ms)), else what the call costs."""
+    ((host ms, device ms)), else what the call costs. ``pools`` lists the pools handed out, ``used`` the
+    pool of each capture attempted."""
 
     def __init__(self, monkeypatch, clock_khz=1_000_000, actual_hz=1e9):
         self.host = self.free = 0.0
         self.clock_khz, self.actual_hz, self.sleeps = clock_khz, actual_hz, []
         self.capturing, self.captured, self.attempted, self.replays, self.mark = False, [], [], {}, 0
+        self.pools, self.used = [], []
         sim = self
 
         class Event:
@@ -376,7 +378,8 @@ class SimDevice:
         monkeypatch.setattr(torch.cuda, "Event", Event)
         monkeypatch.setattr(torch.cuda, "synchronize", self.synchronize)
         monkeypatch.setattr(autotune.Measurer, "_capture", staticmethod(self.capture))
-        monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+        monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: self.pools.append(f"pool{len(self.pools)}")
+                            or self.pools[-1])
         monkeypatch.setattr(torch.cuda, "_sleep", self.sleep)
         monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -389,8 +392,8 @@ class SimDevice:
         self.host = max(self.host, self.free)
 
     def capture(self, run, device, pool):
-        assert pool == "pool"  # one pool, shared by the candidates' graphs
         self.attempted.append(run)
+        self.used.append(pool)
         saved, self.capturing = (self.host, self.free), True
         try:
             run()
@@ -480,6 +483,22 @@ def test_a_candidate_that_synchronises_gets_no_device_time(monkeypatch):
     assert got["launchy"].gpu_ms == pytest.approx(0.1) and got["kernely"].gpu_ms == pytest.approx(1.0)
 
 
+def test_a_failed_capture_leaves_its_pool_and_the_others_are_captured(monkeypatch):
+    sim = SimDevice(monkeypatch)
+
+    def breaks():  # queues ahead of the device, but does what a capture forbids
+        sim.call(0.05, 0.2)
+        if sim.capturing:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    runs = {"a": lambda: sim.call(0.05, 0.3), "breaks": breaks, "b": lambda: sim.call(0.05, 0.4),
+            "c": lambda: sim.call(0.05, 0.5)}
+    got = autotune.Measurer().time(runs, torch.device("cpu"))
+    assert got["breaks"].gpu_ms is None and got["breaks"].eager_ms == pytest.approx(0.25)
+    assert [got[n].gpu_ms for n in "abc"] == pytest.approx([0.3, 0.4, 0.5])
+    assert sim.used == ["pool0", "pool0", "pool1", "pool1"]  # shared, but not the pool of a failed capture
+
+
 def test_device_time_is_the_graph_replay_after_an_l2_flush(monkeypatch):
     sim = SimDevice(monkeypatch)
     runs = {"launchy": lambda: sim.call(2.0, 0.5), "kernely": lambda: sim.call(0.05, 0.4)}
@@ -495,7 +514,7 @@ def test_device_time_is_the_graph_replay_after_an_l2_flush(monkeypatch):
     monkeypatch.setattr(autotune.Measurer, "_flush_buffer", lambda self, device: Flush())
     m = autotune.Measurer()
     got = m.time(runs, torch.device("cpu"))
-    assert sim.captured == [runs["launchy"], runs["kernely"]]
+    assert sim.captured == [runs["launchy"], runs["kernely"]] and sim.used == ["pool0", "pool0"]  # one pool
     assert got["launchy"].eager_ms == pytest.approx(2.5) and got["kernely"].eager_ms == pytest.approx(0.45)
     assert got["launchy"].gpu_ms == pytest.approx(0.3) and got["kernely"].gpu_ms == pytest.approx(0.4)
     rounds = int(m.budget_s / 2.5e-3)  # as many as the slower eager call gets timed calls

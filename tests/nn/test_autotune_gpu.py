@@ -115,7 +115,9 @@ def test_auto_measures_and_avoids_the_slow_backend_the_fixed_bids_pick(with_slee
     assert "sleepy" in entry.times_ms and len(entry.times_ms) >= 2, entry
     assert entry.fixed == "sleepy" and chosen.name == entry.winner != "sleepy"
     assert entry.times_ms[entry.winner] == min(entry.times_ms.values())
-    assert entry.times_ms["sleepy"] > entry.times_ms[entry.winner] + 0.3  # the spin shows in CUDA events
+    # the spin shows in CUDA events (the winner's host-bound calls may take most of it: it overlaps them)
+    spin_ms = SPIN_CYCLES / torch.cuda.get_device_properties(0).clock_rate  # cycles / kHz
+    assert entry.times_ms["sleepy"] > 0.9 * spin_ms
     assert ("grad=x,S1s,S2s,bias" in next(iter(autotune._table))[1]) == grad
 
 
@@ -215,6 +217,26 @@ def test_a_capture_that_fails_leaves_no_device_time_and_a_usable_process():
         y = x @ x
     graph.replay()
     torch.testing.assert_close(y, x @ x)
+
+
+def test_a_failed_capture_gives_back_what_it_allocated():
+    """torch's capture_end raises before it stops routing allocations to the capture's pool, which would
+    keep that pool, and what the capture allocated there, for the rest of the process."""
+    device = torch.device("cuda")
+
+    def allocates_then_queries():
+        y = torch.empty(64 << 20, dtype=torch.uint8, device=device).fill_(1)
+        del y  # back to the pool before the capture fails (a live traceback would keep it)
+        torch.cuda.current_stream().query()
+
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved()
+    with pytest.raises(Exception):
+        autotune.Measurer._capture(allocates_then_queries, device, torch.cuda.graph_pool_handle())
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_reserved() - before < 64 << 20
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["forward", "forward+backward"])

@@ -248,9 +248,11 @@ class Measurer:
             for n in ok:
                 if not self._device_times({n: runs[n]}, host_s, 1, {}):
                     continue  # never queued ahead: it synchronises (a failed capture leaves state behind)
-                with contextlib.suppress(Exception):  # else not capturable: no device time (failures stay eager's)
-                    pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+                pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+                try:
                     replays[n] = self._capture(runs[n], device, pool)
+                except Exception:  # noqa: BLE001 - not capturable: no device time (failures stay eager's)
+                    pool = None  # the next capture gets a pool of its own (this one may hold the failed capture's)
             flush = self._flush_buffer(device) if replays else None
             device_ms = self._device_times(replays, host_s, rounds, {}, flush)
             del replays, flush, pool
@@ -278,7 +280,11 @@ class Measurer:
             try:
                 run()
             finally:
-                graph.capture_end()
+                try:
+                    graph.capture_end()
+                except Exception:
+                    _stop_recording(device, pool)
+                    raise
         torch.cuda.current_stream(device).wait_stream(side)
         return graph.replay
 
@@ -366,6 +372,16 @@ class Measurer:
             piece = min(seconds, self.spin_piece_s)
             torch.cuda._sleep(max(1, int(piece * hz)))
             seconds -= piece
+
+
+def _stop_recording(device: torch.device, pool) -> None:
+    """Undo what a failed capture leaves in the caching allocator: torch's ``capture_end`` raises before it
+    stops routing the capture's allocations to ``pool``, after which no capture could use that pool again;
+    stopping and releasing it, as ``torch.cuda.use_mem_pool`` does on exit, frees what the failed capture
+    allocated there (the pool lives on while a captured graph holds it)."""
+    for name in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
+        with contextlib.suppress(Exception):  # absent or already stopped: the caller moves to a new pool anyway
+            getattr(torch._C, name)(device.index if device.index is not None else torch.cuda.current_device(), pool)
 
 
 measurer = Measurer()
