@@ -86,6 +86,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 
 import torch
 
+from panther import _environ
 from panther.backends.base import Backend
 
 ENV_VAR = "PANTHER_AUTOTUNE"
@@ -153,7 +154,7 @@ def autotune_enabled() -> bool:
         return flag
     if _default is not None:
         return _default
-    env = os.environ.get(ENV_VAR)
+    env = _environ.get(ENV_VAR)
     if not env:
         return True
     value = _ENV_VALUES.get(env)
@@ -752,23 +753,24 @@ def _exact_signature(op: str, args: tuple, kwargs: dict):
     """
     first = None
     sig = [op, torch.is_grad_enabled()]
+    add, extend, tensor = sig.append, sig.extend, torch.Tensor
     for a in args:
-        if isinstance(a, torch.Tensor):
-            sig.append((a.shape, a.dtype, a.device, a.requires_grad))
+        if isinstance(a, tensor):
+            extend((a.shape, a.dtype, a.device, a.requires_grad))
             if first is None:
                 first = a
-                sig.append(a.stride())
+                add(a.stride())
         else:
-            sig.append(a)
+            add(a)
     for name, a in kwargs.items():
-        sig.append(name)
-        if isinstance(a, torch.Tensor):
-            sig.append((a.shape, a.dtype, a.device, a.requires_grad))
+        add(name)
+        if isinstance(a, tensor):
+            extend((a.shape, a.dtype, a.device, a.requires_grad))
             if first is None:
                 first = a
-                sig.append(a.stride())
+                add(a.stride())
         else:
-            sig.append(a)
+            add(a)
     if first is not None:
         device, dtype = first.device, first.dtype
         sig.append(measurer.is_capturing(device))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import os
 import threading
 import traceback
 from importlib import metadata
@@ -24,6 +23,7 @@ from typing import Dict, Iterator, List, Optional
 
 import torch
 
+from panther import _environ
 from panther.backends import autotune
 from panther.backends.base import Backend
 
@@ -234,7 +234,7 @@ def _selection():
         return name, "selected by panther.use_backend"
     if _default is not None:
         return _default, "selected by panther.set_backend"
-    env = os.environ.get(ENV_VAR)
+    env = _environ.get(ENV_VAR)
     if env:
         return env, f"from the environment variable {ENV_VAR}"
     return AUTO, "auto"
