@@ -475,9 +475,9 @@ def test_fake_kernels_give_shapes_and_layouts(channels_last):
 _KERNEL_TYPES = {"int": np.int32, "long long": np.int64, "float": np.float32}
 
 
-def _declared_parameters(kernel: str):
-    """Parameter types of a __global__ function of sketched_conv2d.cu: 'ptr' or the scalar's NumPy type."""
-    source = (Path(forward.__file__).parent / "sketched_conv2d.cu").read_text()
+def _declared_parameters(kernel: str, source: str = "sketched_conv2d.cu"):
+    """Parameter types of a __global__ function of ``source``: 'ptr' or the scalar's NumPy type."""
+    source = (Path(forward.__file__).parent / source).read_text()
     params = re.search(rf"\n{kernel}\((.*?)\)\s*{{", source, re.S).group(1)
     out = []
     for p in params.split(","):
@@ -497,16 +497,16 @@ class _Recorder:
         self.calls.append((kernel.name, tuple(grid), tuple(block), args, shared_mem))
 
 
-def _check_arguments(call, kernel):
+def _check_arguments(call, kernel, source="sketched_conv2d.cu", threads=forward.THREADS):
     name, grid, block, args, shared = call
-    declared = _declared_parameters(kernel)
+    declared = _declared_parameters(kernel, source)
     assert len(args) == len(declared), (name, len(args), len(declared))
     for i, (a, want) in enumerate(zip(args, declared)):
         if want == "ptr":
             assert a is None or isinstance(a, torch.Tensor), (name, i, a)
         else:
             assert type(a) is want, (name, i, type(a), want)
-    assert block == (forward.THREADS,) and shared > 0
+    assert block == (threads,) and shared > 0
 
 
 @pytest.mark.parametrize("variant", [None, "generic"])
@@ -525,8 +525,17 @@ def test_launchers_pass_the_declared_arguments(channels_last, variant):
         (y,) = forward.forward_outputs(x, S1s, U1s, b, 2, 1, 0, 1, 1, 2, True)
         forward.sketched_conv2d_forward(y, x, S1s, U1s, b, *conv, True)
         grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, S1s, U1s, b)]
-        backward.sketched_conv2d_backward(grads, torch.randn(y.shape), x, S1s, U1s, *conv, (True,) * 4, True)
-    (fwd_call, dz_call, z_call) = rec.calls
+        g = torch.randn(y.shape)
+        backward.sketched_conv2d_backward(grads, g, x, S1s, U1s, *conv, (True,) * 4, True)
+        backward.bias_grad(g.contiguous(memory_format=torch.channels_last))
+    (fwd_call, dz_call, z_call, planes_call, rows_call) = rec.calls
+    N, O, Ho, Wo = g.shape
+    assert planes_call[0] == "panther::bias_planes<float>" and planes_call[1] == (-(-N * O // 8),)
+    assert [int(a) for a in planes_call[3][2:]] == [N * O, Ho * Wo]
+    assert rows_call[0] == "panther::bias_rows<float>" and rows_call[1] == (-(-O // 32), 1)
+    assert [int(a) for a in rows_call[3][2:]] == [N * Ho * Wo, O, backward.BIAS_ROWS_PER_BLOCK]
+    for call, name in ((planes_call, "bias_planes"), (rows_call, "bias_rows")):
+        _check_arguments(call, name, "bias_grad.cu", backward.BIAS_THREADS)
     M = y.shape[0] * y.shape[2] * y.shape[3]
     Ho, Wo = y.shape[2:]
     assert fwd_call[0] == "panther::sketched_conv2d_fwd<float, 128, false>" and fwd_call[1] == (-(-M // 64),)
@@ -586,11 +595,12 @@ def test_halo_launch_arguments(channels_last):
             grads = [torch.empty_like(t) for t in (x, S1s, U1s, b)]
             backward.sketched_conv2d_backward(grads, torch.randn(y.shape, dtype=y.dtype), x, S1s, U1s, *conv,
                                               (True,) * 4, True)
-        fwd_call, dz_call, z_call = rec.calls
+        fwd_call, dz_call, z_call, bias_call = rec.calls
+        assert bias_call[0] == "panther::bias_planes<__nv_bfloat16>"  # g as torch.randn made it: NCHW
         if bm is None:
-            assert [c[0] for c in rec.calls] == ["panther::sketched_conv2d_fwd<__nv_bfloat16, 32, false>",
-                                                 "panther::conv_rank<__nv_bfloat16, 32, false>",
-                                                 "panther::conv_rank<__nv_bfloat16, 32, false>"]
+            assert [c[0] for c in rec.calls[:3]] == ["panther::sketched_conv2d_fwd<__nv_bfloat16, 32, false>",
+                                                     "panther::conv_rank<__nv_bfloat16, 32, false>",
+                                                     "panther::conv_rank<__nv_bfloat16, 32, false>"]
             continue
         # the default (None) is async64 at R = 30; x (2, 40, 9, 11): NCHW rows of 11 take no copies,
         # channels_last 8 channels
@@ -655,7 +665,8 @@ def test_backward_reads_nchw_rows_of_g_in_8_byte_loads(channels_last):
         grads = [torch.empty_like(t) for t in (x, S1s, U1s, b)]
         g = torch.randn(y.shape, dtype=y.dtype).contiguous(memory_format=forward.memory_format(x))
         backward.sketched_conv2d_backward(grads, g, x, S1s, U1s, *conv, (True,) * 4, True)
-    fwd_call, dz_call, z_call = rec.calls
+    fwd_call, dz_call, z_call, bias_call = rec.calls
+    assert bias_call[0] == f"panther::bias_{'rows' if channels_last else 'planes'}<__nv_bfloat16>"
     assert fwd_call[0] == "panther::sketched_conv2d_fwd_halo<__nv_bfloat16, 32, false, 64, 0>"
     assert not int(fwd_call[3][-1]) & forward.HALO_VECTOR
     vector = not channels_last
@@ -666,9 +677,10 @@ def test_backward_reads_nchw_rows_of_g_in_8_byte_loads(channels_last):
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "expanded", "sliced"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_bias_grad_sums_over_batch_and_pixels(layout, dtype):
-    """backward.bias_grad in every layout of g against float64: NCHW takes its two-step reduction, the
-    others torch's; accumulated in float32."""
+def test_bias_grad_sums_over_batch_and_pixels(layout, dtype, emulated_kernels):
+    """backward.bias_grad in every layout of g against float64, around its kernels emulated (NCHW: plane
+    sums, channels_last: sums of blocks of rows; the kernels themselves: test_bias_kernels_under_emulation),
+    the others by torch's reduction; accumulated in float32."""
     torch.manual_seed(0)
     g = torch.randn(3, 7, 5, 9, dtype=torch.float64)
     if layout == "channels_last":
@@ -683,6 +695,19 @@ def test_bias_grad_sums_over_batch_and_pixels(layout, dtype):
     want = g.to(dtype).double().sum((0, 2, 3))
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
     assert backward.bias_grad(g[:, :0].to(dtype)).shape == (0,)  # no channels
+
+
+def test_bias_grad_in_blocks_of_rows(emulated_kernels):
+    """channels_last g over several blocks of rows, and past the grid's y limit (more rows a block)."""
+    g = torch.randn(3, 7, 5, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    want = g.sum((0, 2, 3))
+    for per_block, limit, plan in ((16, 65535, (16, 9)), (16, 4, (34, 4))):
+        with mock.patch.object(backward, "BIAS_ROWS_PER_BLOCK", per_block), \
+                mock.patch.object(backward, "MAX_GRID_Y", limit):
+            assert backward.bias_rows_plan(135, backward.BIAS_ROWS_PER_BLOCK) == plan
+            torch.testing.assert_close(backward.bias_grad(g), want, rtol=1e-12, atol=1e-12)
+    assert backward.bias_rows_plan(32 * 56 * 56) == (512, 196)  # the spec's conv
+    assert backward.bias_rows_plan(65535 * 512 + 1)[1] <= 65535
 
 
 def test_halo_plans_of_the_benchmark_cases():
@@ -737,6 +762,18 @@ def test_variant_names_a_family_or_is_refused(variant):
 def _emulate(kernel, grid, block, *a, shared_mem=0):
     """What each kernel computes, from its arguments alone (pointers as the tensors passed, read by the
     strides passed): the host side's wiring runs on the CPU against the reference."""
+    if "bias_planes" in kernel.name:
+        g, partial, planes, plane = a
+        assert grid == (-(-int(planes) // backward.BIAS_WARPS),) and block == (backward.BIAS_THREADS,)
+        partial.view(-1).copy_(g.reshape(int(planes), int(plane)).sum(1, dtype=partial.dtype))
+        return
+    if "bias_rows" in kernel.name:
+        g, partial, rows, O, per = a
+        assert grid == (-(-int(O) // 32), -(-int(rows) // int(per))) and block == (backward.BIAS_THREADS,)
+        gr = g.permute(0, 2, 3, 1).reshape(int(rows), int(O))  # channels_last: a view
+        for c in range(grid[1]):
+            partial[c] = gr[c * int(per):(c + 1) * int(per)].sum(0, dtype=partial.dtype)
+        return
     C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw = (int(v) for v in a[3 + 2 * ("fwd" in kernel.name):][:13])
     if "sketched_conv2d_fwd" in kernel.name:
         x, S, U, b, y = a[:5]
@@ -945,6 +982,36 @@ def _run_harness(conv_emulator, case, vector=False, copy=0, taps=False):
     assert set(errs) == ({"z"} if vector or R > rp else {"y", "z"})
     bad = {k: v for k, v in errs.items() if not v <= EMU_TOL[mode]}
     assert not bad, f"errors above {EMU_TOL[mode]:g}: {bad} (all: {errs}; plan {plan})"
+
+
+@pytest.fixture(scope="module")
+def bias_emulator(tmp_path_factory):
+    """bias_grad.cu compiled for the host (skips as conv_emulator does)."""
+    return build_harness(tmp_path_factory.mktemp("bias_grad_emulation"), EMU_DIR / "bias_grad.cpp", OP_DIR)
+
+
+# (mode, layout, N, O, H, W, rows per block of bias_rows)
+BIAS_EMU_CASES = [
+    ("float32", "nchw", 2, 5, 7, 9, None),  # planes of 63 values: the tail loop alone; 10 planes, 2 blocks
+    ("bfloat16", "nchw", 3, 3, 17, 19, None),  # planes of 323: one unrolled pass of 256, then the tail
+    ("float16", "nchw", 1, 17, 32, 32, None),  # 1024 values: unrolled passes only; 17 planes, 3 blocks
+    ("float32", "channels_last", 2, 40, 7, 9, 16),  # O = 40: a second column block, 8 lanes of it idle
+    ("bfloat16", "channels_last", 3, 70, 5, 11, 72),  # 165 rows: blocks of 72, the last one short
+    ("float16", "channels_last", 1, 32, 40, 30, None),  # 1200 rows: the host's plan (512 a block)
+]
+
+
+@pytest.mark.parametrize("case", BIAS_EMU_CASES, ids=lambda c: "-".join(map(str, c[:6])))
+def test_bias_kernels_under_emulation(bias_emulator, case):
+    """bias_planes (NCHW g) and bias_rows (channels_last g) with the plan the host code picks, their partials
+    summed as backward.bias_grad sums them, against float64."""
+    mode, layout, N, O, H, W, per = case
+    per_block, chunks = backward.bias_rows_plan(N * H * W, *([per] if per else []))
+    args = [mode, layout, N, O, H, W, per_block, chunks]
+    r = subprocess.run([str(bias_emulator), *map(str, args)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    name, err = r.stdout.split()
+    assert name == "db" and float(err) <= (1e-6 if mode == "float32" else 1e-5), r.stdout
 
 
 @pytest.mark.parametrize("case", EMU_CASES, ids=_emu_id)

@@ -6,7 +6,8 @@ With R = 2·L·k, S = S1s as (R, C, kh, kw), U = U1s as (R, O) and g = dL/dy (N,
                                           with DX = "kernels", dx by the conv_rank kernel where it is a plain
                                           convolution of dZ (stride 1): by S flipped and transposed
     dU = Zᵀ g / (2L)                      Z = conv(x, S) recomputed by the conv_rank kernel, then one matmul
-    db = Σ_{n, h, w} g                    torch reductions over g's contiguous dims (bias_grad)
+    db = Σ_{n, h, w} g                    bias_planes / bias_rows kernels (bias_grad.cu): partial sums in
+                                          float32, then summed over the partials
 Z is recomputed only when U1s needs a gradient (the forward never writes it).
 """
 
@@ -17,7 +18,9 @@ import contextlib
 import torch
 from torch import Tensor
 
-from panther_cuda.ops.sketched_conv2d.forward import conv_rank, exact_float32, memory_format
+from panther.backends.toolkit import cdiv, device_guard
+from panther_cuda._nvrtc import Kernel, i32, i64
+from panther_cuda.ops.sketched_conv2d.forward import _CTYPES, conv_rank, exact_float32, memory_format
 
 # "cudnn": dx from aten.convolution_backward with dS; "kernels": dx by conv_rank where dx_by_kernel takes it
 # (forced for timing until a GPU run says which is faster)
@@ -91,12 +94,53 @@ def sketched_conv2d_backward(grads, g: Tensor, x: Tensor, S1s: Tensor, U1s: Tens
         dbias.copy_(bias_grad(g))
 
 
+BIAS_SOURCE = "ops/sketched_conv2d/bias_grad.cu"
+BIAS_THREADS = 256  # bias_grad.cu: bias::THREADS
+BIAS_WARPS = BIAS_THREADS // 32
+BIAS_ROWS_PER_BLOCK = 512  # rows of a channels_last g one block of bias_rows sums (64 per warp), at least
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's y dimension (bias_rows' blocks of rows)
+_bias_kernels = {}
+
+
+def _bias_kernel(name: str, dtype: torch.dtype) -> Kernel:
+    key = (name, _CTYPES[dtype])
+    kernel = _bias_kernels.get(key)
+    if kernel is None:
+        kernel = _bias_kernels[key] = Kernel(BIAS_SOURCE, f"panther::{name}<{key[1]}>")
+    return kernel
+
+
+def bias_rows_plan(rows: int, per_block: int = BIAS_ROWS_PER_BLOCK) -> tuple:
+    """(rows per block, blocks) of bias_rows over ``rows`` rows: ``per_block`` rows a block, more where the
+    grid's y dimension would pass CUDA's limit."""
+    per_block = max(per_block, cdiv(rows, MAX_GRID_Y))
+    return per_block, cdiv(rows, per_block)
+
+
 def bias_grad(g: Tensor) -> Tensor:
-    """Σ_{n, h, w} g in float32 (float64 for float64 g). An NCHW g is summed over each (n, o) plane (H·W
-    contiguous values), then over n: about twice as fast as torch's one reduction over (0, 2, 3), which
-    takes the other layouts (benchmarks/results/NOTES.md)."""
+    """Σ_{n, h, w} g in float32 (float64 for float64 g, the CPU emulation's), deterministic. An NCHW g is
+    summed per (n, o) plane by ``bias_planes``, a channels_last g per block of rows by ``bias_rows``; the
+    partial sums are then summed over their first axis. Other layouts (expanded, sliced) take torch's
+    reduction over (0, 2, 3). The kernels read g once, against torch's 0.046 ms (NCHW) and 0.104 ms
+    (channels_last) at the spec's conv on the H100 (benchmarks/results/NOTES.md)."""
     N, O, H, W = g.shape
     acc = torch.promote_types(g.dtype, torch.float32)
-    if g.is_contiguous():
-        return g.view(N, O, H * W).sum(-1, dtype=acc).sum(0)
-    return g.sum((0, 2, 3), dtype=acc)
+    channels_last = not g.is_contiguous() and g.is_contiguous(memory_format=torch.channels_last)
+    if g.numel() == 0 or not (g.is_contiguous() or channels_last):
+        return g.sum((0, 2, 3), dtype=acc)
+    with device_guard(g):
+        if not channels_last:  # N·O planes of H·W values
+            partial = torch.empty((N, O), dtype=acc, device=g.device)
+            _bias_kernel("bias_planes", g.dtype)(
+                (cdiv(N * O, BIAS_WARPS),), (BIAS_THREADS,), g, partial, i64(N * O), i32(H * W),
+                shared_mem=4 * BIAS_THREADS,
+            )
+        else:  # N·H·W rows of O values
+            rows = N * H * W
+            per_block, chunks = bias_rows_plan(rows)
+            partial = torch.empty((chunks, O), dtype=acc, device=g.device)
+            _bias_kernel("bias_rows", g.dtype)(
+                (cdiv(O, 32), chunks), (BIAS_THREADS,), g, partial, i64(rows), i32(O), i64(per_block),
+                shared_mem=4 * BIAS_THREADS,
+            )
+    return partial.sum(0)
