@@ -3,10 +3,10 @@
     python benchmarks/diagnostics/conv_backward_parts.py
 
 ``bias``: the bias gradient Σ_{n,h,w} g of the two conv cases' g (bf16), NCHW and channels_last, by
-torch's reduction over (0, 2, 3), by ``backward.bias_grad`` (the ``bias_planes`` / ``bias_rows`` kernels
-with torch's sum of their partials; ``kernels``) and by the alternatives (NCHW: each (n, o) plane, then the
-batch; a batched product with ones; channels_last: rows of channels, and a product with a row of ones),
-each with its error against float64 and the HBM floor of reading g once.
+torch's reduction over (0, 2, 3), by the ``bias_planes`` / ``bias_rows`` kernels with torch's sum of
+their partials (``backward.bias_grad(g, kernels=True)``; ``kernels``) and by the alternatives (NCHW: each
+(n, o) plane, then the batch; a batched product with ones; channels_last: rows of channels, and a
+product with a row of ones), each with its error against float64 and the HBM floor of reading g once.
 ``cudnn``: aten.convolution_backward for dx and dS given dZ, with dZ and x NCHW (as the op runs it),
 both channels_last (x converted inside the timing, dx copied back to NCHW), or only dZ channels_last.
 Each piece is captured in a CUDA graph and its replays timed by the harness's clock (L2 flushed).
@@ -44,7 +44,7 @@ def bias(clock: Clock) -> None:
             ref = g.double().sum((0, 2, 3))
             M = N * H * W
             variants = {"sum023": lambda: db.copy_(g.sum((0, 2, 3), dtype=torch.float32)),
-                        "kernels": lambda: db.copy_(bias_grad(g))}
+                        "kernels": lambda: db.copy_(bias_grad(g, kernels=True))}
             if layout == "nchw":
                 ones = torch.ones(H * W, 1, device=DEV, dtype=g.dtype)
                 variants["planes_then_batch"] = lambda: db.copy_(g.view(N, O, -1).sum(-1, dtype=torch.float32).sum(0))

@@ -246,6 +246,34 @@ def test_channels_last_in_and_out(name, dtype, ieee_float32):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bias_kernels_match_float64(layout, dtype):
+    """bias_grad.cu on the GPU (backward.bias_grad(g, kernels=True)): planes and rows of ragged sizes, columns
+    past a block of 32, several blocks of rows (the spec conv's g), against float64 of the same rounded g."""
+    gen = torch.Generator().manual_seed(5)
+    for shape in [(3, 7, 5, 9), (2, 70, 33, 17), (32, 128, 56, 56)]:
+        g = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).cuda()
+        if layout == "channels_last":
+            g = g.contiguous(memory_format=torch.channels_last)
+        got = backward.bias_grad(g, kernels=True)
+        want = g.double().sum((0, 2, 3))
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6 * g[0, 0].numel() * g.shape[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("name", ["3x3_R6", "mixed_pairs_R66_O70"])
+def test_op_with_bias_kernels(name, layout, ieee_float32, monkeypatch):
+    """The op's every gradient with backward.BIAS = "kernels", g in x's layout."""
+    monkeypatch.setattr(backward, "BIAS", "kernels")
+    inputs, conv = _case(name, torch.bfloat16)
+    x = inputs[0].contiguous(memory_format=torch.channels_last) if layout == "channels_last" else inputs[0]
+    run_and_compare((x, *inputs[1:]), conv, GRADS, TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("x_channels_last", [False, True], ids=["x_nchw", "x_channels_last"])
 def test_grad_in_the_other_memory_format(x_channels_last, ieee_float32):
     """The backward reads the incoming gradient by its strides, whatever x's layout."""
@@ -526,8 +554,9 @@ def test_launchers_pass_the_declared_arguments(channels_last, variant):
         forward.sketched_conv2d_forward(y, x, S1s, U1s, b, *conv, True)
         grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, S1s, U1s, b)]
         g = torch.randn(y.shape)
-        backward.sketched_conv2d_backward(grads, g, x, S1s, U1s, *conv, (True,) * 4, True)
-        backward.bias_grad(g.contiguous(memory_format=torch.channels_last))
+        with mock.patch.object(backward, "BIAS", "kernels"):
+            backward.sketched_conv2d_backward(grads, g, x, S1s, U1s, *conv, (True,) * 4, True)
+        backward.bias_grad(g.contiguous(memory_format=torch.channels_last), kernels=True)
     (fwd_call, dz_call, z_call, planes_call, rows_call) = rec.calls
     N, O, Ho, Wo = g.shape
     assert planes_call[0] == "panther::bias_planes<float>" and planes_call[1] == (-(-N * O // 8),)
@@ -595,12 +624,11 @@ def test_halo_launch_arguments(channels_last):
             grads = [torch.empty_like(t) for t in (x, S1s, U1s, b)]
             backward.sketched_conv2d_backward(grads, torch.randn(y.shape, dtype=y.dtype), x, S1s, U1s, *conv,
                                               (True,) * 4, True)
-        fwd_call, dz_call, z_call, bias_call = rec.calls
-        assert bias_call[0] == "panther::bias_planes<__nv_bfloat16>"  # g as torch.randn made it: NCHW
+        fwd_call, dz_call, z_call = rec.calls
         if bm is None:
-            assert [c[0] for c in rec.calls[:3]] == ["panther::sketched_conv2d_fwd<__nv_bfloat16, 32, false>",
-                                                     "panther::conv_rank<__nv_bfloat16, 32, false>",
-                                                     "panther::conv_rank<__nv_bfloat16, 32, false>"]
+            assert [c[0] for c in rec.calls] == ["panther::sketched_conv2d_fwd<__nv_bfloat16, 32, false>",
+                                                 "panther::conv_rank<__nv_bfloat16, 32, false>",
+                                                 "panther::conv_rank<__nv_bfloat16, 32, false>"]
             continue
         # the default (None) is async64 at R = 30; x (2, 40, 9, 11): NCHW rows of 11 take no copies,
         # channels_last 8 channels
@@ -665,8 +693,7 @@ def test_backward_reads_nchw_rows_of_g_in_8_byte_loads(channels_last):
         grads = [torch.empty_like(t) for t in (x, S1s, U1s, b)]
         g = torch.randn(y.shape, dtype=y.dtype).contiguous(memory_format=forward.memory_format(x))
         backward.sketched_conv2d_backward(grads, g, x, S1s, U1s, *conv, (True,) * 4, True)
-    fwd_call, dz_call, z_call, bias_call = rec.calls
-    assert bias_call[0] == f"panther::bias_{'rows' if channels_last else 'planes'}<__nv_bfloat16>"
+    fwd_call, dz_call, z_call = rec.calls
     assert fwd_call[0] == "panther::sketched_conv2d_fwd_halo<__nv_bfloat16, 32, false, 64, 0>"
     assert not int(fwd_call[3][-1]) & forward.HALO_VECTOR
     vector = not channels_last
@@ -675,12 +702,13 @@ def test_backward_reads_nchw_rows_of_g_in_8_byte_loads(channels_last):
     assert z_call[0] == "panther::conv_rank_halo<__nv_bfloat16, 32, false, 64, 0>"  # x padded by 1
 
 
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch", "kernels"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "expanded", "sliced"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_bias_grad_sums_over_batch_and_pixels(layout, dtype, emulated_kernels):
-    """backward.bias_grad in every layout of g against float64, around its kernels emulated (NCHW: plane
-    sums, channels_last: sums of blocks of rows; the kernels themselves: test_bias_kernels_under_emulation),
-    the others by torch's reduction; accumulated in float32."""
+def test_bias_grad_sums_over_batch_and_pixels(layout, dtype, kernels, emulated_kernels):
+    """backward.bias_grad in every layout of g against float64: by torch's reductions, or with ``kernels``
+    around its kernels emulated for NCHW (plane sums) and channels_last (sums of blocks of rows; the kernels
+    themselves: test_bias_kernels_under_emulation), torch's reduction for the others; in float32."""
     torch.manual_seed(0)
     g = torch.randn(3, 7, 5, 9, dtype=torch.float64)
     if layout == "channels_last":
@@ -689,12 +717,12 @@ def test_bias_grad_sums_over_batch_and_pixels(layout, dtype, emulated_kernels):
         g = torch.randn(1, 7, 1, 1, dtype=torch.float64).expand(3, 7, 5, 9)
     elif layout == "sliced":
         g = torch.randn(3, 9, 5, 9, dtype=torch.float64)[:, 1:8]
-    got = backward.bias_grad(g.to(dtype))
+    got = backward.bias_grad(g.to(dtype), kernels)
     assert got.dtype == torch.float32 and got.shape == (7,)
-    assert backward.bias_grad(g).dtype == torch.float64  # float64 (the emulated kernels' tests) stays so
+    assert backward.bias_grad(g, kernels).dtype == torch.float64  # float64 (the emulated kernels' tests) stays so
     want = g.to(dtype).double().sum((0, 2, 3))
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
-    assert backward.bias_grad(g[:, :0].to(dtype)).shape == (0,)  # no channels
+    assert backward.bias_grad(g[:, :0].to(dtype), kernels).shape == (0,)  # no channels
 
 
 def test_bias_grad_in_blocks_of_rows(emulated_kernels):
@@ -705,7 +733,7 @@ def test_bias_grad_in_blocks_of_rows(emulated_kernels):
         with mock.patch.object(backward, "BIAS_ROWS_PER_BLOCK", per_block), \
                 mock.patch.object(backward, "MAX_GRID_Y", limit):
             assert backward.bias_rows_plan(135, backward.BIAS_ROWS_PER_BLOCK) == plan
-            torch.testing.assert_close(backward.bias_grad(g), want, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(backward.bias_grad(g, kernels=True), want, rtol=1e-12, atol=1e-12)
     assert backward.bias_rows_plan(32 * 56 * 56) == (512, 196)  # the spec's conv
     assert backward.bias_rows_plan(65535 * 512 + 1)[1] <= 65535
 
@@ -840,6 +868,21 @@ def test_dx_by_kernels_around_emulated_kernels(name, layout, emulated_kernels, d
     plain = stride == (1, 1) and all(p <= d * (k - 1) for p, d, k in zip(padding, dilation, ks))
     assert plain == (name not in ("stride2_R6", "1x1_pad1_R8"))
     assert taken == [plain] * 2
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_op_around_emulated_kernels_with_bias_kernels(layout, emulated_kernels, monkeypatch):
+    """backward.BIAS = "kernels": the bias gradient by the (emulated) bias_planes / bias_rows launches."""
+    monkeypatch.setattr(backward, "BIAS", "kernels")
+    launched = []
+    real = backward._bias_kernel
+    monkeypatch.setattr(backward, "_bias_kernel", lambda *a: launched.append(a[0]) or real(*a))
+    inputs, conv = _case("stride2_R6", torch.float64, device="cpu")
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = inputs[0].contiguous(memory_format=fmt)
+    grad_out = torch.randn(cuda_sketched_conv2d(*inputs, *conv).shape, dtype=torch.float64).contiguous(memory_format=fmt)
+    run_and_compare((x, *inputs[1:]), conv, GRADS, EMULATED_TOL, grad_out=grad_out)
+    assert launched == ["bias_rows" if layout == "channels_last" else "bias_planes"]  # g in x's layout
 
 
 def test_op_around_emulated_kernels_expanded_grad_and_empty_batch(emulated_kernels):

@@ -752,18 +752,9 @@ def _exact_signature(op: str, args: tuple, kwargs: dict):
     the path of every call that a measurement decided, hence cheap reads only.
     """
     first = None
-    sig = [op, torch.is_grad_enabled()]
+    sig = [op, torch.is_grad_enabled(), tuple(kwargs) if kwargs else ()]  # keyword names, in their order
     add, extend, tensor = sig.append, sig.extend, torch.Tensor
-    for a in args:
-        if isinstance(a, tensor):
-            extend((a.shape, a.dtype, a.device, a.requires_grad))
-            if first is None:
-                first = a
-                add(a.stride())
-        else:
-            add(a)
-    for name, a in kwargs.items():
-        add(name)
+    for a in (*args, *kwargs.values()) if kwargs else args:
         if isinstance(a, tensor):
             extend((a.shape, a.dtype, a.device, a.requires_grad))
             if first is None:

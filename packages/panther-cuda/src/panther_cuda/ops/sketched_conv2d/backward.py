@@ -6,14 +6,15 @@ With R = 2·L·k, S = S1s as (R, C, kh, kw), U = U1s as (R, O) and g = dL/dy (N,
                                           with DX = "kernels", dx by the conv_rank kernel where it is a plain
                                           convolution of dZ (stride 1): by S flipped and transposed
     dU = Zᵀ g / (2L)                      Z = conv(x, S) recomputed by the conv_rank kernel, then one matmul
-    db = Σ_{n, h, w} g                    bias_planes / bias_rows kernels (bias_grad.cu): partial sums in
-                                          float32, then summed over the partials
+    db = Σ_{n, h, w} g                    torch's reductions, or with BIAS = "kernels" the bias_planes /
+                                          bias_rows kernels (bias_grad.cu): float32 partial sums, then their sum
 Z is recomputed only when U1s needs a gradient (the forward never writes it).
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -94,6 +95,9 @@ def sketched_conv2d_backward(grads, g: Tensor, x: Tensor, S1s: Tensor, U1s: Tens
         dbias.copy_(bias_grad(g))
 
 
+# "torch": torch's reductions; "kernels": bias_grad.cu's for NCHW and channels_last g. "torch" until a GPU run
+# has tested and timed the kernels (they are tested on the CPU under the CUDA emulation)
+BIAS = "torch"
 BIAS_SOURCE = "ops/sketched_conv2d/bias_grad.cu"
 BIAS_THREADS = 256  # bias_grad.cu: bias::THREADS
 BIAS_WARPS = BIAS_THREADS // 32
@@ -117,16 +121,21 @@ def bias_rows_plan(rows: int, per_block: int = BIAS_ROWS_PER_BLOCK) -> tuple:
     return per_block, cdiv(rows, per_block)
 
 
-def bias_grad(g: Tensor) -> Tensor:
-    """Σ_{n, h, w} g in float32 (float64 for float64 g, the CPU emulation's), deterministic. An NCHW g is
-    summed per (n, o) plane by ``bias_planes``, a channels_last g per block of rows by ``bias_rows``; the
-    partial sums are then summed over their first axis. Other layouts (expanded, sliced) take torch's
-    reduction over (0, 2, 3). The kernels read g once, against torch's 0.046 ms (NCHW) and 0.104 ms
-    (channels_last) at the spec's conv on the H100 (benchmarks/results/NOTES.md)."""
+def bias_grad(g: Tensor, kernels: Optional[bool] = None) -> Tensor:
+    """Σ_{n, h, w} g in float32 (float64 for float64 g, the CPU emulation's), deterministic.
+
+    With ``kernels`` (default: :data:`BIAS` is ``"kernels"``), an NCHW g is summed per (n, o) plane by
+    ``bias_planes`` and a channels_last g per block of rows by ``bias_rows``, and their float32 partial sums
+    over their first axis; each kernel reads g once. Otherwise, and for other layouts (expanded, sliced), torch:
+    an NCHW g summed per (n, o) plane (H·W contiguous values), then over n, about twice as fast as torch's one
+    reduction over (0, 2, 3), which takes the other layouts (benchmarks/results/NOTES.md)."""
     N, O, H, W = g.shape
     acc = torch.promote_types(g.dtype, torch.float32)
+    kernels = BIAS == "kernels" if kernels is None else kernels
     channels_last = not g.is_contiguous() and g.is_contiguous(memory_format=torch.channels_last)
-    if g.numel() == 0 or not (g.is_contiguous() or channels_last):
+    if not kernels or g.numel() == 0 or not (g.is_contiguous() or channels_last):
+        if g.is_contiguous():
+            return g.view(N, O, H * W).sum(-1, dtype=acc).sum(0)
         return g.sum((0, 2, 3), dtype=acc)
     with device_guard(g):
         if not channels_last:  # N·O planes of H·W values

@@ -16,6 +16,15 @@ constexpr int THREADS = 256;
 constexpr int WARPS = THREADS / 32;
 constexpr int UNROLL = 8;  // independent loads in flight per lane
 
+// Each thread's UNROLL sums added in a fixed order into sums[threadIdx.x], for the block to read.
+__device__ __forceinline__ void publish(const float (&acc)[UNROLL], float* sums) {
+    float s = 0.f;
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) s += acc[u];
+    sums[threadIdx.x] = s;
+    __syncthreads();
+}
+
 }  // namespace bias
 
 template <typename T>
@@ -25,9 +34,7 @@ bias_planes(const T* __restrict__ g, float* __restrict__ partial, long long plan
     float* sums = reinterpret_cast<float*>(smem);  // one per thread
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const long long p = (long long)blockIdx.x * bias::WARPS + w;
-    float acc[bias::UNROLL];
-#pragma unroll
-    for (int u = 0; u < bias::UNROLL; ++u) acc[u] = 0.f;
+    float acc[bias::UNROLL] = {};
     if (p < planes) {
         const T* row = g + p * plane;
         int i = lane;
@@ -37,11 +44,7 @@ bias_planes(const T* __restrict__ g, float* __restrict__ partial, long long plan
         }
         for (; i < plane; i += 32) acc[0] += to_float<T>(row[i]);
     }
-    float s = 0.f;
-#pragma unroll
-    for (int u = 0; u < bias::UNROLL; ++u) s += acc[u];
-    sums[threadIdx.x] = s;
-    __syncthreads();
+    bias::publish(acc, sums);
     if (lane == 0 && p < planes) {
         float total = 0.f;
         for (int l = 0; l < 32; ++l) total += sums[w * 32 + l];
@@ -58,9 +61,7 @@ bias_rows(const T* __restrict__ g, float* __restrict__ partial, long long rows, 
     const int o = blockIdx.x * 32 + lane;
     const long long r0 = (long long)blockIdx.y * per_block;
     const long long r1 = r0 + per_block < rows ? r0 + per_block : rows;
-    float acc[bias::UNROLL];
-#pragma unroll
-    for (int u = 0; u < bias::UNROLL; ++u) acc[u] = 0.f;
+    float acc[bias::UNROLL] = {};
     if (o < O) {
         long long r = r0 + w;
         for (; r + (long long)bias::WARPS * (bias::UNROLL - 1) < r1; r += (long long)bias::WARPS * bias::UNROLL) {
@@ -69,11 +70,7 @@ bias_rows(const T* __restrict__ g, float* __restrict__ partial, long long rows, 
         }
         for (; r < r1; r += bias::WARPS) acc[0] += to_float<T>(g[r * O + o]);
     }
-    float s = 0.f;
-#pragma unroll
-    for (int u = 0; u < bias::UNROLL; ++u) s += acc[u];
-    sums[threadIdx.x] = s;
-    __syncthreads();
+    bias::publish(acc, sums);
     if (w == 0 && o < O) {
         float total = 0.f;
         for (int v = 0; v < bias::WARPS; ++v) total += sums[v * 32 + lane];
