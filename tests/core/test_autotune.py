@@ -499,6 +499,23 @@ def test_a_failed_capture_leaves_its_pool_and_the_others_are_captured(monkeypatc
     assert sim.used == ["pool0", "pool0", "pool1", "pool1"]  # shared, but not the pool of a failed capture
 
 
+def test_a_failed_captures_pool_is_released_only_where_it_was_still_recording(monkeypatch):
+    """torch's capture_end stops recording to the pool, then may still fail (the graph then releases the pool
+    when destroyed): released again here, a pool shared with a live graph could be freed under it."""
+    calls = []
+
+    def end(index, pool):
+        calls.append(("end", index, pool))
+        if pool == "stopped":
+            raise RuntimeError("endAllocatePool: not currently recording to mempool_id")
+
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", end, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_releasePool", lambda i, p: calls.append(("release", i, p)), raising=False)
+    autotune._stop_recording(torch.device("cuda", 1), "recording")
+    autotune._stop_recording(torch.device("cuda", 1), "stopped")
+    assert calls == [("end", 1, "recording"), ("release", 1, "recording"), ("end", 1, "stopped")]
+
+
 def test_device_time_is_the_graph_replay_after_an_l2_flush(monkeypatch):
     sim = SimDevice(monkeypatch)
     runs = {"launchy": lambda: sim.call(2.0, 0.5), "kernely": lambda: sim.call(0.05, 0.4)}

@@ -24,3 +24,8 @@ def test_without_cpythons_mapping_it_asks_os_environ(monkeypatch):
     monkeypatch.setattr(_environ, "_data", None)
     monkeypatch.setenv("PANTHER_TEST_ENVIRON_GET", "on")
     assert _environ.get("PANTHER_TEST_ENVIRON_GET") == "on"
+
+
+def test_a_replaced_os_environ_is_read_as_it_is(monkeypatch):
+    monkeypatch.setattr(os, "environ", {"PANTHER_TEST_ENVIRON_GET": "replaced"})
+    assert _environ.get("PANTHER_TEST_ENVIRON_GET") == "replaced"

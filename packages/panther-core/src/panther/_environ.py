@@ -10,16 +10,17 @@ from __future__ import annotations
 import os
 from typing import Dict, Optional
 
-_data = getattr(os.environ, "_data", None)  # CPython's os.environ keeps its items here, keys encoded
-_encodekey = getattr(os.environ, "encodekey", None)
-_decodevalue = getattr(os.environ, "decodevalue", None)
+_environ = os.environ
+_data = getattr(_environ, "_data", None)  # CPython's os.environ keeps its items here, keys encoded
+_encodekey = getattr(_environ, "encodekey", None)
+_decodevalue = getattr(_environ, "decodevalue", None)
 _keys: Dict[str, object] = {}
 
 
 def get(name: str) -> Optional[str]:
     """``os.environ.get(name)``."""
-    if _data is None or _encodekey is None or _decodevalue is None:  # another os.environ: the plain way
-        return os.environ.get(name)
+    if os.environ is not _environ or _data is None or _encodekey is None or _decodevalue is None:
+        return os.environ.get(name)  # os.environ replaced (a test's mapping), or not CPython's: the plain way
     key = _keys.get(name)
     if key is None:
         key = _keys[name] = _encodekey(name)

@@ -376,13 +376,19 @@ class Measurer:
 
 
 def _stop_recording(device: torch.device, pool) -> None:
-    """Undo what a failed capture leaves in the caching allocator: torch's ``capture_end`` raises before it
-    stops routing the capture's allocations to ``pool``, after which no capture could use that pool again;
-    stopping and releasing it, as ``torch.cuda.use_mem_pool`` does on exit, frees what the failed capture
-    allocated there (the pool lives on while a captured graph holds it)."""
-    for name in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
-        with contextlib.suppress(Exception):  # absent or already stopped: the caller moves to a new pool anyway
-            getattr(torch._C, name)(device.index if device.index is not None else torch.cuda.current_device(), pool)
+    """Undo what a failed capture may leave in the caching allocator: where torch's ``capture_end`` raised
+    before it stopped routing the capture's allocations to ``pool`` (the capture was invalidated), no
+    capture could use that pool again and what the capture allocated there would stay; stopping and
+    releasing it, as ``torch.cuda.use_mem_pool`` does on exit, frees that (the pool lives on while a
+    captured graph holds it). Where the recording had stopped (the capture ended, then failed), the
+    graph releases the pool itself: nothing to do."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        torch._C._cuda_endAllocateToPool(index, pool)
+    except Exception:  # noqa: BLE001 - not recording (or no such call): the pool is not this function's
+        return
+    with contextlib.suppress(Exception):
+        torch._C._cuda_releasePool(index, pool)
 
 
 measurer = Measurer()
