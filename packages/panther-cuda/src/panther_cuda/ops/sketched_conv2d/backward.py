@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from panther.backends.toolkit import cdiv, device_guard
-from panther_cuda._nvrtc import Kernel, i32, i64
-from panther_cuda.ops.sketched_conv2d.forward import _CTYPES, conv_rank, exact_float32, memory_format
+from panther_cuda._nvrtc import i32, i64
+from panther_cuda.ops.sketched_conv2d.forward import _kernel, conv_rank, exact_float32, memory_format
 
 # "cudnn": dx from aten.convolution_backward with dS; "kernels": dx by conv_rank where dx_by_kernel takes it
 # (forced for timing until a GPU run says which is faster)
@@ -103,15 +103,6 @@ BIAS_THREADS = 256  # bias_grad.cu: bias::THREADS
 BIAS_WARPS = BIAS_THREADS // 32
 BIAS_ROWS_PER_BLOCK = 512  # rows of a channels_last g one block of bias_rows sums (64 per warp), at least
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's y dimension (bias_rows' blocks of rows)
-_bias_kernels = {}
-
-
-def _bias_kernel(name: str, dtype: torch.dtype) -> Kernel:
-    key = (name, _CTYPES[dtype])
-    kernel = _bias_kernels.get(key)
-    if kernel is None:
-        kernel = _bias_kernels[key] = Kernel(BIAS_SOURCE, f"panther::{name}<{key[1]}>")
-    return kernel
 
 
 def bias_rows_plan(rows: int, per_block: int = BIAS_ROWS_PER_BLOCK) -> tuple:
@@ -132,7 +123,7 @@ def bias_grad(g: Tensor, kernels: Optional[bool] = None) -> Tensor:
     N, O, H, W = g.shape
     acc = torch.promote_types(g.dtype, torch.float32)
     kernels = BIAS == "kernels" if kernels is None else kernels
-    channels_last = not g.is_contiguous() and g.is_contiguous(memory_format=torch.channels_last)
+    channels_last = memory_format(g) == torch.channels_last
     if not kernels or g.numel() == 0 or not (g.is_contiguous() or channels_last):
         if g.is_contiguous():
             return g.view(N, O, H * W).sum(-1, dtype=acc).sum(0)
@@ -140,7 +131,7 @@ def bias_grad(g: Tensor, kernels: Optional[bool] = None) -> Tensor:
     with device_guard(g):
         if not channels_last:  # N·O planes of H·W values
             partial = torch.empty((N, O), dtype=acc, device=g.device)
-            _bias_kernel("bias_planes", g.dtype)(
+            _kernel("bias_planes", g.dtype, source=BIAS_SOURCE)(
                 (cdiv(N * O, BIAS_WARPS),), (BIAS_THREADS,), g, partial, i64(N * O), i32(H * W),
                 shared_mem=4 * BIAS_THREADS,
             )
@@ -148,7 +139,7 @@ def bias_grad(g: Tensor, kernels: Optional[bool] = None) -> Tensor:
             rows = N * H * W
             per_block, chunks = bias_rows_plan(rows)
             partial = torch.empty((chunks, O), dtype=acc, device=g.device)
-            _bias_kernel("bias_rows", g.dtype)(
+            _kernel("bias_rows", g.dtype, source=BIAS_SOURCE)(
                 (cdiv(O, 32), chunks), (BIAS_THREADS,), g, partial, i64(rows), i32(O), i64(per_block),
                 shared_mem=4 * BIAS_THREADS,
             )

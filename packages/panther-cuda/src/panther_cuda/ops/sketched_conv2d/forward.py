@@ -59,17 +59,17 @@ MAX_SHARED = 99 * 1024  # dynamic shared memory a plan may take (the opt-in limi
 VARIANT: Optional[str] = None
 
 _CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
-_kernels: Dict[Tuple[str, str, int, bool], Kernel] = {}
+_kernels: Dict[tuple, Kernel] = {}
 
 
-def _kernel(name: str, dtype: torch.dtype, width: int, exact: bool, *more) -> Kernel:
-    """The instance name<T, width, exact, *more> (more: the halo kernels' BM and LOAD)."""
-    key = (name, _CTYPES[dtype], width, exact, *more)
+def _kernel(name: str, dtype: torch.dtype, *params, source: str = SOURCE) -> Kernel:
+    """The instance name<T, *params> of ``source`` (params: e.g. the width RP, exact, the halo kernels' BM
+    and LOAD; bools as true / false), compiled on first use."""
+    key = (source, name, _CTYPES[dtype], *params)
     kernel = _kernels.get(key)
     if kernel is None:
-        args = [key[1], str(width)] + ["true" if a is True else "false" if a is False else str(a) for a in (exact, *more)]
-        expression = f"panther::{name}<{', '.join(args)}>"
-        kernel = _kernels[key] = Kernel(SOURCE, expression)
+        args = [key[2]] + ["true" if a is True else "false" if a is False else str(a) for a in params]
+        kernel = _kernels[key] = Kernel(source, f"panther::{name}<{', '.join(args)}>")
     return kernel
 
 
