@@ -265,9 +265,10 @@ def test_bias_kernels_match_float64(layout, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("name", ["3x3_R6", "mixed_pairs_R66_O70"])
-def test_op_with_bias_kernels(name, layout, ieee_float32, monkeypatch):
-    """The op's every gradient with backward.BIAS = "kernels", g in x's layout."""
-    monkeypatch.setattr(backward, "BIAS", "kernels")
+def test_op_with_torch_bias_reductions(name, layout, ieee_float32, monkeypatch):
+    """The op's every gradient with backward.BIAS = "torch" (the default, "kernels", runs in every other GPU
+    test), g in x's layout."""
+    monkeypatch.setattr(backward, "BIAS", "torch")
     inputs, conv = _case(name, torch.bfloat16)
     x = inputs[0].contiguous(memory_format=torch.channels_last) if layout == "channels_last" else inputs[0]
     run_and_compare((x, *inputs[1:]), conv, GRADS, TOL[torch.bfloat16])
@@ -554,8 +555,7 @@ def test_launchers_pass_the_declared_arguments(channels_last, variant):
         forward.sketched_conv2d_forward(y, x, S1s, U1s, b, *conv, True)
         grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, S1s, U1s, b)]
         g = torch.randn(y.shape)
-        with mock.patch.object(backward, "BIAS", "kernels"):
-            backward.sketched_conv2d_backward(grads, g, x, S1s, U1s, *conv, (True,) * 4, True)
+        backward.sketched_conv2d_backward(grads, g, x, S1s, U1s, *conv, (True,) * 4, True)
         backward.bias_grad(g.contiguous(memory_format=torch.channels_last), kernels=True)
     (fwd_call, dz_call, z_call, planes_call, rows_call) = rec.calls
     N, O, Ho, Wo = g.shape
@@ -624,11 +624,13 @@ def test_halo_launch_arguments(channels_last):
             grads = [torch.empty_like(t) for t in (x, S1s, U1s, b)]
             backward.sketched_conv2d_backward(grads, torch.randn(y.shape, dtype=y.dtype), x, S1s, U1s, *conv,
                                               (True,) * 4, True)
-        fwd_call, dz_call, z_call = rec.calls
+        *conv_calls, bias_call = rec.calls
+        assert bias_call[0] == "panther::bias_planes<__nv_bfloat16>"  # g NCHW (test_launchers_pass_the_declared_arguments)
+        fwd_call, dz_call, z_call = conv_calls
         if bm is None:
-            assert [c[0] for c in rec.calls] == ["panther::sketched_conv2d_fwd<__nv_bfloat16, 32, false>",
-                                                 "panther::conv_rank<__nv_bfloat16, 32, false>",
-                                                 "panther::conv_rank<__nv_bfloat16, 32, false>"]
+            assert [c[0] for c in conv_calls] == ["panther::sketched_conv2d_fwd<__nv_bfloat16, 32, false>",
+                                                  "panther::conv_rank<__nv_bfloat16, 32, false>",
+                                                  "panther::conv_rank<__nv_bfloat16, 32, false>"]
             continue
         # the default (None) is async64 at R = 30; x (2, 40, 9, 11): NCHW rows of 11 take no copies,
         # channels_last 8 channels
@@ -693,7 +695,8 @@ def test_backward_reads_nchw_rows_of_g_in_8_byte_loads(channels_last):
         grads = [torch.empty_like(t) for t in (x, S1s, U1s, b)]
         g = torch.randn(y.shape, dtype=y.dtype).contiguous(memory_format=forward.memory_format(x))
         backward.sketched_conv2d_backward(grads, g, x, S1s, U1s, *conv, (True,) * 4, True)
-    fwd_call, dz_call, z_call = rec.calls
+    fwd_call, dz_call, z_call, bias_call = rec.calls
+    assert bias_call[0] == f"panther::bias_{'rows' if channels_last else 'planes'}<__nv_bfloat16>"
     assert fwd_call[0] == "panther::sketched_conv2d_fwd_halo<__nv_bfloat16, 32, false, 64, 0>"
     assert not int(fwd_call[3][-1]) & forward.HALO_VECTOR
     vector = not channels_last

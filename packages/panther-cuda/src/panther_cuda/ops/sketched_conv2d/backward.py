@@ -6,8 +6,8 @@ With R = 2·L·k, S = S1s as (R, C, kh, kw), U = U1s as (R, O) and g = dL/dy (N,
                                           with DX = "kernels", dx by the conv_rank kernel where it is a plain
                                           convolution of dZ (stride 1): by S flipped and transposed
     dU = Zᵀ g / (2L)                      Z = conv(x, S) recomputed by the conv_rank kernel, then one matmul
-    db = Σ_{n, h, w} g                    torch's reductions, or with BIAS = "kernels" the bias_planes /
-                                          bias_rows kernels (bias_grad.cu): float32 partial sums, then their sum
+    db = Σ_{n, h, w} g                    the bias_planes / bias_rows kernels (bias_grad.cu; BIAS = "kernels"):
+                                          float32 partial sums, then their sum; torch's reductions with "torch"
 Z is recomputed only when U1s needs a gradient (the forward never writes it).
 """
 
@@ -95,9 +95,9 @@ def sketched_conv2d_backward(grads, g: Tensor, x: Tensor, S1s: Tensor, U1s: Tens
         dbias.copy_(bias_grad(g))
 
 
-# "torch": torch's reductions; "kernels": bias_grad.cu's for NCHW and channels_last g. "torch" until a GPU run
-# has tested and timed the kernels (they are tested on the CPU under the CUDA emulation)
-BIAS = "torch"
+# "kernels": bias_grad.cu's for NCHW and channels_last g (H200: 2x torch's for NCHW g, 3.8x for channels_last;
+# benchmarks/results/NOTES.md); "torch": torch's reductions
+BIAS = "kernels"
 BIAS_SOURCE = "ops/sketched_conv2d/bias_grad.cu"
 BIAS_THREADS = 256  # bias_grad.cu: bias::THREADS
 BIAS_WARPS = BIAS_THREADS // 32
