@@ -239,6 +239,25 @@ def test_a_call_of_a_remembered_signature_runs_its_backend_without_asking_again(
     registry.select("sketched_linear", *linear_inputs()[:5], bias=None)
     assert asked == ["slow", "fast"]  # keyword arguments are remembered too, with their names
     assert len(m.timed) == 3  # new keys: gradients of S2s, and no bias (the others keep linear's key)
+    # how float32 products compute is read on every float32 call: a change of either flag asks again
+    precision, cudnn_tf32 = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    flags = {
+        "float32 matmul precision": lambda: torch.set_float32_matmul_precision(
+            "medium" if precision != "medium" else "highest"),
+        "cuDNN's TF32": lambda: setattr(torch.backends.cudnn, "allow_tf32", not cudnn_tf32),
+    }
+    try:
+        for what, change in flags.items():
+            change()
+            asked.clear()
+            registry.select("sketched_linear", *linear_inputs())
+            assert asked, what
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+    asked.clear()
+    registry.select("sketched_linear", *linear_inputs())
+    assert asked == []  # the flags as they were: remembered
 
 
 def test_backends_discovered_again_are_asked_again(monkeypatch):
