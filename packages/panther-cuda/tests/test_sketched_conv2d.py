@@ -875,8 +875,9 @@ def test_dx_by_kernels_around_emulated_kernels(name, layout, emulated_kernels, d
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_op_around_emulated_kernels_with_bias_kernels(layout, emulated_kernels, monkeypatch):
-    """backward.BIAS = "kernels": the bias gradient by the (emulated) bias_planes / bias_rows launches."""
-    monkeypatch.setattr(backward, "BIAS", "kernels")
+    """By default (backward.BIAS = "kernels") the bias gradient comes from the (emulated) bias_planes /
+    bias_rows launches."""
+    assert backward.BIAS == "kernels"
     launched = []
     monkeypatch.setattr(forward.Kernel, "__call__", lambda k, *a, **kw: launched.append(k.name) or _emulate(k, *a, **kw))
     inputs, conv = _case("stride2_R6", torch.float64, device="cpu")

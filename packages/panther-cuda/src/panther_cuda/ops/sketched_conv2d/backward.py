@@ -95,8 +95,8 @@ def sketched_conv2d_backward(grads, g: Tensor, x: Tensor, S1s: Tensor, U1s: Tens
         dbias.copy_(bias_grad(g))
 
 
-# "kernels": bias_grad.cu's for NCHW and channels_last g (H200: 2x torch's for NCHW g, 3.8x for channels_last;
-# benchmarks/results/NOTES.md); "torch": torch's reductions
+# "kernels": bias_grad.cu's for NCHW and channels_last g, the faster in the recorded runs
+# (benchmarks/results/NOTES.md); "torch": torch's reductions
 BIAS = "kernels"
 BIAS_SOURCE = "ops/sketched_conv2d/bias_grad.cu"
 BIAS_THREADS = 256  # bias_grad.cu: bias::THREADS
@@ -118,8 +118,8 @@ def bias_grad(g: Tensor, kernels: Optional[bool] = None) -> Tensor:
     With ``kernels`` (default: :data:`BIAS` is ``"kernels"``), an NCHW g is summed per (n, o) plane by
     ``bias_planes`` and a channels_last g per block of rows by ``bias_rows``, and their float32 partial sums
     over their first axis; each kernel reads g once. Otherwise, and for other layouts (expanded, sliced), torch:
-    an NCHW g summed per (n, o) plane (H·W contiguous values), then over n, about twice as fast as torch's one
-    reduction over (0, 2, 3), which takes the other layouts (benchmarks/results/NOTES.md)."""
+    an NCHW g summed per (n, o) plane (H·W contiguous values), then over n, faster than torch's one reduction
+    over (0, 2, 3), which takes the other layouts (benchmarks/results/NOTES.md)."""
     N, O, H, W = g.shape
     acc = torch.promote_types(g.dtype, torch.float32)
     kernels = BIAS == "kernels" if kernels is None else kernels
