@@ -229,6 +229,48 @@ def test_fake_outputs_match_real_shapes_and_strides():
         assert (real.shape, real.stride(), real.dtype) == (fake.shape, fake.stride(), fake.dtype)
 
 
+def _channels_last_or_contiguous(t):
+    cl = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def _scale_forward(out, x: Tensor, w: Tensor, *, in_op: bool):
+    out[0].copy_(x * w)
+
+
+def _scale_backward(grads, g, inputs, residuals, needs, *, in_op: bool):
+    x, w = inputs
+    if needs[0]:
+        grads[0].copy_(g * w)
+    if needs[1]:
+        grads[1].copy_(g * x)
+
+
+SCALE = kernel_op("panther_toolkit_test::scale", forward=_scale_forward, backward=_scale_backward,
+                  allocate=lambda x, w: (torch.empty_like(x),), grad_formats={"x": _channels_last_or_contiguous})
+
+
+def test_grad_formats_give_the_memory_format_of_a_gradient():
+    """grad_formats: x's gradient in the format its function gives (channels_last here), w's contiguous, on the
+    eager path, the library op and its fake alike; a name that is not a tensor argument is refused."""
+    x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(2, 3, 4, 5)
+    xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+    dx, dw = torch.autograd.grad(SCALE(xl, wl), (xl, wl), g)
+    assert torch.equal(dx, g * w) and torch.equal(dw, g * x)
+    assert dx.is_contiguous(memory_format=torch.channels_last) and not dx.is_contiguous() and dw.is_contiguous()
+    op_grads = SCALE.bwd_op(g, x, w, True, True)
+    with FakeTensorMode() as mode:
+        fake = SCALE.bwd_op(*(mode.from_tensor(t) for t in (g, x, w)), True, True)
+    for real, f in zip(op_grads, fake):
+        assert real.stride() == f.stride()
+    assert op_grads[0].stride() == dx.stride() and op_grads[1].stride() == dw.stride()
+    with pytest.raises(ValueError, match=r"grad_formats names \['y'\], which are not tensor arguments"):
+        kernel_op("panther_toolkit_test::scale_bad", forward=_scale_forward, backward=_scale_backward,
+                  allocate=lambda x, w: (torch.empty_like(x),), grad_formats={"y": _channels_last_or_contiguous})
+
+
 class _Model(torch.nn.Module):
     def __init__(self):
         super().__init__()

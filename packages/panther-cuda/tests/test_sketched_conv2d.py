@@ -21,9 +21,11 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from panther.backends.torch_backend.sketched_conv2d import sketched_conv2d as reference_op
 from panther_cuda.ops.sketched_conv2d import backward, forward, limits
+from panther_cuda.ops.sketched_conv2d import op as sketched_conv2d_op
 from panther_cuda.ops.sketched_conv2d.forward import RANK_TILES, fwd_shared_bytes, rank_tile
 from emulation import build_harness  # tests/emulation (conftest.py puts tests/ on sys.path)
 
@@ -850,6 +852,34 @@ def test_op_around_emulated_kernels_matches_reference(name, layout, emulated_ker
     assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
     for wants in (("x",), ("U1s",), ("S1s", "bias")):
         run_and_compare((x, *inputs[1:]), conv, wants, EMULATED_TOL)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_dx_comes_in_the_memory_format_of_x(layout, emulated_kernels):
+    """dx is channels_last for a channels_last x (as nn.Conv2d's; autograd would otherwise copy it into that
+    layout for x.grad), contiguous otherwise, on the eager path and the library op's, real and fake alike."""
+    inputs, conv = _case("3x3_R6", torch.float64, device="cpu")
+    x = inputs[0]
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.zeros(x.shape[0], x.shape[1] * 2, x.shape[2], x.shape[3], dtype=x.dtype)[:, ::2]
+        x.copy_(inputs[0])
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    y = cuda_sketched_conv2d(*inputs, *conv)
+    g = torch.randn(y.shape, dtype=torch.float64)
+    _, grads_ref = reference(inputs, conv, g, ("x",))
+    xl = x.detach().requires_grad_(True)
+    (dx,) = torch.autograd.grad(cuda_sketched_conv2d(xl, *inputs[1:], *conv), xl, g)
+    assert dx.is_contiguous(memory_format=fmt) and rel_err(dx, grads_ref["x"]) <= EMULATED_TOL
+    op = sketched_conv2d_op.SKETCHED_CONV2D
+    args = (x, *inputs[1:], True, False, False, False, *(v for pair in conv for v in pair), True)
+    dx_op = op.bwd_op(g, *args)[0]
+    assert dx_op.stride() == dx.stride() and rel_err(dx_op, grads_ref["x"]) <= EMULATED_TOL
+    with FakeTensorMode() as mode:
+        fake = op.bwd_op(mode.from_tensor(g), *(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                                                 for a in args))[0]
+    assert fake.stride() == dx.stride()
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

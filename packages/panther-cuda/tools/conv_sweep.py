@@ -1,6 +1,7 @@
 """Times the cuda backend's sketched_conv2d, each kernel family forced, against F.conv2d and the torch backend.
 
     python packages/panther-cuda/tools/conv_sweep.py --out conv_sweep.json [--compiled] [--reps 30]
+        [--variants default,async128]
 
 For the two benchmark shapes (N=32 64->128 56x56 L=1 k=16; N=64 256->256 28x28 L=1 k=32; 3x3, padding 1,
 bf16), NCHW and channels_last: the forward (under no_grad) and forward+backward (gradients of x, S1s /
@@ -128,7 +129,16 @@ def main():
     parser.add_argument("--out", default="conv_sweep.json")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--compiled", action="store_true", help="also the torch.compile peer (adds compile time)")
+    parser.add_argument("--variants", help="comma-separated subset of VARIANTS to time ('default': the default "
+                        "choice), e.g. default,async128; all of them if omitted")
     a = parser.parse_args()
+    variants = VARIANTS
+    if a.variants:
+        names = [None if v == "default" else v for v in a.variants.split(",")]
+        unknown = [v for v in names if v not in VARIANTS]
+        if unknown:
+            parser.error(f"--variants: {unknown} not in {VARIANTS}")
+        variants = names
     global FLUSH
     FLUSH = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
     t0 = time.time()
@@ -140,7 +150,7 @@ def main():
             R = 2 * L * k
             ref = concat_conv2d(x.float(), S1s.float(), U1s.float(), b.float())
             impls = []
-            for v in VARIANTS:
+            for v in variants:
                 name = "cuda" if v is None else f"cuda:{v}"
 
                 def run(x, S1s, U1s, b):

@@ -275,7 +275,7 @@ def _argument_type(annotation):
 class KernelOp:
     """A differentiable op made by :func:`kernel_op`; calling it runs the op (see there)."""
 
-    def __init__(self, name, forward, backward, allocate, outputs, factory):
+    def __init__(self, name, forward, backward, allocate, outputs, factory, grad_formats=None):
         if name.count("::") != 1:
             raise ValueError(f"kernel_op: name must be 'namespace::op', got {name!r}")
         hints = typing.get_type_hints(forward)
@@ -288,6 +288,13 @@ class KernelOp:
         self.n_args = len(params)
         self.outputs = tuple(outputs)
         self.forward_impl, self.backward_impl, self.allocate = forward, backward, allocate
+        grad_formats = dict(grad_formats or {})
+        unknown = sorted(set(grad_formats) - {self.names[i] for i in self.tensor_index})
+        if unknown:
+            raise ValueError(f"kernel_op: grad_formats names {unknown}, which are not tensor arguments of "
+                             f"{name} ({', '.join(self.names[i] for i in self.tensor_index)})")
+        # per tensor argument: the function giving its gradient's memory format, or None (contiguous)
+        self.grad_formats = [grad_formats.get(self.names[i]) for i in self.tensor_index]
         ns, base = name.split("::")
         self.name = name
         fwd_params = list(zip(types, self.names))
@@ -343,13 +350,20 @@ class KernelOp:
         return self._grads_allocate(inputs, needs)
 
     def _grads_allocate(self, inputs, needs) -> Tuple[Tensor, ...]:
-        # one rule for real and fake: a wanted gradient is a contiguous tensor of its input's shape; an
-        # unwanted one is an empty tensor (an op returns tensors, not None)
+        # one rule for real and fake: a wanted gradient is a tensor of its input's shape, contiguous or in the
+        # memory format grad_formats gives for that input; an unwanted one is an empty tensor (an op returns
+        # tensors, not None)
         like = next(inputs[i] for i in self.tensor_index if inputs[i] is not None)
-        return tuple(
-            inputs[i].new_empty(inputs[i].shape) if need else like.new_empty((0,))
-            for i, need in zip(self.tensor_index, needs)
-        )
+        grads = []
+        for i, need, fmt in zip(self.tensor_index, needs, self.grad_formats):
+            t = inputs[i]
+            if not need:
+                grads.append(like.new_empty((0,)))
+            elif fmt is None:
+                grads.append(t.new_empty(t.shape))
+            else:
+                grads.append(torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=fmt(t)))
+        return tuple(grads)
 
     def _bwd_body(self, *args):
         grad, inputs, residuals, needs = self._split_bwd(args)
@@ -444,6 +458,7 @@ def kernel_op(
     allocate: Callable[..., Sequence[Tensor]],
     outputs: Sequence[str] = ("out",),
     factory: Optional[Callable] = None,
+    grad_formats: Optional[Mapping[str, Callable[[Tensor], torch.memory_format]]] = None,
 ) -> KernelOp:
     """A differentiable op from a forward and a backward implementation, torch.compile-ready by construction.
 
@@ -455,8 +470,9 @@ def kernel_op(
             (options, not differentiated). ``in_op`` is True inside the library op (where a Triton
             kernel must go through ``torch.library.wrap_triton``), False on the eager path.
         backward: ``backward(grads, grad, inputs, residuals, needs, in_op)`` writes into ``grads`` (one
-            tensor per tensor argument: a contiguous tensor of its shape where ``needs`` is True, an
-            empty tensor elsewhere) the gradients given ``grad`` (of the first output), the op's
+            tensor per tensor argument: a tensor of its shape where ``needs`` is True, contiguous unless
+            ``grad_formats`` says otherwise, an empty tensor elsewhere) the gradients given ``grad`` (of the
+            first output), the op's
             arguments ``inputs``, the forward's other outputs ``residuals``, and ``needs``.
         allocate: ``allocate(*args)`` returns the forward's outputs, allocated but not written. It is the
             forward ops' fake implementation too, so the shapes and strides seen by torch.compile are the
@@ -465,6 +481,10 @@ def kernel_op(
             saved for the backward.
         factory: ``torch.library.custom_op`` (default) or ``torch.library.triton_op`` (then Inductor sees
             the Triton kernels that the implementations launch through ``wrap_triton``).
+        grad_formats: ``{argument name: fn}``: that tensor argument's gradient is allocated in the memory
+            format ``fn(argument)`` returns (e.g. torch.channels_last for a channels_last input, the layout
+            autograd keeps for such a leaf's ``.grad``, which it would otherwise copy into); the others
+            are contiguous.
 
     Returns:
         A :class:`KernelOp`: calling it with the op's arguments runs the library op under
@@ -473,4 +493,4 @@ def kernel_op(
         argument requires a gradient, the forward alone. Gradients of the backward (double backward)
         raise an error on either path. The library ops are ``.fwd_op`` and ``.bwd_op``.
     """
-    return KernelOp(name, forward, backward, allocate, outputs, factory or torch.library.custom_op)
+    return KernelOp(name, forward, backward, allocate, outputs, factory or torch.library.custom_op, grad_formats)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from panther.backends.toolkit import kernel_op
 from panther_cuda.ops.sketched_conv2d.backward import sketched_conv2d_backward
-from panther_cuda.ops.sketched_conv2d.forward import forward_outputs, sketched_conv2d_forward
+from panther_cuda.ops.sketched_conv2d.forward import forward_outputs, memory_format, sketched_conv2d_forward
 
 
 def _forward(out, x: Tensor, S1s: Tensor, U1s: Tensor, bias: Optional[Tensor], stride_h: int, stride_w: int,
@@ -41,6 +41,7 @@ SKETCHED_CONV2D = kernel_op(
     backward=_backward,
     allocate=forward_outputs,
     outputs=("y",),
+    grad_formats={"x": memory_format},  # dx channels_last for a channels_last x, as nn.Conv2d's
 )
 SketchedConv2dFunction = SKETCHED_CONV2D.function
 
