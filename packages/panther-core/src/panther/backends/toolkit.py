@@ -354,16 +354,12 @@ class KernelOp:
         # memory format grad_formats gives for that input; an unwanted one is an empty tensor (an op returns
         # tensors, not None)
         like = next(inputs[i] for i in self.tensor_index if inputs[i] is not None)
-        grads = []
-        for i, need, fmt in zip(self.tensor_index, needs, self.grad_formats):
-            t = inputs[i]
-            if not need:
-                grads.append(like.new_empty((0,)))
-            elif fmt is None:
-                grads.append(t.new_empty(t.shape))
-            else:
-                grads.append(torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=fmt(t)))
-        return tuple(grads)
+        return tuple(
+            torch.empty(inputs[i].shape, dtype=inputs[i].dtype, device=inputs[i].device,
+                        memory_format=torch.contiguous_format if fmt is None else fmt(inputs[i]))
+            if need else like.new_empty((0,))
+            for i, need, fmt in zip(self.tensor_index, needs, self.grad_formats)
+        )
 
     def _bwd_body(self, *args):
         grad, inputs, residuals, needs = self._split_bwd(args)
@@ -472,8 +468,8 @@ def kernel_op(
         backward: ``backward(grads, grad, inputs, residuals, needs, in_op)`` writes into ``grads`` (one
             tensor per tensor argument: a tensor of its shape where ``needs`` is True, contiguous unless
             ``grad_formats`` says otherwise, an empty tensor elsewhere) the gradients given ``grad`` (of the
-            first output), the op's
-            arguments ``inputs``, the forward's other outputs ``residuals``, and ``needs``.
+            first output), the op's arguments ``inputs``, the forward's other outputs ``residuals``, and
+            ``needs``.
         allocate: ``allocate(*args)`` returns the forward's outputs, allocated but not written. It is the
             forward ops' fake implementation too, so the shapes and strides seen by torch.compile are the
             real ones.
