@@ -65,7 +65,8 @@ CASES = {
 # Cases every kernel family takes (R <= 64): run with each forced (forward.VARIANT).
 HALO_CASES = ["3x3_R6", "1x1_N1_R20", "5x5_pad2_R48", "stride2_R6", "dilation2_pad2", "chunks_C40_R30_O70",
               "1x1_rows8_R32", "3x3_W16_R24"]
-VARIANTS = ["halo64", "halo128", "halo64:1x64", "async64", "async128", "taps64", "taps128", "generic"]
+VARIANTS = ["halo64", "halo128", "halo64:1x64", "async64", "async128", "async64s4", "async128s3", "taps64", "taps128",
+            "generic"]
 
 
 def make_inputs(N, C, H, W, O, terms, k, ks, dtype, device="cuda", bias=True, seed=0):
@@ -617,7 +618,7 @@ def test_halo_launch_arguments(channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     R = 30
     for variant, bm in ((None, 64), ("halo64", 64), ("halo128", 128), ("halo64:4x16", 64), ("async64", 64),
-                        ("taps64", 64), ("generic", None)):
+                        ("async64s3", 64), ("taps64", 64), ("generic", None)):
         rec = _Recorder()
         with mock.patch.object(forward.Kernel, "__call__", lambda self, *a, **k: rec(self, *a, **k)), \
                 mock.patch.object(forward, "VARIANT", variant):
@@ -636,7 +637,8 @@ def test_halo_launch_arguments(channels_last):
             continue
         # the default (None) is async64 at R = 30; x (2, 40, 9, 11): NCHW rows of 11 take no copies,
         # channels_last 8 channels
-        copies = variant in (None, "async64")
+        copies = variant in (None, "async64", "async64s3")
+        stages = 3 if variant == "async64s3" else forward.STAGES
         taps = variant == "taps64"  # tap-major, copied where channels_last (S passed as (R, kh, kw, C))
         load = forward.LOAD_ASYNC if (copies or taps) and channels_last else forward.LOAD_ELEMENTS
         load |= forward.LOAD_TAPS if taps else 0
@@ -653,11 +655,13 @@ def test_halo_launch_arguments(channels_last):
         assert torch.equal(fwd_call[3][1].reshape(R, -1), want_S) and torch.equal(z_call[3][1].reshape(R, -1), want_S)
         tile = (4, 16) if variant == "halo64:4x16" else None
         th, tw, cc, flags, hb = forward.halo_plan(x, S, R, (3, 3), *conv, (9, 11), bm, tile,
-                                                  copies=copies and channels_last, taps=taps)
+                                                  copies=copies and channels_last, taps=taps, stages=stages)
+        # the ring of buffers where the plan copies (channels_last), else the two buffers of the register loads
+        assert forward.halo_stages(flags) == (stages if load & forward.LOAD_ASYNC else 2)
         assert tile is None or (th, tw) == (4, 11)  # the forced tile, clipped to the output's 11 columns
         assert [int(a) for a in fwd_call[3][-4:]] == [th, tw, cc, flags]
         assert fwd_call[1] == (2 * -(-9 // th) * -(-11 // tw),)
-        assert fwd_call[4] == forward.halo_shared_bytes(torch.bfloat16, 32, bm, hb)
+        assert fwd_call[4] == forward.halo_shared_bytes(torch.bfloat16, 32, bm, hb, forward.halo_stages(flags))
         assert tuple(int(s) for s in fwd_call[3][21:29]) == (*x.stride(), *y.stride())
         assert bool(flags & forward.HALO_CHANNELS_INNER) == channels_last
         assert [int(a) for a in dz_call[3][3:16]] == [70, 9, 11, 9, 11, 1, 1, 1, 1, 0, 0, 1, 1]  # g: a 1x1 conv
@@ -780,7 +784,8 @@ def test_halo_plan_refuses_what_the_halo_kernels_cannot_take():
     assert plan is not None and forward.halo_extent(plan[1], 3, 3, 1) <= forward.THREADS
 
 
-@pytest.mark.parametrize("variant", ["taps", "async32", "halo64:4", "halo64:0x16", "conv64", "halo64x"])
+@pytest.mark.parametrize("variant", ["taps", "async32", "halo64:4", "halo64:0x16", "conv64", "halo64x", "async64s5",
+                                     "async64s1", "async64:4x16s3"])
 def test_variant_names_a_family_or_is_refused(variant):
     x, S = torch.empty(1, 8, 10, 10), torch.empty(16, 72)
     with mock.patch.object(forward, "VARIANT", variant), pytest.raises(ValueError, match=rf"forward\.VARIANT: '{variant}'"):
@@ -1033,8 +1038,9 @@ EMU_TAPS_CASES = [
 ]
 
 
-def _run_harness(conv_emulator, case, vector=False, copy=0, taps=False):
-    """Runs the harness on the plan the host code picks for ``case``; checks y and z against float64."""
+def _run_harness(conv_emulator, case, vector=False, copy=0, taps=False, stages=2):
+    """Runs the harness on the plan the host code picks for ``case`` (a ring of ``stages`` buffers where it
+    copies); checks y and z against float64."""
     mode, layout, N, C, H, W, O, terms, R, ks, st, pd, dl, bm, bias = case[:15]
     dtype = EMU_DTYPES[mode]
     x = torch.empty(N, C, H, W, dtype=dtype)
@@ -1044,14 +1050,15 @@ def _run_harness(conv_emulator, case, vector=False, copy=0, taps=False):
     Ho, Wo = (forward.output_size(n, k, s, p, d) for n, k, s, p, d in zip((H, W), ks, st, pd, dl))
     width = min(R, forward.HALO_RANKS[-1])  # past 64, z alone in column blocks (forward.conv_rank)
     plan = forward.halo_plan(x, S, width, ks, st, pd, dl, (Ho, Wo), bm, vector_rows=vector, copies=copy > 0,
-                             taps=taps)
+                             taps=taps, stages=stages)
     assert plan is not None
     th, tw, cc, flags, hb = plan
     assert bool(flags & forward.HALO_VECTOR) == vector and bool(flags & forward.HALO_TAPS) == taps
     if not taps:
         assert flags & sum(forward.HALO_ASYNC.values()) == forward.HALO_ASYNC.get(copy, 0), plan
     rp = next(w for w in forward.HALO_RANKS if w >= width)
-    shared = forward.halo_shared_bytes(dtype, rp, bm, hb)
+    assert forward.halo_stages(flags) == stages, plan
+    shared = forward.halo_shared_bytes(dtype, rp, bm, hb, stages)
     args = [mode, layout, N, C, H, W, O, terms, R, *ks, *st, *pd, *dl, bm, th, tw, cc, flags, shared, bias]
     r = subprocess.run([str(conv_emulator), *map(str, args)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -1113,3 +1120,24 @@ def test_tap_major_halo_kernels_under_emulation(conv_emulator, case):
 def test_async_halo_kernels_under_emulation(conv_emulator, case):
     """The same with the halo copied by cp.async, in the copies the case's alignment allows."""
     _run_harness(conv_emulator, case, copy=case[-1])
+
+
+# The copies' ring of 3 and 4 buffers: fewer chunks than buffers, as many, and more (the ring wrapping, in
+# the middle and at a short last chunk); NCHW rows and channels_last pixels; the tap-major copies
+EMU_RING_CASES = [  # (case as EMU_ASYNC_CASES, stages, taps)
+    (("bfloat16", "nchw", 1, 16, 9, 16, 33, 2, 30, (3, 3), (1, 1), (1, 1), (1, 1), 64, 1, 16), 3, False),  # 1 chunk
+    (("bfloat16", "nchw", 2, 70, 9, 16, 70, 2, 30, (3, 3), (1, 1), (1, 1), (1, 1), 64, 1, 16), 3, False),  # 16 x 4 + 6
+    (("float16", "nchw", 1, 56, 8, 8, 20, 2, 24, (3, 3), (1, 1), (1, 1), (1, 1), 128, 1, 16), 4, False),  # 16 x 3 + 8
+    (("float32", "nchw", 1, 40, 6, 8, 9, 2, 17, (3, 3), (1, 1), (1, 1), (1, 1), 64, 0, 16), 3, False),  # 5 chunks
+    (("tf32", "channels_last", 1, 50, 7, 6, 9, 2, 24, (3, 3), (1, 1), (1, 1), (1, 1), 64, 1, 8), 3, False),
+    (("bfloat16", "channels_last", 2, 72, 6, 7, 40, 2, 64, (3, 3), (1, 1), (1, 1), (1, 1), 128, 1, 16), 3, False),
+    (("float16", "nchw", 1, 300, 4, 16, 11, 2, 16, (1, 1), (1, 1), (0, 0), (1, 1), 64, 1, 16), 4, False),  # 1x1
+    (("bfloat16", "channels_last", 1, 72, 9, 11, 70, 2, 30, (3, 3), (1, 1), (1, 1), (1, 1), 64, 1, 16), 4, True),
+]
+
+
+@pytest.mark.parametrize("case, stages, taps", EMU_RING_CASES, ids=lambda v: _emu_id(v) if isinstance(v, tuple) else str(v))
+def test_async_ring_of_buffers_under_emulation(conv_emulator, case, stages, taps):
+    """The cp.async loaders with a ring of 3 or 4 buffers: each chunk's copies land before its products read
+    them (the emulation lands a copy only when its group is waited for) and no buffer is overwritten while read."""
+    _run_harness(conv_emulator, case, copy=0 if taps else case[-1], taps=taps, stages=stages)

@@ -8,7 +8,8 @@ bf16), NCHW and channels_last: the forward (under no_grad) and forward+backward 
 W and bias, as a training step asks) of each implementation, each captured in a CUDA graph and replayed;
 the L2 is flushed before each replay, outside the timed events; median and 20th / 80th percentiles of
 --reps replays after warm-up. Implementations: ``cuda`` (the default choice), ``cuda:<variant>`` for each
-forward.VARIANT in VARIANTS (halo64, halo128, their cp.async loaders async64 and async128, the tap-major
+forward.VARIANT in VARIANTS (halo64, halo128, their cp.async loaders async64 and async128 with rings of 2 to 4
+buffers, "async64s3", the tap-major
 taps64 and taps128, generic, forced tiles; "+dx": the backward's dx by the halo kernels), ``torch`` (the torch backend), ``F.conv2d`` (the dense layer), and with --compiled the peer a user
 would write (one conv to 2Lk channels, then the 1x1 projection, under torch.compile). Each cuda variant's y
 is checked against a float32 reference first (max-normalised error printed). For those in KERNEL_TIMES
@@ -44,9 +45,9 @@ CASES = [  # (N, C, O, H, W, L, k)
 ]
 # forward.VARIANT values: the default choice, each family, and a few forced tiles (TH x TW output pixels)
 # "+dx": with the backward's dx by the conv_rank kernels (backward.DX = "kernels") instead of cuDNN
-VARIANTS = [None, "halo64", "halo128", "async64", "async128", "taps64", "taps128", "generic", "halo64+dx", "async64+dx",
-            "taps64+dx", "taps128+dx", "halo64:4x16", "async64:4x16", "taps64:4x16", "halo64:2x32", "halo64:1x64",
-            "halo128:4x32"]
+VARIANTS = [None, "halo64", "halo128", "async64", "async128", "async64s3", "async64s4", "async128s3", "async128s4",
+            "taps64", "taps128", "taps64s3", "generic", "halo64+dx", "async64+dx", "taps64+dx", "taps128+dx",
+            "halo64:4x16", "async64:4x16", "taps64:4x16", "halo64:2x32", "halo64:1x64", "halo128:4x32"]
 # the implementations whose kernels are timed one by one
 KERNEL_TIMES = ("cuda", "cuda:async64", "cuda:taps64", "cuda:taps64+dx", "F.conv2d")
 FLUSH = torch.empty(0)

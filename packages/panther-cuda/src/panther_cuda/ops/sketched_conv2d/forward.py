@@ -47,6 +47,8 @@ HALO_ASYNC = {4: 8, 8: 16, 16: 32}  # bytes per cp.async copy -> flag
 HALO_TAPS = 64  # flag: pixel-major halo, the depth tap by tap (conv::HALO_TAPS); S passed as (R, kh, kw, C)
 HALO_VPASSES = HALO_PASSES // 2  # 8-byte halo loads one thread makes per channel chunk, at most
 ASYNC_PASSES = 8  # cp.async copies of the halo one thread issues per channel chunk, at most (conv::ASYNC_PASSES)
+HALO_STAGES_SHIFT = 7  # flags bits 7-8: the cp.async loaders' ring of 2 + that many buffers (conv::halo_stages)
+MAX_STAGES = 4
 LOAD_ELEMENTS, LOAD_ROWS8, LOAD_ASYNC, LOAD_TAPS = 0, 1, 2, 4  # the kernels' template parameter LOAD (bits)
 MAX_SHARED = 99 * 1024  # dynamic shared memory a plan may take (the opt-in limit of sm_86 / sm_89)
 # None: the default (:func:`default_family`): the cp.async halo kernels, 64 pixels per block for R <= 32 and
@@ -55,8 +57,10 @@ MAX_SHARED = 99 * 1024  # dynamic shared memory a plan may take (the opt-in limi
 # TH x TW output pixels (clipped to the output) where allowed; "async64", "async128", "async64:8x8": the
 # same with the halo copied by cp.async where x is aligned for it; "taps64", "taps128", "taps64:8x8": pixel-major
 # halos, the depth tap by tap (16-bit; copied where x is channels_last and aligned); "generic": the generic
-# kernels. For timing.
+# kernels. A copying family takes a ring of 2 to 4 buffers, "async64s3" (default: :data:`STAGES`; fewer where
+# shared memory does not hold them). For timing.
 VARIANT: Optional[str] = None
+STAGES = 2  # buffers of the cp.async loaders' ring by default (halo_plan's ``stages``)
 
 _CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 _kernels: Dict[tuple, Kernel] = {}
@@ -91,12 +95,18 @@ def fwd_shared_bytes(dtype: torch.dtype, rp: int) -> int:
     return size * BM * (rp + pad) + max(rank_shared_bytes(dtype, rc), size * rc * (BN + pad))
 
 
-def halo_shared_bytes(dtype: torch.dtype, rp: int, bm: int, hb: int) -> int:
-    """Dynamic shared memory of the halo kernels <T, rp, ., bm> with halo buffers of ``hb`` elements: the
-    column and pixel tables (KC_MAX + bm ints), then the larger of the main loop's two halo buffers and
-    two S buffers (rp x (KC_MAX + pad)) and the epilogue's Z (bm x (rp + pad)) and U tile (rp x (BN + pad))."""
+def halo_stages(flags: int) -> int:
+    """The buffers of a plan's ring (conv::halo_stages): 2, or up to MAX_STAGES for the cp.async loaders."""
+    return min(MAX_STAGES, 2 + (flags >> HALO_STAGES_SHIFT & 3))
+
+
+def halo_shared_bytes(dtype: torch.dtype, rp: int, bm: int, hb: int, stages: int = 2) -> int:
+    """Dynamic shared memory of the halo kernels <T, rp, ., bm> with ``stages`` halo buffers of ``hb``
+    elements: the column and pixel tables (KC_MAX + bm ints), then the larger of the main loop's halo
+    buffers and as many S buffers (rp x (KC_MAX + pad)) and the epilogue's Z (bm x (rp + pad)) and U tile
+    (rp x (BN + pad))."""
     pad, size = _pad(dtype), torch.empty((), dtype=dtype).element_size()
-    loop = 2 * hb + 2 * rp * (KC_MAX + pad)
+    loop = stages * (hb + rp * (KC_MAX + pad))
     epilogue = bm * (rp + pad) + rp * (BN + pad)
     return 4 * (KC_MAX + bm) + size * max(loop, epilogue)
 
@@ -161,7 +171,7 @@ def async_copy_bytes(x: Tensor, channels_inner: bool) -> int:
 
 
 def halo_plan(x: Tensor, S: Tensor, R: int, kernel_size, stride, padding, dilation, out_hw, bm: int, tile=None,
-              vector_rows: bool = False, copies: bool = False, taps: bool = False):
+              vector_rows: bool = False, copies: bool = False, taps: bool = False, stages: int = 2):
     """``(TH, TW, CC, flags, hb)`` of the halo kernels with ``bm`` pixels per block for x (N, C, H, W) and
     S (R, C·kh·kw) contiguous, or None where they cannot run. The tile (``tile`` = (TH, TW) forces one):
     fewest blocks, then the widest (longer contiguous halo rows); for a 1x1 kernel on rows along W (no
@@ -171,7 +181,9 @@ def halo_plan(x: Tensor, S: Tensor, R: int, kernel_size, stride, padding, dilati
     the forward does not) 8-byte halo loads where every row's groups are aligned (x's strides and pointer,
     W, the left padding and the tile's width). With ``taps`` (16-bit x; kernels of at most 9 taps) the
     tap-major plan: chunks of a multiple of 16 channels, copied where x is channels_last and aligned, else
-    loaded through registers; its flags carry HALO_TAPS and the launch passes S as (R, kh, kw, C)."""
+    loaded through registers; its flags carry HALO_TAPS and the launch passes S as (R, kh, kw, C). A plan
+    that copies keeps a ring of ``stages`` buffers (at most MAX_STAGES; fewer where shared memory does
+    not hold them), in its flags (:func:`halo_stages`); the others two."""
     N, C, H, W = x.shape
     channels_inner = x.stride(1) < x.stride(3)
     s_aligned = S.data_ptr() % 16 == 0
@@ -187,12 +199,12 @@ def halo_plan(x: Tensor, S: Tensor, R: int, kernel_size, stride, padding, dilati
                and all(s % xv == 0 for s in x.stride()[:3]))
     return _plan(int(N), int(C), x.dtype, channels_inner, s_aligned, x_rows8, copy, bool(taps), int(padding[1]),
                  int(R), *(int(v) for v in kernel_size), *(int(v) for v in stride), *(int(v) for v in dilation),
-                 *(int(v) for v in out_hw), int(bm), None if tile is None else tuple(tile))
+                 *(int(v) for v in out_hw), int(bm), None if tile is None else tuple(tile), int(stages))
 
 
 @functools.lru_cache(maxsize=1024)
 def _plan(N, C, dtype, channels_inner, s_aligned, x_rows8, copy, taps, pw, R, kh, kw, sh, sw, dh, dw, Ho, Wo, bm,
-          tile):
+          tile, stages):
     """halo_plan from plain values (cached: the search runs once per shape)."""
     KK = kh * kw
     if R > HALO_RANKS[-1] or KK > KC_MAX or Ho * Wo == 0:
@@ -246,6 +258,10 @@ def _plan(N, C, dtype, channels_inner, s_aligned, x_rows8, copy, taps, pw, R, kh
     rp = next(w for w in HALO_RANKS if w >= R)
     if halo_shared_bytes(dtype, rp, bm, hb) > MAX_SHARED:
         return None
+    if copy:  # the ring: as many buffers as asked for and shared memory holds
+        ring = next(s for s in range(min(stages, MAX_STAGES), 1, -1)
+                    if s == 2 or halo_shared_bytes(dtype, rp, bm, hb, s) <= MAX_SHARED)
+        flags |= (ring - 2) << HALO_STAGES_SHIFT
     if N * cdiv(Ho, th) * cdiv(Wo, tw) >= 2**31:
         return None
     return th, tw, cc, flags, hb
@@ -265,21 +281,24 @@ def _halo(x: Tensor, S: Tensor, R: int, kernel_size, stride, padding, dilation, 
     """(bm, plan) of the halo kernels that VARIANT asks for, or None for the generic kernels."""
     if VARIANT == "generic":
         return None
-    bm, tile, copies, taps = default_family(R), None, True, False
+    bm, tile, copies, taps, stages = default_family(R), None, True, False, STAGES
     if VARIANT is not None:
-        m = re.fullmatch(r"(halo|async|taps)(64|128)(?::([1-9][0-9]*)x([1-9][0-9]*))?", VARIANT)
+        m = re.fullmatch(r"(halo|async|taps)(64|128)(?:s([2-4]))?(?::([1-9][0-9]*)x([1-9][0-9]*))?", VARIANT)
         if m is None:
             raise ValueError(f"forward.VARIANT: {VARIANT!r} is not a kernel family: expected 'generic' or halo, async "
-                             "or taps followed by the block's pixels, 64 or 128, and optionally a tile ':THxTW' "
-                             "(e.g. 'taps64:4x16')")
+                             "or taps followed by the block's pixels, 64 or 128, optionally the buffers of the "
+                             "copies' ring 's2' to 's4', and optionally a tile ':THxTW' (e.g. 'taps64:4x16', "
+                             "'async128s3')")
         name, bm = m[1], int(m[2])
         copies, taps = name == "async", name == "taps"
-        tile = (int(m[3]), int(m[4])) if m[3] else None
+        stages = int(m[3]) if m[3] else stages
+        tile = (int(m[4]), int(m[5])) if m[4] else None
     plan = None
     if taps:
-        plan = halo_plan(x, S, R, kernel_size, stride, padding, dilation, out_hw, bm, tile, taps=True)
+        plan = halo_plan(x, S, R, kernel_size, stride, padding, dilation, out_hw, bm, tile, taps=True, stages=stages)
     if plan is None:
-        plan = halo_plan(x, S, R, kernel_size, stride, padding, dilation, out_hw, bm, tile, vector_rows, copies)
+        plan = halo_plan(x, S, R, kernel_size, stride, padding, dilation, out_hw, bm, tile, vector_rows, copies,
+                         stages=stages)
     if plan is None and copies:  # x not aligned for the copies: the loads through registers
         plan = halo_plan(x, S, R, kernel_size, stride, padding, dilation, out_hw, bm, tile, vector_rows)
     return None if plan is None else (bm, plan)
@@ -368,7 +387,7 @@ def sketched_conv2d_forward(y: Tensor, x: Tensor, S1s: Tensor, U1s: Tensor, bias
             kernel(
                 (grid,), (THREADS,), x, Sk, U, b, y, *_geometry(x, kh, kw, y, stride, padding, dilation),
                 i32(R), i32(O), *_strides(x), *_strides(y), f32(1.0 / terms), i32(th), i32(tw), i32(cc), i32(flags),
-                shared_mem=halo_shared_bytes(x.dtype, rp, bm, hb),
+                shared_mem=halo_shared_bytes(x.dtype, rp, bm, hb, halo_stages(flags)),
             )
         return
     rp = rank_tile(R)
@@ -402,7 +421,7 @@ def conv_rank(z: Tensor, x: Tensor, S: Tensor, kernel_size: Tuple[int, int], str
                 (N * cdiv(Ho, th) * cdiv(Wo, tw), cdiv(R, rp)), (THREADS,), x, Sk, z,
                 *_geometry(x, kernel_size[0], kernel_size[1], z, stride, padding, dilation), i32(R),
                 *_strides(x), *_strides(z), f32(scale), i32(th), i32(tw), i32(cc), i32(flags),
-                shared_mem=halo_shared_bytes(x.dtype, rp, bm, hb),
+                shared_mem=halo_shared_bytes(x.dtype, rp, bm, hb, halo_stages(flags)),
             )
         return
     rc = 16 if R <= 16 else 32 if R <= 32 else 64

@@ -317,7 +317,8 @@ conv_rank(const T* __restrict__ x, const T* __restrict__ S, T* __restrict__ z, i
 // tensor-core A fragments of every tap (i, j) from there: each input element is read from global memory
 // once per block and kh kw times from shared memory. Channel chunks are double-buffered: the next chunk's
 // halo is loaded into registers and its S rows copied (cp.async, 16 bytes, where aligned) while the
-// tensor cores work on this chunk. Z (BM x RP) stays in registers until the epilogue.
+// tensor cores work on this chunk; the cp.async loaders keep a ring of 2 to 4 buffers (flags:
+// HALO_STAGES_SHIFT), up to 3 chunks in flight. Z (BM x RP) stays in registers until the epilogue.
 //
 // Halo of a chunk: CC x IH x IW, IH = (TH - 1) sh + (kh - 1) dh + 1, IW = (TW - 1) sw + (kw - 1) dw + 1,
 // stored [c][ih][iw] (HS = IH IW elements a channel), then a block of zeros (HS elements) that the
@@ -348,6 +349,12 @@ constexpr int HALO_ASYNC4 = 8, HALO_ASYNC8 = 16, HALO_ASYNC16 = 32;  // flags: c
 constexpr int HALO_ASYNC = HALO_ASYNC4 | HALO_ASYNC8 | HALO_ASYNC16;
 constexpr int HALO_TAPS = 64;  // flags: the chunk's depth tap by tap from a pixel-major halo (LOAD_TAPS)
 constexpr int ASYNC_PASSES = 8;  // cp.async copies one thread issues per chunk, at most
+// flags bits 7-8: the cp.async loaders' ring of NS buffers, NS = 2 + their value, at most 4 (chunks held in
+// shared memory at once: the one multiplied and up to NS - 1 in flight)
+constexpr int HALO_STAGES_SHIFT = 7;
+__host__ __device__ constexpr int halo_stages(int flags) {
+    return 2 + ((flags >> HALO_STAGES_SHIFT) & 3) > 4 ? 4 : 2 + ((flags >> HALO_STAGES_SHIFT) & 3);
+}
 // halo loaders, the template parameter LOAD: element loads (0), or bits LOAD_ROWS8 (8-byte row loads),
 // LOAD_ASYNC (cp.async copies), LOAD_TAPS (pixel-major, tap-major depth; with elements or copies)
 constexpr int LOAD_ELEMENTS = 0, LOAD_ROWS8 = 1, LOAD_ASYNC = 2, LOAD_TAPS = 4;
@@ -464,7 +471,8 @@ __device__ __forceinline__ bool halo_pixel(const Geometry& g, const HaloTile& h,
 // acc[mt] (this warp's m-tile mt: rows warp BM/4 + 16 mt + 0..15 of the tile; RP columns of Z) =
 // im2col(x) S[0:RP]ᵀ over all of K. Every thread of the block calls it (it synchronises the block).
 // Shared memory (`smem`, 16-byte aligned): koff [KC_MAX] ints, poff [BM] ints, the halo buffers
-// (2 HB elements), the S buffers (2 x RP x HaloLd); forward.py: halo_shared_bytes.
+// (NS HB elements), the S buffers (NS x RP x HaloLd), NS = 2, or halo_stages(flags) for the cp.async loaders;
+// forward.py: halo_shared_bytes.
 template <typename T, int RP, bool EXACT, int BM, int LOAD>
 __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], const T* __restrict__ x,
                                           const T* __restrict__ S, const Geometry& g, int R, const HaloTile& h,
@@ -476,12 +484,13 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
     const int K = g.C * h.KK;
     const T zero = from_float<T>(0.f);
     int* koff = reinterpret_cast<int*>(smem);
+    constexpr bool ASYNC = (LOAD & LOAD_ASYNC) != 0, TAPS = (LOAD & LOAD_TAPS) != 0;
+    const int NS = ASYNC ? halo_stages(flags) : 2;  // halo and S buffers: a ring of NS for the copies
     int* poff = koff + KC_MAX;
     T* Hs = reinterpret_cast<T*>(poff + BM);
-    T* Ss = Hs + 2 * h.HB;
+    T* Ss = Hs + NS * h.HB;
     const bool vec_s = (flags & S_VECTOR) != 0;
     const bool cinner = (flags & HALO_CHANNELS_INNER) != 0;  // x channels_last: lanes along channels
-    constexpr bool ASYNC = (LOAD & LOAD_ASYNC) != 0, TAPS = (LOAD & LOAD_TAPS) != 0;
     static_assert(!TAPS || (sizeof(T) == 2 && !EXACT), "LOAD_TAPS: 16-bit types (ldmatrix)");
     constexpr int VE = 16 / static_cast<int>(sizeof(T));  // elements of a 16-byte copy
 
@@ -502,20 +511,18 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
         const int r = m / h.TW;
         poff[m] = h.base + (m < h.TH * h.TW ? r * g.sh * h.sa + (m - r * h.TW) * g.sw * h.sb : 0);
     }
-    if (TAPS || (ASYNC && cinner)) {  // pixels of RW channels: channels CC.. of every pixel of both buffers
+    if (TAPS || (ASYNC && cinner)) {  // pixels of RW channels: channels CC.. of every pixel of every buffer
         const int pad = h.RW - h.CC;
-        for (int e = tid; e < 2 * h.HS * pad; e += THREADS) {
+        for (int e = tid; e < NS * h.HS * pad; e += THREADS) {
             const int p = e / pad;  // pixel of buffer p / HS
             Hs[(p / h.HS) * h.HB + (p % h.HS) * h.RW + h.CC + (e - p * pad)] = zero;
         }
     } else {
-        for (int e = h.zero + tid; e < h.HB; e += THREADS) {  // the zero blocks of both buffers
-            Hs[e] = zero;
-            Hs[h.HB + e] = zero;
-        }
+        for (int e = h.zero + tid; e < h.HB; e += THREADS)  // the zero block of every buffer
+            for (int b = 0; b < NS; ++b) Hs[b * h.HB + e] = zero;
     }
-    if (vec_s)  // columns KC..KCP of both S buffers, never copied into: zero
-        for (int e = tid; e < 2 * RP * (h.KCP - h.KC); e += THREADS) {
+    if (vec_s)  // columns KC..KCP of every S buffer, never copied into: zero
+        for (int e = tid; e < NS * RP * (h.KCP - h.KC); e += THREADS) {
             const int row = e / (h.KCP - h.KC);
             Ss[row * LD + h.KC + (e - row * (h.KCP - h.KC))] = zero;
         }
@@ -679,7 +686,6 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
                                  in ? S + static_cast<long long>(r) * K + static_cast<long long>(t) * g.C + c : S,
                                  in ? 16u : 0u);
             }
-            cp_async_commit();
         } else {
             for (int e = tid; e < RP * h.KC; e += THREADS) {
                 const int r = e / h.KC, kl = e - r * h.KC, t = kl / h.CC, c = c0 + kl - t * h.CC;
@@ -707,7 +713,6 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
                     for (int v = 0; v < VE; ++v) dst[v] = zero;
                 }
             }
-            cp_async_commit();
         } else {
             for (int kl = lane; kl < h.KCP; kl += 32) {
                 const long long kg = k0 + kl;
@@ -730,43 +735,11 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
 
-    if constexpr (ASYNC) {
-        load_halo_async(0, 0);
-        load_s(0, 0);
-        cp_async_commit();  // the halo's copies (with the S copies, where load_s committed them)
-        cp_async_wait<0>();
-    } else {
-        load_halo(0);
-        load_s(0, 0);
-        store_halo(0);
-        if (vec_s) cp_async_wait<0>();
-    }
-    __syncthreads();
     int p[MT][2];  // halo offsets of this lane's fragment rows g and g + 8 of each m-tile
     int pl[MT];    // TAPS: of the pixel whose row this lane gives ldmatrix (row l % 16 of each m-tile)
     const int gq = lane >> 2, tq = lane & 3;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-        p[mt][0] = poff[warp * 16 * MT + mt * 16 + gq];
-        p[mt][1] = poff[warp * 16 * MT + mt * 16 + gq + 8];
-        pl[mt] = poff[warp * 16 * MT + mt * 16 + (lane & 15)];
-    }
-
-    int buf = 0;
-    for (int c0 = 0; c0 < g.C; c0 += h.CC, buf ^= 1) {
-        const bool more = c0 + h.CC < g.C;
-        if (more) {  // in flight during the products below; buffer buf ^ 1 was last read before the barrier
-            if constexpr (ASYNC) {
-                load_halo_async(buf ^ 1, c0 + h.CC);
-                load_s(buf ^ 1, c0 + h.CC);
-                cp_async_commit();
-            } else {
-                load_halo(c0 + h.CC);
-                load_s(buf ^ 1, c0 + h.CC);
-            }
-        }
-        const T* Hb = Hs + buf * h.HB;
-        const T* Sb = Ss + buf * RP * LD;
+    // acc += the products of the chunk in halo buffer Hb and S buffer Sb
+    auto products = [&](const T* Hb, const T* Sb) {
         if constexpr (TAPS) {
             // A (16 pixels x 16 channels of tap t): lane l gives row l % 16 (pixel) at channel 8 (l / 16); B (16
             // columns of S x 16 channels): lane l gives row 8 (l / 16) + l % 8 at channel 8 ((l / 8) % 2)
@@ -857,11 +830,72 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
                 }
             }
         }
-        if (more) {
-            if constexpr (!ASYNC) store_halo(buf ^ 1);
-            if (vec_s || ASYNC) cp_async_wait<0>();
+    };
+    auto fragment_rows = [&] {  // after a barrier: poff written
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            p[mt][0] = poff[warp * 16 * MT + mt * 16 + gq];
+            p[mt][1] = poff[warp * 16 * MT + mt * 16 + gq + 8];
+            pl[mt] = poff[warp * 16 * MT + mt * 16 + (lane & 15)];
+        }
+    };
+
+    if constexpr (ASYNC) {
+        // A ring of NS buffers: chunk i lands in buffer i % NS, copied NS - 1 chunks ahead of its products,
+        // one group of copies (halo and S) per chunk, committed even when empty so that the count holds.
+        for (int s = 0; s < NS - 1; ++s) {
+            if (s * h.CC < g.C) {
+                load_halo_async(s, s * h.CC);
+                load_s(s, s * h.CC);
+            }
+            cp_async_commit();
         }
         __syncthreads();
+        fragment_rows();
+        for (int c0 = 0, i = 0; c0 < g.C; c0 += h.CC, ++i) {
+            // chunk i's group done (at most NS - 2 younger ones in flight), and every thread past the
+            // products of chunk i - 1, whose buffer the copies of chunk i + NS - 1 then take
+            if (NS >= 4) {
+                cp_async_wait<2>();
+            } else if (NS == 3) {
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
+            }
+            __syncthreads();
+            const int ahead = c0 + (NS - 1) * h.CC;
+            if (ahead < g.C) {
+                load_halo_async((i + NS - 1) % NS, ahead);
+                load_s((i + NS - 1) % NS, ahead);
+            }
+            cp_async_commit();
+            products(Hs + (i % NS) * h.HB, Ss + (i % NS) * RP * LD);
+        }
+        cp_async_wait<0>();  // only empty groups are left; then the caller may reuse shared memory
+        __syncthreads();
+    } else {
+        load_halo(0);
+        load_s(0, 0);
+        if (vec_s) cp_async_commit();  // the S copies
+        store_halo(0);
+        if (vec_s) cp_async_wait<0>();
+        __syncthreads();
+        fragment_rows();
+        int buf = 0;
+        for (int c0 = 0; c0 < g.C; c0 += h.CC, buf ^= 1) {
+            const bool more = c0 + h.CC < g.C;
+            if (more) {  // in flight during the products below; buffer buf ^ 1 was last read before the barrier
+                load_halo(c0 + h.CC);
+                load_s(buf ^ 1, c0 + h.CC);
+                if (vec_s) cp_async_commit();
+            }
+            products(Hs + buf * h.HB, Ss + buf * RP * LD);
+            if (more) {
+                store_halo(buf ^ 1);
+                if (vec_s) cp_async_wait<0>();
+            }
+            __syncthreads();
+        }
     }
 }
 
