@@ -667,6 +667,38 @@ def test_halo_launch_arguments(channels_last):
         assert [int(a) for a in dz_call[3][3:16]] == [70, 9, 11, 9, 11, 1, 1, 1, 1, 0, 0, 1, 1]  # g: a 1x1 conv
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_forward_copies_u_tiles_where_aligned(dtype):
+    """The fused halo forward takes flag U_ASYNC, with the shared memory of its two U buffers, where O is a
+    whole number of 16-byte copies and U and the bias are aligned (forward.u_async); not otherwise, nor with
+    forward.U_TILES = "loads"."""
+    x = torch.randn(2, 16, 9, 11, dtype=dtype)
+    S1s = torch.randn(2, 8, 16, 3, 3, dtype=dtype)
+    per_copy = 16 // x.element_size()
+
+    def launch(O, bias_offset=0, u_tiles="async"):
+        U1s = torch.randn(2, 8, O, dtype=dtype)
+        b = torch.randn(O + bias_offset, dtype=dtype)[bias_offset:]
+        rec = _Recorder()
+        with mock.patch.object(forward.Kernel, "__call__", lambda self, *a, **k: rec(self, *a, **k)), \
+                mock.patch.object(forward, "U_TILES", u_tiles):
+            (y,) = forward.forward_outputs(x, S1s, U1s, b, 1, 1, 1, 1, 1, 1, True)
+            forward.sketched_conv2d_forward(y, x, S1s, U1s, b, (1, 1), (1, 1), (1, 1), True)
+        (call,) = rec.calls
+        flags = int(call[3][-1])
+        _, (th, tw, cc, plan_flags, hb) = forward._halo(x, S1s.reshape(16, -1), 16, (3, 3), (1, 1), (1, 1), (1, 1),
+                                                       (9, 11))
+        assert flags & ~forward.U_ASYNC == plan_flags
+        copied = bool(flags & forward.U_ASYNC)
+        assert call[4] == forward.halo_shared_bytes(dtype, 16, 64, hb, forward.halo_stages(flags), copied)
+        return copied
+
+    assert launch(8 * per_copy)
+    assert not launch(8 * per_copy + 1)  # O past a whole number of copies
+    assert not launch(8 * per_copy, bias_offset=1)  # the bias not aligned
+    assert not launch(8 * per_copy, u_tiles="loads")
+
+
 @pytest.mark.parametrize("name, bm", [("3x3_W16_R24", 64), ("1x1_rows8_R32", 64), ("5x5_pad2_R48", 128)])
 def test_default_family_block_pixels_follow_R(name, bm):
     """Unforced, the forward launch takes the cp.async halo kernels, 64 output pixels per block up to
@@ -1038,9 +1070,10 @@ EMU_TAPS_CASES = [
 ]
 
 
-def _run_harness(conv_emulator, case, vector=False, copy=0, taps=False, stages=2):
+def _run_harness(conv_emulator, case, vector=False, copy=0, taps=False, stages=2, u_tiles=False):
     """Runs the harness on the plan the host code picks for ``case`` (a ring of ``stages`` buffers where it
-    copies); checks y and z against float64."""
+    copies; with ``u_tiles`` the forward's U tiles and bias copied, flag U_ASYNC); checks y and z against
+    float64."""
     mode, layout, N, C, H, W, O, terms, R, ks, st, pd, dl, bm, bias = case[:15]
     dtype = EMU_DTYPES[mode]
     x = torch.empty(N, C, H, W, dtype=dtype)
@@ -1058,7 +1091,10 @@ def _run_harness(conv_emulator, case, vector=False, copy=0, taps=False, stages=2
         assert flags & sum(forward.HALO_ASYNC.values()) == forward.HALO_ASYNC.get(copy, 0), plan
     rp = next(w for w in forward.HALO_RANKS if w >= width)
     assert forward.halo_stages(flags) == stages, plan
-    shared = forward.halo_shared_bytes(dtype, rp, bm, hb, stages)
+    shared = forward.halo_shared_bytes(dtype, rp, bm, hb, stages, u_tiles)
+    if u_tiles:  # the launcher's condition (forward.u_async): O a whole number of 16-byte copies
+        assert O * x.element_size() % 16 == 0 and shared <= forward.MAX_SHARED
+        flags |= forward.U_ASYNC
     args = [mode, layout, N, C, H, W, O, terms, R, *ks, *st, *pd, *dl, bm, th, tw, cc, flags, shared, bias]
     r = subprocess.run([str(conv_emulator), *map(str, args)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -1134,6 +1170,26 @@ EMU_RING_CASES = [  # (case as EMU_ASYNC_CASES, stages, taps)
     (("float16", "nchw", 1, 300, 4, 16, 11, 2, 16, (1, 1), (1, 1), (0, 0), (1, 1), 64, 1, 16), 4, False),  # 1x1
     (("bfloat16", "channels_last", 1, 72, 9, 11, 70, 2, 30, (3, 3), (1, 1), (1, 1), (1, 1), 64, 1, 16), 4, True),
 ]
+
+
+# The fused forward's U tiles and bias copied one tile ahead (U_ASYNC): one tile, a short last tile, several
+# tiles (both buffers reused), no bias, every loader (registers, copies, taps), RP 16 / 32 / 64
+EMU_U_TILE_CASES = [  # (case as EMU_ASYNC_CASES, copies, taps)
+    (("bfloat16", "nchw", 2, 12, 9, 16, 64, 2, 30, (3, 3), (1, 1), (1, 1), (1, 1), 64, 1, 16), True, False),
+    (("bfloat16", "channels_last", 1, 40, 9, 11, 72, 2, 12, (3, 3), (1, 1), (1, 1), (1, 1), 64, 1, 16), True, False),
+    (("float16", "nchw", 1, 20, 7, 9, 200, 2, 64, (3, 3), (1, 1), (1, 1), (1, 1), 128, 0, 0), False, False),
+    (("float32", "nchw", 2, 9, 10, 10, 36, 2, 10, (3, 3), (1, 1), (0, 0), (1, 1), 64, 1, 8), True, False),
+    (("tf32", "channels_last", 1, 20, 8, 8, 132, 2, 24, (3, 3), (2, 2), (1, 1), (1, 1), 64, 1, 16), True, False),
+    (("bfloat16", "channels_last", 1, 40, 9, 11, 136, 2, 30, (3, 3), (1, 1), (1, 1), (1, 1), 64, 1, 0), False, True),
+]
+
+
+@pytest.mark.parametrize("case, copies, taps", EMU_U_TILE_CASES,
+                         ids=lambda v: _emu_id(v) if isinstance(v, tuple) else str(v))
+def test_forward_u_tiles_copied_ahead_under_emulation(conv_emulator, case, copies, taps):
+    """With U_ASYNC the forward's U tile and bias arrive by cp.async a tile ahead (the first during the main
+    loop); the emulation lands them only when waited for, so a tile read early shows."""
+    _run_harness(conv_emulator, case, copy=case[-1] if copies else 0, taps=taps, u_tiles=True)
 
 
 @pytest.mark.parametrize("case, stages, taps", EMU_RING_CASES, ids=lambda v: _emu_id(v) if isinstance(v, tuple) else str(v))

@@ -44,8 +44,10 @@ CASES = [  # (N, C, O, H, W, L, k)
     (64, 256, 256, 28, 28, 1, 32),
 ]
 # forward.VARIANT values: the default choice, each family, and a few forced tiles (TH x TW output pixels)
-# "+dx": with the backward's dx by the conv_rank kernels (backward.DX = "kernels") instead of cuDNN
-VARIANTS = [None, "halo64", "halo128", "async64", "async128", "async64s3", "async64s4", "async128s3", "async128s4",
+# "+dx": with the backward's dx by the conv_rank kernels (backward.DX = "kernels") instead of cuDNN; "+uloads":
+# the fused forward's U tiles loaded through registers when their tile comes (forward.U_TILES = "loads")
+VARIANTS = [None, "+uloads", "halo64", "halo128", "async64", "async128", "async64s3", "async64s4", "async128s3",
+            "async128s4", "async64+uloads", "async128+uloads",
             "taps64", "taps128", "taps64s3", "generic", "halo64+dx", "async64+dx", "taps64+dx", "taps128+dx",
             "halo64:4x16", "async64:4x16", "taps64:4x16", "halo64:2x32", "halo64:1x64", "halo128:4x32"]
 # the implementations whose kernels are timed one by one
@@ -81,15 +83,20 @@ def time_graph(graph, reps):
 
 @contextlib.contextmanager
 def variant(v):
-    """forward.VARIANT = v (and with "+dx" backward.DX = "kernels") while the graphs are captured (the forward
-    and the backward's launches)."""
-    previous = forward.VARIANT, backward.DX
-    family, plus, _ = (v or "").partition("+dx")
-    forward.VARIANT, backward.DX = family or None, "kernels" if plus else "cudnn"
+    """forward.VARIANT = v while the graphs are captured (the forward and the backward's launches); suffixes
+    "+dx": backward.DX = "kernels", "+uloads": forward.U_TILES = "loads"."""
+    previous = forward.VARIANT, backward.DX, forward.U_TILES
+    family, *options = (v or "").split("+")
+    unknown = set(options) - {"dx", "uloads"}
+    if unknown:
+        raise ValueError(f"variant {v!r}: unknown suffixes {sorted(unknown)} (expected +dx, +uloads)")
+    forward.VARIANT = family or None
+    backward.DX = "kernels" if "dx" in options else "cudnn"
+    forward.U_TILES = "loads" if "uloads" in options else "async"
     try:
         yield
     finally:
-        forward.VARIANT, backward.DX = previous
+        forward.VARIANT, backward.DX, forward.U_TILES = previous
 
 
 def measure(fn, args, grads_of, gy, reps):

@@ -49,6 +49,7 @@ HALO_VPASSES = HALO_PASSES // 2  # 8-byte halo loads one thread makes per channe
 ASYNC_PASSES = 8  # cp.async copies of the halo one thread issues per channel chunk, at most (conv::ASYNC_PASSES)
 HALO_STAGES_SHIFT = 7  # flags bits 7-8: the cp.async loaders' ring of 2 + that many buffers (conv::halo_stages)
 MAX_STAGES = 4
+U_ASYNC = 512  # flag (the fused forward): U tiles and bias by cp.async, one tile ahead (conv::U_ASYNC)
 LOAD_ELEMENTS, LOAD_ROWS8, LOAD_ASYNC, LOAD_TAPS = 0, 1, 2, 4  # the kernels' template parameter LOAD (bits)
 MAX_SHARED = 99 * 1024  # dynamic shared memory a plan may take (the opt-in limit of sm_86 / sm_89)
 # None: the default (:func:`default_family`): the cp.async halo kernels, 64 pixels per block for R <= 32 and
@@ -61,6 +62,9 @@ MAX_SHARED = 99 * 1024  # dynamic shared memory a plan may take (the opt-in limi
 # shared memory does not hold them). For timing.
 VARIANT: Optional[str] = None
 STAGES = 2  # buffers of the cp.async loaders' ring by default (halo_plan's ``stages``)
+# the fused halo forward's U tiles and bias: "async" copied one tile ahead where aligned (u_async), "loads"
+# through registers when their tile comes. For timing.
+U_TILES = "async"
 
 _CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 _kernels: Dict[tuple, Kernel] = {}
@@ -100,15 +104,26 @@ def halo_stages(flags: int) -> int:
     return min(MAX_STAGES, 2 + (flags >> HALO_STAGES_SHIFT & 3))
 
 
-def halo_shared_bytes(dtype: torch.dtype, rp: int, bm: int, hb: int, stages: int = 2) -> int:
+def halo_shared_bytes(dtype: torch.dtype, rp: int, bm: int, hb: int, stages: int = 2, u_async: bool = False) -> int:
     """Dynamic shared memory of the halo kernels <T, rp, ., bm> with ``stages`` halo buffers of ``hb``
     elements: the column and pixel tables (KC_MAX + bm ints), then the larger of the main loop's halo
     buffers and as many S buffers (rp x (KC_MAX + pad)) and the epilogue's Z (bm x (rp + pad)) and U tile
-    (rp x (BN + pad))."""
+    (rp x (BN + pad)); with ``u_async`` (the forward's flag U_ASYNC), from the next 16 bytes two buffers of a
+    U tile and its bias (rp x (BN + pad) + BN each; sketched_conv2d.cu: halo_u_offset)."""
     pad, size = _pad(dtype), torch.empty((), dtype=dtype).element_size()
     loop = stages * (hb + rp * (KC_MAX + pad))
     epilogue = bm * (rp + pad) + rp * (BN + pad)
-    return 4 * (KC_MAX + bm) + size * max(loop, epilogue)
+    bytes_ = 4 * (KC_MAX + bm) + size * max(loop, epilogue)
+    if u_async:
+        bytes_ = cdiv(bytes_, 16) * 16 + 2 * size * (rp * (BN + pad) + BN)
+    return bytes_
+
+
+def u_async(U: Tensor, bias: Optional[Tensor]) -> bool:
+    """Whether the forward may copy U (R, O), contiguous, and the bias 16 bytes at a time: O a whole number of
+    copies, both aligned to 16 bytes (the flag U_ASYNC)."""
+    return (U.shape[-1] * U.element_size() % 16 == 0 and U.data_ptr() % 16 == 0
+            and (bias is None or bias.data_ptr() % 16 == 0))
 
 
 def halo_extent(tile: int, kernel: int, stride: int, dilation: int) -> int:
@@ -380,6 +395,11 @@ def sketched_conv2d_forward(y: Tensor, x: Tensor, S1s: Tensor, U1s: Tensor, bias
     if halo is not None:
         bm, (th, tw, cc, flags, hb) = halo
         rp = next(w for w in HALO_RANKS if w >= R)
+        stages = halo_stages(flags)
+        shared = halo_shared_bytes(x.dtype, rp, bm, hb, stages)
+        if U_TILES == "async" and u_async(U, b) and halo_shared_bytes(x.dtype, rp, bm, hb, stages, True) <= MAX_SHARED:
+            flags |= U_ASYNC
+            shared = halo_shared_bytes(x.dtype, rp, bm, hb, stages, True)
         kernel = _kernel("sketched_conv2d_fwd_halo", x.dtype, rp, exact, bm, halo_loader(flags))
         grid = y.shape[0] * cdiv(y.shape[2], th) * cdiv(y.shape[3], tw)
         Sk = tap_major(S.view(R, -1), C, kh, kw) if flags & HALO_TAPS else S
@@ -387,7 +407,7 @@ def sketched_conv2d_forward(y: Tensor, x: Tensor, S1s: Tensor, U1s: Tensor, bias
             kernel(
                 (grid,), (THREADS,), x, Sk, U, b, y, *_geometry(x, kh, kw, y, stride, padding, dilation),
                 i32(R), i32(O), *_strides(x), *_strides(y), f32(1.0 / terms), i32(th), i32(tw), i32(cc), i32(flags),
-                shared_mem=halo_shared_bytes(x.dtype, rp, bm, hb, halo_stages(flags)),
+                shared_mem=shared,
             )
         return
     rp = rank_tile(R)

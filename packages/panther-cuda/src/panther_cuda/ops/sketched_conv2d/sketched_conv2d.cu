@@ -355,6 +355,10 @@ constexpr int HALO_STAGES_SHIFT = 7;
 __host__ __device__ constexpr int halo_stages(int flags) {
     return 2 + ((flags >> HALO_STAGES_SHIFT) & 3) > 4 ? 4 : 2 + ((flags >> HALO_STAGES_SHIFT) & 3);
 }
+// flags (sketched_conv2d_fwd_halo): the epilogue's U tiles and bias copied by cp.async, 16 bytes at a time, one
+// tile ahead of their products, the first while the main loop runs (O a whole number of copies, U and bias
+// aligned to 16 bytes); else loaded through registers when their tile comes
+constexpr int U_ASYNC = 512;
 // halo loaders, the template parameter LOAD: element loads (0), or bits LOAD_ROWS8 (8-byte row loads),
 // LOAD_ASYNC (cp.async copies), LOAD_TAPS (pixel-major, tap-major depth; with elements or copies)
 constexpr int LOAD_ELEMENTS = 0, LOAD_ROWS8 = 1, LOAD_ASYNC = 2, LOAD_TAPS = 4;
@@ -458,6 +462,18 @@ __device__ __forceinline__ HaloTile halo_tile(const Geometry& g, int TH, int TW,
         h.base = h.iw0 - h.iwa;
     }
     return h;
+}
+
+// Byte offset of the forward's U_ASYNC buffers: past the tables (KC_MAX + BM ints) and the larger of the main
+// loop's buffers (NS halo buffers, NS S buffers) and the epilogue's Z and U tile, rounded up to 16 bytes
+// (forward.py: halo_shared_bytes).
+template <typename T, int RP, int BM, int LOAD>
+__device__ __forceinline__ int halo_u_offset(const HaloTile& h, int flags) {
+    const int ns = (LOAD & LOAD_ASYNC) ? halo_stages(flags) : 2;
+    const int loop = ns * (h.HB + RP * HaloLd<T>::value);
+    const int epilogue = BM * (RP + Pad<T>::value) + RP * (BN + Pad<T>::value);
+    const int bytes = (KC_MAX + BM) * 4 + static_cast<int>(sizeof(T)) * (loop > epilogue ? loop : epilogue);
+    return (bytes + 15) / 16 * 16;
 }
 
 // Output pixel of row m of the block's tile: (oh, ow), and whether it is an output pixel at all.
@@ -924,6 +940,26 @@ sketched_conv2d_fwd_halo(const T* __restrict__ x, const T* __restrict__ S, const
     const HaloTile h = halo_tile<LOAD>(g, TH, TW, CC, flags, static_cast<int>(sizeof(T)));
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
+    // U_ASYNC: two buffers of UB elements (a U tile, RP x ULD, then its bias, BN) past the main loop's and the
+    // epilogue's shared memory (forward.py: halo_shared_bytes); tile 0's copies go out before the main loop
+    constexpr int UB = RP * ULD + BN;
+    constexpr int UV = 16 / static_cast<int>(sizeof(T));  // elements of a copy
+    const bool u_async = (flags & U_ASYNC) != 0;
+    T* Ub = reinterpret_cast<T*>(smem + halo_u_offset<T, RP, BM, LOAD>(h, flags));
+    auto copy_u = [&](int buf, int o0) {  // U[0:RP, o0:o0+BN] and bias[o0:o0+BN] (zeros past R, O, or no bias)
+        T* dst = Ub + buf * UB;
+        for (int e = tid; e < (RP + 1) * (BN / UV); e += THREADS) {
+            const int r = e / (BN / UV), o = o0 + (e - r * (BN / UV)) * UV;
+            const bool in = r < RP ? r < R && o < O : bias != nullptr && o < O;
+            const T* src = !in ? U : r < RP ? U + static_cast<long long>(r) * O + o : bias + o;
+            cp_async16_zfill(dst + r * ULD + (o - o0), src, in ? 16u : 0u);
+        }
+    };
+    if (u_async) {
+        copy_u(0, 0);
+        cp_async_commit();  // the oldest group: retired by the main loop's waits, or by the epilogue's
+    }
+
     float acc[MT][RP / 8][4];
     halo_rank<T, RP, EXACT, BM, LOAD>(acc, x, S, g, R, h, flags, smem);
 
@@ -954,12 +990,20 @@ sketched_conv2d_fwd_halo(const T* __restrict__ x, const T* __restrict__ S, const
     const bool pair = syc == 1 && (O & 1) == 0 && ((syn | syh | syw) & 1) == 0 &&
                       (reinterpret_cast<unsigned long long>(y) & (2 * sizeof(T) - 1)) == 0;
     const T zero = from_float<T>(0.f);
-    for (int o0 = 0; o0 < O; o0 += BN) {
-        __syncthreads();  // Zs written (first pass) / the previous U tile read
-        for (int e = tid; e < RP * BN; e += THREADS) {
-            const int r = e / BN, oo = e - (e / BN) * BN;
-            const int o = o0 + oo;
-            Us[r * ULD + oo] = (r < R && o < O) ? U[static_cast<long long>(r) * O + o] : zero;
+    for (int o0 = 0, j = 0; o0 < O; o0 += BN, ++j) {
+        const T* Ut = Us;  // this tile's U (RP x BN, ULD), and with U_ASYNC its bias after it
+        __syncthreads();   // Zs written (first pass) / the previous tile's buffer read
+        if (u_async) {
+            if (o0 + BN < O) copy_u((j + 1) & 1, o0 + BN);  // into the buffer of tile j - 1
+            cp_async_commit();
+            cp_async_wait<1>();  // this tile's copies: every group but the one just committed
+            Ut = Ub + (j & 1) * UB;
+        } else {
+            for (int e = tid; e < RP * BN; e += THREADS) {
+                const int r = e / BN, oo = e - (e / BN) * BN;
+                const int o = o0 + oo;
+                Us[r * ULD + oo] = (r < R && o < O) ? U[static_cast<long long>(r) * O + o] : zero;
+            }
         }
         __syncthreads();
         float acc2[BN / 8][4];
@@ -971,15 +1015,18 @@ sketched_conv2d_fwd_halo(const T* __restrict__ x, const T* __restrict__ S, const
                 for (int i = 0; i < 4; ++i) acc2[nt][i] = 0.f;
             warp_product<T, EXACT, BN / 8>(
                 acc2, [&](int r, int c) { return Zs[(warp * 16 * MT + mt * 16 + r) * ZLD + c]; },
-                [&](int k, int n) { return Us[k * ULD + n]; }, RP, lane);
+                [&](int k, int n) { return Ut[k * ULD + n]; }, RP, lane);
 #pragma unroll
             for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
                 for (int hh = 0; hh < 2; ++hh) {
-                    const int o = o0 + nt * 8 + 2 * (lane & 3);  // this lane's columns o, o + 1
+                    const int oo = nt * 8 + 2 * (lane & 3), o = o0 + oo;  // this lane's columns o, o + 1
                     if (!yvalid[mt][hh] || o >= O) continue;
                     float v0 = acc2[nt][2 * hh] * scale, v1 = acc2[nt][2 * hh + 1] * scale;
-                    if (bias != nullptr) {
+                    if (u_async) {  // the tile's bias (zeros without one)
+                        v0 += to_float<T>(Ut[RP * ULD + oo]);
+                        v1 += to_float<T>(Ut[RP * ULD + oo + 1]);
+                    } else if (bias != nullptr) {
                         v0 += to_float<T>(bias[o]);
                         if (o + 1 < O) v1 += to_float<T>(bias[o + 1]);
                     }
@@ -992,6 +1039,7 @@ sketched_conv2d_fwd_halo(const T* __restrict__ x, const T* __restrict__ S, const
                 }
         }
     }
+    if (u_async) cp_async_wait<0>();  // the last tile's group (empty)
 }
 
 // z[n, r, oh, ow] (strides sz*) = scale · Σ_κ im2col(x)[m, κ] S[r, κ] for r < R, through the halo tiles
