@@ -61,10 +61,12 @@ CASES = {
     # W = 16: NCHW rows in 8-byte loads (the 1x1 forward; the backward's dZ of both)
     "1x1_rows8_R32": (2, 24, 6, 16, 20, 2, 16, (1, 1), (1, 1), (0, 0), (1, 1)),
     "3x3_W16_R24": (2, 12, 10, 16, 33, 2, 12, (3, 3), (1, 1), (1, 1), (1, 1)),
+    # O = 72: U tiles and bias copied ahead (U_ASYNC) in every dtype, a second tile of 8 columns
+    "3x3_O72_R32": (2, 20, 9, 12, 72, 2, 16, (3, 3), (1, 1), (1, 1), (1, 1)),
 }
 # Cases every kernel family takes (R <= 64): run with each forced (forward.VARIANT).
 HALO_CASES = ["3x3_R6", "1x1_N1_R20", "5x5_pad2_R48", "stride2_R6", "dilation2_pad2", "chunks_C40_R30_O70",
-              "1x1_rows8_R32", "3x3_W16_R24"]
+              "1x1_rows8_R32", "3x3_W16_R24", "3x3_O72_R32"]
 VARIANTS = ["halo64", "halo128", "halo64:1x64", "async64", "async128", "async64s4", "async128s3", "taps64", "taps128",
             "generic"]
 
