@@ -61,9 +61,11 @@ MAX_SHARED = 99 * 1024  # dynamic shared memory a plan may take (the opt-in limi
 # kernels. A copying family takes a ring of 2 to 4 buffers, "async64s3" (default: :data:`STAGES`; fewer where
 # shared memory does not hold them). For timing.
 VARIANT: Optional[str] = None
-STAGES = 2  # buffers of the cp.async loaders' ring by default (halo_plan's ``stages``)
-# the fused halo forward's U tiles and bias: "async" copied one tile ahead where aligned (u_async), "loads"
-# through registers when their tile comes. For timing.
+# buffers of the cp.async loaders' ring by default (halo_plan's ``stages``): 3 and 4 were no faster at the
+# benchmark convs (tools/conv_sweep.py; benchmarks/results/NOTES.md)
+STAGES = 2
+# the fused halo forward's U tiles and bias: "async" copied one tile ahead where aligned (u_async), the faster
+# in the recorded runs; "loads" through registers when their tile comes, for timing
 U_TILES = "async"
 
 _CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
