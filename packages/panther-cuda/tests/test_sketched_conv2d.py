@@ -819,7 +819,7 @@ def test_halo_plan_refuses_what_the_halo_kernels_cannot_take():
 
 
 @pytest.mark.parametrize("variant", ["taps", "async32", "halo64:4", "halo64:0x16", "conv64", "halo64x", "async64s5",
-                                     "async64s1", "async64:4x16s3"])
+                                     "async64s1", "async64:4x16s3", "halo64s3"])
 def test_variant_names_a_family_or_is_refused(variant):
     x, S = torch.empty(1, 8, 10, 10), torch.empty(16, 72)
     with mock.patch.object(forward, "VARIANT", variant), pytest.raises(ValueError, match=rf"forward\.VARIANT: '{variant}'"):

@@ -307,6 +307,10 @@ def _halo(x: Tensor, S: Tensor, R: int, kernel_size, stride, padding, dilation, 
                              "copies' ring 's2' to 's4', and optionally a tile ':THxTW' (e.g. 'taps64:4x16', "
                              "'async128s3')")
         name, bm = m[1], int(m[2])
+        if name == "halo" and m[3]:
+            raise ValueError(f"forward.VARIANT: {VARIANT!r}: the halo family loads through registers into two "
+                             "buffers; a ring of buffers ('s2' to 's4') is for the families that copy, async and "
+                             "taps")
         copies, taps = name == "async", name == "taps"
         stages = int(m[3]) if m[3] else stages
         tile = (int(m[4]), int(m[5])) if m[4] else None
@@ -397,11 +401,10 @@ def sketched_conv2d_forward(y: Tensor, x: Tensor, S1s: Tensor, U1s: Tensor, bias
     if halo is not None:
         bm, (th, tw, cc, flags, hb) = halo
         rp = next(w for w in HALO_RANKS if w >= R)
-        stages = halo_stages(flags)
-        shared = halo_shared_bytes(x.dtype, rp, bm, hb, stages)
-        if U_TILES == "async" and u_async(U, b) and halo_shared_bytes(x.dtype, rp, bm, hb, stages, True) <= MAX_SHARED:
-            flags |= U_ASYNC
-            shared = halo_shared_bytes(x.dtype, rp, bm, hb, stages, True)
+        shared = halo_shared_bytes(x.dtype, rp, bm, hb, halo_stages(flags))
+        copied = halo_shared_bytes(x.dtype, rp, bm, hb, halo_stages(flags), u_async=True)
+        if U_TILES == "async" and u_async(U, b) and copied <= MAX_SHARED:
+            flags, shared = flags | U_ASYNC, copied
         kernel = _kernel("sketched_conv2d_fwd_halo", x.dtype, rp, exact, bm, halo_loader(flags))
         grid = y.shape[0] * cdiv(y.shape[2], th) * cdiv(y.shape[3], tw)
         Sk = tap_major(S.view(R, -1), C, kh, kw) if flags & HALO_TAPS else S

@@ -353,7 +353,8 @@ constexpr int ASYNC_PASSES = 8;  // cp.async copies one thread issues per chunk,
 // shared memory at once: the one multiplied and up to NS - 1 in flight)
 constexpr int HALO_STAGES_SHIFT = 7;
 __host__ __device__ constexpr int halo_stages(int flags) {
-    return 2 + ((flags >> HALO_STAGES_SHIFT) & 3) > 4 ? 4 : 2 + ((flags >> HALO_STAGES_SHIFT) & 3);
+    const int stages = 2 + ((flags >> HALO_STAGES_SHIFT) & 3);
+    return stages < 4 ? stages : 4;
 }
 // flags (sketched_conv2d_fwd_halo): the epilogue's U tiles and bias copied by cp.async, 16 bytes at a time, one
 // tile ahead of their products, the first while the main loop runs (O a whole number of copies, U and bias
