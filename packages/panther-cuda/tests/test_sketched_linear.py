@@ -161,7 +161,8 @@ def test_each_gradient_alone(wants):
 
 PLANS = [ForwardPlan(fused=True, o_groups=1), ForwardPlan(fused=True, o_groups=3), ForwardPlan(fused=False),
          ForwardPlan(fused=False, h_splits=3), ForwardPlan(fused=False, tiles="large"),
-         ForwardPlan(fused=False, h_splits=3, tiles="large")]
+         ForwardPlan(fused=False, h_splits=3, tiles="large"), ForwardPlan(fused=False, h_splits=3, tiles="deep64"),
+         ForwardPlan(fused=False, h_splits=2, tiles="deep128")]
 
 
 @on_gpu
@@ -169,8 +170,9 @@ PLANS = [ForwardPlan(fused=True, o_groups=1), ForwardPlan(fused=True, o_groups=3
 @pytest.mark.parametrize("plan", PLANS, ids=str)
 def test_every_forward_plan(plan, mode):
     """The fused kernel (one and several blocks per row tile, the last group short), the two launches, and
-    H in three shares of I (32, 32 and 26 columns) summed by a launch of their own; 64 x 64 and 128 x 128
-    tiles (T = 170: two row tiles of 128, the second short)."""
+    H in shares of I (32, 32 and 26 columns; on the deeper steps 64 and 26, or 90 in one share and an empty
+    one) summed by a launch of their own; 64 x 64 and 128 x 128 tiles (T = 170: two row tiles of 128, the
+    second short)."""
     inputs = make_inputs(170, 90, 200, 2, 9, DTYPES[mode])
     with precision(mode):
         y, h = sketched_linear_forward(*inputs, allow_tf32=mode == "tf32", plan=plan)
@@ -190,7 +192,7 @@ def test_forced_fused_plan_falls_back_when_r_is_wide():
 
 
 @on_gpu
-@pytest.mark.parametrize("tiles", ["small", "large"])
+@pytest.mark.parametrize("tiles", list(limits.CONFIGS))
 @pytest.mark.parametrize("mode", list(DTYPES))
 @pytest.mark.parametrize("split", [1, 3, 8])
 def test_weight_gradients_split_over_rows(split, mode, tiles):
@@ -1008,6 +1010,12 @@ EMU_CASES = [
     ("tf32", "large", -3, 2, 140, 96, 136, 1, 64, 1, "111111"),  # H in shares of I, dH in shares of O
     ("tf32", "large", 0, 1, 65, 64, 48, 3, 50, 1, "100010"),  # R = 300: three column tiles of H
     ("bfloat16", "large", -2, 1, 130, 200, 72, 1, 16, 0, "100110"),  # the U halves alone
+    # the deeper steps (64 and 128): I and T in shares cut mid-step, R past one tile, exact float32 on 16 warps
+    ("bfloat16", "deep64", -2, 2, 150, 200, 136, 1, 64, 1, "111111"),  # I = 200 in 128 and 72
+    ("float32", "deep64", 0, 1, 70, 90, 100, 2, 9, 1, "111111"),  # exact, scalar loads
+    ("float16", "deep128", -2, 1, 140, 300, 130, 1, 64, 1, "111111"),  # I = 300 in 256 and 44
+    ("tf32", "deep128", 0, 2, 65, 64, 48, 3, 50, 1, "110011"),  # R = 300: three column tiles
+    ("float32", "deep128", 0, 1, 40, 130, 70, 1, 8, 1, "111111"),  # exact float32 on 16 warps
     ("float16", "large", 1, 2, 100, 56, 136, 3, 8, 1, "111111"),  # fused forward, then the large backward
     ("bfloat16", "large", 0, 2, 70, 20, 30, 1, 3, 1, "000001"),  # db alone, 256 threads summing g tiles
     # y by forward_sm90.cu's wgmma kernel ("sm90:G": G blocks per row tile; R and O multiples of 8): the depths

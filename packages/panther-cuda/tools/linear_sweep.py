@@ -1,6 +1,7 @@
 """Time the cuda sketched linear op under each launch plan it can take, next to the triton backend and F.linear.
 
     python packages/panther-cuda/tools/linear_sweep.py --out sweep.json [--quick | --shape TxIxO ...] [--replays 30]
+        [--tiles large,deep64] [--no-hopper]
 
 Shapes (bfloat16, L = 1, k = 64, so R = 128): T = 4096 rows with I = O in (4096, 8192), and T = 128 rows with
 I = O in (1024, 8192); --quick keeps one of each (4096 x 4096, 128 x 1024) and fewer replays; --shape picks
@@ -15,8 +16,8 @@ For each shape, on one GPU, in CUDA-graph replay (each call captured once after 
 * cuda backward on each tile shape (the rule's splits), given the H of the default forward, with the gradients
   an SKLinear trains (x, S1s, S2s, bias);
 * cuda forward + backward: the default plans, and each tile shape in both directions;
-* the kernels of the default forward and backward (and of both with hopper), each one's mean time
-  (torch.profiler over eager calls);
+* the kernels of the default forward and backward, of both on each tile shape (and with hopper), each one's
+  mean time (torch.profiler over eager calls);
 * for reference, forward and forward + backward of: the triton backend; the compiled peer (the same math in
   plain PyTorch under torch.compile: x [S1 | U2], then that times [U1; S2] / (2L) + b); F.linear (dense weight
   O x I).
@@ -78,11 +79,11 @@ def make(T: int, I: int, O: int, dtype: torch.dtype, device: torch.device):
 
 
 def forward_plans(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, shared: int,
-                  hopper: bool = False) -> dict:
+                  hopper: bool = False, tiles: Optional[List[str]] = None) -> dict:
     """The forward plans the sweep times: the rule's ("default"), the fused kernel (where H fits), and the two
     launches on each tile shape that fits, with the split of H that split_rule gives that shape; with
     ``hopper`` (an sm_90 device, 16-bit inputs), each plan of two launches also with H and y by forward_sm90.cu
-    ("<name> hopper")."""
+    ("<name> hopper"); ``tiles``: the tile shapes to time (default: all of limits.CONFIGS)."""
     from panther_cuda.ops.sketched_linear import limits
     from panther_cuda.ops.sketched_linear.common import split_rule
     from panther_cuda.ops.sketched_linear.forward import ForwardPlan, forward_rule, fused_groups
@@ -92,7 +93,7 @@ def forward_plans(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, 
     if R <= limits.FUSED_MAX_R and limits.SMALL.fused_bytes(R, dtype) <= shared:
         plans["fused"] = ForwardPlan(fused=True, o_groups=fused_groups(T, O, sms))
     for name, c in limits.CONFIGS.items():
-        if c.shared_bytes(dtype) <= shared:
+        if c.shared_bytes(dtype) <= shared and (tiles is None or name in tiles):
             rule = split_rule(I, -(-T // c.bm) * -(-R // c.bn), sms, c)
             plans[name] = ForwardPlan(fused=False, h_splits=rule, tiles=name)
             for s in _around(rule):  # the rule's split halved and doubled: is it the best one?
@@ -108,7 +109,8 @@ def _around(rule: int) -> List[int]:
     return [s for s in (rule // 2, rule * 2) if 1 <= s <= 64 and s != rule]
 
 
-def backward_plans(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, shared: int) -> dict:
+def backward_plans(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, shared: int,
+                   tiles: Optional[List[str]] = None) -> dict:
     """The backward variants the sweep times: name -> (tiles, split, dh_split): each tile shape that fits with
     the splits of its rule (backward.backward_splits), then halved and doubled; ("default": all by the rule)."""
     from panther_cuda.ops.sketched_linear import limits
@@ -116,7 +118,7 @@ def backward_plans(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int,
 
     plans = {"default": (None, None, None)}
     for name, c in limits.CONFIGS.items():
-        if c.shared_bytes(dtype) <= shared:
+        if c.shared_bytes(dtype) <= shared and (tiles is None or name in tiles):
             split, dh_split = backward_splits(T, I, O, R, NEEDS, c, sms)
             plans[name] = (name, split, dh_split)
             for f in (0.5, 2):
@@ -126,7 +128,8 @@ def backward_plans(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int,
     return plans
 
 
-def cuda_rows(T, I, O, inputs, replays) -> Tuple[List[dict], dict]:
+def cuda_rows(T, I, O, inputs, replays, tiles: Optional[List[str]] = None, hopper: bool = True
+              ) -> Tuple[List[dict], dict]:
     from panther.backends.toolkit import multiprocessors, shared_memory_per_block
     from panther_cuda.ops.sketched_linear import limits
     from panther_cuda.ops.sketched_linear.backward import backward_tiles, sketched_linear_backward
@@ -135,8 +138,8 @@ def cuda_rows(T, I, O, inputs, replays) -> Tuple[List[dict], dict]:
     x, S1s, S2s, U1s, U2s, bias, grad = inputs
     R = 2 * L * K
     sms, shared = multiprocessors(), shared_memory_per_block()
-    hopper = torch.cuda.get_device_capability() == (9, 0) and x.dtype in (torch.float16, torch.bfloat16)
-    plans = forward_plans(T, I, O, R, x.dtype, sms, shared, hopper=hopper)
+    hopper = hopper and torch.cuda.get_device_capability() == (9, 0) and x.dtype in (torch.float16, torch.bfloat16)
+    plans = forward_plans(T, I, O, R, x.dtype, sms, shared, hopper=hopper, tiles=tiles)
     default = plans["default"]
     rule_tiles = backward_tiles(T, I, O, x.dtype, x.device)
     rows = []
@@ -148,12 +151,12 @@ def cuda_rows(T, I, O, inputs, replays) -> Tuple[List[dict], dict]:
         rows.append({"impl": "cuda", "what": "fwd", "plan": name, "detail": repr(plan),
                      "ms": graph_time(forward(plan), replays)})
     _, h = sketched_linear_forward(x, S1s, S2s, U1s, U2s, bias, plan=default)
-    for label, (tiles, split, dh_split) in backward_plans(T, I, O, R, x.dtype, sms, shared).items():
-        def bwd(tiles=tiles, split=split, dh_split=dh_split):
+    for label, (bt, split, dh_split) in backward_plans(T, I, O, R, x.dtype, sms, shared, tiles).items():
+        def bwd(bt=bt, split=split, dh_split=dh_split):
             sketched_linear_backward(grad, x, h, S1s, S2s, U1s, U2s, NEEDS, split=split, dh_split=dh_split,
-                                     tiles=tiles)
+                                     tiles=bt)
 
-        detail = f"tiles={tiles or rule_tiles} split={split or 'rule'} dh_split={dh_split or 'rule'}"
+        detail = f"tiles={bt or rule_tiles} split={split or 'rule'} dh_split={dh_split or 'rule'}"
         rows.append({"impl": "cuda", "what": "bwd", "plan": label, "detail": detail, "ms": graph_time(bwd, replays)})
     if hopper:  # backward_sm90.cu's kernels, the rule's splits for the large tiles
         def bwd_hopper():
@@ -167,15 +170,20 @@ def cuda_rows(T, I, O, inputs, replays) -> Tuple[List[dict], dict]:
             pairs[name] = (plans[name], name)
         if f"{name} hopper" in plans:
             pairs[f"{name} hopper"] = (plans[f"{name} hopper"], name)
-    for label, (plan, tiles) in pairs.items():
-        def step(plan=plan, tiles=tiles):
+    for label, (plan, bt) in pairs.items():
+        def step(plan=plan, bt=bt):
             _, hh = sketched_linear_forward(x, S1s, S2s, U1s, U2s, bias, plan=plan)
-            sketched_linear_backward(grad, x, hh, S1s, S2s, U1s, U2s, NEEDS, tiles=tiles, hopper=plan.hopper)
+            sketched_linear_backward(grad, x, hh, S1s, S2s, U1s, U2s, NEEDS, tiles=bt, hopper=plan.hopper)
 
         rows.append({"impl": "cuda", "what": "fwd+bwd", "plan": label,
-                     "detail": f"{plan!r}, backward tiles={tiles or rule_tiles}", "ms": graph_time(step, replays)})
+                     "detail": f"{plan!r}, backward tiles={bt or rule_tiles}", "ms": graph_time(step, replays)})
     kernels = {"fwd": kernel_times(forward(default)),
                "bwd": kernel_times(lambda: sketched_linear_backward(grad, x, h, S1s, S2s, U1s, U2s, NEEDS))}
+    for name in limits.CONFIGS:  # each tile shape's kernels: which launch a shape speeds up
+        if name in plans:
+            kernels[f"fwd {name}"] = kernel_times(forward(plans[name]))
+            kernels[f"bwd {name}"] = kernel_times(
+                lambda name=name: sketched_linear_backward(grad, x, h, S1s, S2s, U1s, U2s, NEEDS, tiles=name))
     if "default hopper" in plans:
         kernels["fwd hopper"] = kernel_times(forward(plans["default hopper"]))
         kernels["bwd hopper"] = kernel_times(
@@ -234,8 +242,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--shape", action="append", default=None, metavar="TxIxO", type=_shape,
                     help="a shape to time in place of the default ones (repeatable)")
     ap.add_argument("--replays", type=int, default=None, help="timed replays per call, at least 20 (default 50, --quick 20)")
+    ap.add_argument("--tiles", default=None, metavar="NAME,...",
+                    help="tile shapes to time (keys of limits.CONFIGS, comma-separated; default: all)")
+    ap.add_argument("--no-hopper", action="store_true", help="skip the sm_90 wgmma plans")
     ap.add_argument("--hbm", type=float, default=4.8, help="HBM bandwidth for the floor, TB/s (default: the H200's specified 4.8)")
     args = ap.parse_args(argv)
+    from panther_cuda.ops.sketched_linear.limits import CONFIGS
+
+    tiles = None if args.tiles is None else [t.strip() for t in args.tiles.split(",") if t.strip()]
+    unknown = [t for t in tiles or [] if t not in CONFIGS]
+    if unknown or tiles == []:
+        ap.error(f"--tiles {args.tiles!r}: expected names among {sorted(CONFIGS)}")
     if not torch.cuda.is_available():
         print("linear_sweep needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -247,7 +264,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     shapes = args.shape or (QUICK_SHAPES if args.quick else SHAPES)
     for T, I, O in shapes:
         inputs = make(T, I, O, dtype, device)
-        rows, kernels = cuda_rows(T, I, O, inputs, replays)
+        rows, kernels = cuda_rows(T, I, O, inputs, replays, tiles, not args.no_hopper)
         rows += reference_rows(inputs, replays)
         for r in rows:
             r["floor_ms"] = floor_ms(T, I, O, 2, args.hbm, r["what"])

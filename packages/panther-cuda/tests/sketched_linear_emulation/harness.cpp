@@ -13,6 +13,8 @@ using namespace panther::sl;
 // The tile shapes of limits.py's CONFIGS.
 using Small = Tile<64, 64, 32, 2, 2, 3>;
 using Large = Tile<128, 128, 32, 2, 4, 4>;
+using Deep64 = Tile<128, 128, 64, 2, 4, 3>;
+using Deep128 = Tile<128, 128, 128, 4, 4, 2>;
 
 
 static void launch(long long blocks, int nt, unsigned shared, const std::function<void()>& body) {
@@ -205,7 +207,7 @@ static int run_mode(const std::string& mode, long long Tn, long long I, long lon
     return 0;
 }
 
-// usage: harness MODE TILES PLAN SPLIT T I O L K BIAS NEEDS   (MODE float32|tf32|float16|bfloat16; TILES small|large:
+// usage: harness MODE TILES PLAN SPLIT T I O L K BIAS NEEDS   (MODE float32|tf32|float16|bfloat16; TILES small|large|deep64|deep128:
 // the tile shape of every kernel but the fused one (always small), or sm90:G: large, with y by the sm_90a kernel on
 // G blocks per row tile (16-bit modes, two launches), or sm90h:G: H and the backward by the sm_90a kernels too
 // (I, O and k multiples of 8); PLAN 0: two
@@ -223,6 +225,8 @@ int main(int argc, char** argv) {
     for (int i = 0; i < 6; ++i) needs[i] = argv[11][i] == '1';
     if (tiles == "small") return run_mode<Small>(mode, Tn, I, O, L, k, plan, split, bias, needs);
     if (tiles == "large") return run_mode<Large>(mode, Tn, I, O, L, k, plan, split, bias, needs);
+    if (tiles == "deep64") return run_mode<Deep64>(mode, Tn, I, O, L, k, plan, split, bias, needs);
+    if (tiles == "deep128") return run_mode<Deep128>(mode, Tn, I, O, L, k, plan, split, bias, needs);
     if (tiles.rfind("sm90:", 0) == 0 || tiles.rfind("sm90h:", 0) == 0) {
         g_sm90_h = tiles[4] == 'h';
         g_sm90_groups = std::atoi(tiles.c_str() + (g_sm90_h ? 6 : 5));

@@ -216,12 +216,14 @@ __global__ void __launch_bounds__(SUM_NT) sketched_linear_bwd_sum(
 // check of CI.
 #define SMALL panther::sl::Tile<64, 64, 32, 2, 2, 3>
 #define LARGE panther::sl::Tile<128, 128, 32, 2, 4, 4>
+#define DEEP64 panther::sl::Tile<128, 128, 64, 2, 4, 3>
+#define DEEP128 panther::sl::Tile<128, 128, 128, 4, 4, 2>
 #define INST(T, E, C) \
     template __global__ void panther::sl::sketched_linear_bwd_g<T, E, C>(const T*, const T*, const T*, const T*, T*, \
         T*, T*, T*, float*, long long, long long, int, int, float, long long, int, int, int, float*, int); \
     template __global__ void panther::sl::sketched_linear_bwd_x<T, E, C>(const T*, const T*, const T*, const T*, T*, \
         T*, T*, float*, long long, long long, int, int, long long, int, int, int);
-#define ALL(T, E) INST(T, E, SMALL) INST(T, E, LARGE)
+#define ALL(T, E) INST(T, E, SMALL) INST(T, E, LARGE) INST(T, E, DEEP64) INST(T, E, DEEP128)
 ALL(float, false) ALL(float, true) ALL(__half, false) ALL(__nv_bfloat16, false)
 #define SUM(T) template __global__ void panther::sl::sketched_linear_bwd_sum<T>(const float*, const float*, T*, T*, T*, \
     T*, T*, long long, long long, int, int, int, int, int, int, int);

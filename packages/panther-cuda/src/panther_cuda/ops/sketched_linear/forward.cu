@@ -168,6 +168,8 @@ __global__ void __launch_bounds__(SUM_NT) sketched_linear_sum_shares(const float
 // check of CI; the fused kernel runs with SMALL only.
 #define SMALL panther::sl::Tile<64, 64, 32, 2, 2, 3>
 #define LARGE panther::sl::Tile<128, 128, 32, 2, 4, 4>
+#define DEEP64 panther::sl::Tile<128, 128, 64, 2, 4, 3>
+#define DEEP128 panther::sl::Tile<128, 128, 128, 4, 4, 2>
 #define FUSED(T, E) \
     template __global__ void panther::sl::sketched_linear_fwd_fused<T, E, SMALL>(const T*, const T*, const T*, \
         const T*, const T*, const T*, T*, T*, long long, long long, long long, int, int, int, float);
@@ -176,7 +178,7 @@ __global__ void __launch_bounds__(SUM_NT) sketched_linear_sum_shares(const float
         long long, long long, int, int, int); \
     template __global__ void panther::sl::sketched_linear_fwd_y<T, E, C>(const T*, const T*, const T*, const T*, T*, \
         long long, long long, int, int, float);
-#define ALL(T, E) FUSED(T, E) INST(T, E, SMALL) INST(T, E, LARGE)
+#define ALL(T, E) FUSED(T, E) INST(T, E, SMALL) INST(T, E, LARGE) INST(T, E, DEEP64) INST(T, E, DEEP128)
 ALL(float, false) ALL(float, true) ALL(__half, false) ALL(__nv_bfloat16, false)
 #define SUM(T) template __global__ void panther::sl::sketched_linear_sum_shares<T>(const float*, T*, long long, int, \
     float);
