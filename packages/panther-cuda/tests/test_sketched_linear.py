@@ -563,7 +563,7 @@ def test_forward_rule():
 
 
 def test_forward_plan_names_its_tiles():
-    with pytest.raises(ValueError, match=r"tiles='huge'.*\['large', 'small'\]"):
+    with pytest.raises(ValueError, match=r"tiles='huge'.*\['deep128', 'deep64', 'large', 'small'\]"):
         ForwardPlan(fused=False, tiles="huge")
 
 
