@@ -137,10 +137,30 @@ __global__ void __launch_bounds__(C::NT, (MIN_BLOCKS<T, C>)) sketched_linear_fwd
     const long long n0 = static_cast<long long>(blockIdx.x % n_col_tiles) * BN;
     Acc<T, EXACT, C> acc;
     acc.zero();
-    // H B = H[:, :Lk] U1 + H[:, Lk:] S2, U1 and S2 read as (Lk, O) matrices: two products whose operands
-    // step along K by a constant stride (gemm()'s cursors)
-    gemm(acc, As, Bs, Dense<T, false>{h, R}, Dense<T, false>{U1, O}, m0, n0, Tn, O, Lk);
-    gemm(acc, As, Bs, Dense<T, false>{h + Lk, R}, Dense<T, false>{S2, O}, m0, n0, Tn, O, Lk);
+    // H B = H[:, :Lk] U1 + H[:, Lk:] S2, U1 and S2 read as (Lk, O) matrices. Where both halves take 16-byte
+    // copies, one ring over both: its steps walk the first half's cursors, then the same cursors shifted to the
+    // second half (H's columns Lk on, S2 for U1), each half ceil(Lk / BK) steps zero-filled past Lk, so the
+    // copies of the second half start while the first is multiplied. Else two products, one per half.
+    const Dense<T, false> h1{h, R}, h2{h + Lk, R}, b1{U1, O}, b2{S2, O};
+    using CursorA = TileCursor<T, C::NT, BM, C::BK, true, Dense<T, false>>;
+    using CursorB = TileCursor<T, C::NT, C::BK, BN, false, Dense<T, false>>;
+    if (CursorA::usable(h1) && CursorA::usable(h2) && CursorB::usable(b1) && CursorB::usable(b2)) {
+        const CursorA ca(h1, C::LDA, m0, 0, Tn, Lk);
+        const CursorB cb(b1, C::LDB, 0, n0, Lk, O);
+        const long long half = cdiv(static_cast<long long>(Lk), static_cast<long long>(C::BK)) * C::BK;
+        const long long b_shift =  // S2 - U1 in elements: both 16-byte aligned (usable)
+            static_cast<long long>(reinterpret_cast<unsigned long long>(S2) - reinterpret_cast<unsigned long long>(U1)) /
+            static_cast<long long>(sizeof(T));
+        ring<C, false, false>(acc, As, Bs, 0, 2 * half, [&](int stage, long long k0) {
+            const bool second = k0 >= half;
+            const long long dk = second ? k0 - half : k0;
+            ca.load(As + stage * C::STAGE_A, dk, 0, Lk, second ? Lk : 0);
+            cb.load(Bs + stage * C::STAGE_B, dk, 0, Lk, second ? b_shift : 0);
+        }, NoHook{});
+    } else {
+        gemm(acc, As, Bs, h1, b1, m0, n0, Tn, O, Lk);
+        gemm(acc, As, Bs, h2, b2, m0, n0, Tn, O, Lk);
+    }
     store_tile(acc, As, y, O, m0, n0, Tn, O, [&](int, int c, float v) {
         const long long o = n0 + c;
         return from_float<T>(v * scale + (bias != nullptr && o < O ? to_float(bias[o]) : 0.0f));

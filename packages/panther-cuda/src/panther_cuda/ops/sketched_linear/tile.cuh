@@ -151,15 +151,17 @@ template <typename T, int NT, int ROWS, int COLS, bool K_COLS, typename F> struc
         }
     }
 
-    // The tile moved dk along K into s; k0 the tile's origin along K at dk = 0, nk the K edge.
-    __device__ __forceinline__ void load(T* s, long long dk, long long k0, long long nk) const {
+    // The tile moved dk along K into s; k0 the tile's origin along K at dk = 0, nk the K edge. shift: elements
+    // added to every source address, to read a second operand of the same layout and edges (fwd_y's S2 after U1).
+    __device__ __forceinline__ void load(T* s, long long dk, long long k0, long long nk, long long shift = 0) const {
 #pragma unroll
         for (int i = 0; i < PER; ++i) {
             if (RUNS % NT != 0 && threadIdx.x + i * NT >= RUNS) continue;
             const long long room = nk - (k0 + dk + kpos[i]);
             const int kin = ALONG_K ? clamp_run(room) : (room > 0 ? V : 0);
             const int n = kin < inside[i] ? kin : inside[i];
-            cp_async16_zfill(s + dst[i], n > 0 ? src[i] + dk * step : src[i], static_cast<unsigned>(n * sizeof(T)));
+            cp_async16_zfill(s + dst[i], n > 0 ? src[i] + shift + dk * step : src[i],
+                             static_cast<unsigned>(n * sizeof(T)));
         }
     }
 };
