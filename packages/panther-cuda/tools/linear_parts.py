@@ -1,19 +1,22 @@
 """Time each launch of the cuda sketched linear forward on its own, next to what the GPU does with the same bytes.
 
     python packages/panther-cuda/tools/linear_parts.py --out parts.json [--shape TxIxO ...] [--replays 30]
+        [--tiles small,large] [--config 128x128x32x2x4x6 ...] [--splits 4,8]
 
 For each shape (bfloat16, L = 1, k = 64, so R = 128; default T = 4096 rows with I = O in (4096, 8192)), in
 CUDA-graph replays after an L2 flush (median of --replays):
 * bandwidth references: a copy of x (reads and writes T x I), y zeroed (writes T x O);
 * cuBLAS on the same products: x A (T x I times I x R, A contiguous) and H B (T x R times R x O);
 * forward.cu's fwd_h alone (x A into fp32 shares of I, no summing launch) on each tile shape and split of I, and
-  fwd_y alone (y from a given H) on each tile shape.
+  fwd_y alone (y from a given H) on each tile shape: those of limits.CONFIGS named by --tiles, and any other
+  Tile<BM, BN, BK, WARPS_M, WARPS_N, STAGES> given by --config (NVRTC compiles each on first use).
 Each row gives the time and the bytes the launch must move at least, as TB/s. The JSON has every number.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -34,11 +37,9 @@ def timed(fn: Callable[[], object], replays: int, flush: torch.Tensor) -> float:
     return statistics.median(replay_ms(capture(fn), replays, flush))
 
 
-def rows_for(T: int, I: int, O: int, replays: int, flush: torch.Tensor, tiles: List[str]) -> List[dict]:
+def rows_for(T: int, I: int, O: int, replays: int, flush: torch.Tensor, tiles: dict, splits) -> List[dict]:
     from panther_cuda._nvrtc import f32, i32, i64
     from panther_cuda.ops.sketched_linear.common import launch
-    from panther_cuda.ops.sketched_linear.limits import CONFIGS
-
     dev, dt = torch.device("cuda"), torch.bfloat16
     R = 2 * L * K
     x = torch.randn(T, I, device=dev).to(dt)
@@ -58,9 +59,8 @@ def rows_for(T: int, I: int, O: int, replays: int, flush: torch.Tensor, tiles: L
     add("zero y", timed(lambda: y.zero_(), replays, flush), y.numel() * 2)
     add("cuBLAS x A", timed(lambda: torch.mm(x, A), replays, flush), (x.numel() + A.numel() + T * R) * 2)
     add("cuBLAS H B", timed(lambda: torch.mm(h, B), replays, flush), (h.numel() + B.numel() + y.numel()) * 2)
-    for name in tiles:
-        c = CONFIGS[name]
-        for s in SPLITS:
+    for name, c in tiles.items():
+        for s in splits:
             ws = torch.empty((s, T, R), device=dev, dtype=torch.float32) if s > 1 else None
             hh = torch.empty(T, R, device=dev, dtype=dt)
             blocks = -(-T // c.bm) * -(-R // c.bn) * s
@@ -81,6 +81,16 @@ def rows_for(T: int, I: int, O: int, replays: int, flush: torch.Tensor, tiles: L
     return out
 
 
+def _config(text: str):
+    """--config's value, "BMxBNxBKxWMxWNxS": a tile.cuh Tile (its static_asserts check it at compile time)."""
+    from panther_cuda.ops.sketched_linear.limits import TileConfig
+
+    parts = text.lower().split("x")
+    if len(parts) != 6 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"--config {text!r}: expected BMxBNxBKxWMxWNxS, six positive integers")
+    return TileConfig(*(int(p) for p in parts))
+
+
 def _shape(text: str) -> Tuple[int, int, int]:
     parts = text.lower().split("x")
     if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
@@ -95,11 +105,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--shape", action="append", default=None, metavar="TxIxO", type=_shape)
     ap.add_argument("--replays", type=int, default=30)
-    ap.add_argument("--tiles", default="small,large,deep64", metavar="NAME,...", help="tile shapes (limits.CONFIGS)")
+    ap.add_argument("--tiles", default="small,large", metavar="NAME,...", help="tile shapes (limits.CONFIGS)")
+    ap.add_argument("--config", action="append", default=[], type=_config, metavar="BMxBNxBKxWMxWNxS",
+                    help="another tile shape to time (repeatable)")
+    ap.add_argument("--splits", default=",".join(map(str, SPLITS)), help="shares of I of fwd_h (comma-separated)")
     args = ap.parse_args(argv)
-    tiles = [t.strip() for t in args.tiles.split(",") if t.strip()]
-    if not tiles or any(t not in CONFIGS for t in tiles):
+    names = [t.strip() for t in args.tiles.split(",") if t.strip()]
+    if any(t not in CONFIGS for t in names):
         ap.error(f"--tiles {args.tiles!r}: expected names among {sorted(CONFIGS)}")
+    tiles = {t: CONFIGS[t] for t in names}
+    tiles.update(("x".join(map(str, dataclasses.astuple(c))), c) for c in args.config)
+    splits = [int(v) for v in args.splits.split(",") if v.strip()]
+    if not tiles or not splits or min(splits) < 1:
+        ap.error("expected at least one tile shape and splits >= 1")
     if not torch.cuda.is_available():
         print("linear_parts needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -107,7 +125,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bfloat16", "L": L, "k": K,
               "replays": args.replays, "shapes": []}
     for T, I, O in args.shape or SHAPES:
-        rows = rows_for(T, I, O, args.replays, flush, tiles)
+        rows = rows_for(T, I, O, args.replays, flush, tiles, splits)
         result["shapes"].append({"T": T, "I": I, "O": O, "rows": rows})
         print(f"\nT={T} I={I} O={O} (L={L}, k={K}, bf16; CUDA graph after an L2 flush, median of {args.replays})")
         print("| launch | detail | ms | MB moved | TB/s |\n|---|---|---:|---:|---:|")
