@@ -700,7 +700,8 @@ def test_forward_launch_arguments(recorder, plan):
         tiles_h, tiles_y = (3, 12) if plan.tiles == "small" else (2, 4)
         assert (n1, b1, n2, b2) == ("sketched_linear_fwd_h", tiles_h * splits, "sketched_linear_fwd_y", tiles_y)
         assert a1[3] is h and a2[0] is h and a2[4] is y and a2[3] is b
-        assert [int(a) for a in a1[5:]] == [T, 90, 2, 9, splits] and [int(a) for a in a2[5:9]] == [T, 200, 2, 9]
+        assert [int(a) for a in a1[5:]] == [T, 90, 2, 9, splits, fwd_module.INTERLEAVED_SHARES]
+        assert [int(a) for a in a2[5:9]] == [T, 200, 2, 9]
         assert s1 == s2 == limits.CONFIGS[plan.tiles].shared_bytes(torch.bfloat16)
         if splits == 1:
             assert a1[4] is None and summed == []
@@ -1010,6 +1011,10 @@ EMU_CASES = [
     ("tf32", "large", -3, 2, 140, 96, 136, 1, 64, 1, "111111"),  # H in shares of I, dH in shares of O
     ("tf32", "large", 0, 1, 65, 64, 48, 3, 50, 1, "100010"),  # R = 300: three column tiles of H
     ("bfloat16", "large", -2, 1, 130, 200, 72, 1, 16, 0, "100110"),  # the U halves alone
+    # H's shares of I interleaved by steps (+i): I = 200 in steps of 32 over 3 shares; I = 90 with a share past it
+    ("bfloat16", "small+i", -3, 1, 130, 200, 72, 1, 16, 1, "111111"),
+    ("float32", "large+i", -4, 1, 70, 90, 100, 2, 9, 1, "111111"),
+    ("tf32", "deep64+i", -2, 1, 65, 130, 48, 3, 50, 1, "100000"),
     # the deeper steps (64 and 128): I and T in shares cut mid-step, R past one tile, exact float32 on 16 warps
     ("bfloat16", "deep64", -2, 2, 150, 200, 136, 1, 64, 1, "111111"),  # I = 200 in 128 and 72
     ("float32", "deep64", 0, 1, 70, 90, 100, 2, 9, 1, "111111"),  # exact, scalar loads

@@ -23,6 +23,7 @@ static void launch(long long blocks, int nt, unsigned shared, const std::functio
 
 static int g_sm90_groups = 0;  // > 0: y by forward_sm90.cu's kernel, that many blocks per row tile
 static bool g_sm90_h = false;  // H by forward_sm90.cu's kernel too
+static int g_interleaved = 0;  // H's shares of I interleaved by steps (fwd_h's flag)
 
 // y = H B / (2L) + b by sketched_linear_fwd_y_sm90<T, KP>, KP the depth forward.py picks (R rounded up to 32,
 // 64, 128 or 256)
@@ -76,7 +77,7 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
             }
         }
         if (!h_done)
-            launch(cdv(Tn, BM) * cdv(R, BN) * hs, NT, tile, [&] { sketched_linear_fwd_h<T, EXACT, C>(x.p(), S1.p(), U2.p(), h.p(), wshp, Tn, I, L, k, hs); });
+            launch(cdv(Tn, BM) * cdv(R, BN) * hs, NT, tile, [&] { sketched_linear_fwd_h<T, EXACT, C>(x.p(), S1.p(), U2.p(), h.p(), wshp, Tn, I, L, k, hs, g_interleaved); });
         if (hs > 1) launch(5, SUM_NT, 0, [&] { sketched_linear_sum_shares<T>(wshp, h.p(), Tn * R, hs, 1.0f); });
         if constexpr (sizeof(T) == 2) {
             if (g_sm90_groups > 0) {
@@ -207,7 +208,8 @@ static int run_mode(const std::string& mode, long long Tn, long long I, long lon
     return 0;
 }
 
-// usage: harness MODE TILES PLAN SPLIT T I O L K BIAS NEEDS   (MODE float32|tf32|float16|bfloat16; TILES small|large|deep64|deep128:
+// usage: harness MODE TILES PLAN SPLIT T I O L K BIAS NEEDS   (MODE float32|tf32|float16|bfloat16; TILES small|large|deep64|deep128
+// (a suffix +i: H's shares of I interleaved by steps):
 // the tile shape of every kernel but the fused one (always small), or sm90:G: large, with y by the sm_90a kernel on
 // G blocks per row tile (16-bit modes, two launches), or sm90h:G: H and the backward by the sm_90a kernels too
 // (I, O and k multiples of 8); PLAN 0: two
@@ -216,7 +218,12 @@ static int run_mode(const std::string& mode, long long Tn, long long I, long lon
 // for x, S1s, S2s, U1s, U2s, bias)
 int main(int argc, char** argv) {
     if (argc != 12) { std::fprintf(stderr, "usage: harness MODE TILES PLAN SPLIT T I O L K BIAS NEEDS\n"); return 2; }
-    const std::string mode = argv[1], tiles = argv[2];
+    const std::string mode = argv[1];
+    std::string tiles = argv[2];
+    if (tiles.size() > 2 && tiles.compare(tiles.size() - 2, 2, "+i") == 0) {  // "<tiles>+i": interleaved shares of I
+        g_interleaved = 1;
+        tiles.resize(tiles.size() - 2);
+    }
     const int plan = std::atoi(argv[3]), split = std::atoi(argv[4]);
     const long long Tn = std::atoll(argv[5]), I = std::atoll(argv[6]), O = std::atoll(argv[7]);
     const int L = std::atoi(argv[8]), k = std::atoi(argv[9]);

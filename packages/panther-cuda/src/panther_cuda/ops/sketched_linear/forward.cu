@@ -89,12 +89,13 @@ __global__ void __launch_bounds__(C::NT) sketched_linear_fwd_fused(
 }
 
 // H = x A, tile (tile / n_col_tiles, tile % n_col_tiles) of (T, R), tile = blockIdx.x % tiles; with
-// n_splits > 1, block split = blockIdx.x / tiles sums the BK-aligned share `split` of I into
-// ws[split] (fp32, T x R) and sketched_linear_sum_shares writes H from the shares.
+// n_splits > 1, block split = blockIdx.x / tiles sums the BK-aligned share `split` of I (interleaved: its
+// every n_splits-th step of I, RowSplit) into ws[split] (fp32, T x R) and sketched_linear_sum_shares writes H
+// from the shares.
 template <typename T, bool EXACT, typename C>
 __global__ void __launch_bounds__(C::NT, (MIN_BLOCKS<T, C>)) sketched_linear_fwd_h(
     const T* __restrict__ x, const T* __restrict__ S1, const T* __restrict__ U2, T* __restrict__ h,
-    float* __restrict__ ws, long long Tn, long long I, int L, int k, int n_splits) {
+    float* __restrict__ ws, long long Tn, long long I, int L, int k, int n_splits, int interleaved) {
     constexpr int BM = C::BM, BN = C::BN;
     extern __shared__ __align__(16) unsigned char smem[];
     require_shared(static_cast<unsigned>(C::SHARED_ELEMENTS * sizeof(T)));
@@ -107,10 +108,11 @@ __global__ void __launch_bounds__(C::NT, (MIN_BLOCKS<T, C>)) sketched_linear_fwd
     const int split = static_cast<int>(blockIdx.x / tiles);
     const long long m0 = tile / n_col_tiles * BM;
     const long long n0 = tile % n_col_tiles * BN;
-    const RowSplit share(I, split, n_splits, C::BK);
+    const RowSplit share(I, split, n_splits, C::BK, interleaved != 0);
     Acc<T, EXACT, C> acc;
     acc.zero();
-    gemm(acc, As, Bs, Dense<T, false>{x, I}, Side<T>{S1, U2, I, L, k}, m0, n0, Tn, R, share.end, share.begin);
+    gemm(acc, As, Bs, Dense<T, false>{x, I}, Side<T>{S1, U2, I, L, k}, m0, n0, Tn, R, share.end, share.begin, NoHook{},
+         share.stride);
     if (n_splits > 1) {
         acc.each([&](int r, int c, float v) {
             const long long t = m0 + r, col = n0 + c;
@@ -151,7 +153,7 @@ __global__ void __launch_bounds__(C::NT, (MIN_BLOCKS<T, C>)) sketched_linear_fwd
         const long long b_shift =  // S2 - U1 in elements: both 16-byte aligned (usable)
             static_cast<long long>(reinterpret_cast<unsigned long long>(S2) - reinterpret_cast<unsigned long long>(U1)) /
             static_cast<long long>(sizeof(T));
-        ring<C, false, false>(acc, As, Bs, 0, 2 * half, [&](int stage, long long k0) {
+        ring<C, false, false>(acc, As, Bs, 0, 2 * half, C::BK, [&](int stage, long long k0) {
             const bool second = k0 >= half;
             const long long dk = second ? k0 - half : k0;
             ca.load(As + stage * C::STAGE_A, dk, 0, Lk, second ? Lk : 0);
@@ -195,7 +197,7 @@ __global__ void __launch_bounds__(SUM_NT) sketched_linear_sum_shares(const float
         const T*, const T*, const T*, T*, T*, long long, long long, long long, int, int, int, float);
 #define INST(T, E, C) \
     template __global__ void panther::sl::sketched_linear_fwd_h<T, E, C>(const T*, const T*, const T*, T*, float*, \
-        long long, long long, int, int, int); \
+        long long, long long, int, int, int, int); \
     template __global__ void panther::sl::sketched_linear_fwd_y<T, E, C>(const T*, const T*, const T*, const T*, T*, \
         long long, long long, int, int, float);
 #define ALL(T, E) FUSED(T, E) INST(T, E, SMALL) INST(T, E, LARGE) INST(T, E, DEEP64) INST(T, E, DEEP128)

@@ -83,6 +83,10 @@ def fused_groups(T: int, O: int, sms: int) -> int:
     return groups
 
 
+# H's shares of I: each block's every n-th step of I (True) or a contiguous range of I (False; tools/linear_parts.py
+# times both).
+INTERLEAVED_SHARES = False
+
 _plans = BoundedCache()
 
 
@@ -153,7 +157,7 @@ def sketched_linear_forward(
                 i32(L), i32(k), i32(splits), shared_mem=sm90.ring_shared_bytes(x.dtype))
         else:
             launch("forward.cu", "sketched_linear_fwd_h", x.dtype, exact, c, cdiv(T, c.bm) * cdiv(R, c.bn) * splits,
-                   x2, S1c, U2c, h, ws, i64(T), i64(I), i32(L), i32(k), i32(splits))
+                   x2, S1c, U2c, h, ws, i64(T), i64(I), i32(L), i32(k), i32(splits), i32(INTERLEAVED_SHARES))
         if ws is not None:
             sum_shares(ws, h)
         if plan.hopper and sm90.y_fits(R, O, x.dtype, x.device, h, U1c, S2c):

@@ -297,23 +297,24 @@ struct NoHook {
 };
 
 // The ring of gemm(): load(stage, k0) fills stage `stage` with the tiles of step k0 (k0 < K; the copies a
-// thread issues form its group of the step).
+// thread issues form its group of the step). Steps start at k_begin, `stride` apart (BK: every step of
+// [k_begin, K); a multiple of BK: every n-th step, a share of the reduction interleaved with the others').
 template <typename C, bool AT, bool BT, typename T, typename A, typename Load, typename Hook>
-__device__ __forceinline__ void ring(A& acc, T* As, T* Bs, long long k_begin, long long K, const Load& load,
-                                     const Hook& hook) {
-    constexpr int S = C::STAGES, SA = C::STAGE_A, SB = C::STAGE_B, BK = C::BK;
+__device__ __forceinline__ void ring(A& acc, T* As, T* Bs, long long k_begin, long long K, long long stride,
+                                     const Load& load, const Hook& hook) {
+    constexpr int S = C::STAGES, SA = C::STAGE_A, SB = C::STAGE_B;
     constexpr int lda = AT ? C::LDA_T : C::LDA, ldb = BT ? C::LDB_T : C::LDB;
 #pragma unroll
     for (int s = 0; s < S - 1; ++s) {
-        const long long k0 = k_begin + static_cast<long long>(s) * BK;
+        const long long k0 = k_begin + s * stride;
         if (k0 < K) load(s, k0);
         cp_async_commit();  // one group per step, empty past K: the wait below counts steps
     }
     int stage = 0;
-    for (long long k0 = k_begin; k0 < K; k0 += BK) {
+    for (long long k0 = k_begin; k0 < K; k0 += stride) {
         cp_async_wait<S - 2>();  // this step's group is in (only the S - 2 later ones may still fly)
         __syncthreads();
-        const long long next = k0 + static_cast<long long>(S - 1) * BK;
+        const long long next = k0 + (S - 1) * stride;
         if (next < K) load(stage == 0 ? S - 1 : stage - 1, next);
         cp_async_commit();
         acc.template step<AT, BT>(As + stage * SA, lda, Bs + stage * SB, ldb);
@@ -324,7 +325,8 @@ __device__ __forceinline__ void ring(A& acc, T* As, T* Bs, long long k_begin, lo
     __syncthreads();
 }
 
-// acc += Σ_{k_begin <= k < K} a(m0 + r, k) b(k, n0 + c) for the tile at (m0, n0) of an M x N product,
+// acc += Σ_{k_begin <= k < K} a(m0 + r, k) b(k, n0 + c) for the tile at (m0, n0) of an M x N product (with
+// k_stride > BK, a multiple of it: only the steps k_begin, k_begin + k_stride, ...),
 // through a ring of STAGES pairs of shared tiles As (STAGES x STAGE_A) and Bs (STAGES x STAGE_B): step i
 // reads stage i % STAGES while the copies (cp.async) of the next STAGES - 1 steps are in flight. One
 // barrier per step: after it, every thread has left step i - 1, so its stage takes step i + STAGES - 1's
@@ -335,7 +337,7 @@ __device__ __forceinline__ void ring(A& acc, T* As, T* Bs, long long k_begin, lo
 template <typename T, bool EXACT, typename C, typename FA, typename FB, typename Hook = NoHook>
 __device__ __forceinline__ void gemm(Acc<T, EXACT, C>& acc, T* As, T* Bs, const FA& fa, const FB& fb, long long m0,
                                      long long n0, long long M, long long N, long long K, long long k_begin = 0,
-                                     Hook hook = {}) {
+                                     Hook hook = {}, long long k_stride = C::BK) {
     constexpr int SA = C::STAGE_A, SB = C::STAGE_B, BM = C::BM, BN = C::BN, BK = C::BK, NT = C::NT;
     constexpr bool AT = FA::ROW_CONTIGUOUS, BT = FB::ROW_CONTIGUOUS;  // tiles stored transposed
     constexpr int lda = AT ? C::LDA_T : C::LDA, ldb = BT ? C::LDB_T : C::LDB;
@@ -344,26 +346,35 @@ __device__ __forceinline__ void gemm(Acc<T, EXACT, C>& acc, T* As, T* Bs, const 
     if (CursorA::usable(fa) && CursorB::usable(fb)) {  // the same for the whole block
         const CursorA ca(fa, lda, m0, k_begin, M, K);
         const CursorB cb(fb, ldb, k_begin, n0, K, N);
-        ring<C, AT, BT>(acc, As, Bs, k_begin, K, [&](int stage, long long k0) {
+        ring<C, AT, BT>(acc, As, Bs, k_begin, K, k_stride, [&](int stage, long long k0) {
             ca.load(As + stage * SA, k0 - k_begin, k_begin, K);
             cb.load(Bs + stage * SB, k0 - k_begin, k_begin, K);
         }, hook);
     } else {
         const bool va = fa.vec_ok(), vb = fb.vec_ok();
-        ring<C, AT, BT>(acc, As, Bs, k_begin, K, [&](int stage, long long k0) {
+        ring<C, AT, BT>(acc, As, Bs, k_begin, K, k_stride, [&](int stage, long long k0) {
             fill_tile<T, NT, BM, BK, true>(As + stage * SA, lda, fa, va, m0, k0, M, K);
             fill_tile<T, NT, BK, BN, true>(Bs + stage * SB, ldb, fb, vb, k0, n0, K, N);
         }, hook);
     }
 }
 
-// Rows [begin, end) of T that split s of n_splits sums over: BK-aligned shares (empty past T).
+// Rows [begin, end) of T that split s of n_splits sums over: BK-aligned shares (empty past T). INTERLEAVED:
+// split s takes the BK-steps s, s + n_splits, s + 2 n_splits, ... of all of T instead (begin, end = T,
+// stride), so that the splits of a tile read neighbouring steps of the same rows at about the same time.
 struct RowSplit {
-    long long begin, end;
-    __device__ __forceinline__ RowSplit(long long Tn, int s, int n_splits, int BK) {
+    long long begin, end, stride;
+    __device__ __forceinline__ RowSplit(long long Tn, int s, int n_splits, int BK, bool interleaved = false) {
+        if (interleaved) {
+            begin = min_ll(Tn, static_cast<long long>(s) * BK);
+            end = Tn;
+            stride = static_cast<long long>(n_splits) * BK;
+            return;
+        }
         const long long per = cdiv(cdiv(Tn, n_splits), BK) * BK;
         begin = min_ll(Tn, s * per);
         end = min_ll(Tn, begin + per);
+        stride = BK;
     }
 };
 
