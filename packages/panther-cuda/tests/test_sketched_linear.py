@@ -162,7 +162,7 @@ def test_each_gradient_alone(wants):
 PLANS = [ForwardPlan(fused=True, o_groups=1), ForwardPlan(fused=True, o_groups=3), ForwardPlan(fused=False),
          ForwardPlan(fused=False, h_splits=3), ForwardPlan(fused=False, tiles="large"),
          ForwardPlan(fused=False, h_splits=3, tiles="large"), ForwardPlan(fused=False, h_splits=3, tiles="deep64"),
-         ForwardPlan(fused=False, h_splits=2, tiles="deep128")]
+         ForwardPlan(fused=False, h_splits=2, tiles="large", h_tiles="deep64")]
 
 
 @on_gpu
@@ -543,11 +543,18 @@ def test_host_tile_configs_match_the_kernels():
 
 def test_forward_rule():
     big = 1 << 20
-    # T = 4096: y's 128 x 128 tiles fill the SMs (LARGE); H's 32 tiles of 128 rows in 4 shares of I (1 block per SM)
-    large = ForwardPlan(fused=False, h_splits=4, tiles="large")
+    # T = 4096: y's 128 x 128 tiles fill the SMs (LARGE); H on the 64-deep steps (DEEP64), its 32 tiles of 128 rows
+    # in 4 shares of I (1 block per SM)
+    large = ForwardPlan(fused=False, h_splits=4, tiles="large", h_tiles="deep64")
     assert forward_rule(4096, 4096, 4096, 128, torch.bfloat16, 132, big) == large
-    assert forward_rule(4096, 8192, 8192, 128, torch.bfloat16, 132, big) == large
+    assert forward_rule(4096, 8192, 8192, 128, torch.float16, 132, big) == large
     assert forward_rule(4096, 4096, 4096, 128, torch.float32, 132, big) == large
+    # float32's DEEP64 ring (295 KiB) does not fit the 227 KiB of an H100 or H200: H on LARGE
+    assert forward_rule(4096, 4096, 4096, 128, torch.float32, 132, 227 << 10) == ForwardPlan(
+        fused=False, h_splits=4, tiles="large")
+    # DEEP64's ring (147 KiB in 16-bit) does not fit 100 KiB: H on LARGE too, 4 shares of I
+    assert forward_rule(4096, 4096, 4096, 128, torch.bfloat16, 132, 100 << 10) == ForwardPlan(
+        fused=False, h_splits=4, tiles="large")
     # LARGE's float32 ring (160 KiB) does not fit 100 KiB: SMALL, 128 tiles of H in 4 shares (4 blocks per SM)
     assert forward_rule(4096, 4096, 4096, 128, torch.float32, 132, 100 << 10) == ForwardPlan(fused=False, h_splits=4)
     # small T keeps the 64 x 64 tiles: y has 64 tiles of 128 x 128, fewer than the SMs
@@ -555,7 +562,8 @@ def test_forward_rule():
     assert forward_rule(128, 1024, 1024, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=False, h_splits=4)
     assert forward_rule(64, 4096, 100, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=False, h_splits=16)
     # a short I: two launches, unsplit (the fused kernel is never the rule's: it is slower everywhere timed)
-    assert forward_rule(4096, 256, 4096, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=False, tiles="large")
+    assert forward_rule(4096, 256, 4096, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=False, tiles="large",
+                                                                                    h_tiles="deep64")
     assert forward_rule(64, 300, 4096, 128, torch.bfloat16, 132, big) == ForwardPlan(fused=False)
     assert forward_rule(64, 100, 100, 258, torch.bfloat16, 132, big) == ForwardPlan(fused=False)
     assert not any(forward_rule(T, I, 4096, R, torch.bfloat16, 132, big).fused
@@ -563,8 +571,10 @@ def test_forward_rule():
 
 
 def test_forward_plan_names_its_tiles():
-    with pytest.raises(ValueError, match=r"tiles='huge'.*\['deep128', 'deep64', 'large', 'small'\]"):
+    with pytest.raises(ValueError, match=r"tiles='huge'.*\['deep64', 'large', 'small'\]"):
         ForwardPlan(fused=False, tiles="huge")
+    with pytest.raises(ValueError, match=r"h_tiles='deep'.*\['deep64', 'large', 'small'\]"):
+        ForwardPlan(fused=False, tiles="large", h_tiles="deep")
 
 
 def test_backward_tiles_follow_the_forward_rule(monkeypatch):
@@ -678,7 +688,8 @@ def test_forced_plans_that_do_not_fit_the_device_fall_back(recorder, monkeypatch
 
 @pytest.mark.parametrize("plan", [ForwardPlan(fused=True, o_groups=3), ForwardPlan(fused=False),
                                   ForwardPlan(fused=False, h_splits=4), ForwardPlan(fused=False, tiles="large"),
-                                  ForwardPlan(fused=False, h_splits=2, tiles="large")], ids=str)
+                                  ForwardPlan(fused=False, h_splits=2, tiles="large"),
+                                  ForwardPlan(fused=False, h_splits=2, tiles="large", h_tiles="deep64")], ids=str)
 def test_forward_launch_arguments(recorder, plan):
     x, S1s, S2s, U1s, U2s, b = make_inputs(70, 90, 200, 2, 9, torch.bfloat16, device="cpu", lead=(2,))
     xt = x.transpose(0, 1)  # (70, 2, 90) strided: passed as a contiguous copy
@@ -700,9 +711,9 @@ def test_forward_launch_arguments(recorder, plan):
         tiles_h, tiles_y = (3, 12) if plan.tiles == "small" else (2, 4)
         assert (n1, b1, n2, b2) == ("sketched_linear_fwd_h", tiles_h * splits, "sketched_linear_fwd_y", tiles_y)
         assert a1[3] is h and a2[0] is h and a2[4] is y and a2[3] is b
-        assert [int(a) for a in a1[5:]] == [T, 90, 2, 9, splits, fwd_module.INTERLEAVED_SHARES]
-        assert [int(a) for a in a2[5:9]] == [T, 200, 2, 9]
-        assert s1 == s2 == limits.CONFIGS[plan.tiles].shared_bytes(torch.bfloat16)
+        assert [int(a) for a in a1[5:]] == [T, 90, 2, 9, splits] and [int(a) for a in a2[5:9]] == [T, 200, 2, 9]
+        assert s1 == limits.CONFIGS[plan.h_tiles or plan.tiles].shared_bytes(torch.bfloat16)
+        assert s2 == limits.CONFIGS[plan.tiles].shared_bytes(torch.bfloat16)
         if splits == 1:
             assert a1[4] is None and summed == []
         else:  # H from its fp32 shares of I
@@ -1011,16 +1022,11 @@ EMU_CASES = [
     ("tf32", "large", -3, 2, 140, 96, 136, 1, 64, 1, "111111"),  # H in shares of I, dH in shares of O
     ("tf32", "large", 0, 1, 65, 64, 48, 3, 50, 1, "100010"),  # R = 300: three column tiles of H
     ("bfloat16", "large", -2, 1, 130, 200, 72, 1, 16, 0, "100110"),  # the U halves alone
-    # H's shares of I interleaved by steps (+i): I = 200 in steps of 32 over 3 shares; I = 90 with a share past it
-    ("bfloat16", "small+i", -3, 1, 130, 200, 72, 1, 16, 1, "111111"),
-    ("float32", "large+i", -4, 1, 70, 90, 100, 2, 9, 1, "111111"),
-    ("tf32", "deep64+i", -2, 1, 65, 130, 48, 3, 50, 1, "100000"),
-    # the deeper steps (64 and 128): I and T in shares cut mid-step, R past one tile, exact float32 on 16 warps
+    # the 64-deep steps: I and T in shares cut mid-step, R past one tile, exact float32
     ("bfloat16", "deep64", -2, 2, 150, 200, 136, 1, 64, 1, "111111"),  # I = 200 in 128 and 72
     ("float32", "deep64", 0, 1, 70, 90, 100, 2, 9, 1, "111111"),  # exact, scalar loads
-    ("float16", "deep128", -2, 1, 140, 300, 130, 1, 64, 1, "111111"),  # I = 300 in 256 and 44
-    ("tf32", "deep128", 0, 2, 65, 64, 48, 3, 50, 1, "110011"),  # R = 300: three column tiles
-    ("float32", "deep128", 0, 1, 40, 130, 70, 1, 8, 1, "111111"),  # exact float32 on 16 warps
+    ("float16", "deep64", -3, 1, 140, 300, 130, 1, 64, 1, "111111"),  # I = 300 in 128, 128 and 44
+    ("tf32", "deep64", 0, 2, 65, 64, 48, 3, 50, 1, "110011"),  # R = 300: three column tiles
     ("float16", "large", 1, 2, 100, 56, 136, 3, 8, 1, "111111"),  # fused forward, then the large backward
     ("bfloat16", "large", 0, 2, 70, 20, 30, 1, 3, 1, "000001"),  # db alone, 256 threads summing g tiles
     # y by forward_sm90.cu's wgmma kernel ("sm90:G": G blocks per row tile; R and O multiples of 8): the depths

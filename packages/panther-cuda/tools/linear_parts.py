@@ -7,8 +7,7 @@ For each shape (bfloat16, L = 1, k = 64, so R = 128; default T = 4096 rows with 
 CUDA-graph replays after an L2 flush (median of --replays):
 * bandwidth references: a copy of x (reads and writes T x I), y zeroed (writes T x O);
 * cuBLAS on the same products: x A (T x I times I x R, A contiguous) and H B (T x R times R x O);
-* forward.cu's fwd_h alone (x A into fp32 shares of I, no summing launch) on each tile shape and split of I (the
-  shares contiguous ranges of I, and interleaved by steps), and
+* forward.cu's fwd_h alone (x A into fp32 shares of I, no summing launch) on each tile shape and split of I, and
   fwd_y alone (y from a given H) on each tile shape: those of limits.CONFIGS named by --tiles, and any other
   Tile<BM, BN, BK, WARPS_M, WARPS_N, STAGES> given by --config (NVRTC compiles each on first use).
 Each row gives the time and the bytes the launch must move at least, as TB/s. The JSON has every number.
@@ -65,14 +64,14 @@ def rows_for(T: int, I: int, O: int, replays: int, flush: torch.Tensor, tiles: d
             ws = torch.empty((s, T, R), device=dev, dtype=torch.float32) if s > 1 else None
             hh = torch.empty(T, R, device=dev, dtype=dt)
             blocks = -(-T // c.bm) * -(-R // c.bn) * s
-            for interleaved in ((0, 1) if s > 1 else (0,)):
-                def fwd_h(c=c, ws=ws, hh=hh, blocks=blocks, s=s, interleaved=interleaved):
-                    launch("forward.cu", "sketched_linear_fwd_h", dt, False, c, blocks, x, S1, U2, hh, ws, i64(T),
-                           i64(I), i32(L), i32(K), i32(s), i32(interleaved))
 
-                written = (ws.numel() * 4 if ws is not None else hh.numel() * 2)
-                add("fwd_h", timed(fwd_h, replays, flush), x.numel() * 2 + written,
-                    f"tiles={name} h_splits={s}{' interleaved' if interleaved else ''} blocks={blocks}")
+            def fwd_h(c=c, ws=ws, hh=hh, blocks=blocks, s=s):
+                launch("forward.cu", "sketched_linear_fwd_h", dt, False, c, blocks, x, S1, U2, hh, ws, i64(T), i64(I),
+                       i32(L), i32(K), i32(s))
+
+            written = (ws.numel() * 4 if ws is not None else hh.numel() * 2)
+            add("fwd_h", timed(fwd_h, replays, flush), x.numel() * 2 + written,
+                f"tiles={name} h_splits={s} blocks={blocks}")
 
         def fwd_y(c=c):
             launch("forward.cu", "sketched_linear_fwd_y", dt, False, c, -(-T // c.bm) * -(-O // c.bn), h, U1, S2, None,

@@ -13,8 +13,7 @@ using namespace panther::sl;
 // The tile shapes of limits.py's CONFIGS.
 using Small = Tile<64, 64, 32, 2, 2, 3>;
 using Large = Tile<128, 128, 32, 2, 4, 4>;
-using Deep64 = Tile<128, 128, 64, 2, 4, 3>;
-using Deep128 = Tile<128, 128, 128, 4, 4, 2>;
+using Deep64 = Tile<128, 128, 64, 2, 4, 4>;
 
 
 static void launch(long long blocks, int nt, unsigned shared, const std::function<void()>& body) {
@@ -23,7 +22,6 @@ static void launch(long long blocks, int nt, unsigned shared, const std::functio
 
 static int g_sm90_groups = 0;  // > 0: y by forward_sm90.cu's kernel, that many blocks per row tile
 static bool g_sm90_h = false;  // H by forward_sm90.cu's kernel too
-static int g_interleaved = 0;  // H's shares of I interleaved by steps (fwd_h's flag)
 
 // y = H B / (2L) + b by sketched_linear_fwd_y_sm90<T, KP>, KP the depth forward.py picks (R rounded up to 32,
 // 64, 128 or 256)
@@ -77,7 +75,7 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
             }
         }
         if (!h_done)
-            launch(cdv(Tn, BM) * cdv(R, BN) * hs, NT, tile, [&] { sketched_linear_fwd_h<T, EXACT, C>(x.p(), S1.p(), U2.p(), h.p(), wshp, Tn, I, L, k, hs, g_interleaved); });
+            launch(cdv(Tn, BM) * cdv(R, BN) * hs, NT, tile, [&] { sketched_linear_fwd_h<T, EXACT, C>(x.p(), S1.p(), U2.p(), h.p(), wshp, Tn, I, L, k, hs); });
         if (hs > 1) launch(5, SUM_NT, 0, [&] { sketched_linear_sum_shares<T>(wshp, h.p(), Tn * R, hs, 1.0f); });
         if constexpr (sizeof(T) == 2) {
             if (g_sm90_groups > 0) {
@@ -208,8 +206,7 @@ static int run_mode(const std::string& mode, long long Tn, long long I, long lon
     return 0;
 }
 
-// usage: harness MODE TILES PLAN SPLIT T I O L K BIAS NEEDS   (MODE float32|tf32|float16|bfloat16; TILES small|large|deep64|deep128
-// (a suffix +i: H's shares of I interleaved by steps):
+// usage: harness MODE TILES PLAN SPLIT T I O L K BIAS NEEDS   (MODE float32|tf32|float16|bfloat16; TILES small|large|deep64:
 // the tile shape of every kernel but the fused one (always small), or sm90:G: large, with y by the sm_90a kernel on
 // G blocks per row tile (16-bit modes, two launches), or sm90h:G: H and the backward by the sm_90a kernels too
 // (I, O and k multiples of 8); PLAN 0: two
@@ -219,11 +216,7 @@ static int run_mode(const std::string& mode, long long Tn, long long I, long lon
 int main(int argc, char** argv) {
     if (argc != 12) { std::fprintf(stderr, "usage: harness MODE TILES PLAN SPLIT T I O L K BIAS NEEDS\n"); return 2; }
     const std::string mode = argv[1];
-    std::string tiles = argv[2];
-    if (tiles.size() > 2 && tiles.compare(tiles.size() - 2, 2, "+i") == 0) {  // "<tiles>+i": interleaved shares of I
-        g_interleaved = 1;
-        tiles.resize(tiles.size() - 2);
-    }
+    const std::string tiles = argv[2];
     const int plan = std::atoi(argv[3]), split = std::atoi(argv[4]);
     const long long Tn = std::atoll(argv[5]), I = std::atoll(argv[6]), O = std::atoll(argv[7]);
     const int L = std::atoi(argv[8]), k = std::atoi(argv[9]);
@@ -233,7 +226,6 @@ int main(int argc, char** argv) {
     if (tiles == "small") return run_mode<Small>(mode, Tn, I, O, L, k, plan, split, bias, needs);
     if (tiles == "large") return run_mode<Large>(mode, Tn, I, O, L, k, plan, split, bias, needs);
     if (tiles == "deep64") return run_mode<Deep64>(mode, Tn, I, O, L, k, plan, split, bias, needs);
-    if (tiles == "deep128") return run_mode<Deep128>(mode, Tn, I, O, L, k, plan, split, bias, needs);
     if (tiles.rfind("sm90:", 0) == 0 || tiles.rfind("sm90h:", 0) == 0) {
         g_sm90_h = tiles[4] == 'h';
         g_sm90_groups = std::atoi(tiles.c_str() + (g_sm90_h ? 6 : 5));

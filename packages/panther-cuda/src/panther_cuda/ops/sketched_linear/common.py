@@ -10,7 +10,7 @@ import torch
 
 from panther.backends.toolkit import cdiv, shared_memory_per_block
 from panther_cuda._nvrtc import Kernel, f32, i32, i64
-from panther_cuda.ops.sketched_linear.limits import DEEP64, DEEP128, LARGE, SMALL, SUM_THREADS, TileConfig
+from panther_cuda.ops.sketched_linear.limits import DEEP64, LARGE, SMALL, SUM_THREADS, TileConfig
 
 CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 
@@ -85,7 +85,7 @@ MAX_SPLIT = 64
 # Blocks a split aims for per SM: about four SMALL blocks (several resident at once), one of the 128 x 128 tiles:
 # past that, more shares add fp32 traffic and summing faster than they add parallelism (tools/linear_sweep.py
 # times the rule's split against half and twice of it).
-BLOCKS_PER_SM = {SMALL: 4, LARGE: 1, DEEP64: 1, DEEP128: 1}
+BLOCKS_PER_SM = {SMALL: 4, LARGE: 1, DEEP64: 1}
 SUM_BLOCKS = 4096  # grid of the share-summing launches (grid-stride loops over the elements)
 
 

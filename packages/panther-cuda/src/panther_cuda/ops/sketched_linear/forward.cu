@@ -89,13 +89,12 @@ __global__ void __launch_bounds__(C::NT) sketched_linear_fwd_fused(
 }
 
 // H = x A, tile (tile / n_col_tiles, tile % n_col_tiles) of (T, R), tile = blockIdx.x % tiles; with
-// n_splits > 1, block split = blockIdx.x / tiles sums the BK-aligned share `split` of I (interleaved: its
-// every n_splits-th step of I, RowSplit) into ws[split] (fp32, T x R) and sketched_linear_sum_shares writes H
-// from the shares.
+// n_splits > 1, block split = blockIdx.x / tiles sums the BK-aligned share `split` of I into
+// ws[split] (fp32, T x R) and sketched_linear_sum_shares writes H from the shares.
 template <typename T, bool EXACT, typename C>
 __global__ void __launch_bounds__(C::NT, (MIN_BLOCKS<T, C>)) sketched_linear_fwd_h(
     const T* __restrict__ x, const T* __restrict__ S1, const T* __restrict__ U2, T* __restrict__ h,
-    float* __restrict__ ws, long long Tn, long long I, int L, int k, int n_splits, int interleaved) {
+    float* __restrict__ ws, long long Tn, long long I, int L, int k, int n_splits) {
     constexpr int BM = C::BM, BN = C::BN;
     extern __shared__ __align__(16) unsigned char smem[];
     require_shared(static_cast<unsigned>(C::SHARED_ELEMENTS * sizeof(T)));
@@ -108,11 +107,10 @@ __global__ void __launch_bounds__(C::NT, (MIN_BLOCKS<T, C>)) sketched_linear_fwd
     const int split = static_cast<int>(blockIdx.x / tiles);
     const long long m0 = tile / n_col_tiles * BM;
     const long long n0 = tile % n_col_tiles * BN;
-    const RowSplit share(I, split, n_splits, C::BK, interleaved != 0);
+    const RowSplit share(I, split, n_splits, C::BK);
     Acc<T, EXACT, C> acc;
     acc.zero();
-    gemm(acc, As, Bs, Dense<T, false>{x, I}, Side<T>{S1, U2, I, L, k}, m0, n0, Tn, R, share.end, share.begin, NoHook{},
-         share.stride);
+    gemm(acc, As, Bs, Dense<T, false>{x, I}, Side<T>{S1, U2, I, L, k}, m0, n0, Tn, R, share.end, share.begin);
     if (n_splits > 1) {
         acc.each([&](int r, int c, float v) {
             const long long t = m0 + r, col = n0 + c;
@@ -139,30 +137,9 @@ __global__ void __launch_bounds__(C::NT, (MIN_BLOCKS<T, C>)) sketched_linear_fwd
     const long long n0 = static_cast<long long>(blockIdx.x % n_col_tiles) * BN;
     Acc<T, EXACT, C> acc;
     acc.zero();
-    // H B = H[:, :Lk] U1 + H[:, Lk:] S2, U1 and S2 read as (Lk, O) matrices. Where both halves take 16-byte
-    // copies, one ring over both: its steps walk the first half's cursors, then the same cursors shifted to the
-    // second half (H's columns Lk on, S2 for U1), each half ceil(Lk / BK) steps zero-filled past Lk, so the
-    // copies of the second half start while the first is multiplied. Else two products, one per half.
-    const Dense<T, false> h1{h, R}, h2{h + Lk, R}, b1{U1, O}, b2{S2, O};
-    using CursorA = TileCursor<T, C::NT, BM, C::BK, true, Dense<T, false>>;
-    using CursorB = TileCursor<T, C::NT, C::BK, BN, false, Dense<T, false>>;
-    if (CursorA::usable(h1) && CursorA::usable(h2) && CursorB::usable(b1) && CursorB::usable(b2)) {
-        const CursorA ca(h1, C::LDA, m0, 0, Tn, Lk);
-        const CursorB cb(b1, C::LDB, 0, n0, Lk, O);
-        const long long half = cdiv(static_cast<long long>(Lk), static_cast<long long>(C::BK)) * C::BK;
-        const long long b_shift =  // S2 - U1 in elements: both 16-byte aligned (usable)
-            static_cast<long long>(reinterpret_cast<unsigned long long>(S2) - reinterpret_cast<unsigned long long>(U1)) /
-            static_cast<long long>(sizeof(T));
-        ring<C, false, false>(acc, As, Bs, 0, 2 * half, C::BK, [&](int stage, long long k0) {
-            const bool second = k0 >= half;
-            const long long dk = second ? k0 - half : k0;
-            ca.load(As + stage * C::STAGE_A, dk, 0, Lk, second ? Lk : 0);
-            cb.load(Bs + stage * C::STAGE_B, dk, 0, Lk, second ? b_shift : 0);
-        }, NoHook{});
-    } else {
-        gemm(acc, As, Bs, h1, b1, m0, n0, Tn, O, Lk);
-        gemm(acc, As, Bs, h2, b2, m0, n0, Tn, O, Lk);
-    }
+    // H B = H[:, :Lk] U1 + H[:, Lk:] S2, U1 and S2 read as (Lk, O) matrices: two terms of one ring
+    gemm_terms(acc, As, Bs, [&](int t) { return Dense<T, false>{t == 0 ? h : h + Lk, R}; },
+               [&](int t) { return Dense<T, false>{t == 0 ? U1 : S2, O}; }, 2, m0, n0, Tn, O, Lk);
     store_tile(acc, As, y, O, m0, n0, Tn, O, [&](int, int c, float v) {
         const long long o = n0 + c;
         return from_float<T>(v * scale + (bias != nullptr && o < O ? to_float(bias[o]) : 0.0f));
@@ -190,17 +167,16 @@ __global__ void __launch_bounds__(SUM_NT) sketched_linear_sum_shares(const float
 // check of CI; the fused kernel runs with SMALL only.
 #define SMALL panther::sl::Tile<64, 64, 32, 2, 2, 3>
 #define LARGE panther::sl::Tile<128, 128, 32, 2, 4, 4>
-#define DEEP64 panther::sl::Tile<128, 128, 64, 2, 4, 3>
-#define DEEP128 panther::sl::Tile<128, 128, 128, 4, 4, 2>
+#define DEEP64 panther::sl::Tile<128, 128, 64, 2, 4, 4>
 #define FUSED(T, E) \
     template __global__ void panther::sl::sketched_linear_fwd_fused<T, E, SMALL>(const T*, const T*, const T*, \
         const T*, const T*, const T*, T*, T*, long long, long long, long long, int, int, int, float);
 #define INST(T, E, C) \
     template __global__ void panther::sl::sketched_linear_fwd_h<T, E, C>(const T*, const T*, const T*, T*, float*, \
-        long long, long long, int, int, int, int); \
+        long long, long long, int, int, int); \
     template __global__ void panther::sl::sketched_linear_fwd_y<T, E, C>(const T*, const T*, const T*, const T*, T*, \
         long long, long long, int, int, float);
-#define ALL(T, E) FUSED(T, E) INST(T, E, SMALL) INST(T, E, LARGE) INST(T, E, DEEP64) INST(T, E, DEEP128)
+#define ALL(T, E) FUSED(T, E) INST(T, E, SMALL) INST(T, E, LARGE) INST(T, E, DEEP64)
 ALL(float, false) ALL(float, true) ALL(__half, false) ALL(__nv_bfloat16, false)
 #define SUM(T) template __global__ void panther::sl::sketched_linear_sum_shares<T>(const float*, T*, long long, int, \
     float);

@@ -13,8 +13,9 @@ Plans (:func:`plan_forward`):
   ``o_groups`` blocks per row tile of BM rows (each recomputing H), at most one per BN output columns. The
   rule never picks it: its operand tiles load synchronously, without the ring of the other kernels, and
   tools/linear_sweep.py times it slower than the two launches (benchmarks/results/NOTES.md).
-The two-launch plans run on the tile shape ``tiles`` (limits.CONFIGS): "large" (128 x 128) when y's large
-tiles alone fill the SMs, else "small" (64 x 64, also the fused kernel's).
+The two-launch plans run y on the tile shape ``tiles`` (limits.CONFIGS): "large" (128 x 128) when y's large
+tiles alone fill the SMs, else "small" (64 x 64, also the fused kernel's); H on ``h_tiles`` (None: ``tiles``),
+which the rule makes "deep64" (LARGE's tile, 64-deep steps) where y takes "large" and DEEP64's ring fits.
 
 Hopper (``hopper``, forced only for now): H and y by forward_sm90.cu's kernels, warpgroup MMA (wgmma) from
 shared memory on sm_90 devices, for 16-bit inputs whose shapes sm90.h_fits and sm90.y_fits allow (each launch
@@ -44,7 +45,7 @@ from panther_cuda.ops.sketched_linear.common import (
     split_rule,
     sum_shares,
 )
-from panther_cuda.ops.sketched_linear.limits import CONFIGS, FUSED_MAX_R, LARGE, SMALL
+from panther_cuda.ops.sketched_linear.limits import CONFIGS, DEEP64, FUSED_MAX_R, LARGE, SMALL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,12 +53,15 @@ class ForwardPlan:
     fused: bool  # one launch, H in shared memory
     o_groups: int = 1  # fused: blocks sharing a row tile, each writing a share of y's columns
     h_splits: int = 1  # not fused: shares of I of H = x A (fp32, summed by a launch of their own)
-    tiles: str = "small"  # not fused: the tile shape of both launches, a key of limits.CONFIGS (fused: small)
+    tiles: str = "small"  # not fused: the tile shape of y's launch, a key of limits.CONFIGS (fused: small)
     hopper: bool = False  # not fused: H and y by forward_sm90.cu's wgmma kernels where they fit
+    h_tiles: Optional[str] = None  # not fused: the tile shape of H's launch (None: ``tiles``)
 
     def __post_init__(self):
-        if self.tiles not in CONFIGS:
-            raise ValueError(f"ForwardPlan tiles={self.tiles!r}: expected one of {sorted(CONFIGS)}")
+        for name in ("tiles", "h_tiles"):
+            value = getattr(self, name)
+            if value not in CONFIGS and not (name == "h_tiles" and value is None):
+                raise ValueError(f"ForwardPlan {name}={value!r}: expected one of {sorted(CONFIGS)}")
         if self.fused and self.hopper:
             raise ValueError("ForwardPlan hopper=True is a plan of two launches: expected fused=False")
 
@@ -66,12 +70,13 @@ def forward_rule(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, s
     """The plan for a shape on a device with ``sms`` SMs and ``shared_limit`` bytes of shared memory per block.
 
     Two launches, on LARGE tiles when y's LARGE tiles alone fill the SMs (common.choose_config), else
-    SMALL; H = x A is split into shares of I when its tiles (of that shape) leave the SMs idle and I is
-    long (split_rule)."""
+    SMALL; with LARGE tiles H = x A on DEEP64's where its ring fits (16-bit inputs). H is split into shares of I
+    when its tiles (of that shape) leave the SMs idle and I is long (split_rule)."""
     config = choose_config(cdiv(T, LARGE.bm), cdiv(O, LARGE.bn), dtype, sms, shared_limit)
     tiles = "large" if config == LARGE else "small"
-    return ForwardPlan(fused=False, h_splits=split_rule(I, cdiv(T, config.bm) * cdiv(R, config.bn), sms, config),
-                       tiles=tiles)
+    h_config = DEEP64 if config == LARGE and DEEP64.shared_bytes(dtype) <= shared_limit else config
+    return ForwardPlan(fused=False, h_splits=split_rule(I, cdiv(T, h_config.bm) * cdiv(R, h_config.bn), sms, h_config),
+                       tiles=tiles, h_tiles="deep64" if h_config == DEEP64 else None)
 
 
 def fused_groups(T: int, O: int, sms: int) -> int:
@@ -82,10 +87,6 @@ def fused_groups(T: int, O: int, sms: int) -> int:
         groups *= 2
     return groups
 
-
-# H's shares of I: each block's every n-th step of I (True) or a contiguous range of I (False; tools/linear_parts.py
-# times both).
-INTERLEAVED_SHARES = False
 
 _plans = BoundedCache()
 
@@ -122,8 +123,8 @@ def sketched_linear_forward(
     """Launch the forward kernels on the current CUDA device and stream; returns (y, H).
 
     ``out``: what :func:`forward_outputs` returns (allocated here when None). ``plan`` forces a plan
-    (tests covering both paths); a fused plan whose H does not fit falls back to two launches, and tiles whose
-    shared memory does not fit the device to the small ones.
+    (tests covering both paths); a fused plan whose H does not fit falls back to two launches, and tiles (of y or
+    of H) whose shared memory does not fit the device to the small ones.
     """
     y, h = forward_outputs(x, S1s, S2s) if out is None else out
     L, I, k = S1s.shape
@@ -139,8 +140,11 @@ def sketched_linear_forward(
         plan = plan_forward(T, I, O, R, x.dtype, x.device)
     elif plan.fused and (R > FUSED_MAX_R or not fused_fits(R, x.dtype, x.device)):
         plan = ForwardPlan(fused=False)
-    elif not plan.fused and fitting(CONFIGS[plan.tiles], x.dtype, x.device) is not CONFIGS[plan.tiles]:
-        plan = dataclasses.replace(plan, tiles="small")
+    elif not plan.fused:
+        for name in ("tiles", "h_tiles"):
+            value = getattr(plan, name)
+            if value is not None and fitting(CONFIGS[value], x.dtype, x.device) is not CONFIGS[value]:
+                plan = dataclasses.replace(plan, **{name: "small"})
     exact = is_exact(x.dtype, allow_tf32)
     scale = f32(1.0 / (2 * L))
     if plan.fused:
@@ -148,7 +152,7 @@ def sketched_linear_forward(
                x2, S1c, U2c, U1c, S2c, b, y, h, i64(T), i64(I), i64(O), i32(L), i32(k), i32(plan.o_groups), scale,
                shared_mem=SMALL.fused_bytes(R, x.dtype))
     else:
-        c = CONFIGS[plan.tiles]
+        c, ch = CONFIGS[plan.tiles], CONFIGS[plan.h_tiles or plan.tiles]
         splits = max(1, int(plan.h_splits))
         ws = torch.empty((splits, T, R), device=x.device, dtype=torch.float32) if splits > 1 else None
         if plan.hopper and sm90.h_fits(I, k, x.dtype, x.device, x2, S1c, U2c):
@@ -156,8 +160,8 @@ def sketched_linear_forward(
                 (cdiv(T, sm90.BM) * cdiv(R, sm90.BN) * splits,), (sm90.THREADS,), x2, S1c, U2c, h, ws, i64(T), i64(I),
                 i32(L), i32(k), i32(splits), shared_mem=sm90.ring_shared_bytes(x.dtype))
         else:
-            launch("forward.cu", "sketched_linear_fwd_h", x.dtype, exact, c, cdiv(T, c.bm) * cdiv(R, c.bn) * splits,
-                   x2, S1c, U2c, h, ws, i64(T), i64(I), i32(L), i32(k), i32(splits), i32(INTERLEAVED_SHARES))
+            launch("forward.cu", "sketched_linear_fwd_h", x.dtype, exact, ch, cdiv(T, ch.bm) * cdiv(R, ch.bn) * splits,
+                   x2, S1c, U2c, h, ws, i64(T), i64(I), i32(L), i32(k), i32(splits))
         if ws is not None:
             sum_shares(ws, h)
         if plan.hopper and sm90.y_fits(R, O, x.dtype, x.device, h, U1c, S2c):

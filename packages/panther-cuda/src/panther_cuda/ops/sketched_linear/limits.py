@@ -64,14 +64,14 @@ class TileConfig:
 # SMALL: 64 x 64, 4 warps: many blocks, for small T or narrow outputs. LARGE: 128 x 128, 8 warps of 64 x 32, a
 # 4-step ring: fewer re-reads of the operands per output byte and more bytes in flight, where its tiles alone
 # fill the SMs; a block covers R <= 128 columns of H and dH in one tile, so x and g are read once.
-# DEEP64 and DEEP128: LARGE's output tile with steps 64 and 128 deep (3 and 2 steps in the ring; DEEP128 on 16
-# warps of 32 x 32): each step reads 128 and 256 contiguous bytes of a row of x or g rather than LARGE's 64,
-# and a block waits at half or a quarter of LARGE's barriers (forced only: tools/linear_sweep.py times them).
+# DEEP64: LARGE's output tile with steps 64 deep, four in the ring (147 KiB for 16-bit operands: one block per SM),
+# for H = x A where the forward takes LARGE tiles: each step reads 128 contiguous bytes of a row of x, and the
+# block waits at half the barriers (tools/linear_parts.py: 8 % faster than LARGE there; slower for y and the
+# backward, which keep LARGE).
 SMALL = TileConfig(64, 64, 32, 2, 2, 3)
 LARGE = TileConfig(128, 128, 32, 2, 4, 4)
-DEEP64 = TileConfig(128, 128, 64, 2, 4, 3)
-DEEP128 = TileConfig(128, 128, 128, 4, 4, 2)
-CONFIGS = {"small": SMALL, "large": LARGE, "deep64": DEEP64, "deep128": DEEP128}
+DEEP64 = TileConfig(128, 128, 64, 2, 4, 4)
+CONFIGS = {"small": SMALL, "large": LARGE, "deep64": DEEP64}
 SUM_THREADS = 128  # threads of a block of the share-summing kernels (tile.cuh's SUM_NT)
 
 # Widest H (R = 2Lk columns) that the fused forward keeps in shared memory (R <= 256: 2 k L <= 256).

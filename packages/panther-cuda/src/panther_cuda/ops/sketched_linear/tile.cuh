@@ -152,7 +152,7 @@ template <typename T, int NT, int ROWS, int COLS, bool K_COLS, typename F> struc
     }
 
     // The tile moved dk along K into s; k0 the tile's origin along K at dk = 0, nk the K edge. shift: elements
-    // added to every source address, to read a second operand of the same layout and edges (fwd_y's S2 after U1).
+    // added to every source address, to read another operand of the same layout and edges (gemm_terms()).
     __device__ __forceinline__ void load(T* s, long long dk, long long k0, long long nk, long long shift = 0) const {
 #pragma unroll
         for (int i = 0; i < PER; ++i) {
@@ -297,24 +297,23 @@ struct NoHook {
 };
 
 // The ring of gemm(): load(stage, k0) fills stage `stage` with the tiles of step k0 (k0 < K; the copies a
-// thread issues form its group of the step). Steps start at k_begin, `stride` apart (BK: every step of
-// [k_begin, K); a multiple of BK: every n-th step, a share of the reduction interleaved with the others').
+// thread issues form its group of the step), called once per step, in the order of the steps.
 template <typename C, bool AT, bool BT, typename T, typename A, typename Load, typename Hook>
-__device__ __forceinline__ void ring(A& acc, T* As, T* Bs, long long k_begin, long long K, long long stride,
-                                     const Load& load, const Hook& hook) {
-    constexpr int S = C::STAGES, SA = C::STAGE_A, SB = C::STAGE_B;
+__device__ __forceinline__ void ring(A& acc, T* As, T* Bs, long long k_begin, long long K, const Load& load,
+                                     const Hook& hook) {
+    constexpr int S = C::STAGES, SA = C::STAGE_A, SB = C::STAGE_B, BK = C::BK;
     constexpr int lda = AT ? C::LDA_T : C::LDA, ldb = BT ? C::LDB_T : C::LDB;
 #pragma unroll
     for (int s = 0; s < S - 1; ++s) {
-        const long long k0 = k_begin + s * stride;
+        const long long k0 = k_begin + static_cast<long long>(s) * BK;
         if (k0 < K) load(s, k0);
         cp_async_commit();  // one group per step, empty past K: the wait below counts steps
     }
     int stage = 0;
-    for (long long k0 = k_begin; k0 < K; k0 += stride) {
+    for (long long k0 = k_begin; k0 < K; k0 += BK) {
         cp_async_wait<S - 2>();  // this step's group is in (only the S - 2 later ones may still fly)
         __syncthreads();
-        const long long next = k0 + (S - 1) * stride;
+        const long long next = k0 + static_cast<long long>(S - 1) * BK;
         if (next < K) load(stage == 0 ? S - 1 : stage - 1, next);
         cp_async_commit();
         acc.template step<AT, BT>(As + stage * SA, lda, Bs + stage * SB, ldb);
@@ -325,8 +324,22 @@ __device__ __forceinline__ void ring(A& acc, T* As, T* Bs, long long k_begin, lo
     __syncthreads();
 }
 
-// acc += Σ_{k_begin <= k < K} a(m0 + r, k) b(k, n0 + c) for the tile at (m0, n0) of an M x N product (with
-// k_stride > BK, a multiple of it: only the steps k_begin, k_begin + k_stride, ...),
+// gemm() with every tile filled by fill_tile (operands that the cursors do not take).
+template <typename T, bool EXACT, typename C, typename FA, typename FB, typename Hook = NoHook>
+__device__ __forceinline__ void gemm_filled(Acc<T, EXACT, C>& acc, T* As, T* Bs, const FA& fa, const FB& fb,
+                                            long long m0, long long n0, long long M, long long N, long long K,
+                                            long long k_begin = 0, Hook hook = {}) {
+    constexpr int SA = C::STAGE_A, SB = C::STAGE_B, BM = C::BM, BN = C::BN, BK = C::BK, NT = C::NT;
+    constexpr bool AT = FA::ROW_CONTIGUOUS, BT = FB::ROW_CONTIGUOUS;  // tiles stored transposed
+    constexpr int lda = AT ? C::LDA_T : C::LDA, ldb = BT ? C::LDB_T : C::LDB;
+    const bool va = fa.vec_ok(), vb = fb.vec_ok();
+    ring<C, AT, BT>(acc, As, Bs, k_begin, K, [&](int stage, long long k0) {
+        fill_tile<T, NT, BM, BK, true>(As + stage * SA, lda, fa, va, m0, k0, M, K);
+        fill_tile<T, NT, BK, BN, true>(Bs + stage * SB, ldb, fb, vb, k0, n0, K, N);
+    }, hook);
+}
+
+// acc += Σ_{k_begin <= k < K} a(m0 + r, k) b(k, n0 + c) for the tile at (m0, n0) of an M x N product,
 // through a ring of STAGES pairs of shared tiles As (STAGES x STAGE_A) and Bs (STAGES x STAGE_B): step i
 // reads stage i % STAGES while the copies (cp.async) of the next STAGES - 1 steps are in flight. One
 // barrier per step: after it, every thread has left step i - 1, so its stage takes step i + STAGES - 1's
@@ -337,7 +350,7 @@ __device__ __forceinline__ void ring(A& acc, T* As, T* Bs, long long k_begin, lo
 template <typename T, bool EXACT, typename C, typename FA, typename FB, typename Hook = NoHook>
 __device__ __forceinline__ void gemm(Acc<T, EXACT, C>& acc, T* As, T* Bs, const FA& fa, const FB& fb, long long m0,
                                      long long n0, long long M, long long N, long long K, long long k_begin = 0,
-                                     Hook hook = {}, long long k_stride = C::BK) {
+                                     Hook hook = {}) {
     constexpr int SA = C::STAGE_A, SB = C::STAGE_B, BM = C::BM, BN = C::BN, BK = C::BK, NT = C::NT;
     constexpr bool AT = FA::ROW_CONTIGUOUS, BT = FB::ROW_CONTIGUOUS;  // tiles stored transposed
     constexpr int lda = AT ? C::LDA_T : C::LDA, ldb = BT ? C::LDB_T : C::LDB;
@@ -346,35 +359,72 @@ __device__ __forceinline__ void gemm(Acc<T, EXACT, C>& acc, T* As, T* Bs, const 
     if (CursorA::usable(fa) && CursorB::usable(fb)) {  // the same for the whole block
         const CursorA ca(fa, lda, m0, k_begin, M, K);
         const CursorB cb(fb, ldb, k_begin, n0, K, N);
-        ring<C, AT, BT>(acc, As, Bs, k_begin, K, k_stride, [&](int stage, long long k0) {
+        ring<C, AT, BT>(acc, As, Bs, k_begin, K, [&](int stage, long long k0) {
             ca.load(As + stage * SA, k0 - k_begin, k_begin, K);
             cb.load(Bs + stage * SB, k0 - k_begin, k_begin, K);
         }, hook);
     } else {
-        const bool va = fa.vec_ok(), vb = fb.vec_ok();
-        ring<C, AT, BT>(acc, As, Bs, k_begin, K, k_stride, [&](int stage, long long k0) {
-            fill_tile<T, NT, BM, BK, true>(As + stage * SA, lda, fa, va, m0, k0, M, K);
-            fill_tile<T, NT, BK, BN, true>(Bs + stage * SB, ldb, fb, vb, k0, n0, K, N);
-        }, hook);
+        gemm_filled(acc, As, Bs, fa, fb, m0, n0, M, N, K, k_begin, hook);
     }
 }
 
-// Rows [begin, end) of T that split s of n_splits sums over: BK-aligned shares (empty past T). INTERLEAVED:
-// split s takes the BK-steps s, s + n_splits, s + 2 n_splits, ... of all of T instead (begin, end = T,
-// stride), so that the splits of a tile read neighbouring steps of the same rows at about the same time.
-struct RowSplit {
-    long long begin, end, stride;
-    __device__ __forceinline__ RowSplit(long long Tn, int s, int n_splits, int BK, bool interleaved = false) {
-        if (interleaved) {
-            begin = min_ll(Tn, static_cast<long long>(s) * BK);
-            end = Tn;
-            stride = static_cast<long long>(n_splits) * BK;
-            return;
+// Elements of T from p to q (both 16-byte aligned): how far a second operand of the same layout lies from a first.
+template <typename T> __device__ __forceinline__ long long elements_between(const T* p, const T* q) {
+    return static_cast<long long>(reinterpret_cast<unsigned long long>(q) - reinterpret_cast<unsigned long long>(p)) /
+           static_cast<long long>(sizeof(T));
+}
+
+// acc += Σ_{t < n_terms} a_t b_t over K for the tile at (m0, n0) of an M x N product, the operands of term t
+// being op_a(t) and op_b(t): operands of one layout and the same edges, in different places (the halves of H and
+// the weights [U1; S2] in the forward, the 2L terms of dH Aᵀ in the backward). Where every term's operands take
+// the cursors, one ring walks all the terms' steps (each term ceil(K / BK) steps, zero past K) with term 0's
+// cursors shifted to term t's operands, so a term's first copies fly while the one before is multiplied. Else
+// (ragged ranks or misaligned weights) one product per term, its tiles filled by fill_tile.
+template <typename T, bool EXACT, typename C, typename OpA, typename OpB>
+__device__ __forceinline__ void gemm_terms(Acc<T, EXACT, C>& acc, T* As, T* Bs, const OpA& op_a, const OpB& op_b,
+                                           int n_terms, long long m0, long long n0, long long M, long long N,
+                                           long long K) {
+    using FA = decltype(op_a(0));
+    using FB = decltype(op_b(0));
+    constexpr int SA = C::STAGE_A, SB = C::STAGE_B, BK = C::BK;
+    constexpr bool AT = FA::ROW_CONTIGUOUS, BT = FB::ROW_CONTIGUOUS;
+    constexpr int lda = AT ? C::LDA_T : C::LDA, ldb = BT ? C::LDB_T : C::LDB;
+    using CursorA = TileCursor<T, C::NT, C::BM, BK, true, FA>;
+    using CursorB = TileCursor<T, C::NT, BK, C::BN, false, FB>;
+    bool chained = true;  // the same for the whole block
+    for (int t = 0; t < n_terms; ++t) chained = chained && CursorA::usable(op_a(t)) && CursorB::usable(op_b(t));
+    if (!chained) {
+#pragma unroll 1
+        for (int t = 0; t < n_terms; ++t) gemm_filled(acc, As, Bs, op_a(t), op_b(t), m0, n0, M, N, K);
+        return;
+    }
+    const FA a0 = op_a(0);
+    const FB b0 = op_b(0);
+    const CursorA ca(a0, lda, m0, 0, M, K);
+    const CursorB cb(b0, ldb, 0, n0, K, N);
+    const int per = static_cast<int>(cdiv(K, static_cast<long long>(BK))) * BK;  // one term's steps (K: a rank)
+    // ring() loads the steps in order: the term, the step within it and the term's shifts advance with each load
+    int t = 0, dk = 0;
+    long long shift_a = 0, shift_b = 0;
+    ring<C, AT, BT>(acc, As, Bs, 0, static_cast<long long>(n_terms) * per, [&](int stage, long long) {
+        ca.load(As + stage * SA, dk, 0, K, shift_a);
+        cb.load(Bs + stage * SB, dk, 0, K, shift_b);
+        dk += BK;
+        if (dk == per && ++t < n_terms) {
+            dk = 0;
+            shift_a = elements_between(a0.ptr(0, 0), op_a(t).ptr(0, 0));
+            shift_b = elements_between(b0.ptr(0, 0), op_b(t).ptr(0, 0));
         }
+    }, NoHook{});
+}
+
+// Rows [begin, end) of T that split s of n_splits sums over: BK-aligned shares (empty past T).
+struct RowSplit {
+    long long begin, end;
+    __device__ __forceinline__ RowSplit(long long Tn, int s, int n_splits, int BK) {
         const long long per = cdiv(cdiv(Tn, n_splits), BK) * BK;
         begin = min_ll(Tn, s * per);
         end = min_ll(Tn, begin + per);
-        stride = BK;
     }
 };
 
