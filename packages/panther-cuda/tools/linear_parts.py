@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # graph_timing, beside this file
 from graph_timing import capture, replay_ms  # noqa: E402
+from linear_sweep import _shape  # noqa: E402  (--shape's parser)
 
 L, K = 1, 64
 SHAPES = [(4096, 4096, 4096), (4096, 8192, 8192)]
@@ -89,13 +90,6 @@ def _config(text: str):
     if len(parts) != 6 or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise argparse.ArgumentTypeError(f"--config {text!r}: expected BMxBNxBKxWMxWNxS, six positive integers")
     return TileConfig(*(int(p) for p in parts))
-
-
-def _shape(text: str) -> Tuple[int, int, int]:
-    parts = text.lower().split("x")
-    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError(f"--shape {text!r}: expected TxIxO, three positive integers")
-    return tuple(int(p) for p in parts)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -238,15 +238,10 @@ template <typename T, typename C> struct Acc<T, false, C> {
 
     // f(row, col, value) for each element this thread holds, in tile coordinates.
     template <typename F> __device__ __forceinline__ void each(F f) const {
-        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-        const int wm = warp / C::WARPS_N * WM, wn = warp % C::WARPS_N * WN;
-#pragma unroll
-        for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-            for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-                for (int i = 0; i < 4; ++i)
-                    f(wm + mi * 16 + acc_row(lane, i), wn + ni * 8 + acc_col(lane, i), d[mi][ni][i]);
+        each_pair([&](int r, int c, float v0, float v1) {
+            f(r, c, v0);
+            f(r, c + 1, v1);
+        });
     }
 
     // f(row, col, value at col, value at col + 1) for each pair of neighbours this thread holds (col even).
@@ -297,11 +292,10 @@ template <typename T, typename C> struct Acc<T, true, C> {
     }
 
     template <typename F> __device__ __forceinline__ void each(F f) const {
-        const int r0 = (threadIdx.x / CT) * TM, c0 = (threadIdx.x % CT) * TN;
-#pragma unroll
-        for (int i = 0; i < TM; ++i)
-#pragma unroll
-            for (int j = 0; j < TN; ++j) f(r0 + i, c0 + j, d[i][j]);
+        each_pair([&](int r, int c, float v0, float v1) {
+            f(r, c, v0);
+            f(r, c + 1, v1);
+        });
     }
 
     template <typename F> __device__ __forceinline__ void each_pair(F f) const {
