@@ -192,19 +192,6 @@ def test_forced_fused_plan_falls_back_when_r_is_wide():
 
 
 @on_gpu
-@pytest.mark.parametrize("mode", list(DTYPES))
-def test_y_runs_through_more_tiles_than_resident_blocks(mode):
-    """y's blocks each run through several tiles where the tiles outnumber the blocks that stay resident (T = 4100,
-    O = 2056 on 128 x 128 tiles: 33 x 17 = 561 tiles), the last row and column tiles short."""
-    inputs = make_inputs(4100, 136, 2056, 1, 64, DTYPES[mode])
-    with precision(mode):
-        y, _ = sketched_linear_forward(*inputs, allow_tf32=mode == "tf32", plan=ForwardPlan(fused=False, tiles="large"))
-    assert fwd_module.y_blocks(561, limits.LARGE, fwd_module.sm_count(y.device)) < 561
-    y_ref, _ = reference(inputs, None, ())
-    assert rel_err(y, y_ref) <= TOL[mode]
-
-
-@on_gpu
 @pytest.mark.parametrize("tiles", list(limits.CONFIGS))
 @pytest.mark.parametrize("mode", list(DTYPES))
 @pytest.mark.parametrize("split", [1, 3, 8])
@@ -583,13 +570,6 @@ def test_forward_rule():
                    for T in (1, 64, 4096) for I in (16, 256, 4096) for R in (2, 128, 256))
 
 
-def test_y_blocks_stop_at_the_resident_blocks():
-    # 2 LARGE blocks of 256 threads a SM, 4 SMALL blocks of 128; fewer tiles: one block each
-    assert fwd_module.y_blocks(1024, limits.LARGE, 132) == 264
-    assert fwd_module.y_blocks(5000, limits.SMALL, 132) == 528
-    assert fwd_module.y_blocks(12, limits.LARGE, 132) == 12 and fwd_module.y_blocks(0, limits.LARGE, 132) == 1
-
-
 def test_forward_plan_names_its_tiles():
     with pytest.raises(ValueError, match=r"tiles='huge'.*\['deep64', 'large', 'small'\]"):
         ForwardPlan(fused=False, tiles="huge")
@@ -682,7 +662,6 @@ def recorder(monkeypatch):
     monkeypatch.setattr(bwd_module, "kernel", rec.kernel)
     monkeypatch.setattr(common_module, "kernel", rec.kernel)  # common.launch's too
     monkeypatch.setattr(common_module, "shared_limit", lambda device: 227 << 10)  # an H100's, for forced plans
-    monkeypatch.setattr(fwd_module, "sm_count", lambda device: 132)
     return rec
 
 

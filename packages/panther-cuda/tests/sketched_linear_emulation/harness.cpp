@@ -77,15 +77,14 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
         if (!h_done)
             launch(cdv(Tn, BM) * cdv(R, BN) * hs, NT, tile, [&] { sketched_linear_fwd_h<T, EXACT, C>(x.p(), S1.p(), U2.p(), h.p(), wshp, Tn, I, L, k, hs); });
         if (hs > 1) launch(5, SUM_NT, 0, [&] { sketched_linear_sum_shares<T>(wshp, h.p(), Tn * R, hs, 1.0f); });
-        // y on at most 3 blocks: each runs through several tiles, as on a GPU with more tiles than resident blocks
         if constexpr (sizeof(T) == 2) {
             if (g_sm90_groups > 0) {
                 fwd_y_sm90<T>(h.p(), U1.p(), S2.p(), bp, y.p(), Tn, O, Lk, scale);
             } else {
-                launch(std::min<long long>(cdv(Tn, BM) * cdv(O, BN), 3), NT, tile, [&] { sketched_linear_fwd_y<T, EXACT, C>(h.p(), U1.p(), S2.p(), bp, y.p(), Tn, O, L, k, scale); });
+                launch(cdv(Tn, BM) * cdv(O, BN), NT, tile, [&] { sketched_linear_fwd_y<T, EXACT, C>(h.p(), U1.p(), S2.p(), bp, y.p(), Tn, O, L, k, scale); });
             }
         } else {
-            launch(std::min<long long>(cdv(Tn, BM) * cdv(O, BN), 3), NT, tile, [&] { sketched_linear_fwd_y<T, EXACT, C>(h.p(), U1.p(), S2.p(), bp, y.p(), Tn, O, L, k, scale); });
+            launch(cdv(Tn, BM) * cdv(O, BN), NT, tile, [&] { sketched_linear_fwd_y<T, EXACT, C>(h.p(), U1.p(), S2.p(), bp, y.p(), Tn, O, L, k, scale); });
         }
     }
     // reference in double

@@ -121,81 +121,28 @@ __global__ void __launch_bounds__(C::NT, (MIN_BLOCKS<T, C>)) sketched_linear_fwd
     }
 }
 
-// y = H B / (2L) + b: block b takes the tiles b, b + gridDim.x, ... of (T, O) (tile = row tile x n_col_tiles +
-// column tile; the host launches about as many blocks as stay resident). Where every operand takes 16-byte copies
-// (and O, y allow stores of two elements), one ring runs through all of a block's tiles, each tile's two terms
-// H[:, :Lk] U1 + H[:, Lk:] S2 by cursors shifted from the first to the second: the copies of a tile's first steps
-// fly while the tile before is multiplied and written, and its accumulator leaves from the registers, two
-// elements a store. Else one tile at a time (gemm_terms(), then store_tile()).
+// y = H B / (2L) + b, tile (blockIdx.x / n_col_tiles, blockIdx.x % n_col_tiles) of (T, O).
 template <typename T, bool EXACT, typename C>
 __global__ void __launch_bounds__(C::NT, (MIN_BLOCKS<T, C>)) sketched_linear_fwd_y(
     const T* __restrict__ h, const T* __restrict__ U1, const T* __restrict__ S2, const T* __restrict__ bias,
     T* __restrict__ y, long long Tn, long long O, int L, int k, float scale) {
-    constexpr int BM = C::BM, BN = C::BN, BK = C::BK, NT = C::NT;
+    constexpr int BM = C::BM, BN = C::BN;
     extern __shared__ __align__(16) unsigned char smem[];
     require_shared(static_cast<unsigned>(C::SHARED_ELEMENTS * sizeof(T)));
     T* As = reinterpret_cast<T*>(smem);
     T* Bs = As + C::STAGES * C::STAGE_A;
     const int Lk = L * k, R = 2 * Lk;
-    const long long n_col_tiles = cdiv(O, BN), tiles = cdiv(Tn, BM) * n_col_tiles;
-    auto bias_at = [&](long long o) { return bias != nullptr ? to_float(bias[o]) : 0.0f; };
-    const Dense<T, false> h1{h, R}, h2{h + Lk, R}, b1{U1, O}, b2{S2, O};
-    using CursorA = TileCursor<T, NT, BM, BK, true, Dense<T, false>>;
-    using CursorB = TileCursor<T, NT, BK, BN, false, Dense<T, false>>;
-    if (!(CursorA::usable(h1) && CursorA::usable(h2) && CursorB::usable(b1) && CursorB::usable(b2) && aligned16(y))) {
-        for (long long tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-            const long long m0 = tile / n_col_tiles * BM, n0 = tile % n_col_tiles * BN;
-            Acc<T, EXACT, C> acc;
-            acc.zero();
-            gemm_terms(acc, As, Bs, [&](int t) { return t == 0 ? h1 : h2; }, [&](int t) { return t == 0 ? b1 : b2; },
-                       2, m0, n0, Tn, O, Lk);
-            store_tile(acc, As, y, O, m0, n0, Tn, O, [&](int, int c, float v) {
-                const long long o = n0 + c;
-                return from_float<T>(v * scale + (o < O ? bias_at(o) : 0.0f));
-            });
-            __syncthreads();  // store_tile reads the ring's memory: the next tile's copies wait for every thread
-        }
-        return;
-    }
-    const long long mine = blockIdx.x < tiles ? cdiv(tiles - blockIdx.x, static_cast<long long>(gridDim.x)) : 0;
-    const int per = static_cast<int>(cdiv(static_cast<long long>(Lk), static_cast<long long>(BK))) * BK;  // a term's K
-    const int steps = 2 * per / BK;  // a tile's steps: both terms
-    const long long shift_b = elements_between(U1, S2);
-    // the loads: the tile, term and step being copied, and that tile's cursors (term 0's, shifted for term 1)
-    long long load_tile = blockIdx.x;
-    int term = 0, dk = 0;
-    CursorA ca(h1, C::LDA, load_tile / n_col_tiles * BM, 0, Tn, Lk);
-    CursorB cb(b1, C::LDB, 0, load_tile % n_col_tiles * BN, Lk, O);
-    // the products: the tile being multiplied and its steps done
-    long long tile = blockIdx.x;
-    int done = 0;
+    const long long n_col_tiles = cdiv(O, BN);
+    const long long m0 = static_cast<long long>(blockIdx.x / n_col_tiles) * BM;
+    const long long n0 = static_cast<long long>(blockIdx.x % n_col_tiles) * BN;
     Acc<T, EXACT, C> acc;
     acc.zero();
-    ring<C, false, false>(acc, As, Bs, 0, mine * steps * BK, [&](int stage, long long) {
-        ca.load(As + stage * C::STAGE_A, dk, 0, Lk, term == 0 ? 0 : Lk);
-        cb.load(Bs + stage * C::STAGE_B, dk, 0, Lk, term == 0 ? 0 : shift_b);
-        dk += BK;
-        if (dk == per) {
-            dk = 0;
-            if (++term == 2) {
-                term = 0;
-                load_tile += gridDim.x;
-                if (load_tile < tiles) {
-                    ca = CursorA(h1, C::LDA, load_tile / n_col_tiles * BM, 0, Tn, Lk);
-                    cb = CursorB(b1, C::LDB, 0, load_tile % n_col_tiles * BN, Lk, O);
-                }
-            }
-        }
-    }, [&](const T*, const T*) {
-        if (++done < steps) return;
-        const long long m0 = tile / n_col_tiles * BM, n0 = tile % n_col_tiles * BN;
-        acc.each_pair([&](int r, int c, float v0, float v1) {  // O even (16-byte rows): a pair is in or out whole
-            const long long t = m0 + r, o = n0 + c;
-            if (t < Tn && o < O) store_pair(y + t * O + o, v0 * scale + bias_at(o), v1 * scale + bias_at(o + 1));
-        });
-        acc.zero();
-        done = 0;
-        tile += gridDim.x;
+    // H B = H[:, :Lk] U1 + H[:, Lk:] S2, U1 and S2 read as (Lk, O) matrices: two terms of one ring
+    gemm_terms(acc, As, Bs, [&](int t) { return Dense<T, false>{t == 0 ? h : h + Lk, R}; },
+               [&](int t) { return Dense<T, false>{t == 0 ? U1 : S2, O}; }, 2, m0, n0, Tn, O, Lk);
+    store_tile(acc, As, y, O, m0, n0, Tn, O, [&](int, int c, float v) {
+        const long long o = n0 + c;
+        return from_float<T>(v * scale + (bias != nullptr && o < O ? to_float(bias[o]) : 0.0f));
     });
 }
 

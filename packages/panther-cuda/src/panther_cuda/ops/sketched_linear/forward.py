@@ -79,18 +79,6 @@ def forward_rule(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, s
                        tiles=tiles, h_tiles="deep64" if h_config == DEEP64 else None)
 
 
-def sm_count(device: torch.device) -> int:
-    """The SMs of a CUDA ``device`` (None index: the current device)."""
-    return multiprocessors(device_index(device))
-
-
-def y_blocks(tiles: int, config, sms: int) -> int:
-    """Blocks of y's launch for ``tiles`` output tiles of ``config``: each block runs through its share of the tiles,
-    copying a tile's operands while the one before is multiplied and written, so the grid stops at about the blocks
-    that stay resident (the kernels' launch bounds: 512 threads a SM for 16-bit tiles)."""
-    return max(1, min(tiles, sms * max(1, 512 // config.threads)))
-
-
 def fused_groups(T: int, O: int, sms: int) -> int:
     """Blocks of the fused forward per row tile (each recomputing H, each writing a share of y's columns): the
     largest power of two, at most one per BN columns, whose grid still fits the SMs."""
@@ -183,7 +171,6 @@ def sketched_linear_forward(
                 (cdiv(T, sm90.BM) * groups,), (sm90.THREADS,), h, U1c, S2c, b, y, i64(T), i64(O), i32(L * k),
                 i32(groups), scale, shared_mem=sm90.y_shared_bytes(depth, x.dtype))
         else:
-            launch("forward.cu", "sketched_linear_fwd_y", x.dtype, exact, c,
-                   y_blocks(cdiv(T, c.bm) * cdiv(O, c.bn), c, sm_count(x.device)),
+            launch("forward.cu", "sketched_linear_fwd_y", x.dtype, exact, c, cdiv(T, c.bm) * cdiv(O, c.bn),
                    h, U1c, S2c, b, y, i64(T), i64(O), i32(L), i32(k), scale)
     return y, h

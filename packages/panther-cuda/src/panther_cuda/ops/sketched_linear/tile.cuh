@@ -238,14 +238,6 @@ template <typename T, typename C> struct Acc<T, false, C> {
 
     // f(row, col, value) for each element this thread holds, in tile coordinates.
     template <typename F> __device__ __forceinline__ void each(F f) const {
-        each_pair([&](int r, int c, float v0, float v1) {
-            f(r, c, v0);
-            f(r, c + 1, v1);
-        });
-    }
-
-    // f(row, col, value at col, value at col + 1) for each pair of neighbours this thread holds (col even).
-    template <typename F> __device__ __forceinline__ void each_pair(F f) const {
         const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
         const int wm = warp / C::WARPS_N * WM, wn = warp % C::WARPS_N * WN;
 #pragma unroll
@@ -253,8 +245,8 @@ template <typename T, typename C> struct Acc<T, false, C> {
 #pragma unroll
             for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
-                for (int i = 0; i < 4; i += 2)
-                    f(wm + mi * 16 + acc_row(lane, i), wn + ni * 8 + acc_col(lane, i), d[mi][ni][i], d[mi][ni][i + 1]);
+                for (int i = 0; i < 4; ++i)
+                    f(wm + mi * 16 + acc_row(lane, i), wn + ni * 8 + acc_col(lane, i), d[mi][ni][i]);
     }
 };
 
@@ -292,18 +284,11 @@ template <typename T, typename C> struct Acc<T, true, C> {
     }
 
     template <typename F> __device__ __forceinline__ void each(F f) const {
-        each_pair([&](int r, int c, float v0, float v1) {
-            f(r, c, v0);
-            f(r, c + 1, v1);
-        });
-    }
-
-    template <typename F> __device__ __forceinline__ void each_pair(F f) const {
         const int r0 = (threadIdx.x / CT) * TM, c0 = (threadIdx.x % CT) * TN;
 #pragma unroll
         for (int i = 0; i < TM; ++i)
 #pragma unroll
-            for (int j = 0; j < TN; j += 2) f(r0 + i, c0 + j, d[i][j], d[i][j + 1]);
+            for (int j = 0; j < TN; ++j) f(r0 + i, c0 + j, d[i][j]);
     }
 };
 
@@ -544,14 +529,6 @@ __device__ __forceinline__ void store_tile(const Acc<T, EXACT, C>& acc, T* Cs, T
             if (t < M && o < N) out[t * ld + o] = Cs[r * LDC + c];
         }
     }
-}
-
-// Two neighbouring elements of T written by one store (p aligned to twice the size of T).
-template <typename T> __device__ __forceinline__ void store_pair(T* p, float a, float b) {
-    struct alignas(2 * sizeof(T)) Pair {
-        T a, b;
-    };
-    *reinterpret_cast<Pair*>(p) = Pair{from_float<T>(a), from_float<T>(b)};
 }
 
 // Fail loudly if the launch gave less dynamic shared memory than the kernel carves out.
