@@ -28,7 +28,7 @@ struct alignas(16) uint4 { unsigned x, y, z, w; };
 inline thread_local Dim threadIdx, blockIdx;
 inline Dim gridDim, blockDim;
 inline std::barrier<>* g_block_barrier;
-constexpr int EMU_MAX_WARPS = 16;
+constexpr int EMU_MAX_WARPS = 8;
 inline std::barrier<>* g_warp_barrier[EMU_MAX_WARPS];
 inline unsigned g_dynamic_smem;
 #define __syncthreads() g_block_barrier->arrive_and_wait()

@@ -66,8 +66,8 @@ class TileConfig:
 # fill the SMs; a block covers R <= 128 columns of H and dH in one tile, so x and g are read once.
 # DEEP64: LARGE's output tile with steps 64 deep, four in the ring (147 KiB for 16-bit operands: one block per SM),
 # for H = x A where the forward takes LARGE tiles: each step reads 128 contiguous bytes of a row of x, and the
-# block waits at half the barriers (tools/linear_parts.py: 8 % faster than LARGE there; slower for y and the
-# backward, which keep LARGE).
+# block waits at half the barriers (faster than LARGE there, slower for y and the backward, which keep LARGE:
+# tools/linear_parts.py and tools/linear_sweep.py, benchmarks/results/NOTES.md).
 SMALL = TileConfig(64, 64, 32, 2, 2, 3)
 LARGE = TileConfig(128, 128, 32, 2, 4, 4)
 DEEP64 = TileConfig(128, 128, 64, 2, 4, 4)
