@@ -76,3 +76,15 @@ def test_float32_precision_is_in_force_while_the_backend_runs(monkeypatch, preci
     assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == before
     with pytest.raises(ValueError, match=r"float32_precision must be one of .*got 'tf32'"):
         make_conformance_suite("torch", ops=("sketched_linear",), float32_precision="tf32")
+
+
+def test_relu_attention_draws_at_the_kink_are_rejected():
+    """A relu draw with a row whose features rounding to bfloat16 switches on (its exact output 0, with the rounded
+    inputs about 0.4) is rejected; ordinary relu draws and every softmax draw are kept."""
+    from panther.testing.specs import rfa_attention as spec
+
+    kink = dict(B=1, H=3, T=92, D=15, m=8, causal=False, kernel="relu", per_head=True, masked=False, padded=False)
+    assert spec.make_case(90, **kink) is None
+    case = spec.make_case(91, **kink)
+    assert case is not None and not spec.rounding_moves_output(case.inputs, case.kwargs)
+    assert spec.make_case(90, **{**kink, "kernel": "softmax"}) is not None
