@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from panther_cuda.ops.sketched_conv2d import forward
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # graph_timing, conv_sweep, beside this file
 from conv_sweep import variant  # noqa: E402
-from graph_timing import capture, replay_ms  # noqa: E402
+import graph_timing  # noqa: E402
 
 N, H, W, L, K = 32, 56, 56, 1, 16
 CHANNELS = (16, 32, 64, 128, 256)
@@ -35,7 +34,7 @@ CHANNELS = (16, 32, 64, 128, 256)
 
 def median_ms(fn, reps: int, flush: torch.Tensor) -> float:
     with torch.no_grad():
-        return statistics.median(replay_ms(capture(fn), reps, flush=flush))
+        return graph_timing.median_ms(fn, reps, flush=flush)
 
 
 def main() -> None:

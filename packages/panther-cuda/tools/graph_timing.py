@@ -3,6 +3,7 @@ device's time, without the host's); the kernels a call launches, each timed by t
 
 from __future__ import annotations
 
+import statistics
 from typing import Callable, List, Optional
 
 import torch
@@ -43,6 +44,12 @@ def replay_ms(graph: "torch.cuda.CUDAGraph", reps: int, flush: Optional[torch.Te
         end.record()
     torch.cuda.synchronize()
     return [start.elapsed_time(end) for start, end in events]
+
+
+def median_ms(fn: Callable[[], object], reps: int, before: Optional[Callable[[], None]] = None,
+              flush: Optional[torch.Tensor] = None) -> float:
+    """Median milliseconds of one replay of ``fn`` captured in a CUDA graph (:func:`capture`, :func:`replay_ms`)."""
+    return statistics.median(replay_ms(capture(fn, before), reps, flush))
 
 
 def kernel_times(fn: Callable[[], object], calls: int = 10) -> List[dict]:

@@ -18,24 +18,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # graph_timing, beside this file
-from graph_timing import capture, replay_ms  # noqa: E402
+from graph_timing import median_ms  # noqa: E402
 from linear_sweep import _shape  # noqa: E402  (--shape's parser)
 
 L, K = 1, 64
 SHAPES = [(4096, 4096, 4096), (4096, 8192, 8192)]
 SPLITS = (1, 2, 4, 8, 16)
-
-
-def timed(fn: Callable[[], object], replays: int, flush: torch.Tensor) -> float:
-    return statistics.median(replay_ms(capture(fn), replays, flush))
 
 
 def rows_for(T: int, I: int, O: int, replays: int, flush: torch.Tensor, tiles: dict, splits) -> List[dict]:
@@ -56,10 +51,10 @@ def rows_for(T: int, I: int, O: int, replays: int, flush: torch.Tensor, tiles: d
     def add(what, ms, nbytes, detail=""):
         out.append({"what": what, "detail": detail, "ms": ms, "bytes": nbytes, "tbps": nbytes / (ms * 1e-3) / 1e12})
 
-    add("copy x", timed(lambda: x2.copy_(x), replays, flush), 2 * x.numel() * 2)
-    add("zero y", timed(lambda: y.zero_(), replays, flush), y.numel() * 2)
-    add("cuBLAS x A", timed(lambda: torch.mm(x, A), replays, flush), (x.numel() + A.numel() + T * R) * 2)
-    add("cuBLAS H B", timed(lambda: torch.mm(h, B), replays, flush), (h.numel() + B.numel() + y.numel()) * 2)
+    add("copy x", median_ms(lambda: x2.copy_(x), replays, flush=flush), 2 * x.numel() * 2)
+    add("zero y", median_ms(lambda: y.zero_(), replays, flush=flush), y.numel() * 2)
+    add("cuBLAS x A", median_ms(lambda: torch.mm(x, A), replays, flush=flush), (x.numel() + A.numel() + T * R) * 2)
+    add("cuBLAS H B", median_ms(lambda: torch.mm(h, B), replays, flush=flush), (h.numel() + B.numel() + y.numel()) * 2)
     for name, c in tiles.items():
         for s in splits:
             ws = torch.empty((s, T, R), device=dev, dtype=torch.float32) if s > 1 else None
@@ -71,14 +66,14 @@ def rows_for(T: int, I: int, O: int, replays: int, flush: torch.Tensor, tiles: d
                        i32(L), i32(K), i32(s))
 
             written = (ws.numel() * 4 if ws is not None else hh.numel() * 2)
-            add("fwd_h", timed(fwd_h, replays, flush), x.numel() * 2 + written,
+            add("fwd_h", median_ms(fwd_h, replays, flush=flush), x.numel() * 2 + written,
                 f"tiles={name} h_splits={s} blocks={blocks}")
 
         def fwd_y(c=c):
             launch("forward.cu", "sketched_linear_fwd_y", dt, False, c, -(-T // c.bm) * -(-O // c.bn), h, U1, S2, None,
                    y, i64(T), i64(O), i32(L), i32(K), f32(0.5))
 
-        add("fwd_y", timed(fwd_y, replays, flush), (h.numel() + y.numel()) * 2, f"tiles={name}")
+        add("fwd_y", median_ms(fwd_y, replays, flush=flush), (h.numel() + y.numel()) * 2, f"tiles={name}")
     return out
 
 

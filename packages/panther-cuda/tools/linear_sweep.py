@@ -31,29 +31,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # graph_timing, beside this file
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))  # harness: benchmarks/run.py's peers
-from graph_timing import capture, kernel_times, replay_ms  # noqa: E402
+from graph_timing import kernel_times, median_ms  # noqa: E402
 from harness.cases import concat_linear  # noqa: E402
 
 SHAPES = [(4096, 4096, 4096), (4096, 8192, 8192), (128, 1024, 1024), (128, 8192, 8192)]
 QUICK_SHAPES = [(4096, 4096, 4096), (128, 1024, 1024)]
 L, K = 1, 64
 NEEDS = (True, True, True, False, False, True)  # x, S1s, S2s, U1s, U2s, bias: what an SKLinear trains
-
-
-def graph_time(fn: Callable[[], object], replays: int, before: Optional[Callable[[], None]] = None) -> float:
-    """Median milliseconds of one replay of ``fn`` captured in a CUDA graph."""
-    graph = capture(fn, before)
-    return statistics.median(replay_ms(graph, replays))
 
 
 def floor_ms(T: int, I: int, O: int, itemsize: int, tbps: float, what: str) -> float:
@@ -149,7 +142,7 @@ def cuda_rows(T, I, O, inputs, replays, tiles: Optional[List[str]] = None, hoppe
 
     for name, plan in plans.items():
         rows.append({"impl": "cuda", "what": "fwd", "plan": name, "detail": repr(plan),
-                     "ms": graph_time(forward(plan), replays)})
+                     "ms": median_ms(forward(plan), replays)})
     _, h = sketched_linear_forward(x, S1s, S2s, U1s, U2s, bias, plan=default)
     for label, (bt, split, dh_split) in backward_plans(T, I, O, R, x.dtype, sms, shared, tiles).items():
         def bwd(bt=bt, split=split, dh_split=dh_split):
@@ -157,13 +150,13 @@ def cuda_rows(T, I, O, inputs, replays, tiles: Optional[List[str]] = None, hoppe
                                      tiles=bt)
 
         detail = f"tiles={bt or rule_tiles} split={split or 'rule'} dh_split={dh_split or 'rule'}"
-        rows.append({"impl": "cuda", "what": "bwd", "plan": label, "detail": detail, "ms": graph_time(bwd, replays)})
+        rows.append({"impl": "cuda", "what": "bwd", "plan": label, "detail": detail, "ms": median_ms(bwd, replays)})
     if hopper:  # backward_sm90.cu's kernels, the rule's splits for the large tiles
         def bwd_hopper():
             sketched_linear_backward(grad, x, h, S1s, S2s, U1s, U2s, NEEDS, hopper=True)
 
         rows.append({"impl": "cuda", "what": "bwd", "plan": "large hopper", "detail": "hopper=True split=rule",
-                     "ms": graph_time(bwd_hopper, replays)})
+                     "ms": median_ms(bwd_hopper, replays)})
     pairs = {"default": (default, None)}
     for name in limits.CONFIGS:
         if name in plans:
@@ -176,7 +169,7 @@ def cuda_rows(T, I, O, inputs, replays, tiles: Optional[List[str]] = None, hoppe
             sketched_linear_backward(grad, x, hh, S1s, S2s, U1s, U2s, NEEDS, tiles=bt, hopper=plan.hopper)
 
         rows.append({"impl": "cuda", "what": "fwd+bwd", "plan": label,
-                     "detail": f"{plan!r}, backward tiles={bt or rule_tiles}", "ms": graph_time(step, replays)})
+                     "detail": f"{plan!r}, backward tiles={bt or rule_tiles}", "ms": median_ms(step, replays)})
     kernels = {"fwd": kernel_times(forward(default)),
                "bwd": kernel_times(lambda: sketched_linear_backward(grad, x, h, S1s, S2s, U1s, U2s, NEEDS))}
     for name in limits.CONFIGS:  # each tile shape's kernels: which launch a shape speeds up
@@ -197,13 +190,13 @@ def autograd_rows(impl: str, fn, leaves: list, grad, replays) -> List[dict]:
             t.grad = None
 
     with torch.no_grad():
-        fwd = graph_time(lambda: fn(), replays)
+        fwd = median_ms(lambda: fn(), replays)
 
     def step():
         fn().backward(grad)
 
     return [{"impl": impl, "what": "fwd", "plan": "-", "detail": "", "ms": fwd},
-            {"impl": impl, "what": "fwd+bwd", "plan": "-", "detail": "", "ms": graph_time(step, replays, reset)}]
+            {"impl": impl, "what": "fwd+bwd", "plan": "-", "detail": "", "ms": median_ms(step, replays, reset)}]
 
 
 def reference_rows(inputs, replays) -> List[dict]:
@@ -271,7 +264,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             r["of_floor"] = r["floor_ms"] / r["ms"]
         result["shapes"].append({"T": T, "I": I, "O": O, "rows": rows, "kernels": kernels})
         print(f"\nT={T} I={I} O={O} (L={L}, k={K}, bf16; CUDA graph, median of {replays} replays)")
-        print(f"| impl | pass | plan | ms | of HBM floor | detail |\n|---|---|---|---:|---:|---|")
+        print("| impl | pass | plan | ms | of HBM floor | detail |\n|---|---|---|---:|---:|---|")
         for r in rows:
             print(f"| {r['impl']} | {r['what']} | {r['plan']} | {r['ms']:.4f} | {100 * r['of_floor']:.0f} % | "
                   f"{r['detail']} |")
