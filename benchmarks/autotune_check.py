@@ -37,7 +37,7 @@ import panther  # noqa: E402
 from panther.backends import BackendError, autotune, registry  # noqa: E402
 
 from harness import cli  # noqa: E402
-from harness.cases import PASSES  # noqa: E402
+from harness.cases import PASSES, layer_leaves  # noqa: E402
 from harness.modes import MODES, set_tf32  # noqa: E402
 from harness.report import environment, result_stem, write_json  # noqa: E402
 from harness.timing import Clock  # noqa: E402
@@ -112,7 +112,7 @@ def check_case(case, mode, clock, preset, backends):
     if clock.cuda:
         set_tf32(tf32)
     inputs = case.build(clock.device, dtype)
-    leaves = [t for t in inputs.values() if t.requires_grad]
+    leaves = layer_leaves(inputs)  # the inputs that require grad, and the parameters of layers among them
 
     def reset_grads():
         for t in leaves:

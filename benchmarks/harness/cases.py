@@ -12,6 +12,7 @@ fewest products, under torch.compile).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -406,8 +407,10 @@ class AttentionLayerCase(Case):
 
     @staticmethod
     def backend_fn(name):
+        """The layer on backend ``name``; None: on the selection in force (as the ops' ``backend=None``)."""
+
         def call(x, rand):
-            with panther.use_backend(name):
+            with panther.use_backend(name) if name is not None else contextlib.nullcontext():
                 return rand(x, x, x, need_weights=False)[0]
 
         return call

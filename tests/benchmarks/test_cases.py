@@ -156,3 +156,20 @@ def test_layer_case_runs_and_matches_its_float64_reference():
     long, short = AttentionLayerCase(65536), AttentionLayerCase(64, sketch_dim=256)
     assert long.work("sketch", "fwd+bwd")[0] < long.work("dense", "fwd+bwd")[0] / 10
     assert short.work("sketch", "fwd")[0] > short.work("dense", "fwd")[0]
+
+
+def test_every_case_runs_on_the_selection_in_force():
+    """backend_fn(None), what autotune_check times as auto: the op's or the layer's call without naming a backend."""
+    import panther
+
+    torch.manual_seed(0)
+    small = (LinearCase(16, 32, 1, 4), ConvCase(2, 3, 4, 6, 6, 3, 1, 1, 1, 2),
+             AttentionCase(16, 8, True, batch=1, heads=2, head_dim=8),
+             AttentionLayerCase(16, sketch_dim=8, embed_dim=32, heads=4, batch=2))
+    for case in small:
+        inputs = case.build("cpu", torch.float32)
+        args = [inputs[a] for a in case.sketch_args]
+        with panther.use_backend("torch"):
+            expected = case.backend_fn("torch")(*args)
+            got = case.backend_fn(None)(*args)
+        torch.testing.assert_close(got, expected, msg=lambda m: f"{case.label}: {m}")

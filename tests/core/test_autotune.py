@@ -475,11 +475,13 @@ def test_device_times_stay_unknown_when_the_host_never_gets_ahead(monkeypatch):
     assert got["launchy"].gpu_ms is None and got["kernely"].gpu_ms is None
     assert got["kernely"].eager_ms == pytest.approx(1.05)
     # each left out before capture, after spin_tries attempts (the wait doubled between them), the waits
-    # queued in pieces of 50 ms at most
-    assert sim.attempted == []
+    # queued in pieces of 50 ms at most; kernely's 1 ms of work is still queued when its call returns (it
+    # does not synchronise), so it is captured, and its replays cannot be queued ahead either
+    assert sim.attempted == [runs["kernely"]]
     piece = autotune.Measurer.spin_piece_s * 1e9
     waits = [w * 2 ** i for w in (5e-3, 1.1e-3) for i in range(autotune.Measurer.spin_tries)]
-    assert max(sim.sleeps) <= piece + 1 and sum(sim.sleeps) == pytest.approx(sum(waits) * 1e9, rel=1e-6)
+    before = sim.sleeps[:sim.mark]
+    assert max(sim.sleeps) <= piece + 1 and sum(before) == pytest.approx(sum(waits) * 1e9, rel=1e-6)
 
 
 def test_a_replay_the_host_cannot_queue_ahead_is_left_out(monkeypatch):
@@ -500,6 +502,26 @@ def test_a_candidate_that_synchronises_gets_no_device_time(monkeypatch):
     assert runs["syncy"] not in sim.attempted  # found to synchronise first: never captured
     assert got["syncy"].gpu_ms is None and got["syncy"].eager_ms == pytest.approx(0.25)
     assert got["launchy"].gpu_ms == pytest.approx(0.1) and got["kernely"].gpu_ms == pytest.approx(1.0)
+
+
+def test_a_candidate_that_fills_the_launch_queue_is_captured_and_timed_by_its_replay(monkeypatch):
+    """More launches than the device's queue holds keep the host waiting on the device, so no wait gets the
+    host ahead of such a call; but its work is still queued when it returns (it does not synchronise): it is
+    captured, and its graph, one launch, is timed as the others'."""
+    sim = SimDevice(monkeypatch)
+
+    def floods():
+        for _ in range(100):
+            sim.call(0.01, 0.5)
+            sim.host = max(sim.host, sim.free - 5.0)  # the queue holds 5 ms of its work: the host waits for room
+
+    runs = {"floods": floods, "kernely": lambda: sim.call(0.05, 1.0), "syncy": lambda: (sim.call(0.05, 0.2),
+                                                                                       torch.cuda.synchronize())}
+    sim.replays[floods] = (0.01, 40.0)  # replayed, its kernels without the gaps between launches
+    got = autotune.Measurer().time(runs, torch.device("cpu"))
+    assert sim.captured == [runs["floods"], runs["kernely"]]  # syncy: idle when it returns, never captured
+    assert got["floods"].eager_ms == pytest.approx(50.0, rel=0.01) and got["floods"].gpu_ms == pytest.approx(40.0)
+    assert got["kernely"].gpu_ms == pytest.approx(1.0) and got["syncy"].gpu_ms is None
 
 
 def test_a_failed_capture_leaves_its_pool_and_the_others_are_captured(monkeypatch):

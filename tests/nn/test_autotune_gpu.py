@@ -197,6 +197,18 @@ def test_a_candidate_that_synchronises_is_never_captured_and_the_stream_is_kept(
     torch.testing.assert_close(x @ x, x.double().matmul(x.double()).float(), rtol=1e-2, atol=1e-2)  # usable
 
 
+def test_a_candidate_of_more_launches_than_the_queue_holds_is_timed_by_its_graph():
+    """The host waits for room in the device's launch queue, so no device-side wait gets it ahead of the call
+    (as the torch backend's causal attention at 64k tokens); its work is still queued when it returns (it does
+    not synchronise): it is captured, and its graph's replays give its device time."""
+    x = torch.randn(256, 256, device="cuda")
+    runs = {"floods": lambda: [torch.cuda._sleep(20_000) for _ in range(4000)], "matmul": lambda: x @ x}
+    times = autotune.Measurer().time(runs, x.device)
+    floods = times["floods"]
+    assert floods.gpu_ms is not None and 0.5 * floods.eager_ms < floods.gpu_ms < 1.05 * floods.eager_ms
+    assert 0 < times["matmul"].gpu_ms < 1.0
+
+
 def test_a_capture_that_fails_leaves_no_device_time_and_a_usable_process():
     """A candidate that queues ahead of the device but does what a capture forbids (querying the capturing
     stream): its capture fails, it gets no device time, the others are timed, and graphs still work."""

@@ -28,8 +28,11 @@ with CUDA events, forward under ``no_grad``, or forward and backward when gradie
   behind a device-side wait that outlasts the host's queuing, so that the events time the device's work
   alone, as a replayed graph costs it, from a cold cache (as the benchmarks time it). A candidate that
   cannot be captured cannot run in a captured call either: it gets no device time. One that synchronises
-  (found before any capture: one round of the same timing, of its eager call alone, leaves it out) is
-  never captured; one whose capture fails for another reason is left out after it.
+  (found before any capture: one round of the same timing, of its eager call alone, leaves it out with
+  the device idle when the call returns) is never captured; one that the host cannot queue ahead for
+  another reason (more launches than the device's queue holds: the device still busy with its work when
+  it returns) is captured, and its graph, a single launch, timed as the others'; one whose capture fails
+  is left out after it.
 
 Medians decide: eager calls run the fastest by eager time; calls being captured into a CUDA graph
 (``torch.cuda.graph``, ``make_graphed_callables``) run the fastest by device time, which is what each
@@ -194,6 +197,7 @@ class Measurer:
     flush_l2_times = 2  # before each timed replay, a write of this many times the L2 cache's size
     spin_piece_s = 0.05  # the device-side wait is queued as waits of at most this long (no watchdog sees a long one)
     max_wait_s = 2.0  # and at most this long in all
+    busy_s = 5e-4  # a call whose own work keeps the device busy this long after it returns did not synchronise
 
     def is_gpu_call(self, args: tuple, kwargs: dict) -> bool:
         """Whether the call's first tensor is on a CUDA device (backends refuse calls on mixed devices)."""
@@ -247,8 +251,9 @@ class Measurer:
             rounds = max(self.min_reps, min((reps[n] for n in ok), default=0))
             replays, pool = {}, None
             for n in ok:
-                if not self._device_times({n: runs[n]}, host_s, 1, {}):
-                    continue  # never queued ahead: it synchronises (a failed capture leaves state behind)
+                ahead: set = set()
+                if not self._device_times({n: runs[n]}, host_s, 1, {}, ahead=ahead) and n not in ahead:
+                    continue  # it synchronises: never captured (a failed capture leaves state behind)
                 pool = pool if pool is not None else torch.cuda.graph_pool_handle()
                 try:
                     replays[n] = self._capture(runs[n], device, pool)
@@ -300,15 +305,19 @@ class Measurer:
             return None
 
     def _device_times(self, runs: Dict[str, Callable[[], object]], host_s: Dict[str, float], rounds: int,
-                      failed: Dict[str, Exception], flush: Optional[torch.Tensor] = None) -> Dict[str, float]:
+                      failed: Dict[str, Exception], flush: Optional[torch.Tensor] = None,
+                      ahead: Optional[set] = None) -> Dict[str, float]:
         """Each candidate's median device time: rounds of one call of each candidate (in an order shuffled
         every round, with a fixed seed), each after a write of ``flush`` (outside its events), queued behind
         a device-side wait (``torch.cuda._sleep``) sized to outlast the host's queuing of the round, so that
         the events around each call time the device's work alone. The wait is checked after
         each call is queued: one that ran out before the round was queued makes the round start again with
         twice the wait (at most :attr:`max_wait_s`); a candidate still being queued when the wait runs out on
-        the last of :attr:`spin_tries` attempts (it synchronises, or queues for longer than any wait) is left
-        out (no device time). A candidate that raises goes to ``failed``.
+        the last of :attr:`spin_tries` attempts is left out (no device time). Such a candidate either
+        synchronises (the device is idle when its call returns) or queues more work than the device's launch
+        queue holds, which keeps the host waiting on the device without synchronising (its own work is still
+        queued when it returns, for longer than :attr:`busy_s`): the latter go to ``ahead``, where given. A
+        candidate that raises goes to ``failed``.
         """
         names = list(runs)
         if not names:
@@ -340,6 +349,11 @@ class Measurer:
                         continue
                     if gate.query():  # the wait ran out while this call was queued: its events may hold host time
                         late = name
+                        if ahead is not None:  # ... was its work still queued when it returned?
+                            returned = time.perf_counter()
+                            torch.cuda.synchronize()
+                            if time.perf_counter() - returned > self.busy_s:
+                                ahead.add(name)
                         break
                     queued.append((name, *stamps))
                 if late is None:
