@@ -58,53 +58,6 @@ __device__ __forceinline__ void load_mnmajor(T* tile, const F& f, long long k0, 
     }
 }
 
-// One operand's tile loads in ring_sm90 with the address arithmetic done once (tile.cuh's TileCursor, for the
-// layouts above): each of this thread's runs keeps its source at the ring's first step, how many of its
-// elements lie inside the edge that is not K, and where it starts along K; the tile `dk` further along K is
-// `dk * step` elements further, `step` F's constant stride along K (F::row_step() for an MN-major tile, whose
-// runs go along M or N: f.ptr(k, n); F::col_step() for a K-major one, whose runs go along K: f.ptr(r, k)).
-// For operands with such a stride (usable()); ring_sm90 loads the others' tiles with load_kmajor / load_mnmajor.
-template <typename T, bool MN, int KD, typename F> struct Sm90Cursor {
-    static constexpr int RUNS = 128 * KD / 8, PER = RUNS / SM90_NT;
-    static_assert(RUNS % SM90_NT == 0, "whole runs for every thread");
-    const T* src[PER];
-    int inside[PER];  // run j's elements inside the edge that is not K (0 .. 8)
-    int kpos[PER];    // run j's first index along K, from the tile's origin
-    long long step;
-
-    __device__ __forceinline__ static long long k_step(const F& f) { return MN ? f.row_step() : f.col_step(); }
-    __device__ __forceinline__ static bool usable(const F& f) { return k_step(f) >= 0; }
-
-    // The tile whose first row (M or N) is r0, at k0 along K; nr the edge that is not K.
-    __device__ __forceinline__ Sm90Cursor(const F& f, long long r0, long long k0, long long nr) {
-        step = k_step(f);
-#pragma unroll
-        for (int j = 0; j < PER; ++j) {
-            const int i = threadIdx.x + j * SM90_NT;
-            int a, c;  // MN: (K row, chunk along M/N); K-major: (row, chunk along K)
-            if (MN) mnmajor_run(i, a, c);
-            else kmajor_run<KD>(i, a, c);
-            const long long gr = r0 + (MN ? 8 * c : a);
-            const long long room = nr - gr;
-            inside[j] = MN ? (room <= 0 ? 0 : room >= 8 ? 8 : static_cast<int>(room)) : (room > 0 ? 8 : 0);
-            kpos[j] = MN ? a : 8 * c;
-            src[j] = inside[j] > 0 ? (MN ? f.ptr(k0 + a, gr) : f.ptr(gr, k0 + 8 * c)) : f.ptr(0, 0);
-        }
-    }
-
-    // The tile dk further along K into tile; k0 the origin along K at dk = 0, nk the K edge (zeros past it).
-    __device__ __forceinline__ void load(T* tile, long long dk, long long k0, long long nk) const {
-#pragma unroll
-        for (int j = 0; j < PER; ++j) {
-            const long long room = nk - (k0 + dk + kpos[j]);
-            const int kin = MN ? (room > 0 ? 8 : 0) : (room <= 0 ? 0 : room >= 8 ? 8 : static_cast<int>(room));
-            const int n = kin < inside[j] ? kin : inside[j];
-            cp_async16_zfill(tile + 8 * (threadIdx.x + j * SM90_NT), n > 0 ? src[j] + dk * step : src[j],
-                             static_cast<unsigned>(n * sizeof(T)));
-        }
-    }
-};
-
 // An operand tile's descriptor, its first 16 steps along K from `tile`, warpgroup-row offset `row0` (A: 64 g).
 template <bool MN, int KD> __device__ __forceinline__ unsigned long long tile_descriptor(const void* tile, int k0, int row0) {
     const auto* p = static_cast<const unsigned char*>(tile);
@@ -113,10 +66,8 @@ template <bool MN, int KD> __device__ __forceinline__ unsigned long long tile_de
 }
 
 // d (this warpgroup's 64 x 128 fp32) = A B, plus d itself when ACCUMULATE: A the block's 128 x KD tile at a
-// (MN-major when A_MN), B its KD x 128 tile at b (MN-major when B_MN); KD / 16 wgmma in one group, waited for
-// unless WAIT is false (the caller then waits, wgmma_wait<0> and fence_operand(d), before it reads d or
-// rewrites either tile).
-template <typename T, bool A_MN, bool B_MN, int KD, bool ACCUMULATE, bool WAIT = true>
+// (MN-major when A_MN), B its KD x 128 tile at b (MN-major when B_MN); KD / 16 wgmma, waited for.
+template <typename T, bool A_MN, bool B_MN, int KD, bool ACCUMULATE>
 __device__ __forceinline__ void product(float (&d)[64], const T* a, const T* b) {
     const int row0 = threadIdx.x / 128 * 64;
     sm90::fence_operand(d);
@@ -127,10 +78,8 @@ __device__ __forceinline__ void product(float (&d)[64], const T* a, const T* b) 
                                               tile_descriptor<B_MN, KD>(b, k0, 0), ACCUMULATE || k0 > 0 ? 1 : 0);
     }
     sm90::wgmma_commit();
-    if (WAIT) {
-        sm90::wgmma_wait<0>();
-        sm90::fence_operand(d);
-    }
+    sm90::wgmma_wait<0>();
+    sm90::fence_operand(d);
 }
 
 // The ring's depth per step and stages (sm90.py's RING_BK, RING_STAGES), and its shared memory in elements.
@@ -138,11 +87,9 @@ constexpr int RING_BK = 64, RING_STAGES = 3, RING_ELEMENTS = RING_STAGES * 2 * 1
 
 // d += A B over K in [k_begin, k_end), RING_BK per step, through a ring of RING_STAGES stages in smem (A's tiles
 // first, then B's): A = fa (M x K: (m, k) = fa.ptr(m0 + m, k), or (k, m) when A_MN) and B = fb ((k, n) =
-// fb.ptr(k, n0 + n) when B_MN, else (n, k)), zero past M = ma, N = nb and k_end (Sm90Cursor where the operand
-// allows, else load_kmajor / load_mnmajor), one barrier per step as tile.cuh's ring; hook(stage tile of B) sees
-// each step's B tile once it is in. A step's products run while the next step's tiles are waited for: the
-// wgmma group is retired before the barrier that frees its stage. Every thread of the block must call it; on
-// return no copy or product is in flight and the ring is free to reuse.
+// fb.ptr(k, n0 + n) when B_MN, else (n, k)), zero past M = ma, N = nb and k_end (load_kmajor / load_mnmajor),
+// one barrier per step as tile.cuh's ring; hook(stage tile of B) sees each step's B tile once it is in. Every
+// thread of the block must call it; on return no copy is in flight and the ring is free to reuse.
 template <typename T, bool A_MN, bool B_MN, typename FA, typename FB, typename Hook>
 __device__ __forceinline__ void ring_sm90(float (&d)[64], T* smem, const FA& fa, const FB& fb, long long m0,
                                           long long n0, long long ma, long long nb, long long k_begin,
@@ -151,18 +98,11 @@ __device__ __forceinline__ void ring_sm90(float (&d)[64], T* smem, const FA& fa,
     T* As = smem;
     T* Bs = smem + S * SA;
     const long long steps = cdiv(k_end - k_begin, KD);
-    using CA = Sm90Cursor<T, A_MN, KD, FA>;
-    using CB = Sm90Cursor<T, B_MN, KD, FB>;
-    const bool use_a = CA::usable(fa), use_b = CB::usable(fb);  // the same for the whole block
-    const CA ca(fa, m0, k_begin, ma);
-    const CB cb(fb, n0, k_begin, nb);
     auto load = [&](int s, long long step) {
         const long long k0 = k_begin + step * KD;
-        if (use_a) ca.load(As + s * SA, step * KD, k_begin, k_end);
-        else if (A_MN) load_mnmajor<T, KD>(As + s * SA, fa, k0, m0, k_end, ma);
+        if (A_MN) load_mnmajor<T, KD>(As + s * SA, fa, k0, m0, k_end, ma);
         else load_kmajor<T, 128, KD>(As + s * SA, fa, m0, k0, ma, k_end);
-        if (use_b) cb.load(Bs + s * SB, step * KD, k_begin, k_end);
-        else if (B_MN) load_mnmajor<T, KD>(Bs + s * SB, fb, k0, n0, k_end, nb);
+        if (B_MN) load_mnmajor<T, KD>(Bs + s * SB, fb, k0, n0, k_end, nb);
         else load_kmajor<T, 128, KD>(Bs + s * SB, fb, n0, k0, nb, k_end);
     };
 #pragma unroll
@@ -173,18 +113,14 @@ __device__ __forceinline__ void ring_sm90(float (&d)[64], T* smem, const FA& fa,
     int stage = 0;
     for (long long step = 0; step < steps; ++step) {
         cp_async_wait<S - 2>();  // this step's tiles are in
-        sm90::wgmma_wait<0>();   // the step before's products are done (they ran while this step's tiles came)
-        sm90::fence_operand(d);
         sm90::fence_proxy_async();
         __syncthreads();  // ... for every thread, and every warpgroup is done with the stage loaded next
         if (step + S - 1 < steps) load(stage == 0 ? S - 1 : stage - 1, step + S - 1);
         cp_async_commit();
         hook(Bs + stage * SB);
-        product<T, A_MN, B_MN, KD, true, false>(d, As + stage * SA, Bs + stage * SB);
+        product<T, A_MN, B_MN, KD, true>(d, As + stage * SA, Bs + stage * SB);
         stage = stage == S - 1 ? 0 : stage + 1;
     }
-    sm90::wgmma_wait<0>();
-    sm90::fence_operand(d);
     cp_async_wait<0>();
     __syncthreads();
 }
