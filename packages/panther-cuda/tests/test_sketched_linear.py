@@ -16,6 +16,7 @@ Run the GPU tests on a GPU machine with:
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -1047,10 +1048,14 @@ EMU_CASES = [
 ]
 
 
+@pytest.mark.parametrize("landing", ["cp_at_wait", "cp_at_issue"])
 @pytest.mark.parametrize("case", EMU_CASES, ids=lambda c: "{}_{}_plan{}_split{}_T{}_I{}_O{}_L{}_k{}_b{}_{}".format(*c))
-def test_kernels_under_emulation(emulator, case):
+def test_kernels_under_emulation(emulator, case, landing):
+    """Each case with the copies landing at the wait that retires them (a stage read too early shows), then at
+    their issue (a stage rewritten while still read shows): the two ends of what cp.async allows."""
     mode, *_, needs = case
-    r = subprocess.run([str(emulator), *map(str, case)], capture_output=True, text=True, timeout=600)
+    env = dict(os.environ, **({"PANTHER_EMU_CP_AT_ISSUE": "1"} if landing == "cp_at_issue" else {}))
+    r = subprocess.run([str(emulator), *map(str, case)], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr
     errs = {name: float(v) for name, v in (line.split() for line in r.stdout.split("\n") if line.strip())}
     wanted = [n == "1" for n in needs]

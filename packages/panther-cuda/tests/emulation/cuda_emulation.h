@@ -4,8 +4,9 @@
 // with round-to-nearest conversions, cvt.rna.tf32, and mma.sync (each lane's fragments are gathered
 // per warp and the product taken from the PTX ISA fragment layouts, written out here independently of
 // common.cuh's loaders), ldmatrix (each lane's row addresses gathered per warp, the PTX ISA layout
-// applied), cp.async (each copy's 4, 8 or 16 bytes read at issue and written to shared memory
-// only when a wait_group retires its group: a read of a stage before its wait sees stale bytes), and the
+// applied), cp.async (each copy's 4, 8 or 16 bytes read at issue and written to shared memory when a
+// wait_group retires its group, so that a read of a stage before its wait sees stale bytes; or, with
+// PANTHER_EMU_CP_AT_ISSUE set, at issue, so that a stage rewritten while still read shows), and the
 // sm_90a warpgroup MMA of wgmma.cuh (descriptors decoded per the PTX ISA's no-swizzle canonical layouts,
 // each product taken when a wait_group retires its group: shared memory rewritten before the wait shows).
 // The test substitutes this for common.cuh's includes and inline assembly.
@@ -54,6 +55,17 @@ inline void emu_check_shared(const void* p, unsigned bytes, const char* what) {
 struct EmuCopy { void* dst; unsigned size; unsigned char data[16]; };
 inline thread_local std::vector<EmuCopy> g_cp_open;                  // issued since the last commit
 inline thread_local std::vector<std::vector<EmuCopy>> g_cp_groups;  // committed, oldest first
+// A copy may land any time between its issue and the wait that retires it. By default it lands at the wait (a
+// read of its bytes before the wait sees the old ones); with PANTHER_EMU_CP_AT_ISSUE set, at its issue (a stage
+// rewritten while a product or another thread still reads it shows).
+inline const bool g_cp_at_issue = std::getenv("PANTHER_EMU_CP_AT_ISSUE") != nullptr;
+inline void emu_cp_issue(EmuCopy& c) {
+    if (g_cp_at_issue) {
+        std::memcpy(c.dst, c.data, c.size);
+        c.size = 0;  // landed: the wait has nothing left to write
+    }
+    g_cp_open.push_back(c);
+}
 inline void cp_async16(void* s, const void* g) {
     if ((reinterpret_cast<unsigned long long>(s) | reinterpret_cast<unsigned long long>(g)) & 15) {
         std::fprintf(stderr, "cp.async: misaligned address\n");
@@ -64,7 +76,7 @@ inline void cp_async16(void* s, const void* g) {
     c.dst = s;
     c.size = 16;
     std::memcpy(c.data, g, 16);
-    g_cp_open.push_back(c);
+    emu_cp_issue(c);
 }
 // the src-size form: `bytes` (0..16) read from g, the rest of the 16 zero; g is not read when bytes is 0
 inline void cp_async16_zfill(void* s, const void* g, unsigned bytes) {
@@ -78,7 +90,7 @@ inline void cp_async16_zfill(void* s, const void* g, unsigned bytes) {
     c.size = 16;
     std::memset(c.data, 0, 16);
     if (bytes) std::memcpy(c.data, g, bytes);
-    g_cp_open.push_back(c);
+    emu_cp_issue(c);
 }
 // cp.async of B = 4, 8 or 16 bytes with a source size of 0 (zeros, g not read) or B; addresses aligned to B
 template <int B> inline void cp_async_zfill(void* s, const void* g, unsigned bytes) {
@@ -93,7 +105,7 @@ template <int B> inline void cp_async_zfill(void* s, const void* g, unsigned byt
     c.size = B;
     std::memset(c.data, 0, 16);
     if (bytes) std::memcpy(c.data, g, B);
-    g_cp_open.push_back(c);
+    emu_cp_issue(c);
 }
 inline void cp_async_commit() { g_cp_groups.push_back(std::move(g_cp_open)); g_cp_open.clear(); }
 template <int N> inline void cp_async_wait() {
