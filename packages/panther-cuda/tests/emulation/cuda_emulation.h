@@ -7,8 +7,9 @@
 // applied), cp.async (each copy's 4, 8 or 16 bytes read at issue and written to shared memory when a
 // wait_group retires its group, so that a read of a stage before its wait sees stale bytes; or, with
 // PANTHER_EMU_CP_AT_ISSUE set, at issue, so that a stage rewritten while still read shows), and the
-// sm_90a warpgroup MMA of wgmma.cuh (descriptors decoded per the PTX ISA's no-swizzle canonical layouts,
-// each product taken when a wait_group retires its group: shared memory rewritten before the wait shows).
+// sm_90a warpgroup MMA of wgmma.cuh (descriptors decoded per the PTX ISA's canonical layouts, without swizzle
+// or with the 128-byte swizzle, each product taken when a wait_group retires its group: shared memory
+// rewritten before the wait shows).
 // The test substitutes this for common.cuh's includes and inline assembly.
 #pragma once
 #include <barrier>
@@ -222,14 +223,29 @@ inline thread_local std::vector<EmuWgmma> g_wg_open;
 inline thread_local std::vector<std::vector<EmuWgmma>> g_wg_groups;
 // element (row, col) of a 16-bit operand: K-major (row = M or N index, col = K) or MN-major (row = K, col = M or N)
 inline float emu_operand(unsigned long long desc, bool mn_major, int row, int col, bool bf) {
-    if (desc >> 62) { std::fprintf(stderr, "wgmma descriptor: only the no-swizzle layout is emulated\n"); std::abort(); }
+    const int layout = static_cast<int>(desc >> 62);
+    if (layout > 1 || ((desc >> 49) & 7)) {
+        std::fprintf(stderr, "wgmma descriptor: only the no-swizzle and 128-byte swizzle layouts, base offset 0\n");
+        std::abort();
+    }
     const long long start = (long long)(desc & 0x3FFF) << 4, lbo = (long long)((desc >> 16) & 0x3FFF) << 4,
                     sbo = (long long)((desc >> 32) & 0x3FFF) << 4;
-    // K-major: (mn, k) at ((mn % 8) 8 + k % 8) 2 + (mn / 8) SBO + (k / 8) LBO bytes;
-    // MN-major: (k, mn) at ((k % 8) 8 + mn % 8) 2 + (mn / 8) SBO + (k / 8) LBO bytes
     const int mn = mn_major ? col : row, k = mn_major ? row : col;
-    const long long off = start + (mn_major ? ((k % 8) * 8 + mn % 8) * 2 : ((mn % 8) * 8 + k % 8) * 2) +
-                          (mn / 8) * sbo + (k / 8) * lbo;
+    long long off;
+    if (layout == 0) {
+        // K-major: (mn, k) at ((mn % 8) 8 + k % 8) 2 + (mn / 8) SBO + (k / 8) LBO bytes;
+        // MN-major: (k, mn) at ((k % 8) 8 + mn % 8) 2 + (mn / 8) SBO + (k / 8) LBO bytes
+        off = start + (mn_major ? ((k % 8) * 8 + mn % 8) * 2 : ((mn % 8) * 8 + k % 8) * 2) + (mn / 8) * sbo +
+              (k / 8) * lbo;
+    } else {
+        // 128-byte swizzle, the canonical layouts before the swizzle (8 rows of 128 bytes an atom):
+        // K-major: (mn, k) at (mn % 8) 128 + k 2 + (mn / 8) SBO bytes (k within the row: LBO unused);
+        // MN-major: (k, mn) at (mn % 64) 2 + (k % 8) 128 + (mn / 64) LBO + (k / 8) SBO bytes;
+        // then the address's bits 4-6 (its 16-byte chunk in a row) XOR bits 7-9 (its row in a 1024-byte atom)
+        off = start + (mn_major ? (mn % 64) * 2 + (k % 8) * 128 + (mn / 64) * lbo + (k / 8) * sbo
+                                : (mn % 8) * 128 + k * 2 + (mn / 8) * sbo);
+        off ^= ((off >> 7) & 7) << 4;
+    }
     if (off + 2 > (long long)g_dynamic_smem) { std::fprintf(stderr, "wgmma: operand outside shared memory\n"); std::abort(); }
     unsigned short bits;
     std::memcpy(&bits, g_emu_smem + off, 2);

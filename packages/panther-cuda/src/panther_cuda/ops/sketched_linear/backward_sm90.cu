@@ -22,7 +22,7 @@ __global__ void __launch_bounds__(SM90_NT, 2) sketched_linear_bwd_g_sm90(
     float* __restrict__ ws_dh, int dh_splits) {
 #ifdef PANTHER_SM90A
     constexpr int BM = 128, BN = 128;
-    extern __shared__ __align__(128) unsigned char smem[];
+    extern __shared__ __align__(1024) unsigned char smem[];
     float d[64];
     T* ring = ring_memory<T>(smem, d);
     const int Lk = L * k, R = 2 * Lk;
@@ -63,15 +63,15 @@ __global__ void __launch_bounds__(SM90_NT, 2) sketched_linear_bwd_g_sm90(
     const RowSplit rows(Tn, split, n_splits, RING_BK);
     const bool with_db = db != nullptr && m0 == 0;  // the same for the whole block
     const int rows_ws = c_n + (db != nullptr ? 1 : 0);  // rows of a share in ws: d[U1; S2]'s, then db's
-    // db: thread tid sums column tid % 128 of rows (tid / 128) 32 .. + 31 of each g tile (MN-major, zero past
-    // the edges)
+    // db: thread tid sums column tid % 128 of rows (tid / 128) 32 .. + 31 of each g tile (MN-major, swizzled, zero
+    // past the edges)
     float db_part = 0.0f;
     const int db_col = threadIdx.x % BN, db_row = threadIdx.x / BN * (RING_BK / 2);
     auto hook = [&](const T* g_tile) {
         if (!with_db) return;
-        const T* gs = g_tile + (db_col % 8) + db_col / 8 * 64;
+        const T* gs = g_tile + db_col % 8;
 #pragma unroll 8
-        for (int r = db_row; r < db_row + RING_BK / 2; ++r) db_part += to_float(gs[(r % 8) * 8 + r / 8 * 1024]);
+        for (int r = db_row; r < db_row + RING_BK / 2; ++r) db_part += to_float(gs[sw_mnmajor(r, db_col / 8)]);
     };
     ring_sm90<T, true, true>(d, ring, Dense<T, false>{h + c_lo, R}, Dense<T, false>{g, O}, m0, n0, c_n, O, rows.begin,
                              rows.end, hook);
@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(SM90_NT, 2) sketched_linear_bwd_x_sm90(
     int L, int k, long long n_dx_blocks, int c_lo, int c_n, int n_splits) {
 #ifdef PANTHER_SM90A
     constexpr int BM = 128, BN = 128;
-    extern __shared__ __align__(128) unsigned char smem[];
+    extern __shared__ __align__(1024) unsigned char smem[];
     float d[64];
     T* ring = ring_memory<T>(smem, d);
     const int Lk = L * k, R = 2 * Lk;

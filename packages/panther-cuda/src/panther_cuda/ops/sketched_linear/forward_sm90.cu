@@ -26,7 +26,7 @@ __global__ void __launch_bounds__(SM90_NT, 2) sketched_linear_fwd_h_sm90(
     float* __restrict__ ws, long long Tn, long long I, int L, int k, int n_splits) {
 #ifdef PANTHER_SM90A
     constexpr int BM = 128, BN = 128;  // the tile (sm90.py's BM, BN)
-    extern __shared__ __align__(128) unsigned char smem[];
+    extern __shared__ __align__(1024) unsigned char smem[];
     float d[64];  // zero: an empty share (past I) writes zeros
     T* ring = ring_memory<T>(smem, d);
     const int R = 2 * L * k;
@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(SM90_NT, (KP <= 128 ? 2 : 1)) sketched_linear_
     T* __restrict__ y, long long Tn, long long O, int Lk, int groups, float scale) {
 #ifdef PANTHER_SM90A
     constexpr int BM = 128, BN = 128;  // the tile (sm90.py's BM, BN)
-    extern __shared__ __align__(128) unsigned char smem[];
+    extern __shared__ __align__(1024) unsigned char smem[];
     static_assert(KP % 16 == 0 && KP <= 256, "whole wgmma steps, H's row in one tile");
     const int R = 2 * Lk;
     require_shared(static_cast<unsigned>((BM * KP + 2 * KP * BN) * sizeof(T)));

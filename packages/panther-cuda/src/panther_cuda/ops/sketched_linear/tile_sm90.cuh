@@ -7,7 +7,14 @@
 //   MN-major, KD x 128 (M of A or N of B contiguous in memory):
 //       (k, n) at (k % 8) 8 + (n % 8) + (n / 8) 64 + (k / 8) 128 8          (SBO 128 B, LBO 2048 B)
 // Run i of a tile lands at tile + 8 i; kmajor_run / mnmajor_run say which 16 bytes it holds. The operands'
-// tensors must be 16-byte aligned and their runs whole (the host checks).
+// tensors must be 16-byte aligned and their runs whole (the host checks). fwd_y_sm90 keeps these layouts.
+//
+// The ring of the other kernels (ring_sm90, 64 deep) uses the 128-byte swizzle instead (layout type 1): 1024-byte
+// atoms of 8 rows of 128 bytes, aligned to 1024 bytes, the 16-byte chunk c of row r of an atom stored at chunk
+// c ^ r; consecutive threads copy consecutive 16-byte runs of a row in memory:
+//   K-major, 128 x 64: (r, k) at r 64 + ((k / 8) ^ (r % 8)) 8 + k % 8                      (SBO 1024 B)
+//   MN-major, 64 x 128: (k, n) at ((n / 64) 8 + k / 8) 512 + (k % 8) 64 + (((n / 8) % 8) ^ (k % 8)) 8 + n % 8
+//                                                                                  (SBO 1024 B, LBO 8192 B)
 #pragma once
 
 #include "tile.cuh"
@@ -58,24 +65,64 @@ __device__ __forceinline__ void load_mnmajor(T* tile, const F& f, long long k0, 
     }
 }
 
-// An operand tile's descriptor, its first 16 steps along K from `tile`, warpgroup-row offset `row0` (A: 64 g).
-template <bool MN, int KD> __device__ __forceinline__ unsigned long long tile_descriptor(const void* tile, int k0, int row0) {
+// The swizzled layouts' element offsets (above): run (row r, chunk c of 8 along K) of a K-major 128 x 64 tile, and
+// run (K row k, chunk c of 16 along M or N) of an MN-major 64 x 128 tile.
+__device__ __forceinline__ int sw_kmajor(int r, int c) { return r * 64 + ((c ^ (r & 7)) << 3); }
+__device__ __forceinline__ int sw_mnmajor(int k, int c) {
+    return ((c >> 3) * 8 + (k >> 3)) * 512 + (k & 7) * 64 + (((c & 7) ^ (k & 7)) << 3);
+}
+
+// Fill the swizzled K-major 128 x 64 tile with f's elements (r0 + r, k0 + k), zero where r0 + r >= nr or
+// k0 + k >= nk (a run cut by the K edge copies its part), by cp.async (the caller commits and waits).
+template <typename T, typename F>
+__device__ __forceinline__ void load_kmajor_sw(T* tile, const F& f, long long r0, long long k0, long long nr, long long nk) {
+#pragma unroll
+    for (int i = threadIdx.x; i < 128 * 8; i += SM90_NT) {
+        const int r = i >> 3, c = i & 7;
+        const long long gr = r0 + r, gk = k0 + 8 * c, room = nk - gk;
+        const int n = gr >= nr || room <= 0 ? 0 : room >= 8 ? 8 : static_cast<int>(room);
+        cp_async16_zfill(tile + sw_kmajor(r, c), n > 0 ? f.ptr(gr, gk) : f.ptr(0, 0), static_cast<unsigned>(n * sizeof(T)));
+    }
+}
+// Fill the swizzled MN-major 64 x 128 tile with f's elements (k0 + k, n0 + n), zero where k0 + k >= nk or
+// n0 + n >= nn (a run cut by the edge of N copies its part).
+template <typename T, typename F>
+__device__ __forceinline__ void load_mnmajor_sw(T* tile, const F& f, long long k0, long long n0, long long nk, long long nn) {
+#pragma unroll
+    for (int i = threadIdx.x; i < 64 * 16; i += SM90_NT) {
+        const int kk = i >> 4, c = i & 15;
+        const long long gk = k0 + kk, gn = n0 + 8 * c, room = nn - gn;
+        const int n = gk >= nk || room <= 0 ? 0 : room >= 8 ? 8 : static_cast<int>(room);
+        cp_async16_zfill(tile + sw_mnmajor(kk, c), n > 0 ? f.ptr(gk, gn) : f.ptr(0, 0), static_cast<unsigned>(n * sizeof(T)));
+    }
+}
+
+// An operand tile's descriptor, its first 16 steps along K from `tile`, warpgroup-row offset `row0` (A: 64 g);
+// SW: the swizzled 64-deep layouts (k0 a multiple of 16, row0 of 64), the start address moved along the atom's
+// rows for K-major (the swizzle applies to the address the tensor cores compute).
+template <bool MN, int KD, bool SW = false>
+__device__ __forceinline__ unsigned long long tile_descriptor(const void* tile, int k0, int row0) {
     const auto* p = static_cast<const unsigned char*>(tile);
+    if (SW) {
+        constexpr unsigned long long SWIZZLE_128B = 1ull << 62;
+        if (MN) return sm90::descriptor(p + 2 * ((row0 / 64) * 4096 + (k0 / 8) * 512), 8192u, 1024u) | SWIZZLE_128B;
+        return sm90::descriptor(p + 2 * (row0 * 64 + k0), 16u, 1024u) | SWIZZLE_128B;
+    }
     if (MN) return sm90::descriptor(p + 2 * (k0 * 128 + row0 * 8), 16u * 128, 128u);
     return sm90::descriptor(p + 2 * (k0 * 8 + row0 * KD), 128u, 16u * KD);
 }
 
 // d (this warpgroup's 64 x 128 fp32) = A B, plus d itself when ACCUMULATE: A the block's 128 x KD tile at a
 // (MN-major when A_MN), B its KD x 128 tile at b (MN-major when B_MN); KD / 16 wgmma, waited for.
-template <typename T, bool A_MN, bool B_MN, int KD, bool ACCUMULATE>
+template <typename T, bool A_MN, bool B_MN, int KD, bool ACCUMULATE, bool SW = false>
 __device__ __forceinline__ void product(float (&d)[64], const T* a, const T* b) {
     const int row0 = threadIdx.x / 128 * 64;
     sm90::fence_operand(d);
     sm90::wgmma_fence();
 #pragma unroll
     for (int k0 = 0; k0 < KD; k0 += 16) {  // 16 deep: two core matrices along K of each operand
-        sm90::Wgmma<T, A_MN, B_MN>::m64n128k16(d, tile_descriptor<A_MN, KD>(a, k0, row0),
-                                              tile_descriptor<B_MN, KD>(b, k0, 0), ACCUMULATE || k0 > 0 ? 1 : 0);
+        sm90::Wgmma<T, A_MN, B_MN>::m64n128k16(d, tile_descriptor<A_MN, KD, SW>(a, k0, row0),
+                                              tile_descriptor<B_MN, KD, SW>(b, k0, 0), ACCUMULATE || k0 > 0 ? 1 : 0);
     }
     sm90::wgmma_commit();
     sm90::wgmma_wait<0>();
@@ -87,7 +134,8 @@ constexpr int RING_BK = 64, RING_STAGES = 3, RING_ELEMENTS = RING_STAGES * 2 * 1
 
 // d += A B over K in [k_begin, k_end), RING_BK per step, through a ring of RING_STAGES stages in smem (A's tiles
 // first, then B's): A = fa (M x K: (m, k) = fa.ptr(m0 + m, k), or (k, m) when A_MN) and B = fb ((k, n) =
-// fb.ptr(k, n0 + n) when B_MN, else (n, k)), zero past M = ma, N = nb and k_end (load_kmajor / load_mnmajor),
+// fb.ptr(k, n0 + n) when B_MN, else (n, k)), zero past M = ma, N = nb and k_end (the swizzled layouts:
+// load_kmajor_sw / load_mnmajor_sw),
 // one barrier per step as tile.cuh's ring; hook(stage tile of B) sees each step's B tile once it is in. Every
 // thread of the block must call it; on return no copy is in flight and the ring is free to reuse.
 template <typename T, bool A_MN, bool B_MN, typename FA, typename FB, typename Hook>
@@ -95,15 +143,16 @@ __device__ __forceinline__ void ring_sm90(float (&d)[64], T* smem, const FA& fa,
                                           long long n0, long long ma, long long nb, long long k_begin,
                                           long long k_end, const Hook& hook) {
     constexpr int S = RING_STAGES, KD = RING_BK, SA = 128 * KD, SB = KD * 128;
+    static_assert(KD * sizeof(T) == 128, "a step is one 128-byte row of the swizzle's atoms");
     T* As = smem;
     T* Bs = smem + S * SA;
     const long long steps = cdiv(k_end - k_begin, KD);
     auto load = [&](int s, long long step) {
         const long long k0 = k_begin + step * KD;
-        if (A_MN) load_mnmajor<T, KD>(As + s * SA, fa, k0, m0, k_end, ma);
-        else load_kmajor<T, 128, KD>(As + s * SA, fa, m0, k0, ma, k_end);
-        if (B_MN) load_mnmajor<T, KD>(Bs + s * SB, fb, k0, n0, k_end, nb);
-        else load_kmajor<T, 128, KD>(Bs + s * SB, fb, n0, k0, nb, k_end);
+        if (A_MN) load_mnmajor_sw<T>(As + s * SA, fa, k0, m0, k_end, ma);
+        else load_kmajor_sw<T>(As + s * SA, fa, m0, k0, ma, k_end);
+        if (B_MN) load_mnmajor_sw<T>(Bs + s * SB, fb, k0, n0, k_end, nb);
+        else load_kmajor_sw<T>(Bs + s * SB, fb, n0, k0, nb, k_end);
     };
 #pragma unroll
     for (int s = 0; s < S - 1; ++s) {
@@ -118,7 +167,7 @@ __device__ __forceinline__ void ring_sm90(float (&d)[64], T* smem, const FA& fa,
         if (step + S - 1 < steps) load(stage == 0 ? S - 1 : stage - 1, step + S - 1);
         cp_async_commit();
         hook(Bs + stage * SB);
-        product<T, A_MN, B_MN, KD, true>(d, As + stage * SA, Bs + stage * SB);
+        product<T, A_MN, B_MN, KD, true, true>(d, As + stage * SA, Bs + stage * SB);
         stage = stage == S - 1 ? 0 : stage + 1;
     }
     cp_async_wait<0>();
@@ -126,9 +175,14 @@ __device__ __forceinline__ void ring_sm90(float (&d)[64], T* smem, const FA& fa,
 }
 
 // The ring's dynamic shared memory (checked against what the launch gave) and a zeroed accumulator.
+// The swizzle's atoms must start at multiples of 1024 bytes of the shared window (the kernels declare their
+// dynamic shared memory so aligned).
 template <typename T> __device__ __forceinline__ T* ring_memory(unsigned char* smem, float (&d)[64]) {
     require_shared(static_cast<unsigned>(RING_ELEMENTS * sizeof(T)));
     if (blockDim.x != SM90_NT) __trap();  // the loaders and the warpgroups assume SM90_NT threads
+#ifndef PANTHER_PTX_EMULATED
+    if (static_cast<unsigned>(__cvta_generic_to_shared(smem)) & 1023u) __trap();
+#endif
 #pragma unroll
     for (int i = 0; i < 64; ++i) d[i] = 0.0f;
     return reinterpret_cast<T*>(smem);
