@@ -128,10 +128,7 @@ __global__ void __launch_bounds__(SM90_NT, 2) sketched_linear_bwd_x_sm90(
         const long long m0 = block / n_col_tiles * BM, n0 = block % n_col_tiles * BN;
         ring_sm90<T, false, false>(d, ring, Dense<T, false>{dh, R}, Side<T>{S1, U2, I, L, k}, m0, n0, Tn, I, 0, R,
                                    [](const T*) {});
-        each_pair(d, [&](int r, int c, float v0, float v1) {
-            const long long t = m0 + r, i = n0 + c;
-            if (t < Tn && i < I) *reinterpret_cast<unsigned*>(dx + t * I + i) = pack2(from_float<T>(v0), from_float<T>(v1));
-        });
+        store_staged(d, ring, dx, I, m0, n0, Tn, I, [](int, int, float v) { return from_float<T>(v); });
         return;
     }
 

@@ -93,15 +93,26 @@ __global__ void __launch_bounds__(SM90_NT, (KP <= 128 ? 2 : 1)) sketched_linear_
         float d[64];  // written by the first step (accumulate 0), then accumulated
         product<T, false, true, KP, false>(d, As, Bs + stage * KP * BN);
 
-        // epilogue: two neighbouring columns per 4-byte store (O is even)
-        each_pair(d, [&](int r, int c, float v0, float v1) {
-            const long long t = m0 + r, o = n0 + c;
-            if (t >= Tn || o >= O) return;
-            const float b0 = bias != nullptr ? to_float(bias[o]) : 0.0f;
-            const float b1 = bias != nullptr ? to_float(bias[o + 1]) : 0.0f;
-            *reinterpret_cast<unsigned*>(y + t * O + o) = pack2(from_float<T>(v0 * scale + b0), from_float<T>(v1 * scale + b1));
-        });
-        __syncthreads();  // every warpgroup is done with this stage before the next tile's copy lands in it
+        if constexpr (KP * BN >= BM * BN) {
+            // epilogue staged in this column tile's stage of B, once both warpgroups' products are done with it:
+            // 16-byte stores of y
+            __syncthreads();
+            store_staged(d, Bs + stage * KP * BN, y, O, m0, n0, Tn, O, [&](int, int c, float v) {
+                const long long o = n0 + c;
+                return from_float<T>(v * scale + (bias != nullptr && o < O ? to_float(bias[o]) : 0.0f));
+            });
+        } else {
+            // epilogue: two neighbouring columns per 4-byte store (O is even)
+            each_pair(d, [&](int r, int c, float v0, float v1) {
+                const long long t = m0 + r, o = n0 + c;
+                if (t >= Tn || o >= O) return;
+                const float b0 = bias != nullptr ? to_float(bias[o]) : 0.0f;
+                const float b1 = bias != nullptr ? to_float(bias[o + 1]) : 0.0f;
+                *reinterpret_cast<unsigned*>(y + t * O + o) =
+                    pack2(from_float<T>(v0 * scale + b0), from_float<T>(v1 * scale + b1));
+            });
+            __syncthreads();  // every warpgroup is done with this stage before the next tile's copy lands in it
+        }
         stage ^= 1;
     }
     cp_async_wait<0>();

@@ -199,6 +199,36 @@ template <typename F> __device__ __forceinline__ void each_pair(const float (&d)
         for (int half = 0; half < 2; ++half)
             f(row0 + 8 * half, 8 * i + 2 * (lane & 3), d[4 * i + 2 * half], d[4 * i + 2 * half + 1]);
 }
+// Write the block's 128 x 128 tile (the accumulators d of both warpgroups, value(row, col, v) of the input dtype;
+// row and col from the tile's origin) to out (leading dimension ld) at (m0, n0), rows < nr and columns < nc, staged
+// through `stage` (128 x 128 elements of shared memory that no thread reads or writes meanwhile): the pairs go to
+// the stage, 16-byte chunk j of row r at chunk j ^ (r % 8) (the eight rows of a warp's pair stores on different
+// banks), then 16-byte runs of rows go out, consecutive threads along a row (scalar where a run crosses nc, or
+// where out's rows are not 16-byte aligned). Every thread of the block must call it; it ends behind a barrier.
+template <typename T, typename V>
+__device__ __forceinline__ void store_staged(const float (&d)[64], T* stage, T* out, long long ld, long long m0,
+                                             long long n0, long long nr, long long nc, const V& value) {
+    static_assert(sizeof(T) == 2, "16-bit tiles: eight elements a run");
+    each_pair(d, [&](int r, int c, float v0, float v1) {
+        *reinterpret_cast<unsigned*>(stage + r * 128 + ((((c >> 3) ^ (r & 7)) << 3) | (c & 7))) =
+            pack2(value(r, c, v0), value(r, c + 1, v1));
+    });
+    __syncthreads();
+    const bool vec = ld % 8 == 0 && aligned16(out);
+    for (int i = threadIdx.x; i < 128 * 16; i += SM90_NT) {
+        const int r = i >> 4, j = i & 15;
+        const long long t = m0 + r, o = n0 + 8 * j;
+        if (t >= nr || o >= nc) continue;
+        const T* s = stage + r * 128 + ((j ^ (r & 7)) << 3);
+        T* g = out + t * ld + o;
+        if (vec && o + 8 <= nc) {
+            *reinterpret_cast<uint4*>(g) = *reinterpret_cast<const uint4*>(s);
+        } else {
+            for (int e = 0; e < 8 && o + e < nc; ++e) g[e] = s[e];
+        }
+    }
+    __syncthreads();
+}
 #endif  // PANTHER_SM90A
 
 }  // namespace sl
