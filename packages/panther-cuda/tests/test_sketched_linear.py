@@ -759,7 +759,7 @@ def test_hopper_plan_launches_the_sm90_kernel(recorder, sm90_device):
     assert all(a.is_contiguous() for a in args[:5]) and torch.equal(args[1], U1s) and torch.equal(args[2], S2s)
     assert [type(a) for a in args[5:]] == [np.int64, np.int64, np.int32, np.int32, np.float32]
     assert [int(a) for a in args[5:9]] == [300, 200, 16, 2] and float(args[9]) == 0.25
-    assert shared == (128 * 32 + 2 * 32 * 128) * 2 == sm90_module.y_shared_bytes(32, torch.bfloat16)
+    assert shared == (128 * 64 + 2 * 32 * 128) * 2 == sm90_module.y_shared_bytes(32, torch.bfloat16)  # H: 64 wide
     # R = 128: the 128-deep instance (96 KiB: two blocks per SM); T = 4096 in 32 row tiles, 8 groups of 4 tiles
     assert sm90_module.depth(128) == 128 and sm90_module.groups(4096, 4096, 128, torch.bfloat16, 132) == 8
     assert sm90_module.groups(4096, 4096, 256, torch.bfloat16, 132) == 4  # 192 KiB: one block per SM

@@ -30,7 +30,7 @@ static void fwd_y_sm90(const T* h, const T* U1, const T* S2, const T* bias, T* y
                        float scale) {
     const int R = 2 * Lk, groups = g_sm90_groups;
     const int KP = R <= 32 ? 32 : R <= 64 ? 64 : R <= 128 ? 128 : 256;
-    const unsigned shared = (128 * KP + 2 * KP * 128) * sizeof(T);
+    const unsigned shared = (128 * (KP < 64 ? 64 : KP) + 2 * KP * 128) * sizeof(T);  // H's tile: whole swizzle rows
     launch(cdv(Tn, 128) * groups, SM90_NT, shared, [&] {
         switch (KP) {
             case 32: sketched_linear_fwd_y_sm90<T, 32>(h, U1, S2, bias, y, Tn, O, Lk, groups, scale); break;

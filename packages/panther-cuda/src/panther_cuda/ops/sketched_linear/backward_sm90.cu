@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(SM90_NT, 2) sketched_linear_bwd_g_sm90(
         if (!with_db) return;
         const T* gs = g_tile + db_col % 8;
 #pragma unroll 8
-        for (int r = db_row; r < db_row + RING_BK / 2; ++r) db_part += to_float(gs[sw_mnmajor(r, db_col / 8)]);
+        for (int r = db_row; r < db_row + RING_BK / 2; ++r) db_part += to_float(gs[sw_mnmajor<RING_BK>(r, db_col / 8)]);
     };
     ring_sm90<T, true, true>(d, ring, Dense<T, false>{h + c_lo, R}, Dense<T, false>{g, O}, m0, n0, c_n, O, rows.begin,
                              rows.end, hook);

@@ -5,8 +5,8 @@
 //   H (T x R), or its fp32 share of I (n_splits > 1, summed by forward.cu's sketched_linear_sum_shares); x's and
 //   A's tiles 64 deep through a ring of SM90_STAGES stages of cp.async.
 // * sketched_linear_fwd_y_sm90 — y = H B / (2L) + b (sm90_fits: R = 2Lk <= 256, R and O multiples of 8): a block
-//   is a 128-row tile of y; H's 128 x KP tile (KP = R rounded up to a depth of SM90_DEPTHS; zero past R and T)
-//   is loaded once; the block then walks its column tiles of BN = 128 (group, group + groups, ...), B's KP x BN
+//   is a 128-row tile of y; H's 128 x KP tile (KP = R rounded up to a depth of SM90_DEPTHS, the tile at least 64
+//   wide; zero past R and T) is loaded once; the block then walks its column tiles of BN = 128 (group, group + groups, ...), B's KP x BN
 //   tile of each double-buffered: the copy of the next tile is in flight while the tensor cores multiply this
 //   one and the epilogue writes it.
 //
@@ -65,19 +65,23 @@ __global__ void __launch_bounds__(SM90_NT, (KP <= 128 ? 2 : 1)) sketched_linear_
     constexpr int BM = 128, BN = 128;  // the tile (sm90.py's BM, BN)
     extern __shared__ __align__(1024) unsigned char smem[];
     static_assert(KP % 16 == 0 && KP <= 256, "whole wgmma steps, H's row in one tile");
+    constexpr int KW = KP < 64 ? 64 : KP;  // H's tile: whole 128-byte rows of the swizzle (zero past R)
     const int R = 2 * Lk;
-    require_shared(static_cast<unsigned>((BM * KP + 2 * KP * BN) * sizeof(T)));
+    require_shared(static_cast<unsigned>((BM * KW + 2 * KP * BN) * sizeof(T)));
     if (blockDim.x != SM90_NT) __trap();  // the loaders and the warpgroups assume SM90_NT threads
+#ifndef PANTHER_PTX_EMULATED
+    if (static_cast<unsigned>(__cvta_generic_to_shared(smem)) & 1023u) __trap();  // the swizzle's atoms
+#endif
     T* As = reinterpret_cast<T*>(smem);
-    T* Bs = As + BM * KP;  // stage s at Bs + s KP BN
+    T* Bs = As + BM * KW;  // stage s at Bs + s KP BN
 
     const long long m0 = static_cast<long long>(blockIdx.x / groups) * BM;
     const int group = static_cast<int>(blockIdx.x % groups);
     const long long n_tiles = cdiv(O, BN);
 
-    load_kmajor<T, BM, KP>(As, Dense<T, false>{h, R}, m0, 0, Tn, R);  // H's tile, once
+    load_kmajor_sw<T, KW>(As, Dense<T, false>{h, R}, m0, 0, Tn, R);  // H's tile, once
     const Stack<T> b{U1, S2, O, Lk};  // B = [U1; S2]: row c is U1's row c, or S2's row c - Lk
-    auto load_b = [&](long long n0, int s) { load_mnmajor<T, KP>(Bs + s * KP * BN, b, 0, n0, R, O); };
+    auto load_b = [&](long long n0, int s) { load_mnmajor_sw<T, KP>(Bs + s * KP * BN, b, 0, n0, R, O); };
     if (group < n_tiles) load_b(group * BN, 0);
     cp_async_commit();
 

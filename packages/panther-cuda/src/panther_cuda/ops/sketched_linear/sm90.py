@@ -47,8 +47,9 @@ def depth(R: int) -> Optional[int]:
 
 
 def y_shared_bytes(depth_: int, dtype: torch.dtype) -> int:
-    """fwd_y_sm90: H's tile (128 x depth) and two stages of B's (depth x 128)."""
-    return (BM * depth_ + 2 * depth_ * BN) * _itemsize(dtype)
+    """fwd_y_sm90: H's tile (128 x depth, at least 64: whole 128-byte rows of the swizzle) and two stages of B's
+    (depth x 128)."""
+    return (BM * max(depth_, 64) + 2 * depth_ * BN) * _itemsize(dtype)
 
 
 def ring_shared_bytes(dtype: torch.dtype) -> int:

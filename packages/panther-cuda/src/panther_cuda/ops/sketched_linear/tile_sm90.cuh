@@ -1,20 +1,15 @@
 // Block-level tiles of the sm_90a kernels (forward_sm90.cu, backward_sm90.cu): a block of two warpgroups
 // (SM90_NT = 256 threads) computes a 128 x 128 fp32 tile with wgmma (wgmma.cuh), warpgroup g its rows
-// 64 g .. 64 g + 63, from operand tiles in shared memory in the no-swizzle layouts, each 16-byte run written by
-// one cp.async (zero-filled past the edges), eight consecutive threads filling one 128-byte core matrix:
-//   K-major, ROWS x KD (rows: M of A, N of B; K contiguous in memory):
-//       (r, k) at (r % 8) 8 + (k % 8) + (k / 8) 64 + (r / 8) KD 8          (LBO 128 B, SBO 16 KD B)
-//   MN-major, KD x 128 (M of A or N of B contiguous in memory):
-//       (k, n) at (k % 8) 8 + (n % 8) + (n / 8) 64 + (k / 8) 128 8          (SBO 128 B, LBO 2048 B)
-// Run i of a tile lands at tile + 8 i; kmajor_run / mnmajor_run say which 16 bytes it holds. The operands'
-// tensors must be 16-byte aligned and their runs whole (the host checks). fwd_y_sm90 keeps these layouts.
-//
-// The ring of the other kernels (ring_sm90, 64 deep) uses the 128-byte swizzle instead (layout type 1): 1024-byte
-// atoms of 8 rows of 128 bytes, aligned to 1024 bytes, the 16-byte chunk c of row r of an atom stored at chunk
-// c ^ r; consecutive threads copy consecutive 16-byte runs of a row in memory:
-//   K-major, 128 x 64: (r, k) at r 64 + ((k / 8) ^ (r % 8)) 8 + k % 8                      (SBO 1024 B)
-//   MN-major, 64 x 128: (k, n) at ((n / 64) 8 + k / 8) 512 + (k % 8) 64 + (((n / 8) % 8) ^ (k % 8)) 8 + n % 8
-//                                                                                  (SBO 1024 B, LBO 8192 B)
+// 64 g .. 64 g + 63, from operand tiles in shared memory in the 128-byte swizzle (layout type 1): 1024-byte atoms
+// of 8 rows of 128 bytes, aligned to 1024 bytes, the 16-byte chunk c of row r of an atom stored at chunk c ^ r.
+// Each 16-byte run is written by one cp.async (zero-filled past the edges), consecutive threads copying
+// consecutive runs of a row in memory:
+//   K-major, 128 x KW (rows: M of A, N of B; K contiguous in memory; KW / 64 blocks of 128 x 64 side by side):
+//       (r, k) at (k / 64) 8192 + r 64 + (((k / 8) % 8) ^ (r % 8)) 8 + k % 8                 (SBO 1024 B)
+//   MN-major, KD x 128 (M of A or N of B contiguous in memory; two columns of KD / 8 atoms):
+//       (k, n) at ((n / 64) (KD / 8) + k / 8) 512 + (k % 8) 64 + (((n / 8) % 8) ^ (k % 8)) 8 + n % 8
+//                                                                           (SBO 1024 B, LBO KD / 8 1024 B)
+// The operands' tensors must be 16-byte aligned and their rows whole runs (the host checks).
 #pragma once
 
 #include "tile.cuh"
@@ -28,101 +23,70 @@ namespace sl {
 constexpr int SM90_NT = 256;
 
 #ifdef PANTHER_SM90A
-// Run i of a K-major tile ROWS x KD: row (i / KD) 8 + i % 8, 8-element chunk (i / 8) % (KD / 8) along K.
-template <int KD> __device__ __forceinline__ void kmajor_run(int i, int& row, int& chunk) {
-    row = i / KD * 8 + i % 8;
-    chunk = i / 8 % (KD / 8);
+// The swizzled layouts' element offsets (above): run (row r, chunk c along K) of a K-major 128 x KW tile (KW a
+// multiple of 64: KW / 64 blocks of 128 x 64 side by side), and run (K row k, chunk c of 16 along M or N) of an
+// MN-major KD x 128 tile (KD a multiple of 8: two columns of KD / 8 atoms).
+template <int KW> __device__ __forceinline__ int sw_kmajor(int r, int c) {
+    static_assert(KW % 64 == 0, "whole 128-byte rows");
+    return (c >> 3) * (128 * 64) + r * 64 + (((c & 7) ^ (r & 7)) << 3);
 }
-// Run i of an MN-major tile KD x 128: K row (i / 128) 8 + i % 8, 8-element chunk (i / 8) % 16 along M or N.
-__device__ __forceinline__ void mnmajor_run(int i, int& k, int& chunk) {
-    k = i / 128 * 8 + i % 8;
-    chunk = i / 8 % 16;
-}
-
-// Fill tile (a K-major ROWS x KD tile; ROWS a multiple of 8) with the operand f's elements (r0 + r, k0 + k), f
-// in (row, K) orientation (tile.cuh's Dense, Side, Stack: ptr(r, k), 16-byte runs along k), zero where
-// r0 + r >= nr or k0 + k >= nk; by cp.async (the caller commits and waits).
-template <typename T, int ROWS, int KD, typename F>
-__device__ __forceinline__ void load_kmajor(T* tile, const F& f, long long r0, long long k0, long long nr, long long nk) {
-    for (int i = threadIdx.x; i < ROWS * KD / 8; i += SM90_NT) {
-        int r, c;
-        kmajor_run<KD>(i, r, c);
-        const long long gr = r0 + r, gk = k0 + 8 * c;
-        const bool in = gr < nr && gk < nk;
-        cp_async16_zfill(tile + 8 * i, in ? f.ptr(gr, gk) : f.ptr(0, 0), in ? 16u : 0u);
-    }
-}
-// Fill tile (an MN-major KD x 128 tile) with f's elements (k0 + k, n0 + n), f in (K, column) orientation (16-byte
-// runs along the columns), zero where k0 + k >= nk or n0 + n >= nn.
-template <typename T, int KD, typename F>
-__device__ __forceinline__ void load_mnmajor(T* tile, const F& f, long long k0, long long n0, long long nk, long long nn) {
-    for (int i = threadIdx.x; i < KD * 128 / 8; i += SM90_NT) {
-        int kk, c;
-        mnmajor_run(i, kk, c);
-        const long long gk = k0 + kk, gn = n0 + 8 * c;
-        const bool in = gk < nk && gn < nn;
-        cp_async16_zfill(tile + 8 * i, in ? f.ptr(gk, gn) : f.ptr(0, 0), in ? 16u : 0u);
-    }
+template <int KD> __device__ __forceinline__ int sw_mnmajor(int k, int c) {
+    static_assert(KD % 8 == 0, "whole atoms along K");
+    return ((c >> 3) * (KD / 8) + (k >> 3)) * 512 + (k & 7) * 64 + (((c & 7) ^ (k & 7)) << 3);
 }
 
-// The swizzled layouts' element offsets (above): run (row r, chunk c of 8 along K) of a K-major 128 x 64 tile, and
-// run (K row k, chunk c of 16 along M or N) of an MN-major 64 x 128 tile.
-__device__ __forceinline__ int sw_kmajor(int r, int c) { return r * 64 + ((c ^ (r & 7)) << 3); }
-__device__ __forceinline__ int sw_mnmajor(int k, int c) {
-    return ((c >> 3) * 8 + (k >> 3)) * 512 + (k & 7) * 64 + (((c & 7) ^ (k & 7)) << 3);
-}
-
-// Fill the swizzled K-major 128 x 64 tile with f's elements (r0 + r, k0 + k), zero where r0 + r >= nr or
+// Fill the swizzled K-major 128 x KW tile with f's elements (r0 + r, k0 + k), zero where r0 + r >= nr or
 // k0 + k >= nk (a run cut by the K edge copies its part), by cp.async (the caller commits and waits).
-template <typename T, typename F>
+template <typename T, int KW, typename F>
 __device__ __forceinline__ void load_kmajor_sw(T* tile, const F& f, long long r0, long long k0, long long nr, long long nk) {
+    constexpr int CH = KW / 8;  // runs of a row
 #pragma unroll
-    for (int i = threadIdx.x; i < 128 * 8; i += SM90_NT) {
-        const int r = i >> 3, c = i & 7;
+    for (int i = threadIdx.x; i < 128 * CH; i += SM90_NT) {
+        const int r = i / CH, c = i % CH;
         const long long gr = r0 + r, gk = k0 + 8 * c, room = nk - gk;
         const int n = gr >= nr || room <= 0 ? 0 : room >= 8 ? 8 : static_cast<int>(room);
-        cp_async16_zfill(tile + sw_kmajor(r, c), n > 0 ? f.ptr(gr, gk) : f.ptr(0, 0), static_cast<unsigned>(n * sizeof(T)));
+        cp_async16_zfill(tile + sw_kmajor<KW>(r, c), n > 0 ? f.ptr(gr, gk) : f.ptr(0, 0),
+                         static_cast<unsigned>(n * sizeof(T)));
     }
 }
-// Fill the swizzled MN-major 64 x 128 tile with f's elements (k0 + k, n0 + n), zero where k0 + k >= nk or
+// Fill the swizzled MN-major KD x 128 tile with f's elements (k0 + k, n0 + n), zero where k0 + k >= nk or
 // n0 + n >= nn (a run cut by the edge of N copies its part).
-template <typename T, typename F>
+template <typename T, int KD, typename F>
 __device__ __forceinline__ void load_mnmajor_sw(T* tile, const F& f, long long k0, long long n0, long long nk, long long nn) {
 #pragma unroll
-    for (int i = threadIdx.x; i < 64 * 16; i += SM90_NT) {
+    for (int i = threadIdx.x; i < KD * 16; i += SM90_NT) {
         const int kk = i >> 4, c = i & 15;
         const long long gk = k0 + kk, gn = n0 + 8 * c, room = nn - gn;
         const int n = gk >= nk || room <= 0 ? 0 : room >= 8 ? 8 : static_cast<int>(room);
-        cp_async16_zfill(tile + sw_mnmajor(kk, c), n > 0 ? f.ptr(gk, gn) : f.ptr(0, 0), static_cast<unsigned>(n * sizeof(T)));
+        cp_async16_zfill(tile + sw_mnmajor<KD>(kk, c), n > 0 ? f.ptr(gk, gn) : f.ptr(0, 0),
+                         static_cast<unsigned>(n * sizeof(T)));
     }
 }
 
-// An operand tile's descriptor, its first 16 steps along K from `tile`, warpgroup-row offset `row0` (A: 64 g);
-// SW: the swizzled 64-deep layouts (k0 a multiple of 16, row0 of 64), the start address moved along the atom's
-// rows for K-major (the swizzle applies to the address the tensor cores compute).
-template <bool MN, int KD, bool SW = false>
-__device__ __forceinline__ unsigned long long tile_descriptor(const void* tile, int k0, int row0) {
+// An operand tile's descriptor, its first 16 steps along K from `tile` (k0 a multiple of 16), warpgroup-row offset
+// `row0` (A: 64 g): the start address of a K-major tile moves along its block's rows (the swizzle applies to the
+// address the tensor cores compute), an MN-major one's by whole atoms.
+template <bool MN, int KD> __device__ __forceinline__ unsigned long long tile_descriptor(const void* tile, int k0, int row0) {
     const auto* p = static_cast<const unsigned char*>(tile);
-    if (SW) {
-        constexpr unsigned long long SWIZZLE_128B = 1ull << 62;
-        if (MN) return sm90::descriptor(p + 2 * ((row0 / 64) * 4096 + (k0 / 8) * 512), 8192u, 1024u) | SWIZZLE_128B;
-        return sm90::descriptor(p + 2 * (row0 * 64 + k0), 16u, 1024u) | SWIZZLE_128B;
+    constexpr unsigned long long SWIZZLE_128B = 1ull << 62;
+    if (MN) {
+        return sm90::descriptor(p + 2 * ((row0 / 64) * (KD / 8) * 512 + (k0 / 8) * 512), KD / 8 * 1024u, 1024u) |
+               SWIZZLE_128B;
     }
-    if (MN) return sm90::descriptor(p + 2 * (k0 * 128 + row0 * 8), 16u * 128, 128u);
-    return sm90::descriptor(p + 2 * (k0 * 8 + row0 * KD), 128u, 16u * KD);
+    return sm90::descriptor(p + 2 * ((k0 / 64) * (128 * 64) + row0 * 64 + k0 % 64), 16u, 1024u) | SWIZZLE_128B;
 }
 
 // d (this warpgroup's 64 x 128 fp32) = A B, plus d itself when ACCUMULATE: A the block's 128 x KD tile at a
 // (MN-major when A_MN), B its KD x 128 tile at b (MN-major when B_MN); KD / 16 wgmma, waited for.
-template <typename T, bool A_MN, bool B_MN, int KD, bool ACCUMULATE, bool SW = false>
+template <typename T, bool A_MN, bool B_MN, int KD, bool ACCUMULATE>
 __device__ __forceinline__ void product(float (&d)[64], const T* a, const T* b) {
     const int row0 = threadIdx.x / 128 * 64;
     sm90::fence_operand(d);
     sm90::wgmma_fence();
 #pragma unroll
     for (int k0 = 0; k0 < KD; k0 += 16) {  // 16 deep: two core matrices along K of each operand
-        sm90::Wgmma<T, A_MN, B_MN>::m64n128k16(d, tile_descriptor<A_MN, KD, SW>(a, k0, row0),
-                                              tile_descriptor<B_MN, KD, SW>(b, k0, 0), ACCUMULATE || k0 > 0 ? 1 : 0);
+        sm90::Wgmma<T, A_MN, B_MN>::m64n128k16(d, tile_descriptor<A_MN, KD>(a, k0, row0),
+                                              tile_descriptor<B_MN, KD>(b, k0, 0), ACCUMULATE || k0 > 0 ? 1 : 0);
     }
     sm90::wgmma_commit();
     sm90::wgmma_wait<0>();
@@ -134,8 +98,8 @@ constexpr int RING_BK = 64, RING_STAGES = 3, RING_ELEMENTS = RING_STAGES * 2 * 1
 
 // d += A B over K in [k_begin, k_end), RING_BK per step, through a ring of RING_STAGES stages in smem (A's tiles
 // first, then B's): A = fa (M x K: (m, k) = fa.ptr(m0 + m, k), or (k, m) when A_MN) and B = fb ((k, n) =
-// fb.ptr(k, n0 + n) when B_MN, else (n, k)), zero past M = ma, N = nb and k_end (the swizzled layouts:
-// load_kmajor_sw / load_mnmajor_sw),
+// fb.ptr(k, n0 + n) when B_MN, else (n, k)), zero past M = ma, N = nb and k_end (load_kmajor_sw /
+// load_mnmajor_sw),
 // one barrier per step as tile.cuh's ring; hook(stage tile of B) sees each step's B tile once it is in. Every
 // thread of the block must call it; on return no copy is in flight and the ring is free to reuse.
 template <typename T, bool A_MN, bool B_MN, typename FA, typename FB, typename Hook>
@@ -149,10 +113,10 @@ __device__ __forceinline__ void ring_sm90(float (&d)[64], T* smem, const FA& fa,
     const long long steps = cdiv(k_end - k_begin, KD);
     auto load = [&](int s, long long step) {
         const long long k0 = k_begin + step * KD;
-        if (A_MN) load_mnmajor_sw<T>(As + s * SA, fa, k0, m0, k_end, ma);
-        else load_kmajor_sw<T>(As + s * SA, fa, m0, k0, ma, k_end);
-        if (B_MN) load_mnmajor_sw<T>(Bs + s * SB, fb, k0, n0, k_end, nb);
-        else load_kmajor_sw<T>(Bs + s * SB, fb, n0, k0, nb, k_end);
+        if (A_MN) load_mnmajor_sw<T, KD>(As + s * SA, fa, k0, m0, k_end, ma);
+        else load_kmajor_sw<T, KD>(As + s * SA, fa, m0, k0, ma, k_end);
+        if (B_MN) load_mnmajor_sw<T, KD>(Bs + s * SB, fb, k0, n0, k_end, nb);
+        else load_kmajor_sw<T, KD>(Bs + s * SB, fb, n0, k0, nb, k_end);
     };
 #pragma unroll
     for (int s = 0; s < S - 1; ++s) {
@@ -167,7 +131,7 @@ __device__ __forceinline__ void ring_sm90(float (&d)[64], T* smem, const FA& fa,
         if (step + S - 1 < steps) load(stage == 0 ? S - 1 : stage - 1, step + S - 1);
         cp_async_commit();
         hook(Bs + stage * SB);
-        product<T, A_MN, B_MN, KD, true, true>(d, As + stage * SA, Bs + stage * SB);
+        product<T, A_MN, B_MN, KD, true>(d, As + stage * SA, Bs + stage * SB);
         stage = stage == S - 1 ? 0 : stage + 1;
     }
     cp_async_wait<0>();

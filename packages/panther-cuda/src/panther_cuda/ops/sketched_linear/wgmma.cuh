@@ -3,11 +3,10 @@
 // consecutive warps from a warp index divisible by 4). Used by forward_sm90.cu; compiled for sm_90a only
 // (PANTHER_SM90A below; elsewhere the kernels that use it trap, and the host never launches them).
 //
-// Operand layouts, no swizzle (PTX ISA, "Shared Memory Matrix Layout"; T = 8 elements of 16 bits = 16 bytes):
-// a core matrix is 8 rows of 16 contiguous bytes (128 bytes in all). K-major (A: row m, K contiguous):
-// element (m, k) at (m % 8) T + (m / 8) SBO + (k % 8) + (k / 8) LBO, in elements. MN-major (B read with
-// transpose: row k of a row-major K x N matrix, N contiguous): element (k, n) at (n % 8) + (n / 8) SBO +
-// (k % 8) T + (k / 8) LBO. LBO and SBO are byte offsets in the descriptor (multiples of 16).
+// Operand layouts: PTX ISA, "Shared Memory Matrix Layout"; the kernels use the 128-byte swizzle (tile_sm90.cuh
+// says where each element lies; the descriptor's layout type 1, LBO and SBO byte offsets in multiples of 16).
+// K-major: A read as rows m with K contiguous; MN-major: B read with transpose, row k of a row-major K x N
+// matrix, N contiguous.
 #pragma once
 
 #include "panther_cuda/common.cuh"
@@ -25,9 +24,9 @@ namespace panther {
 namespace sm90 {
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// The descriptor of a no-swizzle operand starting at `p` (shared memory, 16-byte aligned): bits 0-13 the
-// start address, 16-29 the leading byte offset, 32-45 the stride byte offset, each >> 4; base offset 0,
-// layout type 0 (no swizzle) in bits 62-63.
+// The descriptor of an operand starting at `p` (shared memory, 16-byte aligned): bits 0-13 the start address,
+// 16-29 the leading byte offset, 32-45 the stride byte offset, each >> 4; base offset 0; the layout type in bits
+// 62-63 zero (no swizzle), which the caller replaces (tile_sm90.cuh: 1, the 128-byte swizzle).
 __device__ __forceinline__ unsigned long long descriptor(const void* p, unsigned lbo, unsigned sbo) {
     const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
     return static_cast<unsigned long long>((a >> 4) & 0x3FFF) |
