@@ -258,7 +258,8 @@ def test_hopper_forward(shape, mode, monkeypatch):
     T, I, O, L, k, splits = shape
     launched = spy_sm90(monkeypatch)
     inputs = make_inputs(T, I, O, L, k, DTYPES[mode])
-    y, h = sketched_linear_forward(*inputs, plan=ForwardPlan(fused=False, tiles="large", h_splits=splits, hopper=True))
+    y, h = sketched_linear_forward(*inputs, plan=ForwardPlan(fused=False, tiles="large", h_splits=splits, hopper_h=True,
+                                                                      hopper_y=True))
     expected = []
     if torch.cuda.get_device_capability() == (9, 0):
         expected = (["sketched_linear_fwd_h_sm90"] if I % 8 == 0 and k % 8 == 0 else []) + ["sketched_linear_fwd_y_sm90"]
@@ -569,6 +570,14 @@ def test_forward_rule():
     assert forward_rule(64, 100, 100, 258, torch.bfloat16, 132, big) == ForwardPlan(fused=False)
     assert not any(forward_rule(T, I, 4096, R, torch.bfloat16, 132, big).fused
                    for T in (1, 64, 4096) for I in (16, 256, 4096) for R in (2, 128, 256))
+    # on sm_90, y by the wgmma kernel where y runs on large tiles, in 16-bit; H and the rest as elsewhere
+    assert forward_rule(4096, 4096, 4096, 128, torch.bfloat16, 132, big, sm90=True) == dataclasses.replace(
+        large, hopper_y=True)
+    assert forward_rule(4096, 8192, 8192, 256, torch.float16, 132, big, sm90=True).hopper_y
+    assert not forward_rule(4096, 4096, 4096, 128, torch.float32, 132, big, sm90=True).hopper_y
+    assert forward_rule(128, 1024, 1024, 128, torch.bfloat16, 132, big, sm90=True) == ForwardPlan(fused=False,
+                                                                                                 h_splits=4)
+    assert not any(forward_rule(T, 4096, 4096, 128, torch.bfloat16, 132, big, sm90=True).hopper_h for T in (64, 4096))
 
 
 def test_forward_plan_names_its_tiles():
@@ -745,7 +754,7 @@ def sm90_device(recorder, monkeypatch):
     return launches
 
 
-HOPPER = ForwardPlan(fused=False, tiles="large", hopper=True)
+HOPPER = ForwardPlan(fused=False, tiles="large", hopper_h=True, hopper_y=True)
 
 
 def test_hopper_plan_launches_the_sm90_kernel(recorder, sm90_device):
@@ -764,6 +773,19 @@ def test_hopper_plan_launches_the_sm90_kernel(recorder, sm90_device):
     assert sm90_module.depth(128) == 128 and sm90_module.groups(4096, 4096, 128, torch.bfloat16, 132) == 8
     assert sm90_module.groups(4096, 4096, 256, torch.bfloat16, 132) == 4  # 192 KiB: one block per SM
     assert sm90_module.groups(64, 300, 128, torch.bfloat16, 132) == 3  # at most one per column tile
+
+
+@pytest.mark.parametrize("capability", [(9, 0), (8, 0)])
+def test_the_rule_runs_y_by_the_sm90_kernel_on_sm90(recorder, sm90_device, monkeypatch, capability):
+    """No plan given, 4096 rows in bfloat16 (y on large tiles): y by forward_sm90.cu's kernel on an sm_90 device, by
+    forward.cu's elsewhere; H by forward.cu's either way."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(fwd_module, "shared_memory_per_block", lambda index: 227 << 10)
+    monkeypatch.setattr(fwd_module, "_plans", fwd_module.BoundedCache())  # plans are cached per shape and device
+    sketched_linear_forward(*make_inputs(4096, 64, 1024, 1, 64, torch.bfloat16, device="cpu"))
+    on_sm90 = capability == (9, 0)
+    assert [n for n, *_ in sm90_device] == (["sketched_linear_fwd_y_sm90"] if on_sm90 else [])
+    assert [n for n, *_ in recorder.calls] == ["sketched_linear_fwd_h"] + ([] if on_sm90 else ["sketched_linear_fwd_y"])
 
 
 def test_hopper_plan_launches_the_sm90_h_kernel(recorder, sm90_device):
@@ -841,9 +863,10 @@ def test_hopper_backward_falls_back(recorder, sm90_device, monkeypatch, why):
     assert names == expected.get(why, {"sketched_linear_bwd_g", "sketched_linear_bwd_x"})
 
 
-def test_hopper_plan_is_a_plan_of_two_launches():
-    with pytest.raises(ValueError, match="hopper=True is a plan of two launches"):
-        ForwardPlan(fused=True, hopper=True)
+@pytest.mark.parametrize("flag", ["hopper_h", "hopper_y"])
+def test_hopper_plan_is_a_plan_of_two_launches(flag):
+    with pytest.raises(ValueError, match=f"{flag}=True.*plans of two launches, expected fused=False"):
+        ForwardPlan(fused=True, **{flag: True})
 
 
 @pytest.mark.parametrize("tiles", ["small", "large"])
@@ -1090,11 +1113,14 @@ def test_sweep_tool_plans_and_floor():
     # a device whose shared memory takes only the small tiles: no large plans
     assert not any("large" in n for n in sweep.forward_plans(4096, 4096, 4096, 128, torch.float32, 132, 64 << 10))
     hopper = sweep.forward_plans(4096, 4096, 4096, 128, torch.bfloat16, 132, 227 << 10, hopper=True)
-    assert hopper["large hopper"] == ForwardPlan(fused=False, h_splits=4, tiles="large", hopper=True)
-    assert hopper["default hopper"].hopper and hopper["large h_splits=8 hopper"].h_splits == 8
-    assert "fused hopper" not in hopper
-    assert not any(p.hopper for p in sweep.forward_plans(4096, 4096, 4096, 128, torch.float32, 132, 227 << 10,
-                                                         hopper=True).values())
+    assert hopper["large hopper"] == ForwardPlan(fused=False, h_splits=4, tiles="large", hopper_h=True, hopper_y=True)
+    assert hopper["default"].hopper_y and not hopper["default"].hopper_h  # the rule's plan on sm_90
+    assert hopper["default mma.sync"] == dataclasses.replace(hopper["default"], hopper_y=False)
+    assert hopper["default hopper"].hopper_h and hopper["large h_splits=8 hopper"].h_splits == 8
+    assert "fused hopper" not in hopper and "default mma.sync hopper" not in hopper
+    assert not any(p.hopper_h or p.hopper_y for p in sweep.forward_plans(
+        4096, 4096, 4096, 128, torch.float32, 132, 227 << 10, hopper=True).values())
+    assert "default mma.sync" not in plans  # no sm_90 device
     bwd = sweep.backward_plans(4096, 4096, 4096, 128, torch.bfloat16, 132, 227 << 10)
     assert bwd["default"] == (None, None, None) and bwd["small"] == ("small", 8, 4)
     assert bwd["large"] == ("large", 4, 4) and bwd["large split=2 dh_split=2"] == ("large", 2, 2)

@@ -75,14 +75,18 @@ def forward_plans(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, 
                   hopper: bool = False, tiles: Optional[List[str]] = None) -> dict:
     """The forward plans the sweep times: the rule's ("default"), the fused kernel (where H fits), and the two
     launches on each tile shape that fits, with the split of H that split_rule gives that shape; with
-    ``hopper`` (an sm_90 device, 16-bit inputs), each plan of two launches also with H and y by forward_sm90.cu
-    ("<name> hopper"); ``tiles``: the tile shapes to time (default: all of limits.CONFIGS)."""
+    ``hopper`` (an sm_90 device, 16-bit inputs), the rule's plan for sm_90 (y by forward_sm90.cu where the rule says,
+    and that plan with forward.cu's y: "default mma.sync"), and each plan of two launches also with H and y by
+    forward_sm90.cu ("<name> hopper", with the backward by backward_sm90.cu in forward + backward); ``tiles``: the
+    tile shapes to time (default: all of limits.CONFIGS)."""
     from panther_cuda.ops.sketched_linear import limits
     from panther_cuda.ops.sketched_linear.common import split_rule
     from panther_cuda.ops.sketched_linear.forward import ForwardPlan, forward_rule, fused_groups
 
-    default = forward_rule(T, I, O, R, dtype, sms, shared)
+    default = forward_rule(T, I, O, R, dtype, sms, shared, sm90=hopper)
     plans = {"default": default}
+    if default.hopper_y:  # the rule's plan with y by forward.cu's kernel: what the sm_90a y saves
+        plans["default mma.sync"] = dataclasses.replace(default, hopper_y=False)
     if R <= limits.FUSED_MAX_R and limits.SMALL.fused_bytes(R, dtype) <= shared:
         plans["fused"] = ForwardPlan(fused=True, o_groups=fused_groups(T, O, sms))
     for name, c in limits.CONFIGS.items():
@@ -93,8 +97,8 @@ def forward_plans(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, 
                 plans[f"{name} h_splits={s}"] = ForwardPlan(fused=False, h_splits=s, tiles=name)
     if hopper and dtype in (torch.float16, torch.bfloat16):
         for name, plan in list(plans.items()):
-            if not plan.fused:
-                plans[f"{name} hopper"] = dataclasses.replace(plan, hopper=True)
+            if not plan.fused and name != "default mma.sync":
+                plans[f"{name} hopper"] = dataclasses.replace(plan, hopper_h=True, hopper_y=True)
     return plans
 
 
@@ -166,7 +170,7 @@ def cuda_rows(T, I, O, inputs, replays, tiles: Optional[List[str]] = None, hoppe
     for label, (plan, bt) in pairs.items():
         def step(plan=plan, bt=bt):
             _, hh = sketched_linear_forward(x, S1s, S2s, U1s, U2s, bias, plan=plan)
-            sketched_linear_backward(grad, x, hh, S1s, S2s, U1s, U2s, NEEDS, tiles=bt, hopper=plan.hopper)
+            sketched_linear_backward(grad, x, hh, S1s, S2s, U1s, U2s, NEEDS, tiles=bt, hopper=plan.hopper_h)
 
         rows.append({"impl": "cuda", "what": "fwd+bwd", "plan": label,
                      "detail": f"{plan!r}, backward tiles={bt or rule_tiles}", "ms": median_ms(step, replays)})

@@ -15,9 +15,9 @@ splits T into shares (summed by launch 3) until their blocks fill the SMs; dH (f
 reduces over O and is split the same way. Every launch runs on one tile shape (limits.CONFIGS), the one
 :func:`backward_tiles` gives unless one is forced.
 
-Hopper (``hopper=True``, forced only for now): launches 1 and 2 by backward_sm90.cu's kernels (warpgroup MMA, the
-same roles and arguments on LARGE's 128 x 128 tiles), each where sm90.bwd_g_fits / sm90.bwd_x_fits allows, else
-backward.cu's on LARGE tiles.
+Hopper (``hopper=True``, forced only: timed slower than backward.cu's, benchmarks/results/NOTES.md): launches 1
+and 2 by backward_sm90.cu's kernels (warpgroup MMA, the same roles and arguments on LARGE's 128 x 128 tiles), each
+where sm90.bwd_g_fits / sm90.bwd_x_fits allows, else backward.cu's on LARGE tiles.
 """
 
 from __future__ import annotations

@@ -17,11 +17,12 @@ The two-launch plans run y on the tile shape ``tiles`` (limits.CONFIGS): "large"
 tiles alone fill the SMs, else "small" (64 x 64, also the fused kernel's); H on ``h_tiles`` (None: ``tiles``),
 which the rule makes "deep64" (LARGE's tile, 64-deep steps) where y takes "large" and DEEP64's ring fits.
 
-Hopper (``hopper``, forced only for now): H and y by forward_sm90.cu's kernels, warpgroup MMA (wgmma) from
-shared memory on sm_90 devices, for 16-bit inputs whose shapes sm90.h_fits and sm90.y_fits allow (each launch
-on its own: where one does not fit, forward.cu's kernel of the plan's tiles runs it); H in
-``h_splits`` shares of I as in the other plans. The rule takes it once it has been timed on the GPU against
-forward.cu's.
+Hopper (``hopper_h``, ``hopper_y``): H, and y, by forward_sm90.cu's kernels, warpgroup MMA (wgmma) from shared
+memory on sm_90 devices, for 16-bit inputs whose shapes sm90.h_fits and sm90.y_fits allow (each launch on its
+own: where one does not fit, forward.cu's kernel of the plan's tiles runs it); H in ``h_splits`` shares of I as
+in the other plans. The rule takes y's (``hopper_y``) on sm_90 where y runs on large tiles: timed faster there
+than forward.cu's (24 against 33 us at 4096 rows and features, 47 against 64 at 8192 on an H100;
+benchmarks/results/NOTES.md); H's stays forced (slower: 37 against 34 us).
 """
 
 from __future__ import annotations
@@ -54,29 +55,35 @@ class ForwardPlan:
     o_groups: int = 1  # fused: blocks sharing a row tile, each writing a share of y's columns
     h_splits: int = 1  # not fused: shares of I of H = x A (fp32, summed by a launch of their own)
     tiles: str = "small"  # not fused: the tile shape of y's launch, a key of limits.CONFIGS (fused: small)
-    hopper: bool = False  # not fused: H and y by forward_sm90.cu's wgmma kernels where they fit
     h_tiles: Optional[str] = None  # not fused: the tile shape of H's launch (None: ``tiles``)
+    hopper_h: bool = False  # not fused: H by forward_sm90.cu's wgmma kernel where it fits (sm90.h_fits)
+    hopper_y: bool = False  # not fused: y by forward_sm90.cu's wgmma kernel where it fits (sm90.y_fits)
 
     def __post_init__(self):
         for name in ("tiles", "h_tiles"):
             value = getattr(self, name)
             if value not in CONFIGS and not (name == "h_tiles" and value is None):
                 raise ValueError(f"ForwardPlan {name}={value!r}: expected one of {sorted(CONFIGS)}")
-        if self.fused and self.hopper:
-            raise ValueError("ForwardPlan hopper=True is a plan of two launches: expected fused=False")
+        if self.fused and (self.hopper_h or self.hopper_y):
+            raise ValueError(f"ForwardPlan hopper_h={self.hopper_h}, hopper_y={self.hopper_y}: the sm_90a kernels "
+                             "run plans of two launches, expected fused=False")
 
 
-def forward_rule(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, shared_limit: int) -> ForwardPlan:
-    """The plan for a shape on a device with ``sms`` SMs and ``shared_limit`` bytes of shared memory per block.
+def forward_rule(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, shared_limit: int,
+                 sm90: bool = False) -> ForwardPlan:
+    """The plan for a shape on a device with ``sms`` SMs and ``shared_limit`` bytes of shared memory per block
+    (``sm90``: an sm_90 device).
 
     Two launches, on LARGE tiles when y's LARGE tiles alone fill the SMs (common.choose_config), else
-    SMALL; with LARGE tiles H = x A on DEEP64's where its ring fits (16-bit inputs). H is split into shares of I
-    when its tiles (of that shape) leave the SMs idle and I is long (split_rule)."""
+    SMALL; with LARGE tiles H = x A on DEEP64's where its ring fits (16-bit inputs), and on sm_90 y by the wgmma
+    kernel (16-bit inputs; the launch checks that it fits). H is split into shares of I when its tiles (of that
+    shape) leave the SMs idle and I is long (split_rule)."""
     config = choose_config(cdiv(T, LARGE.bm), cdiv(O, LARGE.bn), dtype, sms, shared_limit)
     tiles = "large" if config == LARGE else "small"
     h_config = DEEP64 if config == LARGE and DEEP64.shared_bytes(dtype) <= shared_limit else config
     return ForwardPlan(fused=False, h_splits=split_rule(I, cdiv(T, h_config.bm) * cdiv(R, h_config.bn), sms, h_config),
-                       tiles=tiles, h_tiles="deep64" if h_config == DEEP64 else None)
+                       tiles=tiles, h_tiles="deep64" if h_config == DEEP64 else None,
+                       hopper_y=sm90 and tiles == "large" and dtype in (torch.float16, torch.bfloat16))
 
 
 def fused_groups(T: int, O: int, sms: int) -> int:
@@ -96,7 +103,8 @@ def plan_forward(T: int, I: int, O: int, R: int, dtype: torch.dtype, device: tor
     key = (T, I, O, R, dtype, index)
     plan = _plans.get(key)
     if plan is None:
-        plan = _plans.put(key, forward_rule(T, I, O, R, dtype, multiprocessors(index), shared_memory_per_block(index)))
+        plan = _plans.put(key, forward_rule(T, I, O, R, dtype, multiprocessors(index), shared_memory_per_block(index),
+                                            sm90=torch.cuda.get_device_capability(index) == (9, 0)))
     return plan
 
 
@@ -155,7 +163,7 @@ def sketched_linear_forward(
         c, ch = CONFIGS[plan.tiles], CONFIGS[plan.h_tiles or plan.tiles]
         splits = max(1, int(plan.h_splits))
         ws = torch.empty((splits, T, R), device=x.device, dtype=torch.float32) if splits > 1 else None
-        if plan.hopper and sm90.h_fits(I, k, x.dtype, x.device, x2, S1c, U2c):
+        if plan.hopper_h and sm90.h_fits(I, k, x.dtype, x.device, x2, S1c, U2c):
             sm90.kernel("forward_sm90.cu", "sketched_linear_fwd_h_sm90", x.dtype)(
                 (cdiv(T, sm90.BM) * cdiv(R, sm90.BN) * splits,), (sm90.THREADS,), x2, S1c, U2c, h, ws, i64(T), i64(I),
                 i32(L), i32(k), i32(splits), shared_mem=sm90.ring_shared_bytes(x.dtype))
@@ -164,7 +172,7 @@ def sketched_linear_forward(
                    x2, S1c, U2c, h, ws, i64(T), i64(I), i32(L), i32(k), i32(splits))
         if ws is not None:
             sum_shares(ws, h)
-        if plan.hopper and sm90.y_fits(R, O, x.dtype, x.device, h, U1c, S2c):
+        if plan.hopper_y and sm90.y_fits(R, O, x.dtype, x.device, h, U1c, S2c):
             depth = sm90.depth(R)
             groups = sm90.groups(T, O, depth, x.dtype, multiprocessors(device_index(x.device)))
             sm90.kernel("forward_sm90.cu", "sketched_linear_fwd_y_sm90", x.dtype, depth)(

@@ -1,5 +1,6 @@
 // Forward of the sketched linear op on Hopper (sm_90a), warpgroup MMA (wgmma.cuh) for 16-bit inputs; forward.py
-// launches these in place of forward.cu's kernels where the plan asks (ForwardPlan.hopper) and the shapes allow:
+// launches these in place of forward.cu's kernels where the plan asks (ForwardPlan.hopper_h, .hopper_y) and the
+// shapes allow:
 //
 // * sketched_linear_fwd_h_sm90 — H = x A (sm90_h_fits: I and k multiples of 8): a block is a 128 x 128 tile of
 //   H (T x R), or its fp32 share of I (n_splits > 1, summed by forward.cu's sketched_linear_sum_shares); x's and
