@@ -571,13 +571,13 @@ def test_forward_rule():
     assert not any(forward_rule(T, I, 4096, R, torch.bfloat16, 132, big).fused
                    for T in (1, 64, 4096) for I in (16, 256, 4096) for R in (2, 128, 256))
     # on sm_90, y by the wgmma kernel where y runs on large tiles, in 16-bit; H and the rest as elsewhere
-    assert forward_rule(4096, 4096, 4096, 128, torch.bfloat16, 132, big, sm90=True) == dataclasses.replace(
+    assert forward_rule(4096, 4096, 4096, 128, torch.bfloat16, 132, big, hopper=True) == dataclasses.replace(
         large, hopper_y=True)
-    assert forward_rule(4096, 8192, 8192, 256, torch.float16, 132, big, sm90=True).hopper_y
-    assert not forward_rule(4096, 4096, 4096, 128, torch.float32, 132, big, sm90=True).hopper_y
-    assert forward_rule(128, 1024, 1024, 128, torch.bfloat16, 132, big, sm90=True) == ForwardPlan(fused=False,
+    assert forward_rule(4096, 8192, 8192, 256, torch.float16, 132, big, hopper=True).hopper_y
+    assert not forward_rule(4096, 4096, 4096, 128, torch.float32, 132, big, hopper=True).hopper_y
+    assert forward_rule(128, 1024, 1024, 128, torch.bfloat16, 132, big, hopper=True) == ForwardPlan(fused=False,
                                                                                                  h_splits=4)
-    assert not any(forward_rule(T, 4096, 4096, 128, torch.bfloat16, 132, big, sm90=True).hopper_h for T in (64, 4096))
+    assert not any(forward_rule(T, 4096, 4096, 128, torch.bfloat16, 132, big, hopper=True).hopper_h for T in (64, 4096))
 
 
 def test_forward_plan_names_its_tiles():

@@ -79,11 +79,11 @@ def forward_plans(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, 
     and that plan with forward.cu's y: "default mma.sync"), and each plan of two launches also with H and y by
     forward_sm90.cu ("<name> hopper", with the backward by backward_sm90.cu in forward + backward); ``tiles``: the
     tile shapes to time (default: all of limits.CONFIGS)."""
-    from panther_cuda.ops.sketched_linear import limits
+    from panther_cuda.ops.sketched_linear import limits, sm90
     from panther_cuda.ops.sketched_linear.common import split_rule
     from panther_cuda.ops.sketched_linear.forward import ForwardPlan, forward_rule, fused_groups
 
-    default = forward_rule(T, I, O, R, dtype, sms, shared, sm90=hopper)
+    default = forward_rule(T, I, O, R, dtype, sms, shared, hopper=hopper)
     plans = {"default": default}
     if default.hopper_y:  # the rule's plan with y by forward.cu's kernel: what the sm_90a y saves
         plans["default mma.sync"] = dataclasses.replace(default, hopper_y=False)
@@ -95,7 +95,7 @@ def forward_plans(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, 
             plans[name] = ForwardPlan(fused=False, h_splits=rule, tiles=name)
             for s in _around(rule):  # the rule's split halved and doubled: is it the best one?
                 plans[f"{name} h_splits={s}"] = ForwardPlan(fused=False, h_splits=s, tiles=name)
-    if hopper and dtype in (torch.float16, torch.bfloat16):
+    if hopper and dtype in sm90.DTYPES:
         for name, plan in list(plans.items()):
             if not plan.fused and name != "default mma.sync":
                 plans[f"{name} hopper"] = dataclasses.replace(plan, hopper_h=True, hopper_y=True)
@@ -128,14 +128,14 @@ def backward_plans(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int,
 def cuda_rows(T, I, O, inputs, replays, tiles: Optional[List[str]] = None, hopper: bool = True
               ) -> Tuple[List[dict], dict]:
     from panther.backends.toolkit import multiprocessors, shared_memory_per_block
-    from panther_cuda.ops.sketched_linear import limits
+    from panther_cuda.ops.sketched_linear import limits, sm90
     from panther_cuda.ops.sketched_linear.backward import backward_tiles, sketched_linear_backward
     from panther_cuda.ops.sketched_linear.forward import sketched_linear_forward
 
     x, S1s, S2s, U1s, U2s, bias, grad = inputs
     R = 2 * L * K
     sms, shared = multiprocessors(), shared_memory_per_block()
-    hopper = hopper and torch.cuda.get_device_capability() == (9, 0) and x.dtype in (torch.float16, torch.bfloat16)
+    hopper = hopper and sm90.on_sm90(torch.cuda.current_device()) and x.dtype in sm90.DTYPES
     plans = forward_plans(T, I, O, R, x.dtype, sms, shared, hopper=hopper, tiles=tiles)
     default = plans["default"]
     rule_tiles = backward_tiles(T, I, O, x.dtype, x.device)

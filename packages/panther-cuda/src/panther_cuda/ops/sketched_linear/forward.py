@@ -20,9 +20,8 @@ which the rule makes "deep64" (LARGE's tile, 64-deep steps) where y takes "large
 Hopper (``hopper_h``, ``hopper_y``): H, and y, by forward_sm90.cu's kernels, warpgroup MMA (wgmma) from shared
 memory on sm_90 devices, for 16-bit inputs whose shapes sm90.h_fits and sm90.y_fits allow (each launch on its
 own: where one does not fit, forward.cu's kernel of the plan's tiles runs it); H in ``h_splits`` shares of I as
-in the other plans. The rule takes y's (``hopper_y``) on sm_90 where y runs on large tiles: timed faster there
-than forward.cu's (24 against 33 us at 4096 rows and features, 47 against 64 at 8192 on an H100;
-benchmarks/results/NOTES.md); H's stays forced (slower: 37 against 34 us).
+in the other plans. The rule takes y's (``hopper_y``) on sm_90 where y runs on large tiles, where it was timed
+faster than forward.cu's; H's stays forced, timed slower (benchmarks/results/NOTES.md).
 """
 
 from __future__ import annotations
@@ -70,9 +69,9 @@ class ForwardPlan:
 
 
 def forward_rule(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, shared_limit: int,
-                 sm90: bool = False) -> ForwardPlan:
+                 hopper: bool = False) -> ForwardPlan:
     """The plan for a shape on a device with ``sms`` SMs and ``shared_limit`` bytes of shared memory per block
-    (``sm90``: an sm_90 device).
+    (``hopper``: an sm_90 device).
 
     Two launches, on LARGE tiles when y's LARGE tiles alone fill the SMs (common.choose_config), else
     SMALL; with LARGE tiles H = x A on DEEP64's where its ring fits (16-bit inputs), and on sm_90 y by the wgmma
@@ -83,7 +82,7 @@ def forward_rule(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, s
     h_config = DEEP64 if config == LARGE and DEEP64.shared_bytes(dtype) <= shared_limit else config
     return ForwardPlan(fused=False, h_splits=split_rule(I, cdiv(T, h_config.bm) * cdiv(R, h_config.bn), sms, h_config),
                        tiles=tiles, h_tiles="deep64" if h_config == DEEP64 else None,
-                       hopper_y=sm90 and tiles == "large" and dtype in (torch.float16, torch.bfloat16))
+                       hopper_y=hopper and tiles == "large" and dtype in sm90.DTYPES)
 
 
 def fused_groups(T: int, O: int, sms: int) -> int:
@@ -104,7 +103,7 @@ def plan_forward(T: int, I: int, O: int, R: int, dtype: torch.dtype, device: tor
     plan = _plans.get(key)
     if plan is None:
         plan = _plans.put(key, forward_rule(T, I, O, R, dtype, multiprocessors(index), shared_memory_per_block(index),
-                                            sm90=torch.cuda.get_device_capability(index) == (9, 0)))
+                                            hopper=sm90.on_sm90(index)))
     return plan
 
 

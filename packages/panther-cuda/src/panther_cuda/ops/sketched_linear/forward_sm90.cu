@@ -68,11 +68,7 @@ __global__ void __launch_bounds__(SM90_NT, (KP <= 128 ? 2 : 1)) sketched_linear_
     static_assert(KP % 16 == 0 && KP <= 256, "whole wgmma steps, H's row in one tile");
     constexpr int KW = KP < 64 ? 64 : KP;  // H's tile: whole 128-byte rows of the swizzle (zero past R)
     const int R = 2 * Lk;
-    require_shared(static_cast<unsigned>((BM * KW + 2 * KP * BN) * sizeof(T)));
-    if (blockDim.x != SM90_NT) __trap();  // the loaders and the warpgroups assume SM90_NT threads
-#ifndef PANTHER_PTX_EMULATED
-    if (static_cast<unsigned>(__cvta_generic_to_shared(smem)) & 1023u) __trap();  // the swizzle's atoms
-#endif
+    require_sm90_launch(smem, static_cast<unsigned>((BM * KW + 2 * KP * BN) * sizeof(T)));
     T* As = reinterpret_cast<T*>(smem);
     T* Bs = As + BM * KW;  // stage s at Bs + s KP BN
 

@@ -2,9 +2,9 @@
 
 forward_sm90.cu (H = x A, y = H B / (2L) + b) and backward_sm90.cu (the backward's two product launches) use
 warpgroup MMA (wgmma) from shared memory, compiled for sm_90a, for 16-bit inputs. Each launch of a plan that
-asks for them (``ForwardPlan.hopper_h`` / ``.hopper_y``, ``sketched_linear_backward(hopper=True)``) runs them where its ``*_fits``
-allows (an sm_90 device, 16-bit inputs, the sizes their 16-byte copies need, 16-byte aligned tensors, their
-shared memory), else forward.cu's or backward.cu's kernel.
+asks for them (``ForwardPlan.hopper_h`` / ``.hopper_y``, ``sketched_linear_backward(hopper=True)``) runs them
+where its ``*_fits`` allows (an sm_90 device, 16-bit inputs, the sizes their 16-byte copies need, 16-byte aligned
+tensors, their shared memory), else forward.cu's or backward.cu's kernel.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from panther_cuda.ops.sketched_linear.common import CTYPES, device_index
 
 BM = BN = 128  # every kernel's tile (tile_sm90.cuh); the backward's grids are LARGE's (limits.py)
 THREADS = 256  # two warpgroups (SM90_NT)
+DTYPES = (torch.float16, torch.bfloat16)  # the inputs the kernels take (wgmma of 16-bit operands)
 DEPTHS = (32, 64, 128, 256)  # fwd_y_sm90's instances: R rounded up to one of them, zero past R
 RING_BK, RING_STAGES = 64, 3  # the ring of the other kernels (tile_sm90.cuh's ring_sm90): depth per step, stages
 TWO_BLOCKS_BYTES = 100 << 10  # up to this much shared memory, two blocks stay resident per SM (228 KiB)
@@ -57,13 +58,18 @@ def ring_shared_bytes(dtype: torch.dtype) -> int:
     return RING_STAGES * (BM * RING_BK + RING_BK * BN) * _itemsize(dtype)
 
 
+def on_sm90(index: int) -> bool:
+    """Whether CUDA device ``index`` runs these kernels (compute capability 9.0: sm_90a)."""
+    return torch.cuda.get_device_capability(index) == (9, 0)
+
+
 def _takes(dtype: torch.dtype, device: torch.device, shared: int, sizes_ok: bool, tensors) -> bool:
-    if dtype not in (torch.float16, torch.bfloat16) or not sizes_ok:
+    if dtype not in DTYPES or not sizes_ok:
         return False
     if any(t is not None and t.data_ptr() % 16 for t in tensors):
         return False
     index = device_index(device)
-    return torch.cuda.get_device_capability(index) == (9, 0) and shared <= shared_memory_per_block(index)
+    return on_sm90(index) and shared <= shared_memory_per_block(index)
 
 
 def y_fits(R: int, O: int, dtype: torch.dtype, device: torch.device, *tensors: torch.Tensor) -> bool:

@@ -138,15 +138,20 @@ __device__ __forceinline__ void ring_sm90(float (&d)[64], T* smem, const FA& fa,
     __syncthreads();
 }
 
-// The ring's dynamic shared memory (checked against what the launch gave) and a zeroed accumulator.
-// The swizzle's atoms must start at multiples of 1024 bytes of the shared window (the kernels declare their
-// dynamic shared memory so aligned).
-template <typename T> __device__ __forceinline__ T* ring_memory(unsigned char* smem, float (&d)[64]) {
-    require_shared(static_cast<unsigned>(RING_ELEMENTS * sizeof(T)));
-    if (blockDim.x != SM90_NT) __trap();  // the loaders and the warpgroups assume SM90_NT threads
+// What every sm_90a kernel checks of its launch: `bytes` of dynamic shared memory at least, SM90_NT threads (the
+// loaders and the warpgroups assume them), and the shared memory starting at a multiple of 1024 bytes of the
+// shared window, where the swizzle's atoms must start (the kernels declare their dynamic shared memory so aligned).
+__device__ __forceinline__ void require_sm90_launch(const unsigned char* smem, unsigned bytes) {
+    require_shared(bytes);
+    if (blockDim.x != SM90_NT) __trap();
 #ifndef PANTHER_PTX_EMULATED
     if (static_cast<unsigned>(__cvta_generic_to_shared(smem)) & 1023u) __trap();
 #endif
+}
+
+// The ring's dynamic shared memory (its launch checked) and a zeroed accumulator.
+template <typename T> __device__ __forceinline__ T* ring_memory(unsigned char* smem, float (&d)[64]) {
+    require_sm90_launch(smem, static_cast<unsigned>(RING_ELEMENTS * sizeof(T)));
 #pragma unroll
     for (int i = 0; i < 64; ++i) d[i] = 0.0f;
     return reinterpret_cast<T*>(smem);
