@@ -738,9 +738,9 @@ def sm90_device(recorder, monkeypatch):
     """An sm_90 device of 132 SMs and 227 KiB per block for the forward's Hopper plan; its launches recorded."""
     launches = []
 
-    def kernel(source, name, dtype, depth=None):
+    def kernel(source, name, dtype, size):  # size: fwd_y_sm90's depth, the ring kernels' stages
         def launch(grid, block, *args, shared_mem=0):
-            launches.append((name, dtype, depth, grid, block, args, shared_mem))
+            launches.append((name, dtype, size, grid, block, args, shared_mem))
 
         return launch
 
@@ -793,7 +793,7 @@ def test_hopper_plan_launches_the_sm90_h_kernel(recorder, sm90_device):
     y, h = sketched_linear_forward(x, S1s, S2s, U1s, U2s, b, plan=dataclasses.replace(HOPPER, h_splits=3))
     (name, dtype, depth, grid, block, args, shared), (name_y, _, depth_y, *_) = sm90_device
     assert (name, name_y) == ("sketched_linear_fwd_h_sm90", "sketched_linear_fwd_y_sm90")
-    assert (dtype, depth, depth_y, block) == (torch.bfloat16, None, 32, (256,))
+    assert (dtype, depth, depth_y, block) == (torch.bfloat16, sm90_module.RING_STAGES, 32, (256,))  # the ring's stages
     assert grid == (3 * 1 * 3,)  # row tiles of 128 x column tiles of 128 (R = 32) x shares of I
     ws = args[4]
     assert args[0].data_ptr() == x.data_ptr() and args[3] is h and ws.shape == (3, 300, 32) and ws.dtype == torch.float32
@@ -986,8 +986,8 @@ def test_kernel_names():
     k = sm90_module.kernel("forward_sm90.cu", "sketched_linear_fwd_y_sm90", torch.bfloat16, 128)
     assert (k.source, k.name, k.arch) == ("ops/sketched_linear/forward_sm90.cu",
                                           "panther::sl::sketched_linear_fwd_y_sm90<__nv_bfloat16, 128>", "sm_90a")
-    k = sm90_module.kernel("backward_sm90.cu", "sketched_linear_bwd_x_sm90", torch.float16)
-    assert (k.source, k.name) == ("ops/sketched_linear/backward_sm90.cu", "panther::sl::sketched_linear_bwd_x_sm90<__half>")
+    k = sm90_module.kernel("backward_sm90.cu", "sketched_linear_bwd_x_sm90", torch.float16, 4)  # a ring of four stages
+    assert (k.source, k.name) == ("ops/sketched_linear/backward_sm90.cu", "panther::sl::sketched_linear_bwd_x_sm90<__half, 4>")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1068,6 +1068,11 @@ EMU_CASES = [
     ("bfloat16", "sm90h:1", -2, 2, 65, 24, 24, 2, 40, 1, "110011"),  # R = 160: two column tiles of H; I = 24
     ("float16", "sm90h:1", 0, 1, 300, 136, 40, 3, 8, 0, "001100"),  # three row tiles; the U1 / S2 halves alone
     ("bfloat16", "sm90h:1", 0, 2, 150, 40, 136, 1, 8, 1, "000001"),  # db alone, in shares of T
+    # the same rings with four stages ("sm90h4:G"; products left in flight across a step)
+    ("bfloat16", "sm90h4:1", 0, 1, 130, 64, 136, 1, 64, 1, "111111"),
+    ("float16", "sm90h4:2", -3, 3, 200, 200, 264, 1, 16, 1, "111111"),  # I = 200 in shares of 128, 72 and 0
+    ("bfloat16", "sm90h4:1", -2, 2, 65, 392, 24, 2, 40, 1, "110011"),  # R = 160; I = 392: seven steps, the last short
+    ("float16", "sm90h4:1", 0, 2, 300, 136, 40, 3, 8, 1, "111111"),  # three row tiles, T in shares
 ]
 
 

@@ -1,7 +1,7 @@
 """Time the cuda sketched linear op under each launch plan it can take, next to the triton backend and F.linear.
 
     python packages/panther-cuda/tools/linear_sweep.py --out sweep.json [--quick | --shape TxIxO ...] [--replays 30]
-        [--tiles large,deep64] [--no-hopper]
+        [--tiles large,deep64] [--no-hopper] [--ring-stages 3,4]
 
 Shapes (bfloat16, L = 1, k = 64, so R = 128): T = 4096 rows with I = O in (4096, 8192), and T = 128 rows with
 I = O in (1024, 8192); --quick keeps one of each (4096 x 4096, 128 x 1024) and fewer replays; --shape picks
@@ -16,8 +16,10 @@ For each shape, on one GPU, in CUDA-graph replay (each call captured once after 
 * cuda backward on each tile shape (the rule's splits), given the H of the default forward, with the gradients
   an SKLinear trains (x, S1s, S2s, bias);
 * cuda forward + backward: the default plans, and each tile shape in both directions;
-* the kernels of the default forward and backward, of both on each tile shape (and with hopper), each one's
-  mean time (torch.profiler over eager calls);
+* with --ring-stages, the sm_90a kernels (forward, backward, both) with their ring of each stage count given;
+* the kernels of the default forward and backward, of both on each tile shape (and with hopper), and of the
+  triton backend's and the compiled peer's forward and forward + backward, each one's mean time (torch.profiler
+  over eager calls);
 * for reference, forward and forward + backward of: the triton backend; the compiled peer (the same math in
   plain PyTorch under torch.compile: x [S1 | U2], then that times [U1; S2] / (2L) + b); F.linear (dense weight
   O x I).
@@ -188,7 +190,43 @@ def cuda_rows(T, I, O, inputs, replays, tiles: Optional[List[str]] = None, hoppe
     return rows, kernels
 
 
-def autograd_rows(impl: str, fn, leaves: list, grad, replays) -> List[dict]:
+def ring_rows(T, I, O, inputs, replays, stages: int) -> Tuple[List[dict], dict]:
+    """The sm_90a kernels with their ring of ``stages`` stages (sm90.RING_STAGES): the rule's forward plan with H and
+    y by forward_sm90.cu ("default hopper"), the backward by backward_sm90.cu, both together, and their kernels;
+    plans and kernel tables named with " s<stages>"."""
+    from panther.backends.toolkit import multiprocessors, shared_memory_per_block
+    from panther_cuda.ops.sketched_linear import sm90
+    from panther_cuda.ops.sketched_linear.backward import sketched_linear_backward
+    from panther_cuda.ops.sketched_linear.forward import sketched_linear_forward
+
+    x, S1s, S2s, U1s, U2s, bias, grad = inputs
+    plan = forward_plans(T, I, O, 2 * L * K, x.dtype, multiprocessors(), shared_memory_per_block(),
+                         hopper=True, tiles=[])["default hopper"]
+    saved, sm90.RING_STAGES = sm90.RING_STAGES, stages
+    try:
+        _, h = sketched_linear_forward(x, S1s, S2s, U1s, U2s, bias, plan=plan)
+
+        def fwd():
+            sketched_linear_forward(x, S1s, S2s, U1s, U2s, bias, plan=plan)
+
+        def bwd():
+            sketched_linear_backward(grad, x, h, S1s, S2s, U1s, U2s, NEEDS, hopper=True)
+
+        def step():
+            _, hh = sketched_linear_forward(x, S1s, S2s, U1s, U2s, bias, plan=plan)
+            sketched_linear_backward(grad, x, hh, S1s, S2s, U1s, U2s, NEEDS, hopper=True)
+
+        label = f"hopper s{stages}"
+        rows = [{"impl": "cuda", "what": what, "plan": label, "detail": f"{plan!r}, ring of {stages} stages",
+                 "ms": median_ms(fn, replays)} for what, fn in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", step))]
+        return rows, {f"fwd {label}": kernel_times(fwd), f"bwd {label}": kernel_times(bwd)}
+    finally:
+        sm90.RING_STAGES = saved
+
+
+def autograd_rows(impl: str, fn, leaves: list, grad, replays, kernels: Optional[dict] = None) -> List[dict]:
+    """Forward and forward + backward of ``fn`` in CUDA-graph time; with ``kernels``, each pass's kernels too
+    (``kernels[f"{impl} fwd"]``, ``kernels[f"{impl} fwd+bwd"]``)."""
     def reset():
         for t in leaves:
             t.grad = None
@@ -199,11 +237,16 @@ def autograd_rows(impl: str, fn, leaves: list, grad, replays) -> List[dict]:
     def step():
         fn().backward(grad)
 
+    if kernels is not None:
+        with torch.no_grad():
+            kernels[f"{impl} fwd"] = kernel_times(lambda: fn())
+        kernels[f"{impl} fwd+bwd"] = kernel_times(lambda: (reset(), step()))
     return [{"impl": impl, "what": "fwd", "plan": "-", "detail": "", "ms": fwd},
             {"impl": impl, "what": "fwd+bwd", "plan": "-", "detail": "", "ms": median_ms(step, replays, reset)}]
 
 
-def reference_rows(inputs, replays) -> List[dict]:
+def reference_rows(inputs, replays, kernels: dict) -> List[dict]:
+    """The triton backend, the compiled peer and F.linear; the kernels of the first two into ``kernels``."""
     x, S1s, S2s, U1s, U2s, bias, grad = inputs
     rows = []
     xs, s1, s2, b = (t.detach().clone().requires_grad_() for t in (x, S1s, S2s, bias))
@@ -211,12 +254,13 @@ def reference_rows(inputs, replays) -> List[dict]:
         import panther_triton
 
         rows += autograd_rows("triton", lambda: panther_triton.sketched_linear(xs, s1, s2, U1s, U2s, b),
-                              [xs, s1, s2, b], grad, replays)
+                              [xs, s1, s2, b], grad, replays, kernels)
     except Exception as e:  # reported, not fatal: the cuda rows are what the sweep is for
         print(f"triton skipped: {type(e).__name__}: {e}", file=sys.stderr)
     peer = torch.compile(concat_linear, fullgraph=True)  # the harness's `compiled` peer
     xp, s1p, s2p, bp = (t.detach().clone().requires_grad_() for t in (x, S1s, S2s, bias))
-    rows += autograd_rows("compiled peer", lambda: peer(xp, s1p, s2p, U1s, U2s, bp), [xp, s1p, s2p, bp], grad, replays)
+    rows += autograd_rows("compiled peer", lambda: peer(xp, s1p, s2p, U1s, U2s, bp), [xp, s1p, s2p, bp], grad,
+                          replays, kernels)
     O, I = grad.shape[1], x.shape[1]
     w = (torch.randn(O, I, device=x.device) * I**-0.5).to(x.dtype).requires_grad_()
     xd, bd = x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
@@ -242,10 +286,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--tiles", default=None, metavar="NAME,...",
                     help="tile shapes to time (keys of limits.CONFIGS, comma-separated; default: all)")
     ap.add_argument("--no-hopper", action="store_true", help="skip the sm_90 wgmma plans")
+    ap.add_argument("--ring-stages", default="", metavar="S,...",
+                    help="also time the sm_90a kernels with their ring of each of these stage counts (sm90.RING_STAGES_CHOICES)")
     ap.add_argument("--hbm", type=float, default=4.8, help="HBM bandwidth for the floor, TB/s (default: the H200's specified 4.8)")
     args = ap.parse_args(argv)
+    from panther_cuda.ops.sketched_linear import sm90
     from panther_cuda.ops.sketched_linear.limits import CONFIGS
 
+    ring_stages = [int(v) for v in args.ring_stages.split(",") if v.strip()]
+    if any(v not in sm90.RING_STAGES_CHOICES for v in ring_stages):
+        ap.error(f"--ring-stages {args.ring_stages!r}: expected values among {sm90.RING_STAGES_CHOICES}")
     tiles = None if args.tiles is None else [t.strip() for t in args.tiles.split(",") if t.strip()]
     unknown = [t for t in tiles or [] if t not in CONFIGS]
     if unknown or tiles == []:
@@ -262,7 +312,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     for T, I, O in shapes:
         inputs = make(T, I, O, dtype, device)
         rows, kernels = cuda_rows(T, I, O, inputs, replays, tiles, not args.no_hopper)
-        rows += reference_rows(inputs, replays)
+        if not args.no_hopper and sm90.on_sm90(torch.cuda.current_device()):
+            for stages in ring_stages:
+                more_rows, more_kernels = ring_rows(T, I, O, inputs, replays, stages)
+                rows += more_rows
+                kernels.update(more_kernels)
+        rows += reference_rows(inputs, replays, kernels)
         for r in rows:
             r["floor_ms"] = floor_ms(T, I, O, 2, args.hbm, r["what"])
             r["of_floor"] = r["floor_ms"] / r["ms"]
@@ -272,7 +327,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for r in rows:
             print(f"| {r['impl']} | {r['what']} | {r['plan']} | {r['ms']:.4f} | {100 * r['of_floor']:.0f} % | "
                   f"{r['detail']} |")
-        print("\ncuda kernels of the default plans (torch.profiler, eager calls)\n| pass | kernel | per call | us |\n"
+        print("\nkernels of the cuda plans and of the references (torch.profiler, eager calls)\n| pass | kernel | per call | us |\n"
               "|---|---|---:|---:|")
         for what, ks in kernels.items():
             for r in ks:

@@ -3,6 +3,7 @@
 // here from the op's definition (|got - ref|max / |ref|max). Outputs start as NaN and shared memory as
 // NaN bytes before every block, so a value a kernel forgets to write, or reads before writing, shows.
 #include "harness.h"
+#include <type_traits>
 namespace panther { namespace sl { alignas(16) unsigned char smem[1 << 20]; } }
 #include "forward.cu"
 #include "forward_sm90.cu"
@@ -22,6 +23,13 @@ static void launch(long long blocks, int nt, unsigned shared, const std::functio
 
 static int g_sm90_groups = 0;  // > 0: y by forward_sm90.cu's kernel, that many blocks per row tile
 static bool g_sm90_h = false;  // H by forward_sm90.cu's kernel too
+static int g_sm90_stages = 3;  // the ring of the sm_90a H and backward kernels: 3 or 4 stages (sm90.py's RING_STAGES)
+
+// f(std::integral_constant<int, S>{}) with S = g_sm90_stages: the kernels' instance of that ring
+template <typename F> static void with_stages(const F& f) {
+    if (g_sm90_stages == 4) f(std::integral_constant<int, 4>{});
+    else f(std::integral_constant<int, 3>{});
+}
 
 // y = H B / (2L) + b by sketched_linear_fwd_y_sm90<T, KP>, KP the depth forward.py picks (R rounded up to 32,
 // 64, 128 or 256)
@@ -67,9 +75,11 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
         float* wshp = wsh.empty() ? nullptr : wsh.data();
         bool h_done = false;
         if constexpr (sizeof(T) == 2) {
-            if (g_sm90_h) {  // 128 x 128 tiles, three stages of 64-deep x and A tiles
-                launch(cdv(Tn, 128) * cdv(R, 128) * hs, SM90_NT, 3 * (128 * 64 + 64 * 128) * sizeof(T), [&] {
-                    sketched_linear_fwd_h_sm90<T>(x.p(), S1.p(), U2.p(), h.p(), wshp, Tn, I, L, k, hs);
+            if (g_sm90_h) {  // 128 x 128 tiles, g_sm90_stages stages of 64-deep x and A tiles
+                launch(cdv(Tn, 128) * cdv(R, 128) * hs, SM90_NT, g_sm90_stages * (128 * 64 + 64 * 128) * sizeof(T), [&] {
+                    with_stages([&](auto S) {
+                        sketched_linear_fwd_h_sm90<T, S.value>(x.p(), S1.p(), U2.p(), h.p(), wshp, Tn, I, L, k, hs);
+                    });
                 });
                 h_done = true;
             }
@@ -125,13 +135,15 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
     // sm90h: the backward by backward_sm90.cu's kernels, on the large tiles' grids (128 x 128, 256 threads)
     bool sm90 = false;
     if constexpr (sizeof(T) == 2) sm90 = g_sm90_h;
-    const unsigned sm90_shared = 3 * (128 * 64 + 64 * 128) * sizeof(T);
+    const unsigned sm90_shared = g_sm90_stages * (128 * 64 + 64 * 128) * sizeof(T);
     if (n_dh + tiles_g)
         launch(n_dh + tiles_g * split, NT, sm90 ? sm90_shared : tile, [&] {
             if constexpr (sizeof(T) == 2) {
                 if (sm90) {
-                    sketched_linear_bwd_g_sm90<T>(g.p(), h.p(), U1.p(), S2.p(), dh.p(), dU1.p(), dS2.p(), db.p(), ws2p, Tn, O,
-                                                  L, k, scale, n_dh, w_lo, w_n, split, wsdp, split);
+                    with_stages([&](auto S) {
+                        sketched_linear_bwd_g_sm90<T, S.value>(g.p(), h.p(), U1.p(), S2.p(), dh.p(), dU1.p(), dS2.p(), db.p(),
+                                                               ws2p, Tn, O, L, k, scale, n_dh, w_lo, w_n, split, wsdp, split);
+                    });
                     return;
                 }
             }
@@ -144,8 +156,10 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
         launch(n_dx + n_dw1, NT, sm90 ? sm90_shared : tile, [&] {
             if constexpr (sizeof(T) == 2) {
                 if (sm90) {
-                    sketched_linear_bwd_x_sm90<T>(x.p(), dh.p(), S1.p(), U2.p(), dx.p(), dS1.p(), dU2.p(), ws1p, Tn, I, L, k,
-                                                  n_dx, c_lo, c_n, split);
+                    with_stages([&](auto S) {
+                        sketched_linear_bwd_x_sm90<T, S.value>(x.p(), dh.p(), S1.p(), U2.p(), dx.p(), dS1.p(), dU2.p(), ws1p,
+                                                               Tn, I, L, k, n_dx, c_lo, c_n, split);
+                    });
                     return;
                 }
             }
@@ -209,7 +223,7 @@ static int run_mode(const std::string& mode, long long Tn, long long I, long lon
 // usage: harness MODE TILES PLAN SPLIT T I O L K BIAS NEEDS   (MODE float32|tf32|float16|bfloat16; TILES small|large|deep64:
 // the tile shape of every kernel but the fused one (always small), or sm90:G: large, with y by the sm_90a kernel on
 // G blocks per row tile (16-bit modes, two launches), or sm90h:G: H and the backward by the sm_90a kernels too
-// (I, O and k multiples of 8); PLAN 0: two
+// (I, O and k multiples of 8; their ring of three stages, sm90h4:G of four); PLAN 0: two
 // launches, -n: two launches with H in n shares of I, n > 0: fused with n groups; SPLIT: shares of T of the
 // weight gradients and of O of dH; NEEDS six 0/1 digits
 // for x, S1s, S2s, U1s, U2s, bias)
@@ -226,9 +240,10 @@ int main(int argc, char** argv) {
     if (tiles == "small") return run_mode<Small>(mode, Tn, I, O, L, k, plan, split, bias, needs);
     if (tiles == "large") return run_mode<Large>(mode, Tn, I, O, L, k, plan, split, bias, needs);
     if (tiles == "deep64") return run_mode<Deep64>(mode, Tn, I, O, L, k, plan, split, bias, needs);
-    if (tiles.rfind("sm90:", 0) == 0 || tiles.rfind("sm90h:", 0) == 0) {
+    if (tiles.rfind("sm90:", 0) == 0 || tiles.rfind("sm90h:", 0) == 0 || tiles.rfind("sm90h4:", 0) == 0) {
         g_sm90_h = tiles[4] == 'h';
-        g_sm90_groups = std::atoi(tiles.c_str() + (g_sm90_h ? 6 : 5));
+        g_sm90_stages = tiles[5] == '4' ? 4 : 3;
+        g_sm90_groups = std::atoi(tiles.c_str() + tiles.find(':') + 1);
         if (g_sm90_groups < 1 || plan > 0 || (mode != "float16" && mode != "bfloat16")) { std::fprintf(stderr, "bad sm90 case\n"); return 2; }
         return run_mode<Large>(mode, Tn, I, O, L, k, plan, split, bias, needs);
     }

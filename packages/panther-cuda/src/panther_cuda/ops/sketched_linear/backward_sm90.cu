@@ -7,15 +7,15 @@
 //                               d[U1; S2] = s Hᵀ g (H and g MN-major) with db = Σ_T g from the g tiles
 //   sketched_linear_bwd_x_sm90: dx = dH Aᵀ (dH K-major, A's rows K-major: k a multiple of 8 keeps a 16-byte run
 //                               in one term); d[S1 | U2] = xᵀ dH (x and dH MN-major)
-// Reductions run through tile_sm90.cuh's ring, 64 deep per step, three stages; the weight gradients in fp32
+// Reductions run through tile_sm90.cuh's ring, 64 deep per step, S stages; the weight gradients in fp32
 // shares of T where split (summed by backward.cu's sketched_linear_bwd_sum).
 #include "tile_sm90.cuh"
 
 namespace panther {
 namespace sl {
 
-template <typename T>
-__global__ void __launch_bounds__(SM90_NT, 2) sketched_linear_bwd_g_sm90(
+template <typename T, int S>
+__global__ void __launch_bounds__(SM90_NT, (S <= 3 ? 2 : 1)) sketched_linear_bwd_g_sm90(
     const T* __restrict__ g, const T* __restrict__ h, const T* __restrict__ U1, const T* __restrict__ S2,
     T* __restrict__ dh, T* __restrict__ dU1, T* __restrict__ dS2, T* __restrict__ db, float* __restrict__ ws,
     long long Tn, long long O, int L, int k, float scale, long long n_dh_blocks, int c_lo, int c_n, int n_splits,
@@ -24,7 +24,7 @@ __global__ void __launch_bounds__(SM90_NT, 2) sketched_linear_bwd_g_sm90(
     constexpr int BM = 128, BN = 128;
     extern __shared__ __align__(1024) unsigned char smem[];
     float d[64];
-    T* ring = ring_memory<T>(smem, d);
+    T* ring = ring_memory<T, S>(smem, d);
     const int Lk = L * k, R = 2 * Lk;
     long long block = blockIdx.x;
 
@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(SM90_NT, 2) sketched_linear_bwd_g_sm90(
         const long long m0 = tile / n_col_tiles * BM;
         const int n0 = static_cast<int>(tile % n_col_tiles) * BN;
         const RowSplit share(O, split, dh_splits, RING_BK);
-        ring_sm90<T, false, false>(d, ring, Dense<T, false>{g, O}, Stack<T>{U1, S2, O, Lk}, m0, n0, Tn, R, share.begin,
+        ring_sm90<T, false, false, S>(d, ring, Dense<T, false>{g, O}, Stack<T>{U1, S2, O, Lk}, m0, n0, Tn, R, share.begin,
                                    share.end, [](const T*) {});
         each_pair(d, [&](int r, int c, float v0, float v1) {
             const long long t = m0 + r;
@@ -73,7 +73,7 @@ __global__ void __launch_bounds__(SM90_NT, 2) sketched_linear_bwd_g_sm90(
 #pragma unroll 8
         for (int r = db_row; r < db_row + RING_BK / 2; ++r) db_part += to_float(gs[sw_mnmajor<RING_BK>(r, db_col / 8)]);
     };
-    ring_sm90<T, true, true>(d, ring, Dense<T, false>{h + c_lo, R}, Dense<T, false>{g, O}, m0, n0, c_n, O, rows.begin,
+    ring_sm90<T, true, true, S>(d, ring, Dense<T, false>{h + c_lo, R}, Dense<T, false>{g, O}, m0, n0, c_n, O, rows.begin,
                              rows.end, hook);
     each_pair(d, [&](int r, int c, float v0, float v1) {
         const long long m = m0 + r, o = n0 + c;
@@ -107,8 +107,8 @@ __global__ void __launch_bounds__(SM90_NT, 2) sketched_linear_bwd_g_sm90(
 #endif
 }
 
-template <typename T>
-__global__ void __launch_bounds__(SM90_NT, 2) sketched_linear_bwd_x_sm90(
+template <typename T, int S>
+__global__ void __launch_bounds__(SM90_NT, (S <= 3 ? 2 : 1)) sketched_linear_bwd_x_sm90(
     const T* __restrict__ x, const T* __restrict__ dh, const T* __restrict__ S1, const T* __restrict__ U2,
     T* __restrict__ dx, T* __restrict__ dS1, T* __restrict__ dU2, float* __restrict__ ws, long long Tn, long long I,
     int L, int k, long long n_dx_blocks, int c_lo, int c_n, int n_splits) {
@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(SM90_NT, 2) sketched_linear_bwd_x_sm90(
     constexpr int BM = 128, BN = 128;
     extern __shared__ __align__(1024) unsigned char smem[];
     float d[64];
-    T* ring = ring_memory<T>(smem, d);
+    T* ring = ring_memory<T, S>(smem, d);
     const int Lk = L * k, R = 2 * Lk;
     // the weight gradient's blocks first (long reductions over T), then dx's (R deep), as backward.cu
     const long long n_w_blocks = static_cast<long long>(gridDim.x) - n_dx_blocks;
@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(SM90_NT, 2) sketched_linear_bwd_x_sm90(
         block -= n_w_blocks;
         const long long n_col_tiles = cdiv(I, BN);
         const long long m0 = block / n_col_tiles * BM, n0 = block % n_col_tiles * BN;
-        ring_sm90<T, false, false>(d, ring, Dense<T, false>{dh, R}, Side<T>{S1, U2, I, L, k}, m0, n0, Tn, I, 0, R,
+        ring_sm90<T, false, false, S>(d, ring, Dense<T, false>{dh, R}, Side<T>{S1, U2, I, L, k}, m0, n0, Tn, I, 0, R,
                                    [](const T*) {});
         store_staged(d, ring, dx, I, m0, n0, Tn, I, [](int, int, float v) { return from_float<T>(v); });
         return;
@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(SM90_NT, 2) sketched_linear_bwd_x_sm90(
     const long long m0 = tile / n_col_tiles * BM;
     const int n0 = static_cast<int>(tile % n_col_tiles) * BN;
     const RowSplit rows(Tn, split, n_splits, RING_BK);
-    ring_sm90<T, true, true>(d, ring, Dense<T, false>{x, I}, Dense<T, false>{dh + c_lo, R}, m0, n0, I, c_n, rows.begin,
+    ring_sm90<T, true, true, S>(d, ring, Dense<T, false>{x, I}, Dense<T, false>{dh + c_lo, R}, m0, n0, I, c_n, rows.begin,
                              rows.end, [](const T*) {});
     each_pair(d, [&](int r, int c, float v0, float v1) {
         const long long i = m0 + r;
@@ -170,11 +170,11 @@ __global__ void __launch_bounds__(SM90_NT, 2) sketched_linear_bwd_x_sm90(
 }  // namespace panther
 
 #ifdef PANTHER_NVCC_CHECK
-// The instances backward.py launches (16-bit inputs).
-#define SM90_BWD(T) \
-    template __global__ void panther::sl::sketched_linear_bwd_g_sm90<T>(const T*, const T*, const T*, const T*, T*, T*, \
+// The instances backward.py launches (16-bit inputs; each ring of sm90.py's RING_STAGES_CHOICES).
+#define SM90_BWD(T, S) \
+    template __global__ void panther::sl::sketched_linear_bwd_g_sm90<T, S>(const T*, const T*, const T*, const T*, T*, T*, \
         T*, T*, float*, long long, long long, int, int, float, long long, int, int, int, float*, int); \
-    template __global__ void panther::sl::sketched_linear_bwd_x_sm90<T>(const T*, const T*, const T*, const T*, T*, T*, \
+    template __global__ void panther::sl::sketched_linear_bwd_x_sm90<T, S>(const T*, const T*, const T*, const T*, T*, T*, \
         T*, float*, long long, long long, int, int, long long, int, int, int);
-SM90_BWD(__half) SM90_BWD(__nv_bfloat16)
+SM90_BWD(__half, 3) SM90_BWD(__nv_bfloat16, 3) SM90_BWD(__half, 4) SM90_BWD(__nv_bfloat16, 4)
 #endif  // PANTHER_NVCC_CHECK

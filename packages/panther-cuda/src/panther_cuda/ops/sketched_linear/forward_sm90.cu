@@ -4,7 +4,7 @@
 //
 // * sketched_linear_fwd_h_sm90 — H = x A (sm90_h_fits: I and k multiples of 8): a block is a 128 x 128 tile of
 //   H (T x R), or its fp32 share of I (n_splits > 1, summed by forward.cu's sketched_linear_sum_shares); x's and
-//   A's tiles 64 deep through a ring of SM90_STAGES stages of cp.async.
+//   A's tiles 64 deep through tile_sm90.cuh's ring of S stages of cp.async.
 // * sketched_linear_fwd_y_sm90 — y = H B / (2L) + b (sm90_fits: R = 2Lk <= 256, R and O multiples of 8): a block
 //   is a 128-row tile of y; H's 128 x KP tile (KP = R rounded up to a depth of SM90_DEPTHS, the tile at least 64
 //   wide; zero past R and T) is loaded once; the block then walks its column tiles of BN = 128 (group, group + groups, ...), B's KP x BN
@@ -21,15 +21,15 @@ namespace sl {
 // tiles, columns fastest), summing the BK-aligned share b / tiles of I (RowSplit) into ws[share] (fp32, T x R)
 // when n_splits > 1, else into H (rounded once). A = [S1 | U2] (I x R) read in place: row i, column c = h Lk +
 // l k + j is W_h[l, i, j], k a multiple of 8 so that a 16-byte run stays in one term.
-template <typename T>
-__global__ void __launch_bounds__(SM90_NT, 2) sketched_linear_fwd_h_sm90(
+template <typename T, int S>
+__global__ void __launch_bounds__(SM90_NT, (S <= 3 ? 2 : 1)) sketched_linear_fwd_h_sm90(
     const T* __restrict__ x, const T* __restrict__ S1, const T* __restrict__ U2, T* __restrict__ h,
     float* __restrict__ ws, long long Tn, long long I, int L, int k, int n_splits) {
 #ifdef PANTHER_SM90A
     constexpr int BM = 128, BN = 128;  // the tile (sm90.py's BM, BN)
     extern __shared__ __align__(1024) unsigned char smem[];
     float d[64];  // zero: an empty share (past I) writes zeros
-    T* ring = ring_memory<T>(smem, d);
+    T* ring = ring_memory<T, S>(smem, d);
     const int R = 2 * L * k;
     const int n_col_tiles = (R + BN - 1) / BN;
     const long long tiles = cdiv(Tn, BM) * n_col_tiles;
@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(SM90_NT, 2) sketched_linear_fwd_h_sm90(
     const long long m0 = tile / n_col_tiles * BM;
     const int n0 = static_cast<int>(tile % n_col_tiles) * BN;
     const RowSplit share(I, split, n_splits, RING_BK);
-    ring_sm90<T, false, true>(d, ring, Dense<T, false>{x, I}, Side<T>{S1, U2, I, L, k}, m0, n0,
+    ring_sm90<T, false, true, S>(d, ring, Dense<T, false>{x, I}, Side<T>{S1, U2, I, L, k}, m0, n0,
                               Tn, R, share.begin, share.end, [](const T*) {});
     each_pair(d, [&](int r, int c, float v0, float v1) {
         const long long t = m0 + r;
@@ -126,12 +126,13 @@ __global__ void __launch_bounds__(SM90_NT, (KP <= 128 ? 2 : 1)) sketched_linear_
 }  // namespace panther
 
 #ifdef PANTHER_NVCC_CHECK
-// The instances forward.py launches (16-bit inputs; y at each depth of SM90_DEPTHS).
+// The instances forward.py launches (16-bit inputs; y at each depth of SM90_DEPTHS, H with each ring of
+// sm90.py's RING_STAGES_CHOICES).
 #define SM90_Y(T, KP) template __global__ void panther::sl::sketched_linear_fwd_y_sm90<T, KP>(const T*, const T*, \
     const T*, const T*, T*, long long, long long, int, int, float);
 #define SM90_ALL(T) SM90_Y(T, 32) SM90_Y(T, 64) SM90_Y(T, 128) SM90_Y(T, 256)
 SM90_ALL(__half) SM90_ALL(__nv_bfloat16)
-#define SM90_H(T) template __global__ void panther::sl::sketched_linear_fwd_h_sm90<T>(const T*, const T*, const T*, T*, \
-    float*, long long, long long, int, int, int);
-SM90_H(__half) SM90_H(__nv_bfloat16)
+#define SM90_H(T, S) template __global__ void panther::sl::sketched_linear_fwd_h_sm90<T, S>(const T*, const T*, \
+    const T*, T*, float*, long long, long long, int, int, int);
+SM90_H(__half, 3) SM90_H(__nv_bfloat16, 3) SM90_H(__half, 4) SM90_H(__nv_bfloat16, 4)
 #endif  // PANTHER_NVCC_CHECK

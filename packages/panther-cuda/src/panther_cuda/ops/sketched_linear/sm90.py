@@ -21,19 +21,21 @@ BM = BN = 128  # every kernel's tile (tile_sm90.cuh); the backward's grids are L
 THREADS = 256  # two warpgroups (SM90_NT)
 DTYPES = (torch.float16, torch.bfloat16)  # the inputs the kernels take (wgmma of 16-bit operands)
 DEPTHS = (32, 64, 128, 256)  # fwd_y_sm90's instances: R rounded up to one of them, zero past R
-RING_BK, RING_STAGES = 64, 3  # the ring of the other kernels (tile_sm90.cuh's ring_sm90): depth per step, stages
+RING_BK = 64  # the ring of the other kernels (tile_sm90.cuh's ring_sm90): depth per step
+RING_STAGES_CHOICES = (3, 4)  # the ring's stage counts compiled (the kernels' second template argument)
+RING_STAGES = 3  # the one the launches take
 TWO_BLOCKS_BYTES = 100 << 10  # up to this much shared memory, two blocks stay resident per SM (228 KiB)
 
 _kernels: Dict[Tuple[str, str, torch.dtype, Optional[int]], Kernel] = {}
 
 
-def kernel(source: str, name: str, dtype: torch.dtype, depth: Optional[int] = None) -> Kernel:
-    """The instance ``panther::sl::<name><T>`` (``<T, depth>`` with a depth) of ``<source>``, compiled for
-    sm_90a."""
-    key = (source, name, dtype, depth)
+def kernel(source: str, name: str, dtype: torch.dtype, size: int) -> Kernel:
+    """The instance ``panther::sl::<name><T, size>`` of ``<source>``, compiled for sm_90a: ``size`` is fwd_y_sm90's
+    depth, the ring kernels' stage count."""
+    key = (source, name, dtype, size)
     k = _kernels.get(key)
     if k is None:
-        args = CTYPES[dtype] if depth is None else f"{CTYPES[dtype]}, {depth}"
+        args = f"{CTYPES[dtype]}, {size}"
         k = _kernels[key] = Kernel(f"ops/sketched_linear/{source}", f"panther::sl::{name}<{args}>", arch="sm_90a")
     return k
 
@@ -53,9 +55,17 @@ def y_shared_bytes(depth_: int, dtype: torch.dtype) -> int:
     return (BM * max(depth_, 64) + 2 * depth_ * BN) * _itemsize(dtype)
 
 
-def ring_shared_bytes(dtype: torch.dtype) -> int:
-    """The ring kernels (fwd_h_sm90, bwd_g_sm90, bwd_x_sm90): RING_STAGES stages of a 128 x 64 and a 64 x 128 tile."""
-    return RING_STAGES * (BM * RING_BK + RING_BK * BN) * _itemsize(dtype)
+def ring_stages() -> int:
+    """The ring kernels' stage count: RING_STAGES, one of RING_STAGES_CHOICES."""
+    if RING_STAGES not in RING_STAGES_CHOICES:
+        raise ValueError(f"sm90.RING_STAGES={RING_STAGES!r}: expected one of {RING_STAGES_CHOICES}")
+    return RING_STAGES
+
+
+def ring_shared_bytes(dtype: torch.dtype, stages: Optional[int] = None) -> int:
+    """The ring kernels (fwd_h_sm90, bwd_g_sm90, bwd_x_sm90): ``stages`` (default ring_stages()) stages of a
+    128 x 64 and a 64 x 128 tile."""
+    return (stages or ring_stages()) * (BM * RING_BK + RING_BK * BN) * _itemsize(dtype)
 
 
 def on_sm90(index: int) -> bool:

@@ -76,9 +76,87 @@ template <bool MN, int KD> __device__ __forceinline__ unsigned long long tile_de
     return sm90::descriptor(p + 2 * ((k0 / 64) * (128 * 64) + row0 * 64 + k0 % 64), 16u, 1024u) | SWIZZLE_128B;
 }
 
+// One operand's tiles through ring_sm90 with the address arithmetic done once (tile.cuh's TileCursor, for the
+// swizzled layouts above): each of this thread's runs keeps its source and how many of its elements lie inside
+// the edge that is not K; its place in the tile and its first index along K follow from the thread and the run.
+// Each load() copies the next step's tile, KD further along K: `advance` elements, KD times the operand's
+// stride along K (F::row_step() for an MN-major tile, whose runs go along M or N; F::col_step() for a K-major
+// one, whose runs go along K). For operands with such a stride (WalksK) whose runs are 16-byte aligned (the
+// sm_90a kernels' hosts check that every operand is).
+template <typename F, bool MN> struct WalksK { static constexpr bool value = true; };
+template <typename T> struct WalksK<Side<T>, false> { static constexpr bool value = false; };  // terms apart
+template <typename T> struct WalksK<Stack<T>, true> { static constexpr bool value = false; };  // halves apart
+
+template <typename T, bool MN, int KD, typename F> struct Sm90Cursor {
+    static constexpr int RUNS = 128 * KD / 8, PER = RUNS / SM90_NT;
+    static_assert(RUNS % SM90_NT == 0 && KD == 64, "whole runs for every thread, one 128-byte row a step");
+    const T* src[PER];  // run j's source at the next step
+    int inside[PER];    // run j's elements inside the edge that is not K (0 .. 8)
+    const T* base;      // a valid address for runs that copy nothing
+    long long advance;
+
+    // The thread's run j: MN-major, K row kk = tid / 16 + 16 j and chunk c = tid % 16 along M or N (one place
+    // 1024 j further on: two atoms down); K-major, row r = tid / 8 + 32 j and chunk c = tid % 8 along K (2048 j).
+    __device__ __forceinline__ static int run_k(int j) {
+        return MN ? static_cast<int>(threadIdx.x >> 4) + 16 * j : 8 * static_cast<int>(threadIdx.x & 7);
+    }
+    __device__ __forceinline__ static int place(int j) {
+        return MN ? sw_mnmajor<KD>(static_cast<int>(threadIdx.x >> 4), threadIdx.x & 15) + 1024 * j
+                  : sw_kmajor<KD>(static_cast<int>(threadIdx.x >> 3), threadIdx.x & 7) + 2048 * j;
+    }
+
+    // The tile whose first row along M or N is r0, at k0 along K; nr the edge that is not K.
+    __device__ __forceinline__ Sm90Cursor(const F& f, long long r0, long long k0, long long nr) {
+        advance = KD * (MN ? f.row_step() : f.col_step());
+        base = f.ptr(0, 0);
+#pragma unroll
+        for (int j = 0; j < PER; ++j) {
+            const long long gr = r0 + (MN ? 8 * (threadIdx.x & 15) : (threadIdx.x >> 3) + 32 * j);
+            const long long room = nr - gr;
+            inside[j] = MN ? (room <= 0 ? 0 : room >= 8 ? 8 : static_cast<int>(room)) : (room > 0 ? 8 : 0);
+            src[j] = inside[j] > 0 ? (MN ? f.ptr(k0 + run_k(j), gr) : f.ptr(gr, k0 + run_k(j))) : base;
+        }
+    }
+
+    // Copy the tile at k along K (the next step's: the cursor moves on) into tile; nk the K edge (zeros past it).
+    __device__ __forceinline__ void load(T* tile, long long k, long long nk) {
+        const bool whole = k + KD <= nk;  // the same for the whole block
+#pragma unroll
+        for (int j = 0; j < PER; ++j) {
+            int n = inside[j];
+            if (!whole) {
+                const long long room = nk - (k + run_k(j));
+                const int kin = MN ? (room > 0 ? 8 : 0) : (room <= 0 ? 0 : room >= 8 ? 8 : static_cast<int>(room));
+                n = kin < n ? kin : n;
+            }
+            cp_async16_zfill(tile + place(j), n > 0 ? src[j] : base, static_cast<unsigned>(n * sizeof(T)));
+            src[j] += advance;
+        }
+    }
+};
+
+// An operand's loads in ring_sm90: by Sm90Cursor where the operand walks K by a constant stride, else each run's
+// address from f.ptr (load_kmajor_sw / load_mnmajor_sw).
+template <typename T, bool MN, int KD, typename F, bool CURSOR = WalksK<F, MN>::value> struct Sm90Loads {
+    Sm90Cursor<T, MN, KD, F> cursor;
+    __device__ __forceinline__ Sm90Loads(const F& f, long long r0, long long k0, long long nr) : cursor(f, r0, k0, nr) {}
+    __device__ __forceinline__ void load(T* tile, long long k, long long nk) { cursor.load(tile, k, nk); }
+};
+template <typename T, bool MN, int KD, typename F> struct Sm90Loads<T, MN, KD, F, false> {
+    F f;
+    long long r0, nr;
+    __device__ __forceinline__ Sm90Loads(const F& f_, long long r0_, long long, long long nr_) : f(f_), r0(r0_), nr(nr_) {}
+    __device__ __forceinline__ void load(T* tile, long long k, long long nk) {
+        if (MN) load_mnmajor_sw<T, KD>(tile, f, k, r0, nk, nr);
+        else load_kmajor_sw<T, KD>(tile, f, r0, k, nr, nk);
+    }
+};
+
 // d (this warpgroup's 64 x 128 fp32) = A B, plus d itself when ACCUMULATE: A the block's 128 x KD tile at a
-// (MN-major when A_MN), B its KD x 128 tile at b (MN-major when B_MN); KD / 16 wgmma, waited for.
-template <typename T, bool A_MN, bool B_MN, int KD, bool ACCUMULATE>
+// (MN-major when A_MN), B its KD x 128 tile at b (MN-major when B_MN); KD / 16 wgmma in one group, waited for
+// unless WAIT is false (the caller then waits, wgmma_wait and fence_operand(d), before it reads d or rewrites
+// either tile).
+template <typename T, bool A_MN, bool B_MN, int KD, bool ACCUMULATE, bool WAIT = true>
 __device__ __forceinline__ void product(float (&d)[64], const T* a, const T* b) {
     const int row0 = threadIdx.x / 128 * 64;
     sm90::fence_operand(d);
@@ -89,51 +167,62 @@ __device__ __forceinline__ void product(float (&d)[64], const T* a, const T* b) 
                                               tile_descriptor<B_MN, KD>(b, k0, 0), ACCUMULATE || k0 > 0 ? 1 : 0);
     }
     sm90::wgmma_commit();
-    sm90::wgmma_wait<0>();
-    sm90::fence_operand(d);
+    if (WAIT) {
+        sm90::wgmma_wait<0>();
+        sm90::fence_operand(d);
+    }
 }
 
-// The ring's depth per step and stages (sm90.py's RING_BK, RING_STAGES), and its shared memory in elements.
-constexpr int RING_BK = 64, RING_STAGES = 3, RING_ELEMENTS = RING_STAGES * 2 * 128 * RING_BK;
+// The ring's depth per step (sm90.py's RING_BK) and its shared memory in elements with S stages (sm90.py's
+// RING_STAGES: the instances of the ring kernels).
+constexpr int RING_BK = 64;
+template <int S> struct Ring { static constexpr int ELEMENTS = S * 2 * 128 * RING_BK; };
 
-// d += A B over K in [k_begin, k_end), RING_BK per step, through a ring of RING_STAGES stages in smem (A's tiles
-// first, then B's): A = fa (M x K: (m, k) = fa.ptr(m0 + m, k), or (k, m) when A_MN) and B = fb ((k, n) =
-// fb.ptr(k, n0 + n) when B_MN, else (n, k)), zero past M = ma, N = nb and k_end (load_kmajor_sw /
-// load_mnmajor_sw),
-// one barrier per step as tile.cuh's ring; hook(stage tile of B) sees each step's B tile once it is in. Every
-// thread of the block must call it; on return no copy is in flight and the ring is free to reuse.
-template <typename T, bool A_MN, bool B_MN, typename FA, typename FB, typename Hook>
+// d += A B over K in [k_begin, k_end), RING_BK per step, through a ring of S stages in smem (A's tiles first, then
+// B's): A = fa (M x K: (m, k) = fa.ptr(m0 + m, k), or (k, m) when A_MN) and B = fb ((k, n) = fb.ptr(k, n0 + n)
+// when B_MN, else (n, k)), zero past M = ma, N = nb and k_end (Sm90Loads). A step waits for its tiles, passes one
+// barrier, issues its products, then the copies of a later step (AHEAD further: its stage was last read by
+// products every warpgroup retired before the barrier), so that the copies' address work and issue overlap the
+// tensor cores; it ends with at most WAITING of its own wgmma groups in flight (one with four stages or more: the
+// products then also run across the next step's wait). hook(stage tile of B) sees each step's B tile once it is in.
+// Every thread of the block must call it; on return no copy or product is in flight and the ring is free to reuse.
+template <typename T, bool A_MN, bool B_MN, int S, typename FA, typename FB, typename Hook>
 __device__ __forceinline__ void ring_sm90(float (&d)[64], T* smem, const FA& fa, const FB& fb, long long m0,
                                           long long n0, long long ma, long long nb, long long k_begin,
                                           long long k_end, const Hook& hook) {
-    constexpr int S = RING_STAGES, KD = RING_BK, SA = 128 * KD, SB = KD * 128;
-    static_assert(KD * sizeof(T) == 128, "a step is one 128-byte row of the swizzle's atoms");
+    constexpr int KD = RING_BK, SA = 128 * KD, SB = KD * 128;
+    constexpr int WAITING = S >= 4 ? 1 : 0, AHEAD = S - 1 - WAITING;
+    static_assert(S >= 3 && KD * sizeof(T) == 128, "two steps ahead at least; a step is one 128-byte row of the swizzle");
     T* As = smem;
     T* Bs = smem + S * SA;
     const long long steps = cdiv(k_end - k_begin, KD);
-    auto load = [&](int s, long long step) {
+    Sm90Loads<T, A_MN, KD, FA> la(fa, m0, k_begin, ma);
+    Sm90Loads<T, B_MN, KD, FB> lb(fb, n0, k_begin, nb);
+    auto load = [&](int s, long long step) {  // steps in order: the cursors move on by one step each
         const long long k0 = k_begin + step * KD;
-        if (A_MN) load_mnmajor_sw<T, KD>(As + s * SA, fa, k0, m0, k_end, ma);
-        else load_kmajor_sw<T, KD>(As + s * SA, fa, m0, k0, ma, k_end);
-        if (B_MN) load_mnmajor_sw<T, KD>(Bs + s * SB, fb, k0, n0, k_end, nb);
-        else load_kmajor_sw<T, KD>(Bs + s * SB, fb, n0, k0, nb, k_end);
+        la.load(As + s * SA, k0, k_end);
+        lb.load(Bs + s * SB, k0, k_end);
     };
 #pragma unroll
-    for (int s = 0; s < S - 1; ++s) {
+    for (int s = 0; s < AHEAD; ++s) {
         if (s < steps) load(s, static_cast<long long>(s));
         cp_async_commit();
     }
-    int stage = 0;
+    int stage = 0, next = AHEAD % S;
     for (long long step = 0; step < steps; ++step) {
-        cp_async_wait<S - 2>();  // this step's tiles are in
+        cp_async_wait<AHEAD - 1>();  // this step's tiles are in
         sm90::fence_proxy_async();
-        __syncthreads();  // ... for every thread, and every warpgroup is done with the stage loaded next
-        if (step + S - 1 < steps) load(stage == 0 ? S - 1 : stage - 1, step + S - 1);
-        cp_async_commit();
+        __syncthreads();  // ... for every thread; every warpgroup retired the products of the stage loaded next
+        product<T, A_MN, B_MN, KD, true, false>(d, As + stage * SA, Bs + stage * SB);
         hook(Bs + stage * SB);
-        product<T, A_MN, B_MN, KD, true>(d, As + stage * SA, Bs + stage * SB);
+        if (step + AHEAD < steps) load(next, step + AHEAD);
+        cp_async_commit();
+        sm90::wgmma_wait<WAITING>();
         stage = stage == S - 1 ? 0 : stage + 1;
+        next = next == S - 1 ? 0 : next + 1;
     }
+    sm90::wgmma_wait<0>();
+    sm90::fence_operand(d);
     cp_async_wait<0>();
     __syncthreads();
 }
@@ -149,9 +238,9 @@ __device__ __forceinline__ void require_sm90_launch(const unsigned char* smem, u
 #endif
 }
 
-// The ring's dynamic shared memory (its launch checked) and a zeroed accumulator.
-template <typename T> __device__ __forceinline__ T* ring_memory(unsigned char* smem, float (&d)[64]) {
-    require_sm90_launch(smem, static_cast<unsigned>(RING_ELEMENTS * sizeof(T)));
+// The ring's dynamic shared memory with S stages (its launch checked) and a zeroed accumulator.
+template <typename T, int S> __device__ __forceinline__ T* ring_memory(unsigned char* smem, float (&d)[64]) {
+    require_sm90_launch(smem, static_cast<unsigned>(Ring<S>::ELEMENTS * sizeof(T)));
 #pragma unroll
     for (int i = 0; i < 64; ++i) d[i] = 0.0f;
     return reinterpret_cast<T*>(smem);
