@@ -120,15 +120,20 @@ template <typename T, bool MN, int KD, typename F> struct Sm90Cursor {
 
     // Copy the tile at k along K (the next step's: the cursor moves on) into tile; nk the K edge (zeros past it).
     __device__ __forceinline__ void load(T* tile, long long k, long long nk) {
-        const bool whole = k + KD <= nk;  // the same for the whole block
+        if (k + KD <= nk) {  // the whole step inside K (the same for the whole block): the edge that is not K only
+#pragma unroll
+            for (int j = 0; j < PER; ++j) {
+                cp_async16_zfill(tile + place(j), inside[j] > 0 ? src[j] : base, static_cast<unsigned>(inside[j] * sizeof(T)));
+                src[j] += advance;
+            }
+            return;
+        }
+        const int room_k = static_cast<int>(nk - k);  // < KD: the K edge cuts this step
 #pragma unroll
         for (int j = 0; j < PER; ++j) {
-            int n = inside[j];
-            if (!whole) {
-                const long long room = nk - (k + run_k(j));
-                const int kin = MN ? (room > 0 ? 8 : 0) : (room <= 0 ? 0 : room >= 8 ? 8 : static_cast<int>(room));
-                n = kin < n ? kin : n;
-            }
+            const int room = room_k - run_k(j);
+            const int kin = MN ? (room > 0 ? 8 : 0) : (room <= 0 ? 0 : room >= 8 ? 8 : room);
+            const int n = kin < inside[j] ? kin : inside[j];
             cp_async16_zfill(tile + place(j), n > 0 ? src[j] : base, static_cast<unsigned>(n * sizeof(T)));
             src[j] += advance;
         }
