@@ -570,14 +570,16 @@ def test_forward_rule():
     assert forward_rule(64, 100, 100, 258, torch.bfloat16, 132, big) == ForwardPlan(fused=False)
     assert not any(forward_rule(T, I, 4096, R, torch.bfloat16, 132, big).fused
                    for T in (1, 64, 4096) for I in (16, 256, 4096) for R in (2, 128, 256))
-    # on sm_90, y by the wgmma kernel where y runs on large tiles, in 16-bit; H and the rest as elsewhere
+    # on sm_90, H and y by the wgmma kernels where y runs on large tiles, in 16-bit; the splits and tiles as elsewhere
     assert forward_rule(4096, 4096, 4096, 128, torch.bfloat16, 132, big, hopper=True) == dataclasses.replace(
-        large, hopper_y=True)
-    assert forward_rule(4096, 8192, 8192, 256, torch.float16, 132, big, hopper=True).hopper_y
-    assert not forward_rule(4096, 4096, 4096, 128, torch.float32, 132, big, hopper=True).hopper_y
+        large, hopper_h=True, hopper_y=True)
+    plan = forward_rule(4096, 8192, 8192, 256, torch.float16, 132, big, hopper=True)
+    assert plan.hopper_h and plan.hopper_y
+    plan = forward_rule(4096, 4096, 4096, 128, torch.float32, 132, big, hopper=True)
+    assert not plan.hopper_h and not plan.hopper_y
     assert forward_rule(128, 1024, 1024, 128, torch.bfloat16, 132, big, hopper=True) == ForwardPlan(fused=False,
                                                                                                  h_splits=4)
-    assert not any(forward_rule(T, 4096, 4096, 128, torch.bfloat16, 132, big, hopper=True).hopper_h for T in (64, 4096))
+    assert not forward_rule(64, 4096, 4096, 128, torch.bfloat16, 132, big, hopper=True).hopper_h  # small tiles
 
 
 def test_forward_plan_names_its_tiles():
@@ -776,16 +778,29 @@ def test_hopper_plan_launches_the_sm90_kernel(recorder, sm90_device):
 
 
 @pytest.mark.parametrize("capability", [(9, 0), (8, 0)])
-def test_the_rule_runs_y_by_the_sm90_kernel_on_sm90(recorder, sm90_device, monkeypatch, capability):
-    """No plan given, 4096 rows in bfloat16 (y on large tiles): y by forward_sm90.cu's kernel on an sm_90 device, by
-    forward.cu's elsewhere; H by forward.cu's either way."""
+def test_the_rules_run_the_sm90_kernels_on_sm90(recorder, sm90_device, monkeypatch, capability):
+    """No plan given, 4096 rows in bfloat16 (large tiles): H, y and the backward's two product launches by the
+    sm_90a kernels on an sm_90 device, by forward.cu's and backward.cu's elsewhere; forced tiles keep backward.cu's."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
     monkeypatch.setattr(fwd_module, "shared_memory_per_block", lambda index: 227 << 10)
+    monkeypatch.setattr(bwd_module, "shared_limit", lambda device: 227 << 10)
+    monkeypatch.setattr(bwd_module, "device_index", lambda device: 0)
     monkeypatch.setattr(fwd_module, "_plans", fwd_module.BoundedCache())  # plans are cached per shape and device
-    sketched_linear_forward(*make_inputs(4096, 64, 1024, 1, 64, torch.bfloat16, device="cpu"))
+    x, S1s, S2s, U1s, U2s, b = make_inputs(4096, 64, 1024, 1, 64, torch.bfloat16, device="cpu")
+    y, h = sketched_linear_forward(x, S1s, S2s, U1s, U2s, b)
+    sketched_linear_backward(torch.randn_like(y), x, h, S1s, S2s, U1s, U2s)
     on_sm90 = capability == (9, 0)
-    assert [n for n, *_ in sm90_device] == (["sketched_linear_fwd_y_sm90"] if on_sm90 else [])
-    assert [n for n, *_ in recorder.calls] == ["sketched_linear_fwd_h"] + ([] if on_sm90 else ["sketched_linear_fwd_y"])
+    sm90_names = ["sketched_linear_fwd_h_sm90", "sketched_linear_fwd_y_sm90", "sketched_linear_bwd_g_sm90",
+                  "sketched_linear_bwd_x_sm90"]
+    assert [n for n, *_ in sm90_device] == (sm90_names if on_sm90 else [])
+    assert [n for n, *_ in recorder.calls if n != "sketched_linear_sum_shares"] == (
+        ["sketched_linear_bwd_sum"] if on_sm90 else
+        ["sketched_linear_fwd_h", "sketched_linear_fwd_y", "sketched_linear_bwd_g", "sketched_linear_bwd_x",
+         "sketched_linear_bwd_sum"])
+    recorder.calls.clear()
+    sm90_device.clear()
+    sketched_linear_backward(torch.randn_like(y), x, h, S1s, S2s, U1s, U2s, tiles="large")
+    assert sm90_device == [] and "sketched_linear_bwd_g" in [n for n, *_ in recorder.calls]
 
 
 def test_hopper_plan_launches_the_sm90_h_kernel(recorder, sm90_device):
@@ -1119,8 +1134,8 @@ def test_sweep_tool_plans_and_floor():
     assert not any("large" in n for n in sweep.forward_plans(4096, 4096, 4096, 128, torch.float32, 132, 64 << 10))
     hopper = sweep.forward_plans(4096, 4096, 4096, 128, torch.bfloat16, 132, 227 << 10, hopper=True)
     assert hopper["large hopper"] == ForwardPlan(fused=False, h_splits=4, tiles="large", hopper_h=True, hopper_y=True)
-    assert hopper["default"].hopper_y and not hopper["default"].hopper_h  # the rule's plan on sm_90
-    assert hopper["default mma.sync"] == dataclasses.replace(hopper["default"], hopper_y=False)
+    assert hopper["default"].hopper_y and hopper["default"].hopper_h  # the rule's plan on sm_90
+    assert hopper["default mma.sync"] == dataclasses.replace(hopper["default"], hopper_h=False, hopper_y=False)
     assert hopper["default hopper"].hopper_h and hopper["large h_splits=8 hopper"].h_splits == 8
     assert "fused hopper" not in hopper and "default mma.sync hopper" not in hopper
     assert not any(p.hopper_h or p.hopper_y for p in sweep.forward_plans(

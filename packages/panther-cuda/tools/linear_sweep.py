@@ -77,8 +77,8 @@ def forward_plans(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, 
                   hopper: bool = False, tiles: Optional[List[str]] = None) -> dict:
     """The forward plans the sweep times: the rule's ("default"), the fused kernel (where H fits), and the two
     launches on each tile shape that fits, with the split of H that split_rule gives that shape; with
-    ``hopper`` (an sm_90 device, 16-bit inputs), the rule's plan for sm_90 (y by forward_sm90.cu where the rule says,
-    and that plan with forward.cu's y: "default mma.sync"), and each plan of two launches also with H and y by
+    ``hopper`` (an sm_90 device, 16-bit inputs), the rule's plan for sm_90 (H and y by forward_sm90.cu where the rule
+    says, and that plan with forward.cu's kernels: "default mma.sync"), and each plan of two launches also with H and y by
     forward_sm90.cu ("<name> hopper", with the backward by backward_sm90.cu in forward + backward); ``tiles``: the
     tile shapes to time (default: all of limits.CONFIGS)."""
     from panther_cuda.ops.sketched_linear import limits, sm90
@@ -87,8 +87,8 @@ def forward_plans(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, 
 
     default = forward_rule(T, I, O, R, dtype, sms, shared, hopper=hopper)
     plans = {"default": default}
-    if default.hopper_y:  # the rule's plan with y by forward.cu's kernel: what the sm_90a y saves
-        plans["default mma.sync"] = dataclasses.replace(default, hopper_y=False)
+    if default.hopper_h or default.hopper_y:  # the rule's plan by forward.cu's kernels: what the sm_90a ones save
+        plans["default mma.sync"] = dataclasses.replace(default, hopper_h=False, hopper_y=False)
     if R <= limits.FUSED_MAX_R and limits.SMALL.fused_bytes(R, dtype) <= shared:
         plans["fused"] = ForwardPlan(fused=True, o_groups=fused_groups(T, O, sms))
     for name, c in limits.CONFIGS.items():

@@ -15,9 +15,10 @@ splits T into shares (summed by launch 3) until their blocks fill the SMs; dH (f
 reduces over O and is split the same way. Every launch runs on one tile shape (limits.CONFIGS), the one
 :func:`backward_tiles` gives unless one is forced.
 
-Hopper (``hopper=True``, forced only: timed slower than backward.cu's, benchmarks/results/NOTES.md): launches 1
-and 2 by backward_sm90.cu's kernels (warpgroup MMA, the same roles and arguments on LARGE's 128 x 128 tiles), each
-where sm90.bwd_g_fits / sm90.bwd_x_fits allows, else backward.cu's on LARGE tiles.
+Hopper (:func:`hopper_rule`, or ``hopper=True``): launches 1 and 2 by backward_sm90.cu's kernels (warpgroup MMA,
+the same roles and arguments on LARGE's 128 x 128 tiles), each where sm90.bwd_g_fits / sm90.bwd_x_fits allows, else
+backward.cu's on LARGE tiles. The rule takes them on sm_90 for 16-bit inputs wherever the backward runs on LARGE
+tiles, where they were timed faster than backward.cu's (benchmarks/results/NOTES.md).
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ def backward_tiles(T: int, I: int, O: int, dtype: torch.dtype, device: torch.dev
     config = choose_config(cdiv(T, LARGE.bm), cdiv(max(I, O), LARGE.bn), dtype, multiprocessors(device_index(device)),
                            shared_limit(device))
     return "large" if config == LARGE else "small"
+
+
+def hopper_rule(tiles: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the backward's two product launches run backward_sm90.cu's kernels when not forced: on an sm_90
+    device, for 16-bit inputs, where the backward runs on LARGE tiles (``tiles``, backward_tiles' choice)."""
+    return tiles == "large" and dtype in sm90.DTYPES and sm90.on_sm90(device_index(device))
 
 
 def _tiles(I: int, O: int, T: int, R: int, needs: Sequence[bool], c: TileConfig) -> Tuple[int, int, int]:
@@ -103,7 +110,7 @@ def sketched_linear_backward(
     split: Optional[int] = None,
     dh_split: Optional[int] = None,
     tiles: Optional[str] = None,
-    hopper: bool = False,
+    hopper: Optional[bool] = None,
 ) -> Grads:
     """Launch the backward kernels on the current CUDA device and stream for dL/dy = g (..., O).
 
@@ -113,7 +120,8 @@ def sketched_linear_backward(
     when None). ``split``: shares of T for the weight gradients; ``dh_split``: shares of O for dH (defaults:
     common.split_rule); ``tiles``: the tile shape of every launch, a key of limits.CONFIGS (default:
     :func:`backward_tiles`; tiles whose shared memory does not fit the device run as the small ones); ``hopper``:
-    launches 1 and 2 by backward_sm90.cu's kernels where they fit (on LARGE tiles: ``tiles`` is then ignored).
+    launches 1 and 2 by backward_sm90.cu's kernels where they fit (on LARGE tiles: ``tiles`` is then ignored); None
+    (default): as :func:`hopper_rule` says when ``tiles`` is not forced, else not.
     """
     L, I, k = S1s.shape
     O = S2s.shape[-1]
@@ -136,6 +144,8 @@ def sketched_linear_backward(
     exact = is_exact(x.dtype, allow_tf32)
     S1c, S2c, U1c, U2c = S1s.contiguous(), S2s.contiguous(), U1s.contiguous(), U2s.contiguous()
     x2 = contiguous_2d(x, I) if need_dh else None
+    if hopper is None:
+        hopper = tiles is None and hopper_rule(backward_tiles(T, I, O, x.dtype, x.device), x.dtype, x.device)
     hopper_g = hopper and sm90.bwd_g_fits(O, k, x.dtype, g.device, g2, h, U1c, S2c)
     hopper_x = hopper and need_dh and sm90.bwd_x_fits(I, k, x.dtype, g.device, x2, S1c, U2c)
     stages = sm90.ring_stages()

@@ -20,8 +20,8 @@ which the rule makes "deep64" (LARGE's tile, 64-deep steps) where y takes "large
 Hopper (``hopper_h``, ``hopper_y``): H, and y, by forward_sm90.cu's kernels, warpgroup MMA (wgmma) from shared
 memory on sm_90 devices, for 16-bit inputs whose shapes sm90.h_fits and sm90.y_fits allow (each launch on its
 own: where one does not fit, forward.cu's kernel of the plan's tiles runs it); H in ``h_splits`` shares of I as
-in the other plans. The rule takes y's (``hopper_y``) on sm_90 where y runs on large tiles, where it was timed
-faster than forward.cu's; H's stays forced, timed slower (benchmarks/results/NOTES.md).
+in the other plans. The rule takes both on sm_90 where y runs on large tiles, where they were timed faster than
+forward.cu's (benchmarks/results/NOTES.md).
 """
 
 from __future__ import annotations
@@ -74,15 +74,15 @@ def forward_rule(T: int, I: int, O: int, R: int, dtype: torch.dtype, sms: int, s
     (``hopper``: an sm_90 device).
 
     Two launches, on LARGE tiles when y's LARGE tiles alone fill the SMs (common.choose_config), else
-    SMALL; with LARGE tiles H = x A on DEEP64's where its ring fits (16-bit inputs), and on sm_90 y by the wgmma
-    kernel (16-bit inputs; the launch checks that it fits). H is split into shares of I when its tiles (of that
-    shape) leave the SMs idle and I is long (split_rule)."""
+    SMALL; with LARGE tiles H = x A on DEEP64's where its ring fits (16-bit inputs), and on sm_90 H and y by the
+    wgmma kernels (16-bit inputs; each launch checks that it fits). H is split into shares of I when its tiles (of
+    that shape) leave the SMs idle and I is long (split_rule)."""
     config = choose_config(cdiv(T, LARGE.bm), cdiv(O, LARGE.bn), dtype, sms, shared_limit)
     tiles = "large" if config == LARGE else "small"
     h_config = DEEP64 if config == LARGE and DEEP64.shared_bytes(dtype) <= shared_limit else config
+    wgmma = hopper and tiles == "large" and dtype in sm90.DTYPES
     return ForwardPlan(fused=False, h_splits=split_rule(I, cdiv(T, h_config.bm) * cdiv(R, h_config.bn), sms, h_config),
-                       tiles=tiles, h_tiles="deep64" if h_config == DEEP64 else None,
-                       hopper_y=hopper and tiles == "large" and dtype in sm90.DTYPES)
+                       tiles=tiles, h_tiles="deep64" if h_config == DEEP64 else None, hopper_h=wgmma, hopper_y=wgmma)
 
 
 def fused_groups(T: int, O: int, sms: int) -> int:

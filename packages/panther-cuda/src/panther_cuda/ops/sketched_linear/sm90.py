@@ -2,8 +2,8 @@
 
 forward_sm90.cu (H = x A, y = H B / (2L) + b) and backward_sm90.cu (the backward's two product launches) use
 warpgroup MMA (wgmma) from shared memory, compiled for sm_90a, for 16-bit inputs. Each launch of a plan that
-asks for them (``ForwardPlan.hopper_h`` / ``.hopper_y``, ``sketched_linear_backward(hopper=True)``) runs them
-where its ``*_fits`` allows (an sm_90 device, 16-bit inputs, the sizes their 16-byte copies need, 16-byte aligned
+asks for them (``ForwardPlan.hopper_h`` / ``.hopper_y``, ``sketched_linear_backward(hopper=True)`` or its
+hopper_rule) runs them where its ``*_fits`` allows (an sm_90 device, 16-bit inputs, the sizes their 16-byte copies need, 16-byte aligned
 tensors, their shared memory), else forward.cu's or backward.cu's kernel.
 """
 
