@@ -23,7 +23,7 @@ DTYPES = (torch.float16, torch.bfloat16)  # the inputs the kernels take (wgmma o
 DEPTHS = (32, 64, 128, 256)  # fwd_y_sm90's instances: R rounded up to one of them, zero past R
 RING_BK = 64  # the ring of the other kernels (tile_sm90.cuh's ring_sm90): depth per step
 RING_STAGES_CHOICES = (3, 4)  # the ring's stage counts compiled (the kernels' second template argument)
-RING_STAGES = 3  # the one the launches take
+RING_STAGES = 3  # the one the launches take (four: the backward kernels timed slower, benchmarks/results/NOTES.md)
 TWO_BLOCKS_BYTES = 100 << 10  # up to this much shared memory, two blocks stay resident per SM (228 KiB)
 
 _kernels: Dict[Tuple[str, str, torch.dtype, Optional[int]], Kernel] = {}
