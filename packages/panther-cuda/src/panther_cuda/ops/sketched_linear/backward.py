@@ -144,15 +144,16 @@ def sketched_linear_backward(
     exact = is_exact(x.dtype, allow_tf32)
     S1c, S2c, U1c, U2c = S1s.contiguous(), S2s.contiguous(), U1s.contiguous(), U2s.contiguous()
     x2 = contiguous_2d(x, I) if need_dh else None
+    rule_tiles = backward_tiles(T, I, O, x.dtype, x.device) if tiles is None else None  # once: the hopper rule's too
     if hopper is None:
-        hopper = tiles is None and hopper_rule(backward_tiles(T, I, O, x.dtype, x.device), x.dtype, x.device)
+        hopper = rule_tiles is not None and hopper_rule(rule_tiles, x.dtype, x.device)
     hopper_g = hopper and sm90.bwd_g_fits(O, k, x.dtype, g.device, g2, h, U1c, S2c)
     hopper_x = hopper and need_dh and sm90.bwd_x_fits(I, k, x.dtype, g.device, x2, S1c, U2c)
     stages = sm90.ring_stages()
     if hopper_g or hopper_x:
         tiles = "large"  # the grids of the sm_90a kernels (128 x 128 tiles)
     if tiles is None:
-        c = CONFIGS[backward_tiles(T, I, O, x.dtype, x.device)]
+        c = CONFIGS[rule_tiles]
     elif tiles in CONFIGS:
         c = fitting(CONFIGS[tiles], x.dtype, x.device)  # forced tiles that do not fit the device: the small ones
     else:
