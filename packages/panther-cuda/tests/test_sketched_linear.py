@@ -1083,11 +1083,11 @@ EMU_CASES = [
     ("bfloat16", "sm90h:1", -2, 2, 65, 24, 24, 2, 40, 1, "110011"),  # R = 160: two column tiles of H; I = 24
     ("float16", "sm90h:1", 0, 1, 300, 136, 40, 3, 8, 0, "001100"),  # three row tiles; the U1 / S2 halves alone
     ("bfloat16", "sm90h:1", 0, 2, 150, 40, 136, 1, 8, 1, "000001"),  # db alone, in shares of T
-    # the same rings with four stages ("sm90h4:G"; products left in flight across a step)
-    ("bfloat16", "sm90h4:1", 0, 1, 130, 64, 136, 1, 64, 1, "111111"),
-    ("float16", "sm90h4:2", -3, 3, 200, 200, 264, 1, 16, 1, "111111"),  # I = 200 in shares of 128, 72 and 0
-    ("bfloat16", "sm90h4:1", -2, 2, 65, 392, 24, 2, 40, 1, "110011"),  # R = 160; I = 392: seven steps, the last short
-    ("float16", "sm90h4:1", 0, 2, 300, 136, 40, 3, 8, 1, "111111"),  # three row tiles, T in shares
+    # the same rings with six stages ("sm90h6:G"; five steps of copies in flight, more than some shares have)
+    ("bfloat16", "sm90h6:1", 0, 1, 130, 64, 136, 1, 64, 1, "111111"),
+    ("float16", "sm90h6:2", -3, 3, 200, 200, 264, 1, 16, 1, "111111"),  # I = 200 in shares of 128, 72 and 0
+    ("bfloat16", "sm90h6:1", -2, 2, 65, 456, 24, 2, 40, 1, "110011"),  # R = 160; I = 456: eight steps, the last short
+    ("float16", "sm90h6:1", 0, 2, 300, 136, 40, 3, 8, 1, "111111"),  # three row tiles, T in shares
 ]
 
 

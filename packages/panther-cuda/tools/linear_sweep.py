@@ -1,7 +1,7 @@
 """Time the cuda sketched linear op under each launch plan it can take, next to the triton backend and F.linear.
 
     python packages/panther-cuda/tools/linear_sweep.py --out sweep.json [--quick | --shape TxIxO ...] [--replays 30]
-        [--tiles large,deep64] [--no-hopper] [--ring-stages 3,4]
+        [--tiles large,deep64] [--no-hopper] [--ring-stages 3,6]
 
 Shapes (bfloat16, L = 1, k = 64, so R = 128): T = 4096 rows with I = O in (4096, 8192), and T = 128 rows with
 I = O in (1024, 8192); --quick keeps one of each (4096 x 4096, 128 x 1024) and fewer replays; --shape picks
@@ -16,7 +16,8 @@ For each shape, on one GPU, in CUDA-graph replay (each call captured once after 
 * cuda backward on each tile shape (the rule's splits), given the H of the default forward, with the gradients
   an SKLinear trains (x, S1s, S2s, bias);
 * cuda forward + backward: the default plans, and each tile shape in both directions;
-* with --ring-stages, the sm_90a kernels (forward, backward, both) with their ring of each stage count given;
+* with --ring-stages, the sm_90a kernels (forward, backward, both) with their ring of each stage count given, and
+  that backward with two shares of T and of O;
 * the kernels of the default forward and backward, of both on each tile shape (and with hopper), and of the
   triton backend's and the compiled peer's forward and forward + backward, each one's mean time (torch.profiler
   over eager calls);
@@ -216,10 +217,16 @@ def ring_rows(T, I, O, inputs, replays, stages: int) -> Tuple[List[dict], dict]:
             _, hh = sketched_linear_forward(x, S1s, S2s, U1s, U2s, bias, plan=plan)
             sketched_linear_backward(grad, x, hh, S1s, S2s, U1s, U2s, NEEDS, hopper=True)
 
+        def bwd2():  # half the rule's shares: one wave of blocks where the ring leaves room for one a SM
+            sketched_linear_backward(grad, x, h, S1s, S2s, U1s, U2s, NEEDS, hopper=True, split=2, dh_split=2)
+
         label = f"hopper s{stages}"
-        rows = [{"impl": "cuda", "what": what, "plan": label, "detail": f"{plan!r}, ring of {stages} stages",
-                 "ms": median_ms(fn, replays)} for what, fn in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", step))]
-        return rows, {f"fwd {label}": kernel_times(fwd), f"bwd {label}": kernel_times(bwd)}
+        rows = [{"impl": "cuda", "what": what, "plan": name, "detail": f"{plan!r}, ring of {stages} stages",
+                 "ms": median_ms(fn, replays)}
+                for what, name, fn in (("fwd", label, fwd), ("bwd", label, bwd), ("fwd+bwd", label, step),
+                                       ("bwd", f"{label} split=2 dh_split=2", bwd2))]
+        return rows, {f"fwd {label}": kernel_times(fwd), f"bwd {label}": kernel_times(bwd),
+                      f"bwd {label} split=2": kernel_times(bwd2)}
     finally:
         sm90.RING_STAGES = saved
 

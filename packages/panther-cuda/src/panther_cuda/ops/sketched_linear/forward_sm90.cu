@@ -134,5 +134,5 @@ __global__ void __launch_bounds__(SM90_NT, (KP <= 128 ? 2 : 1)) sketched_linear_
 SM90_ALL(__half) SM90_ALL(__nv_bfloat16)
 #define SM90_H(T, S) template __global__ void panther::sl::sketched_linear_fwd_h_sm90<T, S>(const T*, const T*, \
     const T*, T*, float*, long long, long long, int, int, int);
-SM90_H(__half, 3) SM90_H(__nv_bfloat16, 3) SM90_H(__half, 4) SM90_H(__nv_bfloat16, 4)
+SM90_H(__half, 3) SM90_H(__nv_bfloat16, 3) SM90_H(__half, 4) SM90_H(__nv_bfloat16, 4) SM90_H(__nv_bfloat16, 6)
 #endif  // PANTHER_NVCC_CHECK

@@ -22,7 +22,7 @@ THREADS = 256  # two warpgroups (SM90_NT)
 DTYPES = (torch.float16, torch.bfloat16)  # the inputs the kernels take (wgmma of 16-bit operands)
 DEPTHS = (32, 64, 128, 256)  # fwd_y_sm90's instances: R rounded up to one of them, zero past R
 RING_BK = 64  # the ring of the other kernels (tile_sm90.cuh's ring_sm90): depth per step
-RING_STAGES_CHOICES = (3, 4)  # the ring's stage counts compiled (the kernels' second template argument)
+RING_STAGES_CHOICES = (3, 4, 5, 6)  # the ring's stage counts compiled (the kernels' second template argument)
 RING_STAGES = 3  # the one the launches take (four: the backward kernels timed slower, benchmarks/results/NOTES.md)
 TWO_BLOCKS_BYTES = 100 << 10  # up to this much shared memory, two blocks stay resident per SM (228 KiB)
 
