@@ -1,7 +1,7 @@
 """Time the cuda sketched linear op under each launch plan it can take, next to the triton backend and F.linear.
 
     python packages/panther-cuda/tools/linear_sweep.py --out sweep.json [--quick | --shape TxIxO ...] [--replays 30]
-        [--tiles large,deep64] [--no-hopper] [--ring-stages 3,6]
+        [--tiles large,deep64] [--no-hopper] [--ring-stages 3,6] [--y-groups 4,16]
 
 Shapes (bfloat16, L = 1, k = 64, so R = 128): T = 4096 rows with I = O in (4096, 8192), and T = 128 rows with
 I = O in (1024, 8192); --quick keeps one of each (4096 x 4096, 128 x 1024) and fewer replays; --shape picks
@@ -17,7 +17,8 @@ For each shape, on one GPU, in CUDA-graph replay (each call captured once after 
   an SKLinear trains (x, S1s, S2s, bias);
 * cuda forward + backward: the default plans, and each tile shape in both directions;
 * with --ring-stages, the sm_90a kernels (forward, backward, both) with their ring of each stage count given, and
-  that backward with two shares of T and of O;
+  that backward with two shares of T and of O; with --y-groups, the sm_90a forward with y on each number of
+  blocks per row tile given;
 * the kernels of the default forward and backward, of both on each tile shape (and with hopper), and of the
   triton backend's and the compiled peer's forward and forward + backward, each one's mean time (torch.profiler
   over eager calls);
@@ -231,6 +232,29 @@ def ring_rows(T, I, O, inputs, replays, stages: int) -> Tuple[List[dict], dict]:
         sm90.RING_STAGES = saved
 
 
+def y_groups_rows(T, I, O, inputs, replays, groups: int) -> Tuple[List[dict], dict]:
+    """The rule's sm_90a forward ("default hopper") with fwd_y_sm90 on ``groups`` blocks per row tile (each walking
+    every ``groups``-th column tile; sm90.groups gives the rule's) and its kernels; named "hopper y groups=<G>"."""
+    from panther.backends.toolkit import cdiv, multiprocessors, shared_memory_per_block
+    from panther_cuda.ops.sketched_linear import sm90
+    from panther_cuda.ops.sketched_linear.forward import sketched_linear_forward
+
+    x, S1s, S2s, U1s, U2s, bias, grad = inputs
+    plan = forward_plans(T, I, O, 2 * L * K, x.dtype, multiprocessors(), shared_memory_per_block(),
+                         hopper=True, tiles=[])["default hopper"]
+    saved = sm90.groups
+    sm90.groups = lambda T_, O_, *_: max(1, min(groups, cdiv(O_, sm90.BN)))
+    try:
+        def fwd():
+            sketched_linear_forward(x, S1s, S2s, U1s, U2s, bias, plan=plan)
+
+        label = f"hopper y groups={groups}"
+        rows = [{"impl": "cuda", "what": "fwd", "plan": label, "detail": repr(plan), "ms": median_ms(fwd, replays)}]
+        return rows, {f"fwd {label}": kernel_times(fwd)}
+    finally:
+        sm90.groups = saved
+
+
 def autograd_rows(impl: str, fn, leaves: list, grad, replays, kernels: Optional[dict] = None) -> List[dict]:
     """Forward and forward + backward of ``fn`` in CUDA-graph time; with ``kernels``, each pass's kernels too
     (``kernels[f"{impl} fwd"]``, ``kernels[f"{impl} fwd+bwd"]``)."""
@@ -295,6 +319,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--no-hopper", action="store_true", help="skip the sm_90 wgmma plans")
     ap.add_argument("--ring-stages", default="", metavar="S,...",
                     help="also time the sm_90a kernels with their ring of each of these stage counts (sm90.RING_STAGES_CHOICES)")
+    ap.add_argument("--y-groups", default="", metavar="G,...",
+                    help="also time the sm_90a forward with y on each of these numbers of blocks per row tile")
     ap.add_argument("--hbm", type=float, default=4.8, help="HBM bandwidth for the floor, TB/s (default: the H200's specified 4.8)")
     args = ap.parse_args(argv)
     from panther_cuda.ops.sketched_linear import sm90
@@ -326,6 +352,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 except Exception as e:  # reported, not fatal: the shape's other rows are kept
                     print(f"ring of {stages} stages skipped: {type(e).__name__}: {e}", file=sys.stderr)
                     continue
+                rows += more_rows
+                kernels.update(more_kernels)
+            for groups in [int(v) for v in args.y_groups.split(",") if v.strip()]:
+                more_rows, more_kernels = y_groups_rows(T, I, O, inputs, replays, groups)
                 rows += more_rows
                 kernels.update(more_kernels)
         rows += reference_rows(inputs, replays, kernels)
