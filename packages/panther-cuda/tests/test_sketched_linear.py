@@ -752,6 +752,7 @@ def sm90_device(recorder, monkeypatch):
     monkeypatch.setattr(fwd_module, "multiprocessors", lambda index: 132)
     monkeypatch.setattr(bwd_module, "multiprocessors", lambda index: 132)
     monkeypatch.setattr(sm90_module, "shared_memory_per_block", lambda index: 227 << 10)
+    monkeypatch.setattr(sm90_module, "multiprocessors", lambda index: 132)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
     return launches
 
@@ -808,15 +809,33 @@ def test_hopper_plan_launches_the_sm90_h_kernel(recorder, sm90_device):
     y, h = sketched_linear_forward(x, S1s, S2s, U1s, U2s, b, plan=dataclasses.replace(HOPPER, h_splits=3))
     (name, dtype, depth, grid, block, args, shared), (name_y, _, depth_y, *_) = sm90_device
     assert (name, name_y) == ("sketched_linear_fwd_h_sm90", "sketched_linear_fwd_y_sm90")
-    assert (dtype, depth, depth_y, block) == (torch.bfloat16, sm90_module.RING_STAGES, 32, (256,))  # the ring's stages
+    assert (dtype, depth, depth_y, block) == (torch.bfloat16, 6, 32, (256,))  # nine blocks: the deep ring
     assert grid == (3 * 1 * 3,)  # row tiles of 128 x column tiles of 128 (R = 32) x shares of I
     ws = args[4]
     assert args[0].data_ptr() == x.data_ptr() and args[3] is h and ws.shape == (3, 300, 32) and ws.dtype == torch.float32
     assert [type(a) for a in args[5:]] == [np.int64, np.int64, np.int32, np.int32, np.int32]
     assert [int(a) for a in args[5:]] == [300, 96, 2, 8, 3]
-    assert shared == 3 * (128 * 64 + 64 * 128) * 2 == sm90_module.ring_shared_bytes(torch.bfloat16)
+    assert shared == 6 * (128 * 64 + 64 * 128) * 2 == sm90_module.ring_shared_bytes(torch.bfloat16, 6)
     ((name, _, sum_args, _),) = recorder.calls  # the shares summed into H by forward.cu's launch
     assert name == "sketched_linear_sum_shares" and sum_args[0] is ws and sum_args[1] is h
+
+
+def test_ring_stages_follow_the_grid(sm90_device, monkeypatch):
+    """The deep ring where every block has an SM of its own and its shared memory fits, else the shallow one; each
+    launch's shared memory is its ring's."""
+    assert sm90_module.RING_STAGES == (3, 6)
+    assert [sm90_module.ring_stages(n, torch.bfloat16, None) for n in (1, 132, 133, 1000)] == [6, 6, 3, 3]
+    assert sm90_module.ring_shared_bytes(torch.float16, 6) == 2 * sm90_module.ring_shared_bytes(torch.float16) == 196608
+    monkeypatch.setattr(sm90_module, "shared_memory_per_block", lambda index: 196607)  # one byte short of six stages
+    assert sm90_module.ring_stages(1, torch.bfloat16, None) == 3
+    x, S1s, S2s, U1s, U2s, b = make_inputs(2000, 512, 64, 1, 64, torch.bfloat16, device="cpu")
+    monkeypatch.setattr(sm90_module, "shared_memory_per_block", lambda index: 227 << 10)
+    for splits, stages in ((8, 6), (16, 3)):  # 16 row tiles of H in 8 shares (128 blocks), then in 16 (256)
+        sm90_device.clear()
+        sketched_linear_forward(x, S1s, S2s, U1s, U2s, b, plan=dataclasses.replace(HOPPER, h_splits=splits))
+        (_, _, size, grid, _, _, shared), _ = sm90_device
+        assert grid == (16 * splits,) and size == stages
+        assert shared == sm90_module.ring_shared_bytes(torch.bfloat16, stages)
 
 
 # Why a Hopper launch falls back: the change it makes to (T, I, O, L, k) and the dtype, or to the device
@@ -854,13 +873,14 @@ def test_hopper_backward_launches_the_sm90_kernels(recorder, sm90_device, split)
     grads = sketched_linear_backward(g, x, h, S1s, S2s, U1s, U2s, (True,) * 6, split=split, dh_split=1,
                                      tiles="small", hopper=True)
     hopper = [(name, grid, block, args, shared) for name, _, _, grid, block, args, shared in sm90_device]
+    assert [size for _, _, size, *_ in sm90_device] == [6, 6]  # a few blocks each: the deep ring
     recorder.calls.clear()
     sketched_linear_backward(g, x, h, S1s, S2s, U1s, U2s, (True,) * 6, split=split, dh_split=1, tiles="large")
     large = [c for c in recorder.calls if c[0] in ("sketched_linear_bwd_g", "sketched_linear_bwd_x")]
     assert [n for n, *_ in hopper] == ["sketched_linear_bwd_g_sm90", "sketched_linear_bwd_x_sm90"]
     for (name, grid, block, args, shared), (name_l, blocks_l, args_l, _) in zip(hopper, large):
         assert name == name_l + "_sm90" and grid == (blocks_l,) and block == (256,)
-        assert shared == sm90_module.ring_shared_bytes(torch.bfloat16)
+        assert shared == sm90_module.ring_shared_bytes(torch.bfloat16, 6)
         assert len(args) == len(args_l) and all(
             type(a) is type(b) and (a == b if isinstance(a, np.generic) else (a is None) == (b is None))
             for a, b in zip(args, args_l))
@@ -1083,7 +1103,7 @@ EMU_CASES = [
     ("bfloat16", "sm90h:1", -2, 2, 65, 24, 24, 2, 40, 1, "110011"),  # R = 160: two column tiles of H; I = 24
     ("float16", "sm90h:1", 0, 1, 300, 136, 40, 3, 8, 0, "001100"),  # three row tiles; the U1 / S2 halves alone
     ("bfloat16", "sm90h:1", 0, 2, 150, 40, 136, 1, 8, 1, "000001"),  # db alone, in shares of T
-    # the same rings with six stages ("sm90h6:G"; five steps of copies in flight, more than some shares have)
+    # the deep rings ("sm90h6:G", six stages; five steps of copies in flight, more than some shares have)
     ("bfloat16", "sm90h6:1", 0, 1, 130, 64, 136, 1, 64, 1, "111111"),
     ("float16", "sm90h6:2", -3, 3, 200, 200, 264, 1, 16, 1, "111111"),  # I = 200 in shares of 128, 72 and 0
     ("bfloat16", "sm90h6:1", -2, 2, 65, 456, 24, 2, 40, 1, "110011"),  # R = 160; I = 456: eight steps, the last short

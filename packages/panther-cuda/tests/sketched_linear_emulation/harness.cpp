@@ -23,16 +23,12 @@ static void launch(long long blocks, int nt, unsigned shared, const std::functio
 
 static int g_sm90_groups = 0;  // > 0: y by forward_sm90.cu's kernel, that many blocks per row tile
 static bool g_sm90_h = false;  // H by forward_sm90.cu's kernel too
-static int g_sm90_stages = 3;  // the ring of the sm_90a H and backward kernels (sm90.py's RING_STAGES_CHOICES)
+static int g_sm90_stages = 3;  // the ring of the sm_90a H and backward kernels: 3 or 6 stages (sm90.py's RING_STAGES)
 
 // f(std::integral_constant<int, S>{}) with S = g_sm90_stages: the kernels' instance of that ring
 template <typename F> static void with_stages(const F& f) {
-    switch (g_sm90_stages) {
-        case 4: f(std::integral_constant<int, 4>{}); break;
-        case 5: f(std::integral_constant<int, 5>{}); break;
-        case 6: f(std::integral_constant<int, 6>{}); break;
-        default: f(std::integral_constant<int, 3>{});
-    }
+    if (g_sm90_stages == 6) f(std::integral_constant<int, 6>{});
+    else f(std::integral_constant<int, 3>{});
 }
 
 // y = H B / (2L) + b by sketched_linear_fwd_y_sm90<T, KP>, KP the depth forward.py picks (R rounded up to 32,
@@ -227,7 +223,7 @@ static int run_mode(const std::string& mode, long long Tn, long long I, long lon
 // usage: harness MODE TILES PLAN SPLIT T I O L K BIAS NEEDS   (MODE float32|tf32|float16|bfloat16; TILES small|large|deep64:
 // the tile shape of every kernel but the fused one (always small), or sm90:G: large, with y by the sm_90a kernel on
 // G blocks per row tile (16-bit modes, two launches), or sm90h:G: H and the backward by the sm_90a kernels too
-// (I, O and k multiples of 8; their ring of three stages, sm90hS:G of S, 3 to 6); PLAN 0: two
+// (I, O and k multiples of 8; their ring of three stages, sm90h6:G of six); PLAN 0: two
 // launches, -n: two launches with H in n shares of I, n > 0: fused with n groups; SPLIT: shares of T of the
 // weight gradients and of O of dH; NEEDS six 0/1 digits
 // for x, S1s, S2s, U1s, U2s, bias)
@@ -247,7 +243,7 @@ int main(int argc, char** argv) {
     if (tiles.rfind("sm90:", 0) == 0 || tiles.rfind("sm90h", 0) == 0) {
         g_sm90_h = tiles[4] == 'h';
         g_sm90_stages = g_sm90_h && tiles[5] != ':' ? tiles[5] - '0' : 3;
-        if (g_sm90_stages < 3 || g_sm90_stages > 6) { std::fprintf(stderr, "bad sm90 stages\n"); return 2; }
+        if (g_sm90_stages != 3 && g_sm90_stages != 6) { std::fprintf(stderr, "bad sm90 stages\n"); return 2; }
         g_sm90_groups = std::atoi(tiles.c_str() + tiles.find(':') + 1);
         if (g_sm90_groups < 1 || plan > 0 || (mode != "float16" && mode != "bfloat16")) { std::fprintf(stderr, "bad sm90 case\n"); return 2; }
         return run_mode<Large>(mode, Tn, I, O, L, k, plan, split, bias, needs);

@@ -149,7 +149,6 @@ def sketched_linear_backward(
         hopper = rule_tiles is not None and hopper_rule(rule_tiles, x.dtype, x.device)
     hopper_g = hopper and sm90.bwd_g_fits(O, k, x.dtype, g.device, g2, h, U1c, S2c)
     hopper_x = hopper and need_dh and sm90.bwd_x_fits(I, k, x.dtype, g.device, x2, S1c, U2c)
-    stages = sm90.ring_stages()
     if hopper_g or hopper_x:
         tiles = "large"  # the grids of the sm_90a kernels (128 x 128 tiles)
     if tiles is None:
@@ -183,8 +182,8 @@ def sketched_linear_backward(
         args = (g2, h, U1c, S2c, dh, dU1, dS2, db, ws2, i64(T), i64(O), i32(L), i32(k), scale, i64(n_dh), i32(w_lo),
                 i32(w_n), i32(split), ws_dh, i32(dh_split))
         if hopper_g:
-            sm90.kernel("backward_sm90.cu", "sketched_linear_bwd_g_sm90", x.dtype, stages)(
-                (n_dh + tiles_g * split,), (sm90.THREADS,), *args, shared_mem=sm90.ring_shared_bytes(x.dtype, stages))
+            sm90.ring_launch("backward_sm90.cu", "sketched_linear_bwd_g_sm90", x.dtype, g.device,
+                             n_dh + tiles_g * split, args)
         else:
             launch("backward.cu", "sketched_linear_bwd_g", x.dtype, exact, c, n_dh + tiles_g * split, *args)
     if ws_dh is not None:
@@ -194,8 +193,8 @@ def sketched_linear_backward(
         args = (x2, dh, S1c, U2c, dx, dS1, dU2, ws1, i64(T), i64(I), i32(L), i32(k), i64(n_dx), i32(c_lo), i32(c_n),
                 i32(split))
         if hopper_x:
-            sm90.kernel("backward_sm90.cu", "sketched_linear_bwd_x_sm90", x.dtype, stages)(
-                (n_dx + tiles_x * split,), (sm90.THREADS,), *args, shared_mem=sm90.ring_shared_bytes(x.dtype, stages))
+            sm90.ring_launch("backward_sm90.cu", "sketched_linear_bwd_x_sm90", x.dtype, g.device,
+                             n_dx + tiles_x * split, args)
         else:
             launch("backward.cu", "sketched_linear_bwd_x", x.dtype, exact, c, n_dx + tiles_x * split, *args)
     if ws1 is not None or ws2 is not None:

@@ -170,11 +170,11 @@ __global__ void __launch_bounds__(SM90_NT, (S <= 3 ? 2 : 1)) sketched_linear_bwd
 }  // namespace panther
 
 #ifdef PANTHER_NVCC_CHECK
-// The instances backward.py launches (16-bit inputs; each ring of sm90.py's RING_STAGES_CHOICES).
+// The instances backward.py launches (16-bit inputs; each ring of sm90.py's RING_STAGES).
 #define SM90_BWD(T, S) \
     template __global__ void panther::sl::sketched_linear_bwd_g_sm90<T, S>(const T*, const T*, const T*, const T*, T*, T*, \
         T*, T*, float*, long long, long long, int, int, float, long long, int, int, int, float*, int); \
     template __global__ void panther::sl::sketched_linear_bwd_x_sm90<T, S>(const T*, const T*, const T*, const T*, T*, T*, \
         T*, float*, long long, long long, int, int, long long, int, int, int);
-SM90_BWD(__half, 3) SM90_BWD(__nv_bfloat16, 3) SM90_BWD(__half, 4) SM90_BWD(__nv_bfloat16, 4) SM90_BWD(__nv_bfloat16, 6)
+SM90_BWD(__half, 3) SM90_BWD(__nv_bfloat16, 3) SM90_BWD(__half, 6) SM90_BWD(__nv_bfloat16, 6)
 #endif  // PANTHER_NVCC_CHECK

@@ -163,10 +163,9 @@ def sketched_linear_forward(
         splits = max(1, int(plan.h_splits))
         ws = torch.empty((splits, T, R), device=x.device, dtype=torch.float32) if splits > 1 else None
         if plan.hopper_h and sm90.h_fits(I, k, x.dtype, x.device, x2, S1c, U2c):
-            stages = sm90.ring_stages()
-            sm90.kernel("forward_sm90.cu", "sketched_linear_fwd_h_sm90", x.dtype, stages)(
-                (cdiv(T, sm90.BM) * cdiv(R, sm90.BN) * splits,), (sm90.THREADS,), x2, S1c, U2c, h, ws, i64(T), i64(I),
-                i32(L), i32(k), i32(splits), shared_mem=sm90.ring_shared_bytes(x.dtype, stages))
+            sm90.ring_launch("forward_sm90.cu", "sketched_linear_fwd_h_sm90", x.dtype, x.device,
+                             cdiv(T, sm90.BM) * cdiv(R, sm90.BN) * splits,
+                             (x2, S1c, U2c, h, ws, i64(T), i64(I), i32(L), i32(k), i32(splits)))
         else:
             launch("forward.cu", "sketched_linear_fwd_h", x.dtype, exact, ch, cdiv(T, ch.bm) * cdiv(R, ch.bn) * splits,
                    x2, S1c, U2c, h, ws, i64(T), i64(I), i32(L), i32(k), i32(splits))

@@ -4,7 +4,7 @@
 //
 // * sketched_linear_fwd_h_sm90 — H = x A (sm90_h_fits: I and k multiples of 8): a block is a 128 x 128 tile of
 //   H (T x R), or its fp32 share of I (n_splits > 1, summed by forward.cu's sketched_linear_sum_shares); x's and
-//   A's tiles 64 deep through tile_sm90.cuh's ring of S stages of cp.async.
+//   A's tiles 64 deep through tile_sm90.cuh's ring of S stages of cp.async (3 or 6: sm90.py's ring_stages).
 // * sketched_linear_fwd_y_sm90 — y = H B / (2L) + b (sm90_fits: R = 2Lk <= 256, R and O multiples of 8): a block
 //   is a 128-row tile of y; H's 128 x KP tile (KP = R rounded up to a depth of SM90_DEPTHS, the tile at least 64
 //   wide; zero past R and T) is loaded once; the block then walks its column tiles of BN = 128 (group, group + groups, ...), B's KP x BN
@@ -127,12 +127,12 @@ __global__ void __launch_bounds__(SM90_NT, (KP <= 128 ? 2 : 1)) sketched_linear_
 
 #ifdef PANTHER_NVCC_CHECK
 // The instances forward.py launches (16-bit inputs; y at each depth of SM90_DEPTHS, H with each ring of
-// sm90.py's RING_STAGES_CHOICES).
+// sm90.py's RING_STAGES).
 #define SM90_Y(T, KP) template __global__ void panther::sl::sketched_linear_fwd_y_sm90<T, KP>(const T*, const T*, \
     const T*, const T*, T*, long long, long long, int, int, float);
 #define SM90_ALL(T) SM90_Y(T, 32) SM90_Y(T, 64) SM90_Y(T, 128) SM90_Y(T, 256)
 SM90_ALL(__half) SM90_ALL(__nv_bfloat16)
 #define SM90_H(T, S) template __global__ void panther::sl::sketched_linear_fwd_h_sm90<T, S>(const T*, const T*, \
     const T*, T*, float*, long long, long long, int, int, int);
-SM90_H(__half, 3) SM90_H(__nv_bfloat16, 3) SM90_H(__half, 4) SM90_H(__nv_bfloat16, 4) SM90_H(__nv_bfloat16, 6)
+SM90_H(__half, 3) SM90_H(__nv_bfloat16, 3) SM90_H(__half, 6) SM90_H(__nv_bfloat16, 6)
 #endif  // PANTHER_NVCC_CHECK

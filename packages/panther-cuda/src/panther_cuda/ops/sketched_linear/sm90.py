@@ -3,8 +3,9 @@
 forward_sm90.cu (H = x A, y = H B / (2L) + b) and backward_sm90.cu (the backward's two product launches) use
 warpgroup MMA (wgmma) from shared memory, compiled for sm_90a, for 16-bit inputs. Each launch of a plan that
 asks for them (``ForwardPlan.hopper_h`` / ``.hopper_y``, ``sketched_linear_backward(hopper=True)`` or its
-hopper_rule) runs them where its ``*_fits`` allows (an sm_90 device, 16-bit inputs, the sizes their 16-byte copies need, 16-byte aligned
-tensors, their shared memory), else forward.cu's or backward.cu's kernel.
+hopper_rule) runs them where its ``*_fits`` allows (an sm_90 device, 16-bit inputs, the sizes their 16-byte copies
+need, 16-byte aligned tensors, their shared memory), else forward.cu's or backward.cu's kernel. The ring kernels
+(H and the backward's) take the ring of stages that ring_stages gives their grid.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from panther.backends.toolkit import cdiv, shared_memory_per_block
+from panther.backends.toolkit import cdiv, multiprocessors, shared_memory_per_block
 from panther_cuda._nvrtc import Kernel
 from panther_cuda.ops.sketched_linear.common import CTYPES, device_index
 
@@ -22,8 +23,10 @@ THREADS = 256  # two warpgroups (SM90_NT)
 DTYPES = (torch.float16, torch.bfloat16)  # the inputs the kernels take (wgmma of 16-bit operands)
 DEPTHS = (32, 64, 128, 256)  # fwd_y_sm90's instances: R rounded up to one of them, zero past R
 RING_BK = 64  # the ring of the other kernels (tile_sm90.cuh's ring_sm90): depth per step
-RING_STAGES_CHOICES = (3, 4, 5, 6)  # the ring's stage counts compiled (the kernels' second template argument)
-RING_STAGES = 3  # the one the launches take (four: the backward kernels timed slower, benchmarks/results/NOTES.md)
+# The ring's stage counts (the kernels' second template argument), shallow and deep (ring_stages): three stages
+# (96 KiB in 16 bits) leave room for two blocks per SM; six (192 KiB) keep five steps of copies in flight for a
+# block alone on its SM. tools/linear_sweep.py --ring-stages times others (benchmarks/results/NOTES.md).
+RING_STAGES = (3, 6)
 TWO_BLOCKS_BYTES = 100 << 10  # up to this much shared memory, two blocks stay resident per SM (228 KiB)
 
 _kernels: Dict[Tuple[str, str, torch.dtype, Optional[int]], Kernel] = {}
@@ -31,7 +34,7 @@ _kernels: Dict[Tuple[str, str, torch.dtype, Optional[int]], Kernel] = {}
 
 def kernel(source: str, name: str, dtype: torch.dtype, size: int) -> Kernel:
     """The instance ``panther::sl::<name><T, size>`` of ``<source>``, compiled for sm_90a: ``size`` is fwd_y_sm90's
-    depth, the ring kernels' stage count."""
+    depth, the ring kernels' stage count (ring_stages)."""
     key = (source, name, dtype, size)
     k = _kernels.get(key)
     if k is None:
@@ -55,17 +58,26 @@ def y_shared_bytes(depth_: int, dtype: torch.dtype) -> int:
     return (BM * max(depth_, 64) + 2 * depth_ * BN) * _itemsize(dtype)
 
 
-def ring_stages() -> int:
-    """The ring kernels' stage count: RING_STAGES, one of RING_STAGES_CHOICES."""
-    if RING_STAGES not in RING_STAGES_CHOICES:
-        raise ValueError(f"sm90.RING_STAGES={RING_STAGES!r}: expected one of {RING_STAGES_CHOICES}")
-    return RING_STAGES
+def ring_shared_bytes(dtype: torch.dtype, stages: int = RING_STAGES[0]) -> int:
+    """The ring kernels (fwd_h_sm90, bwd_g_sm90, bwd_x_sm90): ``stages`` stages of a 128 x 64 and a 64 x 128 tile
+    (by default the shallow ring, the least a launch takes)."""
+    return stages * (BM * RING_BK + RING_BK * BN) * _itemsize(dtype)
 
 
-def ring_shared_bytes(dtype: torch.dtype, stages: Optional[int] = None) -> int:
-    """The ring kernels (fwd_h_sm90, bwd_g_sm90, bwd_x_sm90): ``stages`` (default ring_stages()) stages of a
-    128 x 64 and a 64 x 128 tile."""
-    return (stages or ring_stages()) * (BM * RING_BK + RING_BK * BN) * _itemsize(dtype)
+def ring_stages(blocks: int, dtype: torch.dtype, device: torch.device) -> int:
+    """The stages of a ring kernel's launch of ``blocks`` blocks: the deep ring where every block has an SM of its own
+    (H = x A in a few shares of I on few row tiles: timed faster) and its shared memory fits, else the shallow one
+    (two blocks per SM, each hiding the other's waits: timed faster where the blocks outnumber the SMs)."""
+    index = device_index(device)
+    shallow, deep = RING_STAGES
+    fits = ring_shared_bytes(dtype, deep) <= shared_memory_per_block(index)
+    return deep if blocks <= multiprocessors(index) and fits else shallow
+
+
+def ring_launch(source: str, name: str, dtype: torch.dtype, device: torch.device, blocks: int, args: tuple) -> None:
+    """Launch the ring kernel ``name`` of ``source`` on ``blocks`` blocks, with the ring ring_stages gives them."""
+    stages = ring_stages(blocks, dtype, device)
+    kernel(source, name, dtype, stages)((blocks,), (THREADS,), *args, shared_mem=ring_shared_bytes(dtype, stages))
 
 
 def on_sm90(index: int) -> bool:

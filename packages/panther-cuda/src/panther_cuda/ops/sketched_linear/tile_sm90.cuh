@@ -179,7 +179,7 @@ __device__ __forceinline__ void product(float (&d)[64], const T* a, const T* b) 
 }
 
 // The ring's depth per step (sm90.py's RING_BK) and its shared memory in elements with S stages (sm90.py's
-// RING_STAGES: the instances of the ring kernels).
+// RING_STAGES: the instances of the ring kernels, its ring_stages the one a launch takes).
 constexpr int RING_BK = 64;
 template <int S> struct Ring { static constexpr int ELEMENTS = S * 2 * 128 * RING_BK; };
 
