@@ -193,9 +193,9 @@ def cuda_rows(T, I, O, inputs, replays, tiles: Optional[List[str]] = None, hoppe
 
 
 def ring_rows(T, I, O, inputs, replays, stages: int) -> Tuple[List[dict], dict]:
-    """The sm_90a kernels with their ring of ``stages`` stages (in place of sm90.ring_stages'): the rule's forward plan with H and
-    y by forward_sm90.cu ("default hopper"), the backward by backward_sm90.cu, both together, and their kernels;
-    plans and kernel tables named with " s<stages>"."""
+    """The sm_90a kernels with their ring of ``stages`` stages (in place of sm90.ring_stages' choice): the rule's
+    forward plan with H and y by forward_sm90.cu ("default hopper"), the backward by backward_sm90.cu, both together,
+    that backward in two shares, and their kernels; plans and kernel tables named with " s<stages>"."""
     from panther.backends.toolkit import multiprocessors, shared_memory_per_block
     from panther_cuda.ops.sketched_linear import sm90
     from panther_cuda.ops.sketched_linear.backward import sketched_linear_backward
