@@ -39,6 +39,7 @@ import sys
 import time
 from pathlib import Path
 from typing import List, Optional, Tuple
+from unittest import mock
 
 import torch
 
@@ -192,20 +193,25 @@ def cuda_rows(T, I, O, inputs, replays, tiles: Optional[List[str]] = None, hoppe
     return rows, kernels
 
 
-def ring_rows(T, I, O, inputs, replays, stages: int) -> Tuple[List[dict], dict]:
-    """The sm_90a kernels with their ring of ``stages`` stages (in place of sm90.ring_stages' choice): the rule's
-    forward plan with H and y by forward_sm90.cu ("default hopper"), the backward by backward_sm90.cu, both together,
-    that backward in two shares, and their kernels; plans and kernel tables named with " s<stages>"."""
+def hopper_plan(T, I, O, x):
+    """The rule's forward plan with H and y by forward_sm90.cu (forward_plans' "default hopper")."""
     from panther.backends.toolkit import multiprocessors, shared_memory_per_block
+
+    return forward_plans(T, I, O, 2 * L * K, x.dtype, multiprocessors(), shared_memory_per_block(), hopper=True,
+                         tiles=[])["default hopper"]
+
+
+def ring_rows(T, I, O, inputs, replays, stages: int) -> Tuple[List[dict], dict]:
+    """The sm_90a kernels with their ring of ``stages`` stages (in place of sm90.ring_stages' choice): the forward of
+    :func:`hopper_plan`, the backward by backward_sm90.cu, both together, that backward in two shares of T and of O,
+    and their kernels; plans and kernel tables named with " s<stages>"."""
     from panther_cuda.ops.sketched_linear import sm90
     from panther_cuda.ops.sketched_linear.backward import sketched_linear_backward
     from panther_cuda.ops.sketched_linear.forward import sketched_linear_forward
 
     x, S1s, S2s, U1s, U2s, bias, grad = inputs
-    plan = forward_plans(T, I, O, 2 * L * K, x.dtype, multiprocessors(), shared_memory_per_block(),
-                         hopper=True, tiles=[])["default hopper"]
-    saved, sm90.ring_stages = sm90.ring_stages, lambda *_: stages
-    try:
+    plan = hopper_plan(T, I, O, x)
+    with mock.patch.object(sm90, "ring_stages", lambda *_: stages):
         _, h = sketched_linear_forward(x, S1s, S2s, U1s, U2s, bias, plan=plan)
 
         def fwd():
@@ -218,7 +224,7 @@ def ring_rows(T, I, O, inputs, replays, stages: int) -> Tuple[List[dict], dict]:
             _, hh = sketched_linear_forward(x, S1s, S2s, U1s, U2s, bias, plan=plan)
             sketched_linear_backward(grad, x, hh, S1s, S2s, U1s, U2s, NEEDS, hopper=True)
 
-        def bwd2():  # half the rule's shares: one wave of blocks where the ring leaves room for one a SM
+        def bwd2():  # fewer blocks than the rule's shares give at large T: room for a deeper ring's one block a SM
             sketched_linear_backward(grad, x, h, S1s, S2s, U1s, U2s, NEEDS, hopper=True, split=2, dh_split=2)
 
         label = f"hopper s{stages}"
@@ -228,31 +234,24 @@ def ring_rows(T, I, O, inputs, replays, stages: int) -> Tuple[List[dict], dict]:
                                        ("bwd", f"{label} split=2 dh_split=2", bwd2))]
         return rows, {f"fwd {label}": kernel_times(fwd), f"bwd {label}": kernel_times(bwd),
                       f"bwd {label} split=2": kernel_times(bwd2)}
-    finally:
-        sm90.ring_stages = saved
 
 
 def y_groups_rows(T, I, O, inputs, replays, groups: int) -> Tuple[List[dict], dict]:
-    """The rule's sm_90a forward ("default hopper") with fwd_y_sm90 on ``groups`` blocks per row tile (each walking
-    every ``groups``-th column tile; sm90.groups gives the rule's) and its kernels; named "hopper y groups=<G>"."""
-    from panther.backends.toolkit import cdiv, multiprocessors, shared_memory_per_block
+    """The forward of :func:`hopper_plan` with fwd_y_sm90 on ``groups`` blocks per row tile (each walking every
+    ``groups``-th column tile; sm90.groups gives the rule's) and its kernels; named "hopper y groups=<G>"."""
+    from panther.backends.toolkit import cdiv
     from panther_cuda.ops.sketched_linear import sm90
     from panther_cuda.ops.sketched_linear.forward import sketched_linear_forward
 
-    x, S1s, S2s, U1s, U2s, bias, grad = inputs
-    plan = forward_plans(T, I, O, 2 * L * K, x.dtype, multiprocessors(), shared_memory_per_block(),
-                         hopper=True, tiles=[])["default hopper"]
-    saved = sm90.groups
-    sm90.groups = lambda T_, O_, *_: max(1, min(groups, cdiv(O_, sm90.BN)))
-    try:
+    x, S1s, S2s, U1s, U2s, bias, _ = inputs
+    plan = hopper_plan(T, I, O, x)
+    with mock.patch.object(sm90, "groups", lambda T_, O_, *_: max(1, min(groups, cdiv(O_, sm90.BN)))):
         def fwd():
             sketched_linear_forward(x, S1s, S2s, U1s, U2s, bias, plan=plan)
 
         label = f"hopper y groups={groups}"
         rows = [{"impl": "cuda", "what": "fwd", "plan": label, "detail": repr(plan), "ms": median_ms(fwd, replays)}]
         return rows, {f"fwd {label}": kernel_times(fwd)}
-    finally:
-        sm90.groups = saved
 
 
 def autograd_rows(impl: str, fn, leaves: list, grad, replays, kernels: Optional[dict] = None) -> List[dict]:

@@ -67,7 +67,8 @@ def ring_shared_bytes(dtype: torch.dtype, stages: int = RING_STAGES[0]) -> int:
 def ring_stages(blocks: int, dtype: torch.dtype, device: torch.device) -> int:
     """The stages of a ring kernel's launch of ``blocks`` blocks: the deep ring where every block has an SM of its own
     (H = x A in a few shares of I on few row tiles: timed faster) and its shared memory fits, else the shallow one
-    (two blocks per SM, each hiding the other's waits: timed faster where the blocks outnumber the SMs)."""
+    (two blocks per SM, each hiding the other's waits: timed faster where the blocks outnumber the SMs; both timings in
+    benchmarks/results/NOTES.md)."""
     index = device_index(device)
     shallow, deep = RING_STAGES
     fits = ring_shared_bytes(dtype, deep) <= shared_memory_per_block(index)
