@@ -278,8 +278,8 @@ def test_hopper_forward(shape, mode, monkeypatch):
                                    (130, 90, 136, 1, 16, 1)], ids=lambda s: "T{}_I{}_O{}_L{}_k{}_split{}".format(*s))
 def test_hopper_backward(shape, mode, monkeypatch):
     """The backward with hopper=True: both product launches by backward_sm90.cu's kernels where the device is sm_90
-    and the shapes allow (I = 90, off 8: the second by backward.cu's), every gradient, the weight gradients and dH
-    in shares where split; against the float64 reference."""
+    and the shapes allow (I = 90, off 8: the second by backward.cu's; R <= 128: the second by bwd_x_fused_sm90), every
+    gradient, the weight gradients and dH in shares where split; against the float64 reference."""
     T, I, O, L, k, split = shape
     launched = spy_sm90(monkeypatch)
     inputs = make_inputs(T, I, O, L, k, DTYPES[mode])
@@ -289,7 +289,8 @@ def test_hopper_backward(shape, mode, monkeypatch):
                                      hopper=True)
     expected = []
     if torch.cuda.get_device_capability() == (9, 0):
-        expected = ["sketched_linear_bwd_g_sm90"] + (["sketched_linear_bwd_x_sm90"] if I % 8 == 0 else [])
+        x_kernel = "sketched_linear_bwd_x_fused_sm90" if 2 * L * k <= 128 else "sketched_linear_bwd_x_sm90"
+        expected = ["sketched_linear_bwd_g_sm90"] + ([x_kernel] if I % 8 == 0 else [])
     assert launched == expected
     _, grads_ref = reference(inputs, g, ALL)
     errs = {NAMES[i]: rel_err(got, ref) for i, (got, ref) in enumerate(zip(grads, grads_ref))}
@@ -792,7 +793,7 @@ def test_the_rules_run_the_sm90_kernels_on_sm90(recorder, sm90_device, monkeypat
     sketched_linear_backward(torch.randn_like(y), x, h, S1s, S2s, U1s, U2s)
     on_sm90 = capability == (9, 0)
     sm90_names = ["sketched_linear_fwd_h_sm90", "sketched_linear_fwd_y_sm90", "sketched_linear_bwd_g_sm90",
-                  "sketched_linear_bwd_x_sm90"]
+                  "sketched_linear_bwd_x_fused_sm90"]  # R = 128
     assert [n for n, *_ in sm90_device] == (sm90_names if on_sm90 else [])
     assert [n for n, *_ in recorder.calls if n != "sketched_linear_sum_shares"] == (
         ["sketched_linear_bwd_sum"] if on_sm90 else
@@ -866,10 +867,11 @@ def test_hopper_plan_falls_back_to_the_forward_y_kernel(recorder, sm90_device, m
 
 @pytest.mark.parametrize("split", [1, 3])
 def test_hopper_backward_launches_the_sm90_kernels(recorder, sm90_device, split):
-    """hopper=True: the two product launches by backward_sm90.cu's kernels with the arguments and grids of
-    backward.cu's on the large tiles (forced whatever tiles says), the third launch (shares) by backward.cu."""
-    x, S1s, S2s, U1s, U2s, _ = make_inputs(300, 96, 200, 2, 8, torch.bfloat16, device="cpu")
-    g, h = torch.randn(300, 200).bfloat16(), torch.randn(300, 32).bfloat16()
+    """hopper=True, R = 160 (past bwd_x_fused_sm90's): the two product launches by backward_sm90.cu's kernels with the
+    arguments and grids of backward.cu's on the large tiles (forced whatever tiles says), the third launch (shares) by
+    backward.cu."""
+    x, S1s, S2s, U1s, U2s, _ = make_inputs(300, 96, 200, 2, 40, torch.bfloat16, device="cpu")
+    g, h = torch.randn(300, 200).bfloat16(), torch.randn(300, 160).bfloat16()
     grads = sketched_linear_backward(g, x, h, S1s, S2s, U1s, U2s, (True,) * 6, split=split, dh_split=1,
                                      tiles="small", hopper=True)
     hopper = [(name, grid, block, args, shared) for name, _, _, grid, block, args, shared in sm90_device]
@@ -887,6 +889,42 @@ def test_hopper_backward_launches_the_sm90_kernels(recorder, sm90_device, split)
     assert grads[0] is hopper[1][3][4] and grads[5] is hopper[0][3][7]  # dx, db written by the sm_90a kernels
 
 
+@pytest.mark.parametrize("needs", ["111111", "100000", "010010", "100011"])
+@pytest.mark.parametrize("split", [None, 2])
+def test_hopper_backward_fuses_x_where_R_fits(recorder, sm90_device, monkeypatch, needs, split):
+    """R <= 128: launch 2 by bwd_x_fused_sm90, one block per 128 columns of I and share of T (the rule's for its
+    grid, or the forced split), its weight gradient in shares of its own; launch 3 sums each gradient's shares with
+    its own count, and leaves out what its launch wrote."""
+    T, I, O, L, k = 4096, 1000, 64, 1, 64  # 8 column tiles of I; launch 1: 1 tile of d[U1; S2], 32 of dH
+    x, S1s, S2s, U1s, U2s, _ = make_inputs(T, I, O, L, k, torch.bfloat16, device="cpu")
+    g, h = torch.randn(T, O).bfloat16(), torch.randn(T, 2 * L * k).bfloat16()
+    wanted = tuple(c == "1" for c in needs)
+    monkeypatch.setattr(bwd_module, "device_index", lambda device: 0)
+    grads = sketched_linear_backward(g, x, h, S1s, S2s, U1s, U2s, wanted, split=split, dh_split=1, tiles="small",
+                                     hopper=True)
+    launches = {name: (size, grid, args, shared) for name, _, size, grid, _, args, shared in sm90_device}
+    size, grid, args, shared = launches["sketched_linear_bwd_x_fused_sm90"]
+    x_split = 16 if split is None else split  # 8 column tiles x 16 shares fill 132 SMs at most
+    assert bwd_module.fused_x_split(T, I, 132) == 16
+    assert grid == (8 * x_split,) and size == sm90_module.FUSED_X_STAGES
+    assert shared == sm90_module.fused_x_shared_bytes(torch.bfloat16) == (128 * 128 + 4 * 2 * 64 * 128 + 64 * 128) * 2
+    c_lo, c_n = {"111111": (0, 128), "100000": (0, 0), "010010": (0, 128), "100011": (64, 64)}[needs]
+    assert args[4] is grads[0] and args[5] is grads[1] and args[6] is grads[4]  # dx, dS1, dU2 (None where not wanted)
+    ws1 = args[7]
+    assert (ws1 is None) == (c_n == 0) and (ws1 is None or ws1.shape == (x_split, I, c_n))
+    assert [int(a) for a in args[8:]] == [T, I, L, k, c_lo, c_n, x_split]
+    sums = [c for c in recorder.calls if c[0] == "sketched_linear_bwd_sum"]
+    g_split = launches["sketched_linear_bwd_g_sm90"][2][17]
+    g_shares = int(g_split) > 1 and (wanted[2] or wanted[3] or wanted[5])
+    if ws1 is None and not g_shares:
+        assert sums == []
+        return
+    ((_, _, sum_args, _),) = sums
+    assert sum_args[0] is ws1 and [int(a) for a in sum_args[-2:]] == [x_split, int(g_split)]
+    assert int(sum_args[12]) == (c_n if ws1 is not None else 0)  # d[S1 | U2]'s columns summed here
+    assert (sum_args[6] is None) == (not (g_shares and wanted[5]))  # db summed here only from shares
+
+
 @pytest.mark.parametrize("why", ["sm_80", "float32", "O off 8", "I off 8", "k off 8"])
 def test_hopper_backward_falls_back(recorder, sm90_device, monkeypatch, why):
     (T, I, O, L, k), (x, S1s, S2s, U1s, U2s, _) = unfit_inputs(why, (70, 96, 200, 2, 8), monkeypatch)
@@ -894,7 +932,7 @@ def test_hopper_backward_falls_back(recorder, sm90_device, monkeypatch, why):
     sketched_linear_backward(g, x, h, S1s, S2s, U1s, U2s, (True,) * 6, split=1, dh_split=1, tiles="large", hopper=True)
     names = {n for n, *_ in sm90_device} | {n for n, *_ in recorder.calls}
     expected = {"I off 8": {"sketched_linear_bwd_g_sm90", "sketched_linear_bwd_x"},  # each launch on its own
-                "O off 8": {"sketched_linear_bwd_g", "sketched_linear_bwd_x_sm90"}}
+                "O off 8": {"sketched_linear_bwd_g", "sketched_linear_bwd_x_fused_sm90"}}  # R = 32
     assert names == expected.get(why, {"sketched_linear_bwd_g", "sketched_linear_bwd_x"})
 
 
@@ -1108,6 +1146,13 @@ EMU_CASES = [
     ("float16", "sm90h6:2", -3, 3, 200, 200, 264, 1, 16, 1, "111111"),  # I = 200 in shares of 128, 72 and 0
     ("bfloat16", "sm90h6:1", -2, 2, 65, 456, 24, 2, 40, 1, "110011"),  # R = 160; I = 456: eight steps, the last short
     ("float16", "sm90h6:1", 0, 2, 300, 136, 40, 3, 8, 1, "111111"),  # three row tiles, T in shares
+    # bwd_x_fused_sm90 (R <= 128, the cases above with R = 128 and 32 too): dx alone, in shares of T, I = 136 in two
+    # column tiles; both halves of d[S1 | U2] without dx, R = 16, T in three shares (launch 2 in four); the U2 half
+    # alone with dx, R = 96; T = 450, eight steps round the ring of four, the last short
+    ("bfloat16", "sm90h:1", 0, 2, 200, 136, 40, 1, 64, 1, "100000"),
+    ("float16", "sm90h:1", 0, 3, 150, 264, 24, 1, 8, 1, "010010"),
+    ("bfloat16", "sm90h:1", 0, 2, 70, 40, 24, 3, 16, 0, "100010"),
+    ("float16", "sm90h:1", 0, 1, 450, 72, 16, 1, 32, 1, "110011"),
 ]
 
 

@@ -217,8 +217,8 @@ inline unsigned long long descriptor(const void* p, unsigned lbo, unsigned sbo) 
 }
 inline void fence_proxy_async() {}
 inline void wgmma_fence() {}
-inline void fence_operand(float (&)[64]) {}
-struct EmuWgmma { float* d; unsigned long long a, b; int accumulate; bool trans_a, trans_b, bf; };
+template <int N> inline void fence_operand(float (&)[N]) {}
+struct EmuWgmma { float* d; int n; unsigned long long a, b; int accumulate; bool trans_a, trans_b, bf; };  // n: N, 128 or 64
 inline thread_local std::vector<EmuWgmma> g_wg_open;
 inline thread_local std::vector<std::vector<EmuWgmma>> g_wg_groups;
 // element (row, col) of a 16-bit operand: K-major (row = M or N index, col = K) or MN-major (row = K, col = M or N)
@@ -253,7 +253,7 @@ inline float emu_operand(unsigned long long desc, bool mn_major, int row, int co
 }
 inline void emu_wgmma_run(const EmuWgmma& op) {
     const int t = threadIdx.x & 127, w = t >> 5, lane = t & 31;
-    for (int i = 0; i < 16; ++i)
+    for (int i = 0; i < op.n / 8; ++i)
         for (int v = 0; v < 4; ++v) {
             const int m = 16 * w + (lane >> 2) + 8 * (v >> 1), n = 8 * i + 2 * (lane & 3) + (v & 1);
             float s = 0.0f;
@@ -274,7 +274,12 @@ template <typename T, bool TRANS_A, bool TRANS_B> struct Wgmma {
     static void m64n128k16(float (&d)[64], unsigned long long a, unsigned long long b, int accumulate) {
         static_assert(sizeof(T) == 2, "wgmma here: 16-bit operands");
         constexpr bool bf = requires(T x) { x.bits; };
-        g_wg_open.push_back(EmuWgmma{d, a, b, accumulate, TRANS_A, TRANS_B, bf});
+        g_wg_open.push_back(EmuWgmma{d, 128, a, b, accumulate, TRANS_A, TRANS_B, bf});
+    }
+    static void m64n64k16(float (&d)[32], unsigned long long a, unsigned long long b, int accumulate) {
+        static_assert(sizeof(T) == 2, "wgmma here: 16-bit operands");
+        constexpr bool bf = requires(T x) { x.bits; };
+        g_wg_open.push_back(EmuWgmma{d, 64, a, b, accumulate, TRANS_A, TRANS_B, bf});
     }
 };
 inline bool emu_wgmma_idle() { return g_wg_open.empty() && g_wg_groups.empty(); }

@@ -123,7 +123,13 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
     int w_lo, w_n; range(nu1, ns2, w_lo, w_n);
     int c_lo, c_n; range(ns1, nu2, c_lo, c_n);
     if (!need_dh) c_n = 0;
-    std::vector<float> ws1(split > 1 ? (size_t)split * I * c_n : 0, NAN), ws2(split > 1 ? (size_t)split * (w_n + nb) * O : 0, NAN);
+    // sm90h with R <= 128: dx and d[S1 | U2] by bwd_x_fused_sm90 (as backward.py launches it), in x_split shares of T:
+    // one more than launch 1's where T is split (backward.py's counts may differ; launch 3 takes both)
+    bool sm90 = false;
+    if constexpr (sizeof(T) == 2) sm90 = g_sm90_h;
+    const bool fused_x = sm90 && R <= 128;
+    const int x_split = fused_x && split > 1 ? split + 1 : split;
+    std::vector<float> ws1(x_split > 1 ? (size_t)x_split * I * c_n : 0, NAN), ws2(split > 1 ? (size_t)split * (w_n + nb) * O : 0, NAN);
     float* ws1p = ws1.empty() ? nullptr : ws1.data();
     float* ws2p = ws2.empty() ? nullptr : ws2.data();
     long long n_dh = need_dh ? cdv(Tn, BM) * cdv(R, BN) : 0;
@@ -133,8 +139,6 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
     float* wsdp = wsd.empty() ? nullptr : wsd.data();
     n_dh *= split;
     // sm90h: the backward by backward_sm90.cu's kernels, on the large tiles' grids (128 x 128, 256 threads)
-    bool sm90 = false;
-    if constexpr (sizeof(T) == 2) sm90 = g_sm90_h;
     const unsigned sm90_shared = g_sm90_stages * (128 * 64 + 64 * 128) * sizeof(T);
     if (n_dh + tiles_g)
         launch(n_dh + tiles_g * split, NT, sm90 ? sm90_shared : tile, [&] {
@@ -151,7 +155,14 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
                                             scale, n_dh, w_lo, w_n, split, wsdp, split);
         });
     if (wsdp) launch(3, SUM_NT, 0, [&] { sketched_linear_sum_shares<T>(wsdp, dh.p(), Tn * R, split, scale); });
-    if (need_dh) {
+    if (need_dh && fused_x) {
+        if constexpr (sizeof(T) == 2) {
+            launch(cdv(I, 128) * x_split, SM90_NT, FusedX<4>::ELEMENTS * sizeof(T), [&] {
+                sketched_linear_bwd_x_fused_sm90<T, 4>(x.p(), dh.p(), S1.p(), U2.p(), dx.p(), dS1.p(), dU2.p(), ws1p, Tn, I,
+                                                       L, k, c_lo, c_n, x_split);
+            });
+        }
+    } else if (need_dh) {
         long long n_dx = nx ? cdv(Tn, BM) * cdv(I, BN) : 0, n_dw1 = cdv(I, BM) * cdv(c_n, BN) * split;
         launch(n_dx + n_dw1, NT, sm90 ? sm90_shared : tile, [&] {
             if constexpr (sizeof(T) == 2) {
@@ -167,10 +178,12 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
                                             c_lo, c_n, split);
         });
     }
-    if (split > 1 && I * c_n + (long long)(w_n + nb) * O > 0)
+    const int c1_n = ws1p ? c_n : 0, c2_n = ws2p ? w_n : 0;  // the gradients whose launch wrote shares
+    T* db2 = ws2p ? db.p() : nullptr;
+    if (I * c1_n + (long long)(c2_n + (db2 ? 1 : 0)) * O > 0)
         launch(7, SUM_NT, 0, [&] {  // a short grid: the grid-stride loop takes several elements per thread
-            sketched_linear_bwd_sum<T>(ws1p, ws2p, dS1.p(), dU2.p(), dU1.p(), dS2.p(), db.p(), I, O, L, k, c_lo, c_n, w_lo, w_n,
-                                       split);
+            sketched_linear_bwd_sum<T>(ws1p, ws2p, dS1.p(), dU2.p(), dU1.p(), dS2.p(), db2, I, O, L, k, c_lo, c1_n, w_lo, c2_n,
+                                       x_split, split);
         });
     std::vector<double> DH(Tn * R);
     for (long long t = 0; t < Tn; ++t)

@@ -172,22 +172,22 @@ __global__ void __launch_bounds__(C::NT, (MIN_BLOCKS<T, C>)) sketched_linear_bwd
     });
 }
 
-// The weight gradients from the n_splits fp32 shares: elements [0, I c1_n) of d[S1 | U2]'s columns
-// c1_lo .. c1_lo + c1_n (shares ws1[split][i][n]), then [0, (c2_n + has db) O) of d[U1; S2]'s rows
-// c2_lo .. c2_lo + c2_n and db (shares ws2[split][m][o], db as row c2_n); one element per thread,
-// grid-stride.
+// The weight gradients from their fp32 shares: elements [0, I c1_n) of d[S1 | U2]'s columns c1_lo .. c1_lo + c1_n
+// (n_splits1 shares ws1[split][i][n]), then [0, (c2_n + has db) O) of d[U1; S2]'s rows c2_lo .. c2_lo + c2_n and db
+// (n_splits2 shares ws2[split][m][o], db as row c2_n); one element per thread, grid-stride. A gradient its launch
+// wrote itself (one share) is left out here: c1_n = 0, or c2_n = 0 and db null.
 template <typename T>
 __global__ void __launch_bounds__(SUM_NT) sketched_linear_bwd_sum(
     const float* __restrict__ ws1, const float* __restrict__ ws2, T* __restrict__ dS1, T* __restrict__ dU2,
     T* __restrict__ dU1, T* __restrict__ dS2, T* __restrict__ db, long long I, long long O, int L, int k, int c1_lo,
-    int c1_n, int c2_lo, int c2_n, int n_splits) {
+    int c1_n, int c2_lo, int c2_n, int n_splits1, int n_splits2) {
     const int Lk = L * k;
     const long long n1 = I * c1_n, n2 = static_cast<long long>(c2_n + (db != nullptr ? 1 : 0)) * O;
     for (long long e = static_cast<long long>(blockIdx.x) * SUM_NT + threadIdx.x; e < n1 + n2;
          e += static_cast<long long>(gridDim.x) * SUM_NT) {
         if (e < n1) {
             float sum = 0.0f;
-            for (int s = 0; s < n_splits; ++s) sum += ws1[s * n1 + e];
+            for (int s = 0; s < n_splits1; ++s) sum += ws1[s * n1 + e];
             const long long i = e / c1_n;
             int cc = c1_lo + static_cast<int>(e % c1_n);
             T* out = dS1;
@@ -199,7 +199,7 @@ __global__ void __launch_bounds__(SUM_NT) sketched_linear_bwd_sum(
         } else {
             const long long e2 = e - n1;
             float sum = 0.0f;
-            for (int s = 0; s < n_splits; ++s) sum += ws2[s * n2 + e2];
+            for (int s = 0; s < n_splits2; ++s) sum += ws2[s * n2 + e2];
             const int m = static_cast<int>(e2 / O);
             const int row = c2_lo + m;
             T* out = m == c2_n ? db : row < Lk ? dU1 + static_cast<long long>(row) * O : dS2 + static_cast<long long>(row - Lk) * O;
@@ -225,6 +225,6 @@ __global__ void __launch_bounds__(SUM_NT) sketched_linear_bwd_sum(
 #define ALL(T, E) INST(T, E, SMALL) INST(T, E, LARGE) INST(T, E, DEEP64)
 ALL(float, false) ALL(float, true) ALL(__half, false) ALL(__nv_bfloat16, false)
 #define SUM(T) template __global__ void panther::sl::sketched_linear_bwd_sum<T>(const float*, const float*, T*, T*, T*, \
-    T*, T*, long long, long long, int, int, int, int, int, int, int);
+    T*, T*, long long, long long, int, int, int, int, int, int, int, int);
 SUM(float) SUM(__half) SUM(__nv_bfloat16)
 #endif  // PANTHER_NVCC_CHECK

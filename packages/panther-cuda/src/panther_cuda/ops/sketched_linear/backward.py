@@ -18,7 +18,10 @@ reduces over O and is split the same way. Every launch runs on one tile shape (l
 Hopper (:func:`hopper_rule`, or ``hopper=True``): launches 1 and 2 by backward_sm90.cu's kernels (warpgroup MMA,
 the same roles and arguments on LARGE's 128 x 128 tiles), each where sm90.bwd_g_fits / sm90.bwd_x_fits allows, else
 backward.cu's on LARGE tiles. The rule takes them on sm_90 for 16-bit inputs wherever the backward runs on LARGE
-tiles, where they were timed faster than backward.cu's (benchmarks/results/NOTES.md).
+tiles, where they were timed faster than backward.cu's (benchmarks/results/NOTES.md). Where R <= 128
+(sm90.bwd_x_fused_fits), launch 2 is bwd_x_fused_sm90 instead: each block owns 128 columns of I and walks a share of
+T (:func:`fused_x_split`), so that x is read once, dx written once and A's tile stays on chip; its weight gradient's
+shares of T may then differ in number from launch 1's (launch 3 takes both counts).
 """
 
 from __future__ import annotations
@@ -82,6 +85,12 @@ def backward_splits(T: int, I: int, O: int, R: int, needs: Sequence[bool], c: Ti
     split = split_rule(T, max(tiles_g, tiles_x), sms, c) if tiles_g + tiles_x else 1
     dh_split = split_rule(O, tiles_dh, sms, c) if tiles_dh else 1
     return split, dh_split
+
+
+def fused_x_split(T: int, I: int, sms: int) -> int:
+    """The shares of T of launch 2 by bwd_x_fused_sm90 (one block per SM, each owning 128 columns of I for its
+    share): common.split_rule's, one block per column tile and share."""
+    return split_rule(T, cdiv(I, sm90.BN), sms, LARGE)
 
 
 def half_range(first: bool, second: bool, Lk: int) -> Tuple[int, int]:
@@ -149,6 +158,7 @@ def sketched_linear_backward(
         hopper = rule_tiles is not None and hopper_rule(rule_tiles, x.dtype, x.device)
     hopper_g = hopper and sm90.bwd_g_fits(O, k, x.dtype, g.device, g2, h, U1c, S2c)
     hopper_x = hopper and need_dh and sm90.bwd_x_fits(I, k, x.dtype, g.device, x2, S1c, U2c)
+    fused_x = hopper_x and sm90.bwd_x_fused_fits(I, k, R, x.dtype, g.device, x2, S1c, U2c)
     if hopper_g or hopper_x:
         tiles = "large"  # the grids of the sm_90a kernels (128 x 128 tiles)
     if tiles is None:
@@ -163,16 +173,19 @@ def sketched_linear_backward(
     w_lo, w_n = half_range(need_u1, need_s2, Lk)  # rows of d[U1; S2]
     c_lo, c_n = half_range(need_s1, need_u2, Lk)  # columns of d[S1 | U2]
     tiles_g, tiles_x, tiles_dh = _tiles(I, O, T, R, needs, c)
+    forced = split is not None
     if split is None or dh_split is None:
         rule = backward_splits(T, I, O, R, needs, c, multiprocessors(device_index(g.device)))
         split = rule[0] if split is None else split
         dh_split = rule[1] if dh_split is None else dh_split
     split = max(1, min(int(split), T))
-    ws1 = ws2 = None
-    if split > 1:  # fp32 shares of the weight gradients, summed by launch 3
-        ws1 = torch.empty((split, I, c_n), device=g.device, dtype=torch.float32) if c_n else None
-        rows = w_n + (1 if need_b else 0)  # db's shares as one more row
-        ws2 = torch.empty((split, rows, O), device=g.device, dtype=torch.float32) if rows else None
+    # launch 2's shares of T: the rule's for bwd_x_fused_sm90's grid unless forced, else launch 1's
+    x_split = split if forced or not fused_x else fused_x_split(T, I, multiprocessors(device_index(g.device)))
+    x_split = max(1, min(x_split, T))
+    # fp32 shares of the weight gradients, summed by launch 3
+    ws1 = torch.empty((x_split, I, c_n), device=g.device, dtype=torch.float32) if x_split > 1 and c_n else None
+    rows = w_n + (1 if need_b else 0)  # db's shares as one more row
+    ws2 = torch.empty((split, rows, O), device=g.device, dtype=torch.float32) if split > 1 and rows else None
 
     dh_split = max(1, int(dh_split))
     ws_dh = torch.empty((dh_split, T, R), device=g.device, dtype=torch.float32) if dh_split > 1 and need_dh else None
@@ -188,7 +201,11 @@ def sketched_linear_backward(
             launch("backward.cu", "sketched_linear_bwd_g", x.dtype, exact, c, n_dh + tiles_g * split, *args)
     if ws_dh is not None:
         sum_shares(ws_dh, dh, float(scale))
-    if need_dh:
+    if fused_x:
+        sm90.kernel("backward_sm90.cu", "sketched_linear_bwd_x_fused_sm90", x.dtype, sm90.FUSED_X_STAGES)(
+            (cdiv(I, sm90.BN) * x_split,), (sm90.THREADS,), x2, dh, S1c, U2c, dx, dS1, dU2, ws1, i64(T), i64(I), i32(L),
+            i32(k), i32(c_lo), i32(c_n), i32(x_split), shared_mem=sm90.fused_x_shared_bytes(x.dtype))
+    elif need_dh:
         n_dx = cdiv(T, BM) * cdiv(I, BN) if need_x else 0
         args = (x2, dh, S1c, U2c, dx, dS1, dU2, ws1, i64(T), i64(I), i32(L), i32(k), i64(n_dx), i32(c_lo), i32(c_n),
                 i32(split))
@@ -197,11 +214,13 @@ def sketched_linear_backward(
                              n_dx + tiles_x * split, args)
         else:
             launch("backward.cu", "sketched_linear_bwd_x", x.dtype, exact, c, n_dx + tiles_x * split, *args)
-    if ws1 is not None or ws2 is not None:
-        n = I * c_n + (w_n + (1 if need_b else 0)) * O
+    if ws1 is not None or ws2 is not None:  # the gradients whose launch wrote shares
+        c1_n = c_n if ws1 is not None else 0
+        c2_n, db2 = (w_n, db) if ws2 is not None else (0, None)
+        n = I * c1_n + (c2_n + (1 if db2 is not None else 0)) * O
         kernel("backward.cu", "sketched_linear_bwd_sum", x.dtype)(
             (min(cdiv(n, SUM_THREADS), SUM_BLOCKS),), (SUM_THREADS,),
-            ws1, ws2, dS1, dU2, dU1, dS2, db, i64(I), i64(O), i32(L), i32(k), i32(c_lo), i32(c_n), i32(w_lo),
-            i32(w_n), i32(split),
+            ws1, ws2, dS1, dU2, dU1, dS2, db2, i64(I), i64(O), i32(L), i32(k), i32(c_lo), i32(c1_n), i32(w_lo),
+            i32(c2_n), i32(x_split), i32(split),
         )
     return grads

@@ -5,7 +5,8 @@ warpgroup MMA (wgmma) from shared memory, compiled for sm_90a, for 16-bit inputs
 asks for them (``ForwardPlan.hopper_h`` / ``.hopper_y``, ``sketched_linear_backward(hopper=True)`` or its
 hopper_rule) runs them where its ``*_fits`` allows (an sm_90 device, 16-bit inputs, the sizes their 16-byte copies
 need, 16-byte aligned tensors, their shared memory), else forward.cu's or backward.cu's kernel. The ring kernels
-(H and the backward's) take the ring of stages that ring_stages gives their grid.
+(H and the backward's) take the ring of stages that ring_stages gives their grid; bwd_x_fused_sm90 (dx and d[S1 | U2]
+in one pass over x, R <= 128) its own ring of FUSED_X_STAGES.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ RING_BK = 64  # the ring of the other kernels (tile_sm90.cuh's ring_sm90): depth
 # (96 KiB in 16 bits) leave room for two blocks per SM; six (192 KiB) keep five steps of copies in flight for a
 # block alone on its SM. tools/linear_sweep.py --ring-stages times others (benchmarks/results/NOTES.md).
 RING_STAGES = (3, 6)
+FUSED_X_STAGES = 4  # bwd_x_fused_sm90's ring (its instance): 176 KiB in 16 bits, one block per SM
+FUSED_X_MAX_R = 128  # bwd_x_fused_sm90 holds R = 2Lk in one 128-wide tile
 TWO_BLOCKS_BYTES = 100 << 10  # up to this much shared memory, two blocks stay resident per SM (228 KiB)
 
 _kernels: Dict[Tuple[str, str, torch.dtype, Optional[int]], Kernel] = {}
@@ -62,6 +65,12 @@ def ring_shared_bytes(dtype: torch.dtype, stages: int = RING_STAGES[0]) -> int:
     """The ring kernels (fwd_h_sm90, bwd_g_sm90, bwd_x_sm90): ``stages`` stages of a 128 x 64 and a 64 x 128 tile
     (by default the shallow ring, the least a launch takes)."""
     return stages * (BM * RING_BK + RING_BK * BN) * _itemsize(dtype)
+
+
+def fused_x_shared_bytes(dtype: torch.dtype) -> int:
+    """bwd_x_fused_sm90 (backward_sm90.cu's FusedX): A's 128 x 128 tile, FUSED_X_STAGES stages of x's and dH's
+    64 x 128 tiles, and dx's 64 x 128 tile on its way out."""
+    return (BM * BN + FUSED_X_STAGES * 2 * RING_BK * BN + RING_BK * BN) * _itemsize(dtype)
 
 
 def ring_stages(blocks: int, dtype: torch.dtype, device: torch.device) -> int:
@@ -114,6 +123,11 @@ def bwd_g_fits(O: int, k: int, dtype: torch.dtype, device: torch.device, *tensor
 def bwd_x_fits(I: int, k: int, dtype: torch.dtype, device: torch.device, *tensors: torch.Tensor) -> bool:
     """bwd_x_sm90: I and k multiples of 8 (16-byte rows of x; runs of A's columns and dH's within one term)."""
     return _takes(dtype, device, ring_shared_bytes(dtype), I % 8 == 0 and k % 8 == 0, tensors)
+
+
+def bwd_x_fused_fits(I: int, k: int, R: int, dtype: torch.dtype, device: torch.device, *tensors: torch.Tensor) -> bool:
+    """bwd_x_fused_sm90: bwd_x_fits' sizes, and R = 2Lk within one 128-wide tile (FUSED_X_MAX_R)."""
+    return R <= FUSED_X_MAX_R and _takes(dtype, device, fused_x_shared_bytes(dtype), I % 8 == 0 and k % 8 == 0, tensors)
 
 
 def groups(T: int, O: int, depth_: int, dtype: torch.dtype, sms: int) -> int:

@@ -65,15 +65,18 @@ __device__ __forceinline__ void load_mnmajor_sw(T* tile, const F& f, long long k
 
 // An operand tile's descriptor, its first 16 steps along K from `tile` (k0 a multiple of 16), warpgroup-row offset
 // `row0` (A: 64 g): the start address of a K-major tile moves along its block's rows (the swizzle applies to the
-// address the tensor cores compute), an MN-major one's by whole atoms.
-template <bool MN, int KD> __device__ __forceinline__ unsigned long long tile_descriptor(const void* tile, int k0, int row0) {
+// address the tensor cores compute), an MN-major one's by whole atoms. ROWS: a K-major tile's rows (its blocks of
+// 64 along K lie ROWS 64 elements apart: 128 as above, or 64 for the 64 x KW tile that is an MN-major KD = 64 tile
+// read the other way: both layouts place (t, c) at (c / 64) 4096 + t 64 + the swizzled chunk).
+template <bool MN, int KD, int ROWS = 128>
+__device__ __forceinline__ unsigned long long tile_descriptor(const void* tile, int k0, int row0) {
     const auto* p = static_cast<const unsigned char*>(tile);
     constexpr unsigned long long SWIZZLE_128B = 1ull << 62;
     if (MN) {
         return sm90::descriptor(p + 2 * ((row0 / 64) * (KD / 8) * 512 + (k0 / 8) * 512), KD / 8 * 1024u, 1024u) |
                SWIZZLE_128B;
     }
-    return sm90::descriptor(p + 2 * ((k0 / 64) * (128 * 64) + row0 * 64 + k0 % 64), 16u, 1024u) | SWIZZLE_128B;
+    return sm90::descriptor(p + 2 * ((k0 / 64) * (ROWS * 64) + row0 * 64 + k0 % 64), 16u, 1024u) | SWIZZLE_128B;
 }
 
 // One operand's tiles through ring_sm90 with the address arithmetic done once (tile.cuh's TileCursor, for the
@@ -261,23 +264,19 @@ template <typename F> __device__ __forceinline__ void each_pair(const float (&d)
         for (int half = 0; half < 2; ++half)
             f(row0 + 8 * half, 8 * i + 2 * (lane & 3), d[4 * i + 2 * half], d[4 * i + 2 * half + 1]);
 }
-// Write the block's 128 x 128 tile (the accumulators d of both warpgroups, value(row, col, v) of the input dtype;
-// row and col from the tile's origin) to out (leading dimension ld) at (m0, n0), rows < nr and columns < nc, staged
-// through `stage` (128 x 128 elements of shared memory that no thread reads or writes meanwhile): the pairs go to
-// the stage, 16-byte chunk j of row r at chunk j ^ (r % 8) (the eight rows of a warp's pair stores on different
-// banks), then 16-byte runs of rows go out, consecutive threads along a row (scalar where a run crosses nc, or
-// where out's rows are not 16-byte aligned). Every thread of the block must call it; it ends behind a barrier.
-template <typename T, typename V>
-__device__ __forceinline__ void store_staged(const float (&d)[64], T* stage, T* out, long long ld, long long m0,
-                                             long long n0, long long nr, long long nc, const V& value) {
-    static_assert(sizeof(T) == 2, "16-bit tiles: eight elements a run");
-    each_pair(d, [&](int r, int c, float v0, float v1) {
-        *reinterpret_cast<unsigned*>(stage + r * 128 + ((((c >> 3) ^ (r & 7)) << 3) | (c & 7))) =
-            pack2(value(r, c, v0), value(r, c + 1, v1));
-    });
-    __syncthreads();
+// The pair (r, c), (r, c + 1) into a staged ROWS x 128 tile (copy_staged's layout; c even).
+template <typename T> __device__ __forceinline__ void stage_pair(T* stage, int r, int c, T v0, T v1) {
+    *reinterpret_cast<unsigned*>(stage + r * 128 + ((((c >> 3) ^ (r & 7)) << 3) | (c & 7))) = pack2(v0, v1);
+}
+// Copy a staged ROWS x 128 tile of 16-bit elements (16-byte chunk j of row r at chunk j ^ (r % 8)) to out (leading
+// dimension ld) at (m0, n0), rows < nr and columns < nc: 16-byte runs, consecutive threads along a row (scalar where
+// a run crosses nc, or where out's rows are not 16-byte aligned). No barrier: the caller orders the stage's writes
+// before and its reuse after.
+template <typename T, int ROWS>
+__device__ __forceinline__ void copy_staged(const T* stage, T* out, long long ld, long long m0, long long n0,
+                                            long long nr, long long nc) {
     const bool vec = ld % 8 == 0 && aligned16(out);
-    for (int i = threadIdx.x; i < 128 * 16; i += SM90_NT) {
+    for (int i = threadIdx.x; i < ROWS * 16; i += SM90_NT) {
         const int r = i >> 4, j = i & 15;
         const long long t = m0 + r, o = n0 + 8 * j;
         if (t >= nr || o >= nc) continue;
@@ -289,6 +288,20 @@ __device__ __forceinline__ void store_staged(const float (&d)[64], T* stage, T* 
             for (int e = 0; e < 8 && o + e < nc; ++e) g[e] = s[e];
         }
     }
+}
+// Write the block's 128 x 128 tile (the accumulators d of both warpgroups, value(row, col, v) of the input dtype;
+// row and col from the tile's origin) to out (leading dimension ld) at (m0, n0), rows < nr and columns < nc, staged
+// through `stage` (128 x 128 elements of shared memory that no thread reads or writes meanwhile): the pairs go to
+// the stage, 16-byte chunk j of row r at chunk j ^ (r % 8) (the eight rows of a warp's pair stores on different
+// banks), then 16-byte runs of rows go out, consecutive threads along a row (scalar where a run crosses nc, or
+// where out's rows are not 16-byte aligned). Every thread of the block must call it; it ends behind a barrier.
+template <typename T, typename V>
+__device__ __forceinline__ void store_staged(const float (&d)[64], T* stage, T* out, long long ld, long long m0,
+                                             long long n0, long long nr, long long nc, const V& value) {
+    static_assert(sizeof(T) == 2, "16-bit tiles: eight elements a run");
+    each_pair(d, [&](int r, int c, float v0, float v1) { stage_pair(stage, r, c, value(r, c, v0), value(r, c + 1, v1)); });
+    __syncthreads();
+    copy_staged<T, 128>(stage, out, ld, m0, n0, nr, nc);
     __syncthreads();
 }
 #endif  // PANTHER_SM90A

@@ -47,15 +47,15 @@ template <int N> __device__ __forceinline__ void wgmma_wait() {
 }
 // Pins every accumulator register at this point, so that the compiler moves no access of d across the wgmma
 // fence before the products or the wait after them (the fence and the wait do not name d).
-__device__ __forceinline__ void fence_operand(float (&d)[64]) {
+template <int N> __device__ __forceinline__ void fence_operand(float (&d)[N]) {
 #pragma unroll
-    for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// d (64 rows x 128 columns of fp32 per warpgroup) += A (64 x 16; K-major, or MN-major when TRANS_A) B (16 x
-// 128; K-major, or MN-major when TRANS_B), or = when accumulate is 0. Thread t of the warpgroup (warp
+// d (64 rows x N columns of fp32 per warpgroup, N = 128 or 64) += A (64 x 16; K-major, or MN-major when TRANS_A) B (16 x
+// N; K-major, or MN-major when TRANS_B), or = when accumulate is 0. Thread t of the warpgroup (warp
 // w = t / 32, lane l) holds
-// d[4 i + v] = element (16 w + l / 4 + 8 (v / 2), 8 i + 2 (l % 4) + v % 2), i < 16 (acc_row / acc_col's
+// d[4 i + v] = element (16 w + l / 4 + 8 (v / 2), 8 i + 2 (l % 4) + v % 2), i < N / 8 (acc_row / acc_col's
 // 16 x 8 layout, repeated along N).
 template <typename T, bool TRANS_A, bool TRANS_B> struct Wgmma;
 
@@ -68,6 +68,15 @@ template <typename T, bool TRANS_A, bool TRANS_B> struct Wgmma;
                          "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "                                                                               \
                          "%64, %65, p, 1, 1, %67, %68;\n}\n"                                                         \
                          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])                                                                                       \
+                         : "l"(a), "l"(b), "r"(accumulate), "n"(TRANS_A ? 1 : 0), "n"(TRANS_B ? 1 : 0));             \
+        }                                                                                                              \
+        __device__ __forceinline__ static void m64n64k16(float (&d)[32], unsigned long long a, unsigned long long b,   \
+                                                          int accumulate) {                                           \
+            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                   \
+                         "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " "                               \
+                         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "                                                                                  \
+                         "%32, %33, p, 1, 1, %35, %36;\n}\n"                                                         \
+                         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                                                                                      \
                          : "l"(a), "l"(b), "r"(accumulate), "n"(TRANS_A ? 1 : 0), "n"(TRANS_B ? 1 : 0));             \
         }                                                                                                              \
     };
