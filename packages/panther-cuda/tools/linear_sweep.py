@@ -1,7 +1,7 @@
 """Time the cuda sketched linear op under each launch plan it can take, next to the triton backend and F.linear.
 
     python packages/panther-cuda/tools/linear_sweep.py --out sweep.json [--quick | --shape TxIxO ...] [--replays 30]
-        [--tiles large,deep64] [--no-hopper] [--ring-stages 3,6] [--y-groups 4,16]
+        [--tiles large,deep64] [--no-hopper] [--ring-stages 3,6] [--y-groups 4,16] [--fused-x-stages 2,4]
 
 Shapes (bfloat16, L = 1, k = 64, so R = 128): T = 4096 rows with I = O in (4096, 8192), and T = 128 rows with
 I = O in (1024, 8192); --quick keeps one of each (4096 x 4096, 128 x 1024) and fewer replays; --shape picks
@@ -18,7 +18,8 @@ For each shape, on one GPU, in CUDA-graph replay (each call captured once after 
 * cuda forward + backward: the default plans, and each tile shape in both directions;
 * with --ring-stages, the sm_90a kernels (forward, backward, both) with their ring of each stage count given, and
   that backward with two shares of T and of O; with --y-groups, the sm_90a forward with y on each number of
-  blocks per row tile given;
+  blocks per row tile given; with --fused-x-stages, the sm_90a backward with bwd_x_fused_sm90 on each ring given
+  (among sm90.FUSED_X_RINGS; its shares of T as the rule gives that ring's grid);
 * the kernels of the default forward and backward, of both on each tile shape (and with hopper), and of the
   triton backend's and the compiled peer's forward and forward + backward, each one's mean time (torch.profiler
   over eager calls);
@@ -254,6 +255,25 @@ def y_groups_rows(T, I, O, inputs, replays, groups: int) -> Tuple[List[dict], di
         return rows, {f"fwd {label}": kernel_times(fwd)}
 
 
+def fused_x_rows(T, I, O, inputs, replays, stages: int) -> Tuple[List[dict], dict]:
+    """The backward by backward_sm90.cu with bwd_x_fused_sm90 on a ring of ``stages`` stages (in place of
+    sm90.FUSED_X_STAGES) and its kernels; named "hopper fused_x s<stages>"."""
+    from panther_cuda.ops.sketched_linear import sm90
+    from panther_cuda.ops.sketched_linear.backward import sketched_linear_backward
+    from panther_cuda.ops.sketched_linear.forward import sketched_linear_forward
+
+    x, S1s, S2s, U1s, U2s, bias, grad = inputs
+    _, h = sketched_linear_forward(x, S1s, S2s, U1s, U2s, bias, plan=hopper_plan(T, I, O, x))
+    with mock.patch.object(sm90, "FUSED_X_STAGES", stages):
+        def bwd():
+            sketched_linear_backward(grad, x, h, S1s, S2s, U1s, U2s, NEEDS, hopper=True)
+
+        label = f"hopper fused_x s{stages}"
+        rows = [{"impl": "cuda", "what": "bwd", "plan": label, "detail": f"bwd_x_fused_sm90 on {stages} stages",
+                 "ms": median_ms(bwd, replays)}]
+        return rows, {f"bwd {label}": kernel_times(bwd)}
+
+
 def autograd_rows(impl: str, fn, leaves: list, grad, replays, kernels: Optional[dict] = None) -> List[dict]:
     """Forward and forward + backward of ``fn`` in CUDA-graph time; with ``kernels``, each pass's kernels too
     (``kernels[f"{impl} fwd"]``, ``kernels[f"{impl} fwd+bwd"]``)."""
@@ -320,6 +340,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="also time the sm_90a kernels with their ring of each of these stage counts (at least 3)")
     ap.add_argument("--y-groups", default="", metavar="G,...",
                     help="also time the sm_90a forward with y on each of these numbers of blocks per row tile")
+    ap.add_argument("--fused-x-stages", default="", metavar="S,...",
+                    help="also time the sm_90a backward with bwd_x_fused_sm90 on each of these rings (sm90.FUSED_X_RINGS)")
     ap.add_argument("--hbm", type=float, default=4.8, help="HBM bandwidth for the floor, TB/s (default: the H200's specified 4.8)")
     args = ap.parse_args(argv)
     from panther_cuda.ops.sketched_linear import sm90
@@ -328,6 +350,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ring_stages = [int(v) for v in args.ring_stages.split(",") if v.strip()]
     if any(v < 3 for v in ring_stages):
         ap.error(f"--ring-stages {args.ring_stages!r}: expected stage counts of at least 3")
+    fused_x_stages = [int(v) for v in args.fused_x_stages.split(",") if v.strip()]
+    if any(v not in sm90.FUSED_X_RINGS for v in fused_x_stages):
+        ap.error(f"--fused-x-stages {args.fused_x_stages!r}: expected rings among {sm90.FUSED_X_RINGS}")
     tiles = None if args.tiles is None else [t.strip() for t in args.tiles.split(",") if t.strip()]
     unknown = [t for t in tiles or [] if t not in CONFIGS]
     if unknown or tiles == []:
@@ -351,6 +376,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 except Exception as e:  # reported, not fatal: the shape's other rows are kept
                     print(f"ring of {stages} stages skipped: {type(e).__name__}: {e}", file=sys.stderr)
                     continue
+                rows += more_rows
+                kernels.update(more_kernels)
+            for stages in fused_x_stages:
+                more_rows, more_kernels = fused_x_rows(T, I, O, inputs, replays, stages)
                 rows += more_rows
                 kernels.update(more_kernels)
             for groups in [int(v) for v in args.y_groups.split(",") if v.strip()]:
