@@ -81,9 +81,10 @@ class FakeNVRTCError(Exception):
 
 
 class FakeCupy(types.ModuleType):
-    """What _nvrtc uses of CuPy; RawModule records its arguments and fails when asked to."""
+    """What _nvrtc uses of CuPy (with ``from_external``, CuPy 14's Stream.from_external beside ExternalStream);
+    RawModule records its arguments and fails when asked to."""
 
-    def __init__(self, fail=False):
+    def __init__(self, fail=False, from_external=False):
         super().__init__("cupy")
         self.fail, self.modules, self.launches, self.streams = fail, [], [], []
         fake = self
@@ -115,8 +116,18 @@ class FakeCupy(types.ModuleType):
                     (grid, block, args, shared_mem, stream, raw.max_dynamic_shared_size_bytes))
                 return raw
 
+        class Stream:  # CuPy 14: streams of other libraries by the CUDA stream protocol
+            @staticmethod
+            def from_external(obj):
+                version, ptr = obj.__cuda_stream__()
+                wrapped = types.SimpleNamespace(ptr=ptr, version=version, device_id=None)
+                fake.streams.append(wrapped)
+                return wrapped
+
         self.RawModule = RawModule
         self.cuda = types.SimpleNamespace(Device=Device, ExternalStream=ExternalStream, get_cuda_path=lambda: None)
+        if from_external:
+            self.cuda.Stream = Stream
 
 
 @pytest.fixture
@@ -139,8 +150,11 @@ def test_compile_error_names_kernel_source_options_and_log(monkeypatch, source):
     assert isinstance(err.value, RuntimeError)
 
 
-def test_launch_compiles_once_per_device_on_torchs_current_stream(monkeypatch, source):
-    cupy = FakeCupy()
+@pytest.mark.parametrize("from_external", [False, True], ids=["ExternalStream", "Stream.from_external"])
+def test_launch_compiles_once_per_device_on_torchs_current_stream(monkeypatch, source, from_external):
+    """Torch's current stream of the launch's device, wrapped once: by ``Stream.from_external`` where CuPy has it
+    (ExternalStream is deprecated there), else by ``ExternalStream`` with its device."""
+    cupy = FakeCupy(from_external=from_external)
     monkeypatch.setitem(sys.modules, "cupy", cupy)
     monkeypatch.setattr(_nvrtc, "_streams", _nvrtc.BoundedCache(64))
     device = {"index": 0}
@@ -159,10 +173,12 @@ def test_launch_compiles_once_per_device_on_torchs_current_stream(monkeypatch, s
     assert g1 == g2 == (3, 1, 1) and b1 == b2 == (128, 1, 1)
     assert a1 == (np.uint64(t.data_ptr()), np.uint64(0), np.int32(7)) and a2[2] == np.int32(8)
     assert (s1, opt1) == (1024, 0) and (s2, opt2) == (64 * 1024, 64 * 1024)  # opted into > 48 KiB
-    assert st1 is st2 and (st1.ptr, st1.device_id) == (4096, 0)  # torch's stream, wrapped once
+    device_id = lambda index: None if from_external else index  # noqa: E731
+    assert st1 is st2 and (st1.ptr, st1.device_id) == (4096, device_id(0))  # torch's stream, wrapped once
+    assert len(cupy.streams) == 1 and all(getattr(st, "version", 0) == 0 for st in cupy.streams)
     device["index"] = 1
     kernel((1,), (32,), t, None, i32(1))
-    assert len(cupy.modules) == 2 and cupy.streams[-1].ptr == 4097 and cupy.streams[-1].device_id == 1
+    assert len(cupy.modules) == 2 and cupy.streams[-1].ptr == 4097 and cupy.streams[-1].device_id == device_id(1)
 
 
 # --- on a GPU ------------------------------------------------------------------------------------------------

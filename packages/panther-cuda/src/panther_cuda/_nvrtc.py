@@ -128,13 +128,30 @@ _lock = threading.Lock()
 _streams: BoundedCache = BoundedCache(64)
 
 
+class _StreamHandle:
+    """A CUDA stream's address in the CUDA stream protocol (``__cuda_stream__``: version 0, the address)."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+    def __cuda_stream__(self):
+        return 0, self.ptr
+
+
 def _external_stream(device_index: int):
+    """Torch's current stream on the device as a CuPy stream (wrapped once per stream): ``Stream.from_external``
+    where CuPy has it (14 and later), else ``ExternalStream``, which CuPy 14 deprecates."""
     import cupy
 
     ptr = torch.cuda.current_stream(device_index).cuda_stream
     s = _streams.get((device_index, ptr))
     if s is None:
-        s = _streams.put((device_index, ptr), cupy.cuda.ExternalStream(ptr, device_index))
+        from_external = getattr(getattr(cupy.cuda, "Stream", None), "from_external", None)
+        wrapped = from_external(_StreamHandle(ptr)) if from_external is not None else cupy.cuda.ExternalStream(
+            ptr, device_index)
+        s = _streams.put((device_index, ptr), wrapped)
     return s
 
 
