@@ -2,6 +2,7 @@
 
     python packages/panther-cuda/tools/linear_sweep.py --out sweep.json [--quick | --shape TxIxO ...] [--replays 30]
         [--tiles large,deep64] [--no-hopper] [--ring-stages 3,6] [--y-groups 4,16] [--fused-x-stages 2,4]
+        [--bwd-splits 4:1,2:2]
 
 Shapes (bfloat16, L = 1, k = 64, so R = 128): T = 4096 rows with I = O in (4096, 8192), and T = 128 rows with
 I = O in (1024, 8192); --quick keeps one of each (4096 x 4096, 128 x 1024) and fewer replays; --shape picks
@@ -19,7 +20,8 @@ For each shape, on one GPU, in CUDA-graph replay (each call captured once after 
 * with --ring-stages, the sm_90a kernels (forward, backward, both) with their ring of each stage count given, and
   that backward with two shares of T and of O; with --y-groups, the sm_90a forward with y on each number of
   blocks per row tile given; with --fused-x-stages, the sm_90a backward with bwd_x_fused_sm90 on each ring given
-  (among sm90.FUSED_X_RINGS; its shares of T as the rule gives that ring's grid);
+  (among sm90.FUSED_X_RINGS; its shares of T as the rule gives that ring's grid); with --bwd-splits, the sm_90a
+  backward with the weight gradients in S shares of T and dH in D shares of O, for each S:D given;
 * the kernels of the default forward and backward, of both on each tile shape (and with hopper), and of the
   triton backend's and the compiled peer's forward and forward + backward, each one's mean time (torch.profiler
   over eager calls);
@@ -274,6 +276,23 @@ def fused_x_rows(T, I, O, inputs, replays, stages: int) -> Tuple[List[dict], dic
         return rows, {f"bwd {label}": kernel_times(bwd)}
 
 
+def bwd_split_rows(T, I, O, inputs, replays, split: int, dh_split: int) -> Tuple[List[dict], dict]:
+    """The backward by backward_sm90.cu with the weight gradients in ``split`` shares of T and dH in ``dh_split``
+    shares of O (in place of the rule's) and its kernels; named "hopper split=S dh_split=D"."""
+    from panther_cuda.ops.sketched_linear.backward import sketched_linear_backward
+    from panther_cuda.ops.sketched_linear.forward import sketched_linear_forward
+
+    x, S1s, S2s, U1s, U2s, bias, grad = inputs
+    _, h = sketched_linear_forward(x, S1s, S2s, U1s, U2s, bias, plan=hopper_plan(T, I, O, x))
+
+    def bwd():
+        sketched_linear_backward(grad, x, h, S1s, S2s, U1s, U2s, NEEDS, hopper=True, split=split, dh_split=dh_split)
+
+    label = f"hopper split={split} dh_split={dh_split}"
+    rows = [{"impl": "cuda", "what": "bwd", "plan": label, "detail": "backward_sm90.cu", "ms": median_ms(bwd, replays)}]
+    return rows, {f"bwd {label}": kernel_times(bwd)}
+
+
 def autograd_rows(impl: str, fn, leaves: list, grad, replays, kernels: Optional[dict] = None) -> List[dict]:
     """Forward and forward + backward of ``fn`` in CUDA-graph time; with ``kernels``, each pass's kernels too
     (``kernels[f"{impl} fwd"]``, ``kernels[f"{impl} fwd+bwd"]``)."""
@@ -342,6 +361,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="also time the sm_90a forward with y on each of these numbers of blocks per row tile")
     ap.add_argument("--fused-x-stages", default="", metavar="S,...",
                     help="also time the sm_90a backward with bwd_x_fused_sm90 on each of these rings (sm90.FUSED_X_RINGS)")
+    ap.add_argument("--bwd-splits", default="", metavar="S:D,...",
+                    help="also time the sm_90a backward with the weight gradients in S shares of T and dH in D of O")
     ap.add_argument("--hbm", type=float, default=4.8, help="HBM bandwidth for the floor, TB/s (default: the H200's specified 4.8)")
     args = ap.parse_args(argv)
     from panther_cuda.ops.sketched_linear import sm90
@@ -353,6 +374,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     fused_x_stages = [int(v) for v in args.fused_x_stages.split(",") if v.strip()]
     if any(v not in sm90.FUSED_X_RINGS for v in fused_x_stages):
         ap.error(f"--fused-x-stages {args.fused_x_stages!r}: expected rings among {sm90.FUSED_X_RINGS}")
+    try:
+        bwd_splits = [tuple(int(n) for n in v.split(":")) for v in args.bwd_splits.split(",") if v.strip()]
+    except ValueError:
+        bwd_splits = [()]
+    if any(len(p) != 2 or min(p) < 1 for p in bwd_splits):
+        ap.error(f"--bwd-splits {args.bwd_splits!r}: expected pairs S:D of share counts, e.g. 4:1,2:2")
     tiles = None if args.tiles is None else [t.strip() for t in args.tiles.split(",") if t.strip()]
     unknown = [t for t in tiles or [] if t not in CONFIGS]
     if unknown or tiles == []:
@@ -380,6 +407,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 kernels.update(more_kernels)
             for stages in fused_x_stages:
                 more_rows, more_kernels = fused_x_rows(T, I, O, inputs, replays, stages)
+                rows += more_rows
+                kernels.update(more_kernels)
+            for split, dh_split in bwd_splits:
+                more_rows, more_kernels = bwd_split_rows(T, I, O, inputs, replays, split, dh_split)
                 rows += more_rows
                 kernels.update(more_kernels)
             for groups in [int(v) for v in args.y_groups.split(",") if v.strip()]:
