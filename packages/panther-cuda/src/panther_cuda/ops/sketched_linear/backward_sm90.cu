@@ -18,6 +18,28 @@ namespace sl {
 // 128 x 128 tile, S stages of x's and dH's 64 x 128 tiles, and dx's 64 x 128 tile on its way out.
 template <int S> struct FusedX { static constexpr int ELEMENTS = 128 * 128 + S * 2 * 64 * 128 + 64 * 128; };
 
+// The pair of d[S1 | U2] at row i, columns c_lo + n and c_lo + n + 1 (one term: k even): into the fp32 share `split`
+// of n_splits (ws: n_splits x I x c_n) where T is split, else into dS1 or dU2.
+template <typename T>
+__device__ __forceinline__ void store_side_pair(T* dS1, T* dU2, float* ws, long long I, int Lk, int k, int c_lo,
+                                                int c_n, int split, int n_splits, long long i, int n, float v0,
+                                                float v1) {
+    if (n_splits > 1) {
+        float* out = ws + (split * I + i) * c_n + n;
+        out[0] = v0;
+        out[1] = v1;
+        return;
+    }
+    int cc = c_lo + n;
+    T* out = dS1;
+    if (cc >= Lk) {
+        cc -= Lk;
+        out = dU2;
+    }
+    *reinterpret_cast<unsigned*>(out + (static_cast<long long>(cc / k) * I + i) * k + cc % k) =
+        pack2(from_float<T>(v0), from_float<T>(v1));
+}
+
 template <typename T, int S>
 __global__ void __launch_bounds__(SM90_NT, (S <= 3 ? 2 : 1)) sketched_linear_bwd_g_sm90(
     const T* __restrict__ g, const T* __restrict__ h, const T* __restrict__ U1, const T* __restrict__ S2,
@@ -149,21 +171,7 @@ __global__ void __launch_bounds__(SM90_NT, (S <= 3 ? 2 : 1)) sketched_linear_bwd
     each_pair(d, [&](int r, int c, float v0, float v1) {
         const long long i = m0 + r;
         const int n = n0 + c;
-        if (i >= I || n >= c_n) return;
-        if (n_splits > 1) {
-            float* out = ws + (split * I + i) * c_n + n;
-            out[0] = v0;
-            out[1] = v1;
-        } else {  // columns cc and cc + 1 of one term (k even)
-            int cc = c_lo + n;
-            T* out = dS1;
-            if (cc >= Lk) {
-                cc -= Lk;
-                out = dU2;
-            }
-            *reinterpret_cast<unsigned*>(out + (static_cast<long long>(cc / k) * I + i) * k + cc % k) =
-                pack2(from_float<T>(v0), from_float<T>(v1));
-        }
+        if (i < I && n < c_n) store_side_pair(dS1, dU2, ws, I, Lk, k, c_lo, c_n, split, n_splits, i, n, v0, v1);
     });
 #else
     __trap();  // sm_90a only: the host launches it nowhere else
@@ -269,22 +277,8 @@ __global__ void __launch_bounds__(SM90_NT, (S <= 2 ? 2 : 1)) sketched_linear_bwd
     if (!want_w) return;
     each_pair(dw, [&](int r, int c, float v0, float v1) {
         const long long i = i0 + r;
-        const int n = c - c_lo;  // columns cc and cc + 1 of one term (k even)
-        if (i >= I || n < 0 || n >= c_n) return;
-        if (n_splits > 1) {
-            float* out = ws + (split * I + i) * c_n + n;
-            out[0] = v0;
-            out[1] = v1;
-        } else {
-            int cc = c;
-            T* out = dS1;
-            if (cc >= Lk) {
-                cc -= Lk;
-                out = dU2;
-            }
-            *reinterpret_cast<unsigned*>(out + (static_cast<long long>(cc / k) * I + i) * k + cc % k) =
-                pack2(from_float<T>(v0), from_float<T>(v1));
-        }
+        const int n = c - c_lo;
+        if (i < I && n >= 0 && n < c_n) store_side_pair(dS1, dU2, ws, I, Lk, k, c_lo, c_n, split, n_splits, i, n, v0, v1);
     });
 #else
     __trap();  // sm_90a only: the host launches it nowhere else
