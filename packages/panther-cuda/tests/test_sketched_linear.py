@@ -768,10 +768,10 @@ def test_hopper_plan_launches_the_sm90_kernel(recorder, sm90_device):
     ((name, dtype, depth, grid, block, args, shared),) = sm90_device
     assert name == "sketched_linear_fwd_y_sm90" and dtype == torch.bfloat16 and depth == 32 and block == (256,)
     assert grid == (3 * 2,)  # 3 row tiles of 128 x groups = min(2 column tiles, 2 x 132 // 3)
-    assert args[0] is h and args[3] is b and args[4] is y and args[5] is None  # H in one share: no shares to sum
+    assert args[0] is h and args[3] is b and args[4] is y
     assert all(a.is_contiguous() for a in args[:5]) and torch.equal(args[1], U1s) and torch.equal(args[2], S2s)
-    assert [type(a) for a in args[6:]] == [np.int64, np.int64, np.int32, np.int32, np.float32, np.int32]
-    assert [int(a) for a in args[6:10]] == [300, 200, 16, 2] and float(args[10]) == 0.25 and int(args[11]) == 1
+    assert [type(a) for a in args[5:]] == [np.int64, np.int64, np.int32, np.int32, np.float32]
+    assert [int(a) for a in args[5:9]] == [300, 200, 16, 2] and float(args[9]) == 0.25
     assert shared == (128 * 64 + 2 * 32 * 128) * 2 == sm90_module.y_shared_bytes(32, torch.bfloat16)  # H: 64 wide
     # R = 128: the 128-deep instance (96 KiB: two blocks per SM); T = 4096 in 32 row tiles, 8 groups of 4 tiles
     assert sm90_module.depth(128) == 128 and sm90_module.groups(4096, 4096, 128, torch.bfloat16, 132) == 8
@@ -817,9 +817,8 @@ def test_hopper_plan_launches_the_sm90_h_kernel(recorder, sm90_device):
     assert [type(a) for a in args[5:]] == [np.int64, np.int64, np.int32, np.int32, np.int32]
     assert [int(a) for a in args[5:]] == [300, 96, 2, 8, 3]
     assert shared == 6 * (128 * 64 + 64 * 128) * 2 == sm90_module.ring_shared_bytes(torch.bfloat16, 6)
-    assert recorder.calls == []  # the shares summed by the sm_90a y kernel as it loads H, which it writes
-    args_y = sm90_device[1][5]
-    assert args_y[0] is h and args_y[5] is ws and int(args_y[11]) == 3
+    ((name, _, sum_args, _),) = recorder.calls  # the shares summed into H by forward.cu's launch
+    assert name == "sketched_linear_sum_shares" and sum_args[0] is ws and sum_args[1] is h
 
 
 def test_ring_stages_follow_the_grid(sm90_device, monkeypatch):
@@ -1016,7 +1015,7 @@ def test_backward_launch_arguments(recorder, needs, split, tiles):
         assert args[0] is (recorder.calls[1][2][7] if need_dh else None) and args[1] is recorder.calls[0][2][8]
         for i, j in ((2, 1), (3, 4), (4, 3), (5, 2), (6, 5)):  # dS1, dU2, dU1, dS2, db
             assert args[i] is grads[j] if grads[j] is not None else args[i] is None
-        assert [int(a) for a in args[7:]] == [90, 200, 2, 9, c_lo, c_n, w_lo, w_n, split, split]
+        assert [int(a) for a in args[7:]] == [90, 200, 2, 9, c_lo, c_n, w_lo, w_n, split]
         assert blocks == -(-(90 * c_n + rows * 200) // limits.SUM_THREADS)
 
 

@@ -27,10 +27,6 @@
 #define __align__(n) __attribute__((aligned(n)))
 struct Dim { unsigned x = 0, y = 0, z = 0; };
 struct alignas(16) uint4 { unsigned x, y, z, w; };
-struct alignas(8) uint2 { unsigned x, y; };
-struct alignas(16) float4 { float x, y, z, w; };
-inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
-inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 inline thread_local Dim threadIdx, blockIdx;
 inline Dim gridDim, blockDim;
 inline std::barrier<>* g_block_barrier;

@@ -34,17 +34,17 @@ template <typename F> static void with_stages(const F& f) {
 // y = H B / (2L) + b by sketched_linear_fwd_y_sm90<T, KP>, KP the depth forward.py picks (R rounded up to 32,
 // 64, 128 or 256)
 template <typename T>
-static void fwd_y_sm90(T* h, const T* U1, const T* S2, const T* bias, T* y, const float* ws, long long Tn, long long O,
-                       int Lk, float scale, int n_splits) {
+static void fwd_y_sm90(const T* h, const T* U1, const T* S2, const T* bias, T* y, long long Tn, long long O, int Lk,
+                       float scale) {
     const int R = 2 * Lk, groups = g_sm90_groups;
     const int KP = R <= 32 ? 32 : R <= 64 ? 64 : R <= 128 ? 128 : 256;
     const unsigned shared = (128 * (KP < 64 ? 64 : KP) + 2 * KP * 128) * sizeof(T);  // H's tile: whole swizzle rows
     launch(cdv(Tn, 128) * groups, SM90_NT, shared, [&] {
         switch (KP) {
-            case 32: sketched_linear_fwd_y_sm90<T, 32>(h, U1, S2, bias, y, ws, Tn, O, Lk, groups, scale, n_splits); break;
-            case 64: sketched_linear_fwd_y_sm90<T, 64>(h, U1, S2, bias, y, ws, Tn, O, Lk, groups, scale, n_splits); break;
-            case 128: sketched_linear_fwd_y_sm90<T, 128>(h, U1, S2, bias, y, ws, Tn, O, Lk, groups, scale, n_splits); break;
-            default: sketched_linear_fwd_y_sm90<T, 256>(h, U1, S2, bias, y, ws, Tn, O, Lk, groups, scale, n_splits); break;
+            case 32: sketched_linear_fwd_y_sm90<T, 32>(h, U1, S2, bias, y, Tn, O, Lk, groups, scale); break;
+            case 64: sketched_linear_fwd_y_sm90<T, 64>(h, U1, S2, bias, y, Tn, O, Lk, groups, scale); break;
+            case 128: sketched_linear_fwd_y_sm90<T, 128>(h, U1, S2, bias, y, Tn, O, Lk, groups, scale); break;
+            default: sketched_linear_fwd_y_sm90<T, 256>(h, U1, S2, bias, y, Tn, O, Lk, groups, scale); break;
         }
     });
 }
@@ -86,13 +86,10 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
         }
         if (!h_done)
             launch(cdv(Tn, BM) * cdv(R, BN) * hs, NT, tile, [&] { sketched_linear_fwd_h<T, EXACT, C>(x.p(), S1.p(), U2.p(), h.p(), wshp, Tn, I, L, k, hs); });
-        // H's shares summed by a launch of their own, or by the sm_90a y kernel as it loads H (and writes H)
-        bool y_sums = false;
-        if constexpr (sizeof(T) == 2) y_sums = g_sm90_groups > 0;
-        if (hs > 1 && !y_sums) launch(5, SUM_NT, 0, [&] { sketched_linear_sum_shares<T>(wshp, h.p(), Tn * R, hs, 1.0f); });
+        if (hs > 1) launch(5, SUM_NT, 0, [&] { sketched_linear_sum_shares<T>(wshp, h.p(), Tn * R, hs, 1.0f); });
         if constexpr (sizeof(T) == 2) {
             if (g_sm90_groups > 0) {
-                fwd_y_sm90<T>(h.p(), U1.p(), S2.p(), bp, y.p(), wshp, Tn, O, Lk, scale, hs);
+                fwd_y_sm90<T>(h.p(), U1.p(), S2.p(), bp, y.p(), Tn, O, Lk, scale);
             } else {
                 launch(cdv(Tn, BM) * cdv(O, BN), NT, tile, [&] { sketched_linear_fwd_y<T, EXACT, C>(h.p(), U1.p(), S2.p(), bp, y.p(), Tn, O, L, k, scale); });
             }

@@ -20,7 +20,7 @@ which the rule makes "deep64" (LARGE's tile, 64-deep steps) where y takes "large
 Hopper (``hopper_h``, ``hopper_y``): H, and y, by forward_sm90.cu's kernels, warpgroup MMA (wgmma) from shared
 memory on sm_90 devices, for 16-bit inputs whose shapes sm90.h_fits and sm90.y_fits allow (each launch on its
 own: where one does not fit, forward.cu's kernel of the plan's tiles runs it); H in ``h_splits`` shares of I as
-in the other plans, which y's sm_90a kernel sums as it loads H (no launch of their own). The rule takes both on sm_90 where y runs on large tiles, where they were timed faster than
+in the other plans. The rule takes both on sm_90 where y runs on large tiles, where they were timed faster than
 forward.cu's (benchmarks/results/NOTES.md).
 """
 
@@ -52,7 +52,7 @@ from panther_cuda.ops.sketched_linear.limits import CONFIGS, DEEP64, FUSED_MAX_R
 class ForwardPlan:
     fused: bool  # one launch, H in shared memory
     o_groups: int = 1  # fused: blocks sharing a row tile, each writing a share of y's columns
-    h_splits: int = 1  # not fused: shares of I of H = x A (fp32; summed by a launch, or by y's sm_90a kernel)
+    h_splits: int = 1  # not fused: shares of I of H = x A (fp32, summed by a launch of their own)
     tiles: str = "small"  # not fused: the tile shape of y's launch, a key of limits.CONFIGS (fused: small)
     h_tiles: Optional[str] = None  # not fused: the tile shape of H's launch (None: ``tiles``)
     hopper_h: bool = False  # not fused: H by forward_sm90.cu's wgmma kernel where it fits (sm90.h_fits)
@@ -169,15 +169,14 @@ def sketched_linear_forward(
         else:
             launch("forward.cu", "sketched_linear_fwd_h", x.dtype, exact, ch, cdiv(T, ch.bm) * cdiv(R, ch.bn) * splits,
                    x2, S1c, U2c, h, ws, i64(T), i64(I), i32(L), i32(k), i32(splits))
-        y_sm90 = plan.hopper_y and sm90.y_fits(R, O, x.dtype, x.device, h, U1c, S2c)
-        if ws is not None and not y_sm90:  # fwd_y_sm90 sums the shares itself as it loads H (and writes H)
+        if ws is not None:
             sum_shares(ws, h)
-        if y_sm90:
+        if plan.hopper_y and sm90.y_fits(R, O, x.dtype, x.device, h, U1c, S2c):
             depth = sm90.depth(R)
             groups = sm90.groups(T, O, depth, x.dtype, multiprocessors(device_index(x.device)))
             sm90.kernel("forward_sm90.cu", "sketched_linear_fwd_y_sm90", x.dtype, depth)(
-                (cdiv(T, sm90.BM) * groups,), (sm90.THREADS,), h, U1c, S2c, b, y, ws, i64(T), i64(O), i32(L * k),
-                i32(groups), scale, i32(splits), shared_mem=sm90.y_shared_bytes(depth, x.dtype))
+                (cdiv(T, sm90.BM) * groups,), (sm90.THREADS,), h, U1c, S2c, b, y, i64(T), i64(O), i32(L * k),
+                i32(groups), scale, shared_mem=sm90.y_shared_bytes(depth, x.dtype))
         else:
             launch("forward.cu", "sketched_linear_fwd_y", x.dtype, exact, c, cdiv(T, c.bm) * cdiv(O, c.bn),
                    h, U1c, S2c, b, y, i64(T), i64(O), i32(L), i32(k), scale)

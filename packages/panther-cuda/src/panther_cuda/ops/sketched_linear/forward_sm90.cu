@@ -3,15 +3,13 @@
 // shapes allow:
 //
 // * sketched_linear_fwd_h_sm90 — H = x A (sm90_h_fits: I and k multiples of 8): a block is a 128 x 128 tile of
-//   H (T x R), or its fp32 share of I (n_splits > 1: summed by fwd_y_sm90 as it loads H, or, where y runs on
-//   forward.cu's kernel, by forward.cu's sketched_linear_sum_shares); x's and A's tiles 64 deep through
-//   tile_sm90.cuh's ring of S stages of cp.async (3 or 6: sm90.py's ring_stages).
-// * sketched_linear_fwd_y_sm90 — y = H B / (2L) + b (sm90.y_fits: R = 2Lk <= 256, R and O multiples of 8): a block
+//   H (T x R), or its fp32 share of I (n_splits > 1, summed by forward.cu's sketched_linear_sum_shares); x's and
+//   A's tiles 64 deep through tile_sm90.cuh's ring of S stages of cp.async (3 or 6: sm90.py's ring_stages).
+// * sketched_linear_fwd_y_sm90 — y = H B / (2L) + b (sm90_fits: R = 2Lk <= 256, R and O multiples of 8): a block
 //   is a 128-row tile of y; H's 128 x KP tile (KP = R rounded up to a depth of SM90_DEPTHS, the tile at least 64
-//   wide; zero past R and T) is loaded once, or summed from H's shares (the blocks of group 0 then write H); the
-//   block then walks its column tiles of BN = 128 (group, group + groups, ...), B's KP x BN tile of each
-//   double-buffered: the copy of the next tile is in flight while the tensor cores multiply this one and the
-//   epilogue writes it.
+//   wide; zero past R and T) is loaded once; the block then walks its column tiles of BN = 128 (group, group + groups, ...), B's KP x BN
+//   tile of each double-buffered: the copy of the next tile is in flight while the tensor cores multiply this
+//   one and the epilogue writes it.
 //
 // Tiles (tile_sm90.cuh): x's and H's K-major, A's and B's MN-major.
 #include "tile_sm90.cuh"
@@ -60,13 +58,10 @@ __global__ void __launch_bounds__(SM90_NT, (S <= 3 ? 2 : 1)) sketched_linear_fwd
 }
 
 // KP: the depth of the products, R rounded up to one of SM90_DEPTHS (forward.py), zero past R.
-// With n_splits > 1, H's tile is the sum of the fp32 shares ws (n_splits, T, R) that fwd_h_sm90 wrote, rounded once;
-// the blocks of group 0 write it to h (for the backward), so no launch of its own sums them.
 template <typename T, int KP>
 __global__ void __launch_bounds__(SM90_NT, (KP <= 128 ? 2 : 1)) sketched_linear_fwd_y_sm90(
-    T* __restrict__ h, const T* __restrict__ U1, const T* __restrict__ S2, const T* __restrict__ bias,
-    T* __restrict__ y, const float* __restrict__ ws, long long Tn, long long O, int Lk, int groups, float scale,
-    int n_splits) {
+    const T* __restrict__ h, const T* __restrict__ U1, const T* __restrict__ S2, const T* __restrict__ bias,
+    T* __restrict__ y, long long Tn, long long O, int Lk, int groups, float scale) {
 #ifdef PANTHER_SM90A
     constexpr int BM = 128, BN = 128;  // the tile (sm90.py's BM, BN)
     extern __shared__ __align__(1024) unsigned char smem[];
@@ -81,37 +76,11 @@ __global__ void __launch_bounds__(SM90_NT, (KP <= 128 ? 2 : 1)) sketched_linear_
     const int group = static_cast<int>(blockIdx.x % groups);
     const long long n_tiles = cdiv(O, BN);
 
-    if (n_splits <= 1) load_kmajor_sw<T, KW>(As, Dense<T, false>{h, R}, m0, 0, Tn, R);  // H's tile, once
+    load_kmajor_sw<T, KW>(As, Dense<T, false>{h, R}, m0, 0, Tn, R);  // H's tile, once
     const Stack<T> b{U1, S2, O, Lk};  // B = [U1; S2]: row c is U1's row c, or S2's row c - Lk
     auto load_b = [&](long long n0, int s) { load_mnmajor_sw<T, KP>(Bs + s * KP * BN, b, 0, n0, R, O); };
     if (group < n_tiles) load_b(group * BN, 0);
     cp_async_commit();
-    if (n_splits > 1) {
-        // H's tile from the shares, while the first B tile flies: four columns of a row a step (R a multiple of 8:
-        // none straddles R), summed over the shares, rounded, put in the swizzled tile (zero past T and R) and,
-        // by group 0, in h; published by the fence and barrier that precede the first product
-        constexpr int QUADS = KW / 4;
-        for (int i = threadIdx.x; i < BM * QUADS; i += SM90_NT) {
-            const int r = i / QUADS, c = i % QUADS * 4;
-            const long long t = m0 + r;
-            float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            const bool inside = t < Tn && c < R;
-            if (inside) {
-                const float* p = ws + t * R + c;
-                for (int share = 0; share < n_splits; ++share, p += Tn * R) {
-                    const float4 v = *reinterpret_cast<const float4*>(p);
-                    sum.x += v.x;
-                    sum.y += v.y;
-                    sum.z += v.z;
-                    sum.w += v.w;
-                }
-            }
-            const uint2 quad = make_uint2(pack2(from_float<T>(sum.x), from_float<T>(sum.y)),
-                                          pack2(from_float<T>(sum.z), from_float<T>(sum.w)));
-            *reinterpret_cast<uint2*>(As + sw_kmajor<KW>(r, c / 8) + c % 8) = quad;
-            if (group == 0 && inside) *reinterpret_cast<uint2*>(h + t * R + c) = quad;
-        }
-    }
 
     int stage = 0;
     for (long long nt = group; nt < n_tiles; nt += groups) {
@@ -159,8 +128,8 @@ __global__ void __launch_bounds__(SM90_NT, (KP <= 128 ? 2 : 1)) sketched_linear_
 #ifdef PANTHER_NVCC_CHECK
 // The instances forward.py launches (16-bit inputs; y at each depth of SM90_DEPTHS, H with each ring of
 // sm90.py's RING_STAGES).
-#define SM90_Y(T, KP) template __global__ void panther::sl::sketched_linear_fwd_y_sm90<T, KP>(T*, const T*, \
-    const T*, const T*, T*, const float*, long long, long long, int, int, float, int);
+#define SM90_Y(T, KP) template __global__ void panther::sl::sketched_linear_fwd_y_sm90<T, KP>(const T*, const T*, \
+    const T*, const T*, T*, long long, long long, int, int, float);
 #define SM90_ALL(T) SM90_Y(T, 32) SM90_Y(T, 64) SM90_Y(T, 128) SM90_Y(T, 256)
 SM90_ALL(__half) SM90_ALL(__nv_bfloat16)
 #define SM90_H(T, S) template __global__ void panther::sl::sketched_linear_fwd_h_sm90<T, S>(const T*, const T*, \
