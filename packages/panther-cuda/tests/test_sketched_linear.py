@@ -1015,7 +1015,7 @@ def test_backward_launch_arguments(recorder, needs, split, tiles):
         assert args[0] is (recorder.calls[1][2][7] if need_dh else None) and args[1] is recorder.calls[0][2][8]
         for i, j in ((2, 1), (3, 4), (4, 3), (5, 2), (6, 5)):  # dS1, dU2, dU1, dS2, db
             assert args[i] is grads[j] if grads[j] is not None else args[i] is None
-        assert [int(a) for a in args[7:]] == [90, 200, 2, 9, c_lo, c_n, w_lo, w_n, split]
+        assert [int(a) for a in args[7:]] == [90, 200, 2, 9, c_lo, c_n, w_lo, w_n, split, split]
         assert blocks == -(-(90 * c_n + rows * 200) // limits.SUM_THREADS)
 
 
