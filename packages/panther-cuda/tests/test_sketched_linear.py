@@ -905,14 +905,8 @@ def test_hopper_backward_fuses_x_where_R_fits(recorder, sm90_device, monkeypatch
     launches = {name: (size, grid, args, shared) for name, _, size, grid, _, args, shared in sm90_device}
     size, grid, args, shared = launches["sketched_linear_bwd_x_fused_sm90"]
     x_split = 16 if split is None else split  # 8 column tiles x 16 shares fill 132 SMs at most
-    assert bwd_module.fused_x_split(T, I, 132, torch.bfloat16) == 16
-    assert sm90_module.FUSED_X_RINGS == (2, 4) and sm90_module.fused_x_shared_bytes(torch.bfloat16, 2) == 112 << 10
-    assert bwd_module.fused_x_split(4096, 4096, 132, torch.bfloat16) == 4  # 32 column tiles: 128 blocks
-    with monkeypatch.context() as m:  # the ring of two: two blocks per SM, twice the shares where T allows
-        m.setattr(sm90_module, "FUSED_X_STAGES", 2)
-        assert sm90_module.fused_x_resident(torch.bfloat16) == 2
-        assert bwd_module.fused_x_split(4096, 4096, 132, torch.bfloat16) == 8
-        assert bwd_module.fused_x_split(T, I, 132, torch.bfloat16) == 16  # each share 256 rows at least
+    assert bwd_module.fused_x_split(T, I, 132) == 16  # each share 256 rows at least
+    assert bwd_module.fused_x_split(4096, 4096, 132) == 4  # 32 column tiles: 128 blocks
     assert grid == (8 * x_split,) and size == sm90_module.FUSED_X_STAGES
     assert shared == sm90_module.fused_x_shared_bytes(torch.bfloat16) == (128 * 128 + 4 * 2 * 64 * 128 + 64 * 128) * 2
     c_lo, c_n = {"111111": (0, 128), "100000": (0, 0), "010010": (0, 128), "100011": (64, 64)}[needs]
@@ -1148,8 +1142,7 @@ EMU_CASES = [
     ("bfloat16", "sm90h:1", -2, 2, 65, 24, 24, 2, 40, 1, "110011"),  # R = 160: two column tiles of H; I = 24
     ("float16", "sm90h:1", 0, 1, 300, 136, 40, 3, 8, 0, "001100"),  # three row tiles; the U1 / S2 halves alone
     ("bfloat16", "sm90h:1", 0, 2, 150, 40, 136, 1, 8, 1, "000001"),  # db alone, in shares of T
-    # the deep rings ("sm90h6:G", six stages; five steps of copies in flight, more than some shares have), and
-    # bwd_x_fused_sm90 on its ring of two (R <= 128)
+    # the deep rings ("sm90h6:G", six stages; five steps of copies in flight, more than some shares have)
     ("bfloat16", "sm90h6:1", 0, 1, 130, 64, 136, 1, 64, 1, "111111"),
     ("float16", "sm90h6:2", -3, 3, 200, 200, 264, 1, 16, 1, "111111"),  # I = 200 in shares of 128, 72 and 0
     ("bfloat16", "sm90h6:1", -2, 2, 65, 456, 24, 2, 40, 1, "110011"),  # R = 160; I = 456: eight steps, the last short

@@ -1,8 +1,7 @@
 """Time the cuda sketched linear op under each launch plan it can take, next to the triton backend and F.linear.
 
     python packages/panther-cuda/tools/linear_sweep.py --out sweep.json [--quick | --shape TxIxO ...] [--replays 30]
-        [--tiles large,deep64] [--no-hopper] [--ring-stages 3,6] [--y-groups 4,16] [--fused-x-stages 2,4]
-        [--bwd-splits 4:1,2:2]
+        [--tiles large,deep64] [--no-hopper] [--ring-stages 3,6] [--y-groups 4,16] [--bwd-splits 4:1,2:2]
 
 Shapes (bfloat16, L = 1, k = 64, so R = 128): T = 4096 rows with I = O in (4096, 8192), and T = 128 rows with
 I = O in (1024, 8192); --quick keeps one of each (4096 x 4096, 128 x 1024) and fewer replays; --shape picks
@@ -19,9 +18,8 @@ For each shape, on one GPU, in CUDA-graph replay (each call captured once after 
 * cuda forward + backward: the default plans, and each tile shape in both directions;
 * with --ring-stages, the sm_90a kernels (forward, backward, both) with their ring of each stage count given, and
   that backward with two shares of T and of O; with --y-groups, the sm_90a forward with y on each number of
-  blocks per row tile given; with --fused-x-stages, the sm_90a backward with bwd_x_fused_sm90 on each ring given
-  (among sm90.FUSED_X_RINGS; its shares of T as the rule gives that ring's grid); with --bwd-splits, the sm_90a
-  backward with the weight gradients in S shares of T and dH in D shares of O, for each S:D given;
+  blocks per row tile given; with --bwd-splits, the sm_90a backward with the weight gradients in S shares of T and dH
+  in D shares of O, for each S:D given;
 * the kernels of the default forward and backward, of both on each tile shape (and with hopper), and of the
   triton backend's and the compiled peer's forward and forward + backward, each one's mean time (torch.profiler
   over eager calls);
@@ -257,25 +255,6 @@ def y_groups_rows(T, I, O, inputs, replays, groups: int) -> Tuple[List[dict], di
         return rows, {f"fwd {label}": kernel_times(fwd)}
 
 
-def fused_x_rows(T, I, O, inputs, replays, stages: int) -> Tuple[List[dict], dict]:
-    """The backward by backward_sm90.cu with bwd_x_fused_sm90 on a ring of ``stages`` stages (in place of
-    sm90.FUSED_X_STAGES) and its kernels; named "hopper fused_x s<stages>"."""
-    from panther_cuda.ops.sketched_linear import sm90
-    from panther_cuda.ops.sketched_linear.backward import sketched_linear_backward
-    from panther_cuda.ops.sketched_linear.forward import sketched_linear_forward
-
-    x, S1s, S2s, U1s, U2s, bias, grad = inputs
-    _, h = sketched_linear_forward(x, S1s, S2s, U1s, U2s, bias, plan=hopper_plan(T, I, O, x))
-    with mock.patch.object(sm90, "FUSED_X_STAGES", stages):
-        def bwd():
-            sketched_linear_backward(grad, x, h, S1s, S2s, U1s, U2s, NEEDS, hopper=True)
-
-        label = f"hopper fused_x s{stages}"
-        rows = [{"impl": "cuda", "what": "bwd", "plan": label, "detail": f"bwd_x_fused_sm90 on {stages} stages",
-                 "ms": median_ms(bwd, replays)}]
-        return rows, {f"bwd {label}": kernel_times(bwd)}
-
-
 def bwd_split_rows(T, I, O, inputs, replays, split: int, dh_split: int) -> Tuple[List[dict], dict]:
     """The backward by backward_sm90.cu with the weight gradients in ``split`` shares of T and dH in ``dh_split``
     shares of O (in place of the rule's) and its kernels; named "hopper split=S dh_split=D"."""
@@ -359,8 +338,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="also time the sm_90a kernels with their ring of each of these stage counts (at least 3)")
     ap.add_argument("--y-groups", default="", metavar="G,...",
                     help="also time the sm_90a forward with y on each of these numbers of blocks per row tile")
-    ap.add_argument("--fused-x-stages", default="", metavar="S,...",
-                    help="also time the sm_90a backward with bwd_x_fused_sm90 on each of these rings (sm90.FUSED_X_RINGS)")
     ap.add_argument("--bwd-splits", default="", metavar="S:D,...",
                     help="also time the sm_90a backward with the weight gradients in S shares of T and dH in D of O")
     ap.add_argument("--hbm", type=float, default=4.8, help="HBM bandwidth for the floor, TB/s (default: the H200's specified 4.8)")
@@ -371,9 +348,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     ring_stages = [int(v) for v in args.ring_stages.split(",") if v.strip()]
     if any(v < 3 for v in ring_stages):
         ap.error(f"--ring-stages {args.ring_stages!r}: expected stage counts of at least 3")
-    fused_x_stages = [int(v) for v in args.fused_x_stages.split(",") if v.strip()]
-    if any(v not in sm90.FUSED_X_RINGS for v in fused_x_stages):
-        ap.error(f"--fused-x-stages {args.fused_x_stages!r}: expected rings among {sm90.FUSED_X_RINGS}")
     try:
         bwd_splits = [tuple(int(n) for n in v.split(":")) for v in args.bwd_splits.split(",") if v.strip()]
     except ValueError:
@@ -403,10 +377,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                 except Exception as e:  # reported, not fatal: the shape's other rows are kept
                     print(f"ring of {stages} stages skipped: {type(e).__name__}: {e}", file=sys.stderr)
                     continue
-                rows += more_rows
-                kernels.update(more_kernels)
-            for stages in fused_x_stages:
-                more_rows, more_kernels = fused_x_rows(T, I, O, inputs, replays, stages)
                 rows += more_rows
                 kernels.update(more_kernels)
             for split, dh_split in bwd_splits:

@@ -1,4 +1,4 @@
-"""Check the sm_90a kernels with each ring of sm90.RING_STAGES and sm90.FUSED_X_RINGS against float64, on an sm_90 GPU.
+"""Check the sm_90a kernels with each ring of sm90.RING_STAGES against float64, on an sm_90 GPU.
 
     python packages/panther-cuda/tools/sm90_ring_check.py [--dtype bfloat16]
 
@@ -6,9 +6,8 @@ For each stage count and a few ragged shapes (T, I, O, L, k, shares of I), the f
 forward_sm90.cu and the backward by backward_sm90.cu (every gradient), each against float64 loops on upcast inputs
 (the weight gradients from the kernel's own H, as the backward reads it): prints |got - ref|max / |ref|max per
 output and exits 1 if any is over --tol. The GPU tests (``-m gpu -k hopper``) check the ring each launch takes by
-its grid (sm90.ring_stages) and the fused x pass's (sm90.FUSED_X_STAGES); this checks every ring on every shape
-(the ring kernels' shallow ring with bwd_x_fused_sm90's two stages, their deep ring with its four; R <= 128 takes
-the fused pass).
+its grid (sm90.ring_stages); this checks both rings on every shape (the backward's x pass where R <= 128 by
+bwd_x_fused_sm90 on its own ring).
 """
 
 from __future__ import annotations
@@ -68,13 +67,12 @@ def main(argv=None) -> int:
         return 2
     torch.manual_seed(0)
     dtype, worst = getattr(torch, args.dtype), 0.0
-    for stages, fused in zip(sm90.RING_STAGES, sm90.FUSED_X_RINGS):
-        with mock.patch.object(sm90, "ring_stages", lambda *_, stages=stages: stages), \
-                mock.patch.object(sm90, "FUSED_X_STAGES", fused):
+    for stages in sm90.RING_STAGES:
+        with mock.patch.object(sm90, "ring_stages", lambda *_, stages=stages: stages):
             for shape in SHAPES:
                 e = errors(*shape, dtype)
                 worst = max(worst, *e.values())
-                print(f"{stages} stages, fused x {fused}", shape, args.dtype, {n: f"{v:.1e}" for n, v in e.items()})
+                print(stages, shape, args.dtype, {n: f"{v:.1e}" for n, v in e.items()})
     print("WORST", worst, "OK" if worst <= args.tol else "OVER")
     return 0 if worst <= args.tol else 1
 

@@ -157,15 +157,10 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
     if (wsdp) launch(3, SUM_NT, 0, [&] { sketched_linear_sum_shares<T>(wsdp, dh.p(), Tn * R, split, scale); });
     if (need_dh && fused_x) {
         if constexpr (sizeof(T) == 2) {
-            // its ring of four stages, or of two in the sm90h6 cases (sm90.py's FUSED_X_RINGS)
-            const auto fused = [&](auto S) {
-                launch(cdv(I, 128) * x_split, SM90_NT, FusedX<S.value>::ELEMENTS * sizeof(T), [&] {
-                    sketched_linear_bwd_x_fused_sm90<T, S.value>(x.p(), dh.p(), S1.p(), U2.p(), dx.p(), dS1.p(), dU2.p(), ws1p,
-                                                                 Tn, I, L, k, c_lo, c_n, x_split);
-                });
-            };
-            if (g_sm90_stages == 6) fused(std::integral_constant<int, 2>{});
-            else fused(std::integral_constant<int, 4>{});
+            launch(cdv(I, 128) * x_split, SM90_NT, FusedX<4>::ELEMENTS * sizeof(T), [&] {  // sm90.py's FUSED_X_STAGES
+                sketched_linear_bwd_x_fused_sm90<T, 4>(x.p(), dh.p(), S1.p(), U2.p(), dx.p(), dS1.p(), dU2.p(), ws1p, Tn, I,
+                                                       L, k, c_lo, c_n, x_split);
+            });
         }
     } else if (need_dh) {
         long long n_dx = nx ? cdv(Tn, BM) * cdv(I, BN) : 0, n_dw1 = cdv(I, BM) * cdv(c_n, BN) * split;

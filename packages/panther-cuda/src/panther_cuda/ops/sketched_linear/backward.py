@@ -87,10 +87,10 @@ def backward_splits(T: int, I: int, O: int, R: int, needs: Sequence[bool], c: Ti
     return split, dh_split
 
 
-def fused_x_split(T: int, I: int, sms: int, dtype: torch.dtype) -> int:
-    """The shares of T of launch 2 by bwd_x_fused_sm90 (a block per 128 columns of I and share, as many resident per
-    SM as sm90.fused_x_resident says): common.split_rule's for that grid."""
-    return split_rule(T, cdiv(I, sm90.BN), sms * sm90.fused_x_resident(dtype), LARGE)
+def fused_x_split(T: int, I: int, sms: int) -> int:
+    """The shares of T of launch 2 by bwd_x_fused_sm90 (one block per SM, each owning 128 columns of I for its
+    share): common.split_rule's, one block per column tile and share."""
+    return split_rule(T, cdiv(I, sm90.BN), sms, LARGE)
 
 
 def half_range(first: bool, second: bool, Lk: int) -> Tuple[int, int]:
@@ -180,7 +180,7 @@ def sketched_linear_backward(
         dh_split = rule[1] if dh_split is None else dh_split
     split = max(1, min(int(split), T))
     # launch 2's shares of T: the rule's for bwd_x_fused_sm90's grid unless forced, else launch 1's
-    x_split = split if forced or not fused_x else fused_x_split(T, I, multiprocessors(device_index(g.device)), x.dtype)
+    x_split = split if forced or not fused_x else fused_x_split(T, I, multiprocessors(device_index(g.device)))
     x_split = max(1, min(x_split, T))
     # fp32 shares of the weight gradients, summed by launch 3
     ws1 = torch.empty((x_split, I, c_n), device=g.device, dtype=torch.float32) if x_split > 1 and c_n else None

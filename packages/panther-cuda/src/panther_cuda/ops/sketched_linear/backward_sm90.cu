@@ -190,14 +190,14 @@ __global__ void __launch_bounds__(SM90_NT, (S <= 3 ? 2 : 1)) sketched_linear_bwd
 // So x is read once, dx written once and A's tile stays on chip (as the triton backend's _grad_from_x_kernel).
 // dx is skipped when dx is null, the weight gradient when c_n is 0 (x then not read).
 template <typename T, int S>
-__global__ void __launch_bounds__(SM90_NT, (S <= 2 ? 2 : 1)) sketched_linear_bwd_x_fused_sm90(
+__global__ void __launch_bounds__(SM90_NT, 1) sketched_linear_bwd_x_fused_sm90(
     const T* __restrict__ x, const T* __restrict__ dh, const T* __restrict__ S1, const T* __restrict__ U2,
     T* __restrict__ dx, T* __restrict__ dS1, T* __restrict__ dU2, float* __restrict__ ws, long long Tn, long long I,
     int L, int k, int c_lo, int c_n, int n_splits) {
 #ifdef PANTHER_SM90A
     constexpr int BI = 128, BT = RING_BK, RW = 128;  // columns of I a block owns, rows of T a step, R's room
     constexpr int SX = BT * BI, SH = BT * RW, AHEAD = S - 1;
-    static_assert(S >= 2, "a step ahead at least");
+    static_assert(S >= 3, "two steps ahead at least");
     extern __shared__ __align__(1024) unsigned char smem[];
     require_sm90_launch(smem, static_cast<unsigned>(FusedX<S>::ELEMENTS * sizeof(T)));
     T* As = reinterpret_cast<T*>(smem);  // A's tile: rows i, K-major along c (BI x RW, zero past I and R)
@@ -299,5 +299,5 @@ SM90_BWD(__half, 3) SM90_BWD(__nv_bfloat16, 3) SM90_BWD(__half, 6) SM90_BWD(__nv
 #define SM90_FUSED_X(T, S) \
     template __global__ void panther::sl::sketched_linear_bwd_x_fused_sm90<T, S>(const T*, const T*, const T*, const T*, \
         T*, T*, T*, float*, long long, long long, int, int, int, int, int);
-SM90_FUSED_X(__half, 4) SM90_FUSED_X(__nv_bfloat16, 4) SM90_FUSED_X(__half, 2) SM90_FUSED_X(__nv_bfloat16, 2)
+SM90_FUSED_X(__half, 4) SM90_FUSED_X(__nv_bfloat16, 4)
 #endif  // PANTHER_NVCC_CHECK

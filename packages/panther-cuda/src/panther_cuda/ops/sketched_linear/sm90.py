@@ -28,13 +28,9 @@ RING_BK = 64  # the ring of the other kernels (tile_sm90.cuh's ring_sm90): depth
 # (96 KiB in 16 bits) leave room for two blocks per SM; six (192 KiB) keep five steps of copies in flight for a
 # block alone on its SM. tools/linear_sweep.py --ring-stages times others (benchmarks/results/NOTES.md).
 RING_STAGES = (3, 6)
-# bwd_x_fused_sm90's rings (its instances): four stages (176 KiB in 16 bits, one block per SM) or two (112 KiB, two
-# blocks per SM, each hiding the other's products and stores); FUSED_X_STAGES the one launches take
-# (tools/linear_sweep.py --fused-x-stages times each)
-FUSED_X_RINGS = (2, 4)
-FUSED_X_STAGES = 4
+FUSED_X_STAGES = 4  # bwd_x_fused_sm90's ring (its instance): 176 KiB in 16 bits, one block per SM
 FUSED_X_MAX_R = 128  # bwd_x_fused_sm90 holds R = 2Lk in one 128-wide tile
-TWO_BLOCKS_BYTES = 113 << 10  # up to this much shared memory, two blocks stay resident per SM (228 KiB, 1 KiB each reserved)
+TWO_BLOCKS_BYTES = 100 << 10  # up to this much shared memory, two blocks stay resident per SM (228 KiB)
 
 _kernels: Dict[Tuple[str, str, torch.dtype, Optional[int]], Kernel] = {}
 
@@ -71,16 +67,10 @@ def ring_shared_bytes(dtype: torch.dtype, stages: int = RING_STAGES[0]) -> int:
     return stages * (BM * RING_BK + RING_BK * BN) * _itemsize(dtype)
 
 
-def fused_x_shared_bytes(dtype: torch.dtype, stages: Optional[int] = None) -> int:
-    """bwd_x_fused_sm90 (backward_sm90.cu's FusedX): A's 128 x 128 tile, ``stages`` (default FUSED_X_STAGES) stages of
-    x's and dH's 64 x 128 tiles, and dx's 64 x 128 tile on its way out."""
-    stages = FUSED_X_STAGES if stages is None else stages
-    return (BM * BN + stages * 2 * RING_BK * BN + RING_BK * BN) * _itemsize(dtype)
-
-
-def fused_x_resident(dtype: torch.dtype, stages: Optional[int] = None) -> int:
-    """Blocks of bwd_x_fused_sm90 resident per SM with ``stages`` stages: two where their shared memory allows."""
-    return 2 if fused_x_shared_bytes(dtype, stages) <= TWO_BLOCKS_BYTES else 1
+def fused_x_shared_bytes(dtype: torch.dtype) -> int:
+    """bwd_x_fused_sm90 (backward_sm90.cu's FusedX): A's 128 x 128 tile, FUSED_X_STAGES stages of x's and dH's
+    64 x 128 tiles, and dx's 64 x 128 tile on its way out."""
+    return (BM * BN + FUSED_X_STAGES * 2 * RING_BK * BN + RING_BK * BN) * _itemsize(dtype)
 
 
 def ring_stages(blocks: int, dtype: torch.dtype, device: torch.device) -> int:
