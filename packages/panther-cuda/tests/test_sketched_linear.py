@@ -1179,14 +1179,18 @@ def test_kernels_under_emulation(emulator, case, landing):
 # tools/linear_sweep.py: what it would time (its timings need a GPU)
 
 
-def _sweep_tool():
+def _tool(name: str = "linear_sweep"):
     import importlib.util
 
-    path = OP_DIR.parents[2].parent / "tools" / "linear_sweep.py"
-    spec = importlib.util.spec_from_file_location("linear_sweep", path)
+    path = OP_DIR.parents[2].parent / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _sweep_tool():
+    return _tool("linear_sweep")
 
 
 def test_sweep_tool_plans_and_floor():
@@ -1215,3 +1219,44 @@ def test_sweep_tool_plans_and_floor():
     assert sweep.floor_ms(4096, 4096, 4096, 2, 4.8, "fwd+bwd") == pytest.approx(5 * 4096 * 4096 * 2 / 4.8e9)
     if not torch.cuda.is_available():
         assert sweep.main(["--out", "unused.json", "--quick"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# tools/sm90_bounds.py: its edits of the sources (its timings need an sm_90 GPU)
+
+
+def test_bounds_tool_edits_apply_to_the_sources():
+    """Every edit the tool makes finds its text once in today's sources, and each variant's forward_sm90.cu differs
+    from the source exactly where its edits say."""
+    tool = _tool("sm90_bounds")
+    variants = (*tool.VARIANTS, *tool.Y_VARIANTS)
+    assert {e for v in variants for e in v} == set(tool.EDITS)
+    base = tool.patched_sources((), OP_DIR)
+    assert base["forward_sm90.cu"] == (OP_DIR / "forward_sm90.cu").read_text()
+    for v in variants:
+        files = tool.patched_sources(v, OP_DIR)
+        for name in v:
+            for file, old, new in tool.EDITS[name]:
+                assert old not in files[file] and new in files[file]
+        changed = {f for f in files if files[f] != base[f]}
+        assert changed == {file for name in v for file, *_ in tool.EDITS[name]}
+
+
+def test_bounds_tool_refuses_an_edit_whose_text_is_gone(monkeypatch, tmp_path):
+    tool = _tool("sm90_bounds")
+    monkeypatch.setitem(tool.EDITS, "gone", [("forward_sm90.cu", "no such line\n", "x")])
+    with pytest.raises(ValueError, match="'no such line' occurs 0 times in forward_sm90.cu"):
+        tool.patched_sources(("gone",), OP_DIR)
+
+
+def test_bounds_tool_variant_compiles(tmp_path):
+    """The variant with every edit compiles with nvcc for sm_90a (the timings compile each variant by NVRTC)."""
+    from test_sources import INCLUDE, _missing, find_nvcc
+
+    nvcc = find_nvcc() or _missing("nvcc is not on PATH nor under CUDA_HOME, CUDA_PATH or /usr/local/cuda")
+    tool = _tool("sm90_bounds")
+    path = tool.variant_source(tuple(tool.EDITS), tmp_path)
+    cmd = [nvcc, "-std=c++17", f"-I{INCLUDE}", "-gencode", "arch=compute_90a,code=sm_90a", "-DPANTHER_NVCC_CHECK", "-c",
+           str(path), "-o", str(tmp_path / "variant.o")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
