@@ -1,9 +1,11 @@
 """Timing shared by the sweep tools: a call captured once in a CUDA graph, its replays timed by CUDA events (the
-device's time, without the host's); the kernels a call launches, each timed by torch.profiler."""
+device's time, without the host's); the kernels a call launches, each timed by torch.profiler; the sm_90a tools'
+check of their device."""
 
 from __future__ import annotations
 
 import statistics
+import sys
 from typing import Callable, List, Optional
 
 import torch
@@ -71,3 +73,17 @@ def kernel_times(fn: Callable[[], object], calls: int = 10) -> List[dict]:
         if total > 0 and e.count:
             out.append({"kernel": e.key, "per_call": e.count / calls, "us": total / e.count})
     return sorted(out, key=lambda r: -r["us"] * r["per_call"])
+
+
+def on_sm90(tool: str) -> bool:
+    """Whether the current CUDA device runs the sm_90a kernels; if not, says so on stderr for ``tool`` (which then
+    exits with status 2)."""
+    if not torch.cuda.is_available():
+        print(f"{tool} needs a CUDA GPU", file=sys.stderr)
+        return False
+    from panther_cuda.ops.sketched_linear import sm90
+
+    if not sm90.on_sm90(torch.cuda.current_device()):
+        print(f"{tool} needs an sm_90 GPU", file=sys.stderr)
+        return False
+    return True

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # graph_timing, beside this file
+
 OP = "ops/sketched_linear"
 L, K = 1, 64
 SHAPES = [(4096, 4096, 4096), (4096, 8192, 8192)]
@@ -158,15 +160,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    if not torch.cuda.is_available():
-        print("sm90_bounds needs a CUDA GPU", file=sys.stderr)
-        return 2
-    from panther_cuda.ops.sketched_linear import sm90
+    from graph_timing import on_sm90
 
-    if not sm90.on_sm90(torch.cuda.current_device()):
-        print("sm90_bounds needs an sm_90 GPU", file=sys.stderr)
+    if not on_sm90("sm90_bounds"):
         return 2
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # graph_timing, beside this file
     torch.manual_seed(0)
     start, result = time.time(), {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     root = Path(tempfile.mkdtemp(prefix="sm90_bounds_"))

@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from unittest import mock
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # graph_timing, beside this file
+from graph_timing import on_sm90  # noqa: E402
 
 SHAPES = [(300, 392, 200, 2, 40, 3), (4096, 1024, 1024, 1, 64, 4), (1000, 2056, 512, 3, 16, 2)]
 
@@ -57,14 +61,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
     ap.add_argument("--tol", type=float, default=2e-2, help="largest max-normalised error passed (16-bit: ~4e-3)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("sm90_ring_check needs a CUDA GPU", file=sys.stderr)
+    if not on_sm90("sm90_ring_check"):
         return 2
     from panther_cuda.ops.sketched_linear import sm90
 
-    if not sm90.on_sm90(torch.cuda.current_device()):
-        print("sm90_ring_check needs an sm_90 GPU", file=sys.stderr)
-        return 2
     torch.manual_seed(0)
     dtype, worst = getattr(torch, args.dtype), 0.0
     for stages in sm90.RING_STAGES:
