@@ -130,6 +130,7 @@ def run_shape(T: int, I: int, O: int, replays: int, root: Path) -> List[dict]:
         shared = sm90.ring_shared_bytes(dt, stages)
         ms = median_ms(lambda: k((blocks,), (sm90.THREADS,), *args, shared_mem=shared), replays)
         add("fwd_h_sm90", "+".join(edits) or "base", ms, f"{splits} shares of I, {stages} stages")
+    h.normal_()  # y from a fresh H (the variants above leave it wrong or unwritten)
     for edits in Y_VARIANTS:
         path = variant_source(edits, root)
         opts = (f"-DPANTHER_BOUNDS_DIGEST=0x{_digest(path)}ULL",)
