@@ -1179,7 +1179,7 @@ def test_kernels_under_emulation(emulator, case, landing):
 # tools/linear_sweep.py: what it would time (its timings need a GPU)
 
 
-def _tool(name: str = "linear_sweep"):
+def _tool(name: str):
     import importlib.util
 
     path = OP_DIR.parents[2].parent / "tools" / f"{name}.py"
@@ -1189,12 +1189,8 @@ def _tool(name: str = "linear_sweep"):
     return module
 
 
-def _sweep_tool():
-    return _tool("linear_sweep")
-
-
 def test_sweep_tool_plans_and_floor():
-    sweep = _sweep_tool()
+    sweep = _tool("linear_sweep")
     plans = sweep.forward_plans(4096, 4096, 4096, 128, torch.bfloat16, 132, 227 << 10)
     assert plans["default"] == forward_rule(4096, 4096, 4096, 128, torch.bfloat16, 132, 227 << 10)
     assert plans["large"] == ForwardPlan(fused=False, h_splits=4, tiles="large")
@@ -1242,7 +1238,7 @@ def test_bounds_tool_edits_apply_to_the_sources():
         assert changed == {file for name in v for file, *_ in tool.EDITS[name]}
 
 
-def test_bounds_tool_refuses_an_edit_whose_text_is_gone(monkeypatch, tmp_path):
+def test_bounds_tool_refuses_an_edit_whose_text_is_gone(monkeypatch):
     tool = _tool("sm90_bounds")
     monkeypatch.setitem(tool.EDITS, "gone", [("forward_sm90.cu", "no such line\n", "x")])
     with pytest.raises(ValueError, match="'no such line' occurs 0 times in forward_sm90.cu"):

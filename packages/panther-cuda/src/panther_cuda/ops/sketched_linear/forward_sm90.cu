@@ -2,14 +2,14 @@
 // launches these in place of forward.cu's kernels where the plan asks (ForwardPlan.hopper_h, .hopper_y) and the
 // shapes allow:
 //
-// * sketched_linear_fwd_h_sm90 — H = x A (sm90_h_fits: I and k multiples of 8): a block is a 128 x 128 tile of
+// * sketched_linear_fwd_h_sm90 — H = x A (sm90.h_fits: I and k multiples of 8): a block is a 128 x 128 tile of
 //   H (T x R), or its fp32 share of I (n_splits > 1, summed by forward.cu's sketched_linear_sum_shares); x's and
 //   A's tiles 64 deep through tile_sm90.cuh's ring of S stages of cp.async (3 or 6: sm90.py's ring_stages).
-// * sketched_linear_fwd_y_sm90 — y = H B / (2L) + b (sm90_fits: R = 2Lk <= 256, R and O multiples of 8): a block
-//   is a 128-row tile of y; H's 128 x KP tile (KP = R rounded up to a depth of SM90_DEPTHS, the tile at least 64
-//   wide; zero past R and T) is loaded once; the block then walks its column tiles of BN = 128 (group, group + groups, ...), B's KP x BN
-//   tile of each double-buffered: the copy of the next tile is in flight while the tensor cores multiply this
-//   one and the epilogue writes it.
+// * sketched_linear_fwd_y_sm90 — y = H B / (2L) + b (sm90.y_fits: R = 2Lk <= 256, R and O multiples of 8): a
+//   block is a 128-row tile of y; H's 128 x KP tile (KP = R rounded up to one of sm90.py's DEPTHS, the tile at
+//   least 64 wide; zero past R and T) is loaded once; the block then walks its column tiles of BN = 128 (group,
+//   group + groups, ...), B's KP x BN tile of each double-buffered: the copy of the next tile is in flight while
+//   the tensor cores multiply this one and the epilogue writes it.
 //
 // Tiles (tile_sm90.cuh): x's and H's K-major, A's and B's MN-major.
 #include "tile_sm90.cuh"
@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(SM90_NT, (S <= 3 ? 2 : 1)) sketched_linear_fwd
 #endif
 }
 
-// KP: the depth of the products, R rounded up to one of SM90_DEPTHS (forward.py), zero past R.
+// KP: the depth of the products, R rounded up to one of sm90.py's DEPTHS, zero past R.
 template <typename T, int KP>
 __global__ void __launch_bounds__(SM90_NT, (KP <= 128 ? 2 : 1)) sketched_linear_fwd_y_sm90(
     const T* __restrict__ h, const T* __restrict__ U1, const T* __restrict__ S2, const T* __restrict__ bias,
@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(SM90_NT, (KP <= 128 ? 2 : 1)) sketched_linear_
 }  // namespace panther
 
 #ifdef PANTHER_NVCC_CHECK
-// The instances forward.py launches (16-bit inputs; y at each depth of SM90_DEPTHS, H with each ring of
+// The instances forward.py launches (16-bit inputs; y at each depth of sm90.py's DEPTHS, H with each ring of
 // sm90.py's RING_STAGES).
 #define SM90_Y(T, KP) template __global__ void panther::sl::sketched_linear_fwd_y_sm90<T, KP>(const T*, const T*, \
     const T*, const T*, T*, long long, long long, int, int, float);
