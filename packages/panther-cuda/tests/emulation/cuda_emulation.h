@@ -27,6 +27,10 @@
 #define __align__(n) __attribute__((aligned(n)))
 struct Dim { unsigned x = 0, y = 0, z = 0; };
 struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(8) uint2 { unsigned x, y; };  // the CUDA vector types of the kernels' 8- and 16-byte accesses
+struct alignas(8) float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+inline float2 make_float2(float a, float b) { return float2{a, b}; }
 inline thread_local Dim threadIdx, blockIdx;
 inline Dim gridDim, blockDim;
 inline std::barrier<>* g_block_barrier;

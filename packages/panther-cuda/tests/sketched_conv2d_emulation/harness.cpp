@@ -10,9 +10,6 @@
 #include "harness.h"
 #undef __launch_bounds__
 #define __launch_bounds__(...)
-struct alignas(8) float2 { float x, y; };  // the CUDA vector types of the paired stores and 8-byte loads
-struct alignas(8) uint2 { unsigned x, y; };
-inline float2 make_float2(float a, float b) { return float2{a, b}; }
 namespace panther { alignas(16) unsigned char smem[1 << 20]; }
 #include "sketched_conv2d.cu"
 using namespace panther;

@@ -18,18 +18,10 @@ namespace sl {
 // 128 x 128 tile, S stages of x's and dH's 64 x 128 tiles, and dx's 64 x 128 tile on its way out.
 template <int S> struct FusedX { static constexpr int ELEMENTS = 128 * 128 + S * 2 * 64 * 128 + 64 * 128; };
 
-// The pair of d[S1 | U2] at row i, columns c_lo + n and c_lo + n + 1 (one term: k even): into the fp32 share `split`
-// of n_splits (ws: n_splits x I x c_n) where T is split, else into dS1 or dU2.
+// The pair of d[S1 | U2] at row i, columns c_lo + n and c_lo + n + 1 (one term: k even), into dS1 or dU2.
 template <typename T>
-__device__ __forceinline__ void store_side_pair(T* dS1, T* dU2, float* ws, long long I, int Lk, int k, int c_lo,
-                                                int c_n, int split, int n_splits, long long i, int n, float v0,
-                                                float v1) {
-    if (n_splits > 1) {
-        float* out = ws + (split * I + i) * c_n + n;
-        out[0] = v0;
-        out[1] = v1;
-        return;
-    }
+__device__ __forceinline__ void store_side_pair(T* dS1, T* dU2, long long I, int Lk, int k, int c_lo, long long i, int n,
+                                                float v0, float v1) {
     int cc = c_lo + n;
     T* out = dS1;
     if (cc >= Lk) {
@@ -64,17 +56,15 @@ __global__ void __launch_bounds__(SM90_NT, (S <= 3 ? 2 : 1)) sketched_linear_bwd
         const RowSplit share(O, split, dh_splits, RING_BK);
         ring_sm90<T, false, false, S>(d, ring, Dense<T, false>{g, O}, Stack<T>{U1, S2, O, Lk}, m0, n0, Tn, R, share.begin,
                                    share.end, [](const T*) {});
+        if (dh_splits > 1) {  // the fp32 share (scaled when the shares are summed), staged: whole rows a store
+            store_staged_f32(d, reinterpret_cast<float*>(ring), ws_dh + split * Tn * R, R, m0, n0, Tn, R, 1.0f);
+            return;
+        }
         each_pair(d, [&](int r, int c, float v0, float v1) {
             const long long t = m0 + r;
             const int col = n0 + c;
             if (t >= Tn || col >= R) return;
-            if (dh_splits > 1) {
-                float* out = ws_dh + (split * Tn + t) * R + col;  // scaled when the shares are summed
-                out[0] = v0;
-                out[1] = v1;
-            } else {
-                *reinterpret_cast<unsigned*>(dh + t * R + col) = pack2(from_float<T>(v0 * scale), from_float<T>(v1 * scale));
-            }
+            *reinterpret_cast<unsigned*>(dh + t * R + col) = pack2(from_float<T>(v0 * scale), from_float<T>(v1 * scale));
         });
         return;
     }
@@ -101,19 +91,18 @@ __global__ void __launch_bounds__(SM90_NT, (S <= 3 ? 2 : 1)) sketched_linear_bwd
     };
     ring_sm90<T, true, true, S>(d, ring, Dense<T, false>{h + c_lo, R}, Dense<T, false>{g, O}, m0, n0, c_n, O, rows.begin,
                              rows.end, hook);
-    each_pair(d, [&](int r, int c, float v0, float v1) {
-        const long long m = m0 + r, o = n0 + c;
-        if (m >= c_n || o >= O) return;
-        if (n_splits > 1) {
-            float* out = ws + (split * static_cast<long long>(rows_ws) + m) * O + o;
-            out[0] = v0 * scale;
-            out[1] = v1 * scale;
-        } else {
+    if (n_splits > 1) {  // the fp32 share of rows m0 .. of d[U1; S2], staged: whole rows a store
+        store_staged_f32(d, reinterpret_cast<float*>(ring), ws + split * static_cast<long long>(rows_ws) * O, O, m0, n0,
+                         c_n, O, scale);
+    } else {
+        each_pair(d, [&](int r, int c, float v0, float v1) {
+            const long long m = m0 + r, o = n0 + c;
+            if (m >= c_n || o >= O) return;
             const int row = c_lo + static_cast<int>(m);
             T* out = row < Lk ? dU1 + static_cast<long long>(row) * O : dS2 + static_cast<long long>(row - Lk) * O;
             *reinterpret_cast<unsigned*>(out + o) = pack2(from_float<T>(v0 * scale), from_float<T>(v1 * scale));
-        }
-    });
+        });
+    }
     if (with_db) {
         float* part = reinterpret_cast<float*>(ring);  // free: the ring returns behind a barrier
         part[threadIdx.x] = db_part;
@@ -168,10 +157,14 @@ __global__ void __launch_bounds__(SM90_NT, (S <= 3 ? 2 : 1)) sketched_linear_bwd
     const RowSplit rows(Tn, split, n_splits, RING_BK);
     ring_sm90<T, true, true, S>(d, ring, Dense<T, false>{x, I}, Dense<T, false>{dh + c_lo, R}, m0, n0, I, c_n, rows.begin,
                              rows.end, [](const T*) {});
+    if (n_splits > 1) {  // the fp32 share, staged: whole rows a store
+        store_staged_f32(d, reinterpret_cast<float*>(ring), ws + split * I * c_n, c_n, m0, n0, I, c_n, 1.0f);
+        return;
+    }
     each_pair(d, [&](int r, int c, float v0, float v1) {
         const long long i = m0 + r;
         const int n = n0 + c;
-        if (i < I && n < c_n) store_side_pair(dS1, dU2, ws, I, Lk, k, c_lo, c_n, split, n_splits, i, n, v0, v1);
+        if (i < I && n < c_n) store_side_pair(dS1, dU2, I, Lk, k, c_lo, i, n, v0, v1);
     });
 #else
     __trap();  // sm_90a only: the host launches it nowhere else
@@ -275,10 +268,14 @@ __global__ void __launch_bounds__(SM90_NT, 1) sketched_linear_bwd_x_fused_sm90(
     }
     cp_async_wait<0>();
     if (!want_w) return;
+    if (n_splits > 1) {  // the fp32 share of columns c_lo .. c_lo + c_n, staged: whole rows a store
+        store_staged_f32(dw, reinterpret_cast<float*>(smem), ws + split * I * c_n, c_n, i0, -c_lo, I, c_n, 1.0f);
+        return;
+    }
     each_pair(dw, [&](int r, int c, float v0, float v1) {
         const long long i = i0 + r;
         const int n = c - c_lo;
-        if (i < I && n >= 0 && n < c_n) store_side_pair(dS1, dU2, ws, I, Lk, k, c_lo, c_n, split, n_splits, i, n, v0, v1);
+        if (i < I && n >= 0 && n < c_n) store_side_pair(dS1, dU2, I, Lk, k, c_lo, i, n, v0, v1);
     });
 #else
     __trap();  // sm_90a only: the host launches it nowhere else

@@ -40,17 +40,15 @@ __global__ void __launch_bounds__(SM90_NT, (S <= 3 ? 2 : 1)) sketched_linear_fwd
     const RowSplit share(I, split, n_splits, RING_BK);
     ring_sm90<T, false, true, S>(d, ring, Dense<T, false>{x, I}, Side<T>{S1, U2, I, L, k}, m0, n0,
                               Tn, R, share.begin, share.end, [](const T*) {});
+    if (n_splits > 1) {  // the fp32 share, staged: whole rows a store
+        store_staged_f32(d, reinterpret_cast<float*>(ring), ws + split * Tn * R, R, m0, n0, Tn, R, 1.0f);
+        return;
+    }
     each_pair(d, [&](int r, int c, float v0, float v1) {
         const long long t = m0 + r;
         const int col = n0 + c;
         if (t >= Tn || col >= R) return;  // R even: both columns inside
-        if (n_splits > 1) {
-            float* out = ws + (split * Tn + t) * R + col;
-            out[0] = v0;
-            out[1] = v1;
-        } else {
-            *reinterpret_cast<unsigned*>(h + t * R + col) = pack2(from_float<T>(v0), from_float<T>(v1));
-        }
+        *reinterpret_cast<unsigned*>(h + t * R + col) = pack2(from_float<T>(v0), from_float<T>(v1));
     });
 #else
     __trap();  // sm_90a only: the host launches it nowhere else

@@ -264,6 +264,40 @@ template <typename F> __device__ __forceinline__ void each_pair(const float (&d)
         for (int half = 0; half < 2; ++half)
             f(row0 + 8 * half, 8 * i + 2 * (lane & 3), d[4 * i + 2 * half], d[4 * i + 2 * half + 1]);
 }
+// Element (r, c) of a staged 128 x 128 fp32 tile: the 16-byte chunk c / 4 of row r at chunk (c / 4) ^ (r % 8), so that
+// the eight rows of a warp's pair stores, and a quarter warp's 16-byte reads of a row, fall on different banks.
+__device__ __forceinline__ int fp32_staged(int r, int c) { return r * 128 + (((c >> 2) ^ (r & 7)) << 2) + (c & 3); }
+
+// Write the block's 128 x 128 fp32 tile (the accumulators d of both warpgroups) times scale to out (leading dimension
+// ld) at (m0, n0): element (r, c) to out[(m0 + r) ld + n0 + c] where m0 + r < nr and 0 <= n0 + c < nc (n0 may be
+// negative: a tile whose first columns are not wanted). Staged through `stage` (128 x 128 fp32, 64 KiB of shared
+// memory nothing else uses from the barrier that begins the call; fp32_staged's layout), then 16-byte stores,
+// consecutive threads along a row (scalar where a run crosses an edge, or where out's runs are not 16-byte aligned):
+// whole 512-byte rows where the two-element stores from the accumulators would touch eight rows a request. Every
+// thread of the block must call it; it ends behind a barrier.
+__device__ __forceinline__ void store_staged_f32(const float (&d)[64], float* stage, float* out, long long ld,
+                                                 long long m0, long long n0, long long nr, long long nc, float scale) {
+    __syncthreads();  // the stage's memory is no longer read by products or copies
+    each_pair(d, [&](int r, int c, float v0, float v1) {
+        *reinterpret_cast<float2*>(stage + fp32_staged(r, c)) = make_float2(v0 * scale, v1 * scale);
+    });
+    __syncthreads();
+    const bool vec = ld % 4 == 0 && n0 % 4 == 0 && aligned16(out);
+    for (int i = threadIdx.x; i < 128 * 32; i += SM90_NT) {
+        const int r = i >> 5, j = i & 31;
+        const long long t = m0 + r, o = n0 + 4 * j;
+        if (t >= nr || o >= nc || o + 4 <= 0) continue;
+        const float* s = stage + r * 128 + ((j ^ (r & 7)) << 2);
+        if (vec && o >= 0 && o + 4 <= nc) {
+            *reinterpret_cast<float4*>(out + t * ld + o) = *reinterpret_cast<const float4*>(s);
+        } else {
+            for (int e = 0; e < 4; ++e)
+                if (o + e >= 0 && o + e < nc) out[t * ld + o + e] = s[e];
+        }
+    }
+    __syncthreads();
+}
+
 // The pair (r, c), (r, c + 1) into a staged ROWS x 128 tile (copy_staged's layout; c even).
 template <typename T> __device__ __forceinline__ void stage_pair(T* stage, int r, int c, T v0, T v1) {
     *reinterpret_cast<unsigned*>(stage + r * 128 + ((((c >> 3) ^ (r & 7)) << 3) | (c & 7))) = pack2(v0, v1);
