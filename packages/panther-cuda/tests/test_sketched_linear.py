@@ -526,9 +526,9 @@ def test_host_tile_configs_match_the_kernels():
                  "static constexpr int LDC = BN + PAD;",
                  "static constexpr int SHARED_ELEMENTS = GEMM_ELEMENTS > BM * LDC ? GEMM_ELEMENTS : BM * LDC;",
                  "static constexpr int FUSED_TILE_ELEMENTS = BM * LDA + 2 * BK * LDB;",
-                 "constexpr int SUM_NT = 128;"):
+                 "constexpr int SUM_NT = 128;", "if constexpr (W == 4) {"):
         assert line in text, line
-    assert limits.SUM_THREADS == 128 and limits.TileConfig.PAD == 8
+    assert limits.SUM_THREADS == 128 and limits.SUM_RUN == 4 and limits.TileConfig.PAD == 8
     # 3 stages of A (64 x 40) and B (64 x 40 transposed, larger than 32 x 72); 4 of A and B (128 x 40 each)
     assert limits.SMALL.shared_elements() == 3 * (64 * 40 + 64 * 40)
     assert limits.LARGE.shared_elements() == 4 * (128 * 40 + 128 * 40)
@@ -732,7 +732,7 @@ def test_forward_launch_arguments(recorder, plan):
         else:  # H from its fp32 shares of I
             assert a1[4].shape == (splits, T, R) and a1[4].dtype == torch.float32
             ((n3, b3, a3, s3),) = summed
-            assert n3 == "sketched_linear_sum_shares" and b3 == -(-T * R // limits.SUM_THREADS) and s3 == 0
+            assert n3 == "sketched_linear_sum_shares" and b3 == -(-T * R // (4 * limits.SUM_THREADS)) and s3 == 0
             assert a3[0] is a1[4] and a3[1] is h and [int(a3[2]), int(a3[3]), float(a3[4])] == [T * R, splits, 1.0]
 
 
@@ -1010,7 +1010,7 @@ def test_backward_launch_arguments(recorder, needs, split, tiles):
         for i, j in ((2, 1), (3, 4), (4, 3), (5, 2), (6, 5)):  # dS1, dU2, dU1, dS2, db
             assert args[i] is grads[j] if grads[j] is not None else args[i] is None
         assert [int(a) for a in args[7:]] == [90, 200, 2, 9, c_lo, c_n, w_lo, w_n, split, split]
-        assert blocks == -(-(90 * c_n + rows * 200) // limits.SUM_THREADS)
+        assert blocks == -(-(90 * c_n + rows * 200) // (4 * limits.SUM_THREADS))
 
 
 def test_split_rule():
@@ -1111,6 +1111,7 @@ EMU_CASES = [
     ("tf32", "small", -2, 2, 65, 130, 70, 3, 50, 1, "110011"),  # R = 300
     ("bfloat16", "small", -4, 3, 130, 96, 200, 1, 16, 1, "111111"),  # 16-byte loads, I = 96 in 32, 32, 32, 0
     ("float16", "small", -5, 2, 33, 50, 129, 1, 64, 0, "100000"),  # dx alone; shares of I past its end
+    ("bfloat16", "small", -2, 3, 71, 90, 70, 1, 3, 1, "111111"),  # T R = 426, k = 3: the sums one element a thread
     # the 128 x 128 tiles of 8 warps (every kernel but the fused one, which keeps 64 x 64): R = 128 in one column
     # tile; R past one tile; 16-byte and scalar stores of the staged output; exact float32 (FFMA 8 x 8 per thread)
     ("bfloat16", "large", 0, 1, 200, 136, 264, 1, 64, 1, "111111"),  # 16-byte loads and stores, O past 256

@@ -172,22 +172,18 @@ __global__ void __launch_bounds__(C::NT, (MIN_BLOCKS<T, C>)) sketched_linear_bwd
     });
 }
 
-// The weight gradients from their fp32 shares: elements [0, I c1_n) of d[S1 | U2]'s columns c1_lo .. c1_lo + c1_n
-// (n_splits1 shares ws1[split][i][n]), then [0, (c2_n + has db) O) of d[U1; S2]'s rows c2_lo .. c2_lo + c2_n and db
-// (n_splits2 shares ws2[split][m][o], db as row c2_n); one element per thread, grid-stride. A gradient its launch
-// wrote itself (one share) is left out here: c1_n = 0, or c2_n = 0 and db null.
-template <typename T>
-__global__ void __launch_bounds__(SUM_NT) sketched_linear_bwd_sum(
-    const float* __restrict__ ws1, const float* __restrict__ ws2, T* __restrict__ dS1, T* __restrict__ dU2,
-    T* __restrict__ dU1, T* __restrict__ dS2, T* __restrict__ db, long long I, long long O, int L, int k, int c1_lo,
-    int c1_n, int c2_lo, int c2_n, int n_splits1, int n_splits2) {
-    const int Lk = L * k;
+template <typename T, int W>
+__device__ __forceinline__ void sum_grad_runs(const float* __restrict__ ws1, const float* __restrict__ ws2,
+                                              T* __restrict__ dS1, T* __restrict__ dU2, T* __restrict__ dU1,
+                                              T* __restrict__ dS2, T* __restrict__ db, long long I, long long O, int Lk,
+                                              int k, int c1_lo, int c1_n, int c2_lo, int c2_n, int n_splits1,
+                                              int n_splits2) {
     const long long n1 = I * c1_n, n2 = static_cast<long long>(c2_n + (db != nullptr ? 1 : 0)) * O;
-    for (long long e = static_cast<long long>(blockIdx.x) * SUM_NT + threadIdx.x; e < n1 + n2;
-         e += static_cast<long long>(gridDim.x) * SUM_NT) {
+    for (long long e = (static_cast<long long>(blockIdx.x) * SUM_NT + threadIdx.x) * W; e < n1 + n2;
+         e += static_cast<long long>(gridDim.x) * SUM_NT * W) {
+        float sum[W] = {};
         if (e < n1) {
-            float sum = 0.0f;
-            for (int s = 0; s < n_splits1; ++s) sum += ws1[s * n1 + e];
+            for (int s = 0; s < n_splits1; ++s) add_run<W>(sum, ws1 + s * n1 + e);
             const long long i = e / c1_n;
             int cc = c1_lo + static_cast<int>(e % c1_n);
             T* out = dS1;
@@ -195,16 +191,37 @@ __global__ void __launch_bounds__(SUM_NT) sketched_linear_bwd_sum(
                 cc -= Lk;
                 out = dU2;
             }
-            out[(static_cast<long long>(cc / k) * I + i) * k + cc % k] = from_float<T>(sum);
+            store_run<T, W>(out + (static_cast<long long>(cc / k) * I + i) * k + cc % k, sum, 1.0f);
         } else {
             const long long e2 = e - n1;
-            float sum = 0.0f;
-            for (int s = 0; s < n_splits2; ++s) sum += ws2[s * n2 + e2];
+            for (int s = 0; s < n_splits2; ++s) add_run<W>(sum, ws2 + s * n2 + e2);
             const int m = static_cast<int>(e2 / O);
             const int row = c2_lo + m;
             T* out = m == c2_n ? db : row < Lk ? dU1 + static_cast<long long>(row) * O : dS2 + static_cast<long long>(row - Lk) * O;
-            out[e2 % O] = from_float<T>(sum);
+            store_run<T, W>(out + e2 % O, sum, 1.0f);
         }
+    }
+}
+
+// The weight gradients from their fp32 shares: elements [0, I c1_n) of d[S1 | U2]'s columns c1_lo .. c1_lo + c1_n
+// (n_splits1 shares ws1[split][i][n]), then [0, (c2_n + has db) O) of d[U1; S2]'s rows c2_lo .. c2_lo + c2_n and db
+// (n_splits2 shares ws2[split][m][o], db as row c2_n), the shares in order; grid-stride. A gradient its launch wrote
+// itself (one share) is left out here: c1_n = 0, or c2_n = 0 and db null. Four elements a thread (16-byte loads)
+// where a run of four stays in one row of a share and in one term of the output (c1_n, c1_lo, k and O multiples of
+// four) and every pointer is aligned to it, else one.
+template <typename T>
+__global__ void __launch_bounds__(SUM_NT) sketched_linear_bwd_sum(
+    const float* __restrict__ ws1, const float* __restrict__ ws2, T* __restrict__ dS1, T* __restrict__ dU2,
+    T* __restrict__ dU1, T* __restrict__ dS2, T* __restrict__ db, long long I, long long O, int L, int k, int c1_lo,
+    int c1_n, int c2_lo, int c2_n, int n_splits1, int n_splits2) {
+    const bool runs = c1_n % 4 == 0 && c1_lo % 4 == 0 && k % 4 == 0 && O % 4 == 0 && aligned16(ws1) && aligned16(ws2) &&
+                      aligned_run(dS1) && aligned_run(dU2) && aligned_run(dU1) && aligned_run(dS2) && aligned_run(db);
+    if (runs) {
+        sum_grad_runs<T, 4>(ws1, ws2, dS1, dU2, dU1, dS2, db, I, O, L * k, k, c1_lo, c1_n, c2_lo, c2_n, n_splits1,
+                            n_splits2);
+    } else {
+        sum_grad_runs<T, 1>(ws1, ws2, dS1, dU2, dU1, dS2, db, I, O, L * k, k, c1_lo, c1_n, c2_lo, c2_n, n_splits1,
+                            n_splits2);
     }
 }
 

@@ -34,7 +34,6 @@ from panther.backends.toolkit import cdiv, multiprocessors
 from panther_cuda._nvrtc import f32, i32, i64
 from panther_cuda.ops.sketched_linear import sm90
 from panther_cuda.ops.sketched_linear.common import (
-    SUM_BLOCKS,
     choose_config,
     contiguous_2d,
     device_index,
@@ -44,6 +43,7 @@ from panther_cuda.ops.sketched_linear.common import (
     launch,
     shared_limit,
     split_rule,
+    sum_grid,
     sum_shares,
 )
 from panther_cuda.ops.sketched_linear.limits import CONFIGS, LARGE, SUM_THREADS, TileConfig
@@ -219,7 +219,7 @@ def sketched_linear_backward(
         c2_n, db2 = (w_n, db) if ws2 is not None else (0, None)
         n = I * c1_n + (c2_n + (1 if db2 is not None else 0)) * O
         kernel("backward.cu", "sketched_linear_bwd_sum", x.dtype)(
-            (min(cdiv(n, SUM_THREADS), SUM_BLOCKS),), (SUM_THREADS,),
+            sum_grid(n), (SUM_THREADS,),
             ws1, ws2, dS1, dU2, dU1, dS2, db2, i64(I), i64(O), i32(L), i32(k), i32(c_lo), i32(c1_n), i32(w_lo),
             i32(c2_n), i32(x_split), i32(split),
         )

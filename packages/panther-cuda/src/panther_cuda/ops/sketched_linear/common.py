@@ -10,7 +10,7 @@ import torch
 
 from panther.backends.toolkit import cdiv, shared_memory_per_block
 from panther_cuda._nvrtc import Kernel, f32, i32, i64
-from panther_cuda.ops.sketched_linear.limits import DEEP64, LARGE, SMALL, SUM_THREADS, TileConfig
+from panther_cuda.ops.sketched_linear.limits import DEEP64, LARGE, SMALL, SUM_RUN, SUM_THREADS, TileConfig
 
 CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 
@@ -86,7 +86,12 @@ MAX_SPLIT = 64
 # past that, more shares add fp32 traffic and summing faster than they add parallelism (tools/linear_sweep.py
 # times the rule's split against half and twice of it).
 BLOCKS_PER_SM = {SMALL: 4, LARGE: 1, DEEP64: 1}
-SUM_BLOCKS = 4096  # grid of the share-summing launches (grid-stride loops over the elements)
+SUM_BLOCKS = 4096  # most blocks of a share-summing launch (grid-stride loops over the elements)
+
+
+def sum_grid(n: int) -> Tuple[int]:
+    """Grid of a share-summing launch over n elements: a run of SUM_RUN a thread, at most SUM_BLOCKS blocks."""
+    return (max(1, min(cdiv(n, SUM_RUN * SUM_THREADS), SUM_BLOCKS)),)
 
 
 def split_rule(depth: int, tiles: int, sms: int, config: TileConfig = SMALL) -> int:
@@ -106,7 +111,7 @@ def sum_shares(ws: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> None:
     if n == 0:
         return
     kernel("forward.cu", "sketched_linear_sum_shares", out.dtype)(
-        (min(cdiv(n, SUM_THREADS), SUM_BLOCKS),), (SUM_THREADS,), ws, out, i64(n), i32(n_splits), f32(scale)
+        sum_grid(n), (SUM_THREADS,), ws, out, i64(n), i32(n_splits), f32(scale)
     )
 
 

@@ -146,16 +146,27 @@ __global__ void __launch_bounds__(C::NT, (MIN_BLOCKS<T, C>)) sketched_linear_fwd
     });
 }
 
+template <typename T, int W>
+__device__ __forceinline__ void sum_share_runs(const float* __restrict__ ws, T* __restrict__ out, long long n,
+                                               int n_splits, float scale) {
+    for (long long e = (static_cast<long long>(blockIdx.x) * SUM_NT + threadIdx.x) * W; e < n;
+         e += static_cast<long long>(gridDim.x) * SUM_NT * W) {
+        float sum[W] = {};
+        for (int s = 0; s < n_splits; ++s) add_run<W>(sum, ws + s * n + e);
+        store_run<T, W>(out + e, sum, scale);
+    }
+}
+
 // out[e] = scale Σ_s ws[s n + e] for e < n, rounded once: a split reduction's fp32 shares summed (H here,
-// dH in the backward); one element per thread, grid-stride.
+// dH in the backward), the shares in order; grid-stride, four elements a thread (16-byte loads) where n is a
+// multiple of four and ws and out are aligned to it, else one.
 template <typename T>
 __global__ void __launch_bounds__(SUM_NT) sketched_linear_sum_shares(const float* __restrict__ ws, T* __restrict__ out,
                                                                      long long n, int n_splits, float scale) {
-    for (long long e = static_cast<long long>(blockIdx.x) * SUM_NT + threadIdx.x; e < n;
-         e += static_cast<long long>(gridDim.x) * SUM_NT) {
-        float sum = 0.0f;
-        for (int s = 0; s < n_splits; ++s) sum += ws[s * n + e];
-        out[e] = from_float<T>(sum * scale);
+    if (n % 4 == 0 && aligned16(ws) && aligned_run(out)) {
+        sum_share_runs<T, 4>(ws, out, n, n_splits, scale);
+    } else {
+        sum_share_runs<T, 1>(ws, out, n, n_splits, scale);
     }
 }
 

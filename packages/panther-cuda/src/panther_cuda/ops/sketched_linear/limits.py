@@ -73,6 +73,7 @@ LARGE = TileConfig(128, 128, 32, 2, 4, 4)
 DEEP64 = TileConfig(128, 128, 64, 2, 4, 4)
 CONFIGS = {"small": SMALL, "large": LARGE, "deep64": DEEP64}
 SUM_THREADS = 128  # threads of a block of the share-summing kernels (tile.cuh's SUM_NT)
+SUM_RUN = 4  # elements a thread of the share-summing kernels where their 16-byte loads apply (tile.cuh's add_run)
 
 # Widest H (R = 2Lk columns) that the fused forward keeps in shared memory (R <= 256: 2 k L <= 256).
 FUSED_MAX_R = 256

@@ -49,6 +49,31 @@ template <typename T, typename C> constexpr int MIN_BLOCKS = sizeof(T) == 2 && C
 
 constexpr int SUM_NT = 128;  // threads of a block of the kernels that sum fp32 shares (no tiles)
 
+// The share-summing kernels take runs of W consecutive elements a thread: W = 4 (16-byte loads of the fp32
+// shares; the caller checks alignment) or 1. add_run adds the run at p to acc; store_run writes scale acc to p,
+// rounded once, in one store where W = 4.
+template <int W> __device__ __forceinline__ void add_run(float (&acc)[W], const float* __restrict__ p) {
+    if constexpr (W == 4) {
+        const float4 v = *reinterpret_cast<const float4*>(p);
+        acc[0] += v.x;
+        acc[1] += v.y;
+        acc[2] += v.z;
+        acc[3] += v.w;
+    } else {
+        acc[0] += *p;
+    }
+}
+template <typename T, int W> __device__ __forceinline__ void store_run(T* __restrict__ p, const float (&acc)[W], float scale) {
+    if constexpr (W == 1) {
+        *p = from_float<T>(acc[0] * scale);
+    } else if constexpr (sizeof(T) == 4) {
+        *reinterpret_cast<float4*>(p) = float4{acc[0] * scale, acc[1] * scale, acc[2] * scale, acc[3] * scale};
+    } else {
+        *reinterpret_cast<uint2*>(p) = uint2{pack2(from_float<T>(acc[0] * scale), from_float<T>(acc[1] * scale)),
+                                             pack2(from_float<T>(acc[2] * scale), from_float<T>(acc[3] * scale))};
+    }
+}
+
 __device__ __forceinline__ long long min_ll(long long a, long long b) { return a < b ? a : b; }
 
 // Elements of T in 16 bytes: the width of one vector load.
@@ -57,6 +82,10 @@ template <typename T> struct Vec {
 };
 
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<unsigned long long>(p) & 15) == 0; }
+// p at a multiple of four elements of T: a run of four is one store
+template <typename T> __device__ __forceinline__ bool aligned_run(const T* p) {
+    return reinterpret_cast<unsigned long long>(p) % (4 * sizeof(T)) == 0;
+}
 
 // Fill the ROWS x COLS tile `s` (leading dimension ld) with f(r0 + r, c0 + c), zero where r0 + r >= nr
 // or c0 + c >= nc. Consecutive threads take consecutive elements along the direction in which the
