@@ -1223,10 +1223,10 @@ def test_sweep_tool_plans_and_floor():
 
 
 def test_bounds_tool_edits_apply_to_the_sources():
-    """Every edit the tool makes finds its text once in today's sources, and each variant's forward_sm90.cu differs
-    from the source exactly where its edits say."""
+    """Every edit the tool makes finds its text once in today's sources, and each variant's sources differ from the
+    op's exactly where its edits say."""
     tool = _tool("sm90_bounds")
-    variants = (*tool.VARIANTS, *tool.Y_VARIANTS)
+    variants = (*tool.VARIANTS, *tool.Y_VARIANTS, *tool.G_VARIANTS, *tool.X_VARIANTS)
     assert {e for v in variants for e in v} == set(tool.EDITS)
     base = tool.patched_sources((), OP_DIR)
     assert base["forward_sm90.cu"] == (OP_DIR / "forward_sm90.cu").read_text()
@@ -1247,13 +1247,15 @@ def test_bounds_tool_refuses_an_edit_whose_text_is_gone(monkeypatch):
 
 
 def test_bounds_tool_variant_compiles(tmp_path):
-    """The variant with every edit compiles with nvcc for sm_90a (the timings compile each variant by NVRTC)."""
+    """The forward and the backward with every edit compile with nvcc for sm_90a (the timings compile each variant by
+    NVRTC)."""
     from test_sources import INCLUDE, _missing, find_nvcc
 
     nvcc = find_nvcc() or _missing("nvcc is not on PATH nor under CUDA_HOME, CUDA_PATH or /usr/local/cuda")
     tool = _tool("sm90_bounds")
-    path = tool.variant_source(tuple(tool.EDITS), tmp_path)
-    cmd = [nvcc, "-std=c++17", f"-I{INCLUDE}", "-gencode", "arch=compute_90a,code=sm_90a", "-DPANTHER_NVCC_CHECK", "-c",
-           str(path), "-o", str(tmp_path / "variant.o")]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
+    for source in ("forward_sm90.cu", "backward_sm90.cu"):
+        path = tool.variant_source(tuple(tool.EDITS), tmp_path, source)
+        cmd = [nvcc, "-std=c++17", f"-I{INCLUDE}", "-gencode", "arch=compute_90a,code=sm_90a", "-DPANTHER_NVCC_CHECK",
+               "-c", str(path), "-o", str(tmp_path / f"{path.stem}.o")]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (source, r.stderr[-4000:])
