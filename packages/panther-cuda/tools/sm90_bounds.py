@@ -2,9 +2,9 @@
 
     python packages/panther-cuda/tools/sm90_bounds.py --out bounds.json [--shape TxIxO ...] [--replays 50]
 
-Each variant is forward_sm90.cu (or backward_sm90.cu) with edits made to a copy of the op's sources in a temporary folder (the package is
-left as it is), compiled by NVRTC and launched alone, bf16, L = 1, k = 64 (R = 128), H in the forward rule's shares of
-I; each time is the median of --replays CUDA-graph replays. The edits (EDITS) take out:
+Each variant is forward_sm90.cu (or backward_sm90.cu) with edits made to a copy of the op's sources in a temporary
+folder (the package is left as it is), compiled by NVRTC and launched alone, bf16, L = 1, k = 64 (R = 128), H in the
+forward rule's shares of I; each time is the median of --replays CUDA-graph replays. The edits (EDITS) take out:
 * ``no-x`` / ``no-skinny``: ring_sm90's copies of its A operand (x in fwd_h) / of its B operand (A = [S1 | U2]) after
   the first S steps (the ring then multiplies stale tiles: the results are wrong, the time is what is left without
   that stream);
@@ -209,10 +209,10 @@ def run_backward(T: int, I: int, O: int, replays: int, root: Path, x, h, S1, U2,
     stages = sm90.ring_stages(blocks, dt, dev)
     args = (g, h, U1, S2, dh, dU1, dS2, db, ws2, i64(T), i64(O), i32(L), i32(K), f32(1.0 / (2 * L)), i64(n_dh), i32(0),
             i32(R), i32(split), ws_dh, i32(dh_split))
+    name = f"panther::sl::sketched_linear_bwd_g_sm90<__nv_bfloat16, {stages}>"
+    shared = sm90.ring_shared_bytes(dt, stages)
     for edits in G_VARIANTS:
-        name = f"panther::sl::sketched_linear_bwd_g_sm90<__nv_bfloat16, {stages}>"
         k = _kernel(edits, root, "backward_sm90.cu", name)
-        shared = sm90.ring_shared_bytes(dt, stages)
         ms = median_ms(lambda: k((blocks,), (sm90.THREADS,), *args, shared_mem=shared), replays)
         add("bwd_g_sm90", "+".join(edits) or "base", ms,
             f"{dh_split} shares of O (dH), {split} of T (weights), {stages} stages")
@@ -221,10 +221,10 @@ def run_backward(T: int, I: int, O: int, replays: int, root: Path, x, h, S1, U2,
     ws1 = torch.empty(x_split, I, R, device=dev, dtype=torch.float32) if x_split > 1 else None
     args = (x, dh, S1, U2, dx, dS1, dU2, ws1, i64(T), i64(I), i32(L), i32(K), i32(0), i32(R), i32(x_split))
     grid = cdiv(I, sm90.BN) * x_split
+    name = f"panther::sl::sketched_linear_bwd_x_fused_sm90<__nv_bfloat16, {sm90.FUSED_X_STAGES}>"
+    shared = sm90.fused_x_shared_bytes(dt)
     for edits in X_VARIANTS:
-        k = _kernel(edits, root, "backward_sm90.cu",
-                    f"panther::sl::sketched_linear_bwd_x_fused_sm90<__nv_bfloat16, {sm90.FUSED_X_STAGES}>")
-        shared = sm90.fused_x_shared_bytes(dt)
+        k = _kernel(edits, root, "backward_sm90.cu", name)
         ms = median_ms(lambda: k((grid,), (sm90.THREADS,), *args, shared_mem=shared), replays)
         add("bwd_x_fused_sm90", "+".join(edits) or "base", ms, f"{x_split} shares of T, {sm90.FUSED_X_STAGES} stages")
 

@@ -20,8 +20,8 @@ template <int S> struct FusedX { static constexpr int ELEMENTS = 128 * 128 + S *
 
 // The pair of d[S1 | U2] at row i, columns c_lo + n and c_lo + n + 1 (one term: k even), into dS1 or dU2.
 template <typename T>
-__device__ __forceinline__ void store_side_pair(T* dS1, T* dU2, long long I, int Lk, int k, int c_lo, long long i, int n,
-                                                float v0, float v1) {
+__device__ __forceinline__ void store_side_pair(T* dS1, T* dU2, long long I, int Lk, int k, int c_lo, long long i,
+                                                int n, float v0, float v1) {
     int cc = c_lo + n;
     T* out = dS1;
     if (cc >= Lk) {

@@ -63,7 +63,8 @@ template <int W> __device__ __forceinline__ void add_run(float (&acc)[W], const 
         acc[0] += *p;
     }
 }
-template <typename T, int W> __device__ __forceinline__ void store_run(T* __restrict__ p, const float (&acc)[W], float scale) {
+template <typename T, int W>
+__device__ __forceinline__ void store_run(T* __restrict__ p, const float (&acc)[W], float scale) {
     if constexpr (W == 1) {
         *p = from_float<T>(acc[0] * scale);
     } else if constexpr (sizeof(T) == 4) {
