@@ -4,7 +4,8 @@
 //
 // * sketched_linear_fwd_h_sm90 — H = x A (sm90.h_fits: I and k multiples of 8): a block is a 128 x 128 tile of
 //   H (T x R), or its fp32 share of I (n_splits > 1, summed by forward.cu's sketched_linear_sum_shares); x's and
-//   A's tiles 64 deep through tile_sm90.cuh's ring of S stages of cp.async (3 or 6: sm90.py's ring_stages).
+//   A's tiles 64 deep through tile_sm90.cuh's ring of S stages of cp.async (3 or 6: sm90.py's ring_stages; the
+//   ring of six keeps one group of products in flight).
 // * sketched_linear_fwd_y_sm90 — y = H B / (2L) + b (sm90.y_fits: R = 2Lk <= 256, R and O multiples of 8): a
 //   block is a 128-row tile of y; H's 128 x KP tile (KP = R rounded up to one of sm90.py's DEPTHS, the tile at
 //   least 64 wide; zero past R and T) is loaded once; the block then walks its column tiles of BN = 128 (group,
@@ -38,8 +39,9 @@ __global__ void __launch_bounds__(SM90_NT, (S <= 3 ? 2 : 1)) sketched_linear_fwd
     const long long m0 = tile / n_col_tiles * BM;
     const int n0 = static_cast<int>(tile % n_col_tiles) * BN;
     const RowSplit share(I, split, n_splits, RING_BK);
-    ring_sm90<T, false, true, S>(d, ring, Dense<T, false>{x, I}, Side<T>{S1, U2, I, L, k}, m0, n0,
-                              Tn, R, share.begin, share.end, [](const T*) {});
+    // the deep ring (a block alone on its SM) keeps one group of products in flight (ring_sm90's LAG)
+    ring_sm90<T, false, true, S, (S >= 6 ? 1 : 0)>(d, ring, Dense<T, false>{x, I}, Side<T>{S1, U2, I, L, k}, m0, n0,
+                                                Tn, R, share.begin, share.end, [](const T*) {});
     if (n_splits > 1) {  // the fp32 share, staged: whole rows a store
         store_staged_f32(d, reinterpret_cast<float*>(ring), ws + split * Tn * R, R, m0, n0, Tn, R, 1.0f);
         return;

@@ -189,18 +189,22 @@ template <int S> struct Ring { static constexpr int ELEMENTS = S * 2 * 128 * RIN
 // d += A B over K in [k_begin, k_end), RING_BK per step, through a ring of S stages in smem (A's tiles first, then
 // B's): A = fa (M x K: (m, k) = fa.ptr(m0 + m, k), or (k, m) when A_MN) and B = fb ((k, n) = fb.ptr(k, n0 + n)
 // when B_MN, else (n, k)), zero past M = ma, N = nb and k_end (Sm90Loads). A step waits for its tiles, passes one
-// barrier, issues its products, then the copies of the step S - 1 further (its stage was last read by the
-// products of the step before, which every warpgroup retired before the barrier), so that the copies' address
-// work and issue overlap the tensor cores; it ends when its own products are done (S - 1 steps of copies stay in
-// flight). hook(stage tile of B) sees each step's B tile once it is in.
+// barrier, issues its products, then the copies of the step AHEAD further, so that the copies' address work and
+// issue overlap the tensor cores; it ends when all but LAG groups of its products are done. With LAG 0, S - 1
+// steps of copies stay in flight, each into the stage the step before read, whose products every warpgroup
+// retired before the barrier; with LAG 1 (S >= 4), S - 2, each into the stage of two steps before, and the
+// step's products run on across the next barrier (fwd_h_sm90's deep ring: timed a little faster,
+// benchmarks/results/NOTES.md). hook(stage tile of B) sees each step's B tile once it is in.
 // Every thread of the block must call it; on return no copy or product is in flight and the ring is free to reuse.
-template <typename T, bool A_MN, bool B_MN, int S, typename FA, typename FB, typename Hook>
+template <typename T, bool A_MN, bool B_MN, int S, int LAG = 0, typename FA, typename FB, typename Hook>
 __device__ __forceinline__ void ring_sm90(float (&d)[64], T* smem, const FA& fa, const FB& fb, long long m0,
                                           long long n0, long long ma, long long nb, long long k_begin,
                                           long long k_end, const Hook& hook) {
     constexpr int KD = RING_BK, SA = 128 * KD, SB = KD * 128;
-    constexpr int AHEAD = S - 1;
-    static_assert(S >= 3 && KD * sizeof(T) == 128, "two steps ahead at least; a step is one 128-byte row of the swizzle");
+    constexpr int AHEAD = S - 1 - LAG;
+    static_assert((LAG == 0 || LAG == 1) && AHEAD >= 2 && KD * sizeof(T) == 128,
+                  "at most one group of products in flight, two steps of copies ahead at least; a step is one 128-byte row "
+                  "of the swizzle");
     T* As = smem;
     T* Bs = smem + S * SA;
     const long long steps = cdiv(k_end - k_begin, KD);
@@ -225,10 +229,11 @@ __device__ __forceinline__ void ring_sm90(float (&d)[64], T* smem, const FA& fa,
         hook(Bs + stage * SB);
         if (step + AHEAD < steps) load(next, step + AHEAD);
         cp_async_commit();
-        sm90::wgmma_wait<0>();
+        sm90::wgmma_wait<LAG>();
         stage = stage == S - 1 ? 0 : stage + 1;
         next = next == S - 1 ? 0 : next + 1;
     }
+    sm90::wgmma_wait<0>();
     sm90::fence_operand(d);
     cp_async_wait<0>();
     __syncthreads();
