@@ -908,7 +908,7 @@ def test_hopper_backward_fuses_x_where_R_fits(recorder, sm90_device, monkeypatch
     assert bwd_module.fused_x_split(T, I, 132) == 16  # each share 256 rows at least
     assert bwd_module.fused_x_split(4096, 4096, 132) == 4  # 32 column tiles: 128 blocks
     assert grid == (8 * x_split,) and size == sm90_module.FUSED_X_STAGES
-    assert shared == sm90_module.fused_x_shared_bytes(torch.bfloat16) == (128 * 128 + 5 * 2 * 64 * 128 + 64 * 128) * 2
+    assert shared == sm90_module.fused_x_shared_bytes(torch.bfloat16) == (128 * 128 + 4 * 2 * 64 * 128 + 64 * 128) * 2
     c_lo, c_n = {"111111": (0, 128), "100000": (0, 0), "010010": (0, 128), "100011": (64, 64)}[needs]
     assert args[4] is grads[0] and args[5] is grads[1] and args[6] is grads[4]  # dx, dS1, dU2 (None where not wanted)
     ws1 = args[7]
@@ -1152,7 +1152,7 @@ EMU_CASES = [
     ("bfloat16", "sm90h6:1", 0, 1, 65, 520, 24, 1, 16, 1, "111111"),  # H's ring: nine steps, the last short, round it
     # bwd_x_fused_sm90 (R <= 128, the cases above with R = 128 and 32 too): dx alone, in shares of T, I = 136 in two
     # column tiles; both halves of d[S1 | U2] without dx, R = 16, T in three shares (launch 2 in four); the U2 half
-    # alone with dx, R = 96; T = 450, eight steps round the ring of five, the last short
+    # alone with dx, R = 96; T = 450, eight steps round the ring of four, the last short
     ("bfloat16", "sm90h:1", 0, 2, 200, 136, 40, 1, 64, 1, "100000"),
     ("float16", "sm90h:1", 0, 3, 150, 264, 24, 1, 8, 1, "010010"),
     ("bfloat16", "sm90h:1", 0, 2, 70, 40, 24, 3, 16, 0, "100010"),

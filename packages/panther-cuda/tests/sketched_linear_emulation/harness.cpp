@@ -157,8 +157,8 @@ static void run(long long Tn, long long I, long long O, int L, int k, int plan, 
     if (wsdp) launch(3, SUM_NT, 0, [&] { sketched_linear_sum_shares<T>(wsdp, dh.p(), Tn * R, split, scale); });
     if (need_dh && fused_x) {
         if constexpr (sizeof(T) == 2) {
-            launch(cdv(I, 128) * x_split, SM90_NT, FusedX<5>::ELEMENTS * sizeof(T), [&] {  // sm90.py's FUSED_X_STAGES
-                sketched_linear_bwd_x_fused_sm90<T, 5>(x.p(), dh.p(), S1.p(), U2.p(), dx.p(), dS1.p(), dU2.p(), ws1p, Tn, I,
+            launch(cdv(I, 128) * x_split, SM90_NT, FusedX<4>::ELEMENTS * sizeof(T), [&] {  // sm90.py's FUSED_X_STAGES
+                sketched_linear_bwd_x_fused_sm90<T, 4>(x.p(), dh.p(), S1.p(), U2.p(), dx.p(), dS1.p(), dU2.p(), ws1p, Tn, I,
                                                        L, k, c_lo, c_n, x_split);
             });
         }

@@ -296,5 +296,5 @@ SM90_BWD(__half, 3) SM90_BWD(__nv_bfloat16, 3) SM90_BWD(__half, 6) SM90_BWD(__nv
 #define SM90_FUSED_X(T, S) \
     template __global__ void panther::sl::sketched_linear_bwd_x_fused_sm90<T, S>(const T*, const T*, const T*, const T*, \
         T*, T*, T*, float*, long long, long long, int, int, int, int, int);
-SM90_FUSED_X(__half, 5) SM90_FUSED_X(__nv_bfloat16, 5)
+SM90_FUSED_X(__half, 4) SM90_FUSED_X(__nv_bfloat16, 4)
 #endif  // PANTHER_NVCC_CHECK

@@ -28,7 +28,7 @@ RING_BK = 64  # the ring of the other kernels (tile_sm90.cuh's ring_sm90): depth
 # (96 KiB in 16 bits) leave room for two blocks per SM; six (192 KiB) keep five steps of copies in flight for a
 # block alone on its SM. tools/linear_sweep.py --ring-stages times others (benchmarks/results/NOTES.md).
 RING_STAGES = (3, 6)
-FUSED_X_STAGES = 5  # bwd_x_fused_sm90's ring (its instance): 208 KiB in 16 bits, one block per SM (NOTES.md: 4 timed slower)
+FUSED_X_STAGES = 4  # bwd_x_fused_sm90's ring (its instance): 176 KiB in 16 bits, one block per SM (NOTES.md: five no faster)
 FUSED_X_MAX_R = 128  # bwd_x_fused_sm90 holds R = 2Lk in one 128-wide tile
 TWO_BLOCKS_BYTES = 100 << 10  # up to this much shared memory, two blocks stay resident per SM (228 KiB)
 
