@@ -9,6 +9,10 @@ Double backward (``create_graph=True``): the same formulas in differentiable tor
 inputs (Z recomputed under autograd), so that gradients of gradients are exact.
 Under torch.func transforms (grad, vmap, jvp, jacrev) the forward runs as plain differentiable torch ops,
 which every transform (forward mode included) differentiates itself.
+On the CPU, 16-bit inputs are convolved in float32 and each result rounded once to its input's dtype: torch's
+CPU convolution in bfloat16 (oneDNN) returns wrong values for some dilated, strided shapes (torch 2.13: x of
+1 x 1 x 5 x 5, a 1 x 3 kernel, dilation 2, stride (1, 2), 17 output channels or more; the conformance row's
+second example).
 """
 
 from __future__ import annotations
@@ -20,8 +24,25 @@ import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 
+def _on_cpu_in_16_bits(t: torch.Tensor) -> bool:
+    """Whether ``t``'s convolutions run in float32 (the module's note: torch's CPU bfloat16 convolution)."""
+    return t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16)
+
+
+def _float(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.float()
+
+
+def _rounded(grads, like):
+    """Each gradient in its input's dtype (None stays None)."""
+    return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, like))
+
+
 def _forward(x, S1s, U1s, bias, stride, padding, dilation):
     """``(y, Z)``: Z is returned (non-differentiable) for the backward to save."""
+    if _on_cpu_in_16_bits(x):
+        y, Z = _forward(x.float(), S1s.float(), U1s.float(), _float(bias), stride, padding, dilation)
+        return y.to(x.dtype), Z.to(x.dtype)
     terms, k, C, kh, kw = S1s.shape
     O = U1s.shape[-1]
     Z = F.conv2d(x, S1s.reshape(terms * k, C, kh, kw), None, stride, padding, dilation)
@@ -47,6 +68,14 @@ def _backward(ctx, g, _Z_grad):
     if torch.is_grad_enabled():  # create_graph=True: a backward that autograd can differentiate
         return _differentiable_backward(ctx, g)
     x, S1s, U1s, Z = ctx.saved_tensors
+    if _on_cpu_in_16_bits(g):
+        grads = _gradients(ctx, g.float(), x.float(), S1s.float(), U1s.float(), _float(Z))
+        return _rounded(grads, (x, S1s, U1s, g)) + (None, None, None)
+    return _gradients(ctx, g, x, S1s, U1s, Z) + (None, None, None)
+
+
+def _gradients(ctx, g, x, S1s, U1s, Z):
+    """``(dx, dS1s, dU1s, db)`` of :func:`_backward`, each None where not needed."""
     stride, padding, dilation, s_shape, has_bias = ctx.conf
     terms, k, C, kh, kw = s_shape
     O = U1s.shape[-1]
@@ -64,11 +93,20 @@ def _backward(ctx, g, _Z_grad):
         dU = torch.einsum("nchw,nohw->co", Z, g).mul_(1.0 / terms).reshape(terms, -1, O)
     if need_b and has_bias:
         db = g.sum((0, 2, 3))
-    return dx, dS, dU, db, None, None, None
+    return dx, dS, dU, db
+
 
 def _differentiable_backward(ctx, g):
     """The backward of :func:`_backward`, built from the saved inputs with differentiable ops."""
     x, S1s, U1s = ctx.saved_tensors[:3]
+    if _on_cpu_in_16_bits(g):  # .float() and .to() are differentiable: the graph keeps the dtypes straight
+        grads = _differentiable_gradients(ctx, g.float(), x.float(), S1s.float(), U1s.float())
+        return _rounded(grads, (x, S1s, U1s, g)) + (None, None, None)
+    return _differentiable_gradients(ctx, g, x, S1s, U1s) + (None, None, None)
+
+
+def _differentiable_gradients(ctx, g, x, S1s, U1s):
+    """``(dx, dS1s, dU1s, db)`` of :func:`_differentiable_backward`, each None where not needed."""
     stride, padding, dilation, s_shape, has_bias = ctx.conf
     terms, k, C, kh, kw = s_shape
     O = U1s.shape[-1]
@@ -87,8 +125,7 @@ def _differentiable_backward(ctx, g):
         dU = (torch.einsum("nchw,nohw->co", Z, g) * (1.0 / terms)).reshape(terms, k, O)
     if need_b and has_bias:
         db = g.sum((0, 2, 3))
-    return dx, dS, dU, db, None, None, None
-
+    return dx, dS, dU, db
 
 
 class SketchedConv2dFunction(torch.autograd.Function):
