@@ -111,6 +111,21 @@ def test_conv2d_gradient_penalty_matches_plain_torch(bias):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_conv2d_gradient_penalty_in_16_bits_on_the_cpu(dtype):
+    """16-bit inputs on the CPU take the op's float32 path in the double backward too, at a shape where torch's
+    bfloat16 CPU convolution is wrong (the conv conformance row's second example): close to float64 within a few
+    roundings of the 16-bit dtype."""
+    args = _conv_args(1, 1, (5, 5), 1, 6, 3, (1, 3), True, seed=4)
+    conf = ((1, 2), (0, 0), (2, 2))
+    want = _penalty_grads(lambda *a: _conv_dense(*a, *conf), args, args)
+    low = [a.detach().to(dtype).requires_grad_() for a in args]
+    got = _penalty_grads(lambda *a: sketched_conv2d(*a, *conf), low, low)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        assert (g.double() - w).abs().max() <= 0.02 * w.abs().max()  # bfloat16: 5 units of roundoff
+
+
 def test_first_order_backward_unchanged_by_create_graph():
     """The fast path (no create_graph) and the differentiable one give the same first-order gradients."""
     args = _linear_args((7,), 5, 4, 2, 3, True, seed=3)

@@ -24,7 +24,8 @@ def params(limits: Limits):
 
 def examples(limits: Limits):
     return [
-        dict(seed=0, N=1, C=3, O=5, HW=(7, 9), ks=(2, 3), stride=1, padding="same", dilation=1, terms=1, k=2, bias=True),
+        dict(seed=0, N=1, C=3, O=5, HW=(7, 9), ks=(2, 3), stride=1, padding="same", dilation=1, terms=1, k=2,
+             bias=True),
         # a dilated, strided kernel whose output is one column wide, with 18 channels of Z: torch's CPU convolution
         # in bfloat16 (oneDNN, torch 2.13) returns wrong values here, so the torch backend convolves in float32
         dict(seed=0, N=1, C=1, O=1, HW=(5, 5), ks=(1, 3), stride=(1, 2), padding=0, dilation=2, terms=3, k=3,
