@@ -17,8 +17,10 @@ The package never defines the macro, so the block costs nothing at run time. A f
 or whose block instantiates no kernel, fails here.
 
 nvcc is looked up on PATH, then under CUDA_HOME / CUDA_PATH and /usr/local/cuda; libnvrtc on the
-library path, under those folders' lib64, then in the `nvidia-cuda-nvrtc` wheel (tox env `cuda` installs
-it). Without them the tests skip, unless PANTHER_REQUIRE_NVCC=1 (CI sets it), which makes a missing
+library path, under those folders' lib64, and in the NVRTC wheels (tox env `cuda` installs CUDA 13.0's, the
+oldest of its major, and CUDA 12's); every NVRTC version found compiles every file, since an older one
+refuses code a newer one takes (NVRTC 12.9 and 13.0 reject a generic lambda in device code that 13.1 and nvcc
+accept). Without them the tests skip, unless PANTHER_REQUIRE_NVCC=1 (CI sets it), which makes a missing
 compiler a failure.
 """
 
@@ -31,6 +33,7 @@ import shutil
 import site
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -65,19 +68,43 @@ def find_nvcc() -> Optional[str]:
     return None
 
 
-def find_nvrtc() -> Optional[str]:
-    found = ctypes.util.find_library("nvrtc")
-    if found:
-        return found
+def find_nvrtcs() -> List[str]:
+    """Every NVRTC library found, one per version: the library path's, then those under CUDA_HOME / CUDA_PATH
+    and /usr/local/cuda, then the wheels' (``nvidia-cuda-nvrtc`` for CUDA 13, ``nvidia-cuda-nvrtc-cu12``
+    for CUDA 12). Each version compiles the sources: an older NVRTC refuses what a newer one takes."""
+    found = [ctypes.util.find_library("nvrtc")]
     roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
     patterns = [os.path.join(r, "lib64", "libnvrtc.so*") for r in roots if r]
     wheels = [*site.getsitepackages(), site.getusersitepackages(), *sys.path]
     patterns += [os.path.join(d, "nvidia", "*", "lib", "libnvrtc.so*") for d in wheels if d]
     for pattern in patterns:
-        libs = sorted(p for p in glob.glob(pattern) if "builtins" not in p and ".alt." not in p)
-        if libs:
-            return libs[0]
-    return None
+        found += sorted(p for p in glob.glob(pattern) if "builtins" not in p and ".alt." not in p)
+    by_version: Dict[str, str] = {}
+    for path in found:
+        if path is not None:
+            try:
+                by_version.setdefault(nvrtc_version(load_nvrtc(path)), path)
+            except OSError:  # a broken or foreign library: not a compiler to test with
+                continue
+    return [by_version[v] for v in sorted(by_version, key=lambda v: tuple(map(int, v.split("."))))]
+
+
+def load_nvrtc(path: str):
+    """The NVRTC library at ``path``. It opens its builtins library by name when it compiles: the one beside
+    it is loaded first, so that the name resolves to it without the folder on the library path."""
+    folder = os.path.dirname(path)
+    builtins = sorted(p for p in glob.glob(os.path.join(folder, "libnvrtc-builtins.so*")) if ".alt." not in p)
+    if folder and builtins:
+        ctypes.CDLL(builtins[0])
+    lib = ctypes.CDLL(path)
+    lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+    return lib
+
+
+def nvrtc_version(lib) -> str:
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    assert lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)) == 0
+    return f"{major.value}.{minor.value}"
 
 
 def _missing(what: str):
@@ -94,15 +121,17 @@ def nvcc() -> str:
     return path
 
 
-@pytest.fixture(scope="module")
-def nvrtc():
-    path = find_nvrtc()
-    if path is None:
+NVRTCS = find_nvrtcs()
+
+
+@pytest.fixture(scope="module", params=NVRTCS or [None],
+                ids=lambda path: "nvrtc-" + nvrtc_version(load_nvrtc(path)) if path else "no-nvrtc")
+def nvrtc(request):
+    """Each NVRTC found (the tests run once per version)."""
+    if request.param is None:
         _missing("libnvrtc is not on the library path, under CUDA_HOME, CUDA_PATH or /usr/local/cuda, nor in an "
                  "installed nvidia-cuda-nvrtc wheel")
-    lib = ctypes.CDLL(path)
-    lib.nvrtcGetErrorString.restype = ctypes.c_char_p
-    return lib
+    return load_nvrtc(request.param)
 
 
 def convention_problems(path: Path) -> List[str]:
@@ -120,8 +149,9 @@ def convention_problems(path: Path) -> List[str]:
 
 def nvcc_command(nvcc: str, path: Path, out: Path) -> List[str]:
     gencode = [a for arch in ARCHS for a in ("-gencode", f"arch=compute_{arch[3:]},code={arch}")]
-    return [nvcc, "-std=c++17", f"-I{INCLUDE}", *gencode, f"-D{GUARD}", "--resource-usage", "-c", str(path),
-            "-o", str(out)]
+    # --threads 0: one compiler thread per architecture, as many as the machine has cores
+    return [nvcc, "-std=c++17", f"-I{INCLUDE}", *gencode, "--threads", "0", f"-D{GUARD}", "--resource-usage",
+            "-c", str(path), "-o", str(out)]
 
 
 def compile_entries(nvcc: str, path: Path, out: Path) -> Dict[str, List[str]]:
@@ -161,14 +191,16 @@ def nvrtc_ptx(lib, path: Path, options) -> str:
 
 def nvrtc_entries(lib, path: Path) -> Dict[str, List[str]]:
     """Compile ``path`` with NVRTC as the package does at run time (its options, the guard defined), to
-    PTX for each architecture; the kernel entry functions per architecture."""
+    PTX for each architecture, one thread each (NVRTC compiles distinct programs concurrently); the kernel
+    entry functions per architecture."""
     from panther_cuda._nvrtc import compile_options
 
-    entries = {}
-    for arch in ARCHS:
+    def entries(arch):
         ptx = nvrtc_ptx(lib, path, compile_options("compute_" + arch[3:], (f"-D{GUARD}",), path.parent))
-        entries[arch] = re.findall(r"\.entry\s+(\w+)\s*\(", ptx)
-    return entries
+        return re.findall(r"\.entry\s+(\w+)\s*\(", ptx)
+
+    with ThreadPoolExecutor(len(ARCHS)) as pool:
+        return dict(zip(ARCHS, pool.map(entries, ARCHS)))
 
 
 NO_BLOCK = f"(no {GUARD} block at its end, or an empty one?)"

@@ -363,7 +363,6 @@ constexpr int U_ASYNC = 512;
 // halo loaders, the template parameter LOAD: element loads (0), or bits LOAD_ROWS8 (8-byte row loads),
 // LOAD_ASYNC (cp.async copies), LOAD_TAPS (pixel-major, tap-major depth; with elements or copies)
 constexpr int LOAD_ELEMENTS = 0, LOAD_ROWS8 = 1, LOAD_ASYNC = 2, LOAD_TAPS = 4;
-template <int B> struct Bytes { static constexpr int value = B; };
 // Blocks per SM the halo kernels are bound to: 3 of 64 pixels (168 registers), 2 of 128; 2 for the tap-major
 // plan loading through registers (its register loader and ldmatrix fragments need ~200)
 __host__ __device__ constexpr int halo_blocks(int bm, int load) {
@@ -653,9 +652,10 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
             }
         }
     }
-    // the chunk at channel c0 -> halo buffer `buf` by cp.async (zeros outside the image and past C)
-    auto copy_halo = [&](int buf, int c0, auto bytes) {
-        constexpr int B = decltype(bytes)::value;
+    // the chunk at channel c0 -> halo buffer `buf` by cp.async copies of B = 4, 8 or 16 bytes (zeros outside
+    // the image and past C). B is a plain argument, folded where the call inlines: a generic lambda (`auto`
+    // parameter) in device code is a host function to NVRTC 13.0, which then refuses the whole kernel.
+    auto copy_halo = [&](int buf, int c0, int B) {
         T* Hb = Hs + buf * h.HB;
 #pragma unroll
         for (int u = 0; u < ASYNC_PASSES; ++u) {
@@ -675,16 +675,24 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
                          static_cast<unsigned>(iw) < static_cast<unsigned>(g.W);
                 at = c * g.sxc + ih * g.sxh + iw;
             }
-            cp_async_zfill<B>(Hb + ad[u], inside ? xn + at : xn, inside ? B : 0);
+            const T* src = inside ? xn + at : xn;
+            const unsigned n = inside ? B : 0;
+            if (B == 16) {
+                cp_async_zfill<16>(Hb + ad[u], src, n);
+            } else if (B == 8) {
+                cp_async_zfill<8>(Hb + ad[u], src, n);
+            } else {
+                cp_async_zfill<4>(Hb + ad[u], src, n);
+            }
         }
     };
     auto load_halo_async = [&](int buf, int c0) {
         if (h.VB == 16) {
-            copy_halo(buf, c0, Bytes<16>{});
+            copy_halo(buf, c0, 16);
         } else if (h.VB == 8) {
-            copy_halo(buf, c0, Bytes<8>{});
+            copy_halo(buf, c0, 8);
         } else {
-            copy_halo(buf, c0, Bytes<4>{});
+            copy_halo(buf, c0, 4);
         }
     };
     // S[0:RP, c0 kh kw + 0..KCP) -> S buffer `buf` (zero past R, K and the chunk's depth). 16-byte copies
