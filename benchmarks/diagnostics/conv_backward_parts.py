@@ -8,7 +8,12 @@ their partials (``backward.bias_grad(g, kernels=True)``; ``kernels``) and by the
 (n, o) plane, then the batch; a batched product with ones; channels_last: rows of channels, and a
 product with a row of ones), each with its error against float64 and the HBM floor of reading g once.
 ``cudnn``: aten.convolution_backward for dx and dS given dZ, with dZ and x NCHW (as the op runs it),
-both channels_last (x converted inside the timing, dx copied back to NCHW), or only dZ channels_last.
+both channels_last (x converted inside the timing, dx copied back to NCHW), or only dZ channels_last;
+and NCHW for dx alone and for dS alone.
+``pieces``: each step of the op's backward (``backward.sketched_conv2d_backward``) alone, NCHW, at both
+conv cases: dZ = U g / (2L) by conv_rank, cuDNN's dx and dS given dZ, dx by conv_rank instead
+(``dx_by_kernel``), Z recomputed by conv_rank, dU by the matmul, the bias gradient; then the whole
+backward, and the forward for scale.
 Each piece is captured in a CUDA graph and its replays timed by the harness's clock (L2 flushed).
 """
 
@@ -22,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the
 import torch  # noqa: E402
 
 from harness.timing import Budget, Clock  # noqa: E402
+from panther_cuda.ops.sketched_conv2d import backward as bwd  # noqa: E402
 from panther_cuda.ops.sketched_conv2d.backward import bias_grad  # noqa: E402
+from panther_cuda.ops.sketched_conv2d.forward import conv_rank, sketched_conv2d_forward  # noqa: E402
 
 DEV = torch.device("cuda")
 BUDGET = Budget(warmup_calls=3, warmup_s=0.05, run_s=0.2, min_reps=20, max_reps=200)
@@ -73,19 +80,67 @@ def cudnn(clock: Clock) -> None:
         dZc = dZ.contiguous(memory_format=cl)
         dx, dS = torch.empty_like(x), torch.empty_like(S)
 
-        def run(dz, xx, s):
-            gx, gS, _ = backward(dz, xx, s, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
-            dx.copy_(gx)
-            dS.copy_(gS)
+        def run(dz, xx, s, mask=(True, True)):
+            gx, gS, _ = backward(dz, xx, s, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [*mask, False])
+            if mask[0]:
+                dx.copy_(gx)
+            if mask[1]:
+                dS.copy_(gS)
 
         variants = {"nchw": lambda: run(dZ, x, S),
                     "channels_last": lambda: run(dZc, x.contiguous(memory_format=cl), S.contiguous(memory_format=cl)),
-                    "dZ_channels_last": lambda: run(dZc, x, S)}
+                    "dZ_channels_last": lambda: run(dZc, x, S),
+                    "nchw_dx_only": lambda: run(dZ, x, S, (True, False)),
+                    "nchw_dS_only": lambda: run(dZ, x, S, (False, True))}
         for name, ms in timed(clock, variants).items():
             print(f"cudnn x={(N, C, H, H)} R={R:<3} {name:<18} {ms:.4f} ms")
 
 
+def pieces(clock: Clock) -> None:
+    """Each step of the op's backward alone (NCHW, bf16, L = 1), then the whole backward and the forward."""
+    dt, one, none = torch.bfloat16, (1, 1), (0, 0)
+    for N, C, H, O, k in [(32, 64, 56, 128, 16), (64, 256, 28, 256, 32)]:
+        R = 2 * k
+        x = torch.randn(N, C, H, H, device=DEV, dtype=dt)
+        S1s = torch.randn(1, R, C, 3, 3, device=DEV, dtype=dt) * 0.05
+        U1s = torch.randn(1, R, O, device=DEV, dtype=dt) * 0.05
+        b = torch.randn(O, device=DEV, dtype=dt)
+        g = torch.randn(N, O, H, H, device=DEV, dtype=dt)
+        S, U = S1s.view(R, C, 3, 3), U1s.view(R, O)
+        dZ = torch.empty(N, R, H, H, device=DEV, dtype=dt)
+        Z = torch.empty(N, H, H, R, device=DEV, dtype=dt)
+        dx, dS1s, dU1s, db = torch.empty_like(x), torch.empty_like(S1s), torch.empty_like(U1s), torch.empty_like(b)
+        y = torch.empty(N, O, H, H, device=DEV, dtype=dt)
+
+        def cudnn_part(mask):
+            gx, gS, _ = torch.ops.aten.convolution_backward(dZ, x, S, None, [1, 1], [1, 1], [1, 1], False, [0, 0],
+                                                            1, [*mask, False])
+            if mask[0]:
+                dx.copy_(gx)
+            if mask[1]:
+                dS1s.view(R, C, 3, 3).copy_(gS)
+
+        G = g.permute(0, 2, 3, 1).reshape(-1, O)
+        variants = {
+            "dZ_conv_rank": lambda: conv_rank(dZ, g, U, one, one, none, one, 1.0, False),
+            "cudnn_dx_dS": lambda: cudnn_part((True, True)),
+            "cudnn_dx": lambda: cudnn_part((True, False)),
+            "cudnn_dS": lambda: cudnn_part((False, True)),
+            "dx_conv_rank": lambda: bwd.dx_by_kernel(dx, dZ, S, one, one, one, False),
+            "Z_conv_rank": lambda: conv_rank(Z.permute(0, 3, 1, 2), x, S.view(R, -1), (3, 3), one, one, one, 1.0,
+                                             False),
+            "dU_matmul": lambda: torch.addmm(dU1s.view(R, O), Z.view(-1, R).t(), G, beta=0, out=dU1s.view(R, O)),
+            "bias_grad": lambda: db.copy_(bias_grad(g)),
+            "backward": lambda: bwd.sketched_conv2d_backward((dx, dS1s, dU1s, db), g, x, S1s, U1s, one, one, one,
+                                                             (True, True, True, True), False),
+            "forward": lambda: sketched_conv2d_forward(y, x, S1s, U1s, b, one, one, one, False),
+        }
+        for name, ms in timed(clock, variants).items():
+            print(f"piece x={(N, C, H, H)} O={O} R={R:<3} {name:<14} {ms:.4f} ms")
+
+
 if __name__ == "__main__":
     clock = Clock(DEV)
+    pieces(clock)
     bias(clock)
     cudnn(clock)
