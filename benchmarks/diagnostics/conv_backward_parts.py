@@ -11,7 +11,8 @@ product with a row of ones), each with its error against float64 and the HBM flo
 both channels_last (x converted inside the timing, dx copied back to NCHW), or only dZ channels_last;
 and NCHW for dx alone and for dS alone.
 ``pieces``: each step of the op's backward (``backward.sketched_conv2d_backward``) alone, NCHW, at both
-conv cases: dZ = U g / (2L) by conv_rank, cuDNN's dx and dS given dZ, dx by conv_rank instead
+conv cases: dZ = U g / (2L) by conv_rank, cuDNN's dx and dS given dZ (also with the algorithms it picks by
+timing them, torch.backends.cudnn.benchmark), dx by conv_rank instead
 (``dx_by_kernel``), Z recomputed by conv_rank, dU by the matmul, the bias gradient; then the whole
 backward, and the forward for scale.
 Each piece is captured in a CUDA graph and its replays timed by the harness's clock (L2 flushed).
@@ -120,12 +121,17 @@ def pieces(clock: Clock) -> None:
             if mask[1]:
                 dS1s.view(R, C, 3, 3).copy_(gS)
 
+        def bench_part(mask):  # cuDNN's algorithms chosen by timing them (the warm-up calls), not its heuristics
+            with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False, allow_tf32=True):
+                cudnn_part(mask)
+
         G = g.permute(0, 2, 3, 1).reshape(-1, O)
         variants = {
             "dZ_conv_rank": lambda: conv_rank(dZ, g, U, one, one, none, one, 1.0, False),
             "cudnn_dx_dS": lambda: cudnn_part((True, True)),
             "cudnn_dx": lambda: cudnn_part((True, False)),
             "cudnn_dS": lambda: cudnn_part((False, True)),
+            "cudnn_dx_dS_benchmark": lambda: bench_part((True, True)),
             "dx_conv_rank": lambda: bwd.dx_by_kernel(dx, dZ, S, one, one, one, False),
             "Z_conv_rank": lambda: conv_rank(Z.permute(0, 3, 1, 2), x, S.view(R, -1), (3, 3), one, one, one, 1.0,
                                              False),
@@ -136,7 +142,7 @@ def pieces(clock: Clock) -> None:
             "forward": lambda: sketched_conv2d_forward(y, x, S1s, U1s, b, one, one, one, False),
         }
         for name, ms in timed(clock, variants).items():
-            print(f"piece x={(N, C, H, H)} O={O} R={R:<3} {name:<14} {ms:.4f} ms")
+            print(f"piece x={(N, C, H, H)} O={O} R={R:<3} {name:<22} {ms:.4f} ms")
 
 
 if __name__ == "__main__":
