@@ -1,6 +1,6 @@
 """Pieces of the cuda backend's sketched_conv2d backward, timed alone (GPU only).
 
-    python benchmarks/diagnostics/conv_backward_parts.py
+    python benchmarks/diagnostics/conv_backward_parts.py [pieces] [bias] [cudnn]   (default: all three)
 
 ``bias``: the bias gradient Σ_{n,h,w} g of the two conv cases' g (bf16), NCHW and channels_last, by
 torch's reduction over (0, 2, 3), by the ``bias_planes`` / ``bias_rows`` kernels with torch's sum of
@@ -11,10 +11,10 @@ product with a row of ones), each with its error against float64 and the HBM flo
 both channels_last (x converted inside the timing, dx copied back to NCHW), or only dZ channels_last;
 and NCHW for dx alone and for dS alone.
 ``pieces``: each step of the op's backward (``backward.sketched_conv2d_backward``) alone, NCHW, at both
-conv cases: dZ = U g / (2L) by conv_rank, cuDNN's dx and dS given dZ (also with the algorithms it picks by
-timing them, torch.backends.cudnn.benchmark), dx by conv_rank instead
-(``dx_by_kernel``), Z recomputed by conv_rank, dU by the matmul, the bias gradient; then the whole
-backward, and the forward for scale.
+conv cases: dZ = U g / (2L) by conv_rank and by cuBLAS (``dz_by_gemm``); cuDNN's dx and dS given dZ,
+together, alone, and with the algorithms it picks by timing them (torch.backends.cudnn.benchmark); dx by
+conv_rank instead (``dx_by_kernel``); Z recomputed by cuDNN and by conv_rank; dU by the matmul; the bias
+gradient; then the whole backward (also with DZ = "kernels"), and the forward for scale.
 Each piece is captured in a CUDA graph and its replays timed by the harness's clock (L2 flushed).
 """
 
@@ -110,6 +110,7 @@ def pieces(clock: Clock) -> None:
         S, U = S1s.view(R, C, 3, 3), U1s.view(R, O)
         dZ = torch.empty(N, R, H, H, device=DEV, dtype=dt)
         Z = torch.empty(N, H, H, R, device=DEV, dtype=dt)
+        Zc = torch.empty(N, R, H, H, device=DEV, dtype=dt)
         dx, dS1s, dU1s, db = torch.empty_like(x), torch.empty_like(S1s), torch.empty_like(U1s), torch.empty_like(b)
         y = torch.empty(N, O, H, H, device=DEV, dtype=dt)
 
@@ -125,18 +126,29 @@ def pieces(clock: Clock) -> None:
             with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False, allow_tf32=True):
                 cudnn_part(mask)
 
+        def dz_kernels(fn):  # the backward with backward.DZ = "kernels"
+            previous, bwd.DZ = bwd.DZ, "kernels"
+            try:
+                fn()
+            finally:
+                bwd.DZ = previous
+
         G = g.permute(0, 2, 3, 1).reshape(-1, O)
         variants = {
             "dZ_conv_rank": lambda: conv_rank(dZ, g, U, one, one, none, one, 1.0, False),
+            "dZ_gemm": lambda: bwd.dz_by_gemm(dZ, g, U, 1.0),
             "cudnn_dx_dS": lambda: cudnn_part((True, True)),
             "cudnn_dx": lambda: cudnn_part((True, False)),
             "cudnn_dS": lambda: cudnn_part((False, True)),
             "cudnn_dx_dS_benchmark": lambda: bench_part((True, True)),
             "dx_conv_rank": lambda: bwd.dx_by_kernel(dx, dZ, S, one, one, one, False),
+            "Z_cudnn": lambda: Zc.copy_(torch.nn.functional.conv2d(x, S, None, 1, 1, 1)),
             "Z_conv_rank": lambda: conv_rank(Z.permute(0, 3, 1, 2), x, S.view(R, -1), (3, 3), one, one, one, 1.0,
                                              False),
             "dU_matmul": lambda: torch.addmm(dU1s.view(R, O), Z.view(-1, R).t(), G, beta=0, out=dU1s.view(R, O)),
             "bias_grad": lambda: db.copy_(bias_grad(g)),
+            "backward_dZ_kernels": lambda: dz_kernels(lambda: bwd.sketched_conv2d_backward(
+                (dx, dS1s, dU1s, db), g, x, S1s, U1s, one, one, one, (True, True, True, True), False)),
             "backward": lambda: bwd.sketched_conv2d_backward((dx, dS1s, dU1s, db), g, x, S1s, U1s, one, one, one,
                                                              (True, True, True, True), False),
             "forward": lambda: sketched_conv2d_forward(y, x, S1s, U1s, b, one, one, one, False),
@@ -147,6 +159,6 @@ def pieces(clock: Clock) -> None:
 
 if __name__ == "__main__":
     clock = Clock(DEV)
-    pieces(clock)
-    bias(clock)
-    cudnn(clock)
+    parts = sys.argv[1:] or ["pieces", "bias", "cudnn"]  # which sections, in this order
+    for part in parts:
+        {"pieces": pieces, "bias": bias, "cudnn": cudnn}[part](clock)

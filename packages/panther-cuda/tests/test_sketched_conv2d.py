@@ -204,6 +204,13 @@ def test_halo_kernels_as_tf32(name, variant, tf32):
 
 
 @pytest.fixture
+def dz_by_kernels():
+    """backward.DZ = "kernels" for the test: dZ by conv_rank (a 1x1 convolution of g), not by cuBLAS."""
+    with mock.patch.object(backward, "DZ", "kernels"):
+        yield
+
+
+@pytest.fixture
 def dx_by_kernels():
     """backward.DX = "kernels" for the test: dx by conv_rank where it is a plain convolution of dZ."""
     with mock.patch.object(backward, "DX", "kernels"):
@@ -545,7 +552,7 @@ def _check_arguments(call, kernel, source="sketched_conv2d.cu", threads=forward.
 
 @pytest.mark.parametrize("variant", [None, "generic"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_launchers_pass_the_declared_arguments(channels_last, variant):
+def test_launchers_pass_the_declared_arguments(channels_last, variant, dz_by_kernels):
     """On the CPU with the launch recorded: argument count and widths as sketched_conv2d.cu declares them,
     the grids, output strides in the kernels' arguments; the backward's every path runs. 2Lk = 66: the
     forward on the generic kernel, the backward's dZ and Z by the halo kernel in two column blocks (or with
@@ -612,7 +619,7 @@ def test_exact_float32_selects_the_ffma_kernels():
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_halo_launch_arguments(channels_last):
+def test_halo_launch_arguments(channels_last, dz_by_kernels):
     """The halo kernels' launches (forward, dZ, Z): declared argument types, one block per tile of the plan,
     the plan's tile, chunk and flags appended, the shared memory the plan needs; VARIANT picks the family."""
     (x, S1s, U1s, b), conv = _case("chunks_C40_R30_O70", torch.bfloat16, device="cpu")
@@ -720,7 +727,7 @@ def test_default_family_block_pixels_follow_R(name, bm):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_backward_reads_nchw_rows_of_g_in_8_byte_loads(channels_last):
+def test_backward_reads_nchw_rows_of_g_in_8_byte_loads(channels_last, dz_by_kernels):
     """The halo family (loads through registers; the default copies by cp.async): the dZ launch (a 1x1 conv
     of g, W' = 16) takes conv_rank_halo's 8-byte loader for an NCHW g; the forward (padding 1: its halo rows
     start off the 8-byte grid) and a channels_last g do not."""
@@ -919,6 +926,31 @@ def test_dx_comes_in_the_memory_format_of_x(layout, emulated_kernels):
         fake = op.bwd_op(mode.from_tensor(g), *(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
                                                  for a in args))[0]
     assert fake.stride() == dx.stride()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("name", ["3x3_R6", "mixed_pairs_R66_O70"])
+def test_dz_by_gemm_around_emulated_kernels(name, layout, emulated_kernels):
+    """backward.DZ = "gemm" (the default): dZ = U g / (2L) by cuBLAS products where g and dZ are both NCHW or both
+    channels_last, by conv_rank for other layouts of g; every gradient against the reference."""
+    assert backward.DZ == "gemm"
+    inputs, conv = _case(name, torch.float64, device="cpu")
+    x = inputs[0].contiguous(memory_format=torch.channels_last) if layout == "channels_last" else inputs[0]
+    y = cuda_sketched_conv2d(x, *inputs[1:], *conv)
+    g = torch.randn(y.shape, dtype=torch.float64)
+    if layout == "channels_last":
+        g = g.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":  # neither layout: conv_rank's 1x1 convolution
+        g = torch.zeros(g.shape[0], g.shape[1], g.shape[2], g.shape[3] * 2, dtype=g.dtype)[..., ::2].copy_(g)
+    _, grads_ref = reference(inputs, conv, g, GRADS)
+    taken, real = [], backward.dz_by_gemm
+    leaves = [t.detach().requires_grad_(True) if t is not None else None for t in (x, *inputs[1:])]
+    with mock.patch.object(backward, "dz_by_gemm", lambda *a: taken.append(real(*a)) or taken[-1]):
+        out = cuda_sketched_conv2d(*leaves, *conv)
+        grads = torch.autograd.grad(out, [t for t in leaves if t is not None], g)
+    assert taken == [layout != "strided"]
+    for got, want in zip(grads, GRADS):
+        assert rel_err(got, grads_ref[want]) <= EMULATED_TOL, want
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

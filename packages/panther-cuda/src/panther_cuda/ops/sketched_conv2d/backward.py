@@ -1,7 +1,9 @@
 """The backward pass of the sketched conv2d op.
 
 With R = 2·L·k, S = S1s as (R, C, kh, kw), U = U1s as (R, O) and g = dL/dy (N, O, H', W'):
-    dZ = U g / (2L)                       conv_rank kernel: a 1x1 convolution of g by U (N, R, H', W')
+    dZ = U g / (2L)                       (N, R, H', W'): with DZ = "gemm", cuBLAS products (for an NCHW g a
+                                          product per image, for a channels_last g one product), else (other
+                                          layouts, or DZ = "kernels") the conv_rank kernel, a 1x1 convolution
     dx, dS = the convolution's input and weight gradients given dZ: aten.convolution_backward (cuDNN);
                                           with DX = "kernels", dx by the conv_rank kernel where it is a plain
                                           convolution of dZ (stride 1): by S flipped and transposed
@@ -23,23 +25,43 @@ from panther.backends.toolkit import cdiv, device_guard
 from panther_cuda._nvrtc import i32, i64
 from panther_cuda.ops.sketched_conv2d.forward import _kernel, conv_rank, exact_float32, memory_format
 
+# "gemm": dZ by cuBLAS where g's layout allows (dz_by_gemm); "kernels": by conv_rank (a 1x1 convolution of g)
+DZ = "gemm"
 # "cudnn": dx from aten.convolution_backward with dS; "kernels": dx by conv_rank where dx_by_kernel takes it
 # (forced for timing until a GPU run says which is faster)
 DX = "cudnn"
 
 
 @contextlib.contextmanager
-def _cudnn_exact(exact: bool):
-    """cuDNN convolutions without TF32 while exact float32 products are asked for."""
+def _exact_products(exact: bool):
+    """cuDNN convolutions and cuBLAS products without TF32 while exact float32 products are asked for."""
     if not exact:
         yield
         return
-    previous = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
+    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32 = previous
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def dz_by_gemm(dZ: Tensor, g: Tensor, U: Tensor, scale: float) -> bool:
+    """Writes dZ = scale · U g (U: (R, O)) by cuBLAS and returns True where g and dZ are both contiguous (a
+    product per image: (R, O) by (O, H' W')) or both channels_last (one product: (N H' W', O) by Uᵀ); False
+    (nothing written) elsewhere. The scale is applied in float32 before the one rounding, as the kernel does."""
+    N, O, Ho, Wo = g.shape
+    R = U.shape[0]
+    if g.is_contiguous() and dZ.is_contiguous():
+        out = dZ.view(N, R, Ho * Wo)
+        torch.baddbmm(out, U.expand(N, R, O), g.view(N, O, Ho * Wo), beta=0, alpha=scale, out=out)
+        return True
+    cl = torch.channels_last
+    if g.is_contiguous(memory_format=cl) and dZ.is_contiguous(memory_format=cl):
+        out = dZ.permute(0, 2, 3, 1).view(N * Ho * Wo, R)
+        torch.addmm(out, g.permute(0, 2, 3, 1).view(N * Ho * Wo, O), U.t(), beta=0, alpha=scale, out=out)
+        return True
+    return False
 
 
 def dx_by_kernel(dx: Tensor, dZ: Tensor, S: Tensor, stride, padding, dilation, allow_tf32: bool) -> bool:
@@ -72,11 +94,15 @@ def sketched_conv2d_backward(grads, g: Tensor, x: Tensor, S1s: Tensor, U1s: Tens
     exact = exact_float32(x.dtype, allow_tf32)
     if need_x or need_S:
         dZ = torch.empty((N, R, Ho, Wo), dtype=g.dtype, device=g.device, memory_format=memory_format(x))
-        conv_rank(dZ, g, U1s.reshape(R, O).contiguous(), (1, 1), (1, 1), (0, 0), (1, 1), 1.0 / terms, allow_tf32)
+        U = U1s.reshape(R, O).contiguous()
+        with _exact_products(exact):
+            by_gemm = DZ == "gemm" and dz_by_gemm(dZ, g, U, 1.0 / terms)
+        if not by_gemm:
+            conv_rank(dZ, g, U, (1, 1), (1, 1), (0, 0), (1, 1), 1.0 / terms, allow_tf32)
         if need_x and DX == "kernels" and dx_by_kernel(dx, dZ, S, stride, padding, dilation, allow_tf32):
             need_x = False  # written
         if need_x or need_S:
-            with _cudnn_exact(exact):
+            with _exact_products(exact):
                 gx, gS, _ = torch.ops.aten.convolution_backward(
                     dZ, x, S, None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
                     [bool(need_x), bool(need_S), False],
@@ -90,7 +116,8 @@ def sketched_conv2d_backward(grads, g: Tensor, x: Tensor, S1s: Tensor, U1s: Tens
         conv_rank(Z.permute(0, 3, 1, 2), x, S.view(R, -1), (kh, kw), stride, padding, dilation, 1.0, allow_tf32)
         G = g.permute(0, 2, 3, 1).reshape(N * Ho * Wo, O)
         dU = dU1s.view(R, O)
-        torch.addmm(dU, Z.view(-1, R).t(), G, beta=0, alpha=1.0 / terms, out=dU)  # scale in fp32, one rounding
+        with _exact_products(exact):
+            torch.addmm(dU, Z.view(-1, R).t(), G, beta=0, alpha=1.0 / terms, out=dU)  # scale in fp32, one rounding
     if need_b:
         dbias.copy_(bias_grad(g))
 
