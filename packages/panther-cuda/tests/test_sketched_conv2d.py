@@ -211,6 +211,13 @@ def dz_by_kernels():
 
 
 @pytest.fixture
+def dz_by_gemm():
+    """backward.DZ = "gemm" for the test: dZ by cuBLAS where g's layout allows."""
+    with mock.patch.object(backward, "DZ", "gemm"):
+        yield
+
+
+@pytest.fixture
 def dx_by_kernels():
     """backward.DX = "kernels" for the test: dx by conv_rank where it is a plain convolution of dZ."""
     with mock.patch.object(backward, "DX", "kernels"):
@@ -227,6 +234,24 @@ def test_dx_by_kernels(name, dtype, layout, variant, dx_by_kernels, ieee_float32
     inputs, conv = _case(name, dtype)
     x = inputs[0].contiguous(memory_format=torch.channels_last) if layout == "channels_last" else inputs[0]
     run_and_compare((x, *inputs[1:]), conv, GRADS, TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["3x3_R6", "5x5_pad2_R48", "stride2_R6", "mixed_pairs_R66_O70", "deep_R192_O130"])
+def test_dz_by_gemm(name, dtype, layout, dz_by_gemm, ieee_float32):
+    """dZ by cuBLAS (backward.DZ = "gemm", g in x's layout, so that the products take it): every gradient against
+    float64, float32 exact at "highest"."""
+    inputs, conv = _case(name, dtype)
+    x = inputs[0].contiguous(memory_format=torch.channels_last) if layout == "channels_last" else inputs[0]
+    shape = cuda_sketched_conv2d(x, *inputs[1:], *conv).shape
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype).to(x.device)
+    g = g.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else g
+    taken, real = [], backward.dz_by_gemm
+    with mock.patch.object(backward, "dz_by_gemm", lambda *a: taken.append(real(*a)) or taken[-1]):
+        run_and_compare((x, *inputs[1:]), conv, GRADS, TOL[dtype], grad_out=g)
+    assert taken == [True]
 
 
 @pytest.mark.gpu
@@ -930,10 +955,9 @@ def test_dx_comes_in_the_memory_format_of_x(layout, emulated_kernels):
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("name", ["3x3_R6", "mixed_pairs_R66_O70"])
-def test_dz_by_gemm_around_emulated_kernels(name, layout, emulated_kernels):
-    """backward.DZ = "gemm" (the default): dZ = U g / (2L) by cuBLAS products where g and dZ are both NCHW or both
-    channels_last, by conv_rank for other layouts of g; every gradient against the reference."""
-    assert backward.DZ == "gemm"
+def test_dz_by_gemm_around_emulated_kernels(name, layout, emulated_kernels, dz_by_gemm):
+    """backward.DZ = "gemm": dZ = U g / (2L) by cuBLAS products where g and dZ are both NCHW or both channels_last,
+    by conv_rank for other layouts of g; every gradient against the reference."""
     inputs, conv = _case(name, torch.float64, device="cpu")
     x = inputs[0].contiguous(memory_format=torch.channels_last) if layout == "channels_last" else inputs[0]
     y = cuda_sketched_conv2d(x, *inputs[1:], *conv)

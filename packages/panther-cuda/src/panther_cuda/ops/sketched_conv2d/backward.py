@@ -1,9 +1,9 @@
 """The backward pass of the sketched conv2d op.
 
 With R = 2·L·k, S = S1s as (R, C, kh, kw), U = U1s as (R, O) and g = dL/dy (N, O, H', W'):
-    dZ = U g / (2L)                       (N, R, H', W'): with DZ = "gemm", cuBLAS products (for an NCHW g a
-                                          product per image, for a channels_last g one product), else (other
-                                          layouts, or DZ = "kernels") the conv_rank kernel, a 1x1 convolution
+    dZ = U g / (2L)                       (N, R, H', W'): the conv_rank kernel, a 1x1 convolution of g; with
+                                          DZ = "gemm", cuBLAS products where g's layout allows (for an NCHW g
+                                          a product per image, for a channels_last g one product)
     dx, dS = the convolution's input and weight gradients given dZ: aten.convolution_backward (cuDNN);
                                           with DX = "kernels", dx by the conv_rank kernel where it is a plain
                                           convolution of dZ (stride 1): by S flipped and transposed
@@ -25,8 +25,10 @@ from panther.backends.toolkit import cdiv, device_guard
 from panther_cuda._nvrtc import i32, i64
 from panther_cuda.ops.sketched_conv2d.forward import _kernel, conv_rank, exact_float32, memory_format
 
-# "gemm": dZ by cuBLAS where g's layout allows (dz_by_gemm); "kernels": by conv_rank (a 1x1 convolution of g)
-DZ = "gemm"
+# "kernels": dZ by conv_rank (a 1x1 convolution of g); "gemm": by cuBLAS where g's layout allows (dz_by_gemm),
+# forced for timing until a GPU run says which is faster (conv_rank's took 57 µs at the spec conv on an H100,
+# where reading g takes 8: benchmarks/results/NOTES.md)
+DZ = "kernels"
 # "cudnn": dx from aten.convolution_backward with dS; "kernels": dx by conv_rank where dx_by_kernel takes it
 # (forced for timing until a GPU run says which is faster)
 DX = "cudnn"
