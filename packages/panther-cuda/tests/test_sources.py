@@ -19,9 +19,10 @@ or whose block instantiates no kernel, fails here.
 nvcc is looked up on PATH, then under CUDA_HOME / CUDA_PATH and /usr/local/cuda; libnvrtc on the
 library path, under those folders' lib64, and in the NVRTC wheels (tox env `cuda` installs CUDA 13.0's, the
 oldest of its major, and CUDA 12's); every NVRTC version found compiles every file, since an older one
-refuses code a newer one takes (NVRTC 12.9 and 13.0 reject a generic lambda in device code that 13.1 and nvcc
-accept). Without them the tests skip, unless PANTHER_REQUIRE_NVCC=1 (CI sets it), which makes a missing
-compiler a failure.
+refuses code a newer one takes (NVRTC 12.9 and 13.0 reject a generic lambda in device code that 13.5 and nvcc
+accept). The options are the package's alone: CuPy adds --device-as-default-execution-space at run time (with
+it those NVRTCs take the lambda), and the sources do not rely on it. Without the compilers the tests skip,
+unless PANTHER_REQUIRE_NVCC=1 (CI sets it), which makes a missing compiler a failure.
 """
 
 import ctypes
