@@ -26,8 +26,7 @@ from panther_cuda._nvrtc import i32, i64
 from panther_cuda.ops.sketched_conv2d.forward import _kernel, conv_rank, exact_float32, memory_format
 
 # "kernels": dZ by conv_rank (a 1x1 convolution of g); "gemm": by cuBLAS where g's layout allows (dz_by_gemm),
-# forced for timing until a GPU run says which is faster (conv_rank's took 57 µs at the spec conv on an H100,
-# where reading g takes 8: benchmarks/results/NOTES.md)
+# forced for timing until a GPU run says which is faster (benchmarks/results/NOTES.md)
 DZ = "kernels"
 # "cudnn": dx from aten.convolution_backward with dS; "kernels": dx by conv_rank where dx_by_kernel takes it
 # (forced for timing until a GPU run says which is faster)
@@ -97,8 +96,10 @@ def sketched_conv2d_backward(grads, g: Tensor, x: Tensor, S1s: Tensor, U1s: Tens
     if need_x or need_S:
         dZ = torch.empty((N, R, Ho, Wo), dtype=g.dtype, device=g.device, memory_format=memory_format(x))
         U = U1s.reshape(R, O).contiguous()
-        with _exact_products(exact):
-            by_gemm = DZ == "gemm" and dz_by_gemm(dZ, g, U, 1.0 / terms)
+        by_gemm = False
+        if DZ == "gemm":
+            with _exact_products(exact):
+                by_gemm = dz_by_gemm(dZ, g, U, 1.0 / terms)
         if not by_gemm:
             conv_rank(dZ, g, U, (1, 1), (1, 1), (0, 0), (1, 1), 1.0 / terms, allow_tf32)
         if need_x and DX == "kernels" and dx_by_kernel(dx, dZ, S, stride, padding, dilation, allow_tf32):

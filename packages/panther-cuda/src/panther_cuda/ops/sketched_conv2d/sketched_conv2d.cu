@@ -653,8 +653,8 @@ __device__ __forceinline__ void halo_rank(float (&acc)[BM / 64][RP / 8][4], cons
         }
     }
     // the chunk at channel c0 -> halo buffer `buf` by cp.async copies of B = 4, 8 or 16 bytes (zeros outside
-    // the image and past C). B is a plain argument, folded where the call inlines: a generic lambda (`auto`
-    // parameter) in device code is a host function to NVRTC 13.0, which then refuses the whole kernel.
+    // the image and past C). B is a plain argument, folded where the call inlines: NVRTC 12 and 13.0 take a
+    // generic lambda (`auto` parameter) in device code for a host function unless -default-device is given.
     auto copy_halo = [&](int buf, int c0, int B) {
         T* Hb = Hs + buf * h.HB;
 #pragma unroll
