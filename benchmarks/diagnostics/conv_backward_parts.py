@@ -110,7 +110,7 @@ def pieces(clock: Clock) -> None:
         S, U = S1s.view(R, C, 3, 3), U1s.view(R, O)
         dZ = torch.empty(N, R, H, H, device=DEV, dtype=dt)
         Z = torch.empty(N, H, H, R, device=DEV, dtype=dt)
-        Zc = torch.empty(N, R, H, H, device=DEV, dtype=dt)
+        Zc = torch.randn(N, R, H, H, device=DEV, dtype=dt)
         dx, dS1s, dU1s, db = torch.empty_like(x), torch.empty_like(S1s), torch.empty_like(U1s), torch.empty_like(b)
         y = torch.empty(N, O, H, H, device=DEV, dtype=dt)
 
@@ -126,14 +126,34 @@ def pieces(clock: Clock) -> None:
             with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False, allow_tf32=True):
                 cudnn_part(mask)
 
-        def dz_kernels(fn):  # the backward with backward.DZ = "kernels"
-            previous, bwd.DZ = bwd.DZ, "kernels"
-            try:
-                fn()
-            finally:
-                bwd.DZ = previous
-
         G = g.permute(0, 2, 3, 1).reshape(-1, O)
+        HW = H * H
+        Uw = U.t().reshape(O, R, 1, 1)  # y = conv1x1(Z, Uw)
+        dense_w = torch.randn(O, C, 3, 3, device=DEV, dtype=dt) * 0.05
+
+        def one_by_one(mask):  # the 1x1 convolution Z -> y differentiated by cuDNN: dZ, dU (as Uw's gradient)
+            gZ, gW, _ = torch.ops.aten.convolution_backward(g, Zc, Uw, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                                            [*mask, False])
+            if mask[0]:
+                dZ.copy_(gZ)
+            if mask[1]:
+                dU1s.view(R, O).copy_(gW.view(O, R).t())
+
+        def dense_backward():
+            gx, gw, gb = torch.ops.aten.convolution_backward(g, x, dense_w, [O], [1, 1], [1, 1], [1, 1], False, [0, 0],
+                                                             1, [True, True, True])
+            dx.copy_(gx)
+            return gw, gb
+
+        def whole(dz, z):  # the backward with backward.DZ = dz and backward.Z = z
+            previous = bwd.DZ, getattr(bwd, "Z", None)
+            bwd.DZ, bwd.Z = dz, z
+            try:
+                bwd.sketched_conv2d_backward((dx, dS1s, dU1s, db), g, x, S1s, U1s, one, one, one,
+                                             (True, True, True, True), False)
+            finally:
+                bwd.DZ, bwd.Z = previous
+
         variants = {
             "dZ_conv_rank": lambda: conv_rank(dZ, g, U, one, one, none, one, 1.0, False),
             "dZ_gemm": lambda: bwd.dz_by_gemm(dZ, g, U, 1.0),
@@ -146,13 +166,24 @@ def pieces(clock: Clock) -> None:
             "Z_conv_rank": lambda: conv_rank(Z.permute(0, 3, 1, 2), x, S.view(R, -1), (3, 3), one, one, one, 1.0,
                                              False),
             "dU_matmul": lambda: torch.addmm(dU1s.view(R, O), Z.view(-1, R).t(), G, beta=0, out=dU1s.view(R, O)),
+            "dU_bmm_fp32": lambda: dU1s.view(R, O).copy_(torch.bmm(Zc.view(N, R, HW), g.view(N, O, HW).transpose(1, 2),
+                                                                   out_dtype=torch.float32).sum(0)),
+            "dU_cudnn_1x1": lambda: one_by_one((False, True)),
+            "dZ_cudnn_1x1": lambda: one_by_one((True, False)),
+            "dZ_dU_cudnn_1x1": lambda: one_by_one((True, True)),
             "bias_grad": lambda: db.copy_(bias_grad(g)),
-            "backward_dZ_kernels": lambda: dz_kernels(lambda: bwd.sketched_conv2d_backward(
-                (dx, dS1s, dU1s, db), g, x, S1s, U1s, one, one, one, (True, True, True, True), False)),
-            "backward": lambda: bwd.sketched_conv2d_backward((dx, dS1s, dU1s, db), g, x, S1s, U1s, one, one, one,
-                                                             (True, True, True, True), False),
             "forward": lambda: sketched_conv2d_forward(y, x, S1s, U1s, b, one, one, one, False),
+            "forward_cudnn_cublas": lambda: torch.baddbmm(
+                b.view(1, O, 1), Uw.view(O, R).expand(N, O, R), torch.nn.functional.conv2d(x, S, None, 1, 1, 1).view(
+                    N, R, HW), alpha=1.0, out=y.view(N, O, HW)),
+            "forward_cudnn_1x1": lambda: y.copy_(torch.nn.functional.conv2d(
+                torch.nn.functional.conv2d(x, S, None, 1, 1, 1), Uw, b)),
+            "dense_forward": lambda: y.copy_(torch.nn.functional.conv2d(x, dense_w, b, 1, 1, 1)),
+            "dense_backward": dense_backward,
         }
+        for dz in ("kernels", "gemm"):
+            for z in (("kernels", "cudnn") if hasattr(bwd, "Z") else ("kernels",)):
+                variants[f"backward_dZ_{dz}_Z_{z}"] = lambda dz=dz, z=z: whole(dz, z)
         for name, ms in timed(clock, variants).items():
             print(f"piece x={(N, C, H, H)} O={O} R={R:<3} {name:<22} {ms:.4f} ms")
 

@@ -254,6 +254,30 @@ def test_dz_by_gemm(name, dtype, layout, dz_by_gemm, ieee_float32):
     assert taken == [True]
 
 
+@pytest.fixture(params=["kernels", "cudnn"])
+def z_by(request):
+    """backward.Z forced for the test: the Z that dU needs recomputed by conv_rank or by cuDNN."""
+    with mock.patch.object(backward, "Z", request.param):
+        yield request.param
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "x_channels_last_g_nchw"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["3x3_R6", "5x5_pad2_R48", "stride2_R6", "1x1_N1_R20", "mixed_pairs_R66_O70",
+                                  "deep_R192_O130"])
+def test_weight_gradient_by_z_layouts(name, dtype, layout, z_by, ieee_float32):
+    """dU from Z recomputed by each way (backward.Z) in g's layout, then cuBLAS per image (NCHW g) or over every
+    pixel (channels_last g): every gradient against float64, float32 exact at "highest"."""
+    inputs, conv = _case(name, dtype)
+    x = inputs[0] if layout == "nchw" else inputs[0].contiguous(memory_format=torch.channels_last)
+    shape = cuda_sketched_conv2d(x, *inputs[1:], *conv).shape
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype).to(x.device)
+    g = g.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else g
+    run_and_compare((x, *inputs[1:]), conv, GRADS, TOL[dtype], grad_out=g)
+    run_and_compare((x, *inputs[1:]), conv, ("U1s",), TOL[dtype], grad_out=g)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["3x3_R6", "mixed_pairs_R66_O70", "deep_R192_O130"])
 def test_float32_as_tf32(name, tf32):
@@ -975,6 +999,56 @@ def test_dz_by_gemm_around_emulated_kernels(name, layout, emulated_kernels, dz_b
     assert taken == [layout != "strided"] and len(grads) == len(GRADS)
     for got, want in zip(grads, GRADS):
         assert rel_err(got, grads_ref[want]) <= EMULATED_TOL, want
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided", "expanded"])
+@pytest.mark.parametrize("name", ["3x3_R6", "stride2_R6", "1x1_N1_R20", "mixed_pairs_R66_O70"])
+def test_weight_gradient_around_emulated_kernels(name, layout, emulated_kernels, z_by):
+    """dU with Z recomputed by each way (backward.Z: conv_rank emulated, or torch's convolution) for g NCHW (a
+    product per image), channels_last (one product), strided or expanded (copied to rows of pixels first): every
+    gradient against the reference, and Z in g's layout where g has one."""
+    inputs, conv = _case(name, torch.float64, device="cpu")
+    # x in the other layout than g's, so that Z is seen to follow g's layout, not x's
+    x = inputs[0].contiguous(memory_format=torch.channels_last) if layout == "nchw" else inputs[0]
+    y = cuda_sketched_conv2d(x, *inputs[1:], *conv)
+    g = torch.randn(y.shape, dtype=torch.float64)
+    if layout == "channels_last":
+        g = g.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        g = torch.zeros(g.shape[0], g.shape[1], g.shape[2], g.shape[3] * 2, dtype=g.dtype)[..., ::2].copy_(g)
+    elif layout == "expanded":
+        g = g[:, :, :1, :1].expand(g.shape)
+    _, grads_ref = reference(inputs, conv, g, GRADS)
+    made, real = [], backward.recompute_z
+    leaves = [t.detach().requires_grad_(True) if t is not None else None for t in (x, *inputs[1:])]
+    with mock.patch.object(backward, "recompute_z", lambda *a: made.append(real(*a)) or made[-1]):
+        grads = torch.autograd.grad(cuda_sketched_conv2d(*leaves, *conv), [t for t in leaves if t is not None], g)
+    assert len(made) == 1 and len(grads) == len(GRADS)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert made[0].is_contiguous(memory_format=fmt) and made[0].shape[1] == inputs[1].shape[0] * inputs[1].shape[1]
+    for got, want in zip(grads, GRADS):
+        assert rel_err(got, grads_ref[want]) <= EMULATED_TOL, want
+
+
+@pytest.mark.parametrize("z_layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("g_layout", ["nchw", "channels_last", "expanded"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_weight_products_match_float64(z_layout, g_layout, dtype):
+    """weight_products: dU = scale Σ_pixels z gᵀ for each pairing of layouts, against float64 on fresh inputs."""
+    gen = torch.Generator().manual_seed(7)
+    N, R, O, H, W = 3, 5, 7, 4, 6
+    z = torch.randn(N, R, H, W, generator=gen, dtype=torch.float64)
+    g = torch.randn(N, O, H, W, generator=gen, dtype=torch.float64) * 1e3
+    if g_layout == "expanded":
+        g = g[:1].expand(N, O, H, W)
+    want = torch.einsum("nrhw,nohw->ro", z, g) * 0.25
+    z = z.to(dtype).contiguous(memory_format=torch.channels_last if z_layout == "channels_last" else
+                               torch.contiguous_format)
+    g = g.to(dtype)
+    g = g.contiguous(memory_format=torch.channels_last) if g_layout == "channels_last" else g
+    dU = torch.full((R, O), float("nan"), dtype=dtype)
+    backward.weight_products(dU, z, g, 0.25)
+    assert rel_err(dU, want) <= (1e-12 if dtype == torch.float64 else 1e-5)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

@@ -7,7 +7,9 @@ With R = 2·L·k, S = S1s as (R, C, kh, kw), U = U1s as (R, O) and g = dL/dy (N,
     dx, dS = the convolution's input and weight gradients given dZ: aten.convolution_backward (cuDNN);
                                           with DX = "kernels", dx by the conv_rank kernel where it is a plain
                                           convolution of dZ (stride 1): by S flipped and transposed
-    dU = Zᵀ g / (2L)                      Z = conv(x, S) recomputed by the conv_rank kernel, then one matmul
+    dU = Zᵀ g / (2L)                      Z = conv(x, S) recomputed in g's layout by the conv_rank kernel (Z =
+                                          "kernels") or cuDNN ("cudnn"), then cuBLAS (weight_products): for NCHW
+                                          a product per image summed in float32, for channels_last one product
     db = Σ_{n, h, w} g                    the bias_planes / bias_rows kernels (bias_grad.cu; BIAS = "kernels"):
                                           float32 partial sums, then their sum; torch's reductions with "torch"
 Z is recomputed only when U1s needs a gradient (the forward never writes it).
@@ -31,6 +33,9 @@ DZ = "kernels"
 # "cudnn": dx from aten.convolution_backward with dS; "kernels": dx by conv_rank where dx_by_kernel takes it
 # (forced for timing until a GPU run says which is faster)
 DX = "cudnn"
+# "kernels": the Z that dU needs recomputed by conv_rank; "cudnn": by cuDNN's convolution (forced for timing until
+# a GPU run says which is faster)
+Z = "kernels"
 
 
 @contextlib.contextmanager
@@ -63,6 +68,42 @@ def dz_by_gemm(dZ: Tensor, g: Tensor, U: Tensor, scale: float) -> bool:
         torch.addmm(out, g.permute(0, 2, 3, 1).view(N * Ho * Wo, O), U.t(), beta=0, alpha=scale, out=out)
         return True
     return False
+
+
+def recompute_z(x: Tensor, S: Tensor, stride, padding, dilation, g: Tensor, allow_tf32: bool) -> Tensor:
+    """Z = conv(x, S) (N, R, H', W') in g's memory format (contiguous where g is neither NCHW nor channels_last),
+    by conv_rank or, with Z = "cudnn", by cuDNN (its result copied where its layout differs from g's)."""
+    fmt = memory_format(g)
+    if Z == "cudnn":
+        with _exact_products(exact_float32(x.dtype, allow_tf32)):
+            z = torch.nn.functional.conv2d(x, S, None, tuple(stride), tuple(padding), tuple(dilation))
+        return z.contiguous(memory_format=fmt)
+    R, _, kh, kw = S.shape
+    N, _, Ho, Wo = g.shape
+    z = torch.empty((N, R, Ho, Wo), dtype=g.dtype, device=g.device, memory_format=fmt)
+    conv_rank(z, x, S.view(R, -1), (kh, kw), stride, padding, dilation, 1.0, allow_tf32)
+    return z
+
+
+def weight_products(dU: Tensor, z: Tensor, g: Tensor, scale: float) -> None:
+    """Writes dU = scale Σ_{n, h, w} z[n, :, h, w] g[n, :, h, w]ᵀ (R x O) by cuBLAS: one product over every pixel
+    where z and g are both channels_last; per image where both are NCHW-contiguous (16-bit images' products kept
+    in float32 on CUDA), then their sum in float32; elsewhere g copied to rows of pixels first. One rounding to
+    dU's dtype (16-bit types, CUDA), the scale applied in float32."""
+    N, O, Ho, Wo = g.shape
+    R = z.shape[1]
+    cl = torch.channels_last
+    if z.is_contiguous() and g.is_contiguous():
+        wide = g.is_cuda and g.element_size() == 2
+        per_image = torch.bmm(z.view(N, R, Ho * Wo), g.view(N, O, Ho * Wo).transpose(1, 2),
+                              **({"out_dtype": torch.float32} if wide else {}))
+        dU.copy_(per_image.sum(0).mul_(scale))
+        return
+    if not (z.is_contiguous(memory_format=cl) and g.is_contiguous(memory_format=cl)):
+        z, g = z.contiguous(memory_format=cl), g.contiguous(memory_format=cl)
+    M = N * Ho * Wo
+    torch.addmm(dU, z.permute(0, 2, 3, 1).reshape(M, R).t(), g.permute(0, 2, 3, 1).reshape(M, O), beta=0,
+                alpha=scale, out=dU)
 
 
 def dx_by_kernel(dx: Tensor, dZ: Tensor, S: Tensor, stride, padding, dilation, allow_tf32: bool) -> bool:
@@ -115,12 +156,9 @@ def sketched_conv2d_backward(grads, g: Tensor, x: Tensor, S1s: Tensor, U1s: Tens
             if need_S:
                 dS1s.view(R, C, kh, kw).copy_(gS)
     if need_U:
-        Z = torch.empty((N, Ho, Wo, R), dtype=g.dtype, device=g.device)  # pixel-major: Z as (M, R)
-        conv_rank(Z.permute(0, 3, 1, 2), x, S.view(R, -1), (kh, kw), stride, padding, dilation, 1.0, allow_tf32)
-        G = g.permute(0, 2, 3, 1).reshape(N * Ho * Wo, O)
-        dU = dU1s.view(R, O)
+        z = recompute_z(x, S, stride, padding, dilation, g, allow_tf32)
         with _exact_products(exact):
-            torch.addmm(dU, Z.view(-1, R).t(), G, beta=0, alpha=1.0 / terms, out=dU)  # scale in fp32, one rounding
+            weight_products(dU1s.view(R, O), z, g, 1.0 / terms)
     if need_b:
         dbias.copy_(bias_grad(g))
 
