@@ -1,6 +1,10 @@
-"""Pieces of the cuda backend's sketched_conv2d backward, timed alone (GPU only).
+"""Pieces of the cuda backend's sketched_conv2d backward, and its two forwards, timed alone (GPU only).
 
-    python benchmarks/diagnostics/conv_backward_parts.py [pieces] [bias] [cudnn]   (default: all three)
+    python benchmarks/diagnostics/conv_backward_parts.py [pieces] [bias] [cudnn] [forward]   (default: all four)
+
+``forward``: the fused forward against the composed one (forward.FORWARD forced: cuDNN's convolution to R
+channels, then cuBLAS) over convs of several depths R·C·kh·kw, bf16, NCHW and channels_last: where the rule
+forward.fused_forward should draw its line.
 
 ``bias``: the bias gradient Σ_{n,h,w} g of the two conv cases' g (bf16), NCHW and channels_last, by
 torch's reduction over (0, 2, 3), by the ``bias_planes`` / ``bias_rows`` kernels with torch's sum of
@@ -29,6 +33,7 @@ import torch  # noqa: E402
 
 from harness.timing import Budget, Clock  # noqa: E402
 from panther_cuda.ops.sketched_conv2d import backward as bwd  # noqa: E402
+from panther_cuda.ops.sketched_conv2d import forward as fwd  # noqa: E402
 from panther_cuda.ops.sketched_conv2d.backward import bias_grad  # noqa: E402
 from panther_cuda.ops.sketched_conv2d.forward import conv_rank, sketched_conv2d_forward  # noqa: E402
 
@@ -188,8 +193,37 @@ def pieces(clock: Clock) -> None:
             print(f"piece x={(N, C, H, H)} O={O} R={R:<3} {name:<22} {ms:.4f} ms")
 
 
+def forwards(clock: Clock) -> None:
+    dt, one = torch.bfloat16, (1, 1)
+    # (N, C, H, O, k): the benchmark convs (64 -> 128 at 56², k = 16; 256 -> 256 at 28², k = 32) and neighbours
+    for N, C, H, O, k in [(32, 32, 112, 64, 8), (32, 64, 56, 128, 8), (32, 64, 56, 128, 16), (32, 64, 56, 128, 32),
+                          (32, 128, 56, 128, 16), (64, 128, 28, 256, 16), (64, 128, 28, 256, 32),
+                          (64, 256, 28, 256, 16), (64, 256, 28, 256, 32), (16, 512, 14, 512, 32)]:
+        R = 2 * k
+        for layout in ("nchw", "channels_last"):
+            x = torch.randn(N, C, H, H, device=DEV, dtype=dt)
+            if layout == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            S1s = torch.randn(1, R, C, 3, 3, device=DEV, dtype=dt) * 0.05
+            U1s = torch.randn(1, R, O, device=DEV, dtype=dt) * 0.05
+            b = torch.randn(O, device=DEV, dtype=dt)
+            (y,) = fwd.forward_outputs(x, S1s, U1s, b, 1, 1, 1, 1, 1, 1, False)
+
+            def run(way):
+                previous, fwd.FORWARD = fwd.FORWARD, way
+                try:
+                    sketched_conv2d_forward(y, x, S1s, U1s, b, one, one, one, False)
+                finally:
+                    fwd.FORWARD = previous
+
+            t = timed(clock, {way: (lambda way=way: run(way)) for way in ("fused", "composed")})
+            print(f"forward x={(N, C, H, H)} O={O} R={R:<3} {layout:<13} depth R·C·9={R * C * 9:<7} fused "
+                  f"{t['fused']:.4f} ms  composed {t['composed']:.4f} ms  composed/fused {t['composed'] / t['fused']:.2f}"
+                  f"  rule: {'fused' if fwd.fused_forward(R, C * 9) else 'composed'}")
+
+
 if __name__ == "__main__":
     clock = Clock(DEV)
-    parts = sys.argv[1:] or ["pieces", "bias", "cudnn"]  # which sections, in this order
+    parts = sys.argv[1:] or ["pieces", "bias", "cudnn", "forward"]  # which sections, in this order
     for part in parts:
-        {"pieces": pieces, "bias": bias, "cudnn": cudnn}[part](clock)
+        {"pieces": pieces, "bias": bias, "cudnn": cudnn, "forward": forwards}[part](clock)

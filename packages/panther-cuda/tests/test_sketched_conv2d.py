@@ -153,12 +153,37 @@ def _case(name, dtype, **kw):
 # --- GPU: values ----------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["fused", "composed"])
+def forward_by(request):
+    """forward.FORWARD forced for the test: the fused kernels, or cuDNN's convolution and a cuBLAS product."""
+    with mock.patch.object(forward, "FORWARD", request.param):
+        yield request.param
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_float64_reference(name, dtype, ieee_float32):
+def test_matches_float64_reference(name, dtype, forward_by, ieee_float32):
     inputs, conv = _case(name, dtype)
     run_and_compare(inputs, conv, GRADS, TOL[dtype])
+    run_and_compare(inputs[:3] + (None,), conv, ("x",), TOL[dtype])  # no bias
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["3x3_R6", "stride2_R6", "mixed_pairs_R66_O70", "deep_R192_O130"])
+def test_forward_layouts(name, dtype, layout, forward_by, ieee_float32):
+    """Each forward (forward.FORWARD) with x channels_last (y too) or strided (y NCHW), against float64."""
+    inputs, conv = _case(name, dtype)
+    x = inputs[0]
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    else:
+        x = torch.zeros(x.shape[0], x.shape[1] * 2, x.shape[2], x.shape[3], dtype=x.dtype, device=x.device)[:, ::2]
+        x.copy_(inputs[0])
+    y, _ = run_and_compare((x, *inputs[1:]), conv, GRADS, TOL[dtype])
+    assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
 
 
 @pytest.fixture
@@ -204,9 +229,10 @@ def test_halo_kernels_as_tf32(name, variant, tf32):
 
 
 @pytest.fixture
-def dz_by_kernels():
-    """backward.DZ = "kernels" for the test: dZ by conv_rank (a 1x1 convolution of g), not by cuBLAS."""
-    with mock.patch.object(backward, "DZ", "kernels"):
+def backward_by_kernels():
+    """backward.DZ = backward.Z = "kernels" for the test: dZ (a 1x1 convolution of g) and the recomputed Z by
+    conv_rank, not by cuBLAS and cuDNN."""
+    with mock.patch.object(backward, "DZ", "kernels"), mock.patch.object(backward, "Z", "kernels"):
         yield
 
 
@@ -601,7 +627,7 @@ def _check_arguments(call, kernel, source="sketched_conv2d.cu", threads=forward.
 
 @pytest.mark.parametrize("variant", [None, "generic"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_launchers_pass_the_declared_arguments(channels_last, variant, dz_by_kernels):
+def test_launchers_pass_the_declared_arguments(channels_last, variant, backward_by_kernels):
     """On the CPU with the launch recorded: argument count and widths as sketched_conv2d.cu declares them,
     the grids, output strides in the kernels' arguments; the backward's every path runs. 2Lk = 66: the
     forward on the generic kernel, the backward's dZ and Z by the halo kernel in two column blocks (or with
@@ -620,7 +646,7 @@ def test_launchers_pass_the_declared_arguments(channels_last, variant, dz_by_ker
         backward.bias_grad(g.contiguous(memory_format=torch.channels_last), kernels=True)
     (fwd_call, dz_call, z_call, planes_call, rows_call) = rec.calls
     N, O, Ho, Wo = g.shape
-    assert planes_call[0] == "panther::bias_planes<float>" and planes_call[1] == (-(-N * O // 8),)
+    assert planes_call[0] == "panther::bias_planes<float, 1>" and planes_call[1] == (-(-N * O // 8),)  # 27 a plane
     assert [int(a) for a in planes_call[3][2:]] == [N * O, Ho * Wo]
     assert rows_call[0] == "panther::bias_rows<float>" and rows_call[1] == (-(-O // 32), 1)
     assert [int(a) for a in rows_call[3][2:]] == [N * Ho * Wo, O, backward.BIAS_ROWS_PER_BLOCK]
@@ -668,7 +694,7 @@ def test_exact_float32_selects_the_ffma_kernels():
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_halo_launch_arguments(channels_last, dz_by_kernels):
+def test_halo_launch_arguments(channels_last, backward_by_kernels):
     """The halo kernels' launches (forward, dZ, Z): declared argument types, one block per tile of the plan,
     the plan's tile, chunk and flags appended, the shared memory the plan needs; VARIANT picks the family."""
     (x, S1s, U1s, b), conv = _case("chunks_C40_R30_O70", torch.bfloat16, device="cpu")
@@ -686,7 +712,7 @@ def test_halo_launch_arguments(channels_last, dz_by_kernels):
             backward.sketched_conv2d_backward(grads, torch.randn(y.shape, dtype=y.dtype), x, S1s, U1s, *conv,
                                               (True,) * 4, True)
         *conv_calls, bias_call = rec.calls
-        assert bias_call[0] == "panther::bias_planes<__nv_bfloat16>"  # g NCHW (test_launchers_pass_the_declared_arguments)
+        assert bias_call[0] == "panther::bias_planes<__nv_bfloat16, 1>"  # g NCHW, planes of 99 values
         fwd_call, dz_call, z_call = conv_calls
         if bm is None:
             assert [c[0] for c in conv_calls] == ["panther::sketched_conv2d_fwd<__nv_bfloat16, 32, false>",
@@ -776,7 +802,7 @@ def test_default_family_block_pixels_follow_R(name, bm):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_backward_reads_nchw_rows_of_g_in_8_byte_loads(channels_last, dz_by_kernels):
+def test_backward_reads_nchw_rows_of_g_in_8_byte_loads(channels_last, backward_by_kernels):
     """The halo family (loads through registers; the default copies by cp.async): the dZ launch (a 1x1 conv
     of g, W' = 16) takes conv_rank_halo's 8-byte loader for an NCHW g; the forward (padding 1: its halo rows
     start off the 8-byte grid) and a channels_last g do not."""
@@ -792,7 +818,8 @@ def test_backward_reads_nchw_rows_of_g_in_8_byte_loads(channels_last, dz_by_kern
         g = torch.randn(y.shape, dtype=y.dtype).contiguous(memory_format=forward.memory_format(x))
         backward.sketched_conv2d_backward(grads, g, x, S1s, U1s, *conv, (True,) * 4, True)
     fwd_call, dz_call, z_call, bias_call = rec.calls
-    assert bias_call[0] == f"panther::bias_{'rows' if channels_last else 'planes'}<__nv_bfloat16>"
+    # planes of 160 values: 16-byte loads
+    assert bias_call[0] == ("panther::bias_rows<__nv_bfloat16>" if channels_last else "panther::bias_planes<__nv_bfloat16, 8>")
     assert fwd_call[0] == "panther::sketched_conv2d_fwd_halo<__nv_bfloat16, 32, false, 64, 0>"
     assert not int(fwd_call[3][-1]) & forward.HALO_VECTOR
     vector = not channels_last
@@ -822,6 +849,28 @@ def test_bias_grad_sums_over_batch_and_pixels(layout, dtype, kernels, emulated_k
     want = g.to(dtype).double().sum((0, 2, 3))
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
     assert backward.bias_grad(g[:, :0].to(dtype), kernels).shape == (0,)  # no channels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_bias_planes_load_16_bytes_where_aligned(dtype):
+    """bias_planes<T, V>: V = 16 / sizeof(T) values a load where g is 16-byte aligned and its planes hold a whole
+    number of loads, else V = 1 (a plane of 6 x 5 values; g one element off alignment)."""
+    names = []
+
+    def record(kernel, grid, block, *a, shared_mem=0):
+        names.append(kernel.name)
+        _emulate(kernel, grid, block, *a, shared_mem=shared_mem)
+
+    V = 16 // torch.tensor([], dtype=dtype).element_size()
+    aligned = torch.randn(2, 3, 4, 2 * V).to(dtype)
+    odd_plane = torch.randn(2, 3, 6, 5).to(dtype)
+    offset = torch.empty(2 * 3 * 4 * 2 * V + 1, dtype=dtype)[1:].view(aligned.shape).copy_(aligned)
+    with mock.patch.object(forward.Kernel, "__call__", record):
+        for g in (aligned, odd_plane, offset):
+            assert rel_err(backward.bias_grad(g, kernels=True), g.double().sum((0, 2, 3))) <= 1e-3
+    ctype = forward._CTYPES[dtype]
+    assert names == [f"panther::bias_planes<{ctype}, {V}>", f"panther::bias_planes<{ctype}, 1>",
+                     f"panther::bias_planes<{ctype}, 1>"]
 
 
 def test_bias_grad_in_blocks_of_rows(emulated_kernels):
@@ -935,7 +984,7 @@ def emulated_kernels():
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("name", ["stride2_R6", "mixed_pairs_R66_O70"])
-def test_op_around_emulated_kernels_matches_reference(name, layout, emulated_kernels):
+def test_op_around_emulated_kernels_matches_reference(name, layout, emulated_kernels, forward_by):
     inputs, conv = _case(name, torch.float64, device="cpu")
     x = inputs[0]
     if layout == "channels_last":
@@ -999,6 +1048,29 @@ def test_dz_by_gemm_around_emulated_kernels(name, layout, emulated_kernels, dz_b
     assert taken == [layout != "strided"] and len(grads) == len(GRADS)
     for got, want in zip(grads, GRADS):
         assert rel_err(got, grads_ref[want]) <= EMULATED_TOL, want
+
+
+def test_forward_rule_takes_the_fused_kernels_up_to_its_depth(monkeypatch):
+    """fused_forward: the fused kernels where R·C·kh·kw <= FUSED_DEPTH_MAX (the spec's conv: 32 · 576), cuDNN and
+    cuBLAS above (the deeper benchmark conv: 64 · 2304); a forced FORWARD or kernel family overrides the rule;
+    the composed forward is what runs above the bound."""
+    assert forward.fused_forward(32, 64 * 9) and not forward.fused_forward(64, 256 * 9)
+    assert forward.fused_forward(1, forward.FUSED_DEPTH_MAX) and not forward.fused_forward(1, forward.FUSED_DEPTH_MAX + 1)
+    monkeypatch.setattr(forward, "VARIANT", "halo64")
+    assert forward.fused_forward(64, 256 * 9)
+    monkeypatch.setattr(forward, "FORWARD", "composed")
+    assert not forward.fused_forward(32, 64 * 9)
+    monkeypatch.setattr(forward, "FORWARD", "fused")
+    assert forward.fused_forward(64, 256 * 9)
+    monkeypatch.setattr(forward, "FORWARD", None)
+    monkeypatch.setattr(forward, "VARIANT", None)
+    inputs, conv = _case("deep_R192_O130", torch.float64, device="cpu")
+    y = torch.empty(2, 130, 10, 9, dtype=torch.float64)
+    with mock.patch.object(forward, "composed_forward", wraps=forward.composed_forward) as composed:
+        forward.sketched_conv2d_forward(y, *inputs, *conv, True)
+    assert composed.call_count == 1
+    want = reference_op(*inputs, *conv)
+    assert rel_err(y, want) <= EMULATED_TOL
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided", "expanded"])
@@ -1085,7 +1157,7 @@ def test_op_around_emulated_kernels_with_bias_kernels(layout, emulated_kernels, 
     grad_out = torch.randn(cuda_sketched_conv2d(*inputs, *conv).shape, dtype=torch.float64).contiguous(memory_format=fmt)
     run_and_compare((x, *inputs[1:]), conv, GRADS, EMULATED_TOL, grad_out=grad_out)
     bias = [n for n in launched if "bias_" in n]
-    assert bias == [f"panther::bias_{'rows' if layout == 'channels_last' else 'planes'}<double>"]  # g in x's layout
+    assert [n.split("<")[0] for n in bias] == [f"panther::bias_{'rows' if layout == 'channels_last' else 'planes'}"]
 
 
 def test_op_around_emulated_kernels_expanded_grad_and_empty_batch(emulated_kernels):
@@ -1242,8 +1314,11 @@ def bias_emulator(tmp_path_factory):
     return build_harness(tmp_path_factory.mktemp("bias_grad_emulation"), EMU_DIR / "bias_grad.cpp", OP_DIR)
 
 
-# (mode, layout, N, O, H, W, rows per block of bias_rows)
+# (mode, layout, N, O, H, W, rows per block of bias_rows); layout nchw16: bias_planes in 16-byte loads
 BIAS_EMU_CASES = [
+    ("float32", "nchw16", 2, 5, 8, 9, None),  # planes of 18 loads of 4: the tail loop alone
+    ("bfloat16", "nchw16", 3, 3, 64, 72, None),  # 576 loads of 8: two unrolled passes of 256, then the tail
+    ("float16", "nchw16", 1, 17, 32, 64, None),  # 256 loads of 8: one unrolled pass; 17 planes, 3 blocks
     ("float32", "nchw", 2, 5, 7, 9, None),  # planes of 63 values: the tail loop alone; 10 planes, 2 blocks
     ("bfloat16", "nchw", 3, 3, 17, 19, None),  # planes of 323: one unrolled pass of 256, then the tail
     ("float16", "nchw", 1, 17, 32, 32, None),  # 1024 values: unrolled passes only; 17 planes, 3 blocks

@@ -11,7 +11,7 @@ namespace panther { alignas(16) unsigned char smem[1 << 16]; }
 using namespace panther;
 
 template <typename T>
-static void run(bool clast, long long N, int O, int H, int W, long long per_block, long long chunks) {
+static void run(bool clast, bool vector, long long N, int O, int H, int W, long long per_block, long long chunks) {
     std::mt19937 gen(4321);
     const long long P = (long long)H * W, rows = N * P;
     auto g = rnd<T>(N * O * P, 1.0, gen);  // NCHW: (n, o, p) at (n O + o) P + p; channels_last: (n p) O + o
@@ -23,7 +23,10 @@ static void run(bool clast, long long N, int O, int H, int W, long long per_bloc
     if (!clast) {
         Buf<float> partial(N * O);
         emu_launch(cdv(N * O, bias::WARPS), bias::THREADS, shared, panther::smem, sizeof(panther::smem),
-                   [&] { bias_planes<T>(g.p(), partial.p(), N * O, (int)P); });
+                   [&] {
+                       if (vector) bias_planes<T, 16 / sizeof(T)>(g.p(), partial.p(), N * O, (int)P);
+                       else bias_planes<T, 1>(g.p(), partial.p(), N * O, (int)P);
+                   });
         for (long long n = 0; n < N; ++n)
             for (int o = 0; o < O; ++o) got[o] += partial.at(n * O + o);
     } else {
@@ -36,17 +39,17 @@ static void run(bool clast, long long N, int O, int H, int W, long long per_bloc
     report("db", got, ref);
 }
 
-// usage: bias_grad MODE LAYOUT N O H W PER_BLOCK CHUNKS   (MODE float32|float16|bfloat16; LAYOUT nchw|channels_last;
-// PER_BLOCK and CHUNKS: bias_rows' plan from the host code, ignored for nchw)
+// usage: bias_grad MODE LAYOUT N O H W PER_BLOCK CHUNKS   (MODE float32|float16|bfloat16; LAYOUT nchw|channels_last,
+// or nchw16: bias_planes in 16-byte loads; PER_BLOCK and CHUNKS: bias_rows' plan from the host code, ignored for nchw)
 int main(int argc, char** argv) {
     if (argc != 9) { std::fprintf(stderr, "usage: bias_grad MODE LAYOUT N O H W PER_BLOCK CHUNKS\n"); return 2; }
     const std::string mode = argv[1];
-    const bool clast = std::string(argv[2]) == "channels_last";
+    const bool clast = std::string(argv[2]) == "channels_last", vector = std::string(argv[2]) == "nchw16";
     const long long N = std::atoll(argv[3]), per = std::atoll(argv[7]), chunks = std::atoll(argv[8]);
     const int O = std::atoi(argv[4]), H = std::atoi(argv[5]), W = std::atoi(argv[6]);
-    if (mode == "float32") run<float>(clast, N, O, H, W, per, chunks);
-    else if (mode == "float16") run<__half>(clast, N, O, H, W, per, chunks);
-    else if (mode == "bfloat16") run<__nv_bfloat16>(clast, N, O, H, W, per, chunks);
+    if (mode == "float32") run<float>(clast, vector, N, O, H, W, per, chunks);
+    else if (mode == "float16") run<__half>(clast, vector, N, O, H, W, per, chunks);
+    else if (mode == "bfloat16") run<__nv_bfloat16>(clast, vector, N, O, H, W, per, chunks);
     else { std::fprintf(stderr, "unknown mode %s\n", mode.c_str()); return 2; }
     return 0;
 }

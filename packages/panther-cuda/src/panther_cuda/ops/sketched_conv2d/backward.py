@@ -1,15 +1,15 @@
 """The backward pass of the sketched conv2d op.
 
 With R = 2·L·k, S = S1s as (R, C, kh, kw), U = U1s as (R, O) and g = dL/dy (N, O, H', W'):
-    dZ = U g / (2L)                       (N, R, H', W'): the conv_rank kernel, a 1x1 convolution of g; with
-                                          DZ = "gemm", cuBLAS products where g's layout allows (for an NCHW g
-                                          a product per image, for a channels_last g one product)
+    dZ = U g / (2L)                       (N, R, H', W'): cuBLAS products where g's layout allows (for an NCHW
+                                          g a product per image, for a channels_last g one product), else the
+                                          conv_rank kernel, a 1x1 convolution of g (always with DZ = "kernels")
     dx, dS = the convolution's input and weight gradients given dZ: aten.convolution_backward (cuDNN);
                                           with DX = "kernels", dx by the conv_rank kernel where it is a plain
                                           convolution of dZ (stride 1): by S flipped and transposed
-    dU = Zᵀ g / (2L)                      Z = conv(x, S) recomputed in g's layout by the conv_rank kernel (Z =
-                                          "kernels") or cuDNN ("cudnn"), then cuBLAS (weight_products): for NCHW
-                                          a product per image summed in float32, for channels_last one product
+    dU = Zᵀ g / (2L)                      Z = conv(x, S) recomputed in g's layout by cuDNN (or the conv_rank
+                                          kernel with Z = "kernels"), then cuBLAS (weight_products): for NCHW a
+                                          product per image summed in float32, for channels_last one product
     db = Σ_{n, h, w} g                    the bias_planes / bias_rows kernels (bias_grad.cu; BIAS = "kernels"):
                                           float32 partial sums, then their sum; torch's reductions with "torch"
 Z is recomputed only when U1s needs a gradient (the forward never writes it).
@@ -17,7 +17,6 @@ Z is recomputed only when U1s needs a gradient (the forward never writes it).
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -25,31 +24,17 @@ from torch import Tensor
 
 from panther.backends.toolkit import cdiv, device_guard
 from panther_cuda._nvrtc import i32, i64
-from panther_cuda.ops.sketched_conv2d.forward import _kernel, conv_rank, exact_float32, memory_format
+from panther_cuda.ops.sketched_conv2d.forward import _kernel, conv_rank, exact_float32, exact_products, memory_format
 
-# "kernels": dZ by conv_rank (a 1x1 convolution of g); "gemm": by cuBLAS where g's layout allows (dz_by_gemm),
-# forced for timing until a GPU run says which is faster (benchmarks/results/NOTES.md)
-DZ = "kernels"
-# "cudnn": dx from aten.convolution_backward with dS; "kernels": dx by conv_rank where dx_by_kernel takes it
-# (forced for timing until a GPU run says which is faster)
+# "gemm": dZ by cuBLAS where g's layout allows (dz_by_gemm), else by conv_rank (a 1x1 convolution of g); "kernels":
+# always conv_rank. cuBLAS was the faster in the recorded runs (benchmarks/results/NOTES.md)
+DZ = "gemm"
+# "cudnn": dx from aten.convolution_backward with dS, the faster in the recorded runs; "kernels": dx by conv_rank
+# where dx_by_kernel takes it
 DX = "cudnn"
-# "kernels": the Z that dU needs recomputed by conv_rank; "cudnn": by cuDNN's convolution (forced for timing until
-# a GPU run says which is faster)
-Z = "kernels"
-
-
-@contextlib.contextmanager
-def _exact_products(exact: bool):
-    """cuDNN convolutions and cuBLAS products without TF32 while exact float32 products are asked for."""
-    if not exact:
-        yield
-        return
-    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
+# "cudnn": the Z that dU needs recomputed by cuDNN's convolution, the faster in the recorded runs
+# (benchmarks/results/NOTES.md); "kernels": by conv_rank
+Z = "cudnn"
 
 
 def dz_by_gemm(dZ: Tensor, g: Tensor, U: Tensor, scale: float) -> bool:
@@ -75,7 +60,7 @@ def recompute_z(x: Tensor, S: Tensor, stride, padding, dilation, g: Tensor, allo
     by conv_rank or, with Z = "cudnn", by cuDNN (its result copied where its layout differs from g's)."""
     fmt = memory_format(g)
     if Z == "cudnn":
-        with _exact_products(exact_float32(x.dtype, allow_tf32)):
+        with exact_products(exact_float32(x.dtype, allow_tf32)):
             z = torch.nn.functional.conv2d(x, S, None, tuple(stride), tuple(padding), tuple(dilation))
         return z.contiguous(memory_format=fmt)
     R, _, kh, kw = S.shape
@@ -139,14 +124,14 @@ def sketched_conv2d_backward(grads, g: Tensor, x: Tensor, S1s: Tensor, U1s: Tens
         U = U1s.reshape(R, O).contiguous()
         by_gemm = False
         if DZ == "gemm":
-            with _exact_products(exact):
+            with exact_products(exact):
                 by_gemm = dz_by_gemm(dZ, g, U, 1.0 / terms)
         if not by_gemm:
             conv_rank(dZ, g, U, (1, 1), (1, 1), (0, 0), (1, 1), 1.0 / terms, allow_tf32)
         if need_x and DX == "kernels" and dx_by_kernel(dx, dZ, S, stride, padding, dilation, allow_tf32):
             need_x = False  # written
         if need_x or need_S:
-            with _exact_products(exact):
+            with exact_products(exact):
                 gx, gS, _ = torch.ops.aten.convolution_backward(
                     dZ, x, S, None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
                     [bool(need_x), bool(need_S), False],
@@ -157,7 +142,7 @@ def sketched_conv2d_backward(grads, g: Tensor, x: Tensor, S1s: Tensor, U1s: Tens
                 dS1s.view(R, C, kh, kw).copy_(gS)
     if need_U:
         z = recompute_z(x, S, stride, padding, dilation, g, allow_tf32)
-        with _exact_products(exact):
+        with exact_products(exact):
             weight_products(dU1s.view(R, O), z, g, 1.0 / terms)
     if need_b:
         dbias.copy_(bias_grad(g))
@@ -197,9 +182,11 @@ def bias_grad(g: Tensor, kernels: Optional[bool] = None) -> Tensor:
             return g.view(N, O, H * W).sum(-1, dtype=acc).sum(0)
         return g.sum((0, 2, 3), dtype=acc)
     with device_guard(g):
-        if not channels_last:  # N·O planes of H·W values
+        if not channels_last:  # N·O planes of H·W values, in 16-byte loads where aligned
             partial = torch.empty((N, O), dtype=acc, device=g.device)
-            _kernel("bias_planes", g.dtype, source=BIAS_SOURCE)(
+            vector = 16 // g.element_size()
+            aligned = (H * W) % vector == 0 and g.data_ptr() % 16 == 0
+            _kernel("bias_planes", g.dtype, vector if aligned else 1, source=BIAS_SOURCE)(
                 (cdiv(N * O, BIAS_WARPS),), (BIAS_THREADS,), g, partial, i64(N * O), i32(H * W),
                 shared_mem=4 * BIAS_THREADS,
             )

@@ -1,7 +1,8 @@
 """Launchers of the sketched conv2d kernels (``sketched_conv2d.cu``) and the forward pass.
 
 * :func:`sketched_conv2d_forward` — y = U1ᵀ conv(x, S1) / (2L) + b in one fused kernel; the intermediate
-  Z = conv(x, S1) (2·L·k channels) stays on chip.
+  Z = conv(x, S1) (2·L·k channels) stays on chip. Where Z's depth is large (:func:`fused_forward`), composed
+  instead: Z by cuDNN's convolution, then y by one cuBLAS product (:func:`composed_forward`).
 * :func:`conv_rank` — Z = scale · conv(x, S) written to memory (the backward's dZ and recomputed Z).
 * :func:`forward_outputs` — the output, allocated in the input's memory format (also the fake kernel).
 
@@ -20,6 +21,7 @@ bias made contiguous here (they are small).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 from typing import Dict, Optional, Tuple
@@ -67,6 +69,12 @@ STAGES = 2
 # the fused halo forward's U tiles and bias: "async" copied one tile ahead where aligned (u_async), the faster
 # in the recorded runs; "loads" through registers when their tile comes, for timing
 U_TILES = "async"
+
+# None: the fused kernels where fused_forward's rule takes them, else composed; "fused" / "composed": always
+FORWARD: Optional[str] = None
+# the rule's bound on R·C·kh·kw (Z's products per output pixel): the fused kernels up to it, cuDNN and cuBLAS
+# above (benchmarks/results/NOTES.md)
+FUSED_DEPTH_MAX = 32768
 
 _CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 _kernels: Dict[tuple, Kernel] = {}
@@ -348,6 +356,47 @@ def exact_float32(dtype: torch.dtype, allow_tf32: bool) -> bool:
     return dtype == torch.float32 and not allow_tf32
 
 
+@contextlib.contextmanager
+def exact_products(exact: bool):
+    """cuDNN convolutions and cuBLAS products without TF32 while exact float32 products are asked for."""
+    if not exact:
+        yield
+        return
+    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def fused_forward(R: int, depth: int) -> bool:
+    """Whether the forward runs the fused kernels (:data:`FORWARD`; a forced :data:`VARIANT` forces them too): by
+    default where Z's products per output pixel, R·depth (depth = C·kh·kw), are at most FUSED_DEPTH_MAX."""
+    if FORWARD is not None:
+        return FORWARD == "fused"
+    return VARIANT is not None or R * depth <= FUSED_DEPTH_MAX
+
+
+def composed_forward(y: Tensor, x: Tensor, S: Tensor, U: Tensor, b: Optional[Tensor], stride, padding, dilation,
+                     scale: float) -> None:
+    """Writes y (N, O, H', W'), NCHW- or channels_last-contiguous, = scale · Uᵀ conv(x, S) + b: Z = conv(x, S)
+    (S: (R, C, kh, kw)) by cuDNN in y's layout, then one cuBLAS product per image (NCHW) or over every pixel
+    (channels_last), the scale and bias in its epilogue (float32, one rounding)."""
+    N, O, Ho, Wo = y.shape
+    R = S.shape[0]
+    z = torch.nn.functional.conv2d(x, S, None, tuple(stride), tuple(padding), tuple(dilation))
+    beta = 0 if b is None else 1
+    if y.is_contiguous():
+        c = y.view(N, O, Ho * Wo) if b is None else b.view(1, O, 1).expand(N, O, Ho * Wo)
+        torch.baddbmm(c, U.t().expand(N, O, R), z.contiguous().view(N, R, Ho * Wo), beta=beta, alpha=scale,
+                      out=y.view(N, O, Ho * Wo))
+        return
+    rows = y.permute(0, 2, 3, 1).view(N * Ho * Wo, O)  # channels_last
+    z = z.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).view(N * Ho * Wo, R)
+    torch.addmm(rows if b is None else b, z, U, beta=beta, alpha=scale, out=rows)
+
+
 def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int):
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
@@ -397,6 +446,10 @@ def sketched_conv2d_forward(y: Tensor, x: Tensor, S1s: Tensor, U1s: Tensor, bias
     S = S1s.contiguous()
     U = U1s.contiguous()
     b = bias.contiguous() if bias is not None else None
+    if not fused_forward(R, C * kh * kw) and (y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last)):
+        with exact_products(exact):
+            composed_forward(y, x, S.view(R, C, kh, kw), U.view(R, O), b, stride, padding, dilation, 1.0 / terms)
+        return
     halo = _halo(x, S.view(R, -1), R, (kh, kw), stride, padding, dilation, y.shape[2:])
     if halo is not None:
         bm, (th, tw, cc, flags, hb) = halo
