@@ -229,10 +229,12 @@ def test_halo_kernels_as_tf32(name, variant, tf32):
 
 
 @pytest.fixture
-def backward_by_kernels():
-    """backward.DZ = backward.Z = "kernels" for the test: dZ (a 1x1 convolution of g) and the recomputed Z by
-    conv_rank, not by cuBLAS and cuDNN."""
-    with mock.patch.object(backward, "DZ", "kernels"), mock.patch.object(backward, "Z", "kernels"):
+def own_kernels():
+    """The package's kernels wherever they can run, for the test: forward.FORWARD = "fused", backward.DZ =
+    backward.Z = "kernels" (dZ, a 1x1 convolution of g, and the recomputed Z by conv_rank, not by cuBLAS and
+    cuDNN)."""
+    with mock.patch.object(forward, "FORWARD", "fused"), mock.patch.object(backward, "DZ", "kernels"), \
+            mock.patch.object(backward, "Z", "kernels"):
         yield
 
 
@@ -627,7 +629,7 @@ def _check_arguments(call, kernel, source="sketched_conv2d.cu", threads=forward.
 
 @pytest.mark.parametrize("variant", [None, "generic"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_launchers_pass_the_declared_arguments(channels_last, variant, backward_by_kernels):
+def test_launchers_pass_the_declared_arguments(channels_last, variant, own_kernels):
     """On the CPU with the launch recorded: argument count and widths as sketched_conv2d.cu declares them,
     the grids, output strides in the kernels' arguments; the backward's every path runs. 2Lk = 66: the
     forward on the generic kernel, the backward's dZ and Z by the halo kernel in two column blocks (or with
@@ -694,7 +696,7 @@ def test_exact_float32_selects_the_ffma_kernels():
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_halo_launch_arguments(channels_last, backward_by_kernels):
+def test_halo_launch_arguments(channels_last, own_kernels):
     """The halo kernels' launches (forward, dZ, Z): declared argument types, one block per tile of the plan,
     the plan's tile, chunk and flags appended, the shared memory the plan needs; VARIANT picks the family."""
     (x, S1s, U1s, b), conv = _case("chunks_C40_R30_O70", torch.bfloat16, device="cpu")
@@ -784,9 +786,9 @@ def test_forward_copies_u_tiles_where_aligned(dtype):
 
 
 @pytest.mark.parametrize("name, bm", [("3x3_W16_R24", 64), ("1x1_rows8_R32", 64), ("5x5_pad2_R48", 128)])
-def test_default_family_block_pixels_follow_R(name, bm):
-    """Unforced, the forward launch takes the cp.async halo kernels, 64 output pixels per block up to
-    R = 32 and 128 above (forward.default_family)."""
+def test_default_family_block_pixels_follow_R(name, bm, own_kernels):
+    """With no family forced, the fused forward launch takes the cp.async halo kernels, 64 output pixels per
+    block up to R = 32 and 128 above (forward.default_family)."""
     (x, S1s, U1s, b), conv = _case(name, torch.bfloat16, device="cpu")
     x = x.contiguous(memory_format=torch.channels_last)  # aligned for 16-byte copies (C a multiple of 8)
     R = S1s.shape[0] * S1s.shape[1]
@@ -802,7 +804,7 @@ def test_default_family_block_pixels_follow_R(name, bm):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_backward_reads_nchw_rows_of_g_in_8_byte_loads(channels_last, backward_by_kernels):
+def test_backward_reads_nchw_rows_of_g_in_8_byte_loads(channels_last, own_kernels):
     """The halo family (loads through registers; the default copies by cp.async): the dZ launch (a 1x1 conv
     of g, W' = 16) takes conv_rank_halo's 8-byte loader for an NCHW g; the forward (padding 1: its halo rows
     start off the 8-byte grid) and a channels_last g do not."""
@@ -1051,26 +1053,29 @@ def test_dz_by_gemm_around_emulated_kernels(name, layout, emulated_kernels, dz_b
 
 
 def test_forward_rule_takes_the_fused_kernels_up_to_its_depth(monkeypatch):
-    """fused_forward: the fused kernels where R·C·kh·kw <= FUSED_DEPTH_MAX (the spec's conv: 32 · 576), cuDNN and
-    cuBLAS above (the deeper benchmark conv: 64 · 2304); a forced FORWARD or kernel family overrides the rule;
-    the composed forward is what runs above the bound."""
-    assert forward.fused_forward(32, 64 * 9) and not forward.fused_forward(64, 256 * 9)
-    assert forward.fused_forward(1, forward.FUSED_DEPTH_MAX) and not forward.fused_forward(1, forward.FUSED_DEPTH_MAX + 1)
+    """fused_forward: for an x not channels_last, the fused kernels where R·C·kh·kw <= FUSED_DEPTH_MAX (the spec's
+    conv: 32 · 576), cuDNN and cuBLAS above (the deeper benchmark conv: 64 · 2304); for a channels_last x composed;
+    a forced FORWARD or kernel family overrides the rule. The composed forward is what runs where the rule says."""
+    assert forward.fused_forward(32, 64 * 9, False) and not forward.fused_forward(64, 256 * 9, False)
+    assert not forward.fused_forward(32, 64 * 9, True)
+    depth = forward.FUSED_DEPTH_MAX
+    assert forward.fused_forward(1, depth, False) and not forward.fused_forward(1, depth + 1, False)
     monkeypatch.setattr(forward, "VARIANT", "halo64")
-    assert forward.fused_forward(64, 256 * 9)
+    assert forward.fused_forward(64, 256 * 9, False) and forward.fused_forward(64, 256 * 9, True)
     monkeypatch.setattr(forward, "FORWARD", "composed")
-    assert not forward.fused_forward(32, 64 * 9)
+    assert not forward.fused_forward(32, 64 * 9, False)
     monkeypatch.setattr(forward, "FORWARD", "fused")
-    assert forward.fused_forward(64, 256 * 9)
+    assert forward.fused_forward(64, 256 * 9, True)
     monkeypatch.setattr(forward, "FORWARD", None)
     monkeypatch.setattr(forward, "VARIANT", None)
-    inputs, conv = _case("deep_R192_O130", torch.float64, device="cpu")
-    y = torch.empty(2, 130, 10, 9, dtype=torch.float64)
-    with mock.patch.object(forward, "composed_forward", wraps=forward.composed_forward) as composed:
-        forward.sketched_conv2d_forward(y, *inputs, *conv, True)
-    assert composed.call_count == 1
-    want = reference_op(*inputs, *conv)
-    assert rel_err(y, want) <= EMULATED_TOL
+    for name, channels_last in (("deep_R192_O130", False), ("3x3_R6", True)):
+        inputs, conv = _case(name, torch.float64, device="cpu")
+        x = inputs[0].contiguous(memory_format=torch.channels_last) if channels_last else inputs[0]
+        (y,) = forward.forward_outputs(x, *inputs[1:], *(v for pair in conv for v in pair), True)
+        with mock.patch.object(forward, "composed_forward", wraps=forward.composed_forward) as composed:
+            forward.sketched_conv2d_forward(y, x, *inputs[1:], *conv, True)
+        assert composed.call_count == 1
+        assert rel_err(y, reference_op(*inputs, *conv)) <= EMULATED_TOL
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided", "expanded"])

@@ -72,8 +72,8 @@ U_TILES = "async"
 
 # None: the fused kernels where fused_forward's rule takes them, else composed; "fused" / "composed": always
 FORWARD: Optional[str] = None
-# the rule's bound on R·C·kh·kw (Z's products per output pixel): the fused kernels up to it, cuDNN and cuBLAS
-# above (benchmarks/results/NOTES.md)
+# the rule's bound on R·C·kh·kw (Z's products per output pixel) for an x that is not channels_last: the fused
+# kernels up to it, cuDNN and cuBLAS above; a channels_last x always composed (benchmarks/results/NOTES.md)
 FUSED_DEPTH_MAX = 32768
 
 _CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
@@ -370,12 +370,13 @@ def exact_products(exact: bool):
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
 
 
-def fused_forward(R: int, depth: int) -> bool:
+def fused_forward(R: int, depth: int, channels_last: bool) -> bool:
     """Whether the forward runs the fused kernels (:data:`FORWARD`; a forced :data:`VARIANT` forces them too): by
-    default where Z's products per output pixel, R·depth (depth = C·kh·kw), are at most FUSED_DEPTH_MAX."""
+    default for an x that is not channels_last where Z's products per output pixel, R·depth (depth = C·kh·kw),
+    are at most FUSED_DEPTH_MAX."""
     if FORWARD is not None:
         return FORWARD == "fused"
-    return VARIANT is not None or R * depth <= FUSED_DEPTH_MAX
+    return VARIANT is not None or (not channels_last and R * depth <= FUSED_DEPTH_MAX)
 
 
 def composed_forward(y: Tensor, x: Tensor, S: Tensor, U: Tensor, b: Optional[Tensor], stride, padding, dilation,
@@ -446,7 +447,9 @@ def sketched_conv2d_forward(y: Tensor, x: Tensor, S1s: Tensor, U1s: Tensor, bias
     S = S1s.contiguous()
     U = U1s.contiguous()
     b = bias.contiguous() if bias is not None else None
-    if not fused_forward(R, C * kh * kw) and (y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last)):
+    channels_last = memory_format(x) == torch.channels_last
+    if not fused_forward(R, C * kh * kw, channels_last) and (y.is_contiguous() or y.is_contiguous(
+            memory_format=torch.channels_last)):
         with exact_products(exact):
             composed_forward(y, x, S.view(R, C, kh, kw), U.view(R, O), b, stride, padding, dilation, 1.0 / terms)
         return
