@@ -2,6 +2,7 @@
 and one real compile + launch on torch's stream, inside a CUDA graph too (gpu)."""
 
 import sys
+import threading
 import types
 
 import numpy as np
@@ -181,7 +182,43 @@ def test_launch_compiles_once_per_device_on_torchs_current_stream(monkeypatch, s
     assert len(cupy.modules) == 2 and cupy.streams[-1].ptr == 4097 and cupy.streams[-1].device_id == device_id(1)
 
 
+def test_context_made_current_once_per_thread_and_device(monkeypatch):
+    """make_context_current calls cudaSetDevice for a device the first time a thread asks, not again."""
+    cupy = FakeCupy()
+    calls = []
+    cupy.cuda.runtime = types.SimpleNamespace(setDevice=lambda index: calls.append((threading.get_ident(), index)))
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setattr(_nvrtc, "_thread", threading.local())
+    for index in (0, 0, 1, 0):
+        _nvrtc.make_context_current(index)
+    other = threading.Thread(target=_nvrtc.make_context_current, args=(0,))
+    other.start()
+    other.join()
+    main = threading.get_ident()
+    assert [i for _, i in calls] == [0, 1, 0] and [t == main for t, _ in calls] == [True, True, False]
+
+
 # --- on a GPU ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_context_current_in_a_fresh_thread():
+    """A fresh thread has no current context until make_context_current (which the conv backward calls before its
+    first cuBLAS call) makes the device's primary context current there."""
+    import cupy
+
+    got = {}
+
+    def run():
+        got["before"] = cupy.cuda.driver.ctxGetCurrent()
+        _nvrtc.make_context_current(torch.cuda.current_device())
+        got["after"] = cupy.cuda.driver.ctxGetCurrent()
+
+    torch.zeros(1, device="cuda")  # this thread's context exists
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert got["before"] == 0 and got["after"] != 0 and got["after"] == cupy.cuda.driver.ctxGetCurrent()
 
 AXPY = r"""
 #include "panther_cuda/common.cuh"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import threading
 from pathlib import Path
 from unittest import mock
 
@@ -304,6 +305,26 @@ def test_weight_gradient_by_z_layouts(name, dtype, layout, z_by, ieee_float32):
     g = g.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else g
     run_and_compare((x, *inputs[1:]), conv, GRADS, TOL[dtype], grad_out=g)
     run_and_compare((x, *inputs[1:]), conv, ("U1s",), TOL[dtype], grad_out=g)
+
+
+@pytest.mark.gpu
+def test_backward_makes_the_context_current_first():
+    """The backward's first call may be cuBLAS's, on autograd's device thread: it makes the device's context
+    current there first (else torch warns that there is none), here in a fresh thread."""
+    (x, S1s, U1s, b), conv = _case("3x3_R6", torch.bfloat16)
+    (y,) = forward.forward_outputs(x, S1s, U1s, b, *(v for pair in conv for v in pair), True)
+    grads = [torch.empty_like(t) for t in (x, S1s, U1s, b)]
+    seen = []
+
+    def run():
+        with mock.patch.object(backward, "make_context_current", side_effect=seen.append), \
+                mock.patch.object(backward, "dz_by_gemm", side_effect=lambda *a: seen.append("gemm") or False):
+            backward.sketched_conv2d_backward(grads, torch.randn_like(y), x, S1s, U1s, *conv, (True,) * 4, True)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert seen[:2] == [x.get_device(), "gemm"]
 
 
 @pytest.mark.gpu

@@ -126,6 +126,22 @@ def compile_options(
 
 _lock = threading.Lock()
 _streams: BoundedCache = BoundedCache(64)
+_thread = threading.local()  # .devices: those whose primary context this thread has made current
+
+
+def make_context_current(device_index: int) -> None:
+    """Make the device's primary CUDA context current in the calling thread (cudaSetDevice), once per thread and
+    device. A kernel launch through CuPy does this itself; a backward whose first call is cuBLAS or cuDNN, on
+    autograd's device thread, would otherwise find no context, and torch warns ("Attempting to run cuBLAS, but
+    there was no current CUDA context!") before it sets one."""
+    devices = getattr(_thread, "devices", None)
+    if devices is None:
+        devices = _thread.devices = set()
+    if device_index not in devices:
+        import cupy
+
+        cupy.cuda.runtime.setDevice(device_index)
+        devices.add(device_index)
 
 
 class _StreamHandle:
@@ -222,4 +238,5 @@ class Kernel:
 
 __all__ = [
     "Kernel", "KernelCompileError", "i32", "i64", "f32", "compile_options", "cuda_include_dirs", "headers_digest",
+    "make_context_current",
 ]

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from panther.backends.toolkit import cdiv, device_guard
-from panther_cuda._nvrtc import i32, i64
+from panther_cuda._nvrtc import i32, i64, make_context_current
 from panther_cuda.ops.sketched_conv2d.forward import _kernel, conv_rank, exact_float32, exact_products, memory_format
 
 # "gemm": dZ by cuBLAS where g's layout allows (dz_by_gemm), else by conv_rank (a 1x1 convolution of g); "kernels":
@@ -117,6 +117,8 @@ def sketched_conv2d_backward(grads, g: Tensor, x: Tensor, S1s: Tensor, U1s: Tens
             if need:
                 grad.zero_()
         return
+    if g.is_cuda:  # its first call may be cuBLAS's, on a thread with no context yet
+        make_context_current(g.get_device())
     S = S1s.reshape(R, C, kh, kw).contiguous()
     exact = exact_float32(x.dtype, allow_tf32)
     if need_x or need_S:
