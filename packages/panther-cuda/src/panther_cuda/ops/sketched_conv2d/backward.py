@@ -82,7 +82,7 @@ def weight_products(dU: Tensor, z: Tensor, g: Tensor, scale: float) -> None:
         wide = g.is_cuda and g.element_size() == 2
         per_image = torch.bmm(z.view(N, R, Ho * Wo), g.view(N, O, Ho * Wo).transpose(1, 2),
                               **({"out_dtype": torch.float32} if wide else {}))
-        dU.copy_(per_image.sum(0).mul_(scale))
+        torch.mul(per_image.sum(0), scale, out=dU)  # rounded once, to dU's dtype
         return
     if not (z.is_contiguous(memory_format=cl) and g.is_contiguous(memory_format=cl)):
         z, g = z.contiguous(memory_format=cl), g.contiguous(memory_format=cl)
