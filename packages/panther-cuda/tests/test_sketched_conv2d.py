@@ -1430,3 +1430,40 @@ def test_async_ring_of_buffers_under_emulation(conv_emulator, case, stages, taps
     """The cp.async loaders with a ring of 3 or 4 buffers: each chunk's copies land before its products read
     them (the emulation lands a copy only when its group is waited for) and no buffer is overwritten while read."""
     _run_harness(conv_emulator, case, copy=0 if taps else case[-1], taps=taps, stages=stages)
+
+
+# --- tools/conv_bounds.py: its edits of the source (its timings need a GPU) ---------------------------------------
+
+
+def _bounds_tool():
+    import importlib.util
+
+    path = OP_DIR.parents[2].parent / "tools" / "conv_bounds.py"
+    spec = importlib.util.spec_from_file_location("conv_bounds", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bounds_tool_edits_apply_to_the_source():
+    """Every edit the tool makes finds its text once in today's sketched_conv2d.cu, and each variant's source differs
+    from the op's by exactly its edits."""
+    tool = _bounds_tool()
+    assert {e for v in tool.VARIANTS for e in v} == set(tool.EDITS)
+    base = (OP_DIR / tool.SOURCE).read_text()
+    assert tool.patched_source((), OP_DIR) == base
+    for v in tool.VARIANTS:
+        text = tool.patched_source(v, OP_DIR)
+        undone = text
+        for name in v:
+            for old, new in tool.EDITS[name]:
+                assert new in text
+                undone = undone.replace(new, old)
+        assert undone == base
+
+
+def test_bounds_tool_refuses_an_edit_whose_text_is_gone(monkeypatch):
+    tool = _bounds_tool()
+    monkeypatch.setitem(tool.EDITS, "gone", [("no such line\n", "x")])
+    with pytest.raises(ValueError, match="'no such line' occurs 0 times in sketched_conv2d.cu"):
+        tool.patched_source(("gone",), OP_DIR)
