@@ -17,8 +17,11 @@ and NCHW for dx alone and for dS alone.
 ``pieces``: each step of the op's backward (``backward.sketched_conv2d_backward``) alone, NCHW, at both
 conv cases: dZ = U g / (2L) by conv_rank and by cuBLAS (``dz_by_gemm``); cuDNN's dx and dS given dZ,
 together, alone, and with the algorithms it picks by timing them (torch.backends.cudnn.benchmark); dx by
-conv_rank instead (``dx_by_kernel``); Z recomputed by cuDNN and by conv_rank; dU by the matmul; the bias
-gradient; then the whole backward (also with DZ = "kernels"), and the forward for scale.
+conv_rank instead (``dx_by_kernel``); Z recomputed by cuDNN and by conv_rank; dU by one product over pixel rows,
+per image (``weight_products``' NCHW way) and as cuDNN's weight gradient of the 1x1 convolution Z -> y (dZ as its
+input gradient, and both); the bias gradient; then the whole backward with every gradient for each DZ and Z
+("kernels" or cuBLAS / cuDNN); the forward, composed by cuDNN and cuBLAS or by two cuDNN convolutions, and the
+dense conv's forward and backward, for scale.
 Each piece is captured in a CUDA graph and its replays timed by the harness's clock (L2 flushed).
 """
 

@@ -12,7 +12,7 @@ With R = 2·L·k, S = S1s as (R, C, kh, kw), U = U1s as (R, O) and g = dL/dy (N,
                                           product per image summed in float32, for channels_last one product
     db = Σ_{n, h, w} g                    the bias_planes / bias_rows kernels (bias_grad.cu; BIAS = "kernels"):
                                           float32 partial sums, then their sum; torch's reductions with "torch"
-Z is recomputed only when U1s needs a gradient (the forward never writes it).
+Z is recomputed only when U1s needs a gradient (the forward does not keep it).
 """
 
 from __future__ import annotations

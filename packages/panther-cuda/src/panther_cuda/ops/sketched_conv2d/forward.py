@@ -3,7 +3,8 @@
 * :func:`sketched_conv2d_forward` — y = U1ᵀ conv(x, S1) / (2L) + b in one fused kernel; the intermediate
   Z = conv(x, S1) (2·L·k channels) stays on chip. Where Z's depth is large (:func:`fused_forward`), composed
   instead: Z by cuDNN's convolution, then y by one cuBLAS product (:func:`composed_forward`).
-* :func:`conv_rank` — Z = scale · conv(x, S) written to memory (the backward's dZ and recomputed Z).
+* :func:`conv_rank` — Z = scale · conv(x, S) written to memory (the backward's dZ where cuBLAS cannot take g's
+  layout; its dZ, recomputed Z and dx where backward.DZ, Z and DX ask for the package's kernels).
 * :func:`forward_outputs` — the output, allocated in the input's memory format (also the fake kernel).
 
 Two kernel families compute the same math. The halo kernels (``*_halo``, R <= 64) take a tile of TH x TW
