@@ -1049,6 +1049,19 @@ def test_dx_comes_in_the_memory_format_of_x(layout, emulated_kernels):
     assert fake.stride() == dx.stride()
 
 
+def _grad_in_layout(shape, layout: str) -> torch.Tensor:
+    """A float64 N(0, 1) gradient of ``shape``: NCHW, channels_last, strided (every other column of a wider
+    tensor: neither layout) or expanded (one value per (n, o) plane)."""
+    g = torch.randn(shape, dtype=torch.float64)
+    if layout == "channels_last":
+        return g.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        return torch.zeros(*shape[:3], shape[3] * 2, dtype=g.dtype)[..., ::2].copy_(g)
+    if layout == "expanded":
+        return g[:, :, :1, :1].expand(shape)
+    return g
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("name", ["3x3_R6", "mixed_pairs_R66_O70"])
 def test_dz_by_gemm_around_emulated_kernels(name, layout, emulated_kernels, dz_by_gemm):
@@ -1056,12 +1069,7 @@ def test_dz_by_gemm_around_emulated_kernels(name, layout, emulated_kernels, dz_b
     by conv_rank for other layouts of g; every gradient against the reference."""
     inputs, conv = _case(name, torch.float64, device="cpu")
     x = inputs[0].contiguous(memory_format=torch.channels_last) if layout == "channels_last" else inputs[0]
-    y = cuda_sketched_conv2d(x, *inputs[1:], *conv)
-    g = torch.randn(y.shape, dtype=torch.float64)
-    if layout == "channels_last":
-        g = g.contiguous(memory_format=torch.channels_last)
-    elif layout == "strided":  # neither layout: conv_rank's 1x1 convolution
-        g = torch.zeros(g.shape[0], g.shape[1], g.shape[2], g.shape[3] * 2, dtype=g.dtype)[..., ::2].copy_(g)
+    g = _grad_in_layout(cuda_sketched_conv2d(x, *inputs[1:], *conv).shape, layout)  # strided: conv_rank's dZ
     _, grads_ref = reference(inputs, conv, g, GRADS)
     taken, real = [], backward.dz_by_gemm
     leaves = [t.detach().requires_grad_(True) if t is not None else None for t in (x, *inputs[1:])]
@@ -1108,14 +1116,7 @@ def test_weight_gradient_around_emulated_kernels(name, layout, emulated_kernels,
     inputs, conv = _case(name, torch.float64, device="cpu")
     # x in the other layout than g's, so that Z is seen to follow g's layout, not x's
     x = inputs[0].contiguous(memory_format=torch.channels_last) if layout == "nchw" else inputs[0]
-    y = cuda_sketched_conv2d(x, *inputs[1:], *conv)
-    g = torch.randn(y.shape, dtype=torch.float64)
-    if layout == "channels_last":
-        g = g.contiguous(memory_format=torch.channels_last)
-    elif layout == "strided":
-        g = torch.zeros(g.shape[0], g.shape[1], g.shape[2], g.shape[3] * 2, dtype=g.dtype)[..., ::2].copy_(g)
-    elif layout == "expanded":
-        g = g[:, :, :1, :1].expand(g.shape)
+    g = _grad_in_layout(cuda_sketched_conv2d(x, *inputs[1:], *conv).shape, layout)
     _, grads_ref = reference(inputs, conv, g, GRADS)
     made, real = [], backward.recompute_z
     leaves = [t.detach().requires_grad_(True) if t is not None else None for t in (x, *inputs[1:])]
