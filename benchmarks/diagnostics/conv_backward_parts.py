@@ -222,7 +222,7 @@ def forwards(clock: Clock) -> None:
             t = timed(clock, {way: (lambda way=way: run(way)) for way in ("fused", "composed")})
             print(f"forward x={(N, C, H, H)} O={O} R={R:<3} {layout:<13} depth R·C·9={R * C * 9:<7} fused "
                   f"{t['fused']:.4f} ms  composed {t['composed']:.4f} ms  composed/fused {t['composed'] / t['fused']:.2f}"
-                  f"  rule: {'fused' if fwd.fused_forward(R, C * 9) else 'composed'}")
+                  f"  rule: {'fused' if fwd.fused_forward(R, C * 9, layout == 'channels_last') else 'composed'}")
 
 
 if __name__ == "__main__":

@@ -336,8 +336,9 @@ def test_float32_as_tf32(name, tf32):
 
 
 @pytest.mark.gpu
-def test_exact_float32_is_not_tf32(ieee_float32):
-    """At "highest" the float32 forward is exact FFMA: far inside what TF32 rounding would give."""
+def test_exact_float32_is_not_tf32(forward_by, ieee_float32):
+    """At "highest" the float32 forward is exact (FFMA kernels fused; cuDNN and cuBLAS without TF32 composed): far
+    inside what TF32 rounding would give."""
     inputs, conv = _case("deep_R192_O130", torch.float32)
     y = cuda_sketched_conv2d(*inputs, *conv)
     y_ref, _ = reference(inputs, conv, None, ())
@@ -1138,16 +1139,57 @@ def test_weight_products_match_float64(z_layout, g_layout, dtype):
     N, R, O, H, W = 3, 5, 7, 4, 6
     z = torch.randn(N, R, H, W, generator=gen, dtype=torch.float64)
     g = torch.randn(N, O, H, W, generator=gen, dtype=torch.float64) * 1e3
+    g = g.to(dtype)
     if g_layout == "expanded":
         g = g[:1].expand(N, O, H, W)
-    want = torch.einsum("nrhw,nohw->ro", z, g) * 0.25
+    elif g_layout == "channels_last":
+        g = g.contiguous(memory_format=torch.channels_last)
+    want = torch.einsum("nrhw,nohw->ro", z, g.double()) * 0.25
     z = z.to(dtype).contiguous(memory_format=torch.channels_last if z_layout == "channels_last" else
                                torch.contiguous_format)
-    g = g.to(dtype)
-    g = g.contiguous(memory_format=torch.channels_last) if g_layout == "channels_last" else g
     dU = torch.full((R, O), float("nan"), dtype=dtype)
     backward.weight_products(dU, z, g, 0.25)
     assert rel_err(dU, want) <= (1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def _exact_products_round_trip(settings):
+    now = lambda: [getattr(obj, name) for obj, name, _ in settings]  # noqa: E731
+    before = now()
+    with forward.exact_products(False):
+        assert now() == before
+    with forward.exact_products(True):
+        assert now() == [off for *_, off in settings]
+    assert now() == before
+
+
+def test_exact_products_turn_tf32_off_and_back():
+    """exact_products(True) turns cuBLAS's and cuDNN's TF32 off for its body and puts back what was set;
+    exact_products(False) changes nothing. With the legacy flags readable (torch's default), those flags."""
+    settings = forward._tf32_settings()
+    assert [(obj, name, off) for obj, name, off in settings] == [
+        (torch.backends.cuda.matmul, "allow_tf32", False), (torch.backends.cudnn, "allow_tf32", False)]
+    _exact_products_round_trip(settings)
+
+
+def test_exact_products_after_the_program_set_fp32_precision():
+    """Once a program has set torch's fp32_precision settings, reading the legacy flags raises: exact_products then
+    sets cuBLAS's, cuDNN convolutions' and RNNs' fp32_precision to "ieee" and puts them back."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    if not hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+        pytest.skip(f"torch {torch.__version__} has no fp32_precision settings")
+    parts = (matmul, cudnn.conv, cudnn.rnn)
+    saved = [p.fp32_precision for p in parts]
+    try:
+        cudnn.conv.fp32_precision = "tf32" if saved[1] == "ieee" else "ieee"  # the program's setting
+        with pytest.raises(RuntimeError):
+            cudnn.allow_tf32
+        settings = forward._tf32_settings()
+        assert settings == tuple((p, "fp32_precision", "ieee") for p in parts)
+        _exact_products_round_trip(settings)
+    finally:
+        for p, value in zip(parts, saved):
+            p.fp32_precision = value
+    assert isinstance(cudnn.allow_tf32, bool)  # readable again
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

@@ -8,8 +8,8 @@ With R = 2·L·k, S = S1s as (R, C, kh, kw), U = U1s as (R, O) and g = dL/dy (N,
                                           with DX = "kernels", dx by the conv_rank kernel where it is a plain
                                           convolution of dZ (stride 1): by S flipped and transposed
     dU = Zᵀ g / (2L)                      Z = conv(x, S) recomputed in g's layout by cuDNN (or the conv_rank
-                                          kernel with Z = "kernels"), then cuBLAS (weight_products): for NCHW a
-                                          product per image summed in float32, for channels_last one product
+                                          kernel with Z = "kernels"), then cuBLAS (weight_products): for
+                                          channels_last one product, else a product per image summed in float32
     db = Σ_{n, h, w} g                    the bias_planes / bias_rows kernels (bias_grad.cu; BIAS = "kernels"):
                                           float32 partial sums, then their sum; torch's reductions with "torch"
 Z is recomputed only when U1s needs a gradient (the forward does not keep it).
@@ -72,23 +72,23 @@ def recompute_z(x: Tensor, S: Tensor, stride, padding, dilation, g: Tensor, allo
 
 def weight_products(dU: Tensor, z: Tensor, g: Tensor, scale: float) -> None:
     """Writes dU = scale Σ_{n, h, w} z[n, :, h, w] g[n, :, h, w]ᵀ (R x O) by cuBLAS: one product over every pixel
-    where z and g are both channels_last; per image where both are NCHW-contiguous (16-bit images' products kept
-    in float32 on CUDA), then their sum in float32; elsewhere g copied to rows of pixels first. One rounding to
-    dU's dtype (16-bit types, CUDA), the scale applied in float32."""
+    where z and g are both channels_last; else per image (z and g made NCHW-contiguous where they are not; 16-bit
+    images' products kept in float32 on CUDA), then their sum in float32. One rounding to dU's dtype (16-bit
+    types, CUDA), the scale applied in float32."""
     N, O, Ho, Wo = g.shape
     R = z.shape[1]
     cl = torch.channels_last
-    if z.is_contiguous() and g.is_contiguous():
-        wide = g.is_cuda and g.element_size() == 2
-        per_image = torch.bmm(z.view(N, R, Ho * Wo), g.view(N, O, Ho * Wo).transpose(1, 2),
-                              **({"out_dtype": torch.float32} if wide else {}))
-        torch.mul(per_image.sum(0), scale, out=dU)  # rounded once, to dU's dtype
+    both_nchw = z.is_contiguous() and g.is_contiguous()
+    if not both_nchw and z.is_contiguous(memory_format=cl) and g.is_contiguous(memory_format=cl):
+        M = N * Ho * Wo
+        torch.addmm(dU, z.permute(0, 2, 3, 1).reshape(M, R).t(), g.permute(0, 2, 3, 1).reshape(M, O), beta=0,
+                    alpha=scale, out=dU)
         return
-    if not (z.is_contiguous(memory_format=cl) and g.is_contiguous(memory_format=cl)):
-        z, g = z.contiguous(memory_format=cl), g.contiguous(memory_format=cl)
-    M = N * Ho * Wo
-    torch.addmm(dU, z.permute(0, 2, 3, 1).reshape(M, R).t(), g.permute(0, 2, 3, 1).reshape(M, O), beta=0,
-                alpha=scale, out=dU)
+    z, g = z.contiguous(), g.contiguous()
+    wide = g.is_cuda and g.element_size() == 2
+    per_image = torch.bmm(z.view(N, R, Ho * Wo), g.view(N, O, Ho * Wo).transpose(1, 2),
+                          **({"out_dtype": torch.float32} if wide else {}))
+    torch.mul(per_image.sum(0), scale, out=dU)  # rounded once, to dU's dtype
 
 
 def dx_by_kernel(dx: Tensor, dZ: Tensor, S: Tensor, stride, padding, dilation, allow_tf32: bool) -> bool:

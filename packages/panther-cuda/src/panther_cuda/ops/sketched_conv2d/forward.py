@@ -1,8 +1,9 @@
 """Launchers of the sketched conv2d kernels (``sketched_conv2d.cu``) and the forward pass.
 
 * :func:`sketched_conv2d_forward` — y = U1ᵀ conv(x, S1) / (2L) + b in one fused kernel; the intermediate
-  Z = conv(x, S1) (2·L·k channels) stays on chip. Where Z's depth is large (:func:`fused_forward`), composed
-  instead: Z by cuDNN's convolution, then y by one cuBLAS product (:func:`composed_forward`).
+  Z = conv(x, S1) (2·L·k channels) stays on chip. For a channels_last x, or where Z's depth is large
+  (:func:`fused_forward`), composed instead: Z by cuDNN's convolution, then y by one cuBLAS product
+  (:func:`composed_forward`).
 * :func:`conv_rank` — Z = scale · conv(x, S) written to memory (the backward's dZ where cuBLAS cannot take g's
   layout; its dZ, recomputed Z and dx where backward.DZ, Z and DX ask for the package's kernels).
 * :func:`forward_outputs` — the output, allocated in the input's memory format (also the fake kernel).
@@ -357,18 +358,34 @@ def exact_float32(dtype: torch.dtype, allow_tf32: bool) -> bool:
     return dtype == torch.float32 and not allow_tf32
 
 
+def _tf32_settings():
+    """(object, attribute, its value without TF32) of cuBLAS's and cuDNN's float32 settings: the legacy allow_tf32
+    flags where torch still reads them; once a program has set torch's fp32_precision settings (torch 2.9 and
+    later), reading those flags raises, and then the fp32_precision settings of cuBLAS, cuDNN's convolutions and
+    its RNNs (kept alike: torch refuses a question about cuDNN as a whole where they differ)."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    try:
+        matmul.allow_tf32, cudnn.allow_tf32
+    except RuntimeError:  # "a mix of the legacy and new APIs"
+        return tuple((p, "fp32_precision", "ieee") for p in (matmul, cudnn.conv, cudnn.rnn))
+    return (matmul, "allow_tf32", False), (cudnn, "allow_tf32", False)
+
+
 @contextlib.contextmanager
 def exact_products(exact: bool):
     """cuDNN convolutions and cuBLAS products without TF32 while exact float32 products are asked for."""
     if not exact:
         yield
         return
-    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    settings = _tf32_settings()
+    previous = [getattr(obj, name) for obj, name, _ in settings]
+    for obj, name, off in settings:
+        setattr(obj, name, off)
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
+        for (obj, name, _), value in zip(settings, previous):
+            setattr(obj, name, value)
 
 
 def fused_forward(R: int, depth: int, channels_last: bool) -> bool:
