@@ -15,18 +15,19 @@ product with a row of ones), each with its error against float64 and the HBM flo
 both channels_last (x converted inside the timing, dx copied back to NCHW), or only dZ channels_last;
 and NCHW for dx alone and for dS alone.
 ``pieces``: each step of the op's backward (``backward.sketched_conv2d_backward``) alone, NCHW, at both
-conv cases: dZ = U g / (2L) by conv_rank and by cuBLAS (``dz_by_gemm``); cuDNN's dx and dS given dZ,
+conv cases: dZ = U g / (2L) by conv_rank and by cuBLAS (``channel_product``); cuDNN's dx and dS given dZ,
 together, alone, and with the algorithms it picks by timing them (torch.backends.cudnn.benchmark); dx by
 conv_rank instead (``dx_by_kernel``); Z recomputed by cuDNN and by conv_rank; dU by one product over pixel rows,
 per image (``weight_products``' NCHW way) and as cuDNN's weight gradient of the 1x1 convolution Z -> y (dZ as its
 input gradient, and both); the bias gradient; then the whole backward with every gradient for each DZ and Z
-("kernels" or cuBLAS / cuDNN); the forward, composed by cuDNN and cuBLAS or by two cuDNN convolutions, and the
-dense conv's forward and backward, for scale.
+("kernels" or cuBLAS / cuDNN); the forward, fused and composed (forward.FORWARD), and by two cuDNN convolutions,
+and the dense conv's forward and backward, for scale.
 Each piece is captured in a CUDA graph and its replays timed by the harness's clock (L2 flushed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -43,6 +44,19 @@ from panther_cuda.ops.sketched_conv2d.forward import conv_rank, sketched_conv2d_
 DEV = torch.device("cuda")
 BUDGET = Budget(warmup_calls=3, warmup_s=0.05, run_s=0.2, min_reps=20, max_reps=200)
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM
+
+
+@contextlib.contextmanager
+def forced(module, **values):
+    """The module's switches (backward.DZ, forward.FORWARD, ...) set to ``values`` for the body."""
+    previous = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            setattr(module, name, value)
 
 
 def timed(clock: Clock, variants: dict) -> dict:
@@ -135,7 +149,6 @@ def pieces(clock: Clock) -> None:
                 cudnn_part(mask)
 
         G = g.permute(0, 2, 3, 1).reshape(-1, O)
-        HW = H * H
         Uw = U.t().reshape(O, R, 1, 1)  # y = conv1x1(Z, Uw)
         dense_w = torch.randn(O, C, 3, 3, device=DEV, dtype=dt) * 0.05
 
@@ -154,17 +167,17 @@ def pieces(clock: Clock) -> None:
             return gw, gb
 
         def whole(dz, z):  # the backward with backward.DZ = dz and backward.Z = z
-            previous = bwd.DZ, getattr(bwd, "Z", None)
-            bwd.DZ, bwd.Z = dz, z
-            try:
+            with forced(bwd, DZ=dz, Z=z):
                 bwd.sketched_conv2d_backward((dx, dS1s, dU1s, db), g, x, S1s, U1s, one, one, one,
                                              (True, True, True, True), False)
-            finally:
-                bwd.DZ, bwd.Z = previous
+
+        def forward(way):  # the forward with forward.FORWARD = way
+            with forced(fwd, FORWARD=way):
+                sketched_conv2d_forward(y, x, S1s, U1s, b, one, one, one, False)
 
         variants = {
             "dZ_conv_rank": lambda: conv_rank(dZ, g, U, one, one, none, one, 1.0, False),
-            "dZ_gemm": lambda: bwd.dz_by_gemm(dZ, g, U, 1.0),
+            "dZ_gemm": lambda: fwd.channel_product(dZ, g, U, 1.0),
             "cudnn_dx_dS": lambda: cudnn_part((True, True)),
             "cudnn_dx": lambda: cudnn_part((True, False)),
             "cudnn_dS": lambda: cudnn_part((False, True)),
@@ -174,23 +187,20 @@ def pieces(clock: Clock) -> None:
             "Z_conv_rank": lambda: conv_rank(Z.permute(0, 3, 1, 2), x, S.view(R, -1), (3, 3), one, one, one, 1.0,
                                              False),
             "dU_matmul": lambda: torch.addmm(dU1s.view(R, O), Z.view(-1, R).t(), G, beta=0, out=dU1s.view(R, O)),
-            "dU_bmm_fp32": lambda: dU1s.view(R, O).copy_(torch.bmm(Zc.view(N, R, HW), g.view(N, O, HW).transpose(1, 2),
-                                                                   out_dtype=torch.float32).sum(0)),
+            "dU_per_image": lambda: bwd.weight_products(dU1s.view(R, O), Zc, g, 1.0),
             "dU_cudnn_1x1": lambda: one_by_one((False, True)),
             "dZ_cudnn_1x1": lambda: one_by_one((True, False)),
             "dZ_dU_cudnn_1x1": lambda: one_by_one((True, True)),
             "bias_grad": lambda: db.copy_(bias_grad(g)),
-            "forward": lambda: sketched_conv2d_forward(y, x, S1s, U1s, b, one, one, one, False),
-            "forward_cudnn_cublas": lambda: torch.baddbmm(
-                b.view(1, O, 1), Uw.view(O, R).expand(N, O, R), torch.nn.functional.conv2d(x, S, None, 1, 1, 1).view(
-                    N, R, HW), alpha=1.0, out=y.view(N, O, HW)),
+            "forward_fused": lambda: forward("fused"),
+            "forward_composed": lambda: forward("composed"),
             "forward_cudnn_1x1": lambda: y.copy_(torch.nn.functional.conv2d(
                 torch.nn.functional.conv2d(x, S, None, 1, 1, 1), Uw, b)),
             "dense_forward": lambda: y.copy_(torch.nn.functional.conv2d(x, dense_w, b, 1, 1, 1)),
             "dense_backward": dense_backward,
         }
         for dz in ("kernels", "gemm"):
-            for z in (("kernels", "cudnn") if hasattr(bwd, "Z") else ("kernels",)):
+            for z in ("kernels", "cudnn"):
                 variants[f"backward_dZ_{dz}_Z_{z}"] = lambda dz=dz, z=z: whole(dz, z)
         for name, ms in timed(clock, variants).items():
             print(f"piece x={(N, C, H, H)} O={O} R={R:<3} {name:<22} {ms:.4f} ms")
@@ -213,11 +223,8 @@ def forwards(clock: Clock) -> None:
             (y,) = fwd.forward_outputs(x, S1s, U1s, b, 1, 1, 1, 1, 1, 1, False)
 
             def run(way):
-                previous, fwd.FORWARD = fwd.FORWARD, way
-                try:
+                with forced(fwd, FORWARD=way):
                     sketched_conv2d_forward(y, x, S1s, U1s, b, one, one, one, False)
-                finally:
-                    fwd.FORWARD = previous
 
             t = timed(clock, {way: (lambda way=way: run(way)) for way in ("fused", "composed")})
             print(f"forward x={(N, C, H, H)} O={O} R={R:<3} {layout:<13} depth R·C·9={R * C * 9:<7} fused "

@@ -277,8 +277,8 @@ def test_dz_by_gemm(name, dtype, layout, dz_by_gemm, ieee_float32):
     shape = cuda_sketched_conv2d(x, *inputs[1:], *conv).shape
     g = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype).to(x.device)
     g = g.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else g
-    taken, real = [], backward.dz_by_gemm
-    with mock.patch.object(backward, "dz_by_gemm", lambda *a: taken.append(real(*a)) or taken[-1]):
+    taken, real = [], backward.channel_product
+    with mock.patch.object(backward, "channel_product", lambda *a: taken.append(real(*a)) or taken[-1]):
         run_and_compare((x, *inputs[1:]), conv, GRADS, TOL[dtype], grad_out=g)
     assert taken == [True]
 
@@ -318,7 +318,7 @@ def test_backward_makes_the_context_current_first():
 
     def run():
         with mock.patch.object(backward, "make_context_current", side_effect=seen.append), \
-                mock.patch.object(backward, "dz_by_gemm", side_effect=lambda *a: seen.append("gemm") or False):
+                mock.patch.object(backward, "channel_product", side_effect=lambda *a: seen.append("gemm") or False):
             backward.sketched_conv2d_backward(grads, torch.randn_like(y), x, S1s, U1s, *conv, (True,) * 4, True)
 
     thread = threading.Thread(target=run)
@@ -1072,9 +1072,9 @@ def test_dz_by_gemm_around_emulated_kernels(name, layout, emulated_kernels, dz_b
     x = inputs[0].contiguous(memory_format=torch.channels_last) if layout == "channels_last" else inputs[0]
     g = _grad_in_layout(cuda_sketched_conv2d(x, *inputs[1:], *conv).shape, layout)  # strided: conv_rank's dZ
     _, grads_ref = reference(inputs, conv, g, GRADS)
-    taken, real = [], backward.dz_by_gemm
+    taken, real = [], backward.channel_product
     leaves = [t.detach().requires_grad_(True) if t is not None else None for t in (x, *inputs[1:])]
-    with mock.patch.object(backward, "dz_by_gemm", lambda *a: taken.append(real(*a)) or taken[-1]):
+    with mock.patch.object(backward, "channel_product", lambda *a: taken.append(real(*a)) or taken[-1]):
         out = cuda_sketched_conv2d(*leaves, *conv)
         grads = torch.autograd.grad(out, [t for t in leaves if t is not None], g)
     assert taken == [layout != "strided"] and len(grads) == len(GRADS)
@@ -1160,6 +1160,28 @@ def _exact_products_round_trip(settings):
     with forward.exact_products(True):
         assert now() == [off for *_, off in settings]
     assert now() == before
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("layouts", [("nchw", "nchw"), ("channels_last", "channels_last"), ("nchw", "channels_last"),
+                                     ("channels_last", "nchw")])
+def test_channel_product_matches_float64(layouts, bias):
+    """channel_product: out = scale · W inp per pixel (+ bias) by one cuBLAS call where out and inp share a layout,
+    against float64 on fresh inputs; where they do not, False and out untouched."""
+    gen = torch.Generator().manual_seed(11)
+    N, Ci, Co, H, W = 3, 5, 7, 4, 6
+    fmt = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+    inp = torch.randn(N, Ci, H, W, generator=gen, dtype=torch.float64).contiguous(memory_format=fmt[layouts[1]])
+    Wt = torch.randn(Co, Ci, generator=gen, dtype=torch.float64)
+    b = torch.randn(Co, generator=gen, dtype=torch.float64) if bias else None
+    out = torch.full((N, Co, H, W), float("nan"), dtype=torch.float64).contiguous(memory_format=fmt[layouts[0]])
+    took = forward.channel_product(out, inp, Wt, 0.25, b)
+    assert took == (layouts[0] == layouts[1])
+    if not took:
+        assert out.isnan().all()
+        return
+    want = torch.einsum("oc,nchw->nohw", Wt, inp) * 0.25 + (b.view(1, Co, 1, 1) if bias else 0)
+    assert rel_err(out, want) <= 1e-12
 
 
 def test_exact_products_turn_tf32_off_and_back():

@@ -24,10 +24,12 @@ from torch import Tensor
 
 from panther.backends.toolkit import cdiv, device_guard
 from panther_cuda._nvrtc import i32, i64, make_context_current
-from panther_cuda.ops.sketched_conv2d.forward import _kernel, conv_rank, exact_float32, exact_products, memory_format
+from panther_cuda.ops.sketched_conv2d.forward import (
+    _kernel, channel_product, conv_rank, exact_float32, exact_products, memory_format,
+)
 
-# "gemm": dZ by cuBLAS where g's layout allows (dz_by_gemm), else by conv_rank (a 1x1 convolution of g); "kernels":
-# always conv_rank. cuBLAS was the faster in the recorded runs (benchmarks/results/NOTES.md)
+# "gemm": dZ by cuBLAS where g's layout allows (channel_product), else by conv_rank (a 1x1 convolution of g);
+# "kernels": always conv_rank. cuBLAS was the faster in the recorded runs (benchmarks/results/NOTES.md)
 DZ = "gemm"
 # "cudnn": dx from aten.convolution_backward with dS, the faster in the recorded runs; "kernels": dx by conv_rank
 # where dx_by_kernel takes it
@@ -35,24 +37,6 @@ DX = "cudnn"
 # "cudnn": the Z that dU needs recomputed by cuDNN's convolution, the faster in the recorded runs
 # (benchmarks/results/NOTES.md); "kernels": by conv_rank
 Z = "cudnn"
-
-
-def dz_by_gemm(dZ: Tensor, g: Tensor, U: Tensor, scale: float) -> bool:
-    """Writes dZ = scale · U g (U: (R, O)) by cuBLAS and returns True where g and dZ are both contiguous (a
-    product per image: (R, O) by (O, H' W')) or both channels_last (one product: (N H' W', O) by Uᵀ); False
-    (nothing written) elsewhere. The scale is applied in float32 before the one rounding, as the kernel does."""
-    N, O, Ho, Wo = g.shape
-    R = U.shape[0]
-    if g.is_contiguous() and dZ.is_contiguous():
-        out = dZ.view(N, R, Ho * Wo)
-        torch.baddbmm(out, U.expand(N, R, O), g.view(N, O, Ho * Wo), beta=0, alpha=scale, out=out)
-        return True
-    cl = torch.channels_last
-    if g.is_contiguous(memory_format=cl) and dZ.is_contiguous(memory_format=cl):
-        out = dZ.permute(0, 2, 3, 1).view(N * Ho * Wo, R)
-        torch.addmm(out, g.permute(0, 2, 3, 1).view(N * Ho * Wo, O), U.t(), beta=0, alpha=scale, out=out)
-        return True
-    return False
 
 
 def recompute_z(x: Tensor, S: Tensor, stride, padding, dilation, g: Tensor, allow_tf32: bool) -> Tensor:
@@ -127,7 +111,7 @@ def sketched_conv2d_backward(grads, g: Tensor, x: Tensor, S1s: Tensor, U1s: Tens
         by_gemm = False
         if DZ == "gemm":
             with exact_products(exact):
-                by_gemm = dz_by_gemm(dZ, g, U, 1.0 / terms)
+                by_gemm = channel_product(dZ, g, U, 1.0 / terms)
         if not by_gemm:
             conv_rank(dZ, g, U, (1, 1), (1, 1), (0, 0), (1, 1), 1.0 / terms, allow_tf32)
         if need_x and DX == "kernels" and dx_by_kernel(dx, dZ, S, stride, padding, dilation, allow_tf32):

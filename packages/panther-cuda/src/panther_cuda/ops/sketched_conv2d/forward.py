@@ -397,23 +397,35 @@ def fused_forward(R: int, depth: int, channels_last: bool) -> bool:
     return VARIANT is not None or (not channels_last and R * depth <= FUSED_DEPTH_MAX)
 
 
+def channel_product(out: Tensor, inp: Tensor, W: Tensor, scale: float, bias: Optional[Tensor] = None) -> bool:
+    """Writes out[n, :, h, w] = scale · W inp[n, :, h, w] (+ bias), a 1x1 convolution by W (Cout, Cin), by cuBLAS,
+    and returns True where out and inp are both NCHW-contiguous (a product per image: W by (Cin, H W)) or both
+    channels_last (one product over every pixel: (N H W, Cin) by Wᵀ); False (nothing written) elsewhere. The scale
+    and bias are applied in float32 in the product's epilogue, before the one rounding."""
+    N, Co, Ho, Wo = out.shape
+    Ci = inp.shape[1]
+    beta = 0 if bias is None else 1
+    if out.is_contiguous() and inp.is_contiguous():
+        o = out.view(N, Co, Ho * Wo)
+        c = o if bias is None else bias.view(1, Co, 1).expand(N, Co, Ho * Wo)
+        torch.baddbmm(c, W.expand(N, Co, Ci), inp.view(N, Ci, Ho * Wo), beta=beta, alpha=scale, out=o)
+        return True
+    cl = torch.channels_last
+    if out.is_contiguous(memory_format=cl) and inp.is_contiguous(memory_format=cl):
+        rows = out.permute(0, 2, 3, 1).view(N * Ho * Wo, Co)
+        torch.addmm(rows if bias is None else bias, inp.permute(0, 2, 3, 1).view(N * Ho * Wo, Ci), W.t(), beta=beta,
+                    alpha=scale, out=rows)
+        return True
+    return False
+
+
 def composed_forward(y: Tensor, x: Tensor, S: Tensor, U: Tensor, b: Optional[Tensor], stride, padding, dilation,
                      scale: float) -> None:
     """Writes y (N, O, H', W'), NCHW- or channels_last-contiguous, = scale · Uᵀ conv(x, S) + b: Z = conv(x, S)
-    (S: (R, C, kh, kw)) by cuDNN in y's layout, then one cuBLAS product per image (NCHW) or over every pixel
-    (channels_last), the scale and bias in its epilogue (float32, one rounding)."""
-    N, O, Ho, Wo = y.shape
-    R = S.shape[0]
+    (S: (R, C, kh, kw)) by cuDNN in y's layout, then y by :func:`channel_product` (the scale and bias in its
+    epilogue)."""
     z = torch.nn.functional.conv2d(x, S, None, tuple(stride), tuple(padding), tuple(dilation))
-    beta = 0 if b is None else 1
-    if y.is_contiguous():
-        c = y.view(N, O, Ho * Wo) if b is None else b.view(1, O, 1).expand(N, O, Ho * Wo)
-        torch.baddbmm(c, U.t().expand(N, O, R), z.contiguous().view(N, R, Ho * Wo), beta=beta, alpha=scale,
-                      out=y.view(N, O, Ho * Wo))
-        return
-    rows = y.permute(0, 2, 3, 1).view(N * Ho * Wo, O)  # channels_last
-    z = z.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).view(N * Ho * Wo, R)
-    torch.addmm(rows if b is None else b, z, U, beta=beta, alpha=scale, out=rows)
+    channel_product(y, z.contiguous(memory_format=memory_format(y)), U.t(), scale, b)
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int):
