@@ -7,8 +7,9 @@ channels, then cuBLAS) over convs of several depths R·C·kh·kw, bf16, NCHW and
 forward.fused_forward should draw its line.
 
 ``bias``: the bias gradient Σ_{n,h,w} g of the two conv cases' g (bf16), NCHW and channels_last, by
-torch's reduction over (0, 2, 3), by the ``bias_planes`` / ``bias_rows`` kernels with torch's sum of
-their partials (``backward.bias_grad(g, kernels=True)``; ``kernels``) and by the alternatives (NCHW: each
+torch's reduction over (0, 2, 3), by the ``bias_channels`` / ``bias_rows`` kernels as the op calls them
+(``backward.bias_grad(g, kernels=True, out=db)``: bias_channels writes db itself where one block takes each
+channel, bias_rows' partials are summed by torch; ``kernels``) and by the alternatives (NCHW: each
 (n, o) plane, then the batch; a batched product with ones; channels_last: rows of channels, and a
 product with a row of ones), each with its error against float64 and the HBM floor of reading g once.
 ``cudnn``: aten.convolution_backward for dx and dS given dZ, with dZ and x NCHW (as the op runs it),
@@ -74,7 +75,7 @@ def bias(clock: Clock) -> None:
             ref = g.double().sum((0, 2, 3))
             M = N * H * W
             variants = {"sum023": lambda: db.copy_(g.sum((0, 2, 3), dtype=torch.float32)),
-                        "kernels": lambda: db.copy_(bias_grad(g, kernels=True))}
+                        "kernels": lambda: bias_grad(g, kernels=True, out=db)}
             if layout == "nchw":
                 ones = torch.ones(H * W, 1, device=DEV, dtype=g.dtype)
                 variants["planes_then_batch"] = lambda: db.copy_(g.view(N, O, -1).sum(-1, dtype=torch.float32).sum(0))
@@ -191,7 +192,7 @@ def pieces(clock: Clock) -> None:
             "dU_cudnn_1x1": lambda: one_by_one((False, True)),
             "dZ_cudnn_1x1": lambda: one_by_one((True, False)),
             "dZ_dU_cudnn_1x1": lambda: one_by_one((True, True)),
-            "bias_grad": lambda: db.copy_(bias_grad(g)),
+            "bias_grad": lambda: bias_grad(g, out=db),
             "forward_fused": lambda: forward("fused"),
             "forward_composed": lambda: forward("composed"),
             "forward_cudnn_1x1": lambda: y.copy_(torch.nn.functional.conv2d(

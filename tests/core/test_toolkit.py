@@ -271,6 +271,70 @@ def test_grad_formats_give_the_memory_format_of_a_gradient():
                   allocate=lambda x, w: (torch.empty_like(x),), grad_formats={"y": _channels_last_or_contiguous})
 
 
+handed = {}  # what _handing_backward returns: {"x": tensor for dx, "w": ...}, set per test
+
+
+def _handing_backward(grads, g, inputs, residuals, needs, *, in_op: bool):
+    """Writes neither gradient: returns handed's tensors, made from g * w and g * x by the functions there."""
+    x, w = inputs
+    if "raw" in handed:
+        return handed["raw"]
+    return tuple(handed[n](g, x, w) if need and n in handed else None for n, need in zip("xw", needs))
+
+
+HANDING = kernel_op("panther_toolkit_test::handing", forward=_scale_forward, backward=_handing_backward,
+                    allocate=lambda x, w: (torch.empty_like(x),))
+
+
+def _both_paths(x, w, g):
+    """dx, dw by the eager Function and by the library op's backward (bwd_op)."""
+    xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+    eager = torch.autograd.grad(HANDING(xl, wl), (xl, wl), g)
+    return eager, HANDING.bwd_op(g, x, w, True, True)
+
+
+def test_a_backward_may_hand_back_gradients_it_computed():
+    """A returned gradient of the allocated tensor's strides takes its place, uncopied; one of other strides is
+    copied into the allocated (contiguous) tensor; one that shares memory with an argument is copied (an op's
+    outputs may not alias its inputs); None leaves the allocated tensor, which the backward wrote."""
+    x, w, g = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    kept = []
+
+    def fresh(g, x, w):
+        kept.append(g * w)
+        return kept[-1]
+
+    handed.clear()
+    handed.update(x=fresh, w=lambda g, x, w: (g * x).t().contiguous().t())  # column-major: copied
+    for (dx, dw), mine in zip(_both_paths(x, w, g), kept):
+        assert torch.equal(dx, g * w) and torch.equal(dw, g * x)
+        assert dx.data_ptr() == mine.data_ptr()  # used as it is
+        assert dw.is_contiguous()
+    assert len(kept) == 2
+    handed.clear()
+    handed.update(x=lambda g, x, w: g, w=lambda g, x, w: x)  # the arguments themselves: copied
+    for dx, dw in _both_paths(x, w, g):
+        assert torch.equal(dx, g) and torch.equal(dw, x)
+        assert dx.data_ptr() != g.data_ptr() and dw.data_ptr() != x.data_ptr()
+    torch.library.opcheck(HANDING.bwd_op, (g, x, w, True, True))
+
+
+def test_a_backward_handing_back_wrong_gradients_is_refused():
+    x, w, g = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    for raw, match in (((g,), r"returned 1 gradients, expected None or 2 \(x, w\)"),
+                       ((g[:2], None), r"returned for x \(2, 4\), expected a tensor of shape \(3, 4\)"),
+                       ((3.0, None), r"returned for x float, expected a tensor")):
+        handed.clear()
+        handed["raw"] = raw
+        for call in (lambda: _both_paths(x, w, g)[0], lambda: HANDING.bwd_op(g, x, w, True, True)):
+            with pytest.raises(ValueError, match=r"panther_toolkit_test::handing: the backward " + match):
+                call()
+    handed["raw"] = (None, g)
+    with pytest.raises(ValueError, match="returned a gradient of w, which was not asked for"):
+        HANDING.bwd_op(g, x, w, True, False)
+    handed.clear()
+
+
 class _Model(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -361,9 +361,11 @@ def test_channels_last_in_and_out(name, dtype, ieee_float32):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_bias_kernels_match_float64(layout, dtype):
     """bias_grad.cu on the GPU (backward.bias_grad(g, kernels=True)): planes and rows of ragged sizes, columns
-    past a block of 32, several blocks of rows (the spec conv's g), against float64 of the same rounded g."""
+    past a block of 32, several blocks of rows (the spec conv's g), channels over several blocks of images
+    (O = 7) or one block each (O = 128), against float64 of the same rounded g; into ``out`` of g's dtype (the
+    kernel writes it where one block takes each channel) and float32, each the float32 sum rounded once."""
     gen = torch.Generator().manual_seed(5)
-    for shape in [(3, 7, 5, 9), (2, 70, 33, 17), (32, 128, 56, 56)]:
+    for shape in [(3, 7, 5, 9), (2, 70, 33, 17), (32, 128, 56, 56), (5, 130, 4, 4)]:
         g = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).cuda()
         if layout == "channels_last":
             g = g.contiguous(memory_format=torch.channels_last)
@@ -371,6 +373,10 @@ def test_bias_kernels_match_float64(layout, dtype):
         want = g.double().sum((0, 2, 3))
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6 * g[0, 0].numel() * g.shape[0])
+        for out_dtype in (dtype, torch.float32):
+            out = torch.full((shape[1],), float("nan"), dtype=out_dtype, device="cuda")
+            assert backward.bias_grad(g, kernels=True, out=out) is out
+            assert torch.equal(out, got.to(out_dtype))
 
 
 @pytest.mark.gpu
@@ -668,14 +674,16 @@ def test_launchers_pass_the_declared_arguments(channels_last, variant, own_kerne
         g = torch.randn(y.shape)
         backward.sketched_conv2d_backward(grads, g, x, S1s, U1s, *conv, (True,) * 4, True)
         backward.bias_grad(g.contiguous(memory_format=torch.channels_last), kernels=True)
-    (fwd_call, dz_call, z_call, planes_call, rows_call) = rec.calls
+    (fwd_call, dz_call, z_call, channels_call, rows_call) = rec.calls
     N, O, Ho, Wo = g.shape
-    assert planes_call[0] == "panther::bias_planes<float, 1>" and planes_call[1] == (-(-N * O // 8),)  # 27 a plane
-    assert [int(a) for a in planes_call[3][2:]] == [N * O, Ho * Wo]
+    # planes of 27 values; one block a channel on the CPU (one multiprocessor), writing dbias (float32) itself
+    assert channels_call[0] == "panther::bias_channels<float, 1, float>" and channels_call[1] == (O, 1)
+    assert channels_call[3][1] is grads[3]
+    assert [int(a) for a in channels_call[3][2:]] == [N, O, Ho * Wo, N]
     assert rows_call[0] == "panther::bias_rows<float>" and rows_call[1] == (-(-O // 32), 1)
     assert [int(a) for a in rows_call[3][2:]] == [N * Ho * Wo, O, backward.BIAS_ROWS_PER_BLOCK]
-    for call, name in ((planes_call, "bias_planes"), (rows_call, "bias_rows")):
-        _check_arguments(call, name, "bias_grad.cu", backward.BIAS_THREADS)
+    _check_arguments(channels_call, "bias_channels", "bias_grad.cu", backward.BIAS_CHANNEL_THREADS)
+    _check_arguments(rows_call, "bias_rows", "bias_grad.cu", backward.BIAS_THREADS)
     M = y.shape[0] * y.shape[2] * y.shape[3]
     Ho, Wo = y.shape[2:]
     assert fwd_call[0] == "panther::sketched_conv2d_fwd<float, 128, false>" and fwd_call[1] == (-(-M // 64),)
@@ -736,7 +744,7 @@ def test_halo_launch_arguments(channels_last, own_kernels):
             backward.sketched_conv2d_backward(grads, torch.randn(y.shape, dtype=y.dtype), x, S1s, U1s, *conv,
                                               (True,) * 4, True)
         *conv_calls, bias_call = rec.calls
-        assert bias_call[0] == "panther::bias_planes<__nv_bfloat16, 1>"  # g NCHW, planes of 99 values
+        assert bias_call[0] == "panther::bias_channels<__nv_bfloat16, 1, __nv_bfloat16>"  # NCHW planes of 99
         fwd_call, dz_call, z_call = conv_calls
         if bm is None:
             assert [c[0] for c in conv_calls] == ["panther::sketched_conv2d_fwd<__nv_bfloat16, 32, false>",
@@ -843,7 +851,8 @@ def test_backward_reads_nchw_rows_of_g_in_8_byte_loads(channels_last, own_kernel
         backward.sketched_conv2d_backward(grads, g, x, S1s, U1s, *conv, (True,) * 4, True)
     fwd_call, dz_call, z_call, bias_call = rec.calls
     # planes of 160 values: 16-byte loads
-    assert bias_call[0] == ("panther::bias_rows<__nv_bfloat16>" if channels_last else "panther::bias_planes<__nv_bfloat16, 8>")
+    assert bias_call[0] == ("panther::bias_rows<__nv_bfloat16>" if channels_last
+                            else "panther::bias_channels<__nv_bfloat16, 8, __nv_bfloat16>")
     assert fwd_call[0] == "panther::sketched_conv2d_fwd_halo<__nv_bfloat16, 32, false, 64, 0>"
     assert not int(fwd_call[3][-1]) & forward.HALO_VECTOR
     vector = not channels_last
@@ -876,9 +885,9 @@ def test_bias_grad_sums_over_batch_and_pixels(layout, dtype, kernels, emulated_k
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_bias_planes_load_16_bytes_where_aligned(dtype):
-    """bias_planes<T, V>: V = 16 / sizeof(T) values a load where g is 16-byte aligned and its planes hold a whole
-    number of loads, else V = 1 (a plane of 6 x 5 values; g one element off alignment)."""
+def test_bias_channels_load_16_bytes_where_aligned(dtype):
+    """bias_channels<T, V, float>: V = 16 / sizeof(T) values a load where g is 16-byte aligned and its planes hold
+    a whole number of loads, else V = 1 (a plane of 6 x 5 values; g one element off alignment)."""
     names = []
 
     def record(kernel, grid, block, *a, shared_mem=0):
@@ -893,8 +902,8 @@ def test_bias_planes_load_16_bytes_where_aligned(dtype):
         for g in (aligned, odd_plane, offset):
             assert rel_err(backward.bias_grad(g, kernels=True), g.double().sum((0, 2, 3))) <= 1e-3
     ctype = forward._CTYPES[dtype]
-    assert names == [f"panther::bias_planes<{ctype}, {V}>", f"panther::bias_planes<{ctype}, 1>",
-                     f"panther::bias_planes<{ctype}, 1>"]
+    assert names == [f"panther::bias_channels<{ctype}, {V}, float>", f"panther::bias_channels<{ctype}, 1, float>",
+                     f"panther::bias_channels<{ctype}, 1, float>"]
 
 
 def test_bias_grad_in_blocks_of_rows(emulated_kernels):
@@ -963,10 +972,12 @@ def test_variant_names_a_family_or_is_refused(variant):
 def _emulate(kernel, grid, block, *a, shared_mem=0):
     """What each kernel computes, from its arguments alone (pointers as the tensors passed, read by the
     strides passed): the host side's wiring runs on the CPU against the reference."""
-    if "bias_planes" in kernel.name:
-        g, partial, planes, plane = a
-        assert grid == (-(-int(planes) // backward.BIAS_WARPS),) and block == (backward.BIAS_THREADS,)
-        partial.view(-1).copy_(g.reshape(int(planes), int(plane)).sum(1, dtype=partial.dtype))
+    if "bias_channels" in kernel.name:
+        g, out, N, O, plane, per = (a[0], a[1], *(int(v) for v in a[2:]))
+        assert grid == (O, -(-N // per)) and block == (backward.BIAS_CHANNEL_THREADS,)
+        planes = g.reshape(N, O, plane).double()
+        for s in range(grid[1]):
+            out.view(-1)[s * O:(s + 1) * O] = planes[s * per:(s + 1) * per].sum((0, 2))
         return
     if "bias_rows" in kernel.name:
         g, partial, rows, O, per = a
@@ -1237,7 +1248,7 @@ def test_dx_by_kernels_around_emulated_kernels(name, layout, emulated_kernels, d
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_op_around_emulated_kernels_with_bias_kernels(layout, emulated_kernels, monkeypatch):
-    """By default (backward.BIAS = "kernels") the bias gradient comes from the (emulated) bias_planes /
+    """By default (backward.BIAS = "kernels") the bias gradient comes from the (emulated) bias_channels /
     bias_rows launches."""
     assert backward.BIAS == "kernels"
     launched = []
@@ -1249,7 +1260,40 @@ def test_op_around_emulated_kernels_with_bias_kernels(layout, emulated_kernels, 
     run_and_compare((x, *inputs[1:]), conv, GRADS, EMULATED_TOL, grad_out=grad_out)
     bias = [n for n in launched if "bias_" in n]
     # g in x's layout; NCHW planes of 6 x 5 float64 values, aligned: 16-byte loads of 2
-    assert bias == ["panther::bias_rows<double>" if layout == "channels_last" else "panther::bias_planes<double, 2>"]
+    assert bias == ["panther::bias_rows<double>" if layout == "channels_last"
+                    else "panther::bias_channels<double, 2, double>"]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cudnn_gradients_are_handed_over_not_copied(layout, emulated_kernels, monkeypatch):
+    """dx and dS1s are aten.convolution_backward's own tensors, handed to the toolkit (kernel_op's backward
+    returns them) rather than copied into buffers of their own, where their strides are the ones promised
+    (dx in x's memory format, dS1s contiguous); the values: test_op_around_emulated_kernels_matches_reference."""
+    results = []  # (data pointer, strides) of each result: a reference held here would make autograd copy it
+    convolution_backward = torch.ops.aten.convolution_backward
+
+    def recorded(*args):
+        out = convolution_backward(*args)
+        results.append([(t.data_ptr(), t.stride()) for t in out[:2]])
+        return out
+
+    monkeypatch.setattr(torch.ops.aten, "convolution_backward", recorded)
+    (x, S1s, U1s, b), conv = _case("3x3_R6", torch.float64, device="cpu")
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt).requires_grad_()
+    S1s.requires_grad_()
+    y = cuda_sketched_conv2d(x, S1s, U1s, b, *conv)
+    y.backward(torch.randn(y.shape, dtype=y.dtype).contiguous(memory_format=fmt))
+    ((gx, gS),) = results
+    assert x.grad.is_contiguous(memory_format=fmt)
+    if gx[1] == x.grad.stride():
+        assert x.grad.data_ptr() == gx[0]
+    else:  # the toolkit's copy, in the promised layout
+        assert layout == "channels_last" and x.grad.data_ptr() != gx[0]
+    assert S1s.grad.shape == S1s.shape and S1s.grad.is_contiguous()
+    contiguous_gS = gS[1] == torch.empty(S1s.shape[0] * S1s.shape[1], *S1s.shape[2:]).stride()
+    assert (S1s.grad.data_ptr() == gS[0]) == contiguous_gS  # a channels_last filter gradient is reshaped (copied)
+    assert contiguous_gS or layout == "channels_last"
 
 
 def test_op_around_emulated_kernels_expanded_grad_and_empty_batch(emulated_kernels):
@@ -1406,14 +1450,15 @@ def bias_emulator(tmp_path_factory):
     return build_harness(tmp_path_factory.mktemp("bias_grad_emulation"), EMU_DIR / "bias_grad.cpp", OP_DIR)
 
 
-# (mode, layout, N, O, H, W, rows per block of bias_rows); layout nchw16: bias_planes in 16-byte loads
+# (mode, layout, N, O, H, W, plan): channels_last: rows a block of bias_rows (None: the host's 512); nchw
+# (bias_channels): the multiprocessors its host plan counts (bias_channels_plan), nchw16 its 16-byte loads
 BIAS_EMU_CASES = [
-    ("float32", "nchw16", 2, 5, 8, 9, None),  # planes of 18 loads of 4: the tail loop alone
-    ("bfloat16", "nchw16", 3, 3, 64, 72, None),  # 576 loads of 8: two unrolled passes of 256, then the tail
-    ("float16", "nchw16", 1, 17, 32, 64, None),  # 256 loads of 8: one unrolled pass; 17 planes, 3 blocks
-    ("float32", "nchw", 2, 5, 7, 9, None),  # planes of 63 values: the tail loop alone; 10 planes, 2 blocks
-    ("bfloat16", "nchw", 3, 3, 17, 19, None),  # planes of 323: one unrolled pass of 256, then the tail
-    ("float16", "nchw", 1, 17, 32, 32, None),  # 1024 values: unrolled passes only; 17 planes, 3 blocks
+    ("float32", "nchw16", 2, 5, 8, 9, 1),  # 36 loads of 4 a channel: one block each, writing db (and in T)
+    ("bfloat16", "nchw16", 9, 3, 64, 72, 1),  # 5184 loads of 8 a block: a second pass, cursors crossing images
+    ("float16", "nchw16", 5, 2, 64, 128, 4),  # two blocks a channel (3 and 2 images), partials summed
+    ("float32", "nchw", 2, 5, 7, 9, 4),  # fewer multiprocessors than channels: one block each
+    ("bfloat16", "nchw", 7, 3, 17, 19, 9),  # three blocks a channel of 3, 3 and 1 images
+    ("float16", "nchw", 3, 2, 40, 45, 1),  # 5400 values a block: a second pass (cursors two images and 496 values on)
     ("float32", "channels_last", 2, 40, 7, 9, 16),  # O = 40: a second column block, 8 lanes of it idle
     ("bfloat16", "channels_last", 3, 70, 5, 11, 72),  # 165 rows: blocks of 72, the last one short
     ("float16", "channels_last", 1, 32, 40, 30, None),  # 1200 rows: the host's plan (512 a block)
@@ -1422,15 +1467,33 @@ BIAS_EMU_CASES = [
 
 @pytest.mark.parametrize("case", BIAS_EMU_CASES, ids=lambda c: "-".join(map(str, c[:6])))
 def test_bias_kernels_under_emulation(bias_emulator, case):
-    """bias_planes (NCHW g) and bias_rows (channels_last g) with the plan the host code picks, their partials
-    summed as backward.bias_grad sums them, against float64."""
-    mode, layout, N, O, H, W, per = case
-    per_block, chunks = backward.bias_rows_plan(N * H * W, *([per] if per else []))
+    """bias_channels (NCHW g) and bias_rows (channels_last g) with the plan the host code picks, their partials
+    summed as backward.bias_grad sums them, against float64; where bias_channels writes db itself (one block a
+    channel), in T too: each value the float32 sum rounded once."""
+    mode, layout, N, O, H, W, plan = case
+    if layout == "channels_last":
+        per_block, chunks = backward.bias_rows_plan(N * H * W, *([plan] if plan else []))
+    else:
+        V = 16 // {"float32": 4}.get(mode, 2) if layout == "nchw16" else 1
+        per_block, chunks = backward.bias_channels_plan(N, O, H * W // V, plan)
     args = [mode, layout, N, O, H, W, per_block, chunks]
     r = subprocess.run([str(bias_emulator), *map(str, args)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    name, err = r.stdout.split()
-    assert name == "db" and float(err) <= (1e-6 if mode == "float32" else 1e-5), r.stdout
+    lines = dict(line.split() for line in r.stdout.strip().split("\n"))
+    assert float(lines.pop("db")) <= (1e-6 if mode == "float32" else 1e-5), r.stdout
+    assert lines == ({"rounded": "0"} if layout != "channels_last" and chunks == 1 else {}), r.stdout
+
+
+def test_bias_channels_plan():
+    """One block a channel where the channels nearly fill the multiprocessors (the benchmark convs), else up to
+    sms // O blocks a channel over its images; fewer images a block where the flattened index would pass 2^31."""
+    assert backward.bias_channels_plan(32, 128, 392, 132) == (32, 1)  # the spec conv: db written by the kernel
+    assert backward.bias_channels_plan(64, 256, 98, 132) == (64, 1)
+    assert backward.bias_channels_plan(32, 16, 392, 132) == (4, 8)
+    assert backward.bias_channels_plan(5, 16, 392, 132) == (1, 5)
+    assert backward.bias_channels_plan(7, 3, 323, 9) == (3, 3)
+    assert backward.bias_channels_plan(4, 128, 2**29, 132) == (3, 2)
+    assert backward.bias_channels_plan(1, 8, 2**31 - 1, 132) == (1, 1)
 
 
 @pytest.mark.parametrize("case", EMU_CASES, ids=_emu_id)

@@ -34,7 +34,7 @@ inline float2 make_float2(float a, float b) { return float2{a, b}; }
 inline thread_local Dim threadIdx, blockIdx;
 inline Dim gridDim, blockDim;
 inline std::barrier<>* g_block_barrier;
-constexpr int EMU_MAX_WARPS = 8;
+constexpr int EMU_MAX_WARPS = 32;  // CUDA's 1024 threads a block
 inline std::barrier<>* g_warp_barrier[EMU_MAX_WARPS];
 inline unsigned g_dynamic_smem;
 #define __syncthreads() g_block_barrier->arrive_and_wait()

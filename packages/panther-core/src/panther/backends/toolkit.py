@@ -364,8 +364,39 @@ class KernelOp:
     def _bwd_body(self, *args):
         grad, inputs, residuals, needs = self._split_bwd(args)
         grads = self._grads_allocate(inputs, needs)
-        self.backward_impl(grads, grad, inputs, residuals, needs, in_op=True)
-        return grads
+        given = self.backward_impl(grads, grad, inputs, residuals, needs, in_op=True)
+        return self._adopt(grads, given, needs, (grad, *inputs, *residuals))
+
+    def _adopt(self, grads, given, needs, sources) -> Tuple[Tensor, ...]:
+        # the gradients a backward handed back instead of writing them: each takes its allocated tensor's place
+        # where it has that tensor's shape, strides, dtype and device (what the fake implementation promised)
+        # and shares no memory with the backward's arguments (an op's outputs may not alias its inputs); any
+        # other is copied into the allocated tensor
+        if given is None:
+            return grads
+        names = [self.names[i] for i in self.tensor_index]
+        if len(given) != len(grads):
+            raise ValueError(f"{self.name}: the backward returned {len(given)} gradients, expected None or "
+                             f"{len(grads)} ({', '.join(names)})")
+        storages = {t.untyped_storage().data_ptr() for t in sources if isinstance(t, Tensor) and t.numel()}
+        out = []
+        for name, need, allocated, g in zip(names, needs, grads, given):
+            if g is None:
+                out.append(allocated)
+                continue
+            if not need:
+                raise ValueError(f"{self.name}: the backward returned a gradient of {name}, which was not asked "
+                                 "for (expected None)")
+            if not isinstance(g, Tensor) or g.shape != allocated.shape:
+                raise ValueError(f"{self.name}: the backward returned for {name} "
+                                 f"{tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__}, expected a "
+                                 f"tensor of shape {tuple(allocated.shape)}")
+            same = (g.stride(), g.dtype, g.device) == (allocated.stride(), allocated.dtype, allocated.device)
+            if same and g.numel() and g.untyped_storage().data_ptr() not in storages:
+                out.append(g)
+            else:
+                out.append(allocated.copy_(g))
+        return tuple(out)
 
     # -- autograd of the library ops
 
@@ -418,7 +449,8 @@ class KernelOp:
                 needs = tuple(bool(ctx.needs_input_grad[i]) and p for i, p in zip(op.tensor_index, ctx.present))
                 grads = op._grads_allocate(inputs, needs)
                 with device_guard(grad):
-                    op.backward_impl(grads, grad, inputs, tuple(residuals), needs, in_op=False)
+                    given = op.backward_impl(grads, grad, inputs, tuple(residuals), needs, in_op=False)
+                    grads = op._adopt(grads, given, needs, (grad, *tensors, *residuals))
                 result = [None] * op.n_args
                 for i, g, need in zip(op.tensor_index, grads, needs):
                     result[i] = g if need else None
@@ -469,7 +501,12 @@ def kernel_op(
             tensor per tensor argument: a tensor of its shape where ``needs`` is True, contiguous unless
             ``grad_formats`` says otherwise, an empty tensor elsewhere) the gradients given ``grad`` (of the
             first output), the op's arguments ``inputs``, the forward's other outputs ``residuals``, and
-            ``needs``.
+            ``needs``, and returns None. Or it returns a sequence of one entry per tensor argument: a
+            gradient it computed in a tensor of its own (a library call's result), to be used in place of
+            the allocated one, which it then need not write; None where it wrote the allocated one or no
+            gradient was asked for. A returned gradient must have its argument's shape; it is used as it is
+            where its strides, dtype and device are the allocated tensor's and it shares no memory with the
+            backward's arguments, and copied into the allocated tensor otherwise.
         allocate: ``allocate(*args)`` returns the forward's outputs, allocated but not written. It is the
             forward ops' fake implementation too, so the shapes and strides seen by torch.compile are the
             real ones.

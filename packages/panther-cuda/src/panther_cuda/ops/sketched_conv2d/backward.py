@@ -10,8 +10,9 @@ With R = 2·L·k, S = S1s as (R, C, kh, kw), U = U1s as (R, O) and g = dL/dy (N,
     dU = Zᵀ g / (2L)                      Z = conv(x, S) recomputed in g's layout by cuDNN (or the conv_rank
                                           kernel with Z = "kernels"), then cuBLAS (weight_products): for
                                           channels_last one product, else a product per image summed in float32
-    db = Σ_{n, h, w} g                    the bias_planes / bias_rows kernels (bias_grad.cu; BIAS = "kernels"):
-                                          float32 partial sums, then their sum; torch's reductions with "torch"
+    db = Σ_{n, h, w} g                    the bias_channels / bias_rows kernels (bias_grad.cu; BIAS = "kernels"):
+                                          sums in float32, written into db by one block a channel where the
+                                          channels fill the GPU, else partials summed after; torch's with "torch"
 Z is recomputed only when U1s needs a gradient (the forward does not keep it).
 """
 
@@ -22,10 +23,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from panther.backends.toolkit import cdiv, device_guard
+from panther.backends.toolkit import cdiv, device_guard, multiprocessors
 from panther_cuda._nvrtc import i32, i64, make_context_current
 from panther_cuda.ops.sketched_conv2d.forward import (
-    _kernel, channel_product, conv_rank, exact_float32, exact_products, memory_format,
+    _CTYPES, _kernel, channel_product, conv_rank, exact_float32, exact_products, memory_format,
 )
 
 # "gemm": dZ by cuBLAS where g's layout allows (channel_product), else by conv_rank (a 1x1 convolution of g);
@@ -89,9 +90,12 @@ def dx_by_kernel(dx: Tensor, dZ: Tensor, S: Tensor, stride, padding, dilation, a
 
 
 def sketched_conv2d_backward(grads, g: Tensor, x: Tensor, S1s: Tensor, U1s: Tensor, stride, padding, dilation,
-                             needs, allow_tf32: bool) -> None:
-    """Writes into ``grads`` = (dx, dS1s, dU1s, dbias) the gradients that ``needs`` asks for."""
+                             needs, allow_tf32: bool) -> list:
+    """The gradients that ``needs`` asks for, as :func:`panther.backends.toolkit.kernel_op` takes them: written
+    into ``grads`` = (dx, dS1s, dU1s, dbias), or, for those cuDNN computes (dx, dS1s), returned in a list of
+    four (None for the others) to be used in place of the allocated ones."""
     dx, dS1s, dU1s, dbias = grads
+    given = [None] * 4
     need_x, need_S, need_U, need_b = needs
     terms, k, C, kh, kw = S1s.shape
     R, O = terms * k, U1s.shape[-1]
@@ -100,7 +104,7 @@ def sketched_conv2d_backward(grads, g: Tensor, x: Tensor, S1s: Tensor, U1s: Tens
         for grad, need in zip(grads, needs):
             if need:
                 grad.zero_()
-        return
+        return given
     if g.is_cuda:  # its first call may be cuBLAS's, on a thread with no context yet
         make_context_current(g.get_device())
     S = S1s.reshape(R, C, kh, kw).contiguous()
@@ -123,25 +127,28 @@ def sketched_conv2d_backward(grads, g: Tensor, x: Tensor, S1s: Tensor, U1s: Tens
                     [bool(need_x), bool(need_S), False],
                 )
             if need_x:
-                dx.copy_(gx)
+                given[0] = gx  # cuDNN's, in place of dx (the toolkit copies it where its strides differ)
             if need_S:
-                dS1s.view(R, C, kh, kw).copy_(gS)
+                given[1] = gS.view(S1s.shape) if gS.is_contiguous() else gS.reshape(S1s.shape)
     if need_U:
         z = recompute_z(x, S, stride, padding, dilation, g, allow_tf32)
         with exact_products(exact):
             weight_products(dU1s.view(R, O), z, g, 1.0 / terms)
     if need_b:
-        dbias.copy_(bias_grad(g))
+        bias_grad(g, out=dbias)
+    return given
 
 
 # "kernels": bias_grad.cu's for NCHW and channels_last g, the faster in the recorded runs
 # (benchmarks/results/NOTES.md); "torch": torch's reductions
 BIAS = "kernels"
 BIAS_SOURCE = "ops/sketched_conv2d/bias_grad.cu"
-BIAS_THREADS = 256  # bias_grad.cu: bias::THREADS
+BIAS_THREADS = 256  # bias_grad.cu: bias::THREADS (bias_rows)
 BIAS_WARPS = BIAS_THREADS // 32
+BIAS_CHANNEL_THREADS = 512  # bias::CHANNEL_THREADS (bias_channels)
 BIAS_ROWS_PER_BLOCK = 512  # rows of a channels_last g one block of bias_rows sums (64 per warp), at least
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's y dimension (bias_rows' blocks of rows)
+INDEX_LIMIT = 2**31  # bias_channels' flattened index over a block's images (32-bit)
 
 
 def bias_rows_plan(rows: int, per_block: int = BIAS_ROWS_PER_BLOCK) -> tuple:
@@ -151,31 +158,53 @@ def bias_rows_plan(rows: int, per_block: int = BIAS_ROWS_PER_BLOCK) -> tuple:
     return per_block, cdiv(rows, per_block)
 
 
-def bias_grad(g: Tensor, kernels: Optional[bool] = None) -> Tensor:
-    """Σ_{n, h, w} g in float32 (float64 for float64 g, the CPU emulation's), deterministic.
+def bias_channels_plan(N: int, O: int, loads: int, sms: int) -> tuple:
+    """(images per block, blocks per channel) of bias_channels: one block per channel where the O channels
+    give every multiprocessor a block or nearly (then the blocks write db itself), else each channel's N
+    images split over up to ``sms // O`` blocks; fewer images a block where its ``loads`` a plane would pass
+    the kernel's 32-bit index."""
+    per = min(cdiv(N, max(1, min(N, sms // max(O, 1), MAX_GRID_Y))), (INDEX_LIMIT - 1) // loads)
+    return per, cdiv(N, per)
 
-    With ``kernels`` (default: :data:`BIAS` is ``"kernels"``), an NCHW g is summed per (n, o) plane by
-    ``bias_planes`` and a channels_last g per block of rows by ``bias_rows``, and their float32 partial sums
-    over their first axis; each kernel reads g once. Otherwise, and for other layouts (expanded, sliced), torch:
-    an NCHW g summed per (n, o) plane (H·W contiguous values), then over n, faster than torch's one reduction
-    over (0, 2, 3), which takes the other layouts (benchmarks/results/NOTES.md)."""
+
+def _multiprocessors(g: Tensor) -> int:
+    return multiprocessors(g.device.index) if g.is_cuda else 1  # the CPU emulation's: one
+
+
+def bias_grad(g: Tensor, kernels: Optional[bool] = None, out: Optional[Tensor] = None) -> Tensor:
+    """Σ_{n, h, w} g in float32 (float64 for float64 g, the CPU emulation's), deterministic; written into
+    ``out`` (any dtype, rounded once) and returned where it is given.
+
+    With ``kernels`` (default: :data:`BIAS` is ``"kernels"``), an NCHW g is summed per channel by
+    ``bias_channels`` (straight into a contiguous ``out`` of g's dtype or float32 where one block takes each
+    channel: :func:`bias_channels_plan`) and a channels_last g per block of rows by ``bias_rows``, and their
+    float32 partial sums over their first axis; each kernel reads g once. Otherwise, and for other layouts
+    (expanded, sliced), torch: an NCHW g summed per (n, o) plane (H·W contiguous values), then over n, faster
+    than torch's one reduction over (0, 2, 3), which takes the other layouts (benchmarks/results/NOTES.md)."""
     N, O, H, W = g.shape
     acc = torch.promote_types(g.dtype, torch.float32)
     kernels = BIAS == "kernels" if kernels is None else kernels
     channels_last = memory_format(g) == torch.channels_last
-    if not kernels or g.numel() == 0 or not (g.is_contiguous() or channels_last):
+    plane = H * W
+    if not kernels or g.numel() == 0 or not (g.is_contiguous() or channels_last) or plane >= INDEX_LIMIT:
         if g.is_contiguous():
-            return g.view(N, O, H * W).sum(-1, dtype=acc).sum(0)
-        return g.sum((0, 2, 3), dtype=acc)
+            total = g.view(N, O, plane).sum(-1, dtype=acc).sum(0)
+        else:
+            total = g.sum((0, 2, 3), dtype=acc)
+        return total if out is None else out.copy_(total)
     with device_guard(g):
-        if not channels_last:  # N·O planes of H·W values, in 16-byte loads where aligned
-            partial = torch.empty((N, O), dtype=acc, device=g.device)
+        if not channels_last:  # N planes of H·W values per channel, in 16-byte loads where aligned
             vector = 16 // g.element_size()
-            aligned = (H * W) % vector == 0 and g.data_ptr() % 16 == 0
-            _kernel("bias_planes", g.dtype, vector if aligned else 1, source=BIAS_SOURCE)(
-                (cdiv(N * O, BIAS_WARPS),), (BIAS_THREADS,), g, partial, i64(N * O), i32(H * W),
-                shared_mem=4 * BIAS_THREADS,
+            V = vector if plane % vector == 0 and g.data_ptr() % 16 == 0 else 1
+            per, splits = bias_channels_plan(N, O, plane // V, _multiprocessors(g))
+            direct = splits == 1 and out is not None and out.is_contiguous() and out.dtype in (g.dtype, acc)
+            partial = out if direct else torch.empty((splits, O), dtype=acc, device=g.device)
+            _kernel("bias_channels", g.dtype, V, _CTYPES[partial.dtype], source=BIAS_SOURCE)(
+                (O, splits), (BIAS_CHANNEL_THREADS,), g, partial, i32(N), i32(O), i32(plane), i32(per),
+                shared_mem=4 * BIAS_CHANNEL_THREADS,
             )
+            if direct:
+                return out
         else:  # N·H·W rows of O values
             rows = N * H * W
             per_block, chunks = bias_rows_plan(rows)
@@ -184,4 +213,5 @@ def bias_grad(g: Tensor, kernels: Optional[bool] = None) -> Tensor:
                 (cdiv(O, 32), chunks), (BIAS_THREADS,), g, partial, i64(rows), i32(O), i64(per_block),
                 shared_mem=4 * BIAS_THREADS,
             )
-    return partial.sum(0)
+    total = partial.sum(0)
+    return total if out is None else out.copy_(total)

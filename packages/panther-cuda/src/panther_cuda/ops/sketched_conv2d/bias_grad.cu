@@ -1,20 +1,24 @@
-// The bias gradient of the sketched conv2d op, db[o] = Σ_{n, h, w} g[n, o, h, w], as partial sums in float32
-// (NVRTC; no host code). No atomics: each partial is one block's, summed in a fixed order, and the host sums
-// the partials over their first axis, so the result is the same from run to run.
+// The bias gradient of the sketched conv2d op, db[o] = Σ_{n, h, w} g[n, o, h, w], summed in float32 (NVRTC; no
+// host code). No atomics: every sum runs in a fixed order, so the result is the same from run to run.
 //
-// bias_planes: g NCHW-contiguous, as N·O planes of HW contiguous values. One warp per plane, its lanes
-//   along the plane (coalesced), eight loads in flight per lane: partial[n·O + o] = Σ_hw g[n, o, hw]. Loads of
-//   V values: 16 bytes where g is 16-byte aligned and HW a multiple of V (V = 16 / sizeof(T)), else 1.
+// bias_channels: g NCHW-contiguous, N planes of HW contiguous values per channel o. Block (o, s) sums channel o
+//   over images s·per .. s·per + per - 1: its threads run along the flattened (image, value) index (coalesced,
+//   eight loads in flight per thread) and their sums are added in a fixed order: out[s·O + o]. With one block
+//   per channel (s = 0 only) out is db itself, written in its dtype TO; else float32 partials that the host
+//   sums over s. Loads of V values: 16 bytes where g is 16-byte aligned and HW a multiple of V
+//   (V = 16 / sizeof(T)), else 1.
 // bias_rows: g channels_last-contiguous, as N·H·W rows of O contiguous values. blockIdx.x takes 32 columns
 //   (one per lane), blockIdx.y `per_block` rows, split over the block's warps row by row (each warp reads
-//   32 adjacent values of a row): partial[blockIdx.y·O + o] = Σ over those rows of g[row, o].
+//   32 adjacent values of a row): partial[blockIdx.y·O + o] = Σ over those rows of g[row, o]; the host sums
+//   the partials over their first axis.
 #include "panther_cuda/common.cuh"
 
 namespace panther {
 namespace bias {
 
-constexpr int THREADS = 256;
+constexpr int THREADS = 256;  // bias_rows
 constexpr int WARPS = THREADS / 32;
+constexpr int CHANNEL_THREADS = 512;  // bias_channels
 constexpr int UNROLL = 8;  // independent loads in flight per lane
 
 // Each thread's UNROLL sums added in a fixed order into sums[threadIdx.x], for the block to read.
@@ -44,29 +48,51 @@ __device__ __forceinline__ float load_sum(const T* __restrict__ p) {
 
 }  // namespace bias
 
-template <typename T, int V>
-__global__ void __launch_bounds__(bias::THREADS)
-bias_planes(const T* __restrict__ g, float* __restrict__ partial, long long planes, int plane) {
+template <typename T, int V, typename TO>
+__global__ void __launch_bounds__(bias::CHANNEL_THREADS)
+bias_channels(const T* __restrict__ g, TO* __restrict__ out, int N, int O, int plane, int per) {
     extern __shared__ __align__(16) unsigned char smem[];
     float* sums = reinterpret_cast<float*>(smem);  // one per thread
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    const long long p = (long long)blockIdx.x * bias::WARPS + w;
+    constexpr unsigned STEP = bias::CHANNEL_THREADS * bias::UNROLL;
+    const int o = blockIdx.x, n0 = blockIdx.y * per;
+    const int images = N - n0 < per ? N - n0 : per;
+    // the host passes V > 1 only where V divides the plane, and per·plane / V < 2^31
+    const unsigned L = plane / V, total = images > 0 ? (unsigned)images * L : 0u;
+    const unsigned dq = STEP / L, dr = STEP % L;  // a cursor's step, in (image, value) of the flattened index
+    const long long image_stride = (long long)O * plane;
+    const T* base = g + ((long long)n0 * O + o) * plane;
     float acc[bias::UNROLL] = {};
-    if (p < planes) {
-        const T* row = g + p * plane;
-        const int loads = plane / V;  // whole loads: the host passes V > 1 only where V divides the plane
-        int i = lane;
-        for (; i + 32 * (bias::UNROLL - 1) < loads; i += 32 * bias::UNROLL) {
+    unsigned img[bias::UNROLL], at[bias::UNROLL];  // UNROLL cursors, CHANNEL_THREADS apart
 #pragma unroll
-            for (int u = 0; u < bias::UNROLL; ++u) acc[u] += bias::load_sum<T, V>(row + (i + 32 * u) * V);
+    for (int u = 0; u < bias::UNROLL; ++u) {
+        const unsigned j = threadIdx.x + u * bias::CHANNEL_THREADS;
+        img[u] = j / L;
+        at[u] = j % L;
+    }
+    for (unsigned j = threadIdx.x; j < total; j += STEP) {
+#pragma unroll
+        for (int u = 0; u < bias::UNROLL; ++u) {
+            if (j + u * bias::CHANNEL_THREADS < total)
+                acc[u] += bias::load_sum<T, V>(base + img[u] * image_stride + (long long)at[u] * V);
+            img[u] += dq;
+            at[u] += dr;
+            if (at[u] >= L) {
+                at[u] -= L;
+                ++img[u];
+            }
         }
-        for (; i < loads; i += 32) acc[0] += bias::load_sum<T, V>(row + i * V);
     }
     bias::publish(acc, sums);
-    if (lane == 0 && p < planes) {
-        float total = 0.f;
-        for (int l = 0; l < 32; ++l) total += sums[w * 32 + l];
-        partial[p] = total;
+    if (threadIdx.x < 32) {  // lane l: the sums of threads l, l + 32, ... in order
+        float part = 0.f;
+        for (int w = 0; w < bias::CHANNEL_THREADS / 32; ++w) part += sums[w * 32 + threadIdx.x];
+        sums[threadIdx.x] = part;  // read above by this lane alone
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float total_sum = 0.f;
+        for (int l = 0; l < 32; ++l) total_sum += sums[l];
+        out[(long long)blockIdx.y * O + o] = from_float<TO>(total_sum);
     }
 }
 
@@ -100,11 +126,13 @@ bias_rows(const T* __restrict__ g, float* __restrict__ partial, long long rows, 
 
 #ifdef PANTHER_NVCC_CHECK
 // Every variant the host code launches (backward.py), for the compile check of CI.
-#define BIAS(T) \
-    template __global__ void panther::bias_planes<T, 1>(const T*, float*, long long, int); \
-    template __global__ void panther::bias_planes<T, 16 / sizeof(T)>(const T*, float*, long long, int); \
-    template __global__ void panther::bias_rows<T>(const T*, float*, long long, int, long long);
+#define BIAS_CHANNELS(T, TO) \
+    template __global__ void panther::bias_channels<T, 1, TO>(const T*, TO*, int, int, int, int); \
+    template __global__ void panther::bias_channels<T, 16 / sizeof(T), TO>(const T*, TO*, int, int, int, int);
+#define BIAS(T) BIAS_CHANNELS(T, float) template __global__ void panther::bias_rows<T>(const T*, float*, long long, int, long long);
 BIAS(float)
 BIAS(__half)
 BIAS(__nv_bfloat16)
+BIAS_CHANNELS(__half, __half)  // db in T itself (float32's is the float instance)
+BIAS_CHANNELS(__nv_bfloat16, __nv_bfloat16)
 #endif  // PANTHER_NVCC_CHECK

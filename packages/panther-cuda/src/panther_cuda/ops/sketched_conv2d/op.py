@@ -30,9 +30,9 @@ def _forward(out, x: Tensor, S1s: Tensor, U1s: Tensor, bias: Optional[Tensor], s
                             (dilation_h, dilation_w), allow_tf32)
 
 
-def _backward(grads, g, inputs, residuals, needs, *, in_op: bool) -> None:
+def _backward(grads, g, inputs, residuals, needs, *, in_op: bool):
     x, S1s, U1s, _, sh, sw, ph, pw, dh, dw, allow_tf32 = inputs
-    sketched_conv2d_backward(grads, g, x, S1s, U1s, (sh, sw), (ph, pw), (dh, dw), needs, allow_tf32)
+    return sketched_conv2d_backward(grads, g, x, S1s, U1s, (sh, sw), (ph, pw), (dh, dw), needs, allow_tf32)
 
 
 SKETCHED_CONV2D = kernel_op(
