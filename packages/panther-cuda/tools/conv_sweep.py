@@ -49,7 +49,8 @@ CASES = [  # (N, C, O, H, W, L, k)
 VARIANTS = [None, "+uloads", "halo64", "halo128", "async64", "async128", "async64s3", "async64s4", "async128s3",
             "async128s4", "async64+uloads", "async128+uloads",
             "taps64", "taps128", "taps64s3", "generic", "halo64+dx", "async64+dx", "taps64+dx", "taps128+dx",
-            "halo64:4x16", "async64:4x16", "taps64:4x16", "halo64:2x32", "halo64:1x64", "halo128:4x32"]
+            "halo64:4x16", "async64:4x16", "taps64:4x16", "halo64:2x32", "halo64:1x64", "halo128:4x32",
+            "async64:1x56", "async64s3:1x56"]
 # the implementations whose kernels are timed one by one
 KERNEL_TIMES = ("cuda", "cuda:async64", "cuda:taps64", "cuda:taps64+dx", "F.conv2d")
 FLUSH = torch.empty(0)
