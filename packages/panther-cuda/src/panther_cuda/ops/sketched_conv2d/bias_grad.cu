@@ -30,18 +30,28 @@ __device__ __forceinline__ void publish(const float (&acc)[UNROLL], float* sums)
     __syncthreads();
 }
 
-// The sum of the V values at p (one load; 16 bytes, aligned, for V > 1).
+// V values of g in one load (16 bytes, aligned, for V > 1), kept as loaded until vector_sum, so that a thread
+// issues all its loads of a step before it waits on the first.
+template <typename T, int V> struct Vector { uint4 w; };
+template <typename T> struct Vector<T, 1> { T w; };
+
 template <typename T, int V>
-__device__ __forceinline__ float load_sum(const T* __restrict__ p) {
+__device__ __forceinline__ Vector<T, V> load_vector(const T* __restrict__ p) {
+    static_assert(V == 1 || V * sizeof(T) == 16, "V values make one 16-byte load");
+    Vector<T, V> v;
+    v.w = *reinterpret_cast<const decltype(v.w)*>(p);
+    return v;
+}
+
+template <typename T, int V>
+__device__ __forceinline__ float vector_sum(const Vector<T, V>& v) {
     if constexpr (V == 1) {
-        return to_float<T>(*p);
+        return to_float<T>(v.w);
     } else {
-        static_assert(V * sizeof(T) == 16, "V values make one 16-byte load");
-        const uint4 w = *reinterpret_cast<const uint4*>(p);
-        const T* v = reinterpret_cast<const T*>(&w);
+        const T* e = reinterpret_cast<const T*>(&v.w);
         float s = 0.f;
 #pragma unroll
-        for (int i = 0; i < V; ++i) s += to_float<T>(v[i]);
+        for (int i = 0; i < V; ++i) s += to_float<T>(e[i]);
         return s;
     }
 }
@@ -69,11 +79,15 @@ bias_channels(const T* __restrict__ g, TO* __restrict__ out, int N, int O, int p
         img[u] = j / L;
         at[u] = j % L;
     }
-    for (unsigned j = threadIdx.x; j < total; j += STEP) {
+    auto at_cursor = [&](int u) { return base + img[u] * image_stride + (long long)at[u] * V; };
+    unsigned j = threadIdx.x;  // cursor 0's index; cursor u's is j + u CHANNEL_THREADS
+    for (; j + (bias::UNROLL - 1) * bias::CHANNEL_THREADS < total; j += STEP) {  // every cursor in range
+        bias::Vector<T, V> v[bias::UNROLL];
+#pragma unroll
+        for (int u = 0; u < bias::UNROLL; ++u) v[u] = bias::load_vector<T, V>(at_cursor(u));
 #pragma unroll
         for (int u = 0; u < bias::UNROLL; ++u) {
-            if (j + u * bias::CHANNEL_THREADS < total)
-                acc[u] += bias::load_sum<T, V>(base + img[u] * image_stride + (long long)at[u] * V);
+            acc[u] += bias::vector_sum<T, V>(v[u]);
             img[u] += dq;
             at[u] += dr;
             if (at[u] >= L) {
@@ -82,6 +96,9 @@ bias_channels(const T* __restrict__ g, TO* __restrict__ out, int N, int O, int p
             }
         }
     }
+#pragma unroll
+    for (int u = 0; u < bias::UNROLL; ++u)  // the last step: the cursors still in range
+        if (j + u * bias::CHANNEL_THREADS < total) acc[u] += bias::vector_sum<T, V>(bias::load_vector<T, V>(at_cursor(u)));
     bias::publish(acc, sums);
     if (threadIdx.x < 32) {  // lane l: the sums of threads l, l + 32, ... in order
         float part = 0.f;
