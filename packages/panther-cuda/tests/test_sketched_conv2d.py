@@ -346,6 +346,29 @@ def test_exact_float32_is_not_tf32(forward_by, ieee_float32):
 
 
 @pytest.mark.gpu
+def test_exact_float32_after_the_program_set_fp32_precision(forward_by, ieee_float32):
+    """A program that set cuDNN's convolutions to TF32 through torch's fp32_precision settings (after which the
+    legacy flags raise) still gets exact float32 at matmul precision "highest": the op's cuDNN and cuBLAS calls
+    run with those settings at "ieee" (exact_products), forward and every gradient far inside TF32's error."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    if not hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+        pytest.skip(f"torch {torch.__version__} has no fp32_precision settings")
+    parts = (matmul, cudnn.conv, cudnn.rnn)
+    saved = [p.fp32_precision for p in parts]
+    try:
+        cudnn.conv.fp32_precision = "tf32"
+        with pytest.raises(RuntimeError):
+            cudnn.allow_tf32
+        inputs, conv = _case("deep_R192_O130", torch.float32)
+        y, _ = run_and_compare(inputs, conv, GRADS, TOL[torch.float32])  # TF32's: TOL_TF32
+        assert rel_err(y, reference(inputs, conv, None, ())[0]) < 2e-5  # as test_exact_float32_is_not_tf32
+        assert cudnn.conv.fp32_precision == "tf32"  # the program's setting, put back
+    finally:
+        for p, value in zip(parts, saved):
+            p.fp32_precision = value
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", ["3x3_R6", "stride2_R6", "mixed_pairs_R66_O70"])
 def test_channels_last_in_and_out(name, dtype, ieee_float32):
