@@ -321,7 +321,8 @@ def test_a_backward_may_hand_back_gradients_it_computed():
 
 def test_a_backward_handing_back_wrong_gradients_is_refused():
     x, w, g = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
-    for raw, match in (((g,), r"returned 1 gradients, expected None or 2 \(x, w\)"),
+    for raw, match in (((g,), r"returned 1 gradients, expected None or a sequence of 2 \(x, w\)"),
+                       (g, r"returned a tensor, expected None or a sequence of 2 \(x, w\)"),
                        ((g[:2], None), r"returned for x \(2, 4\), expected a tensor of shape \(3, 4\)"),
                        ((3.0, None), r"returned for x float, expected a tensor")):
         handed.clear()
@@ -332,6 +333,42 @@ def test_a_backward_handing_back_wrong_gradients_is_refused():
     handed["raw"] = (None, g)
     with pytest.raises(ValueError, match="returned a gradient of w, which was not asked for"):
         HANDING.bwd_op(g, x, w, True, False)
+    with pytest.raises(ValueError, match="returned a gradient of w, which was not asked for"):
+        xl = x.clone().requires_grad_()
+        torch.autograd.grad(HANDING(xl, w), xl, g)  # the eager path
+    handed.clear()
+
+
+def test_handed_back_gradients_that_alias_or_differ_are_copied():
+    """One tensor returned for both gradients: the second is a copy (outputs may not alias each other); one of
+    another dtype is copied (cast) into the allocated tensor."""
+    x, w, g = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    shared = g * 2
+    handed.clear()
+    handed.update(x=lambda *_: shared, w=lambda *_: shared)
+    for dx, dw in _both_paths(x, w, g):
+        assert torch.equal(dx, shared) and torch.equal(dw, shared)
+        assert dx.data_ptr() != dw.data_ptr()
+    handed.clear()
+    handed.update(x=lambda g, x, w: (g * w).double())
+    for dx, dw in _both_paths(x, w, g):
+        assert dx.dtype == torch.float32 and torch.equal(dx, (g * w).double().float())
+    handed.clear()
+
+
+def test_handed_back_gradients_under_compile_with_triton_op():
+    """torch.compile traces the body of a triton_op, where storages cannot be compared: the handed-back
+    gradients are copied there, with the eager results."""
+    op = kernel_op("panther_toolkit_test::handing_traced", forward=_scale_forward, backward=_handing_backward,
+                   allocate=lambda x, w: (torch.empty_like(x),), factory=torch.library.triton_op)
+    x, w, g = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    handed.clear()
+    handed.update(x=lambda g, x, w: g * w, w=lambda g, x, w: g * x)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x, w: op(x, w), fullgraph=True, backend="aot_eager")
+    xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+    dx, dw = torch.autograd.grad(fn(xl, wl), (xl, wl), g)
+    assert torch.equal(dx, g * w) and torch.equal(dw, g * x)
     handed.clear()
 
 

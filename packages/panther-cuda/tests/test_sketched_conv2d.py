@@ -905,6 +905,11 @@ def test_bias_grad_sums_over_batch_and_pixels(layout, dtype, kernels, emulated_k
     want = g.to(dtype).double().sum((0, 2, 3))
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
     assert backward.bias_grad(g[:, :0].to(dtype), kernels).shape == (0,)  # no channels
+    out = torch.full((7,), float("nan"), dtype=dtype)  # written in its dtype, the float32 sum rounded once
+    assert backward.bias_grad(g.to(dtype), kernels, out=out) is out and torch.equal(out, got.to(dtype))
+    for wrong in (torch.empty(6, dtype=dtype), torch.empty(7, 1, dtype=dtype)):
+        with pytest.raises(ValueError, match=r"bias_grad: out is \(.*\) on cpu, expected \(7,\) on cpu"):
+            backward.bias_grad(g.to(dtype), kernels, out=wrong)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -1309,10 +1314,7 @@ def test_cudnn_gradients_are_handed_over_not_copied(layout, emulated_kernels, mo
     y.backward(torch.randn(y.shape, dtype=y.dtype).contiguous(memory_format=fmt))
     ((gx, gS),) = results
     assert x.grad.is_contiguous(memory_format=fmt)
-    if gx[1] == x.grad.stride():
-        assert x.grad.data_ptr() == gx[0]
-    else:  # the toolkit's copy, in the promised layout
-        assert layout == "channels_last" and x.grad.data_ptr() != gx[0]
+    assert gx[1] == x.grad.stride() and x.grad.data_ptr() == gx[0]  # dx comes in x's format: used as it is
     assert S1s.grad.shape == S1s.shape and S1s.grad.is_contiguous()
     contiguous_gS = gS[1] == torch.empty(S1s.shape[0] * S1s.shape[1], *S1s.shape[2:]).stride()
     assert (S1s.grad.data_ptr() == gS[0]) == contiguous_gS  # a channels_last filter gradient is reshaped (copied)
@@ -1482,6 +1484,7 @@ BIAS_EMU_CASES = [
     ("float32", "nchw", 2, 5, 7, 9, 4),  # fewer multiprocessors than channels: one block each
     ("bfloat16", "nchw", 7, 3, 17, 19, 9),  # three blocks a channel of 3, 3 and 1 images
     ("float16", "nchw", 3, 2, 40, 45, 1),  # 5400 values a block: a second pass (cursors two images and 496 values on)
+    ("float32", "nchw", 2, 2, 65, 64, 1),  # planes of 4160 values: a step of 4096 stays in the image or wraps once
     ("float32", "channels_last", 2, 40, 7, 9, 16),  # O = 40: a second column block, 8 lanes of it idle
     ("bfloat16", "channels_last", 3, 70, 5, 11, 72),  # 165 rows: blocks of 72, the last one short
     ("float16", "channels_last", 1, 32, 40, 30, None),  # 1200 rows: the host's plan (512 a block)

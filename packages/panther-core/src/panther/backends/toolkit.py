@@ -272,6 +272,21 @@ def _argument_type(annotation):
                     "bool, int, float)")
 
 
+def _storages(tensors) -> Optional[set]:
+    """The data pointers of the storages of ``tensors`` that hold memory, or None where one cannot be read (a
+    tensor traced by torch.compile)."""
+    out = set()
+    for t in tensors:
+        if isinstance(t, Tensor):
+            try:
+                storage = t.untyped_storage()
+                if storage.nbytes():
+                    out.add(storage.data_ptr())
+            except (RuntimeError, NotImplementedError):
+                return None
+    return out
+
+
 class KernelOp:
     """A differentiable op made by :func:`kernel_op`; calling it runs the op (see there)."""
 
@@ -370,15 +385,17 @@ class KernelOp:
     def _adopt(self, grads, given, needs, sources) -> Tuple[Tensor, ...]:
         # the gradients a backward handed back instead of writing them: each takes its allocated tensor's place
         # where it has that tensor's shape, strides, dtype and device (what the fake implementation promised)
-        # and shares no memory with the backward's arguments (an op's outputs may not alias its inputs); any
-        # other is copied into the allocated tensor
+        # and shares no memory with the backward's arguments or another gradient (an op's outputs may not alias
+        # its inputs or each other); any other is copied into the allocated tensor, as is every one while the
+        # body is traced (triton_op under torch.compile), where storages cannot be compared
         if given is None:
             return grads
         names = [self.names[i] for i in self.tensor_index]
-        if len(given) != len(grads):
-            raise ValueError(f"{self.name}: the backward returned {len(given)} gradients, expected None or "
+        if isinstance(given, Tensor) or len(given) != len(grads):
+            got = "a tensor" if isinstance(given, Tensor) else f"{len(given)} gradients"
+            raise ValueError(f"{self.name}: the backward returned {got}, expected None or a sequence of "
                              f"{len(grads)} ({', '.join(names)})")
-        storages = {t.untyped_storage().data_ptr() for t in sources if isinstance(t, Tensor) and t.numel()}
+        taken = _storages(sources)
         out = []
         for name, need, allocated, g in zip(names, needs, grads, given):
             if g is None:
@@ -392,7 +409,9 @@ class KernelOp:
                                  f"{tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__}, expected a "
                                  f"tensor of shape {tuple(allocated.shape)}")
             same = (g.stride(), g.dtype, g.device) == (allocated.stride(), allocated.dtype, allocated.device)
-            if same and g.numel() and g.untyped_storage().data_ptr() not in storages:
+            own = _storages((g,))
+            if same and taken is not None and own and not own & taken:
+                taken |= own
                 out.append(g)
             else:
                 out.append(allocated.copy_(g))

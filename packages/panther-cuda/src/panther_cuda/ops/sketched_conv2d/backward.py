@@ -144,7 +144,6 @@ def sketched_conv2d_backward(grads, g: Tensor, x: Tensor, S1s: Tensor, U1s: Tens
 BIAS = "kernels"
 BIAS_SOURCE = "ops/sketched_conv2d/bias_grad.cu"
 BIAS_THREADS = 256  # bias_grad.cu: bias::THREADS (bias_rows)
-BIAS_WARPS = BIAS_THREADS // 32
 BIAS_CHANNEL_THREADS = 512  # bias::CHANNEL_THREADS (bias_channels)
 BIAS_ROWS_PER_BLOCK = 512  # rows of a channels_last g one block of bias_rows sums (64 per warp), at least
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's y dimension (bias_rows' blocks of rows)
@@ -162,7 +161,8 @@ def bias_channels_plan(N: int, O: int, loads: int, sms: int) -> tuple:
     """(images per block, blocks per channel) of bias_channels: one block per channel where the O channels
     give every multiprocessor a block or nearly (then the blocks write db itself), else each channel's N
     images split over up to ``sms // O`` blocks; fewer images a block where its ``loads`` a plane would pass
-    the kernel's 32-bit index."""
+    the kernel's 32-bit index. The sums' order follows the plan, so db is the same from run to run on one GPU
+    (or on GPUs of the same multiprocessor count), not necessarily across GPUs."""
     per = min(cdiv(N, max(1, min(N, sms // max(O, 1), MAX_GRID_Y))), (INDEX_LIMIT - 1) // loads)
     return per, cdiv(N, per)
 
@@ -182,11 +182,14 @@ def bias_grad(g: Tensor, kernels: Optional[bool] = None, out: Optional[Tensor] =
     (expanded, sliced), torch: an NCHW g summed per (n, o) plane (H·W contiguous values), then over n, faster
     than torch's one reduction over (0, 2, 3), which takes the other layouts (benchmarks/results/NOTES.md)."""
     N, O, H, W = g.shape
+    if out is not None and (out.shape != (O,) or out.device != g.device):
+        raise ValueError(f"bias_grad: out is {tuple(out.shape)} on {out.device}, expected ({O},) on {g.device} "
+                         "(one value per channel of g)")
     acc = torch.promote_types(g.dtype, torch.float32)
     kernels = BIAS == "kernels" if kernels is None else kernels
     channels_last = memory_format(g) == torch.channels_last
     plane = H * W
-    if not kernels or g.numel() == 0 or not (g.is_contiguous() or channels_last) or plane >= INDEX_LIMIT:
+    if not kernels or g.numel() == 0 or not (g.is_contiguous() or channels_last) or max(N, O, plane) >= INDEX_LIMIT:
         if g.is_contiguous():
             total = g.view(N, O, plane).sum(-1, dtype=acc).sum(0)
         else:
