@@ -13,10 +13,12 @@ kernels themselves on the CPU under the CUDA emulation of emulation/cuda_emulati
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import threading
 from pathlib import Path
+from typing import Optional
 from unittest import mock
 
 import numpy as np
@@ -345,27 +347,36 @@ def test_exact_float32_is_not_tf32(forward_by, ieee_float32):
     assert rel_err(y, y_ref) < 2e-5
 
 
-@pytest.mark.gpu
-def test_exact_float32_after_the_program_set_fp32_precision(forward_by, ieee_float32):
-    """A program that set cuDNN's convolutions to TF32 through torch's fp32_precision settings (after which the
-    legacy flags raise) still gets exact float32 at matmul precision "highest": the op's cuDNN and cuBLAS calls
-    run with those settings at "ieee" (exact_products), forward and every gradient far inside TF32's error."""
+@contextlib.contextmanager
+def program_set_fp32_precision(conv: Optional[str]):
+    """cuDNN's convolutions set to ``conv`` (None: whichever differs from now) through torch's fp32_precision
+    settings, as a program may, after which reading the legacy allow_tf32 flags raises; every fp32_precision
+    setting put back after. Skips where torch has no such settings."""
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     if not hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
         pytest.skip(f"torch {torch.__version__} has no fp32_precision settings")
     parts = (matmul, cudnn.conv, cudnn.rnn)
     saved = [p.fp32_precision for p in parts]
     try:
-        cudnn.conv.fp32_precision = "tf32"
+        cudnn.conv.fp32_precision = conv or ("tf32" if saved[1] == "ieee" else "ieee")
         with pytest.raises(RuntimeError):
             cudnn.allow_tf32
-        inputs, conv = _case("deep_R192_O130", torch.float32)
-        y, _ = run_and_compare(inputs, conv, GRADS, TOL[torch.float32])  # TF32's: TOL_TF32
-        assert rel_err(y, reference(inputs, conv, None, ())[0]) < 2e-5  # as test_exact_float32_is_not_tf32
-        assert cudnn.conv.fp32_precision == "tf32"  # the program's setting, put back
+        yield
     finally:
         for p, value in zip(parts, saved):
             p.fp32_precision = value
+
+
+@pytest.mark.gpu
+def test_exact_float32_after_the_program_set_fp32_precision(forward_by, ieee_float32):
+    """A program that set cuDNN's convolutions to TF32 through torch's fp32_precision settings (after which the
+    legacy flags raise) still gets exact float32 at matmul precision "highest": the op's cuDNN and cuBLAS calls
+    run with those settings at "ieee" (exact_products), forward and every gradient far inside TF32's error."""
+    with program_set_fp32_precision("tf32"):
+        inputs, conv = _case("deep_R192_O130", torch.float32)
+        y, _ = run_and_compare(inputs, conv, GRADS, TOL[torch.float32])  # TF32's: TOL_TF32
+        assert rel_err(y, reference(inputs, conv, None, ())[0]) < 2e-5  # as test_exact_float32_is_not_tf32
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"  # the program's setting, put back
 
 
 @pytest.mark.gpu
@@ -1236,20 +1247,10 @@ def test_exact_products_after_the_program_set_fp32_precision():
     """Once a program has set torch's fp32_precision settings, reading the legacy flags raises: exact_products then
     sets cuBLAS's, cuDNN convolutions' and RNNs' fp32_precision to "ieee" and puts them back."""
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    if not hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
-        pytest.skip(f"torch {torch.__version__} has no fp32_precision settings")
-    parts = (matmul, cudnn.conv, cudnn.rnn)
-    saved = [p.fp32_precision for p in parts]
-    try:
-        cudnn.conv.fp32_precision = "tf32" if saved[1] == "ieee" else "ieee"  # the program's setting
-        with pytest.raises(RuntimeError):
-            cudnn.allow_tf32
+    with program_set_fp32_precision(None):
         settings = forward._tf32_settings()
-        assert settings == tuple((p, "fp32_precision", "ieee") for p in parts)
+        assert settings == tuple((p, "fp32_precision", "ieee") for p in (matmul, cudnn.conv, cudnn.rnn))
         _exact_products_round_trip(settings)
-    finally:
-        for p, value in zip(parts, saved):
-            p.fp32_precision = value
     assert isinstance(cudnn.allow_tf32, bool)  # readable again
 
 
