@@ -525,7 +525,8 @@ def kernel_op(
             the allocated one, which it then need not write; None where it wrote the allocated one or no
             gradient was asked for. A returned gradient must have its argument's shape; it is used as it is
             where its strides, dtype and device are the allocated tensor's and it shares no memory with the
-            backward's arguments, and copied into the allocated tensor otherwise.
+            backward's arguments or another returned gradient, and copied into the allocated tensor
+            otherwise (always while torch.compile traces the body of a ``triton_op``).
         allocate: ``allocate(*args)`` returns the forward's outputs, allocated but not written. It is the
             forward ops' fake implementation too, so the shapes and strides seen by torch.compile are the
             real ones.

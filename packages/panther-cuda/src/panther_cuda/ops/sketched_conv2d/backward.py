@@ -129,7 +129,7 @@ def sketched_conv2d_backward(grads, g: Tensor, x: Tensor, S1s: Tensor, U1s: Tens
             if need_x:
                 given[0] = gx  # cuDNN's, in place of dx (the toolkit copies it where its strides differ)
             if need_S:
-                given[1] = gS.view(S1s.shape) if gS.is_contiguous() else gS.reshape(S1s.shape)
+                given[1] = gS.unflatten(0, (terms, k))  # a view, in whatever layout cuDNN wrote it
     if need_U:
         z = recompute_z(x, S, stride, padding, dilation, g, allow_tf32)
         with exact_products(exact):
@@ -146,7 +146,7 @@ BIAS_SOURCE = "ops/sketched_conv2d/bias_grad.cu"
 BIAS_THREADS = 256  # bias_grad.cu: bias::THREADS (bias_rows)
 BIAS_CHANNEL_THREADS = 512  # bias::CHANNEL_THREADS (bias_channels)
 BIAS_ROWS_PER_BLOCK = 512  # rows of a channels_last g one block of bias_rows sums (64 per warp), at least
-MAX_GRID_Y = 65535  # CUDA's limit on a grid's y dimension (bias_rows' blocks of rows)
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's y dimension (bias_rows' blocks of rows, bias_channels' splits)
 INDEX_LIMIT = 2**31  # bias_channels' flattened index over a block's images (32-bit)
 
 
