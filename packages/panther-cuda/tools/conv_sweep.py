@@ -1,7 +1,7 @@
 """Times the cuda backend's sketched_conv2d, each kernel family forced, against F.conv2d and the torch backend.
 
     python packages/panther-cuda/tools/conv_sweep.py --out conv_sweep.json [--compiled] [--reps 30]
-        [--variants default,async128]
+        [--variants default,async128] [--cudnn-benchmark]
 
 For the two benchmark shapes (N=32 64->128 56x56 L=1 k=16; N=64 256->256 28x28 L=1 k=32; 3x3, padding 1,
 bf16), NCHW and channels_last: the forward (under no_grad) and forward+backward (gradients of x, S1s /
@@ -10,7 +10,7 @@ the L2 is flushed before each replay, outside the timed events; median and 20th 
 --reps replays after warm-up. Implementations: ``cuda`` (the default choice), ``cuda:<variant>`` for each
 forward.VARIANT in VARIANTS (halo64, halo128, their cp.async loaders async64 and async128 with rings of 2 to 4
 buffers, "async64s3", the tap-major
-taps64 and taps128, generic, forced tiles; "+dx": the backward's dx by the halo kernels), ``torch`` (the torch backend), ``F.conv2d`` (the dense layer), and with --compiled the peer a user
+taps64 and taps128, generic, forced tiles; "composed": cuDNN's convolution then cuBLAS's product; "+dx": the backward's dx by the halo kernels), ``torch`` (the torch backend), ``F.conv2d`` (the dense layer), and with --compiled the peer a user
 would write (one conv to 2Lk channels, then the 1x1 projection, under torch.compile). Each cuda variant's y
 is checked against a float32 reference first (max-normalised error printed). For those in KERNEL_TIMES
 also each kernel's time (torch.profiler, eager calls, L2 not flushed), forward and fwd+bwd: where the time
@@ -44,16 +44,18 @@ CASES = [  # (N, C, O, H, W, L, k)
     (64, 256, 256, 28, 28, 1, 32),
 ]
 # forward.VARIANT values: the default choice, each family, and a few forced tiles (TH x TW output pixels)
+# "composed": the forward composed of cuDNN's convolution to R channels and cuBLAS's projection (forward.FORWARD)
 # "+dx": with the backward's dx by the conv_rank kernels (backward.DX = "kernels") instead of cuDNN; "+uloads":
 # the fused forward's U tiles loaded through registers when their tile comes (forward.U_TILES = "loads")
 VARIANTS = [None, "+uloads", "halo64", "halo128", "async64", "async128", "async64s3", "async64s4", "async128s3",
             "async128s4", "async64+uloads", "async128+uloads",
             "taps64", "taps128", "taps64s3", "generic", "halo64+dx", "async64+dx", "taps64+dx", "taps128+dx",
             "halo64:4x16", "async64:4x16", "taps64:4x16", "halo64:2x32", "halo64:1x64", "halo128:4x32",
-            "async64:1x56", "async64s3:1x56"]
+            "async64:1x56", "async64s3:1x56", "composed"]
 # the implementations whose kernels are timed one by one
-KERNEL_TIMES = ("cuda", "cuda:async64", "cuda:taps64", "cuda:taps64+dx", "F.conv2d")
+KERNEL_TIMES = ("cuda", "cuda:async64", "cuda:taps64", "cuda:taps64+dx", "cuda:composed", "F.conv2d")
 FLUSH = torch.empty(0)
+BENCHMARK = False  # torch.backends.cudnn.benchmark for the sweep (--cudnn-benchmark)
 
 
 def inputs(N, C, O, H, W, L, k, layout, dtype=torch.bfloat16, device="cuda"):
@@ -84,10 +86,13 @@ def time_graph(graph, reps):
 
 @contextlib.contextmanager
 def variant(v):
-    """forward.VARIANT = v while the graphs are captured (the forward and the backward's launches); suffixes
-    "+dx": backward.DX = "kernels", "+uloads": forward.U_TILES = "loads"."""
-    previous = forward.VARIANT, backward.DX, forward.U_TILES
+    """forward.VARIANT = v while the graphs are captured (the forward and the backward's launches); "composed":
+    forward.FORWARD = "composed" instead; suffixes "+dx": backward.DX = "kernels", "+uloads": forward.U_TILES =
+    "loads"."""
+    previous = forward.VARIANT, backward.DX, forward.U_TILES, forward.FORWARD
     family, *options = (v or "").split("+")
+    forward.FORWARD = "composed" if family == "composed" else None
+    family = "" if family == "composed" else family
     unknown = set(options) - {"dx", "uloads"}
     if unknown:
         raise ValueError(f"variant {v!r}: unknown suffixes {sorted(unknown)} (expected +dx, +uloads)")
@@ -97,7 +102,7 @@ def variant(v):
     try:
         yield
     finally:
-        forward.VARIANT, backward.DX, forward.U_TILES = previous
+        forward.VARIANT, backward.DX, forward.U_TILES, forward.FORWARD = previous
 
 
 def measure(fn, args, grads_of, gy, reps):
@@ -138,6 +143,9 @@ def main():
     parser.add_argument("--out", default="conv_sweep.json")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--compiled", action="store_true", help="also the torch.compile peer (adds compile time)")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="torch.backends.cudnn.benchmark on for every implementation (cuDNN times its algorithms "
+                        "on each convolution's first call and keeps the fastest)")
     parser.add_argument("--variants", help="comma-separated subset of VARIANTS to time ('default': the default "
                         "choice), e.g. default,async128; all of them if omitted")
     a = parser.parse_args()
@@ -148,7 +156,8 @@ def main():
         if unknown:
             parser.error(f"--variants: {unknown} not in {VARIANTS}")
         variants = names
-    global FLUSH
+    global FLUSH, BENCHMARK
+    BENCHMARK = torch.backends.cudnn.benchmark = a.cudnn_benchmark
     FLUSH = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
     t0 = time.time()
     rows = []
@@ -169,8 +178,9 @@ def main():
                 try:
                     with variant(v):
                         halo = forward._halo(x, S1s.reshape(R, -1), R, (3, 3), (1, 1), (1, 1), (1, 1), (H, W))
-                    extra["plan"] = None if halo is None else dict(zip(("BM", "TH", "TW", "CC", "flags", "hb"),
-                                                                       (halo[0], *halo[1])))
+                    composed = (v or "").startswith("composed")
+                    fields = ("BM", "TH", "TW", "CC", "flags", "hb")
+                    extra["plan"] = None if halo is None or composed else dict(zip(fields, (halo[0], *halo[1])))
                     with torch.no_grad(), variant(v):
                         y = run(x, S1s, U1s, b)
                     extra["rel_err"] = ((y.float() - ref).abs().max() / ref.abs().max()).item()
@@ -222,6 +232,7 @@ def main():
 def save(path, rows, reps, t0):
     """Writes the rows so far to path; returns the seconds since t0."""
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "reps": reps,
+            "cudnn_benchmark": BENCHMARK,
             "seconds": round(time.time() - t0, 1)}
     with open(path, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
