@@ -10,7 +10,7 @@ the L2 is flushed before each replay, outside the timed events; median and 20th 
 --reps replays after warm-up. Implementations: ``cuda`` (the default choice), ``cuda:<variant>`` for each
 forward.VARIANT in VARIANTS (halo64, halo128, their cp.async loaders async64 and async128 with rings of 2 to 4
 buffers, "async64s3", the tap-major
-taps64 and taps128, generic, forced tiles; "composed": cuDNN's convolution then cuBLAS's product; "+dx": the backward's dx by the halo kernels), ``torch`` (the torch backend), ``F.conv2d`` (the dense layer), and with --compiled the peer a user
+taps64 and taps128, generic, forced tiles; "composed": cuDNN's convolution then cuBLAS's product; "+timed": cuDNN's algorithms timed; "+dx": the backward's dx by the halo kernels), ``torch`` (the torch backend), ``F.conv2d`` (the dense layer), and with --compiled the peer a user
 would write (one conv to 2Lk channels, then the 1x1 projection, under torch.compile). Each cuda variant's y
 is checked against a float32 reference first (max-normalised error printed). For those in KERNEL_TIMES
 also each kernel's time (torch.profiler, eager calls, L2 not flushed), forward and fwd+bwd: where the time
@@ -44,16 +44,18 @@ CASES = [  # (N, C, O, H, W, L, k)
     (64, 256, 256, 28, 28, 1, 32),
 ]
 # forward.VARIANT values: the default choice, each family, and a few forced tiles (TH x TW output pixels)
-# "composed": the forward composed of cuDNN's convolution to R channels and cuBLAS's projection (forward.FORWARD)
+# "composed": the forward composed of cuDNN's convolution to R channels and cuBLAS's projection (forward.FORWARD);
+# "+timed": the op's cuDNN convolutions choose their algorithms by timing them (forward.CUDNN_ALGORITHMS)
 # "+dx": with the backward's dx by the conv_rank kernels (backward.DX = "kernels") instead of cuDNN; "+uloads":
 # the fused forward's U tiles loaded through registers when their tile comes (forward.U_TILES = "loads")
 VARIANTS = [None, "+uloads", "halo64", "halo128", "async64", "async128", "async64s3", "async64s4", "async128s3",
             "async128s4", "async64+uloads", "async128+uloads",
             "taps64", "taps128", "taps64s3", "generic", "halo64+dx", "async64+dx", "taps64+dx", "taps128+dx",
             "halo64:4x16", "async64:4x16", "taps64:4x16", "halo64:2x32", "halo64:1x64", "halo128:4x32",
-            "async64:1x56", "async64s3:1x56", "composed"]
+            "async64:1x56", "async64s3:1x56", "composed", "+timed", "composed+timed"]
 # the implementations whose kernels are timed one by one
-KERNEL_TIMES = ("cuda", "cuda:async64", "cuda:taps64", "cuda:taps64+dx", "cuda:composed", "F.conv2d")
+KERNEL_TIMES = ("cuda", "cuda:async64", "cuda:taps64", "cuda:taps64+dx", "cuda:composed", "cuda:+timed",
+                "cuda:composed+timed", "F.conv2d")
 FLUSH = torch.empty(0)
 BENCHMARK = False  # torch.backends.cudnn.benchmark for the sweep (--cudnn-benchmark)
 
@@ -88,21 +90,22 @@ def time_graph(graph, reps):
 def variant(v):
     """forward.VARIANT = v while the graphs are captured (the forward and the backward's launches); "composed":
     forward.FORWARD = "composed" instead; suffixes "+dx": backward.DX = "kernels", "+uloads": forward.U_TILES =
-    "loads"."""
-    previous = forward.VARIANT, backward.DX, forward.U_TILES, forward.FORWARD
+    "loads", "+timed": forward.CUDNN_ALGORITHMS = "timed"."""
+    previous = forward.VARIANT, backward.DX, forward.U_TILES, forward.FORWARD, forward.CUDNN_ALGORITHMS
     family, *options = (v or "").split("+")
     forward.FORWARD = "composed" if family == "composed" else None
     family = "" if family == "composed" else family
-    unknown = set(options) - {"dx", "uloads"}
+    unknown = set(options) - {"dx", "uloads", "timed"}
     if unknown:
-        raise ValueError(f"variant {v!r}: unknown suffixes {sorted(unknown)} (expected +dx, +uloads)")
+        raise ValueError(f"variant {v!r}: unknown suffixes {sorted(unknown)} (expected +dx, +uloads, +timed)")
     forward.VARIANT = family or None
     backward.DX = "kernels" if "dx" in options else "cudnn"
     forward.U_TILES = "loads" if "uloads" in options else "async"
+    forward.CUDNN_ALGORITHMS = "timed" if "timed" in options else "heuristic"
     try:
         yield
     finally:
-        forward.VARIANT, backward.DX, forward.U_TILES, forward.FORWARD = previous
+        forward.VARIANT, backward.DX, forward.U_TILES, forward.FORWARD, forward.CUDNN_ALGORITHMS = previous
 
 
 def measure(fn, args, grads_of, gy, reps):

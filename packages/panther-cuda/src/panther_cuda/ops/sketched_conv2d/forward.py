@@ -72,6 +72,11 @@ STAGES = 2
 # in the recorded runs; "loads" through registers when their tile comes, for timing
 U_TILES = "async"
 
+# how the op's cuDNN convolutions (the composed forward's, the backward's) choose their algorithm: "heuristic", as
+# torch.backends.cudnn.benchmark says (off by default: cuDNN's heuristics); "timed": cuDNN times the candidates on
+# a convolution's first call outside CUDA-graph capture and keeps the fastest (cudnn_algorithms)
+CUDNN_ALGORITHMS = "heuristic"
+
 # None: the fused kernels where fused_forward's rule takes them, else composed; "fused" / "composed": always
 FORWARD: Optional[str] = None
 # the rule's bound on R·C·kh·kw (Z's products per output pixel) for an x that is not channels_last: the fused
@@ -388,6 +393,23 @@ def exact_products(exact: bool):
             setattr(obj, name, value)
 
 
+@contextlib.contextmanager
+def cudnn_algorithms():
+    """torch.backends.cudnn.benchmark on for the body where CUDNN_ALGORITHMS is "timed" and the current stream is not
+    capturing a CUDA graph (timing runs and synchronizes): cuDNN then times its algorithms for a convolution it has not
+    seen on this thread and keeps the fastest. Torch keeps one plan per convolution and thread, whichever way it was
+    chosen, so a convolution first seen during capture keeps the heuristic's choice."""
+    if (CUDNN_ALGORITHMS != "timed" or torch.backends.cudnn.benchmark
+            or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):
+        yield
+        return
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = False
+
+
 def fused_forward(R: int, depth: int, channels_last: bool) -> bool:
     """Whether the forward runs the fused kernels (:data:`FORWARD`; a forced :data:`VARIANT` forces them too): by
     default for an x that is not channels_last where Z's products per output pixel, R·depth (depth = C·kh·kw),
@@ -424,7 +446,8 @@ def composed_forward(y: Tensor, x: Tensor, S: Tensor, U: Tensor, b: Optional[Ten
     """Writes y (N, O, H', W'), NCHW- or channels_last-contiguous, = scale · Uᵀ conv(x, S) + b: Z = conv(x, S)
     (S: (R, C, kh, kw)) by cuDNN in y's layout, then y by :func:`channel_product` (the scale and bias in its
     epilogue)."""
-    z = torch.nn.functional.conv2d(x, S, None, tuple(stride), tuple(padding), tuple(dilation))
+    with cudnn_algorithms():
+        z = torch.nn.functional.conv2d(x, S, None, tuple(stride), tuple(padding), tuple(dilation))
     channel_product(y, z.contiguous(memory_format=memory_format(y)), U.t(), scale, b)
 
 
