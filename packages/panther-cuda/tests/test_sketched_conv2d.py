@@ -1005,6 +1005,34 @@ def test_variant_names_a_family_or_is_refused(variant):
         assert forward._halo(x, S, 16, (3, 3), (1, 1), (1, 1), (1, 1), (10, 10))[1][:2] == (4, 10)
 
 
+@pytest.mark.parametrize("user_benchmark", [False, True])
+@pytest.mark.parametrize("algorithms", ["heuristic", "timed"])
+def test_cudnn_algorithms_times_only_when_asked(algorithms, user_benchmark):
+    """The op's cuDNN calls run with torch.backends.cudnn.benchmark on where CUDNN_ALGORITHMS is "timed", and leave
+    the program's own setting as it was after."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = user_benchmark
+    try:
+        with mock.patch.object(forward, "CUDNN_ALGORITHMS", algorithms):
+            with forward.cudnn_algorithms():
+                assert torch.backends.cudnn.benchmark == (user_benchmark or algorithms == "timed")
+            assert torch.backends.cudnn.benchmark == user_benchmark
+            with pytest.raises(KeyError), forward.cudnn_algorithms():
+                raise KeyError("the body failed")
+            assert torch.backends.cudnn.benchmark == user_benchmark
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+def test_cudnn_algorithms_are_not_timed_during_capture():
+    """Timing synchronizes, which a stream capturing a CUDA graph forbids: the heuristic's choice there."""
+    with mock.patch.object(forward, "CUDNN_ALGORITHMS", "timed"), \
+            mock.patch.object(torch.cuda, "is_available", return_value=True), \
+            mock.patch.object(torch.cuda, "is_current_stream_capturing", return_value=True):
+        with forward.cudnn_algorithms():
+            assert torch.backends.cudnn.benchmark is False
+
+
 # --- CPU: the op's host side around kernels emulated in torch ---------------------------------------------------
 
 
