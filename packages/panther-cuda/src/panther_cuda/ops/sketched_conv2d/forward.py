@@ -105,13 +105,13 @@ def _pad(dtype: torch.dtype) -> int:
 def rank_shared_bytes(dtype: torch.dtype, rc: int) -> int:
     """Dynamic shared memory of conv_rank<T, rc>, the stage-1 workspace: two column tables of BK entries
     (8 + 4 + 4 bytes each), the im2col tile and the S tile ((BM + rc) x BK, padded rows)."""
-    return 2 * BK * 16 + torch.empty((), dtype=dtype).element_size() * (BM + rc) * (BK + _pad(dtype))
+    return 2 * BK * 16 + dtype.itemsize * (BM + rc) * (BK + _pad(dtype))
 
 
 def fwd_shared_bytes(dtype: torch.dtype, rp: int) -> int:
     """Dynamic shared memory of sketched_conv2d_fwd<T, rp>: Z (BM x rp, padded rows), then the larger of
     the stage-1 workspace and the U tile (RC x BN, padded rows)."""
-    pad, size = _pad(dtype), torch.empty((), dtype=dtype).element_size()
+    pad, size = _pad(dtype), dtype.itemsize
     rc = min(rp, 64)
     return size * BM * (rp + pad) + max(rank_shared_bytes(dtype, rc), size * rc * (BN + pad))
 
@@ -127,7 +127,7 @@ def halo_shared_bytes(dtype: torch.dtype, rp: int, bm: int, hb: int, stages: int
     buffers and as many S buffers (rp x (KC_MAX + pad)) and the epilogue's Z (bm x (rp + pad)) and U tile
     (rp x (BN + pad)); with ``u_async`` (the forward's flag U_ASYNC), from the next 16 bytes two buffers of a
     U tile and its bias (rp x (BN + pad) + BN each; sketched_conv2d.cu: halo_u_offset)."""
-    pad, size = _pad(dtype), torch.empty((), dtype=dtype).element_size()
+    pad, size = _pad(dtype), dtype.itemsize
     loop = stages * (hb + rp * (KC_MAX + pad))
     epilogue = bm * (rp + pad) + rp * (BN + pad)
     bytes_ = 4 * (KC_MAX + bm) + size * max(loop, epilogue)
@@ -241,7 +241,7 @@ def _plan(N, C, dtype, channels_inner, s_aligned, x_rows8, copy, taps, pw, R, kh
     KK = kh * kw
     if R > HALO_RANKS[-1] or KK > KC_MAX or Ho * Wo == 0:
         return None
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     if taps and (size != 2 or 16 * KK > KC_MAX):
         return None
     V = copy // size

@@ -46,10 +46,6 @@ def kernel(source: str, name: str, dtype: torch.dtype, size: int) -> Kernel:
     return k
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def depth(R: int) -> Optional[int]:
     """The depth of the fwd_y_sm90 instance that takes R = 2Lk, None past the deepest."""
     return next((d for d in DEPTHS if R <= d), None)
@@ -58,19 +54,19 @@ def depth(R: int) -> Optional[int]:
 def y_shared_bytes(depth_: int, dtype: torch.dtype) -> int:
     """fwd_y_sm90: H's tile (128 x depth, at least 64: whole 128-byte rows of the swizzle) and two stages of B's
     (depth x 128)."""
-    return (BM * max(depth_, 64) + 2 * depth_ * BN) * _itemsize(dtype)
+    return (BM * max(depth_, 64) + 2 * depth_ * BN) * dtype.itemsize
 
 
 def ring_shared_bytes(dtype: torch.dtype, stages: int = RING_STAGES[0]) -> int:
     """The ring kernels (fwd_h_sm90, bwd_g_sm90, bwd_x_sm90): ``stages`` stages of a 128 x 64 and a 64 x 128 tile
     (by default the shallow ring, the least a launch takes)."""
-    return stages * (BM * RING_BK + RING_BK * BN) * _itemsize(dtype)
+    return stages * (BM * RING_BK + RING_BK * BN) * dtype.itemsize
 
 
 def fused_x_shared_bytes(dtype: torch.dtype) -> int:
     """bwd_x_fused_sm90 (backward_sm90.cu's FusedX): A's 128 x 128 tile, FUSED_X_STAGES stages of x's and dH's
     64 x 128 tiles, and dx's 64 x 128 tile on its way out."""
-    return (BM * BN + FUSED_X_STAGES * 2 * RING_BK * BN + RING_BK * BN) * _itemsize(dtype)
+    return (BM * BN + FUSED_X_STAGES * 2 * RING_BK * BN + RING_BK * BN) * dtype.itemsize
 
 
 def ring_stages(blocks: int, dtype: torch.dtype, device: torch.device) -> int:
