@@ -350,8 +350,9 @@ def test_exact_float32_is_not_tf32(forward_by, ieee_float32):
 @contextlib.contextmanager
 def program_set_fp32_precision(conv: Optional[str]):
     """cuDNN's convolutions set to ``conv`` (None: whichever differs from now) through torch's fp32_precision
-    settings, as a program may, after which reading the legacy allow_tf32 flags raises; every fp32_precision
-    setting put back after. Skips where torch has no such settings."""
+    settings, as a program may; every fp32_precision setting put back after. Yields whether the legacy allow_tf32
+    flags can still be read: torch 2.13 refuses to (a mix of the two APIs), torch 2.11 still reads them. Skips
+    where torch has no such settings."""
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     if not hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
         pytest.skip(f"torch {torch.__version__} has no fp32_precision settings")
@@ -359,9 +360,12 @@ def program_set_fp32_precision(conv: Optional[str]):
     saved = [p.fp32_precision for p in parts]
     try:
         cudnn.conv.fp32_precision = conv or ("tf32" if saved[1] == "ieee" else "ieee")
-        with pytest.raises(RuntimeError):
-            cudnn.allow_tf32
-        yield
+        try:
+            matmul.allow_tf32, cudnn.allow_tf32
+            legacy_readable = True
+        except RuntimeError:
+            legacy_readable = False
+        yield legacy_readable
     finally:
         for p, value in zip(parts, saved):
             p.fp32_precision = value
@@ -1014,14 +1018,27 @@ def test_cudnn_algorithms_times_only_when_asked(algorithms, user_benchmark):
     torch.backends.cudnn.benchmark = user_benchmark
     try:
         with mock.patch.object(forward, "CUDNN_ALGORITHMS", algorithms):
-            with forward.cudnn_algorithms():
+            with forward.cudnn_algorithms(torch.bfloat16):
                 assert torch.backends.cudnn.benchmark == (user_benchmark or algorithms == "timed")
             assert torch.backends.cudnn.benchmark == user_benchmark
-            with pytest.raises(KeyError), forward.cudnn_algorithms():
+            with pytest.raises(KeyError), forward.cudnn_algorithms(torch.bfloat16):
                 raise KeyError("the body failed")
             assert torch.backends.cudnn.benchmark == user_benchmark
     finally:
         torch.backends.cudnn.benchmark = previous
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_cudnn_algorithms_native16_turns_tf32_off_for_16_bit_inputs(dtype):
+    """With "native16", 16-bit inputs' convolutions run with cuDNN's TF32 off (its TF32 engines convert them to
+    float32): exact_products(True) for the body, the program's settings back after; float32 keeps torch's."""
+    entered = []
+    with mock.patch.object(forward, "CUDNN_ALGORITHMS", "native16"), \
+            mock.patch.object(forward, "exact_products",
+                              lambda exact: entered.append(exact) or contextlib.nullcontext()):
+        with forward.cudnn_algorithms(dtype):
+            assert torch.backends.cudnn.benchmark is False
+    assert entered == ([True] if dtype != torch.float32 else [])
 
 
 def test_cudnn_algorithms_are_not_timed_during_capture():
@@ -1029,7 +1046,7 @@ def test_cudnn_algorithms_are_not_timed_during_capture():
     with mock.patch.object(forward, "CUDNN_ALGORITHMS", "timed"), \
             mock.patch.object(torch.cuda, "is_available", return_value=True), \
             mock.patch.object(torch.cuda, "is_current_stream_capturing", return_value=True):
-        with forward.cudnn_algorithms():
+        with forward.cudnn_algorithms(torch.bfloat16):
             assert torch.backends.cudnn.benchmark is False
 
 
@@ -1272,12 +1289,16 @@ def test_exact_products_turn_tf32_off_and_back():
 
 
 def test_exact_products_after_the_program_set_fp32_precision():
-    """Once a program has set torch's fp32_precision settings, reading the legacy flags raises: exact_products then
-    sets cuBLAS's, cuDNN convolutions' and RNNs' fp32_precision to "ieee" and puts them back."""
+    """Once a program has set torch's fp32_precision settings, reading the legacy flags raises (torch 2.13):
+    exact_products then sets cuBLAS's, cuDNN convolutions' and RNNs' fp32_precision to "ieee" and puts them back.
+    Where torch still reads the legacy flags then (2.11), it takes those."""
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    with program_set_fp32_precision(None):
+    with program_set_fp32_precision(None) as legacy_readable:
         settings = forward._tf32_settings()
-        assert settings == tuple((p, "fp32_precision", "ieee") for p in (matmul, cudnn.conv, cudnn.rnn))
+        if legacy_readable:
+            assert settings == ((matmul, "allow_tf32", False), (cudnn, "allow_tf32", False))
+        else:
+            assert settings == tuple((p, "fp32_precision", "ieee") for p in (matmul, cudnn.conv, cudnn.rnn))
         _exact_products_round_trip(settings)
     assert isinstance(cudnn.allow_tf32, bool)  # readable again
 

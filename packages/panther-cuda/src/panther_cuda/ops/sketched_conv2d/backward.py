@@ -45,7 +45,7 @@ def recompute_z(x: Tensor, S: Tensor, stride, padding, dilation, g: Tensor, allo
     by conv_rank or, with Z = "cudnn", by cuDNN (its result copied where its layout differs from g's)."""
     fmt = memory_format(g)
     if Z == "cudnn":
-        with exact_products(exact_float32(x.dtype, allow_tf32)), cudnn_algorithms():
+        with exact_products(exact_float32(x.dtype, allow_tf32)), cudnn_algorithms(x.dtype):
             z = torch.nn.functional.conv2d(x, S, None, tuple(stride), tuple(padding), tuple(dilation))
         return z.contiguous(memory_format=fmt)
     R, _, kh, kw = S.shape
@@ -121,7 +121,7 @@ def sketched_conv2d_backward(grads, g: Tensor, x: Tensor, S1s: Tensor, U1s: Tens
         if need_x and DX == "kernels" and dx_by_kernel(dx, dZ, S, stride, padding, dilation, allow_tf32):
             need_x = False  # written
         if need_x or need_S:
-            with exact_products(exact), cudnn_algorithms():
+            with exact_products(exact), cudnn_algorithms(x.dtype):
                 gx, gS, _ = torch.ops.aten.convolution_backward(
                     dZ, x, S, None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
                     [bool(need_x), bool(need_S), False],

@@ -72,9 +72,11 @@ STAGES = 2
 # in the recorded runs; "loads" through registers when their tile comes, for timing
 U_TILES = "async"
 
-# how the op's cuDNN convolutions (the composed forward's, the backward's) choose their algorithm: "heuristic", as
-# torch.backends.cudnn.benchmark says (off by default: cuDNN's heuristics); "timed": cuDNN times the candidates on
-# a convolution's first call outside CUDA-graph capture and keeps the fastest (cudnn_algorithms)
+# how the op's cuDNN convolutions (the composed forward's, the backward's) choose their algorithm (cudnn_algorithms):
+# "heuristic", as torch's settings say (by default cuDNN's heuristics, TF32 engines allowed); "native16": for 16-bit
+# inputs without cuDNN's TF32 engines, which convert the inputs to float32 and back (the heuristics' choice for the
+# spec conv's convolution to R channels); "timed": cuDNN times the candidates on a convolution's first call outside
+# CUDA-graph capture and keeps the fastest. Not yet timed against each other (tools/conv_sweep.py)
 CUDNN_ALGORITHMS = "heuristic"
 
 # None: the fused kernels where fused_forward's rule takes them, else composed; "fused" / "composed": always
@@ -394,11 +396,18 @@ def exact_products(exact: bool):
 
 
 @contextlib.contextmanager
-def cudnn_algorithms():
-    """torch.backends.cudnn.benchmark on for the body where CUDNN_ALGORITHMS is "timed" and the current stream is not
-    capturing a CUDA graph (timing runs and synchronizes): cuDNN then times its algorithms for a convolution it has not
-    seen on this thread and keeps the fastest. Torch keeps one plan per convolution and thread, whichever way it was
-    chosen, so a convolution first seen during capture keeps the heuristic's choice."""
+def cudnn_algorithms(dtype: torch.dtype):
+    """The op's cuDNN convolutions on inputs of ``dtype`` choose their algorithm as CUDNN_ALGORITHMS says: with
+    "native16" and 16-bit inputs, cuDNN's TF32 off for the body (TF32 is part of torch's key of a convolution's plan,
+    so this plan is another than the one with TF32 allowed); with "timed", torch.backends.cudnn.benchmark on for the
+    body where the current stream is not capturing a CUDA graph (timing runs and synchronizes): cuDNN then times its
+    algorithms for a convolution it has not seen on this thread and keeps the fastest. Torch keeps one plan per
+    convolution and thread, whichever way it was chosen, so a convolution first seen during capture keeps the
+    heuristic's choice."""
+    if CUDNN_ALGORITHMS == "native16" and dtype in (torch.float16, torch.bfloat16):
+        with exact_products(True):
+            yield
+        return
     if (CUDNN_ALGORITHMS != "timed" or torch.backends.cudnn.benchmark
             or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):
         yield
@@ -446,7 +455,7 @@ def composed_forward(y: Tensor, x: Tensor, S: Tensor, U: Tensor, b: Optional[Ten
     """Writes y (N, O, H', W'), NCHW- or channels_last-contiguous, = scale · Uᵀ conv(x, S) + b: Z = conv(x, S)
     (S: (R, C, kh, kw)) by cuDNN in y's layout, then y by :func:`channel_product` (the scale and bias in its
     epilogue)."""
-    with cudnn_algorithms():
+    with cudnn_algorithms(x.dtype):
         z = torch.nn.functional.conv2d(x, S, None, tuple(stride), tuple(padding), tuple(dilation))
     channel_product(y, z.contiguous(memory_format=memory_format(y)), U.t(), scale, b)
 
