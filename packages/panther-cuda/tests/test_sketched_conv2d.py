@@ -373,9 +373,10 @@ def program_set_fp32_precision(conv: Optional[str]):
 
 @pytest.mark.gpu
 def test_exact_float32_after_the_program_set_fp32_precision(forward_by, ieee_float32):
-    """A program that set cuDNN's convolutions to TF32 through torch's fp32_precision settings (after which the
-    legacy flags raise) still gets exact float32 at matmul precision "highest": the op's cuDNN and cuBLAS calls
-    run with those settings at "ieee" (exact_products), forward and every gradient far inside TF32's error."""
+    """A program that set cuDNN's convolutions to TF32 through torch's fp32_precision settings (after which torch
+    2.13 refuses to read the legacy flags; 2.11 still reads them) still gets exact float32 at matmul precision
+    "highest": the op's cuDNN and cuBLAS calls run with TF32 off (exact_products, by whichever settings torch
+    reads), forward and every gradient far inside TF32's error."""
     with program_set_fp32_precision("tf32"):
         inputs, conv = _case("deep_R192_O130", torch.float32)
         y, _ = run_and_compare(inputs, conv, GRADS, TOL[torch.float32])  # TF32's: TOL_TF32

@@ -74,9 +74,9 @@ U_TILES = "async"
 
 # how the op's cuDNN convolutions (the composed forward's, the backward's) choose their algorithm (cudnn_algorithms):
 # "heuristic", as torch's settings say (by default cuDNN's heuristics, TF32 engines allowed); "native16": for 16-bit
-# inputs without cuDNN's TF32 engines, which convert the inputs to float32 and back (the heuristics' choice for the
-# spec conv's convolution to R channels); "timed": cuDNN times the candidates on a convolution's first call outside
-# CUDA-graph capture and keeps the fastest. Not yet timed against each other (tools/conv_sweep.py)
+# inputs without cuDNN's TF32 engines, which convert the inputs to float32 and back; "timed": cuDNN times the
+# candidates on a convolution's first call outside CUDA-graph capture and keeps the fastest. tools/conv_sweep.py
+# times each (+native16, +timed; benchmarks/results/NOTES.md)
 CUDNN_ALGORITHMS = "heuristic"
 
 # None: the fused kernels where fused_forward's rule takes them, else composed; "fused" / "composed": always
@@ -398,12 +398,12 @@ def exact_products(exact: bool):
 @contextlib.contextmanager
 def cudnn_algorithms(dtype: torch.dtype):
     """The op's cuDNN convolutions on inputs of ``dtype`` choose their algorithm as CUDNN_ALGORITHMS says: with
-    "native16" and 16-bit inputs, cuDNN's TF32 off for the body (TF32 is part of torch's key of a convolution's plan,
-    so this plan is another than the one with TF32 allowed); with "timed", torch.backends.cudnn.benchmark on for the
-    body where the current stream is not capturing a CUDA graph (timing runs and synchronizes): cuDNN then times its
-    algorithms for a convolution it has not seen on this thread and keeps the fastest. Torch keeps one plan per
-    convolution and thread, whichever way it was chosen, so a convolution first seen during capture keeps the
-    heuristic's choice."""
+    "native16" and 16-bit inputs, TF32 off for the body by exact_products (cuBLAS's setting with it, which 16-bit products do
+    not read; TF32 is part of torch's key of a convolution's plan, so this plan is another than the one with TF32
+    allowed); with "timed", torch.backends.cudnn.benchmark on for the body where the current stream is not capturing
+    a CUDA graph (timing runs and synchronizes): cuDNN then times its algorithms for a convolution it has not seen
+    on this thread and keeps the fastest. Torch keeps one plan per convolution and thread, whichever way it was
+    chosen, so a convolution first seen during capture keeps the heuristic's choice."""
     if CUDNN_ALGORITHMS == "native16" and dtype in (torch.float16, torch.bfloat16):
         with exact_products(True):
             yield
