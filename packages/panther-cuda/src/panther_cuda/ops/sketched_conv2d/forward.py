@@ -397,13 +397,15 @@ def exact_products(exact: bool):
 
 @contextlib.contextmanager
 def cudnn_algorithms(dtype: torch.dtype):
-    """The op's cuDNN convolutions on inputs of ``dtype`` choose their algorithm as CUDNN_ALGORITHMS says: with
-    "native16" and 16-bit inputs, TF32 off for the body by exact_products (cuBLAS's setting with it, which 16-bit
-    products do not read; TF32 is part of torch's key of a convolution's plan, so this plan is another than the one
-    with TF32 allowed); with "timed", torch.backends.cudnn.benchmark on for the body where the current stream is not capturing
-    a CUDA graph (timing runs and synchronizes): cuDNN then times its algorithms for a convolution it has not seen
-    on this thread and keeps the fastest. Torch keeps one plan per convolution and thread, whichever way it was
-    chosen, so a convolution first seen during capture keeps the heuristic's choice."""
+    """The op's cuDNN convolutions on inputs of ``dtype`` choose their algorithm as CUDNN_ALGORITHMS says.
+
+    "native16", 16-bit inputs: TF32 off for the body by exact_products (cuBLAS's setting with it, which 16-bit
+    products do not read). TF32 is part of torch's key of a convolution's plan, so this plan is another than the
+    one with TF32 allowed.
+    "timed": torch.backends.cudnn.benchmark on for the body where the current stream is not capturing a CUDA graph
+    (timing runs and synchronizes): cuDNN then times its algorithms for a convolution it has not seen on this
+    thread and keeps the fastest. Torch keeps one plan per convolution and thread, whichever way it was chosen, so
+    a convolution first seen during capture keeps the heuristic's choice."""
     if CUDNN_ALGORITHMS == "native16" and dtype in (torch.float16, torch.bfloat16):
         with exact_products(True):
             yield
