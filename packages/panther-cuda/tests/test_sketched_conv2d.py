@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import re
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Optional
@@ -307,6 +308,29 @@ def test_weight_gradient_by_z_layouts(name, dtype, layout, z_by, ieee_float32):
     g = g.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else g
     run_and_compare((x, *inputs[1:]), conv, GRADS, TOL[dtype], grad_out=g)
     run_and_compare((x, *inputs[1:]), conv, ("U1s",), TOL[dtype], grad_out=g)
+
+
+@pytest.fixture(params=["input", "channels_last"])
+def cudnn_layout(request):
+    """forward.CUDNN_LAYOUT forced for the test: cuDNN's convolutions on x as it is, or an NCHW x channels_last."""
+    with mock.patch.object(forward, "CUDNN_LAYOUT", request.param):
+        yield request.param
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["nchw", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["3x3_R6", "stride2_R6", "mixed_pairs_R66_O70", "deep_R192_O130"])
+def test_cudnn_layouts(name, dtype, layout, cudnn_layout, forward_by, ieee_float32):
+    """Each layout of the op's cuDNN convolutions (forward.CUDNN_LAYOUT) with each forward, x NCHW or strided:
+    forward and every gradient against float64, float32 exact at "highest"; y and dx in x's memory format."""
+    inputs, conv = _case(name, dtype)
+    x = inputs[0]
+    if layout == "strided":
+        x = torch.zeros(x.shape[0], x.shape[1] * 2, x.shape[2], x.shape[3], dtype=x.dtype, device=x.device)[:, ::2]
+        x.copy_(inputs[0])
+    y, leaves = run_and_compare((x, *inputs[1:]), conv, GRADS, TOL[dtype])
+    assert y.is_contiguous() and leaves[0].grad.is_contiguous()
 
 
 @pytest.mark.gpu
@@ -1019,27 +1043,14 @@ def test_cudnn_algorithms_times_only_when_asked(algorithms, user_benchmark):
     torch.backends.cudnn.benchmark = user_benchmark
     try:
         with mock.patch.object(forward, "CUDNN_ALGORITHMS", algorithms):
-            with forward.cudnn_algorithms(torch.bfloat16):
+            with forward.cudnn_algorithms():
                 assert torch.backends.cudnn.benchmark == (user_benchmark or algorithms == "timed")
             assert torch.backends.cudnn.benchmark == user_benchmark
-            with pytest.raises(KeyError), forward.cudnn_algorithms(torch.bfloat16):
+            with pytest.raises(KeyError), forward.cudnn_algorithms():
                 raise KeyError("the body failed")
             assert torch.backends.cudnn.benchmark == user_benchmark
     finally:
         torch.backends.cudnn.benchmark = previous
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_cudnn_algorithms_native16_turns_tf32_off_for_16_bit_inputs(dtype):
-    """With "native16", 16-bit inputs' convolutions run with cuDNN's TF32 off (its TF32 engines convert them to
-    float32): exact_products(True) for the body, the program's settings back after; float32 keeps torch's."""
-    entered = []
-    with mock.patch.object(forward, "CUDNN_ALGORITHMS", "native16"), \
-            mock.patch.object(forward, "exact_products",
-                              lambda exact: entered.append(exact) or contextlib.nullcontext()):
-        with forward.cudnn_algorithms(dtype):
-            assert torch.backends.cudnn.benchmark is False
-    assert entered == ([True] if dtype != torch.float32 else [])
 
 
 def test_cudnn_algorithms_are_not_timed_during_capture():
@@ -1047,7 +1058,7 @@ def test_cudnn_algorithms_are_not_timed_during_capture():
     with mock.patch.object(forward, "CUDNN_ALGORITHMS", "timed"), \
             mock.patch.object(torch.cuda, "is_available", return_value=True), \
             mock.patch.object(torch.cuda, "is_current_stream_capturing", return_value=True):
-        with forward.cudnn_algorithms(torch.bfloat16):
+        with forward.cudnn_algorithms():
             assert torch.backends.cudnn.benchmark is False
 
 
@@ -1146,6 +1157,51 @@ def test_dx_comes_in_the_memory_format_of_x(layout, emulated_kernels):
     assert fake.stride() == dx.stride()
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("name", ["stride2_R6", "mixed_pairs_R66_O70"])
+def test_cudnn_layout_around_emulated_kernels(name, layout, emulated_kernels, forward_by, cudnn_layout, monkeypatch):
+    """forward.CUDNN_LAYOUT: with "channels_last" the op's cuDNN convolutions (the composed forward's, the
+    backward's dx and dS, the Z it recomputes) take an NCHW x copied to channels_last, one copy per pass, and dZ
+    made channels_last; other layouts of x, and every x with "input", as they are. Every gradient against the
+    reference; y and dx in x's memory format."""
+    inputs, conv = _case(name, torch.float64, device="cpu")
+    x = inputs[0]
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.zeros(x.shape[0], x.shape[1] * 2, x.shape[2], x.shape[3] + 1, dtype=x.dtype)[:, ::2, :, 1:]
+        x.copy_(inputs[0])
+    seen = []  # (the call, whether its x is channels_last, whether its dZ is)
+    conv2d, convolution_backward = torch.nn.functional.conv2d, torch.ops.aten.convolution_backward
+
+    def recorded_conv2d(inp, *a):
+        if sys._getframe(1).f_globals["__name__"].startswith("panther_cuda"):  # the op's, not the emulation's
+            seen.append(("conv2d", forward.memory_format(inp) == torch.channels_last, None))
+        return conv2d(inp, *a)
+
+    def recorded_backward(dz, inp, *a):
+        cl = (forward.memory_format(inp) == torch.channels_last, forward.memory_format(dz) == torch.channels_last)
+        seen.append(("backward", *cl))
+        return convolution_backward(dz, inp, *a)
+
+    leaves = [t.detach().requires_grad_(True) for t in (x, *inputs[1:])]
+    g = torch.randn(cuda_sketched_conv2d(*inputs, *conv).shape, dtype=torch.float64)
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.nn.functional, "conv2d", recorded_conv2d)
+        patched.setattr(torch.ops.aten, "convolution_backward", recorded_backward)
+        y = cuda_sketched_conv2d(*leaves, *conv)
+        grads = torch.autograd.grad(y, leaves, g)
+    y_ref, grads_ref = reference(inputs, conv, g, GRADS)
+    assert rel_err(y, y_ref) <= EMULATED_TOL
+    for got, want in zip(grads, GRADS):
+        assert rel_err(got, grads_ref[want]) <= EMULATED_TOL, want
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt) and grads[0].is_contiguous(memory_format=fmt)
+    cl = layout == "channels_last" or layout == "nchw" and cudnn_layout == "channels_last"
+    calls = ["conv2d"] * (forward_by == "composed") + ["backward", "conv2d"]  # the forward, dx and dS, dU's Z
+    assert seen == [(c, cl, cl if c == "backward" else None) for c in calls]
+
+
 def _grad_in_layout(shape, layout: str) -> torch.Tensor:
     """A float64 N(0, 1) gradient of ``shape``: NCHW, channels_last, strided (every other column of a wider
     tensor: neither layout) or expanded (one value per (n, o) plane)."""
@@ -1209,7 +1265,8 @@ def test_forward_rule_takes_the_fused_kernels_up_to_its_depth(monkeypatch):
 def test_weight_gradient_around_emulated_kernels(name, layout, emulated_kernels, z_by):
     """dU with Z recomputed by each way (backward.Z: conv_rank emulated, or torch's convolution) for g NCHW (a
     product per image), channels_last (one product), strided or expanded (copied to rows of pixels first): every
-    gradient against the reference, and Z in g's layout where g has one."""
+    gradient against the reference, and Z in g's layout where conv_rank makes it (and g has one), in x's where
+    cuDNN does (weight_products reads either)."""
     inputs, conv = _case(name, torch.float64, device="cpu")
     # x in the other layout than g's, so that Z is seen to follow g's layout, not x's
     x = inputs[0].contiguous(memory_format=torch.channels_last) if layout == "nchw" else inputs[0]
@@ -1220,7 +1277,10 @@ def test_weight_gradient_around_emulated_kernels(name, layout, emulated_kernels,
     with mock.patch.object(backward, "recompute_z", lambda *a: made.append(real(*a)) or made[-1]):
         grads = torch.autograd.grad(cuda_sketched_conv2d(*leaves, *conv), [t for t in leaves if t is not None], g)
     assert len(made) == 1 and len(grads) == len(GRADS)
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    if z_by == "kernels":  # conv_rank makes Z in g's layout, cuDNN in x's
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    else:
+        fmt = forward.memory_format(x)
     assert made[0].is_contiguous(memory_format=fmt) and made[0].shape[1] == inputs[1].shape[0] * inputs[1].shape[1]
     for got, want in zip(grads, GRADS):
         assert rel_err(got, grads_ref[want]) <= EMULATED_TOL, want
@@ -1258,21 +1318,28 @@ def _exact_products_round_trip(settings):
     assert now() == before
 
 
+def _in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """t NCHW-contiguous, channels_last, or strided (every other column of a wider tensor: neither layout)."""
+    if layout == "strided":
+        return torch.zeros(*t.shape[:3], t.shape[3] * 2, dtype=t.dtype)[..., ::2].copy_(t)
+    return t.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+
+
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
-@pytest.mark.parametrize("layouts", [("nchw", "nchw"), ("channels_last", "channels_last"), ("nchw", "channels_last"),
-                                     ("channels_last", "nchw")])
-def test_channel_product_matches_float64(layouts, bias):
-    """channel_product: out = scale · W inp per pixel (+ bias) by one cuBLAS call where out and inp share a layout,
-    against float64 on fresh inputs; where they do not, False and out untouched."""
+@pytest.mark.parametrize("out_layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("inp_layout", ["nchw", "channels_last", "strided"])
+def test_channel_product_matches_float64(out_layout, inp_layout, bias):
+    """channel_product: out = scale · W inp per pixel (+ bias) by cuBLAS for each pairing of NCHW and channels_last
+    (one product where both are channels_last, else one per image), against float64 on fresh inputs; where either
+    is in neither layout, False and out untouched."""
     gen = torch.Generator().manual_seed(11)
     N, Ci, Co, H, W = 3, 5, 7, 4, 6
-    fmt = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-    inp = torch.randn(N, Ci, H, W, generator=gen, dtype=torch.float64).contiguous(memory_format=fmt[layouts[1]])
+    inp = _in_layout(torch.randn(N, Ci, H, W, generator=gen, dtype=torch.float64), inp_layout)
     Wt = torch.randn(Co, Ci, generator=gen, dtype=torch.float64)
     b = torch.randn(Co, generator=gen, dtype=torch.float64) if bias else None
-    out = torch.full((N, Co, H, W), float("nan"), dtype=torch.float64).contiguous(memory_format=fmt[layouts[0]])
+    out = _in_layout(torch.full((N, Co, H, W), float("nan"), dtype=torch.float64), out_layout)
     took = forward.channel_product(out, inp, Wt, 0.25, b)
-    assert took == (layouts[0] == layouts[1])
+    assert took == ("strided" not in (out_layout, inp_layout))
     if not took:
         assert out.isnan().all()
         return

@@ -10,7 +10,7 @@ the L2 is flushed before each replay, outside the timed events; median and 20th 
 --reps replays after warm-up. Implementations: ``cuda`` (the default choice), ``cuda:<variant>`` for each
 forward.VARIANT in VARIANTS (halo64, halo128, their cp.async loaders async64 and async128 with rings of 2 to 4
 buffers, "async64s3", the tap-major taps64 and taps128, generic, forced tiles; "composed": cuDNN's convolution
-then cuBLAS's product; "+native16": cuDNN without its TF32 engines for 16-bit inputs; "+timed": cuDNN's
+then cuBLAS's product; "+cl": cuDNN's convolutions channels_last for an NCHW x; "+timed": cuDNN's
 algorithms timed, in a sweep without untimed variants, whose compiled peer then runs the plan the op chose for
 the convolution they share; "+dx": the backward's dx by the halo kernels), ``torch`` (the torch backend),
 ``F.conv2d`` (the dense layer), and with --compiled the peer a user would write (one conv to 2Lk channels, then
@@ -48,20 +48,20 @@ CASES = [  # (N, C, O, H, W, L, k)
 ]
 # forward.VARIANT values: the default choice, each family, and a few forced tiles (TH x TW output pixels)
 # "composed": the forward composed of cuDNN's convolution to R channels and cuBLAS's projection (forward.FORWARD);
-# "+native16": the op's cuDNN convolutions without TF32 engines for 16-bit inputs, "+timed": choosing their
-# algorithms by timing them (forward.CUDNN_ALGORITHMS); +timed only in a sweep of its own (torch keeps the plan a
-# convolution first got on a thread, whichever way it was chosen; TF32 is part of that key, so +native16 may mix)
+# "+timed": the op's cuDNN convolutions choosing their algorithms by timing them (forward.CUDNN_ALGORITHMS), only
+# in a sweep of its own (torch keeps the plan a convolution first got on a thread, whichever way it was chosen)
+# "+cl": the op's cuDNN convolutions channels_last for an NCHW x (forward.CUDNN_LAYOUT), x copied once per pass
 # "+dx": with the backward's dx by the conv_rank kernels (backward.DX = "kernels") instead of cuDNN; "+uloads":
 # the fused forward's U tiles loaded through registers when their tile comes (forward.U_TILES = "loads")
 VARIANTS = [None, "+uloads", "halo64", "halo128", "async64", "async128", "async64s3", "async64s4", "async128s3",
             "async128s4", "async64+uloads", "async128+uloads",
             "taps64", "taps128", "taps64s3", "generic", "halo64+dx", "async64+dx", "taps64+dx", "taps128+dx",
             "halo64:4x16", "async64:4x16", "taps64:4x16", "halo64:2x32", "halo64:1x64", "halo128:4x32",
-            "async64:1x56", "async64s3:1x56", "composed", "+native16", "composed+native16", "+timed",
+            "async64:1x56", "async64s3:1x56", "composed", "+cl", "composed+cl", "+timed",
             "composed+timed"]
 # the implementations whose kernels are timed one by one
-KERNEL_TIMES = ("cuda", "cuda:async64", "cuda:taps64", "cuda:taps64+dx", "cuda:composed", "cuda:+native16",
-                "cuda:composed+native16", "cuda:+timed", "cuda:composed+timed", "F.conv2d")
+KERNEL_TIMES = ("cuda", "cuda:async64", "cuda:taps64", "cuda:taps64+dx", "cuda:composed", "cuda:+cl",
+                "cuda:composed+cl", "cuda:+timed", "cuda:composed+timed", "F.conv2d")
 FLUSH = torch.empty(0)
 BENCHMARK = False  # torch.backends.cudnn.benchmark for the sweep (--cudnn-benchmark)
 
@@ -101,23 +101,25 @@ def time_graph(graph, reps):
 def variant(v):
     """forward.VARIANT = v while the graphs are captured (the forward and the backward's launches); "composed":
     forward.FORWARD = "composed" instead; suffixes "+dx": backward.DX = "kernels", "+uloads": forward.U_TILES =
-    "loads", "+native16" / "+timed": forward.CUDNN_ALGORITHMS = "native16" / "timed"."""
-    previous = forward.VARIANT, backward.DX, forward.U_TILES, forward.FORWARD, forward.CUDNN_ALGORITHMS
+    "loads", "+timed": forward.CUDNN_ALGORITHMS = "timed", "+cl": forward.CUDNN_LAYOUT = "channels_last"."""
+    previous = (forward.VARIANT, backward.DX, forward.U_TILES, forward.FORWARD, forward.CUDNN_ALGORITHMS,
+                forward.CUDNN_LAYOUT)
     family, *options = (v or "").split("+")
     forward.FORWARD = "composed" if family == "composed" else None
     family = "" if family == "composed" else family
-    unknown = set(options) - {"dx", "uloads", "native16", "timed"}
-    if unknown or {"native16", "timed"} <= set(options):
-        raise ValueError(f"variant {v!r}: unknown suffixes {sorted(unknown)} or both +native16 and +timed (expected "
-                         "+dx, +uloads, one of +native16 and +timed)")
+    unknown = set(options) - {"dx", "uloads", "timed", "cl"}
+    if unknown:
+        raise ValueError(f"variant {v!r}: unknown suffixes {sorted(unknown)} (expected +dx, +uloads, +timed, +cl)")
     forward.VARIANT = family or None
     backward.DX = "kernels" if "dx" in options else "cudnn"
     forward.U_TILES = "loads" if "uloads" in options else "async"
-    forward.CUDNN_ALGORITHMS = next((o for o in options if o in ("native16", "timed")), "heuristic")
+    forward.CUDNN_ALGORITHMS = "timed" if "timed" in options else "heuristic"
+    forward.CUDNN_LAYOUT = "channels_last" if "cl" in options else "input"
     try:
         yield
     finally:
-        forward.VARIANT, backward.DX, forward.U_TILES, forward.FORWARD, forward.CUDNN_ALGORITHMS = previous
+        (forward.VARIANT, backward.DX, forward.U_TILES, forward.FORWARD, forward.CUDNN_ALGORITHMS,
+         forward.CUDNN_LAYOUT) = previous
 
 
 def measure(fn, args, grads_of, gy, reps):

@@ -4,11 +4,12 @@ With R = 2·L·k, S = S1s as (R, C, kh, kw), U = U1s as (R, O) and g = dL/dy (N,
     dZ = U g / (2L)                       (N, R, H', W'): cuBLAS products where g's layout allows (for an NCHW
                                           g a product per image, for a channels_last g one product), else the
                                           conv_rank kernel, a 1x1 convolution of g (always with DZ = "kernels")
-    dx, dS = the convolution's input and weight gradients given dZ: aten.convolution_backward (cuDNN);
+    dx, dS = the convolution's input and weight gradients given dZ: aten.convolution_backward (cuDNN), in the
+                                          layout forward.CUDNN_LAYOUT says (dZ made in it, dx copied back to x's);
                                           with DX = "kernels", dx by the conv_rank kernel where it is a plain
                                           convolution of dZ (stride 1): by S flipped and transposed
-    dU = Zᵀ g / (2L)                      Z = conv(x, S) recomputed in g's layout by cuDNN (or the conv_rank
-                                          kernel with Z = "kernels"), then cuBLAS (weight_products): for
+    dU = Zᵀ g / (2L)                      Z = conv(x, S) recomputed by cuDNN (or the conv_rank kernel with
+                                          Z = "kernels", in g's layout), then cuBLAS (weight_products): both
                                           channels_last one product, else a product per image summed in float32
     db = Σ_{n, h, w} g                    the bias_channels / bias_rows kernels (bias_grad.cu; BIAS = "kernels"):
                                           sums in float32, written into db by one block a channel where the
@@ -26,7 +27,8 @@ from torch import Tensor
 from panther.backends.toolkit import cdiv, device_guard, multiprocessors
 from panther_cuda._nvrtc import i32, i64, make_context_current
 from panther_cuda.ops.sketched_conv2d.forward import (
-    _CTYPES, _kernel, channel_product, conv_rank, cudnn_algorithms, exact_float32, exact_products, memory_format,
+    _CTYPES, _kernel, channel_product, conv_rank, cudnn_algorithms, cudnn_input, exact_float32, exact_products,
+    memory_format, pixel_columns,
 )
 
 # "gemm": dZ by cuBLAS where g's layout allows (channel_product), else by conv_rank (a 1x1 convolution of g);
@@ -41,13 +43,13 @@ Z = "cudnn"
 
 
 def recompute_z(x: Tensor, S: Tensor, stride, padding, dilation, g: Tensor, allow_tf32: bool) -> Tensor:
-    """Z = conv(x, S) (N, R, H', W') in g's memory format (contiguous where g is neither NCHW nor channels_last),
-    by conv_rank or, with Z = "cudnn", by cuDNN (its result copied where its layout differs from g's)."""
-    fmt = memory_format(g)
+    """Z = conv(x, S) (N, R, H', W'): with Z = "cudnn" by cuDNN, NCHW-contiguous or channels_last as it made it
+    (x as the op's cuDNN convolutions take it, :func:`cudnn_input`); else by conv_rank, in g's memory format
+    (contiguous where g is neither NCHW nor channels_last)."""
     if Z == "cudnn":
-        with exact_products(exact_float32(x.dtype, allow_tf32)), cudnn_algorithms(x.dtype):
-            z = torch.nn.functional.conv2d(x, S, None, tuple(stride), tuple(padding), tuple(dilation))
-        return z.contiguous(memory_format=fmt)
+        with exact_products(exact_float32(x.dtype, allow_tf32)), cudnn_algorithms():
+            return torch.nn.functional.conv2d(cudnn_input(x), S, None, tuple(stride), tuple(padding), tuple(dilation))
+    fmt = memory_format(g)
     R, _, kh, kw = S.shape
     N, _, Ho, Wo = g.shape
     z = torch.empty((N, R, Ho, Wo), dtype=g.dtype, device=g.device, memory_format=fmt)
@@ -57,9 +59,9 @@ def recompute_z(x: Tensor, S: Tensor, stride, padding, dilation, g: Tensor, allo
 
 def weight_products(dU: Tensor, z: Tensor, g: Tensor, scale: float) -> None:
     """Writes dU = scale Σ_{n, h, w} z[n, :, h, w] g[n, :, h, w]ᵀ (R x O) by cuBLAS: one product over every pixel
-    where z and g are both channels_last; else per image (z and g made NCHW-contiguous where they are not; 16-bit
-    images' products kept in float32 on CUDA), then their sum in float32. One rounding to dU's dtype (16-bit
-    types, CUDA), the scale applied in float32."""
+    where z and g are both channels_last; else per image, each of z and g read NCHW or channels_last as it is
+    (made NCHW-contiguous where it is neither; 16-bit images' products kept in float32 on CUDA), then their sum in
+    float32. One rounding to dU's dtype (16-bit types, CUDA), the scale applied in float32."""
     N, O, Ho, Wo = g.shape
     R = z.shape[1]
     cl = torch.channels_last
@@ -69,10 +71,11 @@ def weight_products(dU: Tensor, z: Tensor, g: Tensor, scale: float) -> None:
         torch.addmm(dU, z.permute(0, 2, 3, 1).reshape(M, R).t(), g.permute(0, 2, 3, 1).reshape(M, O), beta=0,
                     alpha=scale, out=dU)
         return
-    z, g = z.contiguous(), g.contiguous()
+    zc, gc = pixel_columns(z), pixel_columns(g)
+    zc = pixel_columns(z.contiguous()) if zc is None else zc
+    gc = pixel_columns(g.contiguous()) if gc is None else gc
     wide = g.is_cuda and g.element_size() == 2
-    per_image = torch.bmm(z.view(N, R, Ho * Wo), g.view(N, O, Ho * Wo).transpose(1, 2),
-                          **({"out_dtype": torch.float32} if wide else {}))
+    per_image = torch.bmm(zc, gc.transpose(1, 2), **({"out_dtype": torch.float32} if wide else {}))
     torch.mul(per_image.sum(0), scale, out=dU)  # rounded once, to dU's dtype
 
 
@@ -109,8 +112,11 @@ def sketched_conv2d_backward(grads, g: Tensor, x: Tensor, S1s: Tensor, U1s: Tens
         make_context_current(g.get_device())
     S = S1s.reshape(R, C, kh, kw).contiguous()
     exact = exact_float32(x.dtype, allow_tf32)
+    xc = x  # x as the op's cuDNN calls take it (cudnn_input), made once
     if need_x or need_S:
-        dZ = torch.empty((N, R, Ho, Wo), dtype=g.dtype, device=g.device, memory_format=memory_format(x))
+        if need_S or DX != "kernels":  # else dx by conv_rank, which reads dZ in any layout
+            xc = cudnn_input(x)
+        dZ = torch.empty((N, R, Ho, Wo), dtype=g.dtype, device=g.device, memory_format=memory_format(xc))
         U = U1s.reshape(R, O).contiguous()
         by_gemm = False
         if DZ == "gemm":
@@ -121,17 +127,17 @@ def sketched_conv2d_backward(grads, g: Tensor, x: Tensor, S1s: Tensor, U1s: Tens
         if need_x and DX == "kernels" and dx_by_kernel(dx, dZ, S, stride, padding, dilation, allow_tf32):
             need_x = False  # written
         if need_x or need_S:
-            with exact_products(exact), cudnn_algorithms(x.dtype):
+            with exact_products(exact), cudnn_algorithms():
                 gx, gS, _ = torch.ops.aten.convolution_backward(
-                    dZ, x, S, None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
+                    dZ, xc, S, None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
                     [bool(need_x), bool(need_S), False],
                 )
             if need_x:
-                given[0] = gx  # cuDNN's, in place of dx (the toolkit copies it where its strides differ)
+                given[0] = gx  # cuDNN's, in xc's layout, in place of dx (the toolkit copies it where x's differs)
             if need_S:
                 given[1] = gS.unflatten(0, (terms, k))  # a view, in whatever layout cuDNN wrote it
     if need_U:
-        z = recompute_z(x, S, stride, padding, dilation, g, allow_tf32)
+        z = recompute_z(xc, S, stride, padding, dilation, g, allow_tf32)
         with exact_products(exact):
             weight_products(dU1s.view(R, O), z, g, 1.0 / terms)
     if need_b:

@@ -73,11 +73,15 @@ STAGES = 2
 U_TILES = "async"
 
 # how the op's cuDNN convolutions (the composed forward's, the backward's) choose their algorithm (cudnn_algorithms):
-# "heuristic", as torch's settings say (by default cuDNN's heuristics, TF32 engines allowed); "native16": for 16-bit
-# inputs without cuDNN's TF32 engines, which convert the inputs to float32 and back; "timed": cuDNN times the
-# candidates on a convolution's first call outside CUDA-graph capture and keeps the fastest. tools/conv_sweep.py
-# times each (+native16, +timed; benchmarks/results/NOTES.md)
+# "heuristic", as torch's settings say (by default cuDNN's heuristics); "timed": cuDNN times the candidates on a
+# convolution's first call outside CUDA-graph capture and keeps the fastest. tools/conv_sweep.py times both (+timed;
+# benchmarks/results/NOTES.md)
 CUDNN_ALGORITHMS = "heuristic"
+# the layout of those convolutions for an NCHW x: "input", x's own (cuDNN's engines for sm_90 take NHWC: it
+# transposes x, dZ and S to NHWC inside each call, and dx and Z back); "channels_last": x copied to channels_last
+# once per pass (cudnn_input), Z and dZ taken and made by cuBLAS in that layout, the backward's dx copied back to
+# x's. tools/conv_sweep.py times both (+cl; benchmarks/results/NOTES.md)
+CUDNN_LAYOUT = "input"
 
 # None: the fused kernels where fused_forward's rule takes them, else composed; "fused" / "composed": always
 FORWARD: Optional[str] = None
@@ -396,20 +400,13 @@ def exact_products(exact: bool):
 
 
 @contextlib.contextmanager
-def cudnn_algorithms(dtype: torch.dtype):
-    """The op's cuDNN convolutions on inputs of ``dtype`` choose their algorithm as CUDNN_ALGORITHMS says.
+def cudnn_algorithms():
+    """The op's cuDNN convolutions in the body choose their algorithm as CUDNN_ALGORITHMS says.
 
-    "native16", 16-bit inputs: TF32 off for the body by exact_products (cuBLAS's setting with it, which 16-bit
-    products do not read). TF32 is part of torch's key of a convolution's plan, so this plan is another than the
-    one with TF32 allowed.
     "timed": torch.backends.cudnn.benchmark on for the body where the current stream is not capturing a CUDA graph
     (timing runs and synchronizes): cuDNN then times its algorithms for a convolution it has not seen on this
     thread and keeps the fastest. Torch keeps one plan per convolution and thread, whichever way it was chosen, so
     a convolution first seen during capture keeps the heuristic's choice."""
-    if CUDNN_ALGORITHMS == "native16" and dtype in (torch.float16, torch.bfloat16):
-        with exact_products(True):
-            yield
-        return
     if (CUDNN_ALGORITHMS != "timed" or torch.backends.cudnn.benchmark
             or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):
         yield
@@ -430,36 +427,65 @@ def fused_forward(R: int, depth: int, channels_last: bool) -> bool:
     return VARIANT is not None or (not channels_last and R * depth <= FUSED_DEPTH_MAX)
 
 
+def pixel_columns(t: Tensor) -> Optional[Tensor]:
+    """t (N, C, H, W) as (N, C, H·W) without a copy where t is NCHW-contiguous (each image a row-major matrix) or
+    channels_last (each image a column-major one, which cuBLAS takes as a transposed operand); else None."""
+    N, C, H, W = t.shape
+    if t.is_contiguous():
+        return t.view(N, C, H * W)
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).view(N, H * W, C).transpose(1, 2)
+    return None
+
+
 def channel_product(out: Tensor, inp: Tensor, W: Tensor, scale: float, bias: Optional[Tensor] = None) -> bool:
     """Writes out[n, :, h, w] = scale · W inp[n, :, h, w] (+ bias), a 1x1 convolution by W (Cout, Cin), by cuBLAS,
-    and returns True where out and inp are both NCHW-contiguous (a product per image: W by (Cin, H W)) or both
-    channels_last (one product over every pixel: (N H W, Cin) by Wᵀ); False (nothing written) elsewhere. The scale
-    and bias are applied in float32 in the product's epilogue, before the one rounding."""
+    and returns True where out and inp are each NCHW-contiguous or channels_last: both channels_last, one product
+    over every pixel ((N H W, Cin) by Wᵀ); else a product per image, in whichever of the two layouts each side is
+    (W by (Cin, H W) for an NCHW out, (H W, Cin) by Wᵀ for a channels_last one). False (nothing written) for other
+    layouts. The scale and bias are applied in float32 in the product's epilogue, before the one rounding."""
     N, Co, Ho, Wo = out.shape
     Ci = inp.shape[1]
     beta = 0 if bias is None else 1
-    if out.is_contiguous() and inp.is_contiguous():
+    cl = torch.channels_last
+    columns = pixel_columns(inp)
+    if columns is None:
+        return False
+    if out.is_contiguous():
         o = out.view(N, Co, Ho * Wo)
         c = o if bias is None else bias.view(1, Co, 1).expand(N, Co, Ho * Wo)
-        torch.baddbmm(c, W.expand(N, Co, Ci), inp.view(N, Ci, Ho * Wo), beta=beta, alpha=scale, out=o)
+        torch.baddbmm(c, W.expand(N, Co, Ci), columns, beta=beta, alpha=scale, out=o)
         return True
-    cl = torch.channels_last
-    if out.is_contiguous(memory_format=cl) and inp.is_contiguous(memory_format=cl):
-        rows = out.permute(0, 2, 3, 1).view(N * Ho * Wo, Co)
+    if not out.is_contiguous(memory_format=cl):
+        return False
+    rows = out.permute(0, 2, 3, 1).view(N * Ho * Wo, Co)
+    if inp.is_contiguous(memory_format=cl):
         torch.addmm(rows if bias is None else bias, inp.permute(0, 2, 3, 1).view(N * Ho * Wo, Ci), W.t(), beta=beta,
                     alpha=scale, out=rows)
         return True
-    return False
+    o = rows.view(N, Ho * Wo, Co)
+    c = o if bias is None else bias.view(1, 1, Co).expand(N, Ho * Wo, Co)
+    torch.baddbmm(c, columns.transpose(1, 2), W.t().expand(N, Ci, Co), beta=beta, alpha=scale, out=o)
+    return True
+
+
+def cudnn_input(x: Tensor) -> Tensor:
+    """x as the op's cuDNN convolutions take it (:data:`CUDNN_LAYOUT`): with "channels_last", an NCHW-contiguous x
+    copied to channels_last; else x itself."""
+    if CUDNN_LAYOUT == "channels_last" and x.dim() == 4 and x.is_contiguous():
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def composed_forward(y: Tensor, x: Tensor, S: Tensor, U: Tensor, b: Optional[Tensor], stride, padding, dilation,
                      scale: float) -> None:
     """Writes y (N, O, H', W'), NCHW- or channels_last-contiguous, = scale · Uᵀ conv(x, S) + b: Z = conv(x, S)
-    (S: (R, C, kh, kw)) by cuDNN in y's layout, then y by :func:`channel_product` (the scale and bias in its
-    epilogue)."""
-    with cudnn_algorithms(x.dtype):
-        z = torch.nn.functional.conv2d(x, S, None, tuple(stride), tuple(padding), tuple(dilation))
-    channel_product(y, z.contiguous(memory_format=memory_format(y)), U.t(), scale, b)
+    (S: (R, C, kh, kw)) by cuDNN in the layout of :func:`cudnn_input`, then y by :func:`channel_product` (the scale
+    and bias in its epilogue), which reads Z in that layout."""
+    with cudnn_algorithms():
+        z = torch.nn.functional.conv2d(cudnn_input(x), S, None, tuple(stride), tuple(padding), tuple(dilation))
+    if not channel_product(y, z, U.t(), scale, b):
+        channel_product(y, z.contiguous(memory_format=memory_format(y)), U.t(), scale, b)
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int):
