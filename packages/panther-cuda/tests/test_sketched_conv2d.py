@@ -310,6 +310,20 @@ def test_weight_gradient_by_z_layouts(name, dtype, layout, z_by, ieee_float32):
     run_and_compare((x, *inputs[1:]), conv, ("U1s",), TOL[dtype], grad_out=g)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 7, 5), (3, 70, 9, 11), (4, 64, 56, 56), (65537, 2, 1, 3)])
+def test_transpose_planes_both_ways(shape, dtype):
+    """transpose_planes: NCHW to channels_last and back, equal values, at ragged tiles and more planes than a
+    grid's y dimension takes."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype).cuda()
+    cl = torch.full_like(x, float("nan"), memory_format=torch.channels_last)
+    forward.transpose_planes(cl, x)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, x)
+    back = torch.full_like(x, float("nan"))
+    forward.transpose_planes(back, cl)
+    assert back.is_contiguous() and torch.equal(back, x)
+
 @pytest.fixture(params=["input", "channels_last"])
 def cudnn_layout(request):
     """forward.CUDNN_LAYOUT forced for the test: cuDNN's convolutions on x as it is, or an NCHW x channels_last."""
@@ -1074,6 +1088,14 @@ def _emulate(kernel, grid, block, *a, shared_mem=0):
         planes = g.reshape(N, O, plane).double()
         for s in range(grid[1]):
             out.view(-1)[s * O:(s + 1) * O] = planes[s * per:(s + 1) * per].sum((0, 2))
+        return
+    if "transpose_planes" in kernel.name:
+        t, out, rows, cols, planes = a[0], a[1], int(a[2]), int(a[3]), int(a[4])
+        tiles = -(-rows // forward.TRANSPOSE_TILE) * -(-cols // forward.TRANSPOSE_TILE)
+        assert grid == (tiles, min(planes, forward.MAX_GRID_Y)) and block == (forward.TRANSPOSE_TILE,
+                                                                              forward.TRANSPOSE_ROWS)
+        src = torch.as_strided(t, (planes, rows, cols), (rows * cols, cols, 1))
+        torch.as_strided(out, (planes, cols, rows), (rows * cols, rows, 1)).copy_(src.transpose(1, 2))
         return
     if "bias_rows" in kernel.name:
         g, partial, rows, O, per = a

@@ -5,7 +5,8 @@ With R = 2·L·k, S = S1s as (R, C, kh, kw), U = U1s as (R, O) and g = dL/dy (N,
                                           g a product per image, for a channels_last g one product), else the
                                           conv_rank kernel, a 1x1 convolution of g (always with DZ = "kernels")
     dx, dS = the convolution's input and weight gradients given dZ: aten.convolution_backward (cuDNN), in the
-                                          layout forward.CUDNN_LAYOUT says (dZ made in it, dx copied back to x's);
+                                          layout forward.CUDNN_LAYOUT says (dZ made in it, dx transposed back to
+                                          x's by transpose_planes);
                                           with DX = "kernels", dx by the conv_rank kernel where it is a plain
                                           convolution of dZ (stride 1): by S flipped and transposed
     dU = Zᵀ g / (2L)                      Z = conv(x, S) recomputed by cuDNN (or the conv_rank kernel with
@@ -27,8 +28,8 @@ from torch import Tensor
 from panther.backends.toolkit import cdiv, device_guard, multiprocessors
 from panther_cuda._nvrtc import i32, i64, make_context_current
 from panther_cuda.ops.sketched_conv2d.forward import (
-    _CTYPES, _kernel, channel_product, conv_rank, cudnn_algorithms, cudnn_input, exact_float32, exact_products,
-    memory_format, pixel_columns,
+    _CTYPES, MAX_GRID_Y, _kernel, channel_product, conv_rank, cudnn_algorithms, cudnn_input, exact_float32,
+    exact_products, memory_format, pixel_columns, transpose_planes,
 )
 
 # "gemm": dZ by cuBLAS where g's layout allows (channel_product), else by conv_rank (a 1x1 convolution of g);
@@ -132,8 +133,10 @@ def sketched_conv2d_backward(grads, g: Tensor, x: Tensor, S1s: Tensor, U1s: Tens
                     dZ, xc, S, None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
                     [bool(need_x), bool(need_S), False],
                 )
-            if need_x:
-                given[0] = gx  # cuDNN's, in xc's layout, in place of dx (the toolkit copies it where x's differs)
+            if need_x and xc is not x and not gx.is_contiguous() and dx.is_contiguous():
+                transpose_planes(dx, gx)  # cuDNN's channels_last dx, back in x's layout
+            elif need_x:
+                given[0] = gx  # cuDNN's, in place of dx (the toolkit copies it where its strides differ)
             if need_S:
                 given[1] = gS.unflatten(0, (terms, k))  # a view, in whatever layout cuDNN wrote it
     if need_U:
@@ -152,7 +155,6 @@ BIAS_SOURCE = "ops/sketched_conv2d/bias_grad.cu"
 BIAS_THREADS = 256  # bias_grad.cu: bias::THREADS (bias_rows)
 BIAS_CHANNEL_THREADS = 512  # bias::CHANNEL_THREADS (bias_channels)
 BIAS_ROWS_PER_BLOCK = 512  # rows of a channels_last g one block of bias_rows sums (64 per warp), at least
-MAX_GRID_Y = 65535  # CUDA's limit on a grid's y dimension (bias_rows' blocks of rows, bias_channels' splits)
 INDEX_LIMIT = 2**31  # bias_channels' flattened index over a block's images (32-bit)
 
 

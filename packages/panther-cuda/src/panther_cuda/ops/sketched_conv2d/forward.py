@@ -35,6 +35,9 @@ from panther.backends.toolkit import cdiv, device_guard
 from panther_cuda._nvrtc import Kernel, f32, i32, i64
 
 SOURCE = "ops/sketched_conv2d/sketched_conv2d.cu"
+LAYOUT_SOURCE = "ops/sketched_conv2d/layout.cu"
+TRANSPOSE_TILE, TRANSPOSE_ROWS = 32, 8  # layout.cu: layout::TILE, layout::ROWS (the block: TILE x ROWS threads)
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's y dimension (transpose_planes' planes; the bias kernels' rows, splits)
 BM = 64  # output pixels per block (sketched_conv2d.cu: conv::BM)
 BK = 32  # im2col depth per step (conv::BK)
 BN = 64  # output channels per epilogue tile (conv::BN)
@@ -469,12 +472,30 @@ def channel_product(out: Tensor, inp: Tensor, W: Tensor, scale: float, bias: Opt
     return True
 
 
+def transpose_planes(out: Tensor, t: Tensor) -> None:
+    """Writes t (N, C, H, W), NCHW-contiguous or channels_last and not both, into ``out`` (its shape and dtype) in
+    the other of the two layouts, by the transpose_planes kernel (layout.cu): t's N planes of C x H·W values
+    (NCHW) or H·W x C (channels_last), each transposed."""
+    N, C, H, W = t.shape
+    if t.numel() == 0:
+        return
+    rows, cols = (C, H * W) if t.is_contiguous() else (H * W, C)
+    grid = (cdiv(rows, TRANSPOSE_TILE) * cdiv(cols, TRANSPOSE_TILE), min(N, MAX_GRID_Y))
+    with device_guard(t):
+        _kernel("transpose_planes", t.dtype, source=LAYOUT_SOURCE)(
+            grid, (TRANSPOSE_TILE, TRANSPOSE_ROWS), t, out, i32(rows), i32(cols), i64(N),
+        )
+
+
 def cudnn_input(x: Tensor) -> Tensor:
     """x as the op's cuDNN convolutions take it (:data:`CUDNN_LAYOUT`): with "channels_last", an NCHW-contiguous x
-    copied to channels_last; else x itself."""
-    if CUDNN_LAYOUT == "channels_last" and x.dim() == 4 and x.is_contiguous():
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
+    copied to channels_last (:func:`transpose_planes`); else x itself."""
+    cl = torch.channels_last
+    if CUDNN_LAYOUT != "channels_last" or x.dim() != 4 or not x.is_contiguous() or x.is_contiguous(memory_format=cl):
+        return x
+    out = torch.empty_like(x, memory_format=cl)
+    transpose_planes(out, x)
+    return out
 
 
 def composed_forward(y: Tensor, x: Tensor, S: Tensor, U: Tensor, b: Optional[Tensor], stride, padding, dilation,
