@@ -58,10 +58,11 @@ VARIANTS = [None, "+uloads", "halo64", "halo128", "async64", "async128", "async6
             "taps64", "taps128", "taps64s3", "generic", "halo64+dx", "async64+dx", "taps64+dx", "taps128+dx",
             "halo64:4x16", "async64:4x16", "taps64:4x16", "halo64:2x32", "halo64:1x64", "halo128:4x32",
             "async64:1x56", "async64s3:1x56", "composed", "+cl", "composed+cl", "+timed",
-            "composed+timed"]
+            "composed+timed", "+cl+timed", "composed+cl+timed"]
 # the implementations whose kernels are timed one by one
 KERNEL_TIMES = ("cuda", "cuda:async64", "cuda:taps64", "cuda:taps64+dx", "cuda:composed", "cuda:+cl",
-                "cuda:composed+cl", "cuda:+timed", "cuda:composed+timed", "F.conv2d")
+                "cuda:composed+cl", "cuda:+timed", "cuda:composed+timed", "cuda:+cl+timed", "cuda:composed+cl+timed",
+                "F.conv2d")
 FLUSH = torch.empty(0)
 BENCHMARK = False  # torch.backends.cudnn.benchmark for the sweep (--cudnn-benchmark)
 
