@@ -1159,16 +1159,20 @@ def emulated_kernels():
         yield
 
 
+def _in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """t (N, C, H, W) NCHW-contiguous ("nchw"), channels_last, or "strided": every other channel of a wider
+    tensor, from its second column (neither layout)."""
+    if layout == "strided":
+        N, C, H, W = t.shape
+        return torch.zeros(N, C * 2, H, W + 1, dtype=t.dtype, device=t.device)[:, ::2, :, 1:].copy_(t)
+    return t.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("name", ["stride2_R6", "mixed_pairs_R66_O70"])
 def test_op_around_emulated_kernels_matches_reference(name, layout, emulated_kernels, forward_by):
     inputs, conv = _case(name, torch.float64, device="cpu")
-    x = inputs[0]
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    elif layout == "strided":
-        x = torch.zeros(x.shape[0], x.shape[1] * 2, x.shape[2], x.shape[3] + 1, dtype=x.dtype)[:, ::2, :, 1:]
-        x.copy_(inputs[0])
+    x = _in_layout(inputs[0], layout)
     y, _ = run_and_compare((x, *inputs[1:]), conv, GRADS, EMULATED_TOL)
     assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
     for wants in (("x",), ("U1s",), ("S1s", "bias")):
@@ -1211,12 +1215,7 @@ def test_cudnn_layout_around_emulated_kernels(name, layout, emulated_kernels, fo
     made channels_last; other layouts of x, and every x with "input", as they are. Every gradient against the
     reference; y and dx in x's memory format."""
     inputs, conv = _case(name, torch.float64, device="cpu")
-    x = inputs[0]
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    elif layout == "strided":
-        x = torch.zeros(x.shape[0], x.shape[1] * 2, x.shape[2], x.shape[3] + 1, dtype=x.dtype)[:, ::2, :, 1:]
-        x.copy_(inputs[0])
+    x = _in_layout(inputs[0], layout)
     seen = []  # (the call, whether its x is channels_last, whether its dZ is)
     conv2d, convolution_backward = torch.nn.functional.conv2d, torch.ops.aten.convolution_backward
 
@@ -1362,13 +1361,6 @@ def _exact_products_round_trip(settings):
     with forward.exact_products(True):
         assert now() == [off for *_, off in settings]
     assert now() == before
-
-
-def _in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """t NCHW-contiguous, channels_last, or strided (every other column of a wider tensor: neither layout)."""
-    if layout == "strided":
-        return torch.zeros(*t.shape[:3], t.shape[3] * 2, dtype=t.dtype)[..., ::2].copy_(t)
-    return t.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
