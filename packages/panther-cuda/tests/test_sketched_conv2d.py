@@ -324,21 +324,6 @@ def test_transpose_planes_both_ways(shape, dtype):
     forward.transpose_planes(back, cl)
     assert back.is_contiguous() and torch.equal(back, x)
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 5, 4, 8), (70000, 2, 1, 8)])
-@pytest.mark.parametrize("aligned", [True, False])
-def test_fill_planes(shape, aligned, dtype):
-    """fill_planes: out[n, c] = value[c] in 16-byte stores (H·W a multiple of their values, out aligned) or one
-    value at a time (a ragged plane, or out one element past an aligned start), across more blocks than it
-    launches."""
-    N, C, H, W = shape
-    buf = torch.full((N * C * H * W + 1,), float("nan"), dtype=dtype, device="cuda")
-    out = (buf[:-1] if aligned else buf[1:]).view(shape)
-    value = torch.randn(C, generator=torch.Generator().manual_seed(5)).to(dtype).cuda()
-    forward.fill_planes(out, value)
-    assert torch.equal(out, value.view(1, C, 1, 1).expand(shape))
-
 @pytest.fixture(params=["input", "channels_last"])
 def cudnn_layout(request):
     """forward.CUDNN_LAYOUT forced for the test: cuDNN's convolutions on x as it is, or an NCHW x channels_last."""
@@ -1104,15 +1089,6 @@ def _emulate(kernel, grid, block, *a, shared_mem=0):
         for s in range(grid[1]):
             out.view(-1)[s * O:(s + 1) * O] = planes[s * per:(s + 1) * per].sum((0, 2))
         return
-    if "fill_planes" in kernel.name:
-        out, value, vectors, plane_vectors, C = a[0], a[1], int(a[2]), int(a[3]), int(a[4])
-        V = out.numel() // vectors
-        assert grid == (min(-(-vectors // forward.FILL_THREADS), forward.FILL_BLOCKS),)
-        assert block == (forward.FILL_THREADS,) and out.is_contiguous() and value.dtype == out.dtype
-        assert kernel.name.endswith(f", {V}>") and (V == 1 or out.data_ptr() % 16 == 0)
-        out.view(-1, C, plane_vectors * V).copy_(value.view(1, C, 1).expand(out.numel() // (C * plane_vectors * V),
-                                                                             C, plane_vectors * V))
-        return
     if "transpose_planes" in kernel.name:
         t, out, rows, cols, planes = a[0], a[1], int(a[2]), int(a[3]), int(a[4])
         tiles = -(-rows // forward.TRANSPOSE_TILE) * -(-cols // forward.TRANSPOSE_TILE)
@@ -1279,7 +1255,7 @@ def test_dz_by_gemm_around_emulated_kernels(name, layout, emulated_kernels, dz_b
         assert rel_err(got, grads_ref[want]) <= EMULATED_TOL, want
 
 
-def test_forward_rule_takes_the_fused_kernels_up_to_its_depth(monkeypatch, emulated_kernels):
+def test_forward_rule_takes_the_fused_kernels_up_to_its_depth(monkeypatch):
     """fused_forward: for an x not channels_last, the fused kernels where R·C·kh·kw <= FUSED_DEPTH_MAX (the spec's
     conv: 32 · 576), cuDNN and cuBLAS above (the deeper benchmark conv: 64 · 2304); for a channels_last x composed;
     a forced FORWARD or kernel family overrides the rule. The composed forward is what runs where the rule says."""
@@ -1366,10 +1342,10 @@ def _exact_products_round_trip(settings):
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("out_layout", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("inp_layout", ["nchw", "channels_last", "strided"])
-def test_channel_product_matches_float64(out_layout, inp_layout, bias, emulated_kernels):
+def test_channel_product_matches_float64(out_layout, inp_layout, bias):
     """channel_product: out = scale · W inp per pixel (+ bias) by cuBLAS for each pairing of NCHW and channels_last
     (one product where both are channels_last, else one per image), against float64 on fresh inputs; where either
-    is in neither layout, False and out untouched. (An NCHW out's bias is written first by fill_planes, emulated.)"""
+    is in neither layout, False and out untouched."""
     gen = torch.Generator().manual_seed(11)
     N, Ci, Co, H, W = 3, 5, 7, 4, 6
     inp = _in_layout(torch.randn(N, Ci, H, W, generator=gen, dtype=torch.float64), inp_layout)
