@@ -82,8 +82,8 @@ U_TILES = "async"
 CUDNN_ALGORITHMS = "heuristic"
 # the layout of those convolutions for an NCHW x: "input", x's own (cuDNN's engines for sm_90 take NHWC: it
 # transposes x, dZ and S to NHWC inside each call, and dx and Z back); "channels_last": x copied to channels_last
-# once per pass (cudnn_input), Z and dZ taken and made by cuBLAS in that layout, the backward's dx copied back to
-# x's. tools/conv_sweep.py times both (+cl; benchmarks/results/NOTES.md)
+# once per pass (cudnn_input), Z and dZ taken and made by cuBLAS in that layout, the backward's dx transposed back
+# to x's (both by layout.cu's transpose_planes). tools/conv_sweep.py times both (+cl; benchmarks/results/NOTES.md)
 CUDNN_LAYOUT = "input"
 
 # None: the fused kernels where fused_forward's rule takes them, else composed; "fused" / "composed": always
@@ -491,7 +491,7 @@ def cudnn_input(x: Tensor) -> Tensor:
     """x as the op's cuDNN convolutions take it (:data:`CUDNN_LAYOUT`): with "channels_last", an NCHW-contiguous x
     copied to channels_last (:func:`transpose_planes`); else x itself."""
     cl = torch.channels_last
-    if CUDNN_LAYOUT != "channels_last" or x.dim() != 4 or not x.is_contiguous() or x.is_contiguous(memory_format=cl):
+    if CUDNN_LAYOUT != "channels_last" or not x.is_contiguous() or x.is_contiguous(memory_format=cl):
         return x
     out = torch.empty_like(x, memory_format=cl)
     transpose_planes(out, x)
