@@ -324,6 +324,7 @@ def test_transpose_planes_both_ways(shape, dtype):
     forward.transpose_planes(back, cl)
     assert back.is_contiguous() and torch.equal(back, x)
 
+
 @pytest.fixture(params=["input", "channels_last"])
 def cudnn_layout(request):
     """forward.CUDNN_LAYOUT forced for the test: cuDNN's convolutions on x as it is, or an NCHW x channels_last."""
@@ -720,7 +721,9 @@ class _Recorder:
         self.calls.append((kernel.name, tuple(grid), tuple(block), args, shared_mem))
 
 
-def _check_arguments(call, kernel, source="sketched_conv2d.cu", threads=forward.THREADS):
+def _check_arguments(call, kernel, source="sketched_conv2d.cu", threads=forward.THREADS, dynamic_shared=True):
+    """The launch's arguments as ``source`` declares ``kernel``'s parameters; its block of ``threads`` (a tuple:
+    that block), with dynamic shared memory where ``dynamic_shared``."""
     name, grid, block, args, shared = call
     declared = _declared_parameters(kernel, source)
     assert len(args) == len(declared), (name, len(args), len(declared))
@@ -729,7 +732,27 @@ def _check_arguments(call, kernel, source="sketched_conv2d.cu", threads=forward.
             assert a is None or isinstance(a, torch.Tensor), (name, i, a)
         else:
             assert type(a) is want, (name, i, type(a), want)
-    assert block == (threads,) and shared > 0
+    assert block == (threads if isinstance(threads, tuple) else (threads,)) and (shared > 0) == dynamic_shared
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_transpose_planes_passes_the_declared_arguments(layout):
+    """transpose_planes: the arguments layout.cu declares, a TILE x ROWS block, a tile of each plane per block
+    along x and the planes along y; and a clear refusal of what it does not take."""
+    t = _in_layout(torch.randn(3, 5, 4, 6), layout)
+    out = torch.empty_like(t, memory_format=torch.contiguous_format if layout == "channels_last" else
+                           torch.channels_last)
+    rec = _Recorder()
+    with mock.patch.object(forward.Kernel, "__call__", lambda self, *a, **k: rec(self, *a, **k)):
+        forward.transpose_planes(out, t)
+        for bad in (torch.empty_like(t), torch.empty_like(out, dtype=torch.float64), out[:2]):
+            with pytest.raises(ValueError, match="transpose_planes: t of shape .* expected one NCHW-contiguous"):
+                forward.transpose_planes(bad, t)
+    (call,) = rec.calls
+    rows, cols = (5, 24) if layout == "nchw" else (24, 5)
+    assert call[0] == "panther::transpose_planes<float>" and call[1] == (1, 3)
+    assert call[3][0] is t and call[3][1] is out and [int(a) for a in call[3][2:]] == [rows, cols, 3]
+    _check_arguments(call, "transpose_planes", "layout.cu", (forward.TRANSPOSE_TILE, forward.TRANSPOSE_ROWS), False)
 
 
 @pytest.mark.parametrize("variant", [None, "generic"])
@@ -1207,9 +1230,16 @@ def test_cudnn_layout_around_emulated_kernels(name, layout, emulated_kernels, fo
 
     leaves = [t.detach().requires_grad_(True) for t in (x, *inputs[1:])]
     g = torch.randn(cuda_sketched_conv2d(*inputs, *conv).shape, dtype=torch.float64)
+    launched = []
+
+    def counted(kernel, grid, block, *a, shared_mem=0):
+        launched.append(kernel.name.split("<")[0])
+        return _emulate(kernel, grid, block, *a, shared_mem=shared_mem)
+
     with monkeypatch.context() as patched:
         patched.setattr(torch.nn.functional, "conv2d", recorded_conv2d)
         patched.setattr(torch.ops.aten, "convolution_backward", recorded_backward)
+        patched.setattr(forward.Kernel, "__call__", counted)
         y = cuda_sketched_conv2d(*leaves, *conv)
         grads = torch.autograd.grad(y, leaves, g)
     y_ref, grads_ref = reference(inputs, conv, g, GRADS)
@@ -1221,6 +1251,9 @@ def test_cudnn_layout_around_emulated_kernels(name, layout, emulated_kernels, fo
     cl = layout == "channels_last" or layout == "nchw" and cudnn_layout == "channels_last"
     calls = ["conv2d"] * (forward_by == "composed") + ["backward", "conv2d"]  # the forward, dx and dS, dU's Z
     assert seen == [(c, cl, cl if c == "backward" else None) for c in calls]
+    # x's copies: the composed forward's, the backward's (for dx, dS and Z alike); dx's back
+    transposed = layout == "nchw" and cudnn_layout == "channels_last"
+    assert launched.count("panther::transpose_planes") == transposed * ((forward_by == "composed") + 2)
 
 
 def _grad_in_layout(shape, layout: str) -> torch.Tensor:
@@ -1239,8 +1272,8 @@ def _grad_in_layout(shape, layout: str) -> torch.Tensor:
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("name", ["3x3_R6", "mixed_pairs_R66_O70"])
 def test_dz_by_gemm_around_emulated_kernels(name, layout, emulated_kernels, dz_by_gemm):
-    """backward.DZ = "gemm": dZ = U g / (2L) by cuBLAS products where g and dZ are both NCHW or both channels_last,
-    by conv_rank for other layouts of g; every gradient against the reference."""
+    """backward.DZ = "gemm": dZ = U g / (2L) by cuBLAS products where g is NCHW or channels_last (dZ in x's layout,
+    either), by conv_rank for other layouts of g; every gradient against the reference."""
     inputs, conv = _case(name, torch.float64, device="cpu")
     x = inputs[0].contiguous(memory_format=torch.channels_last) if layout == "channels_last" else inputs[0]
     g = _grad_in_layout(cuda_sketched_conv2d(x, *inputs[1:], *conv).shape, layout)  # strided: conv_rank's dZ
@@ -1289,7 +1322,7 @@ def test_weight_gradient_around_emulated_kernels(name, layout, emulated_kernels,
     gradient against the reference, and Z in g's layout where conv_rank makes it (and g has one), in x's where
     cuDNN does (weight_products reads either)."""
     inputs, conv = _case(name, torch.float64, device="cpu")
-    # x in the other layout than g's, so that Z is seen to follow g's layout, not x's
+    # x in the other layout than g's, so that the layout Z follows is seen
     x = inputs[0].contiguous(memory_format=torch.channels_last) if layout == "nchw" else inputs[0]
     g = _grad_in_layout(cuda_sketched_conv2d(x, *inputs[1:], *conv).shape, layout)
     _, grads_ref = reference(inputs, conv, g, GRADS)

@@ -12,7 +12,8 @@ forward.VARIANT in VARIANTS (halo64, halo128, their cp.async loaders async64 and
 buffers, "async64s3", the tap-major taps64 and taps128, generic, forced tiles; "composed": cuDNN's convolution
 then cuBLAS's product; "+cl": cuDNN's convolutions channels_last for an NCHW x; "+timed": cuDNN's
 algorithms timed, in a sweep without untimed variants, whose compiled peer then runs the plan the op chose for
-the convolution they share; "+dx": the backward's dx by the halo kernels), ``torch`` (the torch backend),
+the convolution they share (where both take x in one layout: not with +cl at NCHW); "+dx": the backward's dx by
+the halo kernels), ``torch`` (the torch backend),
 ``F.conv2d`` (the dense layer), and with --compiled the peer a user would write (one conv to 2Lk channels, then
 the 1x1 projection, under torch.compile). Each cuda variant's y is checked against a float32 reference first
 (max-normalised error printed). For those in KERNEL_TIMES also each kernel's time (torch.profiler, eager calls,

@@ -1,9 +1,10 @@
 """The backward pass of the sketched conv2d op.
 
 With R = 2·L·k, S = S1s as (R, C, kh, kw), U = U1s as (R, O) and g = dL/dy (N, O, H', W'):
-    dZ = U g / (2L)                       (N, R, H', W'): cuBLAS products where g's layout allows (for an NCHW
-                                          g a product per image, for a channels_last g one product), else the
-                                          conv_rank kernel, a 1x1 convolution of g (always with DZ = "kernels")
+    dZ = U g / (2L)                       (N, R, H', W'), in the layout of x as cuDNN takes it: cuBLAS products
+                                          where g is NCHW or channels_last (one product where g and dZ are both
+                                          channels_last, else one per image), else the conv_rank kernel, a 1x1
+                                          convolution of g (always with DZ = "kernels")
     dx, dS = the convolution's input and weight gradients given dZ: aten.convolution_backward (cuDNN), in the
                                           layout forward.CUDNN_LAYOUT says (dZ made in it, dx transposed back to
                                           x's by transpose_planes);
@@ -113,10 +114,8 @@ def sketched_conv2d_backward(grads, g: Tensor, x: Tensor, S1s: Tensor, U1s: Tens
         make_context_current(g.get_device())
     S = S1s.reshape(R, C, kh, kw).contiguous()
     exact = exact_float32(x.dtype, allow_tf32)
-    xc = x  # x as the op's cuDNN calls take it (cudnn_input), made once
+    xc = cudnn_input(x) if need_x or need_S else x  # x as the op's cuDNN calls take it, made once
     if need_x or need_S:
-        if need_S or DX != "kernels":  # else dx by conv_rank, which reads dZ in any layout
-            xc = cudnn_input(x)
         dZ = torch.empty((N, R, Ho, Wo), dtype=g.dtype, device=g.device, memory_format=memory_format(xc))
         U = U1s.reshape(R, O).contiguous()
         by_gemm = False
@@ -133,7 +132,9 @@ def sketched_conv2d_backward(grads, g: Tensor, x: Tensor, S1s: Tensor, U1s: Tens
                     dZ, xc, S, None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
                     [bool(need_x), bool(need_S), False],
                 )
-            if need_x and xc is not x and not gx.is_contiguous() and dx.is_contiguous():
+            cl = torch.channels_last
+            if need_x and xc is not x and not gx.is_contiguous() and gx.is_contiguous(memory_format=cl) \
+                    and dx.is_contiguous():
                 transpose_planes(dx, gx)  # cuDNN's channels_last dx, back in x's layout
             elif need_x:
                 given[0] = gx  # cuDNN's, in place of dx (the toolkit copies it where its strides differ)

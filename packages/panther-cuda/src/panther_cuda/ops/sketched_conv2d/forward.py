@@ -477,9 +477,17 @@ def transpose_planes(out: Tensor, t: Tensor) -> None:
     the other of the two layouts, by the transpose_planes kernel (layout.cu): t's N planes of C x H·W values
     (NCHW) or H·W x C (channels_last), each transposed."""
     N, C, H, W = t.shape
-    if t.numel() == 0:
+    if t.numel() == 0 and out.shape == t.shape:
         return
-    rows, cols = (C, H * W) if t.is_contiguous() else (H * W, C)
+    cl = torch.channels_last
+    nchw = t.is_contiguous()
+    if (out.shape != t.shape or out.dtype != t.dtype or out.device != t.device
+            or nchw == t.is_contiguous(memory_format=cl)
+            or not out.is_contiguous(memory_format=cl if nchw else torch.contiguous_format)):
+        raise ValueError(f"transpose_planes: t of shape {tuple(t.shape)}, strides {t.stride()}, {t.dtype} and out of "
+                         f"shape {tuple(out.shape)}, strides {out.stride()}, {out.dtype}; expected one NCHW-contiguous "
+                         "and the other channels_last (not both), of one shape, dtype and device")
+    rows, cols = (C, H * W) if nchw else (H * W, C)
     grid = (cdiv(rows, TRANSPOSE_TILE) * cdiv(cols, TRANSPOSE_TILE), min(N, MAX_GRID_Y))
     with device_guard(t):
         _kernel("transpose_planes", t.dtype, source=LAYOUT_SOURCE)(

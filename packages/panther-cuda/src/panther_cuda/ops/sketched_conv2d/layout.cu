@@ -4,8 +4,9 @@
 //   transposed (cols x rows, row-major) at the same offsets of out: NCHW to channels_last with rows = C and
 //   cols = H·W, channels_last to NCHW with rows = H·W and cols = C. Block (t, p) takes tile t (TILE x TILE, row
 //   tiles of `cols` / TILE each) of planes p, p + gridDim.y, ...: its threads read rows of the tile (adjacent
-//   threads, adjacent values), stage it in shared memory (one column of padding: no bank conflicts in the
-//   column reads) and write rows of the transposed tile, so that both the reads and the writes are coalesced.
+//   threads, adjacent values), stage it in shared memory (rows padded by 4 bytes: the column reads of 4- and
+//   2-byte values fall in 32 different banks) and write rows of the transposed tile, so that both the reads and
+//   the writes are coalesced.
 #include "panther_cuda/common.cuh"
 
 namespace panther {
@@ -19,7 +20,7 @@ constexpr int ROWS = 8;   // threads along a tile's rows: each takes TILE / ROWS
 template <typename T>
 __global__ void __launch_bounds__(layout::TILE * layout::ROWS)
 transpose_planes(const T* __restrict__ in, T* __restrict__ out, int rows, int cols, long long planes) {
-    __shared__ T tile[layout::TILE][layout::TILE + 1];
+    __shared__ T tile[layout::TILE][layout::TILE + 4 / sizeof(T)];
     const int col_tiles = (cols + layout::TILE - 1) / layout::TILE;
     const int r0 = (int)(blockIdx.x / col_tiles) * layout::TILE, c0 = (int)(blockIdx.x % col_tiles) * layout::TILE;
     const long long size = (long long)rows * cols;
