@@ -325,6 +325,35 @@ def test_transpose_planes_both_ways(shape, dtype):
     assert back.is_contiguous() and torch.equal(back, x)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 5, 4, 8), (70000, 2, 1, 8)])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_fill_planes(shape, aligned, dtype):
+    """fill_planes: out[n, c] = value[c] in 16-byte stores (H·W a multiple of their values, out aligned) or one
+    value at a time (a ragged plane, or out one element past an aligned start), across more blocks than it
+    launches."""
+    N, C, H, W = shape
+    buf = torch.full((N * C * H * W + 1,), float("nan"), dtype=dtype, device="cuda")
+    out = (buf[:-1] if aligned else buf[1:]).view(shape)
+    value = torch.randn(C, generator=torch.Generator().manual_seed(5)).to(dtype).cuda()
+    forward.fill_planes(out, value)
+    assert torch.equal(out, value.view(1, C, 1, 1).expand(shape))
+
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["3x3_R6", "mixed_pairs_R66_O70", "deep_R192_O130"])
+def test_composed_nchw_bias_by_kernel(name, dtype, ieee_float32, monkeypatch):
+    """forward.NCHW_BIAS = "kernel": the composed forward's NCHW y gets its bias from fill_planes, then the product
+    adds to it; forward and every gradient against float64."""
+    monkeypatch.setattr(forward, "NCHW_BIAS", "kernel")
+    monkeypatch.setattr(forward, "FORWARD", "composed")
+    inputs, conv = _case(name, dtype)
+    run_and_compare(inputs, conv, GRADS, TOL[dtype])
+
+
 @pytest.fixture(params=["input", "channels_last"])
 def cudnn_layout(request):
     """forward.CUDNN_LAYOUT forced for the test: cuDNN's convolutions on x as it is, or an NCHW x channels_last."""
@@ -737,7 +766,7 @@ def _check_arguments(call, kernel, source="sketched_conv2d.cu", threads=forward.
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_transpose_planes_passes_the_declared_arguments(layout):
-    """transpose_planes: the arguments layout.cu declares, a TILE x ROWS block, a tile of each plane per block
+    """transpose_planes: the arguments planes.cu declares, a TILE x ROWS block, a tile of each plane per block
     along x and the planes along y; and a clear refusal of what it does not take."""
     t = _in_layout(torch.randn(3, 5, 4, 6), layout)
     out = torch.empty_like(t, memory_format=torch.contiguous_format if layout == "channels_last" else
@@ -752,7 +781,7 @@ def test_transpose_planes_passes_the_declared_arguments(layout):
     rows, cols = (5, 24) if layout == "nchw" else (24, 5)
     assert call[0] == "panther::transpose_planes<float>" and call[1] == (1, 3)
     assert call[3][0] is t and call[3][1] is out and [int(a) for a in call[3][2:]] == [rows, cols, 3]
-    _check_arguments(call, "transpose_planes", "layout.cu", (forward.TRANSPOSE_TILE, forward.TRANSPOSE_ROWS), False)
+    _check_arguments(call, "transpose_planes", "planes.cu", (forward.TRANSPOSE_TILE, forward.TRANSPOSE_ROWS), False)
 
 
 @pytest.mark.parametrize("variant", [None, "generic"])
@@ -1112,6 +1141,15 @@ def _emulate(kernel, grid, block, *a, shared_mem=0):
         for s in range(grid[1]):
             out.view(-1)[s * O:(s + 1) * O] = planes[s * per:(s + 1) * per].sum((0, 2))
         return
+    if "fill_planes" in kernel.name:
+        out, value, vectors, plane_vectors, C = a[0], a[1], int(a[2]), int(a[3]), int(a[4])
+        V = out.numel() // vectors
+        assert grid == (min(-(-vectors // forward.FILL_THREADS), forward.FILL_BLOCKS),)
+        assert block == (forward.FILL_THREADS,) and out.is_contiguous() and value.dtype == out.dtype
+        assert kernel.name.endswith(f", {V}>") and (V == 1 or out.data_ptr() % 16 == 0)
+        out.view(-1, C, plane_vectors * V).copy_(value.view(1, C, 1).expand(out.numel() // (C * plane_vectors * V),
+                                                                             C, plane_vectors * V))
+        return
     if "transpose_planes" in kernel.name:
         t, out, rows, cols, planes = a[0], a[1], int(a[2]), int(a[3]), int(a[4])
         tiles = -(-rows // forward.TRANSPOSE_TILE) * -(-cols // forward.TRANSPOSE_TILE)
@@ -1372,13 +1410,17 @@ def _exact_products_round_trip(settings):
     assert now() == before
 
 
+@pytest.mark.parametrize("nchw_bias", ["torch", "kernel"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("out_layout", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("inp_layout", ["nchw", "channels_last", "strided"])
-def test_channel_product_matches_float64(out_layout, inp_layout, bias):
+def test_channel_product_matches_float64(out_layout, inp_layout, bias, nchw_bias, emulated_kernels, monkeypatch):
     """channel_product: out = scale · W inp per pixel (+ bias) by cuBLAS for each pairing of NCHW and channels_last
     (one product where both are channels_last, else one per image), against float64 on fresh inputs; where either
-    is in neither layout, False and out untouched."""
+    is in neither layout, False and out untouched. An NCHW out's bias is copied in first by torch or, with NCHW_BIAS
+    "kernel", by fill_planes (emulated)."""
+    monkeypatch.setattr(forward, "NCHW_BIAS", nchw_bias)
+    monkeypatch.setattr(forward, "fill_planes", mock.Mock(wraps=forward.fill_planes))
     gen = torch.Generator().manual_seed(11)
     N, Ci, Co, H, W = 3, 5, 7, 4, 6
     inp = _in_layout(torch.randn(N, Ci, H, W, generator=gen, dtype=torch.float64), inp_layout)
@@ -1387,6 +1429,7 @@ def test_channel_product_matches_float64(out_layout, inp_layout, bias):
     out = _in_layout(torch.full((N, Co, H, W), float("nan"), dtype=torch.float64), out_layout)
     took = forward.channel_product(out, inp, Wt, 0.25, b)
     assert took == ("strided" not in (out_layout, inp_layout))
+    assert forward.fill_planes.call_count == (took and bias and out_layout == "nchw" and nchw_bias == "kernel")
     if not took:
         assert out.isnan().all()
         return

@@ -10,11 +10,11 @@ the L2 is flushed before each replay, outside the timed events; median and 20th 
 --reps replays after warm-up. Implementations: ``cuda`` (the default choice), ``cuda:<variant>`` for each
 forward.VARIANT in VARIANTS (halo64, halo128, their cp.async loaders async64 and async128 with rings of 2 to 4
 buffers, "async64s3", the tap-major taps64 and taps128, generic, forced tiles; "composed": cuDNN's convolution
-then cuBLAS's product; "+cl": cuDNN's convolutions channels_last for an NCHW x; "+timed": cuDNN's
-algorithms timed, in a sweep without untimed variants, whose compiled peer then runs the plan the op chose for
-the convolution they share (where both take x in one layout: not with +cl at NCHW); "+dx": the backward's dx by
-the halo kernels), ``torch`` (the torch backend),
-``F.conv2d`` (the dense layer), and with --compiled the peer a user would write (one conv to 2Lk channels, then
+then cuBLAS's product; "+cl": cuDNN's convolutions channels_last for an NCHW x; "+fill": the composed NCHW
+forward's bias by a kernel; "+timed": cuDNN's algorithms timed, in a sweep without untimed variants, whose
+compiled peer then runs the plan the op chose for the convolution they share (where both take x in one layout:
+not with +cl at NCHW); "+dx": the backward's dx by the halo kernels), ``torch`` (the torch backend), ``F.conv2d``
+(the dense layer), and with --compiled the peer a user would write (one conv to 2Lk channels, then
 the 1x1 projection, under torch.compile). Each cuda variant's y is checked against a float32 reference first
 (max-normalised error printed). For those in KERNEL_TIMES also each kernel's time (torch.profiler, eager calls,
 L2 not flushed), forward and fwd+bwd: where the time goes. Prints tables; writes every number and the halo plan
@@ -51,7 +51,8 @@ CASES = [  # (N, C, O, H, W, L, k)
 # "composed": the forward composed of cuDNN's convolution to R channels and cuBLAS's projection (forward.FORWARD);
 # "+timed": the op's cuDNN convolutions choosing their algorithms by timing them (forward.CUDNN_ALGORITHMS), only
 # in a sweep of its own (torch keeps the plan a convolution first got on a thread, whichever way it was chosen)
-# "+cl": the op's cuDNN convolutions channels_last for an NCHW x (forward.CUDNN_LAYOUT), x copied once per pass
+# "+cl": the op's cuDNN convolutions channels_last for an NCHW x (forward.CUDNN_LAYOUT), x copied once per pass;
+# "+fill": an NCHW y's bias written by fill_planes before the composed forward's product (forward.NCHW_BIAS)
 # "+dx": with the backward's dx by the conv_rank kernels (backward.DX = "kernels") instead of cuDNN; "+uloads":
 # the fused forward's U tiles loaded through registers when their tile comes (forward.U_TILES = "loads")
 VARIANTS = [None, "+uloads", "halo64", "halo128", "async64", "async128", "async64s3", "async64s4", "async128s3",
@@ -59,10 +60,10 @@ VARIANTS = [None, "+uloads", "halo64", "halo128", "async64", "async128", "async6
             "taps64", "taps128", "taps64s3", "generic", "halo64+dx", "async64+dx", "taps64+dx", "taps128+dx",
             "halo64:4x16", "async64:4x16", "taps64:4x16", "halo64:2x32", "halo64:1x64", "halo128:4x32",
             "async64:1x56", "async64s3:1x56", "composed", "+cl", "composed+cl", "+timed",
-            "composed+timed", "+cl+timed", "composed+cl+timed"]
+            "composed+timed", "+cl+timed", "composed+cl+timed", "composed+fill", "composed+cl+fill"]
 # the implementations whose kernels are timed one by one
 KERNEL_TIMES = ("cuda", "cuda:async64", "cuda:taps64", "cuda:taps64+dx", "cuda:composed", "cuda:+cl",
-                "cuda:composed+cl", "cuda:+timed", "cuda:composed+timed", "cuda:+cl+timed", "cuda:composed+cl+timed",
+                "cuda:composed+cl", "cuda:composed+fill", "cuda:composed+cl+fill", "cuda:+timed", "cuda:composed+timed", "cuda:+cl+timed", "cuda:composed+cl+timed",
                 "F.conv2d")
 FLUSH = torch.empty(0)
 BENCHMARK = False  # torch.backends.cudnn.benchmark for the sweep (--cudnn-benchmark)
@@ -103,25 +104,28 @@ def time_graph(graph, reps):
 def variant(v):
     """forward.VARIANT = v while the graphs are captured (the forward and the backward's launches); "composed":
     forward.FORWARD = "composed" instead; suffixes "+dx": backward.DX = "kernels", "+uloads": forward.U_TILES =
-    "loads", "+timed": forward.CUDNN_ALGORITHMS = "timed", "+cl": forward.CUDNN_LAYOUT = "channels_last"."""
+    "loads", "+timed": forward.CUDNN_ALGORITHMS = "timed", "+cl": forward.CUDNN_LAYOUT = "channels_last",
+    "+fill": forward.NCHW_BIAS = "kernel"."""
     previous = (forward.VARIANT, backward.DX, forward.U_TILES, forward.FORWARD, forward.CUDNN_ALGORITHMS,
-                forward.CUDNN_LAYOUT)
+                forward.CUDNN_LAYOUT, forward.NCHW_BIAS)
     family, *options = (v or "").split("+")
     forward.FORWARD = "composed" if family == "composed" else None
     family = "" if family == "composed" else family
-    unknown = set(options) - {"dx", "uloads", "timed", "cl"}
+    unknown = set(options) - {"dx", "uloads", "timed", "cl", "fill"}
     if unknown:
-        raise ValueError(f"variant {v!r}: unknown suffixes {sorted(unknown)} (expected +dx, +uloads, +timed, +cl)")
+        raise ValueError(f"variant {v!r}: unknown suffixes {sorted(unknown)} (expected +dx, +uloads, +timed, +cl, "
+                         "+fill)")
     forward.VARIANT = family or None
     backward.DX = "kernels" if "dx" in options else "cudnn"
     forward.U_TILES = "loads" if "uloads" in options else "async"
     forward.CUDNN_ALGORITHMS = "timed" if "timed" in options else "heuristic"
     forward.CUDNN_LAYOUT = "channels_last" if "cl" in options else "input"
+    forward.NCHW_BIAS = "kernel" if "fill" in options else "torch"
     try:
         yield
     finally:
         (forward.VARIANT, backward.DX, forward.U_TILES, forward.FORWARD, forward.CUDNN_ALGORITHMS,
-         forward.CUDNN_LAYOUT) = previous
+         forward.CUDNN_LAYOUT, forward.NCHW_BIAS) = previous
 
 
 def measure(fn, args, grads_of, gy, reps):

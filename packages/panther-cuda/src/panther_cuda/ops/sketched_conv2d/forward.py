@@ -35,8 +35,10 @@ from panther.backends.toolkit import cdiv, device_guard
 from panther_cuda._nvrtc import Kernel, f32, i32, i64
 
 SOURCE = "ops/sketched_conv2d/sketched_conv2d.cu"
-LAYOUT_SOURCE = "ops/sketched_conv2d/layout.cu"
-TRANSPOSE_TILE, TRANSPOSE_ROWS = 32, 8  # layout.cu: layout::TILE, layout::ROWS (the block: TILE x ROWS threads)
+PLANES_SOURCE = "ops/sketched_conv2d/planes.cu"
+TRANSPOSE_TILE, TRANSPOSE_ROWS = 32, 8  # planes.cu: planes::TILE, planes::ROWS (the block: TILE x ROWS threads)
+FILL_THREADS = 256  # planes::FILL_THREADS
+FILL_BLOCKS = 65536  # fill_planes' blocks at most (it strides over the rest)
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's y dimension (transpose_planes' planes; the bias kernels' rows, splits)
 BM = 64  # output pixels per block (sketched_conv2d.cu: conv::BM)
 BK = 32  # im2col depth per step (conv::BK)
@@ -83,8 +85,12 @@ CUDNN_ALGORITHMS = "heuristic"
 # the layout of those convolutions for an NCHW x: "input", x's own (cuDNN's engines for sm_90 take NHWC: it
 # transposes x, dZ and S to NHWC inside each call, and dx and Z back); "channels_last": x copied to channels_last
 # once per pass (cudnn_input), Z and dZ taken and made by cuBLAS in that layout, the backward's dx transposed back
-# to x's (both by layout.cu's transpose_planes). tools/conv_sweep.py times both (+cl; benchmarks/results/NOTES.md)
+# to x's (both by planes.cu's transpose_planes). tools/conv_sweep.py times both (+cl; benchmarks/results/NOTES.md)
 CUDNN_LAYOUT = "input"
+# how channel_product puts the bias into an NCHW out before its product adds to it: "torch", torch's copy of the
+# expanded bias (27 us at the deeper benchmark conv's y on an H100, about a third of the HBM's speed); "kernel",
+# planes.cu's fill_planes. tools/conv_sweep.py times both (+fill; benchmarks/results/NOTES.md)
+NCHW_BIAS = "torch"
 
 # None: the fused kernels where fused_forward's rule takes them, else composed; "fused" / "composed": always
 FORWARD: Optional[str] = None
@@ -456,7 +462,11 @@ def channel_product(out: Tensor, inp: Tensor, W: Tensor, scale: float, bias: Opt
         return False
     if out.is_contiguous():
         o = out.view(N, Co, Ho * Wo)
-        c = o if bias is None else bias.view(1, Co, 1).expand(N, Co, Ho * Wo)
+        c = o
+        if bias is not None and NCHW_BIAS == "kernel":
+            fill_planes(out, bias)  # then added to in place
+        elif bias is not None:
+            c = bias.view(1, Co, 1).expand(N, Co, Ho * Wo)  # copied into out by torch first
         torch.baddbmm(c, W.expand(N, Co, Ci), columns, beta=beta, alpha=scale, out=o)
         return True
     if not out.is_contiguous(memory_format=cl):
@@ -474,7 +484,7 @@ def channel_product(out: Tensor, inp: Tensor, W: Tensor, scale: float, bias: Opt
 
 def transpose_planes(out: Tensor, t: Tensor) -> None:
     """Writes t (N, C, H, W), NCHW-contiguous or channels_last and not both, into ``out`` (its shape and dtype) in
-    the other of the two layouts, by the transpose_planes kernel (layout.cu): t's N planes of C x H·W values
+    the other of the two layouts, by the transpose_planes kernel (planes.cu): t's N planes of C x H·W values
     (NCHW) or H·W x C (channels_last), each transposed."""
     N, C, H, W = t.shape
     if t.numel() == 0 and out.shape == t.shape:
@@ -490,8 +500,25 @@ def transpose_planes(out: Tensor, t: Tensor) -> None:
     rows, cols = (C, H * W) if nchw else (H * W, C)
     grid = (cdiv(rows, TRANSPOSE_TILE) * cdiv(cols, TRANSPOSE_TILE), min(N, MAX_GRID_Y))
     with device_guard(t):
-        _kernel("transpose_planes", t.dtype, source=LAYOUT_SOURCE)(
+        _kernel("transpose_planes", t.dtype, source=PLANES_SOURCE)(
             grid, (TRANSPOSE_TILE, TRANSPOSE_ROWS), t, out, i32(rows), i32(cols), i64(N),
+        )
+
+
+def fill_planes(out: Tensor, value: Tensor) -> None:
+    """Writes out[n, c, :, :] = value[c] into an NCHW-contiguous ``out`` (N, C, H, W) by the fill_planes kernel
+    (planes.cu), in 16-byte stores where out is aligned for them and H·W a multiple of their values."""
+    N, C, H, W = out.shape
+    if out.numel() == 0:
+        return
+    vector = 16 // out.element_size()
+    V = vector if H * W % vector == 0 and out.data_ptr() % 16 == 0 else 1
+    vectors = out.numel() // V
+    value = value.to(out.dtype).contiguous()
+    with device_guard(out):
+        _kernel("fill_planes", out.dtype, V, source=PLANES_SOURCE)(
+            (min(cdiv(vectors, FILL_THREADS), FILL_BLOCKS),), (FILL_THREADS,), out, value, i64(vectors),
+            i32(H * W // V), i32(C),
         )
 
 
