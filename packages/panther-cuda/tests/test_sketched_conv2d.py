@@ -327,12 +327,13 @@ def test_transpose_planes_both_ways(shape, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 5, 4, 8), (70000, 2, 1, 8)])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 5, 4, 8), (700, 2, 1, 8)])
 @pytest.mark.parametrize("aligned", [True, False])
-def test_fill_planes(shape, aligned, dtype):
+def test_fill_planes(shape, aligned, dtype, monkeypatch):
     """fill_planes: out[n, c] = value[c] in 16-byte stores (H·W a multiple of their values, out aligned) or one
-    value at a time (a ragged plane, or out one element past an aligned start), across more blocks than it
-    launches."""
+    value at a time (a ragged plane, or out one element past an aligned start), with more vectors than its
+    blocks' threads (its grid capped at two blocks here)."""
+    monkeypatch.setattr(forward, "FILL_BLOCKS", 2)
     N, C, H, W = shape
     buf = torch.full((N * C * H * W + 1,), float("nan"), dtype=dtype, device="cuda")
     out = (buf[:-1] if aligned else buf[1:]).view(shape)
@@ -750,10 +751,10 @@ class _Recorder:
         self.calls.append((kernel.name, tuple(grid), tuple(block), args, shared_mem))
 
 
-def _check_arguments(call, kernel, source="sketched_conv2d.cu", threads=forward.THREADS, dynamic_shared=True):
-    """The launch's arguments as ``source`` declares ``kernel``'s parameters; its block of ``threads`` (a tuple:
-    that block), with dynamic shared memory where ``dynamic_shared``."""
-    name, grid, block, args, shared = call
+def _check_arguments(call, kernel, source="sketched_conv2d.cu", block=(forward.THREADS,), dynamic_shared=True):
+    """The launch's arguments as ``source`` declares ``kernel``'s parameters; its ``block``, with dynamic shared
+    memory where ``dynamic_shared``."""
+    name, _, launched, args, shared = call
     declared = _declared_parameters(kernel, source)
     assert len(args) == len(declared), (name, len(args), len(declared))
     for i, (a, want) in enumerate(zip(args, declared)):
@@ -761,7 +762,7 @@ def _check_arguments(call, kernel, source="sketched_conv2d.cu", threads=forward.
             assert a is None or isinstance(a, torch.Tensor), (name, i, a)
         else:
             assert type(a) is want, (name, i, type(a), want)
-    assert block == (threads if isinstance(threads, tuple) else (threads,)) and (shared > 0) == dynamic_shared
+    assert launched == block and (shared > 0) == dynamic_shared
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -811,8 +812,8 @@ def test_launchers_pass_the_declared_arguments(channels_last, variant, own_kerne
     assert [int(a) for a in channels_call[3][2:]] == [N, O, Ho * Wo, N]
     assert rows_call[0] == "panther::bias_rows<float>" and rows_call[1] == (-(-O // 32), 1)
     assert [int(a) for a in rows_call[3][2:]] == [N * Ho * Wo, O, backward.BIAS_ROWS_PER_BLOCK]
-    _check_arguments(channels_call, "bias_channels", "bias_grad.cu", backward.BIAS_CHANNEL_THREADS)
-    _check_arguments(rows_call, "bias_rows", "bias_grad.cu", backward.BIAS_THREADS)
+    _check_arguments(channels_call, "bias_channels", "bias_grad.cu", (backward.BIAS_CHANNEL_THREADS,))
+    _check_arguments(rows_call, "bias_rows", "bias_grad.cu", (backward.BIAS_THREADS,))
     M = y.shape[0] * y.shape[2] * y.shape[3]
     Ho, Wo = y.shape[2:]
     assert fwd_call[0] == "panther::sketched_conv2d_fwd<float, 128, false>" and fwd_call[1] == (-(-M // 64),)

@@ -30,7 +30,7 @@ from panther.backends.toolkit import cdiv, device_guard, multiprocessors
 from panther_cuda._nvrtc import i32, i64, make_context_current
 from panther_cuda.ops.sketched_conv2d.forward import (
     _CTYPES, MAX_GRID_Y, _kernel, channel_product, conv_rank, cudnn_algorithms, cudnn_input, exact_float32,
-    exact_products, memory_format, pixel_columns, transpose_planes,
+    exact_products, memory_format, pixel_columns, transpose_planes, vector_values,
 )
 
 # "gemm": dZ by cuBLAS where g's layout allows (channel_product), else by conv_rank (a 1x1 convolution of g);
@@ -206,8 +206,7 @@ def bias_grad(g: Tensor, kernels: Optional[bool] = None, out: Optional[Tensor] =
         return total if out is None else out.copy_(total)
     with device_guard(g):
         if not channels_last:  # N planes of H·W values per channel, in 16-byte loads where aligned
-            vector = 16 // g.element_size()
-            V = vector if plane % vector == 0 and g.data_ptr() % 16 == 0 else 1
+            V = vector_values(g, plane)
             per, splits = bias_channels_plan(N, O, plane // V, _multiprocessors(g))
             direct = splits == 1 and out is not None and out.is_contiguous() and out.dtype in (g.dtype, acc)
             partial = out if direct else torch.empty((splits, O), dtype=acc, device=g.device)

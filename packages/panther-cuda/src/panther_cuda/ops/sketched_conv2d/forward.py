@@ -88,8 +88,8 @@ CUDNN_ALGORITHMS = "heuristic"
 # to x's (both by planes.cu's transpose_planes). tools/conv_sweep.py times both (+cl; benchmarks/results/NOTES.md)
 CUDNN_LAYOUT = "input"
 # how channel_product puts the bias into an NCHW out before its product adds to it: "torch", torch's copy of the
-# expanded bias (27 us at the deeper benchmark conv's y on an H100, about a third of the HBM's speed); "kernel",
-# planes.cu's fill_planes. tools/conv_sweep.py times both (+fill; benchmarks/results/NOTES.md)
+# expanded bias, element by element; "kernel", planes.cu's fill_planes, in 16-byte stores. tools/conv_sweep.py
+# times both (+fill; benchmarks/results/NOTES.md)
 NCHW_BIAS = "torch"
 
 # None: the fused kernels where fused_forward's rule takes them, else composed; "fused" / "composed": always
@@ -505,14 +505,20 @@ def transpose_planes(out: Tensor, t: Tensor) -> None:
         )
 
 
+def vector_values(t: Tensor, run: int) -> int:
+    """Values of t a kernel moves in one 16-byte access along runs of ``run`` contiguous values (a plane): that
+    many where t's data is 16-byte aligned and they divide the run, else 1."""
+    vector = 16 // t.element_size()
+    return vector if run % vector == 0 and t.data_ptr() % 16 == 0 else 1
+
+
 def fill_planes(out: Tensor, value: Tensor) -> None:
     """Writes out[n, c, :, :] = value[c] into an NCHW-contiguous ``out`` (N, C, H, W) by the fill_planes kernel
     (planes.cu), in 16-byte stores where out is aligned for them and H·W a multiple of their values."""
     N, C, H, W = out.shape
     if out.numel() == 0:
         return
-    vector = 16 // out.element_size()
-    V = vector if H * W % vector == 0 and out.data_ptr() % 16 == 0 else 1
+    V = vector_values(out, H * W)
     vectors = out.numel() // V
     value = value.to(out.dtype).contiguous()
     with device_guard(out):
